@@ -1,1 +1,69 @@
-fn main() {}
+//! The `skiff` binary: parses the command line and calls the library crates.
+
+mod args;
+mod client;
+mod commands;
+mod output;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use args::{Cli, Command, LogFormat};
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: failed to start the async runtime: {err}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {}", format!("{err:#}").replace('\n', " "));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let (server, output) = (cli.server.as_str(), cli.output);
+    match cli.command {
+        Command::Server(args) => commands::daemon::server(args).await,
+        Command::Agent(args) => commands::daemon::agent(args).await,
+        Command::Dev(args) => commands::daemon::dev(args).await,
+        Command::Service(command) => commands::service::run(server, output, command).await,
+        Command::Node(command) => commands::node::run(server, output, command).await,
+        Command::Cluster(command) => commands::cluster::run(server, output, command).await,
+    }
+}
+
+/// Daemons log at info by default; client commands only warn, so their
+/// output stays the result.
+fn init_logging(cli: &Cli) {
+    let daemon = matches!(
+        cli.command,
+        Command::Server(_) | Command::Agent(_) | Command::Dev(_)
+    );
+    let default = if daemon { "info" } else { "warn" };
+    let filter = match &cli.log_level {
+        Some(level) => EnvFilter::try_new(level),
+        None => EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new(default)),
+    }
+    .unwrap_or_else(|_| EnvFilter::new(default));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -63,7 +63,10 @@ pub async fn run(
     let db = sled::Config::new()
         .path(&raft_dir)
         .open()
-        .map_err(|source| ServerError::DataDir { path: raft_dir.clone(), source })?;
+        .map_err(|source| ServerError::DataDir {
+            path: raft_dir.clone(),
+            source,
+        })?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let consensus_config = ConsensusConfig {
         // The first member of a cluster is 1; joining servers get ids from
@@ -75,8 +78,12 @@ pub async fn run(
         election_ticks: config.election_ticks,
         heartbeat_ticks: 3,
     };
-    let (consensus, consensus_task) = consensus::start(&db, consensus_config, config.bootstrap, stop_rx.clone())?;
-    let reconciler = tokio::spawn(controllers::run_reconciler(consensus.clone(), stop_rx.clone()));
+    let (consensus, consensus_task) =
+        consensus::start(&db, consensus_config, config.bootstrap, stop_rx.clone())?;
+    let reconciler = tokio::spawn(controllers::run_reconciler(
+        consensus.clone(),
+        stop_rx.clone(),
+    ));
 
     let api = Api::new(consensus, config.name.clone());
     tracing::info!(name = %config.name, %address, data_dir = %config.data_dir.display(), "skiff server listening");
@@ -95,8 +102,15 @@ pub async fn run(
     let _ = reconciler.await;
     // Agents' streams end with the process; do not wait on them forever.
     let _ = tokio::time::timeout(Duration::from_secs(2), serve).await;
-    let result = consensus_task.await.map_err(|e| ServerError::Panicked(e.to_string()))?;
+    let result = consensus_task
+        .await
+        .map_err(|e| ServerError::Panicked(e.to_string()))?;
     result?;
-    db.flush_async().await.map_err(|source| ServerError::DataDir { path: raft_dir, source })?;
+    db.flush_async()
+        .await
+        .map_err(|source| ServerError::DataDir {
+            path: raft_dir,
+            source,
+        })?;
     Ok(())
 }

@@ -4,7 +4,9 @@
 use skiff_proto::v1 as pb;
 
 use crate::scheduler;
-use crate::state::{spec, AllocState, Allocation, Node, RuntimeKind, Service, ServiceSpec, SpecError, State};
+use crate::state::{
+    spec, AllocState, Allocation, Node, RuntimeKind, Service, ServiceSpec, SpecError, State,
+};
 
 pub fn spec_from_pb(spec: pb::ServiceSpec) -> Result<ServiceSpec, SpecError> {
     let spec = ServiceSpec {
@@ -60,7 +62,10 @@ pub fn service_to_pb(state: &State, service: &Service) -> pb::ServiceStatus {
     let unplaced_reason = if missing == 0 {
         String::new()
     } else {
-        let request = scheduler::Request { service: name.to_string(), count: missing };
+        let request = scheduler::Request {
+            service: name.to_string(),
+            count: missing,
+        };
         let (_, unplaced) = scheduler::schedule(state, &[request], 0);
         match unplaced.first() {
             Some(u) => format!("{} replicas unplaced: {}", u.count, u.reason),
@@ -84,7 +89,11 @@ pub fn node_to_pb(state: &State, node: &Node, last_heartbeat_secs: u64) -> pb::N
         status: node.status.as_str().to_string(),
         port_range_start: u32::from(node.port_range.0),
         port_range_end: u32::from(node.port_range.1),
-        allocations: state.allocs.values().filter(|a| a.node == node.name && a.is_live()).count() as u32,
+        allocations: state
+            .allocs
+            .values()
+            .filter(|a| a.node == node.name && a.is_live())
+            .count() as u32,
         last_heartbeat_secs,
     }
 }

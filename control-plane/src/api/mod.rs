@@ -1,6 +1,10 @@
 //! The gRPC API: `Control` for the CLI and `AgentSync` for agents. This is
 //! the only layer that builds `tonic::Status`.
 
+// `tonic::Status` is large, but it is what every handler returns; boxing it
+// in the helpers would only move the conversion.
+#![allow(clippy::result_large_err)]
+
 mod convert;
 
 use std::collections::HashMap;
@@ -34,11 +38,19 @@ pub struct Api {
 
 impl Api {
     pub fn new(consensus: Consensus, server_name: String) -> Self {
-        Api { consensus, heartbeats: Arc::default(), server_name }
+        Api {
+            consensus,
+            heartbeats: Arc::default(),
+            server_name,
+        }
     }
 
     async fn propose(&self, command: Command) -> Result<(), Status> {
-        self.consensus.propose(command).await.map(|_| ()).map_err(status_from)
+        self.consensus
+            .propose(command)
+            .await
+            .map(|_| ())
+            .map_err(status_from)
     }
 
     fn service_status(&self, name: &str) -> Result<pb::ServiceStatus, Status> {
@@ -59,9 +71,15 @@ impl Api {
 
 fn status_from(err: ProposeError) -> Status {
     match err {
-        ProposeError::Rejected(CommandError::ServiceNotFound(_)) => Status::not_found(err.to_string()),
-        ProposeError::Rejected(CommandError::ServiceExists(_)) => Status::already_exists(err.to_string()),
-        ProposeError::Rejected(CommandError::Invalid(_)) => Status::invalid_argument(err.to_string()),
+        ProposeError::Rejected(CommandError::ServiceNotFound(_)) => {
+            Status::not_found(err.to_string())
+        }
+        ProposeError::Rejected(CommandError::ServiceExists(_)) => {
+            Status::already_exists(err.to_string())
+        }
+        ProposeError::Rejected(CommandError::Invalid(_)) => {
+            Status::invalid_argument(err.to_string())
+        }
         ProposeError::NoLeader | ProposeError::NotLeader(_) => Status::unavailable(err.to_string()),
         ProposeError::Stopped(_) => Status::internal(err.to_string()),
     }
@@ -93,7 +111,11 @@ impl pb::control_server::Control for Api {
     ) -> Result<Response<pb::ServiceStatus>, Status> {
         let request = request.into_inner();
         let replicas = spec::validate_replicas(i64::from(request.replicas)).map_err(invalid)?;
-        self.propose(Command::ScaleService { name: request.name.clone(), replicas }).await?;
+        self.propose(Command::ScaleService {
+            name: request.name.clone(),
+            replicas,
+        })
+        .await?;
         self.service_status(&request.name).map(Response::new)
     }
 
@@ -101,7 +123,10 @@ impl pb::control_server::Control for Api {
         &self,
         request: Request<pb::RemoveServiceRequest>,
     ) -> Result<Response<pb::RemoveServiceResponse>, Status> {
-        self.propose(Command::RemoveService { name: request.into_inner().name }).await?;
+        self.propose(Command::RemoveService {
+            name: request.into_inner().name,
+        })
+        .await?;
         Ok(Response::new(pb::RemoveServiceResponse {}))
     }
 
@@ -110,7 +135,11 @@ impl pb::control_server::Control for Api {
         _request: Request<pb::ListServicesRequest>,
     ) -> Result<Response<pb::ListServicesResponse>, Status> {
         let state = self.consensus.state();
-        let services = state.services.values().map(|s| convert::service_to_pb(&state, s)).collect();
+        let services = state
+            .services
+            .values()
+            .map(|s| convert::service_to_pb(&state, s))
+            .collect();
         Ok(Response::new(pb::ListServicesResponse { services }))
     }
 
@@ -118,20 +147,27 @@ impl pb::control_server::Control for Api {
         &self,
         request: Request<pb::GetServiceRequest>,
     ) -> Result<Response<pb::ServiceStatus>, Status> {
-        self.service_status(&request.into_inner().name).map(Response::new)
+        self.service_status(&request.into_inner().name)
+            .map(Response::new)
     }
 
     async fn list_nodes(
         &self,
         _request: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
-        let beats = self.heartbeats.lock().map(|b| b.clone()).unwrap_or_default();
+        let beats = self
+            .heartbeats
+            .lock()
+            .map(|b| b.clone())
+            .unwrap_or_default();
         let state = self.consensus.state();
         let nodes = state
             .nodes
             .values()
             .map(|node| {
-                let secs = beats.get(&node.name).map_or(u64::MAX, |t| t.elapsed().as_secs());
+                let secs = beats
+                    .get(&node.name)
+                    .map_or(u64::MAX, |t| t.elapsed().as_secs());
                 convert::node_to_pb(&state, node, secs)
             })
             .collect();
@@ -144,7 +180,12 @@ impl pb::control_server::Control for Api {
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         let status = self.consensus.status();
         let state = self.consensus.state();
-        let name_of = |id: u64| state.members.get(&id).map_or_else(|| id.to_string(), |m| m.name.clone());
+        let name_of = |id: u64| {
+            state
+                .members
+                .get(&id)
+                .map_or_else(|| id.to_string(), |m| m.name.clone())
+        };
         let mut members: Vec<pb::Member> = state
             .members
             .values()
@@ -152,7 +193,11 @@ impl pb::control_server::Control for Api {
                 id: m.id,
                 name: m.name.clone(),
                 address: m.address.clone(),
-                role: if m.id == status.id { status.role.to_string() } else { "voter".to_string() },
+                role: if m.id == status.id {
+                    status.role.to_string()
+                } else {
+                    "voter".to_string()
+                },
             })
             .collect();
         if !state.members.contains_key(&status.id) {
@@ -165,7 +210,11 @@ impl pb::control_server::Control for Api {
         }
         Ok(Response::new(pb::ClusterStatusResponse {
             members,
-            leader: if status.leader_id == 0 { String::new() } else { name_of(status.leader_id) },
+            leader: if status.leader_id == 0 {
+                String::new()
+            } else {
+                name_of(status.leader_id)
+            },
             term: status.term,
             commit_index: status.commit_index,
             applied_index: status.applied_index,
@@ -185,18 +234,31 @@ impl pb::agent_sync_server::AgentSync for Api {
     ) -> Result<Response<SyncStream>, Status> {
         let mut inbound = request.into_inner();
         let register = match inbound.message().await? {
-            Some(pb::AgentMessage { msg: Some(AgentMsg::Register(register)) }) => register,
-            _ => return Err(Status::invalid_argument("the first message of a sync stream must be register")),
+            Some(pb::AgentMessage {
+                msg: Some(AgentMsg::Register(register)),
+            }) => register,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message of a sync stream must be register",
+                ))
+            }
         };
         let node = register.node.clone();
-        spec::validate_name(&node).map_err(|e| Status::invalid_argument(format!("invalid node {e}")))?;
-        let address: IpAddr = register
-            .address
-            .parse()
-            .map_err(|_| Status::invalid_argument(format!("invalid node address \"{}\": use an IP address", register.address)))?;
+        spec::validate_name(&node)
+            .map_err(|e| Status::invalid_argument(format!("invalid node {e}")))?;
+        let address: IpAddr = register.address.parse().map_err(|_| {
+            Status::invalid_argument(format!(
+                "invalid node address \"{}\": use an IP address",
+                register.address
+            ))
+        })?;
         let port_range = port_range(&register)?;
-        self.propose(Command::RegisterNode { name: node.clone(), address: address.to_string(), port_range })
-            .await?;
+        self.propose(Command::RegisterNode {
+            name: node.clone(),
+            address: address.to_string(),
+            port_range,
+        })
+        .await?;
         self.touch(&node);
         tracing::info!(node = %node, %address, "agent registered");
 
@@ -205,7 +267,9 @@ impl pb::agent_sync_server::AgentSync for Api {
             node: node.clone(),
             heartbeat_interval_ms: HEARTBEAT_INTERVAL.as_millis() as u32,
         };
-        let _ = outbound.send(Ok(server_msg(ServerMsg::Registered(registered)))).await;
+        let _ = outbound
+            .send(Ok(server_msg(ServerMsg::Registered(registered))))
+            .await;
         tokio::spawn(self.clone().serve_agent(node, inbound, outbound));
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }
@@ -213,7 +277,10 @@ impl pb::agent_sync_server::AgentSync for Api {
 
 fn port_range(register: &pb::Register) -> Result<(u16, u16), Status> {
     let convert = |port: u32| u16::try_from(port).ok().filter(|p| *p >= 1024);
-    match (convert(register.port_range_start), convert(register.port_range_end)) {
+    match (
+        convert(register.port_range_start),
+        convert(register.port_range_end),
+    ) {
         (Some(start), Some(end)) if start <= end => Ok((start, end)),
         _ => Err(Status::invalid_argument(format!(
             "invalid port range {}-{}: use START-END within 1024-65535",
@@ -241,7 +308,11 @@ impl Api {
             let assignments = self.assignments(&node);
             if last_sent.as_ref() != Some(&assignments.allocations) {
                 last_sent = Some(assignments.allocations.clone());
-                if outbound.send(Ok(server_msg(ServerMsg::Assignments(assignments)))).await.is_err() {
+                if outbound
+                    .send(Ok(server_msg(ServerMsg::Assignments(assignments))))
+                    .await
+                    .is_err()
+                {
                     break;
                 }
             }
@@ -261,7 +332,12 @@ impl Api {
         let state = self.consensus.state();
         pb::Assignments {
             index: state.applied_index,
-            allocations: state.allocs.values().filter(|a| a.node == node).map(convert::alloc_to_pb).collect(),
+            allocations: state
+                .allocs
+                .values()
+                .filter(|a| a.node == node)
+                .map(convert::alloc_to_pb)
+                .collect(),
         }
     }
 
@@ -275,14 +351,31 @@ impl Api {
             tracing::warn!(node, state = %report.state, "agent reported an unknown state");
             return;
         };
-        let report = AllocReport { id: report.id, state, restarts: report.restarts, pid: report.pid, message: report.message };
-        let unchanged = self.consensus.state().allocs.get(&report.id).is_none_or(|a| {
-            a.state == report.state && a.restarts == report.restarts && a.pid == report.pid && a.message == report.message
-        });
+        let report = AllocReport {
+            id: report.id,
+            state,
+            restarts: report.restarts,
+            pid: report.pid,
+            message: report.message,
+        };
+        let unchanged = self
+            .consensus
+            .state()
+            .allocs
+            .get(&report.id)
+            .is_none_or(|a| {
+                a.state == report.state
+                    && a.restarts == report.restarts
+                    && a.pid == report.pid
+                    && a.message == report.message
+            });
         if unchanged {
             return;
         }
-        let command = Command::ReportAllocs { node: node.to_string(), reports: vec![report] };
+        let command = Command::ReportAllocs {
+            node: node.to_string(),
+            reports: vec![report],
+        };
         if let Err(err) = self.consensus.propose(command).await {
             tracing::warn!(node, error = %err, "allocation status not recorded");
         }

@@ -27,10 +27,14 @@ impl Drain for TracingDrain {
         let fields = fields.0;
         let msg = record.msg();
         match record.level() {
-            slog::Level::Critical | slog::Level::Error => tracing::error!(target: "raft", "{msg}{fields}"),
+            slog::Level::Critical | slog::Level::Error => {
+                tracing::error!(target: "raft", "{msg}{fields}")
+            }
             slog::Level::Warning => tracing::warn!(target: "raft", "{msg}{fields}"),
             slog::Level::Info => tracing::info!(target: "raft", "{msg}{fields}"),
-            slog::Level::Debug | slog::Level::Trace => tracing::debug!(target: "raft", "{msg}{fields}"),
+            slog::Level::Debug | slog::Level::Trace => {
+                tracing::debug!(target: "raft", "{msg}{fields}")
+            }
         }
         Ok(())
     }

@@ -80,7 +80,10 @@ struct Proposal {
 }
 
 enum Inbox {
-    Propose { command: Command, reply: oneshot::Sender<Result<Outcome, ProposeError>> },
+    Propose {
+        command: Command,
+        reply: oneshot::Sender<Result<Outcome, ProposeError>>,
+    },
 }
 
 /// The handle everyone else holds: propose commands, read applied state.
@@ -103,13 +106,18 @@ impl Consensus {
             .send(Inbox::Propose { command, reply })
             .await
             .map_err(|_| ProposeError::Stopped("inbox closed".into()))?;
-        answer.await.map_err(|_| ProposeError::Stopped("proposal dropped".into()))?
+        answer
+            .await
+            .map_err(|_| ProposeError::Stopped("proposal dropped".into()))?
     }
 
     async fn wait_for_leader(&self, limit: Duration) -> Result<(), ProposeError> {
         let mut status = self.status.clone();
         let leader = tokio::time::timeout(limit, async {
-            status.wait_for(|s| s.leader_id != 0).await.map(|s| s.leader_id)
+            status
+                .wait_for(|s| s.leader_id != 0)
+                .await
+                .map(|s| s.leader_id)
         })
         .await;
         match leader {
@@ -123,7 +131,9 @@ impl Consensus {
     /// The applied state. Hold the guard briefly: the consensus task waits
     /// for it to apply entries.
     pub fn state(&self) -> RwLockReadGuard<'_, State> {
-        self.state.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn status(&self) -> RaftStatus {
@@ -149,7 +159,13 @@ pub fn start(
     config: ConsensusConfig,
     bootstrap: bool,
     shutdown: watch::Receiver<bool>,
-) -> Result<(Consensus, tokio::task::JoinHandle<Result<(), ConsensusError>>), ConsensusError> {
+) -> Result<
+    (
+        Consensus,
+        tokio::task::JoinHandle<Result<(), ConsensusError>>,
+    ),
+    ConsensusError,
+> {
     let mut storage = SledStorage::open(db)?;
     if !storage.is_initialized() {
         if !bootstrap {
@@ -186,9 +202,17 @@ pub fn start(
     }
 
     let state = Arc::new(RwLock::new(state));
-    let (status_tx, status_rx) = watch::channel(RaftStatus { id: config.id, ..Default::default() });
+    let (status_tx, status_rx) = watch::channel(RaftStatus {
+        id: config.id,
+        ..Default::default()
+    });
     let (inbox_tx, inbox_rx) = mpsc::channel(4096);
-    let handle = Consensus { inbox: inbox_tx, state: state.clone(), status: status_rx, id: config.id };
+    let handle = Consensus {
+        inbox: inbox_tx,
+        state: state.clone(),
+        status: status_rx,
+        id: config.id,
+    };
     let task = ConsensusTask {
         node,
         db: db.clone(),
@@ -311,7 +335,10 @@ impl ConsensusTask {
         }
         let mut answers = Vec::new();
         {
-            let mut state = self.state.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut state = self
+                .state
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             for entry in entries {
                 if entry.data.is_empty() || entry.get_entry_type() != EntryType::EntryNormal {
                     state.skip(entry.index);
@@ -381,10 +408,17 @@ impl ConsensusTask {
             name: self.config.name.clone(),
             address: self.config.address.clone(),
         };
-        let known = self.state.read().map(|s| s.members.get(&member.id) == Some(&member)).unwrap_or(false);
+        let known = self
+            .state
+            .read()
+            .map(|s| s.members.get(&member.id) == Some(&member))
+            .unwrap_or(false);
         if !known {
             let (reply, _) = oneshot::channel();
-            self.handle(Inbox::Propose { command: Command::UpsertMember { member }, reply });
+            self.handle(Inbox::Propose {
+                command: Command::UpsertMember { member },
+                reply,
+            });
         }
     }
 }

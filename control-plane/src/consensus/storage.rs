@@ -53,7 +53,13 @@ impl SledStorage {
             Some(item) => key_index(&item?.0),
             None => snapshot_meta.index,
         };
-        Ok(SledStorage { tree, hard_state, conf_state, snapshot_meta, last_index })
+        Ok(SledStorage {
+            tree,
+            hard_state,
+            conf_state,
+            snapshot_meta,
+            last_index,
+        })
     }
 
     /// Whether this server has ever been part of a cluster.
@@ -63,8 +69,10 @@ impl SledStorage {
 
     /// Makes this storage the start of a new cluster with the given voters.
     pub fn bootstrap(&mut self, voters: Vec<u64>) -> Result<(), sled::Error> {
-        let mut conf_state = ConfState::default();
-        conf_state.voters = voters;
+        let conf_state = ConfState {
+            voters,
+            ..Default::default()
+        };
         self.tree.insert(CONF_STATE, pb_bytes(&conf_state))?;
         self.conf_state = conf_state;
         self.tree.flush()?;
@@ -117,11 +125,15 @@ impl SledStorage {
 }
 
 fn pb_bytes(message: &impl protobuf::Message) -> Vec<u8> {
-    message.write_to_bytes().expect("raft messages always encode")
+    message
+        .write_to_bytes()
+        .expect("raft messages always encode")
 }
 
 fn read_pb<M: protobuf::Message>(tree: &sled::Tree, key: &[u8]) -> Result<Option<M>, sled::Error> {
-    let Some(bytes) = tree.get(key)? else { return Ok(None) };
+    let Some(bytes) = tree.get(key)? else {
+        return Ok(None);
+    };
     M::parse_from_bytes(&bytes).map(Some).map_err(|e| {
         let what = format!("corrupt raft record {}: {e}", String::from_utf8_lossy(key));
         sled::Error::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, what))
@@ -130,7 +142,10 @@ fn read_pb<M: protobuf::Message>(tree: &sled::Tree, key: &[u8]) -> Result<Option
 
 impl Storage for SledStorage {
     fn initial_state(&self) -> raft::Result<RaftState> {
-        Ok(RaftState::new(self.hard_state.clone(), self.conf_state.clone()))
+        Ok(RaftState::new(
+            self.hard_state.clone(),
+            self.conf_state.clone(),
+        ))
     }
 
     fn entries(
@@ -185,7 +200,9 @@ impl Storage for SledStorage {
     fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
         // Snapshots are streamed to lagging followers once the control plane
         // is replicated; a single-member group never asks for one.
-        Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
+        Err(raft::Error::Store(
+            StorageError::SnapshotTemporarilyUnavailable,
+        ))
     }
 }
 
@@ -194,11 +211,12 @@ mod tests {
     use super::*;
 
     fn entry(index: u64, term: u64) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = term;
-        e.data = format!("{index}@{term}").into_bytes().into();
-        e
+        Entry {
+            index,
+            term,
+            data: format!("{index}@{term}").into_bytes().into(),
+            ..Default::default()
+        }
     }
 
     fn open(dir: &std::path::Path) -> SledStorage {
@@ -212,7 +230,10 @@ mod tests {
         assert!(!s.is_initialized());
         assert_eq!((s.first_index().unwrap(), s.last_index().unwrap()), (1, 0));
         assert_eq!(s.term(0).unwrap(), 0);
-        assert_eq!(s.term(1), Err(raft::Error::Store(StorageError::Unavailable)));
+        assert_eq!(
+            s.term(1),
+            Err(raft::Error::Store(StorageError::Unavailable))
+        );
     }
 
     #[test]
@@ -224,9 +245,11 @@ mod tests {
             s.bootstrap(vec![1]).unwrap();
             let mut batch = sled::Batch::default();
             s.append(&[entry(1, 1), entry(2, 1), entry(3, 1)], &mut batch);
-            let mut hs = HardState::default();
-            hs.term = 1;
-            hs.commit = 2;
+            let hs = HardState {
+                term: 1,
+                commit: 2,
+                ..Default::default()
+            };
             s.set_hard_state(hs, &mut batch);
             s.write(batch).unwrap();
             db.flush().unwrap();
@@ -235,7 +258,9 @@ mod tests {
         assert!(s.is_initialized());
         assert_eq!(s.last_index().unwrap(), 3);
         assert_eq!(s.hard_state().commit, 2);
-        let got = s.entries(1, 4, None, GetEntriesContext::empty(false)).unwrap();
+        let got = s
+            .entries(1, 4, None, GetEntriesContext::empty(false))
+            .unwrap();
         assert_eq!(got, vec![entry(1, 1), entry(2, 1), entry(3, 1)]);
         assert_eq!(s.term(3).unwrap(), 1);
     }
@@ -251,7 +276,9 @@ mod tests {
         s.append(&[entry(2, 2)], &mut batch);
         s.write(batch).unwrap();
         assert_eq!(s.last_index().unwrap(), 2);
-        let got = s.entries(1, 3, None, GetEntriesContext::empty(false)).unwrap();
+        let got = s
+            .entries(1, 3, None, GetEntriesContext::empty(false))
+            .unwrap();
         assert_eq!(got, vec![entry(1, 1), entry(2, 2)]);
         let reopened = open_same(&s);
         assert_eq!(reopened.last_index().unwrap(), 2);
@@ -260,7 +287,10 @@ mod tests {
     fn open_same(s: &SledStorage) -> SledStorage {
         // Reads the tree again from scratch, as a restart would.
         let tree = s.tree().clone();
-        let last_index = tree.scan_prefix(LOG_PREFIX).next_back().map_or(0, |i| key_index(&i.unwrap().0));
+        let last_index = tree
+            .scan_prefix(LOG_PREFIX)
+            .next_back()
+            .map_or(0, |i| key_index(&i.unwrap().0));
         SledStorage {
             tree,
             hard_state: HardState::default(),
@@ -277,7 +307,9 @@ mod tests {
         let mut batch = sled::Batch::default();
         s.append(&[entry(1, 1), entry(2, 1)], &mut batch);
         s.write(batch).unwrap();
-        let got = s.entries(1, 3, Some(1), GetEntriesContext::empty(false)).unwrap();
+        let got = s
+            .entries(1, 3, Some(1), GetEntriesContext::empty(false))
+            .unwrap();
         assert_eq!(got.len(), 1);
     }
 }

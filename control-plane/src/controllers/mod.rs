@@ -26,7 +26,10 @@ pub fn plan_cluster(state: &State, seed: u64) -> Plan {
         plan.stop.extend(decision.stop);
         plan.forget.extend(decision.forget);
         if decision.place > 0 {
-            requests.push(Request { service: service.to_string(), count: decision.place });
+            requests.push(Request {
+                service: service.to_string(),
+                count: decision.place,
+            });
         }
     }
     let (placements, _unplaced) = scheduler::schedule(state, &requests, seed);
@@ -52,7 +55,12 @@ pub async fn run_reconciler(consensus: Consensus, mut shutdown: watch::Receiver<
         if plan.is_empty() {
             continue;
         }
-        tracing::debug!(place = plan.place.len(), stop = plan.stop.len(), forget = plan.forget.len(), "proposing plan");
+        tracing::debug!(
+            place = plan.place.len(),
+            stop = plan.stop.len(),
+            forget = plan.forget.len(),
+            "proposing plan"
+        );
         match consensus.propose(Command::ApplyPlan { plan }).await {
             Ok(outcome) => tracing::debug!(?outcome, "plan applied"),
             Err(err) => tracing::warn!(error = %err, "plan not applied"),

@@ -28,7 +28,12 @@ pub fn reconcile(desired: Option<u32>, allocs: &[&Allocation]) -> Decision {
     let mut live: Vec<&Allocation> = allocs.iter().copied().filter(|a| a.is_live()).collect();
     let desired = desired.unwrap_or(0) as usize;
     if live.len() > desired {
-        live.sort_by_key(|a| (a.state == AllocState::Running, std::cmp::Reverse(a.create_index)));
+        live.sort_by_key(|a| {
+            (
+                a.state == AllocState::Running,
+                std::cmp::Reverse(a.create_index),
+            )
+        });
         let surplus = live.len() - desired;
         decision.stop = live.iter().take(surplus).map(|a| a.id.clone()).collect();
     } else {
@@ -72,7 +77,13 @@ mod tests {
     #[test]
     fn missing_replicas_are_placed() {
         let a = alloc("a", 1, Run, Running);
-        assert_eq!(reconcile(Some(3), &[&a]), Decision { place: 2, ..Decision::default() });
+        assert_eq!(
+            reconcile(Some(3), &[&a]),
+            Decision {
+                place: 2,
+                ..Decision::default()
+            }
+        );
     }
 
     #[test]

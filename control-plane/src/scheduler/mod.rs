@@ -89,7 +89,8 @@ pub fn schedule(state: &State, requests: &[Request], seed: u64) -> (Vec<Placemen
                 .iter_mut()
                 .filter_map(|n| n.free_port(&mut rng).map(|port| (n, port)))
                 .min_by(|(a, _), (b, _)| {
-                    let count = |n: &NodeView| n.per_service.get(&request.service).copied().unwrap_or(0);
+                    let count =
+                        |n: &NodeView| n.per_service.get(&request.service).copied().unwrap_or(0);
                     (count(a), a.total, &a.name).cmp(&(count(b), b.total, &b.name))
                 });
             let Some((node, port)) = candidate else {
@@ -136,7 +137,11 @@ mod tests {
     fn state_with_nodes(nodes: &[(&str, (u16, u16))]) -> State {
         let mut state = State::default();
         for (i, (name, range)) in nodes.iter().enumerate() {
-            let command = Command::RegisterNode { name: name.to_string(), address: "127.0.0.1".into(), port_range: *range };
+            let command = Command::RegisterNode {
+                name: name.to_string(),
+                address: "127.0.0.1".into(),
+                port_range: *range,
+            };
             state.apply(i as u64 + 1, command).unwrap();
         }
         let spec = ServiceSpec {
@@ -152,19 +157,29 @@ mod tests {
     }
 
     fn request(count: u32) -> Vec<Request> {
-        vec![Request { service: "web".into(), count }]
+        vec![Request {
+            service: "web".into(),
+            count,
+        }]
     }
 
     #[test]
     fn replicas_spread_evenly_across_ready_nodes() {
-        let state = state_with_nodes(&[("a", (20000, 20100)), ("b", (20000, 20100)), ("c", (20000, 20100))]);
+        let state = state_with_nodes(&[
+            ("a", (20000, 20100)),
+            ("b", (20000, 20100)),
+            ("c", (20000, 20100)),
+        ]);
         let (placed, unplaced) = schedule(&state, &request(7), 1);
         assert!(unplaced.is_empty());
         let mut per_node = BTreeMap::new();
         for p in &placed {
             *per_node.entry(p.node.as_str()).or_insert(0) += 1;
         }
-        assert_eq!(per_node.values().copied().collect::<Vec<_>>(), vec![3, 2, 2]);
+        assert_eq!(
+            per_node.values().copied().collect::<Vec<_>>(),
+            vec![3, 2, 2]
+        );
     }
 
     #[test]
@@ -175,7 +190,11 @@ mod tests {
         let ports: BTreeSet<u16> = placed.iter().map(|p| p.host_port).collect();
         assert_eq!(ports, (20000..=20004).collect());
         assert_eq!(unplaced[0].count, 2);
-        assert!(unplaced[0].reason.contains("no free host port"), "{}", unplaced[0].reason);
+        assert!(
+            unplaced[0].reason.contains("no free host port"),
+            "{}",
+            unplaced[0].reason
+        );
     }
 
     #[test]
@@ -190,6 +209,9 @@ mod tests {
     #[test]
     fn the_same_snapshot_and_seed_give_the_same_plan() {
         let state = state_with_nodes(&[("a", (20000, 29999)), ("b", (20000, 29999))]);
-        assert_eq!(schedule(&state, &request(4), 9), schedule(&state, &request(4), 9));
+        assert_eq!(
+            schedule(&state, &request(4), 9),
+            schedule(&state, &request(4), 9)
+        );
     }
 }

@@ -182,13 +182,31 @@ pub struct AllocReport {
 /// Every change to the state, as committed in the Raft log.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
-    CreateService { spec: ServiceSpec },
-    ScaleService { name: String, replicas: u32 },
-    RemoveService { name: String },
-    RegisterNode { name: String, address: String, port_range: (u16, u16) },
-    ApplyPlan { plan: Plan },
-    ReportAllocs { node: String, reports: Vec<AllocReport> },
-    UpsertMember { member: Member },
+    CreateService {
+        spec: ServiceSpec,
+    },
+    ScaleService {
+        name: String,
+        replicas: u32,
+    },
+    RemoveService {
+        name: String,
+    },
+    RegisterNode {
+        name: String,
+        address: String,
+        port_range: (u16, u16),
+    },
+    ApplyPlan {
+        plan: Plan,
+    },
+    ReportAllocs {
+        node: String,
+        reports: Vec<AllocReport>,
+    },
+    UpsertMember {
+        member: Member,
+    },
 }
 
 /// Why a command was refused. Deterministic: every server refuses alike.
@@ -207,7 +225,10 @@ pub enum CommandError {
 pub enum Outcome {
     Done,
     /// A plan was applied; placements refused at apply time are counted.
-    PlanApplied { placed: usize, rejected: usize },
+    PlanApplied {
+        placed: usize,
+        rejected: usize,
+    },
 }
 
 /// A record the state machine changed, for the storage layer to write.
@@ -243,12 +264,22 @@ impl State {
             Command::CreateService { spec } => self.create_service(index, spec),
             Command::ScaleService { name, replicas } => self.scale_service(index, &name, replicas),
             Command::RemoveService { name } => self.remove_service(index, &name),
-            Command::RegisterNode { name, address, port_range } => {
+            Command::RegisterNode {
+                name,
+                address,
+                port_range,
+            } => {
                 let register_index = self.nodes.get(&name).map_or(index, |n| n.register_index);
                 self.dirty.insert(Key::Node(name.clone()));
                 self.nodes.insert(
                     name.clone(),
-                    Node { name, address, port_range, status: NodeStatus::Ready, register_index },
+                    Node {
+                        name,
+                        address,
+                        port_range,
+                        status: NodeStatus::Ready,
+                        register_index,
+                    },
                 );
                 Ok(Outcome::Done)
             }
@@ -293,12 +324,22 @@ impl State {
         self.dirty.insert(Key::Service(spec.name.clone()));
         self.services.insert(
             spec.name.clone(),
-            Service { spec, generation: 1, create_index: index, modify_index: index },
+            Service {
+                spec,
+                generation: 1,
+                create_index: index,
+                modify_index: index,
+            },
         );
         Ok(Outcome::Done)
     }
 
-    fn scale_service(&mut self, index: u64, name: &str, replicas: u32) -> Result<Outcome, CommandError> {
+    fn scale_service(
+        &mut self,
+        index: u64,
+        name: &str,
+        replicas: u32,
+    ) -> Result<Outcome, CommandError> {
         spec::validate_replicas(i64::from(replicas))?;
         let service = self
             .services
@@ -405,7 +446,9 @@ impl State {
     /// speaks for itself.
     fn report_allocs(&mut self, index: u64, node: &str, reports: Vec<AllocReport>) {
         for report in reports {
-            let Some(alloc) = self.allocs.get_mut(&report.id) else { continue };
+            let Some(alloc) = self.allocs.get_mut(&report.id) else {
+                continue;
+            };
             if alloc.node != node {
                 continue;
             }
@@ -435,18 +478,40 @@ mod tests {
     }
 
     fn node(name: &str) -> Command {
-        Command::RegisterNode { name: name.into(), address: "127.0.0.1".into(), port_range: (20000, 20010) }
+        Command::RegisterNode {
+            name: name.into(),
+            address: "127.0.0.1".into(),
+            port_range: (20000, 20010),
+        }
     }
 
     fn place(id: &str, service: &str, port: u16) -> Placement {
-        Placement { id: id.into(), service: service.into(), node: "n1".into(), host_port: port }
+        Placement {
+            id: id.into(),
+            service: service.into(),
+            node: "n1".into(),
+            host_port: port,
+        }
     }
 
     #[test]
     fn a_duplicate_service_is_refused_and_the_original_is_unchanged() {
         let mut s = State::default();
-        s.apply(1, Command::CreateService { spec: spec("web", 2) }).unwrap();
-        let err = s.apply(2, Command::CreateService { spec: spec("web", 9) }).unwrap_err();
+        s.apply(
+            1,
+            Command::CreateService {
+                spec: spec("web", 2),
+            },
+        )
+        .unwrap();
+        let err = s
+            .apply(
+                2,
+                Command::CreateService {
+                    spec: spec("web", 9),
+                },
+            )
+            .unwrap_err();
         assert_eq!(err, CommandError::ServiceExists("web".into()));
         assert_eq!(s.services["web"].spec.replicas, 2);
     }
@@ -454,8 +519,21 @@ mod tests {
     #[test]
     fn replaying_an_applied_index_changes_nothing() {
         let mut s = State::default();
-        s.apply(5, Command::CreateService { spec: spec("web", 2) }).unwrap();
-        s.apply(5, Command::ScaleService { name: "web".into(), replicas: 7 }).unwrap();
+        s.apply(
+            5,
+            Command::CreateService {
+                spec: spec("web", 2),
+            },
+        )
+        .unwrap();
+        s.apply(
+            5,
+            Command::ScaleService {
+                name: "web".into(),
+                replicas: 7,
+            },
+        )
+        .unwrap();
         assert_eq!(s.services["web"].spec.replicas, 2);
     }
 
@@ -463,19 +541,31 @@ mod tests {
     fn plans_are_rechecked_when_applied() {
         let mut s = State::default();
         s.apply(1, node("n1")).unwrap();
-        s.apply(2, Command::CreateService { spec: spec("web", 2) }).unwrap();
+        s.apply(
+            2,
+            Command::CreateService {
+                spec: spec("web", 2),
+            },
+        )
+        .unwrap();
         let plan = Plan {
             place: vec![
                 place("a", "web", 20000),
                 place("b", "web", 20000), // port taken by a
                 place("c", "web", 20001),
-                place("d", "web", 20002), // beyond 2 replicas
+                place("d", "web", 20002),  // beyond 2 replicas
                 place("e", "gone", 20003), // no such service
             ],
             ..Plan::default()
         };
         let outcome = s.apply(3, Command::ApplyPlan { plan }).unwrap();
-        assert_eq!(outcome, Outcome::PlanApplied { placed: 2, rejected: 3 });
+        assert_eq!(
+            outcome,
+            Outcome::PlanApplied {
+                placed: 2,
+                rejected: 3
+            }
+        );
         assert_eq!(s.live_allocs("web").count(), 2);
     }
 
@@ -483,16 +573,48 @@ mod tests {
     fn removing_a_service_stops_its_allocations_and_forgets_them_once_stopped() {
         let mut s = State::default();
         s.apply(1, node("n1")).unwrap();
-        s.apply(2, Command::CreateService { spec: spec("web", 1) }).unwrap();
-        let plan = Plan { place: vec![place("a", "web", 20000)], ..Plan::default() };
+        s.apply(
+            2,
+            Command::CreateService {
+                spec: spec("web", 1),
+            },
+        )
+        .unwrap();
+        let plan = Plan {
+            place: vec![place("a", "web", 20000)],
+            ..Plan::default()
+        };
         s.apply(3, Command::ApplyPlan { plan }).unwrap();
-        s.apply(4, Command::RemoveService { name: "web".into() }).unwrap();
+        s.apply(4, Command::RemoveService { name: "web".into() })
+            .unwrap();
         assert_eq!(s.allocs["a"].desired, DesiredState::Stop);
-        let forget = Plan { forget: vec!["a".into()], ..Plan::default() };
-        s.apply(5, Command::ApplyPlan { plan: forget.clone() }).unwrap();
+        let forget = Plan {
+            forget: vec!["a".into()],
+            ..Plan::default()
+        };
+        s.apply(
+            5,
+            Command::ApplyPlan {
+                plan: forget.clone(),
+            },
+        )
+        .unwrap();
         assert!(s.allocs.contains_key("a"), "not stopped yet: must be kept");
-        let report = AllocReport { id: "a".into(), state: AllocState::Stopped, restarts: 0, pid: 0, message: String::new() };
-        s.apply(6, Command::ReportAllocs { node: "n1".into(), reports: vec![report] }).unwrap();
+        let report = AllocReport {
+            id: "a".into(),
+            state: AllocState::Stopped,
+            restarts: 0,
+            pid: 0,
+            message: String::new(),
+        };
+        s.apply(
+            6,
+            Command::ReportAllocs {
+                node: "n1".into(),
+                reports: vec![report],
+            },
+        )
+        .unwrap();
         s.apply(7, Command::ApplyPlan { plan: forget }).unwrap();
         assert!(!s.allocs.contains_key("a"));
     }
@@ -501,19 +623,50 @@ mod tests {
     fn an_agent_cannot_report_for_another_nodes_allocation() {
         let mut s = State::default();
         s.apply(1, node("n1")).unwrap();
-        s.apply(2, Command::CreateService { spec: spec("web", 1) }).unwrap();
-        let plan = Plan { place: vec![place("a", "web", 20000)], ..Plan::default() };
+        s.apply(
+            2,
+            Command::CreateService {
+                spec: spec("web", 1),
+            },
+        )
+        .unwrap();
+        let plan = Plan {
+            place: vec![place("a", "web", 20000)],
+            ..Plan::default()
+        };
         s.apply(3, Command::ApplyPlan { plan }).unwrap();
-        let report = AllocReport { id: "a".into(), state: AllocState::Running, restarts: 0, pid: 9, message: String::new() };
-        s.apply(4, Command::ReportAllocs { node: "n2".into(), reports: vec![report] }).unwrap();
+        let report = AllocReport {
+            id: "a".into(),
+            state: AllocState::Running,
+            restarts: 0,
+            pid: 9,
+            message: String::new(),
+        };
+        s.apply(
+            4,
+            Command::ReportAllocs {
+                node: "n2".into(),
+                reports: vec![report],
+            },
+        )
+        .unwrap();
         assert_eq!(s.allocs["a"].state, AllocState::Pending);
     }
 
     #[test]
     fn commands_record_the_keys_they_change() {
         let mut s = State::default();
-        s.apply(1, Command::CreateService { spec: spec("web", 1) }).unwrap();
-        assert_eq!(s.take_dirty().into_iter().collect::<Vec<_>>(), vec![Key::Service("web".into())]);
+        s.apply(
+            1,
+            Command::CreateService {
+                spec: spec("web", 1),
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            s.take_dirty().into_iter().collect::<Vec<_>>(),
+            vec![Key::Service("web".into())]
+        );
         assert!(s.take_dirty().is_empty());
     }
 }

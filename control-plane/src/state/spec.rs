@@ -87,7 +87,10 @@ impl ServiceSpec {
             Some(_) => {}
         }
         if self.command.iter().any(|arg| arg.contains('\0')) {
-            return Err(SpecError::new("command", "arguments may not contain NUL bytes"));
+            return Err(SpecError::new(
+                "command",
+                "arguments may not contain NUL bytes",
+            ));
         }
         for (key, value) in &self.env {
             validate_env(key, value)?;
@@ -122,7 +125,10 @@ pub fn validate_name(name: &str) -> Result<(), SpecError> {
         .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
     let starts_with_letter = name.starts_with(|c: char| c.is_ascii_lowercase());
     if !valid_chars || !starts_with_letter || name.ends_with('-') {
-        return Err(SpecError::new("name", format!("\"{name}\" is not valid; {fix}")));
+        return Err(SpecError::new(
+            "name",
+            format!("\"{name}\" is not valid; {fix}"),
+        ));
     }
     Ok(())
 }
@@ -157,7 +163,10 @@ pub fn validate_env(key: &str, value: &str) -> Result<(), SpecError> {
         ));
     }
     if value.contains('\0') {
-        return Err(SpecError::new("env", format!("the value of {key} contains a NUL byte")));
+        return Err(SpecError::new(
+            "env",
+            format!("the value of {key} contains a NUL byte"),
+        ));
     }
     Ok(())
 }
@@ -193,7 +202,10 @@ mod tests {
 
     #[test]
     fn replica_counts_outside_the_range_are_refused() {
-        assert!(validate_replicas(-1).unwrap_err().to_string().contains("-1"));
+        assert!(validate_replicas(-1)
+            .unwrap_err()
+            .to_string()
+            .contains("-1"));
         assert!(validate_replicas(1001).is_err());
         assert_eq!(validate_replicas(0), Ok(0));
         assert_eq!(validate_replicas(1000), Ok(1000));
@@ -219,7 +231,10 @@ mod tests {
         for bad in ["", "1X", "A-B", "A=B"] {
             assert!(validate_env(bad, "v").is_err(), "{bad:?}");
         }
-        assert!(validate_env("PORT", "80").unwrap_err().problem.contains("PORT"));
+        assert!(validate_env("PORT", "80")
+            .unwrap_err()
+            .problem
+            .contains("PORT"));
     }
 
     #[test]

@@ -18,7 +18,10 @@ pub enum StoreError {
     #[error("state store i/o failed: {0}")]
     Sled(#[from] sled::Error),
     #[error("state record {key} is corrupt: {source}")]
-    Corrupt { key: String, source: serde_json::Error },
+    Corrupt {
+        key: String,
+        source: serde_json::Error,
+    },
 }
 
 /// The sled tree holding the applied state.
@@ -28,7 +31,9 @@ pub struct StateStore {
 
 impl StateStore {
     pub fn open(db: &sled::Db) -> Result<Self, StoreError> {
-        Ok(StateStore { tree: db.open_tree("state")? })
+        Ok(StateStore {
+            tree: db.open_tree("state")?,
+        })
     }
 
     /// Loads the whole state, as persisted by [`StateStore::save`].
@@ -38,7 +43,9 @@ impl StateStore {
             let (key, value) = item?;
             let key = String::from_utf8_lossy(&key).into_owned();
             if let Some(name) = key.strip_prefix("service/") {
-                state.services.insert(name.to_string(), decode(&key, &value)?);
+                state
+                    .services
+                    .insert(name.to_string(), decode(&key, &value)?);
             } else if let Some(name) = key.strip_prefix("node/") {
                 state.nodes.insert(name.to_string(), decode(&key, &value)?);
             } else if let Some(id) = key.strip_prefix("alloc/") {
@@ -62,7 +69,10 @@ impl StateStore {
                 Key::Service(n) => (format!("service/{n}"), state.services.get(n).map(encode)),
                 Key::Node(n) => (format!("node/{n}"), state.nodes.get(n).map(encode)),
                 Key::Alloc(id) => (format!("alloc/{id}"), state.allocs.get(id).map(encode)),
-                Key::Member(id) => (format!("member/{id:020}"), state.members.get(id).map(encode)),
+                Key::Member(id) => (
+                    format!("member/{id:020}"),
+                    state.members.get(id).map(encode),
+                ),
             };
             match value {
                 Some(bytes) => batch.insert(name.as_bytes(), bytes),
@@ -80,7 +90,10 @@ fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 }
 
 fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt { key: key.to_string(), source })
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt {
+        key: key.to_string(),
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -103,10 +116,14 @@ mod tests {
                 env: Default::default(),
                 workdir: None,
             };
-            state.apply(i as u64 + 1, Command::CreateService { spec }).unwrap();
+            state
+                .apply(i as u64 + 1, Command::CreateService { spec })
+                .unwrap();
         }
         store.save(&mut state).unwrap();
-        state.apply(3, Command::RemoveService { name: "a".into() }).unwrap();
+        state
+            .apply(3, Command::RemoveService { name: "a".into() })
+            .unwrap();
         store.save(&mut state).unwrap();
         let loaded = store.load().unwrap();
         assert_eq!(loaded.applied_index, 3);

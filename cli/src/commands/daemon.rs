@@ -1,0 +1,123 @@
+//! `skiff server`, `skiff agent` and `skiff dev`: the long-running commands.
+//! Each binds its listener, builds its library config and runs until
+//! SIGINT or SIGTERM.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use skiff_agent::AgentConfig;
+use skiff_control_plane::ServerConfig;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::args::{AgentArgs, DevArgs, NodeArgs, ServerArgs};
+
+pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
+    let listener = bind(args.listen).await?;
+    let mut config = ServerConfig::new(args.name, args.data_dir);
+    config.bootstrap = args.bootstrap;
+    skiff_control_plane::run(config, listener, wait_for_signal()).await?;
+    Ok(())
+}
+
+pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
+    let config = agent_config(args.name, args.data_dir, args.servers, &args.node, false);
+    skiff_agent::run(config, wait_for_signal()).await?;
+    Ok(())
+}
+
+/// One server and one agent in this process; Ctrl-C stops the replicas too.
+pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
+    let listener = bind(args.listen).await?;
+    let address = listener.local_addr()?;
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("failed to create data dir {}", args.data_dir.display()))?;
+    let data_dir = std::fs::canonicalize(&args.data_dir)?;
+    let mut server_config = ServerConfig::new("dev-server", data_dir.join("server"));
+    server_config.bootstrap = true;
+    let agent = agent_config(
+        args.name,
+        data_dir.join("agent"),
+        vec![address.to_string()],
+        &args.node,
+        true,
+    );
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let server = tokio::spawn(skiff_control_plane::run(
+        server_config,
+        listener,
+        stopped(stop_rx.clone()),
+    ));
+    let agent = tokio::spawn(skiff_agent::run(agent, stopped(stop_rx)));
+    println!(
+        "skiff dev: server and agent running, API on {address}, data in {}\n\
+         \n  export SKIFF_ADDR={address}\n  skiff service create demo --replicas 2 -- python3 -m http.server '$PORT'\n  skiff service ps demo\n  skiff node ls\n\nPress Ctrl-C to stop (replicas are stopped too).",
+        data_dir.display()
+    );
+    tokio::select! {
+        _ = wait_for_signal() => {}
+        result = server_finished(&server) => result?,
+    }
+    let _ = stop_tx.send(true);
+    // The agent stops its replicas (SIGTERM, then SIGKILL after the grace).
+    match tokio::time::timeout(Duration::from_secs(60), agent).await {
+        Ok(joined) => joined.context("agent task panicked")??,
+        Err(_) => tracing::warn!("agent did not stop within 60 s"),
+    }
+    server.await.context("server task panicked")??;
+    Ok(())
+}
+
+/// Resolves with an error if the server task ends on its own (it only ends
+/// on shutdown otherwise).
+async fn server_finished(
+    server: &tokio::task::JoinHandle<Result<(), skiff_control_plane::ServerError>>,
+) -> anyhow::Result<()> {
+    loop {
+        if server.is_finished() {
+            anyhow::bail!("the server stopped unexpectedly; see the log above");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn agent_config(
+    name: String,
+    data_dir: std::path::PathBuf,
+    servers: Vec<String>,
+    node: &NodeArgs,
+    stop_on_shutdown: bool,
+) -> AgentConfig {
+    let mut config = AgentConfig::new(name, data_dir, servers);
+    config.advertise = node.advertise;
+    config.port_range = node.port_range;
+    config.stop_grace = Duration::from_secs(node.stop_grace_secs);
+    config.stop_replicas_on_shutdown = stop_on_shutdown;
+    config
+}
+
+async fn bind(address: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(address)
+        .await
+        .with_context(|| format!("failed to listen on {address} (is another skiff running? choose another with --listen)"))
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot watch SIGTERM; only Ctrl-C stops skiff");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
