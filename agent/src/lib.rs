@@ -1,1 +1,77 @@
-//! placeholder
+//! Skiff's node agent: registers the node with the control plane over one
+//! `AgentSync` stream, runs the allocations assigned to it as supervised
+//! replicas, reports their state back, and re-adopts replicas that outlived a
+//! previous agent process.
+//!
+//! The CLI calls [`run`] with an [`AgentConfig`] and a shutdown future; all
+//! else is internal.
+
+mod backoff;
+mod config;
+mod convert;
+mod error;
+mod local;
+mod reconcile;
+mod runtime;
+mod spec;
+mod store;
+mod supervisor;
+mod sync;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+pub use config::AgentConfig;
+pub use error::AgentError;
+pub use runtime::RuntimeError;
+pub use spec::SpecError;
+pub use store::StoreError;
+
+use local::LocalAllocs;
+use runtime::process::ProcessRuntime;
+use store::AllocStore;
+use supervisor::SupervisorConfig;
+
+/// Runs the agent until `shutdown` resolves.
+///
+/// Replicas keep running while the control plane is unreachable. On shutdown
+/// they are stopped (with `stop_grace`) only if
+/// `config.stop_replicas_on_shutdown`; otherwise they are left running and
+/// the next agent on the same `data_dir` re-adopts them.
+pub async fn run(
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), AgentError> {
+    config.validate()?;
+    let store = Arc::new(AllocStore::open(&config.data_dir)?);
+    let (updates_tx, mut updates_rx) = mpsc::unbounded_channel();
+    let supervisor_config = SupervisorConfig {
+        stop_grace: config.stop_grace,
+        ..SupervisorConfig::default()
+    };
+    let mut local = LocalAllocs::new(
+        Arc::new(ProcessRuntime::new()),
+        store,
+        supervisor_config,
+        updates_tx,
+    );
+    local.recover()?;
+    tracing::info!(node = %config.name, servers = ?config.servers, "agent started");
+
+    {
+        let mut sync = sync::SyncLoop::new(&config, &mut local, &mut updates_rx);
+        tokio::select! {
+            () = sync.run() => {}
+            () = shutdown => {}
+        }
+    }
+
+    tracing::info!(
+        stop_replicas = config.stop_replicas_on_shutdown,
+        "agent shutting down"
+    );
+    local.shutdown(config.stop_replicas_on_shutdown).await;
+    Ok(())
+}

@@ -1,0 +1,139 @@
+//! Conversions between `skiff.v1` messages and the agent's domain types;
+//! the only place besides `sync` that touches protobuf types.
+
+use skiff_proto::v1;
+
+use crate::config::AgentConfig;
+use crate::reconcile::{Assigned, Desired};
+use crate::spec::{ReplicaSpec, SpecError};
+use crate::supervisor::StatusUpdate;
+
+/// An assigned allocation, validated so the agent can run it as is.
+pub fn assigned(alloc: &v1::Allocation) -> Result<Assigned, SpecError> {
+    let spec = alloc
+        .spec
+        .as_ref()
+        .ok_or_else(|| SpecError::MissingSpec(alloc.id.clone()))?;
+    let host_port = u16::try_from(alloc.host_port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or(SpecError::BadPort {
+            alloc: alloc.id.clone(),
+            port: alloc.host_port,
+        })?;
+    let service = if alloc.service.is_empty() {
+        spec.name.clone()
+    } else {
+        alloc.service.clone()
+    };
+    let replica = ReplicaSpec {
+        alloc_id: alloc.id.clone(),
+        service,
+        command: spec.command.clone(),
+        env: spec
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        workdir: spec.workdir.clone(),
+        host_port,
+    };
+    replica.validate()?;
+    Ok(Assigned {
+        spec: replica,
+        desired: Desired::parse(&alloc.desired),
+    })
+}
+
+pub fn status(update: &StatusUpdate) -> v1::AllocationStatus {
+    v1::AllocationStatus {
+        id: update.alloc_id.clone(),
+        state: update.state.as_str().to_string(),
+        restarts: update.restarts,
+        pid: update.pid,
+        message: update.message.clone(),
+    }
+}
+
+pub fn register(config: &AgentConfig) -> v1::Register {
+    v1::Register {
+        node: config.name.clone(),
+        address: config.advertise.to_string(),
+        port_range_start: u32::from(config.port_range.0),
+        port_range_end: u32::from(config.port_range.1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::supervisor::AllocState;
+
+    fn alloc(id: &str, desired: &str, port: u32, command: &[&str]) -> v1::Allocation {
+        v1::Allocation {
+            id: id.into(),
+            service: "web".into(),
+            node: "n1".into(),
+            desired: desired.into(),
+            host_port: port,
+            spec: Some(v1::ServiceSpec {
+                name: "web".into(),
+                runtime: "process".into(),
+                replicas: 1,
+                command: command.iter().map(|s| s.to_string()).collect(),
+                env: [("A".to_string(), "1".to_string())].into(),
+                workdir: String::new(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn assignment_becomes_a_replica_spec() {
+        let a = assigned(&alloc("a1", "run", 20001, &["sleep", "30"])).unwrap();
+        assert_eq!(a.desired, Desired::Run);
+        assert_eq!(a.spec.host_port, 20001);
+        assert_eq!(a.spec.command, ["sleep", "30"]);
+        assert_eq!(a.spec.env.get("A").map(String::as_str), Some("1"));
+        let stop = assigned(&alloc("a1", "stop", 20001, &["sleep"])).unwrap();
+        assert_eq!(stop.desired, Desired::Stop);
+    }
+
+    #[test]
+    fn invalid_assignments_are_refused() {
+        assert!(assigned(&alloc("a1", "run", 70000, &["sleep"])).is_err());
+        assert!(assigned(&alloc("a1", "run", 0, &["sleep"])).is_err());
+        assert!(assigned(&alloc("a1", "run", 20001, &[])).is_err());
+        assert!(assigned(&alloc("../a", "run", 20001, &["sleep"])).is_err());
+        let mut no_spec = alloc("a1", "run", 20001, &["sleep"]);
+        no_spec.spec = None;
+        assert!(assigned(&no_spec).is_err());
+    }
+
+    #[test]
+    fn status_and_register_carry_every_field() {
+        let s = status(&StatusUpdate {
+            alloc_id: "a1".into(),
+            state: AllocState::Restarting,
+            restarts: 2,
+            pid: 0,
+            message: "exited with status 1; restarting in 2s".into(),
+        });
+        assert_eq!(
+            (s.id.as_str(), s.state.as_str(), s.restarts),
+            ("a1", "restarting", 2)
+        );
+        let mut config = AgentConfig::new("n1", "/tmp".into(), vec!["x:1".into()]);
+        config.advertise = "127.0.0.2".parse().unwrap();
+        let r = register(&config);
+        assert_eq!(
+            (
+                r.node.as_str(),
+                r.address.as_str(),
+                r.port_range_start,
+                r.port_range_end
+            ),
+            ("n1", "127.0.0.2", 20000, 29999)
+        );
+    }
+}

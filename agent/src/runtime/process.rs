@@ -1,0 +1,405 @@
+//! The `process` runtime (like Nomad's raw_exec): a replica is a host
+//! process in its own process group, its output appended to files in the
+//! allocation directory. The files are handed to the child directly, so
+//! logging goes on while the agent is down, and the process outlives the
+//! agent so a new agent can re-adopt it.
+
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+
+use super::{procfs, Exit, Runtime, RuntimeError, TaskHandle};
+use crate::spec::ReplicaSpec;
+
+/// How often an adopted process (not our child, so no SIGCHLD) is checked.
+const ADOPTED_POLL: Duration = Duration::from_millis(500);
+/// How long a SIGKILLed process group may take to disappear before we give up
+/// waiting; only a process stuck in the kernel (D state) takes that long.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Default)]
+pub struct ProcessRuntime;
+
+impl ProcessRuntime {
+    pub fn new() -> Self {
+        Self
+    }
+}
+
+/// A replica's process: our child if we started it, else adopted.
+#[derive(Debug)]
+pub struct ProcessHandle {
+    pid: u32,
+    start_time: u64,
+    /// `None` for an adopted process, which init reaps, not us.
+    child: Option<Child>,
+}
+
+impl Runtime for ProcessRuntime {
+    type Handle = ProcessHandle;
+
+    fn start(&self, spec: &ReplicaSpec, alloc_dir: &Path) -> Result<ProcessHandle, RuntimeError> {
+        let start_error = |reason: String| RuntimeError::Start {
+            short_id: spec.short_id().to_string(),
+            service: spec.service.clone(),
+            program: spec.program().to_string(),
+            reason,
+        };
+        fs::create_dir_all(alloc_dir).map_err(|e| {
+            start_error(format!(
+                "cannot create allocation directory {}: {}",
+                alloc_dir.display(),
+                os_reason(&e)
+            ))
+        })?;
+        let workdir = if spec.workdir.is_empty() {
+            alloc_dir.to_path_buf()
+        } else {
+            PathBuf::from(&spec.workdir)
+        };
+        if !workdir.is_dir() {
+            return Err(start_error(format!(
+                "working directory {} does not exist",
+                workdir.display()
+            )));
+        }
+        let stdout = open_log(spec, &alloc_dir.join("stdout.log"))?;
+        let stderr = open_log(spec, &alloc_dir.join("stderr.log"))?;
+
+        let mut command = Command::new(spec.program());
+        command
+            .args(spec.args())
+            .envs(spec.environment())
+            .current_dir(&workdir)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            // Its own group, so stop reaches every process the replica forks
+            // and a signal to the agent's group does not reach the replica.
+            .process_group(0)
+            .kill_on_drop(false);
+        let child = command.spawn().map_err(|e| start_error(os_reason(&e)))?;
+        let pid = child
+            .id()
+            .ok_or_else(|| start_error("exited before its pid was read".into()))?;
+        // 0 if unreadable: such a record is never re-adopted, only restarted.
+        let start_time = procfs::read_stat(pid).map_or(0, |s| s.start_time);
+        tracing::info!(alloc = %spec.alloc_id, service = %spec.service, pid, "started replica process");
+        Ok(ProcessHandle {
+            pid,
+            start_time,
+            child: Some(child),
+        })
+    }
+
+    fn recover(&self, spec: &ReplicaSpec, pid: u32, start_time: u64) -> Option<ProcessHandle> {
+        let stat = procfs::read_stat(pid)?;
+        let ours = pid > 1
+            && start_time != 0
+            && stat.start_time == start_time
+            && !stat.is_exited()
+            && u32::try_from(stat.pgrp).ok() == Some(pid);
+        if !ours {
+            return None;
+        }
+        tracing::info!(alloc = %spec.alloc_id, service = %spec.service, pid, "adopted replica process");
+        Some(ProcessHandle {
+            pid,
+            start_time,
+            child: None,
+        })
+    }
+}
+
+impl ProcessHandle {
+    /// Whether the process may still be running. Reaps our child if it has
+    /// exited, and returns how.
+    fn exited(&mut self) -> Option<Exit> {
+        match &mut self.child {
+            Some(child) => match child.try_wait() {
+                Ok(Some(status)) => {
+                    self.signal_group(Signal::SIGKILL);
+                    Some(exit_of(status))
+                }
+                Ok(None) => None,
+                Err(_) => (!procfs::is_same_live_process(self.pid, self.start_time))
+                    .then_some(Exit::Unknown),
+            },
+            None => {
+                (!procfs::is_same_live_process(self.pid, self.start_time)).then_some(Exit::Unknown)
+            }
+        }
+    }
+
+    /// Signals the replica's whole process group. Never signals PID 0 or 1:
+    /// `killpg(0)` would hit the agent's own group.
+    fn signal_group(&self, signal: Signal) {
+        let Ok(pgid) = i32::try_from(self.pid) else {
+            return;
+        };
+        if pgid <= 1 {
+            return;
+        }
+        if let Err(e) = killpg(Pid::from_raw(pgid), signal) {
+            if e != nix::errno::Errno::ESRCH {
+                tracing::warn!(pid = self.pid, %signal, error = %e, "failed to signal replica process group");
+            }
+        }
+    }
+}
+
+impl TaskHandle for ProcessHandle {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    fn start_time(&self) -> u64 {
+        self.start_time
+    }
+
+    async fn wait(&mut self) -> Exit {
+        if let Some(child) = &mut self.child {
+            match child.wait().await {
+                Ok(status) => {
+                    // The replica is its process group: once the leader is
+                    // gone, whatever it forked goes too, so nothing keeps
+                    // holding the port its successor needs.
+                    self.signal_group(Signal::SIGKILL);
+                    return exit_of(status);
+                }
+                Err(e) => {
+                    tracing::warn!(pid = self.pid, error = %e, "failed to wait for replica process; polling it");
+                }
+            }
+        }
+        while procfs::is_same_live_process(self.pid, self.start_time) {
+            tokio::time::sleep(ADOPTED_POLL).await;
+        }
+        Exit::Unknown
+    }
+
+    async fn stop(&mut self, grace: Duration) -> Exit {
+        if let Some(exit) = self.exited() {
+            return exit;
+        }
+        self.signal_group(Signal::SIGTERM);
+        let exit = match tokio::time::timeout(grace, self.wait()).await {
+            Ok(exit) => exit,
+            Err(_) => {
+                tracing::info!(pid = self.pid, grace = ?grace, "replica ignored SIGTERM; killing it");
+                self.signal_group(Signal::SIGKILL);
+                match tokio::time::timeout(KILL_WAIT, self.wait()).await {
+                    Ok(exit) => exit,
+                    Err(_) => {
+                        tracing::warn!(pid = self.pid, "replica process survived SIGKILL");
+                        return Exit::Unknown;
+                    }
+                }
+            }
+        };
+        exit
+    }
+}
+
+fn open_log(spec: &ReplicaSpec, path: &Path) -> Result<File, RuntimeError> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|source| RuntimeError::Log {
+            short_id: spec.short_id().to_string(),
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// "No such file or directory" rather than "... (os error 2)".
+fn os_reason(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(code) => nix::errno::Errno::from_raw(code).desc().to_string(),
+        None => e.to_string(),
+    }
+}
+
+fn exit_of(status: ExitStatus) -> Exit {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => Exit::Code(code),
+        (None, Some(signal)) => Exit::Signal(signal),
+        (None, None) => Exit::Unknown,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::test_spec;
+    use std::os::unix::process::CommandExt;
+    use std::time::Instant;
+
+    /// Waits (bounded) until `path` contains `needle`.
+    async fn wait_for_text(path: &Path, needle: &str) -> String {
+        for _ in 0..100 {
+            let text = fs::read_to_string(path).unwrap_or_default();
+            if text.contains(needle) {
+                return text;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{} never contained {needle:?}", path.display());
+    }
+
+    #[tokio::test]
+    async fn sleep_is_stopped_by_sigterm_and_reaped() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = ProcessRuntime::new();
+        let mut handle = rt
+            .start(&test_spec("a1", &["sleep", "30"], 20001), dir.path())
+            .unwrap();
+        let pid = handle.pid();
+        assert!(procfs::is_same_live_process(pid, handle.start_time()));
+        assert_eq!(
+            procfs::read_stat(pid).unwrap().pgrp,
+            pid as i32,
+            "own process group"
+        );
+
+        let exit = handle.stop(Duration::from_secs(5)).await;
+        assert_eq!(exit, Exit::Signal(libc::SIGTERM));
+        // Reaped: no zombie left under that pid.
+        assert!(!procfs::is_same_live_process(pid, handle.start_time()));
+        assert!(!matches!(procfs::read_stat(pid), Some(s) if s.start_time == handle.start_time()));
+    }
+
+    #[tokio::test]
+    async fn process_ignoring_sigterm_is_killed_after_the_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = ProcessRuntime::new();
+        let spec = test_spec(
+            "a2",
+            &["sh", "-c", "trap '' TERM; echo ready; sleep 30"],
+            20002,
+        );
+        let mut handle = rt.start(&spec, dir.path()).unwrap();
+        wait_for_text(&dir.path().join("stdout.log"), "ready").await;
+
+        let began = Instant::now();
+        let exit = handle.stop(Duration::from_millis(300)).await;
+        assert_eq!(exit, Exit::Signal(libc::SIGKILL));
+        assert!(began.elapsed() >= Duration::from_millis(300));
+        assert!(!procfs::is_same_live_process(
+            handle.pid(),
+            handle.start_time()
+        ));
+    }
+
+    #[tokio::test]
+    async fn port_is_interpolated_and_output_goes_to_log_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = ProcessRuntime::new();
+        let mut spec = test_spec(
+            "a3",
+            &[
+                "sh",
+                "-c",
+                "echo arg=$PORT env=$PORT url=$URL id=$SKIFF_ALLOC_ID; pwd; echo oops >&2",
+            ],
+            20003,
+        );
+        spec.env.insert("URL".into(), "http://x:${PORT}/".into());
+        let mut handle = rt.start(&spec, dir.path()).unwrap();
+        assert_eq!(handle.wait().await, Exit::Code(0));
+        let out = fs::read_to_string(dir.path().join("stdout.log")).unwrap();
+        assert!(
+            out.contains("arg=20003 env=20003 url=http://x:20003/ id=a3"),
+            "{out}"
+        );
+        assert!(
+            out.contains(dir.path().to_str().unwrap()),
+            "runs in the allocation dir: {out}"
+        );
+        let err = fs::read_to_string(dir.path().join("stderr.log")).unwrap();
+        assert_eq!(err, "oops\n");
+    }
+
+    #[tokio::test]
+    async fn processes_left_in_the_group_die_with_the_replica() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = test_spec(
+            "a7",
+            &["sh", "-c", "sleep 30 & echo $! > bg.pid; exit 3"],
+            20007,
+        );
+        let mut handle = ProcessRuntime::new().start(&spec, dir.path()).unwrap();
+        assert_eq!(handle.wait().await, Exit::Code(3));
+        let bg: u32 = fs::read_to_string(dir.path().join("bg.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        for _ in 0..100 {
+            if !matches!(procfs::read_stat(bg), Some(s) if !s.is_exited()) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("background process {bg} outlived its replica");
+    }
+
+    #[tokio::test]
+    async fn missing_executable_fails_with_a_message_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = test_spec("3f2a9c0d-77", &["python4-does-not-exist"], 20004);
+        let err = ProcessRuntime::new().start(&spec, dir.path()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "failed to start replica 3f2a9c0d of web: python4-does-not-exist: No such file or directory"
+        );
+    }
+
+    #[tokio::test]
+    async fn adoption_requires_matching_start_time_and_stops_by_group() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let start_time = procfs::read_stat(pid).unwrap().start_time;
+        let rt = ProcessRuntime::new();
+        let spec = test_spec("a5", &["sleep", "30"], 20005);
+
+        assert!(
+            rt.recover(&spec, pid, start_time + 1).is_none(),
+            "recycled pid"
+        );
+        assert!(rt.recover(&spec, pid, 0).is_none());
+        let mut adopted = rt.recover(&spec, pid, start_time).expect("adopted");
+        assert_eq!(adopted.pid(), pid);
+
+        // The test process is its parent, so it turns zombie: still "exited".
+        assert_eq!(adopted.stop(Duration::from_secs(5)).await, Exit::Unknown);
+        assert_eq!(child.wait().unwrap().signal(), Some(libc::SIGTERM));
+        assert!(rt.recover(&spec, pid, start_time).is_none());
+    }
+
+    #[tokio::test]
+    async fn process_not_leading_its_group_is_not_adopted() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let start_time = procfs::read_stat(pid).unwrap().start_time;
+        assert!(ProcessRuntime::new()
+            .recover(&test_spec("a6", &["sleep"], 1), pid, start_time)
+            .is_none());
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}

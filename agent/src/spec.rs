@@ -1,0 +1,203 @@
+//! What one replica runs, as the agent keeps it: plain serde types so the
+//! records on disk do not depend on the protobuf types, plus `$PORT`
+//! interpolation of arguments and environment.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// One allocation's replica: its identity, the service spec copied at
+/// placement, and the host port the scheduler gave it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaSpec {
+    pub alloc_id: String,
+    pub service: String,
+    /// Program and arguments; never empty (checked by [`ReplicaSpec::validate`]).
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    /// Empty means the allocation's directory.
+    pub workdir: String,
+    pub host_port: u16,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("allocation {0} has no spec")]
+    MissingSpec(String),
+    #[error("allocation {alloc} of {service} has an empty command")]
+    EmptyCommand { alloc: String, service: String },
+    #[error("allocation {alloc} has host port {port}, outside 1-65535")]
+    BadPort { alloc: String, port: u32 },
+    #[error("allocation id {0:?} is not a safe directory name")]
+    BadId(String),
+}
+
+impl ReplicaSpec {
+    /// Checks what the agent relies on: an id usable as a directory name and
+    /// a program to run.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        validate_alloc_id(&self.alloc_id)?;
+        match self.command.first() {
+            Some(program) if !program.is_empty() => Ok(()),
+            _ => Err(SpecError::EmptyCommand {
+                alloc: self.alloc_id.clone(),
+                service: self.service.clone(),
+            }),
+        }
+    }
+
+    /// The id's first 8 characters: enough to name a replica in messages.
+    pub fn short_id(&self) -> &str {
+        let end = self
+            .alloc_id
+            .char_indices()
+            .nth(8)
+            .map_or(self.alloc_id.len(), |(i, _)| i);
+        &self.alloc_id[..end]
+    }
+
+    pub fn program(&self) -> &str {
+        self.command.first().map_or("", String::as_str)
+    }
+
+    /// Arguments after the program, with `$PORT` interpolated.
+    pub fn args(&self) -> Vec<String> {
+        self.command
+            .iter()
+            .skip(1)
+            .map(|a| interpolate_port(a, self.host_port))
+            .collect()
+    }
+
+    /// Variables added to the agent's environment: the spec's (with `$PORT`
+    /// interpolated), then `PORT`, `SKIFF_ALLOC_ID` and `SKIFF_SERVICE`,
+    /// which the spec cannot override.
+    pub fn environment(&self) -> Vec<(String, String)> {
+        const RESERVED: [&str; 3] = ["PORT", "SKIFF_ALLOC_ID", "SKIFF_SERVICE"];
+        let mut vars: Vec<(String, String)> = self
+            .env
+            .iter()
+            .filter(|(k, _)| !RESERVED.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), interpolate_port(v, self.host_port)))
+            .collect();
+        vars.push(("PORT".into(), self.host_port.to_string()));
+        vars.push(("SKIFF_ALLOC_ID".into(), self.alloc_id.clone()));
+        vars.push(("SKIFF_SERVICE".into(), self.service.clone()));
+        vars
+    }
+}
+
+/// Allocation ids name directories under `DATA/allocs`, so they must not
+/// climb out of it.
+pub fn validate_alloc_id(id: &str) -> Result<(), SpecError> {
+    let safe = !id.is_empty()
+        && !id.starts_with('.')
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if safe {
+        Ok(())
+    } else {
+        Err(SpecError::BadId(id.to_string()))
+    }
+}
+
+/// Replaces `$PORT` and `${PORT}` with `port`. Users write
+/// `python3 -m http.server '$PORT'` and no shell expands it for them.
+/// `$PORTS` or `$PORT_X` are other variables and stay as they are.
+pub fn interpolate_port(s: &str, port: u16) -> String {
+    let port = port.to_string();
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i..];
+        if let Some(after) = tail.strip_prefix("${PORT}") {
+            out.push_str(&port);
+            rest = after;
+        } else if let Some(after) = tail.strip_prefix("$PORT").filter(|after| {
+            !after
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+        }) {
+            out.push_str(&port);
+            rest = after;
+        } else {
+            out.push('$');
+            rest = &tail[1..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+pub(crate) fn test_spec(id: &str, command: &[&str], port: u16) -> ReplicaSpec {
+    ReplicaSpec {
+        alloc_id: id.into(),
+        service: "web".into(),
+        command: command.iter().map(|s| s.to_string()).collect(),
+        env: BTreeMap::new(),
+        workdir: String::new(),
+        host_port: port,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interpolates_both_port_forms() {
+        assert_eq!(interpolate_port("$PORT", 20001), "20001");
+        assert_eq!(interpolate_port("${PORT}", 20001), "20001");
+        assert_eq!(
+            interpolate_port("--listen=0.0.0.0:$PORT/${PORT}x", 8080),
+            "--listen=0.0.0.0:8080/8080x"
+        );
+    }
+
+    #[test]
+    fn leaves_other_variables_and_lone_dollars_alone() {
+        assert_eq!(
+            interpolate_port("$PORTS $PORT_X $HOME", 1),
+            "$PORTS $PORT_X $HOME"
+        );
+        assert_eq!(interpolate_port("cost: 5$ ${PORT", 1), "cost: 5$ ${PORT");
+        assert_eq!(interpolate_port("$$PORT", 7), "$7");
+        assert_eq!(interpolate_port("no vars", 7), "no vars");
+    }
+
+    #[test]
+    fn args_and_env_are_interpolated_and_port_vars_added() {
+        let mut spec = test_spec(
+            "3f2a9c0d-1111",
+            &["python3", "-m", "http.server", "$PORT"],
+            20005,
+        );
+        spec.env
+            .insert("URL".into(), "http://127.0.0.1:${PORT}/".into());
+        spec.env.insert("PORT".into(), "ignored".into());
+        assert_eq!(spec.args(), ["-m", "http.server", "20005"]);
+        let env = spec.environment();
+        assert!(env.contains(&("URL".into(), "http://127.0.0.1:20005/".into())));
+        let ports: Vec<&str> = env
+            .iter()
+            .filter(|(k, _)| k == "PORT")
+            .map(|(_, v)| v.as_str())
+            .collect();
+        assert_eq!(ports, ["20005"]);
+        assert!(env.contains(&("SKIFF_SERVICE".into(), "web".into())));
+        assert!(env.contains(&("SKIFF_ALLOC_ID".into(), "3f2a9c0d-1111".into())));
+        assert_eq!(spec.short_id(), "3f2a9c0d");
+    }
+
+    #[test]
+    fn validate_rejects_path_like_ids_and_empty_commands() {
+        assert!(test_spec("../etc", &["sh"], 1).validate().is_err());
+        assert!(test_spec("a/b", &["sh"], 1).validate().is_err());
+        assert!(test_spec("ok-1", &[], 1).validate().is_err());
+        assert!(test_spec("ok-1", &["sh"], 1).validate().is_ok());
+    }
+}

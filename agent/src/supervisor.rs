@@ -1,0 +1,501 @@
+//! One supervisor per allocation: a tokio task that starts the replica,
+//! watches it, restarts it on any exit with exponential backoff, records
+//! its PID durably, reports every state change, and stops it on request.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::backoff::{human, Backoff};
+use crate::runtime::{Runtime, TaskHandle};
+use crate::spec::ReplicaSpec;
+use crate::store::{AllocRecord, AllocStore};
+
+/// The states an allocation reports, as the protocol spells them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AllocState {
+    Starting,
+    Running,
+    Restarting,
+    Failed,
+    Stopped,
+}
+
+impl AllocState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AllocState::Starting => "starting",
+            AllocState::Running => "running",
+            AllocState::Restarting => "restarting",
+            AllocState::Failed => "failed",
+            AllocState::Stopped => "stopped",
+        }
+    }
+}
+
+/// One state change of one allocation, sent to the sync loop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusUpdate {
+    pub alloc_id: String,
+    pub state: AllocState,
+    pub restarts: u32,
+    /// Host PID while running, else 0.
+    pub pid: u32,
+    pub message: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct SupervisorConfig {
+    /// SIGTERM -> SIGKILL grace when stopping.
+    pub stop_grace: Duration,
+    pub restart_base: Duration,
+    pub restart_max: Duration,
+    /// A replica that ran this long restarts with the base delay again.
+    pub stable_after: Duration,
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        Self {
+            stop_grace: Duration::from_secs(5),
+            restart_base: Duration::from_secs(1),
+            restart_max: Duration::from_secs(30),
+            stable_after: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Tells a supervisor to stop its replica. Dropping it instead detaches the
+/// supervisor: the task ends and the replica keeps running (agent shutdown
+/// without stopping replicas).
+pub type StopSender = oneshot::Sender<()>;
+
+pub struct Supervisor<R: Runtime> {
+    runtime: Arc<R>,
+    store: Arc<AllocStore>,
+    config: SupervisorConfig,
+    spec: ReplicaSpec,
+    restarts: u32,
+    updates: mpsc::UnboundedSender<StatusUpdate>,
+}
+
+/// Whether the supervisor carries on after waiting.
+enum Flow {
+    Continue,
+    /// Stopped on request; the record is gone and "stopped" reported.
+    Stopped,
+    /// The agent went away; leave everything as it is.
+    Detached,
+}
+
+impl<R: Runtime> Supervisor<R> {
+    pub fn new(
+        runtime: Arc<R>,
+        store: Arc<AllocStore>,
+        config: SupervisorConfig,
+        spec: ReplicaSpec,
+        restarts: u32,
+        updates: mpsc::UnboundedSender<StatusUpdate>,
+    ) -> Self {
+        Self {
+            runtime,
+            store,
+            config,
+            spec,
+            restarts,
+            updates,
+        }
+    }
+
+    /// Supervises until stopped or detached. `adopted` is a replica a
+    /// previous agent started; it is watched instead of starting a new one.
+    pub async fn run(mut self, adopted: Option<R::Handle>, mut stop: oneshot::Receiver<()>) {
+        let mut backoff = Backoff::new(self.config.restart_base, self.config.restart_max);
+        let mut next = adopted;
+        loop {
+            let adopting = next.is_some();
+            let mut handle = match next.take() {
+                Some(handle) => handle,
+                None => {
+                    self.report(AllocState::Starting, 0, String::new());
+                    let dir = self.store.alloc_dir(&self.spec.alloc_id);
+                    match self.runtime.start(&self.spec, &dir) {
+                        Ok(handle) => handle,
+                        Err(e) => {
+                            let delay = backoff.next_delay();
+                            tracing::warn!(alloc = %self.spec.alloc_id, error = %e, "replica failed to start");
+                            self.restarts = self.restarts.saturating_add(1);
+                            self.persist(0, 0);
+                            self.report(
+                                AllocState::Failed,
+                                0,
+                                format!("{e}; retrying in {}", human(delay)),
+                            );
+                            match self.pause(delay, &mut stop).await {
+                                Flow::Continue => continue,
+                                Flow::Stopped | Flow::Detached => return,
+                            }
+                        }
+                    }
+                }
+            };
+            let pid = handle.pid();
+            self.persist(pid, handle.start_time());
+            let message = if adopting {
+                "re-adopted after agent restart".to_string()
+            } else {
+                String::new()
+            };
+            self.report(AllocState::Running, pid, message);
+            let started = Instant::now();
+
+            tokio::select! {
+                exit = handle.wait() => {
+                    if started.elapsed() >= self.config.stable_after {
+                        backoff.reset();
+                    }
+                    let delay = backoff.next_delay();
+                    self.restarts = self.restarts.saturating_add(1);
+                    tracing::info!(alloc = %self.spec.alloc_id, pid, %exit, delay = ?delay, "replica exited; restarting");
+                    self.persist(0, 0);
+                    self.report(
+                        AllocState::Restarting,
+                        0,
+                        format!("{exit}; restarting in {}", human(delay)),
+                    );
+                    match self.pause(delay, &mut stop).await {
+                        Flow::Continue => {}
+                        Flow::Stopped | Flow::Detached => return,
+                    }
+                }
+                request = &mut stop => {
+                    if request.is_ok() {
+                        let exit = handle.stop(self.config.stop_grace).await;
+                        tracing::info!(alloc = %self.spec.alloc_id, pid, %exit, "replica stopped");
+                        self.finish(exit.to_string());
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Waits out a restart delay unless asked to stop or detached meanwhile.
+    async fn pause(&mut self, delay: Duration, stop: &mut oneshot::Receiver<()>) -> Flow {
+        tokio::select! {
+            () = tokio::time::sleep(delay) => Flow::Continue,
+            request = stop => {
+                if request.is_ok() {
+                    self.finish("stopped while waiting to restart".into());
+                    Flow::Stopped
+                } else {
+                    Flow::Detached
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self, message: String) {
+        if let Err(e) = self.store.delete(&self.spec.alloc_id) {
+            tracing::warn!(alloc = %self.spec.alloc_id, error = %e, "failed to delete allocation record");
+        }
+        self.report(AllocState::Stopped, 0, message);
+    }
+
+    /// Records the current process before anything else can happen to it, so
+    /// a crash of the agent right after a start leaves the PID on disk. A
+    /// failed write is logged, not fatal: the replica runs either way.
+    fn persist(&self, pid: u32, start_time: u64) {
+        let record = AllocRecord {
+            spec: self.spec.clone(),
+            pid,
+            start_time,
+            restarts: self.restarts,
+        };
+        if let Err(e) = self.store.save(&record) {
+            tracing::warn!(alloc = %self.spec.alloc_id, error = %e, "failed to persist allocation record");
+        }
+    }
+
+    fn report(&self, state: AllocState, pid: u32, message: String) {
+        // The receiver lives as long as the agent; after that nobody listens.
+        let _ = self.updates.send(StatusUpdate {
+            alloc_id: self.spec.alloc_id.clone(),
+            state,
+            restarts: self.restarts,
+            pid,
+            message,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::{Exit, RuntimeError};
+    use crate::spec::test_spec;
+    use std::collections::VecDeque;
+    use std::path::Path;
+    use std::sync::Mutex;
+
+    /// What the fake's next start does.
+    #[derive(Debug, Clone, Copy)]
+    enum Outcome {
+        Fail,
+        /// Runs for this long, then exits with status 1.
+        ExitAfter(Duration),
+    }
+
+    /// A runtime following a script of outcomes; once the script is used up,
+    /// replicas run until stopped.
+    #[derive(Default)]
+    struct FakeRuntime {
+        script: Mutex<VecDeque<Outcome>>,
+        starts: Mutex<Vec<Instant>>,
+        stops: Mutex<Vec<u32>>,
+    }
+
+    struct FakeHandle {
+        pid: u32,
+        lifetime: Option<Duration>,
+        runtime: Arc<FakeRuntime>,
+    }
+
+    impl Runtime for Arc<FakeRuntime> {
+        type Handle = FakeHandle;
+
+        fn start(&self, spec: &ReplicaSpec, _dir: &Path) -> Result<FakeHandle, RuntimeError> {
+            let mut starts = self.starts.lock().unwrap();
+            starts.push(Instant::now());
+            let pid = 1000 + starts.len() as u32;
+            match self.script.lock().unwrap().pop_front() {
+                Some(Outcome::Fail) => Err(RuntimeError::Start {
+                    short_id: spec.short_id().into(),
+                    service: spec.service.clone(),
+                    program: spec.program().into(),
+                    reason: "No such file or directory".into(),
+                }),
+                Some(Outcome::ExitAfter(d)) => Ok(FakeHandle {
+                    pid,
+                    lifetime: Some(d),
+                    runtime: self.clone(),
+                }),
+                None => Ok(FakeHandle {
+                    pid,
+                    lifetime: None,
+                    runtime: self.clone(),
+                }),
+            }
+        }
+
+        fn recover(&self, _spec: &ReplicaSpec, pid: u32, _start: u64) -> Option<FakeHandle> {
+            Some(FakeHandle {
+                pid,
+                lifetime: None,
+                runtime: self.clone(),
+            })
+        }
+    }
+
+    impl TaskHandle for FakeHandle {
+        fn pid(&self) -> u32 {
+            self.pid
+        }
+        fn start_time(&self) -> u64 {
+            7
+        }
+        async fn wait(&mut self) -> Exit {
+            match self.lifetime {
+                Some(d) => {
+                    tokio::time::sleep(d).await;
+                    Exit::Code(1)
+                }
+                None => std::future::pending().await,
+            }
+        }
+        async fn stop(&mut self, _grace: Duration) -> Exit {
+            self.runtime.stops.lock().unwrap().push(self.pid);
+            Exit::Signal(15)
+        }
+    }
+
+    struct Harness {
+        runtime: Arc<FakeRuntime>,
+        store: Arc<AllocStore>,
+        updates: mpsc::UnboundedReceiver<StatusUpdate>,
+        stop: Option<StopSender>,
+        task: tokio::task::JoinHandle<()>,
+        began: Instant,
+        _dir: tempfile::TempDir,
+    }
+
+    fn spawn(script: &[Outcome], adopt: Option<u32>) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(AllocStore::open(dir.path()).unwrap());
+        let runtime = Arc::new(FakeRuntime::default());
+        runtime
+            .script
+            .lock()
+            .unwrap()
+            .extend(script.iter().copied());
+        let (tx, updates) = mpsc::unbounded_channel();
+        let (stop, stop_rx) = oneshot::channel();
+        let spec = test_spec("3f2a9c0d-aa", &["python4"], 20001);
+        let adopted = adopt.and_then(|pid| runtime.recover(&spec, pid, 7));
+        let supervisor = Supervisor::new(
+            Arc::new(runtime.clone()),
+            store.clone(),
+            SupervisorConfig::default(),
+            spec,
+            0,
+            tx,
+        );
+        let task = tokio::spawn(supervisor.run(adopted, stop_rx));
+        Harness {
+            runtime,
+            store,
+            updates,
+            stop: Some(stop),
+            task,
+            began: Instant::now(),
+            _dir: dir,
+        }
+    }
+
+    impl Harness {
+        /// Collects updates until one is in `state` (bounded by paused time).
+        async fn until(&mut self, state: AllocState) -> Vec<StatusUpdate> {
+            let mut seen = Vec::new();
+            loop {
+                let update = tokio::time::timeout(Duration::from_secs(600), self.updates.recv())
+                    .await
+                    .expect("supervisor went quiet")
+                    .expect("supervisor ended");
+                let done = update.state == state;
+                seen.push(update);
+                if done {
+                    return seen;
+                }
+            }
+        }
+
+        fn start_offsets(&self) -> Vec<u64> {
+            let starts = self.runtime.starts.lock().unwrap();
+            starts.iter().map(|t| (*t - self.began).as_secs()).collect()
+        }
+    }
+
+    fn messages(updates: &[StatusUpdate], state: AllocState) -> Vec<String> {
+        updates
+            .iter()
+            .filter(|u| u.state == state)
+            .map(|u| u.message.clone())
+            .collect()
+    }
+
+    const QUICK: Outcome = Outcome::ExitAfter(Duration::ZERO);
+
+    #[tokio::test(start_paused = true)]
+    async fn crashing_replica_restarts_with_doubling_backoff() {
+        let mut h = spawn(&[QUICK, QUICK, QUICK, QUICK], None);
+        let mut all = Vec::new();
+        for _ in 0..5 {
+            all.extend(h.until(AllocState::Running).await);
+        }
+        assert_eq!(
+            messages(&all, AllocState::Restarting),
+            [
+                "exited with status 1; restarting in 1s",
+                "exited with status 1; restarting in 2s",
+                "exited with status 1; restarting in 4s",
+                "exited with status 1; restarting in 8s",
+            ]
+        );
+        assert_eq!(h.start_offsets(), [0, 1, 3, 7, 15]);
+        let last = all.last().unwrap();
+        assert_eq!((last.restarts, last.pid), (4, 1005));
+        assert_eq!(h.store.load_all().unwrap()[0].pid, 1005, "pid persisted");
+        assert!(all
+            .iter()
+            .filter(|u| u.state != AllocState::Running)
+            .all(|u| u.pid == 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backoff_resets_after_the_replica_ran_ten_seconds() {
+        let long = Outcome::ExitAfter(Duration::from_secs(12));
+        let mut h = spawn(&[QUICK, QUICK, long, QUICK], None);
+        let mut all = Vec::new();
+        for _ in 0..5 {
+            all.extend(h.until(AllocState::Running).await);
+        }
+        let delays: Vec<String> = messages(&all, AllocState::Restarting)
+            .iter()
+            .map(|m| m.rsplit(' ').next().unwrap().to_string())
+            .collect();
+        assert_eq!(delays, ["1s", "2s", "1s", "2s"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn start_failures_are_reported_failed_and_retried() {
+        let mut h = spawn(&[Outcome::Fail, Outcome::Fail], None);
+        let all = h.until(AllocState::Running).await;
+        assert_eq!(
+            messages(&all, AllocState::Failed),
+            [
+                "failed to start replica 3f2a9c0d of web: python4: No such file or directory; retrying in 1s",
+                "failed to start replica 3f2a9c0d of web: python4: No such file or directory; retrying in 2s",
+            ]
+        );
+        assert_eq!(all.last().unwrap().restarts, 2);
+        assert_eq!(h.start_offsets(), [0, 1, 3]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stop_stops_the_replica_reports_stopped_and_forgets_the_record() {
+        let mut h = spawn(&[], None);
+        h.until(AllocState::Running).await;
+        assert_eq!(h.store.load_all().unwrap().len(), 1);
+        h.stop.take().unwrap().send(()).unwrap();
+        let last = h.until(AllocState::Stopped).await.pop().unwrap();
+        assert_eq!((last.pid, last.message.as_str()), (0, "killed by SIGTERM"));
+        assert_eq!(*h.runtime.stops.lock().unwrap(), [1001]);
+        assert!(h.store.load_all().unwrap().is_empty());
+        h.task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stop_during_restart_delay_starts_nothing_more() {
+        let mut h = spawn(&[QUICK], None);
+        h.until(AllocState::Restarting).await;
+        h.stop.take().unwrap().send(()).unwrap();
+        h.until(AllocState::Stopped).await;
+        (&mut h.task).await.unwrap();
+        assert_eq!(h.start_offsets(), [0]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn adopted_replica_is_reported_running_with_its_pid_without_a_start() {
+        let mut h = spawn(&[], Some(4242));
+        let first = h.until(AllocState::Running).await;
+        assert_eq!(first.len(), 1, "no starting state for an adopted replica");
+        assert_eq!(first[0].pid, 4242);
+        assert!(h.start_offsets().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dropping_the_stop_sender_detaches_without_stopping() {
+        let mut h = spawn(&[], None);
+        h.until(AllocState::Running).await;
+        drop(h.stop.take());
+        h.task.await.unwrap();
+        assert!(h.runtime.stops.lock().unwrap().is_empty());
+        assert_eq!(
+            h.store.load_all().unwrap().len(),
+            1,
+            "record kept for re-adoption"
+        );
+    }
+}
