@@ -24,6 +24,18 @@ pub struct AgentConfig {
     /// `true` for `skiff dev`; `false` for `skiff agent`, whose replicas keep
     /// running across agent restarts and are re-adopted.
     pub stop_replicas_on_shutdown: bool,
+    /// OCI runtime: `runc`, `crun` or a path; `None`: runc if installed,
+    /// else crun.
+    pub oci_runtime: Option<String>,
+    /// Registries (`host:port`) pulled from over plain HTTP.
+    pub insecure_registries: Vec<String>,
+    /// Docker `config.json` with registry credentials; `None`:
+    /// `~/.docker/config.json` if it exists.
+    pub docker_config: Option<PathBuf>,
+    /// Where the CNI plugins are.
+    pub cni_plugin_dir: PathBuf,
+    /// Static init bind-mounted into containers (`--init`).
+    pub init_binary: PathBuf,
 }
 
 impl AgentConfig {
@@ -38,6 +50,11 @@ impl AgentConfig {
             port_range: (20000, 29999),
             stop_grace: Duration::from_secs(5),
             stop_replicas_on_shutdown: false,
+            oci_runtime: None,
+            insecure_registries: Vec::new(),
+            docker_config: None,
+            cni_plugin_dir: PathBuf::from("/usr/lib/cni"),
+            init_binary: PathBuf::from("/usr/bin/tini-static"),
         }
     }
 

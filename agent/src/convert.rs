@@ -3,9 +3,12 @@
 
 use skiff_proto::v1;
 
+use std::time::Duration;
+
 use crate::config::AgentConfig;
+use crate::health::{HealthCheck, Probe};
 use crate::reconcile::{Assigned, Desired};
-use crate::spec::{ReplicaSpec, SpecError};
+use crate::spec::{Network, ReplicaSpec, RuntimeKind, SpecError};
 use crate::supervisor::StatusUpdate;
 
 /// An assigned allocation, validated so the agent can run it as is.
@@ -37,12 +40,76 @@ pub fn assigned(alloc: &v1::Allocation) -> Result<Assigned, SpecError> {
             .collect(),
         workdir: spec.workdir.clone(),
         host_port,
+        runtime: match spec.runtime.as_str() {
+            "oci" => RuntimeKind::Oci,
+            "process" => RuntimeKind::Process,
+            "" if !spec.image.is_empty() => RuntimeKind::Oci,
+            "" => RuntimeKind::Process,
+            other => {
+                return Err(SpecError::Invalid {
+                    alloc: alloc.id.clone(),
+                    problem: format!(
+                        "unknown runtime \"{other}\"; this agent runs oci and process"
+                    ),
+                })
+            }
+        },
+        image: spec.image.clone(),
+        container_port: u16::try_from(spec.port).map_err(|_| SpecError::Invalid {
+            alloc: alloc.id.clone(),
+            problem: format!("container port {} is outside 1-65535", spec.port),
+        })?,
+        memory_mb: spec.memory_mb,
+        cpu_millis: spec.cpu_millis,
+        user: spec.user.clone(),
+        network: match spec.network.as_str() {
+            "host" => Network::Host,
+            "bridge" | "" => Network::Bridge,
+            other => {
+                return Err(SpecError::Invalid {
+                    alloc: alloc.id.clone(),
+                    problem: format!("unknown network mode \"{other}\""),
+                })
+            }
+        },
+        health: match &spec.health {
+            Some(h) => health(&alloc.id, h)?,
+            None => None,
+        },
+        init: spec.init,
     };
     replica.validate()?;
     Ok(Assigned {
         spec: replica,
         desired: Desired::parse(&alloc.desired),
     })
+}
+
+fn health(alloc: &str, h: &v1::HealthCheck) -> Result<Option<HealthCheck>, SpecError> {
+    let probe = match h.kind.as_str() {
+        "" => return Ok(None),
+        "http" => Probe::Http {
+            path: h.http_path.clone(),
+        },
+        "tcp" => Probe::Tcp,
+        "exec" => Probe::Exec {
+            command: h.command.clone(),
+        },
+        other => {
+            return Err(SpecError::Invalid {
+                alloc: alloc.to_string(),
+                problem: format!("unknown health check kind \"{other}\""),
+            })
+        }
+    };
+    let ms = |v: u32| Some(Duration::from_millis(u64::from(v)));
+    Ok(Some(HealthCheck::new(
+        probe,
+        ms(h.interval_ms),
+        ms(h.timeout_ms),
+        Some(h.retries),
+        ms(h.start_period_ms),
+    )))
 }
 
 pub fn status(update: &StatusUpdate) -> v1::AllocationStatus {
@@ -83,6 +150,7 @@ mod tests {
                 command: command.iter().map(|s| s.to_string()).collect(),
                 env: [("A".to_string(), "1".to_string())].into(),
                 workdir: String::new(),
+                ..Default::default()
             }),
             ..Default::default()
         }
@@ -97,6 +165,37 @@ mod tests {
         assert_eq!(a.spec.env.get("A").map(String::as_str), Some("1"));
         let stop = assigned(&alloc("a1", "stop", 20001, &["sleep"])).unwrap();
         assert_eq!(stop.desired, Desired::Stop);
+    }
+
+    #[test]
+    fn container_fields_reach_the_replica_spec() {
+        let mut a = alloc("a1", "run", 20001, &[]);
+        let spec = a.spec.as_mut().unwrap();
+        spec.runtime = String::new();
+        spec.image = "127.0.0.1:5000/demo/web:v1".into();
+        spec.port = 80;
+        spec.memory_mb = 64;
+        spec.cpu_millis = 500;
+        spec.user = "nobody".into();
+        spec.network = "host".into();
+        spec.init = Some(false);
+        spec.health = Some(v1::HealthCheck {
+            kind: "http".into(),
+            http_path: "/".into(),
+            interval_ms: 500,
+            ..Default::default()
+        });
+        let r = assigned(&a).unwrap().spec;
+        assert_eq!(r.runtime, RuntimeKind::Oci);
+        assert_eq!(
+            (r.container_port, r.memory_mb, r.cpu_millis, r.user.as_str()),
+            (80, 64, 500, "nobody")
+        );
+        assert_eq!((r.network, r.init), (Network::Host, Some(false)));
+        let h = r.health.unwrap();
+        assert_eq!(h.probe, Probe::Http { path: "/".into() });
+        assert_eq!(h.interval, Duration::from_millis(500));
+        assert_eq!(h.retries, 3);
     }
 
     #[test]

@@ -10,10 +10,12 @@ mod backoff;
 mod config;
 mod convert;
 mod error;
+pub mod health;
+pub mod image;
 mod local;
 mod reconcile;
-mod runtime;
-mod spec;
+pub mod runtime;
+pub mod spec;
 mod store;
 mod supervisor;
 mod sync;
@@ -30,6 +32,8 @@ pub use spec::SpecError;
 pub use store::StoreError;
 
 use local::LocalAllocs;
+use runtime::any::AnyRuntime;
+use runtime::oci::{images, OciConfig, OciRuntime};
 use runtime::process::ProcessRuntime;
 use store::AllocStore;
 use supervisor::SupervisorConfig;
@@ -51,12 +55,15 @@ pub async fn run(
         stop_grace: config.stop_grace,
         ..SupervisorConfig::default()
     };
-    let mut local = LocalAllocs::new(
-        Arc::new(ProcessRuntime::new()),
-        store,
-        supervisor_config,
-        updates_tx,
-    );
+    let mut oci_config = OciConfig::new(config.data_dir.join("oci"), store.alloc_dir(""));
+    oci_config.runtime = config.oci_runtime.clone();
+    oci_config.cni.plugin_dir = config.cni_plugin_dir.clone();
+    oci_config.init_binary = Some(config.init_binary.clone());
+    let runtime = AnyRuntime {
+        process: ProcessRuntime::new(),
+        oci: Arc::new(OciRuntime::new(oci_config, images::open_store(&config))),
+    };
+    let mut local = LocalAllocs::new(Arc::new(runtime), store, supervisor_config, updates_tx);
     local.recover()?;
     tracing::info!(node = %config.name, servers = ?config.servers, "agent started");
 

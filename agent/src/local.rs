@@ -168,7 +168,10 @@ impl<R: Runtime> LocalAllocs<R> {
             }
         }
         for id in plan.forget {
-            self.dormant.remove(&id);
+            if let Some(record) = self.dormant.remove(&id) {
+                self.runtime
+                    .destroy(&record.spec, &self.store.alloc_dir(&id));
+            }
             if let Err(e) = self.store.delete(&id) {
                 tracing::warn!(alloc = %id, error = %e, "failed to delete allocation record");
             }

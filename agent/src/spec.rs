@@ -6,18 +6,65 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::health::HealthCheck;
+
+/// Which runtime runs the replica.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeKind {
+    #[default]
+    Process,
+    Oci,
+}
+
+/// The network a container joins.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Network {
+    #[default]
+    Bridge,
+    Host,
+}
+
 /// One allocation's replica: its identity, the service spec copied at
 /// placement, and the host port the scheduler gave it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicaSpec {
     pub alloc_id: String,
     pub service: String,
     /// Program and arguments; never empty (checked by [`ReplicaSpec::validate`]).
     pub command: Vec<String>,
     pub env: BTreeMap<String, String>,
-    /// Empty means the allocation's directory.
+    /// Empty means the allocation's directory (process) or the image's
+    /// working directory (oci).
     pub workdir: String,
     pub host_port: u16,
+    #[serde(default)]
+    pub runtime: RuntimeKind,
+    /// Image reference; empty for the process runtime.
+    #[serde(default)]
+    pub image: String,
+    /// Port inside the container (bridge mode); 0: the image's first exposed
+    /// TCP port, else the host port.
+    #[serde(default)]
+    pub container_port: u16,
+    /// 0: no limit.
+    #[serde(default)]
+    pub memory_mb: u32,
+    /// 0: no limit.
+    #[serde(default)]
+    pub cpu_millis: u32,
+    /// Empty: the image's user.
+    #[serde(default)]
+    pub user: String,
+    #[serde(default)]
+    pub network: Network,
+    /// `None`: the image's health check, if any.
+    #[serde(default)]
+    pub health: Option<HealthCheck>,
+    /// `None`: an init unless the entrypoint is one.
+    #[serde(default)]
+    pub init: Option<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +77,10 @@ pub enum SpecError {
     BadPort { alloc: String, port: u32 },
     #[error("allocation id {0:?} is not a safe directory name")]
     BadId(String),
+    #[error("allocation {alloc} of {service} runs on oci but names no image")]
+    MissingImage { alloc: String, service: String },
+    #[error("allocation {alloc}: {problem}")]
+    Invalid { alloc: String, problem: String },
 }
 
 impl ReplicaSpec {
@@ -37,6 +88,16 @@ impl ReplicaSpec {
     /// a program to run.
     pub fn validate(&self) -> Result<(), SpecError> {
         validate_alloc_id(&self.alloc_id)?;
+        if self.runtime == RuntimeKind::Oci {
+            return if self.image.is_empty() {
+                Err(SpecError::MissingImage {
+                    alloc: self.alloc_id.clone(),
+                    service: self.service.clone(),
+                })
+            } else {
+                Ok(())
+            };
+        }
         match self.command.first() {
             Some(program) if !program.is_empty() => Ok(()),
             _ => Err(SpecError::EmptyCommand {
@@ -69,18 +130,36 @@ impl ReplicaSpec {
             .collect()
     }
 
+    /// The port the replica listens on, given the container port its image
+    /// suggests: the host port for processes and host networking, else the
+    /// spec's container port, the image's, or the host port.
+    pub fn listen_port(&self, image_port: Option<u16>) -> u16 {
+        match (self.runtime, self.network) {
+            (RuntimeKind::Process, _) | (_, Network::Host) => self.host_port,
+            (RuntimeKind::Oci, Network::Bridge) => Some(self.container_port)
+                .filter(|p| *p != 0)
+                .or(image_port)
+                .unwrap_or(self.host_port),
+        }
+    }
+
     /// Variables added to the agent's environment: the spec's (with `$PORT`
     /// interpolated), then `PORT`, `SKIFF_ALLOC_ID` and `SKIFF_SERVICE`,
     /// which the spec cannot override.
     pub fn environment(&self) -> Vec<(String, String)> {
+        self.environment_for(self.host_port)
+    }
+
+    /// [`ReplicaSpec::environment`] with `PORT` = `port`.
+    pub fn environment_for(&self, port: u16) -> Vec<(String, String)> {
         const RESERVED: [&str; 3] = ["PORT", "SKIFF_ALLOC_ID", "SKIFF_SERVICE"];
         let mut vars: Vec<(String, String)> = self
             .env
             .iter()
             .filter(|(k, _)| !RESERVED.contains(&k.as_str()))
-            .map(|(k, v)| (k.clone(), interpolate_port(v, self.host_port)))
+            .map(|(k, v)| (k.clone(), interpolate_port(v, port)))
             .collect();
-        vars.push(("PORT".into(), self.host_port.to_string()));
+        vars.push(("PORT".into(), port.to_string()));
         vars.push(("SKIFF_ALLOC_ID".into(), self.alloc_id.clone()));
         vars.push(("SKIFF_SERVICE".into(), self.service.clone()));
         vars
@@ -141,6 +220,7 @@ pub(crate) fn test_spec(id: &str, command: &[&str], port: u16) -> ReplicaSpec {
         env: BTreeMap::new(),
         workdir: String::new(),
         host_port: port,
+        ..ReplicaSpec::default()
     }
 }
 

@@ -1,6 +1,7 @@
-//! One supervisor per allocation: a tokio task that starts the replica,
-//! watches it, restarts it on any exit with exponential backoff, records
-//! its PID durably, reports every state change, and stops it on request.
+//! One supervisor per allocation: a tokio task that prepares (pulls) and
+//! starts the replica, watches it and runs its health check, restarts it on
+//! any exit or when unhealthy with exponential backoff, records its PID
+//! durably, reports every state change, and stops it on request.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,15 +10,19 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::backoff::{human, Backoff};
-use crate::runtime::{Runtime, TaskHandle};
+use crate::health::{self, HealthTracker, Probe, Transition};
+use crate::runtime::{Exit, Runtime, TaskHandle};
 use crate::spec::ReplicaSpec;
 use crate::store::{AllocRecord, AllocStore};
 
 /// The states an allocation reports, as the protocol spells them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AllocState {
+    Pulling,
     Starting,
     Running,
+    Healthy,
+    Unhealthy,
     Restarting,
     Failed,
     Stopped,
@@ -26,8 +31,11 @@ pub enum AllocState {
 impl AllocState {
     pub fn as_str(self) -> &'static str {
         match self {
+            AllocState::Pulling => "pulling",
             AllocState::Starting => "starting",
             AllocState::Running => "running",
+            AllocState::Healthy => "healthy",
+            AllocState::Unhealthy => "unhealthy",
             AllocState::Restarting => "restarting",
             AllocState::Failed => "failed",
             AllocState::Stopped => "stopped",
@@ -81,6 +89,25 @@ pub struct Supervisor<R: Runtime> {
     updates: mpsc::UnboundedSender<StatusUpdate>,
 }
 
+/// How often a replica is probed until its first successful check.
+const HEALTH_WARMUP_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Sleeps until `at`, or forever if there is no such instant.
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// How watching a running replica ended.
+enum Ended {
+    Exited(Exit),
+    Unhealthy(String),
+    Stopped,
+    Detached,
+}
+
 /// Whether the supervisor carries on after waiting.
 enum Flow {
     Continue,
@@ -118,28 +145,25 @@ impl<R: Runtime> Supervisor<R> {
             let adopting = next.is_some();
             let mut handle = match next.take() {
                 Some(handle) => handle,
-                None => {
-                    self.report(AllocState::Starting, 0, String::new());
-                    let dir = self.store.alloc_dir(&self.spec.alloc_id);
-                    match self.runtime.start(&self.spec, &dir) {
-                        Ok(handle) => handle,
-                        Err(e) => {
-                            let delay = backoff.next_delay();
-                            tracing::warn!(alloc = %self.spec.alloc_id, error = %e, "replica failed to start");
-                            self.restarts = self.restarts.saturating_add(1);
-                            self.persist(0, 0);
-                            self.report(
-                                AllocState::Failed,
-                                0,
-                                format!("{e}; retrying in {}", human(delay)),
-                            );
-                            match self.pause(delay, &mut stop).await {
-                                Flow::Continue => continue,
-                                Flow::Stopped | Flow::Detached => return,
-                            }
+                None => match self.start(&mut stop).await {
+                    Ok(handle) => handle,
+                    Err(Some(e)) => {
+                        let delay = backoff.next_delay();
+                        tracing::warn!(alloc = %self.spec.alloc_id, error = %e, "replica failed to start");
+                        self.restarts = self.restarts.saturating_add(1);
+                        self.persist(0, 0);
+                        self.report(
+                            AllocState::Failed,
+                            0,
+                            format!("{e}; retrying in {}", human(delay)),
+                        );
+                        match self.pause(delay, &mut stop).await {
+                            Flow::Continue => continue,
+                            Flow::Stopped | Flow::Detached => return,
                         }
                     }
-                }
+                    Err(None) => return,
+                },
             };
             let pid = handle.pid();
             self.persist(pid, handle.start_time());
@@ -151,33 +175,120 @@ impl<R: Runtime> Supervisor<R> {
             self.report(AllocState::Running, pid, message);
             let started = Instant::now();
 
-            tokio::select! {
-                exit = handle.wait() => {
-                    if started.elapsed() >= self.config.stable_after {
-                        backoff.reset();
-                    }
-                    let delay = backoff.next_delay();
-                    self.restarts = self.restarts.saturating_add(1);
-                    tracing::info!(alloc = %self.spec.alloc_id, pid, %exit, delay = ?delay, "replica exited; restarting");
-                    self.persist(0, 0);
-                    self.report(
-                        AllocState::Restarting,
-                        0,
-                        format!("{exit}; restarting in {}", human(delay)),
-                    );
-                    match self.pause(delay, &mut stop).await {
-                        Flow::Continue => {}
-                        Flow::Stopped | Flow::Detached => return,
-                    }
+            let why = match self.watch(&mut handle, started, &mut stop).await {
+                Ended::Exited(exit) => exit.to_string(),
+                Ended::Unhealthy(reason) => {
+                    self.report(AllocState::Unhealthy, pid, reason.clone());
+                    let exit = handle.stop(self.config.stop_grace).await;
+                    tracing::info!(alloc = %self.spec.alloc_id, pid, %exit, %reason, "unhealthy replica stopped");
+                    format!("unhealthy: {reason}")
                 }
-                request = &mut stop => {
-                    if request.is_ok() {
-                        let exit = handle.stop(self.config.stop_grace).await;
-                        tracing::info!(alloc = %self.spec.alloc_id, pid, %exit, "replica stopped");
-                        self.finish(exit.to_string());
-                    }
+                Ended::Stopped => {
+                    let exit = handle.stop(self.config.stop_grace).await;
+                    tracing::info!(alloc = %self.spec.alloc_id, pid, %exit, "replica stopped");
+                    self.finish(exit.to_string());
                     return;
                 }
+                Ended::Detached => return,
+            };
+            if started.elapsed() >= self.config.stable_after {
+                backoff.reset();
+            }
+            let delay = backoff.next_delay();
+            self.restarts = self.restarts.saturating_add(1);
+            tracing::info!(alloc = %self.spec.alloc_id, pid, %why, delay = ?delay, "replica ended; restarting");
+            self.persist(0, 0);
+            self.report(
+                AllocState::Restarting,
+                0,
+                format!("{why}; restarting in {}", human(delay)),
+            );
+            match self.pause(delay, &mut stop).await {
+                Flow::Continue => {}
+                Flow::Stopped | Flow::Detached => return,
+            }
+        }
+    }
+
+    /// Prepares (pulls) and starts the replica. `Err(None)`: stopped or
+    /// detached meanwhile (already handled).
+    async fn start(
+        &mut self,
+        stop: &mut oneshot::Receiver<()>,
+    ) -> Result<R::Handle, Option<crate::runtime::RuntimeError>> {
+        if !self.spec.image.is_empty() {
+            self.report(AllocState::Pulling, 0, self.spec.image.clone());
+        }
+        let runtime = self.runtime.clone();
+        let spec = self.spec.clone();
+        tokio::select! {
+            prepared = runtime.prepare(&spec) => prepared.map_err(Some)?,
+            request = &mut *stop => {
+                if request.is_ok() {
+                    self.finish("stopped before it started".into());
+                }
+                return Err(None);
+            }
+        }
+        self.report(AllocState::Starting, 0, String::new());
+        let dir = self.store.alloc_dir(&self.spec.alloc_id);
+        self.runtime.start(&self.spec, &dir).map_err(Some)
+    }
+
+    /// Watches a running replica: its exit, a stop request, and its health
+    /// check. Probes run between waits (`wait` is cancel-safe), bounded by
+    /// the check's timeout.
+    async fn watch(
+        &mut self,
+        handle: &mut R::Handle,
+        started: Instant,
+        stop: &mut oneshot::Receiver<()>,
+    ) -> Ended {
+        let check = handle.health_check();
+        let mut tracker = check.as_ref().map(HealthTracker::new);
+        let pid = handle.pid();
+        let mut healthy = false;
+        loop {
+            // Until the first success, probe often so "healthy" shows soon.
+            let delay = match &check {
+                Some(c) if !healthy => c.interval.min(HEALTH_WARMUP_INTERVAL),
+                Some(c) => c.interval,
+                None => Duration::MAX,
+            };
+            let probe_at = Instant::now().checked_add(delay);
+            tokio::select! {
+                exit = handle.wait() => return Ended::Exited(exit),
+                request = &mut *stop => {
+                    return if request.is_ok() { Ended::Stopped } else { Ended::Detached };
+                }
+                () = sleep_until_opt(probe_at) => {}
+            }
+            let (Some(check), Some(tracker)) = (&check, &mut tracker) else {
+                continue;
+            };
+            let result = match &check.probe {
+                Probe::Http { path } => match handle.probe_addr() {
+                    Some(addr) => health::probe_http(addr, path, check.timeout).await,
+                    None => Err("the replica has no address to probe".into()),
+                },
+                Probe::Tcp => match handle.probe_addr() {
+                    Some(addr) => health::probe_tcp(addr, check.timeout).await,
+                    None => Err("the replica has no address to probe".into()),
+                },
+                Probe::Exec { command } => handle.exec_check(command, check.timeout).await,
+            };
+            match tracker.record(result, started.elapsed()) {
+                Some(Transition::Healthy) => {
+                    healthy = true;
+                    self.report(AllocState::Healthy, pid, String::new());
+                }
+                Some(Transition::Unhealthy(reason)) => {
+                    return Ended::Unhealthy(format!(
+                        "health check failed {} times: {reason}",
+                        check.retries
+                    ))
+                }
+                None => {}
             }
         }
     }
@@ -198,6 +309,8 @@ impl<R: Runtime> Supervisor<R> {
     }
 
     fn finish(&mut self, message: String) {
+        let dir = self.store.alloc_dir(&self.spec.alloc_id);
+        self.runtime.destroy(&self.spec, &dir);
         if let Err(e) = self.store.delete(&self.spec.alloc_id) {
             tracing::warn!(alloc = %self.spec.alloc_id, error = %e, "failed to delete allocation record");
         }

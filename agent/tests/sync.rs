@@ -118,6 +118,7 @@ fn alloc(id: &str, desired: &str, command: &[&str]) -> Allocation {
             command: command.iter().map(|s| s.to_string()).collect(),
             env: HashMap::new(),
             workdir: String::new(),
+            ..Default::default()
         }),
         ..Default::default()
     }

@@ -63,6 +63,63 @@ pub enum Command {
     /// Inspect the control plane.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Read and write cluster variables (small key/value data kept in Raft).
+    #[command(subcommand)]
+    Var(VarCommand),
+    /// Measure the control plane (figures are printed, never asserted).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VarCommand {
+    /// Set KEY to VALUE.
+    Put { key: String, value: String },
+    /// Print the value of KEY.
+    Get { key: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Write throughput and latency: C clients put N variables of V bytes.
+    Raft(BenchRaftArgs),
+    /// Leader failover: kill -9 the leader of a fresh 3-server cluster under
+    /// load and time until writes succeed again.
+    Failover(BenchFailoverArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchRaftArgs {
+    /// Servers to load (comma-separated). Without it, a fresh cluster of
+    /// --spawn servers is started on loopback for the run and stopped after.
+    #[arg(long, value_delimiter = ',')]
+    pub servers: Vec<String>,
+    /// Size of the cluster started when --servers is not given.
+    #[arg(long, default_value_t = 3)]
+    pub spawn: usize,
+    /// Concurrent clients, each with its own long-lived connection.
+    #[arg(long, default_value_t = 64)]
+    pub clients: usize,
+    /// Total writes.
+    #[arg(long, default_value_t = 50_000)]
+    pub writes: usize,
+    #[arg(long, default_value_t = 256)]
+    pub value_bytes: usize,
+    /// Unmeasured warm-up before the run, in seconds.
+    #[arg(long, default_value_t = 2)]
+    pub warmup_secs: u64,
+    /// Distinct keys written (random keys from this space).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub key_space: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchFailoverArgs {
+    /// Failovers to measure.
+    #[arg(long, default_value_t = 5)]
+    pub rounds: usize,
+    #[arg(long, default_value_t = 8)]
+    pub clients: usize,
 }
 
 #[derive(Args, Debug)]
@@ -77,8 +134,23 @@ pub struct ServerArgs {
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: SocketAddr,
     /// Start a new one-member cluster if the data dir holds none.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "join")]
     pub bootstrap: bool,
+    /// Join the cluster of this server (any member, HOST:PORT) if the data dir holds none.
+    #[arg(long)]
+    pub join: Option<String>,
+    /// Address other servers and agents reach this one at (default: the --listen address).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Milliseconds per Raft tick.
+    #[arg(long, default_value_t = 100)]
+    pub tick_ms: u64,
+    /// Ticks without a leader before an election starts.
+    #[arg(long, default_value_t = 10)]
+    pub election_ticks: usize,
+    /// Applied entries between snapshots (and log compactions).
+    #[arg(long, default_value_t = 10_000)]
+    pub snapshot_every: u64,
 }
 
 #[derive(Args, Debug)]
@@ -108,6 +180,15 @@ pub struct NodeArgs {
     /// Seconds between SIGTERM and SIGKILL when a replica stops.
     #[arg(long, default_value_t = 5)]
     pub stop_grace_secs: u64,
+    /// OCI runtime for containers: `runc`, `crun` or a path (default: runc if installed, else crun).
+    #[arg(long)]
+    pub oci_runtime: Option<String>,
+    /// Registry (HOST:PORT) to pull from over plain HTTP; repeatable.
+    #[arg(long = "insecure-registry")]
+    pub insecure_registries: Vec<String>,
+    /// Docker config.json with registry credentials (default ~/.docker/config.json).
+    #[arg(long)]
+    pub docker_config: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -153,9 +234,56 @@ pub enum ServiceCommand {
 #[derive(Args, Debug)]
 pub struct CreateArgs {
     pub name: String,
-    /// How replicas run: `process` (a host process per replica).
-    #[arg(long, default_value = "process")]
-    pub runtime: String,
+    /// How replicas run: `oci` (a container from --image, the default when
+    /// an image is given) or `process` (a host process running the command).
+    #[arg(long)]
+    pub runtime: Option<String>,
+    /// Image to run, e.g. `127.0.0.1:5000/demo/web:v1`.
+    #[arg(long)]
+    pub image: Option<String>,
+    /// Port the container listens on (bridge mode); the host port maps to it.
+    /// Default: the image's first exposed TCP port.
+    #[arg(long)]
+    pub port: Option<u32>,
+    /// Memory limit in MB (at least 4).
+    #[arg(long)]
+    pub memory: Option<u32>,
+    /// CPU limit in millicores (1000 = one CPU).
+    #[arg(long)]
+    pub cpu: Option<u32>,
+    /// User to run as, resolved in the image: NAME, UID, NAME:GROUP or UID:GID.
+    #[arg(long)]
+    pub user: Option<String>,
+    /// `bridge` (own network namespace, host port mapped; default) or `host`.
+    #[arg(long)]
+    pub network: Option<String>,
+    /// HTTP health check: GET PATH on the replica's port (2xx/3xx healthy).
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["health_tcp", "health_cmd"])]
+    pub health_http: Option<String>,
+    /// TCP health check: connect to the replica's port.
+    #[arg(long, conflicts_with = "health_cmd")]
+    pub health_tcp: bool,
+    /// Exec health check: run CMD (with /bin/sh -c) in the replica; exit 0 is healthy.
+    #[arg(long, value_name = "CMD")]
+    pub health_cmd: Option<String>,
+    /// Time between checks (e.g. 10s, 500ms).
+    #[arg(long, value_parser = parse_millis)]
+    pub health_interval: Option<u32>,
+    /// Time a check may take.
+    #[arg(long, value_parser = parse_millis)]
+    pub health_timeout: Option<u32>,
+    /// Consecutive failures that make a replica unhealthy.
+    #[arg(long)]
+    pub health_retries: Option<u32>,
+    /// Time after start during which failures do not count.
+    #[arg(long, value_parser = parse_millis)]
+    pub health_start_period: Option<u32>,
+    /// Run the entrypoint under a tiny init (default unless it is one).
+    #[arg(long, conflicts_with = "no_init")]
+    pub init: bool,
+    /// Run the entrypoint as PID 1 without an init.
+    #[arg(long)]
+    pub no_init: bool,
     /// Number of replicas.
     #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     pub replicas: i64,
@@ -165,7 +293,8 @@ pub struct CreateArgs {
     /// Working directory of each replica (absolute).
     #[arg(long)]
     pub workdir: Option<String>,
-    /// Program and arguments, after `--`. `$PORT` is replaced by the replica's host port.
+    /// Program and arguments, after `--` (for an image: replaces its Cmd).
+    /// `$PORT` is replaced by the port the replica listens on.
     #[arg(last = true)]
     pub command: Vec<String>,
 }
@@ -180,6 +309,29 @@ pub enum NodeCommand {
 pub enum ClusterCommand {
     /// Show members, leader, term and commit index.
     Status,
+    /// Remove a server from the control plane (a Raft membership change).
+    Remove { name: String },
+}
+
+/// `500ms`, `10s`, `2m` or a bare number of seconds, as milliseconds.
+fn parse_millis(value: &str) -> Result<u32, String> {
+    let fix = "use a duration like 500ms, 10s or 2m";
+    let (number, unit) = value
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((value, "s"), |i| value.split_at(i));
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("\"{value}\" is not a duration; {fix}"))?;
+    let ms = match unit {
+        "ms" => n,
+        "s" => n * 1000,
+        "m" => n * 60_000,
+        _ => return Err(format!("\"{value}\" has an unknown unit; {fix}")),
+    };
+    u32::try_from(ms)
+        .ok()
+        .filter(|ms| *ms > 0)
+        .ok_or_else(|| format!("\"{value}\" is out of range; {fix}"))
 }
 
 fn parse_port_range(value: &str) -> Result<(u16, u16), String> {
@@ -207,6 +359,29 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_millis("500ms"), Ok(500));
+        assert_eq!(parse_millis("10s"), Ok(10_000));
+        assert_eq!(parse_millis("2m"), Ok(120_000));
+        assert_eq!(parse_millis("3"), Ok(3000));
+        assert!(parse_millis("0s").is_err());
+        assert!(parse_millis("5h").is_err());
+    }
+
+    #[test]
+    fn health_flags_are_exclusive() {
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["skiff", "service", "create", "web", "--image", "busybox"];
+            args.extend_from_slice(extra);
+            Cli::try_parse_from(args)
+        };
+        assert!(parse(&["--health-http", "/", "--health-tcp"]).is_err());
+        assert!(parse(&["--health-tcp", "--health-cmd", "true"]).is_err());
+        assert!(parse(&["--init", "--no-init"]).is_err());
+        assert!(parse(&["--health-http", "/", "--health-interval", "1s"]).is_ok());
     }
 
     #[test]

@@ -41,6 +41,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Service(command) => commands::service::run(server, output, command).await,
         Command::Node(command) => commands::node::run(server, output, command).await,
         Command::Cluster(command) => commands::cluster::run(server, output, command).await,
+        Command::Var(command) => commands::var::run(server, output, command).await,
+        Command::Bench(command) => commands::bench::run(command).await,
     }
 }
 

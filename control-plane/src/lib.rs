@@ -4,6 +4,7 @@
 pub mod api;
 pub mod consensus;
 pub mod controllers;
+pub mod metrics;
 pub mod scheduler;
 pub mod server;
 pub mod state;

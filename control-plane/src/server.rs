@@ -1,19 +1,29 @@
-//! `skiff server`: opens the data dir, starts consensus, the controllers and
-//! the gRPC API on an already-bound listener, and stops on `shutdown`.
+//! `skiff server`: opens the data dir, bootstraps or joins a cluster (or
+//! resumes one), starts consensus, the controllers and the gRPC API on an
+//! already-bound listener, and stops on `shutdown`.
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use skiff_proto::raft::raft_client::RaftClient;
+use skiff_proto::raft::raft_server::RaftServer;
+use skiff_proto::raft::JoinRequest;
 use skiff_proto::v1::agent_sync_server::AgentSyncServer;
 use skiff_proto::v1::control_server::ControlServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 
-use crate::api::Api;
-use crate::consensus::{self, ConsensusConfig, ConsensusError};
+use crate::api::{Api, RaftService};
+use crate::consensus::transport::{endpoint, MAX_MESSAGE_BYTES};
+use crate::consensus::{
+    self, ConsensusConfig, ConsensusError, SledStorage, StorageFailure, Transport,
+};
 use crate::controllers;
+use crate::metrics::Metrics;
+use crate::state::Member;
 
 /// Everything `skiff server` is told.
 #[derive(Clone, Debug)]
@@ -22,8 +32,20 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// Start a new one-member cluster if the data dir holds none.
     pub bootstrap: bool,
+    /// Join the cluster of this server (any member) if the data dir holds
+    /// none.
+    pub join: Option<String>,
+    /// Address other servers and agents reach this one at; defaults to the
+    /// listener's address.
+    pub advertise: Option<String>,
     pub tick: Duration,
+    /// Ticks without a leader before an election (about 1 s at 100 ms).
     pub election_ticks: usize,
+    pub heartbeat_ticks: usize,
+    /// Applied entries between snapshots (and log compactions).
+    pub snapshot_every: u64,
+    /// Where to serve `GET /metrics` (Prometheus text), if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl ServerConfig {
@@ -32,8 +54,13 @@ impl ServerConfig {
             name: name.into(),
             data_dir: data_dir.into(),
             bootstrap: false,
+            join: None,
+            advertise: None,
             tick: Duration::from_millis(100),
             election_ticks: 10,
+            heartbeat_ticks: 2,
+            snapshot_every: 10_000,
+            metrics_listen: None,
         }
     }
 }
@@ -43,14 +70,22 @@ pub enum ServerError {
     #[error("failed to open data dir {path}: {source}")]
     DataDir { path: PathBuf, source: sled::Error },
     #[error(transparent)]
+    Storage(#[from] StorageFailure),
+    #[error(transparent)]
     Consensus(#[from] ConsensusError),
+    #[error("data dir {0} holds no cluster: start the first server with --bootstrap, or others with --join ADDR")]
+    NotInitialized(PathBuf),
+    #[error("failed to join the cluster at {address}: {reason}")]
+    Join { address: String, reason: String },
     #[error("failed to read listener address: {0}")]
     Listener(std::io::Error),
     #[error("grpc server failed: {0}")]
     Grpc(#[from] tonic::transport::Error),
-    #[error("consensus task panicked: {0}")]
-    Panicked(String),
+    #[error("consensus stopped: {0}")]
+    Stopped(String),
 }
+
+const SERVER_ID: &[u8] = b"server_id";
 
 /// Runs a control-plane server until `shutdown` resolves.
 pub async fn run(
@@ -58,7 +93,11 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
-    let address = listener.local_addr().map_err(ServerError::Listener)?;
+    let listen = listener.local_addr().map_err(ServerError::Listener)?;
+    let advertise = config
+        .advertise
+        .clone()
+        .unwrap_or_else(|| listen.to_string());
     let raft_dir = config.data_dir.join("raft");
     let db = sled::Config::new()
         .path(&raft_dir)
@@ -67,45 +106,114 @@ pub async fn run(
             path: raft_dir.clone(),
             source,
         })?;
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let local = db
+        .open_tree("local")
+        .map_err(|source| ServerError::DataDir {
+            path: raft_dir.clone(),
+            source,
+        })?;
+    let mut store = SledStorage::open(&db)?;
+
+    // Serve the gRPC API before joining: the leader must be able to reach
+    // this server as soon as the membership change commits.
+    let (id, seeds) = if store.is_initialized() {
+        (read_id(&local)?, Vec::new())
+    } else if config.bootstrap {
+        let member = Member {
+            id: 1,
+            name: config.name.clone(),
+            address: advertise.clone(),
+        };
+        consensus::bootstrap(&mut store, member)?;
+        (1, Vec::new())
+    } else if let Some(join) = &config.join {
+        join_cluster(join, &config.name, &advertise).await?
+    } else {
+        return Err(ServerError::NotInitialized(config.data_dir.clone()));
+    };
+    write_id(&local, id)?;
+    db.flush_async()
+        .await
+        .map_err(|source| ServerError::DataDir {
+            path: raft_dir.clone(),
+            source,
+        })?;
+
+    let transport = Transport::new(id, tokio::runtime::Handle::current());
+    for (peer, address) in seeds {
+        transport.add_seed(peer, address);
+    }
     let consensus_config = ConsensusConfig {
-        // The first member of a cluster is 1; joining servers get ids from
-        // the membership change that adds them.
-        id: 1,
-        name: config.name.clone(),
-        address: address.to_string(),
+        id,
         tick: config.tick,
         election_ticks: config.election_ticks,
-        heartbeat_ticks: 3,
+        heartbeat_ticks: config.heartbeat_ticks,
+        snapshot_every: config.snapshot_every,
     };
-    let (consensus, consensus_task) =
-        consensus::start(&db, consensus_config, config.bootstrap, stop_rx.clone())?;
+    let metrics = Arc::new(Metrics::default());
+    let (consensus, consensus_thread) =
+        consensus::start(store, consensus_config, transport, metrics.clone())?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    if let Some(address) = config.metrics_listen {
+        let listener = TcpListener::bind(address)
+            .await
+            .map_err(ServerError::Listener)?;
+        tracing::info!(%address, "serving GET /metrics");
+        tokio::spawn(crate::metrics::serve(
+            listener,
+            metrics,
+            consensus.watch_status(),
+            stop_rx.clone(),
+        ));
+    }
     let reconciler = tokio::spawn(controllers::run_reconciler(
         consensus.clone(),
         stop_rx.clone(),
     ));
-
-    let api = Api::new(consensus, config.name.clone());
-    tracing::info!(name = %config.name, %address, data_dir = %config.data_dir.display(), "skiff server listening");
+    let api = Api::new(consensus.clone(), config.name.clone());
+    tracing::info!(name = %config.name, id, %listen, %advertise, data_dir = %config.data_dir.display(), "skiff server listening");
     let mut grpc_stop = stop_rx.clone();
     let serve = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
         .add_service(ControlServer::new(api.clone()))
         .add_service(AgentSyncServer::new(api))
+        .add_service(
+            RaftServer::new(RaftService::new(consensus.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             let _ = grpc_stop.wait_for(|stop| *stop).await;
         });
     let serve = tokio::spawn(serve);
 
-    shutdown.await;
+    let thread_done = async {
+        loop {
+            if consensus_thread.is_finished() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    tokio::select! {
+        _ = shutdown => {}
+        _ = thread_done => {}
+    }
     tracing::info!("skiff server stopping");
     let _ = stop_tx.send(true);
     let _ = reconciler.await;
     // Agents' streams end with the process; do not wait on them forever.
     let _ = tokio::time::timeout(Duration::from_secs(2), serve).await;
-    let result = consensus_task
+    consensus.shutdown();
+    let joined = tokio::task::spawn_blocking(move || consensus_thread.join())
         .await
-        .map_err(|e| ServerError::Panicked(e.to_string()))?;
-    result?;
+        .map_err(|e| ServerError::Stopped(e.to_string()))?;
+    match joined {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => return Err(ServerError::Stopped(err.to_string())),
+        Err(_) => return Err(ServerError::Stopped("the consensus thread panicked".into())),
+    }
     db.flush_async()
         .await
         .map_err(|source| ServerError::DataDir {
@@ -113,4 +221,66 @@ pub async fn run(
             source,
         })?;
     Ok(())
+}
+
+fn read_id(local: &sled::Tree) -> Result<u64, ServerError> {
+    let bytes = local.get(SERVER_ID).map_err(StorageFailure::from)?;
+    let bytes =
+        bytes.ok_or_else(|| StorageFailure("data dir holds a cluster but no server id".into()))?;
+    let bytes: [u8; 8] = bytes
+        .as_ref()
+        .try_into()
+        .map_err(|_| StorageFailure("corrupt server id".into()))?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
+fn write_id(local: &sled::Tree, id: u64) -> Result<(), ServerError> {
+    local
+        .insert(SERVER_ID, &id.to_be_bytes())
+        .map_err(StorageFailure::from)?;
+    Ok(())
+}
+
+/// Asks any member to add this server, retrying for a bounded time while
+/// the cluster elects a leader.
+async fn join_cluster(
+    address: &str,
+    name: &str,
+    advertise: &str,
+) -> Result<(u64, Vec<(u64, String)>), ServerError> {
+    let failed = |reason: String| ServerError::Join {
+        address: address.to_string(),
+        reason,
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last_error = String::new();
+    while Instant::now() < deadline {
+        let endpoint = endpoint(address).map_err(|e| failed(e.to_string()))?;
+        match endpoint.connect().await {
+            Ok(channel) => {
+                let request = JoinRequest {
+                    name: name.to_string(),
+                    address: advertise.to_string(),
+                };
+                match RaftClient::new(channel).join(request).await {
+                    Ok(response) => {
+                        let response = response.into_inner();
+                        let peers = response
+                            .peers
+                            .into_iter()
+                            .map(|p| (p.id, p.address))
+                            .collect();
+                        return Ok((response.id, peers));
+                    }
+                    Err(status) if status.code() == tonic::Code::Unavailable => {
+                        last_error = status.message().to_string()
+                    }
+                    Err(status) => return Err(failed(status.message().to_string())),
+                }
+            }
+            Err(err) => last_error = err.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Err(failed(last_error))
 }

@@ -7,3 +7,8 @@ pub mod v1 {
 }
 
 pub use v1::*;
+
+/// Server-to-server traffic: Raft messages, joins, forwarded proposals.
+pub mod raft {
+    tonic::include_proto!("skiff.raft.v1");
+}

@@ -3,14 +3,19 @@
 //! and is the seam between supervision logic and the OS: the supervisor is
 //! tested against a fake, the process runtime against real processes.
 
+pub mod any;
+pub mod oci;
 pub mod process;
 pub mod procfs;
+pub mod reaper;
 
 use std::fmt;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::health::HealthCheck;
 use crate::spec::ReplicaSpec;
 
 /// How a replica's process ended.
@@ -50,11 +55,33 @@ pub enum RuntimeError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("failed to pull image of replica {short_id} of {service}: {reason}")]
+    Pull {
+        short_id: String,
+        service: String,
+        reason: String,
+    },
+    /// The node cannot run this kind of replica at all (e.g. no OCI runtime).
+    #[error("replica {short_id} of {service} cannot run on this node: {reason}")]
+    Unsupported {
+        short_id: String,
+        service: String,
+        reason: String,
+    },
 }
 
 /// Starts replicas and recovers those a previous agent started.
 pub trait Runtime: Send + Sync + 'static {
     type Handle: TaskHandle;
+
+    /// Fetches what [`Runtime::start`] needs (the image); may take long and
+    /// is retried by the supervisor with backoff.
+    fn prepare(
+        &self,
+        _spec: &ReplicaSpec,
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send {
+        async { Ok(()) }
+    }
 
     /// Starts the replica. `alloc_dir` exists or is created; it holds the
     /// logs and is the working directory unless the spec names one.
@@ -65,6 +92,10 @@ pub trait Runtime: Send + Sync + 'static {
     /// Re-attaches to a replica started by a previous agent, if the process
     /// `pid` still runs and is the one started at `start_time`.
     fn recover(&self, spec: &ReplicaSpec, pid: u32, start_time: u64) -> Option<Self::Handle>;
+
+    /// Removes whatever a replica that is no longer running left behind
+    /// (runtime state, mounts, network, cgroups). Idempotent.
+    fn destroy(&self, _spec: &ReplicaSpec, _alloc_dir: &Path) {}
 }
 
 /// One running replica.
@@ -78,6 +109,26 @@ pub trait TaskHandle: Send + 'static {
     /// Asks the replica to stop (SIGTERM to its process group), kills it
     /// after `grace`, and resolves once it is gone and reaped.
     fn stop(&mut self, grace: Duration) -> impl Future<Output = Exit> + Send + '_;
+
+    /// The check that decides the replica's health: the service's, else the
+    /// image's.
+    fn health_check(&self) -> Option<HealthCheck> {
+        None
+    }
+
+    /// Where HTTP and TCP checks connect.
+    fn probe_addr(&self) -> Option<SocketAddr> {
+        None
+    }
+
+    /// Runs an exec check in the replica: `Ok` if it exits 0 in time.
+    fn exec_check(
+        &self,
+        _command: &[String],
+        _timeout: Duration,
+    ) -> impl Future<Output = Result<(), String>> + Send {
+        async { Err("exec checks are not supported by this runtime".to_string()) }
+    }
 }
 
 #[cfg(test)]

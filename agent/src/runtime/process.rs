@@ -15,6 +15,7 @@ use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
 use super::{procfs, Exit, Runtime, RuntimeError, TaskHandle};
+use crate::health::HealthCheck;
 use crate::spec::ReplicaSpec;
 
 /// How often an adopted process (not our child, so no SIGCHLD) is checked.
@@ -39,6 +40,8 @@ pub struct ProcessHandle {
     start_time: u64,
     /// `None` for an adopted process, which init reaps, not us.
     child: Option<Child>,
+    health: Option<HealthCheck>,
+    port: u16,
 }
 
 impl Runtime for ProcessRuntime {
@@ -95,6 +98,8 @@ impl Runtime for ProcessRuntime {
             pid,
             start_time,
             child: Some(child),
+            health: spec.health.clone(),
+            port: spec.host_port,
         })
     }
 
@@ -113,6 +118,8 @@ impl Runtime for ProcessRuntime {
             pid,
             start_time,
             child: None,
+            health: spec.health.clone(),
+            port: spec.host_port,
         })
     }
 }
@@ -182,6 +189,34 @@ impl TaskHandle for ProcessHandle {
             tokio::time::sleep(ADOPTED_POLL).await;
         }
         Exit::Unknown
+    }
+
+    fn health_check(&self) -> Option<HealthCheck> {
+        self.health.clone()
+    }
+
+    fn probe_addr(&self) -> Option<std::net::SocketAddr> {
+        Some(std::net::SocketAddr::from(([127, 0, 0, 1], self.port)))
+    }
+
+    /// Runs the check command on the host with the replica's `PORT`.
+    async fn exec_check(&self, command: &[String], timeout: Duration) -> Result<(), String> {
+        let (program, args) = command.split_first().ok_or("empty check command")?;
+        let mut child = Command::new(program)
+            .args(args)
+            .env("PORT", self.port.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("{program}: {}", os_reason(&e)))?;
+        match tokio::time::timeout(timeout, child.wait()).await {
+            Ok(Ok(status)) if status.success() => Ok(()),
+            Ok(Ok(status)) => Err(format!("{program}: {}", exit_of(status))),
+            Ok(Err(e)) => Err(format!("{program}: {e}")),
+            Err(_) => Err(format!("{program} timed out after {timeout:?}")),
+        }
     }
 
     async fn stop(&mut self, grace: Duration) -> Exit {

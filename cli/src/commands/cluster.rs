@@ -46,6 +46,13 @@ pub async fn run(
                 .collect();
             output::print(format, &status, &["ID", "NAME", "ADDRESS", "ROLE"], rows);
         }
+        ClusterCommand::Remove { name } => {
+            client
+                .remove_server(pb::RemoveServerRequest { name: name.clone() })
+                .await
+                .map_err(explain)?;
+            println!("server {name} removed from the cluster");
+        }
     }
     Ok(())
 }

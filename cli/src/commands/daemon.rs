@@ -16,6 +16,11 @@ pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
     let listener = bind(args.listen).await?;
     let mut config = ServerConfig::new(args.name, args.data_dir);
     config.bootstrap = args.bootstrap;
+    config.join = args.join;
+    config.advertise = args.advertise;
+    config.tick = Duration::from_millis(args.tick_ms.max(1));
+    config.election_ticks = args.election_ticks;
+    config.snapshot_every = args.snapshot_every.max(1);
     skiff_control_plane::run(config, listener, wait_for_signal()).await?;
     Ok(())
 }
@@ -97,6 +102,9 @@ fn agent_config(
     config.port_range = node.port_range;
     config.stop_grace = Duration::from_secs(node.stop_grace_secs);
     config.stop_replicas_on_shutdown = stop_on_shutdown;
+    config.oci_runtime = node.oci_runtime.clone();
+    config.insecure_registries = node.insecure_registries.clone();
+    config.docker_config = node.docker_config.clone();
     config
 }
 

@@ -134,14 +134,71 @@ fn replicas(value: i64) -> anyhow::Result<u32> {
 }
 
 fn build_spec(args: &CreateArgs, replicas: u32) -> anyhow::Result<pb::ServiceSpec> {
-    spec::validate_name(&args.name).map_err(|e| anyhow!("{e}"))?;
-    spec::RuntimeKind::parse(&args.runtime).map_err(|e| anyhow!("{e}"))?;
-    if args.command.is_empty() {
+    let invalid = |e: spec::SpecError| anyhow!("{e}");
+    spec::validate_name(&args.name).map_err(invalid)?;
+    let runtime = spec::RuntimeKind::resolve(
+        args.runtime.as_deref().unwrap_or_default(),
+        args.image.is_some(),
+    )
+    .map_err(invalid)?;
+    if runtime == spec::RuntimeKind::Process && args.command.is_empty() {
         return Err(anyhow!(
-            "invalid command: the command is empty; give it after `--`, e.g. `skiff service create {} -- python3 -m http.server '$PORT'`",
+            "invalid command: the command is empty; give it after `--`, e.g. `skiff service create {} -- python3 -m http.server '$PORT'`, or run an image with --image REF",
             args.name
         ));
     }
+    let port = match args.port {
+        Some(p) if !(1..=65535).contains(&p) => {
+            return Err(anyhow!(
+                "invalid port: {p} is out of range; use a container port from 1 to 65535"
+            ))
+        }
+        p => p,
+    };
+    if args.cpu == Some(0) {
+        return Err(anyhow!(
+            "invalid cpu: 0 millicores would never run; use a value above 0 (1000 = one CPU)"
+        ));
+    }
+    if let Some(mb) = args.memory {
+        if mb < spec::MIN_MEMORY_MB {
+            return Err(anyhow!(
+                "invalid memory: {mb} MB is too small; use at least {} MB",
+                spec::MIN_MEMORY_MB
+            ));
+        }
+    }
+    let health = health(args);
+    let timings = args.health_interval.is_some()
+        || args.health_timeout.is_some()
+        || args.health_retries.is_some()
+        || args.health_start_period.is_some();
+    if health.is_none() && timings {
+        return Err(anyhow!(
+            "invalid health: timings need a check; add --health-http PATH, --health-tcp or --health-cmd CMD"
+        ));
+    }
+    let domain = spec::ServiceSpec {
+        name: args.name.clone(),
+        runtime,
+        replicas,
+        command: args.command.clone(),
+        image: args.image.clone(),
+        port: port.map(|p| p as u16),
+        memory_mb: args.memory,
+        cpu_millis: args.cpu,
+        user: args.user.clone(),
+        network: spec::NetworkMode::parse(args.network.as_deref().unwrap_or_default())
+            .map_err(invalid)?,
+        init: init(args),
+        ..spec::ServiceSpec::default()
+    };
+    if runtime == spec::RuntimeKind::Process && args.network.is_some() {
+        return Err(anyhow!(
+            "invalid network: --network applies to containers only; use --runtime oci with --image REF, or drop --network"
+        ));
+    }
+    domain.validate().map_err(invalid)?;
     let mut env = HashMap::new();
     for pair in &args.env {
         let (key, value) = pair
@@ -152,11 +209,53 @@ fn build_spec(args: &CreateArgs, replicas: u32) -> anyhow::Result<pb::ServiceSpe
     }
     Ok(pb::ServiceSpec {
         name: args.name.clone(),
-        runtime: args.runtime.clone(),
+        runtime: runtime.as_str().to_string(),
         replicas,
         command: args.command.clone(),
         env,
         workdir: args.workdir.clone().unwrap_or_default(),
+        image: args.image.clone().unwrap_or_default(),
+        port: port.unwrap_or(0),
+        memory_mb: args.memory.unwrap_or(0),
+        cpu_millis: args.cpu.unwrap_or(0),
+        user: args.user.clone().unwrap_or_default(),
+        network: args.network.clone().unwrap_or_default(),
+        health,
+        init: init(args),
+    })
+}
+
+fn init(args: &CreateArgs) -> Option<bool> {
+    match (args.init, args.no_init) {
+        (true, _) => Some(true),
+        (_, true) => Some(false),
+        _ => None,
+    }
+}
+
+/// The check the flags describe, if any.
+fn health(args: &CreateArgs) -> Option<pb::HealthCheck> {
+    let (kind, http_path, command) = if let Some(path) = &args.health_http {
+        ("http", path.clone(), vec![])
+    } else if args.health_tcp {
+        ("tcp", String::new(), vec![])
+    } else if let Some(cmd) = &args.health_cmd {
+        (
+            "exec",
+            String::new(),
+            vec!["/bin/sh".into(), "-c".into(), cmd.clone()],
+        )
+    } else {
+        return None;
+    };
+    Some(pb::HealthCheck {
+        kind: kind.into(),
+        http_path,
+        command,
+        interval_ms: args.health_interval.unwrap_or(0),
+        timeout_ms: args.health_timeout.unwrap_or(0),
+        retries: args.health_retries.unwrap_or(0),
+        start_period_ms: args.health_start_period.unwrap_or(0),
     })
 }
 

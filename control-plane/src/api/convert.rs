@@ -5,20 +5,79 @@ use skiff_proto::v1 as pb;
 
 use crate::scheduler;
 use crate::state::{
-    spec, AllocState, Allocation, Node, RuntimeKind, Service, ServiceSpec, SpecError, State,
+    spec, Allocation, HealthCheck, HealthKind, NetworkMode, Node, RuntimeKind, Service,
+    ServiceSpec, SpecError, State,
 };
 
 pub fn spec_from_pb(spec: pb::ServiceSpec) -> Result<ServiceSpec, SpecError> {
+    let image = Some(spec.image).filter(|i| !i.is_empty());
+    let port = match spec.port {
+        0 => None,
+        p => Some(u16::try_from(p).map_err(|_| {
+            SpecError::new(
+                "port",
+                format!("{p} is out of range; use a container port from 1 to 65535"),
+            )
+        })?),
+    };
     let spec = ServiceSpec {
         name: spec.name,
-        runtime: RuntimeKind::parse(&spec.runtime)?,
+        runtime: RuntimeKind::resolve(&spec.runtime, image.is_some())?,
         replicas: spec::validate_replicas(i64::from(spec.replicas))?,
         command: spec.command,
         env: spec.env.into_iter().collect(),
         workdir: Some(spec.workdir).filter(|w| !w.is_empty()),
+        image,
+        port,
+        memory_mb: Some(spec.memory_mb).filter(|m| *m != 0),
+        cpu_millis: Some(spec.cpu_millis).filter(|c| *c != 0),
+        user: Some(spec.user).filter(|u| !u.is_empty()),
+        network: NetworkMode::parse(&spec.network)?,
+        health: spec.health.map(health_from_pb).transpose()?.flatten(),
+        init: spec.init,
     };
     spec.validate()?;
     Ok(spec)
+}
+
+/// `None` for a check of empty kind (none given).
+fn health_from_pb(h: pb::HealthCheck) -> Result<Option<HealthCheck>, SpecError> {
+    let kind = match h.kind.as_str() {
+        "" => return Ok(None),
+        "http" => HealthKind::Http { path: h.http_path },
+        "tcp" => HealthKind::Tcp,
+        "exec" => HealthKind::Exec { command: h.command },
+        other => {
+            return Err(SpecError::new(
+                "health",
+                format!("unknown check kind \"{other}\"; use --health-http PATH, --health-tcp or --health-cmd CMD"),
+            ))
+        }
+    };
+    Ok(Some(HealthCheck {
+        kind,
+        interval_ms: h.interval_ms,
+        timeout_ms: h.timeout_ms,
+        retries: h.retries,
+        start_period_ms: h.start_period_ms,
+    }))
+}
+
+fn health_to_pb(h: &HealthCheck) -> pb::HealthCheck {
+    let (kind, http_path, command) = match &h.kind {
+        HealthKind::Http { path } => ("http", path.clone(), vec![]),
+        HealthKind::Tcp => ("tcp", String::new(), vec![]),
+        HealthKind::Exec { command } => ("exec", String::new(), command.clone()),
+    };
+    pb::HealthCheck {
+        kind: kind.to_string(),
+        http_path,
+        command,
+        interval_ms: h.interval_ms,
+        timeout_ms: h.timeout_ms,
+        retries: h.retries,
+        start_period_ms: h.start_period_ms,
+    }
 }
 
 pub fn spec_to_pb(spec: &ServiceSpec) -> pb::ServiceSpec {
@@ -29,6 +88,14 @@ pub fn spec_to_pb(spec: &ServiceSpec) -> pb::ServiceSpec {
         command: spec.command.clone(),
         env: spec.env.clone().into_iter().collect(),
         workdir: spec.workdir.clone().unwrap_or_default(),
+        image: spec.image.clone().unwrap_or_default(),
+        port: spec.port.map_or(0, u32::from),
+        memory_mb: spec.memory_mb.unwrap_or(0),
+        cpu_millis: spec.cpu_millis.unwrap_or(0),
+        user: spec.user.clone().unwrap_or_default(),
+        network: spec.network.as_str().to_string(),
+        health: spec.health.as_ref().map(health_to_pb),
+        init: spec.init,
     }
 }
 
@@ -53,10 +120,7 @@ pub fn alloc_to_pb(alloc: &Allocation) -> pb::Allocation {
 pub fn service_to_pb(state: &State, service: &Service) -> pb::ServiceStatus {
     let name = service.spec.name.as_str();
     let allocations: Vec<pb::Allocation> = state.allocs_of(name).map(alloc_to_pb).collect();
-    let running = state
-        .live_allocs(name)
-        .filter(|a| a.state == AllocState::Running)
-        .count() as u32;
+    let running = state.live_allocs(name).filter(|a| a.state.is_up()).count() as u32;
     let live = state.live_allocs(name).count() as u32;
     let missing = service.spec.replicas.saturating_sub(live);
     let unplaced_reason = if missing == 0 {

@@ -6,6 +6,9 @@
 #![allow(clippy::result_large_err)]
 
 mod convert;
+mod raft_service;
+
+pub use raft_service::RaftService;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -53,7 +56,15 @@ impl Api {
             .map_err(status_from)
     }
 
-    fn service_status(&self, name: &str) -> Result<pb::ServiceStatus, Status> {
+    /// Waits until this server has applied everything committed so far,
+    /// so what it reads next is linearizable (and includes its own writes,
+    /// even when they were forwarded to the leader).
+    async fn barrier(&self) -> Result<(), Status> {
+        self.consensus.read_barrier().await.map_err(status_from)
+    }
+
+    async fn service_status(&self, name: &str) -> Result<pb::ServiceStatus, Status> {
+        self.barrier().await?;
         let state = self.consensus.state();
         let service = state
             .services
@@ -69,7 +80,7 @@ impl Api {
     }
 }
 
-fn status_from(err: ProposeError) -> Status {
+pub(crate) fn status_from(err: ProposeError) -> Status {
     match err {
         ProposeError::Rejected(CommandError::ServiceNotFound(_)) => {
             Status::not_found(err.to_string())
@@ -80,8 +91,12 @@ fn status_from(err: ProposeError) -> Status {
         ProposeError::Rejected(CommandError::Invalid(_)) => {
             Status::invalid_argument(err.to_string())
         }
-        ProposeError::NoLeader | ProposeError::NotLeader(_) => Status::unavailable(err.to_string()),
-        ProposeError::Stopped(_) => Status::internal(err.to_string()),
+        ProposeError::Membership(_) => Status::failed_precondition(err.to_string()),
+        ProposeError::NoLeader | ProposeError::NotLeader(_) | ProposeError::Forward(_) => {
+            Status::unavailable(err.to_string())
+        }
+        ProposeError::Unknown => Status::aborted(err.to_string()),
+        ProposeError::Stopped => Status::internal(err.to_string()),
     }
 }
 
@@ -102,7 +117,7 @@ impl pb::control_server::Control for Api {
         let spec = convert::spec_from_pb(spec).map_err(invalid)?;
         let name = spec.name.clone();
         self.propose(Command::CreateService { spec }).await?;
-        self.service_status(&name).map(Response::new)
+        self.service_status(&name).await.map(Response::new)
     }
 
     async fn scale_service(
@@ -116,7 +131,7 @@ impl pb::control_server::Control for Api {
             replicas,
         })
         .await?;
-        self.service_status(&request.name).map(Response::new)
+        self.service_status(&request.name).await.map(Response::new)
     }
 
     async fn remove_service(
@@ -134,6 +149,7 @@ impl pb::control_server::Control for Api {
         &self,
         _request: Request<pb::ListServicesRequest>,
     ) -> Result<Response<pb::ListServicesResponse>, Status> {
+        self.barrier().await?;
         let state = self.consensus.state();
         let services = state
             .services
@@ -148,6 +164,7 @@ impl pb::control_server::Control for Api {
         request: Request<pb::GetServiceRequest>,
     ) -> Result<Response<pb::ServiceStatus>, Status> {
         self.service_status(&request.into_inner().name)
+            .await
             .map(Response::new)
     }
 
@@ -155,6 +172,7 @@ impl pb::control_server::Control for Api {
         &self,
         _request: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        self.barrier().await?;
         let beats = self
             .heartbeats
             .lock()
@@ -172,6 +190,47 @@ impl pb::control_server::Control for Api {
             })
             .collect();
         Ok(Response::new(pb::ListNodesResponse { nodes }))
+    }
+
+    async fn put_variable(
+        &self,
+        request: Request<pb::PutVariableRequest>,
+    ) -> Result<Response<pb::PutVariableResponse>, Status> {
+        let request = request.into_inner();
+        spec::validate_variable(&request.key, &request.value).map_err(invalid)?;
+        self.propose(Command::PutVariable {
+            key: request.key,
+            value: request.value,
+        })
+        .await?;
+        Ok(Response::new(pb::PutVariableResponse {}))
+    }
+
+    async fn get_variable(
+        &self,
+        request: Request<pb::GetVariableRequest>,
+    ) -> Result<Response<pb::GetVariableResponse>, Status> {
+        self.barrier().await?;
+        let value = self
+            .consensus
+            .state()
+            .variables
+            .get(&request.into_inner().key)
+            .cloned();
+        Ok(Response::new(pb::GetVariableResponse {
+            found: value.is_some(),
+            value: value.unwrap_or_default(),
+        }))
+    }
+
+    async fn remove_server(
+        &self,
+        request: Request<pb::RemoveServerRequest>,
+    ) -> Result<Response<pb::RemoveServerResponse>, Status> {
+        let name = request.into_inner().name;
+        let remove = crate::consensus::Request::RemoveMember { name };
+        self.consensus.request(remove).await.map_err(status_from)?;
+        Ok(Response::new(pb::RemoveServerResponse {}))
     }
 
     async fn cluster_status(
@@ -195,8 +254,10 @@ impl pb::control_server::Control for Api {
                 address: m.address.clone(),
                 role: if m.id == status.id {
                     status.role.to_string()
+                } else if m.id == status.leader_id {
+                    "leader".to_string()
                 } else {
-                    "voter".to_string()
+                    "follower".to_string()
                 },
             })
             .collect();

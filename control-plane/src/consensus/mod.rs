@@ -1,64 +1,67 @@
-//! Consensus: one task drives raft-rs' `RawNode` over [`SledStorage`].
+//! Consensus: one thread drives the [`Core`] (raft-rs `RawNode` over
+//! [`SledStorage`]) and everything else talks to it through its inbox.
 //!
-//! Everything that touches Raft goes through the task's inbox, so there is
-//! no lock around the node. Each turn of the loop handles whatever arrived
-//! (ticks every 100 ms, proposals), then one `Ready` in raft-rs' order:
-//! send messages, apply committed entries, persist entries and hard state
-//! with one sled flush (group commit), send persisted messages, advance,
-//! handle the light ready. A proposal is answered only after its entry is
-//! committed (durable in the log) and applied to the state machine.
+//! The thread handles whatever arrived (ticks every 100 ms, peer messages,
+//! proposals, reads, membership changes), then one `Ready` with a single
+//! fsync, so throughput comes from batching rather than skipping fsync.
+//! A proposal is answered only after its entry is committed and applied.
+//! Writes reaching a follower are forwarded to the leader; reads wait for a
+//! ReadIndex so they are linearizable on any server.
 
+#[cfg(test)]
+mod conformance;
+pub mod core;
+pub mod log_store;
 mod logger;
+pub mod mem;
 pub mod storage;
+pub mod transport;
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use raft::eraftpb::{Entry, EntryType, Message};
-use raft::{RawNode, StateRole};
+use raft::eraftpb::Message;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 
-use crate::state::store::StateStore;
-use crate::state::{Command, CommandError, Member, Outcome, State};
+use self::core::{Core, CoreConfig, CoreError, Reply};
+use crate::metrics::Metrics;
+use crate::state::{Command, CommandError, Outcome, State};
+pub use log_store::{bootstrap, LogStore, StorageFailure};
 pub use storage::SledStorage;
+pub use transport::Transport;
 
-/// How this server takes part in Raft.
-#[derive(Clone, Debug)]
-pub struct ConsensusConfig {
-    pub id: u64,
-    pub name: String,
-    pub address: String,
-    pub tick: Duration,
-    /// Ticks without a leader before an election; about 1 s at 100 ms ticks.
-    pub election_ticks: usize,
-    pub heartbeat_ticks: usize,
-}
+/// How long a call waits for a leader (during an election) before it
+/// answers "no leader".
+pub const LEADER_WAIT: Duration = Duration::from_secs(5);
 
-/// Why a proposal was not applied.
-#[derive(Debug, Clone, thiserror::Error)]
+/// Why a proposal, read or membership change did not happen.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum ProposeError {
-    #[error("no leader elected yet; retry in a moment")]
+    #[error("no leader elected; retry in a moment")]
     NoLeader,
-    #[error("this server is not the leader (leader is {0})")]
-    NotLeader(String),
+    #[error("this server is not the leader (leader is server {0})")]
+    NotLeader(u64),
     #[error(transparent)]
     Rejected(#[from] CommandError),
-    #[error("the consensus task stopped: {0}")]
-    Stopped(String),
+    #[error("{0}")]
+    Membership(String),
+    #[error("leadership changed before the write committed; it may or may not have been applied")]
+    Unknown,
+    #[error("cannot reach the leader: {0}")]
+    Forward(String),
+    #[error("the consensus thread stopped")]
+    Stopped,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConsensusError {
-    #[error("raft failed: {0}")]
-    Raft(#[from] raft::Error),
-    #[error("raft storage failed: {0}")]
-    Sled(#[from] sled::Error),
-    #[error(transparent)]
-    Store(#[from] crate::state::store::StoreError),
-    #[error("data dir holds no cluster: start the first server with --bootstrap")]
-    NotInitialized,
+impl ProposeError {
+    /// Errors after which retrying cannot apply a write twice.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, ProposeError::NoLeader | ProposeError::NotLeader(_))
+    }
 }
 
 /// A point-in-time view of this server's Raft progress.
@@ -69,67 +72,138 @@ pub struct RaftStatus {
     pub term: u64,
     pub commit_index: u64,
     pub applied_index: u64,
+    pub last_index: u64,
+    pub snapshot_index: u64,
     pub role: &'static str,
+    pub voters: Vec<u64>,
 }
 
-/// An entry's payload: the command and the id its proposer waits on.
-#[derive(Serialize, Deserialize)]
-struct Proposal {
-    id: u64,
-    command: Command,
+/// What the leader can be asked to do on a follower's behalf.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Request {
+    Command(Command),
+    AddMember { name: String, address: String },
+    RemoveMember { name: String },
 }
 
-enum Inbox {
-    Propose {
-        command: Command,
-        reply: oneshot::Sender<Result<Outcome, ProposeError>>,
+/// The answer to a [`Request`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Response {
+    Outcome(Outcome),
+    Member(u64),
+}
+
+pub(crate) enum Inbox {
+    Request {
+        request: Request,
+        reply: oneshot::Sender<Result<Response, ProposeError>>,
     },
+    Read {
+        reply: oneshot::Sender<Result<(), ProposeError>>,
+    },
+    Step(Message),
+    Unreachable(u64),
+    SnapshotSent {
+        to: u64,
+        delivered: bool,
+    },
+    Shutdown,
 }
 
-/// The handle everyone else holds: propose commands, read applied state.
+/// How this server takes part in Raft.
+#[derive(Clone, Debug)]
+pub struct ConsensusConfig {
+    pub id: u64,
+    pub tick: Duration,
+    pub election_ticks: usize,
+    pub heartbeat_ticks: usize,
+    pub snapshot_every: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsensusError {
+    #[error(transparent)]
+    Core(#[from] CoreError),
+    #[error("failed to start the consensus thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// The handle everyone else holds: propose, read, change membership.
 #[derive(Clone)]
 pub struct Consensus {
-    inbox: mpsc::Sender<Inbox>,
+    inbox: std_mpsc::Sender<Inbox>,
     state: Arc<RwLock<State>>,
     status: watch::Receiver<RaftStatus>,
+    transport: Arc<Transport>,
     id: u64,
 }
 
 impl Consensus {
-    /// Proposes a command and waits until it is committed and applied.
-    /// While an election is running it waits up to `leader_wait` for a
-    /// leader, then answers `NoLeader`: never a silent drop.
-    pub async fn propose(&self, command: Command) -> Result<Outcome, ProposeError> {
-        self.wait_for_leader(Duration::from_secs(5)).await?;
-        let (reply, answer) = oneshot::channel();
-        self.inbox
-            .send(Inbox::Propose { command, reply })
-            .await
-            .map_err(|_| ProposeError::Stopped("inbox closed".into()))?;
-        answer
-            .await
-            .map_err(|_| ProposeError::Stopped("proposal dropped".into()))?
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
-    async fn wait_for_leader(&self, limit: Duration) -> Result<(), ProposeError> {
+    /// Runs a command on the leader (forwarding it there if need be) and
+    /// waits until it is committed and applied there.
+    pub async fn propose(&self, command: Command) -> Result<Outcome, ProposeError> {
+        match self.request(Request::Command(command)).await? {
+            Response::Outcome(outcome) => Ok(outcome),
+            Response::Member(_) => Err(ProposeError::Stopped),
+        }
+    }
+
+    /// Sends `request` to the leader, waiting out elections for at most
+    /// [`LEADER_WAIT`]. Only errors that guarantee nothing was proposed are
+    /// retried, so a write is never applied twice.
+    pub async fn request(&self, request: Request) -> Result<Response, ProposeError> {
+        let deadline = Instant::now() + LEADER_WAIT;
         let mut status = self.status.clone();
-        let leader = tokio::time::timeout(limit, async {
-            status
-                .wait_for(|s| s.leader_id != 0)
-                .await
-                .map(|s| s.leader_id)
-        })
-        .await;
-        match leader {
-            Ok(Ok(leader)) if leader == self.id => Ok(()),
-            Ok(Ok(leader)) => Err(ProposeError::NotLeader(leader.to_string())),
-            Ok(Err(_)) => Err(ProposeError::Stopped("status closed".into())),
+        loop {
+            let leader = status.borrow_and_update().leader_id;
+            let result = if leader == self.id {
+                self.request_local(request.clone()).await
+            } else if leader != 0 {
+                self.transport.forward(leader, &request).await
+            } else {
+                Err(ProposeError::NoLeader)
+            };
+            match result {
+                Err(err) if err.is_retryable() && Instant::now() < deadline => {
+                    let wait = deadline
+                        .saturating_duration_since(Instant::now())
+                        .min(Duration::from_millis(200));
+                    let _ = tokio::time::timeout(wait, status.changed()).await;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    /// Runs `request` on this server, which must be the leader.
+    pub async fn request_local(&self, request: Request) -> Result<Response, ProposeError> {
+        let (reply, answer) = oneshot::channel();
+        self.inbox
+            .send(Inbox::Request { request, reply })
+            .map_err(|_| ProposeError::Stopped)?;
+        answer.await.map_err(|_| ProposeError::Stopped)?
+    }
+
+    /// Waits until this server has applied everything committed when the
+    /// call was made (Raft's ReadIndex), so reading local state afterwards
+    /// is linearizable.
+    pub async fn read_barrier(&self) -> Result<(), ProposeError> {
+        let (reply, answer) = oneshot::channel();
+        self.inbox
+            .send(Inbox::Read { reply })
+            .map_err(|_| ProposeError::Stopped)?;
+        match tokio::time::timeout(LEADER_WAIT, answer).await {
+            Ok(answer) => answer.map_err(|_| ProposeError::Stopped)?,
             Err(_) => Err(ProposeError::NoLeader),
         }
     }
 
-    /// The applied state. Hold the guard briefly: the consensus task waits
-    /// for it to apply entries.
+    /// The applied state. Hold the guard briefly: the consensus thread
+    /// waits for it to apply entries.
     pub fn state(&self) -> RwLockReadGuard<'_, State> {
         self.state
             .read()
@@ -146,287 +220,228 @@ impl Consensus {
     }
 
     pub fn is_leader(&self) -> bool {
-        let status = self.status.borrow();
-        status.leader_id == self.id
+        self.status.borrow().leader_id == self.id
+    }
+
+    pub(crate) fn deliver(&self, message: Message) {
+        let _ = self.inbox.send(Inbox::Step(message));
+    }
+
+    /// Stops the consensus thread after its current turn.
+    pub fn shutdown(&self) {
+        let _ = self.inbox.send(Inbox::Shutdown);
     }
 }
 
-/// Opens the Raft storage and state in `db`, and starts the consensus task.
-/// With `bootstrap` an empty data dir becomes a new one-member cluster; a
-/// data dir that already holds a cluster ignores it.
-pub fn start(
-    db: &sled::Db,
+/// Starts the consensus thread over `store`. The caller has bootstrapped
+/// or joined the store already; see `server.rs`.
+pub fn start<S: LogStore + Send + 'static>(
+    store: S,
     config: ConsensusConfig,
-    bootstrap: bool,
-    shutdown: watch::Receiver<bool>,
-) -> Result<
-    (
-        Consensus,
-        tokio::task::JoinHandle<Result<(), ConsensusError>>,
-    ),
-    ConsensusError,
-> {
-    let mut storage = SledStorage::open(db)?;
-    if !storage.is_initialized() {
-        if !bootstrap {
-            return Err(ConsensusError::NotInitialized);
-        }
-        storage.bootstrap(vec![config.id])?;
-    }
-    let state_store = StateStore::open(db)?;
-    let mut state = state_store.load()?;
-    // Entries already applied were committed; a crash between the two
-    // writes can leave the stored commit index behind the applied index.
-    let mut batch = sled::Batch::default();
-    storage.set_commit(state.applied_index, &mut batch);
-    storage.write(batch)?;
-    state.take_dirty();
-
-    let raft_config = raft::Config {
+    transport: Arc<Transport>,
+    metrics: Arc<Metrics>,
+) -> Result<(Consensus, std::thread::JoinHandle<Result<(), CoreError>>), ConsensusError> {
+    let core_config = CoreConfig {
         id: config.id,
-        election_tick: config.election_ticks,
-        heartbeat_tick: config.heartbeat_ticks,
-        applied: state.applied_index,
-        pre_vote: true,
-        check_quorum: true,
-        max_size_per_msg: 1024 * 1024,
-        max_inflight_msgs: 256,
-        ..Default::default()
+        election_ticks: config.election_ticks,
+        heartbeat_ticks: config.heartbeat_ticks,
+        snapshot_every: config.snapshot_every,
     };
-    raft_config.validate()?;
-    let mut node = RawNode::new(&raft_config, storage, &logger::raft_logger())?;
-    let single_voter = node.raft.prs().conf().voters().ids().iter().eq([config.id]);
-    if single_voter {
-        // Alone in the group: no reason to wait an election timeout.
-        node.campaign()?;
+    let mut core = Core::new(core_config, store, &logger::raft_logger())?;
+    if core.is_sole_voter() {
+        core.campaign()?;
     }
-
-    let state = Arc::new(RwLock::new(state));
-    let (status_tx, status_rx) = watch::channel(RaftStatus {
-        id: config.id,
-        ..Default::default()
-    });
-    let (inbox_tx, inbox_rx) = mpsc::channel(4096);
+    let (inbox_tx, inbox_rx) = std_mpsc::channel();
+    let (status_tx, status_rx) = watch::channel(core.status());
     let handle = Consensus {
-        inbox: inbox_tx,
-        state: state.clone(),
+        inbox: inbox_tx.clone(),
+        state: core.state(),
         status: status_rx,
+        transport: transport.clone(),
         id: config.id,
     };
-    let task = ConsensusTask {
-        node,
-        db: db.clone(),
-        state_store,
-        state,
+    transport.attach(inbox_tx, core.state());
+    let driver = Driver {
+        core,
+        transport,
         status: status_tx,
-        pending: HashMap::new(),
-        config,
-        next_proposal_id: rand::random(),
+        waiters: HashMap::new(),
+        next_tag: 1,
+        tick: config.tick,
+        metrics,
+        started: HashMap::new(),
     };
-    let join = tokio::spawn(task.run(inbox_rx, shutdown));
-    Ok((handle, join))
+    let thread = std::thread::Builder::new()
+        .name("raft".into())
+        .spawn(move || driver.run(inbox_rx))
+        .map_err(ConsensusError::Thread)?;
+    Ok((handle, thread))
 }
 
-struct ConsensusTask {
-    node: RawNode<SledStorage>,
-    db: sled::Db,
-    state_store: StateStore,
-    state: Arc<RwLock<State>>,
+enum Waiter {
+    Request(oneshot::Sender<Result<Response, ProposeError>>),
+    Read(oneshot::Sender<Result<(), ProposeError>>),
+}
+
+struct Driver<S: LogStore> {
+    core: Core<S>,
+    transport: Arc<Transport>,
     status: watch::Sender<RaftStatus>,
-    pending: HashMap<u64, oneshot::Sender<Result<Outcome, ProposeError>>>,
-    config: ConsensusConfig,
-    next_proposal_id: u64,
+    waiters: HashMap<u64, Waiter>,
+    next_tag: u64,
+    tick: Duration,
+    metrics: Arc<Metrics>,
+    /// When each waiting proposal reached this server, for the histogram.
+    started: HashMap<u64, Instant>,
 }
 
-impl ConsensusTask {
-    async fn run(
-        mut self,
-        mut inbox: mpsc::Receiver<Inbox>,
-        mut shutdown: watch::Receiver<bool>,
-    ) -> Result<(), ConsensusError> {
-        let mut ticker = tokio::time::interval(self.config.tick);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+impl<S: LogStore> Driver<S> {
+    fn run(mut self, inbox: std_mpsc::Receiver<Inbox>) -> Result<(), CoreError> {
+        let mut next_tick = Instant::now() + self.tick;
         loop {
-            tokio::select! {
-                _ = ticker.tick() => { self.node.tick(); }
-                message = inbox.recv() => match message {
-                    Some(message) => {
-                        self.handle(message);
-                        // Take everything already queued: one Ready, one flush.
-                        while let Ok(message) = inbox.try_recv() {
-                            self.handle(message);
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            match inbox.recv_timeout(wait) {
+                Ok(Inbox::Shutdown) => break,
+                Ok(message) => {
+                    self.handle(message);
+                    // Take what else is queued: one Ready, one fsync.
+                    for message in inbox.try_iter().take(8192) {
+                        if matches!(message, Inbox::Shutdown) {
+                            return Ok(());
                         }
+                        self.handle(message);
                     }
-                    None => break,
-                },
-                _ = shutdown.changed() => break,
+                }
+                Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
             }
-            self.on_ready().await?;
+            if Instant::now() >= next_tick {
+                self.core.tick();
+                next_tick = Instant::now() + self.tick;
+            }
+            let turn = Instant::now();
+            let output = match self.core.advance() {
+                Ok(output) => output,
+                Err(err) => {
+                    tracing::error!(error = %err, "consensus stopped: storage or raft failure");
+                    self.fail_all(ProposeError::Stopped);
+                    return Err(err);
+                }
+            };
+            self.transport.send(output.messages);
+            if !output.replies.is_empty() {
+                self.metrics.ready_latency.observe(turn.elapsed());
+            }
+            for (tag, reply) in output.replies {
+                self.answer(tag, reply);
+            }
             self.publish_status();
         }
-        self.db.flush_async().await?;
         Ok(())
     }
 
     fn handle(&mut self, message: Inbox) {
         match message {
-            Inbox::Propose { command, reply } => {
-                if self.node.raft.state != StateRole::Leader {
-                    let _ = reply.send(Err(match self.node.raft.leader_id {
-                        0 => ProposeError::NoLeader,
-                        id => ProposeError::NotLeader(id.to_string()),
-                    }));
-                    return;
-                }
-                let id = self.next_proposal_id;
-                self.next_proposal_id = self.next_proposal_id.wrapping_add(1);
-                let data = serde_json::to_vec(&Proposal { id, command })
-                    .expect("commands always serialize");
-                match self.node.propose(vec![], data) {
-                    Ok(()) => {
-                        self.pending.insert(id, reply);
+            Inbox::Request { request, reply } => {
+                let tag = self.tag();
+                let result = match request {
+                    Request::Command(command) => self.core.propose(tag, command),
+                    Request::AddMember { name, address } => {
+                        match self.core.add_member(tag, name, address) {
+                            Ok(Some(existing)) => {
+                                let _ = reply.send(Ok(Response::Member(existing)));
+                                return;
+                            }
+                            Ok(None) => Ok(()),
+                            Err(err) => Err(err),
+                        }
                     }
-                    Err(err) => {
-                        tracing::warn!(error = %err, "proposal dropped by raft");
-                        let _ = reply.send(Err(ProposeError::NoLeader));
-                    }
-                }
-            }
-        }
-    }
-
-    async fn on_ready(&mut self) -> Result<(), ConsensusError> {
-        if !self.node.has_ready() {
-            return Ok(());
-        }
-        let mut ready = self.node.ready();
-        send_messages(ready.take_messages());
-        self.apply_committed(ready.take_committed_entries())?;
-
-        let mut batch = sled::Batch::default();
-        let store = self.node.mut_store();
-        store.append(ready.entries(), &mut batch);
-        if let Some(hard_state) = ready.hs() {
-            store.set_hard_state(hard_state.clone(), &mut batch);
-        }
-        if !ready.entries().is_empty() || ready.hs().is_some() {
-            store.write(batch)?;
-            self.db.flush_async().await?;
-        }
-        send_messages(ready.take_persisted_messages());
-
-        let mut light = self.node.advance(ready);
-        if let Some(commit) = light.commit_index() {
-            let mut batch = sled::Batch::default();
-            self.node.mut_store().set_commit(commit, &mut batch);
-            self.node.store().write(batch)?;
-        }
-        send_messages(light.take_messages());
-        self.apply_committed(light.take_committed_entries())?;
-        self.node.advance_apply();
-        Ok(())
-    }
-
-    /// Applies committed entries to the state machine, persists the changed
-    /// records with the new applied index, then answers waiting proposers.
-    fn apply_committed(&mut self, entries: Vec<Entry>) -> Result<(), ConsensusError> {
-        if entries.is_empty() {
-            return Ok(());
-        }
-        let mut answers = Vec::new();
-        {
-            let mut state = self
-                .state
-                .write()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            for entry in entries {
-                if entry.data.is_empty() || entry.get_entry_type() != EntryType::EntryNormal {
-                    state.skip(entry.index);
-                    continue;
-                }
-                let proposal: Proposal = match serde_json::from_slice(&entry.data) {
-                    Ok(p) => p,
-                    Err(err) => {
-                        // Written by a newer version or damaged: skipping it on
-                        // every server alike keeps the machines equal.
-                        tracing::error!(index = entry.index, error = %err, "undecodable entry skipped");
-                        state.skip(entry.index);
-                        continue;
-                    }
+                    Request::RemoveMember { name } => self.core.remove_member(tag, &name),
                 };
-                let result = state.apply(entry.index, proposal.command);
-                if let Some(reply) = self.pending.remove(&proposal.id) {
-                    answers.push((reply, result.map_err(ProposeError::from)));
+                match result {
+                    Ok(()) => {
+                        self.metrics.proposals.fetch_add(1, Ordering::Relaxed);
+                        self.started.insert(tag, Instant::now());
+                        self.waiters.insert(tag, Waiter::Request(reply));
+                    }
+                    Err(err) => {
+                        self.metrics
+                            .proposals_failed
+                            .fetch_add(1, Ordering::Relaxed);
+                        let _ = reply.send(Err(err));
+                    }
                 }
             }
-            self.state_store.save(&mut state)?;
+            Inbox::Read { reply } => {
+                let tag = self.tag();
+                self.core.read_index(tag);
+                self.waiters.insert(tag, Waiter::Read(reply));
+            }
+            Inbox::Step(message) => self.core.step(message),
+            Inbox::Unreachable(peer) => self.core.report_unreachable(peer),
+            Inbox::SnapshotSent { to, delivered } => self.core.report_snapshot(to, delivered),
+            Inbox::Shutdown => {}
         }
-        for (reply, result) in answers {
-            let _ = reply.send(result);
+    }
+
+    fn tag(&mut self) -> u64 {
+        self.next_tag += 1;
+        self.next_tag
+    }
+
+    fn answer(&mut self, tag: u64, reply: Reply) {
+        if let Some(started) = self.started.remove(&tag) {
+            self.metrics.commit_latency.observe(started.elapsed());
         }
-        Ok(())
+        match (self.waiters.remove(&tag), reply) {
+            (Some(Waiter::Request(tx)), Reply::Command(result)) => {
+                let _ = tx.send(result.map(Response::Outcome).map_err(ProposeError::from));
+            }
+            (Some(Waiter::Request(tx)), Reply::Membership(result)) => {
+                let _ = tx.send(result.map(Response::Member));
+            }
+            (Some(Waiter::Read(tx)), Reply::Read) => {
+                let _ = tx.send(Ok(()));
+            }
+            (Some(waiter), _) => {
+                self.waiters.insert(tag, waiter);
+            }
+            (None, _) => {}
+        }
+    }
+
+    fn fail_all(&mut self, err: ProposeError) {
+        self.started.clear();
+        for (_, waiter) in self.waiters.drain() {
+            match waiter {
+                Waiter::Request(tx) => {
+                    let _ = tx.send(Err(err.clone()));
+                }
+                Waiter::Read(tx) => {
+                    let _ = tx.send(Err(err.clone()));
+                }
+            }
+        }
     }
 
     fn publish_status(&mut self) {
-        let raft = &self.node.raft;
-        let role = match raft.state {
-            StateRole::Leader => "leader",
-            StateRole::Follower => "follower",
-            StateRole::Candidate => "candidate",
-            StateRole::PreCandidate => "pre-candidate",
-        };
-        let status = RaftStatus {
-            id: self.config.id,
-            leader_id: raft.leader_id,
-            term: raft.term,
-            commit_index: raft.raft_log.committed,
-            applied_index: raft.raft_log.applied,
-            role,
-        };
-        let became_leader = role == "leader" && self.status.borrow().role != "leader";
-        if role != "leader" && !self.pending.is_empty() {
-            // Entries proposed by a deposed leader may never commit.
-            for (_, reply) in self.pending.drain() {
-                let _ = reply.send(Err(ProposeError::NoLeader));
-            }
+        let status = self.core.status();
+        let previous = self.status.borrow().clone();
+        if status.leader_id != previous.leader_id && status.leader_id != 0 {
+            self.metrics.leader_changes.fetch_add(1, Ordering::Relaxed);
+        }
+        if status.snapshot_index != previous.snapshot_index {
+            self.metrics.snapshots.fetch_add(1, Ordering::Relaxed);
+        }
+        let was_leader = previous.role == "leader";
+        if was_leader && status.role != "leader" {
+            // Entries proposed by a deposed leader may or may not commit.
+            self.fail_all(ProposeError::Unknown);
         }
         self.status.send_if_modified(|current| {
             let changed = *current != status;
             *current = status;
             changed
         });
-        if became_leader {
-            self.announce_self();
-        }
-    }
-
-    /// Records this server's name and address in the state, so `cluster
-    /// status` can show every member, once it leads.
-    fn announce_self(&mut self) {
-        let member = Member {
-            id: self.config.id,
-            name: self.config.name.clone(),
-            address: self.config.address.clone(),
-        };
-        let known = self
-            .state
-            .read()
-            .map(|s| s.members.get(&member.id) == Some(&member))
-            .unwrap_or(false);
-        if !known {
-            let (reply, _) = oneshot::channel();
-            self.handle(Inbox::Propose {
-                command: Command::UpsertMember { member },
-                reply,
-            });
-        }
-    }
-}
-
-/// Sends Raft messages to peers. A one-member group has none; the gRPC
-/// transport between servers arrives with replication.
-fn send_messages(messages: Vec<Message>) {
-    for message in messages {
-        tracing::debug!(to = message.to, kind = ?message.get_msg_type(), "no transport for raft message");
     }
 }

@@ -28,12 +28,7 @@ pub fn reconcile(desired: Option<u32>, allocs: &[&Allocation]) -> Decision {
     let mut live: Vec<&Allocation> = allocs.iter().copied().filter(|a| a.is_live()).collect();
     let desired = desired.unwrap_or(0) as usize;
     if live.len() > desired {
-        live.sort_by_key(|a| {
-            (
-                a.state == AllocState::Running,
-                std::cmp::Reverse(a.create_index),
-            )
-        });
+        live.sort_by_key(|a| (a.state.is_up(), std::cmp::Reverse(a.create_index)));
         let surplus = live.len() - desired;
         decision.stop = live.iter().take(surplus).map(|a| a.id.clone()).collect();
     } else {
@@ -59,6 +54,7 @@ mod tests {
                 command: vec!["true".into()],
                 env: Default::default(),
                 workdir: None,
+                ..Default::default()
             },
             host_port: 20000 + index as u16,
             desired,

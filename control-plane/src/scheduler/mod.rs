@@ -151,6 +151,7 @@ mod tests {
             command: vec!["true".into()],
             env: Default::default(),
             workdir: None,
+            ..Default::default()
         };
         state.apply(100, Command::CreateService { spec }).unwrap();
         state

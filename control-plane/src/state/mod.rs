@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-pub use spec::{RuntimeKind, ServiceSpec, SpecError};
+pub use spec::{HealthCheck, HealthKind, NetworkMode, RuntimeKind, ServiceSpec, SpecError};
 
 /// A service as stored: the spec plus bookkeeping.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,8 +76,16 @@ impl DesiredState {
 pub enum AllocState {
     /// Placed, not yet reported by the agent.
     Pending,
+    /// The agent is pulling the replica's image.
+    Pulling,
     Starting,
+    /// Started; healthy as far as anyone knows (no check passed or failed yet,
+    /// or it has none).
     Running,
+    /// Its health check passes.
+    Healthy,
+    /// Its health check failed; the agent restarts it.
+    Unhealthy,
     /// Exited; the agent restarts it after a backoff.
     Restarting,
     /// Cannot be started (e.g. the program does not exist); still retried.
@@ -90,8 +98,11 @@ impl AllocState {
     pub fn as_str(self) -> &'static str {
         match self {
             AllocState::Pending => "pending",
+            AllocState::Pulling => "pulling",
             AllocState::Starting => "starting",
             AllocState::Running => "running",
+            AllocState::Healthy => "healthy",
+            AllocState::Unhealthy => "unhealthy",
             AllocState::Restarting => "restarting",
             AllocState::Failed => "failed",
             AllocState::Stopped => "stopped",
@@ -101,13 +112,21 @@ impl AllocState {
     pub fn parse(value: &str) -> Option<Self> {
         Some(match value {
             "pending" => AllocState::Pending,
+            "pulling" => AllocState::Pulling,
             "starting" => AllocState::Starting,
             "running" => AllocState::Running,
+            "healthy" => AllocState::Healthy,
+            "unhealthy" => AllocState::Unhealthy,
             "restarting" => AllocState::Restarting,
             "failed" => AllocState::Failed,
             "stopped" => AllocState::Stopped,
             _ => return None,
         })
+    }
+
+    /// Its process runs (healthy or not yet checked).
+    pub fn is_up(self) -> bool {
+        matches!(self, AllocState::Running | AllocState::Healthy)
     }
 }
 
@@ -207,6 +226,15 @@ pub enum Command {
     UpsertMember {
         member: Member,
     },
+    RemoveMember {
+        id: u64,
+    },
+    /// Sets a cluster variable (small operator data, like Nomad's
+    /// variables); also what `skiff bench raft` writes.
+    PutVariable {
+        key: String,
+        value: String,
+    },
 }
 
 /// Why a command was refused. Deterministic: every server refuses alike.
@@ -221,7 +249,7 @@ pub enum CommandError {
 }
 
 /// What a successful command produced.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
     Done,
     /// A plan was applied; placements refused at apply time are counted.
@@ -238,6 +266,19 @@ pub enum Key {
     Node(String),
     Alloc(String),
     Member(u64),
+    Variable(String),
+}
+
+/// The serialized form of [`State`] carried by Raft snapshots.
+#[derive(Default, Serialize, Deserialize)]
+struct StateImage {
+    services: BTreeMap<String, Service>,
+    nodes: BTreeMap<String, Node>,
+    allocs: BTreeMap<String, Allocation>,
+    members: BTreeMap<u64, Member>,
+    #[serde(default)]
+    variables: BTreeMap<String, String>,
+    applied_index: u64,
 }
 
 /// The applied state. Cloned as a snapshot by readers and controllers.
@@ -247,6 +288,7 @@ pub struct State {
     pub nodes: BTreeMap<String, Node>,
     pub allocs: BTreeMap<String, Allocation>,
     pub members: BTreeMap<u64, Member>,
+    pub variables: BTreeMap<String, String>,
     /// Raft index of the last applied entry.
     pub applied_index: u64,
     dirty: BTreeSet<Key>,
@@ -288,6 +330,16 @@ impl State {
                 self.report_allocs(index, &node, reports);
                 Ok(Outcome::Done)
             }
+            Command::PutVariable { key, value } => {
+                self.dirty.insert(Key::Variable(key.clone()));
+                self.variables.insert(key, value);
+                Ok(Outcome::Done)
+            }
+            Command::RemoveMember { id } => {
+                self.dirty.insert(Key::Member(id));
+                self.members.remove(&id);
+                Ok(Outcome::Done)
+            }
             Command::UpsertMember { member } => {
                 self.dirty.insert(Key::Member(member.id));
                 self.members.insert(member.id, member);
@@ -300,6 +352,63 @@ impl State {
     /// empty entries and configuration changes).
     pub fn skip(&mut self, index: u64) {
         self.applied_index = self.applied_index.max(index);
+    }
+
+    /// Encodes the whole state for a Raft snapshot.
+    pub fn to_image(&self) -> Vec<u8> {
+        let image = StateImage {
+            services: self.services.clone(),
+            nodes: self.nodes.clone(),
+            allocs: self.allocs.clone(),
+            members: self.members.clone(),
+            variables: self.variables.clone(),
+            applied_index: self.applied_index,
+        };
+        serde_json::to_vec(&image).expect("state always serializes")
+    }
+
+    /// Decodes a snapshot image; every record counts as changed so the
+    /// storage layer rewrites them all.
+    pub fn from_image(bytes: &[u8]) -> Result<State, serde_json::Error> {
+        let image: StateImage = if bytes.is_empty() {
+            StateImage::default()
+        } else {
+            serde_json::from_slice(bytes)?
+        };
+        let mut state = State {
+            services: image.services,
+            nodes: image.nodes,
+            allocs: image.allocs,
+            members: image.members,
+            variables: image.variables,
+            applied_index: image.applied_index,
+            dirty: BTreeSet::new(),
+        };
+        state
+            .dirty
+            .extend(state.services.keys().cloned().map(Key::Service));
+        state
+            .dirty
+            .extend(state.nodes.keys().cloned().map(Key::Node));
+        state
+            .dirty
+            .extend(state.allocs.keys().cloned().map(Key::Alloc));
+        state
+            .dirty
+            .extend(state.members.keys().copied().map(Key::Member));
+        state
+            .dirty
+            .extend(state.variables.keys().cloned().map(Key::Variable));
+        Ok(state)
+    }
+
+    /// Whether two states hold the same records (ignoring what is unsaved).
+    pub fn same_records(&self, other: &State) -> bool {
+        self.services == other.services
+            && self.nodes == other.nodes
+            && self.allocs == other.allocs
+            && self.members == other.members
+            && self.variables == other.variables
     }
 
     /// Keys changed since the last call; the caller persists them.
@@ -474,6 +583,7 @@ mod tests {
             command: vec!["sleep".into(), "100".into()],
             env: BTreeMap::new(),
             workdir: None,
+            ..Default::default()
         }
     }
 

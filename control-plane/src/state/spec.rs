@@ -13,34 +13,109 @@ pub const MAX_REPLICAS: u32 = 1000;
 /// Longest service name; a DNS label, so names can become hostnames later.
 pub const MAX_NAME_LEN: usize = 63;
 
+/// Smallest memory limit accepted: below it runc itself cannot start.
+pub const MIN_MEMORY_MB: u32 = 4;
+
 /// How a replica is run on its node.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RuntimeKind {
     /// A host process per replica, like Nomad's raw_exec.
+    #[default]
     Process,
+    /// A container from an OCI image, run by runc or crun.
+    Oci,
 }
 
 impl RuntimeKind {
     pub fn as_str(self) -> &'static str {
         match self {
             RuntimeKind::Process => "process",
+            RuntimeKind::Oci => "oci",
+        }
+    }
+
+    /// Parses a runtime name; empty means "process" (see [`RuntimeKind::resolve`]
+    /// for the default that depends on the image).
+    pub fn parse(value: &str) -> Result<Self, SpecError> {
+        match value {
+            "process" | "" => Ok(RuntimeKind::Process),
+            "oci" => Ok(RuntimeKind::Oci),
+            other => Err(SpecError::new(
+                "runtime",
+                format!("unknown runtime \"{other}\"; use --runtime oci or --runtime process"),
+            )),
+        }
+    }
+
+    /// The runtime a spec asks for: the named one, or when none is named,
+    /// "oci" if an image is given and "process" otherwise.
+    pub fn resolve(value: &str, has_image: bool) -> Result<Self, SpecError> {
+        match value {
+            "" if has_image => Ok(RuntimeKind::Oci),
+            other => Self::parse(other),
+        }
+    }
+}
+
+/// The network a container joins.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// Its own network namespace on the node bridge; the host port maps to
+    /// the container port.
+    #[default]
+    Bridge,
+    /// The host's network namespace; the replica listens on `$PORT`.
+    Host,
+}
+
+impl NetworkMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetworkMode::Bridge => "bridge",
+            NetworkMode::Host => "host",
         }
     }
 
     pub fn parse(value: &str) -> Result<Self, SpecError> {
         match value {
-            "process" | "" => Ok(RuntimeKind::Process),
+            "bridge" | "" => Ok(NetworkMode::Bridge),
+            "host" => Ok(NetworkMode::Host),
             other => Err(SpecError::new(
-                "runtime",
-                format!("unknown runtime \"{other}\"; use --runtime process"),
+                "network",
+                format!("unknown network mode \"{other}\"; use --network bridge or --network host"),
             )),
         }
     }
 }
 
-/// What the operator wants to run.
+/// What a health check probes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "kind")]
+pub enum HealthKind {
+    /// GET `path` on the replica's port; 2xx and 3xx are healthy.
+    Http { path: String },
+    /// A TCP connect to the replica's port.
+    Tcp,
+    /// A command run inside the replica; exit status 0 is healthy.
+    Exec { command: Vec<String> },
+}
+
+/// A health check with its timing; zero durations and retries mean the
+/// defaults (10s interval, 5s timeout, 3 retries, no start period).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthCheck {
+    #[serde(flatten)]
+    pub kind: HealthKind,
+    pub interval_ms: u32,
+    pub timeout_ms: u32,
+    pub retries: u32,
+    pub start_period_ms: u32,
+}
+
+/// What the operator wants to run.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceSpec {
     pub name: String,
     pub runtime: RuntimeKind,
@@ -48,8 +123,32 @@ pub struct ServiceSpec {
     /// Program and arguments; `$PORT` in them is replaced by the agent.
     pub command: Vec<String>,
     pub env: BTreeMap<String, String>,
-    /// Working directory; `None` runs in the allocation's own directory.
+    /// Working directory; `None` runs in the allocation's own directory
+    /// (process) or the image's working directory (oci).
     pub workdir: Option<String>,
+    /// Image reference; set exactly when the runtime is oci.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Port the container listens on in bridge mode; `None`: the image's
+    /// first exposed TCP port, else the host port.
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub memory_mb: Option<u32>,
+    #[serde(default)]
+    pub cpu_millis: Option<u32>,
+    /// User in the image (`name`, `uid`, `name:group`, `uid:gid`); `None`:
+    /// the image's user.
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub network: NetworkMode,
+    /// `None`: the image's HEALTHCHECK, if any.
+    #[serde(default)]
+    pub health: Option<HealthCheck>,
+    /// Run under a tiny init; `None`: yes unless the entrypoint is an init.
+    #[serde(default)]
+    pub init: Option<bool>,
 }
 
 /// A spec field that is wrong, with what to do about it.
@@ -74,17 +173,12 @@ impl ServiceSpec {
     pub fn validate(&self) -> Result<(), SpecError> {
         validate_name(&self.name)?;
         validate_replicas(i64::from(self.replicas))?;
-        match self.command.first() {
-            None => {
-                return Err(SpecError::new(
-                    "command",
-                    "the command is empty; give it after `--`, e.g. `-- python3 -m http.server '$PORT'`",
-                ))
-            }
-            Some(program) if program.trim().is_empty() => {
-                return Err(SpecError::new("command", "the program name is blank"))
-            }
-            Some(_) => {}
+        match self.runtime {
+            RuntimeKind::Process => self.validate_process()?,
+            RuntimeKind::Oci => self.validate_oci()?,
+        }
+        if self.command.first().is_some_and(|p| p.trim().is_empty()) {
+            return Err(SpecError::new("command", "the program name is blank"));
         }
         if self.command.iter().any(|arg| arg.contains('\0')) {
             return Err(SpecError::new(
@@ -103,8 +197,223 @@ impl ServiceSpec {
                 ));
             }
         }
+        if let Some(health) = &self.health {
+            validate_health(health)?;
+        }
         Ok(())
     }
+
+    fn validate_process(&self) -> Result<(), SpecError> {
+        if self.command.is_empty() {
+            return Err(SpecError::new(
+                "command",
+                "the command is empty; give it after `--`, e.g. `-- python3 -m http.server '$PORT'`, or run an image with --image REF",
+            ));
+        }
+        let container_only = [
+            ("image", self.image.is_some(), "--image"),
+            ("port", self.port.is_some(), "--port"),
+            ("memory", self.memory_mb.is_some(), "--memory"),
+            ("cpu", self.cpu_millis.is_some(), "--cpu"),
+            ("user", self.user.is_some(), "--user"),
+            ("init", self.init.is_some(), "--init/--no-init"),
+            ("network", self.network == NetworkMode::Host, "--network"),
+        ];
+        for (field, given, flag) in container_only {
+            if given {
+                return Err(SpecError::new(
+                    field,
+                    format!("{flag} applies to containers only; use --runtime oci with --image REF, or drop {flag}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_oci(&self) -> Result<(), SpecError> {
+        let Some(image) = &self.image else {
+            return Err(SpecError::new(
+                "image",
+                "the oci runtime needs an image; give --image REF (e.g. 127.0.0.1:5000/demo/web:v1), or use --runtime process with a command",
+            ));
+        };
+        validate_image_reference(image)?;
+        if self.port == Some(0) {
+            return Err(SpecError::new(
+                "port",
+                "0 is not a port; use a container port from 1 to 65535",
+            ));
+        }
+        if let Some(mb) = self.memory_mb {
+            if mb < MIN_MEMORY_MB {
+                return Err(SpecError::new(
+                    "memory",
+                    format!("{mb} MB is too small; use at least {MIN_MEMORY_MB} MB"),
+                ));
+            }
+        }
+        if self.cpu_millis == Some(0) {
+            return Err(SpecError::new(
+                "cpu",
+                "0 millicores would never run; use a value above 0 (1000 = one CPU)",
+            ));
+        }
+        if let Some(user) = &self.user {
+            validate_user(user)?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks a reference like `[host[:port]/]path[:tag][@sha256:<64 hex>]` as
+/// registries accept it: lowercase path components, a tag of at most 128
+/// word characters, dots and dashes, and a sha256 digest.
+pub fn validate_image_reference(reference: &str) -> Result<(), SpecError> {
+    let bad = |why: &str| {
+        SpecError::new(
+            "image",
+            format!("\"{reference}\" is not an image reference: {why}; use e.g. 127.0.0.1:5000/demo/web:v1 or busybox@sha256:<64 hex digits>"),
+        )
+    };
+    if reference.is_empty() {
+        return Err(bad("it is empty"));
+    }
+    if reference
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(bad("it contains whitespace"));
+    }
+    let (name_tag, digest) = match reference.split_once('@') {
+        Some((n, d)) => (n, Some(d)),
+        None => (reference, None),
+    };
+    if let Some(digest) = digest {
+        let hex = digest
+            .strip_prefix("sha256:")
+            .ok_or_else(|| bad("the digest must start with sha256:"))?;
+        if hex.len() != 64
+            || !hex
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        {
+            return Err(bad("a sha256 digest has 64 lowercase hex digits"));
+        }
+    }
+    // A tag follows the last ':' that comes after the last '/'.
+    let last_slash = name_tag.rfind('/').map_or(0, |i| i + 1);
+    let (name, tag) = match name_tag[last_slash..].rfind(':') {
+        Some(i) => (
+            &name_tag[..last_slash + i],
+            Some(&name_tag[last_slash + i + 1..]),
+        ),
+        None => (name_tag, None),
+    };
+    if let Some(tag) = tag {
+        let valid = !tag.is_empty()
+            && tag.len() <= 128
+            && tag.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_')
+            && tag
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+        if !valid {
+            return Err(bad("a tag has 1-128 letters, digits, '_', '.' and '-'"));
+        }
+    }
+    let mut components: Vec<&str> = name.split('/').collect();
+    // The first component is a registry host when it looks like one.
+    if components.len() > 1 && (components[0].contains(['.', ':']) || components[0] == "localhost")
+    {
+        let host = components.remove(0);
+        let (hostname, port) = match host.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (host, None),
+        };
+        if hostname.is_empty()
+            || !hostname
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-'))
+        {
+            return Err(bad("the registry host is not a host name"));
+        }
+        if port.is_some_and(|p| p.parse::<u16>().map_or(true, |p| p == 0)) {
+            return Err(bad("the registry port is not a port"));
+        }
+    }
+    for component in components {
+        let valid = !component.is_empty()
+            && component.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+            && component.ends_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+            && component.chars().all(|c| {
+                c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-')
+            });
+        if !valid {
+            return Err(bad(
+                "repository names use lowercase letters, digits and '.', '_', '-' between them",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `name`, `uid`, `name:group` or `uid:gid`; resolved later in the image.
+pub fn validate_user(user: &str) -> Result<(), SpecError> {
+    let valid_part = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 32
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    };
+    let valid = match user.split_once(':') {
+        Some((u, g)) => valid_part(u) && valid_part(g),
+        None => valid_part(user),
+    };
+    if valid {
+        Ok(())
+    } else {
+        Err(SpecError::new(
+            "user",
+            format!("\"{user}\" is not a user; use a name or uid, optionally with :group or :gid (e.g. nobody, 1000:1000)"),
+        ))
+    }
+}
+
+pub fn validate_health(health: &HealthCheck) -> Result<(), SpecError> {
+    match &health.kind {
+        HealthKind::Http { path } if !path.starts_with('/') => {
+            return Err(SpecError::new(
+                "health",
+                format!(
+                "the HTTP check path \"{path}\" must start with '/', e.g. --health-http /healthz"
+            ),
+            ))
+        }
+        HealthKind::Http { path } if path.chars().any(|c| c.is_whitespace() || c.is_control()) => {
+            return Err(SpecError::new(
+                "health",
+                "the HTTP check path contains whitespace; percent-encode it",
+            ))
+        }
+        HealthKind::Exec { command }
+            if command.first().filter(|p| !p.trim().is_empty()).is_none() =>
+        {
+            return Err(SpecError::new(
+                "health",
+                "the exec check command is empty; give it as --health-cmd 'CMD ARGS'",
+            ))
+        }
+        _ => {}
+    }
+    if health.timeout_ms > 0 && health.interval_ms > 0 && health.timeout_ms > health.interval_ms {
+        return Err(SpecError::new(
+            "health",
+            format!(
+                "the timeout ({} ms) exceeds the interval ({} ms); use a timeout at most the interval",
+                health.timeout_ms, health.interval_ms
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// A service name is a DNS label: 1-63 of `a-z`, `0-9` and `-`, starting
@@ -145,6 +454,37 @@ pub fn validate_replicas(replicas: i64) -> Result<u32, SpecError> {
     Ok(replicas as u32)
 }
 
+/// Largest cluster variable value: variables are for small settings.
+pub const MAX_VARIABLE_BYTES: usize = 64 * 1024;
+
+/// Variable keys are paths of `[A-Za-z0-9_.-]` segments separated by `/`.
+pub fn validate_variable(key: &str, value: &str) -> Result<(), SpecError> {
+    let valid = !key.is_empty()
+        && key.len() <= 256
+        && key.split('/').all(|part| {
+            !part.is_empty()
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+        });
+    if !valid {
+        return Err(SpecError::new(
+            "key",
+            format!("\"{key}\" is not valid; use up to 256 characters of letters, digits, '_', '.', '-' in '/'-separated parts"),
+        ));
+    }
+    if value.len() > MAX_VARIABLE_BYTES {
+        return Err(SpecError::new(
+            "value",
+            format!(
+                "{} bytes is too large; variables hold at most {MAX_VARIABLE_BYTES} bytes",
+                value.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Environment keys follow POSIX shell names so every program can read them.
 pub fn validate_env(key: &str, value: &str) -> Result<(), SpecError> {
     let valid_key = !key.is_empty()
@@ -183,7 +523,163 @@ mod tests {
             command: vec!["python3".into(), "-m".into(), "http.server".into()],
             env: BTreeMap::new(),
             workdir: None,
+            ..ServiceSpec::default()
         }
+    }
+
+    fn container() -> ServiceSpec {
+        ServiceSpec {
+            runtime: RuntimeKind::Oci,
+            command: vec![],
+            image: Some("127.0.0.1:5000/demo/web:v1".into()),
+            ..spec()
+        }
+    }
+
+    #[test]
+    fn a_plain_container_spec_is_valid_without_a_command() {
+        assert_eq!(container().validate(), Ok(()));
+    }
+
+    #[test]
+    fn runtime_defaults_to_oci_when_an_image_is_given() {
+        assert_eq!(RuntimeKind::resolve("", true), Ok(RuntimeKind::Oci));
+        assert_eq!(RuntimeKind::resolve("", false), Ok(RuntimeKind::Process));
+        assert_eq!(
+            RuntimeKind::resolve("process", true),
+            Ok(RuntimeKind::Process)
+        );
+    }
+
+    #[test]
+    fn oci_needs_an_image_and_process_refuses_container_options() {
+        let mut s = container();
+        s.image = None;
+        let err = s.validate().unwrap_err();
+        assert_eq!(err.field, "image");
+        assert!(err.problem.contains("--image"), "{err}");
+
+        let mut s = spec();
+        s.image = Some("busybox".into());
+        assert_eq!(s.validate().unwrap_err().field, "image");
+        let mut s = spec();
+        s.memory_mb = Some(64);
+        assert!(s.validate().unwrap_err().problem.contains("--runtime oci"));
+        let mut s = spec();
+        s.network = NetworkMode::Host;
+        assert_eq!(s.validate().unwrap_err().field, "network");
+    }
+
+    #[test]
+    fn image_references_are_checked() {
+        for good in [
+            "busybox",
+            "library/busybox:1.36",
+            "127.0.0.1:5000/demo/web:v1",
+            "localhost/a/b",
+            "registry.example.com/team/app-x_y.z:v1.2-rc",
+            &format!("demo/web@sha256:{}", "a".repeat(64)),
+            &format!("127.0.0.1:5000/demo/web:v2@sha256:{}", "0".repeat(64)),
+        ] {
+            assert_eq!(validate_image_reference(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "",
+            "Busybox",
+            "demo/web:",
+            "demo//web",
+            "demo/web:v 1",
+            "demo/web@sha256:abc",
+            "demo/web@md5:abc",
+            "127.0.0.1:99999/web",
+            "-web",
+            "web:*",
+        ] {
+            let err = validate_image_reference(bad).unwrap_err();
+            assert_eq!(err.field, "image", "{bad}");
+            assert!(err.problem.contains("e.g."), "{err}");
+        }
+    }
+
+    #[test]
+    fn container_limits_and_port_are_checked() {
+        let mut s = container();
+        s.memory_mb = Some(3);
+        let err = s.validate().unwrap_err();
+        assert_eq!(err.field, "memory");
+        assert!(err.problem.contains("at least 4 MB"), "{err}");
+        s.memory_mb = Some(4);
+        assert_eq!(s.validate(), Ok(()));
+        s.cpu_millis = Some(0);
+        assert_eq!(s.validate().unwrap_err().field, "cpu");
+        s.cpu_millis = Some(250);
+        s.port = Some(0);
+        assert_eq!(s.validate().unwrap_err().field, "port");
+        s.port = Some(80);
+        assert_eq!(s.validate(), Ok(()));
+    }
+
+    #[test]
+    fn users_are_names_or_ids_with_an_optional_group() {
+        for good in [
+            "nobody",
+            "1000",
+            "1000:1000",
+            "www-data:www-data",
+            "app.user",
+        ] {
+            assert_eq!(validate_user(good), Ok(()), "{good}");
+        }
+        for bad in ["", ":", "a:", "a b", "a:b:c", "root;"] {
+            assert_eq!(validate_user(bad).unwrap_err().field, "user", "{bad}");
+        }
+    }
+
+    #[test]
+    fn health_checks_are_checked() {
+        let check = |kind| HealthCheck {
+            kind,
+            interval_ms: 0,
+            timeout_ms: 0,
+            retries: 0,
+            start_period_ms: 0,
+        };
+        assert!(validate_health(&check(HealthKind::Http { path: "/".into() })).is_ok());
+        assert!(validate_health(&check(HealthKind::Tcp)).is_ok());
+        let err = validate_health(&check(HealthKind::Http {
+            path: "healthz".into(),
+        }))
+        .unwrap_err();
+        assert!(err.problem.contains("--health-http /healthz"), "{err}");
+        assert!(validate_health(&check(HealthKind::Exec { command: vec![] })).is_err());
+        let mut slow = check(HealthKind::Tcp);
+        slow.interval_ms = 1000;
+        slow.timeout_ms = 2000;
+        assert!(validate_health(&slow)
+            .unwrap_err()
+            .problem
+            .contains("timeout"));
+    }
+
+    #[test]
+    fn health_checks_round_trip_through_json() {
+        let h = HealthCheck {
+            kind: HealthKind::Exec {
+                command: vec!["true".into()],
+            },
+            interval_ms: 1,
+            timeout_ms: 1,
+            retries: 2,
+            start_period_ms: 0,
+        };
+        let json = serde_json::to_string(&h).unwrap();
+        assert_eq!(serde_json::from_str::<HealthCheck>(&json).unwrap(), h);
+        let old: ServiceSpec = serde_json::from_str(
+            r#"{"name":"web","runtime":"process","replicas":1,"command":["true"],"env":{},"workdir":null}"#,
+        )
+        .unwrap();
+        assert_eq!(old.network, NetworkMode::Bridge);
+        assert_eq!(old.image, None);
     }
 
     #[test]

@@ -36,6 +36,12 @@ impl StateStore {
         })
     }
 
+    /// Makes every saved record durable.
+    pub fn flush_pending(&self) -> Result<(), StoreError> {
+        self.tree.flush()?;
+        Ok(())
+    }
+
     /// Loads the whole state, as persisted by [`StateStore::save`].
     pub fn load(&self) -> Result<State, StoreError> {
         let mut state = State::default();
@@ -53,6 +59,10 @@ impl StateStore {
             } else if key.starts_with("member/") {
                 let member: super::Member = decode(&key, &value)?;
                 state.members.insert(member.id, member);
+            } else if let Some(name) = key.strip_prefix("var/") {
+                state
+                    .variables
+                    .insert(name.to_string(), decode(&key, &value)?);
             } else if key.as_bytes() == APPLIED_INDEX {
                 state.applied_index = decode(&key, &value)?;
             }
@@ -60,10 +70,23 @@ impl StateStore {
         Ok(state)
     }
 
+    /// Replaces everything stored with `state` (after a snapshot was
+    /// installed), in one atomic batch.
+    pub fn replace(&self, state: &mut State) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for key in self.tree.iter().keys() {
+            batch.remove(key?);
+        }
+        self.write(state, batch)
+    }
+
     /// Writes every record changed since the last save, and the applied
     /// index, in one atomic batch.
     pub fn save(&self, state: &mut State) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
+        self.write(state, sled::Batch::default())
+    }
+
+    fn write(&self, state: &mut State, mut batch: sled::Batch) -> Result<(), StoreError> {
         for key in state.take_dirty() {
             let (name, value) = match &key {
                 Key::Service(n) => (format!("service/{n}"), state.services.get(n).map(encode)),
@@ -73,6 +96,7 @@ impl StateStore {
                     format!("member/{id:020}"),
                     state.members.get(id).map(encode),
                 ),
+                Key::Variable(k) => (format!("var/{k}"), state.variables.get(k).map(encode)),
             };
             match value {
                 Some(bytes) => batch.insert(name.as_bytes(), bytes),
@@ -115,6 +139,7 @@ mod tests {
                 command: vec!["true".into()],
                 env: Default::default(),
                 workdir: None,
+                ..Default::default()
             };
             state
                 .apply(i as u64 + 1, Command::CreateService { spec })

@@ -1,0 +1,362 @@
+//! Talking to OCI distribution / Docker Registry v2 endpoints through
+//! `oci-client`: manifests (OCI and Docker schema 2, image indexes and
+//! manifest lists), blobs as streams, bearer-token or basic auth with
+//! credentials from the Docker `config.json`, plain HTTP only for registries
+//! listed as insecure. Errors are mapped to [`ImageError`]s that name the
+//! image or registry.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+use std::time::Duration;
+
+use base64::Engine;
+use oci_client::client::{ClientConfig, ClientProtocol, SizedStream};
+use oci_client::errors::{OciDistributionError, OciErrorCode};
+use oci_client::manifest::{
+    IMAGE_MANIFEST_LIST_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE, OCI_IMAGE_INDEX_MEDIA_TYPE,
+    OCI_IMAGE_MEDIA_TYPE,
+};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use serde::Deserialize;
+
+use super::ImageError;
+
+/// Every manifest type we can use. The registry answers `MANIFEST_UNKNOWN`
+/// for an OCI manifest unless the OCI types are accepted, so all four go in
+/// `Accept`.
+pub(crate) const MANIFEST_MEDIA_TYPES: &[&str] = &[
+    OCI_IMAGE_MEDIA_TYPE,
+    IMAGE_MANIFEST_MEDIA_TYPE,
+    OCI_IMAGE_INDEX_MEDIA_TYPE,
+    IMAGE_MANIFEST_LIST_MEDIA_TYPE,
+];
+
+/// A registry client shared by all pulls of one store (it caches tokens).
+pub(crate) struct Registry {
+    client: Client,
+    docker_config: Option<PathBuf>,
+}
+
+fn install_crypto_provider() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // Fails only if a provider is already installed, which is as good.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+impl Registry {
+    pub fn new(
+        insecure_registries: &[String],
+        docker_config: Option<PathBuf>,
+    ) -> Result<Self, String> {
+        install_crypto_provider();
+        let config = ClientConfig {
+            protocol: ClientProtocol::HttpsExcept(insecure_registries.to_vec()),
+            platform_resolver: Some(Box::new(oci_client::client::linux_amd64_resolver)),
+            connect_timeout: Some(Duration::from_secs(10)),
+            read_timeout: Some(Duration::from_secs(60)),
+            ..ClientConfig::default()
+        };
+        let client = Client::try_from(config).map_err(|e| e.to_string())?;
+        Ok(Registry {
+            client,
+            docker_config,
+        })
+    }
+
+    async fn ensure_auth(&self, reference: &Reference) {
+        let registry = reference.resolve_registry();
+        let auth = credentials_for(self.docker_config.as_deref(), registry);
+        self.client.store_auth_if_needed(registry, &auth).await;
+    }
+
+    /// The raw manifest (or index) the reference names and its digest,
+    /// checked against the reference's digest when it has one.
+    pub async fn manifest(
+        &self,
+        reference: &Reference,
+        display: &str,
+    ) -> Result<(Vec<u8>, String), ImageError> {
+        self.ensure_auth(reference).await;
+        let (bytes, _digest) = self
+            .client
+            .pull_manifest_raw(reference, &RegistryAuth::Anonymous, MANIFEST_MEDIA_TYPES)
+            .await
+            .map_err(|e| map_error(e, reference, display))?;
+        // The registry's Docker-Content-Digest is trusted only as far as it
+        // matches the bytes; ours is the sha256 of what we received.
+        let digest = super::store::sha256_digest(&bytes);
+        if let Some(expected) = reference.digest() {
+            if expected != digest {
+                return Err(ImageError::DigestMismatch {
+                    reference: display.to_string(),
+                    digest: expected.to_string(),
+                    actual: digest,
+                });
+            }
+        }
+        Ok((bytes.to_vec(), digest))
+    }
+
+    /// A stream of the blob's bytes (verified by the caller).
+    pub async fn blob(
+        &self,
+        reference: &Reference,
+        digest: &str,
+        display: &str,
+    ) -> Result<SizedStream, ImageError> {
+        self.ensure_auth(reference).await;
+        self.client
+            .pull_blob_stream(reference, digest)
+            .await
+            .map_err(|e| map_error(e, reference, display))
+    }
+}
+
+/// Parses an image reference, Docker style (`busybox` is
+/// `docker.io/library/busybox:latest`).
+pub(crate) fn parse_reference(reference: &str) -> Result<Reference, ImageError> {
+    reference
+        .parse::<Reference>()
+        .map_err(|e| ImageError::InvalidReference {
+            reference: reference.to_string(),
+            reason: e.to_string().to_lowercase(),
+        })
+}
+
+/// Turns an `oci-client` error into ours: unknown image, unauthorized,
+/// unreachable registry, or a generic pull failure.
+pub(crate) fn map_error(
+    e: OciDistributionError,
+    reference: &Reference,
+    display: &str,
+) -> ImageError {
+    let registry = reference.registry().to_string();
+    let pull = |reason: String| ImageError::Pull {
+        reference: display.to_string(),
+        reason,
+    };
+    match e {
+        OciDistributionError::RegistryError { envelope, .. } => {
+            let reason = envelope
+                .errors
+                .iter()
+                .map(|e| {
+                    if e.message.is_empty() {
+                        format!("{:?}", e.code).to_lowercase()
+                    } else {
+                        e.message.to_lowercase()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            let not_found = envelope.errors.iter().any(|e| {
+                matches!(
+                    e.code,
+                    OciErrorCode::ManifestUnknown
+                        | OciErrorCode::NameUnknown
+                        | OciErrorCode::BlobUnknown
+                        | OciErrorCode::NotFound
+                )
+            });
+            let unauthorized = envelope
+                .errors
+                .iter()
+                .any(|e| matches!(e.code, OciErrorCode::Unauthorized | OciErrorCode::Denied));
+            if not_found {
+                ImageError::NotFound {
+                    reference: display.to_string(),
+                    reason,
+                }
+            } else if unauthorized {
+                ImageError::Unauthorized {
+                    reference: display.to_string(),
+                    reason,
+                }
+            } else {
+                pull(reason)
+            }
+        }
+        OciDistributionError::UnauthorizedError { url } => ImageError::Unauthorized {
+            reference: display.to_string(),
+            reason: format!("registry refused {url}"),
+        },
+        OciDistributionError::AuthenticationFailure(reason) => ImageError::Unauthorized {
+            reference: display.to_string(),
+            reason: reason.to_lowercase(),
+        },
+        OciDistributionError::ServerError { code: 404, .. } => ImageError::NotFound {
+            reference: display.to_string(),
+            reason: "not found".to_string(),
+        },
+        OciDistributionError::ImageManifestNotFoundError(reason) => ImageError::NotFound {
+            reference: display.to_string(),
+            reason: reason.to_lowercase(),
+        },
+        OciDistributionError::RequestError(e) if e.is_connect() || e.is_timeout() => {
+            ImageError::Unreachable {
+                registry,
+                reason: error_chain(&e),
+            }
+        }
+        OciDistributionError::RequestError(e) => pull(error_chain(&e)),
+        other => pull(other.to_string().to_lowercase()),
+    }
+}
+
+/// The error and its sources, joined: reqwest's own message alone ("error
+/// sending request") does not say what went wrong.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    let mut depth = 0;
+    while let Some(s) = source {
+        if depth >= 8 {
+            break;
+        }
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+        depth += 1;
+    }
+    out
+}
+
+#[derive(Deserialize, Default)]
+struct DockerConfig {
+    #[serde(default)]
+    auths: HashMap<String, DockerAuth>,
+}
+
+#[derive(Deserialize, Default)]
+struct DockerAuth {
+    #[serde(default)]
+    auth: Option<String>,
+    #[serde(default)]
+    username: Option<String>,
+    #[serde(default)]
+    password: Option<String>,
+}
+
+/// The Docker config file to read: the explicit one, else
+/// `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`.
+fn docker_config_path(explicit: Option<&Path>) -> Option<PathBuf> {
+    if let Some(path) = explicit {
+        return Some(path.to_path_buf());
+    }
+    if let Some(dir) = std::env::var_os("DOCKER_CONFIG") {
+        return Some(PathBuf::from(dir).join("config.json"));
+    }
+    std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".docker/config.json"))
+}
+
+/// Docker Hub's many spellings are one registry.
+fn normalize_registry(host: &str) -> String {
+    let host = host
+        .trim_start_matches("https://")
+        .trim_start_matches("http://");
+    let host = host.split('/').next().unwrap_or(host);
+    match host {
+        "index.docker.io" | "registry-1.docker.io" | "docker.io" => "docker.io".to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// Credentials for `registry` from the Docker config (`auths.<host>.auth`,
+/// base64 `user:pass`, or `username`/`password`); anonymous when there are
+/// none. Read at each pull, so a `docker login` takes effect without a
+/// restart. Credential helpers (`credsStore`) are not supported.
+pub(crate) fn credentials_for(explicit: Option<&Path>, registry: &str) -> RegistryAuth {
+    let Some(path) = docker_config_path(explicit) else {
+        return RegistryAuth::Anonymous;
+    };
+    let Ok(bytes) = std::fs::read(&path) else {
+        return RegistryAuth::Anonymous;
+    };
+    let config: DockerConfig = match serde_json::from_slice(&bytes) {
+        Ok(config) => config,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "ignoring unreadable docker config");
+            return RegistryAuth::Anonymous;
+        }
+    };
+    credentials_from(&config, registry)
+}
+
+fn credentials_from(config: &DockerConfig, registry: &str) -> RegistryAuth {
+    let wanted = normalize_registry(registry);
+    for (host, auth) in &config.auths {
+        if normalize_registry(host) != wanted {
+            continue;
+        }
+        if let Some(encoded) = auth.auth.as_deref().filter(|a| !a.is_empty()) {
+            if let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(encoded.trim()) {
+                if let Ok(text) = String::from_utf8(decoded) {
+                    if let Some((user, pass)) = text.split_once(':') {
+                        return RegistryAuth::Basic(user.to_string(), pass.to_string());
+                    }
+                }
+            }
+        }
+        if let (Some(user), Some(pass)) = (&auth.username, &auth.password) {
+            return RegistryAuth::Basic(user.clone(), pass.clone());
+        }
+    }
+    RegistryAuth::Anonymous
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(json: &str) -> DockerConfig {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn docker_config_auth_is_base64_user_colon_pass() {
+        // "alice:s3cr:et"
+        let c = config(r#"{"auths": {"127.0.0.1:5000": {"auth": "YWxpY2U6czNjcjpldA=="}}}"#);
+        match credentials_from(&c, "127.0.0.1:5000") {
+            RegistryAuth::Basic(user, pass) => {
+                assert_eq!(user, "alice");
+                assert_eq!(pass, "s3cr:et");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(matches!(
+            credentials_from(&c, "127.0.0.1:5001"),
+            RegistryAuth::Anonymous
+        ));
+    }
+
+    #[test]
+    fn docker_hub_spellings_match() {
+        let c = config(
+            r#"{"auths": {"https://index.docker.io/v1/": {"username": "u", "password": "p"}}}"#,
+        );
+        assert!(matches!(
+            credentials_from(&c, "index.docker.io"),
+            RegistryAuth::Basic(..)
+        ));
+        assert!(matches!(
+            credentials_from(&c, "docker.io"),
+            RegistryAuth::Basic(..)
+        ));
+    }
+
+    #[test]
+    fn manifest_accept_covers_oci_and_docker_types() {
+        for t in [
+            "application/vnd.oci.image.manifest.v1+json",
+            "application/vnd.oci.image.index.v1+json",
+            "application/vnd.docker.distribution.manifest.v2+json",
+            "application/vnd.docker.distribution.manifest.list.v2+json",
+        ] {
+            assert!(MANIFEST_MEDIA_TYPES.contains(&t), "{t}");
+        }
+    }
+}

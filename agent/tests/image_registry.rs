@@ -1,0 +1,398 @@
+//! The image store against a real `docker-registry` on 127.0.0.1 holding the
+//! fixture images of `deploy/images/build.sh`: pulls by tag, digest, index
+//! and Docker schema 2; blob dedupe and coalescing; digest-mismatch refusal;
+//! overlay rootfs with whiteouts and opaque dirs; clean unmounts.
+//!
+//! One registry serves the whole file (started once, stopped by its PID when
+//! this process exits, via `registry.sh --watch`). Each test uses its own
+//! store. Skipped, with a message, only where the tools are not installed.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use skiff_agent::image::{is_mounted, ImageError, ImageStore, PullOptions, PullPolicy};
+
+struct Fixture {
+    addr: String,
+    dir: PathBuf,
+    images: HashMap<String, String>,
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn parse_env(text: &str) -> HashMap<String, String> {
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+fn start_fixture() -> Option<Fixture> {
+    let missing: Vec<_> = ["docker-registry", "skopeo", "busybox", "zstd", "sha256sum"]
+        .into_iter()
+        .filter(|t| !have(t))
+        .collect();
+    if !missing.is_empty() {
+        eprintln!(
+            "SKIPPING registry tests: {} not installed (apt-get install docker-registry skopeo busybox-static zstd)",
+            missing.join(", ")
+        );
+        return None;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let scripts = repo_root().join("deploy/images");
+    let out = Command::new(scripts.join("registry.sh"))
+        .args(["start", "--port", &port.to_string(), "--watch"])
+        .arg(std::process::id().to_string())
+        .output()
+        .expect("run registry.sh");
+    assert!(
+        out.status.success(),
+        "registry.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let env = parse_env(&String::from_utf8_lossy(&out.stdout));
+    let addr = env["REGISTRY_ADDR"].clone();
+    let dir = PathBuf::from(&env["REGISTRY_DIR"]);
+    let images_dir = dir.join("images");
+    let started = Instant::now();
+    let out = Command::new(scripts.join("build.sh"))
+        .arg(&addr)
+        .arg(&images_dir)
+        .output()
+        .expect("run build.sh");
+    assert!(
+        out.status.success(),
+        "build.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!(
+        "fixture images built and pushed to {addr} in {:?}",
+        started.elapsed()
+    );
+    let images = parse_env(&std::fs::read_to_string(images_dir.join("images.env")).unwrap());
+    Some(Fixture { addr, dir, images })
+}
+
+fn fixture() -> Option<&'static Fixture> {
+    static FIXTURE: OnceLock<Option<Fixture>> = OnceLock::new();
+    FIXTURE.get_or_init(start_fixture).as_ref()
+}
+
+impl Fixture {
+    fn reference(&self, name: &str) -> String {
+        format!("{}/skiff-test/{name}", self.addr)
+    }
+
+    fn digest(&self, name: &str) -> &str {
+        &self.images[&format!("skiff-test/{name}")]
+    }
+
+    fn store(&self, root: &Path) -> ImageStore {
+        ImageStore::open(
+            root,
+            PullOptions {
+                insecure_registries: vec![self.addr.clone()],
+                docker_config: Some(root.join("no-docker-config.json")),
+            },
+        )
+        .unwrap()
+    }
+}
+
+fn mounted_anywhere_under(dir: &Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let dir = dir.to_str().unwrap();
+    info.lines()
+        .any(|l| l.split(' ').nth(4).is_some_and(|mp| mp.starts_with(dir)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulls_by_tag_and_by_digest_agree() {
+    let Some(f) = fixture() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let store = f.store(&tmp.path().join("images"));
+    let started = Instant::now();
+    let by_tag = store.pull(&f.reference("web:v1")).await.unwrap();
+    eprintln!("cold pull of web:v1 took {:?}", started.elapsed());
+    assert_eq!(by_tag.manifest_digest, f.digest("web:v1"));
+    assert_eq!(by_tag.layers.len(), 2);
+    assert_eq!(by_tag.config.entrypoint, ["/usr/local/bin/serve"]);
+    assert_eq!(by_tag.config.exposed_ports, ["80/tcp"]);
+    assert_eq!(by_tag.config.labels["version"], "v1");
+    let index = std::fs::read_to_string(by_tag.layers[1].join("www/index.html")).unwrap();
+    assert!(index.contains("v1"));
+
+    let by_digest_ref = format!("{}/skiff-test/web@{}", f.addr, f.digest("web:v1"));
+    let by_digest = store.pull(&by_digest_ref).await.unwrap();
+    assert_eq!(by_digest.manifest_digest, by_tag.manifest_digest);
+    assert_eq!(by_digest.layers, by_tag.layers);
+    assert_eq!(by_digest.reference, by_digest_ref);
+
+    // Cached: no new downloads, and fast.
+    let before = store.stats();
+    let started = Instant::now();
+    store.pull(&f.reference("web:v1")).await.unwrap();
+    eprintln!("cached pull of web:v1 took {:?}", started.elapsed());
+    // Always re-resolves the tag but finds every blob stored.
+    store
+        .pull_with_policy(&f.reference("web:v1"), PullPolicy::Always)
+        .await
+        .unwrap();
+    assert_eq!(store.stats(), before);
+
+    // A new store on the same root finds everything on disk.
+    let reopened = f.store(&tmp.path().join("images"));
+    let again = reopened.pull(&f.reference("web:v1")).await.unwrap();
+    assert_eq!(again.layers, by_tag.layers);
+    assert_eq!(reopened.stats().blobs_downloaded, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_base_layer_is_downloaded_once() {
+    let Some(f) = fixture() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let store = f.store(&tmp.path().join("images"));
+    let v1 = store.pull(&f.reference("web:v1")).await.unwrap();
+    let after_v1 = store.stats();
+    // config + base + page layer
+    assert_eq!(after_v1.blobs_downloaded, 3);
+    assert_eq!(after_v1.layers_unpacked, 2);
+    let v2 = store.pull(&f.reference("web:v2")).await.unwrap();
+    let after_v2 = store.stats();
+    // Only v2's config and page layer are new.
+    assert_eq!(after_v2.blobs_downloaded - after_v1.blobs_downloaded, 2);
+    assert_eq!(after_v2.layers_unpacked - after_v1.layers_unpacked, 1);
+    assert_eq!(v1.layers[0], v2.layers[0]);
+    assert_ne!(v1.layers[1], v2.layers[1]);
+    let blobs = std::fs::read_dir(tmp.path().join("images/blobs/sha256"))
+        .unwrap()
+        .count();
+    // 2 manifests + 2 configs + 3 distinct layers
+    assert_eq!(blobs, 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_pulls_of_one_image_download_it_once() {
+    let Some(f) = fixture() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let store = f.store(&tmp.path().join("images"));
+    let pulls = (0..5).map(|i| {
+        let store = store.clone();
+        // Two spellings of the same image, and a second image sharing its base.
+        let reference = match i {
+            0 => format!(
+                "{}/skiff-test/unhealthy@{}",
+                f.addr,
+                f.digest("unhealthy:v1")
+            ),
+            4 => f.reference("web-user:v1"),
+            _ => f.reference("unhealthy:v1"),
+        };
+        tokio::spawn(async move { store.pull(&reference).await })
+    });
+    let results = futures::future::join_all(pulls).await;
+    for r in results {
+        r.unwrap().unwrap();
+    }
+    let stats = store.stats();
+    // unhealthy: config + base + page; web-user: config + page (base shared).
+    assert_eq!(stats.blobs_downloaded, 5, "{stats:?}");
+    assert_eq!(stats.layers_unpacked, 3, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tampered_blob_is_refused_and_not_stored() {
+    let Some(f) = fixture() else { return };
+    let layer = &f.images["tamper-layer"];
+    let hex = layer.strip_prefix("sha256:").unwrap();
+    let data = f
+        .dir
+        .join("data/docker/registry/v2/blobs/sha256")
+        .join(&hex[..2])
+        .join(hex)
+        .join("data");
+    let mut bytes = std::fs::read(&data).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&data, &bytes).unwrap();
+
+    let tmp = tempfile::tempdir().unwrap();
+    let store = f.store(&tmp.path().join("images"));
+    let reference = f.reference("tamper:v1");
+    let err = store.pull(&reference).await.unwrap_err();
+    let msg = err.to_string();
+    eprintln!("{msg}");
+    assert!(matches!(err, ImageError::DigestMismatch { .. }), "{err:?}");
+    assert!(
+        msg.contains(&format!("digest mismatch for blob {layer}")),
+        "{msg}"
+    );
+    assert!(msg.contains(&reference), "{msg}");
+    assert!(!err.is_retryable());
+    assert!(!store.blob_path(layer).unwrap().exists());
+    assert_eq!(
+        std::fs::read_dir(tmp.path().join("images/tmp"))
+            .unwrap()
+            .count(),
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_images_and_unreachable_registries_say_so() {
+    let Some(f) = fixture() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let store = f.store(&tmp.path().join("images"));
+    let reference = f.reference("web:nope");
+    let err = store.pull(&reference).await.unwrap_err();
+    assert!(matches!(err, ImageError::NotFound { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        format!("failed to pull {reference}: manifest unknown")
+    );
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = closed.local_addr().unwrap().to_string();
+    drop(closed);
+    let store = ImageStore::open(
+        &tmp.path().join("other"),
+        PullOptions {
+            insecure_registries: vec![addr.clone()],
+            docker_config: None,
+        },
+    )
+    .unwrap();
+    let err = store
+        .pull(&format!("{addr}/skiff-test/web:v1"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ImageError::Unreachable { .. }), "{err:?}");
+    assert!(
+        err.to_string()
+            .starts_with(&format!("registry {addr} unreachable: ")),
+        "{err}"
+    );
+    assert!(err.is_retryable());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rootfs_shows_whiteouts_and_opaque_dirs_and_unmounts_cleanly() {
+    let Some(f) = fixture() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let store = f.store(&tmp.path().join("images"));
+    let image = store.pull(&f.reference("layers:v1")).await.unwrap();
+    assert_eq!(image.layers.len(), 4);
+    assert_eq!(image.config.stop_signal.as_deref(), Some("SIGINT"));
+    assert_eq!(image.config.command(), ["/bin/sh", "-c", "sleep 3600"]);
+
+    let container = tmp.path().join("containers/c1");
+    let rootfs = store.mount_rootfs(&image, &container).unwrap();
+    assert_eq!(rootfs, container.join("rootfs"));
+    assert!(is_mounted(&rootfs));
+    // Idempotent: a second call keeps the one mount.
+    store.mount_rootfs(&image, &container).unwrap();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(rootfs.to_str().unwrap()))
+        .count();
+    assert_eq!(mounts, 1);
+
+    let read = |p: &str| std::fs::read_to_string(rootfs.join(p)).ok();
+    assert_eq!(read("data/a"), None, "whiteout hides a");
+    assert_eq!(read("data/b").as_deref(), Some("b\n"));
+    assert_eq!(read("data/b-hardlink").as_deref(), Some("b\n"));
+    assert_eq!(read("opq/x"), None, "opaque dir hides the lower x");
+    assert_eq!(read("opq/y"), None, "opaque dir hides the lower y");
+    assert_eq!(read("opq/z").as_deref(), Some("z\n"));
+    assert_eq!(read("keep/k").as_deref(), Some("k\n"));
+    assert_eq!(read("etc/layers-version").as_deref(), Some("4\n"));
+    assert_eq!(
+        std::fs::read_link(rootfs.join("abs-link")).unwrap(),
+        PathBuf::from("/etc/passwd")
+    );
+    assert_eq!(
+        std::fs::read_link(rootfs.join("bin/sh")).unwrap(),
+        PathBuf::from("/bin/busybox")
+    );
+    // Writes land in the container's upper dir, not in the shared layers.
+    std::fs::write(rootfs.join("keep/new"), "mine").unwrap();
+    assert!(container.join("upper/keep/new").exists());
+    assert!(!image.layers.iter().any(|l| l.join("keep/new").exists()));
+
+    store.unmount_rootfs(&container).unwrap();
+    assert!(!mounted_anywhere_under(&container));
+    assert!(!container.join("upper").exists());
+    assert!(!container.join("work").exists());
+    // Unmounting again is fine.
+    store.unmount_rootfs(&container).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_five_layers_mount_even_under_a_long_store_path() {
+    let Some(f) = fixture() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("x".repeat(100)).join("y".repeat(100));
+    let store = f.store(&root);
+    let image = store.pull(&f.reference("many:v1")).await.unwrap();
+    assert_eq!(image.layers.len(), 25);
+    let container = tmp.path().join("c");
+    let rootfs = store.mount_rootfs(&image, &container).unwrap();
+    for i in 1..=24 {
+        assert!(rootfs.join(format!("many/{i}")).exists(), "layer {i}");
+    }
+    store.unmount_rootfs(&container).unwrap();
+    assert!(!mounted_anywhere_under(tmp.path()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn indexes_resolve_to_linux_amd64_and_docker_manifests_pull() {
+    let Some(f) = fixture() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let store = f.store(&tmp.path().join("images"));
+    let multi = store.pull(&f.reference("multiarch:v1")).await.unwrap();
+    assert_eq!(multi.manifest_digest, f.digest("web:v1"));
+    let docker = store.pull(&f.reference("web-docker:v1")).await.unwrap();
+    assert_eq!(docker.manifest_digest, f.digest("web-docker:v1"));
+    assert_eq!(docker.config.entrypoint, ["/usr/local/bin/serve"]);
+    assert_eq!(docker.layers, multi.layers);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_users_and_healthchecks_come_from_the_image() {
+    let Some(f) = fixture() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let store = f.store(&tmp.path().join("images"));
+    let web_user = store.pull(&f.reference("web-user:v1")).await.unwrap();
+    assert_eq!(web_user.config.user, "www");
+    let user = web_user.lookup_user(&web_user.config.user).unwrap();
+    assert_eq!(
+        (user.uid, user.gid, user.additional_gids),
+        (1000, 1000, vec![50])
+    );
+    assert_eq!(web_user.lookup_user("").unwrap().uid, 0);
+    assert!(web_user.lookup_user("postgres").is_err());
+
+    let unhealthy = store.pull(&f.reference("unhealthy:v1")).await.unwrap();
+    let check = unhealthy.config.healthcheck.unwrap();
+    assert_eq!(check.test, ["CMD", "/bin/false"]);
+    assert_eq!(check.retries, Some(2));
+    assert_eq!(check.interval, Some(std::time::Duration::from_secs(1)));
+}

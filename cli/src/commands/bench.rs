@@ -1,0 +1,396 @@
+//! `skiff bench ...`: load generators that print figures. They never assert
+//! a timing; the numbers go into notes and comparisons (e.g. with the etcd
+//! baseline measured the same way: 256-byte values, random keys, C
+//! long-lived gRPC connections, a fresh cluster per run, a warm-up).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context};
+use skiff_proto::v1 as pb;
+use skiff_proto::v1::control_client::ControlClient;
+use tonic::transport::Channel;
+
+use crate::args::{BenchCommand, BenchFailoverArgs, BenchRaftArgs};
+
+pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Raft(args) => raft(args).await,
+        BenchCommand::Failover(args) => failover(args).await,
+    }
+}
+
+/// A cluster of `skiff server` processes started for one run, on loopback,
+/// with data in a temp dir; stopped (by PID) and removed on drop.
+pub struct LocalCluster {
+    pub addresses: Vec<String>,
+    pub children: Vec<Option<Child>>,
+    dir: PathBuf,
+    ports: Vec<u16>,
+}
+
+impl LocalCluster {
+    pub async fn start(size: usize) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("skiff-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let ports = (0..size)
+            .map(|_| free_port())
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let addresses: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let mut cluster = LocalCluster {
+            addresses,
+            children: Vec::new(),
+            dir,
+            ports,
+        };
+        for index in 0..size {
+            let child = cluster.spawn(index)?;
+            cluster.children.push(Some(child));
+            if index == 0 {
+                wait_for_leader(&cluster.addresses[0], Duration::from_secs(10)).await?;
+            }
+        }
+        wait_for_voters(&cluster.addresses[0], size, Duration::from_secs(30)).await?;
+        Ok(cluster)
+    }
+
+    fn spawn(&self, index: usize) -> anyhow::Result<Child> {
+        let exe = std::env::current_exe()?;
+        let data = self.dir.join(format!("s{}", index + 1));
+        let log = std::fs::File::create(self.dir.join(format!("s{}.log", index + 1)))?;
+        let mut command = Command::new(exe);
+        command
+            .args([
+                "server",
+                "--name",
+                &format!("s{}", index + 1),
+                "--listen",
+                &self.addresses[index],
+            ])
+            .arg("--data-dir")
+            .arg(&data)
+            .stdout(Stdio::null())
+            .stderr(log);
+        if index == 0 {
+            command.arg("--bootstrap");
+        } else {
+            command.args(["--join", &self.addresses[0]]);
+        }
+        let _ = self.ports[index];
+        command.spawn().context("failed to start skiff server")
+    }
+
+    /// SIGKILLs server `index`.
+    pub fn kill(&mut self, index: usize) {
+        if let Some(mut child) = self.children[index].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn restart(&mut self, index: usize) -> anyhow::Result<()> {
+        self.kill(index);
+        self.children[index] = Some(self.spawn(index)?);
+        Ok(())
+    }
+
+    pub fn pids(&self) -> Vec<u32> {
+        self.children.iter().flatten().map(|c| c.id()).collect()
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for index in 0..self.children.len() {
+            self.kill(index);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+async fn client(address: &str) -> anyhow::Result<ControlClient<Channel>> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach {address}"))?;
+    Ok(ControlClient::new(channel))
+}
+
+async fn cluster_status(address: &str) -> anyhow::Result<pb::ClusterStatusResponse> {
+    Ok(client(address)
+        .await?
+        .cluster_status(pb::ClusterStatusRequest {})
+        .await?
+        .into_inner())
+}
+
+async fn wait_for_leader(address: &str, limit: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Ok(status) = cluster_status(address).await {
+            if !status.leader.is_empty() {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(anyhow!("no leader at {address} within {limit:?}"))
+}
+
+async fn wait_for_voters(address: &str, voters: usize, limit: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Ok(status) = cluster_status(address).await {
+            if status.members.len() >= voters && !status.leader.is_empty() {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(anyhow!(
+        "cluster at {address} did not reach {voters} members within {limit:?}"
+    ))
+}
+
+/// Runs `clients` writers over `addresses` until `total` writes are done
+/// (or `until` passes); returns each acknowledged write's latency.
+async fn load(
+    addresses: &[String],
+    clients: usize,
+    total: usize,
+    until: Option<Instant>,
+    value_bytes: usize,
+    key_space: u64,
+) -> anyhow::Result<(Vec<Duration>, usize)> {
+    let issued = Arc::new(AtomicUsize::new(0));
+    let errors = Arc::new(AtomicUsize::new(0));
+    let value = "v".repeat(value_bytes);
+    let mut tasks = Vec::new();
+    for index in 0..clients {
+        let mut client = client(&addresses[index % addresses.len()]).await?;
+        let (issued, errors, value) = (issued.clone(), errors.clone(), value.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            while issued.fetch_add(1, Ordering::Relaxed) < total
+                && until.is_none_or(|u| Instant::now() < u)
+            {
+                let key = format!("bench/{}", rand::random::<u64>() % key_space.max(1));
+                let started = Instant::now();
+                match client
+                    .put_variable(pb::PutVariableRequest {
+                        key,
+                        value: value.clone(),
+                    })
+                    .await
+                {
+                    Ok(_) => latencies.push(started.elapsed()),
+                    Err(_) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            latencies
+        }));
+    }
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await?);
+    }
+    Ok((latencies, errors.load(Ordering::Relaxed)))
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// CPU time (user + system) of a process so far, from /proc.
+fn cpu_time(pid: u32) -> Duration {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Duration::ZERO;
+    };
+    let Some(after) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+        return Duration::ZERO;
+    };
+    let fields: Vec<&str> = after.split(' ').collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i)?.parse::<u64>().ok())
+        .sum();
+    Duration::from_millis(ticks * 10)
+}
+
+async fn raft(args: BenchRaftArgs) -> anyhow::Result<()> {
+    let spawned = if args.servers.is_empty() {
+        Some(LocalCluster::start(args.spawn).await?)
+    } else {
+        None
+    };
+    let addresses = spawned
+        .as_ref()
+        .map_or_else(|| args.servers.clone(), |c| c.addresses.clone());
+    let pids = spawned.as_ref().map(|c| c.pids()).unwrap_or_default();
+    if args.warmup_secs > 0 {
+        let until = Instant::now() + Duration::from_secs(args.warmup_secs);
+        load(
+            &addresses,
+            args.clients,
+            usize::MAX,
+            Some(until),
+            args.value_bytes,
+            args.key_space,
+        )
+        .await?;
+    }
+    let cpu_before: Duration = pids.iter().map(|p| cpu_time(*p)).sum();
+    let started = Instant::now();
+    let (mut latencies, errors) = load(
+        &addresses,
+        args.clients,
+        args.writes,
+        None,
+        args.value_bytes,
+        args.key_space,
+    )
+    .await?;
+    let elapsed = started.elapsed();
+    let cpu = pids
+        .iter()
+        .map(|p| cpu_time(*p))
+        .sum::<Duration>()
+        .saturating_sub(cpu_before);
+    latencies.sort_unstable();
+    let ok = latencies.len();
+    println!(
+        "servers={} clients={} writes={} value_bytes={} ok={} errors={}",
+        addresses.len(),
+        args.clients,
+        args.writes,
+        args.value_bytes,
+        ok,
+        errors
+    );
+    println!(
+        "ops/s={:.0} p50_ms={:.2} p99_ms={:.2} max_ms={:.2} elapsed_s={:.2}",
+        ok as f64 / elapsed.as_secs_f64(),
+        percentile(&latencies, 0.50).as_secs_f64() * 1e3,
+        percentile(&latencies, 0.99).as_secs_f64() * 1e3,
+        latencies.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+        elapsed.as_secs_f64()
+    );
+    if !pids.is_empty() && ok > 0 {
+        println!(
+            "server_cpu_us_per_write={:.0} (summed over all servers)",
+            cpu.as_secs_f64() * 1e6 / ok as f64
+        );
+    }
+    if let Some(cluster) = &spawned {
+        println!("data_dir_bytes={}", dir_size(cluster.dir()));
+    }
+    Ok(())
+}
+
+fn dir_size(path: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+async fn leader_index(cluster: &LocalCluster) -> Option<usize> {
+    for (index, address) in cluster.addresses.iter().enumerate() {
+        if cluster.children[index].is_none() {
+            continue;
+        }
+        if let Ok(status) = cluster_status(address).await {
+            let leader = status.members.iter().find(|m| m.role == "leader")?;
+            return cluster.addresses.iter().position(|a| *a == leader.address);
+        }
+    }
+    None
+}
+
+async fn failover(args: BenchFailoverArgs) -> anyhow::Result<()> {
+    let mut cluster = LocalCluster::start(3).await?;
+    let mut figures = Vec::new();
+    for round in 1..=args.rounds {
+        let leader = leader_index(&cluster)
+            .await
+            .ok_or_else(|| anyhow!("no leader before round {round}"))?;
+        let survivors: Vec<String> = cluster
+            .addresses
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != leader)
+            .map(|(_, a)| a.clone())
+            .collect();
+        let mut clients = Vec::new();
+        for address in &survivors {
+            clients.push(client(address).await?);
+        }
+        cluster.kill(leader);
+        let killed = Instant::now();
+        let deadline = killed + Duration::from_secs(15);
+        let mut recovered = None;
+        'probe: while Instant::now() < deadline {
+            for client in clients.iter_mut() {
+                let put = pb::PutVariableRequest {
+                    key: format!("failover/{round}"),
+                    value: "x".into(),
+                };
+                if tokio::time::timeout(Duration::from_millis(300), client.put_variable(put))
+                    .await
+                    .is_ok_and(|r| r.is_ok())
+                {
+                    recovered = Some(killed.elapsed());
+                    break 'probe;
+                }
+            }
+        }
+        let recovered = recovered
+            .ok_or_else(|| anyhow!("writes did not recover within 15 s in round {round}"))?;
+        println!(
+            "round {round}: killed leader s{}, first successful write after {:.0} ms",
+            leader + 1,
+            recovered.as_secs_f64() * 1e3
+        );
+        figures.push(recovered);
+        cluster.restart(leader)?;
+        wait_for_leader(&cluster.addresses[leader], Duration::from_secs(10)).await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    figures.sort_unstable();
+    println!(
+        "failover ms: median={:.0} min={:.0} max={:.0} (rounds={}, clients={})",
+        percentile(&figures, 0.5).as_secs_f64() * 1e3,
+        figures[0].as_secs_f64() * 1e3,
+        figures[figures.len() - 1].as_secs_f64() * 1e3,
+        figures.len(),
+        args.clients
+    );
+    Ok(())
+}

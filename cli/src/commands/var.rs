@@ -1,0 +1,41 @@
+//! `skiff var ...`
+
+use anyhow::anyhow;
+use skiff_proto::v1 as pb;
+
+use crate::args::{OutputFormat, VarCommand};
+use crate::client::{connect, explain};
+
+pub async fn run(server: &str, format: OutputFormat, command: VarCommand) -> anyhow::Result<()> {
+    let mut client = connect(server).await?;
+    match command {
+        VarCommand::Put { key, value } => {
+            client
+                .put_variable(pb::PutVariableRequest {
+                    key: key.clone(),
+                    value,
+                })
+                .await
+                .map_err(explain)?;
+            println!("variable {key} set");
+        }
+        VarCommand::Get { key } => {
+            let answer = client
+                .get_variable(pb::GetVariableRequest { key: key.clone() })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            if !answer.found {
+                return Err(anyhow!("variable {key} not found"));
+            }
+            match format {
+                OutputFormat::Json => println!(
+                    "{}",
+                    serde_json::json!({ "key": key, "value": answer.value })
+                ),
+                OutputFormat::Table => println!("{}", answer.value),
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,106 @@
+//! The server-to-server gRPC service: Raft messages in, joins, and writes
+//! forwarded by followers to the leader.
+
+use protobuf::Message as _;
+use raft::eraftpb::Message;
+use skiff_proto::raft as pb;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::consensus::{self, Consensus, ProposeError};
+use crate::state::spec;
+
+pub struct RaftService {
+    consensus: Consensus,
+}
+
+impl RaftService {
+    pub fn new(consensus: Consensus) -> Self {
+        RaftService { consensus }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::raft_server::Raft for RaftService {
+    async fn send(
+        &self,
+        request: Request<Streaming<pb::RaftBatch>>,
+    ) -> Result<Response<pb::SendAck>, Status> {
+        let mut stream = request.into_inner();
+        while let Some(batch) = stream.message().await? {
+            for bytes in batch.messages {
+                match Message::parse_from_bytes(&bytes) {
+                    Ok(message) => self.consensus.deliver(message),
+                    Err(err) => {
+                        tracing::warn!(from = batch.from, error = %err, "undecodable raft message")
+                    }
+                }
+            }
+        }
+        Ok(Response::new(pb::SendAck {}))
+    }
+
+    async fn join(
+        &self,
+        request: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
+        let request = request.into_inner();
+        spec::validate_name(&request.name)
+            .map_err(|e| Status::invalid_argument(format!("invalid server {e}")))?;
+        if request.address.parse::<std::net::SocketAddr>().is_err() {
+            return Err(Status::invalid_argument(format!(
+                "invalid server address \"{}\": use IP:PORT",
+                request.address
+            )));
+        }
+        let add = consensus::Request::AddMember {
+            name: request.name.clone(),
+            address: request.address.clone(),
+        };
+        let id = match self.consensus.request(add).await {
+            Ok(consensus::Response::Member(id)) => id,
+            Ok(_) => return Err(Status::internal("unexpected answer to a join")),
+            Err(err) => return Err(super::status_from(err)),
+        };
+        // Existing members are in this server's state already; the new one
+        // may not be applied here yet (if the join was forwarded), and
+        // waiting for it could block: the cluster may need the new server
+        // running to reach a quorum again.
+        let mut peers: Vec<pb::Peer> = self
+            .consensus
+            .state()
+            .members
+            .values()
+            .filter(|m| m.id != id)
+            .map(|m| pb::Peer {
+                id: m.id,
+                name: m.name.clone(),
+                address: m.address.clone(),
+            })
+            .collect();
+        peers.push(pb::Peer {
+            id,
+            name: request.name.clone(),
+            address: request.address.clone(),
+        });
+        tracing::info!(name = %request.name, id, "server joined");
+        Ok(Response::new(pb::JoinResponse { id, peers }))
+    }
+
+    async fn propose(
+        &self,
+        request: Request<pb::ProposeRequest>,
+    ) -> Result<Response<pb::ProposeResponse>, Status> {
+        if !self.consensus.is_leader() {
+            return Err(Status::failed_precondition("not the leader"));
+        }
+        let request: consensus::Request = serde_json::from_slice(&request.into_inner().command)
+            .map_err(|e| Status::invalid_argument(format!("undecodable forwarded request: {e}")))?;
+        let result = self.consensus.request_local(request).await;
+        if matches!(&result, Err(err) if err.is_retryable()) {
+            return Err(Status::failed_precondition("not the leader"));
+        }
+        let result: Result<consensus::Response, ProposeError> = result;
+        let body = serde_json::to_vec(&result).expect("results always serialize");
+        Ok(Response::new(pb::ProposeResponse { result: body }))
+    }
+}

@@ -1,0 +1,200 @@
+//! One conformance suite for every [`LogStore`]: the sled store used in
+//! production and the in-memory one the simulation relies on must behave
+//! alike, or the simulation proves nothing about production.
+
+use raft::eraftpb::{Entry, HardState, Snapshot};
+use raft::{GetEntriesContext, Storage, StorageError};
+
+use super::log_store::LogStore;
+use crate::state::{Command, Member, RuntimeKind, ServiceSpec, State};
+
+fn entry(index: u64, term: u64) -> Entry {
+    Entry {
+        index,
+        term,
+        data: format!("{index}@{term}").into_bytes().into(),
+        ..Default::default()
+    }
+}
+
+fn entries(store: &impl Storage, low: u64, high: u64) -> raft::Result<Vec<Entry>> {
+    store.entries(low, high, None, GetEntriesContext::empty(false))
+}
+
+fn snapshot_at(index: u64, term: u64, voters: Vec<u64>) -> Snapshot {
+    let mut snapshot = Snapshot::default();
+    let mut state = State::default();
+    state.applied_index = index;
+    snapshot.data = state.to_image().into();
+    snapshot.mut_metadata().index = index;
+    snapshot.mut_metadata().term = term;
+    snapshot.mut_metadata().mut_conf_state().voters = voters;
+    snapshot
+}
+
+/// Runs every check against stores made by `open`; `reopen` simulates a
+/// restart of the same store (for the durable one) or returns a clone.
+pub fn run_all<S: LogStore>(open: impl Fn() -> S, reopen: impl Fn(S) -> S) {
+    a_new_store_is_empty(open());
+    appends_persist_and_conflicts_truncate(open(), &reopen);
+    bootstrap_starts_the_log_after_the_snapshot(open(), &reopen);
+    compaction_drops_entries_and_keeps_the_term(open());
+    state_saves_and_replaces(open(), &reopen);
+}
+
+fn a_new_store_is_empty<S: LogStore>(store: S) {
+    assert_eq!(
+        (store.first_index().unwrap(), store.last_index().unwrap()),
+        (1, 0)
+    );
+    assert_eq!(store.term(0).unwrap(), 0);
+    assert_eq!(
+        store.term(1),
+        Err(raft::Error::Store(StorageError::Unavailable))
+    );
+    assert!(store.initial_state().unwrap().conf_state.voters.is_empty());
+}
+
+fn appends_persist_and_conflicts_truncate<S: LogStore>(mut store: S, reopen: &impl Fn(S) -> S) {
+    let hs = HardState {
+        term: 2,
+        vote: 1,
+        commit: 2,
+        ..Default::default()
+    };
+    store
+        .persist(&[entry(1, 1), entry(2, 1), entry(3, 1)], Some(&hs))
+        .unwrap();
+    store.persist(&[entry(3, 2), entry(4, 2)], None).unwrap();
+    let store = reopen(store);
+    assert_eq!(store.last_index().unwrap(), 4);
+    assert_eq!(store.initial_state().unwrap().hard_state, hs);
+    assert_eq!(
+        entries(&store, 1, 5).unwrap(),
+        vec![entry(1, 1), entry(2, 1), entry(3, 2), entry(4, 2)]
+    );
+    assert_eq!(store.term(3).unwrap(), 2);
+    let limited = store
+        .entries(1, 5, Some(1), GetEntriesContext::empty(false))
+        .unwrap();
+    assert_eq!(limited.len(), 1, "max_size still returns one entry");
+}
+
+fn bootstrap_starts_the_log_after_the_snapshot<S: LogStore>(
+    mut store: S,
+    reopen: &impl Fn(S) -> S,
+) {
+    super::log_store::bootstrap(
+        &mut store,
+        Member {
+            id: 1,
+            name: "s1".into(),
+            address: "127.0.0.1:1".into(),
+        },
+    )
+    .unwrap();
+    let store = reopen(store);
+    assert_eq!(
+        (store.first_index().unwrap(), store.last_index().unwrap()),
+        (2, 1)
+    );
+    assert_eq!(store.term(1).unwrap(), 1);
+    assert_eq!(
+        entries(&store, 1, 2),
+        Err(raft::Error::Store(StorageError::Compacted))
+    );
+    assert_eq!(store.initial_state().unwrap().conf_state.voters, vec![1]);
+    assert_eq!(store.snapshot(0, 2).unwrap().get_metadata().index, 1);
+    let state = store.load_state().unwrap();
+    assert_eq!(state.applied_index, 1);
+    assert_eq!(state.members[&1].name, "s1");
+}
+
+fn compaction_drops_entries_and_keeps_the_term<S: LogStore>(mut store: S) {
+    store
+        .persist(&[entry(1, 1), entry(2, 1), entry(3, 2), entry(4, 2)], None)
+        .unwrap();
+    store.compact(snapshot_at(3, 2, vec![1])).unwrap();
+    assert_eq!(store.first_index().unwrap(), 4);
+    assert_eq!(store.term(3).unwrap(), 2);
+    assert_eq!(
+        store.term(2),
+        Err(raft::Error::Store(StorageError::Compacted))
+    );
+    assert_eq!(entries(&store, 4, 5).unwrap(), vec![entry(4, 2)]);
+    assert_eq!(store.snapshot(3, 2).unwrap().get_metadata().index, 3);
+    assert_eq!(
+        store.snapshot(4, 2),
+        Err(raft::Error::Store(
+            StorageError::SnapshotTemporarilyUnavailable
+        ))
+    );
+    // A snapshot from the leader replaces the whole log.
+    store
+        .apply_snapshot(&snapshot_at(10, 3, vec![1, 2]))
+        .unwrap();
+    assert_eq!(
+        (store.first_index().unwrap(), store.last_index().unwrap()),
+        (11, 10)
+    );
+    let initial = store.initial_state().unwrap();
+    assert_eq!(
+        (initial.hard_state.term, initial.hard_state.commit),
+        (3, 10)
+    );
+    assert_eq!(initial.conf_state.voters, vec![1, 2]);
+}
+
+fn state_saves_and_replaces<S: LogStore>(mut store: S, reopen: &impl Fn(S) -> S) {
+    let mut state = State::default();
+    let spec = ServiceSpec {
+        name: "web".into(),
+        runtime: RuntimeKind::Process,
+        replicas: 1,
+        command: vec!["true".into()],
+        ..Default::default()
+    };
+    state.apply(2, Command::CreateService { spec }).unwrap();
+    store.save_state(&mut state).unwrap();
+    let mut store = reopen(store);
+    let loaded = store.load_state().unwrap();
+    assert!(loaded.same_records(&state));
+    assert_eq!(loaded.applied_index, 2);
+    let mut empty = State::default();
+    empty.applied_index = 9;
+    store.replace_state(&mut empty).unwrap();
+    let store = reopen(store);
+    let loaded = store.load_state().unwrap();
+    assert!(loaded.services.is_empty());
+    assert_eq!(loaded.applied_index, 9);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::mem::MemLog;
+    use super::super::storage::SledStorage;
+    use super::*;
+
+    #[test]
+    fn the_in_memory_store_conforms() {
+        run_all(MemLog::new, |store| store);
+    }
+
+    #[test]
+    fn the_sled_store_conforms_across_restarts() {
+        let dirs = std::cell::RefCell::new(Vec::new());
+        let open = || {
+            let dir = tempfile::tempdir().unwrap();
+            let db = sled::open(dir.path()).unwrap();
+            dirs.borrow_mut().push((dir, db.clone()));
+            SledStorage::open(&db).unwrap()
+        };
+        // Reopening reads everything back from the tree, as a restart does.
+        let reopen = |store: SledStorage| {
+            let db = store.db().clone();
+            drop(store);
+            SledStorage::open(&db).unwrap()
+        };
+        run_all(open, reopen);
+    }
+}

@@ -1,0 +1,465 @@
+//! The consensus core: raft-rs' `RawNode` plus the state machine, driven
+//! synchronously. It owns no threads, sockets or clocks: the driver thread
+//! (and the deterministic simulation) feed it ticks, messages and
+//! proposals, and send what [`Core::advance`] returns.
+//!
+//! `advance` handles one `Ready` in raft-rs' order: messages that may leave
+//! at once, a received snapshot, committed entries, then the new entries
+//! and hard state made durable together (one fsync), messages that needed
+//! them durable, and the light ready's commit index and entries.
+
+use std::sync::{Arc, RwLock};
+
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChange, ConfChangeType, Entry, EntryType, Message, Snapshot};
+use raft::{RawNode, StateRole};
+use serde::{Deserialize, Serialize};
+
+use super::log_store::{LogStore, StorageFailure};
+use super::{ProposeError, RaftStatus};
+use crate::state::{Command, CommandError, Member, Outcome, State};
+
+#[derive(Clone, Debug)]
+pub struct CoreConfig {
+    pub id: u64,
+    pub election_ticks: usize,
+    pub heartbeat_ticks: usize,
+    /// Applied entries between two snapshots (and log compactions).
+    pub snapshot_every: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error("raft failed: {0}")]
+    Raft(#[from] raft::Error),
+    #[error(transparent)]
+    Storage(#[from] StorageFailure),
+    #[error("snapshot state is corrupt: {0}")]
+    Snapshot(#[from] serde_json::Error),
+}
+
+/// A normal entry's payload: the command, and who waits for its result.
+#[derive(Serialize, Deserialize)]
+struct Proposal {
+    origin: u64,
+    tag: u64,
+    command: Command,
+}
+
+/// A membership change's context: who waits, and the member's details.
+#[derive(Serialize, Deserialize)]
+struct ConfContext {
+    origin: u64,
+    tag: u64,
+    member: Option<Member>,
+}
+
+/// The result for a waiter identified by its tag.
+#[derive(Debug)]
+pub enum Reply {
+    Command(Result<Outcome, CommandError>),
+    /// A membership change applied; carries the member's id.
+    Membership(Result<u64, ProposeError>),
+    /// The read index was reached: local reads are now linearizable.
+    Read,
+}
+
+#[derive(Default)]
+pub struct Output {
+    pub messages: Vec<Message>,
+    pub replies: Vec<(u64, Reply)>,
+}
+
+pub struct Core<S: LogStore> {
+    node: RawNode<S>,
+    state: Arc<RwLock<State>>,
+    config: CoreConfig,
+    /// Read requests waiting for their read index to be applied.
+    reads: Vec<(u64, u64)>,
+    snapshot_index: u64,
+    /// Set by a membership change: the next snapshot must carry the new
+    /// configuration, or a joining server refuses it (it is not in it).
+    snapshot_now: bool,
+}
+
+impl<S: LogStore> Core<S> {
+    /// Restarts from whatever `store` holds (a new, a bootstrapped or a
+    /// crashed server alike).
+    pub fn new(config: CoreConfig, mut store: S, logger: &slog::Logger) -> Result<Self, CoreError> {
+        let state = store.load_state()?;
+        // Everything applied was committed: the stored commit index may lag
+        // if the server crashed between the two writes.
+        store.persist_commit(state.applied_index)?;
+        let snapshot_index = store.first_index()? - 1;
+        let raft_config = raft::Config {
+            id: config.id,
+            election_tick: config.election_ticks,
+            heartbeat_tick: config.heartbeat_ticks,
+            applied: state.applied_index,
+            pre_vote: true,
+            check_quorum: true,
+            max_size_per_msg: 1024 * 1024,
+            max_inflight_msgs: 256,
+            ..Default::default()
+        };
+        raft_config.validate()?;
+        let node = RawNode::new(&raft_config, store, logger)?;
+        Ok(Core {
+            node,
+            state: Arc::new(RwLock::new(state)),
+            config,
+            reads: Vec::new(),
+            snapshot_index,
+            snapshot_now: false,
+        })
+    }
+
+    pub fn state(&self) -> Arc<RwLock<State>> {
+        self.state.clone()
+    }
+
+    pub fn id(&self) -> u64 {
+        self.config.id
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.node.raft.state == StateRole::Leader
+    }
+
+    /// True when this server is the only voter: no reason to wait an
+    /// election timeout before leading.
+    pub fn is_sole_voter(&self) -> bool {
+        self.node
+            .raft
+            .prs()
+            .conf()
+            .voters()
+            .ids()
+            .iter()
+            .eq([self.config.id])
+    }
+
+    pub fn campaign(&mut self) -> Result<(), CoreError> {
+        Ok(self.node.campaign()?)
+    }
+
+    pub fn tick(&mut self) {
+        self.node.tick();
+    }
+
+    /// Feeds a message from a peer. Messages from unknown or removed peers
+    /// and stale ones are dropped, as Raft allows.
+    pub fn step(&mut self, message: Message) {
+        if let Err(err) = self.node.step(message) {
+            tracing::debug!(error = %err, "raft message dropped");
+        }
+    }
+
+    pub fn report_unreachable(&mut self, peer: u64) {
+        self.node.report_unreachable(peer);
+    }
+
+    pub fn report_snapshot(&mut self, peer: u64, delivered: bool) {
+        let status = if delivered {
+            raft::SnapshotStatus::Finish
+        } else {
+            raft::SnapshotStatus::Failure
+        };
+        self.node.report_snapshot(peer, status);
+    }
+
+    fn not_leader(&self) -> ProposeError {
+        match self.node.raft.leader_id {
+            0 => ProposeError::NoLeader,
+            id => ProposeError::NotLeader(id),
+        }
+    }
+
+    /// Proposes a command; its result comes back tagged `tag` from
+    /// `advance` once committed and applied.
+    pub fn propose(&mut self, tag: u64, command: Command) -> Result<(), ProposeError> {
+        if !self.is_leader() {
+            return Err(self.not_leader());
+        }
+        let data = serde_json::to_vec(&Proposal {
+            origin: self.config.id,
+            tag,
+            command,
+        })
+        .expect("commands always serialize");
+        self.node
+            .propose(vec![], data)
+            .map_err(|_| ProposeError::NoLeader)
+    }
+
+    /// Adds a server. A server of the same name and address that is
+    /// already a member gets its id back (a join retried after a crash).
+    pub fn add_member(
+        &mut self,
+        tag: u64,
+        name: String,
+        address: String,
+    ) -> Result<Option<u64>, ProposeError> {
+        if !self.is_leader() {
+            return Err(self.not_leader());
+        }
+        let (existing, next_id) = {
+            let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+            let existing = state.members.values().find(|m| m.name == name).cloned();
+            let voters = self.node.raft.prs().conf().voters().ids();
+            let highest = state
+                .members
+                .keys()
+                .copied()
+                .chain(voters.iter())
+                .max()
+                .unwrap_or(0);
+            (existing, highest + 1)
+        };
+        if let Some(member) = existing {
+            if member.address == address {
+                return Ok(Some(member.id));
+            }
+            return Err(ProposeError::Membership(format!(
+                "a server named {name} is already a member at {}; remove it first with `skiff cluster remove {name}`",
+                member.address
+            )));
+        }
+        let member = Member {
+            id: next_id,
+            name,
+            address,
+        };
+        let cc = ConfChange {
+            change_type: ConfChangeType::AddNode,
+            node_id: next_id,
+            ..Default::default()
+        };
+        self.propose_conf_change(tag, cc, Some(member))?;
+        Ok(None)
+    }
+
+    pub fn remove_member(&mut self, tag: u64, name: &str) -> Result<(), ProposeError> {
+        if !self.is_leader() {
+            return Err(self.not_leader());
+        }
+        let id = {
+            let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+            state
+                .members
+                .values()
+                .find(|m| m.name == name)
+                .map(|m| m.id)
+        };
+        let Some(id) = id else {
+            return Err(ProposeError::Membership(format!(
+                "no server named {name} is a member"
+            )));
+        };
+        let cc = ConfChange {
+            change_type: ConfChangeType::RemoveNode,
+            node_id: id,
+            ..Default::default()
+        };
+        self.propose_conf_change(tag, cc, None)
+    }
+
+    fn propose_conf_change(
+        &mut self,
+        tag: u64,
+        cc: ConfChange,
+        member: Option<Member>,
+    ) -> Result<(), ProposeError> {
+        let context = serde_json::to_vec(&ConfContext {
+            origin: self.config.id,
+            tag,
+            member,
+        })
+        .expect("contexts always serialize");
+        self.node.propose_conf_change(context, cc).map_err(|_| {
+            ProposeError::Membership("another membership change is in progress; retry".into())
+        })
+    }
+
+    /// Asks for a read index; `Reply::Read` comes back once this server has
+    /// applied everything committed before the request.
+    pub fn read_index(&mut self, tag: u64) {
+        self.node.read_index(tag.to_be_bytes().to_vec());
+    }
+
+    pub fn status(&self) -> RaftStatus {
+        let raft = &self.node.raft;
+        let role = match raft.state {
+            StateRole::Leader => "leader",
+            StateRole::Follower => "follower",
+            StateRole::Candidate => "candidate",
+            StateRole::PreCandidate => "pre-candidate",
+        };
+        let mut voters: Vec<u64> = raft.prs().conf().voters().ids().iter().collect();
+        voters.sort_unstable();
+        RaftStatus {
+            id: self.config.id,
+            leader_id: raft.leader_id,
+            term: raft.term,
+            commit_index: raft.raft_log.committed,
+            applied_index: raft.raft_log.applied,
+            last_index: raft.raft_log.last_index(),
+            snapshot_index: self.snapshot_index,
+            role,
+            voters,
+        }
+    }
+
+    /// Handles one Ready if there is one; see the module doc for the order.
+    pub fn advance(&mut self) -> Result<Output, CoreError> {
+        let mut out = Output::default();
+        if self.node.has_ready() {
+            let mut ready = self.node.ready();
+            out.messages.extend(ready.take_messages());
+            if !ready.snapshot().is_empty() {
+                self.install_snapshot(ready.snapshot().clone())?;
+            }
+            self.apply(ready.take_committed_entries(), &mut out)?;
+            for read in ready.take_read_states() {
+                if let Ok(bytes) = <[u8; 8]>::try_from(read.request_ctx.as_slice()) {
+                    self.reads.push((u64::from_be_bytes(bytes), read.index));
+                }
+            }
+            self.node.mut_store().persist(ready.entries(), ready.hs())?;
+            out.messages.extend(ready.take_persisted_messages());
+            let mut light = self.node.advance(ready);
+            if let Some(commit) = light.commit_index() {
+                self.node.mut_store().persist_commit(commit)?;
+            }
+            out.messages.extend(light.take_messages());
+            self.apply(light.take_committed_entries(), &mut out)?;
+            self.node.advance_apply();
+            self.maybe_compact()?;
+        }
+        let applied = self.node.raft.raft_log.applied;
+        self.reads.retain(|&(tag, index)| {
+            let done = index <= applied;
+            if done {
+                out.replies.push((tag, Reply::Read));
+            }
+            !done
+        });
+        Ok(out)
+    }
+
+    fn install_snapshot(&mut self, snapshot: Snapshot) -> Result<(), CoreError> {
+        let index = snapshot.get_metadata().index;
+        let mut state = State::from_image(&snapshot.data)?;
+        state.applied_index = index;
+        self.node.mut_store().apply_snapshot(&snapshot)?;
+        self.node.mut_store().replace_state(&mut state)?;
+        *self.state.write().unwrap_or_else(|p| p.into_inner()) = state;
+        self.snapshot_index = index;
+        tracing::info!(index, "installed snapshot from the leader");
+        Ok(())
+    }
+
+    fn apply(&mut self, entries: Vec<Entry>, out: &mut Output) -> Result<(), CoreError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let state = self.state.clone();
+        let mut state = state.write().unwrap_or_else(|p| p.into_inner());
+        for entry in entries {
+            match entry.get_entry_type() {
+                EntryType::EntryNormal if !entry.data.is_empty() => {
+                    match serde_json::from_slice::<Proposal>(&entry.data) {
+                        Ok(proposal) => {
+                            let result = state.apply(entry.index, proposal.command);
+                            if proposal.origin == self.config.id {
+                                out.replies.push((proposal.tag, Reply::Command(result)));
+                            }
+                        }
+                        Err(err) => {
+                            // Damaged or from a newer version: every server
+                            // skips it alike, so the machines stay equal.
+                            tracing::error!(index = entry.index, error = %err, "undecodable entry skipped");
+                            state.skip(entry.index);
+                        }
+                    }
+                }
+                EntryType::EntryConfChange => self.apply_conf_change(&entry, &mut state, out)?,
+                _ => state.skip(entry.index),
+            }
+        }
+        self.node.mut_store().save_state(&mut state)?;
+        Ok(())
+    }
+
+    fn apply_conf_change(
+        &mut self,
+        entry: &Entry,
+        state: &mut State,
+        out: &mut Output,
+    ) -> Result<(), CoreError> {
+        let cc =
+            ConfChange::parse_from_bytes(&entry.data).map_err(|e| StorageFailure(e.to_string()))?;
+        let context: Option<ConfContext> = serde_json::from_slice(&entry.context).ok();
+        let result = match self.node.apply_conf_change(&cc) {
+            Ok(conf_state) => {
+                self.node.mut_store().set_conf_state(conf_state)?;
+                self.snapshot_now = true;
+                let command = match (
+                    cc.get_change_type(),
+                    context.as_ref().and_then(|c| c.member.clone()),
+                ) {
+                    (ConfChangeType::RemoveNode, _) => {
+                        Some(Command::RemoveMember { id: cc.node_id })
+                    }
+                    (_, Some(member)) => Some(Command::UpsertMember { member }),
+                    (_, None) => None,
+                };
+                match command {
+                    Some(command) => {
+                        let _ = state.apply(entry.index, command);
+                    }
+                    None => state.skip(entry.index),
+                }
+                tracing::info!(node = cc.node_id, change = ?cc.get_change_type(), "membership changed");
+                Ok(cc.node_id)
+            }
+            Err(err) => {
+                state.skip(entry.index);
+                Err(ProposeError::Membership(format!(
+                    "membership change refused: {err}"
+                )))
+            }
+        };
+        if let Some(context) = context.filter(|c| c.origin == self.config.id) {
+            out.replies.push((context.tag, Reply::Membership(result)));
+        }
+        Ok(())
+    }
+
+    /// Snapshots the state and compacts the log every `snapshot_every`
+    /// applied entries, so the data dir stays bounded.
+    fn maybe_compact(&mut self) -> Result<(), CoreError> {
+        let applied = self.node.raft.raft_log.applied;
+        let due = applied >= self.snapshot_index + self.config.snapshot_every;
+        if !(due || self.snapshot_now) || applied <= self.snapshot_index {
+            return Ok(());
+        }
+        self.snapshot_now = false;
+        let term = self.node.raft.raft_log.term(applied)?;
+        let mut snapshot = Snapshot::default();
+        snapshot.data = self
+            .state
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .to_image()
+            .into();
+        let metadata = snapshot.mut_metadata();
+        metadata.index = applied;
+        metadata.term = term;
+        metadata.set_conf_state(self.node.raft.prs().conf().to_conf_state());
+        self.node.mut_store().compact(snapshot)?;
+        self.snapshot_index = applied;
+        tracing::debug!(index = applied, "snapshot taken, log compacted");
+        Ok(())
+    }
+}

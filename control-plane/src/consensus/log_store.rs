@@ -1,0 +1,77 @@
+//! What the consensus core needs from durable storage beyond raft-rs'
+//! read-only [`Storage`] trait: making a `Ready` durable, snapshots,
+//! compaction, and the applied state that goes with them.
+
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
+use raft::Storage;
+
+use crate::state::{Member, State};
+
+/// A storage operation failed; the server cannot go on safely.
+#[derive(Debug, thiserror::Error)]
+#[error("storage failed: {0}")]
+pub struct StorageFailure(pub String);
+
+impl StorageFailure {
+    pub fn from(err: impl std::fmt::Display) -> Self {
+        StorageFailure(err.to_string())
+    }
+}
+
+pub trait LogStore: Storage {
+    /// Appends `entries` (dropping any conflicting suffix) and records the
+    /// hard state; both are durable (fsynced) when this returns.
+    fn persist(
+        &mut self,
+        entries: &[Entry],
+        hard_state: Option<&HardState>,
+    ) -> Result<(), StorageFailure>;
+
+    /// Raises the stored commit index. Need not be durable: a lost commit
+    /// index is learned again from the leader.
+    fn persist_commit(&mut self, commit: u64) -> Result<(), StorageFailure>;
+
+    fn set_conf_state(&mut self, conf_state: ConfState) -> Result<(), StorageFailure>;
+
+    /// Replaces the log with a snapshot received from the leader.
+    fn apply_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), StorageFailure>;
+
+    /// Keeps `snapshot` as the latest one and drops the log up to its index.
+    fn compact(&mut self, snapshot: Snapshot) -> Result<(), StorageFailure>;
+
+    /// Loads the applied state as last saved.
+    fn load_state(&self) -> Result<State, StorageFailure>;
+
+    /// Saves the records changed in `state` with its applied index.
+    fn save_state(&mut self, state: &mut State) -> Result<(), StorageFailure>;
+
+    /// Replaces the whole saved state (after installing a snapshot).
+    fn replace_state(&mut self, state: &mut State) -> Result<(), StorageFailure>;
+}
+
+/// The snapshot a new cluster starts from: index 1, term 1, `first` as the
+/// only voter and member. Starting every cluster from a snapshot means a
+/// joining server always receives one, and so learns the first membership,
+/// which is not in the log.
+pub fn bootstrap_snapshot(first: Member) -> Snapshot {
+    let mut state = State::default();
+    let id = first.id;
+    state.members.insert(id, first);
+    state.applied_index = 1;
+    let mut snapshot = Snapshot::default();
+    snapshot.data = state.to_image().into();
+    let metadata = snapshot.mut_metadata();
+    metadata.index = 1;
+    metadata.term = 1;
+    metadata.mut_conf_state().voters = vec![id];
+    snapshot
+}
+
+/// Turns an empty store into the first server of a new cluster.
+pub fn bootstrap(store: &mut impl LogStore, first: Member) -> Result<(), StorageFailure> {
+    let snapshot = bootstrap_snapshot(first);
+    let mut state = State::from_image(&snapshot.data).map_err(StorageFailure::from)?;
+    state.applied_index = snapshot.get_metadata().index;
+    store.apply_snapshot(&snapshot)?;
+    store.replace_state(&mut state)
+}

@@ -1,0 +1,414 @@
+//! The simulated cluster and network.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use raft::eraftpb::{Message, MessageType, Snapshot};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use skiff_control_plane::consensus::core::{Core, CoreConfig, Reply};
+use skiff_control_plane::consensus::mem::MemLog;
+use skiff_control_plane::consensus::LogStore;
+use skiff_control_plane::state::{Command, Member, RuntimeKind, ServiceSpec, State};
+
+use crate::invariants::LeaderLog;
+
+/// One step is this many milliseconds of virtual time.
+const STEP_MS: u64 = 10;
+/// Raft ticks every 100 ms, as in production.
+const TICK_EVERY: u64 = 10;
+
+pub struct SimConfig {
+    pub servers: usize,
+    pub seed: u64,
+    pub fault_steps: u64,
+    pub settle_steps: u64,
+    pub drop: f64,
+    pub duplicate: f64,
+    /// Largest message delay in steps; delays are random, so messages reorder.
+    pub max_delay: u64,
+    pub crash: f64,
+    pub partition: f64,
+    pub write: f64,
+}
+
+impl SimConfig {
+    pub fn faulty(servers: usize, seed: u64) -> Self {
+        SimConfig {
+            servers,
+            seed,
+            fault_steps: 1500,
+            settle_steps: 3000,
+            drop: 0.05,
+            duplicate: 0.02,
+            max_delay: 5,
+            crash: 0.002,
+            partition: 0.002,
+            write: 0.2,
+        }
+    }
+}
+
+struct InFlight {
+    at: u64,
+    message: Message,
+}
+
+struct Server {
+    id: u64,
+    disk: MemLog,
+    core: Option<Core<MemLog>>,
+    /// Tags of writes this server accepted, with the service they create.
+    waiting: Vec<(u64, String)>,
+}
+
+pub struct Sim {
+    config: SimConfig,
+    rng: StdRng,
+    servers: Vec<Server>,
+    network: Vec<InFlight>,
+    /// Servers cut off from all others.
+    isolated: BTreeSet<u64>,
+    now: u64,
+    next_tag: u64,
+    next_write: u64,
+    acknowledged: Vec<String>,
+    leaders: LeaderLog,
+    crashes: u32,
+    partitions: u32,
+    delivered: u64,
+}
+
+fn core_config(id: u64) -> CoreConfig {
+    CoreConfig {
+        id,
+        election_ticks: 10,
+        heartbeat_ticks: 2,
+        snapshot_every: 25,
+    }
+}
+
+fn logger() -> slog::Logger {
+    slog::Logger::root(slog::Discard, slog::o!())
+}
+
+/// The snapshot every simulated cluster starts from: all servers voters.
+fn initial_snapshot(servers: usize) -> (Snapshot, State) {
+    let mut state = State::default();
+    for id in 1..=servers as u64 {
+        state.members.insert(
+            id,
+            Member {
+                id,
+                name: format!("s{id}"),
+                address: format!("sim:{id}"),
+            },
+        );
+    }
+    state.applied_index = 1;
+    let mut snapshot = Snapshot::default();
+    snapshot.data = state.to_image().into();
+    let meta = snapshot.mut_metadata();
+    meta.index = 1;
+    meta.term = 1;
+    meta.mut_conf_state().voters = (1..=servers as u64).collect();
+    (snapshot, state)
+}
+
+impl Sim {
+    pub fn new(config: SimConfig) -> Self {
+        let (snapshot, state) = initial_snapshot(config.servers);
+        let servers = (1..=config.servers as u64)
+            .map(|id| {
+                let mut disk = MemLog::new();
+                disk.apply_snapshot(&snapshot).unwrap();
+                disk.replace_state(&mut state.clone()).unwrap();
+                let core = Core::new(core_config(id), disk.clone(), &logger()).unwrap();
+                Server {
+                    id,
+                    disk,
+                    core: Some(core),
+                    waiting: Vec::new(),
+                }
+            })
+            .collect();
+        Sim {
+            rng: StdRng::seed_from_u64(config.seed),
+            config,
+            servers,
+            network: Vec::new(),
+            isolated: BTreeSet::new(),
+            now: 0,
+            next_tag: 0,
+            next_write: 0,
+            acknowledged: Vec::new(),
+            leaders: LeaderLog::default(),
+            crashes: 0,
+            partitions: 0,
+            delivered: 0,
+        }
+    }
+
+    pub fn run_faults(&mut self) {
+        for _ in 0..self.config.fault_steps {
+            self.inject_faults();
+            if self.rng.gen_bool(self.config.write) {
+                self.client_write();
+            }
+            self.step(true);
+        }
+    }
+
+    /// Heals every partition, restarts every crashed server and runs until
+    /// all servers have applied the same index (bounded).
+    pub fn heal_and_settle(&mut self) {
+        self.isolated.clear();
+        for index in 0..self.servers.len() {
+            if self.servers[index].core.is_none() {
+                self.restart(index);
+            }
+        }
+        // One more write after healing, retried until acknowledged: once it
+        // is, everything before it is committed too.
+        let mut last_write = None;
+        for step in 0..self.config.settle_steps {
+            let acknowledged = last_write
+                .as_ref()
+                .is_some_and(|name| self.acknowledged.contains(name));
+            if !acknowledged && step % 100 == 0 && self.client_write() {
+                last_write = Some(format!("w{}", self.next_write));
+            }
+            self.step(false);
+            if acknowledged && self.settled() {
+                return;
+            }
+        }
+        let servers: Vec<String> = self
+            .servers
+            .iter()
+            .map(|s| match &s.core {
+                Some(core) => {
+                    let st = core.status();
+                    format!(
+                        "s{}: {} term {} commit {} applied {} last {} snap {}",
+                        st.id,
+                        st.role,
+                        st.term,
+                        st.commit_index,
+                        st.applied_index,
+                        st.last_index,
+                        st.snapshot_index
+                    )
+                }
+                None => format!("s{}: down", s.id),
+            })
+            .collect();
+        panic!(
+            "cluster did not settle within {} steps after healing: {}\n{}",
+            self.config.settle_steps,
+            self.stats(),
+            servers.join("\n")
+        );
+    }
+
+    fn settled(&self) -> bool {
+        let applied: BTreeSet<u64> = self.states().iter().map(|(_, s)| s.applied_index).collect();
+        applied.len() == 1
+    }
+
+    pub fn states(&self) -> Vec<(u64, State)> {
+        self.servers
+            .iter()
+            .filter_map(|s| {
+                s.core
+                    .as_ref()
+                    .map(|c| (s.id, c.state().read().unwrap().clone()))
+            })
+            .collect()
+    }
+
+    pub fn acknowledged(&self) -> &[String] {
+        &self.acknowledged
+    }
+
+    fn leader(&self) -> Option<usize> {
+        self.servers
+            .iter()
+            .position(|s| s.core.as_ref().is_some_and(|c| c.is_leader()))
+    }
+
+    fn inject_faults(&mut self) {
+        if self.rng.gen_bool(self.config.crash) {
+            let index = self.rng.gen_range(0..self.servers.len());
+            if self.servers[index].core.is_some() {
+                // Lose everything not on disk: the node, its inbox, waiters.
+                self.servers[index].core = None;
+                self.servers[index].waiting.clear();
+                self.crashes += 1;
+            } else {
+                self.restart(index);
+            }
+        }
+        if self.rng.gen_bool(self.config.partition) {
+            if self.isolated.is_empty() {
+                let id = self.rng.gen_range(1..=self.servers.len() as u64);
+                self.isolated.insert(id);
+                self.partitions += 1;
+            } else {
+                self.isolated.clear();
+            }
+        }
+        // Crashed servers come back eventually, so a majority can form.
+        for index in 0..self.servers.len() {
+            if self.servers[index].core.is_none() && self.rng.gen_bool(0.01) {
+                self.restart(index);
+            }
+        }
+    }
+
+    fn restart(&mut self, index: usize) {
+        let server = &mut self.servers[index];
+        let core = Core::new(core_config(server.id), server.disk.clone(), &logger())
+            .unwrap_or_else(|e| {
+                panic!("server {} failed to restart from its disk: {e}", server.id)
+            });
+        server.core = Some(core);
+    }
+
+    /// A client sends a write to whichever server leads; returns whether it
+    /// was accepted (not yet acknowledged).
+    fn client_write(&mut self) -> bool {
+        let Some(index) = self.leader() else {
+            return false;
+        };
+        self.next_write += 1;
+        self.next_tag += 1;
+        let name = format!("w{}", self.next_write);
+        let spec = ServiceSpec {
+            name: name.clone(),
+            runtime: RuntimeKind::Process,
+            replicas: 1,
+            command: vec!["true".into()],
+            ..Default::default()
+        };
+        let tag = self.next_tag;
+        let server = &mut self.servers[index];
+        let accepted = server
+            .core
+            .as_mut()
+            .unwrap()
+            .propose(tag, Command::CreateService { spec })
+            .is_ok();
+        if accepted {
+            server.waiting.push((tag, name));
+        }
+        accepted
+    }
+
+    fn step(&mut self, faults: bool) {
+        self.now += 1;
+        // Deliver due messages, in random order among the due ones.
+        let mut due = Vec::new();
+        let mut index = 0;
+        while index < self.network.len() {
+            if self.network[index].at <= self.now {
+                due.push(self.network.swap_remove(index).message);
+            } else {
+                index += 1;
+            }
+        }
+        for message in due {
+            let (from, to) = (message.from, message.to);
+            if self.isolated.contains(&from) || self.isolated.contains(&to) {
+                continue;
+            }
+            if let Some(core) = self.servers[(to - 1) as usize].core.as_mut() {
+                core.step(message);
+                self.delivered += 1;
+            }
+        }
+        let tick = self.now % TICK_EVERY == 0;
+        for index in 0..self.servers.len() {
+            let Some(core) = self.servers[index].core.as_mut() else {
+                continue;
+            };
+            if tick {
+                core.tick();
+            }
+            let output = core
+                .advance()
+                .unwrap_or_else(|e| panic!("server {} failed: {e}", index + 1));
+            let status = core.status();
+            if status.role == "leader" {
+                self.leaders.observe(status.term, status.id);
+            }
+            for (tag, reply) in output.replies {
+                let server = &mut self.servers[index];
+                if let Some(pos) = server.waiting.iter().position(|(t, _)| *t == tag) {
+                    let (_, name) = server.waiting.remove(pos);
+                    if let Reply::Command(Ok(_)) = reply {
+                        self.acknowledged.push(name);
+                    }
+                }
+            }
+            for message in output.messages {
+                self.send(message, faults);
+            }
+        }
+    }
+
+    fn send(&mut self, message: Message, faults: bool) {
+        let dropped = faults && self.rng.gen_bool(self.config.drop);
+        if message.get_msg_type() == MessageType::MsgSnapshot {
+            // The transport tells the sender whether a snapshot got through.
+            if let Some(core) = self.servers[(message.from - 1) as usize].core.as_mut() {
+                core.report_snapshot(message.to, !dropped);
+            }
+        }
+        if dropped {
+            return;
+        }
+        let copies = if faults && self.rng.gen_bool(self.config.duplicate) {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let delay = 1 + self.rng.gen_range(0..=self.config.max_delay);
+            self.network.push(InFlight {
+                at: self.now + delay,
+                message: message.clone(),
+            });
+        }
+    }
+
+    pub fn stats(&self) -> Stats {
+        Stats {
+            virtual_ms: self.now * STEP_MS,
+            acknowledged: self.acknowledged.len(),
+            crashes: self.crashes,
+            partitions: self.partitions,
+            terms: self.leaders.terms(),
+            delivered: self.delivered,
+        }
+    }
+}
+
+pub struct Stats {
+    virtual_ms: u64,
+    acknowledged: usize,
+    crashes: u32,
+    partitions: u32,
+    terms: usize,
+    delivered: u64,
+}
+
+impl fmt::Display for Stats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} ms virtual, {} writes acknowledged, {} crashes, {} partitions, {} terms with a leader, {} messages delivered",
+            self.virtual_ms, self.acknowledged, self.crashes, self.partitions, self.terms, self.delivered
+        )
+    }
+}
