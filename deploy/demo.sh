@@ -116,9 +116,10 @@ else
     echo "warning: the replicas did not all reach running within 30 s; see $log" >&2
 fi
 
+echo
+echo "Skiff dev is running (pid $dev_pid, API on $SKIFF_ADDR, output in $log). Try, in another shell:"
+[ "$SKIFF_ADDR" = 127.0.0.1:7070 ] || echo "    export SKIFF_ADDR=$SKIFF_ADDR"
 cat <<EOT
-
-Skiff dev is running (pid $dev_pid, API on $SKIFF_ADDR, output in $log). Try, in another shell:
     $skiff service ps demo
     $skiff service scale demo 4
     curl http://127.0.0.1:<host_port>/

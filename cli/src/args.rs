@@ -77,6 +77,11 @@ pub enum VarCommand {
     Put { key: String, value: String },
     /// Print the value of KEY.
     Get { key: String },
+    /// List variables whose key starts with PREFIX.
+    Ls {
+        #[arg(default_value = "")]
+        prefix: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -209,7 +214,7 @@ pub struct DevArgs {
 #[derive(Subcommand, Debug)]
 pub enum ServiceCommand {
     /// Create a service: `skiff service create web --replicas 3 -- python3 -m http.server '$PORT'`.
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// List services.
     Ls,
     /// List the replicas of a service.

@@ -480,7 +480,7 @@ pub fn allocations(v: &Value) -> Vec<Allocation> {
 /// A real `skiff dev` process (one server and one agent) on a free loopback port, with its
 /// data in a temporary directory and its own host-port range.
 ///
-/// The process's stdout and stderr go to `dev.log` next to the data directory. On drop the
+/// The process's stdout and stderr go to `dev.log` in the data directory. On drop the
 /// dev process and every replica it was seen running are killed by PID, so nothing outlives
 /// a test, also a failed one. Set `SKIFF_E2E_KEEP=1` to keep the directory for inspection.
 pub struct DevCluster {
@@ -527,12 +527,13 @@ impl DevCluster {
             .path()
     }
 
-    /// The directory passed as `--data-dir`.
-    pub fn data_dir(&self) -> PathBuf {
-        self.dir().join("data")
+    /// The directory passed as `--data-dir` (a fresh temporary directory).
+    pub fn data_dir(&self) -> &Path {
+        self.dir()
     }
 
-    /// Where the dev process's output goes (appended across restarts).
+    /// Where the dev process's output goes: `dev.log` in the data directory (the server and
+    /// agent keep their state in subdirectories), appended across restarts.
     pub fn log_path(&self) -> PathBuf {
         self.dir().join("dev.log")
     }
@@ -884,3 +885,5 @@ mod tests {
         assert_eq!(out.stderr, b"err\n");
     }
 }
+
+pub mod servers;

@@ -36,6 +36,22 @@ pub async fn run(server: &str, format: OutputFormat, command: VarCommand) -> any
                 OutputFormat::Table => println!("{}", answer.value),
             }
         }
+        VarCommand::Ls { prefix } => {
+            let variables = client
+                .list_variables(pb::ListVariablesRequest { prefix })
+                .await
+                .map_err(explain)?
+                .into_inner()
+                .variables;
+            let mut sorted: Vec<_> = variables.into_iter().collect();
+            sorted.sort();
+            let rows = sorted
+                .iter()
+                .map(|(k, v)| vec![k.clone(), v.clone()])
+                .collect();
+            let map: std::collections::BTreeMap<_, _> = sorted.iter().cloned().collect();
+            crate::output::print(format, &map, &["KEY", "VALUE"], rows);
+        }
     }
     Ok(())
 }

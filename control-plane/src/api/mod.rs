@@ -223,6 +223,23 @@ impl pb::control_server::Control for Api {
         }))
     }
 
+    async fn list_variables(
+        &self,
+        request: Request<pb::ListVariablesRequest>,
+    ) -> Result<Response<pb::ListVariablesResponse>, Status> {
+        self.barrier().await?;
+        let prefix = request.into_inner().prefix;
+        let variables = self
+            .consensus
+            .state()
+            .variables
+            .range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        Ok(Response::new(pb::ListVariablesResponse { variables }))
+    }
+
     async fn remove_server(
         &self,
         request: Request<pb::RemoveServerRequest>,

@@ -446,13 +446,8 @@ impl<S: LogStore> Core<S> {
         }
         self.snapshot_now = false;
         let term = self.node.raft.raft_log.term(applied)?;
-        let mut snapshot = Snapshot::default();
-        snapshot.data = self
-            .state
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .to_image()
-            .into();
+        let data = self.state.read().unwrap_or_else(|p| p.into_inner()).to_image();
+        let mut snapshot = Snapshot { data: data.into(), ..Default::default() };
         let metadata = snapshot.mut_metadata();
         metadata.index = applied;
         metadata.term = term;

@@ -58,8 +58,7 @@ pub fn bootstrap_snapshot(first: Member) -> Snapshot {
     let id = first.id;
     state.members.insert(id, first);
     state.applied_index = 1;
-    let mut snapshot = Snapshot::default();
-    snapshot.data = state.to_image().into();
+    let mut snapshot = Snapshot { data: state.to_image().into(), ..Default::default() };
     let metadata = snapshot.mut_metadata();
     metadata.index = 1;
     metadata.term = 1;

@@ -106,8 +106,7 @@ fn initial_snapshot(servers: usize) -> (Snapshot, State) {
         );
     }
     state.applied_index = 1;
-    let mut snapshot = Snapshot::default();
-    snapshot.data = state.to_image().into();
+    let mut snapshot = Snapshot { data: state.to_image().into(), ..Default::default() };
     let meta = snapshot.mut_metadata();
     meta.index = 1;
     meta.term = 1;
@@ -327,7 +326,7 @@ impl Sim {
                 self.delivered += 1;
             }
         }
-        let tick = self.now % TICK_EVERY == 0;
+        let tick = self.now.is_multiple_of(TICK_EVERY);
         for index in 0..self.servers.len() {
             let Some(core) = self.servers[index].core.as_mut() else {
                 continue;

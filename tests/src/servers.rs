@@ -1,0 +1,195 @@
+//! A cluster of real `skiff server` processes on loopback for the
+//! control-plane tests: each with its own data dir and log under one temp
+//! dir, started with `--bootstrap` / `--join`, killed by PID (never by name)
+//! on [`ServerCluster::kill9`] and on drop.
+
+use std::fs;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tempfile::TempDir;
+
+use crate::{free_port, skiff_at, skiff_bin, wait_until, POLL};
+
+pub struct ServerCluster {
+    dir: TempDir,
+    pub addresses: Vec<String>,
+    children: Vec<Option<Child>>,
+    extra_args: Vec<String>,
+}
+
+impl ServerCluster {
+    /// Starts `size` servers: the first bootstraps, the others join it.
+    pub fn start(size: usize, extra_args: &[&str]) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("skiff-servers-")
+            .tempdir()
+            .expect("temp dir");
+        let mut cluster = ServerCluster {
+            dir,
+            addresses: Vec::new(),
+            children: Vec::new(),
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        };
+        for _ in 0..size {
+            cluster.add_server();
+        }
+        cluster.wait_for_members(size);
+        cluster
+    }
+
+    /// Starts one more server that joins through the first one.
+    pub fn add_server(&mut self) -> usize {
+        let index = self.addresses.len();
+        self.addresses.push(format!("127.0.0.1:{}", free_port()));
+        self.children.push(None);
+        self.spawn(index);
+        if index == 0 {
+            assert!(
+                wait_until(Duration::from_secs(15), POLL, || self.leader().is_some()),
+                "the first server never became leader:\n{}",
+                self.log(0)
+            );
+        }
+        index
+    }
+
+    fn spawn(&mut self, index: usize) {
+        let name = format!("s{}", index + 1);
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{name}.log")))
+            .expect("log file");
+        let mut command = Command::new(skiff_bin());
+        command
+            .env_remove("SKIFF_ADDR")
+            .args([
+                "server",
+                "--name",
+                &name,
+                "--listen",
+                &self.addresses[index],
+            ])
+            .arg("--data-dir")
+            .arg(self.dir.path().join(&name))
+            .args(&self.extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        if index == 0 {
+            command.arg("--bootstrap");
+        } else {
+            command.args(["--join", &self.addresses[0]]);
+        }
+        self.children[index] = Some(command.spawn().expect("start skiff server"));
+    }
+
+    pub fn log(&self, index: usize) -> String {
+        fs::read_to_string(self.dir.path().join(format!("s{}.log", index + 1))).unwrap_or_default()
+    }
+
+    pub fn is_running(&self, index: usize) -> bool {
+        self.children[index].is_some()
+    }
+
+    pub fn kill9(&mut self, index: usize) {
+        if let Some(mut child) = self.children[index].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts a killed server again on its data dir and address.
+    pub fn restart(&mut self, index: usize) {
+        self.kill9(index);
+        self.spawn(index);
+    }
+
+    /// `skiff cluster status` as some running server sees it.
+    pub fn status(&self) -> Option<Value> {
+        (0..self.addresses.len())
+            .filter(|i| self.is_running(*i))
+            .find_map(|i| {
+                let out = skiff_at(
+                    &self.addresses[i],
+                    &["cluster", "status", "--output", "json"],
+                );
+                if !out.status.success() {
+                    return None;
+                }
+                serde_json::from_slice::<Value>(&out.stdout)
+                    .ok()
+                    .filter(|s| s["leader"] != "")
+            })
+    }
+
+    /// Index of the current leader, as a running server reports it.
+    pub fn leader(&self) -> Option<usize> {
+        let status = self.status()?;
+        let members = status["members"].as_array()?;
+        let leader = members.iter().find(|m| m["role"] == "leader")?;
+        self.addresses
+            .iter()
+            .position(|a| leader["address"] == a.as_str())
+    }
+
+    pub fn wait_for_members(&self, size: usize) {
+        let ok = wait_until(Duration::from_secs(30), POLL, || {
+            self.status()
+                .and_then(|s| s["members"].as_array().map(|m| m.len()))
+                == Some(size)
+        });
+        assert!(ok, "cluster did not reach {size} members:\n{}", self.log(0));
+    }
+
+    /// Writes one variable through server `index`; true if acknowledged.
+    pub fn put(&self, index: usize, key: &str, value: &str) -> bool {
+        skiff_at(&self.addresses[index], &["var", "put", key, value])
+            .status
+            .success()
+    }
+
+    /// All variables with `prefix`, read through server `index` (a
+    /// linearizable read of that server's own applied state).
+    pub fn variables(&self, index: usize, prefix: &str) -> Option<serde_json::Map<String, Value>> {
+        let out = skiff_at(
+            &self.addresses[index],
+            &["var", "ls", prefix, "--output", "json"],
+        );
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice::<Value>(&out.stdout)
+            .ok()?
+            .as_object()
+            .cloned()
+    }
+
+    /// Time until a write through any running server succeeds (bounded).
+    pub fn time_to_first_write(&self, key: &str, limit: Duration) -> Option<Duration> {
+        let started = Instant::now();
+        let running: Vec<usize> = (0..self.addresses.len())
+            .filter(|i| self.is_running(*i))
+            .collect();
+        let mut round = 0;
+        while started.elapsed() < limit {
+            let index = running[round % running.len()];
+            round += 1;
+            if self.put(index, key, "x") {
+                return Some(started.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for ServerCluster {
+    fn drop(&mut self) {
+        for index in 0..self.children.len() {
+            self.kill9(index);
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! The replicated control plane with real `skiff server` processes on
+//! loopback: leader failover under a continuous write load without losing
+//! an acknowledged write, and catching up from a snapshot.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use skiff_e2e::servers::ServerCluster;
+use skiff_e2e::{wait_until, POLL};
+
+#[test]
+fn writes_continue_after_the_leader_is_killed_and_no_acknowledged_write_is_lost() {
+    let mut cluster = ServerCluster::start(3, &[]);
+    let acknowledged = Arc::new(Mutex::new(BTreeSet::new()));
+    let mut failovers = Vec::new();
+    for round in 1..=5 {
+        // A client writes continuously through every server while the
+        // leader is killed.
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (addresses, stop, acknowledged) = (
+                cluster.addresses.clone(),
+                stop.clone(),
+                acknowledged.clone(),
+            );
+            thread::spawn(move || {
+                for i in 0..100_000u64 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let key = format!("load/r{round}/k{i}");
+                    let address = &addresses[(i as usize) % addresses.len()];
+                    let out = skiff_e2e::skiff_at(address, &["var", "put", &key, "v"]);
+                    if out.status.success() {
+                        acknowledged.lock().unwrap().insert(key);
+                    }
+                }
+            })
+        };
+        thread::sleep(Duration::from_millis(500));
+        let leader = cluster.leader().expect("a leader before the kill");
+        cluster.kill9(leader);
+        let failover =
+            cluster.time_to_first_write(&format!("probe/{round}"), Duration::from_secs(15));
+        let failover =
+            failover.unwrap_or_else(|| panic!("round {round}: writes did not resume within 15 s"));
+        eprintln!(
+            "round {round}: leader s{} killed, first write {} ms later",
+            leader + 1,
+            failover.as_millis()
+        );
+        failovers.push(failover);
+        thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::Relaxed);
+        writer.join().unwrap();
+        cluster.restart(leader);
+        cluster.wait_for_members(3);
+    }
+    failovers.sort();
+    eprintln!(
+        "failover to first write: median {} ms, max {} ms",
+        failovers[2].as_millis(),
+        failovers[4].as_millis()
+    );
+
+    // Every acknowledged write is on every server once they have caught up.
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    assert!(
+        acknowledged.len() > 20,
+        "the load wrote too little to prove anything: {}",
+        acknowledged.len()
+    );
+    for index in 0..3 {
+        let mut missing = Vec::new();
+        let caught_up = wait_until(Duration::from_secs(20), POLL, || {
+            let Some(present) = cluster.variables(index, "load/") else {
+                return false;
+            };
+            missing = acknowledged
+                .iter()
+                .filter(|k| !present.contains_key(*k))
+                .cloned()
+                .collect();
+            missing.is_empty()
+        });
+        assert!(
+            caught_up,
+            "server s{} lacks {} acknowledged writes, e.g. {:?}",
+            index + 1,
+            missing.len(),
+            missing.first()
+        );
+    }
+}
+
+#[test]
+fn a_server_joining_after_log_compaction_catches_up_from_a_snapshot() {
+    let mut cluster = ServerCluster::start(1, &["--snapshot-every", "20"]);
+    for i in 0..60 {
+        assert!(
+            cluster.put(0, &format!("early/k{i:02}"), "v"),
+            "write {i} failed:\n{}",
+            cluster.log(0)
+        );
+    }
+    let joined = cluster.add_server();
+    cluster.wait_for_members(2);
+    let caught_up = wait_until(Duration::from_secs(20), POLL, || {
+        cluster
+            .variables(joined, "early/")
+            .is_some_and(|v| v.len() == 60)
+    });
+    assert!(
+        caught_up,
+        "the joined server did not catch up:\n{}",
+        cluster.log(joined)
+    );
+    assert!(
+        cluster
+            .log(joined)
+            .contains("installed snapshot from the leader"),
+        "the joined server caught up without a snapshot, so compaction did not happen:\n{}",
+        cluster.log(joined)
+    );
+    // And it keeps up with new writes as a follower.
+    assert!(cluster.put(joined, "late/k", "v"));
+    assert!(cluster.variables(0, "late/").is_some_and(|v| v.len() == 1));
+}
