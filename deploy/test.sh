@@ -80,9 +80,9 @@ check_rust() {
 run_tests() {
     export SKIFF_BIN="${root}/target/release/skiff"
     if cargo nextest --version >/dev/null 2>&1; then
-        cargo nextest run --workspace
+        cargo nextest run --workspace --no-fail-fast
     else
-        cargo test --workspace
+        cargo test --workspace --no-fail-fast
     fi
 }
 

@@ -1,5 +1,6 @@
 //! The agent's configuration, as the CLI builds it.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -36,6 +37,19 @@ pub struct AgentConfig {
     pub cni_plugin_dir: PathBuf,
     /// Static init bind-mounted into containers (`--init`).
     pub init_binary: PathBuf,
+    /// Schedulable CPU in millicores, reported in `Register`; detected.
+    pub cpu_millis: u32,
+    /// Schedulable memory in MB, reported in `Register`; detected.
+    pub memory_mb: u32,
+    /// Node labels for constraints and zone spreading (`--label zone=a`).
+    pub labels: BTreeMap<String, String>,
+    /// Port (on `advertise`) where the agent serves replica logs to
+    /// `skiff service logs`; 0: any free port (published to the servers
+    /// either way).
+    pub logs_port: u16,
+    /// A replica's stdout or stderr log is rotated above this size (one
+    /// rotated file is kept).
+    pub log_max_bytes: u64,
 }
 
 impl AgentConfig {
@@ -55,6 +69,11 @@ impl AgentConfig {
             docker_config: None,
             cni_plugin_dir: PathBuf::from("/usr/lib/cni"),
             init_binary: PathBuf::from("/usr/bin/tini-static"),
+            cpu_millis: detect_cpu_millis(),
+            memory_mb: detect_memory_mb(),
+            labels: BTreeMap::new(),
+            logs_port: 0,
+            log_max_bytes: 10 * 1024 * 1024,
         }
     }
 
@@ -73,6 +92,23 @@ impl AgentConfig {
         }
         Ok(())
     }
+}
+
+/// CPUs this process may use, in millicores (1000 per CPU).
+pub fn detect_cpu_millis() -> u32 {
+    std::thread::available_parallelism().map_or(1000, |n| n.get() as u32 * 1000)
+}
+
+/// `MemTotal` of `/proc/meminfo` in MB; 0 (not counted) if unreadable.
+pub fn detect_memory_mb() -> u32 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            u32::try_from(kb / 1024).ok()
+        })
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -128,6 +128,8 @@ pub fn register(config: &AgentConfig) -> v1::Register {
         address: config.advertise.to_string(),
         port_range_start: u32::from(config.port_range.0),
         port_range_end: u32::from(config.port_range.1),
+        // Resources and labels are not measured or configured yet.
+        ..Default::default()
     }
 }
 

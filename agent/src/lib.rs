@@ -13,6 +13,7 @@ mod error;
 pub mod health;
 pub mod image;
 mod local;
+pub mod logs;
 mod reconcile;
 pub mod runtime;
 pub mod spec;
@@ -63,17 +64,44 @@ pub async fn run(
         process: ProcessRuntime::new(),
         oci: Arc::new(OciRuntime::new(oci_config, images::open_store(&config))),
     };
+    let allocs_dir = store.alloc_dir("");
     let mut local = LocalAllocs::new(Arc::new(runtime), store, supervisor_config, updates_tx);
     local.recover()?;
-    tracing::info!(node = %config.name, servers = ?config.servers, "agent started");
+
+    let logs_bind = std::net::SocketAddr::new(config.advertise, config.logs_port);
+    let listener = tokio::net::TcpListener::bind(logs_bind)
+        .await
+        .map_err(|e| {
+            AgentError::Config(format!(
+                "failed to listen for log requests on {logs_bind}: {e}"
+            ))
+        })?;
+    let logs_addr = listener.local_addr().ok();
+    let (logs_stop, logs_stopped) = tokio::sync::oneshot::channel::<()>();
+    let log_server = tokio::spawn(logs::LogService::new(allocs_dir.clone()).serve(
+        listener,
+        async {
+            let _ = logs_stopped.await;
+        },
+    ));
+    let rotation = tokio::spawn(logs::rotate_loop(
+        allocs_dir,
+        config.log_max_bytes,
+        std::time::Duration::from_secs(10),
+    ));
+    tracing::info!(node = %config.name, servers = ?config.servers, logs = ?logs_addr, "agent started");
 
     {
-        let mut sync = sync::SyncLoop::new(&config, &mut local, &mut updates_rx);
+        let mut sync =
+            sync::SyncLoop::new(&config, &mut local, &mut updates_rx).with_logs_addr(logs_addr);
         tokio::select! {
             () = sync.run() => {}
             () = shutdown => {}
         }
     }
+    rotation.abort();
+    let _ = logs_stop.send(());
+    let _ = log_server.await;
 
     tracing::info!(
         stop_replicas = config.stop_replicas_on_shutdown,

@@ -60,6 +60,8 @@ pub struct SyncLoop<'a, R: Runtime> {
     updates: &'a mut mpsc::UnboundedReceiver<StatusUpdate>,
     /// Set once the current server answered `Registered`.
     registered: bool,
+    /// Where this agent serves replica logs; published after registering.
+    logs_addr: Option<std::net::SocketAddr>,
 }
 
 impl<'a, R: Runtime> SyncLoop<'a, R> {
@@ -73,7 +75,14 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
             local,
             updates,
             registered: false,
+            logs_addr: None,
         }
+    }
+
+    /// Publishes `addr` as this node's logs address on every registration.
+    pub fn with_logs_addr(mut self, addr: Option<std::net::SocketAddr>) -> Self {
+        self.logs_addr = addr;
+        self
     }
 
     /// Syncs forever; the caller ends it by dropping the future (shutdown).
@@ -124,15 +133,16 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
                 server: server.to_string(),
                 source,
             })?;
-        let mut client = AgentSyncClient::new(channel);
+        let mut client = AgentSyncClient::new(channel.clone());
 
         // Register and the current statuses are queued before the call, so
         // a server that reads before answering finds them.
         let (outbound, rx) = mpsc::unbounded_channel();
-        send(
-            &outbound,
-            AgentMsg::Register(convert::register(self.config)),
-        );
+        let mut register = convert::register(self.config);
+        register.cpu_millis = self.config.cpu_millis;
+        register.memory_mb = self.config.memory_mb;
+        register.labels = self.config.labels.clone().into_iter().collect();
+        send(&outbound, AgentMsg::Register(register));
         for status in self.local.statuses() {
             send(&outbound, AgentMsg::Status(convert::status(status)));
         }
@@ -168,6 +178,9 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
                             interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
                             heartbeat = Some(interval);
                             self.registered = true;
+                            if let Some(addr) = self.logs_addr {
+                                tokio::spawn(publish_logs_addr(channel.clone(), self.config.name.clone(), addr));
+                            }
                         }
                         Some(ServerMsg::Assignments(assignments)) => {
                             tracing::debug!(index = assignments.index, count = assignments.allocations.len(), "assignments received");
@@ -193,6 +206,26 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
                 }
             }
         }
+    }
+}
+
+/// Records where this node serves replica logs, in the variable
+/// `skiff service logs` reads. Best effort: logged, retried at the next
+/// registration.
+async fn publish_logs_addr(
+    channel: tonic::transport::Channel,
+    node: String,
+    addr: std::net::SocketAddr,
+) {
+    let mut client = skiff_proto::v1::control_client::ControlClient::new(channel);
+    let request = skiff_proto::v1::PutVariableRequest {
+        key: crate::logs::address_key(&node),
+        value: addr.to_string(),
+    };
+    match tokio::time::timeout(OPEN_TIMEOUT, client.put_variable(request)).await {
+        Ok(Ok(_)) => tracing::debug!(%addr, "published logs address"),
+        Ok(Err(e)) => tracing::warn!(%addr, error = %e, "failed to publish logs address"),
+        Err(_) => tracing::warn!(%addr, "publishing the logs address timed out"),
     }
 }
 

@@ -1,7 +1,9 @@
 //! The oci runtime against real runc (and crun where it can run), CNI
 //! plugins and overlayfs, on a busybox rootfs built here. Needs root and
-//! `runc tini containernetworking-plugins iptables busybox-static`; each
-//! test says so and passes vacuously where they are missing.
+//! `runc crun tini containernetworking-plugins iptables iproute2
+//! busybox-static`; a test fails, naming the packages, where they are
+//! missing. Every container a test starts is destroyed by a drop guard, also
+//! when the test panics, so nothing (mount, netns, cgroup, NAT rule) leaks.
 
 use std::fs;
 use std::io::{Read, Write};
@@ -17,22 +19,29 @@ use skiff_agent::spec::{Network, ReplicaSpec, RuntimeKind};
 
 const IMAGE: &str = "test/web:v1";
 
-fn usable() -> bool {
-    let root = nix::unistd::Uid::effective().is_root();
-    let tools = [
-        "/usr/bin/busybox",
-        "/usr/lib/cni/bridge",
-        "/usr/bin/tini-static",
+/// Panics, naming what to install, unless the runtime tests can run here.
+fn require_tools() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "the oci runtime tests need root"
+    );
+    let missing: Vec<&str> = [
+        ("/usr/bin/busybox", "busybox-static"),
+        ("/usr/lib/cni/bridge", "containernetworking-plugins"),
+        ("/usr/bin/tini-static", "tini"),
     ]
     .iter()
-    .all(|p| Path::new(p).exists());
-    let runc = skiff_agent::runtime::oci::resolve_runtime(Some("runc")).is_ok();
-    if !(root && tools && runc) {
-        eprintln!(
-            "skipped: needs root, runc, tini, containernetworking-plugins and busybox-static"
-        );
+    .filter(|(path, _)| !Path::new(path).exists())
+    .map(|(_, package)| *package)
+    .collect();
+    assert!(
+        missing.is_empty(),
+        "apt-get install -y {}",
+        missing.join(" ")
+    );
+    if let Err(e) = skiff_agent::runtime::oci::resolve_runtime(Some("runc")) {
+        panic!("{e}");
     }
-    root && tools && runc
 }
 
 /// A rootfs with a static busybox, a `www` user (uid 1000) and a page.
@@ -104,6 +113,31 @@ impl Fixture {
     }
 }
 
+/// Destroys a container when dropped (idempotent), so a failing test leaks
+/// no mount, network namespace, NAT rule or cgroup. Has its own runtime over
+/// the same state, so it works whichever runtime instance started it.
+struct Cleanup {
+    runtime: OciRuntime,
+    spec: ReplicaSpec,
+    dir: PathBuf,
+}
+
+impl Cleanup {
+    fn new(f: &Fixture, binary: &str, spec: &ReplicaSpec) -> Self {
+        Self {
+            runtime: f.runtime(binary),
+            spec: spec.clone(),
+            dir: f.alloc_dir(&spec.alloc_id),
+        }
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        self.runtime.destroy(&self.spec, &self.dir);
+    }
+}
+
 fn replica(id: &str, network: Network) -> ReplicaSpec {
     ReplicaSpec {
         alloc_id: format!("{id}-{}", std::process::id()),
@@ -167,13 +201,12 @@ fn assert_nothing_left(f: &Fixture, runtime: &OciRuntime, spec: &ReplicaSpec) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bridge_container_serves_on_its_host_port_as_the_images_user_with_its_memory_limit() {
-    if !usable() {
-        return;
-    }
+    require_tools();
     let f = Fixture::new();
     let runtime = f.runtime("runc");
     let mut spec = replica("bridge", Network::Bridge);
     spec.memory_mb = 64;
+    let _cleanup = Cleanup::new(&f, "runc", &spec);
     runtime.prepare(&spec).await.unwrap();
     let dir = f.alloc_dir(&spec.alloc_id);
     let mut handle = runtime.start(&spec, &dir).unwrap();
@@ -216,9 +249,7 @@ async fn bridge_container_serves_on_its_host_port_as_the_images_user_with_its_me
 
 #[tokio::test(flavor = "multi_thread")]
 async fn host_network_container_listens_on_port() {
-    if !usable() {
-        return;
-    }
+    require_tools();
     let f = Fixture::new();
     let runtime = f.runtime("runc");
     let mut spec = replica("host", Network::Host);
@@ -227,6 +258,7 @@ async fn host_network_container_listens_on_port() {
         "-c".into(),
         "exec httpd -f -p 127.0.0.1:$PORT -h /www".into(),
     ];
+    let _cleanup = Cleanup::new(&f, "runc", &spec);
     runtime.prepare(&spec).await.unwrap();
     let dir = f.alloc_dir(&spec.alloc_id);
     let mut handle = runtime.start(&spec, &dir).unwrap();
@@ -244,11 +276,10 @@ async fn host_network_container_listens_on_port() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_new_runtime_re_adopts_a_running_container_without_restarting_it() {
-    if !usable() {
-        return;
-    }
+    require_tools();
     let f = Fixture::new();
     let spec = replica("adopt", Network::Bridge);
+    let _cleanup = Cleanup::new(&f, "runc", &spec);
     let dir = f.alloc_dir(&spec.alloc_id);
     let (pid, start_time) = {
         let first = f.runtime("runc");
@@ -280,16 +311,14 @@ async fn a_new_runtime_re_adopts_a_running_container_without_restarting_it() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn crun_runs_the_container_or_explains_why_it_cannot() {
-    if !usable() {
-        return;
-    }
-    if skiff_agent::runtime::oci::resolve_runtime(Some("crun")).is_err() {
-        eprintln!("skipped: crun is not installed");
-        return;
+    require_tools();
+    if let Err(e) = skiff_agent::runtime::oci::resolve_runtime(Some("crun")) {
+        panic!("{e}");
     }
     let f = Fixture::new();
     let runtime = f.runtime("crun");
     let spec = replica("crun", Network::Bridge);
+    let _cleanup = Cleanup::new(&f, "crun", &spec);
     runtime.prepare(&spec).await.unwrap();
     let dir = f.alloc_dir(&spec.alloc_id);
     match runtime.start(&spec, &dir) {

@@ -57,9 +57,11 @@ pub enum Command {
     /// Create, inspect, scale and remove services.
     #[command(subcommand)]
     Service(ServiceCommand),
-    /// Inspect the nodes of the cluster.
+    /// Inspect the nodes of the cluster; drain, pause and activate them.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Print the committed events of the cluster (with --follow, as they happen).
+    Events(EventsArgs),
     /// Inspect the control plane.
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -91,6 +93,66 @@ pub enum BenchCommand {
     /// Leader failover: kill -9 the leader of a fresh 3-server cluster under
     /// load and time until writes succeed again.
     Failover(BenchFailoverArgs),
+    /// Scheduling at scale: simulated nodes against a fresh 3-server
+    /// cluster, services totalling --replicas replicas; time until every
+    /// placement is committed and delivered.
+    Schedule(BenchScheduleArgs),
+    /// Container start: time from `service create` of 1 and of 20 replicas
+    /// of a cached image to all healthy, and agent RSS with 50 containers,
+    /// on a fresh server and agent started for the run.
+    Start(BenchStartArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchStartArgs {
+    /// Image to run; it must answer HTTP GET / on its port (e.g.
+    /// 127.0.0.1:5000/skiff-test/web:v1 from deploy/images/build.sh).
+    #[arg(long)]
+    pub image: String,
+    /// Registry (HOST:PORT) to pull from over plain HTTP; repeatable.
+    #[arg(long = "insecure-registry")]
+    pub insecure_registries: Vec<String>,
+    /// OCI runtime of the agent: runc, crun or a path.
+    #[arg(long)]
+    pub oci_runtime: Option<String>,
+    /// Service sizes to time (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,20")]
+    pub replicas: Vec<u32>,
+    /// Runs per size.
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Containers running while the agent's RSS is measured.
+    #[arg(long, default_value_t = 50)]
+    pub rss_replicas: u32,
+    /// Host ports of the agent started for the run.
+    #[arg(long, default_value = "31000-31999", value_parser = parse_port_range)]
+    pub port_range: (u16, u16),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchScheduleArgs {
+    /// Simulated nodes (each one agent stream).
+    #[arg(long, default_value_t = 5000)]
+    pub nodes: usize,
+    /// Replicas in total, over services of at most 1000 replicas.
+    #[arg(long, default_value_t = 100_000)]
+    pub replicas: usize,
+    /// Servers in the cluster started for the run.
+    #[arg(long, default_value_t = 3)]
+    pub servers: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct EventsArgs {
+    /// Keep printing events as they commit.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+    /// Only events of this service.
+    #[arg(long)]
+    pub service: Option<String>,
+    /// Only events of this node.
+    #[arg(long)]
+    pub node: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -128,7 +190,11 @@ pub struct BenchFailoverArgs {
 }
 
 #[derive(Args, Debug)]
+#[command(args_override_self = true)]
 pub struct ServerArgs {
+    /// Read settings from this TOML file (keys are the flag names); flags win.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
     /// Name of this server in the cluster.
     #[arg(long)]
     pub name: String,
@@ -156,10 +222,21 @@ pub struct ServerArgs {
     /// Applied entries between snapshots (and log compactions).
     #[arg(long, default_value_t = 10_000)]
     pub snapshot_every: u64,
+    /// A node whose heartbeats stop for this long is marked down and its
+    /// replicas are re-placed (e.g. 10s, 3s).
+    #[arg(long, default_value = "10s", value_parser = parse_millis)]
+    pub heartbeat_ttl: u32,
+    /// Serve GET /metrics (Prometheus text) on this address.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Args, Debug)]
+#[command(args_override_self = true)]
 pub struct AgentArgs {
+    /// Read settings from this TOML file (keys are the flag names); flags win.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
     /// Name of this node.
     #[arg(long)]
     pub name: String,
@@ -194,6 +271,15 @@ pub struct NodeArgs {
     /// Docker config.json with registry credentials (default ~/.docker/config.json).
     #[arg(long)]
     pub docker_config: Option<PathBuf>,
+    /// CPU the scheduler may reserve on this node, in millicores (default: all CPUs).
+    #[arg(long = "cpu")]
+    pub cpu_millis: Option<u32>,
+    /// Memory the scheduler may reserve on this node, in MB (default: MemTotal).
+    #[arg(long = "memory")]
+    pub memory_mb: Option<u32>,
+    /// Node label KEY=VALUE for constraints and zone spreading, e.g. zone=a (repeatable).
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
 }
 
 #[derive(Args, Debug)]
@@ -234,6 +320,21 @@ pub enum ServiceCommand {
     },
     /// Remove a service and stop all its replicas.
     Rm { name: String },
+    /// Print the output of a service's replicas (stdout to stdout, stderr to
+    /// stderr; lines prefixed with the replica's id when there are several).
+    Logs {
+        name: String,
+        /// Keep printing new output until interrupted or the replicas are
+        /// removed.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Only this replica (an id, or a prefix of one).
+        #[arg(long)]
+        replica: Option<String>,
+        /// Only the last N lines of each stream of each replica.
+        #[arg(long)]
+        tail: Option<u32>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -250,12 +351,25 @@ pub struct CreateArgs {
     /// Default: the image's first exposed TCP port.
     #[arg(long)]
     pub port: Option<u32>,
-    /// Memory limit in MB (at least 4).
+    /// Memory reserved per replica in MB (at least 4); also the limit of a container.
     #[arg(long)]
     pub memory: Option<u32>,
-    /// CPU limit in millicores (1000 = one CPU).
+    /// CPU reserved per replica in millicores (1000 = one CPU); also the limit of a container.
     #[arg(long)]
     pub cpu: Option<u32>,
+    /// Place replicas only on nodes where this holds: `zone==a`, `zone!=b`,
+    /// `'zone in (a,b)'`; a node label, node.name or node.address (repeatable).
+    #[arg(long = "constraint")]
+    pub constraints: Vec<String>,
+    /// At most N replicas on one node.
+    #[arg(long)]
+    pub max_per_node: Option<u32>,
+    /// `spread` (default: across nodes, then zones) or `binpack` (fill nodes up).
+    #[arg(long)]
+    pub placement: Option<String>,
+    /// `replicated` (default) or `global` (one replica on every eligible node).
+    #[arg(long)]
+    pub mode: Option<String>,
     /// User to run as, resolved in the image: NAME, UID, NAME:GROUP or UID:GID.
     #[arg(long)]
     pub user: Option<String>,
@@ -308,6 +422,18 @@ pub struct CreateArgs {
 pub enum NodeCommand {
     /// List nodes.
     Ls,
+    /// Move every replica off a node (replacements start first) and place
+    /// nothing new on it.
+    Drain {
+        name: String,
+        /// Stop replicas that have not moved after this long (e.g. 60s, 5m).
+        #[arg(long, value_parser = parse_millis)]
+        deadline: Option<u32>,
+    },
+    /// Place nothing new on a node; its replicas keep running.
+    Pause { name: String },
+    /// Let the scheduler use a paused or drained node again.
+    Activate { name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -337,6 +463,17 @@ fn parse_millis(value: &str) -> Result<u32, String> {
         .ok()
         .filter(|ms| *ms > 0)
         .ok_or_else(|| format!("\"{value}\" is out of range; {fix}"))
+}
+
+fn parse_label(value: &str) -> Result<(String, String), String> {
+    match value.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() && !v.trim().is_empty() => {
+            Ok((k.trim().to_string(), v.trim().to_string()))
+        }
+        _ => Err(format!(
+            "\"{value}\" is not a label; use KEY=VALUE, e.g. zone=a"
+        )),
+    }
 }
 
 fn parse_port_range(value: &str) -> Result<(u16, u16), String> {
@@ -393,6 +530,23 @@ mod tests {
     fn the_command_line_is_well_formed() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn a_later_server_flag_overrides_an_earlier_one() {
+        let cli = Cli::try_parse_from([
+            "skiff",
+            "server",
+            "--name=a",
+            "--data-dir=/x",
+            "--name",
+            "b",
+        ])
+        .unwrap();
+        let Command::Server(args) = cli.command else {
+            panic!("not a server command")
+        };
+        assert_eq!(args.name, "b");
     }
 
     #[test]

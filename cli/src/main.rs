@@ -3,6 +3,7 @@
 mod args;
 mod client;
 mod commands;
+mod config_file;
 mod output;
 
 use clap::Parser;
@@ -11,7 +12,14 @@ use tracing_subscriber::EnvFilter;
 use args::{Cli, Command, LogFormat};
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let args = match config_file::expand(std::env::args_os().collect()) {
+        Ok(args) => args,
+        Err(err) => {
+            eprintln!("error: {}", format!("{err:#}").replace('\n', " "));
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let cli = Cli::parse_from(args);
     init_logging(&cli);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -40,6 +48,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Dev(args) => commands::daemon::dev(args).await,
         Command::Service(command) => commands::service::run(server, output, command).await,
         Command::Node(command) => commands::node::run(server, output, command).await,
+        Command::Events(args) => commands::events::run(server, output, args).await,
         Command::Cluster(command) => commands::cluster::run(server, output, command).await,
         Command::Var(command) => commands::var::run(server, output, command).await,
         Command::Bench(command) => commands::bench::run(command).await,

@@ -46,6 +46,8 @@ pub struct ServerConfig {
     pub snapshot_every: u64,
     /// Where to serve `GET /metrics` (Prometheus text), if anywhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// A node whose heartbeats stop for this long is marked down.
+    pub heartbeat_ttl: Duration,
 }
 
 impl ServerConfig {
@@ -61,6 +63,7 @@ impl ServerConfig {
             heartbeat_ticks: 2,
             snapshot_every: 10_000,
             metrics_listen: None,
+            heartbeat_ttl: Duration::from_secs(10),
         }
     }
 }
@@ -101,6 +104,7 @@ pub async fn run(
     let raft_dir = config.data_dir.join("raft");
     let db = sled::Config::new()
         .path(&raft_dir)
+        .mode(sled::Mode::LowSpace)
         .open()
         .map_err(|source| ServerError::DataDir {
             path: raft_dir.clone(),
@@ -167,11 +171,14 @@ pub async fn run(
             stop_rx.clone(),
         ));
     }
-    let reconciler = tokio::spawn(controllers::run_reconciler(
+    let api = Api::new(consensus.clone(), config.name.clone());
+    let reconciler = tokio::spawn(controllers::run(
         consensus.clone(),
+        api.heartbeats(),
+        config.heartbeat_ttl,
         stop_rx.clone(),
     ));
-    let api = Api::new(consensus.clone(), config.name.clone());
+    tokio::spawn(api.clone().background(stop_rx.clone()));
     tracing::info!(name = %config.name, id, %listen, %advertise, data_dir = %config.data_dir.display(), "skiff server listening");
     let mut grpc_stop = stop_rx.clone();
     let serve = tonic::transport::Server::builder()

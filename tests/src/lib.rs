@@ -4,6 +4,13 @@
 //!
 //! Every wait here is bounded in time and in rounds, and everything a test starts is killed by
 //! PID (never by name) when its [`DevCluster`] is dropped, also when the test panics.
+//!
+//! [`servers`] runs clusters of `skiff server` processes (t20); [`containers`] a registry and
+//! a `skiff dev` with the OCI runtime (t30).
+
+pub mod agents;
+pub mod containers;
+pub mod servers;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -885,5 +892,3 @@ mod tests {
         assert_eq!(out.stderr, b"err\n");
     }
 }
-
-pub mod servers;

@@ -22,6 +22,9 @@ pub struct ImageUser {
     /// Supplementary groups: those of `/etc/group` listing the user by name
     /// (only when the user spec names no group, as runc does).
     pub additional_gids: Vec<u32>,
+    /// Home directory from `/etc/passwd` (the container's `HOME`); `/` when
+    /// the user has no entry.
+    pub home: String,
 }
 
 enum Lookup {
@@ -136,6 +139,7 @@ struct PasswdEntry {
     name: String,
     uid: u32,
     gid: u32,
+    home: String,
 }
 
 struct GroupEntry {
@@ -153,6 +157,11 @@ fn parse_passwd(text: &str) -> Vec<PasswdEntry> {
                 name: f.first()?.to_string(),
                 uid: f.get(2)?.parse().ok()?,
                 gid: f.get(3)?.parse().ok()?,
+                home: f
+                    .get(5)
+                    .filter(|h| !h.is_empty())
+                    .map_or("/", |h| h)
+                    .to_string(),
             })
         })
         .collect()
@@ -201,13 +210,13 @@ pub fn lookup_user(layers: &[PathBuf], user: &str) -> Result<ImageUser, ImageErr
         None => (user, None),
     };
     let user_part = if user_part.is_empty() { "0" } else { user_part };
-    let (uid, mut gid, name) = match user_part.parse::<u32>() {
+    let (uid, mut gid, name, home) = match user_part.parse::<u32>() {
         Ok(uid) => match passwd.iter().find(|p| p.uid == uid) {
-            Some(p) => (uid, p.gid, Some(p.name.clone())),
-            None => (uid, 0, None),
+            Some(p) => (uid, p.gid, Some(p.name.clone()), p.home.clone()),
+            None => (uid, 0, None, "/".to_string()),
         },
         Err(_) => match passwd.iter().find(|p| p.name == user_part) {
-            Some(p) => (p.uid, p.gid, Some(p.name.clone())),
+            Some(p) => (p.uid, p.gid, Some(p.name.clone()), p.home.clone()),
             None => {
                 return Err(fail(format!(
                     "no user {user_part:?} in the image's /etc/passwd"
@@ -241,6 +250,7 @@ pub fn lookup_user(layers: &[PathBuf], user: &str) -> Result<ImageUser, ImageErr
         uid,
         gid,
         additional_gids,
+        home,
     })
 }
 
@@ -279,15 +289,16 @@ mod tests {
             &[("etc/passwd", PASSWD), ("etc/group", GROUP)],
         );
         let layers = vec![base];
-        assert_eq!(lookup_user(&layers, "").unwrap(), ImageUser::default());
+        let root = lookup_user(&layers, "").unwrap();
+        assert_eq!((root.uid, root.gid, root.home.as_str()), (0, 0, "/root"));
         let www = lookup_user(&layers, "www").unwrap();
         assert_eq!(
-            (www.uid, www.gid, www.additional_gids),
-            (1000, 1000, vec![10])
+            (www.uid, www.gid, www.additional_gids, www.home.as_str()),
+            (1000, 1000, vec![10], "/www")
         );
         assert_eq!(lookup_user(&layers, "1000").unwrap().gid, 1000);
         let odd = lookup_user(&layers, "4242").unwrap();
-        assert_eq!((odd.uid, odd.gid), (4242, 0));
+        assert_eq!((odd.uid, odd.gid, odd.home.as_str()), (4242, 0, "/"));
         let named = lookup_user(&layers, "www:wheel").unwrap();
         assert_eq!(
             (named.uid, named.gid, named.additional_gids),

@@ -20,6 +20,8 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Raft(args) => raft(args).await,
         BenchCommand::Failover(args) => failover(args).await,
+        BenchCommand::Schedule(args) => super::bench_schedule::run(args).await,
+        BenchCommand::Start(args) => super::bench_start::run(args).await,
     }
 }
 

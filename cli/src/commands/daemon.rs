@@ -21,6 +21,8 @@ pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
     config.tick = Duration::from_millis(args.tick_ms.max(1));
     config.election_ticks = args.election_ticks;
     config.snapshot_every = args.snapshot_every.max(1);
+    config.heartbeat_ttl = Duration::from_millis(u64::from(args.heartbeat_ttl));
+    config.metrics_listen = args.metrics_listen;
     skiff_control_plane::run(config, listener, wait_for_signal()).await?;
     Ok(())
 }
@@ -105,6 +107,13 @@ fn agent_config(
     config.oci_runtime = node.oci_runtime.clone();
     config.insecure_registries = node.insecure_registries.clone();
     config.docker_config = node.docker_config.clone();
+    if let Some(cpu) = node.cpu_millis {
+        config.cpu_millis = cpu;
+    }
+    if let Some(memory) = node.memory_mb {
+        config.memory_mb = memory;
+    }
+    config.labels = node.labels.iter().cloned().collect();
     config
 }
 

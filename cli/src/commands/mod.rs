@@ -1,8 +1,11 @@
 //! One module per command noun.
 
 pub mod bench;
+pub mod bench_schedule;
+pub mod bench_start;
 pub mod cluster;
 pub mod daemon;
+pub mod events;
 pub mod node;
 pub mod service;
 pub mod var;

@@ -30,11 +30,16 @@ pub async fn run(
         ServiceCommand::Create(_) => {
             let spec = create_spec.expect("built above");
             let (name, count) = (spec.name.clone(), spec.replicas);
+            let global = spec.mode == "global";
             client
                 .create_service(pb::CreateServiceRequest { spec: Some(spec) })
                 .await
                 .map_err(explain)?;
-            println!("service {name} created with {count} replicas");
+            if global {
+                println!("service {name} created: one replica on every eligible node");
+            } else {
+                println!("service {name} created with {count} replicas");
+            }
         }
         ServiceCommand::Ls => {
             let services = client
@@ -49,7 +54,7 @@ pub async fn run(
                     let spec = s.spec.clone().unwrap_or_default();
                     vec![
                         spec.name,
-                        format!("{}/{}", s.running, spec.replicas),
+                        format!("{}/{}", s.running, s.desired),
                         spec.runtime,
                         spec.command.join(" "),
                     ]
@@ -125,6 +130,137 @@ pub async fn run(
                 .map_err(explain)?;
             println!("service {name} removed; its replicas are stopping");
         }
+        ServiceCommand::Logs {
+            name,
+            follow,
+            replica,
+            tail,
+        } => {
+            let status = get(&mut client, &name).await?;
+            logs(
+                &mut client,
+                &status,
+                replica.as_deref(),
+                follow,
+                tail.unwrap_or(0),
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// `service logs`: asks the agent of each replica's node for its output
+/// (the address an agent publishes in `_skiff/nodes/<node>/logs`), like
+/// `nomad alloc logs`, and prints the streams as they arrive.
+async fn logs(
+    client: &mut crate::client::Client,
+    status: &pb::ServiceStatus,
+    replica: Option<&str>,
+    follow: bool,
+    tail: u32,
+) -> anyhow::Result<()> {
+    use skiff_proto::v1::agent_logs_client::AgentLogsClient;
+    use std::io::Write;
+
+    let name = status.spec.as_ref().map_or("", |s| s.name.as_str());
+    let mut chosen: Vec<&pb::Allocation> = status
+        .allocations
+        .iter()
+        .filter(|a| match replica {
+            Some(id) => a.id.starts_with(id),
+            None => a.desired == "run",
+        })
+        .collect();
+    chosen.sort_by(|a, b| a.id.cmp(&b.id));
+    if chosen.is_empty() {
+        return Err(match replica {
+            Some(id) => anyhow!("service {name} has no replica {id}"),
+            None => anyhow!("service {name} has no replicas to show logs of"),
+        });
+    }
+    let prefix = chosen.len() > 1;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(String, pb::LogChunk)>(64);
+    let mut tasks = Vec::new();
+    for alloc in chosen {
+        let key = skiff_agent::logs::address_key(&alloc.node);
+        let address = client
+            .get_variable(pb::GetVariableRequest { key })
+            .await
+            .map_err(explain)?
+            .into_inner();
+        if !address.found {
+            return Err(anyhow!(
+                "node {} of replica {} does not serve logs (its agent has not registered since it started)",
+                alloc.node,
+                alloc.id
+            ));
+        }
+        let address = address.value;
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .with_context(|| {
+                format!(
+                    "node {} published an invalid logs address {address}",
+                    alloc.node
+                )
+            })?
+            .connect_timeout(std::time::Duration::from_secs(3));
+        let channel = endpoint.connect().await.with_context(|| {
+            format!(
+                "failed to reach the agent of node {} at {address} for the logs of replica {}",
+                alloc.node, alloc.id
+            )
+        })?;
+        let request = pb::LogsRequest {
+            alloc_id: alloc.id.clone(),
+            follow,
+            tail,
+        };
+        let mut stream = AgentLogsClient::new(channel)
+            .logs(request)
+            .await
+            .map_err(|e| {
+                anyhow!(
+                    "failed to read the logs of replica {} on node {}: {}",
+                    alloc.id,
+                    alloc.node,
+                    e.message()
+                )
+            })?
+            .into_inner();
+        let (tx, id) = (tx.clone(), alloc.id.clone());
+        tasks.push(tokio::spawn(async move {
+            while let Some(chunk) = stream.message().await? {
+                if tx.send((id.clone(), chunk)).await.is_err() {
+                    break;
+                }
+            }
+            Ok::<_, tonic::Status>(())
+        }));
+    }
+    drop(tx);
+    while let Some((id, chunk)) = rx.recv().await {
+        let text = String::from_utf8_lossy(&chunk.data);
+        let mut out: Box<dyn Write> = if chunk.stream == "stderr" {
+            Box::new(std::io::stderr().lock())
+        } else {
+            Box::new(std::io::stdout().lock())
+        };
+        let written = if prefix {
+            text.split_inclusive('\n')
+                .try_for_each(|line| write!(out, "{id} | {line}"))
+        } else {
+            out.write_all(text.as_bytes())
+        };
+        if written.and_then(|()| out.flush()).is_err() {
+            // The reader went away (`| head`).
+            return Ok(());
+        }
+    }
+    for task in tasks {
+        if let Ok(Err(e)) = task.await {
+            return Err(anyhow!("log stream interrupted: {}", e.message()));
+        }
     }
     Ok(())
 }
@@ -191,6 +327,17 @@ fn build_spec(args: &CreateArgs, replicas: u32) -> anyhow::Result<pb::ServiceSpe
         network: spec::NetworkMode::parse(args.network.as_deref().unwrap_or_default())
             .map_err(invalid)?,
         init: init(args),
+        constraints: args
+            .constraints
+            .iter()
+            .map(|c| spec::Constraint::parse(c))
+            .collect::<Result<_, _>>()
+            .map_err(invalid)?,
+        max_per_node: args.max_per_node,
+        placement: spec::PlacementPolicy::parse(args.placement.as_deref().unwrap_or_default())
+            .map_err(invalid)?,
+        mode: spec::ServiceMode::parse(args.mode.as_deref().unwrap_or_default())
+            .map_err(invalid)?,
         ..spec::ServiceSpec::default()
     };
     if runtime == spec::RuntimeKind::Process && args.network.is_some() {
@@ -222,6 +369,10 @@ fn build_spec(args: &CreateArgs, replicas: u32) -> anyhow::Result<pb::ServiceSpe
         network: args.network.clone().unwrap_or_default(),
         health,
         init: init(args),
+        constraints: domain.constraints.iter().map(|c| c.to_string()).collect(),
+        max_per_node: args.max_per_node.unwrap_or(0),
+        placement: domain.placement.as_str().to_string(),
+        mode: domain.mode.as_str().to_string(),
     })
 }
 
@@ -269,17 +420,35 @@ async fn get(client: &mut crate::client::Client, name: &str) -> anyhow::Result<p
         .into_inner())
 }
 
+/// Mode, policy, constraints and max-per-node on one line.
+fn placement(spec: &pb::ServiceSpec) -> String {
+    let or = |value: &str, default: &str| {
+        if value.is_empty() {
+            default.to_string()
+        } else {
+            value.to_string()
+        }
+    };
+    let mut parts = vec![or(&spec.mode, "replicated"), or(&spec.placement, "spread")];
+    parts.extend(spec.constraints.iter().cloned());
+    if spec.max_per_node > 0 {
+        parts.push(format!("max {} per node", spec.max_per_node));
+    }
+    parts.join(", ")
+}
+
 /// The human-readable `inspect`: the spec, then the replicas.
 fn describe(status: &pb::ServiceStatus) -> String {
     let spec = status.spec.clone().unwrap_or_default();
     let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
     env.sort();
     let mut out = format!(
-        "Name:        {}\nRuntime:     {}\nReplicas:    {} desired, {} running\nCommand:     {}\nEnv:         {}\nWorkdir:     {}\nGeneration:  {} (modify index {})\n",
+        "Name:        {}\nRuntime:     {}\nReplicas:    {} desired, {} running\nPlacement:   {}\nCommand:     {}\nEnv:         {}\nWorkdir:     {}\nGeneration:  {} (modify index {})\n",
         spec.name,
         spec.runtime,
-        spec.replicas,
+        status.desired,
         status.running,
+        placement(&spec),
         spec.command.join(" "),
         if env.is_empty() { "-".into() } else { env.join(" ") },
         if spec.workdir.is_empty() { "-" } else { &spec.workdir },

@@ -3,10 +3,10 @@
 
 use skiff_proto::v1 as pb;
 
-use crate::scheduler;
+use crate::controllers;
 use crate::state::{
-    spec, Allocation, HealthCheck, HealthKind, NetworkMode, Node, RuntimeKind, Service,
-    ServiceSpec, SpecError, State,
+    spec, Allocation, Constraint, Event, HealthCheck, HealthKind, NetworkMode, Node,
+    PlacementPolicy, RuntimeKind, Service, ServiceMode, ServiceSpec, SpecError, State,
 };
 
 pub fn spec_from_pb(spec: pb::ServiceSpec) -> Result<ServiceSpec, SpecError> {
@@ -35,6 +35,14 @@ pub fn spec_from_pb(spec: pb::ServiceSpec) -> Result<ServiceSpec, SpecError> {
         network: NetworkMode::parse(&spec.network)?,
         health: spec.health.map(health_from_pb).transpose()?.flatten(),
         init: spec.init,
+        constraints: spec
+            .constraints
+            .iter()
+            .map(|c| Constraint::parse(c))
+            .collect::<Result<_, _>>()?,
+        max_per_node: Some(spec.max_per_node).filter(|m| *m != 0),
+        placement: PlacementPolicy::parse(&spec.placement)?,
+        mode: ServiceMode::parse(&spec.mode)?,
     };
     spec.validate()?;
     Ok(spec)
@@ -96,6 +104,10 @@ pub fn spec_to_pb(spec: &ServiceSpec) -> pb::ServiceSpec {
         network: spec.network.as_str().to_string(),
         health: spec.health.as_ref().map(health_to_pb),
         init: spec.init,
+        constraints: spec.constraints.iter().map(|c| c.to_string()).collect(),
+        max_per_node: spec.max_per_node.unwrap_or(0),
+        placement: spec.placement.as_str().to_string(),
+        mode: spec.mode.as_str().to_string(),
     }
 }
 
@@ -121,22 +133,24 @@ pub fn service_to_pb(state: &State, service: &Service) -> pb::ServiceStatus {
     let name = service.spec.name.as_str();
     let allocations: Vec<pb::Allocation> = state.allocs_of(name).map(alloc_to_pb).collect();
     let running = state.live_allocs(name).filter(|a| a.state.is_up()).count() as u32;
-    let live = state.live_allocs(name).count() as u32;
-    let missing = service.spec.replicas.saturating_sub(live);
-    let unplaced_reason = if missing == 0 {
-        String::new()
-    } else {
-        let request = scheduler::Request {
-            service: name.to_string(),
-            count: missing,
-        };
-        let (_, unplaced) = scheduler::schedule(state, &[request], 0);
-        match unplaced.first() {
-            Some(u) => format!("{} replicas unplaced: {}", u.count, u.reason),
-            None => format!("{missing} replicas waiting to be placed"),
-        }
+    let desired = match service.spec.mode {
+        ServiceMode::Replicated => service.spec.replicas,
+        ServiceMode::Global => state
+            .nodes
+            .values()
+            .filter(|n| {
+                n.is_eligible()
+                    && service
+                        .spec
+                        .constraints
+                        .iter()
+                        .all(|c| c.holds(&n.labels, &n.name, &n.address))
+            })
+            .count() as u32,
     };
+    let unplaced_reason = controllers::explain(state, name);
     pb::ServiceStatus {
+        desired,
         spec: Some(spec_to_pb(&service.spec)),
         generation: service.generation,
         modify_index: service.modify_index,
@@ -147,17 +161,38 @@ pub fn service_to_pb(state: &State, service: &Service) -> pb::ServiceStatus {
 }
 
 pub fn node_to_pb(state: &State, node: &Node, last_heartbeat_secs: u64) -> pb::Node {
+    let (mut cpu_used, mut memory_used) = (0u32, 0u32);
+    for alloc in state.allocs_on(&node.name).filter(|a| a.holds_resources()) {
+        cpu_used = cpu_used.saturating_add(alloc.spec.cpu_millis.unwrap_or(0));
+        memory_used = memory_used.saturating_add(alloc.spec.memory_mb.unwrap_or(0));
+    }
     pb::Node {
+        cpu_millis: node.cpu_millis,
+        memory_mb: node.memory_mb,
+        labels: node.labels.clone().into_iter().collect(),
+        availability: node.availability.as_str().to_string(),
+        cpu_used,
+        memory_used,
+        drained: node.drained,
         name: node.name.clone(),
         address: node.address.clone(),
         status: node.status.as_str().to_string(),
         port_range_start: u32::from(node.port_range.0),
         port_range_end: u32::from(node.port_range.1),
-        allocations: state
-            .allocs
-            .values()
-            .filter(|a| a.node == node.name && a.is_live())
-            .count() as u32,
+        allocations: state.allocs_on(&node.name).filter(|a| a.is_live()).count() as u32,
         last_heartbeat_secs,
+    }
+}
+
+pub fn event_to_pb(event: &Event) -> pb::Event {
+    pb::Event {
+        seq: event.seq,
+        index: event.index,
+        time_ms: event.time_ms,
+        kind: event.kind.as_str().to_string(),
+        service: event.service.clone(),
+        node: event.node.clone(),
+        alloc: event.alloc.clone(),
+        message: event.message.clone(),
     }
 }

@@ -10,7 +10,7 @@ mod raft_service;
 
 pub use raft_service::RaftService;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -19,13 +19,17 @@ use std::time::{Duration, Instant};
 use futures::Stream;
 use skiff_proto::v1 as pb;
 use skiff_proto::v1::agent_message::Msg as AgentMsg;
+use skiff_proto::v1::control_client::ControlClient;
 use skiff_proto::v1::server_message::Msg as ServerMsg;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::consensus::transport::endpoint;
 use crate::consensus::{Consensus, ProposeError};
-use crate::state::{spec, AllocReport, AllocState, Command, CommandError};
+use crate::controllers::{now_ms, Heartbeats};
+use crate::state::{spec, AllocReport, AllocState, Availability, Command, CommandError, Event};
 
 /// How often agents are asked to send a heartbeat.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
@@ -35,22 +39,48 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 #[derive(Clone)]
 pub struct Api {
     consensus: Consensus,
-    heartbeats: Arc<Mutex<HashMap<String, Instant>>>,
+    heartbeats: Heartbeats,
     server_name: String,
+    node_watch: Arc<NodeWatch>,
+}
+
+/// Per node, the Raft index of the last change to its allocations, so each
+/// agent stream wakes only when something of its own changed (thousands of
+/// streams waking on every applied entry would swamp a server).
+#[derive(Default)]
+struct NodeWatch {
+    senders: Mutex<HashMap<String, watch::Sender<u64>>>,
+}
+
+impl NodeWatch {
+    fn subscribe(&self, node: &str) -> watch::Receiver<u64> {
+        let mut senders = self.senders.lock().unwrap_or_else(|p| p.into_inner());
+        senders
+            .entry(node.to_string())
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
+    }
 }
 
 impl Api {
     pub fn new(consensus: Consensus, server_name: String) -> Self {
         Api {
             consensus,
-            heartbeats: Arc::default(),
+            heartbeats: Heartbeats::default(),
+            node_watch: Arc::default(),
             server_name,
         }
     }
 
+    /// The heartbeats this server knows, for the liveness controller.
+    pub fn heartbeats(&self) -> Heartbeats {
+        self.heartbeats.clone()
+    }
+
+    /// Proposes `command` stamped with this server's clock.
     async fn propose(&self, command: Command) -> Result<(), Status> {
         self.consensus
-            .propose(command)
+            .propose(command.at(now_ms()))
             .await
             .map(|_| ())
             .map_err(status_from)
@@ -75,16 +105,131 @@ impl Api {
 
     fn touch(&self, node: &str) {
         if let Ok(mut beats) = self.heartbeats.lock() {
-            beats.insert(node.to_string(), Instant::now());
+            match beats.get_mut(node) {
+                Some(seen) => *seen = Instant::now(),
+                None => {
+                    beats.insert(node.to_string(), Instant::now());
+                }
+            }
+        }
+    }
+
+    /// Seconds since this server saw a heartbeat of `node`; `u64::MAX`: never.
+    fn heartbeat_age(&self, node: &str) -> u64 {
+        self.heartbeats
+            .lock()
+            .ok()
+            .and_then(|b| b.get(node).map(|t| t.elapsed().as_secs()))
+            .unwrap_or(u64::MAX)
+    }
+
+    /// What the API runs beside its handlers until `shutdown`: forwarding
+    /// heartbeats to the leader and waking the agent streams of changed
+    /// nodes.
+    pub async fn background(self, shutdown: watch::Receiver<bool>) {
+        tokio::join!(
+            self.clone().forward_heartbeats(shutdown.clone()),
+            self.dispatch_node_changes(shutdown),
+        );
+    }
+
+    /// After each applied batch (at most every 10 ms), wakes the streams of
+    /// the nodes whose allocations changed.
+    async fn dispatch_node_changes(self, mut shutdown: watch::Receiver<bool>) {
+        let mut status = self.consensus.watch_status();
+        loop {
+            tokio::select! {
+                changed = status.changed() => if changed.is_err() { return },
+                _ = shutdown.changed() => return,
+            }
+            {
+                let mut senders = self
+                    .node_watch
+                    .senders
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                let state = self.consensus.state();
+                senders.retain(|node, sender| {
+                    let index = state.node_changed_index(node);
+                    sender.send_if_modified(|seen| {
+                        let changed = *seen != index;
+                        *seen = index;
+                        changed
+                    });
+                    sender.receiver_count() > 0
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// On a follower, tells the leader every [`HEARTBEAT_INTERVAL`] which
+    /// nodes stream to this server and how long ago each last spoke, so the
+    /// leader's liveness controller sees every agent wherever it connects.
+    async fn forward_heartbeats(self, mut shutdown: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
+        let mut client: Option<(String, ControlClient<Channel>)> = None;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            let status = self.consensus.status();
+            if status.leader_id == 0 || status.leader_id == status.id {
+                continue;
+            }
+            let Some(address) = self
+                .consensus
+                .state()
+                .members
+                .get(&status.leader_id)
+                .map(|m| m.address.clone())
+            else {
+                continue;
+            };
+            let now = Instant::now();
+            let beats: Vec<pb::NodeHeartbeat> = match self.heartbeats.lock() {
+                Ok(beats) => beats
+                    .iter()
+                    .filter(|(_, t)| now.duration_since(**t) < HEARTBEAT_FORWARD_WINDOW)
+                    .map(|(node, t)| pb::NodeHeartbeat {
+                        node: node.clone(),
+                        age_ms: now.duration_since(*t).as_millis() as u64,
+                    })
+                    .collect(),
+                Err(_) => continue,
+            };
+            if beats.is_empty() {
+                continue;
+            }
+            if client.as_ref().is_none_or(|(a, _)| *a != address) {
+                client = endpoint(&address)
+                    .ok()
+                    .map(|e| (address.clone(), ControlClient::new(e.connect_lazy())));
+            }
+            let Some((_, leader)) = client.as_mut() else {
+                continue;
+            };
+            let request = pb::ReportHeartbeatsRequest {
+                server: self.server_name.clone(),
+                beats,
+            };
+            if let Err(err) = leader.report_heartbeats(request).await {
+                tracing::debug!(error = %err, "heartbeats not forwarded to the leader");
+                client = None;
+            }
         }
     }
 }
 
+/// Heartbeats older than this are not forwarded: the agent has moved on.
+const HEARTBEAT_FORWARD_WINDOW: Duration = Duration::from_secs(60);
+
 pub(crate) fn status_from(err: ProposeError) -> Status {
     match err {
-        ProposeError::Rejected(CommandError::ServiceNotFound(_)) => {
-            Status::not_found(err.to_string())
-        }
+        ProposeError::Rejected(
+            CommandError::ServiceNotFound(_) | CommandError::NodeNotFound(_),
+        ) => Status::not_found(err.to_string()),
         ProposeError::Rejected(CommandError::ServiceExists(_)) => {
             Status::already_exists(err.to_string())
         }
@@ -96,6 +241,7 @@ pub(crate) fn status_from(err: ProposeError) -> Status {
             Status::unavailable(err.to_string())
         }
         ProposeError::Unknown => Status::aborted(err.to_string()),
+        ProposeError::Busy(_) => Status::unavailable(err.to_string()),
         ProposeError::Stopped => Status::internal(err.to_string()),
     }
 }
@@ -173,21 +319,11 @@ impl pb::control_server::Control for Api {
         _request: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
         self.barrier().await?;
-        let beats = self
-            .heartbeats
-            .lock()
-            .map(|b| b.clone())
-            .unwrap_or_default();
         let state = self.consensus.state();
         let nodes = state
             .nodes
             .values()
-            .map(|node| {
-                let secs = beats
-                    .get(&node.name)
-                    .map_or(u64::MAX, |t| t.elapsed().as_secs());
-                convert::node_to_pb(&state, node, secs)
-            })
+            .map(|node| convert::node_to_pb(&state, node, self.heartbeat_age(&node.name)))
             .collect();
         Ok(Response::new(pb::ListNodesResponse { nodes }))
     }
@@ -238,6 +374,95 @@ impl pb::control_server::Control for Api {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         Ok(Response::new(pb::ListVariablesResponse { variables }))
+    }
+
+    async fn set_node_availability(
+        &self,
+        request: Request<pb::SetNodeAvailabilityRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        let request = request.into_inner();
+        let availability = Availability::parse(&request.availability).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "invalid availability \"{}\": use active, pause or drain",
+                request.availability
+            ))
+        })?;
+        let deadline_ms = (availability == Availability::Drain && request.deadline_ms > 0)
+            .then(|| now_ms().saturating_add(request.deadline_ms));
+        self.propose(Command::SetNodeAvailability {
+            name: request.name.clone(),
+            availability,
+            deadline_ms,
+        })
+        .await?;
+        self.barrier().await?;
+        let state = self.consensus.state();
+        let node = state
+            .nodes
+            .get(&request.name)
+            .ok_or_else(|| Status::not_found(format!("node \"{}\" not found", request.name)))?;
+        Ok(Response::new(convert::node_to_pb(
+            &state,
+            node,
+            self.heartbeat_age(&node.name),
+        )))
+    }
+
+    type EventsStream = EventStream;
+
+    async fn events(
+        &self,
+        request: Request<pb::EventsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let request = request.into_inner();
+        self.barrier().await?;
+        let (sender, receiver) = mpsc::channel(256);
+        let api = self.clone();
+        tokio::spawn(async move {
+            let mut status = api.consensus.watch_status();
+            let mut after = request.after_seq;
+            loop {
+                let batch: Vec<pb::Event> = {
+                    let state = api.consensus.state();
+                    let events: Vec<&Event> = state.events_after(after).collect();
+                    if let Some(last) = events.last() {
+                        after = last.seq;
+                    }
+                    events
+                        .into_iter()
+                        .filter(|e| request.service.is_empty() || e.service == request.service)
+                        .filter(|e| request.node.is_empty() || e.node == request.node)
+                        .map(convert::event_to_pb)
+                        .collect()
+                };
+                for event in batch {
+                    if sender.send(Ok(event)).await.is_err() {
+                        return;
+                    }
+                }
+                if !request.follow || status.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+
+    async fn report_heartbeats(
+        &self,
+        request: Request<pb::ReportHeartbeatsRequest>,
+    ) -> Result<Response<pb::ReportHeartbeatsResponse>, Status> {
+        let now = Instant::now();
+        if let Ok(mut beats) = self.heartbeats.lock() {
+            for beat in request.into_inner().beats {
+                let Some(seen) = now.checked_sub(Duration::from_millis(beat.age_ms)) else {
+                    continue;
+                };
+                let entry = beats.entry(beat.node).or_insert(seen);
+                *entry = (*entry).max(seen);
+            }
+        }
+        Ok(Response::new(pb::ReportHeartbeatsResponse {}))
     }
 
     async fn remove_server(
@@ -301,6 +526,7 @@ impl pb::control_server::Control for Api {
 }
 
 type SyncStream = Pin<Box<dyn Stream<Item = Result<pb::ServerMessage, Status>> + Send>>;
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl pb::agent_sync_server::AgentSync for Api {
@@ -331,13 +557,19 @@ impl pb::agent_sync_server::AgentSync for Api {
             ))
         })?;
         let port_range = port_range(&register)?;
+        let labels = labels(&register)?;
+        // Alive whether or not the registration commits soon (say, during
+        // an election): the liveness controller must know it.
+        self.touch(&node);
         self.propose(Command::RegisterNode {
             name: node.clone(),
             address: address.to_string(),
             port_range,
+            cpu_millis: register.cpu_millis,
+            memory_mb: register.memory_mb,
+            labels,
         })
         .await?;
-        self.touch(&node);
         tracing::info!(node = %node, %address, "agent registered");
 
         let (outbound, receiver) = mpsc::channel(16);
@@ -367,6 +599,24 @@ fn port_range(register: &pb::Register) -> Result<(u16, u16), Status> {
     }
 }
 
+/// Labels are `key=value` words like constraints use.
+fn labels(register: &pb::Register) -> Result<BTreeMap<String, String>, Status> {
+    let word = |w: &str| {
+        !w.is_empty()
+            && w.len() <= 128
+            && w.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | '/'))
+    };
+    for (key, value) in &register.labels {
+        if !word(key) || !word(value) || key.starts_with("node.") {
+            return Err(Status::invalid_argument(format!(
+                "invalid label {key}={value}: use letters, digits, '_', '.', '-' and '/', e.g. --label zone=a"
+            )));
+        }
+    }
+    Ok(register.labels.clone().into_iter().collect())
+}
+
 fn server_msg(msg: ServerMsg) -> pb::ServerMessage {
     pb::ServerMessage { msg: Some(msg) }
 }
@@ -380,22 +630,36 @@ impl Api {
         mut inbound: Streaming<pb::AgentMessage>,
         outbound: mpsc::Sender<Result<pb::ServerMessage, Status>>,
     ) {
-        let mut status = self.consensus.watch_status();
+        let mut changes = self.node_watch.subscribe(&node);
         let mut last_sent: Option<Vec<pb::Allocation>> = None;
+        let mut last_index = None;
+        // A lagging server (say, one that just came back) must not hand the
+        // agent an old set: missing allocations would be stopped. Catch up
+        // to the leader's commit index first (ReadIndex), retrying through
+        // elections; the agent keeps running what it has meanwhile.
+        let mut caught_up = false;
         loop {
-            let assignments = self.assignments(&node);
-            if last_sent.as_ref() != Some(&assignments.allocations) {
-                last_sent = Some(assignments.allocations.clone());
-                if outbound
-                    .send(Ok(server_msg(ServerMsg::Assignments(assignments))))
-                    .await
-                    .is_err()
-                {
-                    break;
+            if !caught_up {
+                caught_up = self.consensus.read_barrier().await.is_ok();
+            }
+            let changed = self.consensus.state().node_changed_index(&node);
+            if caught_up && last_index != Some(changed) {
+                last_index = Some(changed);
+                let assignments = self.assignments(&node);
+                if last_sent.as_ref() != Some(&assignments.allocations) {
+                    last_sent = Some(assignments.allocations.clone());
+                    if outbound
+                        .send(Ok(server_msg(ServerMsg::Assignments(assignments))))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
                 }
             }
             tokio::select! {
-                changed = status.changed() => if changed.is_err() { break },
+                changed = changes.changed() => if changed.is_err() { break },
+                _ = tokio::time::sleep(Duration::from_millis(200)), if !caught_up => {}
                 message = inbound.message() => match message {
                     Ok(Some(pb::AgentMessage { msg: Some(msg) })) => self.on_agent_message(&node, msg).await,
                     Ok(Some(pb::AgentMessage { msg: None })) => {}
@@ -410,12 +674,7 @@ impl Api {
         let state = self.consensus.state();
         pb::Assignments {
             index: state.applied_index,
-            allocations: state
-                .allocs
-                .values()
-                .filter(|a| a.node == node)
-                .map(convert::alloc_to_pb)
-                .collect(),
+            allocations: state.allocs_on(node).map(convert::alloc_to_pb).collect(),
         }
     }
 
@@ -454,7 +713,7 @@ impl Api {
             node: node.to_string(),
             reports: vec![report],
         };
-        if let Err(err) = self.consensus.propose(command).await {
+        if let Err(err) = self.consensus.propose(command.at(now_ms())).await {
             tracing::warn!(node, error = %err, "allocation status not recorded");
         }
     }

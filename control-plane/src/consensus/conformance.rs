@@ -6,7 +6,7 @@ use raft::eraftpb::{Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, Storage, StorageError};
 
 use super::log_store::LogStore;
-use crate::state::{Command, Member, RuntimeKind, ServiceSpec, State};
+use crate::state::{Member, State};
 
 fn entry(index: u64, term: u64) -> Entry {
     Entry {
@@ -39,7 +39,6 @@ pub fn run_all<S: LogStore>(open: impl Fn() -> S, reopen: impl Fn(S) -> S) {
     appends_persist_and_conflicts_truncate(open(), &reopen);
     bootstrap_starts_the_log_after_the_snapshot(open(), &reopen);
     compaction_drops_entries_and_keeps_the_term(open());
-    state_saves_and_replaces(open(), &reopen);
 }
 
 fn a_new_store_is_empty<S: LogStore>(store: S) {
@@ -105,7 +104,7 @@ fn bootstrap_starts_the_log_after_the_snapshot<S: LogStore>(
     );
     assert_eq!(store.initial_state().unwrap().conf_state.voters, vec![1]);
     assert_eq!(store.snapshot(0, 2).unwrap().get_metadata().index, 1);
-    let state = store.load_state().unwrap();
+    let state = super::log_store::snapshot_state(&store).unwrap();
     assert_eq!(state.applied_index, 1);
     assert_eq!(state.members[&1].name, "s1");
 }
@@ -143,30 +142,6 @@ fn compaction_drops_entries_and_keeps_the_term<S: LogStore>(mut store: S) {
         (3, 10)
     );
     assert_eq!(initial.conf_state.voters, vec![1, 2]);
-}
-
-fn state_saves_and_replaces<S: LogStore>(mut store: S, reopen: &impl Fn(S) -> S) {
-    let mut state = State::default();
-    let spec = ServiceSpec {
-        name: "web".into(),
-        runtime: RuntimeKind::Process,
-        replicas: 1,
-        command: vec!["true".into()],
-        ..Default::default()
-    };
-    state.apply(2, Command::CreateService { spec }).unwrap();
-    store.save_state(&mut state).unwrap();
-    let mut store = reopen(store);
-    let loaded = store.load_state().unwrap();
-    assert!(loaded.same_records(&state));
-    assert_eq!(loaded.applied_index, 2);
-    let mut empty = State::default();
-    empty.applied_index = 9;
-    store.replace_state(&mut empty).unwrap();
-    let store = reopen(store);
-    let loaded = store.load_state().unwrap();
-    assert!(loaded.services.is_empty());
-    assert_eq!(loaded.applied_index, 9);
 }
 
 #[cfg(test)]

@@ -66,7 +66,6 @@ pub enum Reply {
 
 #[derive(Default)]
 pub struct Output {
-    pub messages: Vec<Message>,
     pub replies: Vec<(u64, Reply)>,
 }
 
@@ -86,7 +85,7 @@ impl<S: LogStore> Core<S> {
     /// Restarts from whatever `store` holds (a new, a bootstrapped or a
     /// crashed server alike).
     pub fn new(config: CoreConfig, mut store: S, logger: &slog::Logger) -> Result<Self, CoreError> {
-        let state = store.load_state()?;
+        let state = super::log_store::snapshot_state(&store)?;
         // Everything applied was committed: the stored commit index may lag
         // if the server crashed between the two writes.
         store.persist_commit(state.applied_index)?;
@@ -270,6 +269,12 @@ impl<S: LogStore> Core<S> {
         cc: ConfChange,
         member: Option<Member>,
     ) -> Result<(), ProposeError> {
+        if self.node.raft.has_pending_conf() {
+            // One membership change at a time; the caller retries (bounded).
+            return Err(ProposeError::Busy(
+                "another membership change is in progress".into(),
+            ));
+        }
         let context = serde_json::to_vec(&ConfContext {
             origin: self.config.id,
             tag,
@@ -311,11 +316,14 @@ impl<S: LogStore> Core<S> {
     }
 
     /// Handles one Ready if there is one; see the module doc for the order.
-    pub fn advance(&mut self) -> Result<Output, CoreError> {
+    /// `send` is called with messages as soon as they may leave: the
+    /// leader's appends go out before its own fsync, so followers persist
+    /// in parallel with it.
+    pub fn advance(&mut self, send: &mut dyn FnMut(Vec<Message>)) -> Result<Output, CoreError> {
         let mut out = Output::default();
         if self.node.has_ready() {
             let mut ready = self.node.ready();
-            out.messages.extend(ready.take_messages());
+            send(ready.take_messages());
             if !ready.snapshot().is_empty() {
                 self.install_snapshot(ready.snapshot().clone())?;
             }
@@ -326,12 +334,12 @@ impl<S: LogStore> Core<S> {
                 }
             }
             self.node.mut_store().persist(ready.entries(), ready.hs())?;
-            out.messages.extend(ready.take_persisted_messages());
+            send(ready.take_persisted_messages());
             let mut light = self.node.advance(ready);
             if let Some(commit) = light.commit_index() {
                 self.node.mut_store().persist_commit(commit)?;
             }
-            out.messages.extend(light.take_messages());
+            send(light.take_messages());
             self.apply(light.take_committed_entries(), &mut out)?;
             self.node.advance_apply();
             self.maybe_compact()?;
@@ -352,7 +360,7 @@ impl<S: LogStore> Core<S> {
         let mut state = State::from_image(&snapshot.data)?;
         state.applied_index = index;
         self.node.mut_store().apply_snapshot(&snapshot)?;
-        self.node.mut_store().replace_state(&mut state)?;
+        state.take_dirty();
         *self.state.write().unwrap_or_else(|p| p.into_inner()) = state;
         self.snapshot_index = index;
         tracing::info!(index, "installed snapshot from the leader");
@@ -387,7 +395,7 @@ impl<S: LogStore> Core<S> {
                 _ => state.skip(entry.index),
             }
         }
-        self.node.mut_store().save_state(&mut state)?;
+        state.take_dirty();
         Ok(())
     }
 
@@ -446,8 +454,15 @@ impl<S: LogStore> Core<S> {
         }
         self.snapshot_now = false;
         let term = self.node.raft.raft_log.term(applied)?;
-        let data = self.state.read().unwrap_or_else(|p| p.into_inner()).to_image();
-        let mut snapshot = Snapshot { data: data.into(), ..Default::default() };
+        let data = self
+            .state
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .to_image();
+        let mut snapshot = Snapshot {
+            data: data.into(),
+            ..Default::default()
+        };
         let metadata = snapshot.mut_metadata();
         metadata.index = applied;
         metadata.term = term;

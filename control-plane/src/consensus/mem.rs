@@ -9,7 +9,6 @@ use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 
 use super::log_store::{LogStore, StorageFailure};
-use crate::state::State;
 
 #[derive(Default)]
 struct Disk {
@@ -18,7 +17,6 @@ struct Disk {
     snapshot: Snapshot,
     /// Entries after the snapshot's index, contiguous.
     entries: Vec<Entry>,
-    state: State,
 }
 
 impl Disk {
@@ -106,22 +104,6 @@ impl LogStore for MemLog {
         disk.entries.drain(..drop);
         disk.snapshot = snapshot;
         Ok(())
-    }
-
-    fn load_state(&self) -> Result<State, StorageFailure> {
-        let mut state = self.disk().state.clone();
-        state.take_dirty();
-        Ok(state)
-    }
-
-    fn save_state(&mut self, state: &mut State) -> Result<(), StorageFailure> {
-        state.take_dirty();
-        self.disk().state = state.clone();
-        Ok(())
-    }
-
-    fn replace_state(&mut self, state: &mut State) -> Result<(), StorageFailure> {
-        self.save_state(state)
     }
 }
 

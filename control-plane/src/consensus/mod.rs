@@ -49,6 +49,8 @@ pub enum ProposeError {
     Rejected(#[from] CommandError),
     #[error("{0}")]
     Membership(String),
+    #[error("{0}")]
+    Busy(String),
     #[error("leadership changed before the write committed; it may or may not have been applied")]
     Unknown,
     #[error("cannot reach the leader: {0}")]
@@ -60,7 +62,10 @@ pub enum ProposeError {
 impl ProposeError {
     /// Errors after which retrying cannot apply a write twice.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, ProposeError::NoLeader | ProposeError::NotLeader(_))
+        matches!(
+            self,
+            ProposeError::NoLeader | ProposeError::NotLeader(_) | ProposeError::Busy(_)
+        )
     }
 }
 
@@ -81,7 +86,7 @@ pub struct RaftStatus {
 /// What the leader can be asked to do on a follower's behalf.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Request {
-    Command(Command),
+    Command(Box<Command>),
     AddMember { name: String, address: String },
     RemoveMember { name: String },
 }
@@ -146,7 +151,7 @@ impl Consensus {
     /// Runs a command on the leader (forwarding it there if need be) and
     /// waits until it is committed and applied there.
     pub async fn propose(&self, command: Command) -> Result<Outcome, ProposeError> {
-        match self.request(Request::Command(command)).await? {
+        match self.request(Request::Command(Box::new(command))).await? {
             Response::Outcome(outcome) => Ok(outcome),
             Response::Member(_) => Err(ProposeError::Stopped),
         }
@@ -266,7 +271,9 @@ pub fn start<S: LogStore + Send + 'static>(
         transport,
         status: status_tx,
         waiters: HashMap::new(),
-        next_tag: 1,
+        // Tags must not repeat across restarts: entries replayed after a
+        // restart carry tags of the previous run.
+        next_tag: u64::from(rand::random::<u32>()) << 32,
         tick: config.tick,
         metrics,
         started: HashMap::new(),
@@ -320,7 +327,8 @@ impl<S: LogStore> Driver<S> {
                 next_tick = Instant::now() + self.tick;
             }
             let turn = Instant::now();
-            let output = match self.core.advance() {
+            let transport = self.transport.clone();
+            let output = match self.core.advance(&mut |messages| transport.send(messages)) {
                 Ok(output) => output,
                 Err(err) => {
                     tracing::error!(error = %err, "consensus stopped: storage or raft failure");
@@ -328,7 +336,6 @@ impl<S: LogStore> Driver<S> {
                     return Err(err);
                 }
             };
-            self.transport.send(output.messages);
             if !output.replies.is_empty() {
                 self.metrics.ready_latency.observe(turn.elapsed());
             }
@@ -345,7 +352,7 @@ impl<S: LogStore> Driver<S> {
             Inbox::Request { request, reply } => {
                 let tag = self.tag();
                 let result = match request {
-                    Request::Command(command) => self.core.propose(tag, command),
+                    Request::Command(command) => self.core.propose(tag, *command),
                     Request::AddMember { name, address } => {
                         match self.core.add_member(tag, name, address) {
                             Ok(Some(existing)) => {

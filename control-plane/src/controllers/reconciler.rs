@@ -1,116 +1,366 @@
-//! The reconciler decision: desired replicas and the allocations that exist
-//! in, what to place, stop and forget out. Pure; the controller loop turns
-//! it into a plan.
+//! The reconciler decision for one service: desired replicas, the nodes and
+//! the allocations that exist in; what to place, stop and forget out. Pure;
+//! the controller loop turns the decisions of all services into one plan.
+//!
+//! Replicas on a draining node are migrated like Nomad's drainer does: the
+//! replacement is placed first, and an old replica is stopped only once
+//! enough replicas serve (healthy, or running without a health check) to
+//! stay at the desired count, or when the drain deadline has passed.
 
-use crate::state::{AllocState, Allocation, DesiredState};
+use std::collections::BTreeMap;
+
+use crate::scheduler::Request;
+use crate::state::{AllocState, Allocation, Availability, DesiredState, ServiceMode, State};
 
 /// What to do about one service's allocations.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Decision {
-    /// How many new replicas to place.
-    pub place: u32,
-    /// Live allocations to stop (surplus, or the service is gone).
-    pub stop: Vec<String>,
+    /// Replicas to place.
+    pub place: Vec<Request>,
+    /// Live allocations to stop, with why.
+    pub stop: Vec<(String, String)>,
     /// Stopped allocations that can be forgotten.
     pub forget: Vec<String>,
 }
 
-/// Compares `desired` (`None`: the service was removed) with the service's
-/// allocations. Surplus replicas are stopped worst first: ones that are not
-/// running before running ones, then the newest.
-pub fn reconcile(desired: Option<u32>, allocs: &[&Allocation]) -> Decision {
+impl Decision {
+    fn stop(&mut self, alloc: &Allocation, reason: &str) {
+        self.stop.push((alloc.id.clone(), reason.to_string()));
+    }
+}
+
+/// Decides for `service` (which may have been removed) at `now_ms`.
+pub fn reconcile(state: &State, service: &str, now_ms: u64) -> Decision {
     let mut decision = Decision::default();
-    for alloc in allocs {
+    let allocs: Vec<&Allocation> = state.allocs_of(service).collect();
+    for alloc in &allocs {
         if alloc.desired == DesiredState::Stop && alloc.state == AllocState::Stopped {
             decision.forget.push(alloc.id.clone());
         }
     }
-    let mut live: Vec<&Allocation> = allocs.iter().copied().filter(|a| a.is_live()).collect();
-    let desired = desired.unwrap_or(0) as usize;
-    if live.len() > desired {
-        live.sort_by_key(|a| (a.state.is_up(), std::cmp::Reverse(a.create_index)));
-        let surplus = live.len() - desired;
-        decision.stop = live.iter().take(surplus).map(|a| a.id.clone()).collect();
-    } else {
-        decision.place = (desired - live.len()) as u32;
+    let live: Vec<&Allocation> = allocs.iter().copied().filter(|a| a.is_live()).collect();
+    let Some(spec) = state.services.get(service).map(|s| &s.spec) else {
+        for alloc in live {
+            decision.stop(alloc, "service removed");
+        }
+        return decision;
+    };
+    match spec.mode {
+        ServiceMode::Replicated => {
+            replicated(state, spec.replicas as usize, live, now_ms, &mut decision)
+        }
+        ServiceMode::Global => global(state, service, live, now_ms, &mut decision),
+    }
+    decision.place.retain(|r| r.count > 0);
+    for request in &mut decision.place {
+        request.service = service.to_string();
     }
     decision
+}
+
+fn draining(state: &State, alloc: &Allocation) -> bool {
+    state
+        .nodes
+        .get(&alloc.node)
+        .is_some_and(|n| n.availability == Availability::Drain)
+}
+
+fn deadline_passed(state: &State, alloc: &Allocation, now_ms: u64) -> bool {
+    state
+        .nodes
+        .get(&alloc.node)
+        .and_then(|n| n.drain_deadline_ms)
+        .is_some_and(|deadline| now_ms >= deadline)
+}
+
+fn replicated(
+    state: &State,
+    desired: usize,
+    live: Vec<&Allocation>,
+    now_ms: u64,
+    decision: &mut Decision,
+) {
+    let (migrating, mut kept): (Vec<&Allocation>, Vec<&Allocation>) =
+        live.into_iter().partition(|a| draining(state, a));
+    if kept.len() > desired {
+        // Surplus: stop the worst first (not serving, then newest).
+        kept.sort_by_key(|a| (a.is_serving(), std::cmp::Reverse(a.create_index)));
+        let surplus = kept.len() - desired;
+        for alloc in kept.drain(..surplus) {
+            decision.stop(alloc, "scaled down");
+        }
+    } else {
+        decision
+            .place
+            .push(Request::new("", (desired - kept.len()) as u32));
+    }
+    // Keep the old replicas of a draining node until their replacements
+    // serve, so the service never drops below its desired count.
+    let serving_kept = kept.iter().filter(|a| a.is_serving()).count();
+    let mut spare = (serving_kept + migrating.iter().filter(|a| a.is_serving()).count())
+        .saturating_sub(desired);
+    let mut migrating = migrating;
+    migrating.sort_by_key(|a| (a.is_serving(), a.create_index, a.id.clone()));
+    for alloc in migrating {
+        if deadline_passed(state, alloc, now_ms) {
+            decision.stop(alloc, "drain deadline reached");
+        } else if !alloc.is_serving() {
+            decision.stop(alloc, "node draining");
+        } else if spare > 0 {
+            spare -= 1;
+            decision.stop(alloc, "node draining; replacement serving");
+        }
+    }
+}
+
+fn global(
+    state: &State,
+    service: &str,
+    live: Vec<&Allocation>,
+    now_ms: u64,
+    decision: &mut Decision,
+) {
+    let spec = &state.services[service].spec;
+    let mut per_node: BTreeMap<&str, Vec<&Allocation>> = BTreeMap::new();
+    for alloc in live {
+        per_node.entry(alloc.node.as_str()).or_default().push(alloc);
+    }
+    for (node_name, mut allocs) in per_node.clone() {
+        let node = state.nodes.get(node_name);
+        let fits = node.is_some_and(|n| {
+            spec.constraints
+                .iter()
+                .all(|c| c.holds(&n.labels, &n.name, &n.address))
+        });
+        if !fits {
+            for alloc in allocs {
+                decision.stop(alloc, "node no longer satisfies the constraints");
+            }
+            continue;
+        }
+        if node.is_some_and(|n| n.availability == Availability::Drain) {
+            for alloc in allocs {
+                let reason = if deadline_passed(state, alloc, now_ms) {
+                    "drain deadline reached"
+                } else {
+                    "node draining"
+                };
+                decision.stop(alloc, reason);
+            }
+            continue;
+        }
+        allocs.sort_by_key(|a| (std::cmp::Reverse(a.is_serving()), a.create_index));
+        for alloc in allocs.iter().skip(1) {
+            decision.stop(alloc, "one replica per node");
+        }
+    }
+    for node in state.nodes.values() {
+        let eligible = node.is_eligible()
+            && spec
+                .constraints
+                .iter()
+                .all(|c| c.holds(&node.labels, &node.name, &node.address));
+        if eligible && !per_node.contains_key(node.name.as_str()) {
+            decision.place.push(Request {
+                service: String::new(),
+                count: 1,
+                node: Some(node.name.clone()),
+            });
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{RuntimeKind, ServiceSpec};
+    use crate::state::{
+        AllocReport, Command, Constraint, NodeStatus, Placement, Plan, ServiceSpec,
+    };
 
-    fn alloc(id: &str, index: u64, desired: DesiredState, state: AllocState) -> Allocation {
-        Allocation {
-            id: id.into(),
-            service: "web".into(),
-            node: "n1".into(),
-            spec: ServiceSpec {
-                name: "web".into(),
-                runtime: RuntimeKind::Process,
-                replicas: 1,
-                command: vec!["true".into()],
-                env: Default::default(),
-                workdir: None,
-                ..Default::default()
-            },
-            host_port: 20000 + index as u16,
-            desired,
-            state,
-            restarts: 0,
-            pid: 0,
-            message: String::new(),
-            create_index: index,
-            modify_index: index,
+    struct Fixture {
+        state: State,
+        index: u64,
+    }
+
+    impl Fixture {
+        fn new(nodes: &[(&str, &str)]) -> Self {
+            let mut f = Fixture {
+                state: State::default(),
+                index: 0,
+            };
+            for (name, zone) in nodes {
+                f.apply(Command::RegisterNode {
+                    name: name.to_string(),
+                    address: "127.0.0.1".into(),
+                    port_range: (20000, 20100),
+                    cpu_millis: 0,
+                    memory_mb: 0,
+                    labels: [("zone".to_string(), zone.to_string())].into(),
+                });
+            }
+            f
+        }
+
+        fn apply(&mut self, command: Command) {
+            self.index += 1;
+            self.state.apply(self.index, command).unwrap();
+        }
+
+        fn service(&mut self, spec: ServiceSpec) {
+            self.apply(Command::CreateService { spec });
+        }
+
+        fn place(&mut self, id: &str, service: &str, node: &str, state: AllocState) {
+            let port = 20000 + self.index as u16;
+            self.apply(Command::ApplyPlan {
+                plan: Plan {
+                    place: vec![Placement {
+                        id: id.into(),
+                        service: service.into(),
+                        node: node.into(),
+                        host_port: port,
+                    }],
+                    ..Plan::default()
+                },
+            });
+            assert!(self.state.allocs.contains_key(id), "{id} not placed");
+            self.report(id, node, state);
+        }
+
+        fn report(&mut self, id: &str, node: &str, state: AllocState) {
+            self.apply(Command::ReportAllocs {
+                node: node.into(),
+                reports: vec![AllocReport {
+                    id: id.into(),
+                    state,
+                    restarts: 0,
+                    pid: 1,
+                    message: String::new(),
+                }],
+            });
+        }
+
+        fn stopped(&self, decision: &Decision) -> Vec<String> {
+            decision.stop.iter().map(|(id, _)| id.clone()).collect()
         }
     }
 
-    use AllocState::*;
-    use DesiredState::*;
+    fn spec(name: &str, replicas: u32) -> ServiceSpec {
+        ServiceSpec {
+            name: name.into(),
+            replicas,
+            command: vec!["true".into()],
+            ..Default::default()
+        }
+    }
+
+    fn placed(decision: &Decision) -> u32 {
+        decision.place.iter().map(|r| r.count).sum()
+    }
 
     #[test]
     fn missing_replicas_are_placed() {
-        let a = alloc("a", 1, Run, Running);
-        assert_eq!(
-            reconcile(Some(3), &[&a]),
-            Decision {
-                place: 2,
-                ..Decision::default()
-            }
-        );
+        let mut f = Fixture::new(&[("n1", "a")]);
+        f.service(spec("web", 3));
+        f.place("a", "web", "n1", AllocState::Running);
+        assert_eq!(placed(&reconcile(&f.state, "web", 0)), 2);
     }
 
     #[test]
-    fn a_converged_service_needs_nothing() {
-        let (a, b) = (alloc("a", 1, Run, Running), alloc("b", 2, Run, Pending));
-        assert_eq!(reconcile(Some(2), &[&a, &b]), Decision::default());
-    }
-
-    #[test]
-    fn scaling_down_stops_non_running_then_newest_replicas_first() {
-        let old = alloc("old", 1, Run, Running);
-        let new = alloc("new", 3, Run, Running);
-        let broken = alloc("broken", 2, Run, Restarting);
-        let decision = reconcile(Some(1), &[&old, &new, &broken]);
-        assert_eq!(decision.stop, vec!["broken".to_string(), "new".to_string()]);
-        assert_eq!(decision.place, 0);
+    fn scaling_down_stops_non_serving_then_newest_replicas_first() {
+        let mut f = Fixture::new(&[("n1", "a")]);
+        f.service(spec("web", 3));
+        f.place("old", "web", "n1", AllocState::Running);
+        f.place("broken", "web", "n1", AllocState::Restarting);
+        f.place("new", "web", "n1", AllocState::Running);
+        f.apply(Command::ScaleService {
+            name: "web".into(),
+            replicas: 1,
+        });
+        let decision = reconcile(&f.state, "web", 0);
+        assert_eq!(f.stopped(&decision), vec!["broken", "new"]);
+        assert_eq!(placed(&decision), 0);
     }
 
     #[test]
     fn a_removed_service_stops_everything_and_forgets_what_stopped() {
-        let running = alloc("a", 1, Run, Running);
-        let stopping = alloc("b", 2, Stop, Running);
-        let stopped = alloc("c", 3, Stop, Stopped);
-        let decision = reconcile(None, &[&running, &stopping, &stopped]);
-        assert_eq!(decision.stop, vec!["a".to_string()]);
+        let mut f = Fixture::new(&[("n1", "a")]);
+        f.service(spec("web", 2));
+        f.place("a", "web", "n1", AllocState::Running);
+        f.place("c", "web", "n1", AllocState::Running);
+        f.apply(Command::RemoveService { name: "web".into() });
+        f.report("c", "n1", AllocState::Stopped);
+        let decision = reconcile(&f.state, "web", 0);
         assert_eq!(decision.forget, vec!["c".to_string()]);
+        assert!(decision.stop.is_empty(), "already asked to stop");
     }
 
     #[test]
-    fn stopping_replicas_do_not_count_so_replacements_are_placed() {
-        let stopping = alloc("a", 1, Stop, Running);
-        assert_eq!(reconcile(Some(1), &[&stopping]).place, 1);
+    fn a_down_nodes_replicas_are_stopped_and_replaced() {
+        let mut f = Fixture::new(&[("n1", "a"), ("n2", "a")]);
+        f.service(spec("web", 2));
+        f.place("a", "web", "n1", AllocState::Running);
+        f.place("b", "web", "n2", AllocState::Running);
+        f.apply(Command::SetNodeStatus {
+            name: "n1".into(),
+            status: NodeStatus::Down,
+        });
+        assert_eq!(f.state.allocs["a"].desired, DesiredState::Stop);
+        assert_eq!(placed(&reconcile(&f.state, "web", 0)), 1);
+    }
+
+    #[test]
+    fn draining_places_the_replacement_first_and_stops_the_old_once_it_serves() {
+        let mut f = Fixture::new(&[("n1", "a"), ("n2", "a")]);
+        f.service(spec("web", 2));
+        f.place("a", "web", "n1", AllocState::Running);
+        f.place("b", "web", "n2", AllocState::Running);
+        f.apply(Command::SetNodeAvailability {
+            name: "n1".into(),
+            availability: Availability::Drain,
+            deadline_ms: Some(60_000),
+        });
+        let decision = reconcile(&f.state, "web", 0);
+        assert_eq!(placed(&decision), 1, "replacement first");
+        assert!(decision.stop.is_empty(), "old kept until it serves");
+
+        f.place("c", "web", "n2", AllocState::Starting);
+        assert!(reconcile(&f.state, "web", 0).stop.is_empty());
+        f.report("c", "n2", AllocState::Running);
+        let decision = reconcile(&f.state, "web", 0);
+        assert_eq!(f.stopped(&decision), vec!["a"]);
+        assert_eq!(placed(&decision), 0);
+    }
+
+    #[test]
+    fn a_drain_deadline_stops_what_has_not_moved() {
+        let mut f = Fixture::new(&[("n1", "a")]);
+        f.service(spec("web", 1));
+        f.place("a", "web", "n1", AllocState::Running);
+        f.apply(Command::SetNodeAvailability {
+            name: "n1".into(),
+            availability: Availability::Drain,
+            deadline_ms: Some(1000),
+        });
+        assert!(reconcile(&f.state, "web", 999).stop.is_empty());
+        let decision = reconcile(&f.state, "web", 1000);
+        assert_eq!(
+            decision.stop,
+            vec![("a".into(), "drain deadline reached".into())]
+        );
+    }
+
+    #[test]
+    fn a_global_service_runs_once_on_every_eligible_node() {
+        let mut f = Fixture::new(&[("n1", "a"), ("n2", "a"), ("n3", "b")]);
+        let mut s = spec("logs", 0);
+        s.mode = ServiceMode::Global;
+        s.constraints = vec![Constraint::parse("zone==a").unwrap()];
+        f.service(s);
+        f.place("x", "logs", "n1", AllocState::Running);
+        let decision = reconcile(&f.state, "logs", 0);
+        let nodes: Vec<_> = decision.place.iter().map(|r| r.node.clone()).collect();
+        assert_eq!(nodes, vec![Some("n2".to_string())]);
+        assert!(decision.place.iter().all(|r| r.service == "logs"));
     }
 }

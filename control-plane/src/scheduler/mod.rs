@@ -1,218 +1,471 @@
 //! The scheduler: a pure function from a state snapshot and placement
-//! requests to placements, each a node and a host port.
+//! requests to placements (a node and a host port each) and, for what
+//! cannot be placed, an explanation in numbers.
 //!
-//! This first scheduler spreads replicas round-robin: each goes to the ready
-//! node with the fewest replicas of its service (then fewest allocations
-//! overall, then by name), on a free host port of the node's range. It never
-//! imports tokio, sled or tonic; the leader's controller loop commits what it
-//! returns, and the state machine re-checks it on apply.
+//! Like Nomad's, it works in two stages. Feasibility filters the nodes: the
+//! node is ready and active (not paused or draining), satisfies every
+//! constraint, has the CPU, memory and a free host port the replica needs,
+//! and holds fewer than `max_per_node` replicas of the service. Ranking
+//! orders the feasible nodes: `spread` prefers the node with the fewest
+//! replicas of the service, then the zone (label `zone`) with the fewest,
+//! then the least loaded node; `binpack` prefers the most loaded node that
+//! still fits, with fewer replicas of the service (anti-affinity) breaking
+//! ties. Remaining ties fall to a hash of the node name and the seed, so the
+//! same snapshot, requests and seed always give the same plan.
+//!
+//! Many replicas are placed in one call: feasible nodes sit in a heap keyed
+//! by rank, and placing a replica only ever worsens the rank of other nodes
+//! (spread) or changes the chosen node's own (binpack), so a popped node
+//! whose recomputed rank still matches is the best, and each placement
+//! costs O(log nodes). It never imports tokio, sled or tonic; the leader's
+//! controller loop commits what it returns, and the state machine re-checks
+//! it on apply.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::state::{NodeStatus, Placement, State};
+use crate::state::{
+    Availability, Node, NodeStatus, Placement, PlacementPolicy, ServiceSpec, State,
+};
 
-/// Asks for `count` more replicas of `service`.
+/// Asks for `count` more replicas of `service`, on `node` if given (global
+/// services place one replica on each eligible node).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Request {
     pub service: String,
     pub count: u32,
+    pub node: Option<String>,
 }
 
-/// Replicas that could not be placed, and why, in words an operator acts on.
+impl Request {
+    pub fn new(service: impl Into<String>, count: u32) -> Self {
+        Request {
+            service: service.into(),
+            count,
+            node: None,
+        }
+    }
+}
+
+/// Replicas of a service that could not be placed, and why, in numbers an
+/// operator can act on.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Unplaced {
     pub service: String,
     pub count: u32,
+    /// E.g. "2 nodes filtered by constraint zone==b, 1 node exhausted
+    /// memory (needs 512 MB, 300 free)".
     pub reason: String,
 }
 
-/// What one node offers while a plan is being built.
-struct NodeView {
-    name: String,
-    port_range: (u16, u16),
-    used_ports: BTreeSet<u16>,
-    total: usize,
-    per_service: BTreeMap<String, usize>,
+impl Unplaced {
+    /// "3 replicas unplaced: ..." as `service ps` shows it.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} unplaced: {}",
+            plural(self.count as usize, "replica", "replicas"),
+            self.reason
+        )
+    }
 }
 
-impl NodeView {
-    fn free_port(&self, rng: &mut StdRng) -> Option<u16> {
-        let (low, high) = self.port_range;
+/// Why one node cannot take a replica now.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Filtered {
+    Down,
+    Paused,
+    Draining,
+    Constraint(String),
+    Cpu { needs: u64, free: u64 },
+    Memory { needs: u64, free: u64 },
+    Ports,
+    MaxPerNode(u32),
+}
+
+/// Reasons over many nodes, aggregated per kind for the explanation.
+#[derive(Default)]
+struct Reasons {
+    nodes: BTreeMap<String, (usize, u64, u64)>,
+    no_nodes: bool,
+    missing_node: Option<String>,
+    service_gone: bool,
+}
+
+impl Reasons {
+    fn add(&mut self, why: &Filtered) {
+        let (key, needs, free) = match why {
+            Filtered::Down => ("0 down".to_string(), 0, 0),
+            Filtered::Paused => ("1 paused".to_string(), 0, 0),
+            Filtered::Draining => ("2 draining".to_string(), 0, 0),
+            Filtered::Constraint(c) => (format!("3 filtered by constraint {c}"), 0, 0),
+            Filtered::Cpu { needs, free } => ("4 cpu".to_string(), *needs, *free),
+            Filtered::Memory { needs, free } => ("5 memory".to_string(), *needs, *free),
+            Filtered::Ports => ("6 out of host ports".to_string(), 0, 0),
+            Filtered::MaxPerNode(max) => (format!("7 at max-per-node {max}"), 0, 0),
+        };
+        let entry = self.nodes.entry(key).or_insert((0, needs, 0));
+        entry.0 += 1;
+        entry.2 = entry.2.max(free);
+    }
+
+    fn text(&self) -> String {
+        if self.service_gone {
+            return "the service was removed".into();
+        }
+        if self.no_nodes {
+            return "no nodes registered; start `skiff agent` (or use `skiff dev`)".into();
+        }
+        let mut parts = Vec::new();
+        if let Some(node) = &self.missing_node {
+            parts.push(format!("node {node} is not registered"));
+        }
+        for (key, (count, needs, free)) in &self.nodes {
+            let nodes = plural(*count, "node", "nodes");
+            let free = if *count > 1 {
+                format!("at most {free} free")
+            } else {
+                format!("{free} free")
+            };
+            let what = &key[2..];
+            parts.push(match what {
+                "cpu" => format!("{nodes} exhausted cpu (needs {needs} millicores, {free})"),
+                "memory" => format!("{nodes} exhausted memory (needs {needs} MB, {free})"),
+                other => format!("{nodes} {other}"),
+            });
+        }
+        if parts.is_empty() {
+            "no node can take it".into()
+        } else {
+            parts.join(", ")
+        }
+    }
+}
+
+fn plural(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+/// What one node offers while a plan is being built.
+struct NodeView<'a> {
+    node: &'a Node,
+    cpu_used: u64,
+    memory_used: u64,
+    ports: HashSet<u16>,
+    /// Used ports inside the node's range.
+    ports_in_range: u32,
+    /// Allocations holding resources.
+    total: u64,
+    /// Live replicas per service.
+    per_service: HashMap<String, u32>,
+    tiebreak: u64,
+    /// Index of the node's `zone` label among the zones (0: none).
+    zone: usize,
+}
+
+impl NodeView<'_> {
+    fn span(&self) -> u32 {
+        let (low, high) = self.node.port_range;
         if low > high {
+            0
+        } else {
+            u32::from(high - low) + 1
+        }
+    }
+
+    /// Filters that do not change while a plan is built.
+    fn static_check(&self, spec: &ServiceSpec) -> Result<(), Filtered> {
+        if self.node.status == NodeStatus::Down {
+            return Err(Filtered::Down);
+        }
+        match self.node.availability {
+            Availability::Active => {}
+            Availability::Pause => return Err(Filtered::Paused),
+            Availability::Drain => return Err(Filtered::Draining),
+        }
+        let node = self.node;
+        if let Some(c) = spec
+            .constraints
+            .iter()
+            .find(|c| !c.holds(&node.labels, &node.name, &node.address))
+        {
+            return Err(Filtered::Constraint(c.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Filters that placements in this plan can make fail.
+    fn dynamic_check(&self, spec: &ServiceSpec) -> Result<(), Filtered> {
+        let cpu = u64::from(spec.cpu_millis.unwrap_or(0));
+        let capacity = u64::from(self.node.cpu_millis);
+        if capacity > 0 && self.cpu_used + cpu > capacity {
+            return Err(Filtered::Cpu {
+                needs: cpu,
+                free: capacity.saturating_sub(self.cpu_used),
+            });
+        }
+        let memory = u64::from(spec.memory_mb.unwrap_or(0));
+        let capacity = u64::from(self.node.memory_mb);
+        if capacity > 0 && self.memory_used + memory > capacity {
+            return Err(Filtered::Memory {
+                needs: memory,
+                free: capacity.saturating_sub(self.memory_used),
+            });
+        }
+        if self.ports_in_range >= self.span() {
+            return Err(Filtered::Ports);
+        }
+        if let Some(max) = spec.max_per_node {
+            if self.per_service.get(&spec.name).copied().unwrap_or(0) >= max {
+                return Err(Filtered::MaxPerNode(max));
+            }
+        }
+        Ok(())
+    }
+
+    /// Used fraction of the scarcer resource, in thousandths.
+    fn load(&self) -> u64 {
+        let fraction = |used: u64, capacity: u32| {
+            if capacity == 0 {
+                0
+            } else {
+                (used * 1000 / u64::from(capacity)).min(1000)
+            }
+        };
+        fraction(self.cpu_used, self.node.cpu_millis)
+            .max(fraction(self.memory_used, self.node.memory_mb))
+    }
+
+    fn free_port(&self, rng: &mut StdRng) -> Option<u16> {
+        let span = self.span();
+        if span == 0 {
             return None;
         }
-        let span = u32::from(high - low) + 1;
         // Start at a random offset: a port freed a moment ago may still be
         // held by a replica that is shutting down.
         let start = rng.gen_range(0..span);
+        let low = self.node.port_range.0;
         (0..span)
             .map(|i| low + ((start + i) % span) as u16)
-            .find(|port| !self.used_ports.contains(port))
+            .find(|port| !self.ports.contains(port))
     }
 }
 
-/// Places the requested replicas. Ids of new allocations come from `seed`,
-/// so the same snapshot and seed always give the same plan.
+/// A node's rank for one service; lower is better.
+type Rank = (u64, u64, u64, u64, u64);
+
+fn rank(view: &NodeView, spec: &ServiceSpec, zones: &[u64]) -> Rank {
+    let on_node = u64::from(view.per_service.get(&spec.name).copied().unwrap_or(0));
+    match spec.placement {
+        PlacementPolicy::Spread => {
+            let in_zone = zones[view.zone];
+            (on_node, in_zone, view.load(), view.total, view.tiebreak)
+        }
+        PlacementPolicy::Binpack => (
+            1000 - view.load(),
+            on_node,
+            u64::MAX - view.total,
+            view.tiebreak,
+            0,
+        ),
+    }
+}
+
+/// SplitMix64 over FNV-1a of the name: a stable per-node tie-breaker.
+fn tiebreak(seed: u64, name: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let mut z = h ^ seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Places the requested replicas. Ids of new allocations and the
+/// tie-breaks come from `seed`, so the same snapshot and seed always give
+/// the same plan.
 pub fn schedule(state: &State, requests: &[Request], seed: u64) -> (Vec<Placement>, Vec<Unplaced>) {
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut nodes: Vec<NodeView> = state
+    let mut zone_ids: HashMap<&str, usize> = HashMap::new();
+    let mut views: Vec<NodeView> = state
         .nodes
         .values()
-        .filter(|n| n.status == NodeStatus::Ready)
-        .map(|n| NodeView {
-            name: n.name.clone(),
-            port_range: n.port_range,
-            used_ports: BTreeSet::new(),
-            total: 0,
-            per_service: BTreeMap::new(),
+        .map(|node| {
+            let zone = node.labels.get("zone").map_or(0, |z| {
+                let next = zone_ids.len() + 1;
+                *zone_ids.entry(z.as_str()).or_insert(next)
+            });
+            NodeView {
+                node,
+                cpu_used: 0,
+                memory_used: 0,
+                ports: HashSet::new(),
+                ports_in_range: 0,
+                total: 0,
+                per_service: HashMap::new(),
+                tiebreak: tiebreak(seed, &node.name),
+                zone,
+            }
         })
         .collect();
+    let zone_count = zone_ids.len() + 1;
+    let position: HashMap<&str, usize> = views
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (v.node.name.as_str(), i))
+        .collect();
     for alloc in state.allocs.values() {
-        if let Some(node) = nodes.iter_mut().find(|n| n.name == alloc.node) {
-            node.used_ports.insert(alloc.host_port);
-            if alloc.is_live() {
-                node.total += 1;
-                *node.per_service.entry(alloc.service.clone()).or_default() += 1;
+        let Some(&i) = position.get(alloc.node.as_str()) else {
+            continue;
+        };
+        let view = &mut views[i];
+        if view.ports.insert(alloc.host_port) {
+            let (low, high) = view.node.port_range;
+            if (low..=high).contains(&alloc.host_port) {
+                view.ports_in_range += 1;
             }
+        }
+        if alloc.holds_resources() {
+            view.cpu_used += u64::from(alloc.spec.cpu_millis.unwrap_or(0));
+            view.memory_used += u64::from(alloc.spec.memory_mb.unwrap_or(0));
+            view.total += 1;
+        }
+        if alloc.is_live() {
+            *view.per_service.entry(alloc.service.clone()).or_default() += 1;
         }
     }
 
+    let mut taken_ids: BTreeSet<String> = BTreeSet::new();
     let mut placements = Vec::new();
-    let mut unplaced = Vec::new();
+    let mut unplaced: BTreeMap<String, (u32, Reasons)> = BTreeMap::new();
     for request in requests {
-        let mut missing = 0;
-        for _ in 0..request.count {
-            let candidate = nodes
-                .iter_mut()
-                .filter_map(|n| n.free_port(&mut rng).map(|port| (n, port)))
-                .min_by(|(a, _), (b, _)| {
-                    let count =
-                        |n: &NodeView| n.per_service.get(&request.service).copied().unwrap_or(0);
-                    (count(a), a.total, &a.name).cmp(&(count(b), b.total, &b.name))
-                });
-            let Some((node, port)) = candidate else {
-                missing += 1;
+        if request.count == 0 {
+            continue;
+        }
+        let Some(service) = state.services.get(&request.service) else {
+            let entry = unplaced.entry(request.service.clone()).or_default();
+            entry.0 += request.count;
+            entry.1.service_gone = true;
+            continue;
+        };
+        let spec = &service.spec;
+        let mut reasons = Reasons {
+            no_nodes: views.is_empty(),
+            ..Reasons::default()
+        };
+        let candidates: Vec<usize> = match &request.node {
+            Some(name) => match position.get(name.as_str()) {
+                Some(&i) => vec![i],
+                None => {
+                    reasons.missing_node = Some(name.clone());
+                    reasons.no_nodes = false;
+                    vec![]
+                }
+            },
+            None => (0..views.len()).collect(),
+        };
+        let mut feasible = Vec::with_capacity(candidates.len());
+        for i in candidates {
+            match views[i].static_check(spec) {
+                Ok(()) => feasible.push(i),
+                Err(why) => reasons.add(&why),
+            }
+        }
+        let mut zones = vec![0u64; zone_count];
+        if spec.placement == PlacementPolicy::Spread {
+            for view in &views {
+                if let Some(&n) = view.per_service.get(&spec.name) {
+                    zones[view.zone] += u64::from(n);
+                }
+            }
+        }
+        let mut heap: BinaryHeap<Reverse<(Rank, usize)>> = feasible
+            .iter()
+            .filter(|&&i| views[i].dynamic_check(spec).is_ok())
+            .map(|&i| Reverse((rank(&views[i], spec, &zones), i)))
+            .collect();
+        let mut placed = 0;
+        while placed < request.count {
+            let Some(Reverse((stale, i))) = heap.pop() else {
+                break;
+            };
+            if views[i].dynamic_check(spec).is_err() {
+                continue;
+            }
+            let fresh = rank(&views[i], spec, &zones);
+            if fresh != stale {
+                heap.push(Reverse((fresh, i)));
+                continue;
+            }
+            let view = &mut views[i];
+            let Some(port) = view.free_port(&mut rng) else {
                 continue;
             };
-            node.used_ports.insert(port);
-            node.total += 1;
-            *node.per_service.entry(request.service.clone()).or_default() += 1;
+            view.ports.insert(port);
+            view.ports_in_range += 1;
+            view.cpu_used += u64::from(spec.cpu_millis.unwrap_or(0));
+            view.memory_used += u64::from(spec.memory_mb.unwrap_or(0));
+            view.total += 1;
+            *view.per_service.entry(spec.name.clone()).or_default() += 1;
+            if spec.placement == PlacementPolicy::Spread {
+                zones[view.zone] += 1;
+            }
+            let id = loop {
+                let id = format!("{:012x}", rng.gen::<u64>() & 0xffff_ffff_ffff);
+                if !state.allocs.contains_key(&id) && taken_ids.insert(id.clone()) {
+                    break id;
+                }
+            };
             placements.push(Placement {
-                id: format!("{:08x}", rng.gen::<u32>()),
-                service: request.service.clone(),
-                node: node.name.clone(),
+                id,
+                service: spec.name.clone(),
+                node: view.node.name.clone(),
                 host_port: port,
             });
+            placed += 1;
+            if view.dynamic_check(spec).is_ok() {
+                heap.push(Reverse((rank(&views[i], spec, &zones), i)));
+            }
         }
-        if missing > 0 {
-            unplaced.push(Unplaced {
-                service: request.service.clone(),
-                count: missing,
-                reason: explain(state, nodes.len()),
-            });
+        if placed < request.count {
+            for &i in &feasible {
+                if let Err(why) = views[i].dynamic_check(spec) {
+                    reasons.add(&why);
+                }
+            }
+            let entry = unplaced.entry(request.service.clone()).or_default();
+            entry.0 += request.count - placed;
+            merge(&mut entry.1, reasons);
         }
     }
+    let unplaced = unplaced
+        .into_iter()
+        .map(|(service, (count, reasons))| Unplaced {
+            service,
+            count,
+            reason: reasons.text(),
+        })
+        .collect();
     (placements, unplaced)
 }
 
-fn explain(state: &State, ready: usize) -> String {
-    let registered = state.nodes.len();
-    if registered == 0 {
-        "no nodes registered; start `skiff agent` (or use `skiff dev`)".to_string()
-    } else if ready == 0 {
-        format!("none of {registered} nodes is ready")
-    } else {
-        format!("all {ready} ready nodes have no free host port in their range")
+fn merge(into: &mut Reasons, from: Reasons) {
+    for (key, (count, needs, free)) in from.nodes {
+        let entry = into.nodes.entry(key).or_insert((0, needs, 0));
+        entry.0 += count;
+        entry.2 = entry.2.max(free);
+    }
+    into.no_nodes |= from.no_nodes;
+    into.service_gone |= from.service_gone;
+    if from.missing_node.is_some() {
+        into.missing_node = from.missing_node;
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::state::{Command, RuntimeKind, ServiceSpec};
-
-    fn state_with_nodes(nodes: &[(&str, (u16, u16))]) -> State {
-        let mut state = State::default();
-        for (i, (name, range)) in nodes.iter().enumerate() {
-            let command = Command::RegisterNode {
-                name: name.to_string(),
-                address: "127.0.0.1".into(),
-                port_range: *range,
-            };
-            state.apply(i as u64 + 1, command).unwrap();
-        }
-        let spec = ServiceSpec {
-            name: "web".into(),
-            runtime: RuntimeKind::Process,
-            replicas: 100,
-            command: vec!["true".into()],
-            env: Default::default(),
-            workdir: None,
-            ..Default::default()
-        };
-        state.apply(100, Command::CreateService { spec }).unwrap();
-        state
-    }
-
-    fn request(count: u32) -> Vec<Request> {
-        vec![Request {
-            service: "web".into(),
-            count,
-        }]
-    }
-
-    #[test]
-    fn replicas_spread_evenly_across_ready_nodes() {
-        let state = state_with_nodes(&[
-            ("a", (20000, 20100)),
-            ("b", (20000, 20100)),
-            ("c", (20000, 20100)),
-        ]);
-        let (placed, unplaced) = schedule(&state, &request(7), 1);
-        assert!(unplaced.is_empty());
-        let mut per_node = BTreeMap::new();
-        for p in &placed {
-            *per_node.entry(p.node.as_str()).or_insert(0) += 1;
-        }
-        assert_eq!(
-            per_node.values().copied().collect::<Vec<_>>(),
-            vec![3, 2, 2]
-        );
-    }
-
-    #[test]
-    fn ports_are_unique_per_node_and_inside_its_range() {
-        let state = state_with_nodes(&[("a", (20000, 20004))]);
-        let (placed, unplaced) = schedule(&state, &request(7), 42);
-        assert_eq!(placed.len(), 5);
-        let ports: BTreeSet<u16> = placed.iter().map(|p| p.host_port).collect();
-        assert_eq!(ports, (20000..=20004).collect());
-        assert_eq!(unplaced[0].count, 2);
-        assert!(
-            unplaced[0].reason.contains("no free host port"),
-            "{}",
-            unplaced[0].reason
-        );
-    }
-
-    #[test]
-    fn without_nodes_nothing_is_placed_and_the_reason_says_so() {
-        let state = state_with_nodes(&[]);
-        let (placed, unplaced) = schedule(&state, &request(2), 1);
-        assert!(placed.is_empty());
-        assert_eq!(unplaced[0].count, 2);
-        assert!(unplaced[0].reason.contains("no nodes registered"));
-    }
-
-    #[test]
-    fn the_same_snapshot_and_seed_give_the_same_plan() {
-        let state = state_with_nodes(&[("a", (20000, 29999)), ("b", (20000, 29999))]);
-        assert_eq!(
-            schedule(&state, &request(4), 9),
-            schedule(&state, &request(4), 9)
-        );
-    }
-}
+mod tests;

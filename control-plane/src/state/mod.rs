@@ -1,19 +1,27 @@
-//! The replicated state machine: services, nodes, allocations and servers.
+//! The replicated state machine: services, nodes, allocations, servers and
+//! the ring of recent cluster events.
 //!
 //! Every change arrives as a [`Command`] committed through Raft and is applied
 //! here deterministically, in log order, on every server. Applying carries the
 //! Raft index, and a command at or below the last applied index is ignored, so
 //! replaying the log after a crash is idempotent. The machine is pure: it
-//! records which keys it changed ([`Key`]) and the storage layer writes them.
+//! records which keys it changed ([`Key`]); it is persisted in snapshots.
+//! Time never comes from the applying server's clock: events are stamped
+//! with the time the proposer put in the entry ([`Command::Timed`]).
 
 pub mod spec;
-pub mod store;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-pub use spec::{HealthCheck, HealthKind, NetworkMode, RuntimeKind, ServiceSpec, SpecError};
+pub use spec::{
+    Constraint, ConstraintOp, HealthCheck, HealthKind, NetworkMode, PlacementPolicy, RuntimeKind,
+    ServiceMode, ServiceSpec, SpecError,
+};
+
+/// How many recent events the state keeps (older ones are dropped).
+pub const EVENT_RING: usize = 10_000;
 
 /// A service as stored: the spec plus bookkeeping.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,6 +33,7 @@ pub struct Service {
     pub modify_index: u64,
 }
 
+/// Whether a node is alive, as decided by the leader's liveness controller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NodeStatus {
@@ -41,6 +50,38 @@ impl NodeStatus {
     }
 }
 
+/// Whether the operator lets the scheduler use a node (Swarm's
+/// availability): independent of whether the node is alive.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Availability {
+    #[default]
+    Active,
+    /// No new replicas; the running ones stay.
+    Pause,
+    /// No new replicas; the running ones move elsewhere.
+    Drain,
+}
+
+impl Availability {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Availability::Active => "active",
+            Availability::Pause => "pause",
+            Availability::Drain => "drain",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Self> {
+        Some(match value {
+            "active" => Availability::Active,
+            "pause" => Availability::Pause,
+            "drain" => Availability::Drain,
+            _ => return None,
+        })
+    }
+}
+
 /// A machine running `skiff agent`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Node {
@@ -51,6 +92,30 @@ pub struct Node {
     pub port_range: (u16, u16),
     pub status: NodeStatus,
     pub register_index: u64,
+    /// Schedulable CPU in millicores; 0: not counted.
+    #[serde(default)]
+    pub cpu_millis: u32,
+    /// Schedulable memory in MB; 0: not counted.
+    #[serde(default)]
+    pub memory_mb: u32,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub availability: Availability,
+    /// While draining: when replicas not yet moved are stopped anyway
+    /// (milliseconds since the epoch, on the proposer's clock).
+    #[serde(default)]
+    pub drain_deadline_ms: Option<u64>,
+    /// While draining: every replica has left.
+    #[serde(default)]
+    pub drained: bool,
+}
+
+impl Node {
+    /// The scheduler may place new replicas here.
+    pub fn is_eligible(&self) -> bool {
+        self.status == NodeStatus::Ready && self.availability == Availability::Active
+    }
 }
 
 /// What the control plane wants of an allocation.
@@ -153,6 +218,22 @@ impl Allocation {
     pub fn is_live(&self) -> bool {
         self.desired == DesiredState::Run && self.state != AllocState::Stopped
     }
+
+    /// Holds its node's resources and host port: anything not yet stopped,
+    /// including a replica asked to stop that is still shutting down.
+    pub fn holds_resources(&self) -> bool {
+        self.state != AllocState::Stopped
+    }
+
+    /// Serves as far as the control plane can tell: healthy, or running
+    /// when the service declares no health check.
+    pub fn is_serving(&self) -> bool {
+        match self.state {
+            AllocState::Healthy => true,
+            AllocState::Running => self.spec.health.is_none(),
+            _ => false,
+        }
+    }
 }
 
 /// A control-plane server (a Raft member).
@@ -180,6 +261,9 @@ pub struct Plan {
     pub stop: Vec<String>,
     /// Stopped allocations to forget.
     pub forget: Vec<String>,
+    /// Why allocations of `stop` are stopped, for the events; by id.
+    #[serde(default)]
+    pub reasons: BTreeMap<String, String>,
 }
 
 impl Plan {
@@ -195,6 +279,89 @@ pub struct AllocReport {
     pub state: AllocState,
     pub restarts: u32,
     pub pid: u32,
+    pub message: String,
+}
+
+/// What happened in the cluster, derived from applied commands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EventKind {
+    ServiceCreated,
+    ServiceUpdated,
+    ServiceRemoved,
+    ReplicaPlaced,
+    ReplicaStarting,
+    ReplicaStarted,
+    ReplicaHealthy,
+    ReplicaUnhealthy,
+    ReplicaRestarting,
+    ReplicaFailed,
+    /// Asked to stop (desired became stop), with the reason.
+    ReplicaStopping,
+    /// The agent reported it stopped.
+    ReplicaStopped,
+    NodeUp,
+    NodeDown,
+    NodePaused,
+    NodeActivated,
+    NodeDraining,
+    NodeDrained,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::ServiceCreated => "service-created",
+            EventKind::ServiceUpdated => "service-updated",
+            EventKind::ServiceRemoved => "service-removed",
+            EventKind::ReplicaPlaced => "replica-placed",
+            EventKind::ReplicaStarting => "replica-starting",
+            EventKind::ReplicaStarted => "replica-started",
+            EventKind::ReplicaHealthy => "replica-healthy",
+            EventKind::ReplicaUnhealthy => "replica-unhealthy",
+            EventKind::ReplicaRestarting => "replica-restarting",
+            EventKind::ReplicaFailed => "replica-failed",
+            EventKind::ReplicaStopping => "replica-stopping",
+            EventKind::ReplicaStopped => "replica-stopped",
+            EventKind::NodeUp => "node-up",
+            EventKind::NodeDown => "node-down",
+            EventKind::NodePaused => "node-paused",
+            EventKind::NodeActivated => "node-activated",
+            EventKind::NodeDraining => "node-draining",
+            EventKind::NodeDrained => "node-drained",
+        }
+    }
+
+    fn for_state(state: AllocState) -> Option<Self> {
+        Some(match state {
+            AllocState::Pending => return None,
+            AllocState::Pulling | AllocState::Starting => EventKind::ReplicaStarting,
+            AllocState::Running => EventKind::ReplicaStarted,
+            AllocState::Healthy => EventKind::ReplicaHealthy,
+            AllocState::Unhealthy => EventKind::ReplicaUnhealthy,
+            AllocState::Restarting => EventKind::ReplicaRestarting,
+            AllocState::Failed => EventKind::ReplicaFailed,
+            AllocState::Stopped => EventKind::ReplicaStopped,
+        })
+    }
+}
+
+/// One committed event. `seq` orders all events; `index` is the Raft
+/// index of the command that produced it (several events may share one).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub seq: u64,
+    pub index: u64,
+    /// Milliseconds since the epoch, from the proposer's clock.
+    pub time_ms: u64,
+    pub kind: EventKind,
+    #[serde(default)]
+    pub service: String,
+    #[serde(default)]
+    pub node: String,
+    #[serde(default)]
+    pub alloc: String,
+    #[serde(default)]
     pub message: String,
 }
 
@@ -215,6 +382,26 @@ pub enum Command {
         name: String,
         address: String,
         port_range: (u16, u16),
+        #[serde(default)]
+        cpu_millis: u32,
+        #[serde(default)]
+        memory_mb: u32,
+        #[serde(default)]
+        labels: BTreeMap<String, String>,
+    },
+    /// The liveness controller's verdict. `Down` stops the node's
+    /// replicas (they are re-placed elsewhere).
+    SetNodeStatus {
+        name: String,
+        status: NodeStatus,
+    },
+    /// `skiff node drain|pause|activate`.
+    SetNodeAvailability {
+        name: String,
+        availability: Availability,
+        /// For a drain: when remaining replicas are stopped regardless.
+        #[serde(default)]
+        deadline_ms: Option<u64>,
     },
     ApplyPlan {
         plan: Plan,
@@ -235,6 +422,23 @@ pub enum Command {
         key: String,
         value: String,
     },
+    /// A command stamped with its proposer's clock. Proposers wrap what
+    /// they propose in it so that events carry a time every server agrees
+    /// on; a bare command is stamped with the last time seen.
+    Timed {
+        time_ms: u64,
+        command: Box<Command>,
+    },
+}
+
+impl Command {
+    /// `self`, stamped with `time_ms` (milliseconds since the epoch).
+    pub fn at(self, time_ms: u64) -> Command {
+        Command::Timed {
+            time_ms,
+            command: Box::new(self),
+        }
+    }
 }
 
 /// Why a command was refused. Deterministic: every server refuses alike.
@@ -244,6 +448,8 @@ pub enum CommandError {
     ServiceNotFound(String),
     #[error("service \"{0}\" already exists; use `skiff service scale` or remove it first")]
     ServiceExists(String),
+    #[error("node \"{0}\" not found; see `skiff node ls`")]
+    NodeNotFound(String),
     #[error(transparent)]
     Invalid(#[from] SpecError),
 }
@@ -267,6 +473,7 @@ pub enum Key {
     Alloc(String),
     Member(u64),
     Variable(String),
+    Event(u64),
 }
 
 /// The serialized form of [`State`] carried by Raft snapshots.
@@ -278,7 +485,46 @@ struct StateImage {
     members: BTreeMap<u64, Member>,
     #[serde(default)]
     variables: BTreeMap<String, String>,
+    #[serde(default)]
+    events: VecDeque<Event>,
     applied_index: u64,
+}
+
+/// Lookups derived from `allocs`, rebuilt on load; never persisted.
+#[derive(Clone, Debug, Default)]
+struct AllocIndex {
+    by_node: HashMap<String, BTreeSet<String>>,
+    by_service: HashMap<String, BTreeSet<String>>,
+    /// Raft index of the last change to any allocation of each node, so
+    /// the agent streams resend only when something of theirs changed.
+    node_changed: HashMap<String, u64>,
+}
+
+impl AllocIndex {
+    fn insert(&mut self, alloc: &Allocation) {
+        self.by_node
+            .entry(alloc.node.clone())
+            .or_default()
+            .insert(alloc.id.clone());
+        self.by_service
+            .entry(alloc.service.clone())
+            .or_default()
+            .insert(alloc.id.clone());
+    }
+
+    fn remove(&mut self, alloc: &Allocation) {
+        for (map, key) in [
+            (&mut self.by_node, &alloc.node),
+            (&mut self.by_service, &alloc.service),
+        ] {
+            if let Some(ids) = map.get_mut(key) {
+                ids.remove(&alloc.id);
+                if ids.is_empty() {
+                    map.remove(key);
+                }
+            }
+        }
+    }
 }
 
 /// The applied state. Cloned as a snapshot by readers and controllers.
@@ -289,9 +535,23 @@ pub struct State {
     pub allocs: BTreeMap<String, Allocation>,
     pub members: BTreeMap<u64, Member>,
     pub variables: BTreeMap<String, String>,
+    /// The most recent events, oldest first, at most [`EVENT_RING`].
+    pub events: VecDeque<Event>,
     /// Raft index of the last applied entry.
     pub applied_index: u64,
+    /// The last proposer time seen; stamps events of untimed commands.
+    clock_ms: u64,
+    index: AllocIndex,
     dirty: BTreeSet<Key>,
+}
+
+/// Per-node usage while one plan is checked on apply.
+#[derive(Default)]
+struct NodeUsage {
+    cpu: u64,
+    memory: u64,
+    ports: BTreeSet<u16>,
+    live: HashMap<String, u32>,
 }
 
 impl State {
@@ -302,7 +562,17 @@ impl State {
             return Ok(Outcome::Done);
         }
         self.applied_index = index;
+        let outcome = self.apply_command(index, command);
+        self.check_drains(index);
+        outcome
+    }
+
+    fn apply_command(&mut self, index: u64, command: Command) -> Result<Outcome, CommandError> {
         match command {
+            Command::Timed { time_ms, command } => {
+                self.clock_ms = self.clock_ms.max(time_ms);
+                self.apply_command(index, *command)
+            }
             Command::CreateService { spec } => self.create_service(index, spec),
             Command::ScaleService { name, replicas } => self.scale_service(index, &name, replicas),
             Command::RemoveService { name } => self.remove_service(index, &name),
@@ -310,21 +580,40 @@ impl State {
                 name,
                 address,
                 port_range,
+                cpu_millis,
+                memory_mb,
+                labels,
             } => {
-                let register_index = self.nodes.get(&name).map_or(index, |n| n.register_index);
-                self.dirty.insert(Key::Node(name.clone()));
-                self.nodes.insert(
-                    name.clone(),
-                    Node {
-                        name,
-                        address,
-                        port_range,
-                        status: NodeStatus::Ready,
-                        register_index,
-                    },
-                );
+                let previous = self.nodes.get(&name);
+                let came_up = previous.is_none_or(|n| n.status != NodeStatus::Ready);
+                let node = Node {
+                    name: name.clone(),
+                    address,
+                    port_range,
+                    status: NodeStatus::Ready,
+                    register_index: previous.map_or(index, |n| n.register_index),
+                    cpu_millis,
+                    memory_mb,
+                    labels,
+                    availability: previous.map_or(Availability::Active, |n| n.availability),
+                    drain_deadline_ms: previous.and_then(|n| n.drain_deadline_ms),
+                    drained: previous.is_some_and(|n| n.drained),
+                };
+                if previous != Some(&node) {
+                    self.dirty.insert(Key::Node(name.clone()));
+                    self.nodes.insert(name.clone(), node);
+                }
+                if came_up {
+                    self.event(index, EventKind::NodeUp, "", &name, "", "registered");
+                }
                 Ok(Outcome::Done)
             }
+            Command::SetNodeStatus { name, status } => self.set_node_status(index, &name, status),
+            Command::SetNodeAvailability {
+                name,
+                availability,
+                deadline_ms,
+            } => self.set_node_availability(index, &name, availability, deadline_ms),
             Command::ApplyPlan { plan } => Ok(self.apply_plan(index, plan)),
             Command::ReportAllocs { node, reports } => {
                 self.report_allocs(index, &node, reports);
@@ -362,6 +651,7 @@ impl State {
             allocs: self.allocs.clone(),
             members: self.members.clone(),
             variables: self.variables.clone(),
+            events: self.events.clone(),
             applied_index: self.applied_index,
         };
         serde_json::to_vec(&image).expect("state always serializes")
@@ -381,9 +671,11 @@ impl State {
             allocs: image.allocs,
             members: image.members,
             variables: image.variables,
+            events: image.events,
             applied_index: image.applied_index,
-            dirty: BTreeSet::new(),
+            ..State::default()
         };
+        state.rebuild_indexes();
         state
             .dirty
             .extend(state.services.keys().cloned().map(Key::Service));
@@ -399,7 +691,22 @@ impl State {
         state
             .dirty
             .extend(state.variables.keys().cloned().map(Key::Variable));
+        state
+            .dirty
+            .extend(state.events.iter().map(|e| Key::Event(e.seq)));
         Ok(state)
+    }
+
+    /// Recomputes what is derived from the records (after loading them).
+    fn rebuild_indexes(&mut self) {
+        self.index = AllocIndex::default();
+        for alloc in self.allocs.values() {
+            self.index.insert(alloc);
+            self.index
+                .node_changed
+                .insert(alloc.node.clone(), self.applied_index);
+        }
+        self.clock_ms = self.events.iter().map(|e| e.time_ms).max().unwrap_or(0);
     }
 
     /// Whether two states hold the same records (ignoring what is unsaved).
@@ -409,6 +716,7 @@ impl State {
             && self.allocs == other.allocs
             && self.members == other.members
             && self.variables == other.variables
+            && self.events == other.events
     }
 
     /// Keys changed since the last call; the caller persists them.
@@ -416,13 +724,80 @@ impl State {
         std::mem::take(&mut self.dirty)
     }
 
-    /// Live allocations of a service, oldest first.
+    /// The event with sequence number `seq`, if still in the ring.
+    pub fn event_by_seq(&self, seq: u64) -> Option<&Event> {
+        let first = self.events.front()?.seq;
+        let event = self
+            .events
+            .get(usize::try_from(seq.checked_sub(first)?).ok()?)?;
+        (event.seq == seq).then_some(event)
+    }
+
+    /// Events after sequence number `after`, oldest first.
+    pub fn events_after(&self, after: u64) -> impl Iterator<Item = &Event> {
+        let skip = match self.events.front() {
+            Some(first) if after >= first.seq => (after - first.seq + 1) as usize,
+            _ => 0,
+        };
+        self.events.iter().skip(skip)
+    }
+
+    /// Live allocations of a service, by id.
     pub fn live_allocs<'a>(&'a self, service: &'a str) -> impl Iterator<Item = &'a Allocation> {
         self.allocs_of(service).filter(|a| a.is_live())
     }
 
+    /// Every allocation of a service, by id.
     pub fn allocs_of<'a>(&'a self, service: &'a str) -> impl Iterator<Item = &'a Allocation> {
-        self.allocs.values().filter(move |a| a.service == service)
+        self.index
+            .by_service
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.allocs.get(id))
+    }
+
+    /// Every allocation placed on a node, by id.
+    pub fn allocs_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Allocation> {
+        self.index
+            .by_node
+            .get(node)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.allocs.get(id))
+    }
+
+    /// Raft index of the last change to the node's allocations (0: none).
+    pub fn node_changed_index(&self, node: &str) -> u64 {
+        self.index.node_changed.get(node).copied().unwrap_or(0)
+    }
+
+    fn event(
+        &mut self,
+        index: u64,
+        kind: EventKind,
+        service: &str,
+        node: &str,
+        alloc: &str,
+        message: &str,
+    ) {
+        let seq = self.events.back().map_or(1, |e| e.seq + 1);
+        self.events.push_back(Event {
+            seq,
+            index,
+            time_ms: self.clock_ms,
+            kind,
+            service: service.to_string(),
+            node: node.to_string(),
+            alloc: alloc.to_string(),
+            message: message.to_string(),
+        });
+        self.dirty.insert(Key::Event(seq));
+        while self.events.len() > EVENT_RING {
+            if let Some(old) = self.events.pop_front() {
+                self.dirty.insert(Key::Event(old.seq));
+            }
+        }
     }
 
     fn create_service(&mut self, index: u64, spec: ServiceSpec) -> Result<Outcome, CommandError> {
@@ -430,9 +805,14 @@ impl State {
         if self.services.contains_key(&spec.name) {
             return Err(CommandError::ServiceExists(spec.name));
         }
-        self.dirty.insert(Key::Service(spec.name.clone()));
+        let name = spec.name.clone();
+        let message = match spec.mode {
+            ServiceMode::Global => "global".to_string(),
+            ServiceMode::Replicated => format!("{} replicas", spec.replicas),
+        };
+        self.dirty.insert(Key::Service(name.clone()));
         self.services.insert(
-            spec.name.clone(),
+            name.clone(),
             Service {
                 spec,
                 generation: 1,
@@ -440,6 +820,7 @@ impl State {
                 modify_index: index,
             },
         );
+        self.event(index, EventKind::ServiceCreated, &name, "", "", &message);
         Ok(Outcome::Done)
     }
 
@@ -455,10 +836,13 @@ impl State {
             .get_mut(name)
             .ok_or_else(|| CommandError::ServiceNotFound(name.to_string()))?;
         if service.spec.replicas != replicas {
+            let from = service.spec.replicas;
             service.spec.replicas = replicas;
             service.generation += 1;
             service.modify_index = index;
             self.dirty.insert(Key::Service(name.to_string()));
+            let message = format!("scaled from {from} to {replicas} replicas");
+            self.event(index, EventKind::ServiceUpdated, name, "", "", &message);
         }
         Ok(Outcome::Done)
     }
@@ -470,22 +854,146 @@ impl State {
             return Err(CommandError::ServiceNotFound(name.to_string()));
         }
         self.dirty.insert(Key::Service(name.to_string()));
+        self.event(index, EventKind::ServiceRemoved, name, "", "", "");
         let ids: Vec<String> = self.allocs_of(name).map(|a| a.id.clone()).collect();
         for id in ids {
-            self.stop_alloc(index, &id);
+            self.stop_alloc(index, &id, "service removed");
         }
         Ok(Outcome::Done)
     }
 
-    /// Applies a plan after re-checking it against the current state: a
-    /// placement for a removed service, an unknown node, a port already taken
-    /// on the node, or beyond the desired count is rejected. Plans are
-    /// computed on a snapshot that may be stale by the time they commit.
+    fn set_node_status(
+        &mut self,
+        index: u64,
+        name: &str,
+        status: NodeStatus,
+    ) -> Result<Outcome, CommandError> {
+        let node = self
+            .nodes
+            .get_mut(name)
+            .ok_or_else(|| CommandError::NodeNotFound(name.to_string()))?;
+        if node.status == status {
+            return Ok(Outcome::Done);
+        }
+        node.status = status;
+        self.dirty.insert(Key::Node(name.to_string()));
+        match status {
+            NodeStatus::Ready => {
+                self.event(index, EventKind::NodeUp, "", name, "", "heartbeats resumed");
+            }
+            NodeStatus::Down => {
+                self.event(
+                    index,
+                    EventKind::NodeDown,
+                    "",
+                    name,
+                    "",
+                    "missed heartbeats",
+                );
+                let ids: Vec<String> = self
+                    .allocs_on(name)
+                    .filter(|a| a.desired == DesiredState::Run)
+                    .map(|a| a.id.clone())
+                    .collect();
+                let reason = format!("node {name} down");
+                for id in ids {
+                    self.stop_alloc(index, &id, &reason);
+                }
+            }
+        }
+        Ok(Outcome::Done)
+    }
+
+    fn set_node_availability(
+        &mut self,
+        index: u64,
+        name: &str,
+        availability: Availability,
+        deadline_ms: Option<u64>,
+    ) -> Result<Outcome, CommandError> {
+        let node = self
+            .nodes
+            .get_mut(name)
+            .ok_or_else(|| CommandError::NodeNotFound(name.to_string()))?;
+        let changed = node.availability != availability
+            || (availability == Availability::Drain && node.drain_deadline_ms != deadline_ms);
+        if !changed {
+            return Ok(Outcome::Done);
+        }
+        node.availability = availability;
+        node.drain_deadline_ms = deadline_ms.filter(|_| availability == Availability::Drain);
+        node.drained = false;
+        self.dirty.insert(Key::Node(name.to_string()));
+        let (kind, message) = match availability {
+            Availability::Active => (EventKind::NodeActivated, String::new()),
+            Availability::Pause => (EventKind::NodePaused, String::new()),
+            Availability::Drain => (
+                EventKind::NodeDraining,
+                deadline_ms.map_or_else(String::new, |d| format!("deadline {d} ms")),
+            ),
+        };
+        self.event(index, kind, "", name, "", &message);
+        Ok(Outcome::Done)
+    }
+
+    /// Marks draining nodes drained once nothing of theirs runs any more.
+    fn check_drains(&mut self, index: u64) {
+        let done: Vec<String> = self
+            .nodes
+            .values()
+            .filter(|n| n.availability == Availability::Drain && !n.drained)
+            .filter(|n| self.allocs_on(&n.name).all(|a| !a.holds_resources()))
+            .map(|n| n.name.clone())
+            .collect();
+        for name in done {
+            if let Some(node) = self.nodes.get_mut(&name) {
+                node.drained = true;
+                self.dirty.insert(Key::Node(name.clone()));
+                self.event(index, EventKind::NodeDrained, "", &name, "", "");
+            }
+        }
+    }
+
+    /// What a node has committed to allocations that still hold resources.
+    fn usage_of(&self, node: &str) -> NodeUsage {
+        let mut usage = NodeUsage::default();
+        for alloc in self.allocs_on(node) {
+            usage.ports.insert(alloc.host_port);
+            if alloc.holds_resources() {
+                usage.cpu += u64::from(alloc.spec.cpu_millis.unwrap_or(0));
+                usage.memory += u64::from(alloc.spec.memory_mb.unwrap_or(0));
+            }
+            if alloc.is_live() {
+                *usage.live.entry(alloc.service.clone()).or_default() += 1;
+            }
+        }
+        usage
+    }
+
+    /// Live replicas of a service that count toward its desired count:
+    /// those not on a draining node (which are being replaced).
+    pub fn counted_replicas(&self, service: &str) -> usize {
+        self.live_allocs(service)
+            .filter(|a| {
+                self.nodes
+                    .get(&a.node)
+                    .is_none_or(|n| n.availability != Availability::Drain)
+            })
+            .count()
+    }
+
+    /// Applies a plan after re-checking every placement against the current
+    /// state, like Nomad's plan applier: the service must still exist and
+    /// want more replicas, the node must be eligible, satisfy the
+    /// constraints and max-per-node, have the CPU, memory and host port
+    /// free. Plans are computed on a snapshot that may be stale by the time
+    /// they commit, so two plans can never overcommit a node.
     fn apply_plan(&mut self, index: u64, plan: Plan) -> Outcome {
         let mut placed = 0;
         let mut rejected = 0;
         for id in &plan.stop {
-            self.stop_alloc(index, id);
+            let reason = plan.reasons.get(id).map_or("", String::as_str);
+            self.stop_alloc(index, id, reason);
         }
         for id in &plan.forget {
             let forgettable = self
@@ -493,61 +1001,118 @@ impl State {
                 .get(id)
                 .is_some_and(|a| a.desired == DesiredState::Stop && a.state == AllocState::Stopped);
             if forgettable {
-                self.allocs.remove(id);
+                if let Some(alloc) = self.allocs.remove(id) {
+                    self.index.remove(&alloc);
+                    self.index.node_changed.insert(alloc.node.clone(), index);
+                }
                 self.dirty.insert(Key::Alloc(id.clone()));
             }
         }
+        let mut usage: HashMap<String, NodeUsage> = HashMap::new();
+        let mut counted: HashMap<String, usize> = HashMap::new();
         for placement in plan.place {
             let Some(service) = self.services.get(&placement.service) else {
                 rejected += 1;
                 continue;
             };
-            let spec = service.spec.clone();
-            let node_ok = self
-                .nodes
-                .get(&placement.node)
-                .is_some_and(|n| n.status == NodeStatus::Ready);
-            let port_taken = self
-                .allocs
-                .values()
-                .any(|a| a.node == placement.node && a.host_port == placement.host_port);
-            let live = self.live_allocs(&placement.service).count();
-            let duplicate_id = self.allocs.contains_key(&placement.id);
-            if !node_ok || port_taken || duplicate_id || live >= spec.replicas as usize {
+            let spec = &service.spec;
+            let Some(node) = self.nodes.get(&placement.node) else {
+                rejected += 1;
+                continue;
+            };
+            let fits_node = node.is_eligible()
+                && spec
+                    .constraints
+                    .iter()
+                    .all(|c| c.holds(&node.labels, &node.name, &node.address))
+                && (node.port_range.0..=node.port_range.1).contains(&placement.host_port);
+            if !fits_node || self.allocs.contains_key(&placement.id) {
                 rejected += 1;
                 continue;
             }
-            self.dirty.insert(Key::Alloc(placement.id.clone()));
-            self.allocs.insert(
-                placement.id.clone(),
-                Allocation {
-                    id: placement.id,
-                    service: placement.service,
-                    node: placement.node,
-                    spec,
-                    host_port: placement.host_port,
-                    desired: DesiredState::Run,
-                    state: AllocState::Pending,
-                    restarts: 0,
-                    pid: 0,
-                    message: String::new(),
-                    create_index: index,
-                    modify_index: index,
-                },
+            let used = usage
+                .entry(placement.node.clone())
+                .or_insert_with(|| self.usage_of(&placement.node));
+            let cpu = u64::from(spec.cpu_millis.unwrap_or(0));
+            let memory = u64::from(spec.memory_mb.unwrap_or(0));
+            let on_node = used.live.get(&placement.service).copied().unwrap_or(0);
+            let fits_resources = (node.cpu_millis == 0
+                || used.cpu + cpu <= u64::from(node.cpu_millis))
+                && (node.memory_mb == 0 || used.memory + memory <= u64::from(node.memory_mb))
+                && !used.ports.contains(&placement.host_port)
+                && spec.max_per_node.is_none_or(|max| on_node < max);
+            let wanted = match spec.mode {
+                ServiceMode::Global => on_node == 0,
+                ServiceMode::Replicated => {
+                    let count = counted
+                        .entry(placement.service.clone())
+                        .or_insert_with(|| self.counted_replicas(&placement.service));
+                    *count < spec.replicas as usize
+                }
+            };
+            if !fits_resources || !wanted {
+                rejected += 1;
+                continue;
+            }
+            used.cpu += cpu;
+            used.memory += memory;
+            used.ports.insert(placement.host_port);
+            *used.live.entry(placement.service.clone()).or_default() += 1;
+            if let Some(count) = counted.get_mut(&placement.service) {
+                *count += 1;
+            }
+            let alloc = Allocation {
+                id: placement.id.clone(),
+                service: placement.service.clone(),
+                node: placement.node.clone(),
+                spec: spec.clone(),
+                host_port: placement.host_port,
+                desired: DesiredState::Run,
+                state: AllocState::Pending,
+                restarts: 0,
+                pid: 0,
+                message: String::new(),
+                create_index: index,
+                modify_index: index,
+            };
+            self.index.insert(&alloc);
+            self.index.node_changed.insert(alloc.node.clone(), index);
+            self.dirty.insert(Key::Alloc(alloc.id.clone()));
+            self.allocs.insert(alloc.id.clone(), alloc);
+            let message = format!("port {}", placement.host_port);
+            self.event(
+                index,
+                EventKind::ReplicaPlaced,
+                &placement.service,
+                &placement.node,
+                &placement.id,
+                &message,
             );
             placed += 1;
         }
         Outcome::PlanApplied { placed, rejected }
     }
 
-    fn stop_alloc(&mut self, index: u64, id: &str) {
-        if let Some(alloc) = self.allocs.get_mut(id) {
-            if alloc.desired != DesiredState::Stop {
-                alloc.desired = DesiredState::Stop;
-                alloc.modify_index = index;
-                self.dirty.insert(Key::Alloc(id.to_string()));
-            }
+    fn stop_alloc(&mut self, index: u64, id: &str, reason: &str) {
+        let Some(alloc) = self.allocs.get_mut(id) else {
+            return;
+        };
+        if alloc.desired == DesiredState::Stop {
+            return;
         }
+        alloc.desired = DesiredState::Stop;
+        alloc.modify_index = index;
+        let (service, node) = (alloc.service.clone(), alloc.node.clone());
+        self.index.node_changed.insert(node.clone(), index);
+        self.dirty.insert(Key::Alloc(id.to_string()));
+        self.event(
+            index,
+            EventKind::ReplicaStopping,
+            &service,
+            &node,
+            id,
+            reason,
+        );
     }
 
     /// Records what an agent says of its allocations. Reports for
@@ -561,12 +1126,19 @@ impl State {
             if alloc.node != node {
                 continue;
             }
+            let changed_state = alloc.state != report.state;
             alloc.state = report.state;
             alloc.restarts = report.restarts;
             alloc.pid = report.pid;
             alloc.message = report.message;
             alloc.modify_index = index;
-            self.dirty.insert(Key::Alloc(report.id));
+            let service = alloc.service.clone();
+            let message = alloc.message.clone();
+            self.index.node_changed.insert(node.to_string(), index);
+            self.dirty.insert(Key::Alloc(report.id.clone()));
+            if let Some(kind) = EventKind::for_state(report.state).filter(|_| changed_state) {
+                self.event(index, kind, &service, node, &report.id, &message);
+            }
         }
     }
 }
@@ -592,6 +1164,9 @@ mod tests {
             name: name.into(),
             address: "127.0.0.1".into(),
             port_range: (20000, 20010),
+            cpu_millis: 0,
+            memory_mb: 0,
+            labels: BTreeMap::new(),
         }
     }
 
@@ -764,6 +1339,110 @@ mod tests {
     }
 
     #[test]
+    fn events_are_stamped_with_the_proposers_time_and_the_ring_is_bounded() {
+        let mut s = State::default();
+        s.apply(
+            1,
+            Command::CreateService {
+                spec: spec("web", 1),
+            }
+            .at(1234),
+        )
+        .unwrap();
+        s.apply(2, node("n1")).unwrap();
+        let kinds: Vec<_> = s
+            .events
+            .iter()
+            .map(|e| (e.kind, e.index, e.time_ms))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (EventKind::ServiceCreated, 1, 1234),
+                (EventKind::NodeUp, 2, 1234)
+            ]
+        );
+        for i in 0..EVENT_RING as u64 + 5 {
+            s.apply(
+                3 + 2 * i,
+                Command::ScaleService {
+                    name: "web".into(),
+                    replicas: 2,
+                },
+            )
+            .unwrap();
+            s.apply(
+                4 + 2 * i,
+                Command::ScaleService {
+                    name: "web".into(),
+                    replicas: 1,
+                },
+            )
+            .unwrap();
+        }
+        assert_eq!(s.events.len(), EVENT_RING);
+        let last = s.events.back().unwrap().seq;
+        assert_eq!(s.events_after(last - 3).count(), 3);
+        assert_eq!(s.event_by_seq(last).map(|e| e.seq), Some(last));
+        let image = State::from_image(&s.to_image()).unwrap();
+        assert!(image.same_records(&s));
+    }
+
+    #[test]
+    fn a_node_going_down_stops_its_replicas_and_plans_never_overcommit() {
+        let mut s = State::default();
+        s.apply(
+            1,
+            Command::RegisterNode {
+                name: "n1".into(),
+                address: "127.0.0.1".into(),
+                port_range: (20000, 20010),
+                cpu_millis: 1000,
+                memory_mb: 1000,
+                labels: BTreeMap::new(),
+            },
+        )
+        .unwrap();
+        let mut web = spec("web", 3);
+        web.memory_mb = Some(400);
+        s.apply(2, Command::CreateService { spec: web }).unwrap();
+        let plan = Plan {
+            place: vec![
+                place("a", "web", 20000),
+                place("b", "web", 20001),
+                place("c", "web", 20002),
+            ],
+            ..Plan::default()
+        };
+        let outcome = s.apply(3, Command::ApplyPlan { plan }).unwrap();
+        assert_eq!(
+            outcome,
+            Outcome::PlanApplied {
+                placed: 2,
+                rejected: 1
+            },
+            "only 800 of 1000 MB fit"
+        );
+        s.apply(
+            4,
+            Command::SetNodeStatus {
+                name: "n1".into(),
+                status: NodeStatus::Down,
+            },
+        )
+        .unwrap();
+        assert!(s.allocs.values().all(|a| a.desired == DesiredState::Stop));
+        assert!(s.events.iter().any(|e| e.kind == EventKind::NodeDown));
+        assert_eq!(
+            s.events
+                .iter()
+                .filter(|e| e.kind == EventKind::ReplicaStopping)
+                .count(),
+            2
+        );
+    }
+
+    #[test]
     fn commands_record_the_keys_they_change() {
         let mut s = State::default();
         s.apply(
@@ -775,7 +1454,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             s.take_dirty().into_iter().collect::<Vec<_>>(),
-            vec![Key::Service("web".into())]
+            vec![Key::Service("web".into()), Key::Event(1)]
         );
         assert!(s.take_dirty().is_empty());
     }

@@ -149,6 +149,171 @@ pub struct ServiceSpec {
     /// Run under a tiny init; `None`: yes unless the entrypoint is an init.
     #[serde(default)]
     pub init: Option<bool>,
+    /// Every one must hold on a node for a replica to be placed there.
+    #[serde(default)]
+    pub constraints: Vec<Constraint>,
+    /// At most this many live replicas of the service on one node.
+    #[serde(default)]
+    pub max_per_node: Option<u32>,
+    #[serde(default)]
+    pub placement: PlacementPolicy,
+    #[serde(default)]
+    pub mode: ServiceMode,
+}
+
+/// How the scheduler ranks the nodes that can take a replica.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PlacementPolicy {
+    /// Fewest replicas of the service per node, then per zone (the `zone`
+    /// label), then the least loaded node.
+    #[default]
+    Spread,
+    /// The most loaded node that still fits, to keep others free.
+    Binpack,
+}
+
+impl PlacementPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PlacementPolicy::Spread => "spread",
+            PlacementPolicy::Binpack => "binpack",
+        }
+    }
+
+    pub fn parse(value: &str) -> Result<Self, SpecError> {
+        match value {
+            "spread" | "" => Ok(PlacementPolicy::Spread),
+            "binpack" => Ok(PlacementPolicy::Binpack),
+            other => Err(SpecError::new(
+                "placement",
+                format!(
+                    "unknown placement \"{other}\"; use --placement spread or --placement binpack"
+                ),
+            )),
+        }
+    }
+}
+
+/// How many replicas a service has.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceMode {
+    /// `replicas` replicas wherever the scheduler puts them.
+    #[default]
+    Replicated,
+    /// One replica on every eligible node (like Nomad's system jobs);
+    /// `replicas` is ignored.
+    Global,
+}
+
+impl ServiceMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceMode::Replicated => "replicated",
+            ServiceMode::Global => "global",
+        }
+    }
+
+    pub fn parse(value: &str) -> Result<Self, SpecError> {
+        match value {
+            "replicated" | "" => Ok(ServiceMode::Replicated),
+            "global" => Ok(ServiceMode::Global),
+            other => Err(SpecError::new(
+                "mode",
+                format!("unknown mode \"{other}\"; use --mode replicated or --mode global"),
+            )),
+        }
+    }
+}
+
+/// How a constraint compares a node attribute with its values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConstraintOp {
+    Eq,
+    Ne,
+    In,
+}
+
+/// A condition on a node: `zone==a`, `zone!=a`, `zone in (a,b)`. The
+/// attribute is a node label, or `node.name` / `node.address`. A node
+/// without the label fails `==` and `in` and passes `!=`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Constraint {
+    pub attribute: String,
+    pub op: ConstraintOp,
+    pub values: Vec<String>,
+}
+
+impl Constraint {
+    /// Parses the operator's text form.
+    pub fn parse(text: &str) -> Result<Self, SpecError> {
+        let bad = |why: &str| {
+            SpecError::new(
+                "constraint",
+                format!("\"{text}\" {why}; use ATTR==VALUE, ATTR!=VALUE or 'ATTR in (V1,V2)', e.g. zone==a"),
+            )
+        };
+        let word_ok = |w: &str| {
+            !w.is_empty()
+                && w.len() <= 128
+                && w.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | '/'))
+        };
+        let (attribute, op, values) = if let Some((a, v)) = text.split_once("==") {
+            (a.trim(), ConstraintOp::Eq, vec![v.trim().to_string()])
+        } else if let Some((a, v)) = text.split_once("!=") {
+            (a.trim(), ConstraintOp::Ne, vec![v.trim().to_string()])
+        } else if let Some((a, v)) = text.split_once(" in ") {
+            let v = v.trim();
+            let inner = v
+                .strip_prefix('(')
+                .and_then(|v| v.strip_suffix(')'))
+                .ok_or_else(|| bad("lists its values without parentheses"))?;
+            let values = inner.split(',').map(|s| s.trim().to_string()).collect();
+            (a.trim(), ConstraintOp::In, values)
+        } else {
+            return Err(bad("has no operator"));
+        };
+        if !word_ok(attribute) {
+            return Err(bad("names no attribute"));
+        }
+        if values.iter().any(|v| !word_ok(v)) {
+            return Err(bad("has an empty or invalid value"));
+        }
+        Ok(Constraint {
+            attribute: attribute.to_string(),
+            op,
+            values,
+        })
+    }
+
+    /// Whether a node with these labels, name and address satisfies it.
+    pub fn holds(&self, labels: &BTreeMap<String, String>, name: &str, address: &str) -> bool {
+        let value = match self.attribute.as_str() {
+            "node.name" => Some(name),
+            "node.address" => Some(address),
+            label => labels.get(label).map(String::as_str),
+        };
+        match (self.op, value) {
+            (ConstraintOp::Eq, Some(v)) => v == self.values[0],
+            (ConstraintOp::Ne, Some(v)) => v != self.values[0],
+            (ConstraintOp::Ne, None) => true,
+            (ConstraintOp::In, Some(v)) => self.values.iter().any(|x| x == v),
+            (ConstraintOp::Eq | ConstraintOp::In, None) => false,
+        }
+    }
+}
+
+impl std::fmt::Display for Constraint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.op {
+            ConstraintOp::Eq => write!(f, "{}=={}", self.attribute, self.values[0]),
+            ConstraintOp::Ne => write!(f, "{}!={}", self.attribute, self.values[0]),
+            ConstraintOp::In => write!(f, "{} in ({})", self.attribute, self.values.join(",")),
+        }
+    }
 }
 
 /// A spec field that is wrong, with what to do about it.
@@ -177,6 +342,7 @@ impl ServiceSpec {
             RuntimeKind::Process => self.validate_process()?,
             RuntimeKind::Oci => self.validate_oci()?,
         }
+        self.validate_resources()?;
         if self.command.first().is_some_and(|p| p.trim().is_empty()) {
             return Err(SpecError::new("command", "the program name is blank"));
         }
@@ -213,8 +379,6 @@ impl ServiceSpec {
         let container_only = [
             ("image", self.image.is_some(), "--image"),
             ("port", self.port.is_some(), "--port"),
-            ("memory", self.memory_mb.is_some(), "--memory"),
-            ("cpu", self.cpu_millis.is_some(), "--cpu"),
             ("user", self.user.is_some(), "--user"),
             ("init", self.init.is_some(), "--init/--no-init"),
             ("network", self.network == NetworkMode::Host, "--network"),
@@ -226,6 +390,32 @@ impl ServiceSpec {
                     format!("{flag} applies to containers only; use --runtime oci with --image REF, or drop {flag}"),
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// `--cpu` and `--memory` are reservations the scheduler counts for
+    /// every runtime (and limits for containers).
+    fn validate_resources(&self) -> Result<(), SpecError> {
+        if let Some(mb) = self.memory_mb {
+            if mb < MIN_MEMORY_MB {
+                return Err(SpecError::new(
+                    "memory",
+                    format!("{mb} MB is too small; use at least {MIN_MEMORY_MB} MB"),
+                ));
+            }
+        }
+        if self.cpu_millis == Some(0) {
+            return Err(SpecError::new(
+                "cpu",
+                "0 millicores would never run; use a value above 0 (1000 = one CPU)",
+            ));
+        }
+        if self.max_per_node == Some(0) {
+            return Err(SpecError::new(
+                "max-per-node",
+                "0 would place nothing; use at least 1",
+            ));
         }
         Ok(())
     }
@@ -242,20 +432,6 @@ impl ServiceSpec {
             return Err(SpecError::new(
                 "port",
                 "0 is not a port; use a container port from 1 to 65535",
-            ));
-        }
-        if let Some(mb) = self.memory_mb {
-            if mb < MIN_MEMORY_MB {
-                return Err(SpecError::new(
-                    "memory",
-                    format!("{mb} MB is too small; use at least {MIN_MEMORY_MB} MB"),
-                ));
-            }
-        }
-        if self.cpu_millis == Some(0) {
-            return Err(SpecError::new(
-                "cpu",
-                "0 millicores would never run; use a value above 0 (1000 = one CPU)",
             ));
         }
         if let Some(user) = &self.user {
@@ -563,8 +739,12 @@ mod tests {
         s.image = Some("busybox".into());
         assert_eq!(s.validate().unwrap_err().field, "image");
         let mut s = spec();
-        s.memory_mb = Some(64);
+        s.user = Some("nobody".into());
         assert!(s.validate().unwrap_err().problem.contains("--runtime oci"));
+        let mut s = spec();
+        s.memory_mb = Some(64);
+        s.cpu_millis = Some(250);
+        assert_eq!(s.validate(), Ok(()), "reservations apply to processes too");
         let mut s = spec();
         s.network = NetworkMode::Host;
         assert_eq!(s.validate().unwrap_err().field, "network");
@@ -738,6 +918,36 @@ mod tests {
         let mut s = spec();
         s.workdir = Some("tmp".into());
         assert_eq!(s.validate().unwrap_err().field, "workdir");
+    }
+
+    #[test]
+    fn constraints_parse_print_and_hold() {
+        let labels: BTreeMap<String, String> = [("zone".to_string(), "a".to_string())].into();
+        let none = BTreeMap::new();
+        let eq = Constraint::parse("zone==a").unwrap();
+        assert_eq!(eq.to_string(), "zone==a");
+        assert!(eq.holds(&labels, "n1", "127.0.0.1"));
+        assert!(!eq.holds(&none, "n1", "127.0.0.1"));
+        let ne = Constraint::parse(" zone != b ").unwrap();
+        assert_eq!(ne.to_string(), "zone!=b");
+        assert!(ne.holds(&labels, "n1", "") && ne.holds(&none, "n1", ""));
+        let within = Constraint::parse("zone in (b, a)").unwrap();
+        assert_eq!(within.to_string(), "zone in (b,a)");
+        assert!(within.holds(&labels, "n1", "") && !within.holds(&none, "n1", ""));
+        let name = Constraint::parse("node.name==n2").unwrap();
+        assert!(!name.holds(&labels, "n1", "") && name.holds(&labels, "n2", ""));
+        for bad in [
+            "zone",
+            "zone==",
+            "==a",
+            "zone in a,b",
+            "zone in ()",
+            "zone==a b",
+        ] {
+            let err = Constraint::parse(bad).unwrap_err();
+            assert_eq!(err.field, "constraint", "{bad}");
+            assert!(err.problem.contains("zone==a"), "{err}");
+        }
     }
 
     #[test]

@@ -93,7 +93,7 @@ fn logger() -> slog::Logger {
 }
 
 /// The snapshot every simulated cluster starts from: all servers voters.
-fn initial_snapshot(servers: usize) -> (Snapshot, State) {
+fn initial_snapshot(servers: usize) -> Snapshot {
     let mut state = State::default();
     for id in 1..=servers as u64 {
         state.members.insert(
@@ -106,22 +106,24 @@ fn initial_snapshot(servers: usize) -> (Snapshot, State) {
         );
     }
     state.applied_index = 1;
-    let mut snapshot = Snapshot { data: state.to_image().into(), ..Default::default() };
+    let mut snapshot = Snapshot {
+        data: state.to_image().into(),
+        ..Default::default()
+    };
     let meta = snapshot.mut_metadata();
     meta.index = 1;
     meta.term = 1;
     meta.mut_conf_state().voters = (1..=servers as u64).collect();
-    (snapshot, state)
+    snapshot
 }
 
 impl Sim {
     pub fn new(config: SimConfig) -> Self {
-        let (snapshot, state) = initial_snapshot(config.servers);
+        let snapshot = initial_snapshot(config.servers);
         let servers = (1..=config.servers as u64)
             .map(|id| {
                 let mut disk = MemLog::new();
                 disk.apply_snapshot(&snapshot).unwrap();
-                disk.replace_state(&mut state.clone()).unwrap();
                 let core = Core::new(core_config(id), disk.clone(), &logger()).unwrap();
                 Server {
                     id,
@@ -334,8 +336,9 @@ impl Sim {
             if tick {
                 core.tick();
             }
+            let mut outbox = Vec::new();
             let output = core
-                .advance()
+                .advance(&mut |messages| outbox.extend(messages))
                 .unwrap_or_else(|e| panic!("server {} failed: {e}", index + 1));
             let status = core.status();
             if status.role == "leader" {
@@ -350,7 +353,7 @@ impl Sim {
                     }
                 }
             }
-            for message in output.messages {
+            for message in outbox {
                 self.send(message, faults);
             }
         }

@@ -12,6 +12,7 @@ use std::sync::Mutex;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
 use crate::health::HealthCheck;
+use crate::image::ImageUser;
 
 /// The parts of an image's config the runtime spec is built from.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -57,6 +58,9 @@ pub trait ImageSource: Send + Sync + 'static {
     /// Unmounts and removes what [`ImageSource::mount_rootfs`] made; fine if
     /// nothing is mounted.
     fn unmount_rootfs(&self, container_dir: &Path) -> Result<(), String>;
+    /// Resolves `user` (`name`, `uid`, `name:group`, ...) through the pulled
+    /// image's own `/etc/passwd` and `/etc/group`.
+    fn lookup_user(&self, reference: &str, user: &str) -> Result<ImageUser, String>;
 }
 
 /// Images that are directories on this machine: `register(reference, dir,
@@ -104,6 +108,17 @@ impl ImageSource for DirImages {
 
     fn unmount_rootfs(&self, container_dir: &Path) -> Result<(), String> {
         unmount_overlay(container_dir)
+    }
+
+    fn lookup_user(&self, reference: &str, user: &str) -> Result<ImageUser, String> {
+        let dir = self
+            .images
+            .lock()
+            .expect("image table poisoned")
+            .get(reference)
+            .map(|(dir, _)| dir.clone())
+            .ok_or_else(|| format!("image {reference} not pulled"))?;
+        crate::image::lookup_user(&[dir], user).map_err(|e| e.to_string())
     }
 }
 
@@ -213,15 +228,11 @@ pub fn image_health(h: &crate::image::Healthcheck) -> Option<HealthCheck> {
 
 impl ImageSource for StoreImages {
     fn pull<'a>(&'a self, reference: &'a str) -> BoxFuture<'a, Result<ImageDefaults, String>> {
-        let store = self.store.clone();
-        let owned = reference.to_string();
         Box::pin(async move {
-            // The store's pull future is not provably Send (a higher-ranked
-            // closure inside it), so it is driven on a blocking thread.
-            let runtime = tokio::runtime::Handle::current();
-            let image = tokio::task::spawn_blocking(move || runtime.block_on(store.pull(&owned)))
+            let image = self
+                .store
+                .pull(reference)
                 .await
-                .map_err(|e| format!("pull task failed: {e}"))?
                 .map_err(|e| e.to_string())?;
             let c = &image.config;
             let defaults = ImageDefaults {
@@ -261,6 +272,16 @@ impl ImageSource for StoreImages {
     fn unmount_rootfs(&self, container_dir: &Path) -> Result<(), String> {
         self.store
             .unmount_rootfs(container_dir)
+            .map_err(|e| e.to_string())
+    }
+
+    fn lookup_user(&self, reference: &str, user: &str) -> Result<ImageUser, String> {
+        self.pulled
+            .lock()
+            .expect("image table poisoned")
+            .get(reference)
+            .ok_or_else(|| format!("image {reference} is not pulled"))?
+            .lookup_user(user)
             .map_err(|e| e.to_string())
     }
 }

@@ -15,7 +15,6 @@ pub mod cni;
 pub mod images;
 pub mod runc;
 pub mod spec;
-pub mod user;
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -201,7 +200,7 @@ impl OciRuntime {
         } else {
             &spec.user
         };
-        let user = user::resolve(&rootfs, user_name)?;
+        let user = images.lookup_user(&spec.image, user_name)?;
         let port = spec.listen_port(image.first_tcp_port());
         let hostname = format!("{}-{}", spec.service, spec.short_id());
         let mut info = ContainerInfo {

@@ -14,7 +14,7 @@ use oci_spec::runtime::{
 };
 
 use super::images::ImageDefaults;
-use super::user::ResolvedUser;
+use crate::image::ImageUser;
 use crate::spec::{interpolate_port, ReplicaSpec};
 
 /// Where the init binary appears in the container.
@@ -164,7 +164,7 @@ pub struct ContainerSetup {
 pub fn build(
     replica: &ReplicaSpec,
     image: &ImageDefaults,
-    user: &ResolvedUser,
+    user: &ImageUser,
     setup: &ContainerSetup,
 ) -> Result<Spec, String> {
     let e = |err: oci_spec::OciSpecError| format!("invalid runtime spec: {err}");
@@ -468,8 +468,8 @@ mod tests {
         }
     }
 
-    fn root() -> ResolvedUser {
-        ResolvedUser {
+    fn root() -> ImageUser {
+        ImageUser {
             uid: 0,
             gid: 0,
             additional_gids: vec![],
@@ -624,7 +624,7 @@ mod tests {
 
     #[test]
     fn non_root_users_start_without_capabilities() {
-        let user = ResolvedUser {
+        let user = ImageUser {
             uid: 101,
             gid: 101,
             additional_gids: vec![5],

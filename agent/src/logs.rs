@@ -1,0 +1,349 @@
+//! Replica logs: every runtime writes a replica's output to
+//! `DATA/allocs/<id>/{stdout,stderr}.log` (opened for appending, so a
+//! container keeps writing to it across agent restarts). This module rotates
+//! those files by size and serves them over the `AgentLogs` gRPC service that
+//! `skiff service logs` calls, like `nomad alloc logs` asks the client that
+//! runs the allocation.
+//!
+//! Rotation is copy-and-truncate: the writer holds the file open (a
+//! container's stdout is the file itself), so the file is copied to
+//! `NAME.1` and truncated in place; the writer's appends land at the new
+//! end. Lines written between the copy and the truncation are lost, which is
+//! the known price of copytruncate.
+
+use std::fs::{self, File};
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::time::Duration;
+
+use skiff_proto::v1 as pb;
+use skiff_proto::v1::agent_logs_server::{AgentLogs, AgentLogsServer};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status};
+
+/// The streams a replica writes.
+pub const STREAMS: [&str; 2] = ["stdout", "stderr"];
+/// How often a followed log is polled for new output.
+const FOLLOW_POLL: Duration = Duration::from_millis(200);
+/// At most this much is sent in one chunk.
+const CHUNK: usize = 64 * 1024;
+/// Record whose presence says the allocation is still known to the agent
+/// (see `store.rs`).
+const RECORD_FILE: &str = "state.json";
+
+/// The variable an agent publishes its logs address in.
+pub fn address_key(node: &str) -> String {
+    format!("_skiff/nodes/{node}/logs")
+}
+
+/// `DIR/stdout.log` for `stream` = `stdout`.
+pub fn log_path(alloc_dir: &Path, stream: &str) -> PathBuf {
+    alloc_dir.join(format!("{stream}.log"))
+}
+
+fn rotated_path(alloc_dir: &Path, stream: &str) -> PathBuf {
+    alloc_dir.join(format!("{stream}.log.1"))
+}
+
+/// Rotates each log of `alloc_dir` that has grown beyond `max_bytes`: its
+/// content replaces `NAME.log.1` and the file is truncated in place. Returns
+/// the streams rotated.
+pub fn rotate(alloc_dir: &Path, max_bytes: u64) -> Vec<&'static str> {
+    let mut rotated = Vec::new();
+    for stream in STREAMS {
+        let path = log_path(alloc_dir, stream);
+        let Ok(meta) = fs::metadata(&path) else {
+            continue;
+        };
+        if meta.len() <= max_bytes {
+            continue;
+        }
+        let old = rotated_path(alloc_dir, stream);
+        let tmp = alloc_dir.join(format!("{stream}.log.1.tmp"));
+        let copied = fs::copy(&path, &tmp).and_then(|_| fs::rename(&tmp, &old));
+        if let Err(e) = copied {
+            tracing::warn!(path = %path.display(), error = %e, "failed to rotate log");
+            let _ = fs::remove_file(&tmp);
+            continue;
+        }
+        match fs::OpenOptions::new().write(true).open(&path) {
+            Ok(file) => {
+                if let Err(e) = file.set_len(0) {
+                    tracing::warn!(path = %path.display(), error = %e, "failed to truncate log");
+                    continue;
+                }
+                rotated.push(stream);
+            }
+            Err(e) => tracing::warn!(path = %path.display(), error = %e, "failed to truncate log"),
+        }
+    }
+    rotated
+}
+
+/// Rotates every allocation's logs under `allocs_dir` every `every`, until
+/// the task is dropped.
+pub async fn rotate_loop(allocs_dir: PathBuf, max_bytes: u64, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let dir = allocs_dir.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    rotate(&entry.path(), max_bytes);
+                }
+            }
+        })
+        .await;
+    }
+}
+
+/// The last `n` lines of `text` (all of it for `n` = 0).
+fn last_lines(text: &[u8], n: usize) -> &[u8] {
+    if n == 0 {
+        return text;
+    }
+    let body = text.strip_suffix(b"\n").unwrap_or(text);
+    let mut seen = 0;
+    for (i, b) in body.iter().enumerate().rev() {
+        if *b == b'\n' {
+            seen += 1;
+            if seen == n {
+                return &text[i + 1..];
+            }
+        }
+    }
+    text
+}
+
+/// What a stream holds now (the rotated file, then the current one), cut to
+/// the last `tail` lines, and the current file's length: where following
+/// continues.
+fn snapshot(alloc_dir: &Path, stream: &str, tail: usize) -> (Vec<u8>, u64) {
+    let current = fs::read(log_path(alloc_dir, stream)).unwrap_or_default();
+    let offset = current.len() as u64;
+    let mut text = fs::read(rotated_path(alloc_dir, stream)).unwrap_or_default();
+    if !text.is_empty() && !text.ends_with(b"\n") {
+        text.push(b'\n');
+    }
+    text.extend_from_slice(&current);
+    (last_lines(&text, tail).to_vec(), offset)
+}
+
+/// Reads what was appended to `path` since `offset`; starts over from 0 if
+/// the file shrank (rotated).
+fn read_new(path: &Path, offset: &mut u64) -> Vec<u8> {
+    let Ok(mut file) = File::open(path) else {
+        return Vec::new();
+    };
+    let len = file.metadata().map_or(0, |m| m.len());
+    if len < *offset {
+        *offset = 0;
+    }
+    if len == *offset || file.seek(SeekFrom::Start(*offset)).is_err() {
+        return Vec::new();
+    }
+    let mut buf = Vec::new();
+    let _ = (&mut file).take(len - *offset).read_to_end(&mut buf);
+    *offset += buf.len() as u64;
+    buf
+}
+
+/// Serves `AgentLogs` for the allocations under `allocs_dir`.
+#[derive(Debug, Clone)]
+pub struct LogService {
+    allocs_dir: PathBuf,
+}
+
+impl LogService {
+    pub fn new(allocs_dir: PathBuf) -> Self {
+        Self { allocs_dir }
+    }
+
+    /// Serves on `listener` until `shutdown` resolves.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> Result<(), tonic::transport::Error> {
+        tonic::transport::Server::builder()
+            .add_service(AgentLogsServer::new(self))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .await
+    }
+}
+
+type ChunkSender = mpsc::Sender<Result<pb::LogChunk, Status>>;
+
+/// Sends `data` in chunks; `false` once the client has gone.
+async fn send(tx: &ChunkSender, stream: &str, data: &[u8]) -> bool {
+    for piece in data.chunks(CHUNK) {
+        let chunk = pb::LogChunk {
+            stream: stream.to_string(),
+            data: piece.to_vec(),
+        };
+        if tx.send(Ok(chunk)).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// Streams the replica's logs: the snapshot, then (following) new whole
+/// lines until the allocation is forgotten or the client goes away.
+async fn stream_logs(dir: PathBuf, request: pb::LogsRequest, tx: ChunkSender) {
+    let tail = request.tail as usize;
+    let mut offsets = [0u64; 2];
+    for (i, stream) in STREAMS.iter().enumerate() {
+        let (text, offset) = snapshot(&dir, stream, tail);
+        offsets[i] = offset;
+        if !send(&tx, stream, &text).await {
+            return;
+        }
+    }
+    if !request.follow {
+        return;
+    }
+    let mut partial: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
+    let mut known = dir.join(RECORD_FILE).exists();
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(FOLLOW_POLL) => {}
+            () = tx.closed() => return,
+        }
+        let exists = dir.join(RECORD_FILE).exists();
+        for (i, stream) in STREAMS.iter().enumerate() {
+            partial[i].extend(read_new(&log_path(&dir, stream), &mut offsets[i]));
+            // Whole lines only, unless the replica is gone for good.
+            let cut = if known && !exists {
+                partial[i].len()
+            } else {
+                partial[i]
+                    .iter()
+                    .rposition(|b| *b == b'\n')
+                    .map_or(0, |p| p + 1)
+            };
+            let lines: Vec<u8> = partial[i].drain(..cut).collect();
+            if !lines.is_empty() && !send(&tx, stream, &lines).await {
+                return;
+            }
+        }
+        if known && !exists {
+            return;
+        }
+        known |= exists;
+    }
+}
+
+#[tonic::async_trait]
+impl AgentLogs for LogService {
+    type LogsStream = Pin<Box<ReceiverStream<Result<pb::LogChunk, Status>>>>;
+
+    async fn logs(
+        &self,
+        request: Request<pb::LogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
+        let request = request.into_inner();
+        crate::spec::validate_alloc_id(&request.alloc_id)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let dir = self.allocs_dir.join(&request.alloc_id);
+        if !dir.is_dir() {
+            return Err(Status::not_found(format!(
+                "replica {} has no logs on this node",
+                request.alloc_id
+            )));
+        }
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(stream_logs(dir, request, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn last_lines_counts_from_the_end_with_or_without_a_final_newline() {
+        assert_eq!(last_lines(b"a\nb\nc\n", 2), b"b\nc\n");
+        assert_eq!(last_lines(b"a\nb\nc", 2), b"b\nc");
+        assert_eq!(last_lines(b"a\nb\n", 5), b"a\nb\n");
+        assert_eq!(last_lines(b"a\nb\n", 0), b"a\nb\n");
+    }
+
+    #[test]
+    fn rotation_keeps_one_old_file_and_the_writer_appends_at_the_new_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = log_path(dir.path(), "stdout");
+        let mut writer = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap();
+        writer.write_all(b"one\ntwo\n").unwrap();
+        assert!(rotate(dir.path(), 100).is_empty(), "small logs stay");
+        assert_eq!(rotate(dir.path(), 4), ["stdout"]);
+        writer.write_all(b"three\n").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"three\n");
+        assert_eq!(
+            fs::read(rotated_path(dir.path(), "stdout")).unwrap(),
+            b"one\ntwo\n"
+        );
+        let (text, offset) = snapshot(dir.path(), "stdout", 2);
+        assert_eq!((text.as_slice(), offset), (&b"two\nthree\n"[..], 6));
+    }
+
+    #[test]
+    fn reading_new_output_starts_over_after_a_truncation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.log");
+        fs::write(&path, "abc\n").unwrap();
+        let mut offset = 0;
+        assert_eq!(read_new(&path, &mut offset), b"abc\n");
+        assert!(read_new(&path, &mut offset).is_empty());
+        fs::write(&path, "d\n").unwrap();
+        assert_eq!(read_new(&path, &mut offset), b"d\n");
+    }
+
+    #[tokio::test]
+    async fn following_streams_new_lines_and_ends_when_the_replica_is_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let alloc = dir.path().to_path_buf();
+        fs::write(alloc.join(RECORD_FILE), "{}").unwrap();
+        fs::write(log_path(&alloc, "stdout"), "old\n").unwrap();
+        let (tx, mut rx) = mpsc::channel(16);
+        let request = pb::LogsRequest {
+            alloc_id: "a".into(),
+            follow: true,
+            tail: 0,
+        };
+        let task = tokio::spawn(stream_logs(alloc.clone(), request, tx));
+        let first = rx.recv().await.unwrap().unwrap();
+        assert_eq!(
+            (first.stream.as_str(), first.data.as_slice()),
+            ("stdout", &b"old\n"[..])
+        );
+        let mut out = fs::OpenOptions::new()
+            .append(true)
+            .open(log_path(&alloc, "stdout"))
+            .unwrap();
+        out.write_all(b"new\npart").unwrap();
+        let mut got = Vec::new();
+        while !got.ends_with(b"new\n") {
+            got.extend(rx.recv().await.unwrap().unwrap().data);
+        }
+        assert_eq!(got, b"new\n", "the partial line waits");
+        fs::remove_file(alloc.join(RECORD_FILE)).unwrap();
+        let mut rest = Vec::new();
+        while let Some(chunk) = rx.recv().await {
+            rest.extend(chunk.unwrap().data);
+        }
+        assert_eq!(rest, b"part", "flushed when the replica is gone");
+        task.await.unwrap();
+    }
+}

@@ -1,0 +1,105 @@
+//! `skiff events`: the committed events of the cluster, oldest first; with
+//! `--follow`, then new ones as they commit.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use anyhow::anyhow;
+use skiff_proto::v1 as pb;
+use skiff_proto::v1::control_client::ControlClient;
+use tonic::transport::Endpoint;
+
+use crate::args::{EventsArgs, OutputFormat};
+use crate::client::explain;
+
+pub async fn run(server: &str, format: OutputFormat, args: EventsArgs) -> anyhow::Result<()> {
+    // Its own connection without a request timeout: --follow runs until
+    // interrupted.
+    let url = if server.contains("://") {
+        server.to_string()
+    } else {
+        format!("http://{server}")
+    };
+    let channel = Endpoint::from_shared(url)
+        .map_err(|_| anyhow!("invalid --server \"{server}\": use HOST:PORT, e.g. 127.0.0.1:7070"))?
+        .connect_timeout(Duration::from_secs(3))
+        .connect()
+        .await
+        .map_err(|err| anyhow!("cannot reach skiff server at {server}: {err} (is `skiff dev` or `skiff server` running? set --server or SKIFF_ADDR)"))?;
+    let mut client = ControlClient::new(channel);
+    let request = pb::EventsRequest {
+        service: args.service.unwrap_or_default(),
+        node: args.node.unwrap_or_default(),
+        follow: args.follow,
+        after_seq: 0,
+    };
+    let mut stream = client.events(request).await.map_err(explain)?.into_inner();
+    if format == OutputFormat::Table {
+        println!(
+            "{:<24}  {:>7}  {:<18}  {:<12}  {:<10}  {:<12}  MESSAGE",
+            "TIME", "INDEX", "EVENT", "SERVICE", "NODE", "REPLICA"
+        );
+    }
+    while let Some(event) = stream.message().await.map_err(explain)? {
+        match format {
+            // One JSON object per line, so a machine can follow the stream.
+            OutputFormat::Json => println!("{}", serde_json::to_string(&event)?),
+            OutputFormat::Table => println!(
+                "{:<24}  {:>7}  {:<18}  {:<12}  {:<10}  {:<12}  {}",
+                time(event.time_ms),
+                event.index,
+                event.kind,
+                dash(&event.service),
+                dash(&event.node),
+                dash(&event.alloc),
+                event.message
+            ),
+        }
+    }
+    Ok(())
+}
+
+fn dash(value: &str) -> &str {
+    if value.is_empty() {
+        "-"
+    } else {
+        value
+    }
+}
+
+/// `2024-05-01T12:00:00.123Z` (UTC) from milliseconds since the epoch.
+fn time(ms: u64) -> String {
+    let t = UNIX_EPOCH + Duration::from_millis(ms);
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+/// Howard Hinnant's days-to-civil algorithm.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn times_print_as_utc() {
+        assert_eq!(super::time(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(super::time(1_714_564_800_123), "2024-05-01T12:00:00.123Z");
+    }
+}

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# The one command that checks Skiff on a fresh Debian machine (run as root, or with sudo for
+# the package step): installs what is missing, then formatting, lints, the release build and
+# the whole test suite, printing how long each phase took.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+root="$(pwd)"
+
+# cargo installed by rustup lives in ~/.cargo/bin, which non-login shells may not have on PATH.
+if ! command -v cargo >/dev/null 2>&1 && [ -f "${HOME}/.cargo/env" ]; then
+    # shellcheck disable=SC1091
+    . "${HOME}/.cargo/env"
+fi
+
+declare -a timings=()
+current_phase=""
+on_exit() {
+    local rc=$?
+    if [ "$rc" -ne 0 ]; then
+        echo >&2
+        echo "==> FAILED in phase '${current_phase}' (exit ${rc})" >&2
+        [ "${#timings[@]}" -eq 0 ] || printf '    %s\n' "${timings[@]}" >&2
+    fi
+}
+trap on_exit EXIT
+
+phase() {
+    local name="$1"
+    shift
+    current_phase="$name"
+    echo
+    echo "==> ${name}: $*"
+    local start end
+    start=$(date +%s.%N)
+    "$@"
+    end=$(date +%s.%N)
+    local took
+    took=$(awk -v s="$start" -v e="$end" 'BEGIN { printf "%.1f", e - s }')
+    timings+=("$(printf '%-10s %8ss' "$name" "$took")")
+    echo "==> ${name} took ${took}s"
+}
+
+# --- system packages: only what is missing, apt-get update only if something is ---
+install_missing() {
+    local -a missing=()
+    command -v cc >/dev/null 2>&1 || missing+=(build-essential)
+    command -v python3 >/dev/null 2>&1 || missing+=(python3)
+    command -v curl >/dev/null 2>&1 || missing+=(curl)
+    if [ "${#missing[@]}" -eq 0 ]; then
+        echo "all needed tools present (cc, python3, curl)"
+        return
+    fi
+    echo "installing: ${missing[*]}"
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y --no-install-recommends "${missing[@]}"
+}
+
+check_rust() {
+    if ! command -v cargo >/dev/null 2>&1; then
+        echo "error: cargo not found; install Rust (https://rustup.rs) and re-run" >&2
+        exit 1
+    fi
+    local component
+    for component in rustfmt clippy; do
+        if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
+            if command -v rustup >/dev/null 2>&1; then
+                rustup component add "$component"
+            else
+                echo "error: cargo ${component/rustfmt/fmt} not found and no rustup to add it" >&2
+                exit 1
+            fi
+        fi
+    done
+    cargo --version
+}
+
+run_tests() {
+    export SKIFF_BIN="${root}/target/release/skiff"
+    if cargo nextest --version >/dev/null 2>&1; then
+        cargo nextest run --workspace --no-fail-fast
+    else
+        cargo test --workspace --no-fail-fast
+    fi
+}
+
+total_start=$(date +%s)
+phase packages install_missing
+phase toolchain check_rust
+phase test run_tests
+
+echo
+echo "==> all phases passed in $(($(date +%s) - total_start))s"
+printf '    %s\n' "${timings[@]}"

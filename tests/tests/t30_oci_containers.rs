@@ -1,0 +1,392 @@
+//! t30: real containers end to end — `skiff dev` pulls the busybox test images of
+//! `deploy/images/build.sh` from a local `docker-registry` and runs them with runc (and crun
+//! where it can run): bridge and host networking, memory limits, the image's user, surviving
+//! a SIGKILL of the agent, removal without leftovers.
+//!
+//! Needs root and `apt-get install runc crun tini containernetworking-plugins iptables iproute2
+//! docker-registry skopeo busybox-static zstd`; a missing tool fails the test with the package
+//! to install.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use skiff_e2e::containers::{children, leftovers, memory_limit, uids, OciDev, Registry};
+use skiff_e2e::{answers, http_get, pid_alive, proc_env, wait_until, Allocation, POLL};
+
+/// How long removed containers may take to be stopped (grace 3 s) and destroyed.
+const RM_TIMEOUT: Duration = Duration::from_secs(20);
+
+fn running_and_answering(a: &Allocation) -> bool {
+    a.desired == "run"
+        && matches!(a.state.as_str(), "running" | "healthy")
+        && pid_alive(a.pid)
+        && answers(a.host_port)
+}
+
+/// `service rm NAME`, then waits until none of `ids` has anything left behind.
+fn remove_and_assert_nothing_left(cluster: &OciDev, service: &str, runtime: &str, ids: &[String]) {
+    cluster.skiff_ok(&["service", "rm", service]);
+    let mut left = Vec::new();
+    let clean = wait_until(RM_TIMEOUT, POLL, || {
+        left = ids
+            .iter()
+            .flat_map(|id| leftovers(cluster, runtime, id))
+            .collect();
+        left.is_empty()
+    });
+    assert!(
+        clean,
+        "`service rm {service}` left behind: {left:#?}\n--- dev log ---\n{}",
+        cluster.log_tail(40)
+    );
+}
+
+#[test]
+fn bridge_replicas_answer_on_their_host_ports_with_their_memory_limit_and_rm_leaves_nothing() {
+    let registry = Registry::shared();
+    let cluster = OciDev::start(registry.clone(), &[]);
+    let image = registry.image("web:v1");
+    cluster.skiff_ok(&[
+        "service",
+        "create",
+        "web",
+        "--image",
+        &image,
+        "--port",
+        "80",
+        "--replicas",
+        "3",
+        "--memory",
+        "64",
+    ]);
+    let replicas = cluster.wait_replicas(
+        "web",
+        3,
+        "running and answering HTTP",
+        running_and_answering,
+    );
+
+    let mut ports: Vec<u16> = replicas.iter().map(|a| a.host_port).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    assert_eq!(ports.len(), 3, "three distinct host ports: {replicas:#?}");
+    for a in &replicas {
+        let page = http_get(a.host_port, "/").expect("GET /");
+        assert!(
+            page.body.contains("v1"),
+            "replica {} serves {:?}",
+            a.id,
+            page.body
+        );
+        assert_eq!(
+            proc_env(a.pid).get("PORT").map(String::as_str),
+            Some("80"),
+            "bridge mode: PORT is the container port"
+        );
+        assert_eq!(
+            memory_limit(a.pid),
+            Some(64 * 1024 * 1024),
+            "replica {}: --memory 64 in its cgroup",
+            a.id
+        );
+    }
+
+    let ids = cluster.container_ids("runc");
+    assert_eq!(ids.len(), 3, "one runc container per replica: {ids:?}");
+    remove_and_assert_nothing_left(&cluster, "web", "runc", &ids);
+    for a in &replicas {
+        assert!(
+            !answers(a.host_port),
+            "port {} still answers after rm",
+            a.host_port
+        );
+        assert!(
+            !pid_alive(a.pid),
+            "container process {} still alive after rm",
+            a.pid
+        );
+    }
+}
+
+#[test]
+fn a_host_network_replica_listens_on_its_host_port_given_in_port() {
+    let registry = Registry::shared();
+    let cluster = OciDev::start(registry.clone(), &[]);
+    let image = registry.image("web:v1");
+    cluster.skiff_ok(&[
+        "service",
+        "create",
+        "web-host",
+        "--image",
+        &image,
+        "--network",
+        "host",
+        "--replicas",
+        "2",
+    ]);
+    let replicas = cluster.wait_replicas(
+        "web-host",
+        2,
+        "running and answering HTTP",
+        running_and_answering,
+    );
+    for a in &replicas {
+        assert_eq!(
+            proc_env(a.pid).get("PORT"),
+            Some(&a.host_port.to_string()),
+            "host mode: PORT is the assigned host port"
+        );
+        let netns = |pid: u32| std::fs::read_link(format!("/proc/{pid}/ns/net")).ok();
+        assert_eq!(
+            netns(a.pid),
+            netns(std::process::id()),
+            "host mode shares the host's network namespace"
+        );
+    }
+    let ids = cluster.container_ids("runc");
+    remove_and_assert_nothing_left(&cluster, "web-host", "runc", &ids);
+}
+
+#[test]
+fn the_container_process_runs_as_the_images_user() {
+    let registry = Registry::shared();
+    let cluster = OciDev::start(registry.clone(), &[]);
+    let image = registry.image("web-user:v1");
+    // No --port: the image's exposed 8080 is the container port.
+    cluster.skiff_ok(&["service", "create", "web-user", "--image", &image]);
+    let replicas = cluster.wait_replicas(
+        "web-user",
+        1,
+        "running and answering HTTP",
+        running_and_answering,
+    );
+    let a = &replicas[0];
+    let mut pids = vec![a.pid];
+    pids.extend(children(a.pid));
+    for pid in pids {
+        assert_eq!(
+            uids(pid),
+            [1000, 1000, 1000, 1000],
+            "process {pid} runs as www (uid 1000 in the image's /etc/passwd)"
+        );
+    }
+    assert_eq!(
+        proc_env(a.pid).get("PORT").map(String::as_str),
+        Some("8080")
+    );
+}
+
+#[test]
+fn containers_keep_serving_through_a_kill_9_of_the_agent_and_are_re_adopted_unchanged() {
+    let registry = Registry::shared();
+    let mut cluster = OciDev::start(registry.clone(), &[]);
+    let image = registry.image("web:v1");
+    cluster.skiff_ok(&[
+        "service",
+        "create",
+        "web",
+        "--image",
+        &image,
+        "--replicas",
+        "2",
+    ]);
+    let before = cluster.wait_replicas(
+        "web",
+        2,
+        "running and answering HTTP",
+        running_and_answering,
+    );
+    let by_id = |allocs: &[Allocation]| -> BTreeMap<String, (u32, u16, u32)> {
+        allocs
+            .iter()
+            .map(|a| (a.id.clone(), (a.pid, a.host_port, a.restarts)))
+            .collect()
+    };
+
+    cluster.kill9();
+    for a in &before {
+        assert!(pid_alive(a.pid), "container {} died with the agent", a.id);
+        assert!(
+            answers(a.host_port),
+            "container {} stopped serving without its agent",
+            a.id
+        );
+    }
+
+    cluster.restart();
+    let after = cluster.wait_replicas("web", 2, "re-adopted and answering", running_and_answering);
+    assert_eq!(
+        by_id(&after),
+        by_id(&before),
+        "same replicas, PIDs, ports and restart counts"
+    );
+    // Nothing restarts them a little later either (a supervisor that lost track would).
+    std::thread::sleep(Duration::from_secs(3));
+    let later = cluster.wait_replicas("web", 2, "still running", running_and_answering);
+    assert_eq!(
+        by_id(&later),
+        by_id(&before),
+        "no restart after re-adoption"
+    );
+    assert!(
+        cluster.log().contains("adopted container"),
+        "the agent says it re-adopted\n{}",
+        cluster.log_tail(30)
+    );
+    let ids = cluster.container_ids("runc");
+    remove_and_assert_nothing_left(&cluster, "web", "runc", &ids);
+}
+
+#[test]
+fn crun_runs_containers_or_says_clearly_why_it_cannot() {
+    let registry = Registry::shared();
+    let cluster = OciDev::start(registry.clone(), &["--oci-runtime", "crun"]);
+    let image = registry.image("web:v1");
+    cluster.skiff_ok(&[
+        "service", "create", "web", "--image", &image, "--port", "80",
+    ]);
+    let mut last = Vec::new();
+    let settled = wait_until(Duration::from_secs(60), POLL, || {
+        last = cluster.ps("web");
+        last.len() == 1 && (running_and_answering(&last[0]) || last[0].message.contains("crun"))
+    });
+    assert!(
+        settled,
+        "crun neither ran the container nor explained why not: {last:#?}\n--- dev log ---\n{}",
+        cluster.log_tail(40)
+    );
+    let a = &last[0];
+    if running_and_answering(a) {
+        eprintln!("crun ran the container on this host");
+        let ids = cluster.container_ids("crun");
+        assert_eq!(ids.len(), 1, "crun holds the container: {ids:?}");
+        remove_and_assert_nothing_left(&cluster, "web", "crun", &ids);
+    } else {
+        // Debian's crun 1.8 on a hybrid cgroup v1+v2 host.
+        eprintln!("crun cannot run containers on this host: {}", a.message);
+        assert!(
+            a.message.contains("hybrid") && a.message.contains("--oci-runtime runc"),
+            "the replica says why crun cannot run it and what to do: {a:#?}"
+        );
+    }
+}
+
+#[test]
+fn service_logs_prints_tails_and_follows_replica_output_until_the_service_is_removed() {
+    let registry = Registry::shared();
+    let cluster = OciDev::start(registry.clone(), &[]);
+    let image = registry.image("many:v1");
+    let script =
+        "echo first; echo oops >&2; i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.3; done";
+    cluster.skiff_ok(&[
+        "service",
+        "create",
+        "talk",
+        "--image",
+        &image,
+        "--replicas",
+        "2",
+        "--",
+        "/bin/sh",
+        "-c",
+        script,
+    ]);
+    let replicas = cluster.wait_replicas("talk", 2, "running", |a| {
+        a.state == "running" && pid_alive(a.pid)
+    });
+    let id = replicas[0].id.clone();
+
+    // One replica: its streams as they are, stdout and stderr apart.
+    let mut out = None;
+    let ok = wait_until(Duration::from_secs(20), POLL, || {
+        let o = cluster.skiff(&["service", "logs", "talk", "--replica", &id]);
+        let done = o.status.success() && String::from_utf8_lossy(&o.stdout).contains("tick-3");
+        out = Some(o);
+        done
+    });
+    let out = out.expect("ran once");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(
+        ok,
+        "no tick-3 in the logs of {id}: {stdout}\n{stderr}\n{}",
+        cluster.log_tail(30)
+    );
+    assert!(stdout.starts_with("first\ntick-1\n"), "stdout: {stdout}");
+    assert_eq!(stderr, "oops\n", "stderr apart from stdout");
+
+    // --tail: the last lines of each stream.
+    let tail = cluster.skiff_ok(&["service", "logs", "talk", "--replica", &id, "--tail", "2"]);
+    let lines: Vec<&str> = tail.lines().collect();
+    assert_eq!(lines.len(), 2, "--tail 2: {tail}");
+    assert!(
+        lines.iter().all(|l| l.starts_with("tick-")),
+        "--tail 2: {tail}"
+    );
+
+    // Every replica, each line prefixed with its id.
+    let all = cluster.skiff_ok(&["service", "logs", "talk", "--tail", "1"]);
+    for a in &replicas {
+        assert!(
+            all.lines()
+                .any(|l| l.starts_with(&format!("{} | tick-", a.id))),
+            "no line of {} in: {all}",
+            a.id
+        );
+    }
+
+    // --follow streams new lines, and ends by itself once the service is removed.
+    let mut follow = std::process::Command::new(skiff_e2e::skiff_bin())
+        .args([
+            "--server",
+            &cluster.addr(),
+            "service",
+            "logs",
+            "talk",
+            "--follow",
+        ])
+        .args(["--replica", &id, "--tail", "1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start skiff service logs --follow");
+    let mut reader = std::io::BufReader::new(follow.stdout.take().expect("piped"));
+    let mut seen = Vec::new();
+    let reading = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut line = String::new();
+        while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+            seen.push(line.trim_end().to_string());
+            line.clear();
+        }
+        seen
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    cluster.skiff_ok(&["service", "rm", "talk"]);
+    let ended = wait_until(RM_TIMEOUT, POLL, || {
+        matches!(follow.try_wait(), Ok(Some(_)))
+    });
+    if !ended {
+        let _ = follow.kill();
+    }
+    let status = follow.wait().expect("wait for logs --follow");
+    let seen = reading.join().expect("reader thread");
+    assert!(
+        ended,
+        "logs --follow did not end after the service was removed: {seen:?}"
+    );
+    assert!(
+        status.success(),
+        "logs --follow exited with {status}: {seen:?}"
+    );
+    let ticks: Vec<u32> = seen
+        .iter()
+        .filter_map(|l| l.strip_prefix("tick-")?.parse().ok())
+        .collect();
+    assert!(
+        ticks.len() >= 4 && ticks.windows(2).all(|w| w[1] == w[0] + 1),
+        "--follow printed consecutive new lines: {seen:?}"
+    );
+}
