@@ -44,11 +44,30 @@ phase() {
 # --- system packages: only what is missing, apt-get update only if something is ---
 install_missing() {
     local -a missing=()
-    command -v cc >/dev/null 2>&1 || missing+=(build-essential)
-    command -v python3 >/dev/null 2>&1 || missing+=(python3)
-    command -v curl >/dev/null 2>&1 || missing+=(curl)
+    # command package: what the build and the end-to-end tests run.
+    local -a needs=(
+        "cc build-essential"
+        "python3 python3"
+        "curl curl"
+        "runc runc"
+        "crun crun"
+        "tini-static tini"
+        "iptables iptables"
+        "ip iproute2"
+        "skopeo skopeo"
+        "zstd zstd"
+        "busybox busybox-static"
+    )
+    local need cmd pkg
+    for need in "${needs[@]}"; do
+        read -r cmd pkg <<<"$need"
+        command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
+    done
+    # Tools that are not on PATH: the registry and the CNI plugins.
+    [ -x /usr/bin/docker-registry ] || missing+=(docker-registry)
+    [ -x /usr/lib/cni/bridge ] || missing+=(containernetworking-plugins)
     if [ "${#missing[@]}" -eq 0 ]; then
-        echo "all needed tools present (cc, python3, curl)"
+        echo "all needed tools present"
         return
     fi
     echo "installing: ${missing[*]}"

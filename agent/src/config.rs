@@ -50,6 +50,17 @@ pub struct AgentConfig {
     /// A replica's stdout or stderr log is rotated above this size (one
     /// rotated file is kept).
     pub log_max_bytes: u64,
+    /// Where the agent serves `GET /metrics` (Prometheus text); `None`: the
+    /// advertise address on any free port. Published to the servers either
+    /// way, in the variable `_skiff/nodes/<node>/metrics`.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// How long a stopping replica of a published service keeps running
+    /// after it left the proxies' pools, for its open connections, before
+    /// SIGTERM.
+    pub drain: Duration,
+    /// How often the routing proxy's counters are reported to the control
+    /// plane.
+    pub traffic_interval: Duration,
 }
 
 impl AgentConfig {
@@ -74,6 +85,9 @@ impl AgentConfig {
             labels: BTreeMap::new(),
             logs_port: 0,
             log_max_bytes: 10 * 1024 * 1024,
+            metrics_listen: None,
+            drain: Duration::from_secs(5),
+            traffic_interval: Duration::from_secs(2),
         }
     }
 

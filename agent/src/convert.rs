@@ -77,6 +77,7 @@ pub fn assigned(alloc: &v1::Allocation) -> Result<Assigned, SpecError> {
             None => None,
         },
         init: spec.init,
+        publish: u16::try_from(spec.publish).unwrap_or(0),
     };
     replica.validate()?;
     Ok(Assigned {

@@ -14,6 +14,8 @@ pub mod health;
 pub mod image;
 mod local;
 pub mod logs;
+pub mod metrics;
+pub mod proxy;
 mod reconcile;
 pub mod runtime;
 pub mod spec;
@@ -54,6 +56,7 @@ pub async fn run(
     let (updates_tx, mut updates_rx) = mpsc::unbounded_channel();
     let supervisor_config = SupervisorConfig {
         stop_grace: config.stop_grace,
+        drain: config.drain,
         ..SupervisorConfig::default()
     };
     let mut oci_config = OciConfig::new(config.data_dir.join("oci"), store.alloc_dir(""));
@@ -89,11 +92,34 @@ pub async fn run(
         config.log_max_bytes,
         std::time::Duration::from_secs(10),
     ));
-    tracing::info!(node = %config.name, servers = ?config.servers, logs = ?logs_addr, "agent started");
+    let metrics_bind = config
+        .metrics_listen
+        .unwrap_or(std::net::SocketAddr::new(config.advertise, 0));
+    let metrics_listener = tokio::net::TcpListener::bind(metrics_bind)
+        .await
+        .map_err(|e| {
+            AgentError::Config(format!(
+                "failed to listen for metrics on {metrics_bind}: {e} (choose another with --metrics-listen)"
+            ))
+        })?;
+    let metrics_addr = metrics_listener.local_addr().ok();
+    let proxy_metrics = metrics::Metrics::default();
+    let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let metrics_server = tokio::spawn(metrics::serve(
+        metrics_listener,
+        proxy_metrics.clone(),
+        config.name.clone(),
+        async {
+            let _ = metrics_stopped.await;
+        },
+    ));
+    let mut proxy = proxy::Proxy::new(config.advertise, proxy_metrics.clone());
+    tracing::info!(node = %config.name, servers = ?config.servers, logs = ?logs_addr, metrics = ?metrics_addr, "agent started");
 
     {
-        let mut sync =
-            sync::SyncLoop::new(&config, &mut local, &mut updates_rx).with_logs_addr(logs_addr);
+        let mut sync = sync::SyncLoop::new(&config, &mut local, &mut updates_rx)
+            .with_logs_addr(logs_addr)
+            .with_proxy(&mut proxy, proxy_metrics, metrics_addr);
         tokio::select! {
             () = sync.run() => {}
             () = shutdown => {}
@@ -102,6 +128,8 @@ pub async fn run(
     rotation.abort();
     let _ = logs_stop.send(());
     let _ = log_server.await;
+    let _ = metrics_stop.send(());
+    let _ = metrics_server.await;
 
     tracing::info!(
         stop_replicas = config.stop_replicas_on_shutdown,

@@ -65,6 +65,10 @@ pub struct ReplicaSpec {
     /// `None`: an init unless the entrypoint is one.
     #[serde(default)]
     pub init: Option<bool>,
+    /// The service's published port (0: none); a published replica is
+    /// drained before it is stopped.
+    #[serde(default)]
+    pub publish: u16,
 }
 
 #[derive(Debug, thiserror::Error)]

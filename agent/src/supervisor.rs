@@ -62,6 +62,10 @@ pub struct SupervisorConfig {
     pub restart_max: Duration,
     /// A replica that ran this long restarts with the base delay again.
     pub stable_after: Duration,
+    /// How long a published replica asked to stop keeps running before
+    /// SIGTERM: the control plane already took it out of every routing
+    /// proxy's pool, and its open connections get this long to finish.
+    pub drain: Duration,
 }
 
 impl Default for SupervisorConfig {
@@ -71,6 +75,7 @@ impl Default for SupervisorConfig {
             restart_base: Duration::from_secs(1),
             restart_max: Duration::from_secs(30),
             stable_after: Duration::from_secs(10),
+            drain: Duration::ZERO,
         }
     }
 }
@@ -184,6 +189,10 @@ impl<R: Runtime> Supervisor<R> {
                     format!("unhealthy: {reason}")
                 }
                 Ended::Stopped => {
+                    if let Some(exit) = self.drain(&mut handle, pid).await {
+                        self.finish(exit.to_string());
+                        return;
+                    }
                     let exit = handle.stop(self.config.stop_grace).await;
                     tracing::info!(alloc = %self.spec.alloc_id, pid, %exit, "replica stopped");
                     self.finish(exit.to_string());
@@ -290,6 +299,19 @@ impl<R: Runtime> Supervisor<R> {
                 }
                 None => {}
             }
+        }
+    }
+
+    /// Lets a published replica's open connections finish before it is
+    /// stopped; `Some` if it exited on its own meanwhile.
+    async fn drain(&mut self, handle: &mut R::Handle, pid: u32) -> Option<Exit> {
+        if self.spec.publish == 0 || self.config.drain.is_zero() {
+            return None;
+        }
+        tracing::info!(alloc = %self.spec.alloc_id, pid, drain = ?self.config.drain, "draining replica before stopping it");
+        tokio::select! {
+            exit = handle.wait() => Some(exit),
+            () = tokio::time::sleep(self.config.drain) => None,
         }
     }
 
@@ -577,6 +599,32 @@ mod tests {
         assert_eq!(*h.runtime.stops.lock().unwrap(), [1001]);
         assert!(h.store.load_all().unwrap().is_empty());
         h.task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_published_replica_is_drained_before_it_is_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(AllocStore::open(dir.path()).unwrap());
+        let runtime = Arc::new(FakeRuntime::default());
+        let (tx, mut updates) = mpsc::unbounded_channel();
+        let (stop, stop_rx) = oneshot::channel();
+        let mut spec = test_spec("3f2a9c0d-dd", &["web"], 20001);
+        spec.publish = 8080;
+        let config = SupervisorConfig {
+            drain: Duration::from_secs(3),
+            ..SupervisorConfig::default()
+        };
+        let supervisor = Supervisor::new(Arc::new(runtime.clone()), store, config, spec, 0, tx);
+        let task = tokio::spawn(supervisor.run(None, stop_rx));
+        while updates.recv().await.unwrap().state != AllocState::Running {}
+        let asked = Instant::now();
+        stop.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(2900)).await;
+        assert!(runtime.stops.lock().unwrap().is_empty(), "still draining");
+        while updates.recv().await.unwrap().state != AllocState::Stopped {}
+        assert!(asked.elapsed() >= Duration::from_secs(3));
+        assert_eq!(*runtime.stops.lock().unwrap(), [1001]);
+        task.await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]

@@ -19,6 +19,8 @@ use crate::backoff::Backoff;
 use crate::config::AgentConfig;
 use crate::convert;
 use crate::local::LocalAllocs;
+use crate::metrics::Metrics;
+use crate::proxy::{self, Proxy};
 use crate::runtime::Runtime;
 use crate::supervisor::StatusUpdate;
 
@@ -62,6 +64,17 @@ pub struct SyncLoop<'a, R: Runtime> {
     registered: bool,
     /// Where this agent serves replica logs; published after registering.
     logs_addr: Option<std::net::SocketAddr>,
+    /// The routing proxy fed by `Endpoints`, its counters reported as
+    /// traffic, and where `/metrics` is served (published like logs).
+    proxy: Option<ProxyParts<'a>>,
+}
+
+struct ProxyParts<'a> {
+    proxy: &'a mut Proxy,
+    metrics: Metrics,
+    metrics_addr: Option<std::net::SocketAddr>,
+    /// Requests counted at the previous report, per service, and when.
+    last_report: Option<(Instant, std::collections::BTreeMap<String, u64>)>,
 }
 
 impl<'a, R: Runtime> SyncLoop<'a, R> {
@@ -76,7 +89,75 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
             updates,
             registered: false,
             logs_addr: None,
+            proxy: None,
         }
+    }
+
+    /// Routes published ports through `proxy` and reports `metrics`.
+    pub fn with_proxy(
+        mut self,
+        proxy: &'a mut Proxy,
+        metrics: Metrics,
+        metrics_addr: Option<std::net::SocketAddr>,
+    ) -> Self {
+        self.proxy = Some(ProxyParts {
+            proxy,
+            metrics,
+            metrics_addr,
+            last_report: None,
+        });
+        self
+    }
+
+    /// The traffic seen since the agent started, with request rates since
+    /// the previous report; `None` when no service was ever published here.
+    fn traffic_report(&mut self) -> Option<skiff_proto::v1::TrafficReport> {
+        let parts = self.proxy.as_mut()?;
+        parts.proxy.retry();
+        let samples = parts.metrics.samples();
+        if samples.is_empty() {
+            return None;
+        }
+        let now = Instant::now();
+        let previous = parts.last_report.take();
+        let services = samples
+            .iter()
+            .map(|s| {
+                let request_rate = match &previous {
+                    Some((at, counts)) => {
+                        let secs = now.duration_since(*at).as_secs_f64();
+                        let before = counts.get(&s.service).copied().unwrap_or(0);
+                        if secs > 0.0 {
+                            s.requests.saturating_sub(before) as f64 / secs
+                        } else {
+                            0.0
+                        }
+                    }
+                    None => 0.0,
+                };
+                skiff_proto::v1::ServiceTraffic {
+                    service: s.service.clone(),
+                    connections: s.connections,
+                    active: s.active,
+                    bytes_in: s.bytes_in,
+                    bytes_out: s.bytes_out,
+                    connect_failures: s.connect_failures,
+                    no_endpoint: s.no_endpoint,
+                    requests: s.requests,
+                    request_rate,
+                    node: String::new(),
+                    age_ms: 0,
+                }
+            })
+            .collect();
+        parts.last_report = Some((
+            now,
+            samples
+                .into_iter()
+                .map(|s| (s.service, s.requests))
+                .collect(),
+        ));
+        Some(skiff_proto::v1::TrafficReport { services })
     }
 
     /// Publishes `addr` as this node's logs address on every registration.
@@ -160,6 +241,8 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
                 .map_err(stream_err)?;
         let mut inbound = response.into_inner();
         let mut heartbeat: Option<Interval> = None;
+        let mut traffic = tokio::time::interval(self.config.traffic_interval);
+        traffic.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
         loop {
             tokio::select! {
@@ -179,7 +262,10 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
                             heartbeat = Some(interval);
                             self.registered = true;
                             if let Some(addr) = self.logs_addr {
-                                tokio::spawn(publish_logs_addr(channel.clone(), self.config.name.clone(), addr));
+                                tokio::spawn(publish_logs_addr(channel.clone(), crate::logs::address_key(&self.config.name), addr));
+                            }
+                            if let Some(addr) = self.proxy.as_ref().and_then(|p| p.metrics_addr) {
+                                tokio::spawn(publish_logs_addr(channel.clone(), crate::metrics::address_key(&self.config.name), addr));
                             }
                         }
                         Some(ServerMsg::Assignments(assignments)) => {
@@ -194,6 +280,13 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
                             }
                             self.local.assign(assigned, refused);
                         }
+                        Some(ServerMsg::Endpoints(endpoints)) => {
+                            let routes = proxy::routes_from_pb(&endpoints);
+                            tracing::debug!(services = routes.len(), "endpoints received");
+                            if let Some(parts) = self.proxy.as_mut() {
+                                parts.proxy.update(routes);
+                            }
+                        }
                         None => tracing::debug!(%server, "ignoring empty server message"),
                     }
                 }
@@ -204,22 +297,27 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
                 () = tick(&mut heartbeat) => {
                     send(&outbound, AgentMsg::Heartbeat(Heartbeat {}));
                 }
+                _ = traffic.tick() => {
+                    if let Some(report) = self.traffic_report() {
+                        send(&outbound, AgentMsg::Traffic(report));
+                    }
+                }
             }
         }
     }
 }
 
-/// Records where this node serves replica logs, in the variable
-/// `skiff service logs` reads. Best effort: logged, retried at the next
-/// registration.
+/// Records where this node serves something (replica logs for `skiff
+/// service logs`, metrics) in the variable `key`. Best effort: logged,
+/// retried at the next registration.
 async fn publish_logs_addr(
     channel: tonic::transport::Channel,
-    node: String,
+    key: String,
     addr: std::net::SocketAddr,
 ) {
     let mut client = skiff_proto::v1::control_client::ControlClient::new(channel);
     let request = skiff_proto::v1::PutVariableRequest {
-        key: crate::logs::address_key(&node),
+        key,
         value: addr.to_string(),
     };
     match tokio::time::timeout(OPEN_TIMEOUT, client.put_variable(request)).await {

@@ -140,6 +140,9 @@ pub struct BenchScheduleArgs {
     /// Servers in the cluster started for the run.
     #[arg(long, default_value_t = 3)]
     pub servers: usize,
+    /// Only time the pure scheduler, in memory (no cluster).
+    #[arg(long)]
+    pub scheduler_only: bool,
 }
 
 #[derive(Args, Debug)]
@@ -280,6 +283,15 @@ pub struct NodeArgs {
     /// Node label KEY=VALUE for constraints and zone spreading, e.g. zone=a (repeatable).
     #[arg(long = "label", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
+    /// Serve GET /metrics (Prometheus text: routing proxy traffic) on this
+    /// address (default: the advertise address, any free port; published in
+    /// the variable `_skiff/nodes/NODE/metrics`).
+    #[arg(long, env = "SKIFF_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Seconds a stopping replica of a published service keeps serving its
+    /// open connections, after leaving every routing proxy, before SIGTERM.
+    #[arg(long, env = "SKIFF_DRAIN_SECS", default_value_t = 5.0, value_parser = parse_secs)]
+    pub drain_secs: f64,
 }
 
 #[derive(Args, Debug)]
@@ -351,6 +363,15 @@ pub struct CreateArgs {
     /// Default: the image's first exposed TCP port.
     #[arg(long)]
     pub port: Option<u32>,
+    /// Publish the service on every node: PUBLISHED[:CONTAINER_PORT]. Each
+    /// node's routing proxy listens on PUBLISHED and forwards to healthy
+    /// replicas anywhere; CONTAINER_PORT (containers only) is --port.
+    #[arg(long, value_name = "PUBLISHED[:CONTAINER_PORT]", value_parser = parse_publish)]
+    pub publish: Option<(u16, Option<u16>)>,
+    /// What the published port carries: `tcp` (default) or `http` (HTTP/1.1;
+    /// the proxy also counts requests).
+    #[arg(long)]
+    pub protocol: Option<String>,
     /// Memory reserved per replica in MB (at least 4); also the limit of a container.
     #[arg(long)]
     pub memory: Option<u32>,
@@ -473,6 +494,30 @@ fn parse_label(value: &str) -> Result<(String, String), String> {
         _ => Err(format!(
             "\"{value}\" is not a label; use KEY=VALUE, e.g. zone=a"
         )),
+    }
+}
+
+/// Seconds, possibly fractional (`0.5`), from 0 to a day.
+fn parse_secs(value: &str) -> Result<f64, String> {
+    value
+        .parse::<f64>()
+        .ok()
+        .filter(|s| (0.0..=86_400.0).contains(s))
+        .ok_or_else(|| format!("\"{value}\" is not a number of seconds; use e.g. 5 or 0.5"))
+}
+
+/// `PUBLISHED` or `PUBLISHED:CONTAINER_PORT`, ports from 1 to 65535.
+fn parse_publish(value: &str) -> Result<(u16, Option<u16>), String> {
+    let fix = "use PUBLISHED[:CONTAINER_PORT], e.g. 8080:80, ports from 1 to 65535";
+    let port = |p: &str| {
+        p.parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("\"{value}\" is not a port mapping; {fix}"))
+    };
+    match value.split_once(':') {
+        Some((published, container)) => Ok((port(published)?, Some(port(container)?))),
+        None => Ok((port(value)?, None)),
     }
 }
 

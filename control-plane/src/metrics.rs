@@ -178,3 +178,53 @@ pub async fn serve(
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every sample line is `name{labels} value` with a finite number, and
+    /// every metric is declared with HELP and TYPE first.
+    #[test]
+    fn metrics_render_as_prometheus_text() {
+        let metrics = Metrics::default();
+        metrics.proposals.fetch_add(3, Ordering::Relaxed);
+        metrics.commit_latency.observe(Duration::from_micros(1500));
+        metrics.commit_latency.observe(Duration::from_millis(30));
+        let status = RaftStatus {
+            term: 4,
+            commit_index: 9,
+            role: "leader",
+            ..Default::default()
+        };
+        let text = metrics.render(&status);
+        let mut declared = std::collections::HashSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                declared.insert(rest.split(' ').next().unwrap().to_string());
+                continue;
+            }
+            if line.starts_with('#') {
+                continue;
+            }
+            let (name, value) = line.rsplit_once(' ').expect("sample has a value");
+            assert!(
+                value.parse::<f64>().is_ok_and(f64::is_finite),
+                "bad value in {line}"
+            );
+            let base = name.split('{').next().unwrap();
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .fold(base, |n, s| n.strip_suffix(s).unwrap_or(n));
+            assert!(
+                declared.contains(family),
+                "{base} used before its TYPE line"
+            );
+        }
+        assert!(text.contains("skiff_raft_term 4\n"));
+        assert!(text.contains("skiff_raft_proposals_total 3\n"));
+        assert!(text.contains("skiff_raft_commit_seconds_bucket{le=\"0.002\"} 1\n"));
+        assert!(text.contains("skiff_raft_commit_seconds_count 2\n"));
+        assert!(text.contains("skiff_raft_is_leader 1\n"));
+    }
+}

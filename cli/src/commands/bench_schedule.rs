@@ -47,6 +47,11 @@ pub async fn run(args: BenchScheduleArgs) -> anyhow::Result<()> {
             per_node
         );
     }
+    let services = services(args.replicas);
+    if args.scheduler_only {
+        print_pure(args.nodes, &services);
+        return Ok(());
+    }
     println!(
         "bench schedule: {} simulated nodes ({NODE_CPU} millicores, {NODE_MEMORY} MB, zones z0-z2), {} replicas ({REPLICA_CPU} millicores, {REPLICA_MEMORY} MB each) in services of up to 1000, {} servers",
         args.nodes, args.replicas, args.servers
@@ -95,7 +100,6 @@ pub async fn run(args: BenchScheduleArgs) -> anyhow::Result<()> {
     );
 
     // Services.
-    let services = services(args.replicas);
     let started = Instant::now();
     let mut creates = Vec::new();
     for (i, spec) in services.iter().enumerate() {
@@ -154,14 +158,18 @@ pub async fn run(args: BenchScheduleArgs) -> anyhow::Result<()> {
     println!("  server RSS at the end: {rss:?} MB");
     drop(cluster);
 
-    // The pure scheduler alone, on the same shape of state.
-    let (placements, spent, plans) = pure_scheduler(args.nodes, &services);
+    print_pure(args.nodes, &services);
+    Ok(())
+}
+
+/// Times the pure scheduler alone, on the same shape of state.
+fn print_pure(nodes: usize, services: &[pb::ServiceSpec]) {
+    let (placements, spent, plans) = pure_scheduler(nodes, services);
     println!(
         "  pure scheduler: {placements} placements in {plans} plans in {:.3} s ({:.0} placements/s)",
         spent.as_secs_f64(),
         placements as f64 / spent.as_secs_f64()
     );
-    Ok(())
 }
 
 fn services(replicas: usize) -> Vec<pb::ServiceSpec> {

@@ -65,9 +65,19 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
          \n  export SKIFF_ADDR={address}\n  skiff service create demo --replicas 2 -- python3 -m http.server '$PORT'\n  skiff service ps demo\n  skiff node ls\n\nPress Ctrl-C to stop (replicas are stopped too).",
         data_dir.display()
     );
+    let mut server = server;
     tokio::select! {
         _ = wait_for_signal() => {}
-        result = server_finished(&server) => result?,
+        ended = &mut server => {
+            // The server only ends on its own when something failed: say what.
+            let _ = stop_tx.send(true);
+            let _ = tokio::time::timeout(Duration::from_secs(60), agent).await;
+            return match ended {
+                Ok(Ok(())) => Err(anyhow::anyhow!("the server stopped unexpectedly")),
+                Ok(Err(err)) => Err(anyhow::Error::new(err).context("the server stopped")),
+                Err(panic) => Err(anyhow::anyhow!("the server panicked: {panic}")),
+            };
+        }
     }
     let _ = stop_tx.send(true);
     // The agent stops its replicas (SIGTERM, then SIGKILL after the grace).
@@ -77,19 +87,6 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     }
     server.await.context("server task panicked")??;
     Ok(())
-}
-
-/// Resolves with an error if the server task ends on its own (it only ends
-/// on shutdown otherwise).
-async fn server_finished(
-    server: &tokio::task::JoinHandle<Result<(), skiff_control_plane::ServerError>>,
-) -> anyhow::Result<()> {
-    loop {
-        if server.is_finished() {
-            anyhow::bail!("the server stopped unexpectedly; see the log above");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 fn agent_config(
@@ -114,6 +111,8 @@ fn agent_config(
         config.memory_mb = memory;
     }
     config.labels = node.labels.iter().cloned().collect();
+    config.metrics_listen = node.metrics_listen;
+    config.drain = Duration::from_secs_f64(node.drain_secs);
     config
 }
 

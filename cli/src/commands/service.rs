@@ -291,6 +291,26 @@ fn build_spec(args: &CreateArgs, replicas: u32) -> anyhow::Result<pb::ServiceSpe
         }
         p => p,
     };
+    let (publish, port) = match (args.publish, port) {
+        (None, port) => (None, port),
+        (Some((published, None)), port) => (Some(published), port),
+        (Some((_, Some(_))), _) if runtime == spec::RuntimeKind::Process => {
+            return Err(anyhow!(
+                "invalid publish: process replicas listen on $PORT, so there is no container port; use --publish PUBLISHED"
+            ))
+        }
+        (Some((published, Some(container))), None) => (Some(published), Some(u32::from(container))),
+        (Some((published, Some(container))), Some(p)) if p == u32::from(container) => {
+            (Some(published), Some(p))
+        }
+        (Some((_, Some(container))), Some(p)) => {
+            return Err(anyhow!(
+                "invalid publish: its container port {container} differs from --port {p}; give the container port once"
+            ))
+        }
+    };
+    let protocol =
+        spec::Protocol::parse(args.protocol.as_deref().unwrap_or_default()).map_err(invalid)?;
     if args.cpu == Some(0) {
         return Err(anyhow!(
             "invalid cpu: 0 millicores would never run; use a value above 0 (1000 = one CPU)"
@@ -338,6 +358,8 @@ fn build_spec(args: &CreateArgs, replicas: u32) -> anyhow::Result<pb::ServiceSpe
             .map_err(invalid)?,
         mode: spec::ServiceMode::parse(args.mode.as_deref().unwrap_or_default())
             .map_err(invalid)?,
+        publish,
+        protocol,
         ..spec::ServiceSpec::default()
     };
     if runtime == spec::RuntimeKind::Process && args.network.is_some() {
@@ -373,6 +395,8 @@ fn build_spec(args: &CreateArgs, replicas: u32) -> anyhow::Result<pb::ServiceSpe
         max_per_node: args.max_per_node.unwrap_or(0),
         placement: domain.placement.as_str().to_string(),
         mode: domain.mode.as_str().to_string(),
+        publish: publish.map_or(0, u32::from),
+        protocol: protocol.as_str().to_string(),
     })
 }
 
@@ -457,6 +481,46 @@ fn describe(status: &pb::ServiceStatus) -> String {
     );
     if !status.unplaced_reason.is_empty() {
         out.push_str(&format!("Unplaced:    {}\n", status.unplaced_reason));
+    }
+    if spec.publish != 0 {
+        out.push_str(&format!(
+            "Published:   {} ({}) on every node\n",
+            spec.publish, spec.protocol
+        ));
+    }
+    if !status.traffic.is_empty() {
+        out.push_str("\nTraffic (routing proxy, per node):\n");
+        let rows: Vec<Vec<String>> = status
+            .traffic
+            .iter()
+            .map(|t| {
+                vec![
+                    t.node.clone(),
+                    t.connections.to_string(),
+                    t.active.to_string(),
+                    t.requests.to_string(),
+                    format!("{:.1}", t.request_rate),
+                    t.bytes_in.to_string(),
+                    t.bytes_out.to_string(),
+                    t.connect_failures.to_string(),
+                    t.no_endpoint.to_string(),
+                ]
+            })
+            .collect();
+        out.push_str(&output::table(
+            &[
+                "NODE",
+                "CONNS",
+                "ACTIVE",
+                "REQUESTS",
+                "REQ/S",
+                "BYTES IN",
+                "BYTES OUT",
+                "DIAL FAILS",
+                "NO ENDPOINT",
+            ],
+            &rows,
+        ));
     }
     out.push_str("\nReplicas:\n");
     let rows: Vec<Vec<String>> = status

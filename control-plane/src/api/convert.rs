@@ -43,6 +43,16 @@ pub fn spec_from_pb(spec: pb::ServiceSpec) -> Result<ServiceSpec, SpecError> {
         max_per_node: Some(spec.max_per_node).filter(|m| *m != 0),
         placement: PlacementPolicy::parse(&spec.placement)?,
         mode: ServiceMode::parse(&spec.mode)?,
+        publish: match spec.publish {
+            0 => None,
+            p => Some(u16::try_from(p).map_err(|_| {
+                SpecError::new(
+                    "publish",
+                    format!("{p} is out of range; use a published port from 1 to 65535"),
+                )
+            })?),
+        },
+        protocol: spec::Protocol::parse(&spec.protocol)?,
     };
     spec.validate()?;
     Ok(spec)
@@ -108,6 +118,8 @@ pub fn spec_to_pb(spec: &ServiceSpec) -> pb::ServiceSpec {
         max_per_node: spec.max_per_node.unwrap_or(0),
         placement: spec.placement.as_str().to_string(),
         mode: spec.mode.as_str().to_string(),
+        publish: spec.publish.map_or(0, u32::from),
+        protocol: spec.protocol.as_str().to_string(),
     }
 }
 
@@ -157,6 +169,7 @@ pub fn service_to_pb(state: &State, service: &Service) -> pb::ServiceStatus {
         running,
         allocations,
         unplaced_reason,
+        traffic: Vec::new(),
     }
 }
 
@@ -195,4 +208,38 @@ pub fn event_to_pb(event: &Event) -> pb::Event {
         alloc: event.alloc.clone(),
         message: event.message.clone(),
     }
+}
+
+/// Every published service with its endpoints: allocations wanted, serving
+/// and on a ready node. A replica being stopped (desired stop) leaves the
+/// set at once, before its agent stops it, so proxies drain it first.
+pub fn endpoints(state: &State) -> pb::Endpoints {
+    let services = state
+        .services
+        .values()
+        .filter_map(|service| {
+            let publish = service.spec.publish?;
+            let name = service.spec.name.as_str();
+            let endpoints = state
+                .live_allocs(name)
+                .filter(|a| a.is_serving())
+                .filter_map(|a| {
+                    let node = state.nodes.get(&a.node)?;
+                    (node.status == crate::state::NodeStatus::Ready).then(|| pb::Endpoint {
+                        alloc_id: a.id.clone(),
+                        node: a.node.clone(),
+                        address: node.address.clone(),
+                        port: u32::from(a.host_port),
+                    })
+                })
+                .collect();
+            Some(pb::ServiceEndpoints {
+                service: name.to_string(),
+                publish: u32::from(publish),
+                protocol: service.spec.protocol.as_str().to_string(),
+                endpoints,
+            })
+        })
+        .collect();
+    pb::Endpoints { services }
 }

@@ -42,7 +42,21 @@ pub struct Api {
     heartbeats: Heartbeats,
     server_name: String,
     node_watch: Arc<NodeWatch>,
+    /// When the last completed shared read barrier started.
+    shared_barrier: Arc<tokio::sync::Mutex<Option<Instant>>>,
+    /// The published services' endpoints as last computed from the applied
+    /// state; every agent stream forwards each new value.
+    endpoints: Arc<watch::Sender<Arc<pb::Endpoints>>>,
+    /// The latest traffic report per (service, node) received by this
+    /// server, kept in memory only (it is refreshed every few seconds).
+    traffic: Arc<Mutex<Traffic>>,
 }
+
+type Traffic = BTreeMap<(String, String), (pb::ServiceTraffic, Instant)>;
+
+/// Traffic reports older than this are dropped from reads: the agent or
+/// its stream went away.
+const TRAFFIC_TTL: Duration = Duration::from_secs(30);
 
 /// Per node, the Raft index of the last change to its allocations, so each
 /// agent stream wakes only when something of its own changed (thousands of
@@ -68,7 +82,35 @@ impl Api {
             consensus,
             heartbeats: Heartbeats::default(),
             node_watch: Arc::default(),
+            shared_barrier: Arc::default(),
+            endpoints: Arc::new(watch::channel(Arc::new(pb::Endpoints::default())).0),
+            traffic: Arc::default(),
             server_name,
+        }
+    }
+
+    /// The latest traffic reports of `service`'s proxies, one per node, as
+    /// this server received them (for `service inspect` and the autoscaler).
+    pub fn service_traffic(&self, service: &str) -> Vec<pb::ServiceTraffic> {
+        let traffic = self.traffic.lock().unwrap_or_else(|p| p.into_inner());
+        traffic
+            .range((service.to_string(), String::new())..)
+            .take_while(|((s, _), _)| s == service)
+            .filter(|(_, (_, at))| at.elapsed() < TRAFFIC_TTL)
+            .map(|(_, (report, at))| pb::ServiceTraffic {
+                age_ms: at.elapsed().as_millis() as u64,
+                ..report.clone()
+            })
+            .collect()
+    }
+
+    fn record_traffic(&self, node: &str, report: pb::TrafficReport) {
+        let now = Instant::now();
+        let mut traffic = self.traffic.lock().unwrap_or_else(|p| p.into_inner());
+        traffic.retain(|_, (_, at)| now.duration_since(*at) < TRAFFIC_TTL);
+        for mut service in report.services {
+            service.node = node.to_string();
+            traffic.insert((service.service.clone(), node.to_string()), (service, now));
         }
     }
 
@@ -103,6 +145,21 @@ impl Api {
         Ok(convert::service_to_pb(&state, service))
     }
 
+    /// A read barrier shared by everyone waiting: a barrier that started
+    /// after the call began serves it too, so thousands of agent streams
+    /// opening at once cost a handful of ReadIndex rounds, not thousands.
+    async fn shared_barrier(&self) -> Result<(), ProposeError> {
+        let asked = Instant::now();
+        let mut last = self.shared_barrier.lock().await;
+        if last.is_some_and(|started| started >= asked) {
+            return Ok(());
+        }
+        let started = Instant::now();
+        self.consensus.read_barrier().await?;
+        *last = Some(started);
+        Ok(())
+    }
+
     fn touch(&self, node: &str) {
         if let Ok(mut beats) = self.heartbeats.lock() {
             match beats.get_mut(node) {
@@ -129,8 +186,31 @@ impl Api {
     pub async fn background(self, shutdown: watch::Receiver<bool>) {
         tokio::join!(
             self.clone().forward_heartbeats(shutdown.clone()),
+            self.clone().dispatch_endpoints(shutdown.clone()),
             self.dispatch_node_changes(shutdown),
         );
+    }
+
+    /// After each applied batch (at most every 10 ms), recomputes the
+    /// published services' endpoints and wakes every agent stream if they
+    /// changed.
+    async fn dispatch_endpoints(self, mut shutdown: watch::Receiver<bool>) {
+        let mut status = self.consensus.watch_status();
+        loop {
+            let endpoints = convert::endpoints(&self.consensus.state());
+            self.endpoints.send_if_modified(|current| {
+                let changed = **current != endpoints;
+                if changed {
+                    *current = Arc::new(endpoints);
+                }
+                changed
+            });
+            tokio::select! {
+                changed = status.changed() => if changed.is_err() { return },
+                _ = shutdown.changed() => return,
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// After each applied batch (at most every 10 ms), wakes the streams of
@@ -262,6 +342,20 @@ impl pb::control_server::Control for Api {
             .ok_or_else(|| Status::invalid_argument("invalid spec: missing"))?;
         let spec = convert::spec_from_pb(spec).map_err(invalid)?;
         let name = spec.name.clone();
+        if let Some(publish) = spec.publish {
+            self.barrier().await?;
+            let state = self.consensus.state();
+            let taken = state
+                .services
+                .values()
+                .find(|s| s.spec.publish == Some(publish) && s.spec.name != name);
+            if let Some(other) = taken {
+                return Err(Status::already_exists(format!(
+                    "invalid publish: port {publish} is already published by service \"{}\"; choose another --publish port",
+                    other.spec.name
+                )));
+            }
+        }
         self.propose(Command::CreateService { spec }).await?;
         self.service_status(&name).await.map(Response::new)
     }
@@ -309,9 +403,10 @@ impl pb::control_server::Control for Api {
         &self,
         request: Request<pb::GetServiceRequest>,
     ) -> Result<Response<pb::ServiceStatus>, Status> {
-        self.service_status(&request.into_inner().name)
-            .await
-            .map(Response::new)
+        let name = request.into_inner().name;
+        let mut status = self.service_status(&name).await?;
+        status.traffic = self.service_traffic(&name);
+        Ok(Response::new(status))
     }
 
     async fn list_nodes(
@@ -631,6 +726,8 @@ impl Api {
         outbound: mpsc::Sender<Result<pb::ServerMessage, Status>>,
     ) {
         let mut changes = self.node_watch.subscribe(&node);
+        let mut endpoints = self.endpoints.subscribe();
+        endpoints.mark_changed();
         let mut last_sent: Option<Vec<pb::Allocation>> = None;
         let mut last_index = None;
         // A lagging server (say, one that just came back) must not hand the
@@ -640,7 +737,7 @@ impl Api {
         let mut caught_up = false;
         loop {
             if !caught_up {
-                caught_up = self.consensus.read_barrier().await.is_ok();
+                caught_up = self.shared_barrier().await.is_ok();
             }
             let changed = self.consensus.state().node_changed_index(&node);
             if caught_up && last_index != Some(changed) {
@@ -659,6 +756,13 @@ impl Api {
             }
             tokio::select! {
                 changed = changes.changed() => if changed.is_err() { break },
+                changed = endpoints.changed(), if caught_up => {
+                    if changed.is_err() { break }
+                    let current = pb::Endpoints::clone(&endpoints.borrow_and_update());
+                    if outbound.send(Ok(server_msg(ServerMsg::Endpoints(current)))).await.is_err() {
+                        break;
+                    }
+                }
                 _ = tokio::time::sleep(Duration::from_millis(200)), if !caught_up => {}
                 message = inbound.message() => match message {
                     Ok(Some(pb::AgentMessage { msg: Some(msg) })) => self.on_agent_message(&node, msg).await,
@@ -682,6 +786,7 @@ impl Api {
         self.touch(node);
         let report = match msg {
             AgentMsg::Status(report) => report,
+            AgentMsg::Traffic(report) => return self.record_traffic(node, report),
             AgentMsg::Heartbeat(_) | AgentMsg::Register(_) => return,
         };
         let Some(state) = AllocState::parse(&report.state) else {

@@ -75,6 +75,11 @@ pub struct Core<S: LogStore> {
     config: CoreConfig,
     /// Read requests waiting for their read index to be applied.
     reads: Vec<(u64, u64)>,
+    /// Read requests raft-rs has not answered yet, with the ticks they may
+    /// still wait. raft-rs drops a read index request while there is no
+    /// leader or the leader has not committed in its term, so these are
+    /// asked again on every tick.
+    unanswered_reads: Vec<(u64, u32)>,
     snapshot_index: u64,
     /// Set by a membership change: the next snapshot must carry the new
     /// configuration, or a joining server refuses it (it is not in it).
@@ -90,9 +95,16 @@ impl<S: LogStore> Core<S> {
         // if the server crashed between the two writes.
         store.persist_commit(state.applied_index)?;
         let snapshot_index = store.first_index()? - 1;
+        let shortest_election = (config.election_ticks * 4 / 5).max(config.heartbeat_ticks + 1);
         let raft_config = raft::Config {
             id: config.id,
-            election_tick: config.election_ticks,
+            // The configured timeout is the middle of the random range:
+            // ±20 % rather than raft-rs' default [1×, 2×), so a dead leader
+            // is replaced in about the configured time; pre-vote keeps
+            // split votes rare.
+            election_tick: shortest_election,
+            min_election_tick: shortest_election,
+            max_election_tick: (config.election_ticks * 6 / 5).max(shortest_election + 1),
             heartbeat_tick: config.heartbeat_ticks,
             applied: state.applied_index,
             pre_vote: true,
@@ -108,6 +120,7 @@ impl<S: LogStore> Core<S> {
             state: Arc::new(RwLock::new(state)),
             config,
             reads: Vec::new(),
+            unanswered_reads: Vec::new(),
             snapshot_index,
             snapshot_now: false,
         })
@@ -144,6 +157,11 @@ impl<S: LogStore> Core<S> {
 
     pub fn tick(&mut self) {
         self.node.tick();
+        self.unanswered_reads.retain(|(_, ticks)| *ticks > 0);
+        for (tag, ticks) in &mut self.unanswered_reads {
+            *ticks -= 1;
+            self.node.read_index(tag.to_be_bytes().to_vec());
+        }
     }
 
     /// Feeds a message from a peer. Messages from unknown or removed peers
@@ -289,7 +307,10 @@ impl<S: LogStore> Core<S> {
     /// Asks for a read index; `Reply::Read` comes back once this server has
     /// applied everything committed before the request.
     pub fn read_index(&mut self, tag: u64) {
+        // Longer than any caller waits (the driver gives up after 5 s).
+        const READ_PATIENCE_TICKS: u32 = 100;
         self.node.read_index(tag.to_be_bytes().to_vec());
+        self.unanswered_reads.push((tag, READ_PATIENCE_TICKS));
     }
 
     pub fn status(&self) -> RaftStatus {
@@ -330,7 +351,11 @@ impl<S: LogStore> Core<S> {
             self.apply(ready.take_committed_entries(), &mut out)?;
             for read in ready.take_read_states() {
                 if let Ok(bytes) = <[u8; 8]>::try_from(read.request_ctx.as_slice()) {
-                    self.reads.push((u64::from_be_bytes(bytes), read.index));
+                    let tag = u64::from_be_bytes(bytes);
+                    if let Some(at) = self.unanswered_reads.iter().position(|(t, _)| *t == tag) {
+                        self.unanswered_reads.swap_remove(at);
+                        self.reads.push((tag, read.index));
+                    }
                 }
             }
             self.node.mut_store().persist(ready.entries(), ready.hs())?;
@@ -360,7 +385,6 @@ impl<S: LogStore> Core<S> {
         let mut state = State::from_image(&snapshot.data)?;
         state.applied_index = index;
         self.node.mut_store().apply_snapshot(&snapshot)?;
-        state.take_dirty();
         *self.state.write().unwrap_or_else(|p| p.into_inner()) = state;
         self.snapshot_index = index;
         tracing::info!(index, "installed snapshot from the leader");
@@ -395,7 +419,6 @@ impl<S: LogStore> Core<S> {
                 _ => state.skip(entry.index),
             }
         }
-        state.take_dirty();
         Ok(())
     }
 

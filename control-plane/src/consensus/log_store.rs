@@ -74,6 +74,5 @@ pub fn snapshot_state(store: &impl LogStore) -> Result<State, StorageFailure> {
     let snapshot = store.snapshot(0, 0).map_err(StorageFailure::from)?;
     let mut state = State::from_image(&snapshot.data).map_err(StorageFailure::from)?;
     state.applied_index = snapshot.get_metadata().index;
-    state.take_dirty();
     Ok(state)
 }

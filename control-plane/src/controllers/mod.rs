@@ -16,7 +16,7 @@ pub use liveness::Heartbeats;
 
 /// Placements per plan: bounds the size of one Raft entry and how long
 /// applying it holds the state; the rest follow in the next plans.
-pub const MAX_PLACEMENTS_PER_PLAN: u32 = 10_000;
+pub const MAX_PLACEMENTS_PER_PLAN: u32 = 25_000;
 
 /// Milliseconds since the epoch on this server's clock, as stamped into
 /// proposed commands.
@@ -32,7 +32,7 @@ pub fn plan_cluster(state: &State, now_ms: u64, seed: u64) -> (Plan, Vec<Unplace
     let mut plan = Plan::default();
     let mut requests = Vec::new();
     let mut budget = MAX_PLACEMENTS_PER_PLAN;
-    let mut services: Vec<&str> = state.allocs.values().map(|a| a.service.as_str()).collect();
+    let mut services: Vec<&str> = state.services_with_allocs().collect();
     services.extend(state.services.keys().map(String::as_str));
     services.sort_unstable();
     services.dedup();

@@ -80,8 +80,15 @@ fn replicated(
     now_ms: u64,
     decision: &mut Decision,
 ) {
-    let (migrating, mut kept): (Vec<&Allocation>, Vec<&Allocation>) =
-        live.into_iter().partition(|a| draining(state, a));
+    let (migrating, mut kept): (Vec<&Allocation>, Vec<&Allocation>) = if state
+        .nodes
+        .values()
+        .any(|n| n.availability == Availability::Drain)
+    {
+        live.into_iter().partition(|a| draining(state, a))
+    } else {
+        (Vec::new(), live)
+    };
     if kept.len() > desired {
         // Surplus: stop the worst first (not serving, then newest).
         kept.sort_by_key(|a| (a.is_serving(), std::cmp::Reverse(a.create_index)));

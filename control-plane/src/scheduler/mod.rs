@@ -253,16 +253,15 @@ impl NodeView<'_> {
     }
 }
 
-/// A node's rank for one service; lower is better.
+/// A node's rank for one service; lower is better. For spread, the
+/// second field (replicas of the service in the node's zone) is filled in
+/// per zone when choosing, see [`schedule`].
 type Rank = (u64, u64, u64, u64, u64);
 
-fn rank(view: &NodeView, spec: &ServiceSpec, zones: &[u64]) -> Rank {
+fn rank(view: &NodeView, spec: &ServiceSpec) -> Rank {
     let on_node = u64::from(view.per_service.get(&spec.name).copied().unwrap_or(0));
     match spec.placement {
-        PlacementPolicy::Spread => {
-            let in_zone = zones[view.zone];
-            (on_node, in_zone, view.load(), view.total, view.tiebreak)
-        }
+        PlacementPolicy::Spread => (on_node, 0, view.load(), view.total, view.tiebreak),
         PlacementPolicy::Binpack => (
             1000 - view.load(),
             on_node,
@@ -286,7 +285,13 @@ fn tiebreak(seed: u64, name: &str) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Places the requested replicas. Ids of new allocations and the
+/// Places the requested replicas.
+///
+/// Feasible nodes wait in heaps keyed by [`rank`]: one per zone for spread
+/// (a placement raises the zone's count for every node of the zone, so the
+/// zone term is applied when comparing the zones' best nodes), one for
+/// binpack. A placement changes only the chosen node's own key, which is
+/// pushed back, so each placement costs O(zones + log nodes). Ids of new allocations and the
 /// tie-breaks come from `seed`, so the same snapshot and seed always give
 /// the same plan.
 pub fn schedule(state: &State, requests: &[Request], seed: u64) -> (Vec<Placement>, Vec<Unplaced>) {
@@ -336,7 +341,12 @@ pub fn schedule(state: &State, requests: &[Request], seed: u64) -> (Vec<Placemen
             view.total += 1;
         }
         if alloc.is_live() {
-            *view.per_service.entry(alloc.service.clone()).or_default() += 1;
+            match view.per_service.get_mut(&alloc.service) {
+                Some(count) => *count += 1,
+                None => {
+                    view.per_service.insert(alloc.service.clone(), 1);
+                }
+            }
         }
     }
 
@@ -378,28 +388,47 @@ pub fn schedule(state: &State, requests: &[Request], seed: u64) -> (Vec<Placemen
         }
         let mut zones = vec![0u64; zone_count];
         if spec.placement == PlacementPolicy::Spread {
+            // Replicas of the service per zone.
             for view in &views {
                 if let Some(&n) = view.per_service.get(&spec.name) {
                     zones[view.zone] += u64::from(n);
                 }
             }
         }
-        let mut heap: BinaryHeap<Reverse<(Rank, usize)>> = feasible
-            .iter()
-            .filter(|&&i| views[i].dynamic_check(spec).is_ok())
-            .map(|&i| Reverse((rank(&views[i], spec, &zones), i)))
-            .collect();
+        let spread = spec.placement == PlacementPolicy::Spread;
+        let group_of = |view: &NodeView| if spread { view.zone } else { 0 };
+        let mut groups: Vec<BinaryHeap<Reverse<(Rank, usize)>>> =
+            vec![BinaryHeap::new(); zone_count];
+        for &i in &feasible {
+            if views[i].dynamic_check(spec).is_ok() {
+                groups[group_of(&views[i])].push(Reverse((rank(&views[i], spec), i)));
+            }
+        }
         let mut placed = 0;
         while placed < request.count {
-            let Some(Reverse((stale, i))) = heap.pop() else {
+            let best = groups
+                .iter()
+                .enumerate()
+                .filter_map(|(g, heap)| {
+                    let Reverse((mut key, _)) = *heap.peek()?;
+                    if spread {
+                        key.1 = zones[g];
+                    }
+                    Some((key, g))
+                })
+                .min();
+            let Some((_, g)) = best else {
+                break;
+            };
+            let Some(Reverse((stale, i))) = groups[g].pop() else {
                 break;
             };
             if views[i].dynamic_check(spec).is_err() {
                 continue;
             }
-            let fresh = rank(&views[i], spec, &zones);
+            let fresh = rank(&views[i], spec);
             if fresh != stale {
-                heap.push(Reverse((fresh, i)));
+                groups[g].push(Reverse((fresh, i)));
                 continue;
             }
             let view = &mut views[i];
@@ -429,7 +458,7 @@ pub fn schedule(state: &State, requests: &[Request], seed: u64) -> (Vec<Placemen
             });
             placed += 1;
             if view.dynamic_check(spec).is_ok() {
-                heap.push(Reverse((rank(&views[i], spec, &zones), i)));
+                groups[g].push(Reverse((rank(&views[i], spec), i)));
             }
         }
         if placed < request.count {

@@ -4,8 +4,8 @@
 //! Every change arrives as a [`Command`] committed through Raft and is applied
 //! here deterministically, in log order, on every server. Applying carries the
 //! Raft index, and a command at or below the last applied index is ignored, so
-//! replaying the log after a crash is idempotent. The machine is pure: it
-//! records which keys it changed ([`Key`]); it is persisted in snapshots.
+//! replaying the log after a crash is idempotent. The machine is pure; it
+//! is persisted in Raft snapshots.
 //! Time never comes from the applying server's clock: events are stamped
 //! with the time the proposer put in the entry ([`Command::Timed`]).
 
@@ -465,17 +465,6 @@ pub enum Outcome {
     },
 }
 
-/// A record the state machine changed, for the storage layer to write.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Key {
-    Service(String),
-    Node(String),
-    Alloc(String),
-    Member(u64),
-    Variable(String),
-    Event(u64),
-}
-
 /// The serialized form of [`State`] carried by Raft snapshots.
 #[derive(Default, Serialize, Deserialize)]
 struct StateImage {
@@ -542,7 +531,6 @@ pub struct State {
     /// The last proposer time seen; stamps events of untimed commands.
     clock_ms: u64,
     index: AllocIndex,
-    dirty: BTreeSet<Key>,
 }
 
 /// Per-node usage while one plan is checked on apply.
@@ -600,7 +588,6 @@ impl State {
                     drained: previous.is_some_and(|n| n.drained),
                 };
                 if previous != Some(&node) {
-                    self.dirty.insert(Key::Node(name.clone()));
                     self.nodes.insert(name.clone(), node);
                 }
                 if came_up {
@@ -620,17 +607,14 @@ impl State {
                 Ok(Outcome::Done)
             }
             Command::PutVariable { key, value } => {
-                self.dirty.insert(Key::Variable(key.clone()));
                 self.variables.insert(key, value);
                 Ok(Outcome::Done)
             }
             Command::RemoveMember { id } => {
-                self.dirty.insert(Key::Member(id));
                 self.members.remove(&id);
                 Ok(Outcome::Done)
             }
             Command::UpsertMember { member } => {
-                self.dirty.insert(Key::Member(member.id));
                 self.members.insert(member.id, member);
                 Ok(Outcome::Done)
             }
@@ -676,24 +660,6 @@ impl State {
             ..State::default()
         };
         state.rebuild_indexes();
-        state
-            .dirty
-            .extend(state.services.keys().cloned().map(Key::Service));
-        state
-            .dirty
-            .extend(state.nodes.keys().cloned().map(Key::Node));
-        state
-            .dirty
-            .extend(state.allocs.keys().cloned().map(Key::Alloc));
-        state
-            .dirty
-            .extend(state.members.keys().copied().map(Key::Member));
-        state
-            .dirty
-            .extend(state.variables.keys().cloned().map(Key::Variable));
-        state
-            .dirty
-            .extend(state.events.iter().map(|e| Key::Event(e.seq)));
         Ok(state)
     }
 
@@ -709,7 +675,7 @@ impl State {
         self.clock_ms = self.events.iter().map(|e| e.time_ms).max().unwrap_or(0);
     }
 
-    /// Whether two states hold the same records (ignoring what is unsaved).
+    /// Whether two states hold the same records (ignoring derived indexes).
     pub fn same_records(&self, other: &State) -> bool {
         self.services == other.services
             && self.nodes == other.nodes
@@ -717,11 +683,6 @@ impl State {
             && self.members == other.members
             && self.variables == other.variables
             && self.events == other.events
-    }
-
-    /// Keys changed since the last call; the caller persists them.
-    pub fn take_dirty(&mut self) -> BTreeSet<Key> {
-        std::mem::take(&mut self.dirty)
     }
 
     /// The event with sequence number `seq`, if still in the ring.
@@ -755,6 +716,11 @@ impl State {
             .into_iter()
             .flatten()
             .filter_map(|id| self.allocs.get(id))
+    }
+
+    /// Names of the services that have allocations (in no order).
+    pub fn services_with_allocs(&self) -> impl Iterator<Item = &str> {
+        self.index.by_service.keys().map(String::as_str)
     }
 
     /// Every allocation placed on a node, by id.
@@ -792,11 +758,8 @@ impl State {
             alloc: alloc.to_string(),
             message: message.to_string(),
         });
-        self.dirty.insert(Key::Event(seq));
         while self.events.len() > EVENT_RING {
-            if let Some(old) = self.events.pop_front() {
-                self.dirty.insert(Key::Event(old.seq));
-            }
+            self.events.pop_front();
         }
     }
 
@@ -810,7 +773,6 @@ impl State {
             ServiceMode::Global => "global".to_string(),
             ServiceMode::Replicated => format!("{} replicas", spec.replicas),
         };
-        self.dirty.insert(Key::Service(name.clone()));
         self.services.insert(
             name.clone(),
             Service {
@@ -840,7 +802,6 @@ impl State {
             service.spec.replicas = replicas;
             service.generation += 1;
             service.modify_index = index;
-            self.dirty.insert(Key::Service(name.to_string()));
             let message = format!("scaled from {from} to {replicas} replicas");
             self.event(index, EventKind::ServiceUpdated, name, "", "", &message);
         }
@@ -853,7 +814,6 @@ impl State {
         if self.services.remove(name).is_none() {
             return Err(CommandError::ServiceNotFound(name.to_string()));
         }
-        self.dirty.insert(Key::Service(name.to_string()));
         self.event(index, EventKind::ServiceRemoved, name, "", "", "");
         let ids: Vec<String> = self.allocs_of(name).map(|a| a.id.clone()).collect();
         for id in ids {
@@ -876,7 +836,6 @@ impl State {
             return Ok(Outcome::Done);
         }
         node.status = status;
-        self.dirty.insert(Key::Node(name.to_string()));
         match status {
             NodeStatus::Ready => {
                 self.event(index, EventKind::NodeUp, "", name, "", "heartbeats resumed");
@@ -923,7 +882,6 @@ impl State {
         node.availability = availability;
         node.drain_deadline_ms = deadline_ms.filter(|_| availability == Availability::Drain);
         node.drained = false;
-        self.dirty.insert(Key::Node(name.to_string()));
         let (kind, message) = match availability {
             Availability::Active => (EventKind::NodeActivated, String::new()),
             Availability::Pause => (EventKind::NodePaused, String::new()),
@@ -948,7 +906,6 @@ impl State {
         for name in done {
             if let Some(node) = self.nodes.get_mut(&name) {
                 node.drained = true;
-                self.dirty.insert(Key::Node(name.clone()));
                 self.event(index, EventKind::NodeDrained, "", &name, "", "");
             }
         }
@@ -1005,7 +962,6 @@ impl State {
                     self.index.remove(&alloc);
                     self.index.node_changed.insert(alloc.node.clone(), index);
                 }
-                self.dirty.insert(Key::Alloc(id.clone()));
             }
         }
         let mut usage: HashMap<String, NodeUsage> = HashMap::new();
@@ -1077,7 +1033,6 @@ impl State {
             };
             self.index.insert(&alloc);
             self.index.node_changed.insert(alloc.node.clone(), index);
-            self.dirty.insert(Key::Alloc(alloc.id.clone()));
             self.allocs.insert(alloc.id.clone(), alloc);
             let message = format!("port {}", placement.host_port);
             self.event(
@@ -1104,7 +1059,6 @@ impl State {
         alloc.modify_index = index;
         let (service, node) = (alloc.service.clone(), alloc.node.clone());
         self.index.node_changed.insert(node.clone(), index);
-        self.dirty.insert(Key::Alloc(id.to_string()));
         self.event(
             index,
             EventKind::ReplicaStopping,
@@ -1135,7 +1089,6 @@ impl State {
             let service = alloc.service.clone();
             let message = alloc.message.clone();
             self.index.node_changed.insert(node.to_string(), index);
-            self.dirty.insert(Key::Alloc(report.id.clone()));
             if let Some(kind) = EventKind::for_state(report.state).filter(|_| changed_state) {
                 self.event(index, kind, &service, node, &report.id, &message);
             }
@@ -1440,22 +1393,5 @@ mod tests {
                 .count(),
             2
         );
-    }
-
-    #[test]
-    fn commands_record_the_keys_they_change() {
-        let mut s = State::default();
-        s.apply(
-            1,
-            Command::CreateService {
-                spec: spec("web", 1),
-            },
-        )
-        .unwrap();
-        assert_eq!(
-            s.take_dirty().into_iter().collect::<Vec<_>>(),
-            vec![Key::Service("web".into()), Key::Event(1)]
-        );
-        assert!(s.take_dirty().is_empty());
     }
 }

@@ -159,6 +159,44 @@ pub struct ServiceSpec {
     pub placement: PlacementPolicy,
     #[serde(default)]
     pub mode: ServiceMode,
+    /// Port every node's routing proxy listens on and forwards to the
+    /// replicas; `None`: not published.
+    #[serde(default)]
+    pub publish: Option<u16>,
+    /// What the published port carries.
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+/// What a published port carries, as far as the routing proxy cares.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Any TCP stream; the proxy counts connections and bytes.
+    #[default]
+    Tcp,
+    /// Plain HTTP/1.1; the proxy also counts requests.
+    Http,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Http => "http",
+        }
+    }
+
+    pub fn parse(value: &str) -> Result<Self, SpecError> {
+        match value {
+            "tcp" | "" => Ok(Protocol::Tcp),
+            "http" => Ok(Protocol::Http),
+            other => Err(SpecError::new(
+                "protocol",
+                format!("unknown protocol \"{other}\"; use --protocol tcp or --protocol http"),
+            )),
+        }
+    }
 }
 
 /// How the scheduler ranks the nodes that can take a replica.
@@ -366,7 +404,22 @@ impl ServiceSpec {
         if let Some(health) = &self.health {
             validate_health(health)?;
         }
+        self.validate_publish()?;
         Ok(())
+    }
+
+    fn validate_publish(&self) -> Result<(), SpecError> {
+        match self.publish {
+            Some(0) => Err(SpecError::new(
+                "publish",
+                "0 is not a port; use --publish PUBLISHED:CONTAINER_PORT with ports from 1 to 65535",
+            )),
+            None if self.protocol != Protocol::Tcp => Err(SpecError::new(
+                "protocol",
+                "--protocol applies to published services only; add --publish PUBLISHED:CONTAINER_PORT",
+            )),
+            _ => Ok(()),
+        }
     }
 
     fn validate_process(&self) -> Result<(), SpecError> {
@@ -710,6 +763,27 @@ mod tests {
             image: Some("127.0.0.1:5000/demo/web:v1".into()),
             ..spec()
         }
+    }
+
+    #[test]
+    fn publish_zero_and_protocol_without_publish_are_refused_naming_the_field() {
+        let zero = ServiceSpec {
+            publish: Some(0),
+            ..spec()
+        };
+        assert_eq!(zero.validate().unwrap_err().field, "publish");
+        let http_unpublished = ServiceSpec {
+            protocol: Protocol::Http,
+            ..spec()
+        };
+        assert_eq!(http_unpublished.validate().unwrap_err().field, "protocol");
+        let published = ServiceSpec {
+            publish: Some(8080),
+            protocol: Protocol::Http,
+            ..spec()
+        };
+        assert_eq!(published.validate(), Ok(()));
+        assert_eq!(Protocol::parse("udp").unwrap_err().field, "protocol");
     }
 
     #[test]
