@@ -83,7 +83,7 @@ impl Metrics {
     /// Prometheus text exposition format (version 0.0.4).
     pub fn render(&self, node: &str) -> String {
         let samples = self.samples();
-        let families: [(&str, &str, &str, fn(&TrafficSample) -> u64); 8] = [
+        let families: [Family; 8] = [
             (
                 "skiff_proxy_connections_total",
                 "counter",
@@ -150,6 +150,14 @@ impl Metrics {
         out
     }
 }
+
+/// A metric family: name, type, help, and how to read it from a sample.
+type Family = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&TrafficSample) -> u64,
+);
 
 /// Escapes a label value (backslash, double quote, newline).
 fn escape(value: &str) -> String {

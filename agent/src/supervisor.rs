@@ -94,8 +94,33 @@ pub struct Supervisor<R: Runtime> {
     updates: mpsc::UnboundedSender<StatusUpdate>,
 }
 
-/// How often a replica is probed until its first successful check.
+/// How often a replica's failed probes count until its first successful
+/// check (or the check's interval, if shorter).
 const HEALTH_WARMUP_INTERVAL: Duration = Duration::from_millis(250);
+/// Until the first success, probes also run in between, starting this soon
+/// after the start and doubling up to [`HEALTH_WARMUP_INTERVAL`], so a
+/// replica that is ready within milliseconds shows healthy within
+/// milliseconds. Failures of these extra probes do not count.
+const HEALTH_FIRST_PROBE: Duration = Duration::from_millis(5);
+
+/// See [`Supervisor::persist`].
+fn persist_record(
+    store: &AllocStore,
+    spec: &ReplicaSpec,
+    restarts: u32,
+    pid: u32,
+    start_time: u64,
+) {
+    let record = AllocRecord {
+        spec: spec.clone(),
+        pid,
+        start_time,
+        restarts,
+    };
+    if let Err(e) = store.save(&record) {
+        tracing::warn!(alloc = %spec.alloc_id, error = %e, "failed to persist allocation record");
+    }
+}
 
 /// Sleeps until `at`, or forever if there is no such instant.
 async fn sleep_until_opt(at: Option<Instant>) {
@@ -149,7 +174,10 @@ impl<R: Runtime> Supervisor<R> {
         loop {
             let adopting = next.is_some();
             let mut handle = match next.take() {
-                Some(handle) => handle,
+                Some(handle) => {
+                    self.persist(handle.pid(), handle.start_time());
+                    handle
+                }
                 None => match self.start(&mut stop).await {
                     Ok(handle) => handle,
                     Err(Some(e)) => {
@@ -171,7 +199,6 @@ impl<R: Runtime> Supervisor<R> {
                 },
             };
             let pid = handle.pid();
-            self.persist(pid, handle.start_time());
             let message = if adopting {
                 "re-adopted after agent restart".to_string()
             } else {
@@ -240,8 +267,29 @@ impl<R: Runtime> Supervisor<R> {
             }
         }
         self.report(AllocState::Starting, 0, String::new());
-        let dir = self.store.alloc_dir(&self.spec.alloc_id);
-        self.runtime.start(&self.spec, &dir).map_err(Some)
+        // Starting runs the runtime's commands (mount, CNI, `runc run`):
+        // blocking work, kept off the async workers so that replicas start
+        // side by side. The new PID is recorded in the same blocking task,
+        // so nothing (not even the agent shutting down and dropping this
+        // future) comes between the start and the record.
+        let (runtime, store, spec) = (self.runtime.clone(), self.store.clone(), self.spec.clone());
+        let restarts = self.restarts;
+        let started = tokio::task::spawn_blocking(move || {
+            let dir = store.alloc_dir(&spec.alloc_id);
+            let handle = runtime.start(&spec, &dir)?;
+            persist_record(&store, &spec, restarts, handle.pid(), handle.start_time());
+            Ok(handle)
+        })
+        .await;
+        match started {
+            Ok(result) => result.map_err(Some),
+            Err(e) => Err(Some(crate::runtime::RuntimeError::Start {
+                short_id: self.spec.short_id().into(),
+                service: self.spec.service.clone(),
+                program: self.spec.program().into(),
+                reason: format!("start task failed: {e}"),
+            })),
+        }
     }
 
     /// Watches a running replica: its exit, a stop request, and its health
@@ -257,10 +305,20 @@ impl<R: Runtime> Supervisor<R> {
         let mut tracker = check.as_ref().map(HealthTracker::new);
         let pid = handle.pid();
         let mut healthy = false;
+        // Until the first success, probe often so "healthy" shows soon: a
+        // failure counts once per warm-up cadence, the probes in between
+        // (`ramp`) only look for the first success.
+        let mut ramp = HEALTH_FIRST_PROBE;
+        let mut last_counted = started;
         loop {
-            // Until the first success, probe often so "healthy" shows soon.
             let delay = match &check {
-                Some(c) if !healthy => c.interval.min(HEALTH_WARMUP_INTERVAL),
+                Some(c) if !healthy => {
+                    let cadence = c.interval.min(HEALTH_WARMUP_INTERVAL);
+                    let due = (last_counted + cadence).saturating_duration_since(Instant::now());
+                    let delay = ramp.min(due);
+                    ramp = (ramp * 2).min(HEALTH_WARMUP_INTERVAL);
+                    delay
+                }
                 Some(c) => c.interval,
                 None => Duration::MAX,
             };
@@ -286,9 +344,17 @@ impl<R: Runtime> Supervisor<R> {
                 },
                 Probe::Exec { command } => handle.exec_check(command, check.timeout).await,
             };
+            if !healthy && result.is_err() {
+                let cadence = check.interval.min(HEALTH_WARMUP_INTERVAL);
+                if Instant::now() < last_counted + cadence {
+                    continue;
+                }
+                last_counted = Instant::now();
+            }
             match tracker.record(result, started.elapsed()) {
                 Some(Transition::Healthy) => {
                     healthy = true;
+                    tracing::info!(alloc = %self.spec.alloc_id, pid, after_ms = started.elapsed().as_millis() as u64, "replica healthy");
                     self.report(AllocState::Healthy, pid, String::new());
                 }
                 Some(Transition::Unhealthy(reason)) => {
@@ -343,15 +409,7 @@ impl<R: Runtime> Supervisor<R> {
     /// a crash of the agent right after a start leaves the PID on disk. A
     /// failed write is logged, not fatal: the replica runs either way.
     fn persist(&self, pid: u32, start_time: u64) {
-        let record = AllocRecord {
-            spec: self.spec.clone(),
-            pid,
-            start_time,
-            restarts: self.restarts,
-        };
-        if let Err(e) = self.store.save(&record) {
-            tracing::warn!(alloc = %self.spec.alloc_id, error = %e, "failed to persist allocation record");
-        }
+        persist_record(&self.store, &self.spec, self.restarts, pid, start_time);
     }
 
     fn report(&self, state: AllocState, pid: u32, message: String) {

@@ -291,8 +291,21 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
                     }
                 }
                 Some(update) = self.updates.recv() => {
-                    self.local.observe(&update);
-                    send(&outbound, AgentMsg::Status(convert::status(&update)));
+                    // Updates queued meanwhile go out together, each
+                    // replica's latest only: a replica that went starting,
+                    // running, healthy since the last turn costs the control
+                    // plane one report, not three.
+                    let mut batch = vec![update];
+                    while let Ok(update) = self.updates.try_recv() {
+                        batch.push(update);
+                    }
+                    for (i, update) in batch.iter().enumerate() {
+                        self.local.observe(update);
+                        let superseded = batch[i + 1..].iter().any(|u| u.alloc_id == update.alloc_id);
+                        if !superseded {
+                            send(&outbound, AgentMsg::Status(convert::status(update)));
+                        }
+                    }
                 }
                 () = tick(&mut heartbeat) => {
                     send(&outbound, AgentMsg::Heartbeat(Heartbeat {}));

@@ -101,6 +101,29 @@ pub enum BenchCommand {
     /// of a cached image to all healthy, and agent RSS with 50 containers,
     /// on a fresh server and agent started for the run.
     Start(BenchStartArgs),
+    /// Routing proxy cost: keep-alive HTTP load against one loopback
+    /// replica directly and through the agent's proxy, in the same run;
+    /// requests/s, p50/p99 and their ratio.
+    Proxy(BenchProxyArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchProxyArgs {
+    /// Concurrent keep-alive connections.
+    #[arg(long, default_value_t = 64)]
+    pub connections: usize,
+    /// Measured seconds per run (direct, then through the proxy).
+    #[arg(long, default_value_t = 5)]
+    pub duration: u64,
+    /// Unmeasured warm-up seconds before each run.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: u64,
+    /// Worker threads of each of the replica, proxy and client runtimes.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Route as an `--protocol http` service (the proxy counts requests).
+    #[arg(long)]
+    pub http: bool,
 }
 
 #[derive(Args, Debug)]
@@ -127,6 +150,9 @@ pub struct BenchStartArgs {
     /// Host ports of the agent started for the run.
     #[arg(long, default_value = "31000-31999", value_parser = parse_port_range)]
     pub port_range: (u16, u16),
+    /// Keep the agent's log (its per-phase start timings) in this file.
+    #[arg(long)]
+    pub agent_log: Option<std::path::PathBuf>,
 }
 
 #[derive(Args, Debug)]

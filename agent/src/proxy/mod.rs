@@ -422,7 +422,10 @@ mod tests {
         for _ in 0..50 {
             assert_eq!(choose(&pool, &[]).unwrap().alloc_id, "idle");
         }
-        assert_eq!(choose(&pool, &[idle.clone()]).unwrap().alloc_id, "busy");
+        assert_eq!(
+            choose(&pool, std::slice::from_ref(&idle)).unwrap().alloc_id,
+            "busy"
+        );
         assert!(choose(&pool, &[idle, busy]).is_none());
         assert!(choose(&[], &[]).is_none());
     }

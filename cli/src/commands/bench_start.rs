@@ -24,6 +24,8 @@ const LIMIT: Duration = Duration::from_secs(120);
 struct Agent {
     child: Child,
     dir: PathBuf,
+    /// Where the log is copied once the agent stopped.
+    keep_log: Option<PathBuf>,
 }
 
 impl Agent {
@@ -49,7 +51,11 @@ impl Agent {
             .stderr(log)
             .spawn()
             .context("failed to start skiff agent")?;
-        Ok(Agent { child, dir })
+        Ok(Agent {
+            child,
+            dir,
+            keep_log: args.agent_log.clone(),
+        })
     }
 
     fn containers(&self) -> usize {
@@ -69,14 +75,16 @@ impl Drop for Agent {
             let _ = Command::new("kill").arg(pid.to_string()).status();
         }
         let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
+        while Instant::now() < deadline && !matches!(self.child.try_wait(), Ok(Some(_))) {
             std::thread::sleep(Duration::from_millis(50));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(path) = &self.keep_log {
+            if let Err(e) = std::fs::copy(self.dir.join("agent.log"), path) {
+                eprintln!("cannot keep the agent log in {}: {e}", path.display());
+            }
+        }
     }
 }
 

@@ -3,10 +3,12 @@
 //! the way Nomad and Podman do: one network namespace per container,
 //! created with `ip netns add` and handed to runc by path.
 
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Mutex;
 
 use serde_json::{json, Value};
 
@@ -82,7 +84,8 @@ impl CniNetwork {
     /// Creates the namespace and attaches it; returns the CNI result (kept
     /// for `del`) and the container's address.
     pub fn add(&self, container_id: &str, port: PortMapping) -> Result<(Value, Ipv4Addr), String> {
-        let _lock = host_lock()?;
+        let ready = self.is_ready();
+        let _lock = host_lock(if ready { Lock::Shared } else { Lock::Exclusive })?;
         let netns = Self::netns_path(container_id);
         if !netns.exists() {
             run_ip(&["netns", "add", &Self::netns_name(container_id)])?;
@@ -96,6 +99,9 @@ impl CniNetwork {
         let result = prev.unwrap_or(Value::Null);
         let ip = container_ip(&result)
             .ok_or_else(|| format!("CNI result has no IPv4 address: {result}"))?;
+        if !ready {
+            self.mark_ready();
+        }
         Ok((result, ip))
     }
 
@@ -107,7 +113,8 @@ impl CniNetwork {
         port: PortMapping,
         prev: Option<&Value>,
     ) -> Result<(), String> {
-        let _lock = host_lock()?;
+        // DEL only removes the container's own rules and chains.
+        let _lock = host_lock(Lock::Shared)?;
         let netns = Self::netns_path(container_id);
         let conflist = self.conflist();
         let mut first_error = None;
@@ -198,9 +205,41 @@ impl CniNetwork {
     }
 }
 
-/// Serializes CNI calls on the host: portmap and bridge race on creating
-/// their iptables chains ("chain already exists"), also between agents.
-fn host_lock() -> Result<nix::fcntl::Flock<std::fs::File>, String> {
+/// Bridges whose network this process attached a container to: their
+/// bridge device and the plugins' shared iptables chains exist.
+static READY: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+
+impl CniNetwork {
+    fn is_ready(&self) -> bool {
+        READY
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&self.bridge)
+    }
+
+    fn mark_ready(&self) {
+        READY
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(self.bridge.clone());
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lock {
+    Shared,
+    Exclusive,
+}
+
+/// Orders CNI calls on the host (also between agents). portmap and bridge
+/// race on creating their shared iptables chains and the bridge ("chain
+/// already exists"), so a process's first ADD on a network runs alone
+/// (exclusive). Once those exist, every plugin only adds or removes the
+/// container's own chains, rules and veth (iptables serializes itself with
+/// `--wait`, host-local IPAM with its own lock), so later ADDs and every
+/// DEL run side by side (shared): replicas start in parallel instead of
+/// queueing behind each other's plugins.
+fn host_lock(kind: Lock) -> Result<nix::fcntl::Flock<std::fs::File>, String> {
     let path = Path::new("/run/skiff-cni.lock");
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -208,7 +247,11 @@ fn host_lock() -> Result<nix::fcntl::Flock<std::fs::File>, String> {
         .write(true)
         .open(path)
         .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+    let arg = match kind {
+        Lock::Shared => nix::fcntl::FlockArg::LockShared,
+        Lock::Exclusive => nix::fcntl::FlockArg::LockExclusive,
+    };
+    nix::fcntl::Flock::lock(file, arg)
         .map_err(|(_, e)| format!("cannot lock {}: {e}", path.display()))
 }
 

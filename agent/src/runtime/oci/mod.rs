@@ -191,10 +191,12 @@ impl OciRuntime {
             .images
             .as_ref()
             .ok_or("this agent has no image store")?;
+        let began = std::time::Instant::now();
         let bundle = Self::bundle(alloc_dir);
         fs::create_dir_all(&bundle)
             .map_err(|e| format!("cannot create {}: {e}", bundle.display()))?;
         let rootfs = images.mount_rootfs(&spec.image, &bundle)?;
+        let mounted = began.elapsed();
         let user_name = if spec.user.is_empty() {
             &image.user
         } else {
@@ -227,6 +229,7 @@ impl OciRuntime {
                 (None, None)
             }
         };
+        let networked = began.elapsed();
         write_info(&bundle, &info)?;
         let host_resolv = fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
         let resolv = bundle.join("resolv.conf");
@@ -248,13 +251,27 @@ impl OciRuntime {
             .map_err(|e| format!("cannot encode the runtime spec: {e}"))?;
         write_bytes(&bundle.join("config.json"), &json)?;
 
+        let configured = began.elapsed();
         let stdout = open_log(&alloc_dir.join("stdout.log"))?;
         let stderr = open_log(&alloc_dir.join("stderr.log"))?;
         let pid = runc
             .run_detached(&spec.alloc_id, &bundle, stdout, stderr)
             .map_err(|e| explain_runtime_error(&e))?;
         let start_time = procfs::read_stat(pid).map_or(0, |s| s.start_time);
-        tracing::info!(alloc = %spec.alloc_id, service = %spec.service, pid, image = %spec.image, "started container");
+        // Phase timings (cumulative ms since the start began), for start
+        // latency work: rootfs mounted, network attached, spec written,
+        // runtime returned.
+        tracing::info!(
+            alloc = %spec.alloc_id,
+            service = %spec.service,
+            pid,
+            image = %spec.image,
+            mount_ms = mounted.as_millis() as u64,
+            network_ms = networked.as_millis() as u64,
+            spec_ms = configured.as_millis() as u64,
+            run_ms = began.elapsed().as_millis() as u64,
+            "started container"
+        );
         Ok(OciHandle {
             id: spec.alloc_id.clone(),
             pid,
@@ -381,7 +398,9 @@ impl Runtime for OciRuntime {
     fn destroy(&self, spec: &ReplicaSpec, alloc_dir: &Path) {
         let id = &spec.alloc_id;
         let bundle = Self::bundle(alloc_dir);
-        if let Ok(runc) = self.runc() {
+        // No state dir: the runtime knows no such container (a first start),
+        // and a `delete` would only spend a process on saying so.
+        if let Some(runc) = self.runc.as_ref().ok().filter(|r| r.root().join(id).exists()) {
             if let Err(e) = runc.delete(id, true) {
                 let out = e.output();
                 if !out.contains("does not exist")
