@@ -61,6 +61,11 @@ pub struct AgentConfig {
     /// How often the routing proxy's counters are reported to the control
     /// plane.
     pub traffic_interval: Duration,
+    /// Above this many MB of stored images, images no allocation of the
+    /// node uses are removed (checked every `image_gc_interval`); `None`:
+    /// never automatically.
+    pub image_gc_threshold_mb: Option<u64>,
+    pub image_gc_interval: Duration,
 }
 
 impl AgentConfig {
@@ -88,6 +93,8 @@ impl AgentConfig {
             metrics_listen: None,
             drain: Duration::from_secs(5),
             traffic_interval: Duration::from_secs(2),
+            image_gc_threshold_mb: None,
+            image_gc_interval: Duration::from_secs(60),
         }
     }
 

@@ -14,6 +14,7 @@ pub mod health;
 pub mod image;
 mod local;
 pub mod logs;
+mod mem;
 pub mod metrics;
 pub mod proxy;
 mod reconcile;
@@ -52,6 +53,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
     config.validate()?;
+    mem::limit_arenas();
     let store = Arc::new(AllocStore::open(&config.data_dir)?);
     let (updates_tx, mut updates_rx) = mpsc::unbounded_channel();
     let supervisor_config = SupervisorConfig {
@@ -63,9 +65,17 @@ pub async fn run(
     oci_config.runtime = config.oci_runtime.clone();
     oci_config.cni.plugin_dir = config.cni_plugin_dir.clone();
     oci_config.init_binary = Some(config.init_binary.clone());
+    let oci = Arc::new(OciRuntime::new(oci_config, images::open_store(&config)));
+    let image_gc = config.image_gc_threshold_mb.map(|mb| {
+        tokio::spawn(runtime::oci::gc_loop(
+            oci.clone(),
+            mb.saturating_mul(1024 * 1024),
+            config.image_gc_interval,
+        ))
+    });
     let runtime = AnyRuntime {
         process: ProcessRuntime::new(),
-        oci: Arc::new(OciRuntime::new(oci_config, images::open_store(&config))),
+        oci,
     };
     let allocs_dir = store.alloc_dir("");
     let mut local = LocalAllocs::new(Arc::new(runtime), store, supervisor_config, updates_tx);
@@ -126,6 +136,9 @@ pub async fn run(
         }
     }
     rotation.abort();
+    if let Some(gc) = image_gc {
+        gc.abort();
+    }
     let _ = logs_stop.send(());
     let _ = log_server.await;
     let _ = metrics_stop.send(());

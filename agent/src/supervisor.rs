@@ -103,6 +103,13 @@ const HEALTH_WARMUP_INTERVAL: Duration = Duration::from_millis(250);
 /// milliseconds. Failures of these extra probes do not count.
 const HEALTH_FIRST_PROBE: Duration = Duration::from_millis(5);
 
+/// How many replicas start at once. Starting is mostly CPU (runc, CNI
+/// plugins, the kernel setting up namespaces), so more at once is not
+/// faster; and each concurrent start holds a blocking thread whose malloc
+/// arena stays in the agent's RSS.
+const START_CONCURRENCY: usize = 4;
+static START_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(START_CONCURRENCY);
+
 /// See [`Supervisor::persist`].
 fn persist_record(
     store: &AllocStore,
@@ -274,6 +281,7 @@ impl<R: Runtime> Supervisor<R> {
         // future) comes between the start and the record.
         let (runtime, store, spec) = (self.runtime.clone(), self.store.clone(), self.spec.clone());
         let restarts = self.restarts;
+        let slot = START_SLOTS.acquire().await.expect("never closed");
         let started = tokio::task::spawn_blocking(move || {
             let dir = store.alloc_dir(&spec.alloc_id);
             let handle = runtime.start(&spec, &dir)?;
@@ -281,6 +289,11 @@ impl<R: Runtime> Supervisor<R> {
             Ok(handle)
         })
         .await;
+        drop(slot);
+        if START_SLOTS.available_permits() == START_CONCURRENCY {
+            // A burst of starts is over: hand the memory it used back.
+            crate::mem::release_free_memory();
+        }
         match started {
             Ok(result) => result.map_err(Some),
             Err(e) => Err(Some(crate::runtime::RuntimeError::Start {

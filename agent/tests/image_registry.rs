@@ -408,3 +408,49 @@ async fn image_users_and_healthchecks_come_from_the_image() {
     assert_eq!(check.retries, Some(2));
     assert_eq!(check.interval, Some(std::time::Duration::from_secs(1)));
 }
+
+fn count(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |d| d.count())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_removes_unused_images_but_never_what_a_container_uses() {
+    let Some(f) = fixture() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("images");
+    let store = f.store(&root);
+    let v1 = store.pull(&f.reference("web:v1")).await.unwrap();
+    let v2 = store.pull(&f.reference("web:v2")).await.unwrap();
+    let layered = store.pull(&f.reference("layers:v1")).await.unwrap();
+    let full = store.disk_usage();
+
+    // web:v2 runs in a container nobody told the prune about: its mount
+    // alone keeps its layers.
+    let container = tmp.path().join("containers/c1");
+    let _unmount = Unmount(&store, container.clone());
+    let rootfs = store.mount_rootfs(&v2, &container).unwrap();
+    let keep = f.reference("web:v1");
+    let report = store.prune(move || vec![keep]).await.unwrap();
+    assert_eq!(report.images, 2, "web:v2 and layers:v1 forgotten");
+    assert!(report.layers >= 1 && report.blobs >= 4, "{report:?}");
+    assert!(store.disk_usage() < full);
+    assert!(v1.layers.iter().chain(&v2.layers).all(|l| l.is_dir()));
+    assert!(layered.layers[1..].iter().all(|l| !l.exists()));
+    assert!(std::fs::read_to_string(rootfs.join("www/index.html"))
+        .unwrap()
+        .contains("v2"));
+    // web:v1 is still whole: served from the store without a download.
+    let before = store.stats();
+    store.pull(&f.reference("web:v1")).await.unwrap();
+    assert_eq!(store.stats(), before);
+
+    // Nothing in use any more: everything goes; a pull fetches it again.
+    store.unmount_rootfs(&container).unwrap();
+    store.prune(Vec::new).await.unwrap();
+    for dir in ["refs", "blobs/sha256", "layers", "l"] {
+        assert_eq!(count(&root.join(dir)), 0, "{dir} emptied");
+    }
+    let again = store.pull(&f.reference("web:v1")).await.unwrap();
+    assert!(again.layers.iter().all(|l| l.is_dir()));
+    assert!(store.stats().blobs_downloaded > before.blobs_downloaded);
+}

@@ -318,6 +318,11 @@ pub struct NodeArgs {
     /// open connections, after leaving every routing proxy, before SIGTERM.
     #[arg(long, env = "SKIFF_DRAIN_SECS", default_value_t = 5.0, value_parser = parse_secs)]
     pub drain_secs: f64,
+    /// Above this many MB of stored images, remove the images (and their
+    /// layers) no replica on this node uses; checked every minute (default:
+    /// never automatically).
+    #[arg(long, value_name = "MB")]
+    pub image_gc_threshold_mb: Option<u64>,
 }
 
 #[derive(Args, Debug)]

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::api::{Api, RaftService};
+use crate::consensus::snapshot_file::SnapshotFile;
 use crate::consensus::transport::{endpoint, MAX_MESSAGE_BYTES};
 use crate::consensus::{
     self, ConsensusConfig, ConsensusError, SledStorage, StorageFailure, Transport,
@@ -116,7 +117,8 @@ pub async fn run(
             path: raft_dir.clone(),
             source,
         })?;
-    let mut store = SledStorage::open(&db)?;
+    let snapshots = SnapshotFile::new(config.data_dir.join("snapshots"));
+    let mut store = SledStorage::open(&db, snapshots)?;
 
     // Serve the gRPC API before joining: the leader must be able to reach
     // this server as soon as the membership change commits.

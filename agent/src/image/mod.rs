@@ -18,6 +18,7 @@
 
 mod config;
 mod error;
+mod gc;
 mod registry;
 mod rootfs;
 mod store;
@@ -26,6 +27,7 @@ mod user;
 
 pub use config::{Healthcheck, ImageConfig};
 pub use error::ImageError;
+pub use gc::PruneReport;
 pub use rootfs::is_mounted;
 pub use store::{ImageStore, PullOptions, PullPolicy, PulledImage, StoreStats};
 pub use user::{lookup_user, read_image_file, ImageUser};

@@ -96,6 +96,8 @@ pub(crate) struct Inner {
     blobs_downloaded: AtomicU64,
     bytes_downloaded: AtomicU64,
     layers_unpacked: AtomicU64,
+    /// Pulls hold it shared, garbage collection exclusively (see `gc`).
+    pub gc_lock: tokio::sync::RwLock<()>,
 }
 
 /// One async mutex per key, dropped from the map when nobody holds it.
@@ -137,9 +139,9 @@ impl Drop for KeyedGuard<'_> {
 }
 
 #[derive(Serialize, Deserialize)]
-struct RefRecord {
-    reference: String,
-    manifest_digest: String,
+pub(crate) struct RefRecord {
+    pub reference: String,
+    pub manifest_digest: String,
 }
 
 /// `sha256:<hex>` of `bytes`.
@@ -203,6 +205,7 @@ impl ImageStore {
                 blobs_downloaded: AtomicU64::new(0),
                 bytes_downloaded: AtomicU64::new(0),
                 layers_unpacked: AtomicU64::new(0),
+                gc_lock: tokio::sync::RwLock::new(()),
             }),
         })
     }
@@ -242,6 +245,7 @@ impl ImageStore {
     ) -> Result<PulledImage, ImageError> {
         let parsed = parse_reference(reference)?;
         let key = parsed.whole();
+        let _no_gc = self.inner.gc_lock.read().await;
         let _guard = self.inner.image_locks.lock(&key).await;
         let use_cache = match policy {
             PullPolicy::IfNotPresent => true,

@@ -113,6 +113,7 @@ fn agent_config(
     config.labels = node.labels.iter().cloned().collect();
     config.metrics_listen = node.metrics_listen;
     config.drain = Duration::from_secs_f64(node.drain_secs);
+    config.image_gc_threshold_mb = node.image_gc_threshold_mb;
     config
 }
 

@@ -147,6 +147,7 @@ fn compaction_drops_entries_and_keeps_the_term<S: LogStore>(mut store: S) {
 #[cfg(test)]
 mod tests {
     use super::super::mem::MemLog;
+    use super::super::snapshot_file::SnapshotFile;
     use super::super::storage::SledStorage;
     use super::*;
 
@@ -160,15 +161,16 @@ mod tests {
         let dirs = std::cell::RefCell::new(Vec::new());
         let open = || {
             let dir = tempfile::tempdir().unwrap();
-            let db = sled::open(dir.path()).unwrap();
+            let db = sled::open(dir.path().join("db")).unwrap();
+            let snapshots = SnapshotFile::new(dir.path().join("snapshots"));
             dirs.borrow_mut().push((dir, db.clone()));
-            SledStorage::open(&db).unwrap()
+            SledStorage::open(&db, snapshots).unwrap()
         };
         // Reopening reads everything back from the tree, as a restart does.
         let reopen = |store: SledStorage| {
-            let db = store.db().clone();
+            let (db, snapshots) = (store.db().clone(), store.snapshot_file().clone());
             drop(store);
-            SledStorage::open(&db).unwrap()
+            SledStorage::open(&db, snapshots).unwrap()
         };
         run_all(open, reopen);
     }

@@ -11,11 +11,14 @@
 use std::sync::{Arc, RwLock};
 
 use protobuf::Message as _;
-use raft::eraftpb::{ConfChange, ConfChangeType, Entry, EntryType, Message, Snapshot};
+use raft::eraftpb::{
+    ConfChange, ConfChangeType, Entry, EntryType, Message, Snapshot, SnapshotMetadata,
+};
 use raft::{RawNode, StateRole};
 use serde::{Deserialize, Serialize};
 
 use super::log_store::{LogStore, StorageFailure};
+use super::snapshot_file::SnapshotFile;
 use super::{ProposeError, RaftStatus};
 use crate::state::{Command, CommandError, Member, Outcome, State};
 
@@ -54,6 +57,26 @@ struct ConfContext {
     member: Option<Member>,
 }
 
+/// A snapshot to encode and write off the consensus thread: the state as
+/// of `metadata.index`, cloned (cheap next to encoding and writing it).
+pub struct SnapshotJob {
+    state: State,
+    metadata: SnapshotMetadata,
+}
+
+impl SnapshotJob {
+    /// Encodes the state and writes the snapshot durably.
+    pub fn write(self, file: &SnapshotFile) -> Result<SnapshotMetadata, StorageFailure> {
+        let mut snapshot = Snapshot {
+            data: self.state.to_image().into(),
+            ..Default::default()
+        };
+        snapshot.set_metadata(self.metadata.clone());
+        file.write(&snapshot)?;
+        Ok(self.metadata)
+    }
+}
+
 /// The result for a waiter identified by its tag.
 #[derive(Debug)]
 pub enum Reply {
@@ -84,6 +107,9 @@ pub struct Core<S: LogStore> {
     /// Set by a membership change: the next snapshot must carry the new
     /// configuration, or a joining server refuses it (it is not in it).
     snapshot_now: bool,
+    /// A snapshot handed to a worker and not yet written.
+    snapshot_in_flight: bool,
+    snapshot_job: Option<SnapshotJob>,
 }
 
 impl<S: LogStore> Core<S> {
@@ -123,6 +149,8 @@ impl<S: LogStore> Core<S> {
             unanswered_reads: Vec::new(),
             snapshot_index,
             snapshot_now: false,
+            snapshot_in_flight: false,
+            snapshot_job: None,
         })
     }
 
@@ -467,16 +495,73 @@ impl<S: LogStore> Core<S> {
         Ok(())
     }
 
+    /// Where a worker may write snapshots, if the store supports that.
+    pub fn store_snapshot_file(&self) -> Option<SnapshotFile> {
+        self.node.store().background_snapshots()
+    }
+
+    /// A snapshot for the caller's worker to write, if one is due.
+    pub fn take_snapshot_job(&mut self) -> Option<SnapshotJob> {
+        self.snapshot_job.take()
+    }
+
+    /// Called when the worker finished a [`SnapshotJob`]: compacts the log
+    /// up to it. A failed write is logged and retried when next due.
+    pub fn snapshot_written(
+        &mut self,
+        written: Result<SnapshotMetadata, StorageFailure>,
+    ) -> Result<(), CoreError> {
+        self.snapshot_in_flight = false;
+        match written {
+            Ok(metadata) if metadata.index > self.snapshot_index => {
+                let index = metadata.index;
+                let started = std::time::Instant::now();
+                self.node.mut_store().compact_written(metadata)?;
+                self.snapshot_index = index;
+                tracing::info!(
+                    index,
+                    compact_ms = started.elapsed().as_millis() as u64,
+                    "snapshot written, log compacted"
+                );
+            }
+            Ok(_) => {}
+            Err(err) => tracing::error!(error = %err, "snapshot not written; retrying later"),
+        }
+        Ok(())
+    }
+
     /// Snapshots the state and compacts the log every `snapshot_every`
     /// applied entries, so the data dir stays bounded.
     fn maybe_compact(&mut self) -> Result<(), CoreError> {
         let applied = self.node.raft.raft_log.applied;
         let due = applied >= self.snapshot_index + self.config.snapshot_every;
-        if !(due || self.snapshot_now) || applied <= self.snapshot_index {
+        if !(due || self.snapshot_now) || applied <= self.snapshot_index || self.snapshot_in_flight
+        {
             return Ok(());
         }
-        self.snapshot_now = false;
         let term = self.node.raft.raft_log.term(applied)?;
+        if !self.snapshot_now && self.node.store().background_snapshots().is_some() {
+            let mut metadata = SnapshotMetadata {
+                index: applied,
+                term,
+                ..Default::default()
+            };
+            metadata.set_conf_state(self.node.raft.prs().conf().to_conf_state());
+            let started = std::time::Instant::now();
+            let state = self.state.read().unwrap_or_else(|p| p.into_inner()).clone();
+            tracing::info!(
+                index = applied,
+                clone_ms = started.elapsed().as_millis() as u64,
+                "snapshot started"
+            );
+            self.snapshot_job = Some(SnapshotJob { state, metadata });
+            self.snapshot_in_flight = true;
+            return Ok(());
+        }
+        // Inline: the store has no worker, or a membership change needs the
+        // new configuration in the snapshot before a joiner asks for it.
+        self.snapshot_now = false;
+        let started = std::time::Instant::now();
         let data = self
             .state
             .read()
@@ -490,9 +575,17 @@ impl<S: LogStore> Core<S> {
         metadata.index = applied;
         metadata.term = term;
         metadata.set_conf_state(self.node.raft.prs().conf().to_conf_state());
+        let encoded = started.elapsed();
+        let bytes = snapshot.data.len();
         self.node.mut_store().compact(snapshot)?;
         self.snapshot_index = applied;
-        tracing::debug!(index = applied, "snapshot taken, log compacted");
+        tracing::info!(
+            index = applied,
+            bytes,
+            encode_ms = encoded.as_millis() as u64,
+            total_ms = started.elapsed().as_millis() as u64,
+            "snapshot taken, log compacted"
+        );
         Ok(())
     }
 }

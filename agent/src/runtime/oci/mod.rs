@@ -100,6 +100,10 @@ pub struct OciRuntime {
     runc: Result<Runc, String>,
     images: Option<Arc<dyn ImageSource>>,
     pulled: Mutex<HashMap<String, ImageDefaults>>,
+    /// The image of every allocation this runtime prepares, runs or
+    /// re-adopted, by allocation id, until it is destroyed: what garbage
+    /// collection must keep.
+    leases: Arc<Mutex<HashMap<String, String>>>,
     cni: CniNetwork,
     init: Option<PathBuf>,
     allocs_dir: PathBuf,
@@ -131,6 +135,7 @@ impl OciRuntime {
             runc,
             images,
             pulled: Mutex::new(HashMap::new()),
+            leases: Arc::default(),
             cni: config.cni,
             init: config.init_binary.filter(|p| p.is_file()),
             allocs_dir: config.allocs_dir,
@@ -139,6 +144,37 @@ impl OciRuntime {
 
     pub fn runc(&self) -> Result<&Runc, String> {
         self.runc.as_ref().map_err(Clone::clone)
+    }
+
+    fn lease(&self, spec: &ReplicaSpec) {
+        self.leases
+            .lock()
+            .expect("lease table poisoned")
+            .insert(spec.alloc_id.clone(), spec.image.clone());
+    }
+
+    /// Removes the stored images no allocation of this node uses (never
+    /// one that is pulling, starting, running or waiting to restart).
+    pub async fn prune_images(&self) -> Result<crate::image::PruneReport, String> {
+        let Some(images) = &self.images else {
+            return Ok(crate::image::PruneReport::default());
+        };
+        let leases = self.leases.clone();
+        images
+            .prune(Box::new(move || {
+                leases
+                    .lock()
+                    .expect("lease table poisoned")
+                    .values()
+                    .cloned()
+                    .collect()
+            }))
+            .await
+    }
+
+    /// Bytes the stored images take on disk.
+    pub fn image_disk_usage(&self) -> u64 {
+        self.images.as_ref().map_or(0, |i| i.disk_usage())
     }
 
     fn error(spec: &ReplicaSpec, reason: String) -> RuntimeError {
@@ -282,6 +318,32 @@ impl OciRuntime {
     }
 }
 
+/// Automatic image garbage collection: every `every`, when the stored
+/// images take more than `threshold_bytes`, removes those no allocation of
+/// the node uses. Runs until dropped.
+pub async fn gc_loop(runtime: Arc<OciRuntime>, threshold_bytes: u64, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let sizing = runtime.clone();
+        let Ok(usage) = tokio::task::spawn_blocking(move || sizing.image_disk_usage()).await else {
+            continue;
+        };
+        if usage <= threshold_bytes {
+            continue;
+        }
+        tracing::info!(
+            usage_mb = usage / (1024 * 1024),
+            threshold_mb = threshold_bytes / (1024 * 1024),
+            "image store above its threshold; pruning unused images"
+        );
+        if let Err(e) = runtime.prune_images().await {
+            tracing::warn!(error = %e, "image garbage collection failed");
+        }
+    }
+}
+
 /// Turns crun's refusal of hybrid cgroup hosts into advice.
 pub fn explain_runtime_error(e: &runc::RuncError) -> String {
     if e.output().contains("hybrid mode not supported") {
@@ -348,6 +410,7 @@ impl Runtime for OciRuntime {
             .images
             .as_ref()
             .ok_or_else(|| Self::unsupported(spec, "this agent has no image store".into()))?;
+        self.lease(spec);
         let image = images
             .pull(&spec.image)
             .await
@@ -369,9 +432,9 @@ impl Runtime for OciRuntime {
             .map_err(|reason| Self::unsupported(spec, reason))?;
         // A container of this allocation that exited (or a half-made one)
         // is cleared first: ids are reused across restarts.
-        self.destroy(spec, alloc_dir);
+        self.clean_up(spec, alloc_dir);
         self.start_inner(spec, alloc_dir, runc).map_err(|reason| {
-            self.destroy(spec, alloc_dir);
+            self.clean_up(spec, alloc_dir);
             Self::error(spec, reason)
         })
     }
@@ -386,6 +449,7 @@ impl Runtime for OciRuntime {
             return None;
         }
         tracing::info!(alloc = %spec.alloc_id, pid, "adopted container");
+        self.lease(spec);
         Some(OciHandle {
             id: spec.alloc_id.clone(),
             pid,
@@ -396,11 +460,28 @@ impl Runtime for OciRuntime {
     }
 
     fn destroy(&self, spec: &ReplicaSpec, alloc_dir: &Path) {
+        self.clean_up(spec, alloc_dir);
+        self.leases
+            .lock()
+            .expect("lease table poisoned")
+            .remove(&spec.alloc_id);
+    }
+}
+
+impl OciRuntime {
+    /// Everything of [`Runtime::destroy`] but giving up the image: what a
+    /// (re)start clears first.
+    fn clean_up(&self, spec: &ReplicaSpec, alloc_dir: &Path) {
         let id = &spec.alloc_id;
         let bundle = Self::bundle(alloc_dir);
         // No state dir: the runtime knows no such container (a first start),
         // and a `delete` would only spend a process on saying so.
-        if let Some(runc) = self.runc.as_ref().ok().filter(|r| r.root().join(id).exists()) {
+        if let Some(runc) = self
+            .runc
+            .as_ref()
+            .ok()
+            .filter(|r| r.root().join(id).exists())
+        {
             if let Err(e) = runc.delete(id, true) {
                 let out = e.output();
                 if !out.contains("does not exist")
