@@ -305,3 +305,55 @@ mod tests {
         );
     }
 }
+
+/// Whether `bytes` hold exactly complete HTTP/1.x request heads without
+/// bodies, all with idempotent methods: such requests may be sent again to
+/// another replica if the first closed without answering.
+pub fn is_replayable(bytes: &[u8]) -> bool {
+    const IDEMPOTENT: [&[u8]; 5] = [b"GET ", b"HEAD ", b"OPTIONS ", b"DELETE ", b"TRACE "];
+    if !bytes.ends_with(b"\r\n\r\n") {
+        return false;
+    }
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let Some(end) = rest.windows(4).position(|w| w == b"\r\n\r\n") else {
+            return false;
+        };
+        let head = &rest[..end];
+        if !IDEMPOTENT.iter().any(|m| head.starts_with(m)) {
+            return false;
+        }
+        let lower = String::from_utf8_lossy(head).to_ascii_lowercase();
+        if lower.contains("\r\ncontent-length:") && !lower.contains("\r\ncontent-length: 0")
+            || lower.contains("\r\ntransfer-encoding:")
+        {
+            return false;
+        }
+        rest = &rest[end + 4..];
+    }
+    true
+}
+
+#[cfg(test)]
+mod replay_tests {
+    use super::is_replayable;
+
+    #[test]
+    fn only_complete_bodiless_idempotent_requests_are_replayable() {
+        assert!(is_replayable(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"));
+        assert!(is_replayable(
+            b"GET /a HTTP/1.1\r\n\r\nHEAD /b HTTP/1.1\r\n\r\n"
+        ));
+        assert!(!is_replayable(
+            b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n"
+        ));
+        assert!(!is_replayable(b"GET / HTTP/1.1\r\nHost: a\r\n"));
+        assert!(!is_replayable(
+            b"DELETE / HTTP/1.1\r\nContent-Length: 5\r\n\r\n"
+        ));
+        assert!(!is_replayable(
+            b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ));
+        assert!(!is_replayable(b"\x16\x03\x01binary"));
+    }
+}

@@ -273,30 +273,85 @@ async fn forward(client: TcpStream, pool: Arc<Pool>) {
     let counters = pool.counters.clone();
     counters.connections.fetch_add(1, Ordering::Relaxed);
     let _active = Gauge::up(&counters.active);
-    let Some((backend, mut upstream)) = dial(&pool).await else {
+    let mut tried = Vec::new();
+    let Some((mut backend, mut upstream)) = dial(&pool, &mut tried).await else {
         counters.no_endpoint.fetch_add(1, Ordering::Relaxed);
         return;
     };
-    let _backend_active = Gauge::up(&backend.active);
     let _ = client.set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
     let mut client = Counted {
         inner: client,
         counters: &counters,
         requests: pool.http.then(RequestCounter::default),
     };
+    if pool.http {
+        match first_exchange(&mut client, &pool, &mut tried, backend, upstream).await {
+            Some((answered_by, stream)) => (backend, upstream) = (answered_by, stream),
+            None => return,
+        }
+    }
+    let _backend_active = Gauge::up(&backend.active);
     if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         tracing::trace!(alloc = %backend.alloc_id, error = %e, "proxied connection ended with an error");
     }
 }
 
+/// Largest first request the proxy keeps for a replay.
+const REPLAY_BYTES: usize = 16 * 1024;
+
+/// For HTTP services: forwards the client's first request and waits for
+/// the replica's first byte. A replica that closes or resets the
+/// connection before answering anything (it died between the dial and the
+/// request: a killed process's socket accepts for a moment) gets the
+/// request replayed on another replica — only for a complete, bodiless
+/// request with an idempotent method, which the dead replica cannot have
+/// half-applied. Returns the replica that answered, its first bytes
+/// already sent on to the client.
+async fn first_exchange(
+    client: &mut Counted<'_>,
+    pool: &Pool,
+    tried: &mut Vec<Arc<Backend>>,
+    mut backend: Arc<Backend>,
+    mut upstream: TcpStream,
+) -> Option<(Arc<Backend>, TcpStream)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut request = vec![0u8; REPLAY_BYTES];
+    let n = client.read(&mut request).await.ok()?;
+    if n == 0 {
+        return None;
+    }
+    request.truncate(n);
+    let replayable = http::is_replayable(&request);
+    let mut answer = [0u8; 4096];
+    loop {
+        let _ = upstream.set_nodelay(true);
+        let got = match upstream.write_all(&request).await {
+            Ok(()) => upstream.read(&mut answer).await.unwrap_or(0),
+            Err(_) => 0,
+        };
+        if got > 0 {
+            client.write_all(&answer[..got]).await.ok()?;
+            return Some((backend, upstream));
+        }
+        if !replayable {
+            return None;
+        }
+        tracing::debug!(alloc = %backend.alloc_id, "replica closed before answering; replaying the request on another");
+        pool.counters
+            .connect_failures
+            .fetch_add(1, Ordering::Relaxed);
+        (backend, upstream) = dial(pool, tried).await?;
+    }
+}
+
 /// Dials replicas until one accepts: nothing has been read from the client
 /// yet, so a refused or timed-out dial is retried on another replica.
-async fn dial(pool: &Pool) -> Option<(Arc<Backend>, TcpStream)> {
-    let mut tried: Vec<Arc<Backend>> = Vec::new();
-    for _ in 0..MAX_DIALS {
+/// Replicas in `tried` are skipped, and every one dialed is added to it.
+async fn dial(pool: &Pool, tried: &mut Vec<Arc<Backend>>) -> Option<(Arc<Backend>, TcpStream)> {
+    while tried.len() < MAX_DIALS {
         let backends = pool.snapshot();
-        let backend = choose(&backends, &tried)?;
+        let backend = choose(&backends, tried)?;
+        tried.push(backend.clone());
         match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(backend.addr)).await {
             Ok(Ok(stream)) => return Some((backend, stream)),
             Ok(Err(e)) => {
@@ -309,7 +364,6 @@ async fn dial(pool: &Pool) -> Option<(Arc<Backend>, TcpStream)> {
         pool.counters
             .connect_failures
             .fetch_add(1, Ordering::Relaxed);
-        tried.push(backend);
     }
     None
 }
