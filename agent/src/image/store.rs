@@ -505,12 +505,16 @@ impl ImageStore {
             .root
             .join("tmp")
             .join(format!("{hex}-{}", rand::random::<u32>()));
+        // Removes the partial download if this future is dropped mid-way
+        // (a sibling layer failed and the whole pull was abandoned).
+        let partial = PartialDownload(Some(tmp.clone()));
         let result = self.download(reference, digest, size, display, &tmp).await;
         match result {
             Ok(bytes) => {
                 tokio::fs::rename(&tmp, &path)
                     .await
                     .map_err(ImageError::io("failed to store blob", &path))?;
+                partial.stored();
                 self.inner.blobs_downloaded.fetch_add(1, Ordering::Relaxed);
                 self.inner
                     .bytes_downloaded
@@ -617,6 +621,24 @@ impl ImageStore {
         })?;
         self.inner.layers_unpacked.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+/// A blob download in `tmp/`, removed when dropped before it is stored.
+struct PartialDownload(Option<PathBuf>);
+
+impl PartialDownload {
+    /// The download was renamed into the store: nothing to remove.
+    fn stored(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for PartialDownload {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
