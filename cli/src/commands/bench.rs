@@ -32,7 +32,6 @@ pub struct LocalCluster {
     pub addresses: Vec<String>,
     pub children: Vec<Option<Child>>,
     dir: PathBuf,
-    ports: Vec<u16>,
 }
 
 impl LocalCluster {
@@ -47,7 +46,6 @@ impl LocalCluster {
             addresses,
             children: Vec::new(),
             dir,
-            ports,
         };
         for index in 0..size {
             let child = cluster.spawn(index)?;
@@ -82,7 +80,6 @@ impl LocalCluster {
         } else {
             command.args(["--join", &self.addresses[0]]);
         }
-        let _ = self.ports[index];
         command.spawn().context("failed to start skiff server")
     }
 

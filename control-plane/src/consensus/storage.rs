@@ -36,12 +36,13 @@ fn store_err(err: impl std::fmt::Display) -> raft::Error {
     raft::Error::Store(StorageError::Other(err.to_string().into()))
 }
 
-/// The durable Raft log of one server, in three sled trees: the entries,
-/// the small records rewritten on every Ready (hard state, conf state), and
-/// the latest snapshot. They are kept apart because sled rewrites a whole
-/// page when one key in it changes: with the multi-megabyte snapshot next
-/// to the hard state, every Ready rewrote the snapshot (measured: 12 GB of
-/// disk after 30k writes).
+/// The durable Raft log of one server: two sled trees, the entries and the
+/// small records rewritten on every Ready (hard state, conf state, which
+/// snapshot is current), plus the snapshot itself in a [`SnapshotFile`].
+/// Large values stay out of sled because it rewrites a whole page when one
+/// key in it changes: with the multi-megabyte snapshot next to the hard
+/// state, every Ready rewrote the snapshot (measured: 12 GB of disk after
+/// 30k writes).
 pub struct SledStorage {
     db: sled::Db,
     log: sled::Tree,
