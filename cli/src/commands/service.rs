@@ -397,6 +397,7 @@ fn build_spec(args: &CreateArgs, replicas: u32) -> anyhow::Result<pb::ServiceSpe
         mode: domain.mode.as_str().to_string(),
         publish: publish.map_or(0, u32::from),
         protocol: protocol.as_str().to_string(),
+        ..Default::default()
     })
 }
 

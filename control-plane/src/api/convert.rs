@@ -120,6 +120,7 @@ pub fn spec_to_pb(spec: &ServiceSpec) -> pb::ServiceSpec {
         mode: spec.mode.as_str().to_string(),
         publish: spec.publish.map_or(0, u32::from),
         protocol: spec.protocol.as_str().to_string(),
+        ..Default::default()
     }
 }
 
@@ -136,6 +137,7 @@ pub fn alloc_to_pb(alloc: &Allocation) -> pb::Allocation {
         message: alloc.message.clone(),
         spec: Some(spec_to_pb(&alloc.spec)),
         create_index: alloc.create_index,
+        ..Default::default()
     }
 }
 
@@ -170,6 +172,7 @@ pub fn service_to_pb(state: &State, service: &Service) -> pb::ServiceStatus {
         allocations,
         unplaced_reason,
         traffic: Vec::new(),
+        ..Default::default()
     }
 }
 
@@ -230,6 +233,7 @@ pub fn endpoints(state: &State) -> pb::Endpoints {
                         node: a.node.clone(),
                         address: node.address.clone(),
                         port: u32::from(a.host_port),
+                        ..Default::default()
                     })
                 })
                 .collect();

@@ -293,6 +293,7 @@ impl Api {
             let request = pb::ReportHeartbeatsRequest {
                 server: self.server_name.clone(),
                 beats,
+                traffic: Vec::new(),
             };
             if let Err(err) = leader.report_heartbeats(request).await {
                 tracing::debug!(error = %err, "heartbeats not forwarded to the leader");
@@ -541,6 +542,34 @@ impl pb::control_server::Control for Api {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+
+    async fn update_service(
+        &self,
+        _request: Request<pb::UpdateServiceRequest>,
+    ) -> Result<Response<pb::ServiceStatus>, Status> {
+        Err(Status::unimplemented("service updates are not implemented yet"))
+    }
+
+    async fn rollback_service(
+        &self,
+        _request: Request<pb::RollbackServiceRequest>,
+    ) -> Result<Response<pb::ServiceStatus>, Status> {
+        Err(Status::unimplemented("rollbacks are not implemented yet"))
+    }
+
+    async fn promote_deployment(
+        &self,
+        _request: Request<pb::PromoteDeploymentRequest>,
+    ) -> Result<Response<pb::ServiceStatus>, Status> {
+        Err(Status::unimplemented("promotion is not implemented yet"))
+    }
+
+    async fn pause_deployment(
+        &self,
+        _request: Request<pb::PauseDeploymentRequest>,
+    ) -> Result<Response<pb::ServiceStatus>, Status> {
+        Err(Status::unimplemented("pausing deployments is not implemented yet"))
     }
 
     async fn report_heartbeats(
