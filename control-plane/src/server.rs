@@ -174,9 +174,11 @@ pub async fn run(
         ));
     }
     let api = Api::new(consensus.clone(), config.name.clone());
+    let traffic_api = api.clone();
     let reconciler = tokio::spawn(controllers::run(
         consensus.clone(),
         api.heartbeats(),
+        Arc::new(move || traffic_api.replica_traffic()),
         config.heartbeat_ttl,
         stop_rx.clone(),
     ));

@@ -289,7 +289,7 @@ fn pure_scheduler(nodes: usize, services: &[pb::ServiceSpec]) -> (usize, Duratio
     let (mut placed, mut spent, mut plans) = (0, Duration::ZERO, 0);
     loop {
         let started = Instant::now();
-        let (plan, _) = plan_cluster(&state, 0, plans as u64);
+        let (plan, _) = plan_cluster(&state, 0, plans as u64, &Default::default());
         spent += started.elapsed();
         if plan.place.is_empty() {
             break;

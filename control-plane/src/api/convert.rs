@@ -5,8 +5,9 @@ use skiff_proto::v1 as pb;
 
 use crate::controllers;
 use crate::state::{
-    spec, Allocation, Constraint, Event, HealthCheck, HealthKind, NetworkMode, Node,
-    PlacementPolicy, RuntimeKind, Service, ServiceMode, ServiceSpec, SpecError, State,
+    spec, update, Allocation, AutoscalePolicy, Constraint, Event, HealthCheck, HealthKind,
+    NetworkMode, Node, PlacementPolicy, RuntimeKind, Service, ServiceMode, ServiceSpec, SpecError,
+    State, Strategy, UpdatePolicy,
 };
 
 pub fn spec_from_pb(spec: pb::ServiceSpec) -> Result<ServiceSpec, SpecError> {
@@ -53,9 +54,69 @@ pub fn spec_from_pb(spec: pb::ServiceSpec) -> Result<ServiceSpec, SpecError> {
             })?),
         },
         protocol: spec::Protocol::parse(&spec.protocol)?,
+        update: update_from_pb(spec.update.unwrap_or_default())?,
+        autoscale: spec.autoscale.map(autoscale_from_pb),
     };
     spec.validate()?;
     Ok(spec)
+}
+
+/// Zero values and unset options mean the defaults.
+pub fn update_from_pb(p: pb::UpdatePolicy) -> Result<UpdatePolicy, SpecError> {
+    let d = UpdatePolicy::default();
+    let nonzero = |v: u32, default: u32| if v == 0 { default } else { v };
+    Ok(UpdatePolicy {
+        strategy: Strategy::parse(&p.strategy)?,
+        max_parallel: nonzero(p.max_parallel, d.max_parallel),
+        max_surge: p.max_surge.unwrap_or(d.max_surge),
+        max_unavailable: p.max_unavailable.unwrap_or(d.max_unavailable),
+        min_healthy_ms: p.min_healthy_ms.unwrap_or(d.min_healthy_ms),
+        healthy_deadline_ms: nonzero(p.healthy_deadline_ms, d.healthy_deadline_ms),
+        progress_deadline_ms: nonzero(p.progress_deadline_ms, d.progress_deadline_ms),
+        auto_rollback: p.auto_rollback.unwrap_or(d.auto_rollback),
+        auto_promote: p.auto_promote,
+        canary: nonzero(p.canary, d.canary),
+        canary_weight: Some(p.canary_weight).filter(|w| *w != 0),
+        max_error_rate: p.max_error_rate,
+    })
+}
+
+pub fn update_to_pb(u: &UpdatePolicy) -> pb::UpdatePolicy {
+    pb::UpdatePolicy {
+        strategy: u.strategy.as_str().to_string(),
+        max_parallel: u.max_parallel,
+        max_surge: Some(u.max_surge),
+        max_unavailable: Some(u.max_unavailable),
+        min_healthy_ms: Some(u.min_healthy_ms),
+        healthy_deadline_ms: u.healthy_deadline_ms,
+        progress_deadline_ms: u.progress_deadline_ms,
+        auto_rollback: Some(u.auto_rollback),
+        auto_promote: u.auto_promote,
+        canary: u.canary,
+        canary_weight: u.canary_weight.unwrap_or(0),
+        max_error_rate: u.max_error_rate,
+    }
+}
+
+fn autoscale_from_pb(a: pb::Autoscale) -> AutoscalePolicy {
+    let target = |t: f64| Some(t).filter(|t| *t != 0.0);
+    AutoscalePolicy {
+        min: a.min,
+        max: a.max,
+        target_rps: target(a.target_rps),
+        target_concurrency: target(a.target_concurrency),
+        target_cpu: target(a.target_cpu),
+    }
+}
+
+fn autoscale_to_pb(a: &AutoscalePolicy) -> pb::Autoscale {
+    pb::Autoscale {
+        min: a.min,
+        max: a.max,
+        target_rps: a.target_rps.unwrap_or(0.0),
+        target_concurrency: a.target_concurrency.unwrap_or(0.0),
+        target_cpu: a.target_cpu.unwrap_or(0.0),
+    }
 }
 
 /// `None` for a check of empty kind (none given).
@@ -120,7 +181,8 @@ pub fn spec_to_pb(spec: &ServiceSpec) -> pb::ServiceSpec {
         mode: spec.mode.as_str().to_string(),
         publish: spec.publish.map_or(0, u32::from),
         protocol: spec.protocol.as_str().to_string(),
-        ..Default::default()
+        update: Some(update_to_pb(&spec.update)),
+        autoscale: spec.autoscale.as_ref().map(autoscale_to_pb),
     }
 }
 
@@ -137,8 +199,61 @@ pub fn alloc_to_pb(alloc: &Allocation) -> pb::Allocation {
         message: alloc.message.clone(),
         spec: Some(spec_to_pb(&alloc.spec)),
         create_index: alloc.create_index,
-        ..Default::default()
+        version: alloc.version,
+        serving_since_ms: alloc.serving_since_ms,
     }
+}
+
+/// The latest deployment with its progress counted now.
+fn deployment_to_pb(state: &State, service: &Service) -> Option<pb::Deployment> {
+    let d = service.deployment.as_ref()?;
+    let now = controllers::now_ms();
+    let spec = &service.spec;
+    let live: Vec<&Allocation> = state.live_allocs(&spec.name).collect();
+    let new: Vec<&&Allocation> = live.iter().filter(|a| a.spec.runs_same(spec)).collect();
+    let new_healthy = new
+        .iter()
+        .filter(|a| {
+            a.is_serving()
+                && a.serving_since_ms > 0
+                && now >= a.serving_since_ms + u64::from(d.policy.min_healthy_ms)
+        })
+        .count();
+    Some(pb::Deployment {
+        version: d.version,
+        from_version: d.from_version,
+        strategy: d.policy.strategy.as_str().to_string(),
+        status: d.status.as_str().to_string(),
+        message: d.message.clone(),
+        promoted: d.promoted,
+        started_ms: d.started_ms,
+        ended_ms: d.ended_ms,
+        new_placed: new.len() as u32,
+        new_healthy: new_healthy as u32,
+        desired: spec.replicas,
+        old_running: (live.len() - new.len()) as u32,
+        rollback_of: d.rollback_of,
+    })
+}
+
+fn history_to_pb(service: &Service) -> Vec<pb::ServiceVersion> {
+    let mut previous: Option<&ServiceSpec> = None;
+    service
+        .history
+        .iter()
+        .map(|record| {
+            let diff = previous.map_or_else(Vec::new, |p| update::spec_diff(p, &record.spec));
+            previous = Some(&record.spec);
+            pb::ServiceVersion {
+                version: record.version,
+                spec: Some(spec_to_pb(&record.spec)),
+                created_ms: record.created_ms,
+                outcome: record.outcome.clone(),
+                message: record.message.clone(),
+                diff,
+            }
+        })
+        .collect()
 }
 
 /// A service with its allocations, running count and, when replicas are
@@ -172,7 +287,9 @@ pub fn service_to_pb(state: &State, service: &Service) -> pb::ServiceStatus {
         allocations,
         unplaced_reason,
         traffic: Vec::new(),
-        ..Default::default()
+        version: service.version,
+        deployment: deployment_to_pb(state, service),
+        history: history_to_pb(service),
     }
 }
 
@@ -213,9 +330,11 @@ pub fn event_to_pb(event: &Event) -> pb::Event {
     }
 }
 
-/// Every published service with its endpoints: allocations wanted, serving
-/// and on a ready node. A replica being stopped (desired stop) leaves the
-/// set at once, before its agent stops it, so proxies drain it first.
+/// Every published service with its endpoints: allocations wanted, serving,
+/// not held back (a blue-green replica before promotion) and on a ready
+/// node. A replica being stopped (desired stop) leaves the set at once,
+/// before its agent stops it, so proxies drain it first. During a canary
+/// deployment the weights give the canaries their share of new connections.
 pub fn endpoints(state: &State) -> pb::Endpoints {
     let services = state
         .services
@@ -223,18 +342,27 @@ pub fn endpoints(state: &State) -> pb::Endpoints {
         .filter_map(|service| {
             let publish = service.spec.publish?;
             let name = service.spec.name.as_str();
-            let endpoints = state
+            let serving: Vec<&Allocation> = state
                 .live_allocs(name)
-                .filter(|a| a.is_serving())
-                .filter_map(|a| {
-                    let node = state.nodes.get(&a.node)?;
-                    (node.status == crate::state::NodeStatus::Ready).then(|| pb::Endpoint {
-                        alloc_id: a.id.clone(),
-                        node: a.node.clone(),
-                        address: node.address.clone(),
-                        port: u32::from(a.host_port),
-                        ..Default::default()
-                    })
+                .filter(|a| a.is_serving() && !a.held)
+                .filter(|a| {
+                    state
+                        .nodes
+                        .get(&a.node)
+                        .is_some_and(|n| n.status == crate::state::NodeStatus::Ready)
+                })
+                .collect();
+            let weights = canary_weights(service, &serving);
+            let endpoints = serving
+                .iter()
+                .zip(weights)
+                .map(|(a, weight)| pb::Endpoint {
+                    alloc_id: a.id.clone(),
+                    node: a.node.clone(),
+                    address: state.nodes[&a.node].address.clone(),
+                    port: u32::from(a.host_port),
+                    weight,
+                    version: a.version,
                 })
                 .collect();
             Some(pb::ServiceEndpoints {
@@ -246,4 +374,32 @@ pub fn endpoints(state: &State) -> pb::Endpoints {
         })
         .collect();
     pb::Endpoints { services }
+}
+
+/// Per-endpoint weights: equal (1), except while an unpromoted canary
+/// deployment with `--canary-weight PCT` runs, where the canaries together
+/// get PCT percent of new connections and the others the rest.
+fn canary_weights(service: &Service, serving: &[&Allocation]) -> Vec<u32> {
+    let weight = service
+        .active_deployment()
+        .filter(|d| d.policy.strategy == Strategy::Canary && !d.promoted)
+        .and_then(|d| d.policy.canary_weight);
+    let canaries = serving
+        .iter()
+        .filter(|a| a.spec.runs_same(&service.spec))
+        .count() as u32;
+    let others = serving.len() as u32 - canaries;
+    match weight {
+        Some(pct) if canaries > 0 && others > 0 => serving
+            .iter()
+            .map(|a| {
+                if a.spec.runs_same(&service.spec) {
+                    (pct * others).max(1)
+                } else {
+                    ((100 - pct) * canaries).max(1)
+                }
+            })
+            .collect(),
+        _ => vec![1; serving.len()],
+    }
 }

@@ -104,6 +104,25 @@ impl Api {
             .collect()
     }
 
+    /// What every node's proxy measured of each replica of every service
+    /// (errors: HTTP 5xx answers plus failed dials), for the leader's
+    /// deployment controller. Followers forward their agents' reports.
+    pub fn replica_traffic(&self) -> crate::controllers::Traffic {
+        let traffic = self.traffic.lock().unwrap_or_else(|p| p.into_inner());
+        let mut sums = crate::controllers::Traffic::new();
+        for (report, at) in traffic.values() {
+            if at.elapsed() >= TRAFFIC_TTL {
+                continue;
+            }
+            for endpoint in &report.endpoints {
+                let sum = sums.entry(endpoint.alloc_id.clone()).or_default();
+                sum.responses += endpoint.responses + endpoint.connect_failures;
+                sum.errors += endpoint.errors + endpoint.connect_failures;
+            }
+        }
+        sums
+    }
+
     fn record_traffic(&self, node: &str, report: pb::TrafficReport) {
         let now = Instant::now();
         let mut traffic = self.traffic.lock().unwrap_or_else(|p| p.into_inner());
@@ -290,10 +309,21 @@ impl Api {
             let Some((_, leader)) = client.as_mut() else {
                 continue;
             };
+            let traffic: Vec<pb::ServiceTraffic> = {
+                let traffic = self.traffic.lock().unwrap_or_else(|p| p.into_inner());
+                traffic
+                    .values()
+                    .filter(|(_, at)| at.elapsed() < TRAFFIC_TTL)
+                    .map(|(report, at)| pb::ServiceTraffic {
+                        age_ms: at.elapsed().as_millis() as u64,
+                        ..report.clone()
+                    })
+                    .collect()
+            };
             let request = pb::ReportHeartbeatsRequest {
                 server: self.server_name.clone(),
                 beats,
-                traffic: Vec::new(),
+                traffic,
             };
             if let Err(err) = leader.report_heartbeats(request).await {
                 tracing::debug!(error = %err, "heartbeats not forwarded to the leader");
@@ -313,6 +343,9 @@ pub(crate) fn status_from(err: ProposeError) -> Status {
         ) => Status::not_found(err.to_string()),
         ProposeError::Rejected(CommandError::ServiceExists(_)) => {
             Status::already_exists(err.to_string())
+        }
+        ProposeError::Rejected(CommandError::Deployment(_)) => {
+            Status::failed_precondition(err.to_string())
         }
         ProposeError::Rejected(CommandError::Invalid(_)) => {
             Status::invalid_argument(err.to_string())
@@ -546,30 +579,66 @@ impl pb::control_server::Control for Api {
 
     async fn update_service(
         &self,
-        _request: Request<pb::UpdateServiceRequest>,
+        request: Request<pb::UpdateServiceRequest>,
     ) -> Result<Response<pb::ServiceStatus>, Status> {
-        Err(Status::unimplemented("service updates are not implemented yet"))
+        let spec = request
+            .into_inner()
+            .spec
+            .ok_or_else(|| Status::invalid_argument("invalid spec: missing"))?;
+        let spec = convert::spec_from_pb(spec).map_err(invalid)?;
+        let name = spec.name.clone();
+        if let Some(publish) = spec.publish {
+            self.barrier().await?;
+            let state = self.consensus.state();
+            let taken = state
+                .services
+                .values()
+                .find(|s| s.spec.publish == Some(publish) && s.spec.name != name);
+            if let Some(other) = taken {
+                return Err(Status::already_exists(format!(
+                    "invalid publish: port {publish} is already published by service \"{}\"; choose another --publish port",
+                    other.spec.name
+                )));
+            }
+        }
+        self.propose(Command::UpdateService { spec }).await?;
+        self.service_status(&name).await.map(Response::new)
     }
 
     async fn rollback_service(
         &self,
-        _request: Request<pb::RollbackServiceRequest>,
+        request: Request<pb::RollbackServiceRequest>,
     ) -> Result<Response<pb::ServiceStatus>, Status> {
-        Err(Status::unimplemented("rollbacks are not implemented yet"))
+        let request = request.into_inner();
+        self.propose(Command::RollbackService {
+            name: request.name.clone(),
+            to_version: Some(request.to_version).filter(|v| *v != 0),
+        })
+        .await?;
+        self.service_status(&request.name).await.map(Response::new)
     }
 
     async fn promote_deployment(
         &self,
-        _request: Request<pb::PromoteDeploymentRequest>,
+        request: Request<pb::PromoteDeploymentRequest>,
     ) -> Result<Response<pb::ServiceStatus>, Status> {
-        Err(Status::unimplemented("promotion is not implemented yet"))
+        let name = request.into_inner().name;
+        self.propose(Command::PromoteDeployment { name: name.clone() })
+            .await?;
+        self.service_status(&name).await.map(Response::new)
     }
 
     async fn pause_deployment(
         &self,
-        _request: Request<pb::PauseDeploymentRequest>,
+        request: Request<pb::PauseDeploymentRequest>,
     ) -> Result<Response<pb::ServiceStatus>, Status> {
-        Err(Status::unimplemented("pausing deployments is not implemented yet"))
+        let request = request.into_inner();
+        self.propose(Command::PauseDeployment {
+            name: request.name.clone(),
+            paused: request.paused,
+        })
+        .await?;
+        self.service_status(&request.name).await.map(Response::new)
     }
 
     async fn report_heartbeats(
@@ -577,8 +646,21 @@ impl pb::control_server::Control for Api {
         request: Request<pb::ReportHeartbeatsRequest>,
     ) -> Result<Response<pb::ReportHeartbeatsResponse>, Status> {
         let now = Instant::now();
+        let request = request.into_inner();
+        {
+            let mut traffic = self.traffic.lock().unwrap_or_else(|p| p.into_inner());
+            for report in request.traffic {
+                let Some(at) = now.checked_sub(Duration::from_millis(report.age_ms)) else {
+                    continue;
+                };
+                let key = (report.service.clone(), report.node.clone());
+                if traffic.get(&key).is_none_or(|(_, seen)| *seen < at) {
+                    traffic.insert(key, (report, at));
+                }
+            }
+        }
         if let Ok(mut beats) = self.heartbeats.lock() {
-            for beat in request.into_inner().beats {
+            for beat in request.beats {
                 let Some(seen) = now.checked_sub(Duration::from_millis(beat.age_ms)) else {
                     continue;
                 };

@@ -2,6 +2,8 @@
 //! (`reconciler`, `liveness`, the scheduler) plus a thin loop here that
 //! proposes its result through Raft.
 
+pub mod autoscale;
+pub mod deployment;
 pub mod liveness;
 pub mod reconciler;
 
@@ -11,8 +13,13 @@ use tokio::sync::watch;
 
 use crate::consensus::{self, Consensus};
 use crate::scheduler::{self, Request, Unplaced};
-use crate::state::{Command, Plan, State};
+use crate::state::{Command, DeploymentChange, Plan, State};
+pub use deployment::{ReplicaTraffic, Traffic};
 pub use liveness::Heartbeats;
+
+/// What the routing proxies measured of each replica, as this server
+/// knows it now (its agents' reports plus those followers forward).
+pub type TrafficSource = std::sync::Arc<dyn Fn() -> Traffic + Send + Sync>;
 
 /// Placements per plan: bounds the size of one Raft entry and how long
 /// applying it holds the state; the rest follow in the next plans.
@@ -28,7 +35,12 @@ pub fn now_ms() -> u64 {
 
 /// Decides the plan that brings every service to its desired replicas, and
 /// what could not be placed.
-pub fn plan_cluster(state: &State, now_ms: u64, seed: u64) -> (Plan, Vec<Unplaced>) {
+pub fn plan_cluster(
+    state: &State,
+    now_ms: u64,
+    seed: u64,
+    traffic: &Traffic,
+) -> (Plan, Vec<Unplaced>) {
     let mut plan = Plan::default();
     let mut requests = Vec::new();
     let mut budget = MAX_PLACEMENTS_PER_PLAN;
@@ -37,7 +49,14 @@ pub fn plan_cluster(state: &State, now_ms: u64, seed: u64) -> (Plan, Vec<Unplace
     services.sort_unstable();
     services.dedup();
     for service in services {
-        let decision = reconciler::reconcile(state, service, now_ms);
+        let decision = reconciler::reconcile(state, service, now_ms, traffic);
+        if let Some((version, step)) = decision.deployment {
+            plan.deployments.push(DeploymentChange {
+                service: service.to_string(),
+                version,
+                step,
+            });
+        }
         for (id, reason) in decision.stop {
             plan.reasons.insert(id.clone(), reason);
             plan.stop.push(id);
@@ -59,7 +78,8 @@ pub fn plan_cluster(state: &State, now_ms: u64, seed: u64) -> (Plan, Vec<Unplace
 /// Why replicas of `service` are not placed ("3 replicas unplaced: ..."),
 /// or empty when nothing is missing.
 pub fn explain(state: &State, service: &str) -> String {
-    let requests: Vec<Request> = reconciler::reconcile(state, service, now_ms()).place;
+    let requests: Vec<Request> =
+        reconciler::reconcile(state, service, now_ms(), &Traffic::new()).place;
     if requests.is_empty() {
         return String::new();
     }
@@ -77,18 +97,23 @@ pub fn explain(state: &State, service: &str) -> String {
 pub async fn run(
     consensus: Consensus,
     heartbeats: Heartbeats,
+    traffic: TrafficSource,
     heartbeat_ttl: Duration,
     shutdown: watch::Receiver<bool>,
 ) {
     tokio::join!(
-        run_reconciler(consensus.clone(), shutdown.clone()),
+        run_reconciler(consensus.clone(), traffic, shutdown.clone()),
         run_liveness(consensus, heartbeats, heartbeat_ttl, shutdown),
     );
 }
 
 /// Runs the reconciler on the leader whenever the state changes (and every
 /// second), proposing each non-empty plan and waiting for it to apply.
-pub async fn run_reconciler(consensus: Consensus, mut shutdown: watch::Receiver<bool>) {
+pub async fn run_reconciler(
+    consensus: Consensus,
+    traffic: TrafficSource,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut status = consensus.watch_status();
     let mut every_second = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -101,7 +126,8 @@ pub async fn run_reconciler(consensus: Consensus, mut shutdown: watch::Receiver<
             continue;
         }
         let started = Instant::now();
-        let (plan, unplaced) = plan_cluster(&consensus.state(), now_ms(), rand::random());
+        let (plan, unplaced) =
+            plan_cluster(&consensus.state(), now_ms(), rand::random(), &traffic());
         for u in &unplaced {
             tracing::debug!(service = %u.service, reason = %u.summary(), "replicas unplaced");
         }

@@ -9,8 +9,11 @@
 
 use std::collections::BTreeMap;
 
+use super::deployment::{self, Replicas, Traffic};
 use crate::scheduler::Request;
-use crate::state::{AllocState, Allocation, Availability, DesiredState, ServiceMode, State};
+use crate::state::{
+    AllocState, Allocation, Availability, DeploymentStep, DesiredState, ServiceMode, State,
+};
 
 /// What to do about one service's allocations.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -21,6 +24,8 @@ pub struct Decision {
     pub stop: Vec<(String, String)>,
     /// Stopped allocations that can be forgotten.
     pub forget: Vec<String>,
+    /// The step of the service's active deployment, if it takes one.
+    pub deployment: Option<(u64, DeploymentStep)>,
 }
 
 impl Decision {
@@ -29,8 +34,10 @@ impl Decision {
     }
 }
 
-/// Decides for `service` (which may have been removed) at `now_ms`.
-pub fn reconcile(state: &State, service: &str, now_ms: u64) -> Decision {
+/// Decides for `service` (which may have been removed) at `now_ms`;
+/// `traffic` is what the routing proxies measured of each replica (for
+/// canary gating).
+pub fn reconcile(state: &State, service: &str, now_ms: u64, traffic: &Traffic) -> Decision {
     let mut decision = Decision::default();
     let allocs: Vec<&Allocation> = state.allocs_of(service).collect();
     for alloc in &allocs {
@@ -46,10 +53,19 @@ pub fn reconcile(state: &State, service: &str, now_ms: u64) -> Decision {
         return decision;
     };
     match spec.mode {
-        ServiceMode::Replicated => {
-            replicated(state, spec.replicas as usize, live, now_ms, &mut decision)
+        ServiceMode::Replicated => replicated(
+            state,
+            service,
+            spec.replicas as usize,
+            live,
+            now_ms,
+            traffic,
+            &mut decision,
+        ),
+        ServiceMode::Global => {
+            global(state, service, live, now_ms, &mut decision);
+            global_rollout(state, service, now_ms, &mut decision);
         }
-        ServiceMode::Global => global(state, service, live, now_ms, &mut decision),
     }
     decision.place.retain(|r| r.count > 0);
     for request in &mut decision.place {
@@ -75,9 +91,11 @@ fn deadline_passed(state: &State, alloc: &Allocation, now_ms: u64) -> bool {
 
 fn replicated(
     state: &State,
+    service: &str,
     desired: usize,
     live: Vec<&Allocation>,
     now_ms: u64,
+    traffic: &Traffic,
     decision: &mut Decision,
 ) {
     let (migrating, mut kept): (Vec<&Allocation>, Vec<&Allocation>) = if state
@@ -89,7 +107,25 @@ fn replicated(
     } else {
         (Vec::new(), live)
     };
-    if kept.len() > desired {
+    let record = &state.services[service];
+    if let Some(active) = record.active_deployment() {
+        let (current, old): (Vec<&Allocation>, Vec<&Allocation>) = kept
+            .iter()
+            .copied()
+            .partition(|a| a.spec.runs_same(&record.spec));
+        let replicas = Replicas {
+            current,
+            old,
+            holding: state
+                .allocs_of(service)
+                .filter(|a| a.holds_resources())
+                .count(),
+        };
+        let rollout = deployment::rollout(active, desired, &replicas, traffic, now_ms);
+        decision.place.push(Request::new("", rollout.place));
+        decision.stop.extend(rollout.stop);
+        decision.deployment = rollout.step.map(|step| (active.version, step));
+    } else if kept.len() > desired {
         // Surplus: stop the worst first (not serving, then newest).
         kept.sort_by_key(|a| (a.is_serving(), std::cmp::Reverse(a.create_index)));
         let surplus = kept.len() - desired;
@@ -117,6 +153,41 @@ fn replicated(
             spare -= 1;
             decision.stop(alloc, "node draining; replacement serving");
         }
+    }
+}
+
+/// A deployment of a global service replaces its one replica per node,
+/// `max_parallel` nodes at a time: the old replica stops (drained first)
+/// and `global` places the new one on the freed node.
+fn global_rollout(state: &State, service: &str, now_ms: u64, decision: &mut Decision) {
+    let record = &state.services[service];
+    let Some(active) = record.active_deployment() else {
+        return;
+    };
+    let policy = &active.policy;
+    let live: Vec<&Allocation> = state.live_allocs(service).collect();
+    let (current, old): (Vec<&Allocation>, Vec<&Allocation>) =
+        live.iter().partition(|a| a.spec.runs_same(&record.spec));
+    let in_flight = current
+        .iter()
+        .filter(|a| !deployment::is_ready(a, policy.min_healthy_ms, now_ms))
+        .count();
+    let stopping = state
+        .allocs_of(service)
+        .filter(|a| a.desired == DesiredState::Stop && a.holds_resources())
+        .count();
+    let budget = (policy.max_parallel as usize).saturating_sub(in_flight + stopping);
+    let already: Vec<String> = decision.stop.iter().map(|(id, _)| id.clone()).collect();
+    for alloc in old.iter().filter(|a| !already.contains(&a.id)).take(budget) {
+        let reason = format!("replaced by version {}", active.version);
+        decision.stop.push((alloc.id.clone(), reason));
+    }
+    if old.is_empty()
+        && in_flight == 0
+        && decision.place.is_empty()
+        && active.status != crate::state::DeploymentStatus::Paused
+    {
+        decision.deployment = Some((active.version, DeploymentStep::Succeed));
     }
 }
 
@@ -270,7 +341,7 @@ mod tests {
         let mut f = Fixture::new(&[("n1", "a")]);
         f.service(spec("web", 3));
         f.place("a", "web", "n1", AllocState::Running);
-        assert_eq!(placed(&reconcile(&f.state, "web", 0)), 2);
+        assert_eq!(placed(&reconcile(&f.state, "web", 0, &Traffic::new())), 2);
     }
 
     #[test]
@@ -284,7 +355,7 @@ mod tests {
             name: "web".into(),
             replicas: 1,
         });
-        let decision = reconcile(&f.state, "web", 0);
+        let decision = reconcile(&f.state, "web", 0, &Traffic::new());
         assert_eq!(f.stopped(&decision), vec!["broken", "new"]);
         assert_eq!(placed(&decision), 0);
     }
@@ -297,7 +368,7 @@ mod tests {
         f.place("c", "web", "n1", AllocState::Running);
         f.apply(Command::RemoveService { name: "web".into() });
         f.report("c", "n1", AllocState::Stopped);
-        let decision = reconcile(&f.state, "web", 0);
+        let decision = reconcile(&f.state, "web", 0, &Traffic::new());
         assert_eq!(decision.forget, vec!["c".to_string()]);
         assert!(decision.stop.is_empty(), "already asked to stop");
     }
@@ -313,7 +384,7 @@ mod tests {
             status: NodeStatus::Down,
         });
         assert_eq!(f.state.allocs["a"].desired, DesiredState::Stop);
-        assert_eq!(placed(&reconcile(&f.state, "web", 0)), 1);
+        assert_eq!(placed(&reconcile(&f.state, "web", 0, &Traffic::new())), 1);
     }
 
     #[test]
@@ -327,14 +398,16 @@ mod tests {
             availability: Availability::Drain,
             deadline_ms: Some(60_000),
         });
-        let decision = reconcile(&f.state, "web", 0);
+        let decision = reconcile(&f.state, "web", 0, &Traffic::new());
         assert_eq!(placed(&decision), 1, "replacement first");
         assert!(decision.stop.is_empty(), "old kept until it serves");
 
         f.place("c", "web", "n2", AllocState::Starting);
-        assert!(reconcile(&f.state, "web", 0).stop.is_empty());
+        assert!(reconcile(&f.state, "web", 0, &Traffic::new())
+            .stop
+            .is_empty());
         f.report("c", "n2", AllocState::Running);
-        let decision = reconcile(&f.state, "web", 0);
+        let decision = reconcile(&f.state, "web", 0, &Traffic::new());
         assert_eq!(f.stopped(&decision), vec!["a"]);
         assert_eq!(placed(&decision), 0);
     }
@@ -349,8 +422,10 @@ mod tests {
             availability: Availability::Drain,
             deadline_ms: Some(1000),
         });
-        assert!(reconcile(&f.state, "web", 999).stop.is_empty());
-        let decision = reconcile(&f.state, "web", 1000);
+        assert!(reconcile(&f.state, "web", 999, &Traffic::new())
+            .stop
+            .is_empty());
+        let decision = reconcile(&f.state, "web", 1000, &Traffic::new());
         assert_eq!(
             decision.stop,
             vec![("a".into(), "drain deadline reached".into())]
@@ -365,7 +440,7 @@ mod tests {
         s.constraints = vec![Constraint::parse("zone==a").unwrap()];
         f.service(s);
         f.place("x", "logs", "n1", AllocState::Running);
-        let decision = reconcile(&f.state, "logs", 0);
+        let decision = reconcile(&f.state, "logs", 0, &Traffic::new());
         let nodes: Vec<_> = decision.place.iter().map(|r| r.node.clone()).collect();
         assert_eq!(nodes, vec![Some("n2".to_string())]);
         assert!(decision.place.iter().all(|r| r.service == "logs"));

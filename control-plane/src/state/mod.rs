@@ -10,6 +10,7 @@
 //! with the time the proposer put in the entry ([`Command::Timed`]).
 
 pub mod spec;
+pub mod update;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
@@ -19,6 +20,12 @@ pub use spec::{
     Constraint, ConstraintOp, HealthCheck, HealthKind, NetworkMode, PlacementPolicy, RuntimeKind,
     ServiceMode, ServiceSpec, SpecError,
 };
+pub use update::{
+    AutoscalePolicy, Deployment, DeploymentStatus, Strategy, UpdatePolicy, VersionRecord,
+};
+
+/// Versions of a service kept in its history (older ones are dropped).
+pub const HISTORY_LEN: usize = 20;
 
 /// How many recent events the state keeps (older ones are dropped).
 pub const EVENT_RING: usize = 10_000;
@@ -31,6 +38,41 @@ pub struct Service {
     pub generation: u64,
     pub create_index: u64,
     pub modify_index: u64,
+    /// The version `spec` is: 1 at creation, +1 per update or rollback.
+    #[serde(default = "first_version")]
+    pub version: u64,
+    /// The last version whose rollout succeeded: where an automatic
+    /// rollback returns to.
+    #[serde(default = "first_version")]
+    pub stable_version: u64,
+    /// The latest versions, oldest first, at most [`HISTORY_LEN`].
+    #[serde(default)]
+    pub history: Vec<VersionRecord>,
+    /// The latest deployment, active or ended; `None` before any update.
+    #[serde(default)]
+    pub deployment: Option<Deployment>,
+}
+
+fn first_version() -> u64 {
+    1
+}
+
+impl Service {
+    /// The deployment still rolling out, if any.
+    pub fn active_deployment(&self) -> Option<&Deployment> {
+        self.deployment.as_ref().filter(|d| d.status.is_active())
+    }
+
+    pub fn version_record(&self, version: u64) -> Option<&VersionRecord> {
+        self.history.iter().find(|r| r.version == version)
+    }
+
+    fn set_outcome(&mut self, version: u64, outcome: &str, message: &str) {
+        if let Some(record) = self.history.iter_mut().find(|r| r.version == version) {
+            record.outcome = outcome.to_string();
+            record.message = message.to_string();
+        }
+    }
 }
 
 /// Whether a node is alive, as decided by the leader's liveness controller.
@@ -211,6 +253,19 @@ pub struct Allocation {
     pub message: String,
     pub create_index: u64,
     pub modify_index: u64,
+    /// The service version it was placed for.
+    #[serde(default)]
+    pub version: u64,
+    /// Proposer time of its placement.
+    #[serde(default)]
+    pub created_ms: u64,
+    /// Proposer time of the report that made it serving; 0 while not.
+    #[serde(default)]
+    pub serving_since_ms: u64,
+    /// Kept out of the routing proxies: a blue-green replica before
+    /// promotion.
+    #[serde(default)]
+    pub held: bool,
 }
 
 impl Allocation {
@@ -264,12 +319,38 @@ pub struct Plan {
     /// Why allocations of `stop` are stopped, for the events; by id.
     #[serde(default)]
     pub reasons: BTreeMap<String, String>,
+    /// Deployment steps decided with the plan.
+    #[serde(default)]
+    pub deployments: Vec<DeploymentChange>,
 }
 
 impl Plan {
     pub fn is_empty(&self) -> bool {
-        self.place.is_empty() && self.stop.is_empty() && self.forget.is_empty()
+        self.place.is_empty()
+            && self.stop.is_empty()
+            && self.forget.is_empty()
+            && self.deployments.is_empty()
     }
+}
+
+/// A step of a deployment decided by its controller; ignored on apply
+/// unless `version` is still the service's active deployment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeploymentChange {
+    pub service: String,
+    pub version: u64,
+    pub step: DeploymentStep,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeploymentStep {
+    /// The new replicas are ready; waiting for `skiff service promote`.
+    AwaitPromotion,
+    /// Promote without waiting (`--auto-promote`).
+    Promote,
+    Succeed,
+    /// Failed with the reason; rolls back when the policy says so.
+    Fail(String),
 }
 
 /// An allocation status reported by an agent.
@@ -306,6 +387,15 @@ pub enum EventKind {
     NodeActivated,
     NodeDraining,
     NodeDrained,
+    DeploymentStarted,
+    DeploymentPaused,
+    DeploymentResumed,
+    DeploymentAwaitingPromotion,
+    DeploymentPromoted,
+    DeploymentSucceeded,
+    DeploymentFailed,
+    DeploymentRolledBack,
+    ServiceScaled,
 }
 
 impl EventKind {
@@ -329,6 +419,15 @@ impl EventKind {
             EventKind::NodeActivated => "node-activated",
             EventKind::NodeDraining => "node-draining",
             EventKind::NodeDrained => "node-drained",
+            EventKind::DeploymentStarted => "deployment-started",
+            EventKind::DeploymentPaused => "deployment-paused",
+            EventKind::DeploymentResumed => "deployment-resumed",
+            EventKind::DeploymentAwaitingPromotion => "deployment-awaiting-promotion",
+            EventKind::DeploymentPromoted => "deployment-promoted",
+            EventKind::DeploymentSucceeded => "deployment-succeeded",
+            EventKind::DeploymentFailed => "deployment-failed",
+            EventKind::DeploymentRolledBack => "deployment-rolled-back",
+            EventKind::ServiceScaled => "service-scaled",
         }
     }
 
@@ -377,6 +476,32 @@ pub enum Command {
     },
     RemoveService {
         name: String,
+    },
+    /// A new spec: a new version rolled out by a deployment, or, when it
+    /// runs the same as the current one, an in-place change of the replica
+    /// count or the policies.
+    UpdateService {
+        spec: ServiceSpec,
+    },
+    /// Deploys an earlier version's spec again as a new version; `None`:
+    /// the stable version while a deployment is active, else the newest
+    /// succeeded version before the current one.
+    RollbackService {
+        name: String,
+        to_version: Option<u64>,
+    },
+    PromoteDeployment {
+        name: String,
+    },
+    PauseDeployment {
+        name: String,
+        paused: bool,
+    },
+    /// A scale decision of the autoscaler, with its reason.
+    Autoscale {
+        name: String,
+        replicas: u32,
+        reason: String,
     },
     RegisterNode {
         name: String,
@@ -450,6 +575,9 @@ pub enum CommandError {
     ServiceExists(String),
     #[error("node \"{0}\" not found; see `skiff node ls`")]
     NodeNotFound(String),
+    /// A deployment command that does not fit the service's state.
+    #[error("{0}")]
+    Deployment(String),
     #[error(transparent)]
     Invalid(#[from] SpecError),
 }
@@ -564,6 +692,17 @@ impl State {
             Command::CreateService { spec } => self.create_service(index, spec),
             Command::ScaleService { name, replicas } => self.scale_service(index, &name, replicas),
             Command::RemoveService { name } => self.remove_service(index, &name),
+            Command::UpdateService { spec } => self.update_service(index, spec, 0),
+            Command::RollbackService { name, to_version } => {
+                self.rollback_service(index, &name, to_version)
+            }
+            Command::PromoteDeployment { name } => self.promote(index, &name),
+            Command::PauseDeployment { name, paused } => self.pause(index, &name, paused),
+            Command::Autoscale {
+                name,
+                replicas,
+                reason,
+            } => self.autoscale(index, &name, replicas, &reason),
             Command::RegisterNode {
                 name,
                 address,
@@ -773,6 +912,13 @@ impl State {
             ServiceMode::Global => "global".to_string(),
             ServiceMode::Replicated => format!("{} replicas", spec.replicas),
         };
+        let record = VersionRecord {
+            version: 1,
+            spec: spec.clone(),
+            created_ms: self.clock_ms,
+            outcome: "succeeded".to_string(),
+            message: "created".to_string(),
+        };
         self.services.insert(
             name.clone(),
             Service {
@@ -780,6 +926,10 @@ impl State {
                 generation: 1,
                 create_index: index,
                 modify_index: index,
+                version: 1,
+                stable_version: 1,
+                history: vec![record],
+                deployment: None,
             },
         );
         self.event(index, EventKind::ServiceCreated, &name, "", "", &message);
@@ -797,6 +947,12 @@ impl State {
             .services
             .get_mut(name)
             .ok_or_else(|| CommandError::ServiceNotFound(name.to_string()))?;
+        if let Some(policy) = &service.spec.autoscale {
+            return Err(CommandError::Deployment(format!(
+                "service \"{name}\" is autoscaled between {} and {} replicas; change the bounds with `skiff service update {name} --autoscale-min N --autoscale-max M`",
+                policy.min, policy.max
+            )));
+        }
         if service.spec.replicas != replicas {
             let from = service.spec.replicas;
             service.spec.replicas = replicas;
@@ -806,6 +962,387 @@ impl State {
             self.event(index, EventKind::ServiceUpdated, name, "", "", &message);
         }
         Ok(Outcome::Done)
+    }
+
+    /// A new spec for an existing service. When its replicas would run the
+    /// same as now, the spec changes in place (a scale or policy change,
+    /// like Kubernetes, which makes no new revision for those); otherwise
+    /// it becomes a new version rolled out by a new deployment, which
+    /// supersedes any deployment still active. `rollback_of` marks an
+    /// automatic rollback from that failed version.
+    fn update_service(
+        &mut self,
+        index: u64,
+        spec: ServiceSpec,
+        rollback_of: u64,
+    ) -> Result<Outcome, CommandError> {
+        spec.validate()?;
+        let now = self.clock_ms;
+        let name = spec.name.clone();
+        let service = self
+            .services
+            .get_mut(&name)
+            .ok_or_else(|| CommandError::ServiceNotFound(name.clone()))?;
+        if service.spec.mode != spec.mode {
+            return Err(CommandError::Invalid(SpecError::new(
+                "mode",
+                "a service cannot change between replicated and global; remove it and create it again",
+            )));
+        }
+        if service.spec == spec {
+            return Ok(Outcome::Done);
+        }
+        service.generation += 1;
+        service.modify_index = index;
+        if service.spec.runs_same(&spec) {
+            let diff = update::spec_diff(&service.spec, &spec).join("; ");
+            service.spec = spec;
+            self.event(index, EventKind::ServiceUpdated, &name, "", "", &diff);
+            return Ok(Outcome::Done);
+        }
+        let from_version = service.stable_version;
+        if let Some(active) = service.deployment.as_mut().filter(|d| d.status.is_active()) {
+            let version = active.version;
+            active.status = DeploymentStatus::Superseded;
+            active.ended_ms = now;
+            active.message = format!("superseded by version {}", service.version + 1);
+            let message = active.message.clone();
+            service.set_outcome(version, "superseded", &message);
+        }
+        service.version += 1;
+        let version = service.version;
+        let policy = spec.update.clone();
+        let diff = update::spec_diff(&service.spec, &spec);
+        service.history.push(VersionRecord {
+            version,
+            spec: spec.clone(),
+            created_ms: now,
+            outcome: "running".to_string(),
+            message: if rollback_of > 0 {
+                format!("automatic rollback of version {rollback_of}")
+            } else {
+                String::new()
+            },
+        });
+        if service.history.len() > HISTORY_LEN {
+            service.history.remove(0);
+        }
+        service.spec = spec;
+        service.deployment = Some(Deployment {
+            version,
+            from_version,
+            status: DeploymentStatus::Running,
+            message: "starting".to_string(),
+            promoted: false,
+            started_ms: now,
+            ended_ms: 0,
+            rollback_of,
+            policy: policy.clone(),
+        });
+        let message = format!(
+            "version {version} ({}; from version {from_version}): {}",
+            policy.strategy.as_str(),
+            diff.join("; ")
+        );
+        self.event(index, EventKind::DeploymentStarted, &name, "", "", &message);
+        Ok(Outcome::Done)
+    }
+
+    fn rollback_service(
+        &mut self,
+        index: u64,
+        name: &str,
+        to_version: Option<u64>,
+    ) -> Result<Outcome, CommandError> {
+        let service = self
+            .services
+            .get(name)
+            .ok_or_else(|| CommandError::ServiceNotFound(name.to_string()))?;
+        let target = match to_version {
+            Some(v) => v,
+            None if service.active_deployment().is_some() => service.stable_version,
+            None => service
+                .history
+                .iter()
+                .rev()
+                .find(|r| r.version < service.version && r.outcome == "succeeded")
+                .map(|r| r.version)
+                .ok_or_else(|| {
+                    CommandError::Deployment(format!(
+                        "service \"{name}\" has no earlier succeeded version to roll back to; see `skiff service history {name}`"
+                    ))
+                })?,
+        };
+        let record = service.version_record(target).ok_or_else(|| {
+            let known: Vec<String> = service
+                .history
+                .iter()
+                .map(|r| r.version.to_string())
+                .collect();
+            CommandError::Deployment(format!(
+                "unknown version {target} of service \"{name}\"; known versions: {}",
+                known.join(", ")
+            ))
+        })?;
+        // Only what runs comes from the old version: the replica count and
+        // the policies stay the operator's latest.
+        let spec = ServiceSpec {
+            replicas: service.spec.replicas,
+            update: service.spec.update.clone(),
+            autoscale: service.spec.autoscale.clone(),
+            ..record.spec.clone()
+        };
+        if spec.runs_same(&service.spec) && service.active_deployment().is_none() {
+            return Err(CommandError::Deployment(format!(
+                "version {target} runs the same as the current version {}; nothing to roll back",
+                service.version
+            )));
+        }
+        let rolled_back = service.active_deployment().map(|d| d.version);
+        self.update_service(index, spec, 0)?;
+        let service = self.services.get_mut(name).expect("updated above");
+        let new_version = service.version;
+        if let Some(version) = rolled_back {
+            let message = format!("rolled back to version {target} by the operator");
+            service.set_outcome(version, "rolled-back", &message);
+        }
+        if let Some(deployment) = service.deployment.as_mut() {
+            deployment.message = format!("rollback to version {target}");
+        }
+        if let Some(record) = service
+            .history
+            .iter_mut()
+            .find(|r| r.version == new_version)
+        {
+            record.message = format!("rollback to version {target}");
+        }
+        let message = format!("version {new_version} rolls back to version {target}");
+        self.event(
+            index,
+            EventKind::DeploymentRolledBack,
+            name,
+            "",
+            "",
+            &message,
+        );
+        Ok(Outcome::Done)
+    }
+
+    /// Promotes a blue-green or canary deployment. Blue-green: the green
+    /// replicas join the routing proxies and every blue one is stopped in
+    /// this same entry, so proxies flip in one committed step (blue ones
+    /// drain before their SIGTERM). Canary: the rollout continues.
+    fn promote(&mut self, index: u64, name: &str) -> Result<Outcome, CommandError> {
+        let service = self
+            .services
+            .get(name)
+            .ok_or_else(|| CommandError::ServiceNotFound(name.to_string()))?;
+        let Some(deployment) = service.active_deployment() else {
+            return Err(CommandError::Deployment(format!(
+                "service \"{name}\" has no deployment in progress; start one with `skiff service update`"
+            )));
+        };
+        if deployment.policy.strategy == Strategy::Rolling {
+            return Err(CommandError::Deployment(format!(
+                "the deployment of \"{name}\" is a rolling update, which needs no promotion"
+            )));
+        }
+        if deployment.promoted {
+            return Ok(Outcome::Done);
+        }
+        let version = deployment.version;
+        let blue_green = deployment.policy.strategy == Strategy::BlueGreen;
+        if blue_green {
+            let spec = service.spec.clone();
+            let desired = spec.replicas as usize;
+            let ready = self
+                .live_allocs(name)
+                .filter(|a| a.spec.runs_same(&spec) && a.is_serving())
+                .count();
+            if ready < desired {
+                return Err(CommandError::Deployment(format!(
+                    "only {ready} of {desired} green replicas serve; promote once all are healthy (see `skiff service ps {name}`)"
+                )));
+            }
+            let (green, blue): (Vec<&Allocation>, Vec<&Allocation>) = self
+                .live_allocs(name)
+                .partition(|a| a.spec.runs_same(&spec));
+            let green: Vec<String> = green.iter().map(|a| a.id.clone()).collect();
+            let blue: Vec<String> = blue.iter().map(|a| a.id.clone()).collect();
+            for id in green {
+                if let Some(alloc) = self.allocs.get_mut(&id) {
+                    alloc.held = false;
+                    alloc.modify_index = index;
+                    self.index.node_changed.insert(alloc.node.clone(), index);
+                }
+            }
+            for id in blue {
+                self.stop_alloc(index, &id, "blue-green promoted");
+            }
+        }
+        let service = self.services.get_mut(name).expect("checked above");
+        if let Some(deployment) = service.deployment.as_mut() {
+            deployment.promoted = true;
+            deployment.status = DeploymentStatus::Running;
+            deployment.message = "promoted".to_string();
+        }
+        let message = format!("version {version} promoted");
+        self.event(index, EventKind::DeploymentPromoted, name, "", "", &message);
+        Ok(Outcome::Done)
+    }
+
+    fn pause(&mut self, index: u64, name: &str, paused: bool) -> Result<Outcome, CommandError> {
+        let service = self
+            .services
+            .get_mut(name)
+            .ok_or_else(|| CommandError::ServiceNotFound(name.to_string()))?;
+        let Some(deployment) = service.deployment.as_mut().filter(|d| d.status.is_active()) else {
+            return Err(CommandError::Deployment(format!(
+                "service \"{name}\" has no deployment in progress to {}",
+                if paused { "pause" } else { "resume" }
+            )));
+        };
+        let kind = match (paused, deployment.status) {
+            (true, DeploymentStatus::Paused) | (false, DeploymentStatus::Running) => {
+                return Ok(Outcome::Done)
+            }
+            (false, DeploymentStatus::AwaitingPromotion) => return Ok(Outcome::Done),
+            (true, _) => {
+                deployment.status = DeploymentStatus::Paused;
+                EventKind::DeploymentPaused
+            }
+            (false, _) => {
+                deployment.status = DeploymentStatus::Running;
+                EventKind::DeploymentResumed
+            }
+        };
+        let message = format!("version {}", deployment.version);
+        self.event(index, kind, name, "", "", &message);
+        Ok(Outcome::Done)
+    }
+
+    fn autoscale(
+        &mut self,
+        index: u64,
+        name: &str,
+        replicas: u32,
+        reason: &str,
+    ) -> Result<Outcome, CommandError> {
+        let service = self
+            .services
+            .get_mut(name)
+            .ok_or_else(|| CommandError::ServiceNotFound(name.to_string()))?;
+        let Some(policy) = &service.spec.autoscale else {
+            return Ok(Outcome::Done);
+        };
+        let replicas = replicas.clamp(policy.min, policy.max);
+        if service.spec.replicas == replicas {
+            return Ok(Outcome::Done);
+        }
+        let from = service.spec.replicas;
+        service.spec.replicas = replicas;
+        service.generation += 1;
+        service.modify_index = index;
+        let message = format!("{from} -> {replicas} replicas: {reason}");
+        self.event(index, EventKind::ServiceScaled, name, "", "", &message);
+        Ok(Outcome::Done)
+    }
+
+    /// Applies the deployment steps of a plan.
+    fn apply_deployment_change(&mut self, index: u64, change: DeploymentChange) {
+        let now = self.clock_ms;
+        let name = change.service.as_str();
+        let Some(service) = self.services.get_mut(name) else {
+            return;
+        };
+        let Some(deployment) = service
+            .deployment
+            .as_mut()
+            .filter(|d| d.status.is_active() && d.version == change.version)
+        else {
+            return;
+        };
+        let version = deployment.version;
+        match change.step {
+            DeploymentStep::AwaitPromotion => {
+                if deployment.status != DeploymentStatus::Running || deployment.promoted {
+                    return;
+                }
+                deployment.status = DeploymentStatus::AwaitingPromotion;
+                deployment.message = format!("waiting for `skiff service promote {name}`");
+                let message = format!("version {version}");
+                self.event(
+                    index,
+                    EventKind::DeploymentAwaitingPromotion,
+                    name,
+                    "",
+                    "",
+                    &message,
+                );
+            }
+            DeploymentStep::Promote => {
+                let _ = self.promote(index, name);
+            }
+            DeploymentStep::Succeed => {
+                deployment.status = DeploymentStatus::Succeeded;
+                deployment.ended_ms = now;
+                deployment.message = "all replicas updated".to_string();
+                let rollback_of = deployment.rollback_of;
+                service.stable_version = version;
+                let outcome_message = if rollback_of > 0 {
+                    format!("rolled back from version {rollback_of}")
+                } else {
+                    String::new()
+                };
+                service.set_outcome(version, "succeeded", &outcome_message);
+                let message = format!("version {version}");
+                self.event(
+                    index,
+                    EventKind::DeploymentSucceeded,
+                    name,
+                    "",
+                    "",
+                    &message,
+                );
+            }
+            DeploymentStep::Fail(reason) => {
+                deployment.status = DeploymentStatus::Failed;
+                deployment.ended_ms = now;
+                deployment.message = reason.clone();
+                let auto_rollback = deployment.policy.auto_rollback;
+                let stable = service.stable_version;
+                let target = service
+                    .version_record(stable)
+                    .filter(|_| auto_rollback && stable != version)
+                    .map(|r| r.spec.clone());
+                let rollback = target.map(|stable_spec| ServiceSpec {
+                    replicas: service.spec.replicas,
+                    update: service.spec.update.clone(),
+                    autoscale: service.spec.autoscale.clone(),
+                    ..stable_spec
+                });
+                let outcome = match rollback {
+                    Some(_) => format!("{reason}; rolled back to version {stable}"),
+                    None => reason.clone(),
+                };
+                service.set_outcome(version, "failed", &outcome);
+                let message = format!("version {version}: {reason}");
+                self.event(index, EventKind::DeploymentFailed, name, "", "", &message);
+                if let Some(spec) = rollback {
+                    if self.update_service(index, spec, version).is_ok() {
+                        let message = format!("version {version} failed; back to version {stable}");
+                        self.event(
+                            index,
+                            EventKind::DeploymentRolledBack,
+                            name,
+                            "",
+                            "",
+                            &message,
+                        );
+                    }
+                }
+            }
+        }
     }
 
     /// Forgets the service and asks for all its replicas to stop; the
@@ -927,6 +1464,24 @@ impl State {
         usage
     }
 
+    /// Live replicas of the service's current version that count toward
+    /// its desired count (not on a draining node): what placements may
+    /// add to. Replicas of older versions are replaced by a deployment and
+    /// do not count.
+    pub fn counted_current(&self, service: &str) -> usize {
+        let Some(spec) = self.services.get(service).map(|s| &s.spec) else {
+            return 0;
+        };
+        self.live_allocs(service)
+            .filter(|a| a.spec.runs_same(spec))
+            .filter(|a| {
+                self.nodes
+                    .get(&a.node)
+                    .is_none_or(|n| n.availability != Availability::Drain)
+            })
+            .count()
+    }
+
     /// Live replicas of a service that count toward its desired count:
     /// those not on a draining node (which are being replaced).
     pub fn counted_replicas(&self, service: &str) -> usize {
@@ -963,6 +1518,9 @@ impl State {
                     self.index.node_changed.insert(alloc.node.clone(), index);
                 }
             }
+        }
+        for change in plan.deployments {
+            self.apply_deployment_change(index, change);
         }
         let mut usage: HashMap<String, NodeUsage> = HashMap::new();
         let mut counted: HashMap<String, usize> = HashMap::new();
@@ -1002,7 +1560,7 @@ impl State {
                 ServiceMode::Replicated => {
                     let count = counted
                         .entry(placement.service.clone())
-                        .or_insert_with(|| self.counted_replicas(&placement.service));
+                        .or_insert_with(|| self.counted_current(&placement.service));
                     *count < spec.replicas as usize
                 }
             };
@@ -1030,6 +1588,12 @@ impl State {
                 message: String::new(),
                 create_index: index,
                 modify_index: index,
+                version: service.version,
+                created_ms: self.clock_ms,
+                serving_since_ms: 0,
+                held: service
+                    .active_deployment()
+                    .is_some_and(|d| d.policy.strategy == Strategy::BlueGreen && !d.promoted),
             };
             self.index.insert(&alloc);
             self.index.node_changed.insert(alloc.node.clone(), index);
@@ -1081,7 +1645,13 @@ impl State {
                 continue;
             }
             let changed_state = alloc.state != report.state;
+            let was_serving = alloc.is_serving();
             alloc.state = report.state;
+            match (was_serving, alloc.is_serving()) {
+                (false, true) => alloc.serving_since_ms = self.clock_ms.max(1),
+                (true, false) => alloc.serving_since_ms = 0,
+                _ => {}
+            }
             alloc.restarts = report.restarts;
             alloc.pid = report.pid;
             alloc.message = report.message;

@@ -166,6 +166,12 @@ pub struct ServiceSpec {
     /// What the published port carries.
     #[serde(default)]
     pub protocol: Protocol,
+    /// How a new version replaces this one.
+    #[serde(default)]
+    pub update: super::update::UpdatePolicy,
+    /// Replicas follow the load between min and max; `None`: fixed count.
+    #[serde(default)]
+    pub autoscale: Option<super::update::AutoscalePolicy>,
 }
 
 /// What a published port carries, as far as the routing proxy cares.
@@ -405,7 +411,26 @@ impl ServiceSpec {
             validate_health(health)?;
         }
         self.validate_publish()?;
+        self.update.validate()?;
+        if let Some(autoscale) = &self.autoscale {
+            autoscale.validate()?;
+        }
         Ok(())
+    }
+
+    /// Whether replicas of `self` and `other` run the same thing: equal
+    /// but for the replica count and the update and autoscale policies,
+    /// which change how many run and how they are replaced, not what runs.
+    /// A replica whose spec runs the same as the service's needs no
+    /// replacement.
+    pub fn runs_same(&self, other: &ServiceSpec) -> bool {
+        let strip = |spec: &ServiceSpec| ServiceSpec {
+            replicas: 0,
+            update: Default::default(),
+            autoscale: None,
+            ..spec.clone()
+        };
+        strip(self) == strip(other)
     }
 
     fn validate_publish(&self) -> Result<(), SpecError> {
