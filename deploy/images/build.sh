@@ -19,6 +19,10 @@
 #   tamper:v1             base + one layer of its own (for digest-mismatch tests)
 #   multiarch:v1          an image index: linux/amd64 (= web:v1) and linux/arm64
 #   web-docker:v1         web:v1 as a Docker schema 2 manifest
+#   web:v3                like web:v2 (same passing Healthcheck), serving "v3"
+#   web-500:v1            healthy but failing: `/` answers HTTP 500 on every
+#                         request (a CGI index), its Healthcheck GETs
+#                         /health.html (200); $PORT as web:v1
 # All share the same base layer (busybox, /etc/passwd, /etc/group).
 # Writes OUT_DIR/images.env: `skiff-test/NAME:TAG=sha256:<manifest digest>`
 # lines, and `tamper-layer=sha256:<digest of tamper's own layer>`.
@@ -208,5 +212,29 @@ push multiarch v1 multiarch --all
 image web v1 amd64 "$WEB_ENV,\"Labels\":{\"org.skiff.test\":\"web\",\"version\":\"v1\"}" \
   "$BASE:gzip" "$WORK/src/web-v1:gzip"
 push web v1 web-docker --format v2s2
+
+# --- web:v3: a third version for rollback tests ----------------------------
+page_layer "$WORK/src/web-v3" "skiff-test web v3"
+image web v3 amd64 "$WEB_ENV,\"Labels\":{\"org.skiff.test\":\"web\",\"version\":\"v3\"},\"Healthcheck\":{\"Test\":[\"CMD-SHELL\",\"wget -q -O /dev/null http://127.0.0.1:\${PORT:-80}/ || exit 1\"],\"Interval\":1000000000,\"Timeout\":1000000000,\"Retries\":3}" \
+  "$BASE:gzip" "$WORK/src/web-v3:gzip"
+push web v3 web
+
+# --- web-500:v1: healthy, but every request to / fails ----------------------
+# With no /www/index.html, busybox httpd runs /www/cgi-bin/index.cgi for `/`;
+# a CGI "Status:" header becomes the status line ("HTTP/1.1 500 ...", then
+# the connection closes: no Content-Length). The Healthcheck only GETs the
+# static /health.html, so the replica counts as healthy.
+W500="$WORK/src/web-500"
+mkdir -p "$W500/www/cgi-bin"
+cat >"$W500/www/cgi-bin/index.cgi" <<'EOF'
+#!/bin/sh
+printf 'Status: 500 Internal Server Error\r\nContent-Type: text/plain\r\n\r\n'
+echo "skiff-test web-500 v1"
+EOF
+chmod 755 "$W500/www/cgi-bin/index.cgi"
+echo "skiff-test web-500 healthy" >"$W500/www/health.html"
+image web-500 v1 amd64 "$WEB_ENV,\"Labels\":{\"org.skiff.test\":\"web-500\",\"version\":\"v1\"},\"Healthcheck\":{\"Test\":[\"CMD-SHELL\",\"wget -q -O /dev/null http://127.0.0.1:\${PORT:-80}/health.html || exit 1\"],\"Interval\":1000000000,\"Timeout\":1000000000,\"Retries\":3}" \
+  "$BASE:gzip" "$W500:gzip"
+push web-500 v1 web-500
 
 echo "OUT_DIR=$OUT"

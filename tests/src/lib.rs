@@ -10,6 +10,7 @@
 
 pub mod agents;
 pub mod containers;
+pub mod load;
 pub mod servers;
 
 use std::collections::HashMap;
