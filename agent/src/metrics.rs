@@ -2,14 +2,18 @@
 //! their Prometheus text rendering, and the agent's `GET /metrics` endpoint.
 //!
 //! Counters only grow for the agent's lifetime (also after a service is
-//! removed), as Prometheus expects of a counter.
+//! removed), as Prometheus expects of a counter. Per-replica counters are
+//! keyed by allocation id, so they survive pool updates; a replica's are
+//! forgotten once it has been out of the pool for [`REPLICA_RETENTION`]
+//! with no connection open (its series then ends), which bounds memory
+//! under a churn of replicas.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -31,6 +35,110 @@ pub struct ServiceCounters {
     pub requests: AtomicU64,
     /// Endpoints in the pool now (a gauge).
     pub endpoints: AtomicU64,
+    /// Per replica, by allocation id.
+    replicas: Mutex<BTreeMap<String, ReplicaEntry>>,
+}
+
+/// How long a replica's counters outlive its leaving the pool.
+pub const REPLICA_RETENTION: Duration = Duration::from_secs(60);
+
+/// The counters of one replica of a service, as this node's proxy sees it.
+#[derive(Debug, Default)]
+pub struct ReplicaCounters {
+    /// Connections opened to the replica for a client.
+    pub connections: AtomicU64,
+    /// Dials refused or timed out, and connections the replica closed
+    /// before answering the first request (replayed on another replica).
+    pub connect_failures: AtomicU64,
+    /// HTTP final responses, and those with a 5xx status.
+    pub responses: AtomicU64,
+    pub errors: AtomicU64,
+    /// Connections open to the replica now (a gauge).
+    pub active: AtomicU64,
+    /// The service version the replica runs (a label).
+    pub version: AtomicU64,
+}
+
+#[derive(Debug)]
+struct ReplicaEntry {
+    counters: Arc<ReplicaCounters>,
+    /// When the replica left the pool; `None` while it is in it.
+    gone_since: Option<Instant>,
+}
+
+impl ServiceCounters {
+    /// Makes `alloc_ids` the replicas in the pool as of `now` and returns
+    /// their counters in the same order (kept from before, or new at
+    /// zero). Replicas not listed are marked gone and forgotten later.
+    pub fn update_replicas(&self, alloc_ids: &[&str], now: Instant) -> Vec<Arc<ReplicaCounters>> {
+        let mut replicas = self.replicas.lock().unwrap_or_else(|p| p.into_inner());
+        for (alloc_id, entry) in replicas.iter_mut() {
+            if !alloc_ids.contains(&alloc_id.as_str()) {
+                entry.gone_since.get_or_insert(now);
+            }
+        }
+        let counters = alloc_ids
+            .iter()
+            .map(|alloc_id| {
+                let entry =
+                    replicas
+                        .entry((*alloc_id).to_string())
+                        .or_insert_with(|| ReplicaEntry {
+                            counters: Arc::default(),
+                            gone_since: None,
+                        });
+                entry.gone_since = None;
+                entry.counters.clone()
+            })
+            .collect();
+        forget_expired(&mut replicas, now);
+        counters
+    }
+
+    /// Every remembered replica's counters as of `now` (forgetting those
+    /// gone for [`REPLICA_RETENTION`] with no connection open).
+    pub fn replica_samples(&self, now: Instant) -> Vec<ReplicaSample> {
+        let mut replicas = self.replicas.lock().unwrap_or_else(|p| p.into_inner());
+        forget_expired(&mut replicas, now);
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        replicas
+            .iter()
+            .map(|(alloc_id, entry)| {
+                let c = &entry.counters;
+                ReplicaSample {
+                    alloc_id: alloc_id.clone(),
+                    version: get(&c.version),
+                    connections: get(&c.connections),
+                    connect_failures: get(&c.connect_failures),
+                    responses: get(&c.responses),
+                    errors: get(&c.errors),
+                    active: get(&c.active),
+                }
+            })
+            .collect()
+    }
+}
+
+fn forget_expired(replicas: &mut BTreeMap<String, ReplicaEntry>, now: Instant) {
+    replicas.retain(|_, entry| match entry.gone_since {
+        Some(gone) => {
+            now.saturating_duration_since(gone) < REPLICA_RETENTION
+                || entry.counters.active.load(Ordering::Relaxed) > 0
+        }
+        None => true,
+    });
+}
+
+/// A point-in-time copy of one replica's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplicaSample {
+    pub alloc_id: String,
+    pub version: u64,
+    pub connections: u64,
+    pub connect_failures: u64,
+    pub responses: u64,
+    pub errors: u64,
+    pub active: u64,
 }
 
 /// A point-in-time copy of one service's counters.
@@ -45,6 +153,8 @@ pub struct TrafficSample {
     pub no_endpoint: u64,
     pub requests: u64,
     pub endpoints: u64,
+    /// Per replica, by allocation id.
+    pub replicas: Vec<ReplicaSample>,
 }
 
 /// Every service's counters, shared by the proxy (writers), the sync loop
@@ -62,6 +172,7 @@ impl Metrics {
     }
 
     pub fn samples(&self) -> Vec<TrafficSample> {
+        let now = Instant::now();
         let services = self.services.lock().unwrap_or_else(|p| p.into_inner());
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         services
@@ -76,6 +187,7 @@ impl Metrics {
                 no_endpoint: get(&c.no_endpoint),
                 requests: get(&c.requests),
                 endpoints: get(&c.endpoints),
+                replicas: c.replica_samples(now),
             })
             .collect()
     }
@@ -133,6 +245,38 @@ impl Metrics {
                 |s| s.endpoints,
             ),
         ];
+        let replica_families: [ReplicaFamily; 5] = [
+            (
+                "skiff_proxy_replica_connections_total",
+                "counter",
+                "Connections opened to the replica for a client.",
+                |r| r.connections,
+            ),
+            (
+                "skiff_proxy_replica_connect_failures_total",
+                "counter",
+                "Failed dials of the replica, and connections it closed before answering.",
+                |r| r.connect_failures,
+            ),
+            (
+                "skiff_proxy_replica_responses_total",
+                "counter",
+                "HTTP responses from the replica (services published with --protocol http).",
+                |r| r.responses,
+            ),
+            (
+                "skiff_proxy_replica_errors_total",
+                "counter",
+                "HTTP responses from the replica with a 5xx status.",
+                |r| r.errors,
+            ),
+            (
+                "skiff_proxy_replica_active_connections",
+                "gauge",
+                "Connections open to the replica now.",
+                |r| r.active,
+            ),
+        ];
         let mut out = String::new();
         let node = escape(node);
         for (name, kind, help, value) in families {
@@ -147,6 +291,22 @@ impl Metrics {
                 );
             }
         }
+        for (name, kind, help, value) in replica_families {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            for s in &samples {
+                let service = escape(&s.service);
+                for r in &s.replicas {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{service=\"{service}\",alloc=\"{}\",version=\"{}\",node=\"{node}\"}} {}",
+                        escape(&r.alloc_id),
+                        r.version,
+                        value(r)
+                    );
+                }
+            }
+        }
         out
     }
 }
@@ -157,6 +317,14 @@ type Family = (
     &'static str,
     &'static str,
     fn(&TrafficSample) -> u64,
+);
+
+/// A per-replica metric family, as [`Family`].
+type ReplicaFamily = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&ReplicaSample) -> u64,
 );
 
 /// Escapes a label value (backslash, double quote, newline).
@@ -245,6 +413,70 @@ mod tests {
         );
         let samples = text.lines().filter(|l| !l.starts_with('#')).count();
         assert_eq!(samples, 16);
+    }
+
+    #[test]
+    fn replicas_are_rendered_with_service_alloc_and_version_labels() {
+        let m = Metrics::default();
+        let web = m.service("web");
+        let replicas = web.update_replicas(&["a1", "a2"], Instant::now());
+        replicas[0].version.store(3, Ordering::Relaxed);
+        replicas[0].responses.fetch_add(7, Ordering::Relaxed);
+        replicas[1].errors.fetch_add(2, Ordering::Relaxed);
+        let text = m.render("n1");
+        assert!(text.contains("# TYPE skiff_proxy_replica_responses_total counter"));
+        assert!(text.contains(
+            "skiff_proxy_replica_responses_total{service=\"web\",alloc=\"a1\",version=\"3\",node=\"n1\"} 7"
+        ));
+        assert!(text.contains(
+            "skiff_proxy_replica_errors_total{service=\"web\",alloc=\"a2\",version=\"0\",node=\"n1\"} 2"
+        ));
+        assert!(text.contains(
+            "skiff_proxy_replica_active_connections{service=\"web\",alloc=\"a1\",version=\"3\",node=\"n1\"} 0"
+        ));
+        let samples = text.lines().filter(|l| !l.starts_with('#')).count();
+        assert_eq!(samples, 8 + 2 * 5);
+    }
+
+    #[test]
+    fn replica_counters_survive_pool_updates_and_are_forgotten_after_retention() {
+        let c = ServiceCounters::default();
+        let t0 = Instant::now();
+        let a = c.update_replicas(&["a", "b"], t0)[0].clone();
+        a.connections.fetch_add(5, Ordering::Relaxed);
+        // Listed again: the same counters.
+        let again = c.update_replicas(&["b", "a"], t0 + Duration::from_secs(1));
+        assert!(Arc::ptr_eq(&again[1], &a));
+
+        // "a" leaves the pool; kept for the retention, then forgotten.
+        let left = t0 + Duration::from_secs(2);
+        c.update_replicas(&["b"], left);
+        let ids = |now| -> Vec<String> {
+            c.replica_samples(now)
+                .into_iter()
+                .map(|r| r.alloc_id)
+                .collect()
+        };
+        assert_eq!(
+            ids(left + REPLICA_RETENTION - Duration::from_millis(1)),
+            ["a", "b"]
+        );
+        assert_eq!(c.replica_samples(left)[0].connections, 5);
+        // An open connection keeps it past the retention.
+        a.active.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(ids(left + REPLICA_RETENTION), ["a", "b"]);
+        a.active.fetch_sub(1, Ordering::Relaxed);
+        assert_eq!(ids(left + REPLICA_RETENTION), ["b"]);
+
+        // Back after being forgotten: counted afresh. Back before: kept.
+        let back = c.update_replicas(&["a", "b"], left + REPLICA_RETENTION);
+        assert_eq!(back[0].connections.load(Ordering::Relaxed), 0);
+        c.update_replicas(&["a"], left + REPLICA_RETENTION);
+        c.update_replicas(
+            &["a", "b"],
+            left + REPLICA_RETENTION * 2 - Duration::from_secs(1),
+        );
+        assert_eq!(ids(left + REPLICA_RETENTION * 3), ["a", "b"]);
     }
 
     #[tokio::test]

@@ -147,7 +147,18 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
                     request_rate,
                     node: String::new(),
                     age_ms: 0,
-                    endpoints: Vec::new(),
+                    endpoints: s
+                        .replicas
+                        .iter()
+                        .map(|r| skiff_proto::v1::EndpointTraffic {
+                            alloc_id: r.alloc_id.clone(),
+                            connections: r.connections,
+                            connect_failures: r.connect_failures,
+                            responses: r.responses,
+                            errors: r.errors,
+                            active: r.active,
+                        })
+                        .collect(),
                 }
             })
             .collect();

@@ -3,11 +3,17 @@
 //! connection to a serving replica anywhere in the cluster (node address +
 //! host port), as the control plane's `Endpoints` list them.
 //!
-//! A replica is chosen by the power of two choices over the connections
-//! this proxy has open to each (random tie-break). A dial that fails is
-//! retried on another replica before any client byte is read, so it is
+//! A replica is chosen by the power of two choices: two distinct
+//! candidates drawn with probability proportional to their weight, the one
+//! with fewer open connections per unit of weight wins. A dial that fails
+//! is retried on another replica before any client byte is read, so it is
 //! safe for any protocol. Bytes flow through `copy_bidirectional` with its
 //! two fixed buffers per connection; nothing is allocated per byte.
+//!
+//! Besides the service's counters, every replica has its own (keyed by
+//! allocation id in [`ServiceCounters`], so they outlive pool updates):
+//! connections, failed dials, open connections and, for HTTP services,
+//! responses and 5xx responses read from the replica's byte stream.
 
 pub mod http;
 
@@ -18,7 +24,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rand::Rng;
 use skiff_proto::v1 as pb;
@@ -26,8 +32,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
 
-use crate::metrics::{Metrics, ServiceCounters};
-use http::RequestCounter;
+use crate::metrics::{Metrics, ReplicaCounters, ServiceCounters};
+use http::{RequestCounter, ResponseCounter};
 
 /// How long one dial of a replica may take before the next is tried.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -48,6 +54,10 @@ pub struct Route {
 pub struct Endpoint {
     pub alloc_id: String,
     pub addr: SocketAddr,
+    /// Relative share of new connections (canary weighting); 0 counts as 1.
+    pub weight: u32,
+    /// The service version the replica runs (a metrics label).
+    pub version: u64,
 }
 
 /// The routes an `Endpoints` message describes; endpoints with an address
@@ -67,6 +77,8 @@ pub fn routes_from_pb(endpoints: &pb::Endpoints) -> Vec<Route> {
                     Some(Endpoint {
                         alloc_id: e.alloc_id.clone(),
                         addr: SocketAddr::new(ip, port),
+                        weight: e.weight,
+                        version: e.version,
                     })
                 })
                 .collect::<Vec<_>>();
@@ -83,12 +95,21 @@ pub fn routes_from_pb(endpoints: &pb::Endpoints) -> Vec<Route> {
         .collect()
 }
 
-/// A replica in a pool, with the connections this proxy has open to it.
+/// A replica in a pool; its counters (open connections among them) are
+/// the replica's, shared by every pool update that lists it.
 #[derive(Debug)]
 struct Backend {
     alloc_id: String,
     addr: SocketAddr,
-    active: AtomicU64,
+    /// Relative share of new connections, at least 1.
+    weight: u64,
+    counters: Arc<ReplicaCounters>,
+}
+
+impl Backend {
+    fn active(&self) -> u64 {
+        self.counters.active.load(Ordering::Relaxed)
+    }
 }
 
 /// The replicas of one service; replaced wholesale on every update while
@@ -107,22 +128,28 @@ impl Pool {
             .clone()
     }
 
-    /// Replaces the endpoints, keeping the `Backend` (and its count) of
-    /// every replica that stays.
+    /// Replaces the endpoints, keeping the `Backend` of every replica that
+    /// stays as it was, and every replica's counters.
     fn set(&self, endpoints: &[Endpoint]) {
         let mut backends = self.backends.write().unwrap_or_else(|p| p.into_inner());
+        let ids: Vec<&str> = endpoints.iter().map(|e| e.alloc_id.as_str()).collect();
+        let replicas = self.counters.update_replicas(&ids, Instant::now());
         let next: Vec<Arc<Backend>> = endpoints
             .iter()
-            .map(|e| {
+            .zip(replicas)
+            .map(|(e, counters)| {
+                counters.version.store(e.version, Ordering::Relaxed);
+                let weight = u64::from(e.weight.max(1));
                 backends
                     .iter()
-                    .find(|b| b.alloc_id == e.alloc_id && b.addr == e.addr)
+                    .find(|b| b.alloc_id == e.alloc_id && b.addr == e.addr && b.weight == weight)
                     .cloned()
                     .unwrap_or_else(|| {
                         Arc::new(Backend {
                             alloc_id: e.alloc_id.clone(),
                             addr: e.addr,
-                            active: AtomicU64::new(0),
+                            weight,
+                            counters,
                         })
                     })
             })
@@ -170,7 +197,7 @@ impl Proxy {
             if !keep {
                 tracing::info!(%service, port = listener.publish, "routing proxy stops listening");
                 listener.task.abort();
-                listener.pool.counters.endpoints.store(0, Ordering::Relaxed);
+                listener.pool.set(&[]);
             }
             keep
         });
@@ -274,7 +301,7 @@ async fn forward(client: TcpStream, pool: Arc<Pool>) {
     counters.connections.fetch_add(1, Ordering::Relaxed);
     let _active = Gauge::up(&counters.active);
     let mut tried = Vec::new();
-    let Some((mut backend, mut upstream)) = dial(&pool, &mut tried).await else {
+    let Some(mut upstream) = dial(&pool, &mut tried).await else {
         counters.no_endpoint.fetch_add(1, Ordering::Relaxed);
         return;
     };
@@ -282,17 +309,38 @@ async fn forward(client: TcpStream, pool: Arc<Pool>) {
     let mut client = Counted {
         inner: client,
         counters: &counters,
-        requests: pool.http.then(RequestCounter::default),
+        replica: upstream.backend.counters.clone(),
+        http: pool.http.then(HttpCounters::default),
     };
     if pool.http {
-        match first_exchange(&mut client, &pool, &mut tried, backend, upstream).await {
-            Some((answered_by, stream)) => (backend, upstream) = (answered_by, stream),
+        match first_exchange(&mut client, &pool, &mut tried, upstream).await {
+            Some(answered) => upstream = answered,
             None => return,
         }
     }
-    let _backend_active = Gauge::up(&backend.active);
-    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        tracing::trace!(alloc = %backend.alloc_id, error = %e, "proxied connection ended with an error");
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream.stream).await {
+        tracing::trace!(alloc = %upstream.backend.alloc_id, error = %e, "proxied connection ended with an error");
+    }
+}
+
+/// An open connection to a replica, counted in its open connections until
+/// dropped.
+struct Upstream {
+    backend: Arc<Backend>,
+    stream: TcpStream,
+}
+
+impl Upstream {
+    fn open(backend: Arc<Backend>, stream: TcpStream) -> Self {
+        backend.counters.connections.fetch_add(1, Ordering::Relaxed);
+        backend.counters.active.fetch_add(1, Ordering::Relaxed);
+        Self { backend, stream }
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.backend.counters.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -311,9 +359,8 @@ async fn first_exchange(
     client: &mut Counted<'_>,
     pool: &Pool,
     tried: &mut Vec<Arc<Backend>>,
-    mut backend: Arc<Backend>,
-    mut upstream: TcpStream,
-) -> Option<(Arc<Backend>, TcpStream)> {
+    mut upstream: Upstream,
+) -> Option<Upstream> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut request = vec![0u8; REPLAY_BYTES];
     let n = client.read(&mut request).await.ok()?;
@@ -324,36 +371,42 @@ async fn first_exchange(
     let replayable = http::is_replayable(&request);
     let mut answer = [0u8; 4096];
     loop {
-        let _ = upstream.set_nodelay(true);
-        let got = match upstream.write_all(&request).await {
-            Ok(()) => upstream.read(&mut answer).await.unwrap_or(0),
+        let _ = upstream.stream.set_nodelay(true);
+        let got = match upstream.stream.write_all(&request).await {
+            Ok(()) => upstream.stream.read(&mut answer).await.unwrap_or(0),
             Err(_) => 0,
         };
         if got > 0 {
+            client.replica = upstream.backend.counters.clone();
             client.write_all(&answer[..got]).await.ok()?;
-            return Some((backend, upstream));
+            return Some(upstream);
         }
         if !replayable {
             return None;
         }
-        tracing::debug!(alloc = %backend.alloc_id, "replica closed before answering; replaying the request on another");
+        tracing::debug!(alloc = %upstream.backend.alloc_id, "replica closed before answering; replaying the request on another");
         pool.counters
             .connect_failures
             .fetch_add(1, Ordering::Relaxed);
-        (backend, upstream) = dial(pool, tried).await?;
+        upstream
+            .backend
+            .counters
+            .connect_failures
+            .fetch_add(1, Ordering::Relaxed);
+        upstream = dial(pool, tried).await?;
     }
 }
 
 /// Dials replicas until one accepts: nothing has been read from the client
 /// yet, so a refused or timed-out dial is retried on another replica.
 /// Replicas in `tried` are skipped, and every one dialed is added to it.
-async fn dial(pool: &Pool, tried: &mut Vec<Arc<Backend>>) -> Option<(Arc<Backend>, TcpStream)> {
+async fn dial(pool: &Pool, tried: &mut Vec<Arc<Backend>>) -> Option<Upstream> {
     while tried.len() < MAX_DIALS {
         let backends = pool.snapshot();
         let backend = choose(&backends, tried)?;
         tried.push(backend.clone());
         match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(backend.addr)).await {
-            Ok(Ok(stream)) => return Some((backend, stream)),
+            Ok(Ok(stream)) => return Some(Upstream::open(backend, stream)),
             Ok(Err(e)) => {
                 tracing::debug!(alloc = %backend.alloc_id, addr = %backend.addr, error = %e, "replica refused; trying another");
             }
@@ -364,43 +417,85 @@ async fn dial(pool: &Pool, tried: &mut Vec<Arc<Backend>>) -> Option<(Arc<Backend
         pool.counters
             .connect_failures
             .fetch_add(1, Ordering::Relaxed);
+        backend
+            .counters
+            .connect_failures
+            .fetch_add(1, Ordering::Relaxed);
     }
     None
 }
 
-/// Power of two choices among the replicas not yet tried: two distinct
-/// random ones, the one with fewer open connections wins (the first drawn
-/// on a tie, which is itself random).
+/// Power of two choices among the replicas not yet tried, weighted: two
+/// distinct ones drawn with probability proportional to their weight; the
+/// one with fewer open connections per unit of weight wins (the first
+/// drawn on a tie, which is itself random). With no load this picks each
+/// replica in proportion to its weight; under load it keeps open
+/// connections proportional to weight, which for equally fast replicas
+/// is a split of new connections by weight too.
 fn choose(backends: &[Arc<Backend>], tried: &[Arc<Backend>]) -> Option<Arc<Backend>> {
-    let untried = |b: &&Arc<Backend>| !tried.iter().any(|t| Arc::ptr_eq(t, b));
-    let n = backends.iter().filter(untried).count();
-    let nth = |i: usize| backends.iter().filter(untried).nth(i).cloned();
-    match n {
-        0 => None,
-        1 => nth(0),
-        _ => {
-            let mut rng = rand::thread_rng();
-            let i = rng.gen_range(0..n);
-            let mut j = rng.gen_range(0..n - 1);
-            if j >= i {
-                j += 1;
-            }
-            let (a, b) = (nth(i)?, nth(j)?);
-            if b.active.load(Ordering::Relaxed) < a.active.load(Ordering::Relaxed) {
-                Some(b)
-            } else {
-                Some(a)
-            }
-        }
+    let untried = |b: &Arc<Backend>| !tried.iter().any(|t| Arc::ptr_eq(t, b));
+    let total: u64 = backends
+        .iter()
+        .filter(|b| untried(b))
+        .map(|b| b.weight)
+        .sum();
+    let mut rng = rand::thread_rng();
+    let first = draw(backends, |b| untried(b), total, &mut rng)?;
+    let rest = total - first.weight;
+    let Some(second) = draw(
+        backends,
+        |b| untried(b) && !Arc::ptr_eq(b, &first),
+        rest,
+        &mut rng,
+    ) else {
+        return Some(first);
+    };
+    // active/weight compared without division.
+    let load = |b: &Backend, other: &Backend| u128::from(b.active()) * u128::from(other.weight);
+    if load(&second, &first) < load(&first, &second) {
+        Some(second)
+    } else {
+        Some(first)
     }
 }
 
+/// One of the `eligible` backends, with probability proportional to its
+/// weight; `total` is the weight of the eligible ones.
+fn draw(
+    backends: &[Arc<Backend>],
+    eligible: impl Fn(&Arc<Backend>) -> bool,
+    total: u64,
+    rng: &mut impl Rng,
+) -> Option<Arc<Backend>> {
+    if total == 0 {
+        return None;
+    }
+    let mut at = rng.gen_range(0..total);
+    for b in backends.iter().filter(|b| eligible(b)) {
+        if at < b.weight {
+            return Some(b.clone());
+        }
+        at -= b.weight;
+    }
+    None
+}
+
+/// The HTTP counters of one proxied connection.
+#[derive(Default)]
+struct HttpCounters {
+    requests: RequestCounter,
+    responses: ResponseCounter,
+}
+
 /// The client side of a proxied connection, counting bytes both ways and,
-/// for HTTP services, the requests in what the client sends.
+/// for HTTP services, the requests in what the client sends and the
+/// responses (for `replica`) in what it receives.
 struct Counted<'a> {
     inner: TcpStream,
     counters: &'a ServiceCounters,
-    requests: Option<RequestCounter>,
+    /// The replica whose bytes are written to the client.
+    replica: Arc<ReplicaCounters>,
+    http: Option<HttpCounters>,
 }
 
 impl AsyncRead for Counted<'_> {
@@ -418,8 +513,8 @@ impl AsyncRead for Counted<'_> {
                 this.counters
                     .bytes_in
                     .fetch_add(new.len() as u64, Ordering::Relaxed);
-                if let Some(counter) = &mut this.requests {
-                    let started = counter.feed(new);
+                if let Some(http) = &mut this.http {
+                    let started = http.requests.feed(new);
                     if started > 0 {
                         this.counters.requests.fetch_add(started, Ordering::Relaxed);
                     }
@@ -442,6 +537,16 @@ impl AsyncWrite for Counted<'_> {
             this.counters
                 .bytes_out
                 .fetch_add(n as u64, Ordering::Relaxed);
+            if let Some(http) = &mut this.http {
+                let seen = http.responses.feed(&buf[..n], http.requests.heads());
+                if seen.messages > 0 {
+                    let replica = &this.replica;
+                    replica
+                        .responses
+                        .fetch_add(seen.messages, Ordering::Relaxed);
+                    replica.errors.fetch_add(seen.errors, Ordering::Relaxed);
+                }
+            }
         }
         result
     }
@@ -461,11 +566,38 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn backend(id: &str, active: u64) -> Arc<Backend> {
+        weighted(id, active, 1)
+    }
+
+    fn weighted(id: &str, active: u64, weight: u64) -> Arc<Backend> {
+        let counters = ReplicaCounters::default();
+        counters.active.store(active, Ordering::Relaxed);
         Arc::new(Backend {
             alloc_id: id.into(),
             addr: "127.0.0.1:1".parse().unwrap(),
-            active: AtomicU64::new(active),
+            weight,
+            counters: Arc::new(counters),
         })
+    }
+
+    fn endpoint(alloc_id: &str, addr: SocketAddr) -> Endpoint {
+        Endpoint {
+            alloc_id: alloc_id.into(),
+            addr,
+            weight: 1,
+            version: 1,
+        }
+    }
+
+    /// How often each backend of `pool` is chosen in `n` choices.
+    fn shares(pool: &[Arc<Backend>], n: usize) -> HashMap<String, usize> {
+        let mut chosen = HashMap::new();
+        for _ in 0..n {
+            *chosen
+                .entry(choose(pool, &[]).unwrap().alloc_id.clone())
+                .or_default() += 1;
+        }
+        chosen
     }
 
     #[test]
@@ -492,6 +624,115 @@ mod tests {
             seen.insert(choose(&pool, &[]).unwrap().alloc_id.clone());
         }
         assert_eq!(seen.len(), 3);
+    }
+
+    #[test]
+    fn choices_without_load_follow_the_weights() {
+        let pool = vec![weighted("canary", 0, 1), weighted("stable", 0, 9)];
+        let chosen = shares(&pool, 10_000);
+        let canary = chosen.get("canary").copied().unwrap_or(0);
+        assert!(
+            (800..=1200).contains(&canary),
+            "canary chosen {canary} times"
+        );
+        assert_eq!(canary + chosen["stable"], 10_000);
+    }
+
+    #[test]
+    fn load_is_compared_per_unit_of_weight() {
+        // 3 connections on weight 4 is less load than 1 on weight 1.
+        let heavy = weighted("heavy", 3, 4);
+        let light = weighted("light", 1, 1);
+        let pool = vec![heavy, light];
+        for _ in 0..50 {
+            assert_eq!(choose(&pool, &[]).unwrap().alloc_id, "heavy");
+        }
+    }
+
+    /// Equally fast replicas (every connection lasts the same number of
+    /// arrivals) get new connections in proportion to their weight: here
+    /// two canaries of weight 4 and eight replicas of weight 9, so the
+    /// canaries' share is 8 / 80.
+    #[test]
+    fn under_load_equally_fast_replicas_split_connections_by_weight() {
+        let mut pool: Vec<_> = (0..2)
+            .map(|i| weighted(&format!("canary{i}"), 0, 4))
+            .collect();
+        pool.extend((0..8).map(|i| weighted(&format!("stable{i}"), 0, 9)));
+        let lasts = 30;
+        let mut open = std::collections::VecDeque::new();
+        let mut canary = 0;
+        let rounds = 20_000;
+        for _ in 0..rounds {
+            if open.len() == lasts {
+                let done: Arc<Backend> = open.pop_front().unwrap();
+                done.counters.active.fetch_sub(1, Ordering::Relaxed);
+            }
+            let b = choose(&pool, &[]).unwrap();
+            b.counters.active.fetch_add(1, Ordering::Relaxed);
+            if b.alloc_id.starts_with("canary") {
+                canary += 1;
+            }
+            open.push_back(b);
+        }
+        let share = f64::from(canary) / f64::from(rounds);
+        assert!((0.08..=0.12).contains(&share), "canary share {share}");
+    }
+
+    #[test]
+    fn endpoints_carry_weight_and_version() {
+        let routes = routes_from_pb(&pb::Endpoints {
+            services: vec![pb::ServiceEndpoints {
+                service: "web".into(),
+                publish: 8080,
+                protocol: "http".into(),
+                endpoints: vec![pb::Endpoint {
+                    alloc_id: "a1".into(),
+                    node: "n1".into(),
+                    address: "10.0.0.1".into(),
+                    port: 20000,
+                    weight: 3,
+                    version: 7,
+                }],
+            }],
+        });
+        assert_eq!(routes[0].endpoints[0].weight, 3);
+        assert_eq!(routes[0].endpoints[0].version, 7);
+    }
+
+    #[test]
+    fn replica_counters_survive_pool_updates() {
+        let metrics = Metrics::default();
+        let pool = Pool {
+            backends: RwLock::new(Arc::from(Vec::new())),
+            http: false,
+            counters: metrics.service("web"),
+        };
+        let addr = "127.0.0.1:1".parse().unwrap();
+        pool.set(&[endpoint("a", addr), endpoint("b", addr)]);
+        pool.snapshot()[0]
+            .counters
+            .connections
+            .fetch_add(4, Ordering::Relaxed);
+        // A new weight makes a new backend, but the same replica counters.
+        pool.set(&[Endpoint {
+            weight: 5,
+            version: 2,
+            ..endpoint("a", addr)
+        }]);
+        let a = &pool.snapshot()[0];
+        assert_eq!(a.weight, 5);
+        assert_eq!(a.counters.connections.load(Ordering::Relaxed), 4);
+        let replicas = &metrics.samples()[0].replicas;
+        assert_eq!(replicas.len(), 2, "b is kept for a while after leaving");
+        assert_eq!((replicas[0].connections, replicas[0].version), (4, 2));
+
+        // Weight 0 counts as 1.
+        pool.set(&[Endpoint {
+            weight: 0,
+            ..endpoint("a", addr)
+        }]);
+        assert_eq!(pool.snapshot()[0].weight, 1);
     }
 
     async fn echo_server() -> SocketAddr {
@@ -525,16 +766,7 @@ mod tests {
             service: "web".into(),
             publish,
             http: true,
-            endpoints: vec![
-                Endpoint {
-                    alloc_id: "bad".into(),
-                    addr: bad,
-                },
-                Endpoint {
-                    alloc_id: "good".into(),
-                    addr: good,
-                },
-            ],
+            endpoints: vec![endpoint("bad", bad), endpoint("good", good)],
         }]);
         for _ in 0..10 {
             let mut s = TcpStream::connect(("127.0.0.1", publish)).await.unwrap();
@@ -552,6 +784,13 @@ mod tests {
         assert_eq!(sample.bytes_out, 10 * 37);
         assert_eq!(sample.no_endpoint, 0);
         assert!(sample.connect_failures <= 10);
+        let [bad, good] = &sample.replicas[..] else {
+            panic!("two replicas: {:?}", sample.replicas);
+        };
+        assert_eq!(bad.connect_failures, sample.connect_failures);
+        assert_eq!((bad.connections, good.connections), (0, 10));
+        assert_eq!(good.active, 0);
+        assert_eq!(good.responses, 0, "echoed requests are no responses");
 
         proxy.update(vec![Route {
             service: "web".into(),
@@ -564,5 +803,109 @@ mod tests {
         assert_eq!(s.read(&mut buf).await.unwrap(), 0, "closed at once");
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(metrics.samples()[0].no_endpoint, 1);
+    }
+
+    /// An HTTP/1.1 replica answering every (bodiless) request on a
+    /// keep-alive connection with `response`.
+    async fn http_server(response: &'static [u8]) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut pending = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    loop {
+                        let n = match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        pending.extend_from_slice(&buf[..n]);
+                        while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                            pending.drain(..end + 4);
+                            if s.write_all(response).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn replica_responses_and_server_errors_are_counted_per_replica() {
+        // Both answers have the same length, so the client can read either.
+        const OK: &[u8] =
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n";
+        const FAILED: &[u8] = b"HTTP/1.1 500 NO\r\nContent-Length: 20\r\n\r\nsomething went wrong";
+        assert_eq!(OK.len(), FAILED.len());
+        let failing = http_server(FAILED).await;
+        let working = http_server(OK).await;
+        let metrics = Metrics::default();
+        let mut proxy = Proxy::new("127.0.0.1".parse().unwrap(), metrics.clone());
+        let publish = refusing_addr().await.port();
+        proxy.update(vec![Route {
+            service: "web".into(),
+            publish,
+            http: true,
+            endpoints: vec![endpoint("failing", failing), endpoint("working", working)],
+        }]);
+
+        let client = async {
+            let (mut ok, mut failed) = (0u64, 0u64);
+            for connection in 0..20 {
+                let mut s = TcpStream::connect(("127.0.0.1", publish)).await.unwrap();
+                // One request, then (from the second connection on) a
+                // pipelined pair.
+                let requests = if connection == 0 { 1 } else { 3 };
+                s.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+                    .await
+                    .unwrap();
+                if requests == 3 {
+                    s.write_all(b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n")
+                        .await
+                        .unwrap();
+                }
+                for _ in 0..requests {
+                    let mut answer = vec![0u8; OK.len()];
+                    s.read_exact(&mut answer).await.unwrap();
+                    if answer == OK {
+                        ok += 1;
+                    } else {
+                        assert_eq!(answer, FAILED);
+                        failed += 1;
+                    }
+                }
+            }
+            (ok, failed)
+        };
+        let (ok, failed) = tokio::time::timeout(Duration::from_secs(10), client)
+            .await
+            .expect("requests through the proxy are answered in time");
+        assert_eq!(ok + failed, 1 + 19 * 3);
+
+        // Open connections to replicas drop to zero once the copies end.
+        let replicas = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let replicas = metrics.samples()[0].replicas.clone();
+                if replicas.iter().all(|r| r.active == 0) {
+                    return replicas;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("connections to replicas close");
+        let [failing, working] = &replicas[..] else {
+            panic!("two replicas: {replicas:?}");
+        };
+        assert_eq!(failing.alloc_id, "failing");
+        assert_eq!((failing.responses, failing.errors), (failed, failed));
+        assert_eq!((working.responses, working.errors), (ok, 0));
+        assert_eq!(failing.connections + working.connections, 20);
+        assert_eq!(failing.connect_failures + working.connect_failures, 0);
+        assert_eq!(metrics.samples()[0].requests, ok + failed);
     }
 }
