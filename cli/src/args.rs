@@ -363,6 +363,32 @@ pub enum ServiceCommand {
     },
     /// Remove a service and stop all its replicas.
     Rm { name: String },
+    /// Roll out a new version: `skiff service update web --image REF`.
+    /// Shows progress until the deployment ends unless --detach.
+    Update(Box<UpdateArgs>),
+    /// List a service's versions with what changed and how each rollout ended.
+    History { name: String },
+    /// Deploy an earlier version again (default: the last good one).
+    Rollback {
+        name: String,
+        /// The version to return to (see `service history`).
+        #[arg(long = "to", value_name = "VERSION")]
+        to: Option<u64>,
+        /// Return at once instead of showing progress.
+        #[arg(long, short = 'd')]
+        detach: bool,
+    },
+    /// Promote a blue-green or canary deployment waiting for it.
+    Promote {
+        name: String,
+        /// Return at once instead of showing progress.
+        #[arg(long, short = 'd')]
+        detach: bool,
+    },
+    /// Pause a running deployment (nothing more is started or stopped).
+    Pause { name: String },
+    /// Resume a paused deployment.
+    Resume { name: String },
     /// Print the output of a service's replicas (stdout to stdout, stderr to
     /// stderr; lines prefixed with the replica's id when there are several).
     Logs {
@@ -468,6 +494,128 @@ pub struct CreateArgs {
     /// `$PORT` is replaced by the port the replica listens on.
     #[arg(last = true)]
     pub command: Vec<String>,
+    #[command(flatten)]
+    pub update: UpdatePolicyArgs,
+    #[command(flatten)]
+    pub autoscale: AutoscaleArgs,
+}
+
+/// How a new version replaces the running one (`service create` and
+/// `service update`); unset flags keep the current value (or the default).
+#[derive(Args, Debug, Default, Clone)]
+pub struct UpdatePolicyArgs {
+    /// `rolling` (default), `blue-green` or `canary`.
+    #[arg(long, value_name = "STRATEGY")]
+    pub update_strategy: Option<String>,
+    /// Rolling: new replicas started at once (default 1).
+    #[arg(long)]
+    pub max_parallel: Option<u32>,
+    /// Replicas allowed above the desired count during an update (default 1).
+    #[arg(long)]
+    pub max_surge: Option<u32>,
+    /// Serving replicas allowed below the desired count (default 0).
+    #[arg(long)]
+    pub max_unavailable: Option<u32>,
+    /// A new replica counts once healthy this long (default 5s; 0 allowed).
+    #[arg(long, value_parser = parse_millis_or_zero)]
+    pub min_healthy_time: Option<u32>,
+    /// A new replica not healthy this long after placement fails the update (default 60s).
+    #[arg(long, value_parser = parse_millis)]
+    pub healthy_deadline: Option<u32>,
+    /// The whole update must end within this (default 10m).
+    #[arg(long, value_parser = parse_millis)]
+    pub progress_deadline: Option<u32>,
+    /// Do not return to the last good version when an update fails.
+    #[arg(long)]
+    pub no_auto_rollback: bool,
+    /// Return to the last good version when an update fails (the default).
+    #[arg(long, conflicts_with = "no_auto_rollback")]
+    pub auto_rollback: bool,
+    /// Blue-green and canary: promote once ready, without `service promote`.
+    #[arg(long)]
+    pub auto_promote: bool,
+    /// Canary: new replicas started first (implies --update-strategy canary).
+    #[arg(long)]
+    pub canary: Option<u32>,
+    /// Canary: percent of new connections sent to the canaries (default: by replica count).
+    #[arg(long, value_name = "PCT")]
+    pub canary_weight: Option<u32>,
+    /// Fail the update when the new version's error rate (HTTP 5xx and
+    /// failed dials through the routing proxies) exceeds PCT percent.
+    #[arg(long, value_name = "PCT")]
+    pub max_error_rate: Option<u32>,
+}
+
+/// Autoscaling between min and max replicas on one or more targets.
+#[derive(Args, Debug, Default, Clone)]
+pub struct AutoscaleArgs {
+    /// Fewest replicas (0: scale to zero when idle).
+    #[arg(long, value_name = "N")]
+    pub autoscale_min: Option<u32>,
+    /// Most replicas.
+    #[arg(long, value_name = "M")]
+    pub autoscale_max: Option<u32>,
+    /// Target requests per second per replica (HTTP services).
+    #[arg(long, value_name = "R")]
+    pub target_rps: Option<f64>,
+    /// Target open connections per replica.
+    #[arg(long, value_name = "C")]
+    pub target_concurrency: Option<f64>,
+    /// Target CPU, percent of the replica's CPU limit.
+    #[arg(long, value_name = "P")]
+    pub target_cpu: Option<f64>,
+    /// Stop autoscaling: the replica count stays where it is.
+    #[arg(long)]
+    pub no_autoscale: bool,
+}
+
+/// `service update`: what changes; anything not given stays as it is.
+#[derive(Args, Debug)]
+pub struct UpdateArgs {
+    pub name: String,
+    /// New image reference.
+    #[arg(long)]
+    pub image: Option<String>,
+    /// Set an environment variable KEY=VALUE (repeatable).
+    #[arg(long = "env", short = 'e')]
+    pub env: Vec<String>,
+    /// Remove an environment variable (repeatable).
+    #[arg(long = "env-rm", value_name = "KEY")]
+    pub env_rm: Vec<String>,
+    /// Number of replicas.
+    #[arg(long, allow_negative_numbers = true)]
+    pub replicas: Option<i64>,
+    /// Memory per replica in MB.
+    #[arg(long)]
+    pub memory: Option<u32>,
+    /// CPU per replica in millicores.
+    #[arg(long)]
+    pub cpu: Option<u32>,
+    /// User to run as.
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Port the container listens on.
+    #[arg(long)]
+    pub port: Option<u32>,
+    /// HTTP health check path.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["health_tcp", "health_cmd"])]
+    pub health_http: Option<String>,
+    /// TCP health check.
+    #[arg(long, conflicts_with = "health_cmd")]
+    pub health_tcp: bool,
+    /// Exec health check (with /bin/sh -c).
+    #[arg(long, value_name = "CMD")]
+    pub health_cmd: Option<String>,
+    /// Return at once instead of showing the deployment's progress.
+    #[arg(long, short = 'd')]
+    pub detach: bool,
+    /// New program and arguments, after `--`.
+    #[arg(last = true)]
+    pub command: Vec<String>,
+    #[command(flatten)]
+    pub update: UpdatePolicyArgs,
+    #[command(flatten)]
+    pub autoscale: AutoscaleArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -497,6 +645,14 @@ pub enum ClusterCommand {
 }
 
 /// `500ms`, `10s`, `2m` or a bare number of seconds, as milliseconds.
+/// Like [`parse_millis`], but 0 is allowed.
+fn parse_millis_or_zero(value: &str) -> Result<u32, String> {
+    if value.trim_end_matches(|c: char| c.is_ascii_alphabetic()) == "0" {
+        return Ok(0);
+    }
+    parse_millis(value)
+}
+
 fn parse_millis(value: &str) -> Result<u32, String> {
     let fix = "use a duration like 500ms, 10s or 2m";
     let (number, unit) = value

@@ -74,6 +74,8 @@ fn run_blocking(args: BenchProxyArgs) -> anyhow::Result<()> {
             endpoints: vec![Endpoint {
                 alloc_id: "bench-replica".into(),
                 addr: replica_addr,
+                weight: 1,
+                version: 1,
             }],
         }]);
         proxy

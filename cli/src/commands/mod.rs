@@ -6,6 +6,7 @@ pub mod bench_schedule;
 pub mod bench_start;
 pub mod cluster;
 pub mod daemon;
+pub mod deploy;
 pub mod events;
 pub mod node;
 pub mod service;

@@ -130,6 +130,18 @@ pub async fn run(
                 .map_err(explain)?;
             println!("service {name} removed; its replicas are stopping");
         }
+        ServiceCommand::Update(args) => super::deploy::update(&mut client, format, *args).await?,
+        ServiceCommand::History { name } => {
+            super::deploy::history(&mut client, format, &name).await?
+        }
+        ServiceCommand::Rollback { name, to, detach } => {
+            super::deploy::rollback(&mut client, format, &name, to, detach).await?
+        }
+        ServiceCommand::Promote { name, detach } => {
+            super::deploy::promote(&mut client, format, &name, detach).await?
+        }
+        ServiceCommand::Pause { name } => super::deploy::pause(&mut client, &name, true).await?,
+        ServiceCommand::Resume { name } => super::deploy::pause(&mut client, &name, false).await?,
         ServiceCommand::Logs {
             name,
             follow,
@@ -397,7 +409,8 @@ fn build_spec(args: &CreateArgs, replicas: u32) -> anyhow::Result<pb::ServiceSpe
         mode: domain.mode.as_str().to_string(),
         publish: publish.map_or(0, u32::from),
         protocol: protocol.as_str().to_string(),
-        ..Default::default()
+        update: Some(super::deploy::policy_from_args(None, &args.update)),
+        autoscale: super::deploy::autoscale_from_args(None, &args.autoscale)?,
     })
 }
 
@@ -435,7 +448,10 @@ fn health(args: &CreateArgs) -> Option<pb::HealthCheck> {
     })
 }
 
-async fn get(client: &mut crate::client::Client, name: &str) -> anyhow::Result<pb::ServiceStatus> {
+pub(crate) async fn get(
+    client: &mut crate::client::Client,
+    name: &str,
+) -> anyhow::Result<pb::ServiceStatus> {
     Ok(client
         .get_service(pb::GetServiceRequest {
             name: name.to_string(),

@@ -5,7 +5,7 @@
 // in the helpers would only move the conversion.
 #![allow(clippy::result_large_err)]
 
-mod convert;
+pub mod convert;
 mod raft_service;
 
 pub use raft_service::RaftService;

@@ -692,7 +692,7 @@ impl State {
             Command::CreateService { spec } => self.create_service(index, spec),
             Command::ScaleService { name, replicas } => self.scale_service(index, &name, replicas),
             Command::RemoveService { name } => self.remove_service(index, &name),
-            Command::UpdateService { spec } => self.update_service(index, spec, 0),
+            Command::UpdateService { spec } => self.update_service(index, spec, None),
             Command::RollbackService { name, to_version } => {
                 self.rollback_service(index, &name, to_version)
             }
@@ -968,14 +968,17 @@ impl State {
     /// same as now, the spec changes in place (a scale or policy change,
     /// like Kubernetes, which makes no new revision for those); otherwise
     /// it becomes a new version rolled out by a new deployment, which
-    /// supersedes any deployment still active. `rollback_of` marks an
-    /// automatic rollback from that failed version.
+    /// supersedes any deployment still active. A rollback (`Some`, with
+    /// the failed version for an automatic one, else 0) is always rolled out
+    /// as a rolling update without gates: returning to a known version must
+    /// not wait for a promotion.
     fn update_service(
         &mut self,
         index: u64,
         spec: ServiceSpec,
-        rollback_of: u64,
+        rollback: Option<u64>,
     ) -> Result<Outcome, CommandError> {
+        let rollback_of = rollback.unwrap_or(0);
         spec.validate()?;
         let now = self.clock_ms;
         let name = spec.name.clone();
@@ -1011,7 +1014,11 @@ impl State {
         }
         service.version += 1;
         let version = service.version;
-        let policy = spec.update.clone();
+        let mut policy = spec.update.clone();
+        if rollback.is_some() {
+            policy.strategy = Strategy::Rolling;
+            policy.max_error_rate = None;
+        }
         let diff = update::spec_diff(&service.spec, &spec);
         service.history.push(VersionRecord {
             version,
@@ -1099,7 +1106,7 @@ impl State {
             )));
         }
         let rolled_back = service.active_deployment().map(|d| d.version);
-        self.update_service(index, spec, 0)?;
+        self.update_service(index, spec, Some(0))?;
         let service = self.services.get_mut(name).expect("updated above");
         let new_version = service.version;
         if let Some(version) = rolled_back {
@@ -1329,7 +1336,7 @@ impl State {
                 let message = format!("version {version}: {reason}");
                 self.event(index, EventKind::DeploymentFailed, name, "", "", &message);
                 if let Some(spec) = rollback {
-                    if self.update_service(index, spec, version).is_ok() {
+                    if self.update_service(index, spec, Some(version)).is_ok() {
                         let message = format!("version {version} failed; back to version {stable}");
                         self.event(
                             index,

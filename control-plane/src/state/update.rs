@@ -282,25 +282,42 @@ pub struct VersionRecord {
     pub message: String,
 }
 
-/// What changed from `old` to `new`, one "field: old -> new" per line.
+/// What changed from `old` to `new`, one "field: old -> new" per line;
+/// nested fields are named with dots (`update.strategy`).
 pub fn spec_diff(old: &super::ServiceSpec, new: &super::ServiceSpec) -> Vec<String> {
     let (a, b) = (
         serde_json::to_value(old).unwrap_or_default(),
         serde_json::to_value(new).unwrap_or_default(),
     );
-    let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else {
-        return Vec::new();
-    };
-    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
-    keys.sort();
-    keys.dedup();
-    keys.into_iter()
-        .filter_map(|key| {
-            let (x, y) = (
-                a.get(key).unwrap_or(&serde_json::Value::Null),
-                b.get(key).unwrap_or(&serde_json::Value::Null),
-            );
-            (x != y).then(|| format!("{key}: {x} -> {y}"))
-        })
-        .collect()
+    let mut out = Vec::new();
+    diff_values("", &a, &b, &mut out);
+    out
+}
+
+fn diff_values(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+    use serde_json::Value;
+    if a == b {
+        return;
+    }
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) if path.is_empty() || path == "update" => {
+            let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for key in keys {
+                let name = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                diff_values(
+                    &name,
+                    x.get(key).unwrap_or(&Value::Null),
+                    y.get(key).unwrap_or(&Value::Null),
+                    out,
+                );
+            }
+        }
+        _ => out.push(format!("{path}: {a} -> {b}")),
+    }
 }

@@ -1,0 +1,441 @@
+//! `skiff service update|history|rollback|promote|pause|resume`: new
+//! versions of a service and their deployments, with live progress.
+
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use skiff_control_plane::api::convert;
+use skiff_control_plane::state::spec;
+use skiff_proto::v1 as pb;
+
+use crate::args::{AutoscaleArgs, OutputFormat, UpdateArgs, UpdatePolicyArgs};
+use crate::client::{explain, Client};
+use crate::output;
+
+/// The update policy `args` describe over `base` (the current one, or the
+/// defaults for a new service).
+pub fn policy_from_args(
+    base: Option<pb::UpdatePolicy>,
+    args: &UpdatePolicyArgs,
+) -> pb::UpdatePolicy {
+    let mut p = base.unwrap_or_default();
+    if let Some(s) = &args.update_strategy {
+        p.strategy = s.clone();
+    } else if args.canary.is_some() {
+        p.strategy = "canary".to_string();
+    }
+    if let Some(v) = args.max_parallel {
+        p.max_parallel = v;
+    }
+    if let Some(v) = args.max_surge {
+        p.max_surge = Some(v);
+    }
+    if let Some(v) = args.max_unavailable {
+        p.max_unavailable = Some(v);
+    }
+    if let Some(v) = args.min_healthy_time {
+        p.min_healthy_ms = Some(v);
+    }
+    if let Some(v) = args.healthy_deadline {
+        p.healthy_deadline_ms = v;
+    }
+    if let Some(v) = args.progress_deadline {
+        p.progress_deadline_ms = v;
+    }
+    if args.no_auto_rollback {
+        p.auto_rollback = Some(false);
+    } else if args.auto_rollback {
+        p.auto_rollback = Some(true);
+    }
+    if args.auto_promote {
+        p.auto_promote = true;
+    }
+    if let Some(v) = args.canary {
+        p.canary = v;
+    }
+    if let Some(v) = args.canary_weight {
+        p.canary_weight = v;
+    }
+    if let Some(v) = args.max_error_rate {
+        p.max_error_rate = Some(v);
+    }
+    p
+}
+
+/// The autoscale policy `args` describe over `base`; `None`: not
+/// autoscaled.
+pub fn autoscale_from_args(
+    base: Option<pb::Autoscale>,
+    args: &AutoscaleArgs,
+) -> anyhow::Result<Option<pb::Autoscale>> {
+    if args.no_autoscale {
+        return Ok(None);
+    }
+    let given = args.autoscale_min.is_some()
+        || args.autoscale_max.is_some()
+        || args.target_rps.is_some()
+        || args.target_concurrency.is_some()
+        || args.target_cpu.is_some();
+    if !given {
+        return Ok(base);
+    }
+    let mut a = base.unwrap_or_default();
+    if let Some(v) = args.autoscale_min {
+        a.min = v;
+    }
+    if let Some(v) = args.autoscale_max {
+        a.max = v;
+    }
+    if a.max == 0 {
+        bail!("invalid autoscale-max: autoscaling needs --autoscale-max M (the most replicas)");
+    }
+    if let Some(v) = args.target_rps {
+        a.target_rps = v;
+    }
+    if let Some(v) = args.target_concurrency {
+        a.target_concurrency = v;
+    }
+    if let Some(v) = args.target_cpu {
+        a.target_cpu = v;
+    }
+    Ok(Some(a))
+}
+
+/// The spec `args` make of the current one.
+fn updated_spec(current: &pb::ServiceSpec, args: &UpdateArgs) -> anyhow::Result<pb::ServiceSpec> {
+    let mut spec = current.clone();
+    if let Some(image) = &args.image {
+        spec.image = image.clone();
+    }
+    for pair in &args.env {
+        let (key, value) = pair
+            .split_once('=')
+            .with_context(|| format!("invalid --env \"{pair}\": use KEY=VALUE"))?;
+        spec::validate_env(key, value).map_err(|e| anyhow!("{e}"))?;
+        spec.env.insert(key.to_string(), value.to_string());
+    }
+    for key in &args.env_rm {
+        if spec.env.remove(key).is_none() {
+            bail!("invalid env-rm: the service has no variable \"{key}\"; see `skiff service inspect {}`", spec.name);
+        }
+    }
+    if let Some(n) = args.replicas {
+        spec.replicas = spec::validate_replicas(n).map_err(|e| anyhow!("{e}"))?;
+    }
+    if let Some(mb) = args.memory {
+        spec.memory_mb = mb;
+    }
+    if let Some(cpu) = args.cpu {
+        if cpu == 0 {
+            bail!(
+                "invalid cpu: 0 millicores would never run; use a value above 0 (1000 = one CPU)"
+            );
+        }
+        spec.cpu_millis = cpu;
+    }
+    if let Some(user) = &args.user {
+        spec.user = user.clone();
+    }
+    if let Some(port) = args.port {
+        spec.port = port;
+    }
+    if let Some(path) = &args.health_http {
+        spec.health = Some(pb::HealthCheck {
+            kind: "http".into(),
+            http_path: path.clone(),
+            ..spec.health.clone().unwrap_or_default()
+        });
+    } else if args.health_tcp {
+        spec.health = Some(pb::HealthCheck {
+            kind: "tcp".into(),
+            ..spec.health.clone().unwrap_or_default()
+        });
+    } else if let Some(cmd) = &args.health_cmd {
+        spec.health = Some(pb::HealthCheck {
+            kind: "exec".into(),
+            command: vec!["/bin/sh".into(), "-c".into(), cmd.clone()],
+            ..spec.health.clone().unwrap_or_default()
+        });
+    }
+    if !args.command.is_empty() {
+        spec.command = args.command.clone();
+    }
+    spec.update = Some(policy_from_args(spec.update.clone(), &args.update));
+    spec.autoscale = autoscale_from_args(spec.autoscale, &args.autoscale)?;
+    Ok(spec)
+}
+
+pub async fn update(
+    client: &mut Client,
+    format: OutputFormat,
+    args: UpdateArgs,
+) -> anyhow::Result<()> {
+    let current = super::service::get(client, &args.name).await?;
+    let before = current.version;
+    let spec = updated_spec(&current.spec.unwrap_or_default(), &args)?;
+    // Refuse a bad update here with the field's message; the server checks
+    // again before anything changes.
+    convert::spec_from_pb(spec.clone()).map_err(|e| anyhow!("{e}"))?;
+    let status = client
+        .update_service(pb::UpdateServiceRequest { spec: Some(spec) })
+        .await
+        .map_err(explain)?
+        .into_inner();
+    if status.version == before {
+        println!(
+            "service {} updated in place (version {} unchanged: only the replica count or policies changed)",
+            args.name, status.version
+        );
+        return Ok(());
+    }
+    println!(
+        "service {}: version {} is rolling out ({})",
+        args.name,
+        status.version,
+        status
+            .deployment
+            .as_ref()
+            .map_or("rolling", |d| d.strategy.as_str())
+    );
+    if args.detach {
+        return Ok(());
+    }
+    watch(client, format, &args.name, status.version).await
+}
+
+pub async fn rollback(
+    client: &mut Client,
+    format: OutputFormat,
+    name: &str,
+    to: Option<u64>,
+    detach: bool,
+) -> anyhow::Result<()> {
+    let status = client
+        .rollback_service(pb::RollbackServiceRequest {
+            name: name.to_string(),
+            to_version: to.unwrap_or(0),
+        })
+        .await
+        .map_err(explain)?
+        .into_inner();
+    println!(
+        "service {name}: version {} rolls back ({})",
+        status.version,
+        status
+            .deployment
+            .as_ref()
+            .map_or("", |d| d.message.as_str())
+    );
+    if detach {
+        return Ok(());
+    }
+    watch(client, format, name, status.version).await
+}
+
+pub async fn promote(
+    client: &mut Client,
+    format: OutputFormat,
+    name: &str,
+    detach: bool,
+) -> anyhow::Result<()> {
+    let status = client
+        .promote_deployment(pb::PromoteDeploymentRequest {
+            name: name.to_string(),
+        })
+        .await
+        .map_err(explain)?
+        .into_inner();
+    println!("service {name}: version {} promoted", status.version);
+    if detach {
+        return Ok(());
+    }
+    watch(client, format, name, status.version).await
+}
+
+pub async fn pause(client: &mut Client, name: &str, paused: bool) -> anyhow::Result<()> {
+    let status = client
+        .pause_deployment(pb::PauseDeploymentRequest {
+            name: name.to_string(),
+            paused,
+        })
+        .await
+        .map_err(explain)?
+        .into_inner();
+    let verb = if paused { "paused" } else { "resumed" };
+    println!(
+        "service {name}: deployment of version {} {verb}",
+        status.version
+    );
+    Ok(())
+}
+
+pub async fn history(client: &mut Client, format: OutputFormat, name: &str) -> anyhow::Result<()> {
+    let status = super::service::get(client, name).await?;
+    let rows = status
+        .history
+        .iter()
+        .map(|v| {
+            let spec = v.spec.clone().unwrap_or_default();
+            let what = if spec.image.is_empty() {
+                spec.command.join(" ")
+            } else {
+                spec.image.clone()
+            };
+            vec![
+                v.version.to_string(),
+                what,
+                v.outcome.clone(),
+                if v.diff.is_empty() {
+                    "-".to_string()
+                } else {
+                    v.diff.join("; ")
+                },
+                v.message.clone(),
+            ]
+        })
+        .collect();
+    output::print(
+        format,
+        &status.history,
+        &["VERSION", "RUNS", "OUTCOME", "CHANGES", "MESSAGE"],
+        rows,
+    );
+    Ok(())
+}
+
+/// Longest the CLI follows one deployment (the server enforces the
+/// deployment's own progress deadline).
+const WATCH_LIMIT: Duration = Duration::from_secs(3600);
+
+/// Shows the deployment of `version` until it ends (following an automatic
+/// rollback to its end); errors when it failed or was rolled back. A
+/// blue-green or canary deployment waiting for promotion ends the watch
+/// successfully, with the command to promote it.
+async fn watch(
+    client: &mut Client,
+    format: OutputFormat,
+    name: &str,
+    version: u64,
+) -> anyhow::Result<()> {
+    let interactive = format == OutputFormat::Table && std::io::stderr().is_terminal();
+    let bars = MultiProgress::with_draw_target(if interactive {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    });
+    let style = ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    let bar = |prefix: &str| {
+        let b = bars.add(ProgressBar::new(0));
+        b.set_style(style.clone());
+        b.set_prefix(prefix.to_string());
+        b
+    };
+    let (healthy, stopped) = (bar("new healthy"), bar("old stopped"));
+    let step = bars.add(ProgressBar::new_spinner());
+    let started = Instant::now();
+    let mut old_at_start: Option<u32> = None;
+    let mut watched = version;
+    let mut last_line = String::new();
+    let mut failed_reason: Option<String> = None;
+    loop {
+        if started.elapsed() > WATCH_LIMIT {
+            bail!("stopped following the deployment after {} s; it continues (see `skiff service inspect {name}`)", WATCH_LIMIT.as_secs());
+        }
+        let status = super::service::get(client, name).await?;
+        let Some(d) = status.deployment.clone() else {
+            return Ok(());
+        };
+        if d.version != watched {
+            if d.rollback_of == watched {
+                // The watched version failed and is being rolled back.
+                let record = status.history.iter().find(|v| v.version == watched);
+                failed_reason =
+                    Some(record.map_or_else(|| d.message.clone(), |r| r.message.clone()));
+                watched = d.version;
+                old_at_start = None;
+            } else {
+                bars.clear().ok();
+                bail!("version {watched} was superseded by version {}", d.version);
+            }
+        }
+        let old_total = *old_at_start.get_or_insert(d.old_running);
+        healthy.set_length(u64::from(d.desired));
+        healthy.set_position(u64::from(d.new_healthy.min(d.desired)));
+        stopped.set_length(u64::from(old_total));
+        stopped.set_position(u64::from(old_total.saturating_sub(d.old_running)));
+        let failing: Vec<String> = status
+            .allocations
+            .iter()
+            .filter(|a| a.version == d.version && a.desired == "run")
+            .filter(|a| matches!(a.state.as_str(), "failed" | "unhealthy" | "restarting"))
+            .map(|a| format!("{} {}: {}", a.id, a.state, a.message))
+            .collect();
+        let line = format!(
+            "version {} {} ({}): {}{}",
+            d.version,
+            d.status,
+            d.strategy,
+            d.message,
+            if failing.is_empty() {
+                String::new()
+            } else {
+                format!(" — failing: {}", failing.join("; "))
+            }
+        );
+        step.set_message(line.clone());
+        step.tick();
+        if !interactive && line != last_line {
+            eprintln!(
+                "{line} [new healthy {}/{}, old running {}]",
+                d.new_healthy, d.desired, d.old_running
+            );
+        }
+        last_line = line;
+        match d.status.as_str() {
+            "succeeded" => {
+                bars.clear().ok();
+                if let Some(reason) = failed_reason {
+                    bail!(
+                        "version {version} failed and was rolled back (now version {}): {reason}",
+                        d.version
+                    );
+                }
+                println!("service {name}: version {} deployed", d.version);
+                return Ok(());
+            }
+            "awaiting-promotion" => {
+                bars.clear().ok();
+                println!(
+                    "service {name}: version {} is ready and waits for promotion: `skiff service promote {name}` (or roll back: `skiff service rollback {name}`)",
+                    d.version
+                );
+                return Ok(());
+            }
+            "failed" if d.rollback_of == 0 || d.version == watched => {
+                // Failed without an automatic rollback following it (a
+                // rollback would show up as a newer deployment).
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let again = super::service::get(client, name).await?;
+                if again
+                    .deployment
+                    .as_ref()
+                    .is_some_and(|n| n.version != d.version)
+                {
+                    continue;
+                }
+                bars.clear().ok();
+                bail!("version {} failed: {}", d.version, d.message);
+            }
+            "rolled-back" | "superseded" => {
+                bars.clear().ok();
+                bail!("version {} {}: {}", d.version, d.status, d.message);
+            }
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
