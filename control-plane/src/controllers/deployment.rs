@@ -259,3 +259,7 @@ fn failure(
     }
     None
 }
+
+#[cfg(test)]
+#[path = "deployment_tests.rs"]
+mod tests;
