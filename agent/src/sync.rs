@@ -147,6 +147,7 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
                     request_rate,
                     node: String::new(),
                     age_ms: 0,
+                    waiting: 0,
                     endpoints: s
                         .replicas
                         .iter()
