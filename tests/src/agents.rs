@@ -40,6 +40,8 @@ pub struct AgentCluster {
     dir: TempDir,
     servers: Vec<String>,
     agents: Vec<Agent>,
+    /// Flags added to every agent (e.g. `--insecure-registry`).
+    extra_args: Vec<String>,
     /// Clock ticks since boot when the cluster started; older processes
     /// are never killed on drop.
     since: u64,
@@ -49,6 +51,13 @@ impl AgentCluster {
     /// Starts one agent per spec against `servers` and waits until the
     /// first server lists them all ready.
     pub fn start(servers: &[String], specs: &[AgentSpec]) -> Self {
+        Self::start_with(servers, specs, &[])
+    }
+
+    /// Like [`AgentCluster::start`], with `extra_args` given to every agent.
+    /// Containers (oci runtime) outlive a killed agent, so on drop the
+    /// cluster also deletes what each agent's runtime still has.
+    pub fn start_with(servers: &[String], specs: &[AgentSpec], extra_args: &[&str]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("skiff-agents-")
             .tempdir()
@@ -57,6 +66,7 @@ impl AgentCluster {
             dir,
             servers: servers.to_vec(),
             agents: Vec::new(),
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             since: boot_ticks(),
         };
         for spec in specs {
@@ -107,6 +117,7 @@ impl AgentCluster {
         for label in &agent.labels {
             command.args(["--label", label]);
         }
+        command.args(&self.extra_args);
         command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -202,11 +213,54 @@ impl AgentCluster {
     }
 }
 
+impl AgentCluster {
+    /// Deletes by force the containers the agents' OCI runtimes still
+    /// know (after the agents are gone), their network namespaces and the
+    /// mounts under the cluster's directory.
+    fn remove_containers(&self) {
+        for agent in &self.agents {
+            for runtime in ["runc", "crun"] {
+                let root = self.dir.path().join(&agent.name).join("oci").join(runtime);
+                let ids: Vec<String> = fs::read_dir(&root)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|e| e.ok())
+                    .filter(|e| e.path().is_dir())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect();
+                for id in ids {
+                    let mut cmd = Command::new(runtime);
+                    cmd.arg("--root")
+                        .arg(&root)
+                        .args(["delete", "--force", &id]);
+                    let _ = crate::try_run_with_timeout(&mut cmd, Duration::from_secs(10));
+                    let mut cmd = Command::new("ip");
+                    cmd.args(["netns", "delete", &format!("skiff-{id}")]);
+                    let _ = crate::try_run_with_timeout(&mut cmd, Duration::from_secs(10));
+                }
+            }
+        }
+        let dir = self.dir.path().display().to_string();
+        let mut mounts: Vec<String> = crate::containers::mount_points()
+            .into_iter()
+            .filter(|m| m.starts_with(&dir))
+            .collect();
+        mounts.reverse();
+        for m in mounts {
+            let _ = crate::try_run_with_timeout(
+                Command::new("umount").arg("-l").arg(&m),
+                Duration::from_secs(10),
+            );
+        }
+    }
+}
+
 impl Drop for AgentCluster {
     fn drop(&mut self) {
         for i in 0..self.agents.len() {
             self.kill9(i);
         }
+        self.remove_containers();
         for i in 0..self.agents.len() {
             for pid in self.replica_pids(i) {
                 if let Ok(pid) = i32::try_from(pid) {

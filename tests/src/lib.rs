@@ -242,8 +242,13 @@ pub struct HttpResponse {
 /// `GET path` over HTTP/1.0 from `127.0.0.1:port`, with 2 s connect, read and write timeouts;
 /// reads at most about 1 MiB.
 pub fn http_get(port: u16, path: &str) -> std::io::Result<HttpResponse> {
+    http_get_at(SocketAddr::from(([127, 0, 0, 1], port)), path)
+}
+
+/// `GET path` over HTTP/1.0 from `addr` (any loopback address), as [`http_get`].
+pub fn http_get_at(addr: SocketAddr, path: &str) -> std::io::Result<HttpResponse> {
     let timeout = Duration::from_secs(2);
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let port = addr.port();
     let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
