@@ -74,6 +74,10 @@ pub fn reconcile(state: &State, service: &str, now_ms: u64, traffic: &Traffic) -
     decision
 }
 
+/// How long a replacement must have served before the replica it replaces
+/// on a draining node is stopped.
+pub const REPLACEMENT_SERVING_MS: u32 = 1_000;
+
 fn draining(state: &State, alloc: &Allocation) -> bool {
     state
         .nodes
@@ -139,7 +143,12 @@ fn replicated(
     }
     // Keep the old replicas of a draining node until their replacements
     // serve, so the service never drops below its desired count.
-    let serving_kept = kept.iter().filter(|a| a.is_serving()).count();
+    // A replacement counts once it has served a moment: one that reports
+    // healthy and exits right after must not let an old replica go.
+    let serving_kept = kept
+        .iter()
+        .filter(|a| deployment::is_ready(a, REPLACEMENT_SERVING_MS, now_ms))
+        .count();
     let mut spare = (serving_kept + migrating.iter().filter(|a| a.is_serving()).count())
         .saturating_sub(desired);
     let mut migrating = migrating;
@@ -407,7 +416,15 @@ mod tests {
             .stop
             .is_empty());
         f.report("c", "n2", AllocState::Running);
-        let decision = reconcile(&f.state, "web", 0, &Traffic::new());
+        let since = f.state.allocs["c"].serving_since_ms;
+        assert!(
+            reconcile(&f.state, "web", since, &Traffic::new())
+                .stop
+                .is_empty(),
+            "the replacement must serve a moment first"
+        );
+        let later = since + u64::from(REPLACEMENT_SERVING_MS);
+        let decision = reconcile(&f.state, "web", later, &Traffic::new());
         assert_eq!(f.stopped(&decision), vec!["a"]);
         assert_eq!(placed(&decision), 0);
     }
