@@ -35,6 +35,8 @@ pub struct ServiceCounters {
     pub requests: AtomicU64,
     /// Endpoints in the pool now (a gauge).
     pub endpoints: AtomicU64,
+    /// Client connections held now, waiting for a replica (a gauge).
+    pub waiting: AtomicU64,
     /// Per replica, by allocation id.
     replicas: Mutex<BTreeMap<String, ReplicaEntry>>,
 }
@@ -153,6 +155,7 @@ pub struct TrafficSample {
     pub no_endpoint: u64,
     pub requests: u64,
     pub endpoints: u64,
+    pub waiting: u64,
     /// Per replica, by allocation id.
     pub replicas: Vec<ReplicaSample>,
 }
@@ -162,6 +165,11 @@ pub struct TrafficSample {
 #[derive(Debug, Clone, Default)]
 pub struct Metrics {
     services: Arc<Mutex<BTreeMap<String, Arc<ServiceCounters>>>>,
+    /// Signalled when a connection starts waiting for a replica of a
+    /// service none was waiting for: the sync loop reports traffic at once,
+    /// so the control plane wakes a service at zero without waiting for
+    /// the next periodic report.
+    demand: Arc<tokio::sync::Notify>,
 }
 
 impl Metrics {
@@ -169,6 +177,11 @@ impl Metrics {
     pub fn service(&self, service: &str) -> Arc<ServiceCounters> {
         let mut services = self.services.lock().unwrap_or_else(|p| p.into_inner());
         services.entry(service.to_string()).or_default().clone()
+    }
+
+    /// Where new demand is signalled (see `Metrics::demand`'s field).
+    pub fn demand(&self) -> Arc<tokio::sync::Notify> {
+        self.demand.clone()
     }
 
     pub fn samples(&self) -> Vec<TrafficSample> {
@@ -187,6 +200,7 @@ impl Metrics {
                 no_endpoint: get(&c.no_endpoint),
                 requests: get(&c.requests),
                 endpoints: get(&c.endpoints),
+                waiting: get(&c.waiting),
                 replicas: c.replica_samples(now),
             })
             .collect()
@@ -195,7 +209,7 @@ impl Metrics {
     /// Prometheus text exposition format (version 0.0.4).
     pub fn render(&self, node: &str) -> String {
         let samples = self.samples();
-        let families: [Family; 8] = [
+        let families: [Family; 9] = [
             (
                 "skiff_proxy_connections_total",
                 "counter",
@@ -243,6 +257,12 @@ impl Metrics {
                 "gauge",
                 "Replicas in the proxy's pool.",
                 |s| s.endpoints,
+            ),
+            (
+                "skiff_proxy_waiting_connections",
+                "gauge",
+                "Client connections held waiting for a replica to start.",
+                |s| s.waiting,
             ),
         ];
         let replica_families: [ReplicaFamily; 5] = [
@@ -412,7 +432,7 @@ mod tests {
             text.contains("skiff_proxy_http_requests_total{service=\"api\\\"x\",node=\"n1\"} 2")
         );
         let samples = text.lines().filter(|l| !l.starts_with('#')).count();
-        assert_eq!(samples, 16);
+        assert_eq!(samples, 18);
     }
 
     #[test]
@@ -435,7 +455,7 @@ mod tests {
             "skiff_proxy_replica_active_connections{service=\"web\",alloc=\"a1\",version=\"3\",node=\"n1\"} 0"
         ));
         let samples = text.lines().filter(|l| !l.starts_with('#')).count();
-        assert_eq!(samples, 8 + 2 * 5);
+        assert_eq!(samples, 9 + 2 * 5);
     }
 
     #[test]

@@ -147,7 +147,7 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
                     request_rate,
                     node: String::new(),
                     age_ms: 0,
-                    waiting: 0,
+                    waiting: s.waiting,
                     endpoints: s
                         .replicas
                         .iter()
@@ -256,6 +256,7 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
         let mut heartbeat: Option<Interval> = None;
         let mut traffic = tokio::time::interval(self.config.traffic_interval);
         traffic.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let demand = self.proxy.as_ref().map(|p| p.metrics.demand());
 
         loop {
             tokio::select! {
@@ -328,6 +329,14 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
                         send(&outbound, AgentMsg::Traffic(report));
                     }
                 }
+                // A connection started waiting for a replica: report now,
+                // so the control plane wakes the service at once.
+                () = notified(demand.as_deref()) => {
+                    if let Some(report) = self.traffic_report() {
+                        send(&outbound, AgentMsg::Traffic(report));
+                    }
+                    traffic.reset();
+                }
             }
         }
     }
@@ -357,6 +366,13 @@ async fn publish_logs_addr(
 /// which the inbound side reports; the status is resent after reconnecting.
 fn send(outbound: &mpsc::UnboundedSender<AgentMessage>, msg: AgentMsg) {
     let _ = outbound.send(AgentMessage { msg: Some(msg) });
+}
+
+async fn notified(demand: Option<&tokio::sync::Notify>) {
+    match demand {
+        Some(demand) => demand.notified().await,
+        None => future::pending().await,
+    }
 }
 
 async fn tick(interval: &mut Option<Interval>) {

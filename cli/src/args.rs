@@ -258,6 +258,11 @@ pub struct ServerArgs {
     /// Serve GET /metrics (Prometheus text) on this address.
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
+    /// Autoscaler stabilization window: a service scales down only after
+    /// its load stayed low this long; the cooldowns (1/4 and 1/2 of it)
+    /// and the idle time before scaling to zero (5x) scale with it.
+    #[arg(long, default_value = "60s", value_parser = parse_millis)]
+    pub autoscale_window: u32,
 }
 
 #[derive(Args, Debug)]

@@ -49,6 +49,9 @@ pub struct ServerConfig {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// A node whose heartbeats stop for this long is marked down.
     pub heartbeat_ttl: Duration,
+    /// The autoscaler's scale-down stabilization window; its cooldowns and
+    /// idle window scale with it (`controllers::autoscaler::Timings`).
+    pub autoscale_window: Duration,
 }
 
 impl ServerConfig {
@@ -65,6 +68,9 @@ impl ServerConfig {
             snapshot_every: 10_000,
             metrics_listen: None,
             heartbeat_ttl: Duration::from_secs(10),
+            autoscale_window: Duration::from_millis(
+                controllers::autoscale::DEFAULT_SCALE_DOWN_WINDOW_MS,
+            ),
         }
     }
 }
@@ -175,11 +181,14 @@ pub async fn run(
     }
     let api = Api::new(consensus.clone(), config.name.clone());
     let traffic_api = api.clone();
+    let load_api = api.clone();
     let reconciler = tokio::spawn(controllers::run(
         consensus.clone(),
         api.heartbeats(),
         Arc::new(move || traffic_api.replica_traffic()),
         config.heartbeat_ttl,
+        Arc::new(move |service: &str, http: bool| load_api.node_traffic(service, http)),
+        controllers::autoscaler::Timings::from_window(config.autoscale_window),
         stop_rx.clone(),
     ));
     tokio::spawn(api.clone().background(stop_rx.clone()));

@@ -14,6 +14,15 @@
 //! allocation id in [`ServiceCounters`], so they outlive pool updates):
 //! connections, failed dials, open connections and, for HTTP services,
 //! responses and 5xx responses read from the replica's byte stream.
+//!
+//! A service with no replica in its pool (scaled to zero, or every replica
+//! restarting) has its new connections held, within [`HoldLimits`], until
+//! a replica appears, then forwarded: the client sees a slow first answer,
+//! not an error. Held connections are counted as `waiting`, and the first
+//! one signals `Metrics::demand` so the control plane hears of it at once
+//! and starts a replica. A connection that waits too long, or finds the
+//! queue full, is refused (counted as `no_endpoint`; an HTTP client gets a
+//! 503 saying why).
 
 pub mod http;
 
@@ -30,6 +39,7 @@ use rand::Rng;
 use skiff_proto::v1 as pb;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
 use crate::metrics::{Metrics, ReplicaCounters, ServiceCounters};
@@ -39,6 +49,30 @@ use http::{RequestCounter, ResponseCounter};
 const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most dials for one client connection.
 const MAX_DIALS: usize = 8;
+/// Most connections held per service while it has no replica.
+pub const MAX_WAITING: u64 = 256;
+/// Longest a connection is held waiting for a replica: more than a cold
+/// start of a replica (placement, image already pulled, start, first
+/// health check) takes.
+pub const HOLD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How connections to a service without replicas are held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HoldLimits {
+    /// Most connections held per service; more are refused at once.
+    pub max_waiting: u64,
+    /// Longest one connection is held before it is refused.
+    pub timeout: Duration,
+}
+
+impl Default for HoldLimits {
+    fn default() -> Self {
+        HoldLimits {
+            max_waiting: MAX_WAITING,
+            timeout: HOLD_TIMEOUT,
+        }
+    }
+}
 
 /// One published service as the proxy routes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,12 +149,30 @@ impl Backend {
 /// The replicas of one service; replaced wholesale on every update while
 /// connections keep the `Backend` they dialled.
 struct Pool {
+    service: String,
     backends: RwLock<Arc<[Arc<Backend>]>>,
     http: bool,
     counters: Arc<ServiceCounters>,
+    /// Whether the pool has a replica: what held connections wait for.
+    ready: watch::Sender<bool>,
+    /// Signalled when a connection starts waiting and none was.
+    demand: Arc<Notify>,
+    hold: HoldLimits,
 }
 
 impl Pool {
+    fn new(service: &str, http: bool, metrics: &Metrics, hold: HoldLimits) -> Self {
+        Pool {
+            service: service.to_string(),
+            backends: RwLock::new(Arc::from(Vec::new())),
+            http,
+            counters: metrics.service(service),
+            ready: watch::channel(false).0,
+            demand: metrics.demand(),
+            hold,
+        }
+    }
+
     fn snapshot(&self) -> Arc<[Arc<Backend>]> {
         self.backends
             .read()
@@ -157,7 +209,11 @@ impl Pool {
         self.counters
             .endpoints
             .store(next.len() as u64, Ordering::Relaxed);
+        let ready = !next.is_empty();
         *backends = next.into();
+        drop(backends);
+        self.ready
+            .send_if_modified(|was| std::mem::replace(was, ready) != ready);
     }
 }
 
@@ -171,6 +227,7 @@ struct Listener {
 pub struct Proxy {
     bind: IpAddr,
     metrics: Metrics,
+    hold: HoldLimits,
     listeners: HashMap<String, Listener>,
     /// The last routes, applied again by [`Proxy::retry`] for listeners
     /// that could not bind.
@@ -182,9 +239,17 @@ impl Proxy {
         Self {
             bind,
             metrics,
+            hold: HoldLimits::default(),
             listeners: HashMap::new(),
             routes: Vec::new(),
         }
+    }
+
+    /// Holds connections to services without replicas within `hold`
+    /// (applies to listeners started from now on).
+    pub fn with_hold(mut self, hold: HoldLimits) -> Self {
+        self.hold = hold;
+        self
     }
 
     /// Makes the listeners and pools match `routes`: new services get a
@@ -214,11 +279,12 @@ impl Proxy {
                     continue;
                 }
             };
-            let pool = Arc::new(Pool {
-                backends: RwLock::new(Arc::from(Vec::new())),
-                http: route.http,
-                counters: self.metrics.service(&route.service),
-            });
+            let pool = Arc::new(Pool::new(
+                &route.service,
+                route.http,
+                &self.metrics,
+                self.hold,
+            ));
             pool.set(&route.endpoints);
             tracing::info!(service = %route.service, %addr, endpoints = route.endpoints.len(), "routing proxy listening");
             let task = tokio::spawn(accept_loop(listener, pool.clone()));
@@ -299,6 +365,12 @@ impl Drop for Gauge<'_> {
 async fn forward(client: TcpStream, pool: Arc<Pool>) {
     let counters = pool.counters.clone();
     counters.connections.fetch_add(1, Ordering::Relaxed);
+    if let Err(why) = await_replica(&client, &pool).await {
+        counters.no_endpoint.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(service = %pool.service, reason = %why, "connection refused");
+        refuse(client, &pool, why).await;
+        return;
+    }
     let _active = Gauge::up(&counters.active);
     let mut tried = Vec::new();
     let Some(mut upstream) = dial(&pool, &mut tried).await else {
@@ -321,6 +393,91 @@ async fn forward(client: TcpStream, pool: Arc<Pool>) {
     if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream.stream).await {
         tracing::trace!(alloc = %upstream.backend.alloc_id, error = %e, "proxied connection ended with an error");
     }
+}
+
+/// Why a held connection was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    QueueFull,
+    TimedOut,
+    ClientLeft,
+}
+
+impl Refusal {
+    fn as_str(self) -> &'static str {
+        match self {
+            Refusal::QueueFull => "too many connections waiting for a replica",
+            Refusal::TimedOut => "no replica became ready in time",
+            Refusal::ClientLeft => "the client left while waiting for a replica",
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Holds `client` while the pool has no replica, counted as waiting: until
+/// one appears (`Ok`), or the hold times out, the queue is full, or the
+/// client goes away first.
+async fn await_replica(client: &TcpStream, pool: &Pool) -> Result<(), Refusal> {
+    let mut ready = pool.ready.subscribe();
+    if *ready.borrow_and_update() {
+        return Ok(());
+    }
+    let waiting = pool.counters.waiting.fetch_add(1, Ordering::Relaxed);
+    let _waiting = Gauge(&pool.counters.waiting);
+    if waiting >= pool.hold.max_waiting {
+        return Err(Refusal::QueueFull);
+    }
+    if waiting == 0 {
+        pool.demand.notify_one();
+    }
+    tracing::debug!(service = %pool.service, waiting = waiting + 1, "holding a connection until a replica is ready");
+    let wait = tokio::time::timeout(pool.hold.timeout, ready.wait_for(|ready| *ready));
+    tokio::select! {
+        waited = wait => match waited {
+            Ok(Ok(_)) => Ok(()),
+            // The pool is gone (its listener was removed), or time is up.
+            Ok(Err(_)) | Err(_) => Err(Refusal::TimedOut),
+        },
+        () = client_left(client) => Err(Refusal::ClientLeft),
+    }
+}
+
+/// Resolves when the client closes before sending anything (a held client
+/// that gave up); once it has sent bytes, never (they wait for a replica).
+async fn client_left(client: &TcpStream) {
+    let mut byte = [0u8; 1];
+    match client.peek(&mut byte).await {
+        Ok(0) | Err(_) => {}
+        Ok(_) => std::future::pending().await,
+    }
+}
+
+/// Closes a refused connection; an HTTP client first gets a 503 saying
+/// why, so the refusal is clear rather than a bare close.
+async fn refuse(mut client: TcpStream, pool: &Pool, why: Refusal) {
+    use tokio::io::AsyncWriteExt;
+    if !pool.http || why == Refusal::ClientLeft {
+        return;
+    }
+    // Take in the request already sent, so closing does not reset the
+    // connection before the client reads the answer.
+    let mut request = [0u8; 4096];
+    let _ = client.try_read(&mut request);
+    let body = format!("skiff: {} of service {}\n", why, pool.service);
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(DIAL_TIMEOUT, async {
+        client.write_all(answer.as_bytes()).await?;
+        client.shutdown().await
+    })
+    .await;
 }
 
 /// An open connection to a replica, counted in its open connections until
@@ -703,11 +860,7 @@ mod tests {
     #[test]
     fn replica_counters_survive_pool_updates() {
         let metrics = Metrics::default();
-        let pool = Pool {
-            backends: RwLock::new(Arc::from(Vec::new())),
-            http: false,
-            counters: metrics.service("web"),
-        };
+        let pool = Pool::new("web", false, &metrics, HoldLimits::default());
         let addr = "127.0.0.1:1".parse().unwrap();
         pool.set(&[endpoint("a", addr), endpoint("b", addr)]);
         pool.snapshot()[0]
@@ -768,6 +921,7 @@ mod tests {
             http: true,
             endpoints: vec![endpoint("bad", bad), endpoint("good", good)],
         }]);
+        assert_eq!(metrics.samples()[0].endpoints, 2);
         for _ in 0..10 {
             let mut s = TcpStream::connect(("127.0.0.1", publish)).await.unwrap();
             let req = b"GET / HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\n";
@@ -791,18 +945,113 @@ mod tests {
         assert_eq!((bad.connections, good.connections), (0, 10));
         assert_eq!(good.active, 0);
         assert_eq!(good.responses, 0, "echoed requests are no responses");
+    }
 
-        proxy.update(vec![Route {
+    fn web(publish: u16, endpoints: Vec<Endpoint>) -> Vec<Route> {
+        vec![Route {
             service: "web".into(),
             publish,
             http: true,
-            endpoints: vec![],
-        }]);
-        let mut s = TcpStream::connect(("127.0.0.1", publish)).await.unwrap();
-        let mut buf = [0u8; 1];
-        assert_eq!(s.read(&mut buf).await.unwrap(), 0, "closed at once");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(metrics.samples()[0].no_endpoint, 1);
+            endpoints,
+        }]
+    }
+
+    /// Waits (bounded) until `web`'s counters satisfy `done`.
+    async fn until(metrics: &Metrics, done: impl Fn(&crate::metrics::TrafficSample) -> bool) {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !done(&metrics.samples()[0]) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("counters reached");
+    }
+
+    #[tokio::test]
+    async fn connections_wait_for_a_replica_and_are_forwarded_when_one_appears() {
+        let good = echo_server().await;
+        let metrics = Metrics::default();
+        let demand = metrics.demand();
+        let mut proxy = Proxy::new("127.0.0.1".parse().unwrap(), metrics.clone());
+        let publish = refusing_addr().await.port();
+        proxy.update(web(publish, vec![]));
+
+        let mut clients = Vec::new();
+        for i in 0..3u8 {
+            let mut s = TcpStream::connect(("127.0.0.1", publish)).await.unwrap();
+            s.write_all(&[b'a' + i]).await.unwrap();
+            clients.push(s);
+        }
+        until(&metrics, |s| s.waiting == 3).await;
+        // The first one waiting signalled demand (once).
+        tokio::time::timeout(Duration::from_secs(1), demand.notified())
+            .await
+            .expect("demand signalled");
+        assert_eq!(metrics.samples()[0].active, 0, "waiting is not active");
+
+        proxy.update(web(publish, vec![endpoint("good", good)]));
+        for (i, s) in clients.iter_mut().enumerate() {
+            let mut back = [0u8; 1];
+            tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
+                .await
+                .expect("forwarded once a replica is ready")
+                .unwrap();
+            assert_eq!(back[0], b'a' + i as u8);
+        }
+        let sample = &metrics.samples()[0];
+        assert_eq!((sample.waiting, sample.no_endpoint), (0, 0));
+        assert_eq!(sample.active, 3);
+    }
+
+    #[tokio::test]
+    async fn held_connections_are_refused_after_the_timeout_or_when_the_queue_is_full() {
+        let metrics = Metrics::default();
+        let hold = HoldLimits {
+            max_waiting: 2,
+            timeout: Duration::from_millis(300),
+        };
+        let mut proxy = Proxy::new("127.0.0.1".parse().unwrap(), metrics.clone()).with_hold(hold);
+        let publish = refusing_addr().await.port();
+        proxy.update(web(publish, vec![]));
+        let request = b"GET / HTTP/1.1\r\nHost: web\r\n\r\n";
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let mut s = TcpStream::connect(("127.0.0.1", publish)).await.unwrap();
+            s.write_all(request).await.unwrap();
+            held.push(s);
+        }
+        until(&metrics, |s| s.waiting == 2).await;
+        // A third: the queue is full, refused at once with a 503.
+        let started = Instant::now();
+        let mut third = TcpStream::connect(("127.0.0.1", publish)).await.unwrap();
+        third.write_all(request).await.unwrap();
+        let mut answer = String::new();
+        third.read_to_string(&mut answer).await.unwrap();
+        assert!(started.elapsed() < Duration::from_millis(250));
+        assert!(
+            answer.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
+            "{answer}"
+        );
+        assert!(
+            answer.ends_with("skiff: too many connections waiting for a replica of service web\n")
+        );
+        // The held ones: refused after the timeout.
+        for mut s in held {
+            let mut answer = String::new();
+            s.read_to_string(&mut answer).await.unwrap();
+            assert!(
+                answer.contains("no replica became ready in time"),
+                "{answer}"
+            );
+        }
+        assert!(started.elapsed() >= Duration::from_millis(250));
+        until(&metrics, |s| s.no_endpoint == 3 && s.waiting == 0).await;
+
+        // A client that gives up while held leaves the queue at once.
+        let s = TcpStream::connect(("127.0.0.1", publish)).await.unwrap();
+        until(&metrics, |s| s.waiting == 1).await;
+        drop(s);
+        until(&metrics, |s| s.waiting == 0 && s.no_endpoint == 4).await;
     }
 
     /// An HTTP/1.1 replica answering every (bodiless) request on a

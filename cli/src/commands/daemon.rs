@@ -23,6 +23,7 @@ pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
     config.snapshot_every = args.snapshot_every.max(1);
     config.heartbeat_ttl = Duration::from_millis(u64::from(args.heartbeat_ttl));
     config.metrics_listen = args.metrics_listen;
+    config.autoscale_window = Duration::from_millis(u64::from(args.autoscale_window));
     skiff_control_plane::run(config, listener, wait_for_signal()).await?;
     Ok(())
 }

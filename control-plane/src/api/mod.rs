@@ -123,6 +123,30 @@ impl Api {
         sums
     }
 
+    /// The latest report of each node's proxy for `service`, for the
+    /// autoscaler: its counter is requests for an `http` service, else
+    /// connections, and `at_ms` is when this server received the report
+    /// (on this server's clock, as `controllers::now_ms`).
+    pub fn node_traffic(
+        &self,
+        service: &str,
+        http: bool,
+    ) -> Vec<crate::controllers::autoscale::NodeTraffic> {
+        let now = crate::controllers::now_ms();
+        self.service_traffic(service)
+            .into_iter()
+            .map(|r| crate::controllers::autoscale::NodeTraffic {
+                at_ms: now.saturating_sub(r.age_ms),
+                requests: if http { r.requests } else { r.connections },
+                active: r.active,
+                turned_away: r.no_endpoint,
+                request_rate: r.request_rate,
+                waiting: r.waiting,
+                node: r.node,
+            })
+            .collect()
+    }
+
     fn record_traffic(&self, node: &str, report: pb::TrafficReport) {
         let now = Instant::now();
         let mut traffic = self.traffic.lock().unwrap_or_else(|p| p.into_inner());

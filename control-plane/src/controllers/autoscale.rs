@@ -698,7 +698,7 @@ fn ceil_replicas(load: f64) -> u32 {
 /// started, as the control plane received them. From a
 /// `skiff_proto::v1::ServiceTraffic`: `node`, `at_ms = now_ms - age_ms`,
 /// `requests` (or `connections` for a service without HTTP requests),
-/// `active`, `turned_away = no_endpoint`, `request_rate`.
+/// `active`, `turned_away = no_endpoint`, `request_rate`, `waiting`.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct NodeTraffic {
     pub node: String,
@@ -712,6 +712,8 @@ pub struct NodeTraffic {
     pub turned_away: u64,
     /// Requests per second since the agent's previous report.
     pub request_rate: f64,
+    /// Connections held now, waiting for a replica (a gauge).
+    pub waiting: u64,
 }
 
 /// A service's traffic over a window, summed over nodes.
@@ -727,6 +729,9 @@ pub struct TrafficSample {
     /// Connections turned away for lack of a replica within the window:
     /// demand for `Observed::waiting_connections`.
     pub turned_away: u64,
+    /// Connections held waiting for a replica, from each node's newest
+    /// report: demand for `Observed::waiting_connections` too.
+    pub waiting: u64,
 }
 
 impl TrafficSample {
@@ -749,7 +754,7 @@ impl TrafficSample {
 /// value is what was counted since (what came between the previous report
 /// and the restart is lost, as with Prometheus' `rate`). With reports
 /// spanning less than `MIN_RATE_SPAN_MS`, the node's own reported rate is
-/// used. Open connections are a gauge: each node's newest value.
+/// used. Open and waiting connections are gauges: each node's newest value.
 pub fn aggregate_traffic(
     reports: &[NodeTraffic],
     now_ms: u64,
@@ -773,6 +778,7 @@ pub fn aggregate_traffic(
             0.0
         };
         sample.active = sample.active.saturating_add(last.active);
+        sample.waiting = sample.waiting.saturating_add(last.waiting);
         sample.turned_away = sample
             .turned_away
             .saturating_add(increase(reports.iter().map(|r| r.turned_away)));
@@ -1310,6 +1316,7 @@ mod tests {
             active,
             turned_away: 0,
             request_rate: 0.0,
+            waiting: 0,
         }
     }
 

@@ -3,6 +3,7 @@
 //! proposes its result through Raft.
 
 pub mod autoscale;
+pub mod autoscaler;
 pub mod deployment;
 pub mod liveness;
 pub mod reconciler;
@@ -99,11 +100,19 @@ pub async fn run(
     heartbeats: Heartbeats,
     traffic: TrafficSource,
     heartbeat_ttl: Duration,
+    load: autoscaler::LoadSource,
+    autoscale_timings: autoscaler::Timings,
     shutdown: watch::Receiver<bool>,
 ) {
     tokio::join!(
         run_reconciler(consensus.clone(), traffic, shutdown.clone()),
-        run_liveness(consensus, heartbeats, heartbeat_ttl, shutdown),
+        run_liveness(
+            consensus.clone(),
+            heartbeats,
+            heartbeat_ttl,
+            shutdown.clone()
+        ),
+        autoscaler::run_autoscaler(consensus, load, autoscale_timings, shutdown),
     );
 }
 

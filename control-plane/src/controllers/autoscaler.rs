@@ -1,0 +1,499 @@
+//! The autoscaler's leader-only loop: it keeps, per autoscaled service, the
+//! proxies' recent traffic reports, the metric samples built from them and
+//! the decision core's [`Memory`], asks [`decide`] once a second (and at
+//! once when a connection waits at zero replicas), and proposes each change
+//! as a `Command::Autoscale` scale event with its reason.
+//!
+//! All of it lives in memory and is dropped when this server stops being
+//! the leader: a new leader rebuilds it from the reports that keep coming,
+//! and the decision core never scales down before it has watched a whole
+//! stabilization window.
+//!
+//! Not measured yet: CPU. Agents report no per-replica CPU use (the
+//! runtimes have no stats call), so a `target_cpu` is left out of the
+//! policy handed to the core (logged once per service); a service whose
+//! only target is CPU keeps its count, clamped to `[min, max]`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::MissedTickBehavior;
+
+use super::autoscale::{
+    aggregate_traffic, decide, Decision, Memory, MetricSample, NodeTraffic, Observed, Policy,
+    Targets, DEFAULT_SCALE_DOWN_COOLDOWN_MS, DEFAULT_SCALE_DOWN_WINDOW_MS,
+    DEFAULT_SCALE_UP_COOLDOWN_MS, DEFAULT_TRAFFIC_WINDOW_MS,
+};
+use super::now_ms;
+use crate::consensus::Consensus;
+use crate::state::spec::Protocol;
+use crate::state::{AutoscalePolicy, Command, ServiceMode, State};
+
+/// The latest report of every node's proxy for a service:
+/// `(service, http)` in, one `NodeTraffic` per node out.
+pub type LoadSource = Arc<dyn Fn(&str, bool) -> Vec<NodeTraffic> + Send + Sync>;
+
+/// How often the loop looks at services at zero replicas with connections
+/// waiting: a held connection should wake its service in well under a
+/// second.
+pub const WAKE_TICK: Duration = Duration::from_millis(100);
+/// How often every autoscaled service is decided.
+pub const DECIDE_EVERY: Duration = Duration::from_secs(1);
+/// Two reports of one node received this close together are one report
+/// read twice (agents report every 2 s).
+const SAME_REPORT_MS: u64 = 500;
+
+/// The autoscaler's windows and cooldowns. One knob, the scale-down
+/// stabilization window, sets all of them in the defaults' proportions
+/// (60 s window: 15 s scale-up cooldown, 30 s scale-down cooldown, 300 s
+/// idle before scaling to zero), so tests and benchmarks can run the same
+/// policy faster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timings {
+    pub scale_down_window_ms: u64,
+    pub scale_up_cooldown_ms: u64,
+    pub scale_down_cooldown_ms: u64,
+    pub idle_window_ms: u64,
+}
+
+impl Timings {
+    /// The defaults scaled so the stabilization window is `window`.
+    pub fn from_window(window: Duration) -> Self {
+        let window_ms = window.as_millis() as u64;
+        let scale = |default_ms: u64| {
+            (u128::from(default_ms) * u128::from(window_ms)
+                / u128::from(DEFAULT_SCALE_DOWN_WINDOW_MS)) as u64
+        };
+        Timings {
+            scale_down_window_ms: window_ms,
+            scale_up_cooldown_ms: scale(DEFAULT_SCALE_UP_COOLDOWN_MS),
+            scale_down_cooldown_ms: scale(DEFAULT_SCALE_DOWN_COOLDOWN_MS),
+            idle_window_ms: scale(super::autoscale::DEFAULT_IDLE_WINDOW_MS),
+        }
+    }
+
+    /// The decision core's policy for a service's autoscale spec. CPU is
+    /// not measured (see the module doc), so it is no target here.
+    pub fn policy(&self, spec: &AutoscalePolicy) -> Policy {
+        let targets = Targets {
+            rps: spec.target_rps,
+            concurrency: spec.target_concurrency,
+            cpu_percent: None,
+        };
+        Policy {
+            scale_down_window_ms: self.scale_down_window_ms,
+            scale_up_cooldown_ms: self.scale_up_cooldown_ms,
+            scale_down_cooldown_ms: self.scale_down_cooldown_ms,
+            idle_window_ms: self.idle_window_ms,
+            ..Policy::new(spec.min, spec.max, targets)
+        }
+    }
+}
+
+impl Default for Timings {
+    fn default() -> Self {
+        Timings::from_window(Duration::from_millis(DEFAULT_SCALE_DOWN_WINDOW_MS))
+    }
+}
+
+/// An autoscaled service as the applied state has it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Autoscaled {
+    pub name: String,
+    pub policy: Policy,
+    /// The replica count in the spec: what the autoscaler sets.
+    pub current: u32,
+    /// Live replicas serving (healthy, or running without a check).
+    pub ready: u32,
+    /// A deployment is rolling out: autoscaling pauses.
+    pub deploying: bool,
+    /// Published as HTTP: rates are requests, else connections.
+    pub http: bool,
+    /// Its spec asks for a CPU target, which is not measured.
+    pub wants_cpu: bool,
+}
+
+/// Every replicated service with an autoscale policy, by name.
+pub fn autoscaled(state: &State, timings: &Timings) -> Vec<Autoscaled> {
+    state
+        .services
+        .iter()
+        .filter(|(_, s)| s.spec.mode == ServiceMode::Replicated)
+        .filter_map(|(name, service)| {
+            let spec = service.spec.autoscale.as_ref()?;
+            let current = service.spec.replicas;
+            let ready = state
+                .live_allocs(name)
+                .filter(|a| a.is_serving())
+                .count()
+                .min(current as usize) as u32;
+            Some(Autoscaled {
+                name: name.clone(),
+                policy: timings.policy(spec),
+                current,
+                ready,
+                deploying: service.active_deployment().is_some(),
+                http: service.spec.protocol == Protocol::Http,
+                wants_cpu: spec.target_cpu.is_some(),
+            })
+        })
+        .collect()
+}
+
+/// What the loop remembers of one service.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    /// Reports within the traffic window, several per node.
+    reports: Vec<NodeTraffic>,
+    /// Samples built from them, oldest first, as far back as the idle
+    /// window needs.
+    samples: Vec<MetricSample>,
+    /// Connections waiting for a replica: held now, or turned away within
+    /// the traffic window.
+    waiting: u64,
+    pub memory: Memory,
+    cpu_warned: bool,
+}
+
+impl Tracker {
+    /// Takes in the latest report of each node (a report already seen is
+    /// ignored) and builds a sample from the reports in the window.
+    pub fn observe(&mut self, latest: Vec<NodeTraffic>, policy: &Policy, now_ms: u64) {
+        for report in latest {
+            let seen = self
+                .reports
+                .iter()
+                .any(|r| r.node == report.node && r.at_ms.abs_diff(report.at_ms) < SAME_REPORT_MS);
+            if !seen {
+                self.reports.push(report);
+            }
+        }
+        let from = now_ms.saturating_sub(DEFAULT_TRAFFIC_WINDOW_MS);
+        self.reports.retain(|r| r.at_ms >= from);
+        let keep_from = now_ms
+            .saturating_sub(policy.idle_window_ms.max(policy.stale_after_ms))
+            .saturating_sub(policy.stale_after_ms);
+        self.samples.retain(|s| s.at_ms >= keep_from);
+        self.waiting = 0;
+        let Some(traffic) = aggregate_traffic(&self.reports, now_ms, DEFAULT_TRAFFIC_WINDOW_MS)
+        else {
+            return;
+        };
+        let fresh = now_ms.saturating_sub(traffic.at_ms) <= policy.stale_after_ms;
+        self.waiting = traffic.turned_away + if fresh { traffic.waiting } else { 0 };
+        let sample = traffic.metric_sample();
+        if self.samples.last().is_none_or(|s| s.at_ms < sample.at_ms) {
+            self.samples.push(sample);
+        }
+    }
+
+    /// Connections waiting for a replica, as last observed.
+    pub fn waiting(&self) -> u64 {
+        self.waiting
+    }
+
+    /// Decides `service`'s count at `now_ms`; `None` when there is nothing
+    /// to decide: a deployment is in flight (autoscaling pauses), or this
+    /// is a quick look (`every_second == false`) and no connection waits at
+    /// zero replicas. A decision that changes nothing is recorded here; a
+    /// change is recorded by the caller once carried out
+    /// ([`Tracker::carried_out`]).
+    pub fn consider(
+        &mut self,
+        service: &Autoscaled,
+        now_ms: u64,
+        every_second: bool,
+    ) -> Option<Decision> {
+        if service.deploying {
+            return None;
+        }
+        if !every_second && !(service.current == 0 && self.waiting > 0) {
+            return None;
+        }
+        let observed = Observed {
+            current: service.current,
+            ready: service.ready,
+            waiting_connections: self.waiting,
+            samples: &self.samples,
+        };
+        let decision = decide(&service.policy, &observed, &self.memory, now_ms);
+        if !decision.changed {
+            self.memory.record(&service.policy, &decision, now_ms);
+            return None;
+        }
+        Some(decision)
+    }
+
+    /// Records the outcome of proposing `decision`: a committed change
+    /// starts its cooldown; one not carried out only counts as a
+    /// recommendation.
+    pub fn carried_out(&mut self, policy: &Policy, decision: &Decision, ok: bool, now_ms: u64) {
+        if ok {
+            self.memory.record(policy, decision, now_ms);
+        } else {
+            self.memory
+                .record_recommendation(policy, decision.recommendation, now_ms);
+        }
+    }
+}
+
+/// On the leader, scales every autoscaled service to what [`decide`] asks
+/// for, until `shutdown`.
+pub async fn run_autoscaler(
+    consensus: Consensus,
+    load: LoadSource,
+    timings: Timings,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(WAKE_TICK);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut trackers: HashMap<String, Tracker> = HashMap::new();
+    let mut next_round_ms = 0;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        if !consensus.is_leader() {
+            trackers.clear();
+            continue;
+        }
+        let now = now_ms();
+        let every_second = now >= next_round_ms;
+        if every_second {
+            next_round_ms = now + DECIDE_EVERY.as_millis() as u64;
+        }
+        let services = autoscaled(&consensus.state(), &timings);
+        trackers.retain(|name, _| services.iter().any(|s| &s.name == name));
+        for service in &services {
+            let tracker = trackers.entry(service.name.clone()).or_default();
+            if !every_second && service.current > 0 {
+                continue;
+            }
+            if service.wants_cpu && !tracker.cpu_warned {
+                tracker.cpu_warned = true;
+                tracing::warn!(service = %service.name, "autoscale target cpu is not measured (agents report no CPU use); scaling on the other targets only");
+            }
+            tracker.observe(load(&service.name, service.http), &service.policy, now);
+            let Some(decision) = tracker.consider(service, now, every_second) else {
+                continue;
+            };
+            // The state may have moved while deciding: act only on the
+            // count the decision started from, outside a deployment.
+            let still = consensus
+                .state()
+                .services
+                .get(&service.name)
+                .is_some_and(|s| {
+                    s.spec.replicas == decision.current
+                        && s.spec.autoscale.is_some()
+                        && s.active_deployment().is_none()
+                });
+            if !still {
+                continue;
+            }
+            tracing::info!(
+                service = %service.name,
+                from = decision.current,
+                to = decision.desired,
+                reason = %decision.reason,
+                "autoscaling"
+            );
+            let command = Command::Autoscale {
+                name: service.name.clone(),
+                replicas: decision.desired,
+                reason: decision.reason.clone(),
+            };
+            let ok = match consensus.propose(command.at(now_ms())).await {
+                Ok(_) => true,
+                Err(err) => {
+                    tracing::warn!(service = %service.name, error = %err, "scale event not committed");
+                    false
+                }
+            };
+            tracker.carried_out(&service.policy, &decision, ok, now);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: u64 = 1_000_000_000;
+
+    fn service(current: u32, min: u32) -> Autoscaled {
+        let spec = AutoscalePolicy {
+            min,
+            max: 6,
+            target_concurrency: Some(2.0),
+            ..AutoscalePolicy::default()
+        };
+        Autoscaled {
+            name: "web".into(),
+            policy: Timings::from_window(Duration::from_secs(6)).policy(&spec),
+            current,
+            ready: current,
+            deploying: false,
+            http: true,
+            wants_cpu: false,
+        }
+    }
+
+    fn report(node: &str, at_ms: u64, requests: u64, active: u64, waiting: u64) -> NodeTraffic {
+        NodeTraffic {
+            node: node.into(),
+            at_ms,
+            requests,
+            active,
+            waiting,
+            ..NodeTraffic::default()
+        }
+    }
+
+    #[test]
+    fn the_window_scales_every_timing_in_the_default_proportions() {
+        assert_eq!(
+            Timings::default(),
+            Timings {
+                scale_down_window_ms: 60_000,
+                scale_up_cooldown_ms: 15_000,
+                scale_down_cooldown_ms: 30_000,
+                idle_window_ms: 300_000,
+            }
+        );
+        let fast = Timings::from_window(Duration::from_secs(4));
+        assert_eq!(
+            (
+                fast.scale_up_cooldown_ms,
+                fast.scale_down_cooldown_ms,
+                fast.idle_window_ms
+            ),
+            (1_000, 2_000, 20_000)
+        );
+    }
+
+    #[test]
+    fn cpu_is_no_target_while_it_is_not_measured() {
+        let spec = AutoscalePolicy {
+            min: 1,
+            max: 3,
+            target_rps: Some(10.0),
+            target_cpu: Some(50.0),
+            ..AutoscalePolicy::default()
+        };
+        let policy = Timings::default().policy(&spec);
+        assert_eq!(policy.targets.rps, Some(10.0));
+        assert_eq!(policy.targets.cpu_percent, None);
+    }
+
+    #[test]
+    fn a_report_read_twice_is_kept_once() {
+        let service = service(1, 1);
+        let mut tracker = Tracker::default();
+        tracker.observe(vec![report("a", T0, 10, 1, 0)], &service.policy, T0);
+        tracker.observe(
+            vec![report("a", T0 + 3, 10, 1, 0)],
+            &service.policy,
+            T0 + 900,
+        );
+        assert_eq!(tracker.reports.len(), 1);
+        assert_eq!(tracker.samples.len(), 1);
+        tracker.observe(
+            vec![report("a", T0 + 2_000, 30, 1, 0)],
+            &service.policy,
+            T0 + 2_000,
+        );
+        assert_eq!(tracker.reports.len(), 2);
+        assert_eq!(tracker.samples.len(), 2);
+        assert_eq!(tracker.samples[1].total_rps, Some(10.0));
+    }
+
+    #[test]
+    fn a_connection_waiting_at_zero_wakes_the_service_between_rounds() {
+        let service = service(0, 0);
+        let mut tracker = Tracker::default();
+        tracker.observe(vec![report("a", T0, 0, 0, 0)], &service.policy, T0);
+        assert!(tracker.consider(&service, T0, false).is_none());
+        tracker.observe(
+            vec![
+                report("a", T0 + 700, 0, 0, 1),
+                report("b", T0 + 100, 0, 0, 0),
+            ],
+            &service.policy,
+            T0 + 800,
+        );
+        assert_eq!(tracker.waiting(), 1);
+        let decision = tracker.consider(&service, T0 + 800, false).expect("wakes");
+        assert_eq!((decision.current, decision.desired), (0, 1));
+        // A service with replicas waits for the next round.
+        let running = Autoscaled {
+            current: 1,
+            ..service.clone()
+        };
+        assert!(tracker.consider(&running, T0 + 800, false).is_none());
+    }
+
+    #[test]
+    fn connections_turned_away_count_as_waiting_within_the_window() {
+        let service = service(0, 0);
+        let mut tracker = Tracker::default();
+        let turned = |at_ms, no_endpoint| NodeTraffic {
+            turned_away: no_endpoint,
+            ..report("a", at_ms, 0, 0, 0)
+        };
+        tracker.observe(vec![turned(T0, 4)], &service.policy, T0);
+        tracker.observe(vec![turned(T0 + 2_000, 6)], &service.policy, T0 + 2_000);
+        assert_eq!(tracker.waiting(), 2);
+        tracker.observe(vec![turned(T0 + 20_000, 6)], &service.policy, T0 + 20_000);
+        assert_eq!(tracker.waiting(), 0);
+    }
+
+    #[test]
+    fn autoscaling_pauses_during_a_deployment() {
+        let mut deploying = service(1, 1);
+        deploying.deploying = true;
+        let mut tracker = Tracker::default();
+        tracker.observe(vec![report("a", T0, 0, 9, 0)], &deploying.policy, T0);
+        assert!(tracker.consider(&deploying, T0, true).is_none());
+        deploying.deploying = false;
+        let decision = tracker.consider(&deploying, T0, true).expect("resumes");
+        assert_eq!(decision.desired, 5);
+        assert!(
+            decision
+                .reason
+                .starts_with("concurrency 9.0/replica > target 2.0"),
+            "{}",
+            decision.reason
+        );
+    }
+
+    #[test]
+    fn a_step_up_then_a_drop_scales_down_only_after_the_window() {
+        let mut service = service(1, 1);
+        let mut tracker = Tracker::default();
+        let mut changes = Vec::new();
+        let mut requests = 0;
+        for second in 0..40u64 {
+            let now = T0 + second * 1_000;
+            let active = if second < 10 { 8 } else { 0 };
+            requests += active * 10;
+            tracker.observe(
+                vec![report("a", now, requests, active, 0)],
+                &service.policy,
+                now,
+            );
+            if let Some(decision) = tracker.consider(&service, now, true) {
+                tracker.carried_out(&service.policy, &decision, true, now);
+                changes.push((second, decision.desired));
+                service.current = decision.desired;
+                service.ready = decision.desired;
+            }
+        }
+        // Up at once to 4 (8 connections at 2 each); down to 1 a window
+        // (6 s) after the last high recommendation, at second 9.
+        assert_eq!(changes, vec![(0, 4), (16, 1)]);
+    }
+}
