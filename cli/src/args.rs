@@ -105,6 +105,38 @@ pub enum BenchCommand {
     /// replica directly and through the agent's proxy, in the same run;
     /// requests/s, p50/p99 and their ratio.
     Proxy(BenchProxyArgs),
+    /// Autoscaling: time from a load step to the new replicas serving
+    /// traffic, and scale events over a sawtooth load, on a fresh server
+    /// and agent started for the run.
+    Autoscale(BenchAutoscaleArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchAutoscaleArgs {
+    /// Clients at full load, each one request at a time on a new connection.
+    #[arg(long, default_value_t = 8)]
+    pub connections: usize,
+    /// How long the replica takes to answer each request, in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    pub request_ms: u64,
+    /// Target open connections per replica.
+    #[arg(long, default_value_t = 2.0)]
+    pub target_concurrency: f64,
+    /// Most replicas.
+    #[arg(long, default_value_t = 8)]
+    pub max: u32,
+    /// The server's --autoscale-window, in seconds.
+    #[arg(long, default_value_t = 10)]
+    pub window: u64,
+    /// Seconds of sawtooth load (e.g. 300 for five minutes).
+    #[arg(long, default_value_t = 60)]
+    pub duration: u64,
+    /// Seconds per sawtooth tooth: four rising steps, then the drop.
+    #[arg(long, default_value_t = 40)]
+    pub period: u64,
+    /// Host ports for the agent's replicas.
+    #[arg(long, default_value = "32000-32999", value_parser = parse_port_range)]
+    pub port_range: (u16, u16),
 }
 
 #[derive(Args, Debug)]

@@ -1,6 +1,7 @@
 //! One module per command noun.
 
 pub mod bench;
+pub mod bench_autoscale;
 pub mod bench_proxy;
 pub mod bench_schedule;
 pub mod bench_start;
