@@ -90,6 +90,11 @@ impl<R: Runtime> LocalAllocs<R> {
     /// Takes the node's full assignment set and reconciles. `refused` are
     /// assigned allocations that cannot run here (id, reason); they are
     /// reported failed.
+    /// The runtime, for work beside the replicas (pre-pulling images).
+    pub fn runtime(&self) -> Arc<R> {
+        self.runtime.clone()
+    }
+
     pub fn assign(&mut self, assigned: Vec<Assigned>, refused: Vec<(String, String)>) {
         self.assigned_ids = assigned
             .iter()

@@ -67,6 +67,35 @@ pub struct SyncLoop<'a, R: Runtime> {
     /// The routing proxy fed by `Endpoints`, its counters reported as
     /// traffic, and where `/metrics` is served (published like logs).
     proxy: Option<ProxyParts<'a>>,
+    prepull: Prepull,
+}
+
+/// Images the control plane asked this node to pull ahead (deployments in
+/// progress), and those stored. Kept across sessions: a pull is started
+/// once per image and the stored set is resent to each new server.
+struct Prepull {
+    requested: std::collections::HashSet<String>,
+    ready: std::collections::BTreeSet<String>,
+    done_tx: mpsc::UnboundedSender<String>,
+    done_rx: mpsc::UnboundedReceiver<String>,
+}
+
+impl Prepull {
+    fn new() -> Self {
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        Prepull {
+            requested: Default::default(),
+            ready: Default::default(),
+            done_tx,
+            done_rx,
+        }
+    }
+
+    fn message(&self) -> AgentMsg {
+        AgentMsg::ImagesReady(skiff_proto::v1::ImagesReady {
+            images: self.ready.iter().cloned().collect(),
+        })
+    }
 }
 
 struct ProxyParts<'a> {
@@ -90,6 +119,7 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
             registered: false,
             logs_addr: None,
             proxy: None,
+            prepull: Prepull::new(),
         }
     }
 
@@ -240,6 +270,9 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
         for status in self.local.statuses() {
             send(&outbound, AgentMsg::Status(convert::status(status)));
         }
+        if !self.prepull.ready.is_empty() {
+            send(&outbound, self.prepull.message());
+        }
         let stream_err = |source| SyncError::Stream {
             server: server.to_string(),
             source,
@@ -293,6 +326,18 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
                                 }
                             }
                             self.local.assign(assigned, refused);
+                            for image in assignments.prepull {
+                                if self.prepull.requested.insert(image.clone()) {
+                                    let (runtime, done) = (self.local.runtime(), self.prepull.done_tx.clone());
+                                    tokio::spawn(async move {
+                                        tracing::info!(%image, "pulling ahead for a deployment");
+                                        match runtime.prefetch(&image).await {
+                                            Ok(()) => { let _ = done.send(image); }
+                                            Err(e) => tracing::warn!(%image, error = %e, "pre-pull failed"),
+                                        }
+                                    });
+                                }
+                            }
                         }
                         Some(ServerMsg::Endpoints(endpoints)) => {
                             let routes = proxy::routes_from_pb(&endpoints);
@@ -320,6 +365,10 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
                             send(&outbound, AgentMsg::Status(convert::status(update)));
                         }
                     }
+                }
+                Some(image) = self.prepull.done_rx.recv() => {
+                    self.prepull.ready.insert(image);
+                    send(&outbound, self.prepull.message());
                 }
                 () = tick(&mut heartbeat) => {
                     send(&outbound, AgentMsg::Heartbeat(Heartbeat {}));

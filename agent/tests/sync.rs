@@ -99,6 +99,7 @@ impl Session {
         self.send(ServerMsg::Assignments(Assignments {
             index,
             allocations: allocs,
+            prepull: Vec::new(),
         }))
         .await;
     }

@@ -502,7 +502,9 @@ fn a_one_replica_service_updates_with_no_failed_request() {
     cluster.wait_answering(2, publish, "web v2");
     let loads = loads(&cluster, publish, Duration::from_secs(60));
     let image = cluster.image("web:v3");
-    cluster.skiff_ok(&["service", "update", "solo", "--image", &image]);
+    cluster.skiff_ok(&["service", "update", "solo", "--image", &image, "--detach"]);
+    let service = cluster.wait_deployment_end("solo", Duration::from_secs(60));
+    assert_eq!(service["deployment"]["status"], "succeeded", "{service:#}");
     let done = loads[0].mark("deployed");
     thread::sleep(Duration::from_secs(3));
     let reports = stop(loads);

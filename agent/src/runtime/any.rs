@@ -33,6 +33,10 @@ impl Runtime for AnyRuntime {
         }
     }
 
+    async fn prefetch(&self, image: &str) -> Result<(), String> {
+        self.oci.prefetch(image).await
+    }
+
     fn start(&self, spec: &ReplicaSpec, alloc_dir: &Path) -> Result<AnyHandle, RuntimeError> {
         match spec.runtime {
             RuntimeKind::Process => self.process.start(spec, alloc_dir).map(AnyHandle::Process),

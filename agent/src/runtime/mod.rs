@@ -83,6 +83,12 @@ pub trait Runtime: Send + Sync + 'static {
         async { Ok(()) }
     }
 
+    /// Stores `image` ahead of any replica needing it (a deployment's
+    /// pre-pull). Runtimes without images have nothing to fetch.
+    fn prefetch(&self, _image: &str) -> impl Future<Output = Result<(), String>> + Send {
+        async { Ok(()) }
+    }
+
     /// Starts the replica. `alloc_dir` exists or is created; it holds the
     /// logs and is the working directory unless the spec names one.
     /// Synchronous so that nothing can interrupt the caller between the

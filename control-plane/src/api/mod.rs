@@ -863,7 +863,7 @@ impl Api {
         let mut changes = self.node_watch.subscribe(&node);
         let mut endpoints = self.endpoints.subscribe();
         endpoints.mark_changed();
-        let mut last_sent: Option<Vec<pb::Allocation>> = None;
+        let mut last_sent: Option<(Vec<pb::Allocation>, Vec<String>)> = None;
         let mut last_index = None;
         // A lagging server (say, one that just came back) must not hand the
         // agent an old set: missing allocations would be stopped. Catch up
@@ -878,8 +878,9 @@ impl Api {
             if caught_up && last_index != Some(changed) {
                 last_index = Some(changed);
                 let assignments = self.assignments(&node);
-                if last_sent.as_ref() != Some(&assignments.allocations) {
-                    last_sent = Some(assignments.allocations.clone());
+                let sent = (assignments.allocations.clone(), assignments.prepull.clone());
+                if last_sent.as_ref() != Some(&sent) {
+                    last_sent = Some(sent);
                     if outbound
                         .send(Ok(server_msg(ServerMsg::Assignments(assignments))))
                         .await
@@ -909,11 +910,33 @@ impl Api {
         tracing::info!(node = %node, "agent stream closed");
     }
 
+    /// Records which pre-pull images a node has, when that changed.
+    async fn record_images(&self, node: &str, images: Vec<String>) {
+        let images: std::collections::BTreeSet<String> = images.into_iter().collect();
+        let unchanged = self
+            .consensus
+            .state()
+            .nodes
+            .get(node)
+            .is_none_or(|n| n.images == images);
+        if unchanged {
+            return;
+        }
+        let command = Command::ReportImages {
+            node: node.to_string(),
+            images,
+        };
+        if let Err(err) = self.consensus.propose(command.at(now_ms())).await {
+            tracing::warn!(node, error = %err, "pre-pulled images not recorded");
+        }
+    }
+
     fn assignments(&self, node: &str) -> pb::Assignments {
         let state = self.consensus.state();
         pb::Assignments {
             index: state.applied_index,
             allocations: state.allocs_on(node).map(convert::alloc_to_pb).collect(),
+            prepull: state.prepull_images(node),
         }
     }
 
@@ -922,6 +945,7 @@ impl Api {
         let report = match msg {
             AgentMsg::Status(report) => report,
             AgentMsg::Traffic(report) => return self.record_traffic(node, report),
+            AgentMsg::ImagesReady(ready) => return self.record_images(node, ready.images).await,
             AgentMsg::Heartbeat(_) | AgentMsg::Register(_) => return,
         };
         let Some(state) = AllocState::parse(&report.state) else {

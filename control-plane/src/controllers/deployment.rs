@@ -50,6 +50,8 @@ pub struct Replicas<'a> {
     /// Allocations still holding resources (live, or stopping), counted
     /// against the surge.
     pub holding: usize,
+    /// Every node that may run the new version has its image stored.
+    pub prepulled: bool,
 }
 
 /// Decides the next step of `deployment` for a service wanting `desired`
@@ -102,7 +104,14 @@ pub fn rollout(
         }
         _ => {}
     }
-    rolling(deployment, desired, replicas, current_ready, &mut out);
+    rolling(
+        deployment,
+        desired,
+        replicas,
+        current_ready,
+        now_ms,
+        &mut out,
+    );
     out
 }
 
@@ -123,6 +132,7 @@ fn rolling(
     desired: usize,
     replicas: &Replicas,
     current_ready: usize,
+    now_ms: u64,
     out: &mut Rollout,
 ) {
     let policy = &deployment.policy;
@@ -142,6 +152,15 @@ fn rolling(
     // With no surge allowed, old replicas make room first (below).
     out.place = missing.min(room).min(parallel) as u32;
 
+    // No old replica stops before the new image is on every node that may
+    // run it (pulled ahead from the deployment's start), unless pulling
+    // takes longer than a replica may take to become healthy: a node that
+    // cannot pull must not hold the deployment forever.
+    let pull_wait_over =
+        now_ms > deployment.started_ms + u64::from(deployment.policy.healthy_deadline_ms);
+    if !replicas.prepulled && !pull_wait_over {
+        return;
+    }
     // Old replicas: those not serving go at once (they carry no traffic);
     // serving ones only while enough others serve.
     let mut old: Vec<&&Allocation> = replicas.old.iter().collect();
@@ -250,7 +269,9 @@ fn failure(
     }
     if deployment.status != DeploymentStatus::AwaitingPromotion
         && deployment.status != DeploymentStatus::Paused
-        && now_ms > deployment.started_ms + u64::from(policy.progress_deadline_ms)
+        && now_ms
+            > deployment.started_ms.max(deployment.progress_since_ms)
+                + u64::from(policy.progress_deadline_ms)
     {
         return Some(format!(
             "not finished within the progress deadline of {} s",

@@ -68,6 +68,7 @@ mod tests {
                     availability: Availability::Active,
                     drain_deadline_ms: None,
                     drained: false,
+                    images: Default::default(),
                 };
                 (name.to_string(), node)
             })

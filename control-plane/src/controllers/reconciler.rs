@@ -124,6 +124,7 @@ fn replicated(
                 .allocs_of(service)
                 .filter(|a| a.holds_resources())
                 .count(),
+            prepulled: state.image_prepulled(service),
         };
         let rollout = deployment::rollout(active, desired, &replicas, traffic, now_ms);
         decision.place.push(Request::new("", rollout.place));

@@ -151,6 +151,9 @@ pub struct Node {
     /// While draining: every replica has left.
     #[serde(default)]
     pub drained: bool,
+    /// Pre-pull images its agent reports stored (deployment images).
+    #[serde(default)]
+    pub images: BTreeSet<String>,
 }
 
 impl Node {
@@ -497,6 +500,11 @@ pub enum Command {
         name: String,
         paused: bool,
     },
+    /// The pre-pull images a node's agent has stored (the whole set).
+    ReportImages {
+        node: String,
+        images: BTreeSet<String>,
+    },
     /// A scale decision of the autoscaler, with its reason.
     Autoscale {
         name: String,
@@ -697,6 +705,12 @@ impl State {
                 self.rollback_service(index, &name, to_version)
             }
             Command::PromoteDeployment { name } => self.promote(index, &name),
+            Command::ReportImages { node, images } => {
+                if let Some(n) = self.nodes.get_mut(&node) {
+                    n.images = images;
+                }
+                Ok(Outcome::Done)
+            }
             Command::PauseDeployment { name, paused } => self.pause(index, &name, paused),
             Command::Autoscale {
                 name,
@@ -725,6 +739,7 @@ impl State {
                     availability: previous.map_or(Availability::Active, |n| n.availability),
                     drain_deadline_ms: previous.and_then(|n| n.drain_deadline_ms),
                     drained: previous.is_some_and(|n| n.drained),
+                    images: previous.map(|n| n.images.clone()).unwrap_or_default(),
                 };
                 if previous != Some(&node) {
                     self.nodes.insert(name.clone(), node);
@@ -1042,6 +1057,7 @@ impl State {
             message: "starting".to_string(),
             promoted: false,
             started_ms: now,
+            progress_since_ms: now,
             ended_ms: 0,
             rollback_of,
             policy: policy.clone(),
@@ -1052,6 +1068,11 @@ impl State {
             diff.join("; ")
         );
         self.event(index, EventKind::DeploymentStarted, &name, "", "", &message);
+        // Wake every node's agent stream: the pre-pull list changed.
+        let nodes: Vec<String> = self.nodes.keys().cloned().collect();
+        for node in nodes {
+            self.index.node_changed.insert(node, index);
+        }
         Ok(Outcome::Done)
     }
 
@@ -1099,7 +1120,7 @@ impl State {
             autoscale: service.spec.autoscale.clone(),
             ..record.spec.clone()
         };
-        if spec.runs_same(&service.spec) && service.active_deployment().is_none() {
+        if spec.runs_same(&service.spec) {
             return Err(CommandError::Deployment(format!(
                 "version {target} runs the same as the current version {}; nothing to roll back",
                 service.version
@@ -1140,6 +1161,7 @@ impl State {
     /// this same entry, so proxies flip in one committed step (blue ones
     /// drain before their SIGTERM). Canary: the rollout continues.
     fn promote(&mut self, index: u64, name: &str) -> Result<Outcome, CommandError> {
+        let now = self.clock_ms;
         let service = self
             .services
             .get(name)
@@ -1191,6 +1213,7 @@ impl State {
         if let Some(deployment) = service.deployment.as_mut() {
             deployment.promoted = true;
             deployment.status = DeploymentStatus::Running;
+            deployment.progress_since_ms = now;
             deployment.message = "promoted".to_string();
         }
         let message = format!("version {version} promoted");
@@ -1199,6 +1222,7 @@ impl State {
     }
 
     fn pause(&mut self, index: u64, name: &str, paused: bool) -> Result<Outcome, CommandError> {
+        let now = self.clock_ms;
         let service = self
             .services
             .get_mut(name)
@@ -1220,6 +1244,7 @@ impl State {
             }
             (false, _) => {
                 deployment.status = DeploymentStatus::Running;
+                deployment.progress_since_ms = now;
                 EventKind::DeploymentResumed
             }
         };
@@ -1299,7 +1324,10 @@ impl State {
                 let outcome_message = if rollback_of > 0 {
                     format!("rolled back from version {rollback_of}")
                 } else {
-                    String::new()
+                    service
+                        .version_record(version)
+                        .map(|r| r.message.clone())
+                        .unwrap_or_default()
                 };
                 service.set_outcome(version, "succeeded", &outcome_message);
                 let message = format!("version {version}");
@@ -1469,6 +1497,40 @@ impl State {
             }
         }
         usage
+    }
+
+    /// The images a node should pull ahead: those of deployments in
+    /// progress whose service may run there (eligible and within its
+    /// constraints).
+    pub fn prepull_images(&self, node: &str) -> Vec<String> {
+        let Some(node) = self.nodes.get(node) else {
+            return Vec::new();
+        };
+        let mut images: Vec<String> = self
+            .services
+            .values()
+            .filter(|s| s.active_deployment().is_some())
+            .filter(|s| s.spec.runs_on(node))
+            .filter_map(|s| s.spec.image.clone())
+            .collect();
+        images.sort();
+        images.dedup();
+        images
+    }
+
+    /// Whether every node that may run `service` has its image stored (or
+    /// it runs no image).
+    pub fn image_prepulled(&self, service: &str) -> bool {
+        let Some(spec) = self.services.get(service).map(|s| &s.spec) else {
+            return true;
+        };
+        let Some(image) = &spec.image else {
+            return true;
+        };
+        self.nodes
+            .values()
+            .filter(|n| n.status == NodeStatus::Ready && spec.runs_on(n))
+            .all(|n| n.images.contains(image))
     }
 
     /// Live replicas of the service's current version that count toward

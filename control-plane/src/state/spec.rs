@@ -418,6 +418,16 @@ impl ServiceSpec {
         Ok(())
     }
 
+    /// Whether a replica of this spec may run on `node`: it takes new
+    /// replicas and meets the constraints.
+    pub fn runs_on(&self, node: &super::Node) -> bool {
+        node.is_eligible()
+            && self
+                .constraints
+                .iter()
+                .all(|c| c.holds(&node.labels, &node.name, &node.address))
+    }
+
     /// Whether replicas of `self` and `other` run the same thing: equal
     /// but for the replica count and the update and autoscale policies,
     /// which change how many run and how they are replaced, not what runs.

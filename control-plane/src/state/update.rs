@@ -266,6 +266,11 @@ pub struct Deployment {
     /// Blue-green: traffic flipped; canary: continuing as rolling.
     pub promoted: bool,
     pub started_ms: u64,
+    /// When the progress deadline started counting: the start, and again
+    /// on resuming and on promotion (waiting for an operator is not slow
+    /// progress).
+    #[serde(default)]
+    pub progress_since_ms: u64,
     pub ended_ms: u64,
     /// The failed version this deployment rolls back from (0: none).
     pub rollback_of: u64,

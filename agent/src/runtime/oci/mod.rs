@@ -401,6 +401,14 @@ fn open_log(path: &Path) -> Result<File, String> {
 }
 
 impl Runtime for OciRuntime {
+    async fn prefetch(&self, image: &str) -> Result<(), String> {
+        let images = self
+            .images
+            .as_ref()
+            .ok_or_else(|| "this agent has no image store".to_string())?;
+        images.pull(image).await.map(|_| ())
+    }
+
     type Handle = OciHandle;
 
     async fn prepare(&self, spec: &ReplicaSpec) -> Result<(), RuntimeError> {
