@@ -67,7 +67,7 @@ fn dash(value: &str) -> &str {
 }
 
 /// `2024-05-01T12:00:00.123Z` (UTC) from milliseconds since the epoch.
-fn time(ms: u64) -> String {
+pub(crate) fn time(ms: u64) -> String {
     let t = UNIX_EPOCH + Duration::from_millis(ms);
     let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let (days, rem) = (secs / 86_400, secs % 86_400);

@@ -499,6 +499,42 @@ fn describe(status: &pb::ServiceStatus) -> String {
     if !status.unplaced_reason.is_empty() {
         out.push_str(&format!("Unplaced:    {}\n", status.unplaced_reason));
     }
+    out.push_str(&format!("Version:     {}\n", status.version));
+    if let Some(d) = &status.deployment {
+        out.push_str(&format!(
+            "Deployment:  version {} ({}, from version {}): {}; new healthy {}/{}, old running {}{}\n",
+            d.version,
+            d.strategy,
+            d.from_version,
+            d.status,
+            d.new_healthy,
+            d.desired,
+            d.old_running,
+            if d.message.is_empty() {
+                String::new()
+            } else {
+                format!(" — {}", d.message)
+            }
+        ));
+    }
+    if let Some(a) = &spec.autoscale {
+        let mut targets = Vec::new();
+        if a.target_rps > 0.0 {
+            targets.push(format!("{} req/s", a.target_rps));
+        }
+        if a.target_concurrency > 0.0 {
+            targets.push(format!("{} connections", a.target_concurrency));
+        }
+        if a.target_cpu > 0.0 {
+            targets.push(format!("{}% CPU", a.target_cpu));
+        }
+        out.push_str(&format!(
+            "Autoscale:   {}..{} replicas, per replica {}\n",
+            a.min,
+            a.max,
+            targets.join(", ")
+        ));
+    }
     if spec.publish != 0 {
         out.push_str(&format!(
             "Published:   {} ({}) on every node\n",
@@ -536,6 +572,25 @@ fn describe(status: &pb::ServiceStatus) -> String {
                 "DIAL FAILS",
                 "NO ENDPOINT",
             ],
+            &rows,
+        ));
+    }
+    if !status.events.is_empty() {
+        out.push_str("\nRecent events:\n");
+        let rows: Vec<Vec<String>> = status
+            .events
+            .iter()
+            .map(|e| {
+                vec![
+                    super::events::time(e.time_ms),
+                    e.kind.clone(),
+                    e.alloc.clone(),
+                    e.message.clone(),
+                ]
+            })
+            .collect();
+        out.push_str(&output::table(
+            &["TIME", "EVENT", "REPLICA", "MESSAGE"],
             &rows,
         ));
     }

@@ -236,6 +236,23 @@ fn deployment_to_pb(state: &State, service: &Service) -> Option<pb::Deployment> 
     })
 }
 
+/// How many of a service's latest events `service inspect` shows.
+const SERVICE_EVENTS: usize = 15;
+
+/// The service's latest events, oldest first.
+fn recent_events(state: &State, service: &str) -> Vec<pb::Event> {
+    let mut events: Vec<pb::Event> = state
+        .events
+        .iter()
+        .rev()
+        .filter(|e| e.service == service)
+        .take(SERVICE_EVENTS)
+        .map(event_to_pb)
+        .collect();
+    events.reverse();
+    events
+}
+
 fn history_to_pb(service: &Service) -> Vec<pb::ServiceVersion> {
     let mut previous: Option<&ServiceSpec> = None;
     service
@@ -290,6 +307,7 @@ pub fn service_to_pb(state: &State, service: &Service) -> pb::ServiceStatus {
         version: service.version,
         deployment: deployment_to_pb(state, service),
         history: history_to_pb(service),
+        events: recent_events(state, name),
     }
 }
 
