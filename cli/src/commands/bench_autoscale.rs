@@ -113,7 +113,9 @@ impl Drop for Processes {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if std::env::var_os("SKIFF_BENCH_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
@@ -330,7 +332,7 @@ pub async fn run(args: BenchAutoscaleArgs) -> anyhow::Result<()> {
             kind: "http".into(),
             http_path: "/health".into(),
             interval_ms: 250,
-            timeout_ms: 1000,
+            timeout_ms: 250,
             retries: 3,
             ..Default::default()
         }),
@@ -344,23 +346,26 @@ pub async fn run(args: BenchAutoscaleArgs) -> anyhow::Result<()> {
         }),
         ..Default::default()
     };
-    let created = Instant::now();
+    let registered = Instant::now();
     loop {
-        match client
-            .create_service(pb::CreateServiceRequest {
-                spec: Some(spec.clone()),
-            })
+        let nodes = client
+            .list_nodes(pb::ListNodesRequest {})
             .await
-        {
-            Ok(_) => break,
-            // The agent may not have registered yet.
-            Err(e) if created.elapsed() < Duration::from_secs(20) => {
-                tracing::debug!(error = %e.message(), "create refused; retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => return Err(anyhow!("failed to create {SERVICE}: {}", e.message())),
+            .map_err(|e| anyhow!("failed to list nodes: {}", e.message()))?
+            .into_inner()
+            .nodes;
+        if nodes.iter().any(|n| n.status == "ready") {
+            break;
         }
+        if registered.elapsed() > Duration::from_secs(20) {
+            return Err(anyhow!("the bench agent did not register within 20 s"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    client
+        .create_service(pb::CreateServiceRequest { spec: Some(spec) })
+        .await
+        .map_err(|e| anyhow!("failed to create {SERVICE}: {}", e.message()))?;
     wait_for(&mut client, "first replica healthy", |s| healthy(s) == 1).await?;
     let addr = SocketAddr::from(([127, 0, 0, 1], publish));
     let answering = Instant::now();
@@ -374,13 +379,13 @@ pub async fn run(args: BenchAutoscaleArgs) -> anyhow::Result<()> {
     let clients = Clients::start(addr, args.connections);
     let need = (args.connections as f64 / args.target_concurrency).ceil() as u32;
     println!(
-        "autoscale bench: {} connections of {} ms requests, target concurrency {} (about {} replicas), max {}, window {}",
+        "autoscale bench: {} connections of {} ms requests, target concurrency {} (about {} replicas), max {}, window {} s",
         args.connections,
         args.request_ms,
         args.target_concurrency,
         need.min(args.max),
         args.max,
-        format!("{} s", args.window)
+        args.window
     );
 
     // The step: from idle to every connection.
@@ -414,8 +419,8 @@ pub async fn run(args: BenchAutoscaleArgs) -> anyhow::Result<()> {
     }
     let events = scale_events(&mut client, step_ms).await?;
     let first = events.first().map_or(String::new(), |e| e.message.clone());
-    if let Some((at, want)) = scaled {
-        println!("step: scale event after {} (1 -> {want}: {first})", ms(at));
+    if let Some((at, _)) = scaled {
+        println!("step: scale event after {} ({first})", ms(at));
     }
     if let Some(at) = all_healthy {
         println!("step: new replicas healthy after {}", ms(at));

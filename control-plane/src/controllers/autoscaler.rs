@@ -209,7 +209,8 @@ impl Tracker {
         if service.deploying {
             return None;
         }
-        if !every_second && !(service.current == 0 && self.waiting > 0) {
+        let waking = service.current == 0 && self.waiting > 0;
+        if !(every_second || waking) {
             return None;
         }
         let observed = Observed {
