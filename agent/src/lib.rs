@@ -75,7 +75,7 @@ pub async fn run(
     });
     let runtime = AnyRuntime {
         process: ProcessRuntime::new(),
-        oci,
+        oci: oci.clone(),
     };
     let allocs_dir = store.alloc_dir("");
     let mut local = LocalAllocs::new(Arc::new(runtime), store, supervisor_config, updates_tx);
@@ -91,12 +91,10 @@ pub async fn run(
         })?;
     let logs_addr = listener.local_addr().ok();
     let (logs_stop, logs_stopped) = tokio::sync::oneshot::channel::<()>();
-    let log_server = tokio::spawn(logs::LogService::new(allocs_dir.clone()).serve(
-        listener,
-        async {
-            let _ = logs_stopped.await;
-        },
-    ));
+    let log_service = logs::LogService::new(allocs_dir.clone()).with_images(oci.clone());
+    let log_server = tokio::spawn(log_service.serve(listener, async {
+        let _ = logs_stopped.await;
+    }));
     let rotation = tokio::spawn(logs::rotate_loop(
         allocs_dir,
         config.log_max_bytes,

@@ -3,7 +3,8 @@
 //! container keeps writing to it across agent restarts). This module rotates
 //! those files by size and serves them over the `AgentLogs` gRPC service that
 //! `skiff service logs` calls, like `nomad alloc logs` asks the client that
-//! runs the allocation.
+//! runs the allocation. The same service prunes the node's image store for
+//! `skiff node prune`: both are requests the CLI makes of one agent.
 //!
 //! Rotation is copy-and-truncate: the writer holds the file open (a
 //! container's stdout is the file itself), so the file is copied to
@@ -15,6 +16,7 @@ use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use skiff_proto::v1 as pb;
@@ -153,15 +155,26 @@ fn read_new(path: &Path, offset: &mut u64) -> Vec<u8> {
     buf
 }
 
-/// Serves `AgentLogs` for the allocations under `allocs_dir`.
-#[derive(Debug, Clone)]
+/// Serves `AgentLogs` for the allocations under `allocs_dir`, and prunes
+/// the images of `oci` (if given).
+#[derive(Clone)]
 pub struct LogService {
     allocs_dir: PathBuf,
+    oci: Option<Arc<crate::runtime::oci::OciRuntime>>,
 }
 
 impl LogService {
     pub fn new(allocs_dir: PathBuf) -> Self {
-        Self { allocs_dir }
+        Self {
+            allocs_dir,
+            oci: None,
+        }
+    }
+
+    /// `Prune` removes the images `oci` holds no lease on.
+    pub fn with_images(mut self, oci: Arc<crate::runtime::oci::OciRuntime>) -> Self {
+        self.oci = Some(oci);
+        self
     }
 
     /// Serves on `listener` until `shutdown` resolves.
@@ -260,6 +273,33 @@ impl AgentLogs for LogService {
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(stream_logs(dir, request, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn prune(
+        &self,
+        _request: Request<pb::PruneRequest>,
+    ) -> Result<Response<pb::PruneResponse>, Status> {
+        let Some(oci) = &self.oci else {
+            return Err(Status::unimplemented("this agent keeps no images"));
+        };
+        let report = oci.prune_images().await.map_err(|e| {
+            tracing::warn!(error = %e, "image prune failed");
+            Status::internal(format!("failed to prune images: {e}"))
+        })?;
+        tracing::info!(
+            images = report.images,
+            layers = report.layers,
+            blobs = report.blobs,
+            bytes = report.bytes,
+            "pruned unused images on request"
+        );
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        Ok(Response::new(pb::PruneResponse {
+            images: count(report.images),
+            layers: count(report.layers),
+            blobs: count(report.blobs),
+            bytes: report.bytes,
+        }))
     }
 }
 

@@ -671,6 +671,9 @@ pub enum NodeCommand {
     Pause { name: String },
     /// Let the scheduler use a paused or drained node again.
     Activate { name: String },
+    /// Remove the images and layers no replica uses from nodes' image
+    /// stores (every node when none is named); prints what each removed.
+    Prune { nodes: Vec<String> },
 }
 
 #[derive(Subcommand, Debug)]

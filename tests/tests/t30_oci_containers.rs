@@ -390,3 +390,126 @@ fn service_logs_prints_tails_and_follows_replica_output_until_the_service_is_rem
         "--follow printed consecutive new lines: {seen:?}"
     );
 }
+
+/// The image references the agent's store holds (`images/refs/*.json`).
+fn stored_references(cluster: &OciDev) -> Vec<String> {
+    let refs = cluster.agent_dir().join("images").join("refs");
+    let mut found: Vec<String> = std::fs::read_dir(&refs)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path()).ok())
+        .filter_map(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .filter_map(|v| Some(v.get("reference")?.as_str()?.to_string()))
+        .collect();
+    found.sort();
+    found
+}
+
+/// Unpacked layers in the agent's store (`images/layers/*`).
+fn stored_layers(cluster: &OciDev) -> usize {
+    let layers = cluster.agent_dir().join("images").join("layers");
+    std::fs::read_dir(layers).into_iter().flatten().count()
+}
+
+#[test]
+fn node_prune_removes_the_images_of_removed_services_and_keeps_those_in_use() {
+    let registry = Registry::shared();
+    let cluster = OciDev::start(registry.clone(), &[]);
+    let gone_image = registry.image("layers:v1");
+    let kept_image = registry.image("web:v1");
+    cluster.skiff_ok(&["service", "create", "gone", "--image", &gone_image]);
+    cluster.wait_replicas("gone", 1, "running", |a| {
+        a.state == "running" && pid_alive(a.pid)
+    });
+    let gone_ids = cluster.container_ids("runc");
+    cluster.skiff_ok(&[
+        "service",
+        "create",
+        "kept",
+        "--image",
+        &kept_image,
+        "--port",
+        "80",
+    ]);
+    let kept = cluster.wait_replicas(
+        "kept",
+        1,
+        "running and answering HTTP",
+        running_and_answering,
+    );
+    let before = stored_references(&cluster);
+    assert!(
+        before.iter().any(|r| r.ends_with("layers:v1"))
+            && before.iter().any(|r| r.ends_with("web:v1")),
+        "both images stored: {before:?}"
+    );
+    let layers_before = stored_layers(&cluster);
+
+    // The removed service's replica is stopped and destroyed: its image is no longer leased.
+    remove_and_assert_nothing_left(&cluster, "gone", "runc", &gone_ids);
+
+    let out = cluster.skiff_ok(&["node", "prune", "--output", "json"]);
+    let report: serde_json::Value = serde_json::from_str(&out).expect("prune prints JSON");
+    let node = &report[0];
+    assert_eq!(
+        node["node"],
+        skiff_e2e::NODE_NAME,
+        "one row per node: {out}"
+    );
+    let count = |k: &str| {
+        node[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no {k} in {out}"))
+    };
+    assert!(
+        count("images") >= 1,
+        "the removed service's image is pruned: {out}"
+    );
+    assert!(count("layers") >= 1, "its own layers are pruned: {out}");
+    assert!(count("bytes") > 0, "space was freed: {out}");
+
+    let after = stored_references(&cluster);
+    assert!(
+        !after.iter().any(|r| r.ends_with("layers:v1")),
+        "the unused image is gone from the store: {after:?}"
+    );
+    assert!(
+        after.iter().any(|r| r.ends_with("web:v1")),
+        "the image in use is kept: {after:?}"
+    );
+    assert!(
+        stored_layers(&cluster) < layers_before,
+        "unpacked layers were removed"
+    );
+    let still = cluster.wait_replicas("kept", 1, "still running", running_and_answering);
+    assert_eq!(
+        (still[0].id.as_str(), still[0].pid),
+        (kept[0].id.as_str(), kept[0].pid),
+        "the service in use was not touched"
+    );
+    let page = http_get(still[0].host_port, "/").expect("GET / after the prune");
+    assert!(page.body.contains("v1"), "still serves: {:?}", page.body);
+
+    // A second prune has nothing left to remove; the table names the node.
+    let table = cluster.skiff_ok(&["node", "prune", skiff_e2e::NODE_NAME]);
+    assert!(
+        table.starts_with("NODE") && table.contains(&format!("{}  ", skiff_e2e::NODE_NAME)),
+        "{table}"
+    );
+    let unknown = cluster.skiff(&["node", "prune", "nosuchnode"]);
+    let stderr = String::from_utf8_lossy(&unknown.stderr);
+    assert!(
+        !unknown.status.success() && stderr.contains("unknown node nosuchnode"),
+        "an unknown node is refused clearly: {stderr}"
+    );
+    // An agent that does not answer (here: an address nothing listens on).
+    let key = format!("_skiff/nodes/{}/logs", skiff_e2e::NODE_NAME);
+    cluster.skiff_ok(&["var", "put", &key, "127.0.0.1:1"]);
+    let silent = cluster.skiff(&["node", "prune"]);
+    let stderr = String::from_utf8_lossy(&silent.stderr);
+    assert!(
+        !silent.status.success() && stderr.contains("failed to reach the agent of node"),
+        "an agent that does not answer is named: {stderr}"
+    );
+}

@@ -1,10 +1,19 @@
 //! `skiff node ...`
 
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use serde::Serialize;
 use skiff_proto::v1 as pb;
+use skiff_proto::v1::agent_logs_client::AgentLogsClient;
 
 use crate::args::{NodeCommand, OutputFormat};
-use crate::client::{connect, explain};
+use crate::client::{connect, explain, Client};
 use crate::output;
+
+/// How long an agent may take to answer a prune: removing many unpacked
+/// layers is slow on a loaded disk.
+const PRUNE_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub async fn run(server: &str, format: OutputFormat, command: NodeCommand) -> anyhow::Result<()> {
     let mut client = connect(server).await?;
@@ -39,6 +48,7 @@ pub async fn run(server: &str, format: OutputFormat, command: NodeCommand) -> an
         NodeCommand::Drain { name, deadline } => (name, "drain", deadline.unwrap_or(0)),
         NodeCommand::Pause { name } => (name, "pause", 0),
         NodeCommand::Activate { name } => (name, "active", 0),
+        NodeCommand::Prune { nodes } => return prune(&mut client, format, nodes).await,
     };
     let node = client
         .set_node_availability(pb::SetNodeAvailabilityRequest {
@@ -89,4 +99,171 @@ fn row(n: &pb::Node) -> Vec<String> {
             format!("{}s ago", n.last_heartbeat_secs)
         },
     ]
+}
+
+/// What one node's prune removed, as `--output json` prints it.
+#[derive(Debug, Serialize)]
+struct Pruned {
+    node: String,
+    images: u32,
+    layers: u32,
+    blobs: u32,
+    bytes: u64,
+}
+
+/// `skiff node prune [NODE...]`: asks each node's agent (over the
+/// `AgentLogs` service it publishes, like `service logs`) to remove the
+/// images none of its replicas uses. Every node is tried; the command fails
+/// if any could not be pruned.
+async fn prune(
+    client: &mut Client,
+    format: OutputFormat,
+    names: Vec<String>,
+) -> anyhow::Result<()> {
+    let nodes = client
+        .list_nodes(pb::ListNodesRequest {})
+        .await
+        .map_err(explain)?
+        .into_inner()
+        .nodes;
+    let mut chosen: Vec<&pb::Node> = Vec::new();
+    for name in &names {
+        let node = nodes.iter().find(|n| &n.name == name).ok_or_else(|| {
+            let known: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
+            anyhow!(
+                "unknown node {name} (nodes: {})",
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            )
+        })?;
+        if !chosen.iter().any(|c| c.name == node.name) {
+            chosen.push(node);
+        }
+    }
+    if names.is_empty() {
+        chosen = nodes.iter().collect();
+    }
+    if chosen.is_empty() {
+        bail!("the cluster has no nodes to prune");
+    }
+    let mut pruned = Vec::new();
+    let mut failed = Vec::new();
+    for node in chosen {
+        match prune_node(client, node).await {
+            Ok(p) => pruned.push(p),
+            Err(e) => failed.push((node.name.clone(), e)),
+        }
+    }
+    if !pruned.is_empty() {
+        let rows = pruned
+            .iter()
+            .map(|p| {
+                vec![
+                    p.node.clone(),
+                    p.images.to_string(),
+                    p.layers.to_string(),
+                    p.blobs.to_string(),
+                    human_bytes(p.bytes),
+                ]
+            })
+            .collect();
+        output::print(
+            format,
+            &pruned,
+            &["NODE", "IMAGES", "LAYERS", "BLOBS", "FREED"],
+            rows,
+        );
+    }
+    match failed.len() {
+        0 => Ok(()),
+        1 if pruned.is_empty() => Err(failed.remove(0).1),
+        n => {
+            for (node, e) in &failed {
+                eprintln!("error: node {node}: {e:#}");
+            }
+            bail!("failed to prune {n} of {} nodes", n + pruned.len())
+        }
+    }
+}
+
+async fn prune_node(client: &mut Client, node: &pb::Node) -> anyhow::Result<Pruned> {
+    let name = &node.name;
+    let found = client
+        .get_variable(pb::GetVariableRequest {
+            key: skiff_agent::logs::address_key(name),
+        })
+        .await
+        .map_err(explain)?
+        .into_inner();
+    if !found.found {
+        bail!("node {name} cannot be pruned: its agent has not registered since it started (status {})", node.status);
+    }
+    let address = found.value;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .with_context(|| format!("node {name} published an invalid agent address {address}"))?
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(PRUNE_TIMEOUT)
+        .connect()
+        .await
+        .with_context(|| {
+            format!(
+                "failed to reach the agent of node {name} at {address} (status {})",
+                node.status
+            )
+        })?;
+    let report = AgentLogsClient::new(channel)
+        .prune(pb::PruneRequest {})
+        .await
+        .map_err(|e| match e.code() {
+            tonic::Code::Cancelled | tonic::Code::DeadlineExceeded | tonic::Code::Unavailable => {
+                anyhow!(
+                    "the agent of node {name} at {address} did not answer the prune: {}",
+                    e.message()
+                )
+            }
+            _ => anyhow!("node {name}: {}", e.message()),
+        })?
+        .into_inner();
+    Ok(Pruned {
+        node: name.clone(),
+        images: report.images,
+        layers: report.layers,
+        blobs: report.blobs,
+        bytes: report.bytes,
+    })
+}
+
+/// `0 B`, `512 KB`, `1.5 MB`, `2.0 GB` (powers of 1024).
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["KB", "MB", "GB", "TB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if value < 10.0 {
+        format!("{value:.1} {}", UNITS[unit])
+    } else {
+        format!("{value:.0} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::human_bytes;
+
+    #[test]
+    fn freed_space_reads_in_binary_units() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1536), "1.5 KB");
+        assert_eq!(human_bytes(300 * 1024 * 1024), "300 MB");
+    }
 }
