@@ -105,6 +105,12 @@ pub enum BenchCommand {
     /// replica directly and through the agent's proxy, in the same run;
     /// requests/s, p50/p99 and their ratio.
     Proxy(BenchProxyArgs),
+    /// Deployments under load: wall time of a rolling update and of a
+    /// blue-green switch of 20 replicas, and of 10 replicas with
+    /// max_parallel 2 (vs Docker Swarm), with the failed requests of an HTTP
+    /// load through the routing proxy and the theoretical bound, on a fresh
+    /// server and agent started for the run.
+    Rollout(BenchRolloutArgs),
     /// Autoscaling: time from a load step to the new replicas serving
     /// traffic, and scale events over a sawtooth load, on a fresh server
     /// and agent started for the run.
@@ -156,6 +162,77 @@ pub struct BenchProxyArgs {
     /// Route as an `--protocol http` service (the proxy counts requests).
     #[arg(long)]
     pub http: bool,
+}
+
+#[derive(Args, Debug)]
+#[command(
+    after_help = "Images: two versions of a web image that answers HTTP GET / on its \
+exposed port, e.g. the test images of the repository, pushed to a local registry:\n  \
+deploy/images/registry.sh start            # prints REGISTRY_ADDR=127.0.0.1:PORT\n  \
+deploy/images/build.sh 127.0.0.1:PORT /tmp/skiff-images\n  \
+skiff bench rollout --insecure-registry 127.0.0.1:PORT \\\n    \
+--image-v1 127.0.0.1:PORT/skiff-test/web:v2 --image-v2 127.0.0.1:PORT/skiff-test/web:v3\n  \
+deploy/images/registry.sh stop PID DIR     # with REGISTRY_PID and REGISTRY_DIR"
+)]
+pub struct BenchRolloutArgs {
+    /// Image the services start with (e.g. ADDR/skiff-test/web:v2).
+    #[arg(long)]
+    pub image_v1: String,
+    /// Image every update rolls out (e.g. ADDR/skiff-test/web:v3).
+    #[arg(long)]
+    pub image_v2: String,
+    /// Registry (HOST:PORT) to pull from over plain HTTP; repeatable.
+    #[arg(long = "insecure-registry")]
+    pub insecure_registries: Vec<String>,
+    /// OCI runtime of the agent: runc, crun or a path.
+    #[arg(long)]
+    pub oci_runtime: Option<String>,
+    /// Replicas of the rolling update and of the blue-green switch.
+    #[arg(long, default_value_t = 20)]
+    pub replicas: u32,
+    /// max_parallel of that rolling update.
+    #[arg(long, default_value_t = 5)]
+    pub max_parallel: u32,
+    /// Replicas of the rolling update compared with Docker Swarm.
+    #[arg(long, default_value_t = 10)]
+    pub swarm_replicas: u32,
+    /// max_parallel of the rolling update compared with Docker Swarm.
+    #[arg(long, default_value_t = 2)]
+    pub swarm_parallel: u32,
+    /// max_surge of the rolling updates (default: their max_parallel, so
+    /// each batch starts max_parallel new replicas beside the old ones).
+    #[arg(long)]
+    pub max_surge: Option<u32>,
+    /// `--drain-secs` of the agent: how long a stopping replica keeps its
+    /// open connections after leaving the routing proxy.
+    #[arg(long, default_value_t = 2.0, value_parser = parse_secs)]
+    pub drain_secs: f64,
+    /// Interval of the replicas' HTTP health check.
+    #[arg(long, default_value = "200ms", value_parser = parse_millis)]
+    pub health_interval: u32,
+    /// Load threads sending GET / through the routing proxy (even ones
+    /// keep their connection alive, odd ones open one per request).
+    #[arg(long, default_value_t = 4)]
+    pub load_threads: usize,
+    /// Pause of each load thread between requests.
+    #[arg(long, default_value = "20ms", value_parser = parse_millis_or_zero)]
+    pub load_pause: u32,
+    /// Runs timing one replica's start + health check (median taken).
+    #[arg(long, default_value_t = 3)]
+    pub start_runs: usize,
+    /// Steps to run (comma-separated): rolling, blue-green, swarm.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "rolling,blue-green,swarm"
+    )]
+    pub scenarios: Vec<String>,
+    /// Host ports of the agent started for the run.
+    #[arg(long, default_value = "31000-31999", value_parser = parse_port_range)]
+    pub port_range: (u16, u16),
+    /// Keep the agent's log in this file.
+    #[arg(long)]
+    pub agent_log: Option<std::path::PathBuf>,
 }
 
 #[derive(Args, Debug)]

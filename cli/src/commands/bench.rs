@@ -23,6 +23,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Schedule(args) => super::bench_schedule::run(args).await,
         BenchCommand::Start(args) => super::bench_start::run(args).await,
         BenchCommand::Proxy(args) => super::bench_proxy::run(args).await,
+        BenchCommand::Rollout(args) => super::bench_rollout::run(args).await,
         BenchCommand::Autoscale(args) => super::bench_autoscale::run(args).await,
     }
 }

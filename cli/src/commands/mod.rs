@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod bench_autoscale;
 pub mod bench_proxy;
+pub mod bench_rollout;
 pub mod bench_schedule;
 pub mod bench_start;
 pub mod cluster;
