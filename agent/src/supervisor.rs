@@ -224,12 +224,12 @@ impl<R: Runtime> Supervisor<R> {
                 }
                 Ended::Stopped => {
                     if let Some(exit) = self.drain(&mut handle, pid).await {
-                        self.finish(exit.to_string());
+                        self.finish(exit.to_string()).await;
                         return;
                     }
                     let exit = handle.stop(self.config.stop_grace).await;
                     tracing::info!(alloc = %self.spec.alloc_id, pid, %exit, "replica stopped");
-                    self.finish(exit.to_string());
+                    self.finish(exit.to_string()).await;
                     return;
                 }
                 Ended::Detached => return,
@@ -268,7 +268,7 @@ impl<R: Runtime> Supervisor<R> {
             prepared = runtime.prepare(&spec) => prepared.map_err(Some)?,
             request = &mut *stop => {
                 if request.is_ok() {
-                    self.finish("stopped before it started".into());
+                    self.finish("stopped before it started".into()).await;
                 }
                 return Err(None);
             }
@@ -400,7 +400,7 @@ impl<R: Runtime> Supervisor<R> {
             () = tokio::time::sleep(delay) => Flow::Continue,
             request = stop => {
                 if request.is_ok() {
-                    self.finish("stopped while waiting to restart".into());
+                    self.finish("stopped while waiting to restart".into()).await;
                     Flow::Stopped
                 } else {
                     Flow::Detached
@@ -409,9 +409,16 @@ impl<R: Runtime> Supervisor<R> {
         }
     }
 
-    fn finish(&mut self, message: String) {
+    /// Destroys what the stopped replica left (runtime state, network,
+    /// mounts: slow, blocking work run off the async threads, which also
+    /// carry the routing proxy), forgets its record and reports it stopped.
+    async fn finish(&mut self, message: String) {
         let dir = self.store.alloc_dir(&self.spec.alloc_id);
-        self.runtime.destroy(&self.spec, &dir);
+        let (runtime, spec) = (self.runtime.clone(), self.spec.clone());
+        let destroyed = tokio::task::spawn_blocking(move || runtime.destroy(&spec, &dir)).await;
+        if let Err(e) = destroyed {
+            tracing::warn!(alloc = %self.spec.alloc_id, error = %e, "destroying the replica failed");
+        }
         if let Err(e) = self.store.delete(&self.spec.alloc_id) {
             tracing::warn!(alloc = %self.spec.alloc_id, error = %e, "failed to delete allocation record");
         }

@@ -1,19 +1,22 @@
 //! The `oci` runtime: a replica is a container from an image, run by runc
 //! (or crun) with a runtime spec we write. Containers are started with
-//! `run --detach`, their output going straight to log files, so they outlive
-//! the agent; the agent is their subreaper while it lives, and a restarted
-//! agent re-adopts them through `runc state`. Stopping is the image's stop
+//! `run --detach` by a per-container [`shim`] (the agent's binary as
+//! `skiff shim`), their output going straight to log files, so they outlive
+//! the agent; the shim waits for the container and records its exit status
+//! in the bundle, so a restarted agent, which re-adopts containers through
+//! `runc state`, still learns how they ended. Stopping is the image's stop
 //! signal (SIGTERM by default), SIGKILL after the grace, then `delete`,
 //! network teardown, rootfs unmount and cgroup removal.
 //!
 //! Layout per allocation: `DATA/allocs/<id>/{stdout.log,stderr.log}` and the
 //! bundle `DATA/allocs/<id>/bundle/{config.json,rootfs,hosts,resolv.conf,
-//! skiff.json}`; runtime state under `DATA/oci/<runtime>`.
+//! skiff.json,exit.json}`; runtime state under `DATA/oci/<runtime>`.
 
 pub mod cgroup;
 pub mod cni;
 pub mod images;
 pub mod runc;
+pub mod shim;
 pub mod spec;
 
 use std::collections::HashMap;
@@ -28,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use self::cni::{CniNetwork, PortMapping};
 use self::images::{ImageDefaults, ImageSource};
 use self::runc::{find_in_path, Runc};
+use self::shim::{ShimConfig, ShimProcess};
 use super::reaper::{self, Reaped};
 use super::{procfs, Exit, Runtime, RuntimeError, TaskHandle};
 use crate::health::HealthCheck;
@@ -50,6 +54,10 @@ pub struct OciConfig {
     pub cni: CniNetwork,
     /// Static init bind-mounted into containers; `None` or missing: no init.
     pub init_binary: Option<PathBuf>,
+    /// The binary that runs `shim` (see [`shim::set_binary`]); `None`:
+    /// containers are started without a shim, and an exit while no agent
+    /// watches is known only as "exited".
+    pub shim: Option<PathBuf>,
 }
 
 impl OciConfig {
@@ -60,6 +68,7 @@ impl OciConfig {
             allocs_dir,
             cni: CniNetwork::default(),
             init_binary: Some(PathBuf::from(DEFAULT_INIT)),
+            shim: None,
         }
     }
 }
@@ -93,6 +102,8 @@ struct ContainerInfo {
     probe_addr: Option<SocketAddr>,
     port: Option<(u16, u16)>,
     cni_result: Option<serde_json::Value>,
+    /// The shim watching the container, if it was started through one.
+    shim: Option<ShimProcess>,
 }
 
 pub struct OciRuntime {
@@ -106,6 +117,7 @@ pub struct OciRuntime {
     leases: Arc<Mutex<HashMap<String, String>>>,
     cni: CniNetwork,
     init: Option<PathBuf>,
+    shim: Option<PathBuf>,
     allocs_dir: PathBuf,
 }
 
@@ -127,7 +139,7 @@ impl OciRuntime {
                 if let Err(e) = reaper::become_subreaper() {
                     tracing::warn!(error = %e, "container exit codes may be lost");
                 }
-                tracing::info!(runtime = %r.binary().display(), "oci runtime ready");
+                tracing::info!(runtime = %r.binary().display(), shim = config.shim.is_some(), "oci runtime ready");
             }
             Err(e) => tracing::warn!(reason = %e, "oci replicas cannot run on this node"),
         }
@@ -138,6 +150,7 @@ impl OciRuntime {
             leases: Arc::default(),
             cni: config.cni,
             init: config.init_binary.filter(|p| p.is_file()),
+            shim: config.shim,
             allocs_dir: config.allocs_dir,
         }
     }
@@ -288,11 +301,32 @@ impl OciRuntime {
         write_bytes(&bundle.join("config.json"), &json)?;
 
         let configured = began.elapsed();
-        let stdout = open_log(&alloc_dir.join("stdout.log"))?;
-        let stderr = open_log(&alloc_dir.join("stderr.log"))?;
-        let pid = runc
-            .run_detached(&spec.alloc_id, &bundle, stdout, stderr)
-            .map_err(|e| explain_runtime_error(&e))?;
+        let (stdout, stderr) = (alloc_dir.join("stdout.log"), alloc_dir.join("stderr.log"));
+        let pid = match &self.shim {
+            Some(binary) => {
+                let config = ShimConfig {
+                    runtime: runc.binary().to_path_buf(),
+                    root: runc.root().to_path_buf(),
+                    bundle: bundle.clone(),
+                    stdout,
+                    stderr,
+                    id: spec.alloc_id.clone(),
+                };
+                let (pid, shim) =
+                    shim::start(binary, runc, &config).map_err(|e| explain_runtime_error(&e))?;
+                info.shim = Some(shim);
+                write_info(&bundle, &info)?;
+                pid
+            }
+            None => runc
+                .run_detached(
+                    &spec.alloc_id,
+                    &bundle,
+                    open_log(&stdout)?,
+                    open_log(&stderr)?,
+                )
+                .map_err(|e| explain_runtime_error(&e))?,
+        };
         let start_time = procfs::read_stat(pid).map_or(0, |s| s.start_time);
         // Phase timings (cumulative ms since the start began), for start
         // latency work: rootfs mounted, network attached, spec written,
@@ -314,6 +348,7 @@ impl OciRuntime {
             start_time,
             runc: runc.clone(),
             info,
+            bundle,
         })
     }
 }
@@ -447,23 +482,33 @@ impl Runtime for OciRuntime {
         })
     }
 
+    /// Adopts the container if it still runs, and also if it ended while
+    /// no agent watched but its shim recorded how: the handle then reports
+    /// that exit at once, so the replica restarts (and counts) as if the
+    /// agent had seen it end.
     fn recover(&self, spec: &ReplicaSpec, pid: u32, start_time: u64) -> Option<OciHandle> {
         let runc = self.runc().ok()?;
-        let state = runc.state(&spec.alloc_id).ok()?;
-        let live = matches!(state.status.as_str(), "running" | "created")
-            && state.pid == pid
-            && procfs::is_same_live_process(pid, start_time);
-        if !live {
-            return None;
+        let alloc_dir = self.allocs_dir.join(&spec.alloc_id);
+        let bundle = Self::bundle(&alloc_dir);
+        let live = runc.state(&spec.alloc_id).is_ok_and(|state| {
+            matches!(state.status.as_str(), "running" | "created")
+                && state.pid == pid
+                && procfs::is_same_live_process(pid, start_time)
+        });
+        if live {
+            tracing::info!(alloc = %spec.alloc_id, pid, "adopted container");
+        } else {
+            let exit = shim::read_exit(&bundle, pid)?;
+            tracing::info!(alloc = %spec.alloc_id, pid, %exit, "adopted container that ended while the agent was away");
         }
-        tracing::info!(alloc = %spec.alloc_id, pid, "adopted container");
         self.lease(spec);
         Some(OciHandle {
             id: spec.alloc_id.clone(),
             pid,
             start_time,
             runc: runc.clone(),
-            info: Self::read_info(&self.allocs_dir.join(&spec.alloc_id)),
+            info: Self::read_info(&alloc_dir),
+            bundle,
         })
     }
 
@@ -527,6 +572,8 @@ impl OciRuntime {
             "hosts",
             "resolv.conf",
             "container.pid",
+            shim::EXIT_FILE,
+            "exit.json.tmp",
         ] {
             let _ = fs::remove_file(bundle.join(name));
         }
@@ -542,10 +589,22 @@ pub struct OciHandle {
     start_time: u64,
     runc: Runc,
     info: ContainerInfo,
+    bundle: PathBuf,
 }
 
 impl OciHandle {
+    /// How the container ended, once it has: from its shim's record (the
+    /// shim is checked first and writes before it exits, so a gone shim
+    /// means the record is there if it ever will be), else, without a shim
+    /// or after one died, from reaping the process ourselves.
     fn exited(&self) -> Option<Exit> {
+        let shim_running = self.info.shim.is_some_and(|shim| !shim.is_gone());
+        if let Some(exit) = shim::read_exit(&self.bundle, self.pid) {
+            return Some(exit);
+        }
+        if shim_running {
+            return None;
+        }
         match reaper::try_reap(self.pid) {
             Reaped::Exited(exit) => Some(exit),
             Reaped::Running => None,
@@ -555,8 +614,11 @@ impl OciHandle {
         }
     }
 
-    fn signal(&self, signal: &str) {
-        if let Err(e) = self.runc.kill(&self.id, signal) {
+    /// `runc kill`, run off the async threads (it execs runc).
+    async fn signal(&self, signal: &str) {
+        let (runc, id, name) = (self.runc.clone(), self.id.clone(), signal.to_string());
+        let result = tokio::task::spawn_blocking(move || runc.kill(&id, &name)).await;
+        if let Ok(Err(e)) = result {
             tracing::debug!(alloc = %self.id, signal, error = %e, "kill failed (container gone?)");
         }
     }
@@ -596,12 +658,12 @@ impl TaskHandle for OciHandle {
         } else {
             self.info.stop_signal.clone()
         };
-        self.signal(&stop_signal);
+        self.signal(&stop_signal).await;
         if let Ok(exit) = tokio::time::timeout(grace, self.wait()).await {
             return exit;
         }
         tracing::info!(alloc = %self.id, grace = ?grace, signal = %stop_signal, "container ignored its stop signal; killing it");
-        self.signal("SIGKILL");
+        self.signal("SIGKILL").await;
         match tokio::time::timeout(KILL_WAIT, self.wait()).await {
             Ok(exit) => exit,
             Err(_) => {
