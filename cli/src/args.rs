@@ -131,8 +131,9 @@ pub struct BenchAutoscaleArgs {
     /// Most replicas.
     #[arg(long, default_value_t = 8)]
     pub max: u32,
-    /// The server's --autoscale-window, in seconds.
-    #[arg(long, default_value_t = 10)]
+    /// The server's --autoscale-window, in seconds (as its default: a dip
+    /// in the load shorter than this changes nothing).
+    #[arg(long, default_value_t = 60)]
     pub window: u64,
     /// Seconds of sawtooth load (e.g. 300 for five minutes).
     #[arg(long, default_value_t = 60)]
