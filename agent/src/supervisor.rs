@@ -54,6 +54,43 @@ pub struct StatusUpdate {
     pub message: String,
 }
 
+/// The shortest drain of a published replica (see `Supervisor::drain`).
+const MIN_DRAIN: Duration = Duration::from_millis(500);
+/// How often a draining replica's connections are counted.
+const DRAIN_POLL: Duration = Duration::from_millis(100);
+
+/// Established TCP connections whose local port is `port` in the network
+/// namespace of process `pid` (`/proc/PID/net/tcp{,6}`); `None` if unreadable.
+fn established_connections(pid: u32, port: u16) -> Option<usize> {
+    let mut count = 0;
+    let mut read_any = false;
+    for table in ["tcp", "tcp6"] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
+            continue;
+        };
+        read_any = true;
+        count += count_established(&text, port);
+    }
+    read_any.then_some(count)
+}
+
+/// Rows of a `/proc/net/tcp` table in state ESTABLISHED (01) whose local
+/// address has port `port` (hex after the colon).
+fn count_established(table: &str, port: u16) -> usize {
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local_port = fields
+                .get(1)
+                .and_then(|local| local.rsplit(':').next())
+                .and_then(|hex| u16::from_str_radix(hex, 16).ok());
+            local_port == Some(port) && fields.get(3) == Some(&"01")
+        })
+        .count()
+}
+
 #[derive(Debug, Clone)]
 pub struct SupervisorConfig {
     /// SIGTERM -> SIGKILL grace when stopping.
@@ -382,15 +419,40 @@ impl<R: Runtime> Supervisor<R> {
     }
 
     /// Lets a published replica's open connections finish before it is
-    /// stopped; `Some` if it exited on its own meanwhile.
+    /// stopped; `Some` if it exited on its own meanwhile. The drain lasts
+    /// at most the configured period and ends early once the replica has
+    /// no established connection on its port (read from its own network
+    /// namespace), but never before [`MIN_DRAIN`]: the routing proxies
+    /// learn that it left their pools through the control plane's endpoint
+    /// stream, which takes a moment.
     async fn drain(&mut self, handle: &mut R::Handle, pid: u32) -> Option<Exit> {
         if self.spec.publish == 0 || self.config.drain.is_zero() {
             return None;
         }
         tracing::info!(alloc = %self.spec.alloc_id, pid, drain = ?self.config.drain, "draining replica before stopping it");
-        tokio::select! {
-            exit = handle.wait() => Some(exit),
-            () = tokio::time::sleep(self.config.drain) => None,
+        let port = handle.probe_addr().map(|a| a.port());
+        let started = tokio::time::Instant::now();
+        let deadline = started + self.config.drain;
+        let earliest = started + MIN_DRAIN.min(self.config.drain);
+        loop {
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            let wake = if now < earliest {
+                earliest
+            } else {
+                (now + DRAIN_POLL).min(deadline)
+            };
+            tokio::select! {
+                exit = handle.wait() => return Some(exit),
+                () = tokio::time::sleep_until(wake) => {}
+            }
+            let idle = port.is_some_and(|port| established_connections(pid, port) == Some(0));
+            if tokio::time::Instant::now() >= earliest && idle {
+                tracing::info!(alloc = %self.spec.alloc_id, pid, after = ?started.elapsed(), "drained: no open connection left");
+                return None;
+            }
         }
     }
 
@@ -703,6 +765,19 @@ mod tests {
         assert!(asked.elapsed() >= Duration::from_secs(3));
         assert_eq!(*runtime.stops.lock().unwrap(), [1001]);
         task.await.unwrap();
+    }
+
+    #[test]
+    fn established_connections_are_counted_by_local_port() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000:0050 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0000000000000000 100 0 0 10 0
+   1: 0A590002:0050 0A590001:D2F0 01 00000000:00000000 00:00000000 00000000     0        0 2 1 0000000000000000 20 4 30 10 -1
+   2: 0A590002:0050 0A590001:D2F2 06 00000000:00000000 00:00000000 00000000     0        0 0 3 0000000000000000
+   3: 0A590002:1F90 0A590001:D2F4 01 00000000:00000000 00:00000000 00000000     0        0 3 1 0000000000000000 20 4 30 10 -1
+";
+        assert_eq!(count_established(table, 80), 1, "listener and TIME_WAIT do not count");
+        assert_eq!(count_established(table, 8080), 1);
+        assert_eq!(count_established(table, 81), 0);
     }
 
     #[tokio::test(start_paused = true)]
