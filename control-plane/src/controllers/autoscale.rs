@@ -1369,6 +1369,21 @@ mod tests {
     }
 
     #[test]
+    fn waiting_connections_are_summed_from_each_nodes_newest_report() {
+        let held = |node, at_ms, waiting| NodeTraffic {
+            waiting,
+            ..report(node, at_ms, 0, 0)
+        };
+        let reports = [
+            held("a", T0, 5),
+            held("a", T0 + 2 * SECOND, 1),
+            held("b", T0 + SECOND, 2),
+        ];
+        let sample = aggregate_traffic(&reports, T0 + 2 * SECOND, 10 * SECOND).unwrap();
+        assert_eq!(sample.waiting, 3);
+    }
+
+    #[test]
     fn connections_turned_away_count_within_the_window() {
         let turned = |at_ms, turned_away| NodeTraffic {
             turned_away,
