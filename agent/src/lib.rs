@@ -65,6 +65,7 @@ pub async fn run(
     oci_config.runtime = config.oci_runtime.clone();
     oci_config.cni.plugin_dir = config.cni_plugin_dir.clone();
     oci_config.init_binary = Some(config.init_binary.clone());
+    oci_config.shim = runtime::oci::shim::binary();
     let oci = Arc::new(OciRuntime::new(oci_config, images::open_store(&config)));
     let image_gc = config.image_gc_threshold_mb.map(|mb| {
         tokio::spawn(runtime::oci::gc_loop(

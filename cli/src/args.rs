@@ -71,6 +71,31 @@ pub enum Command {
     /// Measure the control plane (figures are printed, never asserted).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Run one container and record its exit status: the per-container
+    /// monitor the agent starts, not a command for people.
+    #[command(hide = true)]
+    Shim(ShimArgs),
+}
+
+/// `skiff shim`: see `skiff_agent::runtime::oci::shim`.
+#[derive(Args, Debug)]
+pub struct ShimArgs {
+    /// The OCI runtime binary.
+    #[arg(long)]
+    pub runtime: PathBuf,
+    /// The runtime's state directory (`--root`).
+    #[arg(long)]
+    pub root: PathBuf,
+    #[arg(long)]
+    pub bundle: PathBuf,
+    /// Log file the container's stdout is appended to.
+    #[arg(long)]
+    pub stdout: PathBuf,
+    /// Log file the container's stderr is appended to.
+    #[arg(long)]
+    pub stderr: PathBuf,
+    /// The container id.
+    pub id: String,
 }
 
 #[derive(Subcommand, Debug)]

@@ -20,6 +20,12 @@ fn main() -> std::process::ExitCode {
         }
     };
     let cli = Cli::parse_from(args);
+    if let Command::Shim(args) = &cli.command {
+        return shim(args);
+    }
+    // Agents started by this process (`agent`, `dev`, benches) monitor each
+    // container with this very binary run as `skiff shim`.
+    skiff_agent::runtime::oci::shim::set_binary("/proc/self/exe".into());
     init_logging(&cli);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -52,7 +58,22 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Cluster(command) => commands::cluster::run(server, output, command).await,
         Command::Var(command) => commands::var::run(server, output, command).await,
         Command::Bench(command) => commands::bench::run(command).await,
+        Command::Shim(_) => unreachable!("the shim runs without the async runtime"),
     }
+}
+
+/// `skiff shim`: no logging, no async runtime, just the container's monitor.
+fn shim(args: &args::ShimArgs) -> std::process::ExitCode {
+    let config = skiff_agent::runtime::oci::shim::ShimConfig {
+        runtime: args.runtime.clone(),
+        root: args.root.clone(),
+        bundle: args.bundle.clone(),
+        stdout: args.stdout.clone(),
+        stderr: args.stderr.clone(),
+        id: args.id.clone(),
+    };
+    let code = skiff_agent::runtime::oci::shim::run(&config);
+    std::process::ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 
 /// Daemons log at info by default; client commands only warn, so their

@@ -513,3 +513,90 @@ fn node_prune_removes_the_images_of_removed_services_and_keeps_those_in_use() {
         "an agent that does not answer is named: {stderr}"
     );
 }
+
+/// The `replica-restarting` messages among `service inspect`'s recent events of `service`.
+fn restart_messages(cluster: &OciDev, service: &str) -> Vec<String> {
+    let inspect = cluster.inspect(service);
+    inspect["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["kind"] == "replica-restarting")
+        .filter_map(|e| e["message"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn exit_codes_of_containers_survive_a_kill_9_of_the_agent() {
+    let registry = Registry::shared();
+    let mut cluster = OciDev::start(registry.clone(), &[]);
+    let image = registry.image("many:v1");
+    // `late` ends once the agent is back, `early` while no agent runs.
+    let late_cmd = "sleep 15; exit 7";
+    let early_cmd = "sleep 5; exit 9";
+    for (name, cmd) in [("late", late_cmd), ("early", early_cmd)] {
+        cluster.skiff_ok(&[
+            "service", "create", name, "--image", &image, "--", "/bin/sh", "-c", cmd,
+        ]);
+    }
+    let first_run = |a: &Allocation| a.state == "running" && a.restarts == 0 && pid_alive(a.pid);
+    let late = cluster
+        .wait_replicas("late", 1, "running", first_run)
+        .remove(0);
+    let early = cluster
+        .wait_replicas("early", 1, "running", first_run)
+        .remove(0);
+
+    cluster.kill9();
+    let ended = wait_until(Duration::from_secs(15), POLL, || !pid_alive(early.pid));
+    assert!(ended, "`{early_cmd}` did not end");
+    assert!(pid_alive(late.pid), "`{late_cmd}` died with the agent");
+    cluster.restart();
+
+    // Re-adopted, not restarted; then its exit is seen with its code.
+    let adopted = cluster.wait_replicas("late", 1, "re-adopted", |a| {
+        a.desired == "run" && a.restarts == 0 && a.pid == late.pid
+    });
+    assert_eq!(adopted[0].id, late.id);
+    let mut messages = Vec::new();
+    let seen = wait_until(Duration::from_secs(30), POLL, || {
+        messages = restart_messages(&cluster, "late");
+        !messages.is_empty()
+    });
+    assert!(
+        seen,
+        "no restart of `late` after its exit\n--- dev log ---\n{}",
+        cluster.log_tail(40)
+    );
+    assert_eq!(
+        messages[0], "exited with status 7; restarting in 1s",
+        "the exit code of a re-adopted container is known, and backoff starts at its base"
+    );
+    let restarted = cluster.wait_replicas("late", 1, "restarted once", |a| {
+        a.restarts == 1 && a.pid != late.pid && pid_alive(a.pid)
+    });
+    assert_eq!(
+        restarted[0].id, late.id,
+        "the same replica restarted in place"
+    );
+
+    // Ended while the agent was away: its shim kept the code for the next agent.
+    let messages = restart_messages(&cluster, "early");
+    assert!(
+        messages
+            .iter()
+            .any(|m| m == "exited with status 9; restarting in 1s"),
+        "the exit code of a container that ended while no agent ran is known: {messages:?}\n\
+         --- dev log ---\n{}",
+        cluster.log_tail(40)
+    );
+    let early_now = cluster.wait_replicas("early", 1, "restarted", |a| a.restarts >= 1);
+    assert_eq!(early_now[0].id, early.id);
+    assert!(
+        cluster
+            .log()
+            .contains("adopted container that ended while the agent was away"),
+        "{}",
+        cluster.log_tail(30)
+    );
+}

@@ -39,6 +39,8 @@ use crate::spec::{Network, ReplicaSpec};
 
 const POLL: Duration = Duration::from_millis(200);
 const KILL_WAIT: Duration = Duration::from_secs(10);
+/// How long a clean-up waits for a shim to record its container's exit.
+const SHIM_EXIT_WAIT: Duration = Duration::from_secs(2);
 pub const NO_RUNTIME: &str = "no OCI runtime installed: install runc (apt-get install runc)";
 pub const DEFAULT_INIT: &str = "/usr/bin/tini-static";
 
@@ -546,6 +548,14 @@ impl OciRuntime {
             }
         }
         let info = Self::read_info(alloc_dir);
+        // A shim whose container `delete --force` just killed records that
+        // exit: let it finish, so that nothing is written after the clean-up.
+        if let Some(shim) = info.shim {
+            let deadline = std::time::Instant::now() + SHIM_EXIT_WAIT;
+            while !shim.is_gone() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
         let netns_exists = CniNetwork::netns_path(id).exists();
         if info.port.is_some() || netns_exists {
             let (host_port, container_port) = info.port.unwrap_or((spec.host_port, spec.host_port));
