@@ -775,7 +775,11 @@ mod tests {
    2: 0A590002:0050 0A590001:D2F2 06 00000000:00000000 00:00000000 00000000     0        0 0 3 0000000000000000
    3: 0A590002:1F90 0A590001:D2F4 01 00000000:00000000 00:00000000 00000000     0        0 3 1 0000000000000000 20 4 30 10 -1
 ";
-        assert_eq!(count_established(table, 80), 1, "listener and TIME_WAIT do not count");
+        assert_eq!(
+            count_established(table, 80),
+            1,
+            "listener and TIME_WAIT do not count"
+        );
         assert_eq!(count_established(table, 8080), 1);
         assert_eq!(count_established(table, 81), 0);
     }
