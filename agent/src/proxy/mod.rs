@@ -82,6 +82,9 @@ pub struct Route {
     /// Count HTTP/1.1 requests.
     pub http: bool,
     pub endpoints: Vec<Endpoint>,
+    /// Hold new connections while there is no endpoint (the service
+    /// scales from zero); otherwise refuse them at once.
+    pub hold_when_empty: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,6 +127,7 @@ pub fn routes_from_pb(endpoints: &pb::Endpoints) -> Vec<Route> {
                 publish,
                 http: s.protocol == "http",
                 endpoints,
+                hold_when_empty: s.hold_when_empty,
             })
         })
         .collect()
@@ -158,6 +162,8 @@ struct Pool {
     /// Signalled when a connection starts waiting and none was.
     demand: Arc<Notify>,
     hold: HoldLimits,
+    /// The route holds connections while the pool is empty.
+    holds: std::sync::atomic::AtomicBool,
 }
 
 impl Pool {
@@ -170,6 +176,7 @@ impl Pool {
             ready: watch::channel(false).0,
             demand: metrics.demand(),
             hold,
+            holds: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -268,6 +275,10 @@ impl Proxy {
         });
         for route in &routes {
             if let Some(listener) = self.listeners.get(&route.service) {
+                listener
+                    .pool
+                    .holds
+                    .store(route.hold_when_empty, Ordering::Relaxed);
                 listener.pool.set(&route.endpoints);
                 continue;
             }
@@ -285,6 +296,7 @@ impl Proxy {
                 &self.metrics,
                 self.hold,
             ));
+            pool.holds.store(route.hold_when_empty, Ordering::Relaxed);
             pool.set(&route.endpoints);
             tracing::info!(service = %route.service, %addr, endpoints = route.endpoints.len(), "routing proxy listening");
             let task = tokio::spawn(accept_loop(listener, pool.clone()));
@@ -398,6 +410,8 @@ async fn forward(client: TcpStream, pool: Arc<Pool>) {
 /// Why a held connection was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Refusal {
+    /// No replica serves and the service does not scale from zero.
+    NoReplica,
     QueueFull,
     TimedOut,
     ClientLeft,
@@ -406,6 +420,7 @@ enum Refusal {
 impl Refusal {
     fn as_str(self) -> &'static str {
         match self {
+            Refusal::NoReplica => "no replica is serving",
             Refusal::QueueFull => "too many connections waiting for a replica",
             Refusal::TimedOut => "no replica became ready in time",
             Refusal::ClientLeft => "the client left while waiting for a replica",
@@ -426,6 +441,9 @@ async fn await_replica(client: &TcpStream, pool: &Pool) -> Result<(), Refusal> {
     let mut ready = pool.ready.subscribe();
     if *ready.borrow_and_update() {
         return Ok(());
+    }
+    if !pool.holds.load(Ordering::Relaxed) {
+        return Err(Refusal::NoReplica);
     }
     let waiting = pool.counters.waiting.fetch_add(1, Ordering::Relaxed);
     let _waiting = Gauge(&pool.counters.waiting);
@@ -843,6 +861,7 @@ mod tests {
                 service: "web".into(),
                 publish: 8080,
                 protocol: "http".into(),
+                hold_when_empty: false,
                 endpoints: vec![pb::Endpoint {
                     alloc_id: "a1".into(),
                     node: "n1".into(),
@@ -920,6 +939,7 @@ mod tests {
             publish,
             http: true,
             endpoints: vec![endpoint("bad", bad), endpoint("good", good)],
+            hold_when_empty: false,
         }]);
         assert_eq!(metrics.samples()[0].endpoints, 2);
         for _ in 0..10 {
@@ -947,12 +967,14 @@ mod tests {
         assert_eq!(good.responses, 0, "echoed requests are no responses");
     }
 
+    /// A route that holds connections while it has no endpoint.
     fn web(publish: u16, endpoints: Vec<Endpoint>) -> Vec<Route> {
         vec![Route {
             service: "web".into(),
             publish,
             http: true,
             endpoints,
+            hold_when_empty: true,
         }]
     }
 
@@ -1001,6 +1023,30 @@ mod tests {
         let sample = &metrics.samples()[0];
         assert_eq!((sample.waiting, sample.no_endpoint), (0, 0));
         assert_eq!(sample.active, 3);
+    }
+
+    #[tokio::test]
+    async fn a_service_that_does_not_scale_from_zero_refuses_at_once_when_empty() {
+        let metrics = Metrics::default();
+        let mut proxy = Proxy::new("127.0.0.1".parse().unwrap(), metrics.clone());
+        let publish = refusing_addr().await.port();
+        let mut route = web(publish, vec![]);
+        route[0].hold_when_empty = false;
+        proxy.update(route);
+        let started = Instant::now();
+        let mut s = TcpStream::connect(("127.0.0.1", publish)).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut answer))
+            .await
+            .expect("answered at once")
+            .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        assert!(answer.contains("no replica is serving"), "{answer}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        until(&metrics, |s| s.no_endpoint == 1 && s.waiting == 0).await;
     }
 
     #[tokio::test]
@@ -1100,6 +1146,7 @@ mod tests {
             publish,
             http: true,
             endpoints: vec![endpoint("failing", failing), endpoint("working", working)],
+            hold_when_empty: false,
         }]);
 
         let client = async {

@@ -71,6 +71,7 @@ fn run_blocking(args: BenchProxyArgs) -> anyhow::Result<()> {
             service: "bench".into(),
             publish: published,
             http: args.http,
+            hold_when_empty: false,
             endpoints: vec![Endpoint {
                 alloc_id: "bench-replica".into(),
                 addr: replica_addr,

@@ -388,6 +388,7 @@ pub fn endpoints(state: &State) -> pb::Endpoints {
                 publish: u32::from(publish),
                 protocol: service.spec.protocol.as_str().to_string(),
                 endpoints,
+                hold_when_empty: service.spec.autoscale.as_ref().is_some_and(|a| a.min == 0),
             })
         })
         .collect();
