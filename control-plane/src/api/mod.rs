@@ -50,6 +50,9 @@ pub struct Api {
     /// The latest traffic report per (service, node) received by this
     /// server, kept in memory only (it is refreshed every few seconds).
     traffic: Arc<Mutex<Traffic>>,
+    /// Woken when a report shows connections waiting for a replica, so a
+    /// follower forwards it to the leader at once (a scale from zero).
+    urgent_traffic: Arc<tokio::sync::Notify>,
 }
 
 type Traffic = BTreeMap<(String, String), (pb::ServiceTraffic, Instant)>;
@@ -85,6 +88,7 @@ impl Api {
             shared_barrier: Arc::default(),
             endpoints: Arc::new(watch::channel(Arc::new(pb::Endpoints::default())).0),
             traffic: Arc::default(),
+            urgent_traffic: Arc::default(),
             server_name,
         }
     }
@@ -151,9 +155,14 @@ impl Api {
         let now = Instant::now();
         let mut traffic = self.traffic.lock().unwrap_or_else(|p| p.into_inner());
         traffic.retain(|_, (_, at)| now.duration_since(*at) < TRAFFIC_TTL);
+        let mut urgent = false;
         for mut service in report.services {
             service.node = node.to_string();
+            urgent |= service.waiting > 0;
             traffic.insert((service.service.clone(), node.to_string()), (service, now));
+        }
+        if urgent {
+            self.urgent_traffic.notify_one();
         }
     }
 
@@ -295,6 +304,7 @@ impl Api {
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
+                () = self.urgent_traffic.notified() => {}
                 _ = shutdown.changed() => return,
             }
             let status = self.consensus.status();
