@@ -23,6 +23,7 @@ pub mod spec;
 mod store;
 mod supervisor;
 mod sync;
+mod usage;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -140,6 +140,20 @@ impl<R: Runtime> LocalAllocs<R> {
         self.statuses.values()
     }
 
+    /// The assigned replicas whose process runs now (running, healthy or
+    /// unhealthy), with their host PID: those whose use is measured.
+    pub fn running(&self) -> impl Iterator<Item = (&crate::spec::ReplicaSpec, u32)> {
+        let statuses = &self.statuses;
+        self.assigned.iter().flatten().filter_map(move |a| {
+            let status = statuses.get(&a.spec.alloc_id)?;
+            let up = matches!(
+                status.state,
+                AllocState::Running | AllocState::Healthy | AllocState::Unhealthy
+            );
+            (up && status.pid != 0).then_some((&a.spec, status.pid))
+        })
+    }
+
     fn reconcile(&mut self) {
         let Some(assigned) = &self.assigned else {
             return;

@@ -68,6 +68,8 @@ pub struct SyncLoop<'a, R: Runtime> {
     /// traffic, and where `/metrics` is served (published like logs).
     proxy: Option<ProxyParts<'a>>,
     prepull: Prepull,
+    /// The replicas' CPU and memory readings, sent with the traffic.
+    usage: crate::usage::Usage,
 }
 
 /// Images the control plane asked this node to pull ahead (deployments in
@@ -120,6 +122,7 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
             logs_addr: None,
             proxy: None,
             prepull: Prepull::new(),
+            usage: crate::usage::Usage::default(),
         }
     }
 
@@ -139,9 +142,58 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
         self
     }
 
+    /// The traffic seen since the agent started and every running
+    /// replica's use (`crate::usage`); `None` when there is neither.
+    fn traffic_report(&mut self) -> Option<skiff_proto::v1::TrafficReport> {
+        let services = self.service_traffic();
+        let usage = self.replica_usage();
+        (services.is_some() || usage.is_some()).then(|| skiff_proto::v1::TrafficReport {
+            services: services.unwrap_or_default(),
+            usage: usage.unwrap_or_default(),
+        })
+    }
+
+    /// Every running replica's CPU and memory use; `None` when none was
+    /// measured now nor at the previous report (an empty list tells the
+    /// control plane the last replica measured is gone).
+    fn replica_usage(&mut self) -> Option<Vec<skiff_proto::v1::ReplicaUsage>> {
+        use crate::usage::{Replica, Source};
+        let running: Vec<_> = self
+            .local
+            .running()
+            .map(|(spec, pid)| {
+                let cgroup = (spec.runtime == crate::spec::RuntimeKind::Oci)
+                    .then(|| crate::runtime::oci::OciRuntime::cgroups_path(spec));
+                (spec, pid, cgroup)
+            })
+            .collect();
+        let replicas = running.iter().map(|(spec, pid, cgroup)| Replica {
+            alloc_id: &spec.alloc_id,
+            service: &spec.service,
+            pid: *pid,
+            cpu_millis: spec.cpu_millis,
+            source: cgroup
+                .as_deref()
+                .map_or(Source::Process(*pid), Source::Cgroup),
+        });
+        let usage = self.usage.report(replicas, std::time::Instant::now())?;
+        Some(
+            usage
+                .into_iter()
+                .map(|u| skiff_proto::v1::ReplicaUsage {
+                    alloc_id: u.alloc_id,
+                    service: u.service,
+                    cpu_percent: u.cpu_percent,
+                    memory_bytes: u.memory_bytes,
+                    ..Default::default()
+                })
+                .collect(),
+        )
+    }
+
     /// The traffic seen since the agent started, with request rates since
     /// the previous report; `None` when no service was ever published here.
-    fn traffic_report(&mut self) -> Option<skiff_proto::v1::TrafficReport> {
+    fn service_traffic(&mut self) -> Option<Vec<skiff_proto::v1::ServiceTraffic>> {
         let parts = self.proxy.as_mut()?;
         parts.proxy.retry();
         let samples = parts.metrics.samples();
@@ -200,7 +252,7 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
                 .map(|s| (s.service, s.requests))
                 .collect(),
         ));
-        Some(skiff_proto::v1::TrafficReport { services })
+        Some(services)
     }
 
     /// Publishes `addr` as this node's logs address on every registration.

@@ -476,6 +476,9 @@ pub struct DevArgs {
     /// Name of the dev node.
     #[arg(long, default_value = "dev")]
     pub name: String,
+    /// Autoscaler stabilization window (as `skiff server --autoscale-window`).
+    #[arg(long, default_value = "60s", value_parser = parse_millis)]
+    pub autoscale_window: u32,
     #[command(flatten)]
     pub node: NodeArgs,
 }

@@ -187,7 +187,12 @@ pub async fn run(
         api.heartbeats(),
         Arc::new(move || traffic_api.replica_traffic()),
         config.heartbeat_ttl,
-        Arc::new(move |service: &str, http: bool| load_api.node_traffic(service, http)),
+        Arc::new(
+            move |service: &str, http: bool| controllers::autoscaler::Load {
+                traffic: load_api.node_traffic(service, http),
+                cpu: load_api.replica_cpu(service),
+            },
+        ),
         controllers::autoscaler::Timings::from_window(config.autoscale_window),
         stop_rx.clone(),
     ));

@@ -4,6 +4,9 @@
 //! routing proxy; the load comes from the bounded generator in
 //! `skiff_e2e::load`.
 //!
+//! The CPU target runs busybox containers (the local registry's test images)
+//! under runc in a `skiff dev`, measured from their cgroups.
+//!
 //! Agents get a short drain (`SKIFF_DRAIN_SECS`, set once before any agent
 //! starts), so replicas removed by a scale-down go quickly.
 
@@ -15,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use skiff_e2e::agents::{AgentCluster, AgentSpec};
+use skiff_e2e::containers::{OciDev, Registry};
 use skiff_e2e::load::{ConnectionMode, Load, LoadConfig};
 use skiff_e2e::servers::ServerCluster;
 use skiff_e2e::{describe, free_port, skiff_at, wait_until, POLL};
@@ -364,4 +368,80 @@ fn concurrency_scales_out_without_failed_requests_and_back_in_after_the_window()
             .is_some_and(|m| m.contains("-> 1 replicas: concurrency")),
         "{scaled:?}"
     );
+}
+
+#[test]
+fn containers_busy_above_their_cpu_target_scale_up_to_max() {
+    // Window 4 s: a 1 s scale-up cooldown.
+    let registry = Registry::shared();
+    let cluster = OciDev::start(registry.clone(), &["--autoscale-window", "4s"]);
+    let server = cluster.addr();
+    // An image without an entrypoint: the command is the container's.
+    let image = registry.image("many:v1");
+    // Each replica spins at its limit of a fifth of a CPU: 100% of it,
+    // twice the target, so 1 replica asks for 2, and 2 for 4 (held at 3).
+    cluster.skiff_ok(&[
+        "service",
+        "create",
+        "burn",
+        "--image",
+        &image,
+        "--network",
+        "host",
+        "--cpu",
+        "200",
+        "--autoscale-min",
+        "1",
+        "--autoscale-max",
+        "3",
+        "--target-cpu",
+        "50",
+        "--",
+        "/bin/sh",
+        "-c",
+        "while :; do :; done",
+    ]);
+    let created = Instant::now();
+    let mut last = None;
+    let reached = wait_until(Duration::from_secs(90), POLL, || {
+        last = replicas(&server, "burn");
+        last == Some(3)
+    });
+    assert!(
+        reached,
+        "burn: replicas {last:?} after 90 s\n{}\n--- dev log ---\n{}",
+        events(&server, "burn").join("\n"),
+        cluster.log_tail(60)
+    );
+    eprintln!("burn at 3 replicas {:?} after create", created.elapsed());
+    let scaled = events(&server, "burn");
+    eprintln!("{}", scaled.join("\n"));
+    // One replica at its limit is two replicas' worth; two are four's,
+    // held at max.
+    assert_eq!(scaled.len(), 2, "{scaled:?}");
+    assert!(
+        scaled[0].starts_with("1 -> 2 replicas: cpu ") && scaled[0].contains("> target 50.0%"),
+        "{scaled:?}"
+    );
+    assert!(
+        scaled[1].starts_with("2 -> 3 replicas: cpu ") && scaled[1].ends_with("held at max 3"),
+        "{scaled:?}"
+    );
+    cluster.wait_replicas("burn", 3, "running", |a| a.is_running());
+
+    // `service inspect` shows each replica's CPU, at its limit.
+    let mut usage = Vec::new();
+    let measured = wait_until(Duration::from_secs(20), POLL, || {
+        usage = cluster.inspect("burn")["usage"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        usage.len() == 3
+    });
+    assert!(measured, "usage of burn: {usage:?}");
+    for replica in &usage {
+        let percent = replica["cpu_percent"].as_f64().unwrap_or_default();
+        assert!(percent > 50.0, "{replica}");
+    }
+    assert_eq!(replicas(&server, "burn"), Some(3), "held at max");
 }

@@ -43,6 +43,7 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     let data_dir = std::fs::canonicalize(&args.data_dir)?;
     let mut server_config = ServerConfig::new("dev-server", data_dir.join("server"));
     server_config.bootstrap = true;
+    server_config.autoscale_window = Duration::from_millis(u64::from(args.autoscale_window));
     let agent = agent_config(
         args.name,
         data_dir.join("agent"),

@@ -599,6 +599,7 @@ fn describe(status: &pb::ServiceStatus) -> String {
         .allocations
         .iter()
         .map(|a| {
+            let usage = status.usage.iter().find(|u| u.alloc_id == a.id);
             vec![
                 a.id.clone(),
                 a.node.clone(),
@@ -606,11 +607,19 @@ fn describe(status: &pb::ServiceStatus) -> String {
                 a.desired.clone(),
                 a.host_port.to_string(),
                 a.restarts.to_string(),
+                usage.map_or("-".into(), |u| format!("{:.1}%", u.cpu_percent)),
+                usage
+                    .filter(|u| u.memory_bytes > 0)
+                    .map_or("-".into(), |u| {
+                        format!("{} MiB", u.memory_bytes / (1024 * 1024))
+                    }),
             ]
         })
         .collect();
     out.push_str(&output::table(
-        &["ID", "NODE", "STATE", "DESIRED", "PORT", "RESTARTS"],
+        &[
+            "ID", "NODE", "STATE", "DESIRED", "PORT", "RESTARTS", "CPU", "MEMORY",
+        ],
         &rows,
     ));
     out

@@ -308,6 +308,7 @@ pub fn service_to_pb(state: &State, service: &Service) -> pb::ServiceStatus {
         deployment: deployment_to_pb(state, service),
         history: history_to_pb(service),
         events: recent_events(state, name),
+        usage: Vec::new(),
     }
 }
 

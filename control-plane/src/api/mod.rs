@@ -53,9 +53,15 @@ pub struct Api {
     /// Woken when a report shows connections waiting for a replica, so a
     /// follower forwards it to the leader at once (a scale from zero).
     urgent_traffic: Arc<tokio::sync::Notify>,
+    /// The latest resource use report of each node (see [`Usage`]).
+    usage: Arc<Mutex<Usage>>,
 }
 
 type Traffic = BTreeMap<(String, String), (pb::ServiceTraffic, Instant)>;
+
+/// The latest resource use report per node (each replica's CPU and
+/// memory), kept beside the traffic and forwarded to the leader with it.
+type Usage = BTreeMap<String, (Vec<pb::ReplicaUsage>, Instant)>;
 
 /// Traffic reports older than this are dropped from reads: the agent or
 /// its stream went away.
@@ -89,6 +95,7 @@ impl Api {
             endpoints: Arc::new(watch::channel(Arc::new(pb::Endpoints::default())).0),
             traffic: Arc::default(),
             urgent_traffic: Arc::default(),
+            usage: Arc::default(),
             server_name,
         }
     }
@@ -151,8 +158,50 @@ impl Api {
             .collect()
     }
 
+    /// The latest use of `service`'s replicas, from every node's newest
+    /// report, with `node` and `age_ms` filled in.
+    pub fn service_usage(&self, service: &str) -> Vec<pb::ReplicaUsage> {
+        let usage = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+        usage
+            .iter()
+            .filter(|(_, (_, at))| at.elapsed() < TRAFFIC_TTL)
+            .flat_map(|(node, (replicas, at))| {
+                replicas
+                    .iter()
+                    .filter(|r| r.service == service)
+                    .map(move |r| pb::ReplicaUsage {
+                        node: node.clone(),
+                        age_ms: at.elapsed().as_millis() as u64,
+                        ..r.clone()
+                    })
+            })
+            .collect()
+    }
+
+    /// The CPU use of `service`'s replicas for the autoscaler, `at_ms` on
+    /// this server's clock (as `node_traffic`).
+    pub fn replica_cpu(&self, service: &str) -> Vec<crate::controllers::autoscaler::ReplicaCpu> {
+        let now = crate::controllers::now_ms();
+        self.service_usage(service)
+            .into_iter()
+            .map(|u| crate::controllers::autoscaler::ReplicaCpu {
+                at_ms: now.saturating_sub(u.age_ms),
+                percent: u.cpu_percent,
+                alloc_id: u.alloc_id,
+            })
+            .collect()
+    }
+
+    /// Keeps `replicas` as `node`'s latest use unless a newer report is
+    /// known (one forwarded by another server may be older).
+    fn record_usage(&self, node: String, replicas: Vec<pb::ReplicaUsage>, at: Instant) {
+        let mut usage = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+        keep_newest_usage(&mut usage, node, replicas, at);
+    }
+
     fn record_traffic(&self, node: &str, report: pb::TrafficReport) {
         let now = Instant::now();
+        self.record_usage(node.to_string(), report.usage, now);
         let mut traffic = self.traffic.lock().unwrap_or_else(|p| p.into_inner());
         traffic.retain(|_, (_, at)| now.duration_since(*at) < TRAFFIC_TTL);
         let mut urgent = false;
@@ -354,10 +403,23 @@ impl Api {
                     })
                     .collect()
             };
+            let usage: Vec<pb::NodeUsage> = {
+                let usage = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+                usage
+                    .iter()
+                    .filter(|(_, (_, at))| at.elapsed() < TRAFFIC_TTL)
+                    .map(|(node, (replicas, at))| pb::NodeUsage {
+                        node: node.clone(),
+                        age_ms: at.elapsed().as_millis() as u64,
+                        replicas: replicas.clone(),
+                    })
+                    .collect()
+            };
             let request = pb::ReportHeartbeatsRequest {
                 server: self.server_name.clone(),
                 beats,
                 traffic,
+                usage,
             };
             if let Err(err) = leader.report_heartbeats(request).await {
                 tracing::debug!(error = %err, "heartbeats not forwarded to the leader");
@@ -369,6 +431,20 @@ impl Api {
 
 /// Heartbeats older than this are not forwarded: the agent has moved on.
 const HEARTBEAT_FORWARD_WINDOW: Duration = Duration::from_secs(60);
+
+/// Keeps `replicas`, received `at`, as `node`'s use unless a newer report
+/// of it is kept, and forgets reports older than the TTL.
+fn keep_newest_usage(
+    usage: &mut Usage,
+    node: String,
+    replicas: Vec<pb::ReplicaUsage>,
+    at: Instant,
+) {
+    usage.retain(|_, (_, seen)| seen.elapsed() < TRAFFIC_TTL);
+    if usage.get(&node).is_none_or(|(_, seen)| *seen < at) {
+        usage.insert(node, (replicas, at));
+    }
+}
 
 pub(crate) fn status_from(err: ProposeError) -> Status {
     match err {
@@ -474,6 +550,7 @@ impl pb::control_server::Control for Api {
         let name = request.into_inner().name;
         let mut status = self.service_status(&name).await?;
         status.traffic = self.service_traffic(&name);
+        status.usage = self.service_usage(&name);
         Ok(Response::new(status))
     }
 
@@ -691,6 +768,11 @@ impl pb::control_server::Control for Api {
                 if traffic.get(&key).is_none_or(|(_, seen)| *seen < at) {
                     traffic.insert(key, (report, at));
                 }
+            }
+        }
+        for report in request.usage {
+            if let Some(at) = now.checked_sub(Duration::from_millis(report.age_ms)) {
+                self.record_usage(report.node, report.replicas, at);
             }
         }
         if let Ok(mut beats) = self.heartbeats.lock() {
@@ -989,6 +1071,50 @@ impl Api {
         };
         if let Err(err) = self.consensus.propose(command.at(now_ms())).await {
             tracing::warn!(node, error = %err, "allocation status not recorded");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn replica(alloc_id: &str, cpu_percent: f64) -> pb::ReplicaUsage {
+        pb::ReplicaUsage {
+            alloc_id: alloc_id.into(),
+            service: "web".into(),
+            cpu_percent,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_nodes_newest_usage_report_wins_wherever_it_came_from() {
+        let mut usage = Usage::new();
+        let now = Instant::now();
+        let earlier = now - Duration::from_secs(2);
+        keep_newest_usage(&mut usage, "a".into(), vec![replica("r1", 80.0)], now);
+        // Forwarded by another server, but older: ignored.
+        keep_newest_usage(&mut usage, "a".into(), vec![replica("r1", 10.0)], earlier);
+        assert_eq!(usage["a"].0[0].cpu_percent, 80.0);
+        // Newer and empty: the node's replicas are gone.
+        keep_newest_usage(
+            &mut usage,
+            "a".into(),
+            Vec::new(),
+            now + Duration::from_millis(5),
+        );
+        assert!(usage["a"].0.is_empty());
+        // Past the TTL: forgotten.
+        if let Some(stale) = now.checked_sub(TRAFFIC_TTL + Duration::from_secs(1)) {
+            keep_newest_usage(&mut usage, "b".into(), vec![replica("r2", 5.0)], stale);
+            keep_newest_usage(
+                &mut usage,
+                "a".into(),
+                Vec::new(),
+                now + Duration::from_secs(1),
+            );
+            assert!(!usage.contains_key("b"));
         }
     }
 }

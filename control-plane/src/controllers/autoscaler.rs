@@ -9,10 +9,10 @@
 //! and the decision core never scales down before it has watched a whole
 //! stabilization window.
 //!
-//! Not measured yet: CPU. Agents report no per-replica CPU use (the
-//! runtimes have no stats call), so a `target_cpu` is left out of the
-//! policy handed to the core (logged once per service); a service whose
-//! only target is CPU keeps its count, clamped to `[min, max]`.
+//! CPU comes from the agents' per-replica use (read from each container's
+//! cgroup, sent with every traffic report): the latest percent of each live
+//! replica of the service that reported within the stale limit, averaged
+//! into a `CpuSample`; replicas without a report count as not ready.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,8 +22,8 @@ use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
 
 use super::autoscale::{
-    aggregate_traffic, decide, Decision, Memory, MetricSample, NodeTraffic, Observed, Policy,
-    Targets, DEFAULT_SCALE_DOWN_COOLDOWN_MS, DEFAULT_SCALE_DOWN_WINDOW_MS,
+    aggregate_traffic, decide, CpuSample, Decision, Memory, MetricSample, NodeTraffic, Observed,
+    Policy, Targets, DEFAULT_SCALE_DOWN_COOLDOWN_MS, DEFAULT_SCALE_DOWN_WINDOW_MS,
     DEFAULT_SCALE_UP_COOLDOWN_MS, DEFAULT_TRAFFIC_WINDOW_MS,
 };
 use super::now_ms;
@@ -31,9 +31,62 @@ use crate::consensus::Consensus;
 use crate::state::spec::Protocol;
 use crate::state::{AutoscalePolicy, Command, ServiceMode, State};
 
-/// The latest report of every node's proxy for a service:
-/// `(service, http)` in, one `NodeTraffic` per node out.
-pub type LoadSource = Arc<dyn Fn(&str, bool) -> Vec<NodeTraffic> + Send + Sync>;
+/// What is known of a service's load: `(service, http)` in; out, the
+/// latest report of every node's proxy and its replicas' CPU use.
+pub type LoadSource = Arc<dyn Fn(&str, bool) -> Load + Send + Sync>;
+
+/// A service's load as the reports have it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Load {
+    /// One per node whose proxy reported the service.
+    pub traffic: Vec<NodeTraffic>,
+    /// One per replica whose node reported its use.
+    pub cpu: Vec<ReplicaCpu>,
+}
+
+/// One replica's CPU use as its node last reported it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ReplicaCpu {
+    pub alloc_id: String,
+    /// When the report was received (this server's clock).
+    pub at_ms: u64,
+    /// Percent of the replica's CPU limit (of one CPU without a limit).
+    pub percent: f64,
+}
+
+/// The service's CPU as a sample: the newest fresh report of each of
+/// `replicas` (its live replicas; a replica stopping or of another service
+/// is ignored), averaged. `None` when none of them reported within
+/// `stale_after_ms`.
+pub fn cpu_sample(
+    usage: &[ReplicaCpu],
+    replicas: &[String],
+    now_ms: u64,
+    stale_after_ms: u64,
+) -> Option<MetricSample> {
+    let mut newest: HashMap<&str, &ReplicaCpu> = HashMap::new();
+    for report in usage {
+        let fresh = now_ms.saturating_sub(report.at_ms) <= stale_after_ms;
+        if !fresh || !report.percent.is_finite() || !replicas.contains(&report.alloc_id) {
+            continue;
+        }
+        let entry = newest.entry(&report.alloc_id).or_insert(report);
+        if entry.at_ms < report.at_ms {
+            *entry = report;
+        }
+    }
+    let reporting = newest.len() as u32;
+    let total: f64 = newest.values().map(|r| r.percent.max(0.0)).sum();
+    let at_ms = newest.values().map(|r| r.at_ms.min(now_ms)).max()?;
+    Some(MetricSample {
+        at_ms,
+        cpu: Some(CpuSample {
+            replicas_reporting: reporting,
+            percent_avg: total / f64::from(reporting),
+        }),
+        ..MetricSample::default()
+    })
+}
 
 /// How often the loop looks at services at zero replicas with connections
 /// waiting: a held connection should wake its service in well under a
@@ -74,13 +127,12 @@ impl Timings {
         }
     }
 
-    /// The decision core's policy for a service's autoscale spec. CPU is
-    /// not measured (see the module doc), so it is no target here.
+    /// The decision core's policy for a service's autoscale spec.
     pub fn policy(&self, spec: &AutoscalePolicy) -> Policy {
         let targets = Targets {
             rps: spec.target_rps,
             concurrency: spec.target_concurrency,
-            cpu_percent: None,
+            cpu_percent: spec.target_cpu,
         };
         Policy {
             scale_down_window_ms: self.scale_down_window_ms,
@@ -111,8 +163,8 @@ pub struct Autoscaled {
     pub deploying: bool,
     /// Published as HTTP: rates are requests, else connections.
     pub http: bool,
-    /// Its spec asks for a CPU target, which is not measured.
-    pub wants_cpu: bool,
+    /// The live replicas' ids: whose CPU use counts.
+    pub replicas: Vec<String>,
 }
 
 /// Every replicated service with an autoscale policy, by name.
@@ -129,6 +181,7 @@ pub fn autoscaled(state: &State, timings: &Timings) -> Vec<Autoscaled> {
                 .filter(|a| a.is_serving())
                 .count()
                 .min(current as usize) as u32;
+            let replicas = state.live_allocs(name).map(|a| a.id.clone()).collect();
             Some(Autoscaled {
                 name: name.clone(),
                 policy: timings.policy(spec),
@@ -136,7 +189,7 @@ pub fn autoscaled(state: &State, timings: &Timings) -> Vec<Autoscaled> {
                 ready,
                 deploying: service.active_deployment().is_some(),
                 http: service.spec.protocol == Protocol::Http,
-                wants_cpu: spec.target_cpu.is_some(),
+                replicas,
             })
         })
         .collect()
@@ -154,7 +207,6 @@ pub struct Tracker {
     /// the traffic window.
     waiting: u64,
     pub memory: Memory,
-    cpu_warned: bool,
 }
 
 impl Tracker {
@@ -184,9 +236,36 @@ impl Tracker {
         let fresh = now_ms.saturating_sub(traffic.at_ms) <= policy.stale_after_ms;
         self.waiting = traffic.turned_away + if fresh { traffic.waiting } else { 0 };
         let sample = traffic.metric_sample();
-        if self.samples.last().is_none_or(|s| s.at_ms < sample.at_ms) {
+        if self.newest(|s| s.total_rps.is_some()) < Some(sample.at_ms) {
             self.samples.push(sample);
         }
+    }
+
+    /// Takes in the latest CPU use of the service's `replicas` (a sample
+    /// already taken is not taken again). Call after [`Tracker::observe`],
+    /// which drops the samples no longer needed.
+    pub fn observe_cpu(
+        &mut self,
+        usage: &[ReplicaCpu],
+        replicas: &[String],
+        policy: &Policy,
+        now_ms: u64,
+    ) {
+        let Some(sample) = cpu_sample(usage, replicas, now_ms, policy.stale_after_ms) else {
+            return;
+        };
+        if self.newest(|s| s.cpu.is_some()) < Some(sample.at_ms) {
+            self.samples.push(sample);
+        }
+    }
+
+    /// When the newest sample with `what` was taken.
+    fn newest(&self, what: impl Fn(&MetricSample) -> bool) -> Option<u64> {
+        self.samples
+            .iter()
+            .filter(|s| what(s))
+            .map(|s| s.at_ms)
+            .max()
     }
 
     /// Connections waiting for a replica, as last observed.
@@ -273,11 +352,9 @@ pub async fn run_autoscaler(
             if !every_second && service.current > 0 {
                 continue;
             }
-            if service.wants_cpu && !tracker.cpu_warned {
-                tracker.cpu_warned = true;
-                tracing::warn!(service = %service.name, "autoscale target cpu is not measured (agents report no CPU use); scaling on the other targets only");
-            }
-            tracker.observe(load(&service.name, service.http), &service.policy, now);
+            let load = load(&service.name, service.http);
+            tracker.observe(load.traffic, &service.policy, now);
+            tracker.observe_cpu(&load.cpu, &service.replicas, &service.policy, now);
             let Some(decision) = tracker.consider(service, now, every_second) else {
                 continue;
             };
@@ -339,7 +416,34 @@ mod tests {
             ready: current,
             deploying: false,
             http: true,
-            wants_cpu: false,
+            replicas: Vec::new(),
+        }
+    }
+
+    /// At `current` replicas `r0..`, autoscaled on CPU alone.
+    fn cpu_service(current: u32, max: u32, target: f64) -> Autoscaled {
+        let spec = AutoscalePolicy {
+            min: 1,
+            max,
+            target_cpu: Some(target),
+            ..AutoscalePolicy::default()
+        };
+        Autoscaled {
+            name: "burn".into(),
+            policy: Timings::from_window(Duration::from_secs(6)).policy(&spec),
+            current,
+            ready: current,
+            deploying: false,
+            http: false,
+            replicas: (0..current).map(|i| format!("r{i}")).collect(),
+        }
+    }
+
+    fn cpu(alloc_id: &str, at_ms: u64, percent: f64) -> ReplicaCpu {
+        ReplicaCpu {
+            alloc_id: alloc_id.into(),
+            at_ms,
+            percent,
         }
     }
 
@@ -377,7 +481,7 @@ mod tests {
     }
 
     #[test]
-    fn cpu_is_no_target_while_it_is_not_measured() {
+    fn cpu_is_a_target_beside_the_others() {
         let spec = AutoscalePolicy {
             min: 1,
             max: 3,
@@ -387,7 +491,130 @@ mod tests {
         };
         let policy = Timings::default().policy(&spec);
         assert_eq!(policy.targets.rps, Some(10.0));
-        assert_eq!(policy.targets.cpu_percent, None);
+        assert_eq!(policy.targets.cpu_percent, Some(50.0));
+    }
+
+    #[test]
+    fn the_cpu_sample_averages_the_live_replicas_fresh_reports() {
+        let replicas = vec!["r0".to_string(), "r1".to_string(), "r2".to_string()];
+        let usage = vec![
+            cpu("r0", T0 - 1_000, 90.0),
+            // An older report of r0 (forwarded late) is not its newest.
+            cpu("r0", T0 - 3_000, 10.0),
+            cpu("r1", T0 - 2_000, 30.0),
+            // Stale: counts as not reporting.
+            cpu("r2", T0 - 10_000, 100.0),
+            // A replica stopping (no longer live) or of another service.
+            cpu("old", T0, 100.0),
+        ];
+        let sample = cpu_sample(&usage, &replicas, T0, 6_000).expect("a sample");
+        assert_eq!(sample.at_ms, T0 - 1_000);
+        assert_eq!((sample.total_rps, sample.total_active), (None, None));
+        assert_eq!(
+            sample.cpu,
+            Some(CpuSample {
+                replicas_reporting: 2,
+                percent_avg: 60.0
+            })
+        );
+        assert_eq!(cpu_sample(&usage[3..], &replicas, T0, 6_000), None);
+        assert_eq!(cpu_sample(&[], &replicas, T0, 6_000), None);
+    }
+
+    #[test]
+    fn replicas_busy_above_the_cpu_target_scale_up_to_max() {
+        let mut service = cpu_service(1, 3, 50.0);
+        let mut tracker = Tracker::default();
+        // No CPU reported yet: the count stays.
+        tracker.observe(Vec::new(), &service.policy, T0);
+        tracker.observe_cpu(&[], &service.replicas, &service.policy, T0);
+        assert!(tracker.consider(&service, T0, true).is_none());
+
+        // One replica at its limit, target 50%: two replicas' worth.
+        tracker.observe(Vec::new(), &service.policy, T0 + 1_000);
+        tracker.observe_cpu(
+            &[cpu("r0", T0 + 1_000, 100.0)],
+            &service.replicas,
+            &service.policy,
+            T0 + 1_000,
+        );
+        let decision = tracker
+            .consider(&service, T0 + 1_000, true)
+            .expect("scales up");
+        assert_eq!((decision.current, decision.desired), (1, 2));
+        assert_eq!(decision.reason, "cpu 100.0%/replica > target 50.0%");
+        tracker.carried_out(&service.policy, &decision, true, T0 + 1_000);
+        service = cpu_service(2, 3, 50.0);
+
+        // After the scale-up cooldown (1.5 s here), both at their limit:
+        // four replicas' worth, held at max 3.
+        let now = T0 + 3_000;
+        tracker.observe(Vec::new(), &service.policy, now);
+        tracker.observe_cpu(
+            &[cpu("r0", now, 100.0), cpu("r1", now, 100.0)],
+            &service.replicas,
+            &service.policy,
+            now,
+        );
+        let decision = tracker.consider(&service, now, true).expect("scales up");
+        assert_eq!((decision.current, decision.desired), (2, 3));
+        assert!(
+            decision
+                .reason
+                .starts_with("cpu 100.0%/replica > target 50.0%"),
+            "{}",
+            decision.reason
+        );
+        assert!(
+            decision.reason.contains("held at max 3"),
+            "{}",
+            decision.reason
+        );
+    }
+
+    #[test]
+    fn a_cpu_report_read_twice_is_one_sample_and_traffic_samples_still_count() {
+        let service = cpu_service(1, 3, 50.0);
+        let mut tracker = Tracker::default();
+        let usage = [cpu("r0", T0, 40.0)];
+        tracker.observe(vec![report("a", T0, 0, 0, 0)], &service.policy, T0);
+        tracker.observe_cpu(&usage, &service.replicas, &service.policy, T0);
+        tracker.observe(vec![], &service.policy, T0 + 900);
+        tracker.observe_cpu(&usage, &service.replicas, &service.policy, T0 + 900);
+        assert_eq!(tracker.samples.len(), 2);
+        // A traffic report newer than the last traffic sample is taken
+        // although a CPU sample came after it.
+        tracker.observe(
+            vec![report("a", T0 + 2_000, 20, 0, 0)],
+            &service.policy,
+            T0 + 2_000,
+        );
+        assert_eq!(tracker.samples.len(), 3);
+    }
+
+    #[test]
+    fn cpu_below_target_scales_down_only_after_the_window() {
+        let mut service = cpu_service(3, 3, 50.0);
+        let mut tracker = Tracker::default();
+        let mut changes = Vec::new();
+        for second in 0..20u64 {
+            let now = T0 + second * 1_000;
+            let usage: Vec<ReplicaCpu> = service
+                .replicas
+                .iter()
+                .map(|id| cpu(id, now, 10.0))
+                .collect();
+            tracker.observe(Vec::new(), &service.policy, now);
+            tracker.observe_cpu(&usage, &service.replicas, &service.policy, now);
+            if let Some(decision) = tracker.consider(&service, now, true) {
+                tracker.carried_out(&service.policy, &decision, true, now);
+                changes.push((second, decision.desired));
+                service = cpu_service(decision.desired, 3, 50.0);
+            }
+        }
+        // 3 × 10% at 50% each: one replica's worth, once a whole window
+        // (6 s) has been watched.
+        assert_eq!(changes, vec![(6, 1)]);
     }
 
     #[test]

@@ -213,7 +213,8 @@ impl OciRuntime {
         alloc_dir.join("bundle")
     }
 
-    fn cgroups_path(spec: &ReplicaSpec) -> PathBuf {
+    /// The cgroupsPath runc gets for `spec`'s container.
+    pub(crate) fn cgroups_path(spec: &ReplicaSpec) -> PathBuf {
         PathBuf::from("/skiff").join(&spec.alloc_id)
     }
 
