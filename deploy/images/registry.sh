@@ -25,19 +25,23 @@ start() {
     esac
   done
   command -v docker-registry >/dev/null || { echo "docker-registry not installed (apt-get install docker-registry)" >&2; exit 1; }
-  if [ -z "$port" ]; then
-    for _ in $(seq 1 50); do
-      port=$((20000 + RANDOM % 30000))
-      if port_free "$port"; then break; fi
+  # A free-looking port can be taken between the probe and the bind (tests
+  # run in parallel): with no --port, try again on another port.
+  local fixed="$port" attempt dir pid ok=""
+  for attempt in 1 2 3 4 5; do
+    if [ -z "$fixed" ]; then
       port=""
-    done
-    [ -n "$port" ] || { echo "no free port found" >&2; exit 1; }
-  fi
-  local dir
-  dir="$(mktemp -d "${TMPDIR:-/tmp}/skiff-registry.XXXXXX")"
-  touch "$dir/.skiff-registry"
-  mkdir -p "$dir/data"
-  cat >"$dir/config.yml" <<EOF
+      for _ in $(seq 1 50); do
+        port=$((20000 + RANDOM % 30000))
+        if port_free "$port"; then break; fi
+        port=""
+      done
+      [ -n "$port" ] || { echo "no free port found" >&2; exit 1; }
+    fi
+    dir="$(mktemp -d "${TMPDIR:-/tmp}/skiff-registry.XXXXXX")"
+    touch "$dir/.skiff-registry"
+    mkdir -p "$dir/data"
+    cat >"$dir/config.yml" <<EOF
 version: 0.1
 log:
   level: warn
@@ -49,22 +53,23 @@ storage:
 http:
   addr: 127.0.0.1:$port
 EOF
-  docker-registry serve "$dir/config.yml" >"$dir/registry.log" 2>&1 </dev/null &
-  local pid=$!
-  # Bounded wait for the API to answer (10 s).
-  local ok=""
-  for _ in $(seq 1 100); do
-    if ! kill -0 "$pid" 2>/dev/null; then break; fi
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then ok=1; break; fi
-    sleep 0.1
-  done
-  if [ -z "$ok" ]; then
+    docker-registry serve "$dir/config.yml" >"$dir/registry.log" 2>&1 </dev/null &
+    pid=$!
+    # Bounded wait for the API to answer (10 s) while the registry lives.
+    ok=""
+    for _ in $(seq 1 100); do
+      if ! kill -0 "$pid" 2>/dev/null; then break; fi
+      if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && kill -0 "$pid" 2>/dev/null; then ok=1; break; fi
+      sleep 0.1
+    done
+    [ -n "$ok" ] && break
     kill "$pid" 2>/dev/null || true
-    echo "docker-registry did not start on 127.0.0.1:$port:" >&2
+    echo "docker-registry did not start on 127.0.0.1:$port (attempt $attempt):" >&2
     cat "$dir/registry.log" >&2 || true
     rm -rf "$dir"
-    exit 1
-  fi
+    [ -z "$fixed" ] || break
+  done
+  [ -n "$ok" ] || exit 1
   if [ -n "$watch" ]; then
     (
       for _ in $(seq 1 14400); do
