@@ -54,8 +54,12 @@ pub struct StatusUpdate {
     pub message: String,
 }
 
-/// The shortest drain of a published replica (see `Supervisor::drain`).
-const MIN_DRAIN: Duration = Duration::from_millis(500);
+/// The shortest drain of a published replica (see `Supervisor::drain`):
+/// the control plane pushes endpoint changes to every agent's proxy within
+/// tens of milliseconds on a LAN, and a proxy that still dials the replica
+/// after it stopped listening retries on another before the client sees
+/// anything.
+const MIN_DRAIN: Duration = Duration::from_millis(250);
 /// How often a draining replica's connections are counted.
 const DRAIN_POLL: Duration = Duration::from_millis(100);
 
