@@ -601,6 +601,18 @@ pub enum Outcome {
     },
 }
 
+/// [`StateImage`] by reference, for encoding without copying the state.
+#[derive(Serialize)]
+struct StateImageRef<'a> {
+    services: &'a BTreeMap<String, Service>,
+    nodes: &'a BTreeMap<String, Node>,
+    allocs: &'a BTreeMap<String, Allocation>,
+    members: &'a BTreeMap<u64, Member>,
+    variables: &'a imbl::OrdMap<String, String>,
+    events: &'a VecDeque<Event>,
+    applied_index: u64,
+}
+
 /// The serialized form of [`State`] carried by Raft snapshots.
 #[derive(Default, Serialize, Deserialize)]
 struct StateImage {
@@ -659,7 +671,9 @@ pub struct State {
     pub nodes: BTreeMap<String, Node>,
     pub allocs: BTreeMap<String, Allocation>,
     pub members: BTreeMap<u64, Member>,
-    pub variables: BTreeMap<String, String>,
+    /// A persistent map: cloning the state for a snapshot is O(1) in it,
+    /// so the consensus thread never stalls copying a large map.
+    pub variables: imbl::OrdMap<String, String>,
     /// The most recent events, oldest first, at most [`EVENT_RING`].
     pub events: VecDeque<Event>,
     /// Raft index of the last applied entry.
@@ -781,15 +795,16 @@ impl State {
         self.applied_index = self.applied_index.max(index);
     }
 
-    /// Encodes the whole state for a Raft snapshot.
+    /// Encodes the whole state for a Raft snapshot (by reference: the
+    /// state is not copied).
     pub fn to_image(&self) -> Vec<u8> {
-        let image = StateImage {
-            services: self.services.clone(),
-            nodes: self.nodes.clone(),
-            allocs: self.allocs.clone(),
-            members: self.members.clone(),
-            variables: self.variables.clone(),
-            events: self.events.clone(),
+        let image = StateImageRef {
+            services: &self.services,
+            nodes: &self.nodes,
+            allocs: &self.allocs,
+            members: &self.members,
+            variables: &self.variables,
+            events: &self.events,
             applied_index: self.applied_index,
         };
         serde_json::to_vec(&image).expect("state always serializes")
@@ -808,7 +823,7 @@ impl State {
             nodes: image.nodes,
             allocs: image.allocs,
             members: image.members,
-            variables: image.variables,
+            variables: image.variables.into_iter().collect(),
             events: image.events,
             applied_index: image.applied_index,
             ..State::default()
