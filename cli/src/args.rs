@@ -383,8 +383,10 @@ pub struct ServerArgs {
     /// Ticks without a leader before an election starts.
     #[arg(long, default_value_t = 10)]
     pub election_ticks: usize,
-    /// Applied entries between snapshots (and log compactions).
-    #[arg(long, default_value_t = 10_000)]
+    /// Applied entries between snapshots (and log compactions); etcd's
+    /// default too. A snapshot encodes the whole state, so a smaller value
+    /// costs write latency while it is taken.
+    #[arg(long, default_value_t = 100_000)]
     pub snapshot_every: u64,
     /// A node whose heartbeats stop for this long is marked down and its
     /// replicas are re-placed (e.g. 10s, 3s).

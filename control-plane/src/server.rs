@@ -65,7 +65,7 @@ impl ServerConfig {
             tick: Duration::from_millis(100),
             election_ticks: 10,
             heartbeat_ticks: 2,
-            snapshot_every: 10_000,
+            snapshot_every: 100_000,
             metrics_listen: None,
             heartbeat_ttl: Duration::from_secs(10),
             autoscale_window: Duration::from_millis(
