@@ -144,6 +144,13 @@ pub fn skiff_at<S: AsRef<OsStr>>(server: &str, args: &[S]) -> Output {
     run_with_timeout(&mut cmd, CLI_TIMEOUT)
 }
 
+/// [`skiff_at`] that must succeed: its stdout, or a panic describing the run.
+pub fn skiff_ok_at(server: &str, args: &[&str]) -> String {
+    let out = skiff_at(server, args);
+    assert!(out.status.success(), "{}", describe(args, &out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Human-readable account of a CLI run, for assertion messages.
 pub fn describe(args: &[&str], out: &Output) -> String {
     format!(

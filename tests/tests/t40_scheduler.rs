@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use skiff_e2e::agents::{AgentCluster, AgentSpec};
 use skiff_e2e::servers::ServerCluster;
-use skiff_e2e::{describe, pid_alive, skiff_at, wait_until, Allocation, POLL};
+use skiff_e2e::{pid_alive, skiff_ok_at, wait_until, Allocation, POLL};
 
 const TTL: &str = "3s";
 const TTL_SECS: u64 = 3;
@@ -38,12 +38,6 @@ fn specs() -> [AgentSpec<'static>; 3] {
     ]
 }
 
-fn skiff_ok(server: &str, args: &[&str]) -> String {
-    let out = skiff_at(server, args);
-    assert!(out.status.success(), "{}", describe(args, &out));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn create(server: &str, name: &str, extra: &[&str]) {
     let mut args = vec!["service", "create", name];
     args.extend_from_slice(extra);
@@ -56,7 +50,7 @@ fn create(server: &str, name: &str, extra: &[&str]) {
         "--bind",
         "0.0.0.0",
     ]);
-    skiff_ok(server, &args);
+    skiff_ok_at(server, &args);
 }
 
 fn per_node(allocs: &[Allocation]) -> BTreeMap<String, usize> {
@@ -91,7 +85,7 @@ fn wait_running(
 fn events(server: &str, extra: &[&str]) -> Vec<Value> {
     let mut args = vec!["events", "--output", "json"];
     args.extend_from_slice(extra);
-    skiff_ok(server, &args)
+    skiff_ok_at(server, &args)
         .lines()
         .map(|l| serde_json::from_str(l).expect("one JSON event per line"))
         .collect()
@@ -133,7 +127,7 @@ fn replicas_spread_evenly_constraints_hold_global_services_cover_every_node_and_
         "nowhere",
         &["--replicas", "2", "--constraint", "zone==c"],
     );
-    let ps = skiff_ok(&server, &["service", "ps", "nowhere"]);
+    let ps = skiff_ok_at(&server, &["service", "ps", "nowhere"]);
     assert!(
         ps.contains("2 replicas unplaced: 3 nodes filtered by constraint zone==c"),
         "{ps}"
@@ -143,7 +137,7 @@ fn replicas_spread_evenly_constraints_hold_global_services_cover_every_node_and_
         "huge",
         &["--replicas", "1", "--memory", "100000000"],
     );
-    let inspect = skiff_ok(&server, &["service", "inspect", "huge"]);
+    let inspect = skiff_ok_at(&server, &["service", "inspect", "huge"]);
     assert!(
         inspect
             .contains("1 replica unplaced: 3 nodes exhausted memory (needs 100000000 MB, at most"),
@@ -263,7 +257,7 @@ fn draining_a_node_empties_it_without_dropping_below_desired_minus_one() {
         })
     };
 
-    let out = skiff_ok(&server, &["node", "drain", "a1", "--deadline", "60s"]);
+    let out = skiff_ok_at(&server, &["node", "drain", "a1", "--deadline", "60s"]);
     assert!(out.contains("draining"), "{out}");
     let drained = wait_until(Duration::from_secs(40), POLL, || {
         let running = agents.running("web");
@@ -307,8 +301,8 @@ fn draining_a_node_empties_it_without_dropping_below_desired_minus_one() {
     );
 
     // Paused: nothing new lands; activated: it takes replicas again.
-    skiff_ok(&server, &["node", "pause", "a2"]);
-    skiff_ok(&server, &["service", "scale", "web", "8"]);
+    skiff_ok_at(&server, &["node", "pause", "a2"]);
+    skiff_ok_at(&server, &["service", "scale", "web", "8"]);
     let running = wait_running(&agents, "web", 8, Duration::from_secs(30));
     assert!(running.iter().all(|a| a.node == "b1" || a.node == "a2"));
     assert_eq!(
@@ -316,8 +310,8 @@ fn draining_a_node_empties_it_without_dropping_below_desired_minus_one() {
         Some(&3),
         "paused a2 kept its 3, took none"
     );
-    skiff_ok(&server, &["node", "activate", "a1"]);
-    skiff_ok(&server, &["service", "scale", "web", "9"]);
+    skiff_ok_at(&server, &["node", "activate", "a1"]);
+    skiff_ok_at(&server, &["service", "scale", "web", "9"]);
     let running = wait_running(&agents, "web", 9, Duration::from_secs(30));
     assert_eq!(per_node(&running).get("a1"), Some(&1), "{running:?}");
 }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use skiff_e2e::agents::{AgentCluster, AgentSpec};
 use skiff_e2e::servers::ServerCluster;
-use skiff_e2e::{describe, free_port, sigkill, skiff_at, wait_until, Allocation, POLL};
+use skiff_e2e::{free_port, sigkill, skiff_at, skiff_ok_at, wait_until, Allocation, POLL};
 
 /// Drain of every agent in this file, in seconds.
 const DRAIN_SECS: &str = "4";
@@ -68,12 +68,6 @@ fn specs() -> [AgentSpec<'static>; 2] {
     ]
 }
 
-fn skiff_ok(server: &str, args: &[&str]) -> String {
-    let out = skiff_at(server, args);
-    assert!(out.status.success(), "{}", describe(args, &out));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// Creates a published HTTP service of `replicas` replicas with a fast
 /// health check; `extra` adds flags (e.g. a constraint).
 fn create(server: &str, name: &str, publish: u16, replicas: u32, extra: &[&str]) {
@@ -96,7 +90,7 @@ fn create(server: &str, name: &str, publish: u16, replicas: u32, extra: &[&str])
     ];
     args.extend_from_slice(extra);
     args.extend_from_slice(&["--", "python3", "-c", REPLICA, "$PORT"]);
-    skiff_ok(server, &args);
+    skiff_ok_at(server, &args);
 }
 
 fn wait_healthy(agents: &AgentCluster, service: &str, n: usize) -> Vec<Allocation> {
@@ -541,7 +535,7 @@ fn a_stopping_replica_gets_no_new_connections_and_finishes_its_in_flight_request
         })
         .collect();
     thread::sleep(Duration::from_millis(200));
-    skiff_ok(&server, &["service", "scale", "drain", "1"]);
+    skiff_ok_at(&server, &["service", "scale", "drain", "1"]);
     let mut stopping = None;
     wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
         stopping = agents

@@ -21,7 +21,7 @@ use skiff_e2e::agents::{AgentCluster, AgentSpec};
 use skiff_e2e::containers::{OciDev, Registry};
 use skiff_e2e::load::{ConnectionMode, Load, LoadConfig};
 use skiff_e2e::servers::ServerCluster;
-use skiff_e2e::{describe, free_port, skiff_at, wait_until, POLL};
+use skiff_e2e::{free_port, skiff_at, skiff_ok_at, wait_until, POLL};
 
 /// Drain of every agent in this file, in seconds.
 const DRAIN_SECS: &str = "1";
@@ -71,12 +71,6 @@ fn cluster(window: &str) -> (ServerCluster, AgentCluster) {
     (servers, agents)
 }
 
-fn skiff_ok(server: &str, args: &[&str]) -> String {
-    let out = skiff_at(server, args);
-    assert!(out.status.success(), "{}", describe(args, &out));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// Creates a published, autoscaled HTTP service at `replicas` replicas
 /// with a fast health check.
 fn create(server: &str, name: &str, publish: u16, replicas: u32, autoscale: &[&str]) {
@@ -99,7 +93,7 @@ fn create(server: &str, name: &str, publish: u16, replicas: u32, autoscale: &[&s
     ];
     args.extend_from_slice(autoscale);
     args.extend_from_slice(&["--", "python3", "-c", REPLICA, "$PORT"]);
-    skiff_ok(server, &args);
+    skiff_ok_at(server, &args);
 }
 
 /// The replica count in the service's spec: what the autoscaler set.

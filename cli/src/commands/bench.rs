@@ -28,6 +28,88 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     }
 }
 
+/// The `skiff agent` process a benchmark starts for its run (its own
+/// process, so its RSS is its own); SIGTERMed on drop, so it detaches from
+/// whatever still runs, and its log copied to `keep_log` if given.
+pub struct BenchAgent {
+    pub child: Child,
+    pub dir: PathBuf,
+    keep_log: Option<PathBuf>,
+}
+
+/// How a [`BenchAgent`] is started.
+pub struct BenchAgentOptions<'a> {
+    pub port_range: (u16, u16),
+    pub insecure_registries: &'a [String],
+    pub oci_runtime: Option<&'a str>,
+    /// More `skiff agent` flags.
+    pub extra_args: Vec<String>,
+    pub keep_log: Option<PathBuf>,
+}
+
+impl BenchAgent {
+    /// Starts node `bench` against `server`, with data and log under `dir`.
+    pub fn start(server: &str, dir: PathBuf, options: BenchAgentOptions) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&dir)?;
+        let log = std::fs::File::create(dir.join("agent.log"))?;
+        let mut command = Command::new(std::env::current_exe()?);
+        command
+            .args(["agent", "--name", "bench", "--servers", server])
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .arg("--port-range")
+            .arg(format!("{}-{}", options.port_range.0, options.port_range.1))
+            .args(&options.extra_args);
+        for registry in options.insecure_registries {
+            command.args(["--insecure-registry", registry]);
+        }
+        if let Some(runtime) = options.oci_runtime {
+            command.args(["--oci-runtime", runtime]);
+        }
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("failed to start skiff agent")?;
+        Ok(BenchAgent {
+            child,
+            dir,
+            keep_log: options.keep_log,
+        })
+    }
+
+    /// Containers the agent's OCI runtimes have state for.
+    pub fn containers(&self) -> usize {
+        ["runc", "crun"]
+            .iter()
+            .map(|r| self.dir.join("data/oci").join(r))
+            .filter_map(|root| std::fs::read_dir(root).ok())
+            .map(|entries| entries.flatten().filter(|e| e.path().is_dir()).count())
+            .sum()
+    }
+}
+
+impl Drop for BenchAgent {
+    fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            // SIGTERM (by PID, our own child): the agent detaches cleanly.
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && !matches!(self.child.try_wait(), Ok(Some(_))) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(path) = &self.keep_log {
+            if let Err(e) = std::fs::copy(self.dir.join("agent.log"), path) {
+                eprintln!("cannot keep the agent log in {}: {e}", path.display());
+            }
+        }
+    }
+}
+
 /// A cluster of `skiff server` processes started for one run, on loopback,
 /// with data in a temp dir; stopped (by PID) and removed on drop.
 pub struct LocalCluster {

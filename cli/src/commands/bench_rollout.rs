@@ -21,17 +21,16 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context};
+use anyhow::anyhow;
 use skiff_proto::v1 as pb;
 
-use super::bench::LocalCluster;
+use super::bench::{BenchAgent, BenchAgentOptions, LocalCluster};
 use crate::args::BenchRolloutArgs;
 use crate::client::{connect, Client};
 
@@ -43,77 +42,6 @@ const SETTLE: Duration = Duration::from_secs(1);
 /// Docker Swarm on this machine, 10 replicas, parallelism 2, delay 0
 /// (issue 7).
 const SWARM_SECS: (f64, f64) = (19.6, 23.7);
-
-/// The agent started for the run; SIGTERMed on drop.
-struct Agent {
-    child: Child,
-    dir: PathBuf,
-    keep_log: Option<PathBuf>,
-}
-
-impl Agent {
-    fn start(args: &BenchRolloutArgs, server: &str, dir: PathBuf) -> anyhow::Result<Agent> {
-        std::fs::create_dir_all(&dir)?;
-        let log = std::fs::File::create(dir.join("agent.log"))?;
-        let mut command = Command::new(std::env::current_exe()?);
-        command
-            .args(["agent", "--name", "bench", "--servers", server])
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .arg("--port-range")
-            .arg(format!("{}-{}", args.port_range.0, args.port_range.1))
-            .arg("--drain-secs")
-            .arg(args.drain_secs.to_string())
-            .env_remove("SKIFF_DRAIN_SECS");
-        for registry in &args.insecure_registries {
-            command.args(["--insecure-registry", registry]);
-        }
-        if let Some(runtime) = &args.oci_runtime {
-            command.args(["--oci-runtime", runtime]);
-        }
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("failed to start skiff agent")?;
-        Ok(Agent {
-            child,
-            dir,
-            keep_log: args.agent_log.clone(),
-        })
-    }
-
-    /// Containers the agent's OCI runtime knows of.
-    fn containers(&self) -> usize {
-        ["runc", "crun"]
-            .iter()
-            .map(|r| self.dir.join("data/oci").join(r))
-            .filter_map(|root| std::fs::read_dir(root).ok())
-            .map(|entries| entries.flatten().filter(|e| e.path().is_dir()).count())
-            .sum()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Ok(pid) = i32::try_from(self.child.id()) {
-            // SIGTERM (by PID, our own child): the agent detaches cleanly.
-            let _ = Command::new("kill").arg(pid.to_string()).status();
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline && !matches!(self.child.try_wait(), Ok(Some(_))) {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if let Some(path) = &self.keep_log {
-            if let Err(e) = std::fs::copy(self.dir.join("agent.log"), path) {
-                eprintln!("cannot keep the agent log in {}: {e}", path.display());
-            }
-        }
-    }
-}
 
 // ---------------------------------------------------------------------------
 // HTTP load through the routing proxy
@@ -416,7 +344,7 @@ async fn create_until_healthy(
 
 /// Removes the service and waits until the control plane and the agent are
 /// rid of it.
-async fn remove(client: &mut Client, agent: &Agent, name: &str) -> anyhow::Result<()> {
+async fn remove(client: &mut Client, agent: &BenchAgent, name: &str) -> anyhow::Result<()> {
     client
         .remove_service(pb::RemoveServiceRequest { name: name.into() })
         .await
@@ -592,7 +520,7 @@ struct Rolling {
 
 async fn rolling(
     client: &mut Client,
-    agent: &Agent,
+    agent: &BenchAgent,
     args: &BenchRolloutArgs,
     name: &str,
     replicas: u32,
@@ -664,7 +592,7 @@ fn print_rolling(
 
 async fn blue_green(
     client: &mut Client,
-    agent: &Agent,
+    agent: &BenchAgent,
     args: &BenchRolloutArgs,
     name: &str,
 ) -> anyhow::Result<()> {
@@ -743,7 +671,7 @@ async fn blue_green(
 /// median of `--start-runs` runs.
 async fn start_and_health(
     client: &mut Client,
-    agent: &Agent,
+    agent: &BenchAgent,
     args: &BenchRolloutArgs,
 ) -> anyhow::Result<(Duration, Vec<Duration>)> {
     let mut times = Vec::new();
@@ -758,7 +686,11 @@ async fn start_and_health(
     Ok((sorted[sorted.len() / 2], times))
 }
 
-async fn bench(client: &mut Client, agent: &Agent, args: &BenchRolloutArgs) -> anyhow::Result<()> {
+async fn bench(
+    client: &mut Client,
+    agent: &BenchAgent,
+    args: &BenchRolloutArgs,
+) -> anyhow::Result<()> {
     let drain = Duration::from_secs_f64(args.drain_secs);
     // Warm-up: pulls both images, so every step runs cached images.
     let mut pulls = Vec::new();
@@ -852,7 +784,7 @@ async fn bench(client: &mut Client, agent: &Agent, args: &BenchRolloutArgs) -> a
 
 /// Removes every service left (after an error or an interrupt) and waits
 /// until the agent runs no container.
-async fn clean_up(client: &mut Client, agent: &Agent) -> anyhow::Result<()> {
+async fn clean_up(client: &mut Client, agent: &BenchAgent) -> anyhow::Result<()> {
     let services = client
         .list_services(pb::ListServicesRequest {})
         .await
@@ -906,7 +838,19 @@ async fn clean_up(client: &mut Client, agent: &Agent) -> anyhow::Result<()> {
 pub async fn run(args: BenchRolloutArgs) -> anyhow::Result<()> {
     let cluster = LocalCluster::start(1).await?;
     let server = cluster.addresses[0].clone();
-    let agent = Agent::start(&args, &server, cluster.dir().join("agent"))?;
+    // `--drain-secs` on the command line wins over a SKIFF_DRAIN_SECS
+    // in the environment.
+    let agent = BenchAgent::start(
+        &server,
+        cluster.dir().join("agent"),
+        BenchAgentOptions {
+            port_range: args.port_range,
+            insecure_registries: &args.insecure_registries,
+            oci_runtime: args.oci_runtime.as_deref(),
+            extra_args: vec!["--drain-secs".into(), args.drain_secs.to_string()],
+            keep_log: args.agent_log.clone(),
+        },
+    )?;
     let mut client = connect(&server).await?;
     let started = Instant::now();
     loop {

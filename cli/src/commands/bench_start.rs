@@ -5,88 +5,18 @@
 //! before the next run and before the processes are stopped. Figures are
 //! printed, never asserted.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context};
+use anyhow::anyhow;
 use skiff_proto::v1 as pb;
 
-use super::bench::LocalCluster;
+use super::bench::{BenchAgent, BenchAgentOptions, LocalCluster};
 use crate::args::BenchStartArgs;
 use crate::client::{connect, Client};
 
 const POLL: Duration = Duration::from_millis(10);
 /// Bound on any one wait (pull, start, removal).
 const LIMIT: Duration = Duration::from_secs(120);
-
-/// The agent started for the run; SIGTERMed on drop.
-struct Agent {
-    child: Child,
-    dir: PathBuf,
-    /// Where the log is copied once the agent stopped.
-    keep_log: Option<PathBuf>,
-}
-
-impl Agent {
-    fn start(args: &BenchStartArgs, server: &str, dir: PathBuf) -> anyhow::Result<Agent> {
-        std::fs::create_dir_all(&dir)?;
-        let log = std::fs::File::create(dir.join("agent.log"))?;
-        let mut command = Command::new(std::env::current_exe()?);
-        command
-            .args(["agent", "--name", "bench", "--servers", server])
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .arg("--port-range")
-            .arg(format!("{}-{}", args.port_range.0, args.port_range.1));
-        for registry in &args.insecure_registries {
-            command.args(["--insecure-registry", registry]);
-        }
-        if let Some(runtime) = &args.oci_runtime {
-            command.args(["--oci-runtime", runtime]);
-        }
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("failed to start skiff agent")?;
-        Ok(Agent {
-            child,
-            dir,
-            keep_log: args.agent_log.clone(),
-        })
-    }
-
-    fn containers(&self) -> usize {
-        ["runc", "crun"]
-            .iter()
-            .map(|r| self.dir.join("data/oci").join(r))
-            .filter_map(|root| std::fs::read_dir(root).ok())
-            .map(|entries| entries.flatten().filter(|e| e.path().is_dir()).count())
-            .sum()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Ok(pid) = i32::try_from(self.child.id()) {
-            // SIGTERM (by PID, our own child): the agent detaches cleanly.
-            let _ = Command::new("kill").arg(pid.to_string()).status();
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline && !matches!(self.child.try_wait(), Ok(Some(_))) {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if let Some(path) = &self.keep_log {
-            if let Err(e) = std::fs::copy(self.dir.join("agent.log"), path) {
-                eprintln!("cannot keep the agent log in {}: {e}", path.display());
-            }
-        }
-    }
-}
 
 fn rss_mb(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -163,7 +93,7 @@ async fn create_until_healthy(
 
 /// Removes the service and waits until the control plane and the agent are
 /// rid of it.
-async fn remove(client: &mut Client, agent: &Agent, name: &str) -> anyhow::Result<()> {
+async fn remove(client: &mut Client, agent: &BenchAgent, name: &str) -> anyhow::Result<()> {
     client
         .remove_service(pb::RemoveServiceRequest { name: name.into() })
         .await
@@ -196,7 +126,17 @@ fn ms(d: Duration) -> String {
 pub async fn run(args: BenchStartArgs) -> anyhow::Result<()> {
     let cluster = LocalCluster::start(1).await?;
     let server = cluster.addresses[0].clone();
-    let agent = Agent::start(&args, &server, cluster.dir().join("agent"))?;
+    let agent = BenchAgent::start(
+        &server,
+        cluster.dir().join("agent"),
+        BenchAgentOptions {
+            port_range: args.port_range,
+            insecure_registries: &args.insecure_registries,
+            oci_runtime: args.oci_runtime.as_deref(),
+            extra_args: Vec::new(),
+            keep_log: args.agent_log.clone(),
+        },
+    )?;
     let mut client = connect(&server).await?;
     let started = Instant::now();
     loop {

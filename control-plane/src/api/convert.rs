@@ -213,11 +213,7 @@ fn deployment_to_pb(state: &State, service: &Service) -> Option<pb::Deployment> 
     let new: Vec<&&Allocation> = live.iter().filter(|a| a.spec.runs_same(spec)).collect();
     let new_healthy = new
         .iter()
-        .filter(|a| {
-            a.is_serving()
-                && a.serving_since_ms > 0
-                && now >= a.serving_since_ms + u64::from(d.policy.min_healthy_ms)
-        })
+        .filter(|a| controllers::deployment::is_ready(a, d.policy.min_healthy_ms, now))
         .count();
     Some(pb::Deployment {
         version: d.version,

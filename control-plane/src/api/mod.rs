@@ -474,25 +474,23 @@ fn invalid(err: spec::SpecError) -> Status {
     Status::invalid_argument(err.to_string())
 }
 
-#[tonic::async_trait]
-impl pb::control_server::Control for Api {
-    async fn create_service(
+impl Api {
+    /// A create or update request's spec, validated, with its published
+    /// port checked against every other service's (read after a barrier,
+    /// so a port published a moment ago elsewhere counts).
+    async fn checked_spec(
         &self,
-        request: Request<pb::CreateServiceRequest>,
-    ) -> Result<Response<pb::ServiceStatus>, Status> {
-        let spec = request
-            .into_inner()
-            .spec
-            .ok_or_else(|| Status::invalid_argument("invalid spec: missing"))?;
+        spec: Option<pb::ServiceSpec>,
+    ) -> Result<crate::state::ServiceSpec, Status> {
+        let spec = spec.ok_or_else(|| Status::invalid_argument("invalid spec: missing"))?;
         let spec = convert::spec_from_pb(spec).map_err(invalid)?;
-        let name = spec.name.clone();
         if let Some(publish) = spec.publish {
             self.barrier().await?;
             let state = self.consensus.state();
             let taken = state
                 .services
                 .values()
-                .find(|s| s.spec.publish == Some(publish) && s.spec.name != name);
+                .find(|s| s.spec.publish == Some(publish) && s.spec.name != spec.name);
             if let Some(other) = taken {
                 return Err(Status::already_exists(format!(
                     "invalid publish: port {publish} is already published by service \"{}\"; choose another --publish port",
@@ -500,6 +498,19 @@ impl pb::control_server::Control for Api {
                 )));
             }
         }
+        Ok(spec)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::control_server::Control for Api {
+    async fn create_service(
+        &self,
+        request: Request<pb::CreateServiceRequest>,
+    ) -> Result<Response<pb::ServiceStatus>, Status> {
+        let spec = request.into_inner().spec;
+        let spec = self.checked_spec(spec).await?;
+        let name = spec.name.clone();
         self.propose(Command::CreateService { spec }).await?;
         self.service_status(&name).await.map(Response::new)
     }
@@ -692,26 +703,9 @@ impl pb::control_server::Control for Api {
         &self,
         request: Request<pb::UpdateServiceRequest>,
     ) -> Result<Response<pb::ServiceStatus>, Status> {
-        let spec = request
-            .into_inner()
-            .spec
-            .ok_or_else(|| Status::invalid_argument("invalid spec: missing"))?;
-        let spec = convert::spec_from_pb(spec).map_err(invalid)?;
+        let spec = request.into_inner().spec;
+        let spec = self.checked_spec(spec).await?;
         let name = spec.name.clone();
-        if let Some(publish) = spec.publish {
-            self.barrier().await?;
-            let state = self.consensus.state();
-            let taken = state
-                .services
-                .values()
-                .find(|s| s.spec.publish == Some(publish) && s.spec.name != name);
-            if let Some(other) = taken {
-                return Err(Status::already_exists(format!(
-                    "invalid publish: port {publish} is already published by service \"{}\"; choose another --publish port",
-                    other.spec.name
-                )));
-            }
-        }
         self.propose(Command::UpdateService { spec }).await?;
         self.service_status(&name).await.map(Response::new)
     }

@@ -67,6 +67,18 @@ impl Service {
         self.history.iter().find(|r| r.version == version)
     }
 
+    /// The spec that runs `earlier` again (a rollback): only what runs
+    /// comes from it; the replica count and the policies stay the
+    /// operator's latest.
+    fn running_again(&self, earlier: &ServiceSpec) -> ServiceSpec {
+        ServiceSpec {
+            replicas: self.spec.replicas,
+            update: self.spec.update.clone(),
+            autoscale: self.spec.autoscale.clone(),
+            ..earlier.clone()
+        }
+    }
+
     fn set_outcome(&mut self, version: u64, outcome: &str, message: &str) {
         if let Some(record) = self.history.iter_mut().find(|r| r.version == version) {
             record.outcome = outcome.to_string();
@@ -1127,14 +1139,7 @@ impl State {
                 known.join(", ")
             ))
         })?;
-        // Only what runs comes from the old version: the replica count and
-        // the policies stay the operator's latest.
-        let spec = ServiceSpec {
-            replicas: service.spec.replicas,
-            update: service.spec.update.clone(),
-            autoscale: service.spec.autoscale.clone(),
-            ..record.spec.clone()
-        };
+        let spec = service.running_again(&record.spec);
         if spec.runs_same(&service.spec) {
             return Err(CommandError::Deployment(format!(
                 "version {target} runs the same as the current version {}; nothing to roll back",
@@ -1361,16 +1366,10 @@ impl State {
                 deployment.message = reason.clone();
                 let auto_rollback = deployment.policy.auto_rollback;
                 let stable = service.stable_version;
-                let target = service
+                let rollback = service
                     .version_record(stable)
                     .filter(|_| auto_rollback && stable != version)
-                    .map(|r| r.spec.clone());
-                let rollback = target.map(|stable_spec| ServiceSpec {
-                    replicas: service.spec.replicas,
-                    update: service.spec.update.clone(),
-                    autoscale: service.spec.autoscale.clone(),
-                    ..stable_spec
-                });
+                    .map(|r| service.running_again(&r.spec));
                 let outcome = match rollback {
                     Some(_) => format!("{reason}; rolled back to version {stable}"),
                     None => reason.clone(),

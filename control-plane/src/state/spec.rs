@@ -433,14 +433,54 @@ impl ServiceSpec {
     /// which change how many run and how they are replaced, not what runs.
     /// A replica whose spec runs the same as the service's needs no
     /// replacement.
+    ///
+    /// Field by field without copying (it runs per replica on the
+    /// scheduler's paths); the exhaustive pattern makes a new field a
+    /// compile error here until it is sorted into one group or the other.
     pub fn runs_same(&self, other: &ServiceSpec) -> bool {
-        let strip = |spec: &ServiceSpec| ServiceSpec {
-            replicas: 0,
-            update: Default::default(),
-            autoscale: None,
-            ..spec.clone()
-        };
-        strip(self) == strip(other)
+        let ServiceSpec {
+            name,
+            runtime,
+            replicas: _,
+            command,
+            env,
+            workdir,
+            image,
+            port,
+            memory_mb,
+            cpu_millis,
+            user,
+            network,
+            health,
+            init,
+            constraints,
+            max_per_node,
+            placement,
+            mode,
+            publish,
+            protocol,
+            update: _,
+            autoscale: _,
+        } = self;
+        *name == other.name
+            && *runtime == other.runtime
+            && *command == other.command
+            && *env == other.env
+            && *workdir == other.workdir
+            && *image == other.image
+            && *port == other.port
+            && *memory_mb == other.memory_mb
+            && *cpu_millis == other.cpu_millis
+            && *user == other.user
+            && *network == other.network
+            && *health == other.health
+            && *init == other.init
+            && *constraints == other.constraints
+            && *max_per_node == other.max_per_node
+            && *placement == other.placement
+            && *mode == other.mode
+            && *publish == other.publish
+            && *protocol == other.protocol
     }
 
     fn validate_publish(&self) -> Result<(), SpecError> {
