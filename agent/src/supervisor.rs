@@ -54,6 +54,9 @@ pub struct StatusUpdate {
     pub message: String,
 }
 
+/// Replica teardowns (runtime state, network, mounts) running at once.
+static TEARDOWNS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
 /// The shortest drain of a published replica (see `Supervisor::drain`):
 /// the control plane pushes endpoint changes to every agent's proxy within
 /// tens of milliseconds on a LAN, and a proxy that still dials the replica
@@ -481,6 +484,10 @@ impl<R: Runtime> Supervisor<R> {
     async fn finish(&mut self, message: String) {
         let dir = self.store.alloc_dir(&self.spec.alloc_id);
         let (runtime, spec) = (self.runtime.clone(), self.spec.clone());
+        // A few at a time: each teardown runs CNI plugins whose iptables
+        // calls wait on the host's xtables lock in 1 s steps, so twenty
+        // side by side stalled the next replicas' network setup by seconds.
+        let _turn = TEARDOWNS.acquire().await;
         let destroyed = tokio::task::spawn_blocking(move || runtime.destroy(&spec, &dir)).await;
         if let Err(e) = destroyed {
             tracing::warn!(alloc = %self.spec.alloc_id, error = %e, "destroying the replica failed");
