@@ -214,6 +214,55 @@ impl AgentCluster {
 }
 
 impl AgentCluster {
+    /// Ids of the containers agent `agent`'s OCI runtimes have state for.
+    fn container_ids(&self, agent: &Agent) -> Vec<String> {
+        ["runc", "crun"]
+            .iter()
+            .map(|runtime| self.dir.path().join(&agent.name).join("oci").join(runtime))
+            .filter_map(|root| fs::read_dir(root).ok())
+            .flat_map(|entries| entries.flatten())
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    }
+
+    /// While the agents still run: removes every service and waits
+    /// (bounded) until no container is left, so that each one is torn down
+    /// by its agent, CNI DEL included. A container only deleted by force
+    /// afterwards would leave its port-mapping rules behind, which then
+    /// catch a later test's replica on the same host port.
+    fn stop_containers(&self) {
+        if self.agents.iter().all(|a| self.container_ids(a).is_empty()) {
+            return;
+        }
+        for server in &self.servers {
+            let out = skiff_at(server, &["service", "ls", "--output", "json"]);
+            let Ok(Value::Array(services)) = serde_json::from_slice::<Value>(&out.stdout) else {
+                continue;
+            };
+            for service in services {
+                if let Some(name) = service["spec"]["name"].as_str() {
+                    let _ = skiff_at(server, &["service", "rm", name]);
+                }
+            }
+            break;
+        }
+        // A container's bundle goes last in its teardown, after CNI DEL.
+        wait_until(Duration::from_secs(30), POLL, || {
+            self.agents.iter().all(|a| self.bundles(a) == 0)
+        });
+    }
+
+    /// Container bundles under agent `agent`'s allocation directories.
+    fn bundles(&self, agent: &Agent) -> usize {
+        fs::read_dir(self.dir.path().join(&agent.name).join("allocs"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().join("bundle").is_dir())
+            .count()
+    }
+
     /// Deletes by force the containers the agents' OCI runtimes still
     /// know (after the agents are gone), their network namespaces and the
     /// mounts under the cluster's directory.
@@ -257,6 +306,7 @@ impl AgentCluster {
 
 impl Drop for AgentCluster {
     fn drop(&mut self) {
+        self.stop_containers();
         for i in 0..self.agents.len() {
             self.kill9(i);
         }
