@@ -63,9 +63,8 @@ install_missing() {
         read -r cmd pkg <<<"$need"
         command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
     done
-    # Tools that are not on PATH: the registry and the CNI plugins.
+    # Not on PATH: the registry.
     [ -x /usr/bin/docker-registry ] || missing+=(docker-registry)
-    [ -x /usr/lib/cni/bridge ] || missing+=(containernetworking-plugins)
     if [ "${#missing[@]}" -eq 0 ]; then
         echo "all needed tools present"
         return

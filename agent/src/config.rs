@@ -33,8 +33,6 @@ pub struct AgentConfig {
     /// Docker `config.json` with registry credentials; `None`:
     /// `~/.docker/config.json` if it exists.
     pub docker_config: Option<PathBuf>,
-    /// Where the CNI plugins are.
-    pub cni_plugin_dir: PathBuf,
     /// Static init bind-mounted into containers (`--init`).
     pub init_binary: PathBuf,
     /// Schedulable CPU in millicores, reported in `Register`; detected.
@@ -83,7 +81,6 @@ impl AgentConfig {
             oci_runtime: None,
             insecure_registries: Vec::new(),
             docker_config: None,
-            cni_plugin_dir: PathBuf::from("/usr/lib/cni"),
             init_binary: PathBuf::from("/usr/bin/tini-static"),
             cpu_millis: detect_cpu_millis(),
             memory_mb: detect_memory_mb(),

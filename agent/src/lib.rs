@@ -64,10 +64,11 @@ pub async fn run(
     };
     let mut oci_config = OciConfig::new(config.data_dir.join("oci"), store.alloc_dir(""));
     oci_config.runtime = config.oci_runtime.clone();
-    oci_config.cni.plugin_dir = config.cni_plugin_dir.clone();
     oci_config.init_binary = Some(config.init_binary.clone());
     oci_config.shim = runtime::oci::shim::binary();
     let oci = Arc::new(OciRuntime::new(oci_config, images::open_store(&config)));
+    let sweeper = oci.clone();
+    tokio::task::spawn_blocking(move || sweeper.sweep_network());
     let image_gc = config.image_gc_threshold_mb.map(|mb| {
         tokio::spawn(runtime::oci::gc_loop(
             oci.clone(),

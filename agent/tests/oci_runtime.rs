@@ -1,7 +1,6 @@
-//! The oci runtime against real runc (and crun where it can run), CNI
-//! plugins and overlayfs, on a busybox rootfs built here. Needs root and
-//! `runc crun tini containernetworking-plugins iptables iproute2
-//! busybox-static`; a test fails, naming the packages, where they are
+//! The oci runtime against real runc (and crun where it can run), the
+//! agent's bridge networking and overlayfs, on a busybox rootfs built here.
+//! Needs root and `runc crun tini iptables iproute2 busybox-static`; a test fails, naming the packages, where they are
 //! missing. Every container a test starts is destroyed by a drop guard, also
 //! when the test panics, so nothing (mount, netns, cgroup, NAT rule) leaks.
 
@@ -13,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use skiff_agent::runtime::oci::images::{is_mount_point, DirImages, ImageDefaults};
-use skiff_agent::runtime::oci::{cgroup, cni::CniNetwork, OciConfig, OciRuntime};
+use skiff_agent::runtime::oci::{bridge::BridgeNetwork, cgroup, OciConfig, OciRuntime};
 use skiff_agent::runtime::{Runtime, TaskHandle};
 use skiff_agent::spec::{Network, ReplicaSpec, RuntimeKind};
 
@@ -27,7 +26,8 @@ fn require_tools() {
     );
     let missing: Vec<&str> = [
         ("/usr/bin/busybox", "busybox-static"),
-        ("/usr/lib/cni/bridge", "containernetworking-plugins"),
+        ("/usr/sbin/iptables-restore", "iptables"),
+        ("/usr/bin/ip", "iproute2"),
         ("/usr/bin/tini-static", "tini"),
     ]
     .iter()
@@ -194,9 +194,24 @@ fn assert_nothing_left(f: &Fixture, runtime: &OciRuntime, spec: &ReplicaSpec) {
     let state = runtime.runc().unwrap().root().join(&spec.alloc_id);
     assert!(!state.exists(), "runtime state left: {}", state.display());
     assert!(
-        !CniNetwork::netns_path(&spec.alloc_id).exists(),
+        !BridgeNetwork::netns_path(&spec.alloc_id).exists(),
         "netns left"
     );
+    let nat = std::process::Command::new("iptables")
+        .args(["-t", "nat", "-S"])
+        .output()
+        .expect("iptables runs");
+    let nat = String::from_utf8_lossy(&nat.stdout);
+    let rules: Vec<&str> = nat.lines().filter(|l| l.contains(&spec.alloc_id)).collect();
+    assert!(rules.is_empty(), "NAT rules left: {rules:?}");
+    let leases: Vec<String> = fs::read_dir("/run/skiff/ipam")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| fs::read_to_string(e.path()).is_ok_and(|holder| holder == spec.alloc_id))
+        .map(|e| e.path().display().to_string())
+        .collect();
+    assert!(leases.is_empty(), "address leases left: {leases:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -348,4 +363,99 @@ async fn a_missing_runtime_fails_the_replica_with_the_install_hint() {
         .unwrap_err();
     assert!(err.to_string().contains("/nonexistent/runc"), "{err}");
     assert!(skiff_agent::runtime::oci::NO_RUNTIME.contains("apt-get install runc"));
+}
+
+/// NAT rules that mention `id`.
+fn nat_rules_of(id: &str) -> Vec<String> {
+    let nat = std::process::Command::new("iptables")
+        .args(["-t", "nat", "-S"])
+        .output()
+        .expect("iptables runs");
+    String::from_utf8_lossy(&nat.stdout)
+        .lines()
+        .filter(|l| l.contains(id))
+        .map(str::to_string)
+        .collect()
+}
+
+/// A container removed by force (runtime state and namespace deleted, no
+/// teardown) leaves its DNAT rule; a new container given the same host port
+/// must still answer on it, and the start-up sweep removes the leftover.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forced_removal_leaves_nothing_that_catches_the_next_replica_on_its_port() {
+    require_tools();
+    let f = Fixture::new();
+    let runtime = f.runtime("runc");
+    let gone = replica("forced", Network::Bridge);
+    let _cleanup_gone = Cleanup::new(&f, "runc", &gone);
+    runtime.prepare(&gone).await.unwrap();
+    let gone_dir = f.alloc_dir(&gone.alloc_id);
+    let _handle = runtime.start(&gone, &gone_dir).unwrap();
+    assert!(get(gone.host_port).contains("hello skiff"));
+    // What a forced clean-up does: the container and its namespace go, the
+    // agent's teardown never runs.
+    let root = runtime.runc().unwrap().root().to_path_buf();
+    let status = std::process::Command::new("runc")
+        .arg("--root")
+        .arg(&root)
+        .args(["delete", "--force", &gone.alloc_id])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let status = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "delete",
+            &BridgeNetwork::netns_name(&gone.alloc_id),
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(
+        !nat_rules_of(&gone.alloc_id).is_empty(),
+        "the leftover exists"
+    );
+
+    // The next replica on that host port answers (its mapping replaced the
+    // leftover one).
+    let mut next = replica("next", Network::Bridge);
+    next.host_port = gone.host_port;
+    let _cleanup_next = Cleanup::new(&f, "runc", &next);
+    let next_dir = f.alloc_dir(&next.alloc_id);
+    let mut handle = runtime.start(&next, &next_dir).unwrap();
+    assert!(get(next.host_port).contains("hello skiff"));
+    assert!(nat_rules_of(&gone.alloc_id).is_empty(), "replaced on start");
+    handle.stop(Duration::from_secs(5)).await;
+    runtime.destroy(&next, &next_dir);
+    assert_nothing_left(&f, &runtime, &next);
+
+    // A leftover on a port nobody took again goes with the sweep.
+    let lost = replica("lost", Network::Bridge);
+    let _cleanup_lost = Cleanup::new(&f, "runc", &lost);
+    let lost_dir = f.alloc_dir(&lost.alloc_id);
+    let _lost_handle = runtime.start(&lost, &lost_dir).unwrap();
+    let status = std::process::Command::new("runc")
+        .arg("--root")
+        .arg(&root)
+        .args(["delete", "--force", &lost.alloc_id])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let status = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "delete",
+            &BridgeNetwork::netns_name(&lost.alloc_id),
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(
+        !nat_rules_of(&lost.alloc_id).is_empty(),
+        "the leftover exists"
+    );
+    runtime.sweep_network();
+    assert!(nat_rules_of(&lost.alloc_id).is_empty(), "swept");
+    runtime.destroy(&gone, &gone_dir);
+    runtime.destroy(&lost, &lost_dir);
 }

@@ -228,7 +228,7 @@ impl AgentCluster {
 
     /// While the agents still run: removes every service and waits
     /// (bounded) until no container is left, so that each one is torn down
-    /// by its agent, CNI DEL included. A container only deleted by force
+    /// by its agent, network teardown included. A container only deleted by force
     /// afterwards would leave its port-mapping rules behind, which then
     /// catch a later test's replica on the same host port.
     fn stop_containers(&self) {
@@ -247,7 +247,7 @@ impl AgentCluster {
             }
             break;
         }
-        // A container's bundle goes last in its teardown, after CNI DEL.
+        // A container's bundle goes last in its teardown, after its network teardown.
         wait_until(Duration::from_secs(30), POLL, || {
             self.agents.iter().all(|a| self.bundles(a) == 0)
         });

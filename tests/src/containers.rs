@@ -34,9 +34,6 @@ const TOOLS: &[(&str, &str)] = &[
     ("/usr/sbin/runc", "runc"),
     ("/usr/bin/crun", "crun"),
     ("/usr/bin/tini-static", "tini"),
-    ("/usr/lib/cni/bridge", "containernetworking-plugins"),
-    ("/usr/lib/cni/host-local", "containernetworking-plugins"),
-    ("/usr/lib/cni/portmap", "containernetworking-plugins"),
     ("docker-registry", "docker-registry"),
     ("skopeo", "skopeo"),
     ("busybox", "busybox-static"),
@@ -540,7 +537,7 @@ pub fn leftovers(cluster: &OciDev, runtime: &str, id: &str) -> Vec<String> {
         Duration::from_secs(10),
     );
     if let Ok(out) = out {
-        let wanted = format!("id: \\\"{id}\\\"");
+        let wanted = format!("skiff-{id}");
         left.extend(
             String::from_utf8_lossy(&out.stdout)
                 .lines()

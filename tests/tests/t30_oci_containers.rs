@@ -3,7 +3,7 @@
 //! where it can run): bridge and host networking, memory limits, the image's user, surviving
 //! a SIGKILL of the agent, removal without leftovers.
 //!
-//! Needs root and `apt-get install runc crun tini containernetworking-plugins iptables iproute2
+//! Needs root and `apt-get install runc crun tini iptables iproute2
 //! docker-registry skopeo busybox-static zstd`; a missing tool fails the test with the package
 //! to install.
 

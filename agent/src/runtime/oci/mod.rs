@@ -12,8 +12,8 @@
 //! bundle `DATA/allocs/<id>/bundle/{config.json,rootfs,hosts,resolv.conf,
 //! skiff.json,exit.json}`; runtime state under `DATA/oci/<runtime>`.
 
+pub mod bridge;
 pub mod cgroup;
-pub mod cni;
 pub mod images;
 pub mod runc;
 pub mod shim;
@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use self::cni::{CniNetwork, PortMapping};
+use self::bridge::{BridgeNetwork, PortMapping};
 use self::images::{ImageDefaults, ImageSource};
 use self::runc::{find_in_path, Runc};
 use self::shim::{ShimConfig, ShimProcess};
@@ -53,7 +53,7 @@ pub struct OciConfig {
     pub state_dir: PathBuf,
     /// `DATA/allocs`: where [`Runtime::recover`] finds a container's bundle.
     pub allocs_dir: PathBuf,
-    pub cni: CniNetwork,
+    pub network: BridgeNetwork,
     /// Static init bind-mounted into containers; `None` or missing: no init.
     pub init_binary: Option<PathBuf>,
     /// The binary that runs `shim` (see [`shim::set_binary`]); `None`:
@@ -68,7 +68,7 @@ impl OciConfig {
             runtime: None,
             state_dir,
             allocs_dir,
-            cni: CniNetwork::default(),
+            network: BridgeNetwork::default(),
             init_binary: Some(PathBuf::from(DEFAULT_INIT)),
             shim: None,
         }
@@ -103,7 +103,8 @@ struct ContainerInfo {
     health: Option<HealthCheck>,
     probe_addr: Option<SocketAddr>,
     port: Option<(u16, u16)>,
-    cni_result: Option<serde_json::Value>,
+    /// The container's address on the node bridge.
+    ip: Option<std::net::Ipv4Addr>,
     /// The shim watching the container, if it was started through one.
     shim: Option<ShimProcess>,
 }
@@ -117,7 +118,7 @@ pub struct OciRuntime {
     /// re-adopted, by allocation id, until it is destroyed: what garbage
     /// collection must keep.
     leases: Arc<Mutex<HashMap<String, String>>>,
-    cni: CniNetwork,
+    network: BridgeNetwork,
     init: Option<PathBuf>,
     shim: Option<PathBuf>,
     allocs_dir: PathBuf,
@@ -150,10 +151,22 @@ impl OciRuntime {
             images,
             pulled: Mutex::new(HashMap::new()),
             leases: Arc::default(),
-            cni: config.cni,
+            network: config.network,
             init: config.init_binary.filter(|p| p.is_file()),
             shim: config.shim,
             allocs_dir: config.allocs_dir,
+        }
+    }
+
+    /// Removes the NAT rules and address leases of containers that went
+    /// without a teardown (see [`BridgeNetwork::sweep`]). Run once at start;
+    /// a failure only costs a warning.
+    pub fn sweep_network(&self) {
+        if self.runc.is_err() {
+            return;
+        }
+        if let Err(e) = self.network.sweep() {
+            tracing::warn!(error = %e, "failed to sweep the network leftovers of gone containers");
         }
     }
 
@@ -271,10 +284,10 @@ impl OciRuntime {
                 info.port = Some((spec.host_port, port));
                 // Recorded before ADD so a failed ADD is still undone.
                 write_info(&bundle, &info)?;
-                let (result, ip) = self.cni.add(&spec.alloc_id, mapping)?;
-                info.cni_result = Some(result);
+                let ip = self.network.add(&spec.alloc_id, mapping)?;
+                info.ip = Some(ip);
                 info.probe_addr = Some(SocketAddr::from((ip, port)));
-                (Some(CniNetwork::netns_path(&spec.alloc_id)), Some(ip))
+                (Some(BridgeNetwork::netns_path(&spec.alloc_id)), Some(ip))
             }
             Network::Host => {
                 info.probe_addr = Some(SocketAddr::from(([127, 0, 0, 1], port)));
@@ -557,14 +570,9 @@ impl OciRuntime {
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
-        let netns_exists = CniNetwork::netns_path(id).exists();
+        let netns_exists = BridgeNetwork::netns_path(id).exists();
         if info.port.is_some() || netns_exists {
-            let (host_port, container_port) = info.port.unwrap_or((spec.host_port, spec.host_port));
-            let mapping = PortMapping {
-                host_port,
-                container_port,
-            };
-            if let Err(e) = self.cni.del(id, mapping, info.cni_result.as_ref()) {
+            if let Err(e) = self.network.del(id) {
                 tracing::warn!(alloc = %id, error = %e, "failed to tear down container network");
             }
         }
