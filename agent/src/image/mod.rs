@@ -19,6 +19,7 @@
 mod config;
 mod error;
 mod gc;
+mod reference;
 mod registry;
 mod rootfs;
 mod store;

@@ -117,14 +117,10 @@ impl Registry {
 }
 
 /// Parses an image reference, Docker style (`busybox` is
-/// `docker.io/library/busybox:latest`).
+/// `docker.io/library/busybox:latest`), without `oci-spec`'s regex (see
+/// [`super::reference`]).
 pub(crate) fn parse_reference(reference: &str) -> Result<Reference, ImageError> {
-    reference
-        .parse::<Reference>()
-        .map_err(|e| ImageError::InvalidReference {
-            reference: reference.to_string(),
-            reason: e.to_string().to_lowercase(),
-        })
+    super::reference::parse(reference)
 }
 
 /// Turns an `oci-client` error into ours: unknown image, unauthorized,
