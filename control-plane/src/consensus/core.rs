@@ -221,10 +221,14 @@ impl<S: LogStore> Core<S> {
     }
 
     /// Proposes a command; its result comes back tagged `tag` from
-    /// `advance` once committed and applied.
+    /// `advance` once committed and applied here. On a follower raft-rs
+    /// forwards the proposal to the leader in the Raft message stream (as
+    /// etcd does), and the follower answers when it applies the entry; a
+    /// proposal lost on the way is never answered, so the caller gives up
+    /// on it after a while (see the driver).
     pub fn propose(&mut self, tag: u64, command: Command) -> Result<(), ProposeError> {
-        if !self.is_leader() {
-            return Err(self.not_leader());
+        if self.node.raft.leader_id == 0 {
+            return Err(ProposeError::NoLeader);
         }
         let data = serde_json::to_vec(&Proposal {
             origin: self.config.id,

