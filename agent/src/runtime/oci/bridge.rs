@@ -17,7 +17,7 @@ use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 const NETNS_DIR: &str = "/run/netns";
 /// Address leases, one file per address holding the container id. On a
@@ -60,8 +60,12 @@ pub struct PortMapping {
 
 /// Whether this process has set the bridge and the shared chains up.
 static HOST_READY: AtomicBool = AtomicBool::new(false);
-/// Where the next lease search starts, like host-local's last reserved IP.
-static NEXT_LEASE: AtomicU32 = AtomicU32::new(0);
+/// Where the next lease search starts, shared by the agents of the host
+/// like host-local's `last_reserved_ip`: addresses are handed out round
+/// robin, so a freed one is not given again at once. The host's neighbour
+/// cache may still hold the old container's MAC for it, and connections to
+/// the new one would stall for seconds until the entry is probed again.
+const LEASE_CURSOR: &str = "/run/skiff/ipam.next";
 
 impl BridgeNetwork {
     pub fn netns_name(container_id: &str) -> String {
@@ -116,8 +120,11 @@ impl BridgeNetwork {
         }
         let ip = self.lease(container_id)?;
         let veth = Self::host_veth(container_id);
+        // The flush forgets the MAC of a container that had the address
+        // before (see LEASE_CURSOR).
         let host_side = format!(
-            "link add {veth} type veth peer name eth0 netns {netns}\n\
+            "neigh flush to {ip} dev {bridge}\n\
+             link add {veth} type veth peer name eth0 netns {netns}\n\
              link set dev {veth} master {bridge} up\n\
              link set dev {veth} type bridge_slave hairpin on\n",
             bridge = self.bridge
@@ -260,7 +267,11 @@ impl BridgeNetwork {
         let size = 1u32 << (32 - u32::from(self.prefix));
         // Skip the network address, the gateway and broadcast.
         let usable = size.saturating_sub(3).max(1);
-        let start = NEXT_LEASE.load(Ordering::Relaxed);
+        let start = std::fs::read_to_string(LEASE_CURSOR)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .unwrap_or(0)
+            % usable;
         for i in 0..usable {
             let offset = 2 + (start + i) % usable;
             let ip = Ipv4Addr::from(base + offset);
@@ -273,7 +284,9 @@ impl BridgeNetwork {
                 Ok(mut file) => {
                     file.write_all(container_id.as_bytes())
                         .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-                    NEXT_LEASE.store((start + i + 1) % usable, Ordering::Relaxed);
+                    // Best effort: a lost update only means an earlier
+                    // start for the next search.
+                    let _ = std::fs::write(LEASE_CURSOR, ((start + i + 1) % usable).to_string());
                     return Ok(ip);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
