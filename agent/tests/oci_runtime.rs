@@ -378,6 +378,23 @@ fn nat_rules_of(id: &str) -> Vec<String> {
         .collect()
 }
 
+/// What a forced clean-up does: the container and its namespace go, the
+/// agent's teardown never runs.
+fn remove_by_force(runtime_root: &Path, id: &str) {
+    let status = std::process::Command::new("runc")
+        .arg("--root")
+        .arg(runtime_root)
+        .args(["delete", "--force", id])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let status = std::process::Command::new("ip")
+        .args(["netns", "delete", &BridgeNetwork::netns_name(id)])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
 /// A container removed by force (runtime state and namespace deleted, no
 /// teardown) leaves its DNAT rule; a new container given the same host port
 /// must still answer on it, and the start-up sweep removes the leftover.
@@ -392,25 +409,8 @@ async fn a_forced_removal_leaves_nothing_that_catches_the_next_replica_on_its_po
     let gone_dir = f.alloc_dir(&gone.alloc_id);
     let _handle = runtime.start(&gone, &gone_dir).unwrap();
     assert!(get(gone.host_port).contains("hello skiff"));
-    // What a forced clean-up does: the container and its namespace go, the
-    // agent's teardown never runs.
     let root = runtime.runc().unwrap().root().to_path_buf();
-    let status = std::process::Command::new("runc")
-        .arg("--root")
-        .arg(&root)
-        .args(["delete", "--force", &gone.alloc_id])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let status = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "delete",
-            &BridgeNetwork::netns_name(&gone.alloc_id),
-        ])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    remove_by_force(&root, &gone.alloc_id);
     assert!(
         !nat_rules_of(&gone.alloc_id).is_empty(),
         "the leftover exists"
@@ -434,22 +434,7 @@ async fn a_forced_removal_leaves_nothing_that_catches_the_next_replica_on_its_po
     let _cleanup_lost = Cleanup::new(&f, "runc", &lost);
     let lost_dir = f.alloc_dir(&lost.alloc_id);
     let _lost_handle = runtime.start(&lost, &lost_dir).unwrap();
-    let status = std::process::Command::new("runc")
-        .arg("--root")
-        .arg(&root)
-        .args(["delete", "--force", &lost.alloc_id])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let status = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "delete",
-            &BridgeNetwork::netns_name(&lost.alloc_id),
-        ])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    remove_by_force(&root, &lost.alloc_id);
     assert!(
         !nat_rules_of(&lost.alloc_id).is_empty(),
         "the leftover exists"
