@@ -12,6 +12,12 @@ use tracing_subscriber::EnvFilter;
 use args::{Cli, Command, LogFormat};
 
 fn main() -> std::process::ExitCode {
+    // The agent starts one shim per container: they skip building the whole
+    // CLI (clap's tree of every command, ~350 KB of heap and the pages of
+    // its code in each shim) and parse only their own flags.
+    if std::env::args_os().nth(1).is_some_and(|a| a == "shim") {
+        return shim(&parse_shim_args());
+    }
     let args = match config_file::expand(std::env::args_os().collect()) {
         Ok(args) => args,
         Err(err) => {
@@ -60,6 +66,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(command) => commands::bench::run(command).await,
         Command::Shim(_) => unreachable!("the shim runs without the async runtime"),
     }
+}
+
+fn parse_shim_args() -> args::ShimArgs {
+    use clap::{Args, FromArgMatches};
+    let command = args::ShimArgs::augment_args(clap::Command::new("skiff shim"));
+    let matches = command.get_matches_from(std::env::args_os().skip(1));
+    args::ShimArgs::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
 
 /// `skiff shim`: no logging, no async runtime, just the container's monitor.

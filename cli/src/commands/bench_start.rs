@@ -30,6 +30,50 @@ fn rss_mb(pid: u32) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// A field of `/proc/PID/smaps_rollup` (`Pss:`, `Rss:`) in MB.
+fn smaps_mb(pid: u32, field: &str) -> Option<f64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let kb: f64 = rollup
+        .lines()
+        .find_map(|l| l.strip_prefix(field))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+/// The `skiff shim` processes (one per container) of the agent whose data
+/// lives under `dir`: they monitor the containers for the agent, so their
+/// memory is part of what running containers with Skiff costs.
+fn shim_pids(dir: &std::path::Path) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let dir = dir.as_os_str().as_encoded_bytes();
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            let mut args = cmdline.split(|&b| b == 0);
+            args.nth(1) == Some(b"shim".as_slice()) && args.any(|a| a.starts_with(dir))
+        })
+        .collect()
+}
+
+/// Shim count, their PSS summed (pages shared with each other and the
+/// agent split among the sharers, so nothing is counted twice) and the mean
+/// RSS of one (which counts the shared pages in full).
+fn shims_mb(dir: &std::path::Path) -> (usize, f64, f64) {
+    let pids = shim_pids(dir);
+    let pss: f64 = pids.iter().filter_map(|&p| smaps_mb(p, "Pss:")).sum();
+    let rss: f64 = pids.iter().filter_map(|&p| smaps_mb(p, "Rss:")).sum();
+    (pids.len(), pss, rss / pids.len().max(1) as f64)
+}
+
 fn spec(name: &str, image: &str, replicas: u32) -> pb::ServiceSpec {
     pb::ServiceSpec {
         name: name.to_string(),
@@ -197,6 +241,7 @@ pub async fn run(args: BenchStartArgs) -> anyhow::Result<()> {
     // Let the health checks settle into their steady interval.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let busy = rss_mb(agent.child.id());
+    let (shims, shims_pss, shim_rss) = shims_mb(&agent.dir);
     let server_rss = cluster.pids().first().and_then(|&pid| rss_mb(pid));
     println!(
         "{} replicas healthy in {}; agent RSS {:.1} MB with them running ({:.1} MB idle); server RSS {:.1} MB",
@@ -205,6 +250,9 @@ pub async fn run(args: BenchStartArgs) -> anyhow::Result<()> {
         busy.unwrap_or(f64::NAN),
         idle.unwrap_or(f64::NAN),
         server_rss.unwrap_or(f64::NAN),
+    );
+    println!(
+        "{shims} container shims (own processes, children of the agent): PSS {shims_pss:.1} MB in all, RSS {shim_rss:.1} MB each"
     );
     remove(&mut client, &agent, "bench-rss").await?;
     drop(agent);
