@@ -1,8 +1,8 @@
-//! One conformance suite for every [`LogStore`]: the sled store used in
+//! One conformance suite for every [`LogStore`]: the disk store used in
 //! production and the in-memory one the simulation relies on must behave
 //! alike, or the simulation proves nothing about production.
 
-use raft::eraftpb::{Entry, HardState, Snapshot};
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, Storage, StorageError};
 
 use super::log_store::LogStore;
@@ -148,7 +148,7 @@ fn compaction_drops_entries_and_keeps_the_term<S: LogStore>(mut store: S) {
 mod tests {
     use super::super::mem::MemLog;
     use super::super::snapshot_file::SnapshotFile;
-    use super::super::storage::SledStorage;
+    use super::super::storage::DiskStorage;
     use super::*;
 
     #[test]
@@ -157,21 +157,95 @@ mod tests {
     }
 
     #[test]
-    fn the_sled_store_conforms_across_restarts() {
+    fn the_disk_store_conforms_across_restarts() {
         let dirs = std::cell::RefCell::new(Vec::new());
         let open = || {
             let dir = tempfile::tempdir().unwrap();
             let db = sled::open(dir.path().join("db")).unwrap();
             let snapshots = SnapshotFile::new(dir.path().join("snapshots"));
             dirs.borrow_mut().push((dir, db.clone()));
-            SledStorage::open(&db, snapshots).unwrap()
+            DiskStorage::open(&db, snapshots).unwrap()
         };
-        // Reopening reads everything back from the tree, as a restart does.
-        let reopen = |store: SledStorage| {
+        // Reopening reads everything back from the disk, as a restart does.
+        let reopen = |store: DiskStorage| {
             let (db, snapshots) = (store.db().clone(), store.snapshot_file().clone());
             drop(store);
-            SledStorage::open(&db, snapshots).unwrap()
+            DiskStorage::open(&db, snapshots).unwrap()
         };
         run_all(open, reopen);
+    }
+
+    #[test]
+    fn a_compacted_store_reopens_with_the_entries_after_the_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path().join("db")).unwrap();
+        let snapshots = SnapshotFile::new(dir.path().join("snapshots"));
+        let mut store = DiskStorage::open(&db, snapshots.clone()).unwrap();
+        let all: Vec<Entry> = (1..=6).map(|i| entry(i, 1)).collect();
+        store.persist(&all[..4], None).unwrap();
+        store
+            .set_conf_state(ConfState {
+                voters: vec![1],
+                ..Default::default()
+            })
+            .unwrap();
+        store.compact(snapshot_at(3, 1, vec![1])).unwrap();
+        store.persist(&all[4..], None).unwrap();
+        store.persist_commit(5).unwrap();
+        drop(store);
+        let store = DiskStorage::open(&db, snapshots).unwrap();
+        assert_eq!(
+            (store.first_index().unwrap(), store.last_index().unwrap()),
+            (4, 6)
+        );
+        assert_eq!(entries(&store, 4, 7).unwrap(), all[3..].to_vec());
+        assert_eq!(store.term(3).unwrap(), 1);
+        assert_eq!(store.initial_state().unwrap().conf_state.voters, vec![1]);
+    }
+
+    #[test]
+    fn a_log_kept_in_sled_by_an_older_version_is_moved_to_the_wal() {
+        use protobuf::Message as _;
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path().join("db")).unwrap();
+        let snapshots = SnapshotFile::new(dir.path().join("snapshots"));
+        let snapshot = snapshot_at(2, 1, vec![1]);
+        snapshots.write(&snapshot).unwrap();
+        let (log, meta) = (
+            db.open_tree("raft_log").unwrap(),
+            db.open_tree("raft_meta").unwrap(),
+        );
+        let hs = HardState {
+            term: 3,
+            vote: 1,
+            commit: 4,
+            ..Default::default()
+        };
+        meta.insert("hard_state", hs.write_to_bytes().unwrap())
+            .unwrap();
+        meta.insert(
+            "snapshot_meta",
+            snapshot.get_metadata().write_to_bytes().unwrap(),
+        )
+        .unwrap();
+        for index in 3..=5 {
+            let mut key = b"log/".to_vec();
+            key.extend_from_slice(&u64::to_be_bytes(index));
+            log.insert(key, entry(index, 3).write_to_bytes().unwrap())
+                .unwrap();
+        }
+        let store = DiskStorage::open(&db, snapshots.clone()).unwrap();
+        assert_eq!(
+            (store.first_index().unwrap(), store.last_index().unwrap()),
+            (3, 5)
+        );
+        assert_eq!(store.initial_state().unwrap().hard_state, hs);
+        assert!(log.is_empty(), "the moved log is removed from sled");
+        drop(store);
+        let store = DiskStorage::open(&db, snapshots).unwrap();
+        assert_eq!(
+            entries(&store, 3, 6).unwrap(),
+            vec![entry(3, 3), entry(4, 3), entry(5, 3)]
+        );
     }
 }

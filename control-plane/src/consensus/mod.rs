@@ -1,5 +1,5 @@
 //! Consensus: one thread drives the [`Core`] (raft-rs `RawNode` over
-//! [`SledStorage`]) and everything else talks to it through its inbox.
+//! [`DiskStorage`]) and everything else talks to it through its inbox.
 //!
 //! The thread handles whatever arrived (ticks every 100 ms, peer messages,
 //! proposals, reads, membership changes), then one `Ready` with a single
@@ -17,6 +17,7 @@ pub mod mem;
 pub mod snapshot_file;
 pub mod storage;
 pub mod transport;
+mod wal;
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -32,7 +33,7 @@ use self::core::{Core, CoreConfig, CoreError, Reply};
 use crate::metrics::Metrics;
 use crate::state::{Command, CommandError, Outcome, State};
 pub use log_store::{bootstrap, LogStore, StorageFailure};
-pub use storage::SledStorage;
+pub use storage::{DiskStorage, SledStorage};
 pub use transport::Transport;
 
 /// How long a call waits for a leader (during an election) before it

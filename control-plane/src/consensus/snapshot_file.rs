@@ -29,6 +29,10 @@ impl SnapshotFile {
         SnapshotFile { dir: dir.into() }
     }
 
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
     fn path(&self, index: u64) -> PathBuf {
         self.dir.join(format!("snapshot-{index:020}.pb"))
     }
