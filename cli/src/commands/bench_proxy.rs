@@ -30,12 +30,63 @@ struct Figures {
     elapsed: Duration,
     p50: Duration,
     p99: Duration,
+    /// CPU time the clients', the replica's and the proxy's threads spent
+    /// during the measured window.
+    cpu: CpuByRole,
 }
 
 impl Figures {
     fn rate(&self) -> f64 {
         self.requests as f64 / self.elapsed.as_secs_f64()
     }
+
+    /// CPU microseconds per request of the threads named `role`.
+    fn cpu_per_request(&self, role: &str) -> f64 {
+        let cpu = self.cpu.get(role).copied().unwrap_or_default();
+        micros(cpu) / self.requests.max(1) as f64
+    }
+}
+
+/// CPU time by thread name (the runtimes' `bench-*` names).
+type CpuByRole = std::collections::BTreeMap<String, Duration>;
+
+/// The CPU time each `bench-*` thread of this process has used so far,
+/// summed by thread name, from `/proc/self/task/*/schedstat` (nanoseconds
+/// on the CPU). Threads that end between two samples are not counted; the
+/// bench's threads live through the whole run.
+fn cpu_by_role() -> CpuByRole {
+    let mut by_role = CpuByRole::new();
+    for task in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let path = task.path();
+        let Ok(name) = std::fs::read_to_string(path.join("comm")) else {
+            continue;
+        };
+        let name = name.trim();
+        if !name.starts_with("bench-") {
+            continue;
+        }
+        let ns = std::fs::read_to_string(path.join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0);
+        *by_role.entry(name.to_string()).or_default() += Duration::from_nanos(ns);
+    }
+    by_role
+}
+
+/// What each role used between two [`cpu_by_role`] samples.
+fn cpu_since(before: &CpuByRole, after: &CpuByRole) -> CpuByRole {
+    after
+        .iter()
+        .map(|(role, t)| {
+            let was = before.get(role).copied().unwrap_or_default();
+            (role.clone(), t.saturating_sub(was))
+        })
+        .collect()
 }
 
 pub async fn run(args: BenchProxyArgs) -> anyhow::Result<()> {
@@ -113,6 +164,31 @@ fn run_blocking(args: BenchProxyArgs) -> anyhow::Result<()> {
         micros(proxied.p99) - micros(direct.p99),
         micros(proxied.p99) / micros(direct.p99).max(f64::EPSILON),
     );
+    // Where the CPU goes: with every core busy, a request through the proxy
+    // costs the client's, the replica's and the proxy's CPU, so the
+    // throughput ratio cannot exceed (client + replica) / (client +
+    // replica + proxy), whatever the proxy's latency.
+    let cpu_row = |name: &str, f: &Figures| {
+        println!(
+            "{name:<14} CPU per request: client {:.1} µs, replica {:.1} µs, proxy {:.1} µs",
+            f.cpu_per_request("bench-client"),
+            f.cpu_per_request("bench-replica"),
+            f.cpu_per_request("bench-proxy"),
+        );
+    };
+    cpu_row("direct", &direct);
+    cpu_row("through proxy", &proxied);
+    let (client_cpu, replica_cpu, proxy_cpu) = (
+        proxied.cpu_per_request("bench-client"),
+        proxied.cpu_per_request("bench-replica"),
+        proxied.cpu_per_request("bench-proxy"),
+    );
+    if client_cpu + replica_cpu + proxy_cpu > 0.0 {
+        println!(
+            "CPU bound      {:>9.1} % of direct throughput when all cores are busy ((client + replica) / (client + replica + proxy))",
+            100.0 * (client_cpu + replica_cpu) / (client_cpu + replica_cpu + proxy_cpu)
+        );
+    }
     let proxy_seen = metrics.samples();
     if let Some(s) = proxy_seen.first() {
         println!(
@@ -215,8 +291,10 @@ async fn load_on(
     tokio::time::sleep(warmup).await;
     measuring.store(true, Ordering::Relaxed);
     let started = Instant::now();
+    let cpu_before = cpu_by_role();
     tokio::time::sleep(duration).await;
     measuring.store(false, Ordering::Relaxed);
+    let cpu = cpu_since(&cpu_before, &cpu_by_role());
     let elapsed = started.elapsed();
     stop.store(true, Ordering::Relaxed);
     let mut all = Vec::new();
@@ -237,5 +315,6 @@ async fn load_on(
         elapsed,
         p50: pct(0.50),
         p99: pct(0.99),
+        cpu,
     })
 }
