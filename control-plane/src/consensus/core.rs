@@ -12,7 +12,7 @@ use std::sync::{Arc, RwLock};
 
 use protobuf::Message as _;
 use raft::eraftpb::{
-    ConfChange, ConfChangeType, Entry, EntryType, Message, Snapshot, SnapshotMetadata,
+    ConfChange, ConfChangeType, Entry, EntryType, Message, MessageType, Snapshot, SnapshotMetadata,
 };
 use raft::{RawNode, StateRole};
 use serde::{Deserialize, Serialize};
@@ -221,24 +221,46 @@ impl<S: LogStore> Core<S> {
     }
 
     /// Proposes a command; its result comes back tagged `tag` from
-    /// `advance` once committed and applied here. On a follower raft-rs
-    /// forwards the proposal to the leader in the Raft message stream (as
-    /// etcd does), and the follower answers when it applies the entry; a
-    /// proposal lost on the way is never answered, so the caller gives up
-    /// on it after a while (see the driver).
+    /// `advance` once committed and applied here.
     pub fn propose(&mut self, tag: u64, command: Command) -> Result<(), ProposeError> {
+        self.propose_all(vec![(tag, command)])
+    }
+
+    /// Proposes commands together: one append on the leader and one
+    /// message to each follower for the lot (raft-rs' `RawNode::propose`
+    /// takes one entry, and its leader sends every follower a message per
+    /// proposal). Each result comes back tagged from `advance` once
+    /// committed and applied here. On a follower raft-rs forwards the
+    /// proposal to the leader in the Raft message stream (as etcd does),
+    /// and the follower answers when it applies the entries; a proposal
+    /// lost on the way is never answered, so the caller gives up on it
+    /// after a while (see the driver). Either every command is proposed or
+    /// none is.
+    pub fn propose_all(&mut self, commands: Vec<(u64, Command)>) -> Result<(), ProposeError> {
         if self.node.raft.leader_id == 0 {
             return Err(ProposeError::NoLeader);
         }
-        let data = serde_json::to_vec(&Proposal {
-            origin: self.config.id,
-            tag,
-            command,
-        })
-        .expect("commands always serialize");
-        self.node
-            .propose(vec![], data)
-            .map_err(|_| ProposeError::NoLeader)
+        let origin = self.config.id;
+        let entries: Vec<Entry> = commands
+            .into_iter()
+            .map(|(tag, command)| {
+                let data = serde_json::to_vec(&Proposal {
+                    origin,
+                    tag,
+                    command,
+                })
+                .expect("commands always serialize");
+                Entry {
+                    data: data.into(),
+                    ..Default::default()
+                }
+            })
+            .collect();
+        let mut message = Message::default();
+        message.set_msg_type(MessageType::MsgPropose);
+        message.from = origin;
+        message.set_entries(entries.into());
+        self.node.step(message).map_err(|_| ProposeError::NoLeader)
     }
 
     /// Adds a server. A server of the same name and address that is
@@ -591,5 +613,99 @@ impl<S: LogStore> Core<S> {
             "snapshot taken, log compacted"
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::consensus::mem::MemLog;
+
+    /// Three cores over in-memory logs, all voters from index 1.
+    fn cluster() -> Vec<Core<MemLog>> {
+        let mut state = State::default();
+        for id in 1..=3 {
+            let member = Member {
+                id,
+                name: format!("s{id}"),
+                address: format!("test:{id}"),
+            };
+            state.members.insert(id, member);
+        }
+        let mut snapshot = Snapshot {
+            data: state.to_image().into(),
+            ..Default::default()
+        };
+        snapshot.mut_metadata().index = 1;
+        snapshot.mut_metadata().term = 1;
+        snapshot.mut_metadata().mut_conf_state().voters = vec![1, 2, 3];
+        let logger = super::super::logger::raft_logger();
+        (1..=3)
+            .map(|id| {
+                let mut log = MemLog::new();
+                log.apply_snapshot(&snapshot).unwrap();
+                let config = CoreConfig {
+                    id,
+                    election_ticks: 10,
+                    heartbeat_ticks: 2,
+                    snapshot_every: 1000,
+                };
+                Core::new(config, log, &logger).unwrap()
+            })
+            .collect()
+    }
+
+    /// Runs Readies and delivers messages until nothing moves; returns the
+    /// replies each core gave.
+    fn settle(cores: &mut [Core<MemLog>]) -> Vec<Vec<(u64, Reply)>> {
+        let mut replies: Vec<Vec<(u64, Reply)>> = cores.iter().map(|_| Vec::new()).collect();
+        for _ in 0..100 {
+            let mut messages = Vec::new();
+            for (index, core) in cores.iter_mut().enumerate() {
+                let output = core.advance(&mut |m| messages.extend(m)).unwrap();
+                replies[index].extend(output.replies);
+            }
+            if messages.is_empty() {
+                break;
+            }
+            for message in messages {
+                cores[(message.to - 1) as usize].step(message);
+            }
+        }
+        replies
+    }
+
+    fn put(key: &str) -> Command {
+        Command::PutVariable {
+            key: key.into(),
+            value: "v".into(),
+        }
+    }
+
+    #[test]
+    fn a_follower_proposes_through_the_leader_and_answers_once_it_applied() {
+        let mut cores = cluster();
+        cores[0].campaign().unwrap();
+        settle(&mut cores);
+        assert!(cores[0].is_leader());
+        cores[1]
+            .propose_all(vec![(7, put("a")), (8, put("b"))])
+            .unwrap();
+        let replies = settle(&mut cores);
+        let tags: Vec<u64> = replies[1].iter().map(|(tag, _)| *tag).collect();
+        assert_eq!(tags, vec![7, 8], "the proposing follower answers both");
+        assert!(replies[0].is_empty() && replies[2].is_empty());
+        assert!(matches!(replies[1][0].1, Reply::Command(Ok(_))));
+        for core in &cores {
+            let state = core.state();
+            let state = state.read().unwrap();
+            assert!(state.variables.contains_key("a") && state.variables.contains_key("b"));
+        }
+    }
+
+    #[test]
+    fn a_proposal_without_a_leader_is_refused_at_once() {
+        let mut cores = cluster();
+        assert_eq!(cores[1].propose(1, put("a")), Err(ProposeError::NoLeader));
     }
 }

@@ -312,6 +312,7 @@ pub fn start<S: LogStore + Send + 'static>(
         metrics,
         started: HashMap::new(),
         forwarded: HashMap::new(),
+        queued: Vec::new(),
         snapshot_jobs,
         failure: None,
     };
@@ -322,8 +323,10 @@ pub fn start<S: LogStore + Send + 'static>(
     Ok((handle, thread))
 }
 
+type ResponseSender = oneshot::Sender<Result<Response, ProposeError>>;
+
 enum Waiter {
-    Request(oneshot::Sender<Result<Response, ProposeError>>),
+    Request(ResponseSender),
     Read(oneshot::Sender<Result<(), ProposeError>>),
 }
 
@@ -341,6 +344,8 @@ struct Driver<S: LogStore> {
     /// applied here, or given up on after [`FORWARDED_PATIENCE`] or when
     /// the leader changes.
     forwarded: HashMap<u64, Instant>,
+    /// Commands received in this turn, proposed together before the Ready.
+    queued: Vec<(u64, Command, ResponseSender)>,
     snapshot_jobs: Option<std_mpsc::Sender<core::SnapshotJob>>,
     /// A storage failure met while handling the inbox; stops the thread.
     failure: Option<CoreError>,
@@ -366,6 +371,7 @@ impl<S: LogStore> Driver<S> {
                 Err(std_mpsc::RecvTimeoutError::Timeout) => {}
                 Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
             }
+            self.propose_queued();
             if Instant::now() >= next_tick {
                 self.core.tick();
                 self.expire_forwarded();
@@ -406,11 +412,8 @@ impl<S: LogStore> Driver<S> {
                 let tag = self.tag();
                 let result = match request {
                     Request::Command(command) => {
-                        let result = self.core.propose(tag, *command);
-                        if result.is_ok() && !self.core.is_leader() {
-                            self.forwarded.insert(tag, Instant::now());
-                        }
-                        result
+                        self.queued.push((tag, *command, reply));
+                        return;
                     }
                     Request::AddMember { name, address } => {
                         match self.core.add_member(tag, name, address) {
@@ -452,6 +455,39 @@ impl<S: LogStore> Driver<S> {
                 }
             }
             Inbox::Shutdown => {}
+        }
+    }
+
+    /// Proposes the commands that arrived in this turn as one batch.
+    fn propose_queued(&mut self) {
+        if self.queued.is_empty() {
+            return;
+        }
+        let mut commands = Vec::with_capacity(self.queued.len());
+        let mut replies = Vec::with_capacity(self.queued.len());
+        for (tag, command, reply) in self.queued.drain(..) {
+            commands.push((tag, command));
+            replies.push((tag, reply));
+        }
+        let result = self.core.propose_all(commands);
+        let (now, following) = (Instant::now(), !self.core.is_leader());
+        for (tag, reply) in replies {
+            match &result {
+                Ok(()) => {
+                    self.metrics.proposals.fetch_add(1, Ordering::Relaxed);
+                    self.started.insert(tag, now);
+                    if following {
+                        self.forwarded.insert(tag, now);
+                    }
+                    self.waiters.insert(tag, Waiter::Request(reply));
+                }
+                Err(err) => {
+                    self.metrics
+                        .proposals_failed
+                        .fetch_add(1, Ordering::Relaxed);
+                    let _ = reply.send(Err(err.clone()));
+                }
+            }
         }
     }
 
