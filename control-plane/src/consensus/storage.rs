@@ -96,7 +96,9 @@ impl Log {
             std::mem::take(&mut self.entries)
         } else {
             let covered = metadata.index.saturating_sub(self.snapshot_meta.index) as usize;
-            self.entries.drain(..covered).collect()
+            // Moves the few entries kept, not the many dropped.
+            let kept = self.entries.split_off(covered);
+            std::mem::replace(&mut self.entries, kept)
         };
         if installed {
             self.conf_state = metadata.get_conf_state().clone();
