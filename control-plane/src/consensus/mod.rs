@@ -109,6 +109,9 @@ pub(crate) enum Inbox {
     Request {
         request: Request,
         reply: oneshot::Sender<Result<Response, ProposeError>>,
+        /// Refused unless this server leads (else a command is forwarded
+        /// to the leader through Raft).
+        leader_only: bool,
     },
     Read {
         reply: oneshot::Sender<Result<(), ProposeError>>,
@@ -182,7 +185,7 @@ impl Consensus {
         loop {
             let leader = status.borrow_and_update().leader_id;
             let result = if leader == self.id || (local && leader != 0) {
-                self.request_local(request.clone()).await
+                self.send_request(request.clone(), !local).await
             } else if leader != 0 {
                 self.transport.forward(leader, &request).await
             } else {
@@ -200,11 +203,24 @@ impl Consensus {
         }
     }
 
-    /// Runs `request` on this server, which must be the leader.
+    /// Runs `request` on this server, which must be the leader (else
+    /// `NotLeader`, and nothing is proposed).
     pub async fn request_local(&self, request: Request) -> Result<Response, ProposeError> {
+        self.send_request(request, true).await
+    }
+
+    async fn send_request(
+        &self,
+        request: Request,
+        leader_only: bool,
+    ) -> Result<Response, ProposeError> {
         let (reply, answer) = oneshot::channel();
         self.inbox
-            .send(Inbox::Request { request, reply })
+            .send(Inbox::Request {
+                request,
+                reply,
+                leader_only,
+            })
             .map_err(|_| ProposeError::Stopped)?;
         answer.await.map_err(|_| ProposeError::Stopped)?
     }
@@ -325,6 +341,14 @@ pub fn start<S: LogStore + Send + 'static>(
 
 type ResponseSender = oneshot::Sender<Result<Response, ProposeError>>;
 
+/// A command waiting for the end of the turn to be proposed.
+struct Queued {
+    tag: u64,
+    command: Command,
+    reply: ResponseSender,
+    leader_only: bool,
+}
+
 enum Waiter {
     Request(ResponseSender),
     Read(oneshot::Sender<Result<(), ProposeError>>),
@@ -345,7 +369,7 @@ struct Driver<S: LogStore> {
     /// the leader changes.
     forwarded: HashMap<u64, Instant>,
     /// Commands received in this turn, proposed together before the Ready.
-    queued: Vec<(u64, Command, ResponseSender)>,
+    queued: Vec<Queued>,
     snapshot_jobs: Option<std_mpsc::Sender<core::SnapshotJob>>,
     /// A storage failure met while handling the inbox; stops the thread.
     failure: Option<CoreError>,
@@ -408,11 +432,24 @@ impl<S: LogStore> Driver<S> {
 
     fn handle(&mut self, message: Inbox) {
         match message {
-            Inbox::Request { request, reply } => {
+            Inbox::Request {
+                request,
+                reply,
+                leader_only,
+            } => {
+                if leader_only && !self.core.is_leader() {
+                    let _ = reply.send(Err(self.core.not_leader()));
+                    return;
+                }
                 let tag = self.tag();
                 let result = match request {
                     Request::Command(command) => {
-                        self.queued.push((tag, *command, reply));
+                        self.queued.push(Queued {
+                            tag,
+                            command: *command,
+                            reply,
+                            leader_only,
+                        });
                         return;
                     }
                     Request::AddMember { name, address } => {
@@ -465,9 +502,18 @@ impl<S: LogStore> Driver<S> {
         }
         let mut commands = Vec::with_capacity(self.queued.len());
         let mut replies = Vec::with_capacity(self.queued.len());
-        for (tag, command, reply) in self.queued.drain(..) {
-            commands.push((tag, command));
-            replies.push((tag, reply));
+        let leading = self.core.is_leader();
+        for queued in std::mem::take(&mut self.queued) {
+            if queued.leader_only && !leading {
+                // Leadership moved while the inbox was read.
+                let _ = queued.reply.send(Err(self.core.not_leader()));
+                continue;
+            }
+            commands.push((queued.tag, queued.command));
+            replies.push((queued.tag, queued.reply));
+        }
+        if commands.is_empty() {
+            return;
         }
         let result = self.core.propose_all(commands);
         let (now, following) = (Instant::now(), !self.core.is_leader());
