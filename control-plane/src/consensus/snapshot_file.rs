@@ -84,21 +84,47 @@ impl SnapshotFile {
         Ok(())
     }
 
-    /// Removes every snapshot file but the one at `keep` (best effort).
+    /// Removes the snapshot files older than `keep` (best effort). Newer
+    /// ones are left alone: one may be being written while this runs.
     pub fn prune(&self, keep: u64) {
         let Ok(entries) = fs::read_dir(&self.dir) else {
             return;
         };
-        let keep = self.path(keep);
         for entry in entries.flatten() {
             let path = entry.path();
-            let ours = path
+            let index = path
                 .file_name()
                 .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("snapshot-"));
-            if ours && path != keep {
+                .and_then(|n| n.strip_prefix("snapshot-"))
+                .and_then(|n| n.split('.').next())
+                .and_then(|n| n.parse::<u64>().ok());
+            if index.is_some_and(|index| index < keep) {
                 let _ = fs::remove_file(path);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(index: u64) -> Snapshot {
+        let mut snapshot = Snapshot::default();
+        snapshot.mut_metadata().index = index;
+        snapshot
+    }
+
+    #[test]
+    fn pruning_keeps_the_current_snapshot_and_newer_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = SnapshotFile::new(dir.path());
+        for index in [3, 7, 9] {
+            file.write(&at(index)).unwrap();
+        }
+        file.prune(7);
+        assert!(file.read(3).is_err());
+        assert_eq!(file.read(7).unwrap().get_metadata().index, 7);
+        assert_eq!(file.read(9).unwrap().get_metadata().index, 9);
     }
 }

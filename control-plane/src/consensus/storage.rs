@@ -364,9 +364,11 @@ impl LogStore for DiskStorage {
         let index = meta.index;
         drop_later(self.log.start_after(meta, false));
         // The new segment names the new snapshot: older snapshot files go
-        // only once it is durable.
+        // only once it is durable (and off this thread: removing tens of
+        // megabytes takes milliseconds).
         self.rewrite()?;
-        self.snapshot_file.prune(index);
+        let snapshot_file = self.snapshot_file.clone();
+        std::thread::spawn(move || snapshot_file.prune(index));
         Ok(())
     }
 }

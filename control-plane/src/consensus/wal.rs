@@ -159,9 +159,12 @@ impl Wal {
         sync_dir(dir)?;
         drop(file);
         if let Some(previous) = previous {
+            // Removing a file of tens of megabytes takes milliseconds; the
+            // consensus thread need not wait (a segment left by a crash is
+            // removed when the log is next opened).
             let old = segment_path(dir, previous.seq);
             drop(previous);
-            let _ = fs::remove_file(old);
+            std::thread::spawn(move || fs::remove_file(old));
         }
         let file = OpenOptions::new()
             .append(true)
@@ -368,11 +371,19 @@ mod tests {
         })
         .unwrap();
         drop(wal);
-        let names: Vec<_> = fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        assert_eq!(names, vec!["wal-0000000000000002.log".to_string()]);
+        let names = || -> Vec<String> {
+            fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect()
+        };
+        for _ in 0..100 {
+            if names().len() == 1 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(names(), vec!["wal-0000000000000002.log".to_string()]);
         let (_, records) = Wal::open(dir.path()).unwrap().unwrap();
         assert_eq!(records, vec![Record::Entries(vec![entry(5, 3)])]);
     }
