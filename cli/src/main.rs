@@ -70,7 +70,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
 
 fn parse_shim_args() -> args::ShimArgs {
     use clap::{Args, FromArgMatches};
-    let command = args::ShimArgs::augment_args(clap::Command::new("skiff shim"));
+    let command = args::ShimArgs::augment_args(clap::Command::new("shim").bin_name("skiff shim"));
     let matches = command.get_matches_from(std::env::args_os().skip(1));
     args::ShimArgs::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
