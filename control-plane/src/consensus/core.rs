@@ -162,6 +162,11 @@ impl<S: LogStore> Core<S> {
         self.config.id
     }
 
+    /// The leader this server knows of; 0 when it knows none.
+    pub fn leader_id(&self) -> u64 {
+        self.node.raft.leader_id
+    }
+
     pub fn is_leader(&self) -> bool {
         self.node.raft.state == StateRole::Leader
     }

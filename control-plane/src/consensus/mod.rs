@@ -5,8 +5,9 @@
 //! proposals, reads, membership changes), then one `Ready` with a single
 //! fsync, so throughput comes from batching rather than skipping fsync.
 //! A proposal is answered only after its entry is committed and applied.
-//! Writes reaching a follower are forwarded to the leader; reads wait for a
-//! ReadIndex so they are linearizable on any server.
+//! Commands reaching a follower are proposed there and forwarded to the
+//! leader by Raft, membership changes by a call to the leader; reads wait
+//! for a ReadIndex so they are linearizable on any server.
 
 #[cfg(test)]
 mod conformance;
@@ -364,10 +365,10 @@ struct Driver<S: LogStore> {
     metrics: Arc<Metrics>,
     /// When each waiting proposal reached this server, for the histogram.
     started: HashMap<u64, Instant>,
-    /// Commands proposed while following, by tag, with when: answered when
-    /// applied here, or given up on after [`FORWARDED_PATIENCE`] or when
-    /// the leader changes.
-    forwarded: HashMap<u64, Instant>,
+    /// Commands proposed while following, by tag, with when and to which
+    /// leader: answered when applied here, or given up on after
+    /// [`FORWARDED_PATIENCE`] or when that leader is no longer the leader.
+    forwarded: HashMap<u64, (Instant, u64)>,
     /// Commands received in this turn, proposed together before the Ready.
     queued: Vec<Queued>,
     snapshot_jobs: Option<std_mpsc::Sender<core::SnapshotJob>>,
@@ -517,13 +518,14 @@ impl<S: LogStore> Driver<S> {
         }
         let result = self.core.propose_all(commands);
         let (now, following) = (Instant::now(), !self.core.is_leader());
+        let leader = self.core.leader_id();
         for (tag, reply) in replies {
             match &result {
                 Ok(()) => {
                     self.metrics.proposals.fetch_add(1, Ordering::Relaxed);
                     self.started.insert(tag, now);
                     if following {
-                        self.forwarded.insert(tag, now);
+                        self.forwarded.insert(tag, (now, leader));
                     }
                     self.waiters.insert(tag, Waiter::Request(reply));
                 }
@@ -573,7 +575,7 @@ impl<S: LogStore> Driver<S> {
         let expired: Vec<u64> = self
             .forwarded
             .iter()
-            .filter(|(_, at)| at.elapsed() >= FORWARDED_PATIENCE)
+            .filter(|(_, (at, _))| at.elapsed() >= FORWARDED_PATIENCE)
             .map(|(tag, _)| *tag)
             .collect();
         for tag in expired {
@@ -618,8 +620,13 @@ impl<S: LogStore> Driver<S> {
             // Entries proposed by a deposed leader may or may not commit.
             self.fail_all(ProposeError::Unknown);
         } else if status.leader_id != previous.leader_id && !self.forwarded.is_empty() {
-            // So may commands forwarded to the previous leader.
-            let tags: Vec<u64> = self.forwarded.keys().copied().collect();
+            // So may commands forwarded to a previous leader.
+            let tags: Vec<u64> = self
+                .forwarded
+                .iter()
+                .filter(|(_, (_, leader))| *leader != status.leader_id)
+                .map(|(tag, _)| *tag)
+                .collect();
             for tag in tags {
                 self.fail_forwarded(tag);
             }

@@ -150,7 +150,7 @@ impl DiskStorage {
         Self::open_in(db, snapshot_file, &wal_dir)
     }
 
-    pub fn open_in(
+    fn open_in(
         db: &sled::Db,
         snapshot_file: SnapshotFile,
         wal_dir: &Path,
