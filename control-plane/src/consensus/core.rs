@@ -162,6 +162,12 @@ impl<S: LogStore> Core<S> {
         self.config.id
     }
 
+    /// Whether this server applied everything it knows to be committed.
+    pub fn applied_all_committed(&self) -> bool {
+        let log = &self.node.raft.raft_log;
+        log.applied >= log.committed
+    }
+
     /// The leader this server knows of; 0 when it knows none.
     pub fn leader_id(&self) -> u64 {
         self.node.raft.leader_id

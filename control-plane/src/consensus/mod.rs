@@ -567,9 +567,11 @@ impl<S: LogStore> Driver<S> {
     }
 
     /// Answers forwarded commands that waited too long: lost on the way,
-    /// or still to come; either way the caller must be told.
+    /// or still to come; either way the caller must be told. Not while
+    /// this server is still applying what it knows is committed (catching
+    /// up after a restart, say): the command may be among those entries.
     fn expire_forwarded(&mut self) {
-        if self.forwarded.is_empty() {
+        if self.forwarded.is_empty() || !self.core.applied_all_committed() {
             return;
         }
         let expired: Vec<u64> = self
