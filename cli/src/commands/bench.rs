@@ -260,7 +260,7 @@ async fn load(
     until: Option<Instant>,
     value_bytes: usize,
     key_space: u64,
-) -> anyhow::Result<(Vec<Duration>, usize)> {
+) -> anyhow::Result<(Vec<Vec<Duration>>, usize)> {
     let issued = Arc::new(AtomicUsize::new(0));
     let errors = Arc::new(AtomicUsize::new(0));
     let value = "v".repeat(value_bytes);
@@ -291,9 +291,10 @@ async fn load(
             latencies
         }));
     }
-    let mut latencies = Vec::new();
-    for task in tasks {
-        latencies.extend(task.await?);
+    // Per server, in the order of `addresses`.
+    let mut latencies = vec![Vec::new(); addresses.len()];
+    for (index, task) in tasks.into_iter().enumerate() {
+        latencies[index % addresses.len()].extend(task.await?);
     }
     Ok((latencies, errors.load(Ordering::Relaxed)))
 }
@@ -345,7 +346,7 @@ async fn raft(args: BenchRaftArgs) -> anyhow::Result<()> {
     }
     let cpu_before: Duration = pids.iter().map(|p| cpu_time(*p)).sum();
     let started = Instant::now();
-    let (mut latencies, errors) = load(
+    let (by_server, errors) = load(
         &addresses,
         args.clients,
         args.writes,
@@ -360,6 +361,7 @@ async fn raft(args: BenchRaftArgs) -> anyhow::Result<()> {
         .map(|p| cpu_time(*p))
         .sum::<Duration>()
         .saturating_sub(cpu_before);
+    let mut latencies: Vec<Duration> = by_server.iter().flatten().copied().collect();
     latencies.sort_unstable();
     let ok = latencies.len();
     println!(
@@ -379,6 +381,26 @@ async fn raft(args: BenchRaftArgs) -> anyhow::Result<()> {
         latencies.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
         elapsed.as_secs_f64()
     );
+    // Clients of a follower wait for it to learn the commit from the
+    // leader: a breakdown shows whether the tail is theirs.
+    for (address, mut server) in addresses.iter().zip(by_server) {
+        // Each server names only its own role.
+        let role = match cluster_status(address).await {
+            Ok(status) => status
+                .members
+                .into_iter()
+                .find(|m| m.address == *address)
+                .map_or_else(|| "?".to_string(), |m| m.role),
+            Err(_) => "?".to_string(),
+        };
+        server.sort_unstable();
+        println!(
+            "  via {address} ({role}): writes={} p50_ms={:.2} p99_ms={:.2}",
+            server.len(),
+            percentile(&server, 0.50).as_secs_f64() * 1e3,
+            percentile(&server, 0.99).as_secs_f64() * 1e3,
+        );
+    }
     if !pids.is_empty() && ok > 0 {
         println!(
             "server_cpu_us_per_write={:.0} (summed over all servers)",
