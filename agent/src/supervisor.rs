@@ -147,10 +147,10 @@ const HEALTH_WARMUP_INTERVAL: Duration = Duration::from_millis(250);
 /// milliseconds. Failures of these extra probes do not count.
 const HEALTH_FIRST_PROBE: Duration = Duration::from_millis(5);
 
-/// How many replicas start at once. Starting is mostly CPU (runc, CNI
-/// plugins, the kernel setting up namespaces), so more at once is not
-/// faster; and each concurrent start holds a blocking thread whose malloc
-/// arena stays in the agent's RSS.
+/// How many replicas start at once. Starting is mostly CPU (runc, `ip`,
+/// `iptables-restore`, the kernel setting up namespaces), so more at once
+/// is not faster; and each concurrent start holds a blocking thread whose
+/// malloc arena stays in the agent's RSS.
 const START_CONCURRENCY: usize = 4;
 static START_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(START_CONCURRENCY);
 
@@ -318,7 +318,7 @@ impl<R: Runtime> Supervisor<R> {
             }
         }
         self.report(AllocState::Starting, 0, String::new());
-        // Starting runs the runtime's commands (mount, CNI, `runc run`):
+        // Starting runs the runtime's commands (mount, network, `runc run`):
         // blocking work, kept off the async workers so that replicas start
         // side by side. The new PID is recorded in the same blocking task,
         // so nothing (not even the agent shutting down and dropping this
@@ -484,9 +484,10 @@ impl<R: Runtime> Supervisor<R> {
     async fn finish(&mut self, message: String) {
         let dir = self.store.alloc_dir(&self.spec.alloc_id);
         let (runtime, spec) = (self.runtime.clone(), self.spec.clone());
-        // A few at a time: each teardown runs CNI plugins whose iptables
-        // calls wait on the host's xtables lock in 1 s steps, so twenty
-        // side by side stalled the next replicas' network setup by seconds.
+        // A few at a time: teardowns (runc, network, unmount) compete for
+        // the same CPU as the next replicas' starts; with the CNI plugins,
+        // whose iptables calls waited on the xtables lock in 1 s steps,
+        // twenty side by side stalled the next starts by seconds.
         let _turn = TEARDOWNS.acquire().await;
         let destroyed = tokio::task::spawn_blocking(move || runtime.destroy(&spec, &dir)).await;
         if let Err(e) = destroyed {
