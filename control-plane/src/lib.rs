@@ -9,4 +9,4 @@ pub mod scheduler;
 pub mod server;
 pub mod state;
 
-pub use server::{run, ServerConfig, ServerError};
+pub use server::{run, RaftLog, ServerConfig, ServerError};

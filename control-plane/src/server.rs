@@ -20,7 +20,8 @@ use crate::api::{Api, RaftService};
 use crate::consensus::snapshot_file::SnapshotFile;
 use crate::consensus::transport::{endpoint, MAX_MESSAGE_BYTES};
 use crate::consensus::{
-    self, ConsensusConfig, ConsensusError, SledStorage, StorageFailure, Transport,
+    self, ConsensusConfig, ConsensusError, LogStore, SledStorage, StorageFailure, Transport,
+    WalStorage,
 };
 use crate::controllers;
 use crate::metrics::Metrics;
@@ -52,6 +53,19 @@ pub struct ServerConfig {
     /// The autoscaler's scale-down stabilization window; its cooldowns and
     /// idle window scale with it (`controllers::autoscaler::Timings`).
     pub autoscale_window: Duration,
+    /// Where a new data dir keeps the Raft log.
+    pub raft_log: RaftLog,
+}
+
+/// The Raft log's durable store.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RaftLog {
+    /// In sled, flushed once per Ready: the design's store.
+    #[default]
+    Sled,
+    /// In an append-only write-ahead log, one `fdatasync` per Ready, as
+    /// etcd keeps it: measured faster under load (see `WalStorage`).
+    Wal,
 }
 
 impl ServerConfig {
@@ -71,6 +85,7 @@ impl ServerConfig {
             autoscale_window: Duration::from_millis(
                 controllers::autoscale::DEFAULT_SCALE_DOWN_WINDOW_MS,
             ),
+            raft_log: RaftLog::default(),
         }
     }
 }
@@ -93,6 +108,8 @@ pub enum ServerError {
     Grpc(#[from] tonic::transport::Error),
     #[error("consensus stopped: {0}")]
     Stopped(String),
+    #[error("data dir {0} keeps its Raft log in a write-ahead log: start the server with --raft-log wal")]
+    LogIsWal(PathBuf),
 }
 
 const SERVER_ID: &[u8] = b"server_id";
@@ -124,8 +141,58 @@ pub async fn run(
             source,
         })?;
     let snapshots = SnapshotFile::new(config.data_dir.join("snapshots"));
-    let mut store = SledStorage::open(&db, snapshots)?;
+    let has_wal = std::fs::read_dir(config.data_dir.join("wal"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|entry| entry.file_name().to_string_lossy().starts_with("wal-"));
+    let opened = Opened {
+        listen,
+        advertise,
+        raft_dir,
+        db,
+        local,
+    };
+    match config.raft_log {
+        // The write-ahead log cannot be moved back into sled.
+        RaftLog::Sled if has_wal => Err(ServerError::LogIsWal(config.data_dir.clone())),
+        RaftLog::Sled => {
+            let store = SledStorage::open(&opened.db, snapshots)?;
+            serve(config, listener, shutdown, opened, store).await
+        }
+        // Moves a log kept in sled into the write-ahead log.
+        RaftLog::Wal => {
+            let store = WalStorage::open(&opened.db, snapshots)?;
+            serve(config, listener, shutdown, opened, store).await
+        }
+    }
+}
 
+/// What [`run`] opened before choosing the log store.
+struct Opened {
+    listen: std::net::SocketAddr,
+    advertise: String,
+    raft_dir: PathBuf,
+    db: sled::Db,
+    /// This server's own records (its id).
+    local: sled::Tree,
+}
+
+/// Joins or resumes the cluster on `store` and serves until `shutdown`.
+async fn serve<S: LogStore + Send + 'static>(
+    config: ServerConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+    opened: Opened,
+    mut store: S,
+) -> Result<(), ServerError> {
+    let Opened {
+        listen,
+        advertise,
+        raft_dir,
+        db,
+        local,
+    } = opened;
     // Serve the gRPC API before joining: the leader must be able to reach
     // this server as soon as the membership change commits.
     let (id, seeds) = if store.is_initialized() {

@@ -13,7 +13,18 @@ use skiff_e2e::{wait_until, POLL};
 
 #[test]
 fn writes_continue_after_the_leader_is_killed_and_no_acknowledged_write_is_lost() {
-    let mut cluster = ServerCluster::start(3, &[]);
+    failovers_lose_no_acknowledged_write(&[]);
+}
+
+#[test]
+fn the_write_ahead_log_loses_no_acknowledged_write_through_leader_kills() {
+    failovers_lose_no_acknowledged_write(&["--raft-log", "wal"]);
+}
+
+/// Five rounds of kill -9 of the leader under a continuous write load,
+/// with the servers started with `server_args`.
+fn failovers_lose_no_acknowledged_write(server_args: &[&str]) {
+    let mut cluster = ServerCluster::start(3, server_args);
     let acknowledged = Arc::new(Mutex::new(BTreeSet::new()));
     let mut failovers = Vec::new();
     for round in 1..=5 {
@@ -98,7 +109,16 @@ fn writes_continue_after_the_leader_is_killed_and_no_acknowledged_write_is_lost(
 
 #[test]
 fn a_server_joining_after_log_compaction_catches_up_from_a_snapshot() {
-    let mut cluster = ServerCluster::start(1, &["--snapshot-every", "20"]);
+    joins_from_a_snapshot(&["--snapshot-every", "20"]);
+}
+
+#[test]
+fn a_server_joining_a_write_ahead_log_cluster_catches_up_from_a_snapshot() {
+    joins_from_a_snapshot(&["--snapshot-every", "20", "--raft-log", "wal"]);
+}
+
+fn joins_from_a_snapshot(server_args: &[&str]) {
+    let mut cluster = ServerCluster::start(1, server_args);
     for i in 0..60 {
         assert!(
             cluster.put(0, &format!("early/k{i:02}"), "v"),

@@ -14,7 +14,7 @@ use skiff_proto::v1 as pb;
 use skiff_proto::v1::control_client::ControlClient;
 use tonic::transport::Channel;
 
-use crate::args::{BenchCommand, BenchFailoverArgs, BenchRaftArgs};
+use crate::args::{BenchCommand, BenchFailoverArgs, BenchRaftArgs, RaftLogArg};
 
 pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
@@ -116,10 +116,26 @@ pub struct LocalCluster {
     pub addresses: Vec<String>,
     pub children: Vec<Option<Child>>,
     dir: PathBuf,
+    /// Given to every `skiff server` started (e.g. `--raft-log wal`).
+    server_args: Vec<String>,
+}
+
+/// The server flag for a bench's `--raft-log`.
+fn raft_log_args(log: RaftLogArg) -> Vec<String> {
+    let value = match log {
+        RaftLogArg::Sled => "sled",
+        RaftLogArg::Wal => "wal",
+    };
+    vec!["--raft-log".into(), value.into()]
 }
 
 impl LocalCluster {
     pub async fn start(size: usize) -> anyhow::Result<Self> {
+        Self::start_with(size, Vec::new()).await
+    }
+
+    /// Like [`LocalCluster::start`], with `server_args` on every server.
+    pub async fn start_with(size: usize, server_args: Vec<String>) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!("skiff-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let ports = (0..size)
@@ -130,6 +146,7 @@ impl LocalCluster {
             addresses,
             children: Vec::new(),
             dir,
+            server_args,
         };
         for index in 0..size {
             let child = cluster.spawn(index)?;
@@ -157,6 +174,7 @@ impl LocalCluster {
             ])
             .arg("--data-dir")
             .arg(&data)
+            .args(&self.server_args)
             .stdout(Stdio::null())
             .stderr(log);
         if index == 0 {
@@ -324,7 +342,7 @@ fn cpu_time(pid: u32) -> Duration {
 
 async fn raft(args: BenchRaftArgs) -> anyhow::Result<()> {
     let spawned = if args.servers.is_empty() {
-        Some(LocalCluster::start(args.spawn).await?)
+        Some(LocalCluster::start_with(args.spawn, raft_log_args(args.raft_log)).await?)
     } else {
         None
     };
@@ -441,7 +459,7 @@ async fn leader_index(cluster: &LocalCluster) -> Option<usize> {
 }
 
 async fn failover(args: BenchFailoverArgs) -> anyhow::Result<()> {
-    let mut cluster = LocalCluster::start(3).await?;
+    let mut cluster = LocalCluster::start_with(3, raft_log_args(args.raft_log)).await?;
     let mut figures = Vec::new();
     for round in 1..=args.rounds {
         let leader = leader_index(&cluster)

@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use skiff_agent::AgentConfig;
-use skiff_control_plane::ServerConfig;
+use skiff_control_plane::{RaftLog, ServerConfig};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::args::{AgentArgs, DevArgs, NodeArgs, ServerArgs};
+use crate::args::{AgentArgs, DevArgs, NodeArgs, RaftLogArg, ServerArgs};
 
 pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
     let listener = bind(args.listen).await?;
@@ -21,6 +21,10 @@ pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
     config.tick = Duration::from_millis(args.tick_ms.max(1));
     config.election_ticks = args.election_ticks;
     config.snapshot_every = args.snapshot_every.max(1);
+    config.raft_log = match args.raft_log {
+        RaftLogArg::Sled => RaftLog::Sled,
+        RaftLogArg::Wal => RaftLog::Wal,
+    };
     config.heartbeat_ttl = Duration::from_millis(u64::from(args.heartbeat_ttl));
     config.metrics_listen = args.metrics_listen;
     config.autoscale_window = Duration::from_millis(u64::from(args.autoscale_window));

@@ -1,4 +1,4 @@
-//! One conformance suite for every [`LogStore`]: the disk store used in
+//! One conformance suite for every [`LogStore`]: the disk stores used in
 //! production and the in-memory one the simulation relies on must behave
 //! alike, or the simulation proves nothing about production.
 
@@ -146,9 +146,11 @@ fn compaction_drops_entries_and_keeps_the_term<S: LogStore>(mut store: S) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::log_store::StorageFailure;
     use super::super::mem::MemLog;
+    use super::super::sled_storage::SledStorage;
     use super::super::snapshot_file::SnapshotFile;
-    use super::super::storage::DiskStorage;
+    use super::super::wal_storage::WalStorage;
     use super::*;
 
     #[test]
@@ -156,31 +158,35 @@ mod tests {
         run_all(MemLog::new, |store| store);
     }
 
-    #[test]
-    fn the_disk_store_conforms_across_restarts() {
+    /// Opens a disk store on a sled database and a snapshot directory.
+    type Open<S> = fn(&sled::Db, SnapshotFile) -> Result<S, StorageFailure>;
+
+    fn conforms_across_restarts<S: LogStore>(
+        open_at: Open<S>,
+        parts: fn(&S) -> (sled::Db, SnapshotFile),
+    ) {
         let dirs = std::cell::RefCell::new(Vec::new());
         let open = || {
             let dir = tempfile::tempdir().unwrap();
             let db = sled::open(dir.path().join("db")).unwrap();
             let snapshots = SnapshotFile::new(dir.path().join("snapshots"));
             dirs.borrow_mut().push((dir, db.clone()));
-            DiskStorage::open(&db, snapshots).unwrap()
+            open_at(&db, snapshots).unwrap()
         };
         // Reopening reads everything back from the disk, as a restart does.
-        let reopen = |store: DiskStorage| {
-            let (db, snapshots) = (store.db().clone(), store.snapshot_file().clone());
+        let reopen = |store: S| {
+            let (db, snapshots) = parts(&store);
             drop(store);
-            DiskStorage::open(&db, snapshots).unwrap()
+            open_at(&db, snapshots).unwrap()
         };
         run_all(open, reopen);
     }
 
-    #[test]
-    fn a_compacted_store_reopens_with_the_entries_after_the_snapshot() {
+    fn reopens_compacted<S: LogStore>(open_at: Open<S>) {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path().join("db")).unwrap();
         let snapshots = SnapshotFile::new(dir.path().join("snapshots"));
-        let mut store = DiskStorage::open(&db, snapshots.clone()).unwrap();
+        let mut store = open_at(&db, snapshots.clone()).unwrap();
         let all: Vec<Entry> = (1..=6).map(|i| entry(i, 1)).collect();
         store.persist(&all[..4], None).unwrap();
         store
@@ -193,7 +199,7 @@ mod tests {
         store.persist(&all[4..], None).unwrap();
         store.persist_commit(5).unwrap();
         drop(store);
-        let store = DiskStorage::open(&db, snapshots).unwrap();
+        let store = open_at(&db, snapshots).unwrap();
         assert_eq!(
             (store.first_index().unwrap(), store.last_index().unwrap()),
             (4, 6)
@@ -201,6 +207,30 @@ mod tests {
         assert_eq!(entries(&store, 4, 7).unwrap(), all[3..].to_vec());
         assert_eq!(store.term(3).unwrap(), 1);
         assert_eq!(store.initial_state().unwrap().conf_state.voters, vec![1]);
+    }
+
+    #[test]
+    fn the_sled_store_conforms_across_restarts() {
+        conforms_across_restarts(SledStorage::open, |s| {
+            (s.db().clone(), s.snapshot_file().clone())
+        });
+    }
+
+    #[test]
+    fn the_wal_store_conforms_across_restarts() {
+        conforms_across_restarts(WalStorage::open, |s| {
+            (s.db().clone(), s.snapshot_file().clone())
+        });
+    }
+
+    #[test]
+    fn a_compacted_sled_store_reopens_with_the_entries_after_the_snapshot() {
+        reopens_compacted(SledStorage::open);
+    }
+
+    #[test]
+    fn a_compacted_wal_store_reopens_with_the_entries_after_the_snapshot() {
+        reopens_compacted(WalStorage::open);
     }
 
     #[test]
@@ -234,7 +264,7 @@ mod tests {
             log.insert(key, entry(index, 3).write_to_bytes().unwrap())
                 .unwrap();
         }
-        let store = DiskStorage::open(&db, snapshots.clone()).unwrap();
+        let store = WalStorage::open(&db, snapshots.clone()).unwrap();
         assert_eq!(
             (store.first_index().unwrap(), store.last_index().unwrap()),
             (3, 5)
@@ -242,7 +272,7 @@ mod tests {
         assert_eq!(store.initial_state().unwrap().hard_state, hs);
         assert!(log.is_empty(), "the moved log is removed from sled");
         drop(store);
-        let store = DiskStorage::open(&db, snapshots).unwrap();
+        let store = WalStorage::open(&db, snapshots).unwrap();
         assert_eq!(
             entries(&store, 3, 6).unwrap(),
             vec![entry(3, 3), entry(4, 3), entry(5, 3)]

@@ -19,6 +19,9 @@ impl StorageFailure {
 }
 
 pub trait LogStore: Storage {
+    /// Whether this server has ever been part of a cluster.
+    fn is_initialized(&self) -> bool;
+
     /// Appends `entries` (dropping any conflicting suffix) and records the
     /// hard state; the entries and the hard state's term and vote are
     /// durable (fsynced) when this returns. Its commit index need not be,

@@ -1,5 +1,5 @@
 //! Consensus: one thread drives the [`Core`] (raft-rs `RawNode` over
-//! [`DiskStorage`]) and everything else talks to it through its inbox.
+//! [`SledStorage`] or [`WalStorage`]) and everything else talks to it through its inbox.
 //!
 //! The thread handles whatever arrived (ticks every 100 ms, peer messages,
 //! proposals, reads, membership changes), then one `Ready` with a single
@@ -15,10 +15,11 @@ pub mod core;
 pub mod log_store;
 mod logger;
 pub mod mem;
+pub mod sled_storage;
 pub mod snapshot_file;
-pub mod storage;
 pub mod transport;
 mod wal;
+pub mod wal_storage;
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -34,8 +35,9 @@ use self::core::{Core, CoreConfig, CoreError, Reply};
 use crate::metrics::Metrics;
 use crate::state::{Command, CommandError, Outcome, State};
 pub use log_store::{bootstrap, LogStore, StorageFailure};
-pub use storage::{DiskStorage, SledStorage};
+pub use sled_storage::SledStorage;
 pub use transport::Transport;
+pub use wal_storage::WalStorage;
 
 /// How long a call waits for a leader (during an election) before it
 /// answers "no leader".

@@ -10,13 +10,14 @@
 //! kept in memory (as etcd does), so raft-rs reads them without touching
 //! the disk.
 //!
-//! The log used to live in sled, flushed once per Ready. Measured under
-//! `bench raft` (64 clients, 3 servers on 2 cores): sled's flush hands the
-//! write to its own I/O threads and waits for them, 8–40 ms per Ready under
-//! load against ~0.2 ms for an `fdatasync` of this disk, its I/O threads
-//! used a third of each server's CPU, and it wrote ~100 MB per server for
-//! 30 MB of entries. A server whose log is still in sled has it moved into
-//! the write-ahead log when it opens.
+//! Chosen with `--raft-log wal`; the default is the sled log of
+//! [`super::sled_storage`], as the design asks. Measured under `bench raft`
+//! (64 clients, 3 servers on 2 cores): sled's flush hands the write to its
+//! own I/O threads and waits for them, 8–40 ms per Ready under load against
+//! ~0.2 ms for an `fdatasync` of this disk, its I/O threads used a third of
+//! each server's CPU, and it wrote ~100 MB per server for 30 MB of entries.
+//! A server whose log is still in sled has it moved into the write-ahead
+//! log when it opens with `--raft-log wal`.
 
 use std::path::Path;
 
@@ -39,9 +40,6 @@ fn log_key(index: u64) -> [u8; 12] {
     key[4..].copy_from_slice(&index.to_be_bytes());
     key
 }
-
-/// The old name, from when the log lived in sled.
-pub type SledStorage = DiskStorage;
 
 /// What the log holds, in memory; rebuilt from the WAL's records on open.
 #[derive(Default)]
@@ -133,7 +131,7 @@ impl Log {
 
 /// The durable Raft log of one server: a [`Wal`] and its contents in
 /// memory, plus the snapshot in a [`SnapshotFile`].
-pub struct DiskStorage {
+pub struct WalStorage {
     db: sled::Db,
     wal: Option<Wal>,
     snapshot_file: SnapshotFile,
@@ -142,7 +140,7 @@ pub struct DiskStorage {
     commit_unwritten: bool,
 }
 
-impl DiskStorage {
+impl WalStorage {
     /// Opens the log in `wal/` next to the snapshot directory. `db` is only
     /// read for a log kept there by an older version.
     pub fn open(db: &sled::Db, snapshot_file: SnapshotFile) -> Result<Self, StorageFailure> {
@@ -176,7 +174,7 @@ impl DiskStorage {
                 (wal, log)
             }
         };
-        let mut storage = DiskStorage {
+        let mut storage = WalStorage {
             db: db.clone(),
             wal: Some(wal),
             snapshot_file,
@@ -192,10 +190,6 @@ impl DiskStorage {
     }
 
     /// Whether this server has ever been part of a cluster.
-    pub fn is_initialized(&self) -> bool {
-        !self.log.conf_state.voters.is_empty() || self.log.snapshot_meta.index > 0
-    }
-
     pub fn db(&self) -> &sled::Db {
         &self.db
     }
@@ -280,7 +274,11 @@ fn clear_sled_log(db: &sled::Db) -> Result<(), StorageFailure> {
     Ok(())
 }
 
-impl LogStore for DiskStorage {
+impl LogStore for WalStorage {
+    fn is_initialized(&self) -> bool {
+        !self.log.conf_state.voters.is_empty() || self.log.snapshot_meta.index > 0
+    }
+
     fn persist(
         &mut self,
         entries: &[Entry],
@@ -373,7 +371,7 @@ impl LogStore for DiskStorage {
     }
 }
 
-impl Storage for DiskStorage {
+impl Storage for WalStorage {
     fn initial_state(&self) -> raft::Result<RaftState> {
         Ok(RaftState::new(
             self.log.hard_state.clone(),
