@@ -20,12 +20,12 @@ use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 use super::log_store::{LogStore, StorageFailure};
 use super::snapshot_file::SnapshotFile;
 
-const HARD_STATE: &[u8] = b"hard_state";
-const CONF_STATE: &[u8] = b"conf_state";
-const SNAPSHOT_META: &[u8] = b"snapshot_meta";
+pub(super) const HARD_STATE: &[u8] = b"hard_state";
+pub(super) const CONF_STATE: &[u8] = b"conf_state";
+pub(super) const SNAPSHOT_META: &[u8] = b"snapshot_meta";
 const LOG_PREFIX: &[u8] = b"log/";
 
-fn log_key(index: u64) -> [u8; 12] {
+pub(super) fn log_key(index: u64) -> [u8; 12] {
     let mut key = [0u8; 12];
     key[..4].copy_from_slice(LOG_PREFIX);
     key[4..].copy_from_slice(&index.to_be_bytes());
@@ -117,7 +117,7 @@ fn pb_bytes(message: &impl protobuf::Message) -> Vec<u8> {
         .expect("raft messages always encode")
 }
 
-fn read_pb<M: protobuf::Message>(
+pub(super) fn read_pb<M: protobuf::Message>(
     tree: &sled::Tree,
     key: &[u8],
 ) -> Result<Option<M>, StorageFailure> {

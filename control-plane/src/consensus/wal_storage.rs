@@ -26,20 +26,10 @@ use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 
 use super::log_store::{LogStore, StorageFailure};
+// The sled layout a log is moved out of.
+use super::sled_storage::{log_key, read_pb, CONF_STATE, HARD_STATE, SNAPSHOT_META};
 use super::snapshot_file::SnapshotFile;
 use super::wal::{self, Record, Wal};
-
-const HARD_STATE: &[u8] = b"hard_state";
-const CONF_STATE: &[u8] = b"conf_state";
-const SNAPSHOT_META: &[u8] = b"snapshot_meta";
-const LOG_PREFIX: &[u8] = b"log/";
-
-fn log_key(index: u64) -> [u8; 12] {
-    let mut key = [0u8; 12];
-    key[..4].copy_from_slice(LOG_PREFIX);
-    key[4..].copy_from_slice(&index.to_be_bytes());
-    key
-}
 
 /// What the log holds, in memory; rebuilt from the WAL's records on open.
 #[derive(Default)]
@@ -223,22 +213,7 @@ fn drop_later(entries: Vec<Entry>) {
     }
 }
 
-fn read_pb<M: protobuf::Message>(
-    tree: &sled::Tree,
-    key: &[u8],
-) -> Result<Option<M>, StorageFailure> {
-    let Some(bytes) = tree.get(key).map_err(StorageFailure::from)? else {
-        return Ok(None);
-    };
-    M::parse_from_bytes(&bytes).map(Some).map_err(|e| {
-        StorageFailure(format!(
-            "corrupt raft record {}: {e}",
-            String::from_utf8_lossy(key)
-        ))
-    })
-}
-
-/// The log as an older version kept it in sled (empty for a new server).
+/// The log as the sled store keeps it (empty for a new server).
 fn read_sled_log(db: &sled::Db) -> Result<Log, StorageFailure> {
     let open = |name: &str| db.open_tree(name).map_err(StorageFailure::from);
     let (tree, meta) = (open("raft_log")?, open("raft_meta")?);
