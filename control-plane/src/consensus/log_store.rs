@@ -42,7 +42,19 @@ pub trait LogStore: Storage {
     fn apply_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), StorageFailure>;
 
     /// Keeps `snapshot` as the latest one and drops the log up to its index.
-    fn compact(&mut self, snapshot: Snapshot) -> Result<(), StorageFailure>;
+    /// By default: written to the store's snapshot file, then recorded by
+    /// [`LogStore::compact_written`]; an older snapshot changes nothing.
+    fn compact(&mut self, snapshot: Snapshot) -> Result<(), StorageFailure> {
+        let current = self.first_index().map_err(StorageFailure::from)? - 1;
+        if snapshot.get_metadata().index <= current {
+            return Ok(());
+        }
+        let file = self.background_snapshots().ok_or_else(|| {
+            StorageFailure("this store keeps no snapshot file: it must implement compact".into())
+        })?;
+        file.write(&snapshot)?;
+        self.compact_written(snapshot.get_metadata().clone())
+    }
 
     /// Where a worker thread may write snapshots for this store, if it
     /// supports that; the core then calls [`LogStore::compact_written`].

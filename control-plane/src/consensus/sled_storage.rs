@@ -216,14 +216,6 @@ impl LogStore for SledStorage {
         Ok(())
     }
 
-    fn compact(&mut self, snapshot: Snapshot) -> Result<(), StorageFailure> {
-        if snapshot.get_metadata().index <= self.snapshot_meta.index {
-            return Ok(());
-        }
-        self.snapshot_file.write(&snapshot)?;
-        self.compact_written(snapshot.get_metadata().clone())
-    }
-
     fn background_snapshots(&self) -> Option<SnapshotFile> {
         Some(self.snapshot_file.clone())
     }

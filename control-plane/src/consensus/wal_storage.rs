@@ -311,14 +311,6 @@ impl LogStore for WalStorage {
         Ok(())
     }
 
-    fn compact(&mut self, snapshot: Snapshot) -> Result<(), StorageFailure> {
-        if snapshot.get_metadata().index <= self.log.snapshot_meta.index {
-            return Ok(());
-        }
-        self.snapshot_file.write(&snapshot)?;
-        self.compact_written(snapshot.get_metadata().clone())
-    }
-
     fn background_snapshots(&self) -> Option<SnapshotFile> {
         Some(self.snapshot_file.clone())
     }
