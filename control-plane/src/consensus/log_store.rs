@@ -19,8 +19,14 @@ impl StorageFailure {
 }
 
 pub trait LogStore: Storage {
-    /// Whether this server has ever been part of a cluster.
-    fn is_initialized(&self) -> bool;
+    /// Whether this server has ever been part of a cluster: it knows
+    /// voters, or its log starts after a snapshot.
+    fn is_initialized(&self) -> bool {
+        let voters = self
+            .initial_state()
+            .is_ok_and(|state| !state.conf_state.voters.is_empty());
+        voters || self.first_index().is_ok_and(|first| first > 1)
+    }
 
     /// Appends `entries` (dropping any conflicting suffix) and records the
     /// hard state; the entries and the hard state's term and vote are

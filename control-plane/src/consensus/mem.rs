@@ -47,11 +47,6 @@ impl MemLog {
 }
 
 impl LogStore for MemLog {
-    fn is_initialized(&self) -> bool {
-        let disk = self.disk();
-        !disk.conf_state.voters.is_empty() || disk.snapshot_index() > 0
-    }
-
     fn persist(
         &mut self,
         entries: &[Entry],

@@ -133,10 +133,6 @@ pub(super) fn read_pb<M: protobuf::Message>(
 }
 
 impl LogStore for SledStorage {
-    fn is_initialized(&self) -> bool {
-        !self.conf_state.voters.is_empty() || self.snapshot_meta.index > 0
-    }
-
     fn persist(
         &mut self,
         entries: &[Entry],

@@ -250,10 +250,6 @@ fn clear_sled_log(db: &sled::Db) -> Result<(), StorageFailure> {
 }
 
 impl LogStore for WalStorage {
-    fn is_initialized(&self) -> bool {
-        !self.log.conf_state.voters.is_empty() || self.log.snapshot_meta.index > 0
-    }
-
     fn persist(
         &mut self,
         entries: &[Entry],
