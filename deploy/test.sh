@@ -57,6 +57,7 @@ install_missing() {
         "skopeo skopeo"
         "zstd zstd"
         "busybox busybox-static"
+        "haproxy haproxy"
     )
     local need cmd pkg
     for need in "${needs[@]}"; do

@@ -195,6 +195,21 @@ pub struct BenchProxyArgs {
     /// Route as an `--protocol http` service (the proxy counts requests).
     #[arg(long)]
     pub http: bool,
+    /// Also load the replica through a reference proxy, started for the run
+    /// with the same number of threads, for side-by-side figures.
+    #[arg(long, value_enum)]
+    pub reference: Option<ReferenceProxy>,
+    /// Connections of the second, unloaded pair of runs, where latency is
+    /// the proxy's own and not the queueing of a saturated machine (0: skip).
+    #[arg(long, default_value_t = 1)]
+    pub unloaded_connections: usize,
+}
+
+/// A proxy `skiff bench proxy` can measure beside the routing proxy.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ReferenceProxy {
+    /// HAProxy in TCP mode (`apt-get install haproxy`).
+    Haproxy,
 }
 
 #[derive(Args, Debug)]

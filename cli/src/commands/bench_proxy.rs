@@ -1,11 +1,15 @@
 //! `skiff bench proxy`: what the routing proxy costs. One minimal HTTP/1.1
-//! replica on loopback is loaded twice in the same run, with the same
-//! keep-alive clients: directly, then through the agent's real proxy
-//! (`skiff_agent::proxy`, routing one published port to it). Figures are
-//! printed, never asserted.
+//! replica on loopback is loaded with the same keep-alive clients, in the
+//! same run: directly, through the agent's real proxy (`skiff_agent::proxy`,
+//! routing one published port to it) and, with `--reference haproxy`,
+//! through HAProxy in TCP mode, the yardstick for an L4 proxy. Then once
+//! more with one connection, where latency is the path's own rather than
+//! the queueing of a saturated machine. Figures are printed, never asserted.
 //!
 //! The replica, the proxy and the clients each run on their own tokio
-//! runtime (threads), so the proxy's work is not hidden in the client's.
+//! runtime (threads), so the proxy's work is not hidden in the client's,
+//! and the CPU each spends per request is printed: when the load saturates
+//! every core, that CPU, not the proxy's latency, sets the throughput ratio.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,7 +22,7 @@ use skiff_agent::proxy::{Endpoint, Proxy, Route};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::args::BenchProxyArgs;
+use crate::args::{BenchProxyArgs, ReferenceProxy};
 
 const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n";
 const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\n\r\nhello, skiff\n";
@@ -47,35 +51,49 @@ impl Figures {
     }
 }
 
-/// CPU time by thread name (the runtimes' `bench-*` names).
+/// CPU time by role: the bench runtimes' thread names (`bench-*`) and, when
+/// one runs, the reference proxy's process.
 type CpuByRole = std::collections::BTreeMap<String, Duration>;
 
+/// The role under which a reference proxy's CPU time is counted.
+const REFERENCE_ROLE: &str = "reference";
+
 /// The CPU time each `bench-*` thread of this process has used so far,
-/// summed by thread name, from `/proc/self/task/*/schedstat` (nanoseconds
-/// on the CPU). Threads that end between two samples are not counted; the
+/// summed by thread name, plus the reference proxy's threads if `reference`
+/// names its process. Read from `/proc/PID/task/*/schedstat` (nanoseconds on
+/// the CPU); threads that end between two samples are not counted, and the
 /// bench's threads live through the whole run.
-fn cpu_by_role() -> CpuByRole {
+fn cpu_by_role(reference: Option<u32>) -> CpuByRole {
     let mut by_role = CpuByRole::new();
-    for task in std::fs::read_dir("/proc/self/task")
+    for (name, ns) in thread_cpu("/proc/self/task") {
+        if name.starts_with("bench-") {
+            *by_role.entry(name).or_default() += Duration::from_nanos(ns);
+        }
+    }
+    if let Some(pid) = reference {
+        let total: u64 = thread_cpu(&format!("/proc/{pid}/task"))
+            .map(|(_, ns)| ns)
+            .sum();
+        by_role.insert(REFERENCE_ROLE.into(), Duration::from_nanos(total));
+    }
+    by_role
+}
+
+/// (thread name, nanoseconds on the CPU) of every thread under `tasks`.
+fn thread_cpu(tasks: &str) -> impl Iterator<Item = (String, u64)> {
+    std::fs::read_dir(tasks)
         .into_iter()
         .flatten()
         .flatten()
-    {
-        let path = task.path();
-        let Ok(name) = std::fs::read_to_string(path.join("comm")) else {
-            continue;
-        };
-        let name = name.trim();
-        if !name.starts_with("bench-") {
-            continue;
-        }
-        let ns = std::fs::read_to_string(path.join("schedstat"))
-            .ok()
-            .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-            .unwrap_or(0);
-        *by_role.entry(name.to_string()).or_default() += Duration::from_nanos(ns);
-    }
-    by_role
+        .filter_map(|task| {
+            let path = task.path();
+            let name = std::fs::read_to_string(path.join("comm")).ok()?;
+            let ns = std::fs::read_to_string(path.join("schedstat"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+                .unwrap_or(0);
+            Some((name.trim().to_string(), ns))
+        })
 }
 
 /// What each role used between two [`cpu_by_role`] samples.
@@ -98,6 +116,15 @@ pub async fn run(args: BenchProxyArgs) -> anyhow::Result<()> {
         .map_err(|_| anyhow!("bench thread panicked"))?
 }
 
+/// A path to the replica the load runs over, and whose threads do the
+/// forwarding on it.
+struct Path {
+    name: &'static str,
+    addr: SocketAddr,
+    /// The CPU role that forwards on this path (none for direct).
+    forwarder: Option<&'static str>,
+}
+
 fn run_blocking(args: BenchProxyArgs) -> anyhow::Result<()> {
     if args.connections == 0 {
         return Err(anyhow!("invalid connections: use at least 1"));
@@ -110,11 +137,7 @@ fn run_blocking(args: BenchProxyArgs) -> anyhow::Result<()> {
     replica_rt.spawn(serve_replica(replica));
 
     let proxy_rt = runtime("bench-proxy", args.threads)?;
-    let published = {
-        // A port that was free a moment ago.
-        let probe = std::net::TcpListener::bind(SocketAddr::new(LOOPBACK, 0))?;
-        probe.local_addr()?.port()
-    };
+    let published = free_port()?;
     let metrics = Metrics::default();
     let proxy = proxy_rt.block_on(async {
         let mut proxy = Proxy::new(LOOPBACK, metrics.clone());
@@ -132,63 +155,72 @@ fn run_blocking(args: BenchProxyArgs) -> anyhow::Result<()> {
         }]);
         proxy
     });
-    let proxy_addr = SocketAddr::new(LOOPBACK, published);
+    let reference = match args.reference {
+        Some(ReferenceProxy::Haproxy) => Some(Haproxy::start(replica_addr, args.threads)?),
+        None => None,
+    };
+    let mut paths = vec![
+        Path {
+            name: "direct",
+            addr: replica_addr,
+            forwarder: None,
+        },
+        Path {
+            name: "through proxy",
+            addr: SocketAddr::new(LOOPBACK, published),
+            forwarder: Some("bench-proxy"),
+        },
+    ];
+    if let Some(haproxy) = &reference {
+        paths.push(Path {
+            name: "through haproxy",
+            addr: haproxy.addr,
+            forwarder: Some(REFERENCE_ROLE),
+        });
+    }
+    let reference_pid = reference.as_ref().map(|h| h.child.id());
 
     println!(
-        "skiff bench proxy: {} keep-alive connections, {:?} per run after {:?} warm-up, {} thread(s) each for replica and proxy{}",
+        "skiff bench proxy: {} keep-alive connections, {:?} per run after {:?} warm-up, {} thread(s) each for replica and proxy{}{}",
         args.connections,
         Duration::from_secs(args.duration),
         Duration::from_secs(args.warmup),
         args.threads,
-        if args.http { ", HTTP request counting on" } else { "" }
+        if args.http { ", HTTP request counting on" } else { "" },
+        if reference.is_some() { ", HAProxy (mode tcp) beside it" } else { "" },
     );
-    let direct = load(replica_addr, &args).context("direct run")?;
-    let proxied = load(proxy_addr, &args).context("proxied run")?;
-
-    let row = |name: &str, f: &Figures| {
-        println!(
-            "{name:<14} {:>10.0} req/s   p50 {:>7.1} µs   p99 {:>7.1} µs   ({} requests)",
-            f.rate(),
-            micros(f.p50),
-            micros(f.p99),
-            f.requests
-        );
-    };
-    row("direct", &direct);
-    row("through proxy", &proxied);
-    println!(
-        "ratio          {:>9.1} % of direct throughput   p50 +{:.1} µs ({:.2}x)   p99 +{:.1} µs ({:.2}x)",
-        100.0 * proxied.rate() / direct.rate(),
-        micros(proxied.p50) - micros(direct.p50),
-        micros(proxied.p50) / micros(direct.p50).max(f64::EPSILON),
-        micros(proxied.p99) - micros(direct.p99),
-        micros(proxied.p99) / micros(direct.p99).max(f64::EPSILON),
-    );
-    // Where the CPU goes: with every core busy, a request through the proxy
-    // costs the client's, the replica's and the proxy's CPU, so the
-    // throughput ratio cannot exceed (client + replica) / (client +
-    // replica + proxy), whatever the proxy's latency.
-    let cpu_row = |name: &str, f: &Figures| {
-        println!(
-            "{name:<14} CPU per request: client {:.1} µs, replica {:.1} µs, proxy {:.1} µs",
-            f.cpu_per_request("bench-client"),
-            f.cpu_per_request("bench-replica"),
-            f.cpu_per_request("bench-proxy"),
-        );
-    };
-    cpu_row("direct", &direct);
-    cpu_row("through proxy", &proxied);
-    let (client_cpu, replica_cpu, proxy_cpu) = (
-        proxied.cpu_per_request("bench-client"),
-        proxied.cpu_per_request("bench-replica"),
-        proxied.cpu_per_request("bench-proxy"),
-    );
-    if client_cpu + replica_cpu + proxy_cpu > 0.0 {
-        println!(
-            "CPU bound      {:>9.1} % of direct throughput when all cores are busy ((client + replica) / (client + replica + proxy))",
-            100.0 * (client_cpu + replica_cpu) / (client_cpu + replica_cpu + proxy_cpu)
-        );
+    let mut loaded = Vec::new();
+    for path in &paths {
+        let figures = load(path.addr, args.connections, &args, reference_pid)
+            .with_context(|| format!("{} run", path.name))?;
+        loaded.push(figures);
     }
+    report(&paths, &loaded);
+
+    if args.unloaded_connections > 0 {
+        println!(
+            "\nunloaded: {} keep-alive connection(s), where the latency is the path's own",
+            args.unloaded_connections
+        );
+        let mut unloaded = Vec::new();
+        for path in &paths {
+            let figures = load(path.addr, args.unloaded_connections, &args, reference_pid)
+                .with_context(|| format!("{} unloaded run", path.name))?;
+            unloaded.push(figures);
+        }
+        for (path, f) in paths.iter().zip(&unloaded) {
+            row(path.name, f);
+        }
+        for (path, f) in paths.iter().zip(&unloaded).skip(1) {
+            println!(
+                "added latency  {:<16} p50 {:+.1} µs   p99 {:+.1} µs",
+                path.name,
+                micros(f.p50) - micros(unloaded[0].p50),
+                micros(f.p99) - micros(unloaded[0].p99),
+            );
+        }
+    }
+
     let proxy_seen = metrics.samples();
     if let Some(s) = proxy_seen.first() {
         println!(
@@ -196,10 +228,127 @@ fn run_blocking(args: BenchProxyArgs) -> anyhow::Result<()> {
             s.connections, s.bytes_in, s.bytes_out, s.requests, s.connect_failures
         );
     }
+    drop(reference);
     drop(proxy);
     proxy_rt.shutdown_background();
     replica_rt.shutdown_background();
     Ok(())
+}
+
+fn row(name: &str, f: &Figures) {
+    println!(
+        "{name:<16} {:>10.0} req/s   p50 {:>7.1} µs   p99 {:>7.1} µs   ({} requests)",
+        f.rate(),
+        micros(f.p50),
+        micros(f.p99),
+        f.requests
+    );
+}
+
+/// Prints the loaded runs: rates and latencies, each proxied path's ratio to
+/// direct, and where the CPU went.
+fn report(paths: &[Path], figures: &[Figures]) {
+    for (path, f) in paths.iter().zip(figures) {
+        row(path.name, f);
+    }
+    let direct = &figures[0];
+    for (path, f) in paths.iter().zip(figures).skip(1) {
+        println!(
+            "ratio {:<16} {:>5.1} % of direct throughput   p50 {:+.1} µs ({:.2}x)   p99 {:+.1} µs ({:.2}x)",
+            path.name,
+            100.0 * f.rate() / direct.rate(),
+            micros(f.p50) - micros(direct.p50),
+            micros(f.p50) / micros(direct.p50).max(f64::EPSILON),
+            micros(f.p99) - micros(direct.p99),
+            micros(f.p99) / micros(direct.p99).max(f64::EPSILON),
+        );
+    }
+    // Where the CPU goes: with every core busy, a request through a proxy
+    // costs the client's, the replica's and the proxy's CPU, so the
+    // throughput ratio cannot exceed (client + replica) / (client +
+    // replica + proxy), whatever the proxy's latency.
+    for (path, f) in paths.iter().zip(figures) {
+        let (client, replica) = (
+            f.cpu_per_request("bench-client"),
+            f.cpu_per_request("bench-replica"),
+        );
+        let forwarder = path.forwarder.map(|role| f.cpu_per_request(role));
+        print!(
+            "CPU per request {:<16} client {client:.1} µs, replica {replica:.1} µs",
+            path.name
+        );
+        match forwarder {
+            Some(proxy) if client + replica + proxy > 0.0 => println!(
+                ", proxy {proxy:.1} µs: bounds the ratio at {:.1} % when all cores are busy",
+                100.0 * (client + replica) / (client + replica + proxy)
+            ),
+            _ => println!(),
+        }
+    }
+}
+
+/// A port on loopback that was free a moment ago.
+fn free_port() -> anyhow::Result<u16> {
+    let probe = std::net::TcpListener::bind(SocketAddr::new(LOOPBACK, 0))?;
+    Ok(probe.local_addr()?.port())
+}
+
+/// HAProxy forwarding a loopback port to the replica in TCP mode, the
+/// reference an L4 proxy in C is measured against. Killed (by its PID) and
+/// its config removed when dropped.
+struct Haproxy {
+    child: std::process::Child,
+    addr: SocketAddr,
+    config: std::path::PathBuf,
+}
+
+impl Haproxy {
+    fn start(replica: SocketAddr, threads: usize) -> anyhow::Result<Self> {
+        let addr = SocketAddr::new(LOOPBACK, free_port()?);
+        let config =
+            std::env::temp_dir().join(format!("skiff-bench-haproxy-{}.cfg", std::process::id()));
+        std::fs::write(
+            &config,
+            format!(
+                "global\n  nbthread {}\n  maxconn 4096\n\
+                 defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
+                 listen bench\n  bind {addr}\n  server replica {replica}\n",
+                threads.max(1)
+            ),
+        )
+        .with_context(|| format!("failed to write {}", config.display()))?;
+        let child = std::process::Command::new("haproxy")
+            .arg("-db")
+            .arg("-f")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| {
+                let _ = std::fs::remove_file(&config);
+                anyhow!("failed to start haproxy ({e}): install it with `apt-get install haproxy`, or leave out --reference")
+            })?;
+        let haproxy = Haproxy {
+            child,
+            addr,
+            config,
+        };
+        // Bounded wait for its listener: 250 tries, 20 ms apart.
+        for _ in 0..250 {
+            if std::net::TcpStream::connect(addr).is_ok() {
+                return Ok(haproxy);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(anyhow!("haproxy did not listen on {addr} within 5 s"))
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.config);
+    }
 }
 
 fn micros(d: Duration) -> f64 {
@@ -253,9 +402,14 @@ async fn answer(mut stream: TcpStream) -> std::io::Result<()> {
 
 /// Runs the keep-alive clients against `addr`: a warm-up, then the measured
 /// run; every request's latency is recorded.
-fn load(addr: SocketAddr, args: &BenchProxyArgs) -> anyhow::Result<Figures> {
+fn load(
+    addr: SocketAddr,
+    connections: usize,
+    args: &BenchProxyArgs,
+    reference: Option<u32>,
+) -> anyhow::Result<Figures> {
     let client_rt = runtime("bench-client", args.threads)?;
-    let figures = client_rt.block_on(load_on(&client_rt, addr, args));
+    let figures = client_rt.block_on(load_on(&client_rt, addr, connections, args, reference));
     client_rt.shutdown_background();
     figures
 }
@@ -263,14 +417,16 @@ fn load(addr: SocketAddr, args: &BenchProxyArgs) -> anyhow::Result<Figures> {
 async fn load_on(
     client_rt: &tokio::runtime::Runtime,
     addr: SocketAddr,
+    connections: usize,
     args: &BenchProxyArgs,
+    reference: Option<u32>,
 ) -> anyhow::Result<Figures> {
     let warmup = Duration::from_secs(args.warmup);
     let duration = Duration::from_secs(args.duration);
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
-    for _ in 0..args.connections {
+    for _ in 0..connections {
         let (measuring, stop) = (measuring.clone(), stop.clone());
         tasks.push(client_rt.spawn(async move {
             let mut stream = TcpStream::connect(addr).await?;
@@ -291,10 +447,10 @@ async fn load_on(
     tokio::time::sleep(warmup).await;
     measuring.store(true, Ordering::Relaxed);
     let started = Instant::now();
-    let cpu_before = cpu_by_role();
+    let cpu_before = cpu_by_role(reference);
     tokio::time::sleep(duration).await;
     measuring.store(false, Ordering::Relaxed);
-    let cpu = cpu_since(&cpu_before, &cpu_by_role());
+    let cpu = cpu_since(&cpu_before, &cpu_by_role(reference));
     let elapsed = started.elapsed();
     stop.store(true, Ordering::Relaxed);
     let mut all = Vec::new();

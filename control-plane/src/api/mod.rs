@@ -464,7 +464,7 @@ pub(crate) fn status_from(err: ProposeError) -> Status {
         ProposeError::NoLeader | ProposeError::NotLeader(_) | ProposeError::Forward(_) => {
             Status::unavailable(err.to_string())
         }
-        ProposeError::Unknown => Status::aborted(err.to_string()),
+        ProposeError::Unknown(_) => Status::aborted(err.to_string()),
         ProposeError::Busy(_) => Status::unavailable(err.to_string()),
         ProposeError::Stopped => Status::internal(err.to_string()),
     }

@@ -48,6 +48,9 @@ pub const LEADER_WAIT: Duration = Duration::from_secs(5);
 /// a forwarded proposal silently when it is lost on the way.
 const FORWARDED_PATIENCE: Duration = Duration::from_secs(5);
 
+/// Why a write's outcome is unknown after a leader steps down or changes.
+const LEADERSHIP_CHANGED: &str = "leadership changed before the write committed";
+
 /// Why a proposal, read or membership change did not happen.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum ProposeError {
@@ -61,8 +64,10 @@ pub enum ProposeError {
     Membership(String),
     #[error("{0}")]
     Busy(String),
-    #[error("leadership changed before the write committed; it may or may not have been applied")]
-    Unknown,
+    /// The outcome is unknown; the text says why (a leadership change, or
+    /// a forwarded write the leader never confirmed).
+    #[error("{0}; it may or may not have been applied")]
+    Unknown(String),
     #[error("cannot reach the leader: {0}")]
     Forward(String),
     #[error("the consensus thread stopped")]
@@ -583,15 +588,21 @@ impl<S: LogStore> Driver<S> {
             .map(|(tag, _)| *tag)
             .collect();
         for tag in expired {
-            self.fail_forwarded(tag);
+            self.fail_forwarded(
+                tag,
+                format!(
+                    "the leader did not confirm the forwarded write within {} s",
+                    FORWARDED_PATIENCE.as_secs()
+                ),
+            );
         }
     }
 
-    fn fail_forwarded(&mut self, tag: u64) {
+    fn fail_forwarded(&mut self, tag: u64, why: String) {
         self.forwarded.remove(&tag);
         self.started.remove(&tag);
         if let Some(Waiter::Request(tx)) = self.waiters.remove(&tag) {
-            let _ = tx.send(Err(ProposeError::Unknown));
+            let _ = tx.send(Err(ProposeError::Unknown(why)));
         }
     }
 
@@ -622,7 +633,7 @@ impl<S: LogStore> Driver<S> {
         let was_leader = previous.role == "leader";
         if was_leader && status.role != "leader" {
             // Entries proposed by a deposed leader may or may not commit.
-            self.fail_all(ProposeError::Unknown);
+            self.fail_all(ProposeError::Unknown(LEADERSHIP_CHANGED.into()));
         } else if status.leader_id != previous.leader_id && !self.forwarded.is_empty() {
             // So may commands forwarded to a previous leader.
             let tags: Vec<u64> = self
@@ -632,7 +643,7 @@ impl<S: LogStore> Driver<S> {
                 .map(|(tag, _)| *tag)
                 .collect();
             for tag in tags {
-                self.fail_forwarded(tag);
+                self.fail_forwarded(tag, LEADERSHIP_CHANGED.into());
             }
         }
         self.status.send_if_modified(|current| {

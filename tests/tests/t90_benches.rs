@@ -1,0 +1,142 @@
+//! The benchmarks still run: each is started the way the README gives it,
+//! on a short run, and its output is checked for every row it must print.
+//! Figures are never asserted (benchmarks are not timed tests); a bench
+//! that breaks, hangs or stops printing a row fails here.
+
+use std::process::Command;
+use std::time::Duration;
+
+use skiff_e2e::{run_with_timeout, skiff_bin};
+
+/// The number before `unit` on the first line that starts with `label`.
+fn figure(out: &str, label: &str, unit: &str) -> f64 {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(label))
+        .unwrap_or_else(|| panic!("no `{label}` line in:\n{out}"));
+    let before = line
+        .split(unit)
+        .next()
+        .unwrap_or_else(|| panic!("no `{unit}` in `{line}`"));
+    before
+        .split_whitespace()
+        .last()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no number before `{unit}` in `{line}`"))
+}
+
+#[test]
+fn bench_proxy_loads_direct_through_the_proxy_and_through_haproxy() {
+    let out = run_with_timeout(
+        Command::new(skiff_bin()).args([
+            "bench",
+            "proxy",
+            "--duration",
+            "1",
+            "--warmup",
+            "0",
+            "--connections",
+            "8",
+            "--http",
+            "--reference",
+            "haproxy",
+        ]),
+        Duration::from_secs(60),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench proxy failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The loaded runs, then the unloaded ones: every path served requests.
+    for path in ["direct", "through proxy", "through haproxy"] {
+        let rates: Vec<&str> = stdout.lines().filter(|l| l.starts_with(path)).collect();
+        assert_eq!(rates.len(), 2, "`{path}` rows in:\n{stdout}");
+        for line in rates {
+            assert!(figure(line, path, "req/s") > 0.0, "{line}");
+        }
+    }
+    for path in ["through proxy", "through haproxy"] {
+        assert!(
+            stdout.contains(&format!("ratio {path}")),
+            "no ratio for `{path}` in:\n{stdout}"
+        );
+        assert!(
+            stdout.contains(&format!("added latency  {path}")),
+            "no unloaded latency for `{path}` in:\n{stdout}"
+        );
+    }
+    assert!(
+        stdout.contains("bounds the ratio at"),
+        "no CPU bound in:\n{stdout}"
+    );
+    // The proxy's own counters saw the load: 8 + 1 connections and one
+    // request line per request.
+    assert!(
+        figure(&stdout, "proxy counted", "connections") >= 9.0,
+        "{stdout}"
+    );
+    assert!(
+        figure(&stdout, "proxy counted", "requests") > 0.0,
+        "{stdout}"
+    );
+}
+
+/// `skiff bench ARGS`, which must succeed within `timeout`; its stdout.
+fn bench(args: &[&str], timeout: Duration) -> String {
+    let out = run_with_timeout(Command::new(skiff_bin()).arg("bench").args(args), timeout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "bench {args:?} failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[test]
+fn bench_raft_writes_through_every_server_on_both_log_stores() {
+    for log in ["sled", "wal"] {
+        let out = bench(
+            &[
+                "raft",
+                "--clients",
+                "8",
+                "--writes",
+                "2000",
+                "--warmup-secs",
+                "0",
+                "--raft-log",
+                log,
+            ],
+            Duration::from_secs(120),
+        );
+        // A healthy cluster acknowledges every write.
+        assert!(
+            out.contains("writes=2000") && out.contains("ok=2000 errors=0"),
+            "{log}: {out}"
+        );
+        assert!(out.contains("ops/s="), "{log}: {out}");
+        let servers = out
+            .lines()
+            .filter(|l| l.trim_start().starts_with("via "))
+            .count();
+        assert_eq!(servers, 3, "{log}: one row per server in:\n{out}");
+        assert_eq!(
+            out.matches("(leader)").count(),
+            1,
+            "{log}: exactly one leader in:\n{out}"
+        );
+    }
+}
+
+#[test]
+fn bench_failover_times_a_killed_leader() {
+    let out = bench(&["failover", "--rounds", "1"], Duration::from_secs(120));
+    assert!(
+        out.contains("round 1: killed leader") && out.contains("first successful write after"),
+        "{out}"
+    );
+    assert!(out.contains("failover ms: median="), "{out}");
+}
