@@ -6,7 +6,8 @@
 use std::process::Command;
 use std::time::Duration;
 
-use skiff_e2e::{run_with_timeout, skiff_bin};
+use skiff_e2e::containers::Registry;
+use skiff_e2e::{claim_port_range, run_with_timeout, skiff_bin};
 
 /// The number before `unit` on the first line that starts with `label`.
 fn figure(out: &str, label: &str, unit: &str) -> f64 {
@@ -139,4 +140,124 @@ fn bench_failover_times_a_killed_leader() {
         "{out}"
     );
     assert!(out.contains("failover ms: median="), "{out}");
+}
+
+#[test]
+fn bench_schedule_commits_every_placement() {
+    let out = bench(
+        &["schedule", "--nodes", "50", "--replicas", "2000"],
+        Duration::from_secs(120),
+    );
+    for line in [
+        "50 nodes registered",
+        "every placement committed and delivered to its node",
+        "pure scheduler: 2000 placements",
+    ] {
+        assert!(out.contains(line), "no `{line}` in:\n{out}");
+    }
+}
+
+#[test]
+fn bench_start_times_real_containers_and_measures_the_agent() {
+    let registry = Registry::shared();
+    let ports = claim_port_range();
+    let out = bench(
+        &[
+            "start",
+            "--image",
+            &registry.image("web:v1"),
+            "--insecure-registry",
+            &registry.addr,
+            "--replicas",
+            "1,2",
+            "--runs",
+            "1",
+            "--rss-replicas",
+            "3",
+            "--port-range",
+            &format!("{}-{}", ports.start, ports.end),
+        ],
+        Duration::from_secs(180),
+    );
+    for size in ["1", "2"] {
+        assert!(
+            out.lines()
+                .any(|l| l.split_whitespace().next() == Some(size) && l.contains(" ms")),
+            "no row for {size} replica(s) in:\n{out}"
+        );
+    }
+    assert!(
+        out.contains("3 replicas healthy in") && out.contains("agent RSS"),
+        "{out}"
+    );
+    assert!(out.contains("3 container shims"), "{out}");
+}
+
+#[test]
+fn bench_rollout_updates_real_containers_without_failed_requests() {
+    let registry = Registry::shared();
+    let ports = claim_port_range();
+    let out = bench(
+        &[
+            "rollout",
+            "--insecure-registry",
+            &registry.addr,
+            "--image-v1",
+            &registry.image("web:v2"),
+            "--image-v2",
+            &registry.image("web:v3"),
+            "--replicas",
+            "2",
+            "--max-parallel",
+            "1",
+            "--scenarios",
+            "rolling,blue-green",
+            "--drain-secs",
+            "1",
+            "--start-runs",
+            "1",
+            "--port-range",
+            &format!("{}-{}", ports.start, ports.end),
+        ],
+        Duration::from_secs(180),
+    );
+    assert!(out.contains("rolling update, 2 replicas"), "{out}");
+    assert!(out.contains("blue-green switch, 2 replicas"), "{out}");
+    // Zero failed requests is what the deployments promise, not a timing.
+    let loads: Vec<&str> = out.lines().filter(|l| l.contains("load: ")).collect();
+    assert_eq!(loads.len(), 2, "{out}");
+    for load in loads {
+        assert!(load.contains(" 0 failed"), "{load}\n{out}");
+    }
+    assert!(
+        out.contains("list` is empty"),
+        "containers left behind:\n{out}"
+    );
+}
+
+#[test]
+fn bench_autoscale_reacts_to_a_load_step() {
+    let ports = claim_port_range();
+    let out = bench(
+        &[
+            "autoscale",
+            "--duration",
+            "8",
+            "--window",
+            "3",
+            "--period",
+            "8",
+            "--max",
+            "4",
+            "--port-range",
+            &format!("{}-{}", ports.start, ports.end),
+        ],
+        Duration::from_secs(180),
+    );
+    assert!(out.contains("step: scale event after"), "{out}");
+    assert!(out.contains("replicas serving traffic after"), "{out}");
+    // Whether the sawtooth's scale events count as "ok" depends on timing;
+    // that it ran and every request succeeded does not.
+    assert!(out.contains("sawtooth: time at each replica count"), "{out}");
+    assert!(out.contains(", 0 failed"), "{out}");
 }
