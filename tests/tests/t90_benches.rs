@@ -258,6 +258,9 @@ fn bench_autoscale_reacts_to_a_load_step() {
     assert!(out.contains("replicas serving traffic after"), "{out}");
     // Whether the sawtooth's scale events count as "ok" depends on timing;
     // that it ran and every request succeeded does not.
-    assert!(out.contains("sawtooth: time at each replica count"), "{out}");
+    assert!(
+        out.contains("sawtooth: time at each replica count"),
+        "{out}"
+    );
     assert!(out.contains(", 0 failed"), "{out}");
 }
