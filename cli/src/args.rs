@@ -195,6 +195,10 @@ pub struct BenchProxyArgs {
     /// Route as an `--protocol http` service (the proxy counts requests).
     #[arg(long)]
     pub http: bool,
+    /// CPU the replica spends on each request before answering, in
+    /// microseconds (0: a trivial replica, the proxy's worst case).
+    #[arg(long, default_value_t = 0)]
+    pub replica_cpu_us: u64,
     /// Also load the replica through a reference proxy, started for the run
     /// with the same number of threads, for side-by-side figures.
     #[arg(long, value_enum)]

@@ -44,6 +44,12 @@ impl Figures {
         self.requests as f64 / self.elapsed.as_secs_f64()
     }
 
+    /// The cores the measured roles kept busy on average over the run.
+    fn cores_busy(&self) -> f64 {
+        let total: Duration = self.cpu.values().sum();
+        total.as_secs_f64() / self.elapsed.as_secs_f64()
+    }
+
     /// CPU microseconds per request of the threads named `role`.
     fn cpu_per_request(&self, role: &str) -> f64 {
         let cpu = self.cpu.get(role).copied().unwrap_or_default();
@@ -134,7 +140,10 @@ fn run_blocking(args: BenchProxyArgs) -> anyhow::Result<()> {
         .block_on(TcpListener::bind(SocketAddr::new(LOOPBACK, 0)))
         .context("failed to listen for the bench replica")?;
     let replica_addr = replica.local_addr()?;
-    replica_rt.spawn(serve_replica(replica));
+    replica_rt.spawn(serve_replica(
+        replica,
+        Duration::from_micros(args.replica_cpu_us),
+    ));
 
     let proxy_rt = runtime("bench-proxy", args.threads)?;
     let published = free_port()?;
@@ -181,11 +190,12 @@ fn run_blocking(args: BenchProxyArgs) -> anyhow::Result<()> {
     let reference_pid = reference.as_ref().map(|h| h.child.id());
 
     println!(
-        "skiff bench proxy: {} keep-alive connections, {:?} per run after {:?} warm-up, {} thread(s) each for replica and proxy{}{}",
+        "skiff bench proxy: {} keep-alive connections, {:?} per run after {:?} warm-up, {} thread(s) each for replica and proxy, replica work {} µs CPU per request{}{}",
         args.connections,
         Duration::from_secs(args.duration),
         Duration::from_secs(args.warmup),
         args.threads,
+        args.replica_cpu_us,
         if args.http { ", HTTP request counting on" } else { "" },
         if reference.is_some() { ", HAProxy (mode tcp) beside it" } else { "" },
     );
@@ -266,7 +276,10 @@ fn report(paths: &[Path], figures: &[Figures]) {
     // Where the CPU goes: with every core busy, a request through a proxy
     // costs the client's, the replica's and the proxy's CPU, so the
     // throughput ratio cannot exceed (client + replica) / (client +
-    // replica + proxy), whatever the proxy's latency.
+    // replica + proxy), whatever the proxy's latency. When the direct run
+    // leaves cores idle (a replica whose one thread is the bottleneck), the
+    // proxy runs on them and that bound does not apply.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     for (path, f) in paths.iter().zip(figures) {
         let (client, replica) = (
             f.cpu_per_request("bench-client"),
@@ -277,9 +290,13 @@ fn report(paths: &[Path], figures: &[Figures]) {
             "CPU per request {:<16} client {client:.1} µs, replica {replica:.1} µs",
             path.name
         );
+        if let Some(proxy) = forwarder {
+            print!(", proxy {proxy:.1} µs");
+        }
+        print!("; {:.2} of {cores} cores busy", f.cores_busy());
         match forwarder {
             Some(proxy) if client + replica + proxy > 0.0 => println!(
-                ", proxy {proxy:.1} µs: bounds the ratio at {:.1} % when all cores are busy",
+                ": bounds the ratio at {:.1} % when all cores are busy",
                 100.0 * (client + replica) / (client + replica + proxy)
             ),
             _ => println!(),
@@ -364,14 +381,27 @@ fn runtime(name: &str, threads: usize) -> anyhow::Result<tokio::runtime::Runtime
         .with_context(|| format!("failed to start the {name} runtime"))
 }
 
-/// A replica that answers every request with the same small response.
-async fn serve_replica(listener: TcpListener) {
+/// A replica that answers every request with the same small response,
+/// after spending `work` of CPU on it (a busy loop: zero is the trivial
+/// replica; an application's handler spends tens of microseconds).
+async fn serve_replica(listener: TcpListener, work: Duration) {
     while let Ok((stream, _)) = listener.accept().await {
-        tokio::spawn(answer(stream));
+        tokio::spawn(answer(stream, work));
     }
 }
 
-async fn answer(mut stream: TcpStream) -> std::io::Result<()> {
+/// Spins for `work` on this thread, as a request handler computing would.
+fn burn(work: Duration) {
+    if work.is_zero() {
+        return;
+    }
+    let started = Instant::now();
+    while started.elapsed() < work {
+        std::hint::spin_loop();
+    }
+}
+
+async fn answer(mut stream: TcpStream, work: Duration) -> std::io::Result<()> {
     let _ = stream.set_nodelay(true);
     let mut buf = [0u8; 4096];
     // How much of "\r\n\r\n" the bytes so far end with.
@@ -395,6 +425,7 @@ async fn answer(mut stream: TcpStream) -> std::io::Result<()> {
             }
         }
         for _ in 0..complete {
+            burn(work);
             stream.write_all(RESPONSE).await?;
         }
     }
