@@ -12,6 +12,8 @@ fi
 
 export SKIFF_ADDR="${SKIFF_ADDR:-127.0.0.1:7070}"
 skiff="target/release/skiff"
+# The port every node's routing proxy publishes the demo on (DEMO_PORT to change it).
+publish="${DEMO_PORT:-8080}"
 data_dir=".skiff"
 log="${data_dir}/dev.log"
 
@@ -83,37 +85,45 @@ fi
 if "$skiff" service inspect demo >/dev/null 2>&1; then
     echo "==> service demo exists already (kept in $data_dir from an earlier run)"
 else
-    echo "==> $skiff service create demo --runtime process --replicas 2 -- python3 -m http.server '\$PORT' --bind 127.0.0.1"
+    echo "==> $skiff service create demo --runtime process --replicas 2 --publish $publish --protocol http --health-http / -- python3 -m http.server '\$PORT' --bind 127.0.0.1"
     # shellcheck disable=SC2016 # `$PORT` is for the agent to substitute, not the shell.
-    "$skiff" service create demo --runtime process --replicas 2 -- python3 -m http.server '$PORT' --bind 127.0.0.1
+    "$skiff" service create demo --runtime process --replicas 2 --publish "$publish" --protocol http \
+        --health-http / -- python3 -m http.server '$PORT' --bind 127.0.0.1
 fi
 
-echo "==> waiting for 2 running replicas"
-ports=""
+# Healthy once their check passes; a demo kept from an older run without a check stops at running.
+ready_state="$("$skiff" service inspect demo --output json 2>/dev/null |
+    python3 -c 'import json, sys
+print("healthy" if json.load(sys.stdin)["spec"].get("health") else "running")' 2>/dev/null || echo running)"
+echo "==> waiting for 2 $ready_state replicas"
+healthy=0
 for _ in $(seq 1 150); do
-    ports="$("$skiff" service ps demo --output json 2>/dev/null |
+    healthy="$("$skiff" service ps demo --output json 2>/dev/null |
         python3 -c 'import json, sys
-allocs = [a for a in json.load(sys.stdin) if a["state"] == "running"]
-print(" ".join(str(a["host_port"]) for a in allocs) if len(allocs) == 2 else "")' || true)"
-    [ -z "$ports" ] || break
+print(sum(1 for a in json.load(sys.stdin) if a["state"] == sys.argv[1]))' "$ready_state" || echo 0)"
+    [ "$healthy" -lt 2 ] || break
     sleep 0.2
 done
 
+if [ "$healthy" -lt 2 ]; then
+    echo "warning: the replicas did not all reach $ready_state within 30 s; see $log" >&2
+fi
 echo
 echo "==> $skiff service ps demo"
 "$skiff" service ps demo
 echo
 
-if [ -n "$ports" ]; then
-    port="${ports%% *}"
-    echo "==> curl -s http://127.0.0.1:${port}/ | head -n 5"
+published="$("$skiff" service inspect demo --output json 2>/dev/null |
+    python3 -c 'import json, sys
+s = json.load(sys.stdin)["spec"]
+print(s.get("publish") or "")' 2>/dev/null || true)"
+if [ -n "$published" ]; then
+    echo "==> curl -s http://127.0.0.1:${published}/ | head -n 5   (the routing proxy, to either replica)"
     for _ in $(seq 1 50); do
-        if curl -sf -m 2 "http://127.0.0.1:${port}/" >/dev/null; then break; fi
+        if curl -sf -m 2 "http://127.0.0.1:${published}/" >/dev/null; then break; fi
         sleep 0.2
     done
-    curl -s -m 2 "http://127.0.0.1:${port}/" | head -n 5 || true
-else
-    echo "warning: the replicas did not all reach running within 30 s; see $log" >&2
+    curl -s -m 2 "http://127.0.0.1:${published}/" | head -n 5 || true
 fi
 
 echo
@@ -122,7 +132,8 @@ echo "Skiff dev is running (pid $dev_pid, API on $SKIFF_ADDR, output in $log). T
 cat <<EOT
     $skiff service ps demo
     $skiff service scale demo 4
-    curl http://127.0.0.1:<host_port>/
+    $skiff service inspect demo          # traffic through the routing proxy, events
+    curl http://127.0.0.1:${published:-<published port>}/
 Press Ctrl-C to stop skiff dev and its replicas.
 EOT
 
