@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Builds Skiff, starts `skiff dev` (one server + one agent, data in ./.skiff), runs a demo
-# service `demo` of two HTTP replicas, shows them, and keeps dev running in the foreground.
-# Ctrl-C stops dev and its replicas; the service stays in ./.skiff for the next run.
+# service `demo` of two HTTP replicas published through the routing proxy, shows them, and
+# keeps dev running in the foreground. Ctrl-C stops dev and its replicas; the service stays in
+# ./.skiff for the next run.
+#
+# Environment: SKIFF_ADDR (API address, default 127.0.0.1:7070), DEMO_PORT (published port,
+# default 8080), DEMO_DATA_DIR (default ./.skiff), SKIFF_BIN (a built skiff binary: no build),
+# DEMO_DEV_FLAGS (more flags for `skiff dev`, e.g. "--port-range 21000-21039").
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -11,14 +16,16 @@ if ! command -v cargo >/dev/null 2>&1 && [ -f "${HOME}/.cargo/env" ]; then
 fi
 
 export SKIFF_ADDR="${SKIFF_ADDR:-127.0.0.1:7070}"
-skiff="target/release/skiff"
-# The port every node's routing proxy publishes the demo on (DEMO_PORT to change it).
+skiff="${SKIFF_BIN:-target/release/skiff}"
+# The port every node's routing proxy publishes the demo on.
 publish="${DEMO_PORT:-8080}"
-data_dir=".skiff"
+data_dir="${DEMO_DATA_DIR:-.skiff}"
 log="${data_dir}/dev.log"
 
-echo "==> building (cargo build --release)"
-cargo build --release
+if [ -z "${SKIFF_BIN:-}" ]; then
+    echo "==> building (cargo build --release)"
+    cargo build --release
+fi
 
 if "$skiff" node ls >/dev/null 2>&1; then
     echo "error: a skiff server already answers on ${SKIFF_ADDR}; stop it (or set SKIFF_ADDR)" >&2
@@ -26,8 +33,10 @@ if "$skiff" node ls >/dev/null 2>&1; then
 fi
 
 mkdir -p "$data_dir"
-echo "==> starting: $skiff dev --data-dir $data_dir --listen $SKIFF_ADDR  (output in $log)"
-"$skiff" dev --data-dir "$data_dir" --listen "$SKIFF_ADDR" >>"$log" 2>&1 &
+# shellcheck disable=SC2206 # the extra flags are words, split on purpose.
+dev_flags=(${DEMO_DEV_FLAGS:-})
+echo "==> starting: $skiff dev --data-dir $data_dir --listen $SKIFF_ADDR ${dev_flags[*]}  (output in $log)"
+"$skiff" dev --data-dir "$data_dir" --listen "$SKIFF_ADDR" "${dev_flags[@]}" >>"$log" 2>&1 &
 dev_pid=$!
 
 stopping=0
