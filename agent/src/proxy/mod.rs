@@ -523,13 +523,15 @@ impl Drop for Upstream {
 const REPLAY_BYTES: usize = 16 * 1024;
 
 /// For HTTP services: forwards the client's first request and waits for
-/// the replica's first byte. A replica that closes or resets the
-/// connection before answering anything (it died between the dial and the
-/// request: a killed process's socket accepts for a moment) gets the
-/// request replayed on another replica — only for a complete, bodiless
-/// request with an idempotent method, which the dead replica cannot have
-/// half-applied. Returns the replica that answered, its first bytes
-/// already sent on to the client.
+/// the replica's first byte, forwarding whatever more the client sends
+/// meanwhile (a request may arrive in pieces, and the replica answers only
+/// once it has all of it). A replica that closes or resets the connection
+/// before answering anything (it died between the dial and the request: a
+/// killed process's socket accepts for a moment) gets the request replayed
+/// on another replica — only for complete, bodiless requests with an
+/// idempotent method, which the dead replica cannot have half-applied.
+/// Returns the replica that answered, its first bytes already sent on to
+/// the client.
 async fn first_exchange(
     client: &mut Counted<'_>,
     pool: &Pool,
@@ -537,38 +539,58 @@ async fn first_exchange(
     mut upstream: Upstream,
 ) -> Option<Upstream> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut request = vec![0u8; REPLAY_BYTES];
-    let n = client.read(&mut request).await.ok()?;
-    if n == 0 {
-        return None;
-    }
-    request.truncate(n);
-    let replayable = http::is_replayable(&request);
+    let _ = upstream.stream.set_nodelay(true);
+    // Everything sent to the replica so far, kept for a replay while it
+    // fits in REPLAY_BYTES (`None` once it did not).
+    let mut sent = Some(Vec::new());
+    let mut chunk = [0u8; 4096];
     let mut answer = [0u8; 4096];
+    let mut client_open = true;
     loop {
-        let _ = upstream.stream.set_nodelay(true);
-        let got = match upstream.stream.write_all(&request).await {
-            Ok(()) => upstream.stream.read(&mut answer).await.unwrap_or(0),
-            Err(_) => 0,
-        };
-        if got > 0 {
-            client.replica = upstream.backend.counters.clone();
-            client.write_all(&answer[..got]).await.ok()?;
-            return Some(upstream);
+        tokio::select! {
+            read = client.read(&mut chunk), if client_open => {
+                let n = read.ok()?;
+                if n == 0 {
+                    if sent.as_ref().is_some_and(Vec::is_empty) {
+                        // Gone before sending anything.
+                        return None;
+                    }
+                    client_open = false;
+                    continue;
+                }
+                if let Some(kept) = &mut sent {
+                    if kept.len() + n <= REPLAY_BYTES {
+                        kept.extend_from_slice(&chunk[..n]);
+                    } else {
+                        sent = None;
+                    }
+                }
+                // A replica that cannot take it has closed: the read branch
+                // sees that next and replays or gives up.
+                let _ = upstream.stream.write_all(&chunk[..n]).await;
+            }
+            got = upstream.stream.read(&mut answer) => {
+                let got = got.unwrap_or(0);
+                if got > 0 {
+                    client.replica = upstream.backend.counters.clone();
+                    client.write_all(&answer[..got]).await.ok()?;
+                    return Some(upstream);
+                }
+                let request = sent.as_deref().filter(|r| http::is_replayable(r))?;
+                tracing::debug!(alloc = %upstream.backend.alloc_id, "replica closed before answering; replaying the request on another");
+                pool.counters
+                    .connect_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                upstream
+                    .backend
+                    .counters
+                    .connect_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                upstream = dial(pool, tried).await?;
+                let _ = upstream.stream.set_nodelay(true);
+                let _ = upstream.stream.write_all(request).await;
+            }
         }
-        if !replayable {
-            return None;
-        }
-        tracing::debug!(alloc = %upstream.backend.alloc_id, "replica closed before answering; replaying the request on another");
-        pool.counters
-            .connect_failures
-            .fetch_add(1, Ordering::Relaxed);
-        upstream
-            .backend
-            .counters
-            .connect_failures
-            .fetch_add(1, Ordering::Relaxed);
-        upstream = dial(pool, tried).await?;
     }
 }
 
@@ -965,6 +987,56 @@ mod tests {
         assert_eq!((bad.connections, good.connections), (0, 10));
         assert_eq!(good.active, 0);
         assert_eq!(good.responses, 0, "echoed requests are no responses");
+    }
+
+    /// A replica that answers only once a whole request head has arrived,
+    /// as an HTTP server does.
+    async fn answers_whole_heads() -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 256];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let _ = s.write_all(b"HTTP/1.0 200 OK\r\n\r\n").await;
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_request_that_arrives_in_pieces_reaches_the_replica_whole() {
+        let replica = answers_whole_heads().await;
+        let metrics = Metrics::default();
+        let mut proxy = Proxy::new("127.0.0.1".parse().unwrap(), metrics.clone());
+        let publish = refusing_addr().await.port();
+        proxy.update(vec![Route {
+            service: "web".into(),
+            publish,
+            http: true,
+            endpoints: vec![endpoint("r", replica)],
+            hold_when_empty: false,
+        }]);
+        let mut s = TcpStream::connect(("127.0.0.1", publish)).await.unwrap();
+        s.set_nodelay(true).unwrap();
+        for piece in ["GET ", "/ HTTP/1.0\r\n", "Host: x\r\n", "\r\n"] {
+            s.write_all(piece.as_bytes()).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer))
+            .await
+            .expect("the replica answered the whole request")
+            .unwrap();
+        assert_eq!(answer, b"HTTP/1.0 200 OK\r\n\r\n");
     }
 
     /// A route that holds connections while it has no endpoint.
