@@ -100,10 +100,13 @@ else
         --health-http / -- python3 -m http.server '$PORT' --bind 127.0.0.1
 fi
 
-# Healthy once their check passes; a demo kept from an older run without a check stops at running.
-ready_state="$("$skiff" service inspect demo --output json 2>/dev/null |
+# Healthy once their check passes (a demo kept from an older run without a check stops at
+# running), and reached on its published port if it has one.
+read -r ready_state published < <("$skiff" service inspect demo --output json 2>/dev/null |
     python3 -c 'import json, sys
-print("healthy" if json.load(sys.stdin)["spec"].get("health") else "running")' 2>/dev/null || echo running)"
+s = json.load(sys.stdin)["spec"]
+print("healthy" if s.get("health") else "running", s.get("publish") or "")' 2>/dev/null ||
+    echo running)
 echo "==> waiting for 2 $ready_state replicas"
 healthy=0
 for _ in $(seq 1 150); do
@@ -122,10 +125,6 @@ echo "==> $skiff service ps demo"
 "$skiff" service ps demo
 echo
 
-published="$("$skiff" service inspect demo --output json 2>/dev/null |
-    python3 -c 'import json, sys
-s = json.load(sys.stdin)["spec"]
-print(s.get("publish") or "")' 2>/dev/null || true)"
 if [ -n "$published" ]; then
     echo "==> curl -s http://127.0.0.1:${published}/ | head -n 5   (the routing proxy, to either replica)"
     for _ in $(seq 1 50); do

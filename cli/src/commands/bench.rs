@@ -217,7 +217,8 @@ impl Drop for LocalCluster {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())

@@ -21,6 +21,7 @@ use skiff_proto::v1 as pb;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::bench::free_port;
 use crate::args::BenchAutoscaleArgs;
 use crate::client::{connect, Client};
 
@@ -499,10 +500,4 @@ pub async fn run(args: BenchAutoscaleArgs) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     drop(processes);
     Ok(())
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }

@@ -22,6 +22,7 @@ use skiff_agent::proxy::{Endpoint, Proxy, Route};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use super::bench::free_port;
 use crate::args::{BenchProxyArgs, ReferenceProxy};
 
 const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n";
@@ -199,12 +200,7 @@ fn run_blocking(args: BenchProxyArgs) -> anyhow::Result<()> {
         if args.http { ", HTTP request counting on" } else { "" },
         if reference.is_some() { ", HAProxy (mode tcp) beside it" } else { "" },
     );
-    let mut loaded = Vec::new();
-    for path in &paths {
-        let figures = load(path.addr, args.connections, &args, reference_pid)
-            .with_context(|| format!("{} run", path.name))?;
-        loaded.push(figures);
-    }
+    let loaded = load_each(&paths, args.connections, &args, reference_pid)?;
     report(&paths, &loaded);
 
     if args.unloaded_connections > 0 {
@@ -212,12 +208,7 @@ fn run_blocking(args: BenchProxyArgs) -> anyhow::Result<()> {
             "\nunloaded: {} keep-alive connection(s), where the latency is the path's own",
             args.unloaded_connections
         );
-        let mut unloaded = Vec::new();
-        for path in &paths {
-            let figures = load(path.addr, args.unloaded_connections, &args, reference_pid)
-                .with_context(|| format!("{} unloaded run", path.name))?;
-            unloaded.push(figures);
-        }
+        let unloaded = load_each(&paths, args.unloaded_connections, &args, reference_pid)?;
         for (path, f) in paths.iter().zip(&unloaded) {
             row(path.name, f);
         }
@@ -302,12 +293,6 @@ fn report(paths: &[Path], figures: &[Figures]) {
             _ => println!(),
         }
     }
-}
-
-/// A port on loopback that was free a moment ago.
-fn free_port() -> anyhow::Result<u16> {
-    let probe = std::net::TcpListener::bind(SocketAddr::new(LOOPBACK, 0))?;
-    Ok(probe.local_addr()?.port())
 }
 
 /// HAProxy forwarding a loopback port to the replica in TCP mode, the
@@ -429,6 +414,22 @@ async fn answer(mut stream: TcpStream, work: Duration) -> std::io::Result<()> {
             stream.write_all(RESPONSE).await?;
         }
     }
+}
+
+/// [`load`] over each path in turn, with `connections` clients.
+fn load_each(
+    paths: &[Path],
+    connections: usize,
+    args: &BenchProxyArgs,
+    reference: Option<u32>,
+) -> anyhow::Result<Vec<Figures>> {
+    paths
+        .iter()
+        .map(|path| {
+            load(path.addr, connections, args, reference)
+                .with_context(|| format!("{} run with {connections} connection(s)", path.name))
+        })
+        .collect()
 }
 
 /// Runs the keep-alive clients against `addr`: a warm-up, then the measured

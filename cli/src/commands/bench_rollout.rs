@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use anyhow::anyhow;
 use skiff_proto::v1 as pb;
 
-use super::bench::{BenchAgent, BenchAgentOptions, LocalCluster};
+use super::bench::{free_port, BenchAgent, BenchAgentOptions, LocalCluster};
 use crate::args::BenchRolloutArgs;
 use crate::client::{connect, Client};
 
@@ -476,12 +476,6 @@ fn print_load(tally: &Tally, started: Instant) {
             .collect();
         println!("  failures: {}", reasons.join(", "));
     }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 /// A published service of `image_v1` at `replicas`, all healthy, with the
