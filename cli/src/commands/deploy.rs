@@ -6,9 +6,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use skiff_control_plane::api::convert;
-use skiff_control_plane::state::spec;
 use skiff_proto::v1 as pb;
+use skiff_spec as spec;
 
 use crate::args::{AutoscaleArgs, OutputFormat, UpdateArgs, UpdatePolicyArgs};
 use crate::client::{explain, Client};
@@ -177,7 +176,7 @@ pub async fn update(
     let spec = updated_spec(&current.spec.unwrap_or_default(), &args)?;
     // Refuse a bad update here with the field's message; the server checks
     // again before anything changes.
-    convert::spec_from_pb(spec.clone()).map_err(|e| anyhow!("{e}"))?;
+    skiff_spec::pb::spec_from_pb(spec.clone()).map_err(|e| anyhow!("{e}"))?;
     let status = client
         .update_service(pb::UpdateServiceRequest { spec: Some(spec) })
         .await

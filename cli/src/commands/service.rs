@@ -3,8 +3,8 @@
 use std::collections::HashMap;
 
 use anyhow::{anyhow, Context};
-use skiff_control_plane::state::spec;
 use skiff_proto::v1 as pb;
+use skiff_spec as spec;
 
 use crate::args::{CreateArgs, OutputFormat, ServiceCommand};
 use crate::client::{connect, explain};

@@ -29,7 +29,8 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::consensus::transport::endpoint;
 use crate::consensus::{Consensus, ProposeError};
 use crate::controllers::{now_ms, Heartbeats};
-use crate::state::{spec, AllocReport, AllocState, Availability, Command, CommandError, Event};
+use crate::state::{AllocReport, AllocState, Availability, Command, CommandError, Event};
+use skiff_spec as spec;
 
 /// How often agents are asked to send a heartbeat.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
@@ -483,7 +484,7 @@ impl Api {
         spec: Option<pb::ServiceSpec>,
     ) -> Result<crate::state::ServiceSpec, Status> {
         let spec = spec.ok_or_else(|| Status::invalid_argument("invalid spec: missing"))?;
-        let spec = convert::spec_from_pb(spec).map_err(invalid)?;
+        let spec = skiff_spec::pb::spec_from_pb(spec).map_err(invalid)?;
         if let Some(publish) = spec.publish {
             self.barrier().await?;
             let state = self.consensus.state();

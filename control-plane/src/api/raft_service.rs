@@ -7,7 +7,7 @@ use skiff_proto::raft as pb;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::consensus::{self, Consensus, ProposeError};
-use crate::state::spec;
+use skiff_spec as spec;
 
 pub struct RaftService {
     consensus: Consensus,

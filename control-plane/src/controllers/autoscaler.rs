@@ -28,8 +28,8 @@ use super::autoscale::{
 };
 use super::now_ms;
 use crate::consensus::Consensus;
-use crate::state::spec::Protocol;
 use crate::state::{AutoscalePolicy, Command, ServiceMode, State};
+use skiff_spec::Protocol;
 
 /// What is known of a service's load: `(service, http)` in; out, the
 /// latest report of every node's proxy and its replicas' CPU use.

@@ -9,19 +9,17 @@
 //! Time never comes from the applying server's clock: events are stamped
 //! with the time the proposer put in the entry ([`Command::Timed`]).
 
-pub mod spec;
-pub mod update;
+mod deployment;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-pub use spec::{
-    Constraint, ConstraintOp, HealthCheck, HealthKind, NetworkMode, PlacementPolicy, RuntimeKind,
-    ServiceMode, ServiceSpec, SpecError,
-};
-pub use update::{
-    AutoscalePolicy, Deployment, DeploymentStatus, Strategy, UpdatePolicy, VersionRecord,
+pub use deployment::{Deployment, DeploymentStatus, VersionRecord};
+pub use skiff_spec::{
+    AllocState, AutoscalePolicy, Constraint, ConstraintOp, HealthCheck, HealthKind, NetworkMode,
+    PlacementPolicy, Protocol, RuntimeKind, ServiceMode, ServiceSpec, SpecError, Strategy,
+    UpdatePolicy,
 };
 
 /// Versions of a service kept in its history (older ones are dropped).
@@ -173,6 +171,12 @@ impl Node {
     pub fn is_eligible(&self) -> bool {
         self.status == NodeStatus::Ready && self.availability == Availability::Active
     }
+
+    /// A replica of `spec` may run here: the node takes new replicas and
+    /// meets the spec's constraints.
+    pub fn can_run(&self, spec: &ServiceSpec) -> bool {
+        self.is_eligible() && spec.constraints_hold(&self.labels, &self.name, &self.address)
+    }
 }
 
 /// What the control plane wants of an allocation.
@@ -189,66 +193,6 @@ impl DesiredState {
             DesiredState::Run => "run",
             DesiredState::Stop => "stop",
         }
-    }
-}
-
-/// What the agent last reported of an allocation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AllocState {
-    /// Placed, not yet reported by the agent.
-    Pending,
-    /// The agent is pulling the replica's image.
-    Pulling,
-    Starting,
-    /// Started; healthy as far as anyone knows (no check passed or failed yet,
-    /// or it has none).
-    Running,
-    /// Its health check passes.
-    Healthy,
-    /// Its health check failed; the agent restarts it.
-    Unhealthy,
-    /// Exited; the agent restarts it after a backoff.
-    Restarting,
-    /// Cannot be started (e.g. the program does not exist); still retried.
-    Failed,
-    /// Stopped for good; the allocation can be forgotten.
-    Stopped,
-}
-
-impl AllocState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AllocState::Pending => "pending",
-            AllocState::Pulling => "pulling",
-            AllocState::Starting => "starting",
-            AllocState::Running => "running",
-            AllocState::Healthy => "healthy",
-            AllocState::Unhealthy => "unhealthy",
-            AllocState::Restarting => "restarting",
-            AllocState::Failed => "failed",
-            AllocState::Stopped => "stopped",
-        }
-    }
-
-    pub fn parse(value: &str) -> Option<Self> {
-        Some(match value {
-            "pending" => AllocState::Pending,
-            "pulling" => AllocState::Pulling,
-            "starting" => AllocState::Starting,
-            "running" => AllocState::Running,
-            "healthy" => AllocState::Healthy,
-            "unhealthy" => AllocState::Unhealthy,
-            "restarting" => AllocState::Restarting,
-            "failed" => AllocState::Failed,
-            "stopped" => AllocState::Stopped,
-            _ => return None,
-        })
-    }
-
-    /// Its process runs (healthy or not yet checked).
-    pub fn is_up(self) -> bool {
-        matches!(self, AllocState::Running | AllocState::Healthy)
     }
 }
 
@@ -984,7 +928,7 @@ impl State {
         name: &str,
         replicas: u32,
     ) -> Result<Outcome, CommandError> {
-        spec::validate_replicas(i64::from(replicas))?;
+        skiff_spec::validate_replicas(i64::from(replicas))?;
         let service = self
             .services
             .get_mut(name)
@@ -1040,7 +984,7 @@ impl State {
         service.generation += 1;
         service.modify_index = index;
         if service.spec.runs_same(&spec) {
-            let diff = update::spec_diff(&service.spec, &spec).join("; ");
+            let diff = skiff_spec::spec_diff(&service.spec, &spec).join("; ");
             service.spec = spec;
             self.event(index, EventKind::ServiceUpdated, &name, "", "", &diff);
             return Ok(Outcome::Done);
@@ -1061,7 +1005,7 @@ impl State {
             policy.strategy = Strategy::Rolling;
             policy.max_error_rate = None;
         }
-        let diff = update::spec_diff(&service.spec, &spec);
+        let diff = skiff_spec::spec_diff(&service.spec, &spec);
         service.history.push(VersionRecord {
             version,
             spec: spec.clone(),
@@ -1524,7 +1468,7 @@ impl State {
             .services
             .values()
             .filter(|s| s.active_deployment().is_some())
-            .filter(|s| s.spec.runs_on(node))
+            .filter(|s| node.can_run(&s.spec))
             .filter_map(|s| s.spec.image.clone())
             .collect();
         images.sort();
@@ -1543,7 +1487,7 @@ impl State {
         };
         self.nodes
             .values()
-            .filter(|n| n.status == NodeStatus::Ready && spec.runs_on(n))
+            .filter(|n| n.status == NodeStatus::Ready && n.can_run(spec))
             .all(|n| n.images.contains(image))
     }
 

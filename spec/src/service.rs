@@ -1,6 +1,7 @@
-//! The service spec an operator declares, and its validation. Validation
-//! runs on the server before a proposal and again when a command is applied,
-//! so a bad spec can never reach the state machine from any client.
+//! The service spec an operator declares, and its validation. The CLI,
+//! the server (before a proposal and again when a command is applied) and
+//! the stack-file reader all call the same [`ServiceSpec::validate`], so a
+//! bad spec can never reach the state machine from any client.
 
 use std::collections::BTreeMap;
 
@@ -168,10 +169,10 @@ pub struct ServiceSpec {
     pub protocol: Protocol,
     /// How a new version replaces this one.
     #[serde(default)]
-    pub update: super::update::UpdatePolicy,
+    pub update: crate::UpdatePolicy,
     /// Replicas follow the load between min and max; `None`: fixed count.
     #[serde(default)]
-    pub autoscale: Option<super::update::AutoscalePolicy>,
+    pub autoscale: Option<crate::AutoscalePolicy>,
 }
 
 /// What a published port carries, as far as the routing proxy cares.
@@ -418,14 +419,18 @@ impl ServiceSpec {
         Ok(())
     }
 
-    /// Whether a replica of this spec may run on `node`: it takes new
-    /// replicas and meets the constraints.
-    pub fn runs_on(&self, node: &super::Node) -> bool {
-        node.is_eligible()
-            && self
-                .constraints
-                .iter()
-                .all(|c| c.holds(&node.labels, &node.name, &node.address))
+    /// Whether every constraint holds on a node with these labels, name
+    /// and address (the scheduler also asks whether the node takes new
+    /// replicas at all).
+    pub fn constraints_hold(
+        &self,
+        labels: &BTreeMap<String, String>,
+        name: &str,
+        address: &str,
+    ) -> bool {
+        self.constraints
+            .iter()
+            .all(|c| c.holds(labels, name, address))
     }
 
     /// Whether replicas of `self` and `other` run the same thing: equal

@@ -1,10 +1,11 @@
 //! How a new version of a service replaces the running one (the update
-//! policy an operator declares), how its replicas scale by themselves (the
-//! autoscale policy), and the record of each rollout (a deployment).
+//! policy an operator declares) and how its replicas scale by themselves
+//! (the autoscale policy): one type each, for the CLI, the files, the
+//! server and the controllers.
 
 use serde::{Deserialize, Serialize};
 
-use super::spec::SpecError;
+use crate::SpecError;
 
 /// How replicas of a new version replace the old ones.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -170,12 +171,12 @@ impl Eq for AutoscalePolicy {}
 
 impl AutoscalePolicy {
     pub fn validate(&self) -> Result<(), SpecError> {
-        if self.max == 0 || self.max > super::spec::MAX_REPLICAS {
+        if self.max == 0 || self.max > crate::MAX_REPLICAS {
             return Err(SpecError::new(
                 "autoscale-max",
                 format!(
                     "must be between 1 and {}; use e.g. --autoscale-max 10",
-                    super::spec::MAX_REPLICAS
+                    crate::MAX_REPLICAS
                 ),
             ));
         }
@@ -210,119 +211,5 @@ impl AutoscalePolicy {
             }
         }
         Ok(())
-    }
-}
-
-/// Where a deployment is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum DeploymentStatus {
-    Running,
-    Paused,
-    /// Blue-green or canary: the new replicas are ready; waiting for
-    /// `skiff service promote`.
-    AwaitingPromotion,
-    Succeeded,
-    Failed,
-    /// Ended by a rollback (automatic or `skiff service rollback`).
-    RolledBack,
-    /// Replaced by a newer update before it ended.
-    Superseded,
-}
-
-impl DeploymentStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DeploymentStatus::Running => "running",
-            DeploymentStatus::Paused => "paused",
-            DeploymentStatus::AwaitingPromotion => "awaiting-promotion",
-            DeploymentStatus::Succeeded => "succeeded",
-            DeploymentStatus::Failed => "failed",
-            DeploymentStatus::RolledBack => "rolled-back",
-            DeploymentStatus::Superseded => "superseded",
-        }
-    }
-
-    /// Still rolling out (possibly paused or waiting for promotion).
-    pub fn is_active(self) -> bool {
-        matches!(
-            self,
-            DeploymentStatus::Running
-                | DeploymentStatus::Paused
-                | DeploymentStatus::AwaitingPromotion
-        )
-    }
-}
-
-/// The rollout of one version of a service, as committed.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Deployment {
-    pub version: u64,
-    /// The version that served when it started.
-    pub from_version: u64,
-    pub policy: UpdatePolicy,
-    pub status: DeploymentStatus,
-    pub message: String,
-    /// Blue-green: traffic flipped; canary: continuing as rolling.
-    pub promoted: bool,
-    pub started_ms: u64,
-    /// When the progress deadline started counting: the start, and again
-    /// on resuming and on promotion (waiting for an operator is not slow
-    /// progress).
-    #[serde(default)]
-    pub progress_since_ms: u64,
-    pub ended_ms: u64,
-    /// The failed version this deployment rolls back from (0: none).
-    pub rollback_of: u64,
-}
-
-/// One version of a service's spec and how its rollout ended.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VersionRecord {
-    pub version: u64,
-    pub spec: super::ServiceSpec,
-    pub created_ms: u64,
-    /// "running", "succeeded", "failed", "rolled-back", "superseded".
-    pub outcome: String,
-    pub message: String,
-}
-
-/// What changed from `old` to `new`, one "field: old -> new" per line;
-/// nested fields are named with dots (`update.strategy`).
-pub fn spec_diff(old: &super::ServiceSpec, new: &super::ServiceSpec) -> Vec<String> {
-    let (a, b) = (
-        serde_json::to_value(old).unwrap_or_default(),
-        serde_json::to_value(new).unwrap_or_default(),
-    );
-    let mut out = Vec::new();
-    diff_values("", &a, &b, &mut out);
-    out
-}
-
-fn diff_values(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
-    use serde_json::Value;
-    if a == b {
-        return;
-    }
-    match (a, b) {
-        (Value::Object(x), Value::Object(y)) if path.is_empty() || path == "update" => {
-            let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
-            keys.sort();
-            keys.dedup();
-            for key in keys {
-                let name = if path.is_empty() {
-                    key.clone()
-                } else {
-                    format!("{path}.{key}")
-                };
-                diff_values(
-                    &name,
-                    x.get(key).unwrap_or(&Value::Null),
-                    y.get(key).unwrap_or(&Value::Null),
-                    out,
-                );
-            }
-        }
-        _ => out.push(format!("{path}: {a} -> {b}")),
     }
 }

@@ -1,0 +1,64 @@
+//! The states of an allocation (a replica), as the agent reports them and
+//! the control plane, the CLI and the dashboard show them.
+
+use serde::{Deserialize, Serialize};
+
+/// What the agent last reported of an allocation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AllocState {
+    /// Placed, not yet reported by the agent.
+    Pending,
+    /// The agent is pulling the replica's image.
+    Pulling,
+    Starting,
+    /// Started; healthy as far as anyone knows (no check passed or failed yet,
+    /// or it has none).
+    Running,
+    /// Its health check passes.
+    Healthy,
+    /// Its health check failed; the agent restarts it.
+    Unhealthy,
+    /// Exited; the agent restarts it after a backoff.
+    Restarting,
+    /// Cannot be started (e.g. the program does not exist); still retried.
+    Failed,
+    /// Stopped for good; the allocation can be forgotten.
+    Stopped,
+}
+
+impl AllocState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AllocState::Pending => "pending",
+            AllocState::Pulling => "pulling",
+            AllocState::Starting => "starting",
+            AllocState::Running => "running",
+            AllocState::Healthy => "healthy",
+            AllocState::Unhealthy => "unhealthy",
+            AllocState::Restarting => "restarting",
+            AllocState::Failed => "failed",
+            AllocState::Stopped => "stopped",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Self> {
+        Some(match value {
+            "pending" => AllocState::Pending,
+            "pulling" => AllocState::Pulling,
+            "starting" => AllocState::Starting,
+            "running" => AllocState::Running,
+            "healthy" => AllocState::Healthy,
+            "unhealthy" => AllocState::Unhealthy,
+            "restarting" => AllocState::Restarting,
+            "failed" => AllocState::Failed,
+            "stopped" => AllocState::Stopped,
+            _ => return None,
+        })
+    }
+
+    /// Its process runs (healthy or not yet checked).
+    pub fn is_up(self) -> bool {
+        matches!(self, AllocState::Running | AllocState::Healthy)
+    }
+}

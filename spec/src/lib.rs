@@ -1,0 +1,28 @@
+//! Skiff's one service vocabulary, shared by the CLI, the control plane and
+//! the agent: what an operator declares about a service, the rules it must
+//! follow, and its forms on the wire and in files.
+//!
+//! # Layout
+//! - [`service`]: the service spec, its enums (runtime, network, mode,
+//!   placement, protocol, health check, constraint) and [`ServiceSpec::validate`],
+//!   the one validation every side calls.
+//! - [`policy`]: the update and autoscale policies.
+//! - [`alloc`]: the states of an allocation.
+//! - [`diff`]: what changed between two specs, field by field.
+//! - [`pb`]: the protobuf conversions, in one place.
+
+pub mod alloc;
+pub mod diff;
+pub mod pb;
+pub mod policy;
+pub mod service;
+
+pub use alloc::AllocState;
+pub use diff::spec_diff;
+pub use policy::{AutoscalePolicy, Strategy, UpdatePolicy};
+pub use service::{
+    validate_env, validate_health, validate_image_reference, validate_name, validate_replicas,
+    validate_user, validate_variable, Constraint, ConstraintOp, HealthCheck, HealthKind,
+    NetworkMode, PlacementPolicy, Protocol, RuntimeKind, ServiceMode, ServiceSpec, SpecError,
+    MAX_NAME_LEN, MAX_REPLICAS, MAX_VARIABLE_BYTES, MIN_MEMORY_MB,
+};
