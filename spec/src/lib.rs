@@ -22,7 +22,8 @@ pub use diff::spec_diff;
 pub use policy::{AutoscalePolicy, Strategy, UpdatePolicy};
 pub use service::{
     validate_env, validate_health, validate_image_reference, validate_name, validate_replicas,
-    validate_user, validate_variable, Constraint, ConstraintOp, HealthCheck, HealthKind,
-    NetworkMode, PlacementPolicy, Protocol, RuntimeKind, ServiceMode, ServiceSpec, SpecError,
-    MAX_NAME_LEN, MAX_REPLICAS, MAX_VARIABLE_BYTES, MIN_MEMORY_MB,
+    validate_user, validate_variable, Constraint, ConstraintOp, Dependency, DependsCondition,
+    HealthCheck, HealthKind, NetworkMode, PlacementPolicy, Protocol, RuntimeKind, ServiceMode,
+    ServiceSpec, SpecError, MAX_LABELS, MAX_NAME_LEN, MAX_REPLICAS, MAX_VARIABLE_BYTES,
+    MIN_MEMORY_MB, STACK_LABEL,
 };

@@ -5,8 +5,9 @@
 use skiff_proto::v1 as pb;
 
 use crate::{
-    AutoscalePolicy, Constraint, HealthCheck, HealthKind, NetworkMode, PlacementPolicy, Protocol,
-    RuntimeKind, ServiceMode, ServiceSpec, SpecError, Strategy, UpdatePolicy,
+    AutoscalePolicy, Constraint, Dependency, DependsCondition, HealthCheck, HealthKind,
+    NetworkMode, PlacementPolicy, Protocol, RuntimeKind, ServiceMode, ServiceSpec, SpecError,
+    Strategy, UpdatePolicy,
 };
 
 pub fn spec_from_pb(spec: pb::ServiceSpec) -> Result<ServiceSpec, SpecError> {
@@ -55,6 +56,18 @@ pub fn spec_from_pb(spec: pb::ServiceSpec) -> Result<ServiceSpec, SpecError> {
         protocol: Protocol::parse(&spec.protocol)?,
         update: update_from_pb(spec.update.unwrap_or_default())?,
         autoscale: spec.autoscale.map(autoscale_from_pb),
+        entrypoint: spec.entrypoint.map(|argv| argv.args),
+        labels: spec.labels.into_iter().collect(),
+        depends_on: spec
+            .depends_on
+            .into_iter()
+            .map(|d| {
+                Ok(Dependency {
+                    condition: DependsCondition::parse(&d.condition)?,
+                    service: d.service,
+                })
+            })
+            .collect::<Result<_, SpecError>>()?,
     };
     spec.validate()?;
     Ok(spec)
@@ -182,5 +195,18 @@ pub fn spec_to_pb(spec: &ServiceSpec) -> pb::ServiceSpec {
         protocol: spec.protocol.as_str().to_string(),
         update: Some(update_to_pb(&spec.update)),
         autoscale: spec.autoscale.as_ref().map(autoscale_to_pb),
+        entrypoint: spec
+            .entrypoint
+            .as_ref()
+            .map(|args| pb::Argv { args: args.clone() }),
+        labels: spec.labels.clone().into_iter().collect(),
+        depends_on: spec
+            .depends_on
+            .iter()
+            .map(|d| pb::Dependency {
+                service: d.service.clone(),
+                condition: d.condition.as_str().to_string(),
+            })
+            .collect(),
     }
 }

@@ -173,6 +173,71 @@ pub struct ServiceSpec {
     /// Replicas follow the load between min and max; `None`: fixed count.
     #[serde(default)]
     pub autoscale: Option<crate::AutoscalePolicy>,
+    /// Replaces the image's Entrypoint; `None`: the image's. As in Docker,
+    /// a replaced entrypoint also drops the image's Cmd.
+    #[serde(default)]
+    pub entrypoint: Option<Vec<String>>,
+    /// The operator's metadata; [`STACK_LABEL`] names the stack a service
+    /// belongs to. Changing labels restarts nothing.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Services whose condition must hold before this one first starts
+    /// (Compose's `depends_on`); later updates are not held.
+    #[serde(default)]
+    pub depends_on: Vec<Dependency>,
+}
+
+/// The label that names the stack a service was deployed by.
+pub const STACK_LABEL: &str = "skiff.stack";
+
+/// Most labels on one service, and longest key and value: metadata, not data.
+pub const MAX_LABELS: usize = 64;
+const MAX_LABEL_KEY: usize = 128;
+const MAX_LABEL_VALUE: usize = 1024;
+
+/// One service this one waits for before its first start.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Dependency {
+    /// The service's full name (`app-db` for `db` in stack `app`).
+    pub service: String,
+    #[serde(default)]
+    pub condition: DependsCondition,
+}
+
+/// When a dependency counts as ready (Compose's `depends_on` conditions).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DependsCondition {
+    /// Some replica of it runs.
+    #[default]
+    Started,
+    /// Some replica of it is healthy (passes its health check, or runs
+    /// when it has none).
+    Healthy,
+    /// It ran to completion with exit status 0 (one-shot jobs).
+    Completed,
+}
+
+impl DependsCondition {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DependsCondition::Started => "started",
+            DependsCondition::Healthy => "healthy",
+            DependsCondition::Completed => "completed",
+        }
+    }
+
+    pub fn parse(value: &str) -> Result<Self, SpecError> {
+        match value {
+            "" | "started" | "service_started" => Ok(DependsCondition::Started),
+            "healthy" | "service_healthy" => Ok(DependsCondition::Healthy),
+            "completed" | "service_completed_successfully" => Ok(DependsCondition::Completed),
+            other => Err(SpecError::new(
+                "depends-on",
+                format!("unknown condition \"{other}\"; use service_started, service_healthy or service_completed_successfully"),
+            )),
+        }
+    }
 }
 
 /// What a published port carries, as far as the routing proxy cares.
@@ -412,6 +477,22 @@ impl ServiceSpec {
             validate_health(health)?;
         }
         self.validate_publish()?;
+        if let Some(entrypoint) = &self.entrypoint {
+            if self.runtime != RuntimeKind::Oci {
+                return Err(SpecError::new(
+                    "entrypoint",
+                    "--entrypoint applies to containers only; use --image REF, or put the program in the command",
+                ));
+            }
+            if entrypoint.iter().any(|arg| arg.contains('\0')) {
+                return Err(SpecError::new(
+                    "entrypoint",
+                    "arguments may not contain NUL bytes",
+                ));
+            }
+        }
+        self.validate_labels()?;
+        self.validate_depends_on()?;
         self.update.validate()?;
         if let Some(autoscale) = &self.autoscale {
             autoscale.validate()?;
@@ -466,6 +547,9 @@ impl ServiceSpec {
             protocol,
             update: _,
             autoscale: _,
+            entrypoint,
+            labels: _,
+            depends_on: _,
         } = self;
         *name == other.name
             && *runtime == other.runtime
@@ -486,6 +570,64 @@ impl ServiceSpec {
             && *mode == other.mode
             && *publish == other.publish
             && *protocol == other.protocol
+            && *entrypoint == other.entrypoint
+    }
+
+    fn validate_labels(&self) -> Result<(), SpecError> {
+        if self.labels.len() > MAX_LABELS {
+            return Err(SpecError::new(
+                "labels",
+                format!(
+                    "{} labels is too many; use at most {MAX_LABELS}",
+                    self.labels.len()
+                ),
+            ));
+        }
+        for (key, value) in &self.labels {
+            let key_ok = !key.is_empty()
+                && key.len() <= MAX_LABEL_KEY
+                && key
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | '/'));
+            if !key_ok {
+                return Err(SpecError::new(
+                    "labels",
+                    format!("\"{key}\" is not a label key; use up to {MAX_LABEL_KEY} letters, digits, '_', '.', '-' and '/'"),
+                ));
+            }
+            if value.len() > MAX_LABEL_VALUE || value.contains('\0') {
+                return Err(SpecError::new(
+                    "labels",
+                    format!(
+                        "the value of {key} is over {MAX_LABEL_VALUE} bytes or holds a NUL byte"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_depends_on(&self) -> Result<(), SpecError> {
+        let mut seen = std::collections::BTreeSet::new();
+        for dep in &self.depends_on {
+            validate_name(&dep.service).map_err(|e| SpecError::new("depends-on", e.problem))?;
+            if dep.service == self.name {
+                return Err(SpecError::new(
+                    "depends-on",
+                    format!(
+                        "{} depends on itself; remove it from its own depends_on",
+                        self.name
+                    ),
+                ));
+            }
+            if !seen.insert(dep.service.as_str()) {
+                return Err(SpecError::new(
+                    "depends-on",
+                    format!("{} is listed twice; keep one entry", dep.service),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn validate_publish(&self) -> Result<(), SpecError> {

@@ -411,6 +411,7 @@ fn build_spec(args: &CreateArgs, replicas: u32) -> anyhow::Result<pb::ServiceSpe
         protocol: protocol.as_str().to_string(),
         update: Some(super::deploy::policy_from_args(None, &args.update)),
         autoscale: super::deploy::autoscale_from_args(None, &args.autoscale)?,
+        ..pb::ServiceSpec::default()
     })
 }
 
