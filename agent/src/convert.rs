@@ -8,14 +8,16 @@ use std::time::Duration;
 use crate::config::AgentConfig;
 use crate::health::{HealthCheck, Probe};
 use crate::reconcile::{Assigned, Desired};
-use crate::spec::{Network, ReplicaSpec, RuntimeKind, SpecError};
+use crate::spec::{ReplicaSpec, SpecError};
 use crate::supervisor::StatusUpdate;
 
-/// An assigned allocation, validated so the agent can run it as is.
+/// An assigned allocation, validated so the agent can run it as is: the
+/// spec passes the same validation the CLI and the server run
+/// (`skiff_spec`), then the agent's own checks of what it relies on.
 pub fn assigned(alloc: &v1::Allocation) -> Result<Assigned, SpecError> {
     let spec = alloc
         .spec
-        .as_ref()
+        .clone()
         .ok_or_else(|| SpecError::MissingSpec(alloc.id.clone()))?;
     let host_port = u16::try_from(alloc.host_port)
         .ok()
@@ -24,6 +26,10 @@ pub fn assigned(alloc: &v1::Allocation) -> Result<Assigned, SpecError> {
             alloc: alloc.id.clone(),
             port: alloc.host_port,
         })?;
+    let spec = skiff_spec::pb::spec_from_pb(spec).map_err(|e| SpecError::Invalid {
+        alloc: alloc.id.clone(),
+        problem: e.to_string(),
+    })?;
     let service = if alloc.service.is_empty() {
         spec.name.clone()
     } else {
@@ -32,52 +38,21 @@ pub fn assigned(alloc: &v1::Allocation) -> Result<Assigned, SpecError> {
     let replica = ReplicaSpec {
         alloc_id: alloc.id.clone(),
         service,
-        command: spec.command.clone(),
-        env: spec
-            .env
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-        workdir: spec.workdir.clone(),
+        command: spec.command,
+        env: spec.env,
+        workdir: spec.workdir.unwrap_or_default(),
         host_port,
-        runtime: match spec.runtime.as_str() {
-            "oci" => RuntimeKind::Oci,
-            "process" => RuntimeKind::Process,
-            "" if !spec.image.is_empty() => RuntimeKind::Oci,
-            "" => RuntimeKind::Process,
-            other => {
-                return Err(SpecError::Invalid {
-                    alloc: alloc.id.clone(),
-                    problem: format!(
-                        "unknown runtime \"{other}\"; this agent runs oci and process"
-                    ),
-                })
-            }
-        },
-        image: spec.image.clone(),
-        container_port: u16::try_from(spec.port).map_err(|_| SpecError::Invalid {
-            alloc: alloc.id.clone(),
-            problem: format!("container port {} is outside 1-65535", spec.port),
-        })?,
-        memory_mb: spec.memory_mb,
-        cpu_millis: spec.cpu_millis,
-        user: spec.user.clone(),
-        network: match spec.network.as_str() {
-            "host" => Network::Host,
-            "bridge" | "" => Network::Bridge,
-            other => {
-                return Err(SpecError::Invalid {
-                    alloc: alloc.id.clone(),
-                    problem: format!("unknown network mode \"{other}\""),
-                })
-            }
-        },
-        health: match &spec.health {
-            Some(h) => health(&alloc.id, h)?,
-            None => None,
-        },
+        runtime: spec.runtime,
+        image: spec.image.unwrap_or_default(),
+        container_port: spec.port.unwrap_or(0),
+        memory_mb: spec.memory_mb.unwrap_or(0),
+        cpu_millis: spec.cpu_millis.unwrap_or(0),
+        user: spec.user.unwrap_or_default(),
+        network: spec.network,
+        health: spec.health.as_ref().map(health),
         init: spec.init,
-        publish: u16::try_from(spec.publish).unwrap_or(0),
+        publish: spec.publish.unwrap_or(0),
+        entrypoint: spec.entrypoint,
     };
     replica.validate()?;
     Ok(Assigned {
@@ -86,31 +61,23 @@ pub fn assigned(alloc: &v1::Allocation) -> Result<Assigned, SpecError> {
     })
 }
 
-fn health(alloc: &str, h: &v1::HealthCheck) -> Result<Option<HealthCheck>, SpecError> {
-    let probe = match h.kind.as_str() {
-        "" => return Ok(None),
-        "http" => Probe::Http {
-            path: h.http_path.clone(),
+/// The check the supervisor runs, with Docker's defaults for unset timings.
+fn health(h: &skiff_spec::HealthCheck) -> HealthCheck {
+    let probe = match &h.kind {
+        skiff_spec::HealthKind::Http { path } => Probe::Http { path: path.clone() },
+        skiff_spec::HealthKind::Tcp => Probe::Tcp,
+        skiff_spec::HealthKind::Exec { command } => Probe::Exec {
+            command: command.clone(),
         },
-        "tcp" => Probe::Tcp,
-        "exec" => Probe::Exec {
-            command: h.command.clone(),
-        },
-        other => {
-            return Err(SpecError::Invalid {
-                alloc: alloc.to_string(),
-                problem: format!("unknown health check kind \"{other}\""),
-            })
-        }
     };
     let ms = |v: u32| Some(Duration::from_millis(u64::from(v)));
-    Ok(Some(HealthCheck::new(
+    HealthCheck::new(
         probe,
         ms(h.interval_ms),
         ms(h.timeout_ms),
         Some(h.retries),
         ms(h.start_period_ms),
-    )))
+    )
 }
 
 pub fn status(update: &StatusUpdate) -> v1::AllocationStatus {
@@ -137,6 +104,7 @@ pub fn register(config: &AgentConfig) -> v1::Register {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::spec::{Network, RuntimeKind};
     use crate::supervisor::AllocState;
 
     fn alloc(id: &str, desired: &str, port: u32, command: &[&str]) -> v1::Allocation {

@@ -8,23 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::health::HealthCheck;
 
-/// Which runtime runs the replica.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RuntimeKind {
-    #[default]
-    Process,
-    Oci,
-}
-
-/// The network a container joins.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Network {
-    #[default]
-    Bridge,
-    Host,
-}
+pub use skiff_spec::{NetworkMode as Network, RuntimeKind};
 
 /// One allocation's replica: its identity, the service spec copied at
 /// placement, and the host port the scheduler gave it.
@@ -69,6 +53,10 @@ pub struct ReplicaSpec {
     /// drained before it is stopped.
     #[serde(default)]
     pub publish: u16,
+    /// Replaces the image's Entrypoint (and then its Cmd, as Docker does);
+    /// `None`: the image's.
+    #[serde(default)]
+    pub entrypoint: Option<Vec<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -15,33 +15,8 @@ use crate::runtime::{Exit, Runtime, TaskHandle};
 use crate::spec::ReplicaSpec;
 use crate::store::{AllocRecord, AllocStore};
 
-/// The states an allocation reports, as the protocol spells them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AllocState {
-    Pulling,
-    Starting,
-    Running,
-    Healthy,
-    Unhealthy,
-    Restarting,
-    Failed,
-    Stopped,
-}
-
-impl AllocState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AllocState::Pulling => "pulling",
-            AllocState::Starting => "starting",
-            AllocState::Running => "running",
-            AllocState::Healthy => "healthy",
-            AllocState::Unhealthy => "unhealthy",
-            AllocState::Restarting => "restarting",
-            AllocState::Failed => "failed",
-            AllocState::Stopped => "stopped",
-        }
-    }
-}
+/// The shared states (the agent never reports `Pending`).
+pub use skiff_spec::AllocState;
 
 /// One state change of one allocation, sent to the sync loop.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -75,24 +75,28 @@ const INITS: [&str; 7] = [
     "init",
 ];
 
-/// The process arguments as Docker computes them: the image's Entrypoint,
-/// then the service's command if given, else the image's Cmd. `$PORT` in
-/// the service's command becomes `port`.
+/// The process arguments as Docker computes them: the image's Entrypoint
+/// (or the service's, which also drops the image's Cmd), then the service's
+/// command if given, else the image's Cmd. `$PORT` in the service's command
+/// and entrypoint becomes `port`.
 pub fn process_args(
     replica: &ReplicaSpec,
     image: &ImageDefaults,
     port: u16,
 ) -> Result<Vec<String>, String> {
-    let cmd: Vec<String> = if replica.command.is_empty() {
-        image.cmd.clone()
-    } else {
-        replica
-            .command
-            .iter()
-            .map(|a| interpolate_port(a, port))
-            .collect()
+    let interpolate = |args: &[String]| -> Vec<String> {
+        args.iter().map(|a| interpolate_port(a, port)).collect()
     };
-    let args: Vec<String> = image.entrypoint.iter().cloned().chain(cmd).collect();
+    let (entrypoint, image_cmd) = match &replica.entrypoint {
+        Some(entrypoint) => (interpolate(entrypoint), Vec::new()),
+        None => (image.entrypoint.clone(), image.cmd.clone()),
+    };
+    let cmd: Vec<String> = if replica.command.is_empty() {
+        image_cmd
+    } else {
+        interpolate(&replica.command)
+    };
+    let args: Vec<String> = entrypoint.into_iter().chain(cmd).collect();
     if args.is_empty() {
         return Err(format!(
             "image {} has neither Entrypoint nor Cmd; give the command after `--`",
@@ -487,6 +491,19 @@ mod tests {
             process_args(&replica(&["postgres", "-p", "$PORT"]), &image(), 5432).unwrap(),
             ["docker-entrypoint.sh", "postgres", "-p", "5432"],
             "the service's command replaces Cmd only"
+        );
+        let mut own = replica(&[]);
+        own.entrypoint = Some(vec!["/bin/sh".into(), "-c".into(), "echo $PORT".into()]);
+        assert_eq!(
+            process_args(&own, &image(), 80).unwrap(),
+            ["/bin/sh", "-c", "echo 80"],
+            "a service's entrypoint drops the image's Cmd too"
+        );
+        own.command = vec!["exec sleep 1".into()];
+        own.entrypoint = Some(vec!["/bin/sh".into(), "-c".into()]);
+        assert_eq!(
+            process_args(&own, &image(), 80).unwrap(),
+            ["/bin/sh", "-c", "exec sleep 1"]
         );
         let bare = ImageDefaults {
             reference: "x".into(),
