@@ -620,6 +620,12 @@ impl ServiceSpec {
                     ),
                 ));
             }
+            if dep.condition == DependsCondition::Completed {
+                return Err(SpecError::new(
+                    "depends-on",
+                    format!("{} waits for {} to complete, but Skiff runs no one-shot jobs yet; use service_started or service_healthy", self.name, dep.service),
+                ));
+            }
             if !seen.insert(dep.service.as_str()) {
                 return Err(SpecError::new(
                     "depends-on",

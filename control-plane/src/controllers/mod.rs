@@ -79,6 +79,9 @@ pub fn plan_cluster(
 /// Why replicas of `service` are not placed ("3 replicas unplaced: ..."),
 /// or empty when nothing is missing.
 pub fn explain(state: &State, service: &str) -> String {
+    if let Some(waiting) = state.held_by_dependencies(service) {
+        return format!("waiting for {waiting} before the first start (depends_on)");
+    }
     let requests: Vec<Request> =
         reconciler::reconcile(state, service, now_ms(), &Traffic::new()).place;
     if requests.is_empty() {

@@ -67,6 +67,11 @@ pub fn reconcile(state: &State, service: &str, now_ms: u64, traffic: &Traffic) -
             global_rollout(state, service, now_ms, &mut decision);
         }
     }
+    // A service whose `depends_on` do not hold yet waits for its first
+    // start (nothing to stop or replace before it has started).
+    if state.held_by_dependencies(service).is_some() {
+        decision.place.clear();
+    }
     decision.place.retain(|r| r.count > 0);
     for request in &mut decision.place {
         request.service = service.to_string();

@@ -10,6 +10,7 @@
 //! with the time the proposer put in the entry ([`Command::Timed`]).
 
 mod deployment;
+mod stacks;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
@@ -49,6 +50,13 @@ pub struct Service {
     /// The latest deployment, active or ended; `None` before any update.
     #[serde(default)]
     pub deployment: Option<Deployment>,
+    /// A replica has been placed once: its `depends_on` no longer hold it.
+    #[serde(default = "yes")]
+    pub started: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn first_version() -> u64 {
@@ -511,6 +519,18 @@ pub enum Command {
         key: String,
         value: String,
     },
+    /// `skiff stack deploy`: the stack's services, all in one step;
+    /// refused if the stack changed after `check_index`.
+    DeployStack {
+        stack: String,
+        services: Vec<ServiceSpec>,
+        #[serde(default)]
+        check_index: Option<u64>,
+    },
+    /// `skiff stack rm`.
+    RemoveStack {
+        stack: String,
+    },
     /// A command stamped with its proposer's clock. Proposers wrap what
     /// they propose in it so that events carry a time every server agrees
     /// on; a bare command is stamped with the last time seen.
@@ -671,6 +691,12 @@ impl State {
             Command::ScaleService { name, replicas } => self.scale_service(index, &name, replicas),
             Command::RemoveService { name } => self.remove_service(index, &name),
             Command::UpdateService { spec } => self.update_service(index, spec, None),
+            Command::DeployStack {
+                stack,
+                services,
+                check_index,
+            } => self.deploy_stack(index, &stack, services, check_index),
+            Command::RemoveStack { stack } => self.remove_stack(index, &stack),
             Command::RollbackService { name, to_version } => {
                 self.rollback_service(index, &name, to_version)
             }
@@ -916,6 +942,7 @@ impl State {
                 stable_version: 1,
                 history: vec![record],
                 deployment: None,
+                started: false,
             },
         );
         self.event(index, EventKind::ServiceCreated, &name, "", "", &message);
@@ -1341,10 +1368,16 @@ impl State {
     /// Forgets the service and asks for all its replicas to stop; the
     /// allocations stay until their agent reports them stopped.
     fn remove_service(&mut self, index: u64, name: &str) -> Result<Outcome, CommandError> {
-        if self.services.remove(name).is_none() {
+        let Some(removed) = self.services.remove(name) else {
             return Err(CommandError::ServiceNotFound(name.to_string()));
-        }
-        self.event(index, EventKind::ServiceRemoved, name, "", "", "");
+        };
+        let message = removed
+            .spec
+            .labels
+            .get(skiff_spec::STACK_LABEL)
+            .map(|stack| stacks::removal_message(stack))
+            .unwrap_or_default();
+        self.event(index, EventKind::ServiceRemoved, name, "", "", &message);
         let ids: Vec<String> = self.allocs_of(name).map(|a| a.id.clone()).collect();
         for id in ids {
             self.stop_alloc(index, &id, "service removed");
@@ -1591,7 +1624,8 @@ impl State {
                     *count < spec.replicas as usize
                 }
             };
-            if !fits_resources || !wanted {
+            let held = !service.started && self.dependencies_ready(&service.spec).is_err();
+            if !fits_resources || !wanted || held {
                 rejected += 1;
                 continue;
             }
@@ -1625,6 +1659,9 @@ impl State {
             self.index.insert(&alloc);
             self.index.node_changed.insert(alloc.node.clone(), index);
             self.allocs.insert(alloc.id.clone(), alloc);
+            if let Some(service) = self.services.get_mut(&placement.service) {
+                service.started = true;
+            }
             let message = format!("port {}", placement.host_port);
             self.event(
                 index,
