@@ -7,6 +7,7 @@
 
 pub mod convert;
 mod raft_service;
+mod stacks;
 
 pub use raft_service::RaftService;
 
@@ -745,6 +746,32 @@ impl pb::control_server::Control for Api {
         })
         .await?;
         self.service_status(&request.name).await.map(Response::new)
+    }
+
+    async fn deploy_stack(
+        &self,
+        request: Request<pb::DeployStackRequest>,
+    ) -> Result<Response<pb::DeployStackResponse>, Status> {
+        self.deploy_stack_call(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn plan_stack(
+        &self,
+        request: Request<pb::DeployStackRequest>,
+    ) -> Result<Response<pb::StackPlan>, Status> {
+        self.plan_stack_call(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn remove_stack(
+        &self,
+        request: Request<pb::RemoveStackRequest>,
+    ) -> Result<Response<pb::RemoveStackResponse>, Status> {
+        self.remove_stack_call(request.into_inner().stack).await?;
+        Ok(Response::new(pb::RemoveStackResponse {}))
     }
 
     async fn report_heartbeats(

@@ -7,6 +7,7 @@ pub mod autoscaler;
 pub mod deployment;
 pub mod liveness;
 pub mod reconciler;
+pub mod stack_plan;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
