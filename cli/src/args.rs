@@ -592,6 +592,17 @@ pub enum ServiceCommand {
 #[derive(Args, Debug)]
 pub struct CreateArgs {
     pub name: String,
+    /// Return once the service is created instead of waiting until every
+    /// replica serves (healthy, or running without a health check).
+    #[arg(long, short = 'd')]
+    pub detach: bool,
+    /// Replace the image's entrypoint (as Docker's --entrypoint, this also
+    /// drops the image's command); give the arguments after `--`.
+    #[arg(long)]
+    pub entrypoint: Option<String>,
+    /// Label the service with KEY=VALUE (repeatable).
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
     /// How replicas run: `oci` (a container from --image, the default when
     /// an image is given) or `process` (a host process running the command).
     #[arg(long)]

@@ -752,6 +752,7 @@ impl DevCluster {
         self.skiff_ok(&[
             "service",
             "create",
+            "--detach",
             name,
             "--runtime",
             "process",

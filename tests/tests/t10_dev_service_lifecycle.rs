@@ -185,6 +185,7 @@ fn killed_replica_is_restarted_and_answers_again() {
     cluster.skiff_ok(&[
         "service",
         "create",
+        "--detach",
         "web",
         "--runtime",
         "process",
@@ -337,6 +338,7 @@ fn replicas_out_of_range_are_rejected() {
         let args = [
             "service",
             "create",
+            "--detach",
             "web",
             "--runtime",
             "process",
@@ -368,6 +370,7 @@ fn empty_command_is_rejected() {
         &[
             "service",
             "create",
+            "--detach",
             "web",
             "--runtime",
             "process",
@@ -377,6 +380,7 @@ fn empty_command_is_rejected() {
         &[
             "service",
             "create",
+            "--detach",
             "web",
             "--runtime",
             "process",
@@ -387,6 +391,7 @@ fn empty_command_is_rejected() {
         &[
             "service",
             "create",
+            "--detach",
             "web",
             "--runtime",
             "process",
@@ -411,6 +416,7 @@ fn duplicate_service_name_is_rejected_and_the_original_stays_unchanged() {
     let args = [
         "service",
         "create",
+        "--detach",
         "web",
         "--runtime",
         "process",
@@ -448,6 +454,7 @@ fn commands_against_a_server_that_is_down_fail_fast_saying_so() {
         &[
             "service",
             "create",
+            "--detach",
             "web",
             "--runtime",
             "process",
@@ -475,6 +482,7 @@ fn json_output_of_a_service_has_the_documented_shape_and_env_reaches_the_replica
     cluster.skiff_ok(&[
         "service",
         "create",
+        "--detach",
         "web",
         "--runtime",
         "process",

@@ -49,6 +49,7 @@ fn bridge_replicas_answer_on_their_host_ports_with_their_memory_limit_and_rm_lea
     cluster.skiff_ok(&[
         "service",
         "create",
+        "--detach",
         "web",
         "--image",
         &image,
@@ -116,6 +117,7 @@ fn a_host_network_replica_listens_on_its_host_port_given_in_port() {
     cluster.skiff_ok(&[
         "service",
         "create",
+        "--detach",
         "web-host",
         "--image",
         &image,
@@ -153,7 +155,9 @@ fn the_container_process_runs_as_the_images_user() {
     let cluster = OciDev::start(registry.clone(), &[]);
     let image = registry.image("web-user:v1");
     // No --port: the image's exposed 8080 is the container port.
-    cluster.skiff_ok(&["service", "create", "web-user", "--image", &image]);
+    cluster.skiff_ok(&[
+        "service", "create", "--detach", "web-user", "--image", &image,
+    ]);
     let replicas = cluster.wait_replicas(
         "web-user",
         1,
@@ -184,6 +188,7 @@ fn containers_keep_serving_through_a_kill_9_of_the_agent_and_are_re_adopted_unch
     cluster.skiff_ok(&[
         "service",
         "create",
+        "--detach",
         "web",
         "--image",
         &image,
@@ -243,7 +248,7 @@ fn crun_runs_containers_or_says_clearly_why_it_cannot() {
     let cluster = OciDev::start(registry.clone(), &["--oci-runtime", "crun"]);
     let image = registry.image("web:v1");
     cluster.skiff_ok(&[
-        "service", "create", "web", "--image", &image, "--port", "80",
+        "service", "create", "--detach", "web", "--image", &image, "--port", "80",
     ]);
     let mut last = Vec::new();
     let settled = wait_until(Duration::from_secs(60), POLL, || {
@@ -281,6 +286,7 @@ fn service_logs_prints_tails_and_follows_replica_output_until_the_service_is_rem
     cluster.skiff_ok(&[
         "service",
         "create",
+        "--detach",
         "talk",
         "--image",
         &image,
@@ -418,7 +424,14 @@ fn node_prune_removes_the_images_of_removed_services_and_keeps_those_in_use() {
     let cluster = OciDev::start(registry.clone(), &[]);
     let gone_image = registry.image("layers:v1");
     let kept_image = registry.image("web:v1");
-    cluster.skiff_ok(&["service", "create", "gone", "--image", &gone_image]);
+    cluster.skiff_ok(&[
+        "service",
+        "create",
+        "--detach",
+        "gone",
+        "--image",
+        &gone_image,
+    ]);
     cluster.wait_replicas("gone", 1, "running", |a| {
         a.state == "running" && pid_alive(a.pid)
     });
@@ -426,6 +439,7 @@ fn node_prune_removes_the_images_of_removed_services_and_keeps_those_in_use() {
     cluster.skiff_ok(&[
         "service",
         "create",
+        "--detach",
         "kept",
         "--image",
         &kept_image,
@@ -536,7 +550,7 @@ fn exit_codes_of_containers_survive_a_kill_9_of_the_agent() {
     let early_cmd = "sleep 5; exit 9";
     for (name, cmd) in [("late", late_cmd), ("early", early_cmd)] {
         cluster.skiff_ok(&[
-            "service", "create", name, "--image", &image, "--", "/bin/sh", "-c", cmd,
+            "service", "create", "--detach", name, "--image", &image, "--", "/bin/sh", "-c", cmd,
         ]);
     }
     let first_run = |a: &Allocation| a.state == "running" && a.restarts == 0 && pid_alive(a.pid);

@@ -39,7 +39,7 @@ fn specs() -> [AgentSpec<'static>; 3] {
 }
 
 fn create(server: &str, name: &str, extra: &[&str]) {
-    let mut args = vec!["service", "create", name];
+    let mut args = vec!["service", "create", "--detach", name];
     args.extend_from_slice(extra);
     args.extend_from_slice(&[
         "--",

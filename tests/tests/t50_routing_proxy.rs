@@ -76,6 +76,7 @@ fn create(server: &str, name: &str, publish: u16, replicas: u32, extra: &[&str])
     let mut args = vec![
         "service",
         "create",
+        "--detach",
         name,
         "--replicas",
         &replicas,

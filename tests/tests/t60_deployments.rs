@@ -114,6 +114,7 @@ impl Cluster {
         let mut args = vec![
             "service",
             "create",
+            "--detach",
             name,
             "--image",
             &image,

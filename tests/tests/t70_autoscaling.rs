@@ -79,6 +79,7 @@ fn create(server: &str, name: &str, publish: u16, replicas: u32, autoscale: &[&s
     let mut args = vec![
         "service",
         "create",
+        "--detach",
         name,
         "--replicas",
         &replicas,
@@ -377,6 +378,7 @@ fn containers_busy_above_their_cpu_target_scale_up_to_max() {
     cluster.skiff_ok(&[
         "service",
         "create",
+        "--detach",
         "burn",
         "--image",
         &image,

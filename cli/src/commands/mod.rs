@@ -11,5 +11,6 @@ pub mod daemon;
 pub mod deploy;
 pub mod events;
 pub mod node;
+pub mod progress;
 pub mod service;
 pub mod var;

@@ -40,6 +40,11 @@ pub async fn run(
             } else {
                 println!("service {name} created with {count} replicas");
             }
+            let detach = matches!(&command, ServiceCommand::Create(args) if args.detach);
+            if !detach {
+                super::progress::wait_until_serving(&mut client, format, &[name.clone()]).await?;
+                println!("service {name}: every replica serves");
+            }
         }
         ServiceCommand::Ls => {
             let services = client
@@ -388,7 +393,7 @@ fn build_spec(args: &CreateArgs, replicas: u32) -> anyhow::Result<pb::ServiceSpe
         spec::validate_env(key, value).map_err(|e| anyhow!("{e}"))?;
         env.insert(key.to_string(), value.to_string());
     }
-    Ok(pb::ServiceSpec {
+    let spec = pb::ServiceSpec {
         name: args.name.clone(),
         runtime: runtime.as_str().to_string(),
         replicas,
@@ -411,8 +416,30 @@ fn build_spec(args: &CreateArgs, replicas: u32) -> anyhow::Result<pb::ServiceSpe
         protocol: protocol.as_str().to_string(),
         update: Some(super::deploy::policy_from_args(None, &args.update)),
         autoscale: super::deploy::autoscale_from_args(None, &args.autoscale)?,
+        entrypoint: args.entrypoint.as_ref().map(|e| pb::Argv {
+            args: if e.is_empty() {
+                vec![]
+            } else {
+                vec![e.clone()]
+            },
+        }),
+        labels: labels(&args.labels)?,
         ..pb::ServiceSpec::default()
-    })
+    };
+    // Every field through the one validation the server runs too.
+    spec::pb::spec_from_pb(spec.clone()).map_err(invalid)?;
+    Ok(spec)
+}
+
+fn labels(pairs: &[String]) -> anyhow::Result<HashMap<String, String>> {
+    pairs
+        .iter()
+        .map(|pair| {
+            pair.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("invalid --label \"{pair}\": use KEY=VALUE"))
+        })
+        .collect()
 }
 
 fn init(args: &CreateArgs) -> Option<bool> {

@@ -1,0 +1,301 @@
+//! Following new services until they serve: `service create` and
+//! `stack deploy` wait, like `update`, until every replica is healthy (or
+//! running, for a service without a health check), and fail with the reason
+//! when an image cannot be pulled, a replica keeps failing, replicas cannot
+//! be placed, or the healthy deadline passes.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use skiff_proto::v1 as pb;
+
+use crate::args::OutputFormat;
+use crate::client::Client;
+
+/// How long replicas may stay unplaceable before the wait gives up (the
+/// scheduler keeps trying; the service is not removed).
+const UNPLACED_GRACE: Duration = Duration::from_secs(10);
+
+/// Restarts of one replica that count as "keeps failing".
+const FAILING_RESTARTS: u32 = 3;
+
+/// Where one service stands.
+#[derive(Debug, PartialEq, Eq)]
+enum Standing {
+    /// `ready` of `desired` serve; more to come.
+    Progressing {
+        ready: u32,
+        desired: u32,
+        note: String,
+    },
+    /// Waiting for its `depends_on` (its deadline has not started).
+    Held(String),
+    Done {
+        ready: u32,
+    },
+    Failed(String),
+}
+
+/// Replicas of the current version that serve: healthy, or running when
+/// the service has no health check of its own.
+fn ready_replicas(status: &pb::ServiceStatus) -> u32 {
+    let checked = status
+        .spec
+        .as_ref()
+        .and_then(|s| s.health.as_ref())
+        .is_some_and(|h| !h.kind.is_empty());
+    let ready = status
+        .allocations
+        .iter()
+        .filter(|a| a.desired == "run" && a.version == status.version)
+        .filter(|a| a.state == "healthy" || (!checked && a.state == "running"))
+        .count();
+    u32::try_from(ready).unwrap_or(u32::MAX)
+}
+
+/// Where `status` stands, `unplaced_for` being how long its replicas have
+/// been unplaceable.
+fn standing(status: &pb::ServiceStatus, unplaced_for: Duration) -> Standing {
+    if let Some(d) = &status.deployment {
+        if d.version == status.version {
+            match d.status.as_str() {
+                "failed" | "rolled-back" | "superseded" => {
+                    return Standing::Failed(format!(
+                        "version {} {}: {}",
+                        d.version, d.status, d.message
+                    ))
+                }
+                "awaiting-promotion" => {
+                    return Standing::Done {
+                        ready: d.new_healthy,
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    let current = status
+        .allocations
+        .iter()
+        .filter(|a| a.desired == "run" && a.version == status.version);
+    for alloc in current {
+        if alloc.state == "failed" || alloc.restarts >= FAILING_RESTARTS {
+            return Standing::Failed(format!(
+                "replica {} on {} {}: {}",
+                alloc.id, alloc.node, alloc.state, alloc.message
+            ));
+        }
+    }
+    let reason = &status.unplaced_reason;
+    if reason.starts_with("waiting for") {
+        return Standing::Held(reason.clone());
+    }
+    if !reason.is_empty() && unplaced_for >= UNPLACED_GRACE {
+        return Standing::Failed(reason.clone());
+    }
+    let ready = ready_replicas(status);
+    let active = status
+        .deployment
+        .as_ref()
+        .is_some_and(|d| d.version == status.version && d.status != "succeeded");
+    if ready >= status.desired && !active {
+        return Standing::Done { ready };
+    }
+    Standing::Progressing {
+        ready,
+        desired: status.desired,
+        note: reason.clone(),
+    }
+}
+
+/// The healthy deadline of a service's update policy (default 60 s).
+fn healthy_deadline(status: &pb::ServiceStatus) -> Duration {
+    let ms = status
+        .spec
+        .as_ref()
+        .and_then(|s| s.update.as_ref())
+        .map_or(0, |u| u.healthy_deadline_ms);
+    Duration::from_millis(if ms == 0 { 60_000 } else { u64::from(ms) })
+}
+
+/// Follows `services` until each serves with all its replicas; an error
+/// names the first that failed and why.
+pub async fn wait_until_serving(
+    client: &mut Client,
+    format: OutputFormat,
+    services: &[String],
+) -> anyhow::Result<()> {
+    let interactive = format == OutputFormat::Table && std::io::stderr().is_terminal();
+    let bars = MultiProgress::with_draw_target(if interactive {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    });
+    let style = ProgressStyle::with_template("{prefix:>16} [{bar:30}] {pos}/{len} {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    let mut bar_of = BTreeMap::new();
+    for name in services {
+        let bar = bars.add(ProgressBar::new(0));
+        bar.set_style(style.clone());
+        bar.set_prefix(name.clone());
+        bar_of.insert(name.clone(), bar);
+    }
+    let mut started_at: BTreeMap<String, Instant> = BTreeMap::new();
+    let mut unplaced_since: BTreeMap<String, Instant> = BTreeMap::new();
+    let mut last_line: BTreeMap<String, String> = BTreeMap::new();
+    let mut done: BTreeMap<String, u32> = BTreeMap::new();
+    // Bounded: every service fails by its own deadline.
+    loop {
+        for name in services {
+            if done.contains_key(name) {
+                continue;
+            }
+            let status = super::service::get(client, name).await?;
+            let unplaced_for = if status.unplaced_reason.is_empty()
+                || status.unplaced_reason.starts_with("waiting for")
+            {
+                unplaced_since.remove(name);
+                Duration::ZERO
+            } else {
+                unplaced_since
+                    .entry(name.clone())
+                    .or_insert_with(Instant::now)
+                    .elapsed()
+            };
+            let standing = standing(&status, unplaced_for);
+            let line = match &standing {
+                Standing::Held(why) => why.clone(),
+                Standing::Progressing {
+                    ready,
+                    desired,
+                    note,
+                } => {
+                    let since = *started_at.entry(name.clone()).or_insert_with(Instant::now);
+                    let deadline = healthy_deadline(&status);
+                    if since.elapsed() > deadline {
+                        bars.clear().ok();
+                        bail!(
+                            "service {name}: {ready} of {desired} replicas serve after the healthy deadline ({} s){}; see `skiff service ps {name}`",
+                            deadline.as_secs(),
+                            if note.is_empty() { String::new() } else { format!(": {note}") }
+                        );
+                    }
+                    format!(
+                        "{ready}/{desired} serving{}",
+                        if note.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" ({note})")
+                        }
+                    )
+                }
+                Standing::Done { ready } => {
+                    done.insert(name.clone(), *ready);
+                    format!("{ready}/{} serving", status.desired)
+                }
+                Standing::Failed(why) => {
+                    bars.clear().ok();
+                    bail!("service {name}: {why}");
+                }
+            };
+            if let Some(bar) = bar_of.get(name) {
+                bar.set_length(u64::from(status.desired));
+                bar.set_position(u64::from(ready_replicas(&status).min(status.desired)));
+                bar.set_message(line.clone());
+            }
+            if !interactive && last_line.get(name) != Some(&line) {
+                eprintln!("{name}: {line}");
+            }
+            last_line.insert(name.clone(), line);
+        }
+        if done.len() == services.len() {
+            bars.clear().ok();
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alloc(state: &str, restarts: u32) -> pb::Allocation {
+        pb::Allocation {
+            id: "a1".into(),
+            node: "n1".into(),
+            desired: "run".into(),
+            state: state.into(),
+            restarts,
+            version: 1,
+            message: "failed to pull 127.0.0.1:5000/x:v1: manifest unknown".into(),
+            ..Default::default()
+        }
+    }
+
+    fn status(allocs: Vec<pb::Allocation>, desired: u32) -> pb::ServiceStatus {
+        pb::ServiceStatus {
+            spec: Some(pb::ServiceSpec::default()),
+            version: 1,
+            desired,
+            allocations: allocs,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_service_serves_when_every_replica_runs_or_is_healthy() {
+        let s = status(vec![alloc("running", 0), alloc("healthy", 0)], 2);
+        assert_eq!(standing(&s, Duration::ZERO), Standing::Done { ready: 2 });
+        let s = status(vec![alloc("running", 0), alloc("pulling", 0)], 2);
+        assert!(matches!(
+            standing(&s, Duration::ZERO),
+            Standing::Progressing { ready: 1, .. }
+        ));
+    }
+
+    #[test]
+    fn a_checked_service_waits_for_healthy_not_running() {
+        let mut s = status(vec![alloc("running", 0)], 1);
+        s.spec = Some(pb::ServiceSpec {
+            health: Some(pb::HealthCheck {
+                kind: "tcp".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        assert!(matches!(
+            standing(&s, Duration::ZERO),
+            Standing::Progressing { ready: 0, .. }
+        ));
+    }
+
+    #[test]
+    fn a_failed_or_crash_looping_replica_fails_the_wait_with_its_message() {
+        let s = status(vec![alloc("failed", 0)], 1);
+        let Standing::Failed(why) = standing(&s, Duration::ZERO) else {
+            panic!("not failed");
+        };
+        assert!(why.contains("manifest unknown"), "{why}");
+        let s = status(vec![alloc("restarting", 3)], 1);
+        assert!(matches!(standing(&s, Duration::ZERO), Standing::Failed(_)));
+    }
+
+    #[test]
+    fn unplaceable_replicas_fail_the_wait_after_a_grace_and_dependencies_hold_it() {
+        let mut s = status(vec![], 2);
+        s.unplaced_reason = "2 unplaced: 1 node filtered by constraint zone==b".into();
+        assert!(matches!(
+            standing(&s, Duration::ZERO),
+            Standing::Progressing { .. }
+        ));
+        assert!(matches!(standing(&s, UNPLACED_GRACE), Standing::Failed(_)));
+        s.unplaced_reason =
+            "waiting for app-db to be healthy before the first start (depends_on)".into();
+        assert!(matches!(standing(&s, UNPLACED_GRACE), Standing::Held(_)));
+    }
+}
