@@ -319,16 +319,20 @@ fn read_service(
             "user" => spec.user = Some(n.string()?),
             "working_dir" => spec.workdir = Some(n.string()?),
             "init" => spec.init = Some(n.bool()?),
-            "network_mode" => spec.network = match n.string()?.as_str() {
-                "host" => NetworkMode::Host,
-                "bridge" => NetworkMode::Bridge,
-                other => return Err(StackError::unsupported(
-                    &path,
-                    format!(
+            "network_mode" => {
+                spec.network = match n.string()?.as_str() {
+                    "host" => NetworkMode::Host,
+                    "bridge" => NetworkMode::Bridge,
+                    other => {
+                        return Err(StackError::unsupported(
+                            &path,
+                            format!(
                         "network_mode {other} is not supported; use host or bridge, or remove it"
                     ),
-                )),
-            },
+                        ))
+                    }
+                }
+            }
             "networks" => read_networks(n, context)?,
             "labels" => {
                 for (k, v) in n.string_map()? {

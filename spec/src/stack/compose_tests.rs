@@ -1,1 +1,2 @@
 //! placeholder
+pub(crate) const REALISTIC: &str = "services: {}\n";
