@@ -106,11 +106,13 @@ impl<'a> Node<'a> {
         }
     }
 
-    /// A string; numbers are taken as written (`user: 1000`).
+    /// A string; numbers and booleans are taken as written (`user: 1000`,
+    /// `test: [CMD, true]`).
     pub fn string(&self) -> Result<String, StackError> {
         match self.value {
             Value::String(s) => Ok(s.clone()),
             Value::Number(n) => Ok(n.to_string()),
+            Value::Bool(b) => Ok(b.to_string()),
             _ => Err(self.wrong("a string")),
         }
     }
