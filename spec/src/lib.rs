@@ -10,12 +10,14 @@
 //! - [`alloc`]: the states of an allocation.
 //! - [`diff`]: what changed between two specs, field by field.
 //! - [`pb`]: the protobuf conversions, in one place.
+//! - [`stack`]: stack files (Compose and Skiff's own format) into specs and back.
 
 pub mod alloc;
 pub mod diff;
 pub mod pb;
 pub mod policy;
 pub mod service;
+pub mod stack;
 
 pub use alloc::AllocState;
 pub use diff::spec_diff;
