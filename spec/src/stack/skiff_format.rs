@@ -83,7 +83,9 @@ const AUTOSCALE_KEYS: &[&str] = &[
 const DEFAULT_REPLICAS: u32 = 1;
 
 /// The services of a merged Skiff-format file.
-pub(crate) fn read(top: &Mapping, context: &mut Context) -> Result<Vec<ReadService>, StackError> {
+/// (`_context` is unused: Skiff's format has no `env_file` and no
+/// ignored keys to warn about.)
+pub(crate) fn read(top: &Mapping, _context: &mut Context) -> Result<Vec<ReadService>, StackError> {
     let top_value = Value::Mapping(top.clone());
     let entries = Node::new(&top_value, "").entries()?;
     check_keys(&entries, "", TOP_KEYS)?;
@@ -93,7 +95,6 @@ pub(crate) fn read(top: &Mapping, context: &mut Context) -> Result<Vec<ReadServi
             "the file has no services:; add one",
         ));
     };
-    let _ = context;
     let mut out = Vec::new();
     for (name, value) in Node::new(services, "services").entries()? {
         let path = join("services", &name);
