@@ -64,6 +64,10 @@ pub enum Command {
     /// Create, inspect, scale and remove services.
     #[command(subcommand)]
     Service(ServiceCommand),
+    /// Deploy, plan, list, export and remove stacks: the services of one
+    /// file (Skiff's own YAML or a Compose file) as one unit.
+    #[command(subcommand)]
+    Stack(StackCommand),
     /// Inspect the nodes of the cluster; drain, pause and activate them.
     #[command(subcommand)]
     Node(NodeCommand),
@@ -538,6 +542,9 @@ pub enum ServiceCommand {
     },
     /// Show a service's spec and replicas.
     Inspect { name: String },
+    /// Print a service as a Skiff stack file (`skiff stack deploy` of it
+    /// creates the same service under the stack's name).
+    Export { name: String },
     /// Change the number of replicas.
     Scale {
         name: String,
@@ -810,6 +817,65 @@ pub struct UpdateArgs {
     pub update: UpdatePolicyArgs,
     #[command(flatten)]
     pub autoscale: AutoscaleArgs,
+}
+
+/// The files of a stack and what is read with them.
+#[derive(Args, Debug, Clone)]
+pub struct StackFileArgs {
+    /// The stack's name: its services are named NAME-SERVICE.
+    pub name: String,
+    /// A stack file: Skiff's own (`skiff: v1`) or a Compose file; later files
+    /// override earlier ones, as `docker compose -f a -f b` does.
+    #[arg(long = "file", short = 'f', required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    /// Set a variable for `${VAR}` in the files (over the shell and `.env`; repeatable).
+    #[arg(long = "var", value_name = "KEY=VALUE")]
+    pub vars: Vec<String>,
+    /// Include the services of this Compose profile (repeatable).
+    #[arg(long = "profile", value_name = "PROFILE")]
+    pub profiles: Vec<String>,
+    /// Read variables from this file instead of the `.env` beside the first file.
+    #[arg(long, value_name = "FILE")]
+    pub env_file: Option<PathBuf>,
+    /// Treat every warning (an ignored key) as an error.
+    #[arg(long)]
+    pub strict: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum StackCommand {
+    /// Create or update every service of a stack in one step, removing the
+    /// services no longer in the files; waits until every replica serves.
+    Deploy {
+        #[command(flatten)]
+        files: StackFileArgs,
+        /// Refuse if the stack changed after this index (printed by `stack plan`).
+        #[arg(long, value_name = "INDEX")]
+        check_index: Option<u64>,
+        /// Return once committed instead of waiting for the replicas.
+        #[arg(long, short = 'd')]
+        detach: bool,
+    },
+    /// Show what `stack deploy` would change and where new replicas would go;
+    /// changes nothing. Exit status 0: no change, 2: changes.
+    Plan {
+        #[command(flatten)]
+        files: StackFileArgs,
+    },
+    /// List stacks.
+    Ls,
+    /// List the replicas of every service of a stack.
+    Ps {
+        name: String,
+        /// Include replicas that are stopping or stopped.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Remove every service of a stack.
+    Rm { name: String },
+    /// Print the stack as a Skiff stack file that `stack deploy` turns back
+    /// into the same state.
+    Export { name: String },
 }
 
 #[derive(Subcommand, Debug)]

@@ -45,6 +45,9 @@ fn main() -> std::process::ExitCode {
     };
     match runtime.block_on(dispatch(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) if err.downcast_ref::<commands::Exit>().is_some() => {
+            std::process::ExitCode::from(err.downcast_ref::<commands::Exit>().map_or(1, |e| e.0))
+        }
         Err(err) => {
             eprintln!("error: {}", format!("{err:#}").replace('\n', " "));
             std::process::ExitCode::FAILURE
@@ -59,6 +62,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Agent(args) => commands::daemon::agent(args).await,
         Command::Dev(args) => commands::daemon::dev(args).await,
         Command::Service(command) => commands::service::run(server, output, command).await,
+        Command::Stack(command) => commands::stack::run(server, output, command).await,
         Command::Node(command) => commands::node::run(server, output, command).await,
         Command::Events(args) => commands::events::run(server, output, args).await,
         Command::Cluster(command) => commands::cluster::run(server, output, command).await,

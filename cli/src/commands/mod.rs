@@ -13,4 +13,18 @@ pub mod events;
 pub mod node;
 pub mod progress;
 pub mod service;
+pub mod stack;
 pub mod var;
+
+/// Ends the command with this exit status and no message (what it had to
+/// say is printed): `stack plan`'s 2 for "changes".
+#[derive(Debug)]
+pub struct Exit(pub u8);
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit status {}", self.0)
+    }
+}
+
+impl std::error::Error for Exit {}

@@ -110,6 +110,9 @@ pub async fn run(
                 println!("\n{}", status.unplaced_reason);
             }
         }
+        ServiceCommand::Export { name } => {
+            super::stack::export_service(&mut client, &name).await?;
+        }
         ServiceCommand::Inspect { name } => {
             let status = get(&mut client, &name).await?;
             match format {

@@ -389,11 +389,20 @@ fn a_disabled_healthcheck_is_left_to_the_image_with_a_warning() {
 
 #[test]
 fn depends_on_takes_the_short_and_the_long_form() {
-    let text = "services:\n  web:\n    image: busybox\n    depends_on: [db]\n  api:\n    image: busybox\n    depends_on:\n      db: {condition: service_completed_successfully, required: false, restart: true}\n  db:\n    image: busybox\n";
+    let text = "services:\n  web:\n    image: busybox\n    depends_on: [db]\n  api:\n    image: busybox\n    depends_on:\n      db: {condition: service_healthy, required: false, restart: true}\n  db:\n    image: busybox\n";
     let loaded = load_with(Some("app"), &[("compose.yaml", text)], &MemFs::default()).unwrap();
     let api = &loaded.services[0];
     assert_eq!(api.depends_on[0].service, "app-db");
-    assert_eq!(api.depends_on[0].condition, DependsCondition::Completed);
+    assert_eq!(api.depends_on[0].condition, DependsCondition::Healthy);
+    let completed = text.replace("service_healthy", "service_completed_successfully");
+    let err = load_with(
+        Some("app"),
+        &[("compose.yaml", &completed)],
+        &MemFs::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("one-shot jobs"), "{err}");
     assert_eq!(
         loaded.services[2].depends_on[0].condition,
         DependsCondition::Started
