@@ -105,11 +105,11 @@ impl Api {
 
     /// The CPU use of `service`'s replicas for the autoscaler, `at_ms` on
     /// this server's clock (as `node_traffic`).
-    pub fn replica_cpu(&self, service: &str) -> Vec<crate::controllers::autoscaler::ReplicaCpu> {
+    pub fn replica_cpu(&self, service: &str) -> Vec<crate::controllers::autoscale::ReplicaCpu> {
         let now = crate::controllers::now_ms();
         self.service_usage(service)
             .into_iter()
-            .map(|u| crate::controllers::autoscaler::ReplicaCpu {
+            .map(|u| crate::controllers::autoscale::ReplicaCpu {
                 at_ms: now.saturating_sub(u.age_ms),
                 percent: u.cpu_percent,
                 alloc_id: u.alloc_id,

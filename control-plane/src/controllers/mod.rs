@@ -3,7 +3,6 @@
 //! proposes its result through Raft.
 
 pub mod autoscale;
-pub mod autoscaler;
 pub mod deployment;
 pub mod liveness;
 pub mod reconciler;
@@ -100,8 +99,8 @@ pub async fn run(
     heartbeats: Heartbeats,
     traffic: TrafficSource,
     heartbeat_ttl: Duration,
-    load: autoscaler::LoadSource,
-    autoscale_timings: autoscaler::Timings,
+    load: autoscale::LoadSource,
+    autoscale_timings: autoscale::Timings,
     shutdown: watch::Receiver<bool>,
 ) {
     tokio::join!(
@@ -112,7 +111,7 @@ pub async fn run(
             heartbeat_ttl,
             shutdown.clone()
         ),
-        autoscaler::run_autoscaler(consensus, load, autoscale_timings, shutdown),
+        autoscale::run_autoscaler(consensus, load, autoscale_timings, shutdown),
     );
 }
 
