@@ -3,9 +3,9 @@
 //! proposes its result through Raft.
 
 pub mod autoscale;
-pub mod deployment;
-pub mod liveness;
-pub mod reconciler;
+pub(crate) mod deployment;
+mod liveness;
+mod reconciler;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
