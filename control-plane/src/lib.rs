@@ -1,12 +1,28 @@
 //! Skiff's control plane: Raft consensus over sled, the replicated state
 //! machine, the scheduler, the controllers and the gRPC API.
+//!
+//! Layout:
+//! - `server`: [`run`], `skiff server`: opens the data dir, joins or
+//!   bootstraps the cluster and starts everything below.
+//! - `consensus`: one thread driving the Raft node, its log storage
+//!   (sled, WAL, in memory) and the transport between servers.
+//! - `state`: the replicated state machine every command is applied to.
+//! - `scheduler`: the pure placement of replicas on nodes.
+//! - `controllers`: the leader-only decisions (reconciler, deployments,
+//!   liveness, autoscaler) and the loops that propose them.
+//! - `api`: the gRPC services for the CLI, agents and other servers; the
+//!   only layer that builds `tonic::Status`.
+//! - `metrics`: the Prometheus endpoint.
+//!
+//! Other crates use `consensus`, `controllers`, `scheduler` and `state`;
+//! the rest is private to this crate.
 
-pub mod api;
+mod api;
 pub mod consensus;
 pub mod controllers;
-pub mod metrics;
+mod metrics;
 pub mod scheduler;
-pub mod server;
+mod server;
 pub mod state;
 
 pub use server::{run, RaftLog, ServerConfig, ServerError};

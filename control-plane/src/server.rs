@@ -51,7 +51,7 @@ pub struct ServerConfig {
     /// A node whose heartbeats stop for this long is marked down.
     pub heartbeat_ttl: Duration,
     /// The autoscaler's scale-down stabilization window; its cooldowns and
-    /// idle window scale with it (`controllers::autoscaler::Timings`).
+    /// idle window scale with it (`controllers::autoscale::Timings`).
     pub autoscale_window: Duration,
     /// Where a new data dir keeps the Raft log.
     pub raft_log: RaftLog,
@@ -255,12 +255,12 @@ async fn serve<S: LogStore + Send + 'static>(
         Arc::new(move || traffic_api.replica_traffic()),
         config.heartbeat_ttl,
         Arc::new(
-            move |service: &str, http: bool| controllers::autoscaler::Load {
+            move |service: &str, http: bool| controllers::autoscale::Load {
                 traffic: load_api.node_traffic(service, http),
                 cpu: load_api.replica_cpu(service),
             },
         ),
-        controllers::autoscaler::Timings::from_window(config.autoscale_window),
+        controllers::autoscale::Timings::from_window(config.autoscale_window),
         stop_rx.clone(),
     ));
     tokio::spawn(api.clone().background(stop_rx.clone()));

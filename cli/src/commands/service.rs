@@ -42,7 +42,12 @@ pub async fn run(
             }
             let detach = matches!(&command, ServiceCommand::Create(args) if args.detach);
             if !detach {
-                super::progress::wait_until_serving(&mut client, format, std::slice::from_ref(&name)).await?;
+                super::progress::wait_until_serving(
+                    &mut client,
+                    format,
+                    std::slice::from_ref(&name),
+                )
+                .await?;
                 println!("service {name}: every replica serves");
             }
         }

@@ -5,7 +5,9 @@
 use skiff_proto::v1 as pb;
 use tonic::Status;
 
-use super::{invalid, now_ms, status_from, Api};
+use super::control::invalid;
+use super::{status_from, Api};
+use crate::controllers::now_ms;
 use crate::controllers::stack_plan::{self, StackPlan};
 use crate::state::{Command, ServiceSpec, State};
 

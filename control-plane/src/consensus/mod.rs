@@ -12,14 +12,14 @@
 #[cfg(test)]
 mod conformance;
 pub mod core;
-pub mod log_store;
+mod log_store;
 mod logger;
 pub mod mem;
-pub mod sled_storage;
-pub mod snapshot_file;
-pub mod transport;
+mod sled_storage;
+pub(crate) mod snapshot_file;
+pub(crate) mod transport;
 mod wal;
-pub mod wal_storage;
+mod wal_storage;
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;

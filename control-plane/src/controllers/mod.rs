@@ -3,10 +3,9 @@
 //! proposes its result through Raft.
 
 pub mod autoscale;
-pub mod autoscaler;
-pub mod deployment;
-pub mod liveness;
-pub mod reconciler;
+pub(crate) mod deployment;
+mod liveness;
+mod reconciler;
 pub mod stack_plan;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -104,8 +103,8 @@ pub async fn run(
     heartbeats: Heartbeats,
     traffic: TrafficSource,
     heartbeat_ttl: Duration,
-    load: autoscaler::LoadSource,
-    autoscale_timings: autoscaler::Timings,
+    load: autoscale::LoadSource,
+    autoscale_timings: autoscale::Timings,
     shutdown: watch::Receiver<bool>,
 ) {
     tokio::join!(
@@ -116,7 +115,7 @@ pub async fn run(
             heartbeat_ttl,
             shutdown.clone()
         ),
-        autoscaler::run_autoscaler(consensus, load, autoscale_timings, shutdown),
+        autoscale::run_autoscaler(consensus, load, autoscale_timings, shutdown),
     );
 }
 

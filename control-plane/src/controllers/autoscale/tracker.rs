@@ -1,154 +1,17 @@
-//! The autoscaler's leader-only loop: it keeps, per autoscaled service, the
-//! proxies' recent traffic reports, the metric samples built from them and
-//! the decision core's [`Memory`], asks [`decide`] once a second (and at
-//! once when a connection waits at zero replicas), and proposes each change
-//! as a `Command::Autoscale` scale event with its reason.
-//!
-//! All of it lives in memory and is dropped when this server stops being
-//! the leader: a new leader rebuilds it from the reports that keep coming,
-//! and the decision core never scales down before it has watched a whole
-//! stabilization window.
-//!
-//! CPU comes from the agents' per-replica use (read from each container's
-//! cgroup, sent with every traffic report): the latest percent of each live
-//! replica of the service that reported within the stale limit, averaged
-//! into a `CpuSample`; replicas without a report count as not ready.
+//! What the leader's loop keeps of each autoscaled service between
+//! rounds (reports, samples, the decision's memory), and which services
+//! are autoscaled in the applied state.
 
-use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::Duration;
-
-use tokio::sync::watch;
-use tokio::time::MissedTickBehavior;
-
-use super::autoscale::{
-    aggregate_traffic, decide, CpuSample, Decision, Memory, MetricSample, NodeTraffic, Observed,
-    Policy, Targets, DEFAULT_SCALE_DOWN_COOLDOWN_MS, DEFAULT_SCALE_DOWN_WINDOW_MS,
-    DEFAULT_SCALE_UP_COOLDOWN_MS, DEFAULT_TRAFFIC_WINDOW_MS,
+use super::{
+    aggregate_traffic, cpu_sample, decide, Decision, Memory, MetricSample, NodeTraffic, Observed,
+    Policy, ReplicaCpu, Timings, DEFAULT_TRAFFIC_WINDOW_MS,
 };
-use super::now_ms;
-use crate::consensus::Consensus;
-use crate::state::{AutoscalePolicy, Command, ServiceMode, State};
+use crate::state::{ServiceMode, State};
 use skiff_spec::Protocol;
 
-/// What is known of a service's load: `(service, http)` in; out, the
-/// latest report of every node's proxy and its replicas' CPU use.
-pub type LoadSource = Arc<dyn Fn(&str, bool) -> Load + Send + Sync>;
-
-/// A service's load as the reports have it.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Load {
-    /// One per node whose proxy reported the service.
-    pub traffic: Vec<NodeTraffic>,
-    /// One per replica whose node reported its use.
-    pub cpu: Vec<ReplicaCpu>,
-}
-
-/// One replica's CPU use as its node last reported it.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct ReplicaCpu {
-    pub alloc_id: String,
-    /// When the report was received (this server's clock).
-    pub at_ms: u64,
-    /// Percent of the replica's CPU limit (of one CPU without a limit).
-    pub percent: f64,
-}
-
-/// The service's CPU as a sample: the newest fresh report of each of
-/// `replicas` (its live replicas; a replica stopping or of another service
-/// is ignored), averaged. `None` when none of them reported within
-/// `stale_after_ms`.
-pub fn cpu_sample(
-    usage: &[ReplicaCpu],
-    replicas: &[String],
-    now_ms: u64,
-    stale_after_ms: u64,
-) -> Option<MetricSample> {
-    let mut newest: HashMap<&str, &ReplicaCpu> = HashMap::new();
-    for report in usage {
-        let fresh = now_ms.saturating_sub(report.at_ms) <= stale_after_ms;
-        if !fresh || !report.percent.is_finite() || !replicas.contains(&report.alloc_id) {
-            continue;
-        }
-        let entry = newest.entry(&report.alloc_id).or_insert(report);
-        if entry.at_ms < report.at_ms {
-            *entry = report;
-        }
-    }
-    let reporting = newest.len() as u32;
-    let total: f64 = newest.values().map(|r| r.percent.max(0.0)).sum();
-    let at_ms = newest.values().map(|r| r.at_ms.min(now_ms)).max()?;
-    Some(MetricSample {
-        at_ms,
-        cpu: Some(CpuSample {
-            replicas_reporting: reporting,
-            percent_avg: total / f64::from(reporting),
-        }),
-        ..MetricSample::default()
-    })
-}
-
-/// How often the loop looks at services at zero replicas with connections
-/// waiting: a held connection should wake its service in well under a
-/// second.
-pub const WAKE_TICK: Duration = Duration::from_millis(100);
-/// How often every autoscaled service is decided.
-pub const DECIDE_EVERY: Duration = Duration::from_secs(1);
 /// Two reports of one node received this close together are one report
 /// read twice (agents report every 2 s).
 const SAME_REPORT_MS: u64 = 500;
-
-/// The autoscaler's windows and cooldowns. One knob, the scale-down
-/// stabilization window, sets all of them in the defaults' proportions
-/// (60 s window: 15 s scale-up cooldown, 30 s scale-down cooldown, 300 s
-/// idle before scaling to zero), so tests and benchmarks can run the same
-/// policy faster.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Timings {
-    pub scale_down_window_ms: u64,
-    pub scale_up_cooldown_ms: u64,
-    pub scale_down_cooldown_ms: u64,
-    pub idle_window_ms: u64,
-}
-
-impl Timings {
-    /// The defaults scaled so the stabilization window is `window`.
-    pub fn from_window(window: Duration) -> Self {
-        let window_ms = window.as_millis() as u64;
-        let scale = |default_ms: u64| {
-            (u128::from(default_ms) * u128::from(window_ms)
-                / u128::from(DEFAULT_SCALE_DOWN_WINDOW_MS)) as u64
-        };
-        Timings {
-            scale_down_window_ms: window_ms,
-            scale_up_cooldown_ms: scale(DEFAULT_SCALE_UP_COOLDOWN_MS),
-            scale_down_cooldown_ms: scale(DEFAULT_SCALE_DOWN_COOLDOWN_MS),
-            idle_window_ms: scale(super::autoscale::DEFAULT_IDLE_WINDOW_MS),
-        }
-    }
-
-    /// The decision core's policy for a service's autoscale spec.
-    pub fn policy(&self, spec: &AutoscalePolicy) -> Policy {
-        let targets = Targets {
-            rps: spec.target_rps,
-            concurrency: spec.target_concurrency,
-            cpu_percent: spec.target_cpu,
-        };
-        Policy {
-            scale_down_window_ms: self.scale_down_window_ms,
-            scale_up_cooldown_ms: self.scale_up_cooldown_ms,
-            scale_down_cooldown_ms: self.scale_down_cooldown_ms,
-            idle_window_ms: self.idle_window_ms,
-            ..Policy::new(spec.min, spec.max, targets)
-        }
-    }
-}
-
-impl Default for Timings {
-    fn default() -> Self {
-        Timings::from_window(Duration::from_millis(DEFAULT_SCALE_DOWN_WINDOW_MS))
-    }
-}
 
 /// An autoscaled service as the applied state has it.
 #[derive(Clone, Debug, PartialEq)]
@@ -319,86 +182,13 @@ impl Tracker {
     }
 }
 
-/// On the leader, scales every autoscaled service to what [`decide`] asks
-/// for, until `shutdown`.
-pub async fn run_autoscaler(
-    consensus: Consensus,
-    load: LoadSource,
-    timings: Timings,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut tick = tokio::time::interval(WAKE_TICK);
-    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut trackers: HashMap<String, Tracker> = HashMap::new();
-    let mut next_round_ms = 0;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shutdown.changed() => return,
-        }
-        if !consensus.is_leader() {
-            trackers.clear();
-            continue;
-        }
-        let now = now_ms();
-        let every_second = now >= next_round_ms;
-        if every_second {
-            next_round_ms = now + DECIDE_EVERY.as_millis() as u64;
-        }
-        let services = autoscaled(&consensus.state(), &timings);
-        trackers.retain(|name, _| services.iter().any(|s| &s.name == name));
-        for service in &services {
-            let tracker = trackers.entry(service.name.clone()).or_default();
-            if !every_second && service.current > 0 {
-                continue;
-            }
-            let load = load(&service.name, service.http);
-            tracker.observe(load.traffic, &service.policy, now);
-            tracker.observe_cpu(&load.cpu, &service.replicas, &service.policy, now);
-            let Some(decision) = tracker.consider(service, now, every_second) else {
-                continue;
-            };
-            // The state may have moved while deciding: act only on the
-            // count the decision started from, outside a deployment.
-            let still = consensus
-                .state()
-                .services
-                .get(&service.name)
-                .is_some_and(|s| {
-                    s.spec.replicas == decision.current
-                        && s.spec.autoscale.is_some()
-                        && s.active_deployment().is_none()
-                });
-            if !still {
-                continue;
-            }
-            tracing::info!(
-                service = %service.name,
-                from = decision.current,
-                to = decision.desired,
-                reason = %decision.reason,
-                "autoscaling"
-            );
-            let command = Command::Autoscale {
-                name: service.name.clone(),
-                replicas: decision.desired,
-                reason: decision.reason.clone(),
-            };
-            let ok = match consensus.propose(command.at(now_ms())).await {
-                Ok(_) => true,
-                Err(err) => {
-                    tracing::warn!(service = %service.name, error = %err, "scale event not committed");
-                    false
-                }
-            };
-            tracker.carried_out(&service.policy, &decision, ok, now);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use super::super::CpuSample;
     use super::*;
+    use crate::state::AutoscalePolicy;
 
     const T0: u64 = 1_000_000_000;
 

@@ -1,0 +1,321 @@
+//! The `AgentSync` service: one stream per agent, pushing its node's
+//! allocations, the pre-pull images and the published endpoints whenever
+//! they change, and recording what the agent reports.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::Stream;
+use skiff_proto::v1 as pb;
+use skiff_proto::v1::agent_message::Msg as AgentMsg;
+use skiff_proto::v1::server_message::Msg as ServerMsg;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{convert, Api, HEARTBEAT_INTERVAL};
+use crate::controllers::now_ms;
+use crate::state::{AllocReport, AllocState, Command};
+use skiff_spec as spec;
+
+/// Per node, the Raft index of the last change to its allocations, so each
+/// agent stream wakes only when something of its own changed (thousands of
+/// streams waking on every applied entry would swamp a server).
+#[derive(Default)]
+pub(super) struct NodeWatch {
+    senders: Mutex<HashMap<String, watch::Sender<u64>>>,
+}
+
+impl NodeWatch {
+    fn subscribe(&self, node: &str) -> watch::Receiver<u64> {
+        let mut senders = self.senders.lock().unwrap_or_else(|p| p.into_inner());
+        senders
+            .entry(node.to_string())
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
+    }
+}
+
+impl Api {
+    /// After each applied batch (at most every 10 ms), recomputes the
+    /// published services' endpoints and wakes every agent stream if they
+    /// changed.
+    pub(super) async fn dispatch_endpoints(self, mut shutdown: watch::Receiver<bool>) {
+        let mut status = self.consensus.watch_status();
+        loop {
+            let endpoints = convert::endpoints(&self.consensus.state());
+            self.endpoints.send_if_modified(|current| {
+                let changed = **current != endpoints;
+                if changed {
+                    *current = Arc::new(endpoints);
+                }
+                changed
+            });
+            tokio::select! {
+                changed = status.changed() => if changed.is_err() { return },
+                _ = shutdown.changed() => return,
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// After each applied batch (at most every 10 ms), wakes the streams of
+    /// the nodes whose allocations changed.
+    pub(super) async fn dispatch_node_changes(self, mut shutdown: watch::Receiver<bool>) {
+        let mut status = self.consensus.watch_status();
+        loop {
+            tokio::select! {
+                changed = status.changed() => if changed.is_err() { return },
+                _ = shutdown.changed() => return,
+            }
+            {
+                let mut senders = self
+                    .node_watch
+                    .senders
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                let state = self.consensus.state();
+                senders.retain(|node, sender| {
+                    let index = state.node_changed_index(node);
+                    sender.send_if_modified(|seen| {
+                        let changed = *seen != index;
+                        *seen = index;
+                        changed
+                    });
+                    sender.receiver_count() > 0
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+type SyncStream = Pin<Box<dyn Stream<Item = Result<pb::ServerMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::agent_sync_server::AgentSync for Api {
+    type SyncStream = SyncStream;
+
+    async fn sync(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<SyncStream>, Status> {
+        let mut inbound = request.into_inner();
+        let register = match inbound.message().await? {
+            Some(pb::AgentMessage {
+                msg: Some(AgentMsg::Register(register)),
+            }) => register,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message of a sync stream must be register",
+                ))
+            }
+        };
+        let node = register.node.clone();
+        spec::validate_name(&node)
+            .map_err(|e| Status::invalid_argument(format!("invalid node {e}")))?;
+        let address: IpAddr = register.address.parse().map_err(|_| {
+            Status::invalid_argument(format!(
+                "invalid node address \"{}\": use an IP address",
+                register.address
+            ))
+        })?;
+        let port_range = port_range(&register)?;
+        let labels = labels(&register)?;
+        // Alive whether or not the registration commits soon (say, during
+        // an election): the liveness controller must know it.
+        self.touch(&node);
+        self.propose(Command::RegisterNode {
+            name: node.clone(),
+            address: address.to_string(),
+            port_range,
+            cpu_millis: register.cpu_millis,
+            memory_mb: register.memory_mb,
+            labels,
+        })
+        .await?;
+        tracing::info!(node = %node, %address, "agent registered");
+
+        let (outbound, receiver) = mpsc::channel(16);
+        let registered = pb::Registered {
+            node: node.clone(),
+            heartbeat_interval_ms: HEARTBEAT_INTERVAL.as_millis() as u32,
+        };
+        let _ = outbound
+            .send(Ok(server_msg(ServerMsg::Registered(registered))))
+            .await;
+        tokio::spawn(self.clone().serve_agent(node, inbound, outbound));
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+}
+
+fn port_range(register: &pb::Register) -> Result<(u16, u16), Status> {
+    let convert = |port: u32| u16::try_from(port).ok().filter(|p| *p >= 1024);
+    match (
+        convert(register.port_range_start),
+        convert(register.port_range_end),
+    ) {
+        (Some(start), Some(end)) if start <= end => Ok((start, end)),
+        _ => Err(Status::invalid_argument(format!(
+            "invalid port range {}-{}: use START-END within 1024-65535",
+            register.port_range_start, register.port_range_end
+        ))),
+    }
+}
+
+/// Labels are `key=value` words like constraints use.
+fn labels(register: &pb::Register) -> Result<BTreeMap<String, String>, Status> {
+    let word = |w: &str| {
+        !w.is_empty()
+            && w.len() <= 128
+            && w.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | '/'))
+    };
+    for (key, value) in &register.labels {
+        if !word(key) || !word(value) || key.starts_with("node.") {
+            return Err(Status::invalid_argument(format!(
+                "invalid label {key}={value}: use letters, digits, '_', '.', '-' and '/', e.g. --label zone=a"
+            )));
+        }
+    }
+    Ok(register.labels.clone().into_iter().collect())
+}
+
+fn server_msg(msg: ServerMsg) -> pb::ServerMessage {
+    pb::ServerMessage { msg: Some(msg) }
+}
+
+impl Api {
+    /// One agent's stream: pushes the node's allocations whenever they
+    /// change, and records its heartbeats and status reports.
+    async fn serve_agent(
+        self,
+        node: String,
+        mut inbound: Streaming<pb::AgentMessage>,
+        outbound: mpsc::Sender<Result<pb::ServerMessage, Status>>,
+    ) {
+        let mut changes = self.node_watch.subscribe(&node);
+        let mut endpoints = self.endpoints.subscribe();
+        endpoints.mark_changed();
+        let mut last_sent: Option<(Vec<pb::Allocation>, Vec<String>)> = None;
+        let mut last_index = None;
+        // A lagging server (say, one that just came back) must not hand the
+        // agent an old set: missing allocations would be stopped. Catch up
+        // to the leader's commit index first (ReadIndex), retrying through
+        // elections; the agent keeps running what it has meanwhile.
+        let mut caught_up = false;
+        loop {
+            if !caught_up {
+                caught_up = self.shared_barrier().await.is_ok();
+            }
+            let changed = self.consensus.state().node_changed_index(&node);
+            if caught_up && last_index != Some(changed) {
+                last_index = Some(changed);
+                let assignments = self.assignments(&node);
+                let sent = (assignments.allocations.clone(), assignments.prepull.clone());
+                if last_sent.as_ref() != Some(&sent) {
+                    last_sent = Some(sent);
+                    if outbound
+                        .send(Ok(server_msg(ServerMsg::Assignments(assignments))))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            }
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { break },
+                changed = endpoints.changed(), if caught_up => {
+                    if changed.is_err() { break }
+                    let current = pb::Endpoints::clone(&endpoints.borrow_and_update());
+                    if outbound.send(Ok(server_msg(ServerMsg::Endpoints(current)))).await.is_err() {
+                        break;
+                    }
+                }
+                _ = tokio::time::sleep(Duration::from_millis(200)), if !caught_up => {}
+                message = inbound.message() => match message {
+                    Ok(Some(pb::AgentMessage { msg: Some(msg) })) => self.on_agent_message(&node, msg).await,
+                    Ok(Some(pb::AgentMessage { msg: None })) => {}
+                    Ok(None) | Err(_) => break,
+                },
+            }
+        }
+        tracing::info!(node = %node, "agent stream closed");
+    }
+
+    /// Records which pre-pull images a node has, when that changed.
+    async fn record_images(&self, node: &str, images: Vec<String>) {
+        let images: std::collections::BTreeSet<String> = images.into_iter().collect();
+        let unchanged = self
+            .consensus
+            .state()
+            .nodes
+            .get(node)
+            .is_none_or(|n| n.images == images);
+        if unchanged {
+            return;
+        }
+        let command = Command::ReportImages {
+            node: node.to_string(),
+            images,
+        };
+        if let Err(err) = self.consensus.propose(command.at(now_ms())).await {
+            tracing::warn!(node, error = %err, "pre-pulled images not recorded");
+        }
+    }
+
+    fn assignments(&self, node: &str) -> pb::Assignments {
+        let state = self.consensus.state();
+        pb::Assignments {
+            index: state.applied_index,
+            allocations: state.allocs_on(node).map(convert::alloc_to_pb).collect(),
+            prepull: state.prepull_images(node),
+        }
+    }
+
+    async fn on_agent_message(&self, node: &str, msg: AgentMsg) {
+        self.touch(node);
+        let report = match msg {
+            AgentMsg::Status(report) => report,
+            AgentMsg::Traffic(report) => return self.record_traffic(node, report),
+            AgentMsg::ImagesReady(ready) => return self.record_images(node, ready.images).await,
+            AgentMsg::Heartbeat(_) | AgentMsg::Register(_) => return,
+        };
+        let Some(state) = AllocState::parse(&report.state) else {
+            tracing::warn!(node, state = %report.state, "agent reported an unknown state");
+            return;
+        };
+        let report = AllocReport {
+            id: report.id,
+            state,
+            restarts: report.restarts,
+            pid: report.pid,
+            message: report.message,
+        };
+        let unchanged = self
+            .consensus
+            .state()
+            .allocs
+            .get(&report.id)
+            .is_none_or(|a| {
+                a.state == report.state
+                    && a.restarts == report.restarts
+                    && a.pid == report.pid
+                    && a.message == report.message
+            });
+        if unchanged {
+            return;
+        }
+        let command = Command::ReportAllocs {
+            node: node.to_string(),
+            reports: vec![report],
+        };
+        if let Err(err) = self.consensus.propose(command.at(now_ms())).await {
+            tracing::warn!(node, error = %err, "allocation status not recorded");
+        }
+    }
+}

@@ -1,0 +1,416 @@
+//! The `Control` service: the RPCs of the CLI (services, deployments,
+//! nodes, variables, events, the cluster) and the heartbeats followers
+//! forward to the leader.
+
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use futures::Stream;
+use skiff_proto::v1 as pb;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::{convert, status_from, Api};
+use crate::controllers::now_ms;
+use crate::state::{Availability, Command, Event};
+use skiff_spec as spec;
+
+pub(super) fn invalid(err: spec::SpecError) -> Status {
+    Status::invalid_argument(err.to_string())
+}
+
+impl Api {
+    /// A create or update request's spec, validated, with its published
+    /// port checked against every other service's (read after a barrier,
+    /// so a port published a moment ago elsewhere counts).
+    async fn checked_spec(
+        &self,
+        spec: Option<pb::ServiceSpec>,
+    ) -> Result<crate::state::ServiceSpec, Status> {
+        let spec = spec.ok_or_else(|| Status::invalid_argument("invalid spec: missing"))?;
+        let spec = skiff_spec::pb::spec_from_pb(spec).map_err(invalid)?;
+        if let Some(publish) = spec.publish {
+            self.barrier().await?;
+            let state = self.consensus.state();
+            let taken = state
+                .services
+                .values()
+                .find(|s| s.spec.publish == Some(publish) && s.spec.name != spec.name);
+            if let Some(other) = taken {
+                return Err(Status::already_exists(format!(
+                    "invalid publish: port {publish} is already published by service \"{}\"; choose another --publish port",
+                    other.spec.name
+                )));
+            }
+        }
+        Ok(spec)
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::control_server::Control for Api {
+    async fn create_service(
+        &self,
+        request: Request<pb::CreateServiceRequest>,
+    ) -> Result<Response<pb::ServiceStatus>, Status> {
+        let spec = request.into_inner().spec;
+        let spec = self.checked_spec(spec).await?;
+        let name = spec.name.clone();
+        self.propose(Command::CreateService { spec }).await?;
+        self.service_status(&name).await.map(Response::new)
+    }
+
+    async fn scale_service(
+        &self,
+        request: Request<pb::ScaleServiceRequest>,
+    ) -> Result<Response<pb::ServiceStatus>, Status> {
+        let request = request.into_inner();
+        let replicas = spec::validate_replicas(i64::from(request.replicas)).map_err(invalid)?;
+        self.propose(Command::ScaleService {
+            name: request.name.clone(),
+            replicas,
+        })
+        .await?;
+        self.service_status(&request.name).await.map(Response::new)
+    }
+
+    async fn remove_service(
+        &self,
+        request: Request<pb::RemoveServiceRequest>,
+    ) -> Result<Response<pb::RemoveServiceResponse>, Status> {
+        self.propose(Command::RemoveService {
+            name: request.into_inner().name,
+        })
+        .await?;
+        Ok(Response::new(pb::RemoveServiceResponse {}))
+    }
+
+    async fn list_services(
+        &self,
+        _request: Request<pb::ListServicesRequest>,
+    ) -> Result<Response<pb::ListServicesResponse>, Status> {
+        self.barrier().await?;
+        let state = self.consensus.state();
+        let services = state
+            .services
+            .values()
+            .map(|s| convert::service_to_pb(&state, s))
+            .collect();
+        Ok(Response::new(pb::ListServicesResponse { services }))
+    }
+
+    async fn get_service(
+        &self,
+        request: Request<pb::GetServiceRequest>,
+    ) -> Result<Response<pb::ServiceStatus>, Status> {
+        let name = request.into_inner().name;
+        let mut status = self.service_status(&name).await?;
+        status.traffic = self.service_traffic(&name);
+        status.usage = self.service_usage(&name);
+        Ok(Response::new(status))
+    }
+
+    async fn list_nodes(
+        &self,
+        _request: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        self.barrier().await?;
+        let state = self.consensus.state();
+        let nodes = state
+            .nodes
+            .values()
+            .map(|node| convert::node_to_pb(&state, node, self.heartbeat_age(&node.name)))
+            .collect();
+        Ok(Response::new(pb::ListNodesResponse { nodes }))
+    }
+
+    async fn put_variable(
+        &self,
+        request: Request<pb::PutVariableRequest>,
+    ) -> Result<Response<pb::PutVariableResponse>, Status> {
+        let request = request.into_inner();
+        spec::validate_variable(&request.key, &request.value).map_err(invalid)?;
+        self.propose(Command::PutVariable {
+            key: request.key,
+            value: request.value,
+        })
+        .await?;
+        Ok(Response::new(pb::PutVariableResponse {}))
+    }
+
+    async fn get_variable(
+        &self,
+        request: Request<pb::GetVariableRequest>,
+    ) -> Result<Response<pb::GetVariableResponse>, Status> {
+        self.barrier().await?;
+        let value = self
+            .consensus
+            .state()
+            .variables
+            .get(&request.into_inner().key)
+            .cloned();
+        Ok(Response::new(pb::GetVariableResponse {
+            found: value.is_some(),
+            value: value.unwrap_or_default(),
+        }))
+    }
+
+    async fn list_variables(
+        &self,
+        request: Request<pb::ListVariablesRequest>,
+    ) -> Result<Response<pb::ListVariablesResponse>, Status> {
+        self.barrier().await?;
+        let prefix = request.into_inner().prefix;
+        let variables = self
+            .consensus
+            .state()
+            .variables
+            .range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        Ok(Response::new(pb::ListVariablesResponse { variables }))
+    }
+
+    async fn set_node_availability(
+        &self,
+        request: Request<pb::SetNodeAvailabilityRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        let request = request.into_inner();
+        let availability = Availability::parse(&request.availability).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "invalid availability \"{}\": use active, pause or drain",
+                request.availability
+            ))
+        })?;
+        let deadline_ms = (availability == Availability::Drain && request.deadline_ms > 0)
+            .then(|| now_ms().saturating_add(request.deadline_ms));
+        self.propose(Command::SetNodeAvailability {
+            name: request.name.clone(),
+            availability,
+            deadline_ms,
+        })
+        .await?;
+        self.barrier().await?;
+        let state = self.consensus.state();
+        let node = state
+            .nodes
+            .get(&request.name)
+            .ok_or_else(|| Status::not_found(format!("node \"{}\" not found", request.name)))?;
+        Ok(Response::new(convert::node_to_pb(
+            &state,
+            node,
+            self.heartbeat_age(&node.name),
+        )))
+    }
+
+    type EventsStream = EventStream;
+
+    async fn events(
+        &self,
+        request: Request<pb::EventsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let request = request.into_inner();
+        self.barrier().await?;
+        let (sender, receiver) = mpsc::channel(256);
+        let api = self.clone();
+        tokio::spawn(async move {
+            let mut status = api.consensus.watch_status();
+            let mut after = request.after_seq;
+            loop {
+                let batch: Vec<pb::Event> = {
+                    let state = api.consensus.state();
+                    let events: Vec<&Event> = state.events_after(after).collect();
+                    if let Some(last) = events.last() {
+                        after = last.seq;
+                    }
+                    events
+                        .into_iter()
+                        .filter(|e| request.service.is_empty() || e.service == request.service)
+                        .filter(|e| request.node.is_empty() || e.node == request.node)
+                        .map(convert::event_to_pb)
+                        .collect()
+                };
+                for event in batch {
+                    if sender.send(Ok(event)).await.is_err() {
+                        return;
+                    }
+                }
+                if !request.follow || status.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+
+    async fn update_service(
+        &self,
+        request: Request<pb::UpdateServiceRequest>,
+    ) -> Result<Response<pb::ServiceStatus>, Status> {
+        let spec = request.into_inner().spec;
+        let spec = self.checked_spec(spec).await?;
+        let name = spec.name.clone();
+        self.propose(Command::UpdateService { spec }).await?;
+        self.service_status(&name).await.map(Response::new)
+    }
+
+    async fn rollback_service(
+        &self,
+        request: Request<pb::RollbackServiceRequest>,
+    ) -> Result<Response<pb::ServiceStatus>, Status> {
+        let request = request.into_inner();
+        self.propose(Command::RollbackService {
+            name: request.name.clone(),
+            to_version: Some(request.to_version).filter(|v| *v != 0),
+        })
+        .await?;
+        self.service_status(&request.name).await.map(Response::new)
+    }
+
+    async fn promote_deployment(
+        &self,
+        request: Request<pb::PromoteDeploymentRequest>,
+    ) -> Result<Response<pb::ServiceStatus>, Status> {
+        let name = request.into_inner().name;
+        self.propose(Command::PromoteDeployment { name: name.clone() })
+            .await?;
+        self.service_status(&name).await.map(Response::new)
+    }
+
+    async fn pause_deployment(
+        &self,
+        request: Request<pb::PauseDeploymentRequest>,
+    ) -> Result<Response<pb::ServiceStatus>, Status> {
+        let request = request.into_inner();
+        self.propose(Command::PauseDeployment {
+            name: request.name.clone(),
+            paused: request.paused,
+        })
+        .await?;
+        self.service_status(&request.name).await.map(Response::new)
+    }
+
+    async fn deploy_stack(
+        &self,
+        request: Request<pb::DeployStackRequest>,
+    ) -> Result<Response<pb::DeployStackResponse>, Status> {
+        self.deploy_stack_call(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn plan_stack(
+        &self,
+        request: Request<pb::DeployStackRequest>,
+    ) -> Result<Response<pb::StackPlan>, Status> {
+        self.plan_stack_call(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn remove_stack(
+        &self,
+        request: Request<pb::RemoveStackRequest>,
+    ) -> Result<Response<pb::RemoveStackResponse>, Status> {
+        self.remove_stack_call(request.into_inner().stack).await?;
+        Ok(Response::new(pb::RemoveStackResponse {}))
+    }
+
+    async fn report_heartbeats(
+        &self,
+        request: Request<pb::ReportHeartbeatsRequest>,
+    ) -> Result<Response<pb::ReportHeartbeatsResponse>, Status> {
+        let now = Instant::now();
+        let request = request.into_inner();
+        {
+            let mut traffic = self.traffic.lock().unwrap_or_else(|p| p.into_inner());
+            for report in request.traffic {
+                let Some(at) = now.checked_sub(Duration::from_millis(report.age_ms)) else {
+                    continue;
+                };
+                let key = (report.service.clone(), report.node.clone());
+                if traffic.get(&key).is_none_or(|(_, seen)| *seen < at) {
+                    traffic.insert(key, (report, at));
+                }
+            }
+        }
+        for report in request.usage {
+            if let Some(at) = now.checked_sub(Duration::from_millis(report.age_ms)) {
+                self.record_usage(report.node, report.replicas, at);
+            }
+        }
+        if let Ok(mut beats) = self.heartbeats.lock() {
+            for beat in request.beats {
+                let Some(seen) = now.checked_sub(Duration::from_millis(beat.age_ms)) else {
+                    continue;
+                };
+                let entry = beats.entry(beat.node).or_insert(seen);
+                *entry = (*entry).max(seen);
+            }
+        }
+        Ok(Response::new(pb::ReportHeartbeatsResponse {}))
+    }
+
+    async fn remove_server(
+        &self,
+        request: Request<pb::RemoveServerRequest>,
+    ) -> Result<Response<pb::RemoveServerResponse>, Status> {
+        let name = request.into_inner().name;
+        let remove = crate::consensus::Request::RemoveMember { name };
+        self.consensus.request(remove).await.map_err(status_from)?;
+        Ok(Response::new(pb::RemoveServerResponse {}))
+    }
+
+    async fn cluster_status(
+        &self,
+        _request: Request<pb::ClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        let status = self.consensus.status();
+        let state = self.consensus.state();
+        let name_of = |id: u64| {
+            state
+                .members
+                .get(&id)
+                .map_or_else(|| id.to_string(), |m| m.name.clone())
+        };
+        let mut members: Vec<pb::Member> = state
+            .members
+            .values()
+            .map(|m| pb::Member {
+                id: m.id,
+                name: m.name.clone(),
+                address: m.address.clone(),
+                role: if m.id == status.id {
+                    status.role.to_string()
+                } else if m.id == status.leader_id {
+                    "leader".to_string()
+                } else {
+                    "follower".to_string()
+                },
+            })
+            .collect();
+        if !state.members.contains_key(&status.id) {
+            members.push(pb::Member {
+                id: status.id,
+                name: self.server_name.clone(),
+                address: String::new(),
+                role: status.role.to_string(),
+            });
+        }
+        Ok(Response::new(pb::ClusterStatusResponse {
+            members,
+            leader: if status.leader_id == 0 {
+                String::new()
+            } else {
+                name_of(status.leader_id)
+            },
+            term: status.term,
+            commit_index: status.commit_index,
+            applied_index: status.applied_index,
+        }))
+    }
+}

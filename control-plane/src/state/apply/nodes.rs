@@ -1,0 +1,159 @@
+//! Applying node commands: the liveness verdict, the operator's
+//! availability (active, pause, drain), and marking drains done.
+
+use super::super::{
+    Availability, CommandError, DesiredState, EventKind, NodeStatus, Outcome, State,
+};
+
+impl State {
+    pub(in crate::state) fn set_node_status(
+        &mut self,
+        index: u64,
+        name: &str,
+        status: NodeStatus,
+    ) -> Result<Outcome, CommandError> {
+        let node = self
+            .nodes
+            .get_mut(name)
+            .ok_or_else(|| CommandError::NodeNotFound(name.to_string()))?;
+        if node.status == status {
+            return Ok(Outcome::Done);
+        }
+        node.status = status;
+        match status {
+            NodeStatus::Ready => {
+                self.event(index, EventKind::NodeUp, "", name, "", "heartbeats resumed");
+            }
+            NodeStatus::Down => {
+                self.event(
+                    index,
+                    EventKind::NodeDown,
+                    "",
+                    name,
+                    "",
+                    "missed heartbeats",
+                );
+                let ids: Vec<String> = self
+                    .allocs_on(name)
+                    .filter(|a| a.desired == DesiredState::Run)
+                    .map(|a| a.id.clone())
+                    .collect();
+                let reason = format!("node {name} down");
+                for id in ids {
+                    self.stop_alloc(index, &id, &reason);
+                }
+            }
+        }
+        Ok(Outcome::Done)
+    }
+
+    pub(in crate::state) fn set_node_availability(
+        &mut self,
+        index: u64,
+        name: &str,
+        availability: Availability,
+        deadline_ms: Option<u64>,
+    ) -> Result<Outcome, CommandError> {
+        let node = self
+            .nodes
+            .get_mut(name)
+            .ok_or_else(|| CommandError::NodeNotFound(name.to_string()))?;
+        let changed = node.availability != availability
+            || (availability == Availability::Drain && node.drain_deadline_ms != deadline_ms);
+        if !changed {
+            return Ok(Outcome::Done);
+        }
+        node.availability = availability;
+        node.drain_deadline_ms = deadline_ms.filter(|_| availability == Availability::Drain);
+        node.drained = false;
+        let (kind, message) = match availability {
+            Availability::Active => (EventKind::NodeActivated, String::new()),
+            Availability::Pause => (EventKind::NodePaused, String::new()),
+            Availability::Drain => (
+                EventKind::NodeDraining,
+                deadline_ms.map_or_else(String::new, |d| format!("deadline {d} ms")),
+            ),
+        };
+        self.event(index, kind, "", name, "", &message);
+        Ok(Outcome::Done)
+    }
+
+    /// Marks draining nodes drained once nothing of theirs runs any more.
+    pub(in crate::state) fn check_drains(&mut self, index: u64) {
+        let done: Vec<String> = self
+            .nodes
+            .values()
+            .filter(|n| n.availability == Availability::Drain && !n.drained)
+            .filter(|n| self.allocs_on(&n.name).all(|a| !a.holds_resources()))
+            .map(|n| n.name.clone())
+            .collect();
+        for name in done {
+            if let Some(node) = self.nodes.get_mut(&name) {
+                node.drained = true;
+                self.event(index, EventKind::NodeDrained, "", &name, "", "");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use crate::state::fixtures::{place, spec};
+    use crate::state::*;
+
+    #[test]
+    fn a_node_going_down_stops_its_replicas_and_plans_never_overcommit() {
+        let mut s = State::default();
+        s.apply(
+            1,
+            Command::RegisterNode {
+                name: "n1".into(),
+                address: "127.0.0.1".into(),
+                port_range: (20000, 20010),
+                cpu_millis: 1000,
+                memory_mb: 1000,
+                labels: BTreeMap::new(),
+            },
+        )
+        .unwrap();
+        let mut web = spec("web", 3);
+        web.memory_mb = Some(400);
+        s.apply(2, Command::CreateService { spec: web }).unwrap();
+        let plan = Plan {
+            place: vec![
+                place("a", "web", 20000),
+                place("b", "web", 20001),
+                place("c", "web", 20002),
+            ],
+            ..Plan::default()
+        };
+        let outcome = s.apply(3, Command::ApplyPlan { plan }).unwrap();
+        assert_eq!(
+            outcome,
+            Outcome::PlanApplied {
+                placed: 2,
+                rejected: 1
+            },
+            "only 800 of 1000 MB fit"
+        );
+        s.apply(
+            4,
+            Command::SetNodeStatus {
+                name: "n1".into(),
+                status: NodeStatus::Down,
+            },
+        )
+        .unwrap();
+        assert!(s.allocs.values().all(|a| a.desired == DesiredState::Stop));
+        assert!(s.events.iter().any(|e| e.kind == EventKind::NodeDown));
+        assert_eq!(
+            s.events
+                .iter()
+                .filter(|e| e.kind == EventKind::ReplicaStopping)
+                .count(),
+            2
+        );
+    }
+}

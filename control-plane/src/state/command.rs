@@ -1,0 +1,220 @@
+//! Every change to the state as committed in the Raft log ([`Command`]),
+//! what applying one produces ([`Outcome`]) and why one is refused
+//! ([`CommandError`]), with the payloads they carry (plans, placements,
+//! deployment steps, allocation reports).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use super::{AllocState, Availability, Member, NodeStatus, ServiceSpec, SpecError};
+
+/// A new allocation decided by the scheduler.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    pub id: String,
+    pub service: String,
+    pub node: String,
+    pub host_port: u16,
+}
+
+/// A batch of decisions from the controllers, committed as one entry.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    pub place: Vec<Placement>,
+    /// Allocations to stop (desired becomes stop).
+    pub stop: Vec<String>,
+    /// Stopped allocations to forget.
+    pub forget: Vec<String>,
+    /// Why allocations of `stop` are stopped, for the events; by id.
+    #[serde(default)]
+    pub reasons: BTreeMap<String, String>,
+    /// Deployment steps decided with the plan.
+    #[serde(default)]
+    pub deployments: Vec<DeploymentChange>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.place.is_empty()
+            && self.stop.is_empty()
+            && self.forget.is_empty()
+            && self.deployments.is_empty()
+    }
+}
+
+/// A step of a deployment decided by its controller; ignored on apply
+/// unless `version` is still the service's active deployment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeploymentChange {
+    pub service: String,
+    pub version: u64,
+    pub step: DeploymentStep,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeploymentStep {
+    /// The new replicas are ready; waiting for `skiff service promote`.
+    AwaitPromotion,
+    /// Promote without waiting (`--auto-promote`).
+    Promote,
+    Succeed,
+    /// Failed with the reason; rolls back when the policy says so.
+    Fail(String),
+}
+
+/// An allocation status reported by an agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllocReport {
+    pub id: String,
+    pub state: AllocState,
+    pub restarts: u32,
+    pub pid: u32,
+    pub message: String,
+}
+
+/// Every change to the state, as committed in the Raft log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    CreateService {
+        spec: ServiceSpec,
+    },
+    ScaleService {
+        name: String,
+        replicas: u32,
+    },
+    RemoveService {
+        name: String,
+    },
+    /// A new spec: a new version rolled out by a deployment, or, when it
+    /// runs the same as the current one, an in-place change of the replica
+    /// count or the policies.
+    UpdateService {
+        spec: ServiceSpec,
+    },
+    /// Deploys an earlier version's spec again as a new version; `None`:
+    /// the stable version while a deployment is active, else the newest
+    /// succeeded version before the current one.
+    RollbackService {
+        name: String,
+        to_version: Option<u64>,
+    },
+    PromoteDeployment {
+        name: String,
+    },
+    PauseDeployment {
+        name: String,
+        paused: bool,
+    },
+    /// The pre-pull images a node's agent has stored (the whole set).
+    ReportImages {
+        node: String,
+        images: BTreeSet<String>,
+    },
+    /// A scale decision of the autoscaler, with its reason.
+    Autoscale {
+        name: String,
+        replicas: u32,
+        reason: String,
+    },
+    RegisterNode {
+        name: String,
+        address: String,
+        port_range: (u16, u16),
+        #[serde(default)]
+        cpu_millis: u32,
+        #[serde(default)]
+        memory_mb: u32,
+        #[serde(default)]
+        labels: BTreeMap<String, String>,
+    },
+    /// The liveness controller's verdict. `Down` stops the node's
+    /// replicas (they are re-placed elsewhere).
+    SetNodeStatus {
+        name: String,
+        status: NodeStatus,
+    },
+    /// `skiff node drain|pause|activate`.
+    SetNodeAvailability {
+        name: String,
+        availability: Availability,
+        /// For a drain: when remaining replicas are stopped regardless.
+        #[serde(default)]
+        deadline_ms: Option<u64>,
+    },
+    ApplyPlan {
+        plan: Plan,
+    },
+    ReportAllocs {
+        node: String,
+        reports: Vec<AllocReport>,
+    },
+    UpsertMember {
+        member: Member,
+    },
+    RemoveMember {
+        id: u64,
+    },
+    /// Sets a cluster variable (small operator data, like Nomad's
+    /// variables); also what `skiff bench raft` writes.
+    PutVariable {
+        key: String,
+        value: String,
+    },
+    /// `skiff stack deploy`: the stack's services, all in one step;
+    /// refused if the stack changed after `check_index`.
+    DeployStack {
+        stack: String,
+        services: Vec<ServiceSpec>,
+        #[serde(default)]
+        check_index: Option<u64>,
+    },
+    /// `skiff stack rm`.
+    RemoveStack {
+        stack: String,
+    },
+    /// A command stamped with its proposer's clock. Proposers wrap what
+    /// they propose in it so that events carry a time every server agrees
+    /// on; a bare command is stamped with the last time seen.
+    Timed {
+        time_ms: u64,
+        command: Box<Command>,
+    },
+}
+
+impl Command {
+    /// `self`, stamped with `time_ms` (milliseconds since the epoch).
+    pub fn at(self, time_ms: u64) -> Command {
+        Command::Timed {
+            time_ms,
+            command: Box::new(self),
+        }
+    }
+}
+
+/// Why a command was refused. Deterministic: every server refuses alike.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum CommandError {
+    #[error("service \"{0}\" not found")]
+    ServiceNotFound(String),
+    #[error("service \"{0}\" already exists; use `skiff service scale` or remove it first")]
+    ServiceExists(String),
+    #[error("node \"{0}\" not found; see `skiff node ls`")]
+    NodeNotFound(String),
+    /// A deployment command that does not fit the service's state.
+    #[error("{0}")]
+    Deployment(String),
+    #[error(transparent)]
+    Invalid(#[from] SpecError),
+}
+
+/// What a successful command produced.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    Done,
+    /// A plan was applied; placements refused at apply time are counted.
+    PlanApplied {
+        placed: usize,
+        rejected: usize,
+    },
+}
