@@ -807,6 +807,67 @@ pub struct UpdateArgs {
     /// Exec health check (with /bin/sh -c).
     #[arg(long, value_name = "CMD")]
     pub health_cmd: Option<String>,
+    /// Time between checks (e.g. 10s, 500ms).
+    #[arg(long, value_parser = parse_millis)]
+    pub health_interval: Option<u32>,
+    /// Time a check may take.
+    #[arg(long, value_parser = parse_millis)]
+    pub health_timeout: Option<u32>,
+    /// Consecutive failures that make a replica unhealthy.
+    #[arg(long)]
+    pub health_retries: Option<u32>,
+    /// Time after start during which failures do not count.
+    #[arg(long, value_parser = parse_millis)]
+    pub health_start_period: Option<u32>,
+    /// Drop the service's own health check (the image's HEALTHCHECK, if any, applies).
+    #[arg(long, conflicts_with_all = ["health_http", "health_tcp", "health_cmd"])]
+    pub health_rm: bool,
+    /// Add a placement constraint (`zone==a`; repeatable).
+    #[arg(long = "constraint-add", value_name = "CONSTRAINT")]
+    pub constraint_add: Vec<String>,
+    /// Remove a placement constraint, written as `service inspect` shows it (repeatable).
+    #[arg(long = "constraint-rm", value_name = "CONSTRAINT")]
+    pub constraint_rm: Vec<String>,
+    /// Publish on another port: PUBLISHED[:CONTAINER_PORT]. Proxies move their
+    /// listener; connections already open carry on.
+    #[arg(long, value_name = "PUBLISHED[:CONTAINER_PORT]", value_parser = parse_publish, conflicts_with = "publish_rm")]
+    pub publish: Option<(u16, Option<u16>)>,
+    /// Stop publishing the service.
+    #[arg(long)]
+    pub publish_rm: bool,
+    /// What the published port carries: `tcp` or `http`.
+    #[arg(long)]
+    pub protocol: Option<String>,
+    /// `bridge` or `host` networking.
+    #[arg(long)]
+    pub network: Option<String>,
+    /// `spread` or `binpack`.
+    #[arg(long)]
+    pub placement: Option<String>,
+    /// At most N replicas on one node (0: no limit).
+    #[arg(long)]
+    pub max_per_node: Option<u32>,
+    /// Working directory (an absolute path; empty: the image's).
+    #[arg(long)]
+    pub workdir: Option<String>,
+    /// `oci` or `process`.
+    #[arg(long)]
+    pub runtime: Option<String>,
+    /// Replace the image's entrypoint (empty: the image's again).
+    #[arg(long)]
+    pub entrypoint: Option<String>,
+    /// Add or change a label KEY=VALUE (repeatable; changes restart nothing).
+    #[arg(long = "label-add", value_name = "KEY=VALUE")]
+    pub label_add: Vec<String>,
+    /// Remove a label (repeatable).
+    #[arg(long = "label-rm", value_name = "KEY")]
+    pub label_rm: Vec<String>,
+    /// Run the entrypoint under a tiny init.
+    #[arg(long, conflicts_with = "no_init")]
+    pub init: bool,
+    /// Run the entrypoint as PID 1 without an init.
+    #[arg(long)]
+    pub no_init: bool,
     /// Return at once instead of showing the deployment's progress.
     #[arg(long, short = 'd')]
     pub detach: bool,

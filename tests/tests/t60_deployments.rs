@@ -627,3 +627,86 @@ fn a_rolling_update_survives_the_leader_being_killed() {
     cluster.wait_healthy("ha", 4);
     cluster.wait_answering(2, publish, "web v3");
 }
+
+/// Every field that used to need `rm` and `create` now rolls out as a new
+/// version under load, with no failed request through either proxy; the
+/// published port then moves, and a connection open on the old port is
+/// still served.
+#[test]
+fn newly_updatable_fields_roll_out_with_no_failed_request_and_the_published_port_moves() {
+    use std::io::{Read, Write};
+
+    let cluster = Cluster::start(1);
+    let publish = skiff_e2e::free_port();
+    cluster.create(
+        "fields",
+        publish,
+        2,
+        "web:v2",
+        &["--min-healthy-time", "500ms"],
+    );
+    cluster.wait_healthy("fields", 2);
+    cluster.wait_answering(2, publish, "web v2");
+    let loads = loads(&cluster, publish, Duration::from_secs(200));
+    thread::sleep(Duration::from_secs(1));
+    let changes: [&[&str]; 6] = [
+        &["--protocol", "tcp"],
+        &[
+            "--constraint-rm",
+            "node.name in (a1,a2)",
+            "--constraint-add",
+            "node.name!=a3",
+        ],
+        &["--placement", "binpack"],
+        &["--workdir", "/"],
+        &["--health-interval", "400ms"],
+        &["--max-per-node", "2"],
+    ];
+    for (i, flags) in changes.iter().enumerate() {
+        let mut args = vec!["service", "update", "fields"];
+        args.extend_from_slice(flags);
+        let out = cluster.skiff(&args);
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            describe(&args, &out),
+            cluster.agents.logs()
+        );
+        let service = cluster.inspect("fields");
+        assert_eq!(
+            service["version"].as_u64(),
+            Some(i as u64 + 2),
+            "`{}` made no new version",
+            args.join(" ")
+        );
+    }
+    let reports = stop(loads);
+    assert_no_failures(&reports, "six field updates");
+    let spec = &cluster.inspect("fields")["spec"];
+    assert_eq!(spec["protocol"], "tcp");
+    assert_eq!(spec["constraints"][0], "node.name!=a3");
+    assert_eq!(
+        (spec["placement"].as_str(), spec["workdir"].as_str()),
+        (Some("binpack"), Some("/"))
+    );
+
+    // A connection open on the old port is served after the port moves.
+    let mut open = std::net::TcpStream::connect(cluster.proxy(2, publish)).expect("connect");
+    open.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    let moved = skiff_e2e::free_port();
+    let to = moved.to_string();
+    cluster.skiff_ok(&["service", "update", "fields", "--publish", &to]);
+    cluster.wait_answering(2, moved, "web v2");
+    open.write_all(b"GET / HTTP/1.0\r\n\r\n")
+        .expect("send on the open connection");
+    let mut answer = String::new();
+    let _ = open.read_to_string(&mut answer);
+    assert!(
+        answer.contains("web v2"),
+        "the open connection was dropped: {answer:?}"
+    );
+    let gone = wait_until(Duration::from_secs(10), POLL, || {
+        std::net::TcpStream::connect(cluster.proxy(2, publish)).is_err()
+    });
+    assert!(gone, "the old port still listens");
+}

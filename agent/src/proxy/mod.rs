@@ -155,7 +155,9 @@ impl Backend {
 struct Pool {
     service: String,
     backends: RwLock<Arc<[Arc<Backend>]>>,
-    http: bool,
+    /// Count HTTP requests; changes with the service's protocol, for the
+    /// connections accepted from then on (the listener stays bound).
+    http: std::sync::atomic::AtomicBool,
     counters: Arc<ServiceCounters>,
     /// Whether the pool has a replica: what held connections wait for.
     ready: watch::Sender<bool>,
@@ -171,7 +173,7 @@ impl Pool {
         Pool {
             service: service.to_string(),
             backends: RwLock::new(Arc::from(Vec::new())),
-            http,
+            http: std::sync::atomic::AtomicBool::new(http),
             counters: metrics.service(service),
             ready: watch::channel(false).0,
             demand: metrics.demand(),
@@ -279,6 +281,7 @@ impl Proxy {
                     .pool
                     .holds
                     .store(route.hold_when_empty, Ordering::Relaxed);
+                listener.pool.http.store(route.http, Ordering::Relaxed);
                 listener.pool.set(&route.endpoints);
                 continue;
             }
@@ -375,6 +378,7 @@ impl Drop for Gauge<'_> {
 }
 
 async fn forward(client: TcpStream, pool: Arc<Pool>) {
+    let http = pool.http.load(Ordering::Relaxed);
     let counters = pool.counters.clone();
     counters.connections.fetch_add(1, Ordering::Relaxed);
     if let Err(why) = await_replica(&client, &pool).await {
@@ -394,9 +398,9 @@ async fn forward(client: TcpStream, pool: Arc<Pool>) {
         inner: client,
         counters: &counters,
         replica: upstream.backend.counters.clone(),
-        http: pool.http.then(HttpCounters::default),
+        http: http.then(HttpCounters::default),
     };
-    if pool.http {
+    if http {
         match first_exchange(&mut client, &pool, &mut tried, upstream).await {
             Some(answered) => upstream = answered,
             None => return,
@@ -479,7 +483,7 @@ async fn client_left(client: &TcpStream) {
 /// why, so the refusal is clear rather than a bare close.
 async fn refuse(mut client: TcpStream, pool: &Pool, why: Refusal) {
     use tokio::io::AsyncWriteExt;
-    if !pool.http || why == Refusal::ClientLeft {
+    if !pool.http.load(Ordering::Relaxed) || why == Refusal::ClientLeft {
         return;
     }
     // Take in the request already sent, so closing does not reset the

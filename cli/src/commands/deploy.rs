@@ -158,6 +158,96 @@ fn updated_spec(current: &pb::ServiceSpec, args: &UpdateArgs) -> anyhow::Result<
             ..spec.health.clone().unwrap_or_default()
         });
     }
+    if args.health_rm {
+        spec.health = None;
+    }
+    let timings = args.health_interval.is_some()
+        || args.health_timeout.is_some()
+        || args.health_retries.is_some()
+        || args.health_start_period.is_some();
+    if timings {
+        let Some(health) = spec.health.as_mut().filter(|h| !h.kind.is_empty()) else {
+            bail!("invalid health: timings need a check; add --health-http PATH, --health-tcp or --health-cmd CMD");
+        };
+        if let Some(v) = args.health_interval {
+            health.interval_ms = v;
+        }
+        if let Some(v) = args.health_timeout {
+            health.timeout_ms = v;
+        }
+        if let Some(v) = args.health_retries {
+            health.retries = v;
+        }
+        if let Some(v) = args.health_start_period {
+            health.start_period_ms = v;
+        }
+    }
+    for text in &args.constraint_add {
+        let constraint = spec::Constraint::parse(text).map_err(|e| anyhow!("{e}"))?;
+        let text = constraint.to_string();
+        if !spec.constraints.contains(&text) {
+            spec.constraints.push(text);
+        }
+    }
+    for text in &args.constraint_rm {
+        let text = spec::Constraint::parse(text)
+            .map(|c| c.to_string())
+            .unwrap_or_else(|_| text.clone());
+        let before = spec.constraints.len();
+        spec.constraints.retain(|c| c != &text);
+        if spec.constraints.len() == before {
+            bail!("invalid constraint-rm: the service has no constraint \"{text}\"; see `skiff service inspect {}`", spec.name);
+        }
+    }
+    if args.publish_rm {
+        spec.publish = 0;
+        spec.protocol = String::new();
+    }
+    if let Some((published, container)) = args.publish {
+        spec.publish = u32::from(published);
+        if let Some(port) = container {
+            spec.port = u32::from(port);
+        }
+    }
+    if let Some(v) = &args.protocol {
+        spec.protocol = v.clone();
+    }
+    if let Some(v) = &args.network {
+        spec.network = v.clone();
+    }
+    if let Some(v) = &args.placement {
+        spec.placement = v.clone();
+    }
+    if let Some(v) = args.max_per_node {
+        spec.max_per_node = v;
+    }
+    if let Some(v) = &args.workdir {
+        spec.workdir = v.clone();
+    }
+    if let Some(v) = &args.runtime {
+        spec.runtime = v.clone();
+    }
+    if let Some(v) = &args.entrypoint {
+        spec.entrypoint = (!v.is_empty()).then(|| pb::Argv {
+            args: vec![v.clone()],
+        });
+    }
+    for pair in &args.label_add {
+        let (key, value) = pair
+            .split_once('=')
+            .with_context(|| format!("invalid --label-add \"{pair}\": use KEY=VALUE"))?;
+        spec.labels.insert(key.to_string(), value.to_string());
+    }
+    for key in &args.label_rm {
+        if spec.labels.remove(key).is_none() {
+            bail!("invalid label-rm: the service has no label \"{key}\"");
+        }
+    }
+    if args.init {
+        spec.init = Some(true);
+    } else if args.no_init {
+        spec.init = Some(false);
+    }
     if !args.command.is_empty() {
         spec.command = args.command.clone();
     }
