@@ -17,6 +17,30 @@ pub const MAX_NAME_LEN: usize = 63;
 /// Smallest memory limit accepted: below it runc itself cannot start.
 pub const MIN_MEMORY_MB: u32 = 4;
 
+/// Bounds on what one spec may hold. A spec is copied into every
+/// allocation, every agent's assignments and every `service ls` answer, so
+/// an oversized one would wedge the cluster rather than one service (a
+/// 3.5 MB environment made `service ls` fail for every client). Far above
+/// what real services use: Kubernetes caps a whole object at 1.5 MB.
+pub mod limits {
+    /// Environment variables, and their keys and values together in bytes.
+    pub const ENV_VARS: usize = 500;
+    pub const ENV_BYTES: usize = 128 * 1024;
+    /// Arguments of the command (and of the entrypoint), and their bytes.
+    pub const ARGS: usize = 1000;
+    pub const ARGS_BYTES: usize = 128 * 1024;
+    /// Placement constraints and the values of one `in` constraint.
+    pub const CONSTRAINTS: usize = 32;
+    pub const CONSTRAINT_VALUES: usize = 64;
+    /// `depends_on` entries.
+    pub const DEPENDENCIES: usize = 64;
+    /// Shortest health-check interval: every check is a connection or a
+    /// process on the node.
+    pub const MIN_HEALTH_INTERVAL_MS: u32 = 100;
+    /// Longest image reference, user, working directory and HTTP check path.
+    pub const TEXT_BYTES: usize = 4096;
+}
+
 /// How a replica is run on its node.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -365,12 +389,7 @@ impl Constraint {
                 format!("\"{text}\" {why}; use ATTR==VALUE, ATTR!=VALUE or 'ATTR in (V1,V2)', e.g. zone==a"),
             )
         };
-        let word_ok = |w: &str| {
-            !w.is_empty()
-                && w.len() <= 128
-                && w.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | '/'))
-        };
+        let word_ok = constraint_word;
         let (attribute, op, values) = if let Some((a, v)) = text.split_once("==") {
             (a.trim(), ConstraintOp::Eq, vec![v.trim().to_string()])
         } else if let Some((a, v)) = text.split_once("!=") {
@@ -399,6 +418,32 @@ impl Constraint {
         })
     }
 
+    /// Checks a constraint however it arrived (parsed from text, read from
+    /// a file, or decoded from a message): an attribute, one value for `==`
+    /// and `!=`, one or more for `in`, each a plain word.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let bad = |why: &str| {
+            SpecError::new(
+                "constraint",
+                format!("\"{self}\" {why}; use ATTR==VALUE, ATTR!=VALUE or 'ATTR in (V1,V2)', e.g. zone==a"),
+            )
+        };
+        if !constraint_word(&self.attribute) {
+            return Err(bad("names no attribute"));
+        }
+        let count_ok = match self.op {
+            ConstraintOp::Eq | ConstraintOp::Ne => self.values.len() == 1,
+            ConstraintOp::In => (1..=limits::CONSTRAINT_VALUES).contains(&self.values.len()),
+        };
+        if !count_ok {
+            return Err(bad("has the wrong number of values"));
+        }
+        if !self.values.iter().all(|v| constraint_word(v)) {
+            return Err(bad("has an empty or invalid value"));
+        }
+        Ok(())
+    }
+
     /// Whether a node with these labels, name and address satisfies it.
     pub fn holds(&self, labels: &BTreeMap<String, String>, name: &str, address: &str) -> bool {
         let value = match self.attribute.as_str() {
@@ -407,8 +452,8 @@ impl Constraint {
             label => labels.get(label).map(String::as_str),
         };
         match (self.op, value) {
-            (ConstraintOp::Eq, Some(v)) => v == self.values[0],
-            (ConstraintOp::Ne, Some(v)) => v != self.values[0],
+            (ConstraintOp::Eq, Some(v)) => self.values.first().is_some_and(|x| x == v),
+            (ConstraintOp::Ne, Some(v)) => self.values.first().is_none_or(|x| x != v),
             (ConstraintOp::Ne, None) => true,
             (ConstraintOp::In, Some(v)) => self.values.iter().any(|x| x == v),
             (ConstraintOp::Eq | ConstraintOp::In, None) => false,
@@ -419,11 +464,19 @@ impl Constraint {
 impl std::fmt::Display for Constraint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.op {
-            ConstraintOp::Eq => write!(f, "{}=={}", self.attribute, self.values[0]),
-            ConstraintOp::Ne => write!(f, "{}!={}", self.attribute, self.values[0]),
+            ConstraintOp::Eq => write!(f, "{}=={}", self.attribute, self.values.join(",")),
+            ConstraintOp::Ne => write!(f, "{}!={}", self.attribute, self.values.join(",")),
             ConstraintOp::In => write!(f, "{} in ({})", self.attribute, self.values.join(",")),
         }
     }
+}
+
+/// A constraint's attribute or value: a node label's characters.
+fn constraint_word(w: &str) -> bool {
+    !w.is_empty()
+        && w.len() <= 128
+        && w.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | '/'))
 }
 
 /// A spec field that is wrong, with what to do about it.
@@ -453,6 +506,10 @@ impl ServiceSpec {
             RuntimeKind::Oci => self.validate_oci()?,
         }
         self.validate_resources()?;
+        self.validate_sizes()?;
+        for constraint in &self.constraints {
+            constraint.validate()?;
+        }
         if self.command.first().is_some_and(|p| p.trim().is_empty()) {
             return Err(SpecError::new("command", "the program name is blank"));
         }
@@ -571,6 +628,72 @@ impl ServiceSpec {
             && *publish == other.publish
             && *protocol == other.protocol
             && *entrypoint == other.entrypoint
+    }
+
+    /// The bounds of [`limits`], each named with its field.
+    fn validate_sizes(&self) -> Result<(), SpecError> {
+        let too_many = |field: &str, what: &str, n: usize, max: usize| {
+            SpecError::new(
+                field,
+                format!("{n} {what} is too many; use at most {max} (put bulk data in a file or an image)"),
+            )
+        };
+        if self.env.len() > limits::ENV_VARS {
+            return Err(too_many(
+                "env",
+                "variables",
+                self.env.len(),
+                limits::ENV_VARS,
+            ));
+        }
+        let env_bytes: usize = self.env.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if env_bytes > limits::ENV_BYTES {
+            return Err(too_many("env", "bytes", env_bytes, limits::ENV_BYTES));
+        }
+        let argvs = [
+            ("command", Some(&self.command)),
+            ("entrypoint", self.entrypoint.as_ref()),
+        ];
+        for (field, argv) in argvs {
+            let Some(argv) = argv else { continue };
+            if argv.len() > limits::ARGS {
+                return Err(too_many(field, "arguments", argv.len(), limits::ARGS));
+            }
+            let bytes: usize = argv.iter().map(String::len).sum();
+            if bytes > limits::ARGS_BYTES {
+                return Err(too_many(field, "bytes", bytes, limits::ARGS_BYTES));
+            }
+        }
+        if self.constraints.len() > limits::CONSTRAINTS {
+            return Err(too_many(
+                "constraint",
+                "constraints",
+                self.constraints.len(),
+                limits::CONSTRAINTS,
+            ));
+        }
+        if self.depends_on.len() > limits::DEPENDENCIES {
+            return Err(too_many(
+                "depends-on",
+                "dependencies",
+                self.depends_on.len(),
+                limits::DEPENDENCIES,
+            ));
+        }
+        let texts = [
+            ("image", self.image.as_deref()),
+            ("user", self.user.as_deref()),
+            ("workdir", self.workdir.as_deref()),
+        ];
+        for (field, text) in texts {
+            if text.is_some_and(|t| t.len() > limits::TEXT_BYTES) {
+                return Err(SpecError::new(
+                    field,
+                    format!("is over {} bytes; shorten it", limits::TEXT_BYTES),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn validate_labels(&self) -> Result<(), SpecError> {
@@ -860,6 +983,26 @@ pub fn validate_health(health: &HealthCheck) -> Result<(), SpecError> {
             ))
         }
         _ => {}
+    }
+    if health.interval_ms > 0 && health.interval_ms < limits::MIN_HEALTH_INTERVAL_MS {
+        return Err(SpecError::new(
+            "health",
+            format!(
+                "an interval of {} ms is too short; use at least {} ms (e.g. --health-interval 1s)",
+                health.interval_ms,
+                limits::MIN_HEALTH_INTERVAL_MS
+            ),
+        ));
+    }
+    let long_path =
+        matches!(&health.kind, HealthKind::Http { path } if path.len() > limits::TEXT_BYTES);
+    let long_command = matches!(&health.kind, HealthKind::Exec { command } if command.len() > limits::ARGS
+        || command.iter().map(String::len).sum::<usize>() > limits::ARGS_BYTES);
+    if long_path || long_command {
+        return Err(SpecError::new(
+            "health",
+            "the check is too long; shorten its path or command",
+        ));
     }
     if health.timeout_ms > 0 && health.interval_ms > 0 && health.timeout_ms > health.interval_ms {
         return Err(SpecError::new(
@@ -1250,6 +1393,56 @@ mod tests {
             assert_eq!(err.field, "constraint", "{bad}");
             assert!(err.problem.contains("zone==a"), "{err}");
         }
+    }
+
+    #[test]
+    fn a_constraint_without_values_is_refused_not_a_panic() {
+        for values in [vec![], vec!["a".to_string(), "b".to_string()]] {
+            let mut s = spec();
+            s.constraints = vec![Constraint {
+                attribute: "zone".into(),
+                op: ConstraintOp::Eq,
+                values,
+            }];
+            assert_eq!(s.validate().unwrap_err().field, "constraint");
+            assert!(!s.constraints[0].holds(&BTreeMap::new(), "n1", ""));
+        }
+        let mut s = spec();
+        s.constraints = vec![Constraint {
+            attribute: "zone".into(),
+            op: ConstraintOp::In,
+            values: vec![],
+        }];
+        assert_eq!(s.validate().unwrap_err().field, "constraint");
+    }
+
+    #[test]
+    fn oversized_specs_are_refused_naming_the_field() {
+        let mut s = spec();
+        s.env = (0..=limits::ENV_VARS)
+            .map(|i| (format!("K{i}"), String::new()))
+            .collect();
+        assert_eq!(s.validate().unwrap_err().field, "env");
+        let mut s = spec();
+        s.env.insert("BIG".into(), "x".repeat(limits::ENV_BYTES));
+        assert!(s.validate().unwrap_err().problem.contains("bytes"));
+        let mut s = spec();
+        s.command = vec!["x".to_string(); limits::ARGS + 1];
+        assert_eq!(s.validate().unwrap_err().field, "command");
+        let mut s = spec();
+        s.constraints = vec![Constraint::parse("zone==a").unwrap(); limits::CONSTRAINTS + 1];
+        assert_eq!(s.validate().unwrap_err().field, "constraint");
+        let mut s = spec();
+        s.health = Some(HealthCheck {
+            kind: HealthKind::Exec {
+                command: vec!["true".into()],
+            },
+            interval_ms: 1,
+            timeout_ms: 0,
+            retries: 0,
+            start_period_ms: 0,
+        });
+        assert!(s.validate().unwrap_err().problem.contains("too short"));
     }
 
     #[test]
