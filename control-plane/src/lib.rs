@@ -18,6 +18,7 @@
 //! the rest is private to this crate.
 
 mod api;
+pub mod bench;
 pub mod consensus;
 pub mod controllers;
 mod metrics;

@@ -13,13 +13,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use skiff_control_plane::controllers::plan_cluster;
-use skiff_control_plane::state::{Command, Outcome, RuntimeKind, ServiceSpec, State};
+use skiff_control_plane::bench::SimNode;
 use skiff_proto::v1 as pb;
 use skiff_proto::v1::agent_message::Msg as AgentMsg;
 use skiff_proto::v1::agent_sync_client::AgentSyncClient;
 use skiff_proto::v1::control_client::ControlClient;
 use skiff_proto::v1::server_message::Msg as ServerMsg;
+use skiff_spec::{RuntimeKind, ServiceSpec};
 use tokio::sync::mpsc;
 use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
@@ -255,27 +255,17 @@ async fn simulated_node(
 /// plan as the leader does; returns placements, time spent deciding (not
 /// applying) and the number of plans.
 fn pure_scheduler(nodes: usize, services: &[pb::ServiceSpec]) -> (usize, Duration, usize) {
-    let mut state = State::default();
-    let mut index = 0;
-    let mut apply = |state: &mut State, command: Command| {
-        index += 1;
-        state.apply(index, command).expect("bench command applies")
-    };
-    for i in 0..nodes {
-        apply(
-            &mut state,
-            Command::RegisterNode {
-                name: format!("sim-{i:05}"),
-                address: "127.0.0.1".into(),
-                port_range: (20000, 29999),
-                cpu_millis: NODE_CPU,
-                memory_mb: NODE_MEMORY,
-                labels: labels(i),
-            },
-        );
-    }
-    for s in services {
-        let spec = ServiceSpec {
+    let nodes: Vec<SimNode> = (0..nodes)
+        .map(|i| SimNode {
+            name: format!("sim-{i:05}"),
+            cpu_millis: NODE_CPU,
+            memory_mb: NODE_MEMORY,
+            labels: labels(i),
+        })
+        .collect();
+    let services: Vec<ServiceSpec> = services
+        .iter()
+        .map(|s| ServiceSpec {
             name: s.name.clone(),
             runtime: RuntimeKind::Process,
             replicas: s.replicas,
@@ -283,25 +273,15 @@ fn pure_scheduler(nodes: usize, services: &[pb::ServiceSpec]) -> (usize, Duratio
             cpu_millis: Some(s.cpu_millis),
             memory_mb: Some(s.memory_mb),
             ..Default::default()
-        };
-        apply(&mut state, Command::CreateService { spec });
-    }
-    let (mut placed, mut spent, mut plans) = (0, Duration::ZERO, 0);
-    loop {
-        let started = Instant::now();
-        let (plan, _) = plan_cluster(&state, 0, plans as u64, &Default::default());
-        spent += started.elapsed();
-        if plan.place.is_empty() {
-            break;
-        }
-        plans += 1;
-        if let Outcome::PlanApplied { placed: n, .. } =
-            apply(&mut state, Command::ApplyPlan { plan })
-        {
-            placed += n;
+        })
+        .collect();
+    match skiff_control_plane::bench::pure_scheduler(&nodes, &services) {
+        Ok(run) => (run.placements, run.deciding, run.plans),
+        Err(e) => {
+            eprintln!("  pure scheduler: {e}");
+            (0, Duration::ZERO, 0)
         }
     }
-    (placed, spent, plans)
 }
 
 fn rss_mb(pid: u32) -> u64 {
