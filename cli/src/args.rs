@@ -844,6 +844,10 @@ pub struct UpdateArgs {
     /// `spread` or `binpack`.
     #[arg(long)]
     pub placement: Option<String>,
+    /// `replicated` or `global`, rolled out like any update (new replicas
+    /// first, old ones drained).
+    #[arg(long)]
+    pub mode: Option<String>,
     /// At most N replicas on one node (0: no limit).
     #[arg(long)]
     pub max_per_node: Option<u32>,

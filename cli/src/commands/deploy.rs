@@ -218,6 +218,9 @@ fn updated_spec(current: &pb::ServiceSpec, args: &UpdateArgs) -> anyhow::Result<
     if let Some(v) = &args.placement {
         spec.placement = v.clone();
     }
+    if let Some(v) = &args.mode {
+        spec.mode = v.clone();
+    }
     if let Some(v) = args.max_per_node {
         spec.max_per_node = v;
     }

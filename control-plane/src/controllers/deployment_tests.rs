@@ -1649,3 +1649,40 @@ fn rolling_back_while_the_automatic_rollback_runs_changes_nothing_or_is_refused(
     sim.run_until_status(DeploymentStatus::Succeeded);
     assert_succeeded(&sim, 3);
 }
+
+#[test]
+fn a_replicated_service_becomes_global_and_back_as_a_rolling_update() {
+    let mut sim = Sim::new(2, policy());
+    sim.update(|spec| spec.mode = crate::state::ServiceMode::Global)
+        .unwrap();
+    let version = sim.service().version;
+    assert_eq!(version, 2, "a mode change is a new version");
+    sim.run_until_status(DeploymentStatus::Succeeded);
+    sim.settle();
+    assert_all_run(&sim, 3, version);
+    let nodes: BTreeSet<String> = sim
+        .state
+        .live_allocs(SERVICE)
+        .map(|a| a.node.clone())
+        .collect();
+    assert_eq!(nodes.len(), 3, "one replica on every node");
+    assert!(
+        sim.trace.iter().all(|s| serving(&s.state) >= 1),
+        "the service kept serving while it became global"
+    );
+
+    sim.clear_trace();
+    sim.update(|spec| {
+        spec.mode = crate::state::ServiceMode::Replicated;
+        spec.replicas = 2;
+    })
+    .unwrap();
+    let version = sim.service().version;
+    sim.run_until_status(DeploymentStatus::Succeeded);
+    sim.settle();
+    assert_all_run(&sim, 2, version);
+    assert!(
+        sim.trace.iter().all(|s| serving(&s.state) >= 1),
+        "the service kept serving while it became replicated"
+    );
+}

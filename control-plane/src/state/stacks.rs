@@ -151,13 +151,6 @@ impl State {
                         spec.name, spec.name
                     )));
                 }
-                if current.spec.mode != spec.mode {
-                    return Err(SpecError::new(
-                        &format!("{}.mode", spec.name),
-                        "a service cannot change between replicated and global; remove it from the file, deploy, then add it back",
-                    )
-                    .into());
-                }
             }
         }
         for spec in services {

@@ -3,7 +3,7 @@
 
 use super::super::{
     CommandError, Deployment, DeploymentStatus, EventKind, Outcome, Service, ServiceMode,
-    ServiceSpec, SpecError, State, Strategy, VersionRecord, HISTORY_LEN,
+    ServiceSpec, State, Strategy, VersionRecord, HISTORY_LEN,
 };
 
 impl State {
@@ -96,12 +96,6 @@ impl State {
             .services
             .get_mut(&name)
             .ok_or_else(|| CommandError::ServiceNotFound(name.clone()))?;
-        if service.spec.mode != spec.mode {
-            return Err(CommandError::Invalid(SpecError::new(
-                "mode",
-                "a service cannot change between replicated and global; remove it and create it again",
-            )));
-        }
         if service.spec == spec {
             return Ok(Outcome::Done);
         }
