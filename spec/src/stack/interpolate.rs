@@ -34,6 +34,11 @@ pub(crate) enum Failure {
     Syntax(String),
 }
 
+/// The variable Skiff sets in every replica to its host port; `$PORT` and
+/// `${PORT}` in a file are left for the agent to fill in (as on the command
+/// line), never taken from the shell or `.env`.
+const REPLICA_PORT: &str = "PORT";
+
 /// Substitutes variables in `text`; `unset` collects the names of
 /// variables used without a value or a default.
 pub(crate) fn interpolate(
@@ -49,6 +54,13 @@ pub(crate) fn interpolate(
         if let Some(after) = after.strip_prefix('$') {
             out.push('$');
             rest = after;
+        } else if let Some(tail) = after.strip_prefix("{PORT}").or_else(|| {
+            after
+                .strip_prefix(REPLICA_PORT)
+                .filter(|t| name_len(t) == 0)
+        }) {
+            out.push_str(&rest[at..rest.len() - tail.len()]);
+            rest = tail;
         } else if let Some(inner) = after.strip_prefix('{') {
             let close = matching_brace(inner).ok_or_else(|| {
                 Failure::Syntax(format!("\"{text}\" has a ${{ without its closing }}"))
@@ -215,6 +227,12 @@ mod tests {
         assert_eq!(ok("a $SET b ${SET}c"), "a v b vc");
         assert_eq!(ok("$SET_x"), "");
         assert_eq!(ok("cost: 5$ and $1"), "cost: 5$ and $1");
+    }
+
+    #[test]
+    fn the_replica_port_is_left_for_the_agent() {
+        assert_eq!(ok("--port=$PORT ${PORT} $PORTS"), "--port=$PORT ${PORT} ");
+        assert_eq!(ok("$$PORT"), "$PORT");
     }
 
     #[test]

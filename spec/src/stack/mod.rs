@@ -37,6 +37,8 @@ mod yaml;
 #[cfg(test)]
 mod compose_tests;
 #[cfg(test)]
+mod example_tests;
+#[cfg(test)]
 mod load_tests;
 #[cfg(test)]
 mod roundtrip_tests;
