@@ -308,3 +308,44 @@ fn a_compose_stack_deploys_in_dependency_order_plans_exports_and_redeploys_witho
         "{listed}"
     );
 }
+
+/// `service create` waits until its replicas serve, and an image that cannot be pulled ends
+/// the wait with the registry's reason and a non-zero exit status.
+#[test]
+fn service_create_waits_for_healthy_replicas_and_fails_on_an_image_that_cannot_be_pulled() {
+    let stack = Stack::start();
+    let good = format!("{}/skiff-test/web:v2", stack.registry);
+    let out = stack.ok(&[
+        "service",
+        "create",
+        "web",
+        "--image",
+        &good,
+        "--replicas",
+        "2",
+    ]);
+    assert!(out.contains("every replica serves"), "{out}");
+    let healthy = stack
+        .cluster
+        .ps("web")
+        .iter()
+        .filter(|a| a.state == "healthy")
+        .count();
+    assert_eq!(
+        healthy, 2,
+        "create returned before its replicas were healthy"
+    );
+
+    let missing = format!("{}/skiff-test/web:v404", stack.registry);
+    let out = stack.run(&["service", "create", "gone", "--image", &missing]);
+    assert!(
+        !out.status.success(),
+        "{}",
+        describe(&["service", "create"], &out)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("gone") && stderr.contains("web:v404"),
+        "{stderr}"
+    );
+}
