@@ -168,6 +168,13 @@ fn digest_hex<'a>(digest: &'a str, display: &str) -> Result<&'a str, ImageError>
     }
 }
 
+/// Makes `dir` reachable by root only.
+pub(crate) fn restrict(dir: &Path) -> Result<(), ImageError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(ImageError::io("failed to restrict", dir))
+}
+
 fn create_dir(path: &Path) -> Result<(), ImageError> {
     std::fs::create_dir_all(path).map_err(ImageError::io("failed to create", path))
 }
@@ -179,6 +186,11 @@ impl ImageStore {
         for sub in ["blobs/sha256", "layers", "refs", "l", "tmp"] {
             create_dir(&root.join(sub))?;
         }
+        // Images hold setuid-root binaries and secrets baked into layers:
+        // no local user may reach them through the store (Docker keeps
+        // its own at 0700/0710). Tightened on every open, for stores made
+        // before this rule.
+        restrict(root)?;
         let tmp = root.join("tmp");
         let _ = std::fs::remove_dir_all(&tmp);
         create_dir(&tmp)?;
@@ -658,4 +670,21 @@ fn write_atomically(tmp_dir: &Path, path: &Path, bytes: &[u8]) -> Result<(), Ima
             source: e,
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_image_store_is_reachable_by_root_only_even_when_made_before() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("images");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+        ImageStore::open(&root, PullOptions::default()).unwrap();
+        let mode = std::fs::metadata(&root).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o700);
+    }
 }

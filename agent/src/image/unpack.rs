@@ -33,6 +33,12 @@ pub const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE_MARKER: &str = ".wh..wh..opq";
 
+/// Most bytes one layer may unpack to, and most entries: a layer bigger
+/// than this is refused rather than filling the node's disk (a small
+/// compressed blob can expand without bound, sparse entries too).
+pub const MAX_LAYER_BYTES: u64 = 32 << 30;
+pub const MAX_LAYER_ENTRIES: u64 = 2_000_000;
+
 /// Why a layer could not be unpacked (turned into `ImageError::Unpack` by
 /// the caller, which knows the layer's digest).
 #[derive(Debug)]
@@ -204,9 +210,53 @@ impl<R: Read> Read for HashingReader<R> {
 /// Directory metadata applied after all entries, deepest first, so creating
 /// children does not disturb a directory's mtime or write permission.
 struct DirMeta {
-    path: PathBuf,
+    /// Relative to the layer root: walked again, through real directories
+    /// only, when the metadata is applied.
+    rel: PathBuf,
     mode: u32,
     mtime: u64,
+}
+
+/// Applies a directory's deferred mode and mtime, but only if `rel` still
+/// is a real directory reached through real directories: a later entry may
+/// have replaced it (or a parent) with a symlink to anywhere, and chmod
+/// must never follow one out of the layer.
+fn apply_dir_meta(root: &Path, dir: &DirMeta) -> Result<(), UnpackError> {
+    let Ok(path) = prepare_parents(root, &dir.rel, false) else {
+        return Ok(());
+    };
+    let handle = match fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(&path)
+    {
+        Ok(handle) => handle,
+        // Replaced by a symlink (ELOOP), a file (ENOTDIR) or removed.
+        Err(_) => return Ok(()),
+    };
+    handle
+        .set_permissions(fs::Permissions::from_mode(dir.mode))
+        .map_err(|e| io_err("chmod", &path, e))?;
+    handle
+        .set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(dir.mtime))
+        .map_err(|e| io_err("set mtime of", &path, e))
+}
+
+/// Counts what a layer writes, refusing past [`MAX_LAYER_BYTES`].
+struct Budget {
+    left: u64,
+}
+
+impl Budget {
+    fn take(&mut self, n: u64) -> Result<(), UnpackError> {
+        self.left = self.left.checked_sub(n).ok_or_else(|| {
+            err(format!(
+                "the layer unpacks to more than {} GiB; Skiff refuses layers this large",
+                MAX_LAYER_BYTES >> 30
+            ))
+        })?;
+        Ok(())
+    }
 }
 
 /// Extracts an uncompressed tar stream into the existing directory `root`.
@@ -217,15 +267,21 @@ pub fn unpack_tar(input: impl Read, root: &Path) -> Result<UnpackStats, UnpackEr
     let entries = archive
         .entries()
         .map_err(|e| err(format!("read tar: {e}")))?;
+    let mut budget = Budget {
+        left: MAX_LAYER_BYTES,
+    };
     for entry in entries {
         let mut entry = entry.map_err(|e| err(format!("read tar entry: {e}")))?;
         stats.entries += 1;
-        unpack_entry(&mut entry, root, &mut stats, &mut dirs)?;
+        if stats.entries > MAX_LAYER_ENTRIES {
+            return Err(err(format!(
+                "the layer has more than {MAX_LAYER_ENTRIES} entries; Skiff refuses layers this large"
+            )));
+        }
+        unpack_entry(&mut entry, root, &mut stats, &mut dirs, &mut budget)?;
     }
     for dir in dirs.iter().rev() {
-        fs::set_permissions(&dir.path, fs::Permissions::from_mode(dir.mode))
-            .map_err(|e| io_err("chmod", &dir.path, e))?;
-        set_mtime(&dir.path, dir.mtime)?;
+        apply_dir_meta(root, dir)?;
     }
     Ok(stats)
 }
@@ -377,6 +433,7 @@ fn unpack_entry<R: Read>(
     root: &Path,
     stats: &mut UnpackStats,
     dirs: &mut Vec<DirMeta>,
+    budget: &mut Budget,
 ) -> Result<(), UnpackError> {
     let raw_path = entry
         .path()
@@ -441,7 +498,7 @@ fn unpack_entry<R: Read>(
             }
             lchown(&path, owner.uid, owner.gid)?;
             apply_xattrs(&path, &owner.xattrs);
-            dirs.push(DirMeta { path, mode, mtime });
+            dirs.push(DirMeta { rel, mode, mtime });
         }
         EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
             clear_target(&path, false)?;
@@ -452,7 +509,14 @@ fn unpack_entry<R: Read>(
                 .mode(0o600)
                 .open(&path)
                 .map_err(|e| io_err("create", &path, e))?;
-            io::copy(entry, &mut file).map_err(|e| io_err("write", &path, e))?;
+            // The size the entry claims is checked first, then what is read
+            // (a sparse entry expands to its real size as it is read).
+            let claimed = entry.header().size().unwrap_or(0);
+            budget.take(claimed)?;
+            let limit = budget.left.saturating_add(claimed).saturating_add(1);
+            let written = io::copy(&mut (&mut *entry).take(limit), &mut file)
+                .map_err(|e| io_err("write", &path, e))?;
+            budget.take(written.saturating_sub(claimed))?;
             std::os::unix::fs::fchown(&file, Some(owner.uid), Some(owner.gid))
                 .map_err(|e| io_err("chown", &path, e))?;
             // After chown, which clears setuid/setgid bits.
@@ -617,6 +681,46 @@ mod tests {
             "original"
         );
         assert_eq!(fs::read_dir(&s.outside).unwrap().count(), 1);
+    }
+
+    /// A directory x (mode 04777) replaced later in the layer by a symlink
+    /// x -> a host path: the deferred chmod of x must not follow it and
+    /// make the host file setuid and world-writable.
+    #[test]
+    fn a_directory_replaced_by_a_symlink_never_passes_its_mode_to_the_host() {
+        let s = sandbox();
+        let victim = s.outside.join("victim");
+        fs::set_permissions(&victim, fs::Permissions::from_mode(0o644)).unwrap();
+        let tar = Tar::default()
+            .entry("x", EntryType::Directory, "", b"", 0o4777)
+            .symlink("x", victim.to_str().unwrap());
+        unpack(&s, tar).unwrap();
+        let mode = fs::metadata(&victim).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o644, "the host file's mode changed to {mode:o}");
+        outside_untouched(&s);
+        // Through a replaced parent too: a/b's mode must not reach outside/b.
+        let s = sandbox();
+        fs::create_dir(s.outside.join("b")).unwrap();
+        fs::set_permissions(s.outside.join("b"), fs::Permissions::from_mode(0o755)).unwrap();
+        let tar = Tar::default()
+            .entry("a", EntryType::Directory, "", b"", 0o755)
+            .entry("a/b", EntryType::Directory, "", b"", 0o4777)
+            .symlink("a", s.outside.to_str().unwrap());
+        unpack(&s, tar).unwrap();
+        let mode = fs::metadata(s.outside.join("b"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777;
+        assert_eq!(mode, 0o755, "a directory outside changed to {mode:o}");
+    }
+
+    #[test]
+    fn a_layer_with_too_many_bytes_is_refused() {
+        let mut budget = Budget { left: 10 };
+        assert!(budget.take(10).is_ok());
+        let e = budget.take(1).unwrap_err();
+        assert!(e.0.contains("GiB"), "{e}");
     }
 
     #[test]

@@ -111,6 +111,27 @@ fn normalize(path: &Path) -> PathBuf {
     out
 }
 
+/// Most of an image's `/etc/passwd` or `/etc/group` read: the image
+/// decides its size, the agent's memory does not.
+const MAX_ACCOUNT_FILE_BYTES: u64 = 4 << 20;
+
+/// The file at `path`, or `None` when it is over [`MAX_ACCOUNT_FILE_BYTES`]
+/// (as if the image had none) or unreadable.
+fn read_bounded(path: &Path) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let file = fs::File::open(path).ok()?;
+    let mut bytes = Vec::new();
+    file.take(MAX_ACCOUNT_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    let too_big = u64::try_from(bytes.len()).map_or(true, |n| n > MAX_ACCOUNT_FILE_BYTES);
+    if too_big {
+        tracing::warn!(path = %path.display(), "image file over {} MiB ignored", MAX_ACCOUNT_FILE_BYTES >> 20);
+        return None;
+    }
+    Some(bytes)
+}
+
 /// Reads the file at image path `path` (e.g. `/etc/passwd`) from the
 /// layers (base first), as the merged rootfs would show it; `None` when the
 /// image has no such file.
@@ -121,7 +142,7 @@ pub fn read_image_file(layers: &[PathBuf], path: &str) -> Option<Vec<u8>> {
         let mut next = None;
         for layer in layers.iter().rev() {
             match lookup_in_layer(layer, &rel) {
-                Lookup::File(p) => return fs::read(p).ok(),
+                Lookup::File(p) => return read_bounded(&p),
                 Lookup::Link(resolved) => {
                     next = Some(resolved);
                     break;

@@ -260,6 +260,13 @@ impl OciRuntime {
         let bundle = Self::bundle(alloc_dir);
         fs::create_dir_all(&bundle)
             .map_err(|e| format!("cannot create {}: {e}", bundle.display()))?;
+        // The bundle holds the container's config (its environment) and
+        // its rootfs mount: root only, like the image store.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&bundle, fs::Permissions::from_mode(0o700))
+                .map_err(|e| format!("cannot restrict {}: {e}", bundle.display()))?;
+        }
         let rootfs = images.mount_rootfs(&spec.image, &bundle)?;
         let mounted = began.elapsed();
         let user_name = if spec.user.is_empty() {
