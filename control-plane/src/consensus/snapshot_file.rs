@@ -21,6 +21,11 @@ use super::log_store::StorageFailure;
 /// Bytes of a snapshot written between two fsyncs.
 const WRITE_PIECE: usize = 1024 * 1024;
 
+/// Ends every snapshot file after the CRC-32 of what precedes it, so a
+/// damaged file is refused on load instead of becoming the state.
+const TRAILER_MAGIC: &[u8; 4] = b"SKS1";
+const TRAILER: usize = 8;
+
 /// Where a server's snapshots live; cheap to clone into a worker thread.
 #[derive(Clone, Debug)]
 pub struct SnapshotFile {
@@ -50,8 +55,32 @@ impl SnapshotFile {
         let bytes = fs::read(&path).map_err(|e| {
             StorageFailure(format!("failed to read snapshot {}: {e}", path.display()))
         })?;
-        Snapshot::parse_from_bytes(&bytes)
-            .map_err(|e| StorageFailure(format!("corrupt snapshot {}: {e}", path.display())))
+        let corrupt = |why: String| {
+            StorageFailure(format!(
+                "corrupt snapshot {}: {why}; remove this server (`skiff cluster remove NAME`) and join it again with an empty data dir, so that it receives a snapshot from the leader",
+                path.display()
+            ))
+        };
+        let body = match bytes.len().checked_sub(TRAILER) {
+            Some(end) if &bytes[end + 4..] == TRAILER_MAGIC => {
+                let stored = u32::from_le_bytes([
+                    bytes[end],
+                    bytes[end + 1],
+                    bytes[end + 2],
+                    bytes[end + 3],
+                ]);
+                let actual = crc32fast::hash(&bytes[..end]);
+                if stored != actual {
+                    return Err(corrupt(format!(
+                        "checksum {actual:08x} does not match the stored {stored:08x}"
+                    )));
+                }
+                &bytes[..end]
+            }
+            // Written before snapshots carried a checksum.
+            _ => &bytes[..],
+        };
+        Snapshot::parse_from_bytes(body).map_err(|e| corrupt(e.to_string()))
     }
 
     /// Writes a snapshot durably under its own index.
@@ -76,6 +105,10 @@ impl SnapshotFile {
             file.write_all(piece).map_err(|e| failed("write", e))?;
             file.sync_data().map_err(|e| failed("fsync", e))?;
         }
+        let mut trailer = [0u8; TRAILER];
+        trailer[..4].copy_from_slice(&crc32fast::hash(&bytes).to_le_bytes());
+        trailer[4..].copy_from_slice(TRAILER_MAGIC);
+        file.write_all(&trailer).map_err(|e| failed("write", e))?;
         file.sync_all().map_err(|e| failed("fsync", e))?;
         fs::rename(&tmp, &path).map_err(|e| failed("rename", e))?;
         File::open(&self.dir)
@@ -113,6 +146,25 @@ mod tests {
         let mut snapshot = Snapshot::default();
         snapshot.mut_metadata().index = index;
         snapshot
+    }
+
+    #[test]
+    fn a_flipped_byte_in_a_snapshot_is_refused_on_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = SnapshotFile::new(dir.path());
+        let mut snapshot = at(5);
+        snapshot.set_data(vec![7u8; 4096].into());
+        file.write(&snapshot).unwrap();
+        assert_eq!(file.read(5).unwrap().get_data().len(), 4096);
+        let path = file.path(5);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[100] ^= 0x01;
+        fs::write(&path, &bytes).unwrap();
+        let err = file.read(5).unwrap_err().to_string();
+        assert!(
+            err.contains("checksum") && err.contains("join it again"),
+            "{err}"
+        );
     }
 
     #[test]

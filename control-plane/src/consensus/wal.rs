@@ -7,8 +7,14 @@
 //! endian; the checksum and length cover kind and payload). Replaying the
 //! records in order rebuilds the log: entries (a lower index than the last
 //! one truncates the log there first), the hard state, the conf state, and
-//! snapshots (which drop the entries they cover). A record cut short or
-//! damaged by a crash ends the segment, and is cut off when it is opened.
+//! snapshots (which drop the entries they cover). Only a torn tail is cut
+//! off when a segment is opened: a last record cut short by a crash (its
+//! length runs past the end of the file, or it is the final record and
+//! fails its checksum), or zeros the file system left after it. A record
+//! that fails its checksum with more records after it is corruption of
+//! fsynced data: the server refuses to start, naming the file and the
+//! offset, because dropping acknowledged entries or the vote would break
+//! Raft's safety (etcd refuses too).
 //!
 //! Compaction starts a new segment that holds only what is still needed
 //! (the snapshot's metadata, the hard and conf state, the entries after
@@ -117,6 +123,15 @@ impl Wal {
         file.read_to_end(&mut bytes)
             .map_err(|e| failed("read", &path, e))?;
         let (records, valid) = decode_all(&bytes);
+        if valid < bytes.len() && !is_torn_tail(&bytes, valid) {
+            return Err(StorageFailure(format!(
+                "the raft log {} is corrupt at byte {valid} of {}: a record fails its checksum with more records after it, so fsynced entries would be lost; \
+                 this server cannot start from it. Remove the server (`skiff cluster remove NAME` on a live one) and start it again with an empty data dir and --join, \
+                 so that it catches up from the others",
+                path.display(),
+                bytes.len()
+            )));
+        }
         if valid < bytes.len() {
             tracing::warn!(
                 segment = %path.display(),
@@ -252,6 +267,25 @@ pub fn encode_snapshot(buffer: &mut Vec<u8>, metadata: &SnapshotMetadata, instal
 
 /// Decodes records up to the first damaged one; returns them and how many
 /// bytes were valid.
+/// Whether what follows the last good record at `valid` is what a crash
+/// leaves: a record whose length runs past the end, the final record with
+/// a bad checksum, or zeros. Anything else is corruption.
+fn is_torn_tail(bytes: &[u8], valid: usize) -> bool {
+    let rest = &bytes[valid..];
+    if rest.iter().all(|b| *b == 0) {
+        return true;
+    }
+    let Some(header) = rest.get(..HEADER) else {
+        return true;
+    };
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    match HEADER.checked_add(len) {
+        // Cut short, or the final record (its own bytes half written).
+        Some(end) => end >= rest.len(),
+        None => true,
+    }
+}
+
 fn decode_all(bytes: &[u8]) -> (Vec<Record>, usize) {
     let mut records = Vec::new();
     let mut at = 0;
@@ -358,6 +392,43 @@ mod tests {
                 Record::Entries(vec![entry(2, 2)])
             ]
         );
+    }
+
+    /// A flipped bit in a record that has more records after it is
+    /// corruption of fsynced data, not a torn write: refused, never cut.
+    #[test]
+    fn a_corrupt_record_before_the_end_stops_the_open_naming_file_and_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = Wal::create(dir.path(), None, |_| {}).unwrap();
+        for index in 1..=3 {
+            encode_entries(wal.buffer(), &[entry(index, 1)]);
+            wal.write(true).unwrap();
+        }
+        drop(wal);
+        let path = segment_path(dir.path(), 1);
+        let mut bytes = fs::read(&path).unwrap();
+        let before = bytes.len();
+        bytes[HEADER + 2] ^= 0x40;
+        fs::write(&path, &bytes).unwrap();
+        let err = match Wal::open(dir.path()) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("a corrupt log was opened"),
+        };
+        assert!(err.contains("corrupt at byte 0"), "{err}");
+        assert!(err.contains("--join"), "{err}");
+        assert_eq!(
+            fs::metadata(&path).unwrap().len() as usize,
+            before,
+            "nothing was cut"
+        );
+        // A flipped bit in the last record is a torn write: cut, as before.
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[HEADER + 2] ^= 0x40;
+        let last = bytes.len() - 3;
+        bytes[last] ^= 0x40;
+        fs::write(&path, &bytes).unwrap();
+        let (_, records) = Wal::open(dir.path()).unwrap().unwrap();
+        assert_eq!(records.len(), 2);
     }
 
     #[test]
