@@ -63,6 +63,7 @@ pub fn plan_cluster(
             plan.stop.push(id);
         }
         plan.forget.extend(decision.forget);
+        plan.lost.extend(decision.lost);
         for mut request in decision.place {
             request.count = request.count.min(budget);
             budget -= request.count;

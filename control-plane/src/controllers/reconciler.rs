@@ -24,6 +24,9 @@ pub struct Decision {
     pub stop: Vec<(String, String)>,
     /// Stopped allocations that can be forgotten.
     pub forget: Vec<String>,
+    /// Allocations of unknown state (their node is down) that are
+    /// replaced or not wanted any more: written off as lost.
+    pub lost: Vec<String>,
     /// The step of the service's active deployment, if it takes one.
     pub deployment: Option<(u64, DeploymentStep)>,
 }
@@ -46,12 +49,25 @@ pub fn reconcile(state: &State, service: &str, now_ms: u64, traffic: &Traffic) -
         }
     }
     let live: Vec<&Allocation> = allocs.iter().copied().filter(|a| a.is_live()).collect();
+    let unknown = allocs
+        .iter()
+        .filter(|a| a.desired == DesiredState::Stop && a.state == AllocState::Unknown);
     let Some(spec) = state.services.get(service).map(|s| &s.spec) else {
+        decision.lost.extend(unknown.map(|a| a.id.clone()));
         for alloc in live {
             decision.stop(alloc, "service removed");
         }
         return decision;
     };
+    // A replica of a down node is written off once the service is back at
+    // its count without it (a global service never replaces it).
+    let replaced = match spec.mode {
+        ServiceMode::Replicated => state.counted_replicas(service) >= spec.replicas as usize,
+        ServiceMode::Global => true,
+    };
+    if replaced {
+        decision.lost.extend(unknown.map(|a| a.id.clone()));
+    }
     match spec.mode {
         ServiceMode::Replicated => replicated(
             state,
@@ -400,6 +416,57 @@ mod tests {
         });
         assert_eq!(f.state.allocs["a"].desired, DesiredState::Stop);
         assert_eq!(placed(&reconcile(&f.state, "web", 0, &Traffic::new())), 1);
+    }
+
+    #[test]
+    fn a_down_nodes_replicas_turn_unknown_then_lost_once_replaced_never_healthy() {
+        let mut f = Fixture::new(&[("n1", "a"), ("n2", "a")]);
+        f.service(spec("web", 2));
+        f.place("a", "web", "n1", AllocState::Healthy);
+        f.place("b", "web", "n2", AllocState::Healthy);
+        f.apply(Command::SetNodeStatus {
+            name: "n1".into(),
+            status: NodeStatus::Down,
+        });
+        assert_eq!(f.state.allocs["a"].state, AllocState::Unknown);
+        assert!(!f.state.allocs["a"].is_serving());
+        let decision = reconcile(&f.state, "web", 0, &Traffic::new());
+        assert!(decision.lost.is_empty(), "not replaced yet");
+        assert_eq!(placed(&decision), 1);
+
+        f.place("c", "web", "n2", AllocState::Starting);
+        let decision = reconcile(&f.state, "web", 0, &Traffic::new());
+        assert_eq!(decision.lost, vec!["a".to_string()]);
+        f.apply(Command::ApplyPlan {
+            plan: Plan {
+                lost: decision.lost,
+                ..Plan::default()
+            },
+        });
+        assert_eq!(f.state.allocs["a"].state, AllocState::Lost);
+        assert!(reconcile(&f.state, "web", 0, &Traffic::new())
+            .lost
+            .is_empty());
+    }
+
+    #[test]
+    fn a_returning_agents_report_replaces_the_unknown_state() {
+        let mut f = Fixture::new(&[("n1", "a"), ("n2", "a")]);
+        f.service(spec("web", 1));
+        f.place("a", "web", "n1", AllocState::Healthy);
+        f.apply(Command::SetNodeStatus {
+            name: "n1".into(),
+            status: NodeStatus::Down,
+        });
+        f.apply(Command::SetNodeStatus {
+            name: "n1".into(),
+            status: NodeStatus::Ready,
+        });
+        assert_eq!(f.state.allocs["a"].state, AllocState::Unknown);
+        f.report("a", "n1", AllocState::Stopped);
+        assert_eq!(f.state.allocs["a"].state, AllocState::Stopped);
+        let decision = reconcile(&f.state, "web", 0, &Traffic::new());
+        assert_eq!(decision.forget, vec!["a".to_string()]);
     }
 
     #[test]

@@ -32,6 +32,10 @@ pub struct Plan {
     /// Deployment steps decided with the plan.
     #[serde(default)]
     pub deployments: Vec<DeploymentChange>,
+    /// Allocations of unknown state on a down node that have been
+    /// replaced (or are not wanted any more): they become lost.
+    #[serde(default)]
+    pub lost: Vec<String>,
 }
 
 impl Plan {
@@ -40,6 +44,7 @@ impl Plan {
             && self.stop.is_empty()
             && self.forget.is_empty()
             && self.deployments.is_empty()
+            && self.lost.is_empty()
     }
 }
 

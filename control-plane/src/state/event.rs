@@ -78,7 +78,9 @@ impl EventKind {
 
     pub(super) fn for_state(state: AllocState) -> Option<Self> {
         Some(match state {
-            AllocState::Pending => return None,
+            // Unknown and lost come with the node-down event, never from
+            // an agent.
+            AllocState::Pending | AllocState::Unknown | AllocState::Lost => return None,
             AllocState::Pulling | AllocState::Starting => EventKind::ReplicaStarting,
             AllocState::Running => EventKind::ReplicaStarted,
             AllocState::Healthy => EventKind::ReplicaHealthy,

@@ -2,7 +2,7 @@
 //! availability (active, pause, drain), and marking drains done.
 
 use super::super::{
-    Availability, CommandError, DesiredState, EventKind, NodeStatus, Outcome, State,
+    AllocState, Availability, CommandError, DesiredState, EventKind, NodeStatus, Outcome, State,
 };
 
 impl State {
@@ -33,6 +33,22 @@ impl State {
                     "",
                     "missed heartbeats",
                 );
+                // Nobody knows what runs on a down node any more: its
+                // replicas show unknown (not the last state reported) until
+                // its agent reports again.
+                let unknown: Vec<String> = self
+                    .allocs_on(name)
+                    .filter(|a| a.holds_resources() && a.state != AllocState::Lost)
+                    .map(|a| a.id.clone())
+                    .collect();
+                for id in &unknown {
+                    if let Some(alloc) = self.allocs.get_mut(id) {
+                        alloc.state = AllocState::Unknown;
+                        alloc.serving_since_ms = 0;
+                        alloc.modify_index = index;
+                    }
+                }
+                self.index.node_changed.insert(name.to_string(), index);
                 let ids: Vec<String> = self
                     .allocs_on(name)
                     .filter(|a| a.desired == DesiredState::Run)

@@ -58,6 +58,15 @@ impl State {
                 }
             }
         }
+        for id in &plan.lost {
+            if let Some(alloc) = self.allocs.get_mut(id) {
+                if alloc.desired == DesiredState::Stop && alloc.state == AllocState::Unknown {
+                    alloc.state = AllocState::Lost;
+                    alloc.modify_index = index;
+                    self.index.node_changed.insert(alloc.node.clone(), index);
+                }
+            }
+        }
         for change in plan.deployments {
             self.apply_deployment_change(index, change);
         }
