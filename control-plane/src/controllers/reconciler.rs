@@ -114,6 +114,71 @@ fn deadline_passed(state: &State, alloc: &Allocation, now_ms: u64) -> bool {
         .is_some_and(|deadline| now_ms >= deadline)
 }
 
+/// The `count` replicas of `kept` to stop when scaling down, in order:
+/// those not serving first, then one from the node holding the most
+/// replicas of the service (ties: the most loaded node, then the newest
+/// replica), counting again after each, so a scale-down never worsens the
+/// spread.
+pub(super) fn scale_down_order<'a>(
+    state: &State,
+    kept: &[&'a Allocation],
+    count: usize,
+) -> Vec<&'a Allocation> {
+    let mut on_node: BTreeMap<&str, usize> = BTreeMap::new();
+    for alloc in kept {
+        *on_node.entry(alloc.node.as_str()).or_default() += 1;
+    }
+    let load: BTreeMap<&str, (u64, usize)> = on_node
+        .keys()
+        .map(|&node| (node, node_load(state, node)))
+        .collect();
+    let mut left: Vec<&Allocation> = kept.to_vec();
+    let mut order = Vec::with_capacity(count);
+    while order.len() < count {
+        let worst = left.iter().enumerate().min_by_key(|(_, a)| {
+            let node = a.node.as_str();
+            (
+                a.is_serving(),
+                std::cmp::Reverse(on_node.get(node).copied().unwrap_or(0)),
+                std::cmp::Reverse(load.get(node).copied().unwrap_or_default()),
+                std::cmp::Reverse(a.create_index),
+            )
+        });
+        let Some((i, _)) = worst else {
+            break;
+        };
+        let alloc = left.swap_remove(i);
+        if let Some(n) = on_node.get_mut(alloc.node.as_str()) {
+            *n = n.saturating_sub(1);
+        }
+        order.push(alloc);
+    }
+    order
+}
+
+/// How loaded a node is, as the scheduler ranks it: the used fraction of
+/// its scarcer resource (thousandths), then the allocations it holds.
+fn node_load(state: &State, node: &str) -> (u64, usize) {
+    let Some(record) = state.nodes.get(node) else {
+        return (0, 0);
+    };
+    let (mut cpu, mut memory, mut total) = (0u64, 0u64, 0usize);
+    for alloc in state.allocs_on(node).filter(|a| a.holds_resources()) {
+        cpu += u64::from(alloc.spec.cpu_millis.unwrap_or(0));
+        memory += u64::from(alloc.spec.memory_mb.unwrap_or(0));
+        total += 1;
+    }
+    let fraction = |used: u64, capacity: u32| {
+        if capacity == 0 {
+            0
+        } else {
+            (used * 1000 / u64::from(capacity)).min(1000)
+        }
+    };
+    let load = fraction(cpu, record.cpu_millis).max(fraction(memory, record.memory_mb));
+    (load, total)
+}
+
 fn replicated(
     state: &State,
     service: &str,
@@ -152,12 +217,11 @@ fn replicated(
         decision.stop.extend(rollout.stop);
         decision.deployment = rollout.step.map(|step| (active.version, step));
     } else if kept.len() > desired {
-        // Surplus: stop the worst first (not serving, then newest).
-        kept.sort_by_key(|a| (a.is_serving(), std::cmp::Reverse(a.create_index)));
         let surplus = kept.len() - desired;
-        for alloc in kept.drain(..surplus) {
+        for alloc in scale_down_order(state, &kept, surplus) {
             decision.stop(alloc, "scaled down");
         }
+        kept.retain(|a| !decision.stop.iter().any(|(id, _)| *id == a.id));
     } else {
         decision
             .place
@@ -389,6 +453,42 @@ mod tests {
         let decision = reconcile(&f.state, "web", 0, &Traffic::new());
         assert_eq!(f.stopped(&decision), vec!["broken", "new"]);
         assert_eq!(placed(&decision), 0);
+    }
+
+    #[test]
+    fn scale_down_stops_replicas_on_the_most_loaded_nodes_first() {
+        let mut f = Fixture::new(&[("n1", "a"), ("n2", "a"), ("n3", "a")]);
+        f.service(spec("web", 7));
+        f.service(spec("db", 1));
+        f.place("db1", "db", "n2", AllocState::Running);
+        for (id, node) in [
+            ("a1", "n1"),
+            ("b1", "n2"),
+            ("a2", "n1"),
+            ("b2", "n2"),
+            ("a3", "n1"),
+            ("b3", "n2"),
+            ("c1", "n3"),
+        ] {
+            f.place(id, "web", node, AllocState::Running);
+        }
+        f.apply(Command::ScaleService {
+            name: "web".into(),
+            replicas: 6,
+        });
+        let decision = reconcile(&f.state, "web", 0, &Traffic::new());
+        assert_eq!(
+            f.stopped(&decision),
+            vec!["b3"],
+            "n3's only replica stays; n2 ties n1 but is more loaded"
+        );
+
+        f.apply(Command::ScaleService {
+            name: "web".into(),
+            replicas: 4,
+        });
+        let decision = reconcile(&f.state, "web", 0, &Traffic::new());
+        assert_eq!(f.stopped(&decision), vec!["b3", "a3", "b2"]);
     }
 
     #[test]
