@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 
 use super::deployment::{self, Replicas, Traffic};
+use super::rebalance;
 use crate::scheduler::Request;
 use crate::state::{
     AllocState, Allocation, Availability, DeploymentStep, DesiredState, ServiceMode, State,
@@ -29,6 +30,8 @@ pub struct Decision {
     pub lost: Vec<String>,
     /// The step of the service's active deployment, if it takes one.
     pub deployment: Option<(u64, DeploymentStep)>,
+    /// The service's rebalance is done.
+    pub rebalanced: bool,
 }
 
 impl Decision {
@@ -216,6 +219,20 @@ fn replicated(
         decision.place.push(Request::new("", rollout.place));
         decision.stop.extend(rollout.stop);
         decision.deployment = rollout.step.map(|step| (active.version, step));
+    } else if record.rebalance
+        && migrating.is_empty()
+        && (desired..=desired + 1).contains(&kept.len())
+    {
+        match rebalance::decide(state, service, desired, &kept, now_ms) {
+            rebalance::Step::Done => decision.rebalanced = true,
+            rebalance::Step::Place(node) => decision.place.push(Request {
+                service: String::new(),
+                count: 1,
+                node: Some(node),
+            }),
+            rebalance::Step::Stop(alloc) => decision.stop(alloc, "rebalanced"),
+            rebalance::Step::Wait => {}
+        }
     } else if kept.len() > desired {
         let surplus = kept.len() - desired;
         for alloc in scale_down_order(state, &kept, surplus) {
@@ -489,6 +506,67 @@ mod tests {
         });
         let decision = reconcile(&f.state, "web", 0, &Traffic::new());
         assert_eq!(f.stopped(&decision), vec!["b3", "a3", "b2"]);
+    }
+
+    #[test]
+    fn rebalance_moves_one_replica_at_a_time_surge_first_until_counts_differ_by_at_most_one() {
+        let mut f = Fixture::new(&[("n1", "a"), ("n2", "a"), ("n3", "a")]);
+        f.service(spec("web", 7));
+        for (id, node) in [
+            ("a1", "n1"),
+            ("a2", "n1"),
+            ("a3", "n1"),
+            ("b1", "n2"),
+            ("b2", "n2"),
+            ("b3", "n2"),
+            ("c1", "n3"),
+        ] {
+            f.place(id, "web", node, AllocState::Running);
+        }
+        f.apply(Command::RebalanceService { name: "web".into() });
+        let decision = reconcile(&f.state, "web", 0, &Traffic::new());
+        assert!(decision.stop.is_empty(), "surge first");
+        assert_eq!(
+            decision.place,
+            vec![Request {
+                service: "web".into(),
+                count: 1,
+                node: Some("n3".into()),
+            }]
+        );
+        f.place("c2", "web", "n3", AllocState::Starting);
+        assert_eq!(
+            reconcile(&f.state, "web", 0, &Traffic::new()),
+            Decision::default()
+        );
+        f.report("c2", "n3", AllocState::Running);
+        let since = f.state.allocs["c2"].serving_since_ms;
+        let later = since + u64::from(REPLACEMENT_SERVING_MS);
+        assert!(reconcile(&f.state, "web", since, &Traffic::new())
+            .stop
+            .is_empty());
+        let decision = reconcile(&f.state, "web", later, &Traffic::new());
+        assert_eq!(f.stopped(&decision), vec!["b3"]);
+        assert!(decision.place.is_empty() && !decision.rebalanced);
+        f.apply(Command::ApplyPlan {
+            plan: Plan {
+                stop: vec!["b3".into()],
+                ..Plan::default()
+            },
+        });
+        // 3/2/2: spread again.
+        let decision = reconcile(&f.state, "web", later, &Traffic::new());
+        assert!(decision.rebalanced && decision.place.is_empty() && decision.stop.is_empty());
+        f.apply(Command::ApplyPlan {
+            plan: Plan {
+                rebalanced: vec!["web".into()],
+                ..Plan::default()
+            },
+        });
+        assert!(!f.state.services["web"].rebalance);
+        assert!(reconcile(&f.state, "web", later, &Traffic::new())
+            .stop
+            .is_empty());
     }
 
     #[test]

@@ -36,6 +36,9 @@ pub struct Plan {
     /// replaced (or are not wanted any more): they become lost.
     #[serde(default)]
     pub lost: Vec<String>,
+    /// Services whose rebalance is done (spread again).
+    #[serde(default)]
+    pub rebalanced: Vec<String>,
 }
 
 impl Plan {
@@ -45,6 +48,7 @@ impl Plan {
             && self.forget.is_empty()
             && self.deployments.is_empty()
             && self.lost.is_empty()
+            && self.rebalanced.is_empty()
     }
 }
 
@@ -107,6 +111,11 @@ pub enum Command {
     PromoteDeployment {
         name: String,
     },
+    /// `skiff service rebalance`: move replicas, one at a time and
+    /// surge-first, until the service is spread again.
+    RebalanceService {
+        name: String,
+    },
     PauseDeployment {
         name: String,
         paused: bool,
@@ -140,6 +149,11 @@ pub enum Command {
         status: NodeStatus,
     },
     /// `skiff node drain|pause|activate`.
+    /// `skiff node rm`: forgets a down node and its allocations; refused
+    /// while the node is ready.
+    RemoveNode {
+        name: String,
+    },
     SetNodeAvailability {
         name: String,
         availability: Availability,
@@ -206,6 +220,8 @@ pub enum CommandError {
     ServiceExists(String),
     #[error("node \"{0}\" not found; see `skiff node ls`")]
     NodeNotFound(String),
+    #[error("node \"{0}\" is ready; only a down node can be removed: drain it, stop its agent and wait for it to show down in `skiff node ls`")]
+    NodeReady(String),
     /// A deployment command that does not fit the service's state.
     #[error("{0}")]
     Deployment(String),

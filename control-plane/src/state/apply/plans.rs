@@ -67,6 +67,12 @@ impl State {
                 }
             }
         }
+        for name in &plan.rebalanced {
+            if let Some(service) = self.services.get_mut(name).filter(|s| s.rebalance) {
+                service.rebalance = false;
+                self.event(index, EventKind::ServiceRebalanced, name, "", "", "");
+            }
+        }
         for change in plan.deployments {
             self.apply_deployment_change(index, change);
         }
@@ -109,7 +115,8 @@ impl State {
                     let count = counted
                         .entry(placement.service.clone())
                         .or_insert_with(|| self.counted_current(&placement.service));
-                    *count < spec.replicas as usize
+                    // A rebalance moves replicas surge-first: one more.
+                    *count < spec.replicas as usize + usize::from(service.rebalance)
                 }
             };
             let held = !service.started && self.dependencies_ready(&service.spec).is_err();
