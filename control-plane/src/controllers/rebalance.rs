@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use super::deployment;
 use super::reconciler::{scale_down_order, REPLACEMENT_SERVING_MS};
-use crate::state::{Allocation, State};
+use crate::state::{AllocState, Allocation, State};
 
 /// The next step of a rebalance.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -23,6 +23,9 @@ pub enum Step<'a> {
     Stop(&'a Allocation),
     /// The surge does not serve yet.
     Wait,
+    /// The surge failed: stop it and end the rebalance rather than try
+    /// the same move forever.
+    GiveUp(&'a Allocation),
 }
 
 /// Decides the next step for `service`, wanting `desired` replicas, whose
@@ -57,6 +60,12 @@ pub fn decide<'a>(
         let Some(surge) = kept.iter().max_by_key(|a| a.create_index) else {
             return Step::Done;
         };
+        if matches!(
+            surge.state,
+            AllocState::Failed | AllocState::Restarting | AllocState::Unhealthy
+        ) {
+            return Step::GiveUp(surge);
+        }
         if !deployment::is_ready(surge, REPLACEMENT_SERVING_MS, now_ms) {
             return Step::Wait;
         }

@@ -232,6 +232,10 @@ fn replicated(
             }),
             rebalance::Step::Stop(alloc) => decision.stop(alloc, "rebalanced"),
             rebalance::Step::Wait => {}
+            rebalance::Step::GiveUp(alloc) => {
+                decision.stop(alloc, "rebalance given up: the new replica does not serve");
+                decision.rebalanced = true;
+            }
         }
     } else if kept.len() > desired {
         let surplus = kept.len() - desired;
@@ -567,6 +571,20 @@ mod tests {
         assert!(reconcile(&f.state, "web", later, &Traffic::new())
             .stop
             .is_empty());
+    }
+
+    #[test]
+    fn a_rebalance_whose_new_replica_fails_stops_it_and_ends() {
+        let mut f = Fixture::new(&[("n1", "a"), ("n2", "a")]);
+        f.service(spec("web", 3));
+        for id in ["a1", "a2", "a3"] {
+            f.place(id, "web", "n1", AllocState::Running);
+        }
+        f.apply(Command::RebalanceService { name: "web".into() });
+        f.place("b1", "web", "n2", AllocState::Failed);
+        let decision = reconcile(&f.state, "web", 10_000, &Traffic::new());
+        assert_eq!(f.stopped(&decision), vec!["b1"]);
+        assert!(decision.rebalanced && decision.place.is_empty());
     }
 
     #[test]
