@@ -575,6 +575,11 @@ pub enum ServiceCommand {
         #[arg(long, short = 'd')]
         detach: bool,
     },
+    /// Spread a service's replicas again (after a node returns or is
+    /// activated): one at a time, a new replica on the least loaded node
+    /// first, then one stopped on the most loaded, until the counts per
+    /// node differ by at most one.
+    Rebalance { name: String },
     /// Pause a running deployment (nothing more is started or stopped).
     Pause { name: String },
     /// Resume a paused deployment.
@@ -947,6 +952,11 @@ pub enum StackCommand {
 pub enum NodeCommand {
     /// List nodes.
     Ls,
+    /// Show a node: address, status, availability, labels, capacity and
+    /// use, ports, last heartbeat, and its replicas.
+    Inspect { name: String },
+    /// Forget a down node and its replicas (refused while it is ready).
+    Rm { name: String },
     /// Move every replica off a node (replacements start first) and place
     /// nothing new on it.
     Drain {

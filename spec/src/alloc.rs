@@ -25,6 +25,14 @@ pub enum AllocState {
     Failed,
     /// Stopped for good; the allocation can be forgotten.
     Stopped,
+    /// Its node is down: nobody knows whether it still runs. Set by the
+    /// control plane, never reported by an agent; a report from its agent
+    /// (the node came back) replaces it.
+    Unknown,
+    /// Its node is down and it has been replaced or stopped for good
+    /// without its agent confirming it: written off, not stopped. A report
+    /// from its agent replaces it.
+    Lost,
 }
 
 impl AllocState {
@@ -39,6 +47,8 @@ impl AllocState {
             AllocState::Restarting => "restarting",
             AllocState::Failed => "failed",
             AllocState::Stopped => "stopped",
+            AllocState::Unknown => "unknown",
+            AllocState::Lost => "lost",
         }
     }
 
@@ -53,6 +63,8 @@ impl AllocState {
             "restarting" => AllocState::Restarting,
             "failed" => AllocState::Failed,
             "stopped" => AllocState::Stopped,
+            "unknown" => AllocState::Unknown,
+            "lost" => AllocState::Lost,
             _ => return None,
         })
     }
@@ -60,5 +72,11 @@ impl AllocState {
     /// Its process runs (healthy or not yet checked).
     pub fn is_up(self) -> bool {
         matches!(self, AllocState::Running | AllocState::Healthy)
+    }
+
+    /// An agent may report it: `unknown` and `lost` are the control
+    /// plane's verdicts on a down node, never an agent's.
+    pub fn is_reportable(self) -> bool {
+        !matches!(self, AllocState::Unknown | AllocState::Lost)
     }
 }

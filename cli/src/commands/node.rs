@@ -45,6 +45,19 @@ pub async fn run(server: &str, format: OutputFormat, command: NodeCommand) -> an
             );
             return Ok(());
         }
+        NodeCommand::Inspect { name } => return inspect(&mut client, format, &name).await,
+        NodeCommand::Rm { name } => {
+            let removed = client
+                .remove_node(pb::RemoveNodeRequest { name: name.clone() })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            println!(
+                "node {name} removed; {} of its allocations forgotten",
+                removed.forgotten
+            );
+            return Ok(());
+        }
         NodeCommand::Drain { name, deadline } => (name, "drain", deadline.unwrap_or(0)),
         NodeCommand::Pause { name } => (name, "pause", 0),
         NodeCommand::Activate { name } => (name, "active", 0),
@@ -68,6 +81,64 @@ pub async fn run(server: &str, format: OutputFormat, command: NodeCommand) -> an
         (_, "pause") => println!("node {name} paused: no new replicas; its {} replicas keep running", node.allocations),
         _ => println!("node {name} active: the scheduler may place replicas on it"),
     }
+    Ok(())
+}
+
+/// `skiff node inspect NAME`: the node as `node ls` shows it, one field a
+/// line, then its replicas.
+async fn inspect(client: &mut Client, format: OutputFormat, name: &str) -> anyhow::Result<()> {
+    let detail = client
+        .inspect_node(pb::InspectNodeRequest {
+            name: name.to_string(),
+        })
+        .await
+        .map_err(explain)?
+        .into_inner();
+    if format == OutputFormat::Json {
+        output::print(format, &detail, &[], vec![]);
+        return Ok(());
+    }
+    let node = detail
+        .node
+        .as_ref()
+        .ok_or_else(|| anyhow!("the server answered without the node {name}"))?;
+    let fields = row(node);
+    let labels = [
+        "Name",
+        "Address",
+        "Status",
+        "Availability",
+        "CPU",
+        "Memory",
+        "Labels",
+        "Ports",
+        "Replicas",
+        "Heartbeat",
+    ];
+    for (label, value) in labels.iter().zip(&fields) {
+        println!("{:<14}{value}", format!("{label}:"));
+    }
+    println!();
+    let rows = detail
+        .allocations
+        .iter()
+        .map(|a| {
+            vec![
+                a.id.clone(),
+                a.service.clone(),
+                a.version.to_string(),
+                a.state.clone(),
+                a.desired.clone(),
+                a.host_port.to_string(),
+            ]
+        })
+        .collect();
+    output::print(
+        format,
+        &detail.allocations,
+        &["ID", "SERVICE", "VERSION", "STATE", "DESIRED", "PORT"],
+        rows,
+    );
     Ok(())
 }
 

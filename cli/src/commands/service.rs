@@ -153,6 +153,7 @@ pub async fn run(
         ServiceCommand::Promote { name, detach } => {
             super::deploy::promote(&mut client, format, &name, detach).await?
         }
+        ServiceCommand::Rebalance { name } => rebalance(&mut client, &name).await?,
         ServiceCommand::Pause { name } => super::deploy::pause(&mut client, &name, true).await?,
         ServiceCommand::Resume { name } => super::deploy::pause(&mut client, &name, false).await?,
         ServiceCommand::Logs {
@@ -178,6 +179,21 @@ pub async fn run(
 /// `service logs`: asks the agent of each replica's node for its output
 /// (the address an agent publishes in `_skiff/nodes/<node>/logs`), like
 /// `nomad alloc logs`, and prints the streams as they arrive.
+/// `skiff service rebalance NAME`: asks the control plane to spread the
+/// service again; the moves show in `skiff events`.
+async fn rebalance(client: &mut crate::client::Client, name: &str) -> anyhow::Result<()> {
+    client
+        .rebalance_service(pb::RebalanceServiceRequest {
+            name: name.to_string(),
+        })
+        .await
+        .map_err(explain)?;
+    println!(
+        "service {name} rebalancing: one replica at a time, the new one first; follow with `skiff events --follow --service {name}`"
+    );
+    Ok(())
+}
+
 async fn logs(
     client: &mut crate::client::Client,
     status: &pb::ServiceStatus,

@@ -285,7 +285,7 @@ impl Api {
             AgentMsg::ImagesReady(ready) => return self.record_images(node, ready.images).await,
             AgentMsg::Heartbeat(_) | AgentMsg::Register(_) => return,
         };
-        let Some(state) = AllocState::parse(&report.state) else {
+        let Some(state) = AllocState::parse(&report.state).filter(|s| s.is_reportable()) else {
             tracing::warn!(node, state = %report.state, "agent reported an unknown state");
             return;
         };

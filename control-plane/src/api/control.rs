@@ -281,6 +281,47 @@ impl pb::control_server::Control for Api {
         self.service_status(&name).await.map(Response::new)
     }
 
+    async fn rebalance_service(
+        &self,
+        request: Request<pb::RebalanceServiceRequest>,
+    ) -> Result<Response<pb::ServiceStatus>, Status> {
+        let name = request.into_inner().name;
+        self.propose(Command::RebalanceService { name: name.clone() })
+            .await?;
+        self.service_status(&name).await.map(Response::new)
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::RemoveNodeResponse>, Status> {
+        let name = request.into_inner().name;
+        self.barrier().await?;
+        let forgotten = self.consensus.state().allocs_on(&name).count() as u32;
+        self.propose(Command::RemoveNode { name }).await?;
+        Ok(Response::new(pb::RemoveNodeResponse { forgotten }))
+    }
+
+    async fn inspect_node(
+        &self,
+        request: Request<pb::InspectNodeRequest>,
+    ) -> Result<Response<pb::NodeDetail>, Status> {
+        let name = request.into_inner().name;
+        self.barrier().await?;
+        let state = self.consensus.state();
+        let node = state.nodes.get(&name).ok_or_else(|| {
+            Status::not_found(format!("node \"{name}\" not found; see `skiff node ls`"))
+        })?;
+        Ok(Response::new(pb::NodeDetail {
+            node: Some(convert::node_to_pb(
+                &state,
+                node,
+                self.heartbeat_age(&node.name),
+            )),
+            allocations: state.allocs_on(&name).map(convert::alloc_to_pb).collect(),
+        }))
+    }
+
     async fn pause_deployment(
         &self,
         request: Request<pb::PauseDeploymentRequest>,

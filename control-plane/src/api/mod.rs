@@ -166,7 +166,7 @@ pub(crate) fn status_from(err: ProposeError) -> Status {
         ProposeError::Rejected(CommandError::ServiceExists(_)) => {
             Status::already_exists(err.to_string())
         }
-        ProposeError::Rejected(CommandError::Deployment(_)) => {
+        ProposeError::Rejected(CommandError::Deployment(_) | CommandError::NodeReady(_)) => {
             Status::failed_precondition(err.to_string())
         }
         ProposeError::Rejected(CommandError::Invalid(_)) => {

@@ -5,6 +5,7 @@
 pub mod autoscale;
 pub(crate) mod deployment;
 mod liveness;
+mod rebalance;
 mod reconciler;
 pub mod stack_plan;
 
@@ -63,6 +64,10 @@ pub fn plan_cluster(
             plan.stop.push(id);
         }
         plan.forget.extend(decision.forget);
+        plan.lost.extend(decision.lost);
+        if decision.rebalanced {
+            plan.rebalanced.push(service.to_string());
+        }
         for mut request in decision.place {
             request.count = request.count.min(budget);
             budget -= request.count;

@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 
 use super::deployment::{self, Replicas, Traffic};
+use super::rebalance;
 use crate::scheduler::Request;
 use crate::state::{
     AllocState, Allocation, Availability, DeploymentStep, DesiredState, ServiceMode, State,
@@ -24,8 +25,13 @@ pub struct Decision {
     pub stop: Vec<(String, String)>,
     /// Stopped allocations that can be forgotten.
     pub forget: Vec<String>,
+    /// Allocations of unknown state (their node is down) that are
+    /// replaced or not wanted any more: written off as lost.
+    pub lost: Vec<String>,
     /// The step of the service's active deployment, if it takes one.
     pub deployment: Option<(u64, DeploymentStep)>,
+    /// The service's rebalance is done.
+    pub rebalanced: bool,
 }
 
 impl Decision {
@@ -46,12 +52,25 @@ pub fn reconcile(state: &State, service: &str, now_ms: u64, traffic: &Traffic) -
         }
     }
     let live: Vec<&Allocation> = allocs.iter().copied().filter(|a| a.is_live()).collect();
+    let unknown = allocs
+        .iter()
+        .filter(|a| a.desired == DesiredState::Stop && a.state == AllocState::Unknown);
     let Some(spec) = state.services.get(service).map(|s| &s.spec) else {
+        decision.lost.extend(unknown.map(|a| a.id.clone()));
         for alloc in live {
             decision.stop(alloc, "service removed");
         }
         return decision;
     };
+    // A replica of a down node is written off once the service is back at
+    // its count without it (a global service never replaces it).
+    let replaced = match spec.mode {
+        ServiceMode::Replicated => state.counted_replicas(service) >= spec.replicas as usize,
+        ServiceMode::Global => true,
+    };
+    if replaced {
+        decision.lost.extend(unknown.map(|a| a.id.clone()));
+    }
     match spec.mode {
         ServiceMode::Replicated => replicated(
             state,
@@ -98,6 +117,71 @@ fn deadline_passed(state: &State, alloc: &Allocation, now_ms: u64) -> bool {
         .is_some_and(|deadline| now_ms >= deadline)
 }
 
+/// The `count` replicas of `kept` to stop when scaling down, in order:
+/// those not serving first, then one from the node holding the most
+/// replicas of the service (ties: the most loaded node, then the newest
+/// replica), counting again after each, so a scale-down never worsens the
+/// spread.
+pub(super) fn scale_down_order<'a>(
+    state: &State,
+    kept: &[&'a Allocation],
+    count: usize,
+) -> Vec<&'a Allocation> {
+    let mut on_node: BTreeMap<&str, usize> = BTreeMap::new();
+    for alloc in kept {
+        *on_node.entry(alloc.node.as_str()).or_default() += 1;
+    }
+    let load: BTreeMap<&str, (u64, usize)> = on_node
+        .keys()
+        .map(|&node| (node, node_load(state, node)))
+        .collect();
+    let mut left: Vec<&Allocation> = kept.to_vec();
+    let mut order = Vec::with_capacity(count);
+    while order.len() < count {
+        let worst = left.iter().enumerate().min_by_key(|(_, a)| {
+            let node = a.node.as_str();
+            (
+                a.is_serving(),
+                std::cmp::Reverse(on_node.get(node).copied().unwrap_or(0)),
+                std::cmp::Reverse(load.get(node).copied().unwrap_or_default()),
+                std::cmp::Reverse(a.create_index),
+            )
+        });
+        let Some((i, _)) = worst else {
+            break;
+        };
+        let alloc = left.swap_remove(i);
+        if let Some(n) = on_node.get_mut(alloc.node.as_str()) {
+            *n = n.saturating_sub(1);
+        }
+        order.push(alloc);
+    }
+    order
+}
+
+/// How loaded a node is, as the scheduler ranks it: the used fraction of
+/// its scarcer resource (thousandths), then the allocations it holds.
+fn node_load(state: &State, node: &str) -> (u64, usize) {
+    let Some(record) = state.nodes.get(node) else {
+        return (0, 0);
+    };
+    let (mut cpu, mut memory, mut total) = (0u64, 0u64, 0usize);
+    for alloc in state.allocs_on(node).filter(|a| a.holds_resources()) {
+        cpu += u64::from(alloc.spec.cpu_millis.unwrap_or(0));
+        memory += u64::from(alloc.spec.memory_mb.unwrap_or(0));
+        total += 1;
+    }
+    let fraction = |used: u64, capacity: u32| {
+        if capacity == 0 {
+            0
+        } else {
+            (used * 1000 / u64::from(capacity)).min(1000)
+        }
+    };
+    let load = fraction(cpu, record.cpu_millis).max(fraction(memory, record.memory_mb));
+    (load, total)
+}
+
 fn replicated(
     state: &State,
     service: &str,
@@ -135,13 +219,30 @@ fn replicated(
         decision.place.push(Request::new("", rollout.place));
         decision.stop.extend(rollout.stop);
         decision.deployment = rollout.step.map(|step| (active.version, step));
+    } else if record.rebalance
+        && migrating.is_empty()
+        && (desired..=desired + 1).contains(&kept.len())
+    {
+        match rebalance::decide(state, service, desired, &kept, now_ms) {
+            rebalance::Step::Done => decision.rebalanced = true,
+            rebalance::Step::Place(node) => decision.place.push(Request {
+                service: String::new(),
+                count: 1,
+                node: Some(node),
+            }),
+            rebalance::Step::Stop(alloc) => decision.stop(alloc, "rebalanced"),
+            rebalance::Step::Wait => {}
+            rebalance::Step::GiveUp(alloc) => {
+                decision.stop(alloc, "rebalance given up: the new replica does not serve");
+                decision.rebalanced = true;
+            }
+        }
     } else if kept.len() > desired {
-        // Surplus: stop the worst first (not serving, then newest).
-        kept.sort_by_key(|a| (a.is_serving(), std::cmp::Reverse(a.create_index)));
         let surplus = kept.len() - desired;
-        for alloc in kept.drain(..surplus) {
+        for alloc in scale_down_order(state, &kept, surplus) {
             decision.stop(alloc, "scaled down");
         }
+        kept.retain(|a| !decision.stop.iter().any(|(id, _)| *id == a.id));
     } else {
         decision
             .place
@@ -376,6 +477,117 @@ mod tests {
     }
 
     #[test]
+    fn scale_down_stops_replicas_on_the_most_loaded_nodes_first() {
+        let mut f = Fixture::new(&[("n1", "a"), ("n2", "a"), ("n3", "a")]);
+        f.service(spec("web", 7));
+        f.service(spec("db", 1));
+        f.place("db1", "db", "n2", AllocState::Running);
+        for (id, node) in [
+            ("a1", "n1"),
+            ("b1", "n2"),
+            ("a2", "n1"),
+            ("b2", "n2"),
+            ("a3", "n1"),
+            ("b3", "n2"),
+            ("c1", "n3"),
+        ] {
+            f.place(id, "web", node, AllocState::Running);
+        }
+        f.apply(Command::ScaleService {
+            name: "web".into(),
+            replicas: 6,
+        });
+        let decision = reconcile(&f.state, "web", 0, &Traffic::new());
+        assert_eq!(
+            f.stopped(&decision),
+            vec!["b3"],
+            "n3's only replica stays; n2 ties n1 but is more loaded"
+        );
+
+        f.apply(Command::ScaleService {
+            name: "web".into(),
+            replicas: 4,
+        });
+        let decision = reconcile(&f.state, "web", 0, &Traffic::new());
+        assert_eq!(f.stopped(&decision), vec!["b3", "a3", "b2"]);
+    }
+
+    #[test]
+    fn rebalance_moves_one_replica_at_a_time_surge_first_until_counts_differ_by_at_most_one() {
+        let mut f = Fixture::new(&[("n1", "a"), ("n2", "a"), ("n3", "a")]);
+        f.service(spec("web", 7));
+        for (id, node) in [
+            ("a1", "n1"),
+            ("a2", "n1"),
+            ("a3", "n1"),
+            ("b1", "n2"),
+            ("b2", "n2"),
+            ("b3", "n2"),
+            ("c1", "n3"),
+        ] {
+            f.place(id, "web", node, AllocState::Running);
+        }
+        f.apply(Command::RebalanceService { name: "web".into() });
+        let decision = reconcile(&f.state, "web", 0, &Traffic::new());
+        assert!(decision.stop.is_empty(), "surge first");
+        assert_eq!(
+            decision.place,
+            vec![Request {
+                service: "web".into(),
+                count: 1,
+                node: Some("n3".into()),
+            }]
+        );
+        f.place("c2", "web", "n3", AllocState::Starting);
+        assert_eq!(
+            reconcile(&f.state, "web", 0, &Traffic::new()),
+            Decision::default()
+        );
+        f.report("c2", "n3", AllocState::Running);
+        let since = f.state.allocs["c2"].serving_since_ms;
+        let later = since + u64::from(REPLACEMENT_SERVING_MS);
+        assert!(reconcile(&f.state, "web", since, &Traffic::new())
+            .stop
+            .is_empty());
+        let decision = reconcile(&f.state, "web", later, &Traffic::new());
+        assert_eq!(f.stopped(&decision), vec!["b3"]);
+        assert!(decision.place.is_empty() && !decision.rebalanced);
+        f.apply(Command::ApplyPlan {
+            plan: Plan {
+                stop: vec!["b3".into()],
+                ..Plan::default()
+            },
+        });
+        // 3/2/2: spread again.
+        let decision = reconcile(&f.state, "web", later, &Traffic::new());
+        assert!(decision.rebalanced && decision.place.is_empty() && decision.stop.is_empty());
+        f.apply(Command::ApplyPlan {
+            plan: Plan {
+                rebalanced: vec!["web".into()],
+                ..Plan::default()
+            },
+        });
+        assert!(!f.state.services["web"].rebalance);
+        assert!(reconcile(&f.state, "web", later, &Traffic::new())
+            .stop
+            .is_empty());
+    }
+
+    #[test]
+    fn a_rebalance_whose_new_replica_fails_stops_it_and_ends() {
+        let mut f = Fixture::new(&[("n1", "a"), ("n2", "a")]);
+        f.service(spec("web", 3));
+        for id in ["a1", "a2", "a3"] {
+            f.place(id, "web", "n1", AllocState::Running);
+        }
+        f.apply(Command::RebalanceService { name: "web".into() });
+        f.place("b1", "web", "n2", AllocState::Failed);
+        let decision = reconcile(&f.state, "web", 10_000, &Traffic::new());
+        assert_eq!(f.stopped(&decision), vec!["b1"]);
+        assert!(decision.rebalanced && decision.place.is_empty());
+    }
+
+    #[test]
     fn a_removed_service_stops_everything_and_forgets_what_stopped() {
         let mut f = Fixture::new(&[("n1", "a")]);
         f.service(spec("web", 2));
@@ -400,6 +612,57 @@ mod tests {
         });
         assert_eq!(f.state.allocs["a"].desired, DesiredState::Stop);
         assert_eq!(placed(&reconcile(&f.state, "web", 0, &Traffic::new())), 1);
+    }
+
+    #[test]
+    fn a_down_nodes_replicas_turn_unknown_then_lost_once_replaced_never_healthy() {
+        let mut f = Fixture::new(&[("n1", "a"), ("n2", "a")]);
+        f.service(spec("web", 2));
+        f.place("a", "web", "n1", AllocState::Healthy);
+        f.place("b", "web", "n2", AllocState::Healthy);
+        f.apply(Command::SetNodeStatus {
+            name: "n1".into(),
+            status: NodeStatus::Down,
+        });
+        assert_eq!(f.state.allocs["a"].state, AllocState::Unknown);
+        assert!(!f.state.allocs["a"].is_serving());
+        let decision = reconcile(&f.state, "web", 0, &Traffic::new());
+        assert!(decision.lost.is_empty(), "not replaced yet");
+        assert_eq!(placed(&decision), 1);
+
+        f.place("c", "web", "n2", AllocState::Starting);
+        let decision = reconcile(&f.state, "web", 0, &Traffic::new());
+        assert_eq!(decision.lost, vec!["a".to_string()]);
+        f.apply(Command::ApplyPlan {
+            plan: Plan {
+                lost: decision.lost,
+                ..Plan::default()
+            },
+        });
+        assert_eq!(f.state.allocs["a"].state, AllocState::Lost);
+        assert!(reconcile(&f.state, "web", 0, &Traffic::new())
+            .lost
+            .is_empty());
+    }
+
+    #[test]
+    fn a_returning_agents_report_replaces_the_unknown_state() {
+        let mut f = Fixture::new(&[("n1", "a"), ("n2", "a")]);
+        f.service(spec("web", 1));
+        f.place("a", "web", "n1", AllocState::Healthy);
+        f.apply(Command::SetNodeStatus {
+            name: "n1".into(),
+            status: NodeStatus::Down,
+        });
+        f.apply(Command::SetNodeStatus {
+            name: "n1".into(),
+            status: NodeStatus::Ready,
+        });
+        assert_eq!(f.state.allocs["a"].state, AllocState::Unknown);
+        f.report("a", "n1", AllocState::Stopped);
+        assert_eq!(f.state.allocs["a"].state, AllocState::Stopped);
+        let decision = reconcile(&f.state, "web", 0, &Traffic::new());
+        assert_eq!(decision.forget, vec!["a".to_string()]);
     }
 
     #[test]

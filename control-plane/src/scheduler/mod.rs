@@ -7,7 +7,8 @@
 //! constraint, has the CPU, memory and a free host port the replica needs,
 //! and holds fewer than `max_per_node` replicas of the service. Ranking
 //! orders the feasible nodes: `spread` prefers the node with the fewest
-//! replicas of the service, then the zone (label `zone`) with the fewest,
+//! replicas of the service (while a deployment is active, of its new
+//! version only), then the zone (label `zone`) with the fewest,
 //! then the least loaded node; `binpack` prefers the most loaded node that
 //! still fits, with fewer replicas of the service (anti-affinity) breaking
 //! ties. Remaining ties fall to a hash of the node name and the seed, so the
@@ -158,8 +159,12 @@ struct NodeView<'a> {
     ports_in_range: u32,
     /// Allocations holding resources.
     total: u64,
-    /// Live replicas per service.
+    /// Live replicas per service (for max-per-node).
     per_service: HashMap<String, u32>,
+    /// Live replicas per service that count for spread: while a
+    /// deployment is active only those of the new version, so a
+    /// blue-green or canary set spreads on its own.
+    spread: HashMap<String, u32>,
     tiebreak: u64,
     /// Index of the node's `zone` label among the zones (0: none).
     zone: usize,
@@ -259,7 +264,7 @@ impl NodeView<'_> {
 type Rank = (u64, u64, u64, u64, u64);
 
 fn rank(view: &NodeView, spec: &ServiceSpec) -> Rank {
-    let on_node = u64::from(view.per_service.get(&spec.name).copied().unwrap_or(0));
+    let on_node = u64::from(view.spread.get(&spec.name).copied().unwrap_or(0));
     match spec.placement {
         PlacementPolicy::Spread => (on_node, 0, view.load(), view.total, view.tiebreak),
         PlacementPolicy::Binpack => (
@@ -313,6 +318,7 @@ pub fn schedule(state: &State, requests: &[Request], seed: u64) -> (Vec<Placemen
                 ports_in_range: 0,
                 total: 0,
                 per_service: HashMap::new(),
+                spread: HashMap::new(),
                 tiebreak: tiebreak(seed, &node.name),
                 zone,
             }
@@ -341,11 +347,14 @@ pub fn schedule(state: &State, requests: &[Request], seed: u64) -> (Vec<Placemen
             view.total += 1;
         }
         if alloc.is_live() {
-            match view.per_service.get_mut(&alloc.service) {
-                Some(count) => *count += 1,
-                None => {
-                    view.per_service.insert(alloc.service.clone(), 1);
-                }
+            bump(&mut view.per_service, &alloc.service);
+            let counts_for_spread = state
+                .services
+                .get(&alloc.service)
+                .filter(|s| s.active_deployment().is_some())
+                .is_none_or(|s| alloc.spec.runs_same(&s.spec));
+            if counts_for_spread {
+                bump(&mut view.spread, &alloc.service);
             }
         }
     }
@@ -390,7 +399,7 @@ pub fn schedule(state: &State, requests: &[Request], seed: u64) -> (Vec<Placemen
         if spec.placement == PlacementPolicy::Spread {
             // Replicas of the service per zone.
             for view in &views {
-                if let Some(&n) = view.per_service.get(&spec.name) {
+                if let Some(&n) = view.spread.get(&spec.name) {
                     zones[view.zone] += u64::from(n);
                 }
             }
@@ -440,7 +449,8 @@ pub fn schedule(state: &State, requests: &[Request], seed: u64) -> (Vec<Placemen
             view.cpu_used += u64::from(spec.cpu_millis.unwrap_or(0));
             view.memory_used += u64::from(spec.memory_mb.unwrap_or(0));
             view.total += 1;
-            *view.per_service.entry(spec.name.clone()).or_default() += 1;
+            bump(&mut view.per_service, &spec.name);
+            bump(&mut view.spread, &spec.name);
             if spec.placement == PlacementPolicy::Spread {
                 zones[view.zone] += 1;
             }
@@ -481,6 +491,16 @@ pub fn schedule(state: &State, requests: &[Request], seed: u64) -> (Vec<Placemen
         })
         .collect();
     (placements, unplaced)
+}
+
+/// Adds one to a service's count without cloning its name when present.
+fn bump(counts: &mut HashMap<String, u32>, service: &str) {
+    match counts.get_mut(service) {
+        Some(count) => *count += 1,
+        None => {
+            counts.insert(service.to_string(), 1);
+        }
+    }
 }
 
 fn merge(into: &mut Reasons, from: Reasons) {

@@ -119,6 +119,36 @@ fn nine_replicas_spread_three_per_node_across_two_zones() {
 }
 
 #[test]
+fn a_blue_green_set_spreads_by_its_own_replicas_not_the_old_ones() {
+    let mut c = Cluster::new(&[node("n1", ""), node("n2", ""), node("n3", "")]);
+    c.service(spec("web", 7));
+    for (name, count) in [("n1", 3), ("n2", 3), ("n3", 1)] {
+        let request = Request {
+            service: "web".into(),
+            count,
+            node: Some(name.into()),
+        };
+        let (place, _) = schedule(&c.state, &[request], 1);
+        c.apply(Command::ApplyPlan {
+            plan: Plan {
+                place,
+                ..Plan::default()
+            },
+        });
+    }
+    let mut green = spec("web", 6);
+    green.env.insert("VERSION".into(), "2".into());
+    green.update.strategy = crate::state::Strategy::BlueGreen;
+    c.apply(Command::UpdateService { spec: green });
+    let (placed, _) = schedule(&c.state, &[Request::new("web", 6)], 5);
+    let mut per_node: BTreeMap<String, usize> = BTreeMap::new();
+    for p in &placed {
+        *per_node.entry(p.node.clone()).or_default() += 1;
+    }
+    assert_eq!(per_node.into_values().collect::<Vec<_>>(), vec![2, 2, 2]);
+}
+
+#[test]
 fn spread_prefers_the_emptier_zone_when_nodes_tie() {
     let mut c = Cluster::new(&[node("a1", "a"), node("a2", "a"), node("b1", "b")]);
     c.service(spec("web", 2));

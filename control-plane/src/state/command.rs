@@ -32,6 +32,13 @@ pub struct Plan {
     /// Deployment steps decided with the plan.
     #[serde(default)]
     pub deployments: Vec<DeploymentChange>,
+    /// Allocations of unknown state on a down node that have been
+    /// replaced (or are not wanted any more): they become lost.
+    #[serde(default)]
+    pub lost: Vec<String>,
+    /// Services whose rebalance is done (spread again).
+    #[serde(default)]
+    pub rebalanced: Vec<String>,
 }
 
 impl Plan {
@@ -40,6 +47,8 @@ impl Plan {
             && self.stop.is_empty()
             && self.forget.is_empty()
             && self.deployments.is_empty()
+            && self.lost.is_empty()
+            && self.rebalanced.is_empty()
     }
 }
 
@@ -102,6 +111,11 @@ pub enum Command {
     PromoteDeployment {
         name: String,
     },
+    /// `skiff service rebalance`: move replicas, one at a time and
+    /// surge-first, until the service is spread again.
+    RebalanceService {
+        name: String,
+    },
     PauseDeployment {
         name: String,
         paused: bool,
@@ -135,6 +149,11 @@ pub enum Command {
         status: NodeStatus,
     },
     /// `skiff node drain|pause|activate`.
+    /// `skiff node rm`: forgets a down node and its allocations; refused
+    /// while the node is ready.
+    RemoveNode {
+        name: String,
+    },
     SetNodeAvailability {
         name: String,
         availability: Availability,
@@ -201,6 +220,8 @@ pub enum CommandError {
     ServiceExists(String),
     #[error("node \"{0}\" not found; see `skiff node ls`")]
     NodeNotFound(String),
+    #[error("node \"{0}\" is ready; only a down node can be removed: drain it, stop its agent and wait for it to show down in `skiff node ls`")]
+    NodeReady(String),
     /// A deployment command that does not fit the service's state.
     #[error("{0}")]
     Deployment(String),

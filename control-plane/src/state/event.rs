@@ -32,6 +32,7 @@ pub enum EventKind {
     NodeActivated,
     NodeDraining,
     NodeDrained,
+    NodeRemoved,
     DeploymentStarted,
     DeploymentPaused,
     DeploymentResumed,
@@ -41,6 +42,8 @@ pub enum EventKind {
     DeploymentFailed,
     DeploymentRolledBack,
     ServiceScaled,
+    ServiceRebalancing,
+    ServiceRebalanced,
 }
 
 impl EventKind {
@@ -64,6 +67,7 @@ impl EventKind {
             EventKind::NodeActivated => "node-activated",
             EventKind::NodeDraining => "node-draining",
             EventKind::NodeDrained => "node-drained",
+            EventKind::NodeRemoved => "node-removed",
             EventKind::DeploymentStarted => "deployment-started",
             EventKind::DeploymentPaused => "deployment-paused",
             EventKind::DeploymentResumed => "deployment-resumed",
@@ -73,12 +77,16 @@ impl EventKind {
             EventKind::DeploymentFailed => "deployment-failed",
             EventKind::DeploymentRolledBack => "deployment-rolled-back",
             EventKind::ServiceScaled => "service-scaled",
+            EventKind::ServiceRebalancing => "service-rebalancing",
+            EventKind::ServiceRebalanced => "service-rebalanced",
         }
     }
 
     pub(super) fn for_state(state: AllocState) -> Option<Self> {
         Some(match state {
-            AllocState::Pending => return None,
+            // Unknown and lost come with the node-down event, never from
+            // an agent.
+            AllocState::Pending | AllocState::Unknown | AllocState::Lost => return None,
             AllocState::Pulling | AllocState::Starting => EventKind::ReplicaStarting,
             AllocState::Running => EventKind::ReplicaStarted,
             AllocState::Healthy => EventKind::ReplicaHealthy,

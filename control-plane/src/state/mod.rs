@@ -103,6 +103,7 @@ impl State {
                 self.rollback_service(index, &name, to_version)
             }
             Command::PromoteDeployment { name } => self.promote(index, &name),
+            Command::RebalanceService { name } => self.rebalance(index, &name),
             Command::ReportImages { node, images } => {
                 if let Some(n) = self.nodes.get_mut(&node) {
                     n.images = images;
@@ -148,6 +149,7 @@ impl State {
                 Ok(Outcome::Done)
             }
             Command::SetNodeStatus { name, status } => self.set_node_status(index, &name, status),
+            Command::RemoveNode { name } => self.remove_node(index, &name),
             Command::SetNodeAvailability {
                 name,
                 availability,

@@ -34,6 +34,12 @@ pub struct Service {
     /// A replica has been placed once: its `depends_on` no longer hold it.
     #[serde(default = "yes")]
     pub started: bool,
+    /// `skiff service rebalance` asked to spread the replicas again; set
+    /// until the counts per eligible node differ by at most one. While
+    /// set, one replica above the desired count may run (the surge of
+    /// each move).
+    #[serde(default)]
+    pub rebalance: bool,
 }
 
 fn yes() -> bool {

@@ -55,8 +55,15 @@ impl State {
             alloc.modify_index = index;
             let service = alloc.service.clone();
             let message = alloc.message.clone();
+            let wanted = alloc.desired == DesiredState::Run;
             self.index.node_changed.insert(node.to_string(), index);
-            if let Some(kind) = EventKind::for_state(report.state).filter(|_| changed_state) {
+            // A replica already asked to stop (replaced while its agent was
+            // away, which now re-adopts it) is only news when it stops.
+            let newsworthy = |kind: &EventKind| wanted || *kind == EventKind::ReplicaStopped;
+            if let Some(kind) = EventKind::for_state(report.state)
+                .filter(|_| changed_state)
+                .filter(newsworthy)
+            {
                 self.event(index, kind, &service, node, &report.id, &message);
             }
         }
@@ -100,5 +107,63 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.allocs["a"].state, AllocState::Pending);
+    }
+
+    #[test]
+    fn a_re_adopted_replica_already_asked_to_stop_logs_only_its_stop() {
+        let mut s = State::default();
+        s.apply(1, node("n1")).unwrap();
+        s.apply(
+            2,
+            Command::CreateService {
+                spec: spec("web", 1),
+            },
+        )
+        .unwrap();
+        let plan = Plan {
+            place: vec![place("a", "web", 20000)],
+            ..Plan::default()
+        };
+        s.apply(3, Command::ApplyPlan { plan }).unwrap();
+        let stop = Plan {
+            stop: vec!["a".into()],
+            ..Plan::default()
+        };
+        s.apply(4, Command::ApplyPlan { plan: stop }).unwrap();
+        let report = |state| AllocReport {
+            id: "a".into(),
+            state,
+            restarts: 0,
+            pid: 9,
+            message: "re-adopted after agent restart".into(),
+        };
+        for (index, state) in [
+            (5, AllocState::Running),
+            (6, AllocState::Healthy),
+            (7, AllocState::Stopped),
+        ] {
+            s.apply(
+                index,
+                Command::ReportAllocs {
+                    node: "n1".into(),
+                    reports: vec![report(state)],
+                },
+            )
+            .unwrap();
+        }
+        let kinds: Vec<EventKind> = s
+            .events
+            .iter()
+            .filter(|e| e.alloc == "a")
+            .map(|e| e.kind)
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                EventKind::ReplicaPlaced,
+                EventKind::ReplicaStopping,
+                EventKind::ReplicaStopped
+            ]
+        );
     }
 }

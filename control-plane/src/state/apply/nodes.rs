@@ -2,7 +2,7 @@
 //! availability (active, pause, drain), and marking drains done.
 
 use super::super::{
-    Availability, CommandError, DesiredState, EventKind, NodeStatus, Outcome, State,
+    AllocState, Availability, CommandError, DesiredState, EventKind, NodeStatus, Outcome, State,
 };
 
 impl State {
@@ -33,6 +33,22 @@ impl State {
                     "",
                     "missed heartbeats",
                 );
+                // Nobody knows what runs on a down node any more: its
+                // replicas show unknown (not the last state reported) until
+                // its agent reports again.
+                let unknown: Vec<String> = self
+                    .allocs_on(name)
+                    .filter(|a| a.holds_resources() && a.state != AllocState::Lost)
+                    .map(|a| a.id.clone())
+                    .collect();
+                for id in &unknown {
+                    if let Some(alloc) = self.allocs.get_mut(id) {
+                        alloc.state = AllocState::Unknown;
+                        alloc.serving_since_ms = 0;
+                        alloc.modify_index = index;
+                    }
+                }
+                self.index.node_changed.insert(name.to_string(), index);
                 let ids: Vec<String> = self
                     .allocs_on(name)
                     .filter(|a| a.desired == DesiredState::Run)
@@ -44,6 +60,33 @@ impl State {
                 }
             }
         }
+        Ok(Outcome::Done)
+    }
+
+    /// Forgets a down node and every allocation placed on it (whatever
+    /// they were, nobody will report them again); a ready node is refused.
+    pub(in crate::state) fn remove_node(
+        &mut self,
+        index: u64,
+        name: &str,
+    ) -> Result<Outcome, CommandError> {
+        let node = self
+            .nodes
+            .get(name)
+            .ok_or_else(|| CommandError::NodeNotFound(name.to_string()))?;
+        if node.status == NodeStatus::Ready {
+            return Err(CommandError::NodeReady(name.to_string()));
+        }
+        let ids: Vec<String> = self.allocs_on(name).map(|a| a.id.clone()).collect();
+        for id in &ids {
+            if let Some(alloc) = self.allocs.remove(id) {
+                self.index.remove(&alloc);
+            }
+        }
+        self.index.node_changed.remove(name);
+        self.nodes.remove(name);
+        let message = format!("{} allocations forgotten", ids.len());
+        self.event(index, EventKind::NodeRemoved, "", name, "", &message);
         Ok(Outcome::Done)
     }
 
@@ -155,5 +198,43 @@ mod tests {
                 .count(),
             2
         );
+    }
+
+    #[test]
+    fn only_a_down_node_can_be_removed_and_its_allocations_are_forgotten() {
+        let mut s = State::default();
+        s.apply(1, crate::state::fixtures::node("n1")).unwrap();
+        s.apply(
+            2,
+            Command::CreateService {
+                spec: spec("web", 1),
+            },
+        )
+        .unwrap();
+        let plan = Plan {
+            place: vec![place("a", "web", 20000)],
+            ..Plan::default()
+        };
+        s.apply(3, Command::ApplyPlan { plan }).unwrap();
+        let remove = || Command::RemoveNode { name: "n1".into() };
+        assert_eq!(
+            s.apply(4, remove()),
+            Err(CommandError::NodeReady("n1".into()))
+        );
+        assert!(s.nodes.contains_key("n1"));
+        s.apply(
+            5,
+            Command::SetNodeStatus {
+                name: "n1".into(),
+                status: NodeStatus::Down,
+            },
+        )
+        .unwrap();
+        s.apply(6, remove()).unwrap();
+        assert!(s.nodes.is_empty());
+        assert!(s.allocs.is_empty());
+        assert_eq!(s.allocs_on("n1").count(), 0);
+        assert_eq!(s.allocs_of("web").count(), 0);
+        assert!(s.events.iter().any(|e| e.kind == EventKind::NodeRemoved));
     }
 }

@@ -58,6 +58,21 @@ impl State {
                 }
             }
         }
+        for id in &plan.lost {
+            if let Some(alloc) = self.allocs.get_mut(id) {
+                if alloc.desired == DesiredState::Stop && alloc.state == AllocState::Unknown {
+                    alloc.state = AllocState::Lost;
+                    alloc.modify_index = index;
+                    self.index.node_changed.insert(alloc.node.clone(), index);
+                }
+            }
+        }
+        for name in &plan.rebalanced {
+            if let Some(service) = self.services.get_mut(name).filter(|s| s.rebalance) {
+                service.rebalance = false;
+                self.event(index, EventKind::ServiceRebalanced, name, "", "", "");
+            }
+        }
         for change in plan.deployments {
             self.apply_deployment_change(index, change);
         }
@@ -100,7 +115,8 @@ impl State {
                     let count = counted
                         .entry(placement.service.clone())
                         .or_insert_with(|| self.counted_current(&placement.service));
-                    *count < spec.replicas as usize
+                    // A rebalance moves replicas surge-first: one more.
+                    *count < spec.replicas as usize + usize::from(service.rebalance)
                 }
             };
             let held = !service.started && self.dependencies_ready(&service.spec).is_err();

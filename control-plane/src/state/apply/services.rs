@@ -40,6 +40,7 @@ impl State {
                 history: vec![record],
                 deployment: None,
                 started: false,
+                rebalance: false,
             },
         );
         self.event(index, EventKind::ServiceCreated, &name, "", "", &message);
@@ -262,6 +263,30 @@ impl State {
         service.modify_index = index;
         let message = format!("{from} -> {replicas} replicas: {reason}");
         self.event(index, EventKind::ServiceScaled, name, "", "", &message);
+        Ok(Outcome::Done)
+    }
+
+    /// Marks a replicated service for rebalancing; the reconciler moves
+    /// its replicas and clears the mark once it is spread again.
+    pub(in crate::state) fn rebalance(
+        &mut self,
+        index: u64,
+        name: &str,
+    ) -> Result<Outcome, CommandError> {
+        let service = self
+            .services
+            .get_mut(name)
+            .ok_or_else(|| CommandError::ServiceNotFound(name.to_string()))?;
+        if service.spec.mode == ServiceMode::Global {
+            return Err(CommandError::Deployment(format!(
+                "service \"{name}\" is global (one replica per node): there is nothing to rebalance"
+            )));
+        }
+        if service.rebalance {
+            return Ok(Outcome::Done);
+        }
+        service.rebalance = true;
+        self.event(index, EventKind::ServiceRebalancing, name, "", "", "");
         Ok(Outcome::Done)
     }
 
