@@ -542,9 +542,25 @@ pub enum ServiceCommand {
     },
     /// Show a service's spec and replicas.
     Inspect { name: String },
-    /// Print a service as a Skiff stack file (`skiff stack deploy` of it
-    /// creates the same service under the stack's name).
+    /// Print a service as a Skiff stack file: `skiff service apply -f` of
+    /// it (or `stack deploy` for a service of a stack) gives the same service.
     Export { name: String },
+    /// Create or update the services a stack file declares, under their own
+    /// names (like `kubectl apply -f`); each update rolls out with its policy.
+    Apply {
+        /// A Skiff stack file or a Compose file (later files override earlier ones).
+        #[arg(long = "file", short = 'f', required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+        /// Set a variable for `${VAR}` in the files (repeatable).
+        #[arg(long = "var", value_name = "KEY=VALUE")]
+        vars: Vec<String>,
+        /// Treat every warning as an error.
+        #[arg(long)]
+        strict: bool,
+        /// Return once committed instead of waiting for the replicas.
+        #[arg(long, short = 'd')]
+        detach: bool,
+    },
     /// Change the number of replicas.
     Scale {
         name: String,

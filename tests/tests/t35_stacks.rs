@@ -336,6 +336,24 @@ fn service_create_waits_for_healthy_replicas_and_fails_on_an_image_that_cannot_b
         "create returned before its replicas were healthy"
     );
 
+    // service export, then apply: the same service, nothing restarted; an edit applies.
+    let exported = stack.ok(&["service", "export", "web"]);
+    let file = stack.file("web.yaml", &exported);
+    let before = stack.alloc_ids("web");
+    stack.ok(&["service", "apply", "-f", &file]);
+    assert_eq!(stack.cluster.inspect("web")["version"], 1);
+    assert_eq!(
+        stack.alloc_ids("web"),
+        before,
+        "applying the export restarted web"
+    );
+    let edited = stack.file(
+        "web3.yaml",
+        &exported.replacen("replicas: 2", "replicas: 3", 1),
+    );
+    stack.ok(&["service", "apply", "-f", &edited]);
+    assert_eq!(stack.cluster.ps("web").len(), 3);
+
     let missing = format!("{}/skiff-test/web:v404", stack.registry);
     let out = stack.run(&["service", "create", "gone", "--image", &missing]);
     assert!(

@@ -118,6 +118,14 @@ pub async fn run(
         ServiceCommand::Export { name } => {
             super::stack::export_service(&mut client, &name).await?;
         }
+        ServiceCommand::Apply {
+            files,
+            vars,
+            strict,
+            detach,
+        } => {
+            super::stack::apply(&mut client, format, files, vars, strict, detach).await?;
+        }
         ServiceCommand::Inspect { name } => {
             let status = get(&mut client, &name).await?;
             match format {

@@ -78,6 +78,55 @@ pub async fn export_service(client: &mut Client, name: &str) -> anyhow::Result<(
     Ok(())
 }
 
+/// `skiff service apply -f FILE`: the file's services under their own
+/// names, each created or updated (a spec that runs the same changes in
+/// place; one that does not rolls out with its policy).
+pub async fn apply(
+    client: &mut Client,
+    format: OutputFormat,
+    files: Vec<PathBuf>,
+    vars: Vec<String>,
+    strict: bool,
+    detach: bool,
+) -> anyhow::Result<()> {
+    let args = StackFileArgs {
+        name: String::new(),
+        files,
+        vars,
+        profiles: Vec::new(),
+        env_file: None,
+        strict,
+    };
+    let services = load_as(&args, None)?;
+    let existing: Vec<String> = all_services(client)
+        .await?
+        .into_iter()
+        .filter_map(|s| s.spec.map(|spec| spec.name))
+        .collect();
+    let mut names = Vec::new();
+    for spec in &services {
+        let pb = skiff_spec::pb::spec_to_pb(spec);
+        if existing.contains(&spec.name) {
+            client
+                .update_service(pb::UpdateServiceRequest { spec: Some(pb) })
+                .await
+                .map_err(explain)?;
+            println!("service {} updated", spec.name);
+        } else {
+            client
+                .create_service(pb::CreateServiceRequest { spec: Some(pb) })
+                .await
+                .map_err(explain)?;
+            println!("service {} created", spec.name);
+        }
+        names.push(spec.name.clone());
+    }
+    if !detach {
+        super::progress::wait_until_serving(client, format, &names).await?;
+    }
+    Ok(())
+}
+
 /// The real filesystem, for `.env` and `env_file`.
 struct Disk;
 
@@ -90,6 +139,11 @@ impl FileSource for Disk {
 /// The stack the files describe, validated as a whole; warnings go to
 /// stderr.
 fn load(args: &StackFileArgs) -> anyhow::Result<Vec<ServiceSpec>> {
+    load_as(args, Some(args.name.clone()))
+}
+
+/// [`load`] as the services of `stack`, or under their own names.
+fn load_as(args: &StackFileArgs, stack: Option<String>) -> anyhow::Result<Vec<ServiceSpec>> {
     let files = args
         .files
         .iter()
@@ -123,7 +177,7 @@ fn load(args: &StackFileArgs) -> anyhow::Result<Vec<ServiceSpec>> {
         })
     });
     let options = LoadOptions {
-        stack: Some(args.name.clone()),
+        stack,
         files,
         cli_vars,
         shell_vars: std::env::vars().collect(),
