@@ -166,6 +166,9 @@ struct Pool {
     hold: HoldLimits,
     /// The route holds connections while the pool is empty.
     holds: std::sync::atomic::AtomicBool,
+    /// Client connections open now (a gauge), bounded by `limits`.
+    open: AtomicU64,
+    limits: ConnLimits,
 }
 
 impl Pool {
@@ -179,6 +182,8 @@ impl Pool {
             demand: metrics.demand(),
             hold,
             holds: std::sync::atomic::AtomicBool::new(false),
+            open: AtomicU64::new(0),
+            limits: ConnLimits::default(),
         }
     }
 
@@ -237,6 +242,7 @@ pub struct Proxy {
     bind: IpAddr,
     metrics: Metrics,
     hold: HoldLimits,
+    limits: ConnLimits,
     listeners: HashMap<String, Listener>,
     /// The last routes, applied again by [`Proxy::retry`] for listeners
     /// that could not bind.
@@ -249,6 +255,7 @@ impl Proxy {
             bind,
             metrics,
             hold: HoldLimits::default(),
+            limits: ConnLimits::default(),
             listeners: HashMap::new(),
             routes: Vec::new(),
         }
@@ -258,6 +265,12 @@ impl Proxy {
     /// (applies to listeners started from now on).
     pub fn with_hold(mut self, hold: HoldLimits) -> Self {
         self.hold = hold;
+        self
+    }
+
+    /// Bounds the client connections of listeners started from now on.
+    pub fn with_limits(mut self, limits: ConnLimits) -> Self {
+        self.limits = limits;
         self
     }
 
@@ -293,12 +306,9 @@ impl Proxy {
                     continue;
                 }
             };
-            let pool = Arc::new(Pool::new(
-                &route.service,
-                route.http,
-                &self.metrics,
-                self.hold,
-            ));
+            let mut pool = Pool::new(&route.service, route.http, &self.metrics, self.hold);
+            pool.limits = self.limits;
+            let pool = Arc::new(pool);
             pool.holds.store(route.hold_when_empty, Ordering::Relaxed);
             pool.set(&route.endpoints);
             tracing::info!(service = %route.service, %addr, endpoints = route.endpoints.len(), "routing proxy listening");
@@ -350,6 +360,12 @@ async fn accept_loop(listener: tokio::net::TcpListener, pool: Arc<Pool>) {
     loop {
         match listener.accept().await {
             Ok((client, _)) => {
+                if pool.open.load(Ordering::Relaxed) >= pool.limits.max_open {
+                    pool.counters.no_endpoint.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(service = %pool.service, "connection refused: too many open");
+                    tokio::spawn(refuse_owned(client, pool.clone(), Refusal::TooMany));
+                    continue;
+                }
                 tokio::spawn(forward(client, pool.clone()));
             }
             Err(e) => {
@@ -377,7 +393,12 @@ impl Drop for Gauge<'_> {
     }
 }
 
+async fn refuse_owned(client: TcpStream, pool: Arc<Pool>, why: Refusal) {
+    refuse(client, &pool, why).await;
+}
+
 async fn forward(client: TcpStream, pool: Arc<Pool>) {
+    let _open = Gauge::up(&pool.open);
     let http = pool.http.load(Ordering::Relaxed);
     let counters = pool.counters.clone();
     counters.connections.fetch_add(1, Ordering::Relaxed);
@@ -394,11 +415,13 @@ async fn forward(client: TcpStream, pool: Arc<Pool>) {
         return;
     };
     let _ = client.set_nodelay(true);
+    let activity = Activity::new();
     let mut client = Counted {
         inner: client,
         counters: &counters,
         replica: upstream.backend.counters.clone(),
         http: http.then(HttpCounters::default),
+        activity: &activity,
     };
     if http {
         match first_exchange(&mut client, &pool, &mut tried, upstream).await {
@@ -406,8 +429,20 @@ async fn forward(client: TcpStream, pool: Arc<Pool>) {
             None => return,
         }
     }
-    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream.stream).await {
-        tracing::trace!(alloc = %upstream.backend.alloc_id, error = %e, "proxied connection ended with an error");
+    let idle = if http {
+        pool.limits.idle_http
+    } else {
+        pool.limits.idle_tcp
+    };
+    tokio::select! {
+        copied = tokio::io::copy_bidirectional(&mut client, &mut upstream.stream) => {
+            if let Err(e) = copied {
+                tracing::trace!(alloc = %upstream.backend.alloc_id, error = %e, "proxied connection ended with an error");
+            }
+        }
+        () = activity.idle_for(idle) => {
+            tracing::debug!(service = %pool.service, idle_secs = idle.as_secs(), "idle connection closed");
+        }
     }
 }
 
@@ -419,6 +454,8 @@ enum Refusal {
     QueueFull,
     TimedOut,
     ClientLeft,
+    /// The service has [`MAX_OPEN_PER_SERVICE`] connections open here.
+    TooMany,
 }
 
 impl Refusal {
@@ -428,6 +465,7 @@ impl Refusal {
             Refusal::QueueFull => "too many connections waiting for a replica",
             Refusal::TimedOut => "no replica became ready in time",
             Refusal::ClientLeft => "the client left while waiting for a replica",
+            Refusal::TooMany => "too many connections open to this service on this node",
         }
     }
 }
@@ -526,6 +564,84 @@ impl Drop for Upstream {
 /// Largest first request the proxy keeps for a replay.
 const REPLAY_BYTES: usize = 16 * 1024;
 
+/// Most connections one service's listener keeps open on this node; more
+/// are refused at once, so clients cannot exhaust the agent's descriptors
+/// (500 idle connections held 816 of them before this bound).
+pub const MAX_OPEN_PER_SERVICE: u64 = 10_000;
+
+/// An HTTP client must send its first request head within this (slowloris);
+/// later requests on a kept-alive connection are bounded by the idle timeout.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connection with no byte in either direction this long is closed:
+/// HTTP keep-alive connections after 5 minutes, any other TCP stream (a
+/// database pool's idle connection) after an hour.
+pub const IDLE_TIMEOUT_HTTP: Duration = Duration::from_secs(300);
+pub const IDLE_TIMEOUT_TCP: Duration = Duration::from_secs(3600);
+
+/// The bounds on client connections of one service's listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnLimits {
+    pub max_open: u64,
+    pub header_timeout: Duration,
+    pub idle_http: Duration,
+    pub idle_tcp: Duration,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        ConnLimits {
+            max_open: MAX_OPEN_PER_SERVICE,
+            header_timeout: HEADER_TIMEOUT,
+            idle_http: IDLE_TIMEOUT_HTTP,
+            idle_tcp: IDLE_TIMEOUT_TCP,
+        }
+    }
+}
+
+/// When a connection last carried a byte, in milliseconds since it opened.
+struct Activity {
+    opened: tokio::time::Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            opened: tokio::time::Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Resolves once nothing has moved for `timeout`.
+    async fn idle_for(&self, timeout: Duration) {
+        loop {
+            let last = self.opened + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let due = last + timeout;
+            if tokio::time::Instant::now() >= due {
+                return;
+            }
+            tokio::time::sleep_until(due).await;
+        }
+    }
+}
+
+/// Whether `bytes`, following `tail` (the last bytes seen before), complete
+/// an HTTP head (an empty line); updates `tail`.
+fn ends_head(tail: &mut Vec<u8>, bytes: &[u8]) -> bool {
+    let mut window = std::mem::take(tail);
+    window.extend_from_slice(bytes);
+    let done = window.windows(4).any(|w| w == b"\r\n\r\n");
+    let keep = window.len().saturating_sub(3);
+    *tail = window.split_off(keep);
+    done
+}
+
 /// For HTTP services: forwards the client's first request and waits for
 /// the replica's first byte, forwarding whatever more the client sends
 /// meanwhile (a request may arrive in pieces, and the replica answers only
@@ -550,10 +666,17 @@ async fn first_exchange(
     let mut chunk = [0u8; 4096];
     let mut answer = [0u8; 4096];
     let mut client_open = true;
+    let head_deadline = tokio::time::Instant::now() + pool.limits.header_timeout;
+    let (mut head_done, mut tail) = (false, Vec::new());
     loop {
         tokio::select! {
+            () = tokio::time::sleep_until(head_deadline), if !head_done => {
+                tracing::debug!(service = %pool.service, "client sent no complete request head in time; closed");
+                return None;
+            }
             read = client.read(&mut chunk), if client_open => {
                 let n = read.ok()?;
+                head_done = head_done || ends_head(&mut tail, &chunk[..n]);
                 if n == 0 {
                     if sent.as_ref().is_some_and(Vec::is_empty) {
                         // Gone before sending anything.
@@ -697,6 +820,7 @@ struct Counted<'a> {
     /// The replica whose bytes are written to the client.
     replica: Arc<ReplicaCounters>,
     http: Option<HttpCounters>,
+    activity: &'a Activity,
 }
 
 impl AsyncRead for Counted<'_> {
@@ -711,6 +835,7 @@ impl AsyncRead for Counted<'_> {
         if let Poll::Ready(Ok(())) = result {
             let new = &buf.filled()[before..];
             if !new.is_empty() {
+                this.activity.touch();
                 this.counters
                     .bytes_in
                     .fetch_add(new.len() as u64, Ordering::Relaxed);
@@ -735,6 +860,7 @@ impl AsyncWrite for Counted<'_> {
         let this = self.get_mut();
         let result = Pin::new(&mut this.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = result {
+            this.activity.touch();
             this.counters
                 .bytes_out
                 .fetch_add(n as u64, Ordering::Relaxed);
@@ -951,6 +1077,122 @@ mod tests {
     async fn refusing_addr() -> SocketAddr {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         l.local_addr().unwrap()
+    }
+
+    /// A proxy on a free port for one echoing replica, with `limits`.
+    async fn limited(http: bool, limits: ConnLimits) -> (Proxy, u16) {
+        let replica = if http {
+            answers_whole_heads().await
+        } else {
+            echo_server().await
+        };
+        let mut proxy =
+            Proxy::new("127.0.0.1".parse().unwrap(), Metrics::default()).with_limits(limits);
+        let publish = refusing_addr().await.port();
+        proxy.update(vec![Route {
+            service: "web".into(),
+            publish,
+            http,
+            endpoints: vec![endpoint("r1", replica)],
+            hold_when_empty: false,
+        }]);
+        (proxy, publish)
+    }
+
+    /// Reads until the proxy closes the connection; `Err` if it stays
+    /// open past `within`.
+    async fn closed_within(s: &mut TcpStream, within: Duration) -> Result<(), ()> {
+        let mut buf = [0u8; 64];
+        tokio::time::timeout(within, async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .map_err(|_| ())
+    }
+
+    #[test]
+    fn a_head_ends_at_an_empty_line_even_across_reads() {
+        let mut tail = Vec::new();
+        assert!(!ends_head(&mut tail, b"GET / HTTP/1.1\r\nHost: x\r"));
+        assert!(ends_head(&mut tail, b"\n\r\n"));
+        let mut tail = Vec::new();
+        assert!(!ends_head(&mut tail, b"GET / HTTP/1.1\r\n"));
+        assert!(!ends_head(&mut tail, b"X: y\r\n"));
+    }
+
+    #[tokio::test]
+    async fn a_client_that_never_completes_its_head_is_closed_after_the_header_timeout() {
+        let limits = ConnLimits {
+            header_timeout: Duration::from_millis(300),
+            ..ConnLimits::default()
+        };
+        let (_proxy, publish) = limited(true, limits).await;
+        let mut slow = TcpStream::connect(("127.0.0.1", publish)).await.unwrap();
+        slow.write_all(b"GET / HTTP/1.1\r\nX-Slow: ").await.unwrap();
+        assert_eq!(
+            closed_within(&mut slow, Duration::from_secs(5)).await,
+            Ok(())
+        );
+        // A whole head in time is served as before.
+        let mut ok = TcpStream::connect(("127.0.0.1", publish)).await.unwrap();
+        ok.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut back = [0u8; 19];
+        ok.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"HTTP/1.0 200 OK\r\n\r\n");
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_is_closed_and_a_busy_one_is_not() {
+        let limits = ConnLimits {
+            idle_tcp: Duration::from_millis(400),
+            ..ConnLimits::default()
+        };
+        let (_proxy, publish) = limited(false, limits).await;
+        let mut busy = TcpStream::connect(("127.0.0.1", publish)).await.unwrap();
+        for _ in 0..6 {
+            busy.write_all(b"ping").await.unwrap();
+            let mut back = [0u8; 4];
+            busy.read_exact(&mut back).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        let mut idle = TcpStream::connect(("127.0.0.1", publish)).await.unwrap();
+        assert_eq!(
+            closed_within(&mut idle, Duration::from_secs(5)).await,
+            Ok(())
+        );
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_cap_are_refused_at_once() {
+        let limits = ConnLimits {
+            max_open: 2,
+            ..ConnLimits::default()
+        };
+        let (_proxy, publish) = limited(false, limits).await;
+        let mut open = Vec::new();
+        for _ in 0..2 {
+            let mut s = TcpStream::connect(("127.0.0.1", publish)).await.unwrap();
+            s.write_all(b"hi").await.unwrap();
+            let mut back = [0u8; 2];
+            s.read_exact(&mut back).await.unwrap();
+            open.push(s);
+        }
+        let mut third = TcpStream::connect(("127.0.0.1", publish)).await.unwrap();
+        assert_eq!(
+            closed_within(&mut third, Duration::from_secs(5)).await,
+            Ok(())
+        );
+        drop(open);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut again = TcpStream::connect(("127.0.0.1", publish)).await.unwrap();
+        again.write_all(b"hi").await.unwrap();
+        let mut back = [0u8; 2];
+        again.read_exact(&mut back).await.unwrap();
     }
 
     #[tokio::test]
