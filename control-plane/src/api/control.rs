@@ -43,8 +43,79 @@ impl Api {
                     other.spec.name
                 )));
             }
+            if let Some(why) = reserved_port(&state, publish) {
+                return Err(Status::invalid_argument(format!(
+                    "invalid publish: port {publish} {why}; choose another --publish port"
+                )));
+            }
         }
         Ok(spec)
+    }
+}
+
+/// Why `port` cannot be published, if it cannot: every node's proxy
+/// listens on it, so it must not be one a node hands to replicas or one a
+/// server listens on (a proxy that took the API port while the server
+/// restarts would lock operators out).
+pub(super) fn reserved_port(state: &crate::state::State, port: u16) -> Option<String> {
+    if let Some(node) = state
+        .nodes
+        .values()
+        .find(|n| (n.port_range.0..=n.port_range.1).contains(&port))
+    {
+        return Some(format!(
+            "is in node {}'s host-port range {}-{}, which it gives to replicas",
+            node.name, node.port_range.0, node.port_range.1
+        ));
+    }
+    state
+        .members
+        .values()
+        .find(|m| {
+            m.address
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                == Some(port)
+        })
+        .map(|m| format!("is server {}'s port ({})", m.name, m.address))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Command, Member, State};
+
+    #[test]
+    fn ports_of_node_ranges_and_servers_cannot_be_published() {
+        let mut state = State::default();
+        state
+            .apply(
+                1,
+                Command::RegisterNode {
+                    name: "n1".into(),
+                    address: "127.0.0.1".into(),
+                    port_range: (20000, 29999),
+                    cpu_millis: 0,
+                    memory_mb: 0,
+                    labels: Default::default(),
+                },
+            )
+            .unwrap();
+        state
+            .apply(
+                2,
+                Command::UpsertMember {
+                    member: Member {
+                        id: 1,
+                        name: "s1".into(),
+                        address: "127.0.0.1:7070".into(),
+                    },
+                },
+            )
+            .unwrap();
+        assert!(reserved_port(&state, 20000).unwrap().contains("n1"));
+        assert!(reserved_port(&state, 7070).unwrap().contains("s1"));
+        assert_eq!(reserved_port(&state, 8080), None);
     }
 }
 

@@ -80,6 +80,12 @@ fn check_published_ports(state: &State, stack: &str, specs: &[ServiceSpec]) -> R
         .collect();
     for spec in specs {
         if let Some(port) = spec.publish {
+            if let Some(why) = super::control::reserved_port(state, port) {
+                return Err(Status::invalid_argument(format!(
+                    "invalid {}.publish: port {port} {why}; choose another port",
+                    spec.name
+                )));
+            }
             if let Some(other) = taken.insert(port, &spec.name) {
                 return Err(Status::already_exists(format!(
                     "invalid {}.publish: port {port} is already published by service \"{other}\"; choose another port",
