@@ -80,45 +80,6 @@ pub(super) fn reserved_port(state: &crate::state::State, port: u16) -> Option<St
         .map(|m| format!("is server {}'s port ({})", m.name, m.address))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::state::{Command, Member, State};
-
-    #[test]
-    fn ports_of_node_ranges_and_servers_cannot_be_published() {
-        let mut state = State::default();
-        state
-            .apply(
-                1,
-                Command::RegisterNode {
-                    name: "n1".into(),
-                    address: "127.0.0.1".into(),
-                    port_range: (20000, 29999),
-                    cpu_millis: 0,
-                    memory_mb: 0,
-                    labels: Default::default(),
-                },
-            )
-            .unwrap();
-        state
-            .apply(
-                2,
-                Command::UpsertMember {
-                    member: Member {
-                        id: 1,
-                        name: "s1".into(),
-                        address: "127.0.0.1:7070".into(),
-                    },
-                },
-            )
-            .unwrap();
-        assert!(reserved_port(&state, 20000).unwrap().contains("n1"));
-        assert!(reserved_port(&state, 7070).unwrap().contains("s1"));
-        assert_eq!(reserved_port(&state, 8080), None);
-    }
-}
-
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -524,5 +485,44 @@ impl pb::control_server::Control for Api {
             commit_index: status.commit_index,
             applied_index: status.applied_index,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Command, Member, State};
+
+    #[test]
+    fn ports_of_node_ranges_and_servers_cannot_be_published() {
+        let mut state = State::default();
+        state
+            .apply(
+                1,
+                Command::RegisterNode {
+                    name: "n1".into(),
+                    address: "127.0.0.1".into(),
+                    port_range: (20000, 29999),
+                    cpu_millis: 0,
+                    memory_mb: 0,
+                    labels: Default::default(),
+                },
+            )
+            .unwrap();
+        state
+            .apply(
+                2,
+                Command::UpsertMember {
+                    member: Member {
+                        id: 1,
+                        name: "s1".into(),
+                        address: "127.0.0.1:7070".into(),
+                    },
+                },
+            )
+            .unwrap();
+        assert!(reserved_port(&state, 20000).unwrap().contains("n1"));
+        assert!(reserved_port(&state, 7070).unwrap().contains("s1"));
+        assert_eq!(reserved_port(&state, 8080), None);
     }
 }
