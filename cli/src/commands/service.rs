@@ -277,9 +277,8 @@ async fn logs(
         } else {
             out.write_all(text.as_bytes())
         };
-        if written.and_then(|()| out.flush()).is_err() {
-            // The reader went away (`| head`).
-            return Ok(());
+        if let Err(err) = written.and_then(|()| out.flush()) {
+            output::write_failed(&err);
         }
     }
     for task in tasks {

@@ -1,0 +1,63 @@
+//! t11: the CLI as an operator pipes and points it — output into a closed pipe or a full disk,
+//! several `--server` addresses, `events --tail/--since` — against a real `skiff dev` process.
+
+use std::fs::OpenOptions;
+use std::process::{Command, Output, Stdio};
+
+use skiff_e2e::{assert_cli_error, describe, skiff_bin, DevCluster};
+
+/// Runs `skiff --server <server> <args>` with stdout a pipe whose reading end is already
+/// closed, as in `skiff events | head -1` once `head` has its line.
+fn skiff_into_closed_pipe(server: &str, args: &[&str]) -> Output {
+    let mut child = Command::new(skiff_bin())
+        .env_remove("SKIFF_ADDR")
+        .arg("--server")
+        .arg(server)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start skiff");
+    drop(child.stdout.take());
+    child.wait_with_output().expect("wait for skiff")
+}
+
+#[test]
+fn output_into_a_closed_pipe_ends_quietly_like_a_sigpiped_tool() {
+    let cluster = DevCluster::start();
+    for args in [
+        &["events"][..],
+        &["-o", "json", "node", "ls"],
+        &["service", "ls"],
+        &["cluster", "status"],
+    ] {
+        let out = skiff_into_closed_pipe(&cluster.addr(), args);
+        let what = describe(args, &out);
+        assert_eq!(out.status.code(), Some(141), "{what}");
+        assert!(out.stderr.is_empty(), "nothing on stderr: {what}");
+    }
+}
+
+#[test]
+fn output_onto_a_full_disk_is_a_one_line_error() {
+    let cluster = DevCluster::start();
+    let args = ["events"];
+    let full = OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("open /dev/full");
+    let out = Command::new(skiff_bin())
+        .env_remove("SKIFF_ADDR")
+        .arg("--server")
+        .arg(cluster.addr())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(full)
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run skiff");
+    let line = assert_cli_error(&args, &out, &["no space left"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&args, &out));
+    assert!(line.contains("failed to write the output"), "{line}");
+}
