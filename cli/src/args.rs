@@ -13,7 +13,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     propagate_version = true
 )]
 pub struct Cli {
-    /// Address of any skiff server.
+    /// Address of any skiff server, or several comma-separated: the first
+    /// that answers is used.
     #[arg(
         long,
         global = true,

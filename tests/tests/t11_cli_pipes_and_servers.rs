@@ -4,7 +4,7 @@
 use std::fs::OpenOptions;
 use std::process::{Command, Output, Stdio};
 
-use skiff_e2e::{assert_cli_error, describe, skiff_bin, DevCluster};
+use skiff_e2e::{assert_cli_error, describe, free_port, skiff_at, skiff_bin, DevCluster};
 
 /// Runs `skiff --server <server> <args>` with stdout a pipe whose reading end is already
 /// closed, as in `skiff events | head -1` once `head` has its line.
@@ -60,4 +60,31 @@ fn output_onto_a_full_disk_is_a_one_line_error() {
     let line = assert_cli_error(&args, &out, &["no space left"]);
     assert_eq!(out.status.code(), Some(1), "{}", describe(&args, &out));
     assert!(line.contains("failed to write the output"), "{line}");
+}
+
+#[test]
+fn several_server_addresses_use_the_first_that_answers_and_name_every_one_that_does_not() {
+    let cluster = DevCluster::start();
+    let dead = format!("127.0.0.1:{}", free_port());
+    let args = ["service", "ls"];
+
+    let out = skiff_at(&format!("{dead},{}", cluster.addr()), &args);
+    assert!(out.status.success(), "{}", describe(&args, &out));
+
+    let out = Command::new(skiff_bin())
+        .env("SKIFF_ADDR", format!("{dead},{}", cluster.addr()))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run skiff");
+    assert!(
+        out.status.success(),
+        "SKIFF_ADDR: {}",
+        describe(&args, &out)
+    );
+
+    let other = format!("127.0.0.1:{}", free_port());
+    let out = skiff_at(&format!("{dead},{other}"), &args);
+    let line = assert_cli_error(&args, &out, &["cannot reach any skiff server"]);
+    assert!(line.contains(&dead) && line.contains(&other), "{line}");
 }

@@ -3,28 +3,15 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
-use anyhow::anyhow;
 use skiff_proto::v1 as pb;
 use skiff_proto::v1::control_client::ControlClient;
-use tonic::transport::Endpoint;
 
 use crate::args::{EventsArgs, OutputFormat};
 use crate::client::explain;
 
 pub async fn run(server: &str, format: OutputFormat, args: EventsArgs) -> anyhow::Result<()> {
-    // Its own connection without a request timeout: --follow runs until
-    // interrupted.
-    let url = if server.contains("://") {
-        server.to_string()
-    } else {
-        format!("http://{server}")
-    };
-    let channel = Endpoint::from_shared(url)
-        .map_err(|_| anyhow!("invalid --server \"{server}\": use HOST:PORT, e.g. 127.0.0.1:7070"))?
-        .connect_timeout(Duration::from_secs(3))
-        .connect()
-        .await
-        .map_err(|err| anyhow!("cannot reach skiff server at {server}: {err} (is `skiff dev` or `skiff server` running? set --server or SKIFF_ADDR)"))?;
+    // Without a request timeout: --follow runs until interrupted.
+    let channel = crate::client::channel(server, None).await?;
     let mut client = ControlClient::new(channel);
     let request = pb::EventsRequest {
         service: args.service.unwrap_or_default(),
