@@ -88,3 +88,66 @@ fn several_server_addresses_use_the_first_that_answers_and_name_every_one_that_d
     let line = assert_cli_error(&args, &out, &["cannot reach any skiff server"]);
     assert!(line.contains(&dead) && line.contains(&other), "{line}");
 }
+
+#[test]
+fn events_tail_and_since_choose_what_is_printed() {
+    let cluster = DevCluster::start();
+    // No replicas: no events arrive later than the ones of the creates.
+    for name in ["a", "b", "c"] {
+        cluster.skiff_ok(&[
+            "service",
+            "create",
+            "--detach",
+            name,
+            "--replicas",
+            "0",
+            "--runtime",
+            "process",
+            "--",
+            "sleep",
+            "600",
+        ]);
+    }
+    let lines = |args: &[&str]| -> Vec<String> {
+        cluster
+            .skiff_ok(args)
+            .lines()
+            .skip(1)
+            .map(str::to_string)
+            .collect()
+    };
+    let all = lines(&["events"]);
+    assert!(all.len() >= 3, "{all:?}");
+
+    let tail = lines(&["events", "--tail", "2"]);
+    assert_eq!(tail, all[all.len() - 2..], "--tail 2 prints the last two");
+
+    let created = lines(&["events", "--service", "b", "--tail", "1"]);
+    assert_eq!(created.len(), 1, "{created:?}");
+    let index: u64 = created[0]
+        .split_whitespace()
+        .nth(1)
+        .and_then(|i| i.parse().ok())
+        .unwrap_or_else(|| panic!("no index in {created:?}"));
+    let since = lines(&["events", "--since", &index.to_string()]);
+    let newer: Vec<&String> = all
+        .iter()
+        .filter(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|i| i.parse::<u64>().ok())
+                .is_some_and(|i| i >= index)
+        })
+        .collect();
+    assert_eq!(since.iter().collect::<Vec<_>>(), newer, "--since INDEX");
+
+    assert_eq!(lines(&["events", "--since", "1h"]).len(), all.len());
+    let args = ["events", "--since", "10x"];
+    let out = cluster.skiff(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("a Raft index like 12345"),
+        "{}",
+        describe(&args, &out)
+    );
+}

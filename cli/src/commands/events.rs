@@ -1,12 +1,13 @@
-//! `skiff events`: the committed events of the cluster, oldest first; with
-//! `--follow`, then new ones as they commit.
+//! `skiff events`: the committed events of the cluster, oldest first (the
+//! last N with `--tail`, the newer ones with `--since`); with `--follow`,
+//! then new ones as they commit.
 
 use std::time::{Duration, UNIX_EPOCH};
 
 use skiff_proto::v1 as pb;
 use skiff_proto::v1::control_client::ControlClient;
 
-use crate::args::{EventsArgs, OutputFormat};
+use crate::args::{EventsArgs, OutputFormat, Since};
 use crate::client::explain;
 
 pub async fn run(server: &str, format: OutputFormat, args: EventsArgs) -> anyhow::Result<()> {
@@ -18,6 +19,15 @@ pub async fn run(server: &str, format: OutputFormat, args: EventsArgs) -> anyhow
         node: args.node.unwrap_or_default(),
         follow: args.follow,
         after_seq: 0,
+        tail: args.tail,
+        max_age_ms: match args.since {
+            Some(Since::AgeMs(ms)) => ms,
+            _ => 0,
+        },
+        min_index: match args.since {
+            Some(Since::Index(index)) => index,
+            _ => 0,
+        },
     };
     let mut stream = client.events(request).await.map_err(explain)?.into_inner();
     if format == OutputFormat::Table {
