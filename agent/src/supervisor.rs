@@ -156,6 +156,14 @@ async fn sleep_until_opt(at: Option<Instant>) {
     }
 }
 
+/// A failed attempt to start the replica.
+struct StartFailure {
+    error: crate::runtime::RuntimeError,
+    /// Whether preparing (pulling the image) had succeeded, so that the
+    /// runtime tried to run it.
+    prepared: bool,
+}
+
 /// How watching a running replica ended.
 enum Ended {
     Exited(Exit),
@@ -206,15 +214,19 @@ impl<R: Runtime> Supervisor<R> {
                 }
                 None => match self.start(&mut stop).await {
                     Ok(handle) => handle,
-                    Err(Some(e)) => {
+                    Err(Some(StartFailure { error, prepared })) => {
                         let delay = backoff.next_delay();
-                        tracing::warn!(alloc = %self.spec.alloc_id, error = %e, "replica failed to start");
-                        self.restarts = self.restarts.saturating_add(1);
+                        tracing::warn!(alloc = %self.spec.alloc_id, %error, "replica failed to start");
+                        // An image that cannot be pulled is no restart:
+                        // nothing ran. RESTARTS counts runs that ended.
+                        if prepared {
+                            self.restarts = self.restarts.saturating_add(1);
+                        }
                         self.persist(0, 0);
                         self.report(
                             AllocState::Failed,
                             0,
-                            format!("{e}; retrying in {}", human(delay)),
+                            format!("{error}; retrying in {}", human(delay)),
                         );
                         match self.pause(delay, &mut stop).await {
                             Flow::Continue => continue,
@@ -277,14 +289,16 @@ impl<R: Runtime> Supervisor<R> {
     async fn start(
         &mut self,
         stop: &mut oneshot::Receiver<()>,
-    ) -> Result<R::Handle, Option<crate::runtime::RuntimeError>> {
+    ) -> Result<R::Handle, Option<StartFailure>> {
         if !self.spec.image.is_empty() {
             self.report(AllocState::Pulling, 0, self.spec.image.clone());
         }
         let runtime = self.runtime.clone();
         let spec = self.spec.clone();
         tokio::select! {
-            prepared = runtime.prepare(&spec) => prepared.map_err(Some)?,
+            prepared = runtime.prepare(&spec) => prepared.map_err(|error| {
+                Some(StartFailure { error, prepared: false })
+            })?,
             request = &mut *stop => {
                 if request.is_ok() {
                     self.finish("stopped before it started".into()).await;
@@ -313,9 +327,15 @@ impl<R: Runtime> Supervisor<R> {
             // A burst of starts is over: hand the memory it used back.
             crate::mem::release_free_memory();
         }
+        let failed = |error| {
+            Some(StartFailure {
+                error,
+                prepared: true,
+            })
+        };
         match started {
-            Ok(result) => result.map_err(Some),
-            Err(e) => Err(Some(crate::runtime::RuntimeError::Start {
+            Ok(result) => result.map_err(failed),
+            Err(e) => Err(failed(crate::runtime::RuntimeError::Start {
                 short_id: self.spec.short_id().into(),
                 service: self.spec.service.clone(),
                 program: self.spec.program().into(),
@@ -514,6 +534,8 @@ mod tests {
     /// replicas run until stopped.
     #[derive(Default)]
     struct FakeRuntime {
+        /// Pulls that fail before one succeeds.
+        failing_pulls: Mutex<u32>,
         script: Mutex<VecDeque<Outcome>>,
         starts: Mutex<Vec<Instant>>,
         stops: Mutex<Vec<u32>>,
@@ -527,6 +549,21 @@ mod tests {
 
     impl Runtime for Arc<FakeRuntime> {
         type Handle = FakeHandle;
+
+        async fn prepare(&self, spec: &ReplicaSpec) -> Result<(), RuntimeError> {
+            let mut failing = self.failing_pulls.lock().unwrap();
+            if *failing == 0 {
+                return Ok(());
+            }
+            *failing -= 1;
+            Err(RuntimeError::Pull {
+                short_id: spec.short_id().into(),
+                service: spec.service.clone(),
+                reason:
+                    "skiff-test/web:v9 not found in 127.0.0.1:5000: check the repository and tag"
+                        .into(),
+            })
+        }
 
         fn start(&self, spec: &ReplicaSpec, _dir: &Path) -> Result<FakeHandle, RuntimeError> {
             let mut starts = self.starts.lock().unwrap();
@@ -713,6 +750,24 @@ mod tests {
         );
         assert_eq!(all.last().unwrap().restarts, 2);
         assert_eq!(h.start_offsets(), [0, 1, 3]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_image_that_cannot_be_pulled_is_reported_failed_and_counts_no_restart() {
+        let mut h = spawn(&[], None);
+        *h.runtime.failing_pulls.lock().unwrap() = 3;
+        let all = h.until(AllocState::Running).await;
+        let failed: Vec<&StatusUpdate> = all
+            .iter()
+            .filter(|u| u.state == AllocState::Failed)
+            .collect();
+        assert_eq!(failed.len(), 3);
+        assert_eq!(
+            failed[0].message,
+            "failed to pull image of replica 3f2a9c0d of web: skiff-test/web:v9 not found in 127.0.0.1:5000: check the repository and tag; retrying in 1s"
+        );
+        assert!(all.iter().all(|u| u.restarts == 0), "{all:?}");
+        assert_eq!(h.start_offsets(), [7], "started once, after 1+2+4 s");
     }
 
     #[tokio::test(start_paused = true)]

@@ -13,7 +13,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     propagate_version = true
 )]
 pub struct Cli {
-    /// Address of any skiff server.
+    /// Address of any skiff server, or several comma-separated: the first
+    /// that answers is used.
     #[arg(
         long,
         global = true,
@@ -347,6 +348,43 @@ pub struct EventsArgs {
     /// Only events of this node.
     #[arg(long)]
     pub node: Option<String>,
+    /// Only events newer than a duration (`10m`, `90s`, `2h`, `1d`) or from
+    /// a Raft index on (a plain number, e.g. `12345`).
+    #[arg(long, value_parser = parse_since)]
+    pub since: Option<Since>,
+    /// Only the last N events (then, with --follow, every new one; 0: only
+    /// new ones).
+    #[arg(long)]
+    pub tail: Option<u32>,
+}
+
+/// `events --since`: an age or a Raft index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Since {
+    AgeMs(u64),
+    Index(u64),
+}
+
+fn parse_since(value: &str) -> Result<Since, String> {
+    let fix = "use a duration like 90s, 10m, 2h or 1d, or a Raft index like 12345";
+    let (number, unit) = value
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((value, ""), |i| value.split_at(i));
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("\"{value}\" is neither a duration nor an index; {fix}"))?;
+    let unit_ms: u64 = match unit {
+        "" => return Ok(Since::Index(n)),
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("\"{value}\" has an unknown unit; {fix}")),
+    };
+    n.checked_mul(unit_ms)
+        .map(Since::AgeMs)
+        .ok_or_else(|| format!("\"{value}\" is out of range; {fix}"))
 }
 
 #[derive(Args, Debug)]
@@ -1084,6 +1122,21 @@ mod tests {
         for bad in ["20000", "20010-20000", "80-90", "a-b", "20000-70000"] {
             assert!(
                 parse_port_range(bad).unwrap_err().contains("START-END"),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn since_is_a_raft_index_without_a_unit_and_an_age_with_one() {
+        assert_eq!(parse_since("12345"), Ok(Since::Index(12345)));
+        assert_eq!(parse_since("10m"), Ok(Since::AgeMs(600_000)));
+        assert_eq!(parse_since("90s"), Ok(Since::AgeMs(90_000)));
+        assert_eq!(parse_since("2h"), Ok(Since::AgeMs(7_200_000)));
+        assert_eq!(parse_since("1d"), Ok(Since::AgeMs(86_400_000)));
+        for bad in ["10x", "m", "-5", "1.5h"] {
+            assert!(
+                parse_since(bad).unwrap_err().contains("Raft index"),
                 "{bad}"
             );
         }

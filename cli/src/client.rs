@@ -8,29 +8,84 @@ use tonic::transport::{Channel, Endpoint};
 
 pub type Client = ControlClient<Channel>;
 
-pub async fn connect(address: &str) -> anyhow::Result<Client> {
-    let url = if address.contains("://") {
-        address.to_string()
-    } else {
-        format!("http://{address}")
-    };
-    let endpoint = Endpoint::from_shared(url)
-        .map_err(|_| anyhow!("invalid --server \"{address}\": use HOST:PORT, e.g. 127.0.0.1:7070"))?
-        .connect_timeout(Duration::from_secs(3))
-        .timeout(Duration::from_secs(30));
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|err| unreachable(address, &err))?;
-    Ok(ControlClient::new(channel))
+/// How long a request may take (streams that run until interrupted, like
+/// `events --follow`, take none).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub async fn connect(addresses: &str) -> anyhow::Result<Client> {
+    Ok(ControlClient::new(
+        channel(addresses, Some(REQUEST_TIMEOUT)).await?,
+    ))
 }
 
-fn unreachable(address: &str, err: &tonic::transport::Error) -> anyhow::Error {
+/// A channel to the first of `addresses` that answers, tried in order:
+/// `--server` and `SKIFF_ADDR` take several, comma-separated, so that a
+/// command still works with one server of the cluster down (any server
+/// takes any call).
+pub async fn channel(addresses: &str, timeout: Option<Duration>) -> anyhow::Result<Channel> {
+    let mut failures = Vec::new();
+    for address in split(addresses)? {
+        let url = if address.contains("://") {
+            address.to_string()
+        } else {
+            format!("http://{address}")
+        };
+        let mut endpoint = Endpoint::from_shared(url)
+            .map_err(|_| {
+                anyhow!("invalid --server \"{address}\": use HOST:PORT, e.g. 127.0.0.1:7070")
+            })?
+            .connect_timeout(Duration::from_secs(3));
+        if let Some(timeout) = timeout {
+            endpoint = endpoint.timeout(timeout);
+        }
+        match endpoint.connect().await {
+            Ok(channel) => return Ok(channel),
+            Err(err) => failures.push((address.to_string(), root_cause(&err))),
+        }
+    }
+    Err(unreachable(&failures))
+}
+
+/// The addresses of a `--server` value, empty entries left out.
+fn split(addresses: &str) -> anyhow::Result<Vec<&str>> {
+    let list: Vec<&str> = addresses
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .collect();
+    if list.is_empty() {
+        return Err(anyhow!(
+            "invalid --server \"{addresses}\": use HOST:PORT[,HOST:PORT...], e.g. 127.0.0.1:7070"
+        ));
+    }
+    Ok(list)
+}
+
+fn root_cause(err: &tonic::transport::Error) -> String {
     let mut cause: &dyn std::error::Error = err;
     while let Some(source) = cause.source() {
         cause = source;
     }
-    anyhow!("cannot reach skiff server at {address}: {cause} (is `skiff dev` or `skiff server` running? set --server or SKIFF_ADDR)")
+    cause.to_string()
+}
+
+/// One line naming every address tried and why each failed.
+fn unreachable(failures: &[(String, String)]) -> anyhow::Error {
+    const HINT: &str = "(is `skiff dev` or `skiff server` running? set --server or SKIFF_ADDR)";
+    match failures {
+        [(address, cause)] => anyhow!("cannot reach skiff server at {address}: {cause} {HINT}"),
+        _ => {
+            let tried: Vec<String> = failures
+                .iter()
+                .map(|(address, cause)| format!("{address}: {cause}"))
+                .collect();
+            anyhow!(
+                "cannot reach any skiff server of {}: {} {HINT}",
+                failures.len(),
+                tried.join("; ")
+            )
+        }
+    }
 }
 
 /// Turns a gRPC status into the one-line error the user sees.
@@ -42,5 +97,36 @@ pub fn explain(status: tonic::Status) -> anyhow::Error {
             anyhow!("lost connection to the skiff server: {}", status.message())
         }
         _ => anyhow!("{}", status.message()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A loopback address nothing listens on (bound, then released).
+    fn dead_address() -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().to_string()
+    }
+
+    #[tokio::test]
+    async fn every_address_tried_is_named_in_the_error() {
+        let (a, b) = (dead_address(), dead_address());
+        let err = super::connect(&format!("{a}, {b}"))
+            .await
+            .expect_err("nothing listens");
+        let message = err.to_string();
+        assert!(
+            message.starts_with("cannot reach any skiff server of 2:"),
+            "{message}"
+        );
+        assert!(message.contains(&format!("{a}: ")), "{message}");
+        assert!(message.contains(&format!("; {b}: ")), "{message}");
+        assert!(message.contains("refused"), "{message}");
+    }
+
+    #[test]
+    fn an_empty_server_list_is_invalid() {
+        assert!(super::split(" , ").is_err());
+        assert_eq!(super::split("a:1,,b:2").unwrap(), ["a:1", "b:2"]);
     }
 }

@@ -1,5 +1,20 @@
 //! The `skiff` binary: parses the command line and calls the library crates.
 
+// Every print of the CLI, in every module below, goes through `output`,
+// which handles a failed write (a closed pipe, a full disk) instead of
+// panicking as std's macros do. Defined before the modules to shadow std's.
+macro_rules! print {
+    ($($arg:tt)*) => { $crate::output::stdout(format_args!($($arg)*)) };
+}
+macro_rules! println {
+    () => { $crate::output::stdout(format_args!("\n")) };
+    ($($arg:tt)*) => { $crate::output::stdout(format_args!("{}\n", format_args!($($arg)*))) };
+}
+macro_rules! eprintln {
+    () => { $crate::output::stderr(format_args!("\n")) };
+    ($($arg:tt)*) => { $crate::output::stderr(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
 mod args;
 mod client;
 mod commands;

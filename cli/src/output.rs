@@ -1,4 +1,8 @@
-//! Printing results: aligned tables for people, JSON for machines.
+//! Printing results: aligned tables for people, JSON for machines; and
+//! what a failed write to stdout means (`skiff events | head -1`).
+
+use std::fmt;
+use std::io::{self, Write};
 
 use serde::Serialize;
 
@@ -12,11 +16,62 @@ pub fn print<T: Serialize + ?Sized>(
     rows: Vec<Vec<String>>,
 ) {
     match format {
-        OutputFormat::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(value).expect("results serialize")
-        ),
+        OutputFormat::Json => match serde_json::to_string_pretty(value) {
+            Ok(json) => println!("{json}"),
+            Err(err) => write_failed(&io::Error::other(err)),
+        },
         OutputFormat::Table => print!("{}", table(headers, &rows)),
+    }
+}
+
+/// Writes to stdout; every `print!` and `println!` of the CLI comes here
+/// (`main.rs` shadows std's, which panic when the write fails).
+///
+/// A reader that went away (EPIPE: `| head -1`) ends the process quietly
+/// with status 141, what a shell reports for `docker` or `kubectl` in the
+/// same place: they are killed by SIGPIPE (128 + 13). Rust ignores SIGPIPE,
+/// and restoring it would need unsafe code, so the status is exited with.
+/// Any other failure (`> /dev/full`) ends it with a one-line `error:`.
+pub fn stdout(args: fmt::Arguments<'_>) {
+    let mut out = io::stdout().lock();
+    if let Err(err) = out.write_fmt(args).and_then(|()| out.flush()) {
+        write_failed(&err);
+    }
+}
+
+/// Writes to stderr; a failure is ignored, there is nowhere left to say it.
+pub fn stderr(args: fmt::Arguments<'_>) {
+    let _ = io::stderr().lock().write_fmt(args);
+}
+
+/// Ends the process after a failed write to stdout (see [`stdout`]).
+pub fn write_failed(err: &io::Error) -> ! {
+    match failure(err) {
+        WriteFailure::ReaderGone => std::process::exit(SIGPIPE_STATUS),
+        WriteFailure::Error(message) => {
+            stderr(format_args!("error: {message}\n"));
+            std::process::exit(1)
+        }
+    }
+}
+
+/// The status of a process killed by SIGPIPE, as a shell reports it.
+pub const SIGPIPE_STATUS: i32 = 141;
+
+/// What a failed write to stdout means.
+#[derive(Debug, PartialEq, Eq)]
+pub enum WriteFailure {
+    /// The reader closed its end: nothing wrong, it has what it wanted.
+    ReaderGone,
+    /// Anything else, as the one line to print.
+    Error(String),
+}
+
+pub fn failure(err: &io::Error) -> WriteFailure {
+    if err.kind() == io::ErrorKind::BrokenPipe {
+        WriteFailure::ReaderGone
+    } else {
+        WriteFailure::Error(format!("failed to write the output: {err}"))
     }
 }
 
@@ -49,6 +104,24 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::io;
+
+    use super::{failure, WriteFailure};
+
+    #[test]
+    fn a_reader_that_went_away_is_no_error_and_a_full_disk_is_one() {
+        const EPIPE: i32 = 32;
+        let pipe = io::Error::from_raw_os_error(EPIPE);
+        assert_eq!(failure(&pipe), WriteFailure::ReaderGone);
+        let full = io::Error::from_raw_os_error(28);
+        assert_eq!(
+            failure(&full),
+            WriteFailure::Error(
+                "failed to write the output: No space left on device (os error 28)".into()
+            )
+        );
+    }
+
     #[test]
     fn columns_are_aligned_to_the_widest_cell() {
         let rows = vec![

@@ -10,9 +10,19 @@ pub enum ImageError {
     #[error("invalid image reference {reference}: {reason}")]
     InvalidReference { reference: String, reason: String },
 
-    /// The registry answered that the repository, tag or digest does not exist.
-    #[error("failed to pull {reference}: {reason}")]
-    NotFound { reference: String, reason: String },
+    /// The registry answered that the repository, tag or digest does not
+    /// exist: most often a typo in the name, so the message says where to look.
+    #[error("{image} not found in {registry}: check the repository and tag")]
+    NotFound { image: String, registry: String },
+
+    /// An image index without an image this node can run.
+    #[error("failed to pull {reference}: no linux/amd64 image in its index")]
+    NoPlatform { reference: String },
+
+    /// The registry answered an HTTPS request in plain HTTP: a local
+    /// registry the agent was not told is insecure.
+    #[error("registry {registry} speaks plain HTTP, not HTTPS: add --insecure-registry {registry} to the agent")]
+    PlainHttp { registry: String },
 
     /// The registry refused our credentials (or wanted some).
     #[error("failed to pull {reference}: unauthorized: {reason}")]

@@ -135,6 +135,10 @@ pub(crate) fn map_error(
         reference: display.to_string(),
         reason,
     };
+    let not_found = || ImageError::NotFound {
+        image: image_name(reference),
+        registry: registry.clone(),
+    };
     match e {
         OciDistributionError::RegistryError { envelope, .. } => {
             let reason = envelope
@@ -149,7 +153,7 @@ pub(crate) fn map_error(
                 })
                 .collect::<Vec<_>>()
                 .join("; ");
-            let not_found = envelope.errors.iter().any(|e| {
+            let not_found_in_registry = envelope.errors.iter().any(|e| {
                 matches!(
                     e.code,
                     OciErrorCode::ManifestUnknown
@@ -162,11 +166,8 @@ pub(crate) fn map_error(
                 .errors
                 .iter()
                 .any(|e| matches!(e.code, OciErrorCode::Unauthorized | OciErrorCode::Denied));
-            if not_found {
-                ImageError::NotFound {
-                    reference: display.to_string(),
-                    reason,
-                }
+            if not_found_in_registry {
+                not_found()
             } else if unauthorized {
                 ImageError::Unauthorized {
                     reference: display.to_string(),
@@ -184,23 +185,45 @@ pub(crate) fn map_error(
             reference: display.to_string(),
             reason: reason.to_lowercase(),
         },
-        OciDistributionError::ServerError { code: 404, .. } => ImageError::NotFound {
-            reference: display.to_string(),
-            reason: "not found".to_string(),
-        },
-        OciDistributionError::ImageManifestNotFoundError(reason) => ImageError::NotFound {
-            reference: display.to_string(),
-            reason: reason.to_lowercase(),
-        },
-        OciDistributionError::RequestError(e) if e.is_connect() || e.is_timeout() => {
-            ImageError::Unreachable {
-                registry,
-                reason: error_chain(&e),
+        OciDistributionError::ServerError { code: 404, .. }
+        | OciDistributionError::ImageManifestNotFoundError(_) => not_found(),
+        OciDistributionError::RequestError(e) => {
+            let reason = error_chain(&e);
+            if speaks_plain_http(&reason) {
+                ImageError::PlainHttp { registry }
+            } else if e.is_connect() || e.is_timeout() {
+                ImageError::Unreachable { registry, reason }
+            } else {
+                pull(reason)
             }
         }
-        OciDistributionError::RequestError(e) => pull(error_chain(&e)),
         other => pull(other.to_string().to_lowercase()),
     }
+}
+
+/// `repository:tag` (or `@digest`), as the operator wrote it after the
+/// registry's name.
+fn image_name(reference: &Reference) -> String {
+    match (reference.digest(), reference.tag()) {
+        (Some(digest), _) => format!("{}@{digest}", reference.repository()),
+        (None, Some(tag)) => format!("{}:{tag}", reference.repository()),
+        (None, None) => reference.repository().to_string(),
+    }
+}
+
+/// Whether a failed HTTPS request met a server that speaks plain HTTP:
+/// rustls reads the HTTP answer as a corrupt TLS record
+/// ("InvalidContentType"); other TLS stacks say it in their own words.
+fn speaks_plain_http(error_chain: &str) -> bool {
+    let lower = error_chain.to_lowercase();
+    [
+        "invalidcontenttype",
+        "received corrupt message",
+        "http response to https",
+        "wrong version number",
+    ]
+    .iter()
+    .any(|sign| lower.contains(sign))
 }
 
 /// The error and its sources, joined: reqwest's own message alone ("error
@@ -342,6 +365,87 @@ mod tests {
             credentials_from(&c, "docker.io"),
             RegistryAuth::Basic(..)
         ));
+    }
+
+    fn registry_error(code: OciErrorCode, message: &str) -> OciDistributionError {
+        OciDistributionError::RegistryError {
+            envelope: oci_client::errors::OciEnvelope {
+                errors: vec![oci_client::errors::OciError {
+                    code,
+                    message: message.into(),
+                    detail: serde_json::Value::Null,
+                }],
+            },
+            url: "http://127.0.0.1:5000/v2/skiff-test/web/manifests/v9".into(),
+        }
+    }
+
+    #[test]
+    fn an_unknown_tag_or_repository_says_which_and_where_to_look() {
+        let display = "127.0.0.1:5000/skiff-test/web:v9";
+        let reference = parse_reference(display).unwrap();
+        for code in [OciErrorCode::ManifestUnknown, OciErrorCode::NameUnknown] {
+            let e = map_error(
+                registry_error(code, "manifest unknown"),
+                &reference,
+                display,
+            );
+            assert_eq!(
+                e.to_string(),
+                "skiff-test/web:v9 not found in 127.0.0.1:5000: check the repository and tag"
+            );
+        }
+        let by_digest = format!("127.0.0.1:5000/skiff-test/web@sha256:{}", "a".repeat(64));
+        let reference = parse_reference(&by_digest).unwrap();
+        let e = map_error(
+            OciDistributionError::ImageManifestNotFoundError("gone".into()),
+            &reference,
+            &by_digest,
+        );
+        assert!(
+            e.to_string().starts_with("skiff-test/web@sha256:aaaa"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn tls_errors_of_a_plain_http_server_are_recognised() {
+        for chain in [
+            "error sending request for url (https://127.0.0.1:5000/v2/): client error (Connect): received corrupt message of type InvalidContentType",
+            "Get \"https://reg:5000/v2/\": http: server gave HTTP response to HTTPS client",
+            "ssl routines: wrong version number",
+        ] {
+            assert!(speaks_plain_http(chain), "{chain}");
+        }
+        assert!(!speaks_plain_http(
+            "error sending request: tcp connect error: Connection refused (os error 111)"
+        ));
+    }
+
+    /// A real HTTPS request to a server that answers in plain HTTP, as a
+    /// local `docker-registry` does.
+    #[tokio::test]
+    async fn a_plain_http_registry_contacted_over_https_asks_for_insecure_registry() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let mut buf = [0u8; 1024];
+                let _ = socket.read(&mut buf).await;
+                let _ = socket
+                    .write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                    .await;
+            }
+        });
+        let display = format!("{address}/skiff-test/web:v1");
+        let reference = parse_reference(&display).unwrap();
+        let registry = Registry::new(&[], None).unwrap();
+        let e = registry.manifest(&reference, &display).await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("registry {address} speaks plain HTTP, not HTTPS: add --insecure-registry {address} to the agent")
+        );
     }
 
     #[test]

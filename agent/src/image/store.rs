@@ -372,9 +372,8 @@ impl ImageStore {
                             p.os.to_string() == "linux" && p.architecture.to_string() == "amd64"
                         })
                     })
-                    .ok_or_else(|| ImageError::NotFound {
+                    .ok_or_else(|| ImageError::NoPlatform {
                         reference: display.to_string(),
-                        reason: "no linux/amd64 image in the index".to_string(),
                     })?;
                 let platform_ref = reference.clone_with_digest(entry.digest.clone());
                 let (bytes, digest) = registry.manifest(&platform_ref, display).await?;

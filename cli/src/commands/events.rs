@@ -1,36 +1,33 @@
-//! `skiff events`: the committed events of the cluster, oldest first; with
-//! `--follow`, then new ones as they commit.
+//! `skiff events`: the committed events of the cluster, oldest first (the
+//! last N with `--tail`, the newer ones with `--since`); with `--follow`,
+//! then new ones as they commit.
 
 use std::time::{Duration, UNIX_EPOCH};
 
-use anyhow::anyhow;
 use skiff_proto::v1 as pb;
 use skiff_proto::v1::control_client::ControlClient;
-use tonic::transport::Endpoint;
 
-use crate::args::{EventsArgs, OutputFormat};
+use crate::args::{EventsArgs, OutputFormat, Since};
 use crate::client::explain;
 
 pub async fn run(server: &str, format: OutputFormat, args: EventsArgs) -> anyhow::Result<()> {
-    // Its own connection without a request timeout: --follow runs until
-    // interrupted.
-    let url = if server.contains("://") {
-        server.to_string()
-    } else {
-        format!("http://{server}")
-    };
-    let channel = Endpoint::from_shared(url)
-        .map_err(|_| anyhow!("invalid --server \"{server}\": use HOST:PORT, e.g. 127.0.0.1:7070"))?
-        .connect_timeout(Duration::from_secs(3))
-        .connect()
-        .await
-        .map_err(|err| anyhow!("cannot reach skiff server at {server}: {err} (is `skiff dev` or `skiff server` running? set --server or SKIFF_ADDR)"))?;
+    // Without a request timeout: --follow runs until interrupted.
+    let channel = crate::client::channel(server, None).await?;
     let mut client = ControlClient::new(channel);
     let request = pb::EventsRequest {
         service: args.service.unwrap_or_default(),
         node: args.node.unwrap_or_default(),
         follow: args.follow,
         after_seq: 0,
+        tail: args.tail,
+        max_age_ms: match args.since {
+            Some(Since::AgeMs(ms)) => ms,
+            _ => 0,
+        },
+        min_index: match args.since {
+            Some(Since::Index(index)) => index,
+            _ => 0,
+        },
     };
     let mut stream = client.events(request).await.map_err(explain)?.into_inner();
     if format == OutputFormat::Table {

@@ -58,24 +58,7 @@ pub async fn run(
                 .map_err(explain)?
                 .into_inner()
                 .services;
-            let rows = services
-                .iter()
-                .map(|s| {
-                    let spec = s.spec.clone().unwrap_or_default();
-                    vec![
-                        spec.name,
-                        format!("{}/{}", s.running, s.desired),
-                        spec.runtime,
-                        spec.command.join(" "),
-                    ]
-                })
-                .collect();
-            output::print(
-                format,
-                &services,
-                &["NAME", "RUNNING", "RUNTIME", "COMMAND"],
-                rows,
-            );
+            output::print(format, &services, &LS_HEADERS, ls_rows(&services));
         }
         ServiceCommand::Ps { name, all } => {
             let status = get(&mut client, &name).await?;
@@ -84,33 +67,18 @@ pub async fn run(
                 .iter()
                 .filter(|a| all || a.desired == "run")
                 .collect();
-            let rows = allocs
-                .iter()
-                .map(|a| {
-                    vec![
-                        a.id.clone(),
-                        a.node.clone(),
-                        a.state.clone(),
-                        a.desired.clone(),
-                        a.host_port.to_string(),
-                        a.restarts.to_string(),
-                        if a.pid == 0 {
-                            "-".into()
-                        } else {
-                            a.pid.to_string()
-                        },
-                        a.message.clone(),
-                    ]
-                })
-                .collect();
-            output::print(
-                format,
-                &allocs,
-                &[
-                    "ID", "NODE", "STATE", "DESIRED", "PORT", "RESTARTS", "PID", "MESSAGE",
-                ],
-                rows,
-            );
+            let nodes = match format {
+                OutputFormat::Table => {
+                    client
+                        .list_nodes(pb::ListNodesRequest {})
+                        .await
+                        .map_err(explain)?
+                        .into_inner()
+                        .nodes
+                }
+                OutputFormat::Json => vec![],
+            };
+            output::print(format, &allocs, &PS_HEADERS, ps_rows(&allocs, &nodes));
             if format == OutputFormat::Table && !status.unplaced_reason.is_empty() {
                 println!("\n{}", status.unplaced_reason);
             }
@@ -301,9 +269,8 @@ async fn logs(
         } else {
             out.write_all(text.as_bytes())
         };
-        if written.and_then(|()| out.flush()).is_err() {
-            // The reader went away (`| head`).
-            return Ok(());
+        if let Err(err) = written.and_then(|()| out.flush()) {
+            output::write_failed(&err);
         }
     }
     for task in tasks {
@@ -521,6 +488,226 @@ pub(crate) async fn get(
         .into_inner())
 }
 
+const LS_HEADERS: [&str; 5] = ["NAME", "RUNNING", "RUNTIME", "IMAGE/COMMAND", "PORTS"];
+
+/// `service ls`: one row per service.
+fn ls_rows(services: &[pb::ServiceStatus]) -> Vec<Vec<String>> {
+    services
+        .iter()
+        .map(|s| {
+            let spec = s.spec.clone().unwrap_or_default();
+            vec![
+                spec.name.clone(),
+                format!("{}/{}", s.running, s.desired),
+                spec.runtime.clone(),
+                what_runs(&spec),
+                ports(&spec),
+            ]
+        })
+        .collect()
+}
+
+const PS_HEADERS: [&str; 10] = [
+    "ID",
+    "NODE",
+    "ADDRESS",
+    "VERSION",
+    "IMAGE/COMMAND",
+    "STATE",
+    "DESIRED",
+    "RESTARTS",
+    "PID",
+    "MESSAGE",
+];
+
+/// `service ps`: one row per replica; ADDRESS is where it answers (its
+/// node's address and its host port), VERSION and IMAGE/COMMAND tell the
+/// versions apart during a deployment.
+fn ps_rows(allocs: &[&pb::Allocation], nodes: &[pb::Node]) -> Vec<Vec<String>> {
+    allocs
+        .iter()
+        .map(|a| {
+            let address = nodes
+                .iter()
+                .find(|n| n.name == a.node && !n.address.is_empty())
+                .map(|n| n.address.as_str());
+            vec![
+                a.id.clone(),
+                a.node.clone(),
+                match (address, a.host_port) {
+                    (None, _) => "-".into(),
+                    (Some(ip), 0) => ip.to_string(),
+                    (Some(ip), port) => format!("{ip}:{port}"),
+                },
+                a.version.to_string(),
+                a.spec.as_ref().map_or("-".into(), what_runs),
+                a.state.clone(),
+                a.desired.clone(),
+                a.restarts.to_string(),
+                if a.pid == 0 {
+                    "-".into()
+                } else {
+                    a.pid.to_string()
+                },
+                a.message.clone(),
+            ]
+        })
+        .collect()
+}
+
+/// The image of a container, the command of a process.
+fn what_runs(spec: &pb::ServiceSpec) -> String {
+    if !spec.image.is_empty() {
+        spec.image.clone()
+    } else if !spec.command.is_empty() {
+        spec.command.join(" ")
+    } else {
+        "-".into()
+    }
+}
+
+/// Like `docker ps`: `8080->80/http` (published -> container port),
+/// `8080/tcp` (published, to `$PORT` or the image's port), `80/tcp`
+/// (not published), `-`.
+fn ports(spec: &pb::ServiceSpec) -> String {
+    let protocol = if spec.protocol.is_empty() {
+        "tcp"
+    } else {
+        spec.protocol.as_str()
+    };
+    match (spec.publish, spec.port) {
+        (0, 0) => "-".into(),
+        (0, port) => format!("{port}/{protocol}"),
+        (published, 0) => format!("{published}/{protocol}"),
+        (published, port) => format!("{published}->{port}/{protocol}"),
+    }
+}
+
+/// `inspect`'s Ports: the container port, and the published one.
+fn port_line(spec: &pb::ServiceSpec) -> String {
+    let container = match (spec.port, spec.runtime.as_str()) {
+        (0, "process") => "$PORT (the host port)".to_string(),
+        (0, _) => "the image's first exposed port".to_string(),
+        (port, _) => format!("container {port}"),
+    };
+    let protocol = if spec.protocol.is_empty() {
+        "tcp"
+    } else {
+        spec.protocol.as_str()
+    };
+    match spec.publish {
+        0 => format!("{container}; not published"),
+        published => format!("{container}; published {published} ({protocol}) on every node"),
+    }
+}
+
+/// `inspect`'s Health: the check with its timings (defaults filled in).
+fn health_line(spec: &pb::ServiceSpec) -> String {
+    let or = |value: u32, default: u32| if value == 0 { default } else { value };
+    let Some(h) = spec.health.as_ref().filter(|h| !h.kind.is_empty()) else {
+        return if spec.image.is_empty() {
+            "none (running counts as healthy)".into()
+        } else {
+            "none given (the image's HEALTHCHECK, if any)".into()
+        };
+    };
+    let check = match h.kind.as_str() {
+        "http" => format!("http GET {}", h.http_path),
+        "tcp" => "tcp connect".to_string(),
+        "exec" => format!("exec {}", h.command.join(" ")),
+        other => other.to_string(),
+    };
+    format!(
+        "{check} every {}, timeout {}, {} retries, start period {}",
+        human_ms(or(h.interval_ms, 10_000)),
+        human_ms(or(h.timeout_ms, 5_000)),
+        or(h.retries, 3),
+        human_ms(h.start_period_ms),
+    )
+}
+
+/// `inspect`'s Update: the strategy and every setting that applies to it.
+fn update_line(policy: Option<pb::UpdatePolicy>) -> String {
+    let p = match spec::pb::update_from_pb(policy.unwrap_or_default()) {
+        Ok(p) => p,
+        Err(e) => return format!("invalid ({e})"),
+    };
+    let mut parts = vec![format!(
+        "{}: {} at a time, max surge {}, max unavailable {}, healthy for {}, healthy deadline {}, progress deadline {}",
+        p.strategy.as_str(),
+        p.max_parallel,
+        p.max_surge,
+        p.max_unavailable,
+        human_ms(p.min_healthy_ms),
+        human_ms(p.healthy_deadline_ms),
+        human_ms(p.progress_deadline_ms),
+    )];
+    if p.strategy == spec::Strategy::Canary {
+        parts.push(format!("{} canaries", p.canary));
+        parts.push(match p.canary_weight {
+            Some(w) => format!("{w}% of requests to canaries"),
+            None => "requests by replica count".into(),
+        });
+        parts.push(match p.max_error_rate {
+            Some(r) => format!("fails above {r}% errors"),
+            None => "not gated on errors".into(),
+        });
+    }
+    if p.strategy != spec::Strategy::Rolling {
+        parts.push(
+            if p.auto_promote {
+                "auto-promote"
+            } else {
+                "promote by hand"
+            }
+            .into(),
+        );
+    }
+    parts.push(
+        if p.auto_rollback {
+            "auto-rollback"
+        } else {
+            "no auto-rollback"
+        }
+        .into(),
+    );
+    parts.join(", ")
+}
+
+/// `inspect`'s Autoscale: bounds and targets, or off.
+fn autoscale_line(autoscale: Option<&pb::Autoscale>) -> String {
+    let Some(a) = autoscale else {
+        return "off".into();
+    };
+    let mut targets = Vec::new();
+    if a.target_rps > 0.0 {
+        targets.push(format!("{} req/s", a.target_rps));
+    }
+    if a.target_concurrency > 0.0 {
+        targets.push(format!("{} connections", a.target_concurrency));
+    }
+    if a.target_cpu > 0.0 {
+        targets.push(format!("{}% CPU", a.target_cpu));
+    }
+    format!(
+        "{}..{} replicas, per replica {}",
+        a.min,
+        a.max,
+        targets.join(", ")
+    )
+}
+
+/// `500ms`, `5s`, `1m30s`, `10m`.
+fn human_ms(ms: u32) -> String {
+    match ms {
+        0 => "0s".into(),
+        ms if ms % 1000 != 0 => format!("{ms}ms"),
+        ms if ms < 60_000 => format!("{}s", ms / 1000),
+        ms if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+        ms => format!("{}m{}s", ms / 60_000, ms % 60_000 / 1000),
+    }
+}
+
 /// Mode, policy, constraints and max-per-node on one line.
 fn placement(spec: &pb::ServiceSpec) -> String {
     let or = |value: &str, default: &str| {
@@ -544,18 +731,30 @@ fn describe(status: &pb::ServiceStatus) -> String {
     let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
     env.sort();
     let mut out = format!(
-        "Name:        {}\nRuntime:     {}\nReplicas:    {} desired, {} running\nPlacement:   {}\nCommand:     {}\nEnv:         {}\nWorkdir:     {}\nGeneration:  {} (modify index {})\n",
-        spec.name,
-        spec.runtime,
+        "Name:        {}\nRuntime:     {}\n",
+        spec.name, spec.runtime
+    );
+    if !spec.image.is_empty() {
+        out.push_str(&format!("Image:       {}\n", spec.image));
+    }
+    out.push_str(&format!(
+        "Ports:       {}\nHealth:      {}\nUpdate:      {}\nAutoscale:   {}\n",
+        port_line(&spec),
+        health_line(&spec),
+        update_line(spec.update.clone()),
+        autoscale_line(spec.autoscale.as_ref()),
+    ));
+    out.push_str(&format!(
+        "Replicas:    {} desired, {} running\nPlacement:   {}\nCommand:     {}\nEnv:         {}\nWorkdir:     {}\nGeneration:  {} (modify index {})\n",
         status.desired,
         status.running,
         placement(&spec),
-        spec.command.join(" "),
+        if spec.command.is_empty() { "-".into() } else { spec.command.join(" ") },
         if env.is_empty() { "-".into() } else { env.join(" ") },
         if spec.workdir.is_empty() { "-" } else { &spec.workdir },
         status.generation,
         status.modify_index,
-    );
+    ));
     if !status.unplaced_reason.is_empty() {
         out.push_str(&format!("Unplaced:    {}\n", status.unplaced_reason));
     }
@@ -575,30 +774,6 @@ fn describe(status: &pb::ServiceStatus) -> String {
             } else {
                 format!(" — {}", d.message)
             }
-        ));
-    }
-    if let Some(a) = &spec.autoscale {
-        let mut targets = Vec::new();
-        if a.target_rps > 0.0 {
-            targets.push(format!("{} req/s", a.target_rps));
-        }
-        if a.target_concurrency > 0.0 {
-            targets.push(format!("{} connections", a.target_concurrency));
-        }
-        if a.target_cpu > 0.0 {
-            targets.push(format!("{}% CPU", a.target_cpu));
-        }
-        out.push_str(&format!(
-            "Autoscale:   {}..{} replicas, per replica {}\n",
-            a.min,
-            a.max,
-            targets.join(", ")
-        ));
-    }
-    if spec.publish != 0 {
-        out.push_str(&format!(
-            "Published:   {} ({}) on every node\n",
-            spec.publish, spec.protocol
         ));
     }
     if !status.traffic.is_empty() {
@@ -683,4 +858,182 @@ fn describe(status: &pb::ServiceStatus) -> String {
         &rows,
     ));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use skiff_proto::v1 as pb;
+
+    fn web(image: &str) -> pb::ServiceSpec {
+        pb::ServiceSpec {
+            name: "web".into(),
+            runtime: "oci".into(),
+            image: image.into(),
+            port: 80,
+            publish: 8080,
+            protocol: "http".into(),
+            ..Default::default()
+        }
+    }
+
+    fn alloc(id: &str, version: u64, image: &str, port: u32) -> pb::Allocation {
+        pb::Allocation {
+            id: id.into(),
+            service: "web".into(),
+            node: "n2".into(),
+            desired: "run".into(),
+            state: "healthy".into(),
+            host_port: port,
+            restarts: 0,
+            pid: 4242,
+            spec: Some(web(image)),
+            version,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn ps_tells_blue_from_green_by_version_and_image_and_says_where_each_answers() {
+        let (blue, green) = (
+            alloc("aaaa", 3, "reg:5000/web:v3", 20001),
+            alloc("bbbb", 4, "reg:5000/web:v4", 20002),
+        );
+        let nodes = vec![pb::Node {
+            name: "n2".into(),
+            address: "10.0.0.2".into(),
+            ..Default::default()
+        }];
+        let rows = super::ps_rows(&[&blue, &green], &nodes);
+        let table = crate::output::table(&super::PS_HEADERS, &rows);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].starts_with("ID    NODE  ADDRESS         VERSION  IMAGE/COMMAND"));
+        assert_eq!(
+            rows[0][..5],
+            ["aaaa", "n2", "10.0.0.2:20001", "3", "reg:5000/web:v3"]
+        );
+        assert_eq!(
+            rows[1][..5],
+            ["bbbb", "n2", "10.0.0.2:20002", "4", "reg:5000/web:v4"]
+        );
+        // A node the CLI does not know: no address rather than a wrong one.
+        assert_eq!(super::ps_rows(&[&blue], &[])[0][2], "-");
+    }
+
+    #[test]
+    fn ls_shows_the_image_or_the_command_and_published_to_container_ports() {
+        let process = pb::ServiceSpec {
+            name: "api".into(),
+            runtime: "process".into(),
+            command: vec!["python3".into(), "-m".into(), "http.server".into()],
+            publish: 9000,
+            ..Default::default()
+        };
+        let internal = pb::ServiceSpec {
+            publish: 0,
+            protocol: String::new(),
+            ..web("reg:5000/db:v1")
+        };
+        let services: Vec<pb::ServiceStatus> = [web("reg:5000/web:v4"), process, internal]
+            .into_iter()
+            .map(|spec| pb::ServiceStatus {
+                spec: Some(spec),
+                running: 2,
+                desired: 3,
+                ..Default::default()
+            })
+            .collect();
+        let rows = super::ls_rows(&services);
+        assert_eq!(
+            rows[0],
+            ["web", "2/3", "oci", "reg:5000/web:v4", "8080->80/http"]
+        );
+        assert_eq!(
+            rows[1],
+            [
+                "api",
+                "2/3",
+                "process",
+                "python3 -m http.server",
+                "9000/tcp"
+            ]
+        );
+        assert_eq!(rows[2][3..], ["reg:5000/db:v1", "80/tcp"]);
+    }
+
+    #[test]
+    fn inspect_shows_image_ports_health_update_and_autoscale() {
+        let spec = pb::ServiceSpec {
+            health: Some(pb::HealthCheck {
+                kind: "http".into(),
+                http_path: "/healthz".into(),
+                interval_ms: 2000,
+                ..Default::default()
+            }),
+            update: Some(pb::UpdatePolicy {
+                strategy: "canary".into(),
+                canary: 2,
+                canary_weight: 10,
+                max_error_rate: Some(5),
+                ..Default::default()
+            }),
+            autoscale: Some(pb::Autoscale {
+                min: 1,
+                max: 5,
+                target_rps: 50.0,
+                ..Default::default()
+            }),
+            ..web("reg:5000/web:v4")
+        };
+        let status = pb::ServiceStatus {
+            spec: Some(spec),
+            ..Default::default()
+        };
+        let text = super::describe(&status);
+        for line in [
+            "Image:       reg:5000/web:v4\n",
+            "Ports:       container 80; published 8080 (http) on every node\n",
+            "Health:      http GET /healthz every 2s, timeout 5s, 3 retries, start period 0s\n",
+            "Update:      canary: 1 at a time, max surge 1, max unavailable 0, healthy for 5s, healthy deadline 1m, progress deadline 10m, 2 canaries, 10% of requests to canaries, fails above 5% errors, promote by hand, auto-rollback\n",
+            "Autoscale:   1..5 replicas, per replica 50 req/s\n",
+        ] {
+            assert!(text.contains(line), "no {line:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn inspect_of_a_plain_service_says_what_the_defaults_are() {
+        let spec = pb::ServiceSpec {
+            port: 0,
+            publish: 0,
+            protocol: String::new(),
+            ..web("reg:5000/web:v4")
+        };
+        let status = pb::ServiceStatus {
+            spec: Some(spec),
+            ..Default::default()
+        };
+        let text = super::describe(&status);
+        for line in [
+            "Ports:       the image's first exposed port; not published\n",
+            "Health:      none given (the image's HEALTHCHECK, if any)\n",
+            "Update:      rolling: 1 at a time, max surge 1, max unavailable 0, healthy for 5s, healthy deadline 1m, progress deadline 10m, auto-rollback\n",
+            "Autoscale:   off\n",
+        ] {
+            assert!(text.contains(line), "no {line:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn durations_print_in_the_largest_whole_unit() {
+        let cases = [
+            (0, "0s"),
+            (250, "250ms"),
+            (5000, "5s"),
+            (60_000, "1m"),
+            (90_000, "1m30s"),
+        ];
+        for (ms, text) in cases {
+            assert_eq!(super::human_ms(ms), text);
+        }
+    }
 }

@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use super::events::EventFilter;
 use super::{convert, status_from, Api};
 use crate::controllers::now_ms;
 use crate::state::{Availability, Command, Event};
@@ -249,9 +250,11 @@ impl pb::control_server::Control for Api {
         self.barrier().await?;
         let (sender, receiver) = mpsc::channel(256);
         let api = self.clone();
+        let filter = EventFilter::new(&request, now_ms());
         tokio::spawn(async move {
             let mut status = api.consensus.watch_status();
             let mut after = request.after_seq;
+            let mut backlog = true;
             loop {
                 let batch: Vec<pb::Event> = {
                     let state = api.consensus.state();
@@ -259,13 +262,14 @@ impl pb::control_server::Control for Api {
                     if let Some(last) = events.last() {
                         after = last.seq;
                     }
-                    events
-                        .into_iter()
-                        .filter(|e| request.service.is_empty() || e.service == request.service)
-                        .filter(|e| request.node.is_empty() || e.node == request.node)
-                        .map(convert::event_to_pb)
-                        .collect()
+                    let chosen = if backlog {
+                        filter.backlog(events.into_iter())
+                    } else {
+                        events.into_iter().filter(|e| filter.matches(e)).collect()
+                    };
+                    chosen.into_iter().map(convert::event_to_pb).collect()
                 };
+                backlog = false;
                 for event in batch {
                     if sender.send(Ok(event)).await.is_err() {
                         return;

@@ -9,6 +9,7 @@
 //! - `reports`: the in-memory caches of the agents' traffic and resource
 //!   use reports, and their forwarding to the leader.
 //! - `convert`: domain types to and from protobuf.
+//! - `events`: which events an `Events` call returns (`--tail`, `--since`).
 //! - `raft_service`: the Raft transport between servers.
 //! - here: [`Api`], the state both services share, and the helpers they
 //!   use (proposing, read barriers, heartbeats, `Status` from errors).
@@ -20,6 +21,7 @@
 mod agent_sync;
 mod control;
 pub mod convert;
+mod events;
 mod raft_service;
 mod reports;
 mod stacks;
