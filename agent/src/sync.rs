@@ -72,6 +72,12 @@ pub struct SyncLoop<'a, R: Runtime> {
     usage: crate::usage::Usage,
 }
 
+/// Largest message the agent accepts from its server (tonic's default is
+/// 4 MiB). A spec is at most `skiff_spec::limits::SPEC_BYTES` and every
+/// allocation carries its spec, so a node's assignments of 256 replicas of
+/// the largest spec still decode: no spec size can freeze a node.
+const MAX_ASSIGNMENTS_BYTES: usize = 64 << 20;
+
 /// Images the control plane asked this node to pull ahead (deployments in
 /// progress), and those stored. Kept across sessions: a pull is started
 /// once per image and the stored set is resent to each new server.
@@ -309,7 +315,8 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
                 server: server.to_string(),
                 source,
             })?;
-        let mut client = AgentSyncClient::new(channel.clone());
+        let mut client =
+            AgentSyncClient::new(channel.clone()).max_decoding_message_size(MAX_ASSIGNMENTS_BYTES);
 
         // Register and the current statuses are queued before the call, so
         // a server that reads before answering finds them.

@@ -75,7 +75,32 @@ pub fn failure(err: &io::Error) -> WriteFailure {
     }
 }
 
+/// `cell` with control characters escaped (`\n`, `\t`, `\x1b`…): a value
+/// from a spec (a command, a message) must neither break a table's rows
+/// nor reach the terminal as an escape sequence.
+pub fn printable(cell: &str) -> std::borrow::Cow<'_, str> {
+    if !cell.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(cell);
+    }
+    let mut out = String::with_capacity(cell.len() + 8);
+    for c in cell.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => out.push_str(&format!("\\x{:02x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| row.iter().map(|c| printable(c).into_owned()).collect())
+        .collect();
+    let rows = &rows;
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {
@@ -119,6 +144,15 @@ mod tests {
             WriteFailure::Error(
                 "failed to write the output: No space left on device (os error 28)".into()
             )
+        );
+    }
+
+    #[test]
+    fn control_characters_in_cells_are_escaped_and_keep_one_row_per_line() {
+        let rows = vec![vec!["web".to_string(), "sh -c 'a\nb'\u{1b}[2J".to_string()]];
+        assert_eq!(
+            super::table(&["NAME", "COMMAND"], &rows),
+            "NAME  COMMAND\nweb   sh -c 'a\\nb'\\x1b[2J\n"
         );
     }
 

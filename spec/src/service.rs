@@ -39,6 +39,9 @@ pub mod limits {
     pub const MIN_HEALTH_INTERVAL_MS: u32 = 100;
     /// Longest image reference, user, working directory and HTTP check path.
     pub const TEXT_BYTES: usize = 4096;
+    /// A whole spec, as JSON (etcd's `--max-request-bytes` is 1.5 MiB for a
+    /// whole request; one spec is copied into each of its allocations).
+    pub const SPEC_BYTES: usize = 256 * 1024;
 }
 
 /// How a replica is run on its node.
@@ -680,6 +683,16 @@ impl ServiceSpec {
                 limits::DEPENDENCIES,
             ));
         }
+        let bytes = serde_json::to_vec(self).map_or(usize::MAX, |v| v.len());
+        if bytes > limits::SPEC_BYTES {
+            return Err(SpecError::new(
+                "spec",
+                format!(
+                    "is {bytes} bytes; a spec holds at most {} KiB (put bulk data in a file or an image)",
+                    limits::SPEC_BYTES / 1024
+                ),
+            ));
+        }
         let texts = [
             ("image", self.image.as_deref()),
             ("user", self.user.as_deref()),
@@ -1063,6 +1076,8 @@ pub fn validate_variable(key: &str, value: &str) -> Result<(), SpecError> {
         && key.len() <= 256
         && key.split('/').all(|part| {
             !part.is_empty()
+                && part != "."
+                && part != ".."
                 && part
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
@@ -1417,6 +1432,18 @@ mod tests {
     }
 
     #[test]
+    fn variable_keys_have_no_dot_segments() {
+        assert!(validate_variable("app/db.url", "x").is_ok());
+        for bad in ["..", "a/../b", "./a", "a//b"] {
+            assert_eq!(
+                validate_variable(bad, "x").unwrap_err().field,
+                "key",
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
     fn oversized_specs_are_refused_naming_the_field() {
         let mut s = spec();
         s.env = (0..=limits::ENV_VARS)
@@ -1426,6 +1453,11 @@ mod tests {
         let mut s = spec();
         s.env.insert("BIG".into(), "x".repeat(limits::ENV_BYTES));
         assert!(s.validate().unwrap_err().problem.contains("bytes"));
+        let mut s = container();
+        s.env.insert("A".into(), "x".repeat(100 * 1024));
+        s.command = vec!["y".repeat(100 * 1024)];
+        s.entrypoint = Some(vec!["z".repeat(100 * 1024)]);
+        assert_eq!(s.validate().unwrap_err().field, "spec");
         let mut s = spec();
         s.command = vec!["x".to_string(); limits::ARGS + 1];
         assert_eq!(s.validate().unwrap_err().field, "command");

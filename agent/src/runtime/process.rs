@@ -18,6 +18,9 @@ use super::{procfs, Exit, Runtime, RuntimeError, TaskHandle};
 use crate::health::HealthCheck;
 use crate::spec::ReplicaSpec;
 
+/// The search path of a process replica, as Docker gives containers.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 /// How often an adopted process (not our child, so no SIGCHLD) is checked.
 const ADOPTED_POLL: Duration = Duration::from_millis(500);
 /// How long a SIGKILLed process group may take to disappear before we give up
@@ -76,7 +79,12 @@ impl Runtime for ProcessRuntime {
         let stderr = open_log(spec, &alloc_dir.join("stderr.log"))?;
 
         let mut command = Command::new(spec.program());
+        // The replica's environment is its spec's, not the agent's: the
+        // agent's own variables (tokens, paths, settings) stay with it.
         command
+            .env_clear()
+            .env("PATH", DEFAULT_PATH)
+            .env("HOME", &workdir)
             .args(spec.args())
             .envs(spec.environment())
             .current_dir(&workdir)
@@ -309,6 +317,31 @@ mod tests {
         // Reaped: no zombie left under that pid.
         assert!(!procfs::is_same_live_process(pid, handle.start_time()));
         assert!(!matches!(procfs::read_stat(pid), Some(s) if s.start_time == handle.start_time()));
+    }
+
+    /// Cargo sets CARGO_PKG_NAME in this test process (the agent here).
+    #[tokio::test]
+    async fn a_replica_sees_its_spec_environment_not_the_agents() {
+        assert!(std::env::var("CARGO_PKG_NAME").is_ok());
+        let dir = tempfile::tempdir().unwrap();
+        let rt = ProcessRuntime::new();
+        let mut spec = test_spec(
+            "a9",
+            &[
+                "sh",
+                "-c",
+                "echo \"agent=${CARGO_PKG_NAME:-none} own=$OWN path=$PATH\"; sleep 30",
+            ],
+            20009,
+        );
+        spec.env.insert("OWN".into(), "yes".into());
+        let mut handle = rt.start(&spec, dir.path()).unwrap();
+        wait_for_text(
+            &dir.path().join("stdout.log"),
+            "agent=none own=yes path=/usr/local/sbin",
+        )
+        .await;
+        handle.stop(Duration::from_secs(5)).await;
     }
 
     #[tokio::test]
