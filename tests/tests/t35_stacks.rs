@@ -354,6 +354,28 @@ fn service_create_waits_for_healthy_replicas_and_fails_on_an_image_that_cannot_b
     stack.ok(&["service", "apply", "-f", &edited]);
     assert_eq!(stack.cluster.ps("web").len(), 3);
 
+    // No node can hold it: a detached create says so at once, with the scheduler's numbers.
+    let out = stack.run(&[
+        "service",
+        "create",
+        "--detach",
+        "nowhere",
+        "--image",
+        &good,
+        "--constraint",
+        "zone==nowhere",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        describe(&["service", "create"], &out)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("warning: service nowhere") && stderr.contains("zone==nowhere"),
+        "{stderr}"
+    );
+
     let missing = format!("{}/skiff-test/web:v404", stack.registry);
     let out = stack.run(&["service", "create", "gone", "--image", &missing]);
     assert!(

@@ -49,6 +49,14 @@ pub async fn run(
                 )
                 .await?;
                 println!("service {name}: every replica serves");
+            } else {
+                // Detached: still say at once when no node can hold it, with
+                // the scheduler's numbers (the service stays, waiting).
+                let status = get(&mut client, &name).await?;
+                let reason = &status.unplaced_reason;
+                if reason.contains("unplaced") {
+                    eprintln!("warning: service {name}: {reason}");
+                }
             }
         }
         ServiceCommand::Ls => {
