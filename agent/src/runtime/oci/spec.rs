@@ -2,8 +2,8 @@
 //! Cmd combined as Docker does, env, user, working dir) merged with the
 //! service's overrides, and the defaults a security reviewer expects
 //! (Docker's default capabilities, its default seccomp profile,
-//! no_new_privileges, masked and read-only /proc paths, a pids limit,
-//! memory and CPU limits when given).
+//! no_new_privileges, a cgroup namespace, masked and read-only /proc paths,
+//! a pids limit, memory and CPU limits when given).
 
 use std::path::{Path, PathBuf};
 
@@ -228,6 +228,9 @@ pub fn build(
         LinuxNamespaceType::Ipc,
         LinuxNamespaceType::Uts,
         LinuxNamespaceType::Mount,
+        // As Docker on cgroup v2 (`--cgroupns=private`): the container sees
+        // its own cgroup as `/` in /proc/self/cgroup and /sys/fs/cgroup.
+        LinuxNamespaceType::Cgroup,
     ] {
         namespaces.push(
             LinuxNamespaceBuilder::default()
@@ -627,7 +630,7 @@ mod tests {
     }
 
     #[test]
-    fn every_container_gets_dockers_seccomp_profile_unless_unconfined() {
+    fn every_container_gets_dockers_seccomp_profile_and_a_cgroup_namespace() {
         let spec = build(&replica(&[]), &image(), &root(), &setup()).unwrap();
         let linux = spec.linux().as_ref().unwrap();
         let profile = linux.seccomp().as_ref().expect("a seccomp profile");
@@ -650,6 +653,12 @@ mod tests {
             (mask.value(), mask.value_two()),
             (seccomp::CLONE_NAMESPACE_FLAGS, Some(0))
         );
+        assert!(linux
+            .namespaces()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|n| n.typ() == LinuxNamespaceType::Cgroup && n.path().is_none()));
 
         let mut unconfined = setup();
         unconfined.seccomp = None;
