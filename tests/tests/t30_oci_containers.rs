@@ -1,7 +1,8 @@
 //! t30: real containers end to end — `skiff dev` pulls the busybox test images of
 //! `deploy/images/build.sh` from a local `docker-registry` and runs them with runc (and crun
-//! where it can run): bridge and host networking, memory limits, the image's user, surviving
-//! a SIGKILL of the agent, removal without leftovers.
+//! where it can run): bridge and host networking, memory limits, the image's user, the
+//! seccomp filter and cgroup namespace, surviving a SIGKILL of the agent, removal without
+//! leftovers.
 //!
 //! Needs root and `apt-get install runc crun tini iptables iproute2
 //! docker-registry skopeo busybox-static zstd`; a missing tool fails the test with the package
@@ -613,4 +614,94 @@ fn exit_codes_of_containers_survive_a_kill_9_of_the_agent() {
         "{}",
         cluster.log_tail(30)
     );
+}
+
+/// The `Seccomp:` mode of `/proc/<pid>/status`: 0 off, 1 strict, 2 filter.
+fn seccomp_mode(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| Some(l.strip_prefix("Seccomp:")?.trim().to_string()))
+}
+
+#[test]
+fn containers_run_under_dockers_seccomp_profile_in_their_own_cgroup_namespace() {
+    let registry = Registry::shared();
+    let cluster = OciDev::start(registry.clone(), &[]);
+    // A user namespace needs no capability, so only the seccomp filter
+    // refuses `unshare -U`; mount and `unshare -m` lack CAP_SYS_ADMIN too.
+    // chroot (CAP_SYS_CHROOT) and linux32 (personality 0x8) stay allowed.
+    let script = "unshare -U true; echo unshare-user=$?; unshare -m true; echo unshare-mount=$?; \
+                  mkdir -p /mnt/t; mount -t tmpfs none /mnt/t; echo mount=$?; \
+                  chroot / true; echo chroot=$?; linux32 true; echo linux32=$?; \
+                  grep Seccomp: /proc/self/status; cat /proc/self/cgroup; echo done; \
+                  exec sleep 1000";
+    let image = registry.image("many:v1");
+    cluster.skiff_ok(&[
+        "service", "create", "--detach", "jail", "--image", &image, "--", "/bin/sh", "-c", script,
+    ]);
+    let web = registry.image("web:v1");
+    cluster.skiff_ok(&[
+        "service", "create", "--detach", "web", "--image", &web, "--port", "80",
+    ]);
+    let jail = cluster
+        .wait_replicas("jail", 1, "running", |a| {
+            a.state == "running" && pid_alive(a.pid)
+        })
+        .remove(0);
+    let mut out = String::new();
+    let done = wait_until(Duration::from_secs(20), POLL, || {
+        let o = cluster.skiff(&["service", "logs", "jail", "--replica", &jail.id]);
+        out = String::from_utf8_lossy(&o.stdout).into_owned();
+        out.contains("done\n")
+    });
+    assert!(
+        done,
+        "the script did not finish: {out}\n{}",
+        cluster.log_tail(30)
+    );
+    for line in [
+        "unshare-user=1",
+        "unshare-mount=1",
+        "chroot=0",
+        "linux32=0",
+        "Seccomp:\t2",
+    ] {
+        assert!(out.lines().any(|l| l == line), "no {line:?} in: {out}");
+    }
+    assert!(!out.contains("mount=0"), "mount succeeded: {out}");
+    let cgroups: Vec<&str> = out
+        .lines()
+        .filter(|l| l.split(':').count() == 3 && l.contains(":/"))
+        .collect();
+    assert!(
+        !cgroups.is_empty() && cgroups.iter().all(|l| l.ends_with(":/")),
+        "in its cgroup namespace the container's cgroups are `/`: {out}"
+    );
+
+    // The web image serves under the same filter and namespaces.
+    let served = cluster.wait_replicas(
+        "web",
+        1,
+        "running and answering HTTP",
+        running_and_answering,
+    );
+    let cgroupns = |pid: u32| std::fs::read_link(format!("/proc/{pid}/ns/cgroup")).ok();
+    for a in [&jail, &served[0]] {
+        assert_eq!(
+            seccomp_mode(a.pid).as_deref(),
+            Some("2"),
+            "replica {}",
+            a.id
+        );
+        assert_ne!(
+            cgroupns(a.pid),
+            cgroupns(std::process::id()),
+            "replica {} has its own cgroup namespace",
+            a.id
+        );
+    }
+    let ids = cluster.container_ids("runc");
+    cluster.skiff_ok(&["service", "rm", "jail"]);
+    remove_and_assert_nothing_left(&cluster, "web", "runc", &ids);
 }

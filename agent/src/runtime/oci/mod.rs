@@ -16,6 +16,7 @@ pub mod bridge;
 pub mod cgroup;
 pub mod images;
 pub mod runc;
+pub mod seccomp;
 pub mod shim;
 pub mod spec;
 
@@ -317,6 +318,9 @@ impl OciRuntime {
             hosts,
             cgroups_path: Self::cgroups_path(spec),
             port,
+            seccomp: Some(
+                seccomp::default_profile().map_err(|e| format!("invalid seccomp profile: {e}"))?,
+            ),
         };
         let oci = spec::build(spec, &image, &user, &setup)?;
         let json = serde_json::to_vec_pretty(&oci)

@@ -1,16 +1,17 @@
 //! The OCI runtime spec of a container: the image config (Entrypoint and
 //! Cmd combined as Docker does, env, user, working dir) merged with the
 //! service's overrides, and the defaults a security reviewer expects
-//! (Docker's default capabilities, no_new_privileges, masked and read-only
-//! /proc paths, a pids limit, memory and CPU limits when given).
+//! (Docker's default capabilities, its default seccomp profile,
+//! no_new_privileges, a cgroup namespace, masked and read-only /proc paths,
+//! a pids limit, memory and CPU limits when given).
 
 use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{
     Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxDeviceCgroupBuilder,
     LinuxMemoryBuilder, LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder,
-    LinuxResourcesBuilder, Mount, MountBuilder, ProcessBuilder, RootBuilder, Spec, SpecBuilder,
-    UserBuilder,
+    LinuxResourcesBuilder, LinuxSeccomp, Mount, MountBuilder, ProcessBuilder, RootBuilder, Spec,
+    SpecBuilder, UserBuilder,
 };
 
 use super::images::ImageDefaults;
@@ -163,6 +164,10 @@ pub struct ContainerSetup {
     pub cgroups_path: PathBuf,
     /// The port the process listens on (`PORT`).
     pub port: u16,
+    /// The seccomp filter, normally [`super::seccomp::default_profile`];
+    /// `None` runs the container unconfined (Docker's
+    /// `--security-opt seccomp=unconfined`).
+    pub seccomp: Option<LinuxSeccomp>,
 }
 
 pub fn build(
@@ -223,6 +228,9 @@ pub fn build(
         LinuxNamespaceType::Ipc,
         LinuxNamespaceType::Uts,
         LinuxNamespaceType::Mount,
+        // As Docker on cgroup v2 (`--cgroupns=private`): the container sees
+        // its own cgroup as `/` in /proc/self/cgroup and /sys/fs/cgroup.
+        LinuxNamespaceType::Cgroup,
     ] {
         namespaces.push(
             LinuxNamespaceBuilder::default()
@@ -281,6 +289,9 @@ pub fn build(
             "net.ipv4.ip_unprivileged_port_start".to_string(),
             "0".to_string(),
         )]));
+    }
+    if let Some(seccomp) = &setup.seccomp {
+        linux = linux.seccomp(seccomp.clone());
     }
     let linux = linux
         .namespaces(namespaces)
@@ -436,7 +447,9 @@ pub fn hosts_file(hostname: &str, ip: Option<std::net::Ipv4Addr>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::oci::seccomp;
     use crate::spec::{test_spec, RuntimeKind};
+    use oci_spec::runtime::{LinuxSeccompAction, LinuxSeccompOperator};
 
     fn image() -> ImageDefaults {
         ImageDefaults {
@@ -469,6 +482,7 @@ mod tests {
             hosts: "/data/c/hosts".into(),
             cgroups_path: "/skiff/3f2a9c0d-11".into(),
             port: 80,
+            seccomp: Some(seccomp::default_profile().unwrap()),
         }
     }
 
@@ -613,6 +627,43 @@ mod tests {
             dests.contains(&PathBuf::from("/etc/resolv.conf"))
                 && dests.contains(&PathBuf::from("/etc/hosts"))
         );
+    }
+
+    #[test]
+    fn every_container_gets_dockers_seccomp_profile_and_a_cgroup_namespace() {
+        let spec = build(&replica(&[]), &image(), &root(), &setup()).unwrap();
+        let linux = spec.linux().as_ref().unwrap();
+        let profile = linux.seccomp().as_ref().expect("a seccomp profile");
+        assert_eq!(profile.default_action(), LinuxSeccompAction::ScmpActErrno);
+        assert_eq!(profile.default_errno_ret(), Some(1), "EPERM");
+        let allowed = seccomp::allowed_names(profile);
+        for refused in ["mount", "umount2", "unshare", "setns", "ptrace"] {
+            assert!(!allowed.contains(&refused), "{refused} is allowed");
+        }
+        assert!(allowed.contains(&"chroot"));
+        let clone = profile
+            .syscalls()
+            .iter()
+            .flatten()
+            .find(|s| s.names() == &["clone"])
+            .expect("a clone rule");
+        let mask = &clone.args().as_ref().unwrap()[0];
+        assert_eq!(mask.op(), LinuxSeccompOperator::ScmpCmpMaskedEq);
+        assert_eq!(
+            (mask.value(), mask.value_two()),
+            (seccomp::CLONE_NAMESPACE_FLAGS, Some(0))
+        );
+        assert!(linux
+            .namespaces()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|n| n.typ() == LinuxNamespaceType::Cgroup && n.path().is_none()));
+
+        let mut unconfined = setup();
+        unconfined.seccomp = None;
+        let spec = build(&replica(&[]), &image(), &root(), &unconfined).unwrap();
+        assert!(spec.linux().as_ref().unwrap().seccomp().is_none());
     }
 
     #[test]
