@@ -637,7 +637,7 @@ mod tests {
         assert_eq!(profile.default_action(), LinuxSeccompAction::ScmpActErrno);
         assert_eq!(profile.default_errno_ret(), Some(1), "EPERM");
         let allowed = seccomp::allowed_names(profile);
-        for refused in ["mount", "umount2", "unshare", "setns", "ptrace"] {
+        for refused in ["mount", "umount2", "unshare", "setns", "bpf"] {
             assert!(!allowed.contains(&refused), "{refused} is allowed");
         }
         assert!(allowed.contains(&"chroot"));
