@@ -53,6 +53,7 @@ pub fn assigned(alloc: &v1::Allocation) -> Result<Assigned, SpecError> {
         init: spec.init,
         publish: spec.publish.unwrap_or(0),
         entrypoint: spec.entrypoint,
+        seccomp: spec.seccomp,
     };
     replica.validate()?;
     Ok(Assigned {

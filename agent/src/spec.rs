@@ -57,6 +57,10 @@ pub struct ReplicaSpec {
     /// `None`: the image's.
     #[serde(default)]
     pub entrypoint: Option<Vec<String>>,
+    /// `None`: Docker's default profile; `"unconfined"`: none; else an OCI
+    /// `linux.seccomp` JSON object.
+    #[serde(default)]
+    pub seccomp: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -669,6 +669,10 @@ pub struct CreateArgs {
     /// Label the service with KEY=VALUE (repeatable).
     #[arg(long = "label", value_name = "KEY=VALUE")]
     pub labels: Vec<String>,
+    /// `seccomp=unconfined` (no filter) or `seccomp=FILE` (an OCI
+    /// linux.seccomp JSON profile); default: Docker's default profile.
+    #[arg(long = "security-opt", value_name = "seccomp=unconfined|FILE")]
+    pub security_opt: Option<String>,
     /// How replicas run: `oci` (a container from --image, the default when
     /// an image is given) or `process` (a host process running the command).
     #[arg(long)]
@@ -925,6 +929,9 @@ pub struct UpdateArgs {
     /// Remove a label (repeatable).
     #[arg(long = "label-rm", value_name = "KEY")]
     pub label_rm: Vec<String>,
+    /// `seccomp=unconfined`, `seccomp=FILE` or `seccomp=default`.
+    #[arg(long = "security-opt", value_name = "seccomp=unconfined|FILE|default")]
+    pub security_opt: Option<String>,
     /// Run the entrypoint under a tiny init.
     #[arg(long, conflicts_with = "no_init")]
     pub init: bool,

@@ -27,5 +27,5 @@ pub use service::{
     validate_user, validate_variable, Constraint, ConstraintOp, Dependency, DependsCondition,
     HealthCheck, HealthKind, NetworkMode, PlacementPolicy, Protocol, RuntimeKind, ServiceMode,
     ServiceSpec, SpecError, MAX_LABELS, MAX_NAME_LEN, MAX_REPLICAS, MAX_VARIABLE_BYTES,
-    MIN_MEMORY_MB, STACK_LABEL,
+    MIN_MEMORY_MB, SECCOMP_UNCONFINED, STACK_LABEL,
 };

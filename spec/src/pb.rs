@@ -57,6 +57,7 @@ pub fn spec_from_pb(spec: pb::ServiceSpec) -> Result<ServiceSpec, SpecError> {
         update: update_from_pb(spec.update.unwrap_or_default())?,
         autoscale: spec.autoscale.map(autoscale_from_pb),
         entrypoint: spec.entrypoint.map(|argv| argv.args),
+        seccomp: Some(spec.seccomp).filter(|s| !s.is_empty()),
         labels: spec.labels.into_iter().collect(),
         depends_on: spec
             .depends_on
@@ -200,6 +201,7 @@ pub fn spec_to_pb(spec: &ServiceSpec) -> pb::ServiceSpec {
             .as_ref()
             .map(|args| pb::Argv { args: args.clone() }),
         labels: spec.labels.clone().into_iter().collect(),
+        seccomp: spec.seccomp.clone().unwrap_or_default(),
         depends_on: spec
             .depends_on
             .iter()

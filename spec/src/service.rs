@@ -212,7 +212,15 @@ pub struct ServiceSpec {
     /// (Compose's `depends_on`); later updates are not held.
     #[serde(default)]
     pub depends_on: Vec<Dependency>,
+    /// The container's seccomp filter (Docker's `--security-opt seccomp=`):
+    /// `None`, Docker's default profile; `"unconfined"`, none; otherwise
+    /// a profile in the OCI runtime spec's `linux.seccomp` JSON form.
+    #[serde(default)]
+    pub seccomp: Option<String>,
 }
+
+/// `seccomp` value that turns the filter off.
+pub const SECCOMP_UNCONFINED: &str = "unconfined";
 
 /// The label that names the stack a service was deployed by.
 pub const STACK_LABEL: &str = "skiff.stack";
@@ -553,6 +561,7 @@ impl ServiceSpec {
         }
         self.validate_labels()?;
         self.validate_depends_on()?;
+        self.validate_seccomp()?;
         self.update.validate()?;
         if let Some(autoscale) = &self.autoscale {
             autoscale.validate()?;
@@ -610,6 +619,7 @@ impl ServiceSpec {
             entrypoint,
             labels: _,
             depends_on: _,
+            seccomp,
         } = self;
         *name == other.name
             && *runtime == other.runtime
@@ -631,6 +641,7 @@ impl ServiceSpec {
             && *publish == other.publish
             && *protocol == other.protocol
             && *entrypoint == other.entrypoint
+            && *seccomp == other.seccomp
     }
 
     /// The bounds of [`limits`], each named with its field.
@@ -705,6 +716,37 @@ impl ServiceSpec {
                     format!("is over {} bytes; shorten it", limits::TEXT_BYTES),
                 ));
             }
+        }
+        Ok(())
+    }
+
+    fn validate_seccomp(&self) -> Result<(), SpecError> {
+        let Some(seccomp) = &self.seccomp else {
+            return Ok(());
+        };
+        if self.runtime != RuntimeKind::Oci {
+            return Err(SpecError::new(
+                "security-opt",
+                "seccomp applies to containers only; use --image REF, or drop --security-opt",
+            ));
+        }
+        if seccomp == SECCOMP_UNCONFINED {
+            return Ok(());
+        }
+        let profile: serde_json::Value = serde_json::from_str(seccomp).map_err(|e| {
+            SpecError::new(
+                "security-opt",
+                format!("the seccomp profile is not JSON ({e}); use seccomp=unconfined or seccomp=FILE with an OCI linux.seccomp object"),
+            )
+        })?;
+        if !profile
+            .get("defaultAction")
+            .is_some_and(serde_json::Value::is_string)
+        {
+            return Err(SpecError::new(
+                "security-opt",
+                "the seccomp profile has no defaultAction; give an OCI linux.seccomp object (defaultAction, architectures, syscalls)",
+            ));
         }
         Ok(())
     }

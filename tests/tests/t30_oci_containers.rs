@@ -644,6 +644,26 @@ fn containers_run_under_dockers_seccomp_profile_in_their_own_cgroup_namespace() 
     cluster.skiff_ok(&[
         "service", "create", "--detach", "web", "--image", &web, "--port", "80",
     ]);
+    // A service may ask for no filter (`--security-opt seccomp=unconfined`).
+    cluster.skiff_ok(&[
+        "service",
+        "create",
+        "--detach",
+        "free",
+        "--image",
+        &web,
+        "--port",
+        "80",
+        "--security-opt",
+        "seccomp=unconfined",
+    ]);
+    let free = cluster
+        .wait_replicas("free", 1, "running", |a| {
+            a.state == "running" && pid_alive(a.pid)
+        })
+        .remove(0);
+    assert_eq!(seccomp_mode(free.pid).as_deref(), Some("0"), "unconfined");
+    cluster.skiff_ok(&["service", "rm", "free"]);
     let jail = cluster
         .wait_replicas("jail", 1, "running", |a| {
             a.state == "running" && pid_alive(a.pid)

@@ -246,6 +246,9 @@ fn updated_spec(current: &pb::ServiceSpec, args: &UpdateArgs) -> anyhow::Result<
             bail!("invalid label-rm: the service has no label \"{key}\"");
         }
     }
+    if let Some(option) = &args.security_opt {
+        spec.seccomp = super::service::seccomp_option(option)?.unwrap_or_default();
+    }
     if args.init {
         spec.init = Some(true);
     } else if args.no_init {

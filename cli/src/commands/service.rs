@@ -431,11 +431,33 @@ fn build_spec(args: &CreateArgs, replicas: u32) -> anyhow::Result<pb::ServiceSpe
             },
         }),
         labels: labels(&args.labels)?,
+        seccomp: match &args.security_opt {
+            Some(option) => seccomp_option(option)?.unwrap_or_default(),
+            None => String::new(),
+        },
         ..pb::ServiceSpec::default()
     };
     // Every field through the one validation the server runs too.
     spec::pb::spec_from_pb(spec.clone()).map_err(invalid)?;
     Ok(spec)
+}
+
+/// `--security-opt seccomp=...` as the spec holds it: `None` for the
+/// default profile, `"unconfined"`, or the profile file's JSON.
+pub(crate) fn seccomp_option(option: &str) -> anyhow::Result<Option<String>> {
+    let value = option
+        .strip_prefix("seccomp=")
+        .or_else(|| option.strip_prefix("seccomp:"))
+        .with_context(|| {
+            format!("invalid --security-opt \"{option}\": use seccomp=unconfined, seccomp=default or seccomp=FILE")
+        })?;
+    match value {
+        "default" => Ok(None),
+        spec::SECCOMP_UNCONFINED => Ok(Some(value.to_string())),
+        file => std::fs::read_to_string(file).map(Some).with_context(|| {
+            format!("invalid --security-opt: cannot read the seccomp profile {file}")
+        }),
+    }
 }
 
 fn labels(pairs: &[String]) -> anyhow::Result<HashMap<String, String>> {

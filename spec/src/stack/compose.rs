@@ -165,8 +165,7 @@ fn refusal(key: &str) -> String {
         "build" => {
             "Skiff runs images: build and push the image, then name it in image:".to_string()
         }
-        "privileged" | "cap_add" | "cap_drop" | "devices" | "pid" | "ipc" | "security_opt"
-        | "userns_mode" => {
+        "privileged" | "cap_add" | "cap_drop" | "devices" | "pid" | "ipc" | "userns_mode" => {
             format!("Skiff runs containers with Docker's default hardening; {key} is not supported")
         }
         "links" | "external_links" => "services find each other by name; drop links".to_string(),
@@ -319,6 +318,11 @@ fn read_service(
             "user" => spec.user = Some(n.string()?),
             "working_dir" => spec.workdir = Some(n.string()?),
             "init" => spec.init = Some(n.bool()?),
+            "security_opt" => {
+                for option in n.string_list()? {
+                    spec.seccomp = read_security_opt(&option, &path, context)?.or(spec.seccomp);
+                }
+            }
             "network_mode" => {
                 spec.network = match n.string()?.as_str() {
                     "host" => NetworkMode::Host,
@@ -410,6 +414,35 @@ fn read_service(
 }
 
 /// `env_file`: a path, or a list of paths or `{path, required}`.
+/// One `security_opt` entry: `seccomp=unconfined` (or `:`), `seccomp=FILE`
+/// (an OCI `linux.seccomp` object, read relative to the first file), and
+/// `no-new-privileges` (always on in Skiff). Others are refused.
+fn read_security_opt(
+    option: &str,
+    path: &str,
+    context: &mut Context,
+) -> Result<Option<String>, StackError> {
+    let (key, value) = option.split_once(['=', ':']).unwrap_or((option, ""));
+    match key {
+        "no-new-privileges" => Ok(None),
+        "seccomp" if value == crate::SECCOMP_UNCONFINED => Ok(Some(value.to_string())),
+        "seccomp" if !value.is_empty() => {
+            let full = if Path::new(value).is_absolute() {
+                Path::new(value).to_path_buf()
+            } else {
+                context.base_dir.join(value)
+            };
+            context.fs.read(&full).map(Some).map_err(|e| {
+                StackError::invalid(path, format!("cannot read the seccomp profile {}: {e}", full.display()))
+            })
+        }
+        _ => Err(StackError::invalid(
+            path,
+            format!("security_opt {option} is not supported; Skiff takes seccomp=unconfined, seccomp=FILE and no-new-privileges"),
+        )),
+    }
+}
+
 fn read_env_file_list(node: Node) -> Result<Vec<(String, String, bool)>, StackError> {
     if let Value::String(path) = node.value {
         return Ok(vec![(path.clone(), node.path.to_string(), true)]);

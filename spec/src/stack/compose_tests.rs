@@ -722,3 +722,16 @@ fn strict_turns_a_compose_warning_into_an_error() {
         "{err}"
     );
 }
+
+#[test]
+fn security_opt_takes_seccomp_unconfined_or_a_profile_file_and_refuses_the_rest() {
+    let s = spec_of(&format!(
+        "{IMAGE}security_opt: [\"seccomp=unconfined\", \"no-new-privileges:true\"]\n"
+    ));
+    assert_eq!(s.seccomp.as_deref(), Some("unconfined"));
+    let err = error_of(&format!("{IMAGE}security_opt: [\"apparmor=unconfined\"]\n"));
+    assert!(
+        err.contains("security_opt") && err.contains("seccomp=FILE"),
+        "{err}"
+    );
+}

@@ -236,15 +236,18 @@ fn spec(rng: &mut StdRng, name: String, earlier: &[String]) -> ServiceSpec {
         }
         policy
     });
+    if s.runtime == crate::RuntimeKind::Oci && rng.gen_bool(0.3) {
+        let profiles = [
+            "unconfined",
+            r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["mount"],"action":"SCMP_ACT_ERRNO"}]}"#,
+        ];
+        s.seccomp = profiles.choose(rng).map(|p| p.to_string());
+    }
     for dep in earlier {
         if rng.gen_bool(0.4) {
-            let condition = *[
-                DependsCondition::Started,
-                DependsCondition::Healthy,
-                DependsCondition::Completed,
-            ]
-            .choose(rng)
-            .unwrap_or(&DependsCondition::Started);
+            let condition = *[DependsCondition::Started, DependsCondition::Healthy]
+                .choose(rng)
+                .unwrap_or(&DependsCondition::Started);
             s.depends_on.push(crate::Dependency {
                 service: dep.clone(),
                 condition,

@@ -44,6 +44,7 @@ const SERVICE_KEYS: &[&str] = &[
     "labels",
     "depends-on",
     "profiles",
+    "seccomp",
 ];
 
 const HEALTH_KEYS: &[&str] = &[
@@ -126,6 +127,7 @@ fn read_service(name: String, node: Node) -> Result<ReadService, StackError> {
             "replicas" => spec.replicas = n.u32()?,
             "command" => spec.command = n.command()?,
             "entrypoint" => spec.entrypoint = Some(n.command()?),
+            "seccomp" => spec.seccomp = Some(n.string()?),
             "env" => spec.env = n.string_map_strict()?,
             "workdir" => spec.workdir = Some(n.string()?),
             "port" => spec.port = Some(n.port()?),
@@ -366,6 +368,9 @@ fn write_service(
     }
     if let Some(entrypoint) = &spec.entrypoint {
         put("entrypoint", list(entrypoint));
+    }
+    if let Some(seccomp) = &spec.seccomp {
+        put("seccomp", seccomp.as_str().into());
     }
     if !spec.env.is_empty() {
         put("env", string_map(&spec.env));

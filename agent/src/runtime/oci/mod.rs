@@ -318,9 +318,7 @@ impl OciRuntime {
             hosts,
             cgroups_path: Self::cgroups_path(spec),
             port,
-            seccomp: Some(
-                seccomp::default_profile().map_err(|e| format!("invalid seccomp profile: {e}"))?,
-            ),
+            seccomp: seccomp::for_replica(spec.seccomp.as_deref())?,
         };
         let oci = spec::build(spec, &image, &user, &setup)?;
         let json = serde_json::to_vec_pretty(&oci)

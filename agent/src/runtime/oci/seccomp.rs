@@ -542,6 +542,21 @@ pub fn allowed_names(profile: &LinuxSeccomp) -> Vec<&str> {
         .collect()
 }
 
+/// The filter a replica's spec asks for: Docker's default profile when it
+/// names none, no filter for `"unconfined"`, else the OCI `linux.seccomp`
+/// object it carries (validated by `skiff_spec` before it got here).
+pub fn for_replica(asked: Option<&str>) -> Result<Option<LinuxSeccomp>, String> {
+    match asked {
+        None => default_profile()
+            .map(Some)
+            .map_err(|e| format!("invalid seccomp profile: {e}")),
+        Some(skiff_spec::SECCOMP_UNCONFINED) => Ok(None),
+        Some(json) => serde_json::from_str(json)
+            .map(Some)
+            .map_err(|e| format!("invalid seccomp profile of the service: {e}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -568,6 +583,16 @@ mod tests {
             profile_for("aarch64").unwrap().architectures().as_deref(),
             Some(&[Arch::ScmpArchAarch64, Arch::ScmpArchArm][..])
         );
+    }
+
+    #[test]
+    fn a_service_may_ask_for_no_filter_or_its_own() {
+        assert!(for_replica(None).unwrap().is_some());
+        assert!(for_replica(Some("unconfined")).unwrap().is_none());
+        let own = r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["mount"],"action":"SCMP_ACT_ERRNO"}]}"#;
+        let profile = for_replica(Some(own)).unwrap().unwrap();
+        assert_eq!(profile.default_action(), LinuxSeccompAction::ScmpActAllow);
+        assert!(for_replica(Some("{")).is_err());
     }
 
     #[test]
