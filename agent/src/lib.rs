@@ -81,6 +81,7 @@ pub async fn run(
         oci: oci.clone(),
     };
     let allocs_dir = store.alloc_dir("");
+    let kept_logs_dir = store.logs_dir().to_path_buf();
     let mut local = LocalAllocs::new(Arc::new(runtime), store, supervisor_config, updates_tx);
     local.recover()?;
 
@@ -94,7 +95,9 @@ pub async fn run(
         })?;
     let logs_addr = listener.local_addr().ok();
     let (logs_stop, logs_stopped) = tokio::sync::oneshot::channel::<()>();
-    let log_service = logs::LogService::new(allocs_dir.clone()).with_images(oci.clone());
+    let log_service = logs::LogService::new(allocs_dir.clone())
+        .with_kept_logs(kept_logs_dir)
+        .with_images(oci.clone());
     let log_server = tokio::spawn(log_service.serve(listener, async {
         let _ = logs_stopped.await;
     }));

@@ -1,10 +1,12 @@
 //! The node's local allocations: one supervisor per allocation that should
 //! run, the records of replicas a previous agent left behind, and the last
-//! status of each, resent after every reconnect.
+//! status of each, resent after every reconnect. An allocation the control
+//! plane no longer assigns, once stopped, is retired: its directory removed,
+//! its logs kept a while (see `store.rs`).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -39,6 +41,8 @@ pub struct LocalAllocs<R: Runtime> {
     assigned: Option<Vec<Assigned>>,
     /// Every id in the last assignment set, including refused ones.
     assigned_ids: BTreeSet<String>,
+    /// Allocations whose directory is being retired off the async threads.
+    retiring: Arc<Mutex<BTreeSet<String>>>,
 }
 
 impl<R: Runtime> LocalAllocs<R> {
@@ -58,6 +62,7 @@ impl<R: Runtime> LocalAllocs<R> {
             statuses: BTreeMap::new(),
             assigned: None,
             assigned_ids: BTreeSet::new(),
+            retiring: Arc::default(),
         }
     }
 
@@ -198,6 +203,49 @@ impl<R: Runtime> LocalAllocs<R> {
         let (supervisors, assigned_ids) = (&self.supervisors, &self.assigned_ids);
         self.statuses
             .retain(|id, _| supervisors.contains_key(id) || assigned_ids.contains(id));
+        self.retire_unassigned();
+    }
+
+    /// Retires every allocation directory that nothing here knows any more:
+    /// no supervisor, no dormant record, not in the assignment set (also
+    /// directories earlier agents left). Removal can be slow (a process
+    /// replica may have written into its directory), so it runs on the
+    /// blocking pool, one batch per allocation at a time.
+    fn retire_unassigned(&self) {
+        let mut retiring = self.retiring.lock().unwrap_or_else(PoisonError::into_inner);
+        let gone: Vec<String> = self
+            .store
+            .alloc_ids()
+            .into_iter()
+            .filter(|id| {
+                !self.supervisors.contains_key(id)
+                    && !self.dormant.contains_key(id)
+                    && !self.assigned_ids.contains(id)
+                    && !retiring.contains(id)
+            })
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+        retiring.extend(gone.iter().cloned());
+        drop(retiring);
+        let (store, retiring) = (self.store.clone(), self.retiring.clone());
+        tokio::task::spawn_blocking(move || {
+            for id in gone {
+                match store.retire(&id, SystemTime::now()) {
+                    Ok(()) => {
+                        tracing::info!(alloc = %id, "removed the directory of a replica no longer assigned; its logs are kept")
+                    }
+                    Err(e) => {
+                        tracing::warn!(alloc = %id, error = %e, "failed to remove the directory of a replica no longer assigned")
+                    }
+                }
+                retiring
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&id);
+            }
+        });
     }
 
     fn spawn(&mut self, spec: crate::spec::ReplicaSpec, restarts: u32, adopted: Option<R::Handle>) {
@@ -326,6 +374,68 @@ mod tests {
         assert!(store.load_all().unwrap().is_empty());
         assert_eq!(second.statuses().count(), 0);
         second.shutdown(true).await;
+    }
+
+    #[tokio::test]
+    async fn directories_of_allocations_no_longer_assigned_are_removed_and_their_logs_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(AllocStore::open(dir.path()).unwrap());
+        // Left by an earlier agent: a directory without a record.
+        let old = store.alloc_dir("old1");
+        std::fs::create_dir_all(&old).unwrap();
+        std::fs::write(old.join("stderr.log"), b"old\n").unwrap();
+
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut local = LocalAllocs::new(
+            Arc::new(ProcessRuntime::new()),
+            store.clone(),
+            quick_config(),
+            tx,
+        );
+        local.recover().unwrap();
+        let stop = |id: &str| Assigned {
+            desired: Desired::Stop,
+            ..run(id)
+        };
+        local.assign(vec![run("a1"), run("a2")], vec![]);
+        next(&mut rx, &mut local, AllocState::Running).await;
+        next(&mut rx, &mut local, AllocState::Running).await;
+        let kept = |id: &str, log: &str| {
+            !store.alloc_dir(id).exists() && store.logs_dir().join(id).join(log).is_file()
+        };
+        let eventually = |cond: &dyn Fn() -> bool| {
+            (0..100).any(|_| {
+                if cond() {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+                false
+            })
+        };
+        assert!(
+            eventually(&|| kept("old1", "stderr.log")),
+            "a directory nothing assigns is retired"
+        );
+        for id in ["a1", "a2"] {
+            std::fs::write(store.alloc_dir(id).join("stdout.log"), b"out\n").unwrap();
+        }
+
+        // a1 stopped but still assigned (desired stop): its directory stays for `service logs`.
+        local.assign(vec![stop("a1"), run("a2")], vec![]);
+        next(&mut rx, &mut local, AllocState::Stopped).await;
+        assert!(store.alloc_dir("a1").is_dir(), "kept while assigned");
+
+        // Both gone from the assignments: a1 is retired at once, a2 once stopped.
+        local.assign(vec![], vec![]);
+        next(&mut rx, &mut local, AllocState::Stopped).await;
+        assert!(eventually(&|| kept("a1", "stdout.log")), "a1 not retired");
+        assert!(eventually(&|| kept("a2", "stdout.log")), "a2 not retired");
+        assert_eq!(
+            std::fs::read(store.logs_dir().join("a2/stdout.log")).unwrap(),
+            b"out\n"
+        );
+        assert!(store.alloc_ids().is_empty());
+        local.shutdown(true).await;
     }
 
     #[tokio::test]

@@ -155,11 +155,13 @@ fn read_new(path: &Path, offset: &mut u64) -> Vec<u8> {
     buf
 }
 
-/// Serves `AgentLogs` for the allocations under `allocs_dir`, and prunes
+/// Serves `AgentLogs` for the allocations under `allocs_dir` (and, once an
+/// allocation is retired, from its kept logs under `kept_dir`), and prunes
 /// the images of `oci` (if given).
 #[derive(Clone)]
 pub struct LogService {
     allocs_dir: PathBuf,
+    kept_dir: Option<PathBuf>,
     oci: Option<Arc<crate::runtime::oci::OciRuntime>>,
 }
 
@@ -167,8 +169,15 @@ impl LogService {
     pub fn new(allocs_dir: PathBuf) -> Self {
         Self {
             allocs_dir,
+            kept_dir: None,
             oci: None,
         }
+    }
+
+    /// Logs of retired allocations are read from `kept_dir/<id>/`.
+    pub fn with_kept_logs(mut self, kept_dir: PathBuf) -> Self {
+        self.kept_dir = Some(kept_dir);
+        self
     }
 
     /// `Prune` removes the images `oci` holds no lease on.
@@ -260,15 +269,25 @@ impl AgentLogs for LogService {
         &self,
         request: Request<pb::LogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
-        let request = request.into_inner();
+        let mut request = request.into_inner();
         crate::spec::validate_alloc_id(&request.alloc_id)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let dir = self.allocs_dir.join(&request.alloc_id);
+        let mut dir = self.allocs_dir.join(&request.alloc_id);
         if !dir.is_dir() {
-            return Err(Status::not_found(format!(
-                "replica {} has no logs on this node",
-                request.alloc_id
-            )));
+            let kept = self.kept_dir.as_ref().map(|d| d.join(&request.alloc_id));
+            match kept.filter(|d| d.is_dir()) {
+                Some(kept) => {
+                    // Retired: nothing will be written any more.
+                    request.follow = false;
+                    dir = kept;
+                }
+                None => {
+                    return Err(Status::not_found(format!(
+                        "replica {} has no logs on this node",
+                        request.alloc_id
+                    )))
+                }
+            }
         }
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(stream_logs(dir, request, tx));
@@ -348,6 +367,43 @@ mod tests {
         assert!(read_new(&path, &mut offset).is_empty());
         fs::write(&path, "d\n").unwrap();
         assert_eq!(read_new(&path, &mut offset), b"d\n");
+    }
+
+    #[tokio::test]
+    async fn logs_of_a_retired_replica_are_served_from_the_kept_logs_without_following() {
+        use tokio_stream::StreamExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (allocs, kept) = (dir.path().join("allocs"), dir.path().join("logs"));
+        fs::create_dir_all(&allocs).unwrap();
+        fs::create_dir_all(kept.join("a1")).unwrap();
+        fs::write(log_path(&kept.join("a1"), "stderr"), "bye\n").unwrap();
+        let service = LogService::new(allocs).with_kept_logs(kept);
+        let request = |id: &str| {
+            Request::new(pb::LogsRequest {
+                alloc_id: id.into(),
+                follow: true,
+                tail: 0,
+            })
+        };
+        let mut stream = service.logs(request("a1")).await.unwrap().into_inner();
+        let mut stderr = Vec::new();
+        // Ends by itself: a retired replica writes nothing more.
+        let ended = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.unwrap();
+                if chunk.stream == "stderr" {
+                    stderr.extend(chunk.data);
+                }
+            }
+        })
+        .await;
+        assert!(
+            ended.is_ok(),
+            "following a retired replica's logs never ended"
+        );
+        assert_eq!(stderr, b"bye\n");
+        let missing = service.logs(request("a2")).await.err().unwrap();
+        assert_eq!(missing.code(), tonic::Code::NotFound);
     }
 
     #[tokio::test]

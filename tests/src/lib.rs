@@ -379,7 +379,7 @@ pub fn proc_env(pid: u32) -> HashMap<String, String> {
 }
 
 /// Start time of `pid` in clock ticks since boot: with the PID, identifies one process.
-fn proc_start_time(pid: u32) -> Option<u64> {
+pub fn proc_start_time(pid: u32) -> Option<u64> {
     proc_stat(pid)?.get(19)?.parse().ok()
 }
 
@@ -395,7 +395,7 @@ pub fn sigkill(pid: u32) {
 
 /// Kills the process `pid` started at `start_time` and, if it leads one, its process group;
 /// does nothing if the PID now belongs to another process.
-fn kill_if_same(pid: u32, start_time: u64) {
+pub fn kill_if_same(pid: u32, start_time: u64) {
     if pid == 0 || proc_start_time(pid) != Some(start_time) {
         return;
     }

@@ -195,6 +195,19 @@ pub fn is_mount_point(path: &Path) -> bool {
         .any(|mp| unescape_mountinfo(mp) == wanted)
 }
 
+/// Whether anything is mounted at `dir` or below it, read from
+/// `/proc/self/mountinfo`: a directory about to be removed recursively must
+/// not hold a mount (the removal would reach into it).
+pub fn has_mount_under(dir: &Path) -> bool {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let dir = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|mp| Path::new(&unescape_mountinfo(mp)).starts_with(&dir))
+}
+
 /// Mount points in mountinfo escape space, tab, newline and backslash as
 /// octal.
 fn unescape_mountinfo(s: &str) -> String {
