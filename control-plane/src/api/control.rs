@@ -12,6 +12,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::events::EventFilter;
+use super::leader_view::{forwarded, LeaderView};
 use super::{convert, status_from, Api};
 use crate::controllers::now_ms;
 use crate::state::{Availability, Command, Event};
@@ -139,23 +140,44 @@ impl pb::control_server::Control for Api {
         &self,
         request: Request<pb::GetServiceRequest>,
     ) -> Result<Response<pb::ServiceStatus>, Status> {
+        let metadata = request.metadata().clone();
         let name = request.into_inner().name;
+        let asked = pb::GetServiceRequest { name: name.clone() };
+        let view = self
+            .ask_leader(&metadata, |mut leader| async move {
+                leader.get_service(forwarded(asked)).await
+            })
+            .await;
+        if let LeaderView::Leader(answer) = view {
+            return answer;
+        }
         let mut status = self.service_status(&name).await?;
         status.traffic = self.service_traffic(&name);
         status.usage = self.service_usage(&name);
+        status.leader_unreachable = matches!(view, LeaderView::Unreachable);
         Ok(Response::new(status))
     }
 
     async fn list_nodes(
         &self,
-        _request: Request<pb::ListNodesRequest>,
+        request: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let view = self
+            .ask_leader(request.metadata(), |mut leader| async move {
+                leader.list_nodes(forwarded(pb::ListNodesRequest {})).await
+            })
+            .await;
+        let own = match view {
+            LeaderView::Leader(answer) => return answer,
+            LeaderView::Here => false,
+            LeaderView::Unreachable => true,
+        };
         self.barrier().await?;
         let state = self.consensus.state();
         let nodes = state
             .nodes
             .values()
-            .map(|node| convert::node_to_pb(&state, node, self.heartbeat_age(&node.name)))
+            .map(|node| self.node_to_pb(&state, node, own))
             .collect();
         Ok(Response::new(pb::ListNodesResponse { nodes }))
     }
@@ -212,6 +234,7 @@ impl pb::control_server::Control for Api {
         &self,
         request: Request<pb::SetNodeAvailabilityRequest>,
     ) -> Result<Response<pb::Node>, Status> {
+        let metadata = request.metadata().clone();
         let request = request.into_inner();
         let availability = Availability::parse(&request.availability).ok_or_else(|| {
             Status::invalid_argument(format!(
@@ -227,17 +250,32 @@ impl pb::control_server::Control for Api {
             deadline_ms,
         })
         .await?;
+        // The heartbeat in the answer is the leader's, as `node ls` shows.
+        let asked = pb::InspectNodeRequest {
+            name: request.name.clone(),
+        };
+        let view = self
+            .ask_leader(&metadata, |mut leader| async move {
+                leader.inspect_node(forwarded(asked)).await
+            })
+            .await;
+        let own = match view {
+            LeaderView::Leader(Ok(detail)) => {
+                if let Some(node) = detail.into_inner().node {
+                    return Ok(Response::new(node));
+                }
+                true
+            }
+            LeaderView::Leader(Err(_)) | LeaderView::Unreachable => true,
+            LeaderView::Here => false,
+        };
         self.barrier().await?;
         let state = self.consensus.state();
         let node = state
             .nodes
             .get(&request.name)
             .ok_or_else(|| Status::not_found(format!("node \"{}\" not found", request.name)))?;
-        Ok(Response::new(convert::node_to_pb(
-            &state,
-            node,
-            self.heartbeat_age(&node.name),
-        )))
+        Ok(Response::new(self.node_to_pb(&state, node, own)))
     }
 
     type EventsStream = EventStream;
@@ -342,18 +380,26 @@ impl pb::control_server::Control for Api {
         &self,
         request: Request<pb::InspectNodeRequest>,
     ) -> Result<Response<pb::NodeDetail>, Status> {
+        let metadata = request.metadata().clone();
         let name = request.into_inner().name;
+        let asked = pb::InspectNodeRequest { name: name.clone() };
+        let view = self
+            .ask_leader(&metadata, |mut leader| async move {
+                leader.inspect_node(forwarded(asked)).await
+            })
+            .await;
+        let own = match view {
+            LeaderView::Leader(answer) => return answer,
+            LeaderView::Here => false,
+            LeaderView::Unreachable => true,
+        };
         self.barrier().await?;
         let state = self.consensus.state();
         let node = state.nodes.get(&name).ok_or_else(|| {
             Status::not_found(format!("node \"{name}\" not found; see `skiff node ls`"))
         })?;
         Ok(Response::new(pb::NodeDetail {
-            node: Some(convert::node_to_pb(
-                &state,
-                node,
-                self.heartbeat_age(&node.name),
-            )),
+            node: Some(self.node_to_pb(&state, node, own)),
             allocations: state.allocs_on(&name).map(convert::alloc_to_pb).collect(),
         }))
     }
