@@ -202,3 +202,37 @@ fn every_server_shows_the_leaders_heartbeats_also_a_restarted_former_leader() {
         servers.log(leader)
     );
 }
+
+#[test]
+fn cluster_status_on_any_server_shows_a_killed_member_unreachable() {
+    let mut servers = ServerCluster::start(3, &[]);
+    let leader = servers.leader().expect("a leader");
+    let killed = (leader + 1) % 3;
+    let other = (leader + 2) % 3;
+    servers.kill9(killed);
+    let name = format!("s{}", killed + 1);
+    for asked in [leader, other] {
+        let server = servers.addresses[asked].clone();
+        let seen = wait_until(Duration::from_secs(5), POLL, || {
+            let Some(status) = json_at(&server, &["cluster", "status"]) else {
+                return false;
+            };
+            let members = status["members"].as_array().cloned().unwrap_or_default();
+            members.len() == 3
+                && members.iter().all(|m| {
+                    let contact = m["last_contact_ms"].as_u64().unwrap_or(u64::MAX);
+                    if m["name"] == name.as_str() {
+                        m["reachable"] == "no" && contact >= 1000
+                    } else {
+                        m["reachable"] == "yes" && contact < 1000
+                    }
+                })
+        });
+        assert!(
+            seen,
+            "server {} shows {:?}",
+            asked + 1,
+            json_at(&server, &["cluster", "status"])
+        );
+    }
+}

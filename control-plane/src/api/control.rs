@@ -490,8 +490,20 @@ impl pb::control_server::Control for Api {
 
     async fn cluster_status(
         &self,
-        _request: Request<pb::ClusterStatusRequest>,
+        request: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        // Reachability is the leader's to tell: ask it, unless this is it.
+        let view = self
+            .ask_leader(request.metadata(), |mut leader| async move {
+                leader
+                    .cluster_status(forwarded(pb::ClusterStatusRequest {}))
+                    .await
+            })
+            .await;
+        let leaders_view: Option<Vec<pb::Member>> = match view {
+            LeaderView::Leader(Ok(answer)) => Some(answer.into_inner().members),
+            LeaderView::Leader(Err(_)) | LeaderView::Unreachable | LeaderView::Here => None,
+        };
         let status = self.consensus.status();
         let state = self.consensus.state();
         let name_of = |id: u64| {
@@ -500,29 +512,38 @@ impl pb::control_server::Control for Api {
                 .get(&id)
                 .map_or_else(|| id.to_string(), |m| m.name.clone())
         };
+        let member = |id: u64, name: String, address: String| {
+            let role = if id == status.id {
+                status.role.to_string()
+            } else if id == status.leader_id {
+                "leader".to_string()
+            } else {
+                "follower".to_string()
+            };
+            let seen = leaders_view
+                .as_ref()
+                .and_then(|members| members.iter().find(|m| m.id == id));
+            let (reachable, last_contact_ms, matched_index) = match seen {
+                Some(m) => (m.reachable.clone(), m.last_contact_ms, m.matched_index),
+                None => self.own_contact(id, &status),
+            };
+            pb::Member {
+                id,
+                name,
+                address,
+                role,
+                reachable,
+                last_contact_ms,
+                matched_index,
+            }
+        };
         let mut members: Vec<pb::Member> = state
             .members
             .values()
-            .map(|m| pb::Member {
-                id: m.id,
-                name: m.name.clone(),
-                address: m.address.clone(),
-                role: if m.id == status.id {
-                    status.role.to_string()
-                } else if m.id == status.leader_id {
-                    "leader".to_string()
-                } else {
-                    "follower".to_string()
-                },
-            })
+            .map(|m| member(m.id, m.name.clone(), m.address.clone()))
             .collect();
         if !state.members.contains_key(&status.id) {
-            members.push(pb::Member {
-                id: status.id,
-                name: self.server_name.clone(),
-                address: String::new(),
-                role: status.role.to_string(),
-            });
+            members.push(member(status.id, self.server_name.clone(), String::new()));
         }
         Ok(Response::new(pb::ClusterStatusResponse {
             members,
@@ -535,6 +556,32 @@ impl pb::control_server::Control for Api {
             commit_index: status.commit_index,
             applied_index: status.applied_index,
         }))
+    }
+}
+
+impl Api {
+    /// Member `id`'s reachability, last contact and matched index as this
+    /// server knows them: all of it on the leader; on a follower, only its
+    /// contact with the leader ("unknown" for the others).
+    fn own_contact(&self, id: u64, status: &crate::consensus::RaftStatus) -> (String, u64, u64) {
+        if id == status.id {
+            return ("yes".into(), 0, status.last_index);
+        }
+        let leading = status.leader_id == status.id;
+        if !leading && id != status.leader_id {
+            return ("unknown".into(), u64::MAX, 0);
+        }
+        let contact = self.consensus.contact(id);
+        let reachable = contact
+            .since_heard
+            .is_some_and(|since| since < self.consensus.election_timeout());
+        (
+            if reachable { "yes" } else { "no" }.into(),
+            contact
+                .since_heard
+                .map_or(u64::MAX, |since| since.as_millis() as u64),
+            contact.matched.unwrap_or(0),
+        )
     }
 }
 
