@@ -432,18 +432,10 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
                 () = tick(&mut heartbeat) => {
                     send(&outbound, AgentMsg::Heartbeat(Heartbeat {}));
                 }
-                _ = traffic.tick() => {
+                () = report_due(&mut traffic, demand.as_deref()) => {
                     if let Some(report) = self.traffic_report() {
                         send(&outbound, AgentMsg::Traffic(report));
                     }
-                }
-                // A connection started waiting for a replica: report now,
-                // so the control plane wakes the service at once.
-                () = notified(demand.as_deref()) => {
-                    if let Some(report) = self.traffic_report() {
-                        send(&outbound, AgentMsg::Traffic(report));
-                    }
-                    traffic.reset();
                 }
             }
         }
@@ -476,10 +468,20 @@ fn send(outbound: &mpsc::UnboundedSender<AgentMessage>, msg: AgentMsg) {
     let _ = outbound.send(AgentMessage { msg: Some(msg) });
 }
 
-async fn notified(demand: Option<&tokio::sync::Notify>) {
-    match demand {
-        Some(demand) => demand.notified().await,
-        None => future::pending().await,
+/// Waits until traffic is to be reported: at every tick of `period`, and
+/// at once when a connection starts waiting for a replica (`demand`), so
+/// the control plane wakes a service at zero without waiting for the next
+/// tick; the period then starts over.
+async fn report_due(period: &mut Interval, demand: Option<&tokio::sync::Notify>) {
+    let demanded = async {
+        match demand {
+            Some(demand) => demand.notified().await,
+            None => future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = period.tick() => {}
+        () = demanded => period.reset(),
     }
 }
 
@@ -508,5 +510,38 @@ mod tests {
             let d = jitter(Duration::from_secs(1));
             assert!(d >= Duration::from_millis(800) && d <= Duration::from_millis(1200));
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn traffic_is_reported_within_100ms_of_demand_and_the_period_starts_over() {
+        let period = Duration::from_secs(2);
+        let mut traffic = tokio::time::interval(period);
+        let demand = std::sync::Arc::new(tokio::sync::Notify::new());
+        // The first tick is at once.
+        report_due(&mut traffic, Some(&demand)).await;
+        let start = Instant::now();
+        let signal = demand.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            signal.notify_one();
+        });
+        report_due(&mut traffic, Some(&demand)).await;
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_millis(300) && waited < Duration::from_millis(400),
+            "{waited:?}"
+        );
+        // The next periodic report comes a whole period after that one.
+        let after_demand = Instant::now();
+        report_due(&mut traffic, Some(&demand)).await;
+        assert!(
+            after_demand.elapsed() >= period,
+            "{:?}",
+            after_demand.elapsed()
+        );
+        // Without a proxy, only the period reports.
+        let before = Instant::now();
+        report_due(&mut traffic, None).await;
+        assert!(before.elapsed() >= period - Duration::from_millis(1));
     }
 }

@@ -1,6 +1,7 @@
 //! The replicated control plane with real `skiff server` processes on
 //! loopback: leader failover under a continuous write load without losing
-//! an acknowledged write, and catching up from a snapshot.
+//! an acknowledged write, catching up from a snapshot, and every server
+//! answering with the leader's view of what only it holds in memory.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,8 +9,10 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
+use serde_json::Value;
+use skiff_e2e::agents::{AgentCluster, AgentSpec};
 use skiff_e2e::servers::ServerCluster;
-use skiff_e2e::{wait_until, POLL};
+use skiff_e2e::{skiff_at, wait_until, POLL};
 
 #[test]
 fn writes_continue_after_the_leader_is_killed_and_no_acknowledged_write_is_lost() {
@@ -148,4 +151,88 @@ fn joins_from_a_snapshot(server_args: &[&str]) {
     // And it keeps up with new writes as a follower.
     assert!(cluster.put(joined, "late/k", "v"));
     assert!(cluster.variables(0, "late/").is_some_and(|v| v.len() == 1));
+}
+
+/// `skiff <args> --output json` on `server`, if it answered.
+fn json_at(server: &str, args: &[&str]) -> Option<Value> {
+    let args: Vec<&str> = args.iter().copied().chain(["--output", "json"]).collect();
+    let out = skiff_at(server, &args);
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).ok())
+        .flatten()
+}
+
+/// The heartbeat age `server` shows for each node (`u64::MAX`: never).
+fn heartbeat_ages(server: &str) -> Option<Vec<u64>> {
+    let nodes = json_at(server, &["node", "ls"])?;
+    nodes
+        .as_array()?
+        .iter()
+        .map(|n| n["last_heartbeat_secs"].as_u64())
+        .collect()
+}
+
+#[test]
+fn every_server_shows_the_leaders_heartbeats_also_a_restarted_former_leader() {
+    let mut servers = ServerCluster::start(3, &[]);
+    // The agent streams to the first server listed: the first leader.
+    let spec = AgentSpec {
+        name: "a1",
+        advertise: "127.0.0.2",
+        labels: &[],
+    };
+    let _agents = AgentCluster::start(&servers.addresses, &[spec]);
+    let fresh = |server: &str| heartbeat_ages(server).is_some_and(|a| a.iter().all(|s| *s <= 3));
+    for server in &servers.addresses {
+        let ok = wait_until(Duration::from_secs(5), POLL, || fresh(server));
+        assert!(ok, "{server} shows {:?}", heartbeat_ages(server));
+    }
+    let leader = servers.leader().expect("a leader");
+    servers.kill9(leader);
+    servers.restart(leader);
+    // The restarted server has no agent and never heard a heartbeat: it
+    // must show the new leader's ages, not "never".
+    let restarted = servers.addresses[leader].clone();
+    let ok = wait_until(Duration::from_secs(20), POLL, || fresh(&restarted));
+    assert!(
+        ok,
+        "{restarted} shows {:?}\n{}",
+        heartbeat_ages(&restarted),
+        servers.log(leader)
+    );
+}
+
+#[test]
+fn cluster_status_on_any_server_shows_a_killed_member_unreachable() {
+    let mut servers = ServerCluster::start(3, &[]);
+    let leader = servers.leader().expect("a leader");
+    let killed = (leader + 1) % 3;
+    let other = (leader + 2) % 3;
+    servers.kill9(killed);
+    let name = format!("s{}", killed + 1);
+    for asked in [leader, other] {
+        let server = servers.addresses[asked].clone();
+        let seen = wait_until(Duration::from_secs(5), POLL, || {
+            let Some(status) = json_at(&server, &["cluster", "status"]) else {
+                return false;
+            };
+            let members = status["members"].as_array().cloned().unwrap_or_default();
+            members.len() == 3
+                && members.iter().all(|m| {
+                    let contact = m["last_contact_ms"].as_u64().unwrap_or(u64::MAX);
+                    if m["name"] == name.as_str() {
+                        m["reachable"] == "no" && contact >= 1000
+                    } else {
+                        m["reachable"] == "yes" && contact < 1000
+                    }
+                })
+        });
+        assert!(
+            seen,
+            "server {} shows {:?}",
+            asked + 1,
+            json_at(&server, &["cluster", "status"])
+        );
+    }
 }

@@ -41,10 +41,30 @@ pub async fn run(
                         m.name.clone(),
                         m.address.clone(),
                         m.role.clone(),
+                        m.reachable.clone(),
+                        last_contact(m),
+                        if m.matched_index == 0 {
+                            "-".into()
+                        } else {
+                            m.matched_index.to_string()
+                        },
                     ]
                 })
                 .collect();
-            output::print(format, &status, &["ID", "NAME", "ADDRESS", "ROLE"], rows);
+            output::print(
+                format,
+                &status,
+                &[
+                    "ID",
+                    "NAME",
+                    "ADDRESS",
+                    "ROLE",
+                    "REACHABLE",
+                    "LAST CONTACT",
+                    "MATCHED",
+                ],
+                rows,
+            );
         }
         ClusterCommand::Remove { name } => {
             client
@@ -55,4 +75,32 @@ pub async fn run(
         }
     }
     Ok(())
+}
+
+/// When the leader last heard from `member`: "0.2s ago", "never", or "?"
+/// when the answering server could not ask the leader.
+fn last_contact(member: &pb::Member) -> String {
+    match (member.reachable.as_str(), member.last_contact_ms) {
+        ("unknown", _) => "?".into(),
+        (_, u64::MAX) => "never".into(),
+        (_, ms) => format!("{:.1}s ago", ms as f64 / 1000.0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_contact_reads_as_an_age_never_or_unknown() {
+        let member = |reachable: &str, last_contact_ms| pb::Member {
+            reachable: reachable.into(),
+            last_contact_ms,
+            ..Default::default()
+        };
+        assert_eq!(last_contact(&member("yes", 230)), "0.2s ago");
+        assert_eq!(last_contact(&member("no", 12_400)), "12.4s ago");
+        assert_eq!(last_contact(&member("no", u64::MAX)), "never");
+        assert_eq!(last_contact(&member("unknown", u64::MAX)), "?");
+    }
 }

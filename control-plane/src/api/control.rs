@@ -12,6 +12,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::events::EventFilter;
+use super::leader_view::{forwarded, LeaderView};
 use super::{convert, status_from, Api};
 use crate::controllers::now_ms;
 use crate::state::{Availability, Command, Event};
@@ -139,23 +140,44 @@ impl pb::control_server::Control for Api {
         &self,
         request: Request<pb::GetServiceRequest>,
     ) -> Result<Response<pb::ServiceStatus>, Status> {
+        let metadata = request.metadata().clone();
         let name = request.into_inner().name;
+        let asked = pb::GetServiceRequest { name: name.clone() };
+        let view = self
+            .ask_leader(&metadata, |mut leader| async move {
+                leader.get_service(forwarded(asked)).await
+            })
+            .await;
+        if let LeaderView::Leader(answer) = view {
+            return answer;
+        }
         let mut status = self.service_status(&name).await?;
         status.traffic = self.service_traffic(&name);
         status.usage = self.service_usage(&name);
+        status.leader_unreachable = matches!(view, LeaderView::Unreachable);
         Ok(Response::new(status))
     }
 
     async fn list_nodes(
         &self,
-        _request: Request<pb::ListNodesRequest>,
+        request: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let view = self
+            .ask_leader(request.metadata(), |mut leader| async move {
+                leader.list_nodes(forwarded(pb::ListNodesRequest {})).await
+            })
+            .await;
+        let own = match view {
+            LeaderView::Leader(answer) => return answer,
+            LeaderView::Here => false,
+            LeaderView::Unreachable => true,
+        };
         self.barrier().await?;
         let state = self.consensus.state();
         let nodes = state
             .nodes
             .values()
-            .map(|node| convert::node_to_pb(&state, node, self.heartbeat_age(&node.name)))
+            .map(|node| self.node_to_pb(&state, node, own))
             .collect();
         Ok(Response::new(pb::ListNodesResponse { nodes }))
     }
@@ -212,6 +234,7 @@ impl pb::control_server::Control for Api {
         &self,
         request: Request<pb::SetNodeAvailabilityRequest>,
     ) -> Result<Response<pb::Node>, Status> {
+        let metadata = request.metadata().clone();
         let request = request.into_inner();
         let availability = Availability::parse(&request.availability).ok_or_else(|| {
             Status::invalid_argument(format!(
@@ -227,17 +250,32 @@ impl pb::control_server::Control for Api {
             deadline_ms,
         })
         .await?;
+        // The heartbeat in the answer is the leader's, as `node ls` shows.
+        let asked = pb::InspectNodeRequest {
+            name: request.name.clone(),
+        };
+        let view = self
+            .ask_leader(&metadata, |mut leader| async move {
+                leader.inspect_node(forwarded(asked)).await
+            })
+            .await;
+        let own = match view {
+            LeaderView::Leader(Ok(detail)) => {
+                if let Some(node) = detail.into_inner().node {
+                    return Ok(Response::new(node));
+                }
+                true
+            }
+            LeaderView::Leader(Err(_)) | LeaderView::Unreachable => true,
+            LeaderView::Here => false,
+        };
         self.barrier().await?;
         let state = self.consensus.state();
         let node = state
             .nodes
             .get(&request.name)
             .ok_or_else(|| Status::not_found(format!("node \"{}\" not found", request.name)))?;
-        Ok(Response::new(convert::node_to_pb(
-            &state,
-            node,
-            self.heartbeat_age(&node.name),
-        )))
+        Ok(Response::new(self.node_to_pb(&state, node, own)))
     }
 
     type EventsStream = EventStream;
@@ -342,18 +380,26 @@ impl pb::control_server::Control for Api {
         &self,
         request: Request<pb::InspectNodeRequest>,
     ) -> Result<Response<pb::NodeDetail>, Status> {
+        let metadata = request.metadata().clone();
         let name = request.into_inner().name;
+        let asked = pb::InspectNodeRequest { name: name.clone() };
+        let view = self
+            .ask_leader(&metadata, |mut leader| async move {
+                leader.inspect_node(forwarded(asked)).await
+            })
+            .await;
+        let own = match view {
+            LeaderView::Leader(answer) => return answer,
+            LeaderView::Here => false,
+            LeaderView::Unreachable => true,
+        };
         self.barrier().await?;
         let state = self.consensus.state();
         let node = state.nodes.get(&name).ok_or_else(|| {
             Status::not_found(format!("node \"{name}\" not found; see `skiff node ls`"))
         })?;
         Ok(Response::new(pb::NodeDetail {
-            node: Some(convert::node_to_pb(
-                &state,
-                node,
-                self.heartbeat_age(&node.name),
-            )),
+            node: Some(self.node_to_pb(&state, node, own)),
             allocations: state.allocs_on(&name).map(convert::alloc_to_pb).collect(),
         }))
     }
@@ -444,8 +490,20 @@ impl pb::control_server::Control for Api {
 
     async fn cluster_status(
         &self,
-        _request: Request<pb::ClusterStatusRequest>,
+        request: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        // Reachability is the leader's to tell: ask it, unless this is it.
+        let view = self
+            .ask_leader(request.metadata(), |mut leader| async move {
+                leader
+                    .cluster_status(forwarded(pb::ClusterStatusRequest {}))
+                    .await
+            })
+            .await;
+        let leaders_view: Option<Vec<pb::Member>> = match view {
+            LeaderView::Leader(Ok(answer)) => Some(answer.into_inner().members),
+            LeaderView::Leader(Err(_)) | LeaderView::Unreachable | LeaderView::Here => None,
+        };
         let status = self.consensus.status();
         let state = self.consensus.state();
         let name_of = |id: u64| {
@@ -454,29 +512,38 @@ impl pb::control_server::Control for Api {
                 .get(&id)
                 .map_or_else(|| id.to_string(), |m| m.name.clone())
         };
+        let member = |id: u64, name: String, address: String| {
+            let role = if id == status.id {
+                status.role.to_string()
+            } else if id == status.leader_id {
+                "leader".to_string()
+            } else {
+                "follower".to_string()
+            };
+            let seen = leaders_view
+                .as_ref()
+                .and_then(|members| members.iter().find(|m| m.id == id));
+            let (reachable, last_contact_ms, matched_index) = match seen {
+                Some(m) => (m.reachable.clone(), m.last_contact_ms, m.matched_index),
+                None => self.own_contact(id, &status),
+            };
+            pb::Member {
+                id,
+                name,
+                address,
+                role,
+                reachable,
+                last_contact_ms,
+                matched_index,
+            }
+        };
         let mut members: Vec<pb::Member> = state
             .members
             .values()
-            .map(|m| pb::Member {
-                id: m.id,
-                name: m.name.clone(),
-                address: m.address.clone(),
-                role: if m.id == status.id {
-                    status.role.to_string()
-                } else if m.id == status.leader_id {
-                    "leader".to_string()
-                } else {
-                    "follower".to_string()
-                },
-            })
+            .map(|m| member(m.id, m.name.clone(), m.address.clone()))
             .collect();
         if !state.members.contains_key(&status.id) {
-            members.push(pb::Member {
-                id: status.id,
-                name: self.server_name.clone(),
-                address: String::new(),
-                role: status.role.to_string(),
-            });
+            members.push(member(status.id, self.server_name.clone(), String::new()));
         }
         Ok(Response::new(pb::ClusterStatusResponse {
             members,
@@ -489,6 +556,32 @@ impl pb::control_server::Control for Api {
             commit_index: status.commit_index,
             applied_index: status.applied_index,
         }))
+    }
+}
+
+impl Api {
+    /// Member `id`'s reachability, last contact and matched index as this
+    /// server knows them: all of it on the leader; on a follower, only its
+    /// contact with the leader ("unknown" for the others).
+    fn own_contact(&self, id: u64, status: &crate::consensus::RaftStatus) -> (String, u64, u64) {
+        if id == status.id {
+            return ("yes".into(), 0, status.last_index);
+        }
+        let leading = status.leader_id == status.id;
+        if !leading && id != status.leader_id {
+            return ("unknown".into(), u64::MAX, 0);
+        }
+        let contact = self.consensus.contact(id);
+        let reachable = contact
+            .since_heard
+            .is_some_and(|since| since < self.consensus.election_timeout());
+        (
+            if reachable { "yes" } else { "no" }.into(),
+            contact
+                .since_heard
+                .map_or(u64::MAX, |since| since.as_millis() as u64),
+            contact.matched.unwrap_or(0),
+        )
     }
 }
 

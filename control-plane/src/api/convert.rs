@@ -126,6 +126,7 @@ pub fn service_to_pb(state: &State, service: &Service) -> pb::ServiceStatus {
         history: history_to_pb(service),
         events: recent_events(state, name),
         usage: Vec::new(),
+        leader_unreachable: false,
     }
 }
 
@@ -150,6 +151,7 @@ pub fn node_to_pb(state: &State, node: &Node, last_heartbeat_secs: u64) -> pb::N
         port_range_end: u32::from(node.port_range.1),
         allocations: state.allocs_on(&node.name).filter(|a| a.is_live()).count() as u32,
         last_heartbeat_secs,
+        leader_unreachable: false,
     }
 }
 

@@ -10,6 +10,8 @@
 //!   use reports, and their forwarding to the leader.
 //! - `convert`: domain types to and from protobuf.
 //! - `events`: which events an `Events` call returns (`--tail`, `--since`).
+//! - `leader_view`: a follower's forwarding of the reads of what only the
+//!   leader holds in memory (heartbeats, reports, Raft progress).
 //! - `raft_service`: the Raft transport between servers.
 //! - here: [`Api`], the state both services share, and the helpers they
 //!   use (proposing, read barriers, heartbeats, `Status` from errors).
@@ -22,6 +24,7 @@ mod agent_sync;
 mod control;
 pub mod convert;
 mod events;
+mod leader_view;
 mod raft_service;
 mod reports;
 mod stacks;
@@ -32,7 +35,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use skiff_proto::v1 as pb;
+use skiff_proto::v1::control_client::ControlClient;
 use tokio::sync::watch;
+use tonic::transport::Channel;
 use tonic::Status;
 
 use crate::consensus::{Consensus, ProposeError};
@@ -41,11 +46,16 @@ use crate::state::{Command, CommandError};
 use agent_sync::NodeWatch;
 use reports::{Traffic, Usage};
 
+/// A client of the leader's `Control` service and the address it calls.
+type LeaderClient = (String, ControlClient<Channel>);
+
 /// How often agents are asked to send a heartbeat.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Shared by both services: the consensus handle and what only this server
-/// sees (the last heartbeat of each node connected to it).
+/// holds in memory (the heartbeats and reports of the agents connected to
+/// it, and on the leader those the followers forward; reads of it go to
+/// the leader, see `leader_view`).
 #[derive(Clone)]
 pub struct Api {
     consensus: Consensus,
@@ -65,6 +75,8 @@ pub struct Api {
     urgent_traffic: Arc<tokio::sync::Notify>,
     /// The latest resource use report of each node (see [`Usage`]).
     usage: Arc<Mutex<Usage>>,
+    /// The leader's address and a client of it, for forwarded reads.
+    leader_client: Arc<Mutex<Option<LeaderClient>>>,
 }
 
 impl Api {
@@ -78,6 +90,7 @@ impl Api {
             traffic: Arc::default(),
             urgent_traffic: Arc::default(),
             usage: Arc::default(),
+            leader_client: Arc::default(),
             server_name,
         }
     }
@@ -146,6 +159,20 @@ impl Api {
             .ok()
             .and_then(|b| b.get(node).map(|t| t.elapsed().as_secs()))
             .unwrap_or(u64::MAX)
+    }
+
+    /// `node` with this server's heartbeat age of it; `own_view`: this
+    /// server follows and could not ask the leader, which the answer says.
+    fn node_to_pb(
+        &self,
+        state: &crate::state::State,
+        node: &crate::state::Node,
+        own_view: bool,
+    ) -> pb::Node {
+        pb::Node {
+            leader_unreachable: own_view,
+            ..convert::node_to_pb(state, node, self.heartbeat_age(&node.name))
+        }
     }
 
     /// What the API runs beside its handlers until `shutdown`: forwarding

@@ -8,6 +8,7 @@
 //! and hard state made durable together (one fsync), messages that needed
 //! them durable, and the light ready's commit index and entries.
 
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use protobuf::Message as _;
@@ -175,6 +176,20 @@ impl<S: LogStore> Core<S> {
 
     pub fn is_leader(&self) -> bool {
         self.node.raft.state == StateRole::Leader
+    }
+
+    /// On the leader, each member's log index it knows to match its own
+    /// (raft-rs' progress); empty on a follower.
+    pub fn matched(&self) -> HashMap<u64, u64> {
+        if !self.is_leader() {
+            return HashMap::new();
+        }
+        self.node
+            .raft
+            .prs()
+            .iter()
+            .map(|(id, progress)| (*id, progress.matched))
+            .collect()
     }
 
     /// True when this server is the only voter: no reason to wait an

@@ -24,7 +24,7 @@ mod wal_storage;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc as std_mpsc;
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use raft::eraftpb::Message;
@@ -98,6 +98,26 @@ pub struct RaftStatus {
     pub voters: Vec<u64>,
 }
 
+/// What this server knows of its contact with each peer, for `cluster
+/// status`: raft-rs keeps no clock, so arrival times are noted here.
+#[derive(Default)]
+struct Contacts {
+    /// When a Raft message from each peer last arrived.
+    heard: HashMap<u64, Instant>,
+    /// On the leader, each member's matched index (`Core::matched`).
+    matched: HashMap<u64, u64>,
+}
+
+/// One peer as this server sees it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerContact {
+    /// How long ago a Raft message from it last arrived; `None`: never
+    /// since this server started.
+    pub since_heard: Option<Duration>,
+    /// On the leader: the index of its log known to match the leader's.
+    pub matched: Option<u64>,
+}
+
 /// What the leader can be asked to do on a follower's behalf.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Request {
@@ -160,6 +180,8 @@ pub struct Consensus {
     status: watch::Receiver<RaftStatus>,
     transport: Arc<Transport>,
     id: u64,
+    contacts: Arc<Mutex<Contacts>>,
+    election_timeout: Duration,
 }
 
 impl Consensus {
@@ -269,7 +291,27 @@ impl Consensus {
     }
 
     pub(crate) fn deliver(&self, message: Message) {
+        self.contacts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .heard
+            .insert(message.from, Instant::now());
         let _ = self.inbox.send(Inbox::Step(message));
+    }
+
+    /// `peer` as this server sees it (see [`PeerContact`]).
+    pub fn contact(&self, peer: u64) -> PeerContact {
+        let contacts = self.contacts.lock().unwrap_or_else(|p| p.into_inner());
+        PeerContact {
+            since_heard: contacts.heard.get(&peer).map(Instant::elapsed),
+            matched: contacts.matched.get(&peer).copied(),
+        }
+    }
+
+    /// How long followers wait for the leader before electing another: a
+    /// peer not heard from for this long counts as unreachable.
+    pub fn election_timeout(&self) -> Duration {
+        self.election_timeout
     }
 
     /// Stops the consensus thread after its current turn.
@@ -298,12 +340,15 @@ pub fn start<S: LogStore + Send + 'static>(
     }
     let (inbox_tx, inbox_rx) = std_mpsc::channel();
     let (status_tx, status_rx) = watch::channel(core.status());
+    let contacts = Arc::new(Mutex::new(Contacts::default()));
     let handle = Consensus {
         inbox: inbox_tx.clone(),
         state: core.state(),
         status: status_rx,
         transport: transport.clone(),
         id: config.id,
+        contacts: contacts.clone(),
+        election_timeout: config.tick * u32::try_from(config.election_ticks).unwrap_or(u32::MAX),
     };
     transport.attach(inbox_tx.clone(), core.state());
     // Snapshots are encoded and written by a worker, so a large state does
@@ -339,6 +384,7 @@ pub fn start<S: LogStore + Send + 'static>(
         queued: Vec::new(),
         snapshot_jobs,
         failure: None,
+        contacts,
     };
     let thread = std::thread::Builder::new()
         .name("raft".into())
@@ -381,6 +427,8 @@ struct Driver<S: LogStore> {
     snapshot_jobs: Option<std_mpsc::Sender<core::SnapshotJob>>,
     /// A storage failure met while handling the inbox; stops the thread.
     failure: Option<CoreError>,
+    /// Where the members' matched indexes are published.
+    contacts: Arc<Mutex<Contacts>>,
 }
 
 impl<S: LogStore> Driver<S> {
@@ -622,6 +670,10 @@ impl<S: LogStore> Driver<S> {
     }
 
     fn publish_status(&mut self) {
+        self.contacts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .matched = self.core.matched();
         let status = self.core.status();
         let previous = self.status.borrow().clone();
         if status.leader_id != previous.leader_id && status.leader_id != 0 {

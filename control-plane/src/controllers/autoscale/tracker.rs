@@ -9,8 +9,12 @@ use super::{
 use crate::state::{ServiceMode, State};
 use skiff_spec::Protocol;
 
-/// Two reports of one node received this close together are one report
-/// read twice (agents report every 2 s).
+/// Two equal reports of one node received this close together are one
+/// report read twice (agents report every 2 s; a report forwarded by a
+/// follower arrives with its age, so its time jitters by a few ms).
+/// Different counters make a new report however close: the one a proxy
+/// sends at once when a connection starts waiting at zero replicas may
+/// follow the periodic one by a few ms.
 const SAME_REPORT_MS: u64 = 500;
 
 /// An autoscaled service as the applied state has it.
@@ -77,10 +81,7 @@ impl Tracker {
     /// ignored) and builds a sample from the reports in the window.
     pub fn observe(&mut self, latest: Vec<NodeTraffic>, policy: &Policy, now_ms: u64) {
         for report in latest {
-            let seen = self
-                .reports
-                .iter()
-                .any(|r| r.node == report.node && r.at_ms.abs_diff(report.at_ms) < SAME_REPORT_MS);
+            let seen = self.reports.iter().any(|r| same_report(r, &report));
             if !seen {
                 self.reports.push(report);
             }
@@ -182,6 +183,14 @@ impl Tracker {
     }
 }
 
+/// Whether `a` and `b` are one report of a node read twice.
+fn same_report(a: &NodeTraffic, b: &NodeTraffic) -> bool {
+    a.node == b.node
+        && a.at_ms.abs_diff(b.at_ms) < SAME_REPORT_MS
+        && (a.requests, a.active, a.turned_away, a.waiting)
+            == (b.requests, b.active, b.turned_away, b.waiting)
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -246,6 +255,26 @@ mod tests {
             waiting,
             ..NodeTraffic::default()
         }
+    }
+
+    #[test]
+    fn a_connection_waiting_just_after_a_periodic_report_is_seen_at_once() {
+        let service = service(0, 0);
+        let mut tracker = Tracker::default();
+        tracker.observe(vec![report("a", T0, 0, 0, 0)], &service.policy, T0);
+        assert_eq!(tracker.waiting(), 0);
+        // 150 ms later a connection waits and the proxy reports at once.
+        let at = T0 + 150;
+        tracker.observe(vec![report("a", at, 0, 0, 1)], &service.policy, at);
+        assert_eq!(tracker.waiting(), 1);
+        // The same report read again (a few ms of jitter) is one report.
+        tracker.observe(
+            vec![report("a", at + 3, 0, 0, 1)],
+            &service.policy,
+            at + 100,
+        );
+        assert_eq!(tracker.reports.len(), 2);
+        assert_eq!(tracker.waiting(), 1);
     }
 
     #[test]
