@@ -164,7 +164,10 @@ fn row(n: &pb::Node) -> Vec<String> {
         },
         format!("{}-{}", n.port_range_start, n.port_range_end),
         n.allocations.to_string(),
-        if n.last_heartbeat_secs == u64::MAX {
+        if n.leader_unreachable {
+            // This server could not ask the leader, which alone knows.
+            "?".into()
+        } else if n.last_heartbeat_secs == u64::MAX {
             "never".into()
         } else {
             format!("{}s ago", n.last_heartbeat_secs)
