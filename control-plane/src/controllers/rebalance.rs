@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use super::deployment;
-use super::reconciler::{scale_down_order, REPLACEMENT_SERVING_MS};
+use super::reconcile::{scale_down_order, REPLACEMENT_SERVING_MS};
 use crate::state::{AllocState, Allocation, State};
 
 /// The next step of a rebalance.

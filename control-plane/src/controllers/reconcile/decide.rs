@@ -9,8 +9,8 @@
 
 use std::collections::BTreeMap;
 
-use super::deployment::{self, Replicas, Traffic};
-use super::rebalance;
+use crate::controllers::deployment::{self, Replicas, Traffic};
+use crate::controllers::rebalance;
 use crate::scheduler::Request;
 use crate::state::{
     AllocState, Allocation, Availability, DeploymentStep, DesiredState, ServiceMode, State,
@@ -122,7 +122,7 @@ fn deadline_passed(state: &State, alloc: &Allocation, now_ms: u64) -> bool {
 /// replicas of the service (ties: the most loaded node, then the newest
 /// replica), counting again after each, so a scale-down never worsens the
 /// spread.
-pub(super) fn scale_down_order<'a>(
+pub(crate) fn scale_down_order<'a>(
     state: &State,
     kept: &[&'a Allocation],
     count: usize,
