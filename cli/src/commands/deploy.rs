@@ -1,11 +1,10 @@
 //! `skiff service update|history|rollback|promote|pause|resume`: new
 //! versions of a service and their deployments, with live progress.
 
-use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::ProgressBar;
 use skiff_proto::v1 as pb;
 use skiff_spec as spec;
 
@@ -414,21 +413,9 @@ async fn watch(
     name: &str,
     version: u64,
 ) -> anyhow::Result<()> {
-    let interactive = format == OutputFormat::Table && std::io::stderr().is_terminal();
-    let bars = MultiProgress::with_draw_target(if interactive {
-        ProgressDrawTarget::stderr()
-    } else {
-        ProgressDrawTarget::hidden()
-    });
-    let style = ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {msg}")
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> ");
-    let bar = |prefix: &str| {
-        let b = bars.add(ProgressBar::new(0));
-        b.set_style(style.clone());
-        b.set_prefix(prefix.to_string());
-        b
-    };
+    let display = super::progress::Bars::new(format, 12);
+    let (interactive, bars) = (display.interactive, &display.multi);
+    let bar = |prefix: &str| display.bar(prefix);
     let (healthy, stopped) = (bar("new healthy"), bar("old stopped"));
     let step = bars.add(ProgressBar::new_spinner());
     let started = Instant::now();

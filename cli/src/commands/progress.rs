@@ -111,6 +111,42 @@ fn standing(status: &pb::ServiceStatus, unplaced_for: Duration) -> Standing {
     }
 }
 
+/// The live display of `update` and `create`: bars on an interactive
+/// stderr in table format (else hidden, and callers print lines), each bar
+/// `prefix [=====>   ] pos/len message` with the prefix `width` wide.
+pub struct Bars {
+    pub interactive: bool,
+    pub multi: MultiProgress,
+    style: ProgressStyle,
+}
+
+impl Bars {
+    pub fn new(format: OutputFormat, width: usize) -> Bars {
+        let interactive = format == OutputFormat::Table && std::io::stderr().is_terminal();
+        let multi = MultiProgress::with_draw_target(if interactive {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        });
+        let template = format!("{{prefix:>{width}}} [{{bar:30}}] {{pos}}/{{len}} {{msg}}");
+        let style = ProgressStyle::with_template(&template)
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
+        Bars {
+            interactive,
+            multi,
+            style,
+        }
+    }
+
+    pub fn bar(&self, prefix: &str) -> ProgressBar {
+        let bar = self.multi.add(ProgressBar::new(0));
+        bar.set_style(self.style.clone());
+        bar.set_prefix(prefix.to_string());
+        bar
+    }
+}
+
 /// The healthy deadline of a service's update policy (default 60 s).
 fn healthy_deadline(status: &pb::ServiceStatus) -> Duration {
     let ms = status
@@ -128,22 +164,12 @@ pub async fn wait_until_serving(
     format: OutputFormat,
     services: &[String],
 ) -> anyhow::Result<()> {
-    let interactive = format == OutputFormat::Table && std::io::stderr().is_terminal();
-    let bars = MultiProgress::with_draw_target(if interactive {
-        ProgressDrawTarget::stderr()
-    } else {
-        ProgressDrawTarget::hidden()
-    });
-    let style = ProgressStyle::with_template("{prefix:>16} [{bar:30}] {pos}/{len} {msg}")
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> ");
-    let mut bar_of = BTreeMap::new();
-    for name in services {
-        let bar = bars.add(ProgressBar::new(0));
-        bar.set_style(style.clone());
-        bar.set_prefix(name.clone());
-        bar_of.insert(name.clone(), bar);
-    }
+    let display = Bars::new(format, 16);
+    let (interactive, bars) = (display.interactive, &display.multi);
+    let bar_of: BTreeMap<String, ProgressBar> = services
+        .iter()
+        .map(|name| (name.clone(), display.bar(name)))
+        .collect();
     let mut started_at: BTreeMap<String, Instant> = BTreeMap::new();
     let mut unplaced_since: BTreeMap<String, Instant> = BTreeMap::new();
     let mut last_line: BTreeMap<String, String> = BTreeMap::new();
