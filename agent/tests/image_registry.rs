@@ -275,7 +275,10 @@ async fn unknown_images_and_unreachable_registries_say_so() {
     assert!(matches!(err, ImageError::NotFound { .. }), "{err:?}");
     assert_eq!(
         err.to_string(),
-        format!("failed to pull {reference}: manifest unknown")
+        format!(
+            "skiff-test/web:nope not found in {}: check the repository and tag",
+            f.addr
+        )
     );
 
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

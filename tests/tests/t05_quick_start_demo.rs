@@ -105,14 +105,13 @@ impl Demo {
             .iter()
             .position(|l| l.starts_with("ID ") && l.contains(" PID"))
             .unwrap_or_else(|| panic!("no `service ps` table in:\n{}", self.output()));
-        let column = self.seen[header]
-            .split_whitespace()
-            .position(|c| c == "PID")
-            .expect("PID column");
+        // Columns are aligned, and cells (the command) may hold spaces:
+        // the PID is read where its header starts.
+        let at = self.seen[header].find(" PID ").expect("PID column") + 1;
         self.seen[header + 1..]
             .iter()
             .take_while(|l| !l.trim().is_empty())
-            .filter_map(|l| l.split_whitespace().nth(column)?.parse().ok())
+            .filter_map(|l| l.get(at..)?.split_whitespace().next()?.parse().ok())
             .collect()
     }
 

@@ -690,13 +690,15 @@ fn newly_updatable_fields_roll_out_with_no_failed_request_and_the_published_port
         (Some("binpack"), Some("/"))
     );
 
-    // A connection open on the old port is served after the port moves.
+    // The published port moves: every proxy takes the new port at the
+    // commit, and a connection already open on the old one is still served
+    // (its replica is replaced by the rollout like any other, surge-first
+    // and drained, so the request goes out at once, well inside that).
     let mut open = std::net::TcpStream::connect(cluster.proxy(2, publish)).expect("connect");
     open.set_read_timeout(Some(Duration::from_secs(5))).ok();
     let moved = skiff_e2e::free_port();
     let to = moved.to_string();
-    cluster.skiff_ok(&["service", "update", "fields", "--publish", &to]);
-    cluster.wait_answering(2, moved, "web v2");
+    cluster.skiff_ok(&["service", "update", "fields", "--publish", &to, "--detach"]);
     open.write_all(b"GET / HTTP/1.0\r\n\r\n")
         .expect("send on the open connection");
     let mut answer = String::new();
@@ -705,6 +707,9 @@ fn newly_updatable_fields_roll_out_with_no_failed_request_and_the_published_port
         answer.contains("web v2"),
         "the open connection was dropped: {answer:?}"
     );
+    cluster.wait_answering(2, moved, "web v2");
+    let service = cluster.wait_deployment_end("fields", Duration::from_secs(60));
+    assert_eq!(service["deployment"]["status"], "succeeded");
     let gone = wait_until(Duration::from_secs(10), POLL, || {
         std::net::TcpStream::connect(cluster.proxy(2, publish)).is_err()
     });
