@@ -112,6 +112,8 @@ struct ProxyParts<'a> {
     metrics_addr: Option<std::net::SocketAddr>,
     /// Requests counted at the previous report, per service, and when.
     last_report: Option<(Instant, std::collections::BTreeMap<String, u64>)>,
+    /// The port failures last sent in this session (`None`: none yet).
+    ports_sent: Option<Vec<crate::proxy::PortFailure>>,
 }
 
 impl<'a, R: Runtime> SyncLoop<'a, R> {
@@ -144,12 +146,37 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
             metrics,
             metrics_addr,
             last_report: None,
+            ports_sent: None,
         });
         self
     }
 
     /// The traffic seen since the agent started and every running
     /// replica's use (`crate::usage`); `None` when there is neither.
+    /// The published ports the proxy cannot listen on, when they differ
+    /// from what this session last sent: the control plane shows them per
+    /// node and commits an event.
+    fn ports_report(&mut self) -> Option<AgentMsg> {
+        let parts = self.proxy.as_mut()?;
+        let failures = parts.proxy.failures();
+        if parts.ports_sent.as_ref() == Some(&failures) {
+            return None;
+        }
+        parts.ports_sent = Some(failures.clone());
+        let failures = failures
+            .into_iter()
+            .map(|f| skiff_proto::v1::PortFailure {
+                service: f.service,
+                port: u32::from(f.port),
+                error: f.error,
+                node: String::new(),
+            })
+            .collect();
+        Some(AgentMsg::Ports(skiff_proto::v1::PublishedPorts {
+            failures,
+        }))
+    }
+
     fn traffic_report(&mut self) -> Option<skiff_proto::v1::TrafficReport> {
         let services = self.service_traffic();
         let usage = self.replica_usage();
@@ -332,6 +359,12 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
         if !self.prepull.ready.is_empty() {
             send(&outbound, self.prepull.message());
         }
+        if let Some(parts) = self.proxy.as_mut() {
+            parts.ports_sent = None;
+        }
+        if let Some(ports) = self.ports_report() {
+            send(&outbound, ports);
+        }
         let stream_err = |source| SyncError::Stream {
             server: server.to_string(),
             source,
@@ -404,6 +437,9 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
                             if let Some(parts) = self.proxy.as_mut() {
                                 parts.proxy.update(routes);
                             }
+                            if let Some(ports) = self.ports_report() {
+                                send(&outbound, ports);
+                            }
                         }
                         None => tracing::debug!(%server, "ignoring empty server message"),
                     }
@@ -435,6 +471,9 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
                 () = report_due(&mut traffic, demand.as_deref()) => {
                     if let Some(report) = self.traffic_report() {
                         send(&outbound, AgentMsg::Traffic(report));
+                    }
+                    if let Some(ports) = self.ports_report() {
+                        send(&outbound, ports);
                     }
                 }
             }

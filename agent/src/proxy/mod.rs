@@ -26,7 +26,7 @@
 
 pub mod http;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -237,6 +237,14 @@ struct Listener {
     task: JoinHandle<()>,
 }
 
+/// A published port this node cannot listen on; the proxy retries it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortFailure {
+    pub service: String,
+    pub port: u16,
+    pub error: String,
+}
+
 /// Every published service's listener on this node.
 pub struct Proxy {
     bind: IpAddr,
@@ -247,6 +255,9 @@ pub struct Proxy {
     /// The last routes, applied again by [`Proxy::retry`] for listeners
     /// that could not bind.
     routes: Vec<Route>,
+    /// Services whose port could not be bound at the last attempt, with
+    /// the error: reported to the control plane, which shows them.
+    failures: BTreeMap<String, PortFailure>,
 }
 
 impl Proxy {
@@ -258,6 +269,7 @@ impl Proxy {
             limits: ConnLimits::default(),
             listeners: HashMap::new(),
             routes: Vec::new(),
+            failures: BTreeMap::new(),
         }
     }
 
@@ -288,6 +300,11 @@ impl Proxy {
             }
             keep
         });
+        self.failures.retain(|service, failure| {
+            routes
+                .iter()
+                .any(|r| &r.service == service && r.publish == failure.port)
+        });
         for route in &routes {
             if let Some(listener) = self.listeners.get(&route.service) {
                 listener
@@ -302,10 +319,21 @@ impl Proxy {
             let listener = match bind(addr) {
                 Ok(listener) => listener,
                 Err(e) => {
-                    tracing::warn!(service = %route.service, %addr, error = %e, "routing proxy failed to listen; retrying");
+                    let failure = PortFailure {
+                        service: route.service.clone(),
+                        port: route.publish,
+                        error: format!("cannot listen on {addr}: {e}"),
+                    };
+                    if self.failures.get(&route.service) != Some(&failure) {
+                        tracing::warn!(service = %route.service, %addr, error = %e, "routing proxy failed to listen; retrying");
+                    }
+                    self.failures.insert(route.service.clone(), failure);
                     continue;
                 }
             };
+            if self.failures.remove(&route.service).is_some() {
+                tracing::info!(service = %route.service, %addr, "routing proxy could listen after all");
+            }
             let mut pool = Pool::new(&route.service, route.http, &self.metrics, self.hold);
             pool.limits = self.limits;
             let pool = Arc::new(pool);
@@ -323,6 +351,12 @@ impl Proxy {
             );
         }
         self.routes = routes;
+    }
+
+    /// The published ports that could not be bound at the last attempt,
+    /// by service.
+    pub fn failures(&self) -> Vec<PortFailure> {
+        self.failures.values().cloned().collect()
     }
 
     /// Tries again to listen where binding failed.
@@ -1165,6 +1199,46 @@ mod tests {
             closed_within(&mut idle, Duration::from_secs(5)).await,
             Ok(())
         );
+    }
+
+    #[tokio::test]
+    async fn a_port_held_by_another_program_is_reported_until_it_is_free() {
+        let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = other.local_addr().unwrap().port();
+        let mut proxy = Proxy::new("127.0.0.1".parse().unwrap(), Metrics::default());
+        let route = Route {
+            service: "web".into(),
+            publish: port,
+            http: false,
+            endpoints: vec![],
+            hold_when_empty: false,
+        };
+        proxy.update(vec![route.clone()]);
+        let failures = proxy.failures();
+        assert_eq!(failures.len(), 1, "{failures:?}");
+        assert_eq!(
+            (failures[0].service.as_str(), failures[0].port),
+            ("web", port)
+        );
+        assert!(
+            failures[0].error.contains(&format!("127.0.0.1:{port}")),
+            "{failures:?}"
+        );
+
+        drop(other);
+        proxy.retry();
+        assert_eq!(proxy.failures(), vec![]);
+        TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+
+        let blocker = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let moved = blocker.local_addr().unwrap().port();
+        proxy.update(vec![Route {
+            publish: moved,
+            ..route
+        }]);
+        assert_eq!(proxy.failures()[0].port, moved);
+        proxy.update(vec![]);
+        assert_eq!(proxy.failures(), vec![], "a removed route is no failure");
     }
 
     #[tokio::test]

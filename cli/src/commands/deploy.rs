@@ -282,7 +282,7 @@ pub async fn update(
             "service {} updated in place (version {} unchanged: only the replica count or policies changed)",
             args.name, status.version
         );
-        return Ok(());
+        return check_published_port(client, &args.name, args.detach).await;
     }
     println!(
         "service {}: version {} is rolling out ({})",
@@ -293,10 +293,23 @@ pub async fn update(
             .as_ref()
             .map_or("rolling", |d| d.strategy.as_str())
     );
-    if args.detach {
-        return Ok(());
+    if !args.detach {
+        watch(client, format, &args.name, status.version).await?;
     }
-    watch(client, format, &args.name, status.version).await
+    check_published_port(client, &args.name, args.detach).await
+}
+
+/// Fails (or, detached, warns) when a node cannot listen on the service's
+/// published port after an update.
+async fn check_published_port(client: &mut Client, name: &str, detach: bool) -> anyhow::Result<()> {
+    match super::progress::published_port_problem(client, name).await? {
+        Some(problem) if detach => {
+            eprintln!("warning: service {name}: {problem}");
+            Ok(())
+        }
+        Some(problem) => bail!("service {name}: {problem}"),
+        None => Ok(()),
+    }
 }
 
 pub async fn rollback(

@@ -89,6 +89,9 @@ fn standing(status: &pb::ServiceStatus, unplaced_for: Duration) -> Standing {
             ));
         }
     }
+    if let Some(problem) = port_problem(status) {
+        return Standing::Failed(problem);
+    }
     let reason = &status.unplaced_reason;
     if reason.starts_with("waiting for") {
         return Standing::Held(reason.clone());
@@ -108,6 +111,45 @@ fn standing(status: &pb::ServiceStatus, unplaced_for: Duration) -> Standing {
         ready,
         desired: status.desired,
         note: reason.clone(),
+    }
+}
+
+/// The nodes whose routing proxy cannot listen on the service's published
+/// port, as one message with the fix; `None` when every node serves it.
+pub fn port_problem(status: &pb::ServiceStatus) -> Option<String> {
+    let first = status.port_failures.first()?;
+    let name = status.spec.as_ref().map_or("", |s| s.name.as_str());
+    let nodes: Vec<String> = status
+        .port_failures
+        .iter()
+        .map(|f| format!("{} ({})", f.node, f.error))
+        .collect();
+    Some(format!(
+        "published port {} cannot be served on {}; free the port there or publish another (`skiff service update {name} --publish PORT`); the proxy keeps retrying",
+        first.port,
+        nodes.join(", ")
+    ))
+}
+
+/// Waits briefly for the nodes' routing proxies to report the service's
+/// published port (they bind as soon as the service is known to them) and
+/// returns the problem if some cannot listen on it.
+pub async fn published_port_problem(
+    client: &mut Client,
+    name: &str,
+) -> anyhow::Result<Option<String>> {
+    const SETTLE: Duration = Duration::from_millis(1000);
+    let started = Instant::now();
+    loop {
+        let status = super::service::get(client, name).await?;
+        let published = status.spec.as_ref().is_some_and(|s| s.publish != 0);
+        if let Some(problem) = port_problem(&status) {
+            return Ok(Some(problem));
+        }
+        if !published || started.elapsed() >= SETTLE {
+            return Ok(None);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 
@@ -270,6 +312,27 @@ mod tests {
             desired,
             allocations: allocs,
             ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_node_that_cannot_listen_on_the_published_port_fails_the_wait() {
+        let mut s = status(vec![alloc("healthy", 0)], 1);
+        s.port_failures = vec![pb::PortFailure {
+            service: "web".into(),
+            port: 18090,
+            error: "cannot listen on 127.0.0.3:18090: Address in use".into(),
+            node: "n2".into(),
+        }];
+        match standing(&s, Duration::ZERO) {
+            Standing::Failed(why) => {
+                assert!(why.contains("published port 18090"), "{why}");
+                assert!(
+                    why.contains("n2 (cannot listen on 127.0.0.3:18090"),
+                    "{why}"
+                );
+            }
+            other => panic!("{other:?}"),
         }
     }
 

@@ -48,14 +48,25 @@ pub async fn run(
                     std::slice::from_ref(&name),
                 )
                 .await?;
+                if let Some(problem) =
+                    super::progress::published_port_problem(&mut client, &name).await?
+                {
+                    anyhow::bail!("service {name}: {problem}");
+                }
                 println!("service {name}: every replica serves");
             } else {
                 // Detached: still say at once when no node can hold it, with
-                // the scheduler's numbers (the service stays, waiting).
+                // the scheduler's numbers (the service stays, waiting), or
+                // when a node cannot listen on the published port.
                 let status = get(&mut client, &name).await?;
                 let reason = &status.unplaced_reason;
                 if reason.contains("unplaced") {
                     eprintln!("warning: service {name}: {reason}");
+                }
+                if let Some(problem) =
+                    super::progress::published_port_problem(&mut client, &name).await?
+                {
+                    eprintln!("warning: service {name}: {problem}");
                 }
             }
         }
@@ -89,6 +100,14 @@ pub async fn run(
             output::print(format, &allocs, &PS_HEADERS, ps_rows(&allocs, &nodes));
             if format == OutputFormat::Table && !status.unplaced_reason.is_empty() {
                 println!("\n{}", status.unplaced_reason);
+            }
+            if format == OutputFormat::Table {
+                for failure in &status.port_failures {
+                    println!(
+                        "\nnode {} does not serve published port {}: {}",
+                        failure.node, failure.port, failure.error
+                    );
+                }
             }
         }
         ServiceCommand::Export { name } => {
@@ -614,7 +633,7 @@ fn ports(spec: &pb::ServiceSpec) -> String {
 }
 
 /// `inspect`'s Ports: the container port, and the published one.
-fn port_line(spec: &pb::ServiceSpec) -> String {
+fn port_line(spec: &pb::ServiceSpec, failures: &[pb::PortFailure]) -> String {
     let container = match (spec.port, spec.runtime.as_str()) {
         (0, "process") => "$PORT (the host port)".to_string(),
         (0, _) => "the image's first exposed port".to_string(),
@@ -627,7 +646,19 @@ fn port_line(spec: &pb::ServiceSpec) -> String {
     };
     match spec.publish {
         0 => format!("{container}; not published"),
-        published => format!("{container}; published {published} ({protocol}) on every node"),
+        published if failures.is_empty() => {
+            format!("{container}; published {published} ({protocol}) on every node")
+        }
+        published => {
+            let failing: Vec<String> = failures
+                .iter()
+                .map(|f| format!("{} ({})", f.node, f.error))
+                .collect();
+            format!(
+                "{container}; published {published} ({protocol}) on every node except {}",
+                failing.join(", ")
+            )
+        }
     }
 }
 
@@ -769,7 +800,7 @@ fn describe(status: &pb::ServiceStatus) -> String {
     }
     out.push_str(&format!(
         "Ports:       {}\nHealth:      {}\nUpdate:      {}\nAutoscale:   {}\n",
-        port_line(&spec),
+        port_line(&spec, &status.port_failures),
         health_line(&spec),
         update_line(spec.update.clone()),
         autoscale_line(spec.autoscale.as_ref()),

@@ -18,7 +18,10 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::{convert, Api, HEARTBEAT_INTERVAL};
 use crate::controllers::now_ms;
-use crate::state::{AllocReport, AllocState, Command};
+use crate::state::{AllocReport, AllocState, Command, PortFailure};
+
+/// Most published-port failures kept per node report (one per service).
+const MAX_PORT_FAILURES: usize = 1024;
 use skiff_spec as spec;
 
 /// Per node, the Raft index of the last change to its allocations, so each
@@ -268,6 +271,38 @@ impl Api {
         }
     }
 
+    /// Commits the node's published-port failures when they changed: every
+    /// server then shows them, and the change is an event.
+    async fn record_ports(&self, node: &str, report: pb::PublishedPorts) {
+        let failures: std::collections::BTreeMap<String, PortFailure> = report
+            .failures
+            .into_iter()
+            .filter_map(|f| {
+                let port = u16::try_from(f.port).ok()?;
+                let mut error = f.error;
+                error.truncate(error.floor_char_boundary(512));
+                Some((f.service, PortFailure { port, error }))
+            })
+            .take(MAX_PORT_FAILURES)
+            .collect();
+        let unchanged = self
+            .consensus
+            .state()
+            .nodes
+            .get(node)
+            .is_none_or(|n| n.port_failures == failures);
+        if unchanged {
+            return;
+        }
+        let command = Command::ReportPorts {
+            node: node.to_string(),
+            failures,
+        };
+        if let Err(err) = self.consensus.propose(command.at(now_ms())).await {
+            tracing::warn!(node, error = %err, "published-port failures not recorded");
+        }
+    }
+
     fn assignments(&self, node: &str) -> pb::Assignments {
         let state = self.consensus.state();
         pb::Assignments {
@@ -283,6 +318,7 @@ impl Api {
             AgentMsg::Status(report) => report,
             AgentMsg::Traffic(report) => return self.record_traffic(node, report),
             AgentMsg::ImagesReady(ready) => return self.record_images(node, ready.images).await,
+            AgentMsg::Ports(report) => return self.record_ports(node, report).await,
             AgentMsg::Heartbeat(_) | AgentMsg::Register(_) => return,
         };
         let Some(state) = AllocState::parse(&report.state).filter(|s| s.is_reportable()) else {

@@ -127,7 +127,30 @@ pub fn service_to_pb(state: &State, service: &Service) -> pb::ServiceStatus {
         events: recent_events(state, name),
         usage: Vec::new(),
         leader_unreachable: false,
+        port_failures: port_failures(state, service),
     }
+}
+
+/// The nodes whose proxy cannot listen on the service's published port
+/// (reports of an older port are left out).
+fn port_failures(state: &State, service: &Service) -> Vec<pb::PortFailure> {
+    let Some(publish) = service.spec.publish else {
+        return Vec::new();
+    };
+    let name = service.spec.name.as_str();
+    state
+        .nodes
+        .values()
+        .filter_map(|node| {
+            let failure = node.port_failures.get(name)?;
+            (failure.port == publish).then(|| pb::PortFailure {
+                service: name.to_string(),
+                port: u32::from(failure.port),
+                error: failure.error.clone(),
+                node: node.name.clone(),
+            })
+        })
+        .collect()
 }
 
 pub fn node_to_pb(state: &State, node: &Node, last_heartbeat_secs: u64) -> pb::Node {

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::{AllocState, Availability, Member, NodeStatus, ServiceSpec, SpecError};
+use super::{AllocState, Availability, Member, NodeStatus, PortFailure, ServiceSpec, SpecError};
 
 /// A new allocation decided by the scheduler.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,6 +124,11 @@ pub enum Command {
     ReportImages {
         node: String,
         images: BTreeSet<String>,
+    },
+    /// The published ports a node's proxy cannot listen on (the whole set).
+    ReportPorts {
+        node: String,
+        failures: BTreeMap<String, PortFailure>,
     },
     /// A scale decision of the autoscaler, with its reason.
     Autoscale {

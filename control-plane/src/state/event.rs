@@ -44,6 +44,10 @@ pub enum EventKind {
     ServiceScaled,
     ServiceRebalancing,
     ServiceRebalanced,
+    /// A node's routing proxy cannot listen on a published port.
+    PortUnavailable,
+    /// ... and now can (or the port is no longer published there).
+    PortListening,
 }
 
 impl EventKind {
@@ -79,6 +83,8 @@ impl EventKind {
             EventKind::ServiceScaled => "service-scaled",
             EventKind::ServiceRebalancing => "service-rebalancing",
             EventKind::ServiceRebalanced => "service-rebalanced",
+            EventKind::PortUnavailable => "port-unavailable",
+            EventKind::PortListening => "port-listening",
         }
     }
 

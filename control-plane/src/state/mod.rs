@@ -41,7 +41,8 @@ pub use command::{
 pub use deployment::{Deployment, DeploymentStatus, VersionRecord};
 pub use event::{Event, EventKind, EVENT_RING};
 pub use model::{
-    Allocation, Availability, DesiredState, Member, Node, NodeStatus, Service, HISTORY_LEN,
+    Allocation, Availability, DesiredState, Member, Node, NodeStatus, PortFailure, Service,
+    HISTORY_LEN,
 };
 pub use skiff_spec::{
     AllocState, AutoscalePolicy, Constraint, ConstraintOp, HealthCheck, HealthKind, NetworkMode,
@@ -110,6 +111,10 @@ impl State {
                 }
                 Ok(Outcome::Done)
             }
+            Command::ReportPorts { node, failures } => {
+                self.report_ports(index, &node, failures);
+                Ok(Outcome::Done)
+            }
             Command::PauseDeployment { name, paused } => self.pause(index, &name, paused),
             Command::Autoscale {
                 name,
@@ -139,6 +144,9 @@ impl State {
                     drain_deadline_ms: previous.and_then(|n| n.drain_deadline_ms),
                     drained: previous.is_some_and(|n| n.drained),
                     images: previous.map(|n| n.images.clone()).unwrap_or_default(),
+                    port_failures: previous
+                        .map(|n| n.port_failures.clone())
+                        .unwrap_or_default(),
                 };
                 if previous != Some(&node) {
                     self.nodes.insert(name.clone(), node);

@@ -159,6 +159,18 @@ pub struct Node {
     /// Pre-pull images its agent reports stored (deployment images).
     #[serde(default)]
     pub images: BTreeSet<String>,
+    /// Published ports its routing proxy cannot listen on, by service.
+    #[serde(default)]
+    pub port_failures: BTreeMap<String, PortFailure>,
+}
+
+/// A published port a node's proxy cannot listen on (another program
+/// holds it); the proxy keeps retrying.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortFailure {
+    pub port: u16,
+    /// The bind error, as the node's operating system gave it.
+    pub error: String,
 }
 
 impl Node {

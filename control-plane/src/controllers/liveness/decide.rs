@@ -69,6 +69,7 @@ mod tests {
                     drain_deadline_ms: None,
                     drained: false,
                     images: Default::default(),
+                    port_failures: Default::default(),
                 };
                 (name.to_string(), node)
             })

@@ -1,11 +1,47 @@
 //! Applying node commands: the liveness verdict, the operator's
 //! availability (active, pause, drain), and marking drains done.
 
+use std::collections::BTreeMap;
+
 use super::super::{
-    AllocState, Availability, CommandError, DesiredState, EventKind, NodeStatus, Outcome, State,
+    AllocState, Availability, CommandError, DesiredState, EventKind, NodeStatus, Outcome,
+    PortFailure, State,
 };
 
 impl State {
+    /// Records the published ports a node cannot listen on, with an event
+    /// for each port that failed or recovered since its last report.
+    pub(in crate::state) fn report_ports(
+        &mut self,
+        index: u64,
+        name: &str,
+        failures: BTreeMap<String, PortFailure>,
+    ) {
+        let Some(node) = self.nodes.get_mut(name) else {
+            return;
+        };
+        let before = std::mem::replace(&mut node.port_failures, failures.clone());
+        for (service, failure) in &failures {
+            if before.get(service) != Some(failure) {
+                let message = format!("published port {}: {}", failure.port, failure.error);
+                self.event(
+                    index,
+                    EventKind::PortUnavailable,
+                    service,
+                    name,
+                    "",
+                    &message,
+                );
+            }
+        }
+        for (service, failure) in &before {
+            if !failures.contains_key(service) {
+                let message = format!("published port {} served again", failure.port);
+                self.event(index, EventKind::PortListening, service, name, "", &message);
+            }
+        }
+    }
+
     pub(in crate::state) fn set_node_status(
         &mut self,
         index: u64,
@@ -143,7 +179,7 @@ impl State {
 mod tests {
     use std::collections::BTreeMap;
 
-    use crate::state::fixtures::{place, spec};
+    use crate::state::fixtures::{node, place, spec};
     use crate::state::*;
 
     #[test]
@@ -198,6 +234,33 @@ mod tests {
                 .count(),
             2
         );
+    }
+
+    #[test]
+    fn a_node_reporting_a_port_it_cannot_bind_logs_it_once_and_its_recovery() {
+        let mut s = State::default();
+        s.apply(1, node("n1")).unwrap();
+        let failure = PortFailure {
+            port: 18090,
+            error: "cannot listen on 127.0.0.3:18090: Address in use".into(),
+        };
+        let report = |failures: &[(&str, &PortFailure)]| Command::ReportPorts {
+            node: "n1".into(),
+            failures: failures
+                .iter()
+                .map(|(s, f)| (s.to_string(), (*f).clone()))
+                .collect(),
+        };
+        s.apply(2, report(&[("web", &failure)])).unwrap();
+        s.apply(3, report(&[("web", &failure)])).unwrap();
+        assert_eq!(s.nodes["n1"].port_failures["web"], failure);
+        let kinds = |s: &State, kind| s.events.iter().filter(|e| e.kind == kind).count();
+        assert_eq!(kinds(&s, EventKind::PortUnavailable), 1, "reported once");
+        s.apply(4, report(&[])).unwrap();
+        assert!(s.nodes["n1"].port_failures.is_empty());
+        assert_eq!(kinds(&s, EventKind::PortListening), 1);
+        let last = s.events.back().unwrap();
+        assert_eq!((last.service.as_str(), last.node.as_str()), ("web", "n1"));
     }
 
     #[test]
