@@ -13,7 +13,8 @@
 # $SKIFF_METRICS_BASE_PORT.. (default BASE+100); agents advertise 127.0.0.2-4 with host ports
 # $SKIFF_PORT_RANGES (default 21000-21999,22000-22999,23000-23999). $SKIFF_SERVER_FLAGS and
 # $SKIFF_AGENT_FLAGS are added to every server and agent (e.g.
-# SKIFF_AGENT_FLAGS="--insecure-registry 127.0.0.1:5000"). `start` keeps all of this in
+# SKIFF_AGENT_FLAGS="--insecure-registry 127.0.0.1:5000"; `--enable-process-runtime` lets the
+# agents run `--runtime process` replicas, host processes as root: off by default). `start` keeps all of this in
 # DIR/cluster.env, so `restart` and `stop` use what `start` used.
 #
 # DIR/pids holds one line per process started: NAME PID START_TIME (field 22 of /proc/PID/stat).

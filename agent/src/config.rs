@@ -64,6 +64,10 @@ pub struct AgentConfig {
     /// never automatically.
     pub image_gc_threshold_mb: Option<u64>,
     pub image_gc_interval: Duration,
+    /// Runs `process` replicas: host processes with the agent's own
+    /// rights (root). Off unless `--enable-process-runtime` (on in
+    /// `skiff dev`), as Nomad ships `raw_exec` disabled.
+    pub process_runtime: bool,
 }
 
 impl AgentConfig {
@@ -80,6 +84,7 @@ impl AgentConfig {
             stop_replicas_on_shutdown: false,
             oci_runtime: None,
             insecure_registries: Vec::new(),
+            process_runtime: false,
             docker_config: None,
             init_binary: PathBuf::from("/usr/bin/tini-static"),
             cpu_millis: detect_cpu_millis(),

@@ -97,7 +97,8 @@ pub fn register(config: &AgentConfig) -> v1::Register {
         address: config.advertise.to_string(),
         port_range_start: u32::from(config.port_range.0),
         port_range_end: u32::from(config.port_range.1),
-        // Resources and labels are not measured or configured yet.
+        process_runtime: config.process_runtime,
+        // Resources and labels are filled in by the sync loop.
         ..Default::default()
     }
 }

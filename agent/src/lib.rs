@@ -76,9 +76,13 @@ pub async fn run(
             config.image_gc_interval,
         ))
     });
+    if config.process_runtime {
+        tracing::warn!("process runtime enabled: `--runtime process` replicas run as host processes with the agent's rights");
+    }
     let runtime = AnyRuntime {
         process: ProcessRuntime::new(),
         oci: oci.clone(),
+        process_allowed: config.process_runtime,
     };
     let allocs_dir = store.alloc_dir("");
     let kept_logs_dir = store.logs_dir().to_path_buf();

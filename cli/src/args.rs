@@ -497,6 +497,10 @@ pub struct AgentArgs {
     /// Servers to connect to, comma-separated or repeated.
     #[arg(long, value_delimiter = ',', required = true)]
     pub servers: Vec<String>,
+    /// Run `--runtime process` replicas: host processes with this agent's
+    /// rights (root). Off by default; `skiff dev` turns it on.
+    #[arg(long)]
+    pub enable_process_runtime: bool,
     #[command(flatten)]
     pub node: NodeArgs,
 }

@@ -43,6 +43,7 @@ pub fn pure_scheduler(nodes: &[SimNode], services: &[ServiceSpec]) -> Result<Sch
         apply(
             &mut state,
             Command::RegisterNode {
+                process_runtime: true,
                 name: node.name.clone(),
                 address: "127.0.0.1".into(),
                 port_range: (20000, 29999),

@@ -42,6 +42,8 @@ pub struct AgentCluster {
     agents: Vec<Agent>,
     /// Flags added to every agent (e.g. `--insecure-registry`).
     extra_args: Vec<String>,
+    /// Agents run `--runtime process` replicas (`--enable-process-runtime`).
+    process_runtime: bool,
     /// Clock ticks since boot when the cluster started; older processes
     /// are never killed on drop.
     since: u64,
@@ -58,6 +60,25 @@ impl AgentCluster {
     /// Containers (oci runtime) outlive a killed agent, so on drop the
     /// cluster also deletes what each agent's runtime still has.
     pub fn start_with(servers: &[String], specs: &[AgentSpec], extra_args: &[&str]) -> Self {
+        Self::launch(servers, specs, extra_args, true)
+    }
+
+    /// Like [`AgentCluster::start_with`], with agents that refuse the
+    /// process runtime (its default).
+    pub fn start_without_process_runtime(
+        servers: &[String],
+        specs: &[AgentSpec],
+        extra_args: &[&str],
+    ) -> Self {
+        Self::launch(servers, specs, extra_args, false)
+    }
+
+    fn launch(
+        servers: &[String],
+        specs: &[AgentSpec],
+        extra_args: &[&str],
+        process_runtime: bool,
+    ) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("skiff-agents-")
             .tempdir()
@@ -67,6 +88,7 @@ impl AgentCluster {
             servers: servers.to_vec(),
             agents: Vec::new(),
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+            process_runtime,
             since: boot_ticks(),
         };
         for spec in specs {
@@ -118,6 +140,9 @@ impl AgentCluster {
             command.args(["--label", label]);
         }
         command.args(&self.extra_args);
+        if self.process_runtime {
+            command.arg("--enable-process-runtime");
+        }
         command
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -74,7 +74,10 @@ impl LocalCluster {
             )
             .env("SKIFF_PORT_RANGES", ranges.join(","))
             .env("SKIFF_SERVER_FLAGS", "--heartbeat-ttl 5s")
-            .env("SKIFF_AGENT_FLAGS", "--stop-grace-secs 1");
+            .env(
+                "SKIFF_AGENT_FLAGS",
+                "--stop-grace-secs 1 --enable-process-runtime",
+            );
         run_with_timeout(&mut cmd, SCRIPT_TIMEOUT)
     }
 

@@ -364,3 +364,22 @@ fn killing_the_leader_restarts_and_moves_no_replica() {
         .count();
     assert_eq!(downs, 0, "a node was marked down by the failover");
 }
+
+#[test]
+fn host_processes_run_only_where_an_agent_enables_the_process_runtime() {
+    let servers = ServerCluster::start(1, &["--heartbeat-ttl", TTL]);
+    let server = servers.addresses[0].clone();
+    let agents =
+        AgentCluster::start_without_process_runtime(&servers.addresses, &specs()[..1], &[]);
+    create(&server, "sh", &["--replicas", "1"]);
+    let mut ps = String::new();
+    let explained = wait_until(Duration::from_secs(10), POLL, || {
+        ps = skiff_ok_at(&server, &["service", "ps", "sh"]);
+        ps.contains(
+            "1 node without the process runtime (start their agent with --enable-process-runtime)",
+        )
+    });
+    assert!(explained, "{ps}");
+    assert!(agents.allocs("sh").is_empty(), "{:?}", agents.allocs("sh"));
+    assert!(agents.replica_pids(0).is_empty());
+}

@@ -15,6 +15,23 @@ use crate::spec::{ReplicaSpec, RuntimeKind};
 pub struct AnyRuntime {
     pub process: ProcessRuntime,
     pub oci: Arc<OciRuntime>,
+    /// `process` replicas are allowed (`--enable-process-runtime`); the
+    /// scheduler never sends them otherwise, and this refuses any that
+    /// arrives anyway.
+    pub process_allowed: bool,
+}
+
+impl AnyRuntime {
+    fn check_allowed(&self, spec: &ReplicaSpec) -> Result<(), RuntimeError> {
+        if spec.runtime == RuntimeKind::Process && !self.process_allowed {
+            return Err(RuntimeError::Unsupported {
+                short_id: spec.alloc_id.chars().take(12).collect(),
+                service: spec.service.clone(),
+                reason: "the process runtime is disabled on this node (start its agent with --enable-process-runtime)".into(),
+            });
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug)]
@@ -27,6 +44,7 @@ impl Runtime for AnyRuntime {
     type Handle = AnyHandle;
 
     async fn prepare(&self, spec: &ReplicaSpec) -> Result<(), RuntimeError> {
+        self.check_allowed(spec)?;
         match spec.runtime {
             RuntimeKind::Process => self.process.prepare(spec).await,
             RuntimeKind::Oci => self.oci.prepare(spec).await,
@@ -38,6 +56,7 @@ impl Runtime for AnyRuntime {
     }
 
     fn start(&self, spec: &ReplicaSpec, alloc_dir: &Path) -> Result<AnyHandle, RuntimeError> {
+        self.check_allowed(spec)?;
         match spec.runtime {
             RuntimeKind::Process => self.process.start(spec, alloc_dir).map(AnyHandle::Process),
             RuntimeKind::Oci => self.oci.start(spec, alloc_dir).map(AnyHandle::Oci),

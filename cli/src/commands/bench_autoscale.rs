@@ -85,6 +85,7 @@ impl Processes {
         command
             .args(["agent", "--name", "bench", "--servers", server])
             .args(["--advertise", "127.0.0.1", "--stop-grace-secs", "1"])
+            .arg("--enable-process-runtime")
             .arg("--data-dir")
             .arg(dir.join("agent"))
             .arg("--port-range")

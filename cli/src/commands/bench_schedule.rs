@@ -212,6 +212,7 @@ async fn simulated_node(
         cpu_millis: NODE_CPU,
         memory_mb: NODE_MEMORY,
         labels: labels(i).into_iter().collect(),
+        process_runtime: true,
     };
     let _ = outbound
         .send(pb::AgentMessage {

@@ -33,7 +33,8 @@ pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
 }
 
 pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
-    let config = agent_config(args.name, args.data_dir, args.servers, &args.node, false);
+    let mut config = agent_config(args.name, args.data_dir, args.servers, &args.node, false);
+    config.process_runtime = args.enable_process_runtime;
     skiff_agent::run(config, wait_for_signal()).await?;
     Ok(())
 }
@@ -48,13 +49,16 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     let mut server_config = ServerConfig::new("dev-server", data_dir.join("server"));
     server_config.bootstrap = true;
     server_config.autoscale_window = Duration::from_millis(u64::from(args.autoscale_window));
-    let agent = agent_config(
+    let mut agent = agent_config(
         args.name,
         data_dir.join("agent"),
         vec![address.to_string()],
         &args.node,
         true,
     );
+    // The dev cluster is the machine's own user's playground, like
+    // Nomad's dev mode: host processes are allowed (and logged).
+    agent.process_runtime = true;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {

@@ -135,6 +135,7 @@ impl pb::agent_sync_server::AgentSync for Api {
             name: node.clone(),
             address: address.to_string(),
             port_range,
+            process_runtime: register.process_runtime,
             cpu_millis: register.cpu_millis,
             memory_mb: register.memory_mb,
             labels,

@@ -144,6 +144,7 @@ impl Sim {
             .zip(node_memory_mb)
         {
             sim.apply(Command::RegisterNode {
+                process_runtime: true,
                 name: name.into(),
                 address: format!("10.0.0.{}", &name[1..]),
                 port_range: (20000, 20999),

@@ -158,6 +158,7 @@ mod tests {
             s.apply(
                 i as u64 + 1,
                 Command::RegisterNode {
+                    process_runtime: true,
                     name: name.into(),
                     address: "127.0.0.1".into(),
                     port_range: (20000, 20010),

@@ -80,8 +80,16 @@ enum Filtered {
     Paused,
     Draining,
     Constraint(String),
-    Cpu { needs: u64, free: u64 },
-    Memory { needs: u64, free: u64 },
+    /// A `process` replica on a node whose agent refuses host processes.
+    NoProcessRuntime,
+    Cpu {
+        needs: u64,
+        free: u64,
+    },
+    Memory {
+        needs: u64,
+        free: u64,
+    },
     Ports,
     MaxPerNode(u32),
 }
@@ -102,6 +110,12 @@ impl Reasons {
             Filtered::Paused => ("1 paused".to_string(), 0, 0),
             Filtered::Draining => ("2 draining".to_string(), 0, 0),
             Filtered::Constraint(c) => (format!("3 filtered by constraint {c}"), 0, 0),
+            Filtered::NoProcessRuntime => (
+                "3 without the process runtime (start their agent with --enable-process-runtime)"
+                    .to_string(),
+                0,
+                0,
+            ),
             Filtered::Cpu { needs, free } => ("4 cpu".to_string(), *needs, *free),
             Filtered::Memory { needs, free } => ("5 memory".to_string(), *needs, *free),
             Filtered::Ports => ("6 out of host ports".to_string(), 0, 0),
@@ -191,6 +205,9 @@ impl NodeView<'_> {
             Availability::Drain => return Err(Filtered::Draining),
         }
         let node = self.node;
+        if !node.runs(spec.runtime) {
+            return Err(Filtered::NoProcessRuntime);
+        }
         if let Some(c) = spec
             .constraints
             .iter()

@@ -55,6 +55,7 @@ impl Cluster {
                 labels.insert("zone".to_string(), n.zone.to_string());
             }
             c.apply(Command::RegisterNode {
+                process_runtime: true,
                 name: n.name.clone(),
                 address: "127.0.0.1".into(),
                 port_range: n.ports,
@@ -437,4 +438,28 @@ fn property_the_same_snapshot_and_seed_give_the_same_plan() {
             "seed {seed}"
         );
     }
+}
+
+#[test]
+fn process_replicas_go_only_to_agents_that_enable_the_process_runtime() {
+    let mut c = Cluster::new(&[node("n1", ""), node("n2", ""), node("n3", "")]);
+    c.apply(Command::RegisterNode {
+        process_runtime: false,
+        name: "n2".into(),
+        address: "127.0.0.1".into(),
+        port_range: (20000, 20999),
+        cpu_millis: 0,
+        memory_mb: 0,
+        labels: BTreeMap::new(),
+    });
+    let mut s = spec("sh", 3);
+    s.runtime = crate::state::RuntimeKind::Process;
+    s.max_per_node = Some(1);
+    c.service(s);
+    let (placed, unplaced) = c.place("sh", 3, 1);
+    assert!(placed.iter().all(|p| p.node != "n2"), "{placed:?}");
+    assert_eq!(
+        unplaced[0].summary(),
+        "1 replica unplaced: 1 node without the process runtime (start their agent with --enable-process-runtime), 2 nodes at max-per-node 1"
+    );
 }

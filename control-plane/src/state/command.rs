@@ -141,6 +141,8 @@ pub enum Command {
         address: String,
         port_range: (u16, u16),
         #[serde(default)]
+        process_runtime: bool,
+        #[serde(default)]
         cpu_millis: u32,
         #[serde(default)]
         memory_mb: u32,

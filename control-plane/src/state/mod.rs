@@ -125,6 +125,7 @@ impl State {
                 name,
                 address,
                 port_range,
+                process_runtime,
                 cpu_millis,
                 memory_mb,
                 labels,
@@ -144,6 +145,7 @@ impl State {
                     drain_deadline_ms: previous.and_then(|n| n.drain_deadline_ms),
                     drained: previous.is_some_and(|n| n.drained),
                     images: previous.map(|n| n.images.clone()).unwrap_or_default(),
+                    process_runtime,
                     port_failures: previous
                         .map(|n| n.port_failures.clone())
                         .unwrap_or_default(),

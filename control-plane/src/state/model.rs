@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::{AllocState, Deployment, ServiceSpec, VersionRecord};
+use super::{AllocState, Deployment, RuntimeKind, ServiceSpec, VersionRecord};
 
 /// Versions of a service kept in its history (older ones are dropped).
 pub const HISTORY_LEN: usize = 20;
@@ -159,6 +159,9 @@ pub struct Node {
     /// Pre-pull images its agent reports stored (deployment images).
     #[serde(default)]
     pub images: BTreeSet<String>,
+    /// Its agent runs `process` replicas (`--enable-process-runtime`).
+    #[serde(default)]
+    pub process_runtime: bool,
     /// Published ports its routing proxy cannot listen on, by service.
     #[serde(default)]
     pub port_failures: BTreeMap<String, PortFailure>,
@@ -182,7 +185,14 @@ impl Node {
     /// A replica of `spec` may run here: the node takes new replicas and
     /// meets the spec's constraints.
     pub fn can_run(&self, spec: &ServiceSpec) -> bool {
-        self.is_eligible() && spec.constraints_hold(&self.labels, &self.name, &self.address)
+        self.is_eligible()
+            && self.runs(spec.runtime)
+            && spec.constraints_hold(&self.labels, &self.name, &self.address)
+    }
+
+    /// Its agent runs replicas of `runtime` (the process runtime is opt-in).
+    pub fn runs(&self, runtime: RuntimeKind) -> bool {
+        runtime != RuntimeKind::Process || self.process_runtime
     }
 }
 

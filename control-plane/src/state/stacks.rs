@@ -322,6 +322,7 @@ mod tests {
 
     fn node(name: &str) -> Command {
         Command::RegisterNode {
+            process_runtime: true,
             name: name.into(),
             address: "127.0.0.1".into(),
             port_range: (20000, 20010),

@@ -70,6 +70,7 @@ mod tests {
                     drained: false,
                     images: Default::default(),
                     port_failures: Default::default(),
+                    process_runtime: true,
                 };
                 (name.to_string(), node)
             })

@@ -188,6 +188,7 @@ mod tests {
         s.apply(
             1,
             Command::RegisterNode {
+                process_runtime: true,
                 name: "n1".into(),
                 address: "127.0.0.1".into(),
                 port_range: (20000, 20010),
