@@ -7,6 +7,7 @@
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -74,16 +75,20 @@ pub struct AllocStore {
 }
 
 impl AllocStore {
+    /// Opens (creating) `DATA/allocs` and `DATA/logs`, both 0700: records
+    /// hold the replicas' environment and logs their output, which only
+    /// root may read (as Docker keeps `/var/lib/docker` 0710).
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
-        let root = data_dir.join("allocs");
-        fs::create_dir_all(&root).map_err(|source| StoreError::CreateDir {
-            path: root.clone(),
-            source,
-        })?;
-        Ok(Self {
-            root,
-            logs: data_dir.join("logs"),
-        })
+        let (root, logs) = (data_dir.join("allocs"), data_dir.join("logs"));
+        for dir in [&root, &logs] {
+            fs::create_dir_all(dir)
+                .and_then(|()| fs::set_permissions(dir, fs::Permissions::from_mode(0o700)))
+                .map_err(|source| StoreError::CreateDir {
+                    path: dir.clone(),
+                    source,
+                })?;
+        }
+        Ok(Self { root, logs })
     }
 
     /// Where the logs of retired allocations are kept: `DATA/logs/<id>/`.
@@ -125,6 +130,7 @@ impl AllocStore {
                 .write(true)
                 .create(true)
                 .truncate(true)
+                .mode(0o600)
                 .open(&tmp)?;
             file.write_all(&bytes)?;
             fs::rename(&tmp, &path)
@@ -269,6 +275,18 @@ mod tests {
             start_time: 42,
             restarts: 3,
         }
+    }
+
+    #[test]
+    fn records_are_private_to_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AllocStore::open(dir.path()).unwrap();
+        let record = record("a1b2c3", 42);
+        store.save(&record).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.path().join("allocs")), 0o700);
+        assert_eq!(mode(&dir.path().join("logs")), 0o700);
+        assert_eq!(mode(&store.alloc_dir("a1b2c3").join(RECORD_FILE)), 0o600);
     }
 
     #[test]

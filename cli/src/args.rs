@@ -583,7 +583,12 @@ pub enum ServiceCommand {
         all: bool,
     },
     /// Show a service's spec and replicas.
-    Inspect { name: String },
+    Inspect {
+        name: String,
+        /// Print environment values (by default each shows as a short hash).
+        #[arg(long)]
+        show_values: bool,
+    },
     /// Print a service as a Skiff stack file: `skiff service apply -f` of
     /// it (or `stack deploy` for a service of a stack) gives the same service.
     Export { name: String },
@@ -615,7 +620,12 @@ pub enum ServiceCommand {
     /// Shows progress until the deployment ends unless --detach.
     Update(Box<UpdateArgs>),
     /// List a service's versions with what changed and how each rollout ended.
-    History { name: String },
+    History {
+        name: String,
+        /// Print environment values (by default each shows as a short hash).
+        #[arg(long)]
+        show_values: bool,
+    },
     /// Deploy an earlier version again (default: the last good one).
     Rollback {
         name: String,

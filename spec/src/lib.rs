@@ -20,7 +20,7 @@ pub mod service;
 pub mod stack;
 
 pub use alloc::AllocState;
-pub use diff::spec_diff;
+pub use diff::{spec_diff, value_hash};
 pub use policy::{AutoscalePolicy, Strategy, UpdatePolicy};
 pub use service::{
     validate_env, validate_health, validate_image_reference, validate_name, validate_replicas,

@@ -715,9 +715,14 @@ impl DevCluster {
         allocations(&self.skiff_json(&["service", "ps", service, "--all"]))
     }
 
-    /// `service inspect NAME`.
+    /// `service inspect NAME` (environment values hidden: short hashes).
     pub fn inspect(&self, service: &str) -> Value {
         self.skiff_json(&["service", "inspect", service])
+    }
+
+    /// `service inspect NAME --show-values`.
+    pub fn inspect_values(&self, service: &str) -> Value {
+        self.skiff_json(&["service", "inspect", service, "--show-values"])
     }
 
     /// Waits until `service` has exactly `n` allocations desired to run, all running on

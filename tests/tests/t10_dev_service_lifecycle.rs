@@ -547,10 +547,19 @@ fn json_output_of_a_service_has_the_documented_shape_and_env_reaches_the_replica
         inspect["spec"]["replicas"], 1,
         "one replica by default: {inspect}"
     );
-    assert_eq!(
-        inspect["spec"]["env"]["GREETING"], "hello world",
+    // Values stay out of plain sight: a short hash unless asked for.
+    let hidden = inspect["spec"]["env"]["GREETING"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        hidden.starts_with("sha256:") && hidden.len() == 19,
         "{inspect}"
     );
+    assert!(!inspect.to_string().contains("hello world"), "{inspect}");
+    let table = cluster.skiff_ok(&["service", "inspect", "web"]);
+    assert!(!table.contains("hello world"), "{table}");
+    let shown = cluster.inspect_values("web");
+    assert_eq!(shown["spec"]["env"]["GREETING"], "hello world", "{shown}");
     assert!(
         matches!(&inspect["allocations"], Value::Array(a) if a.len() == 1),
         "{inspect}"

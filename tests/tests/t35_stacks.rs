@@ -193,12 +193,12 @@ fn a_compose_stack_deploys_in_dependency_order_plans_exports_and_redeploys_witho
     );
 
     // Interpolation as Compose does it: .env, defaults, $$.
-    let web = stack.cluster.inspect("app-web");
+    let web = stack.cluster.inspect_values("app-web");
     let env = &web["spec"]["env"];
     assert_eq!(env["GREETING"], "from-dotenv", "{env}");
     assert_eq!(env["LITERAL"], "$PORT stays", "{env}");
     assert_eq!(
-        stack.cluster.inspect("app-db")["spec"]["env"]["POSTGRES_DB"],
+        stack.cluster.inspect_values("app-db")["spec"]["env"]["POSTGRES_DB"],
         "shop"
     );
     let db = &stack.cluster.inspect("app-db")["spec"];
@@ -234,7 +234,11 @@ fn a_compose_stack_deploys_in_dependency_order_plans_exports_and_redeploys_witho
     let (code, plan) = stack.plan(&compose, &["--var", "GREETING=hi"]);
     assert_eq!(code, 2, "{plan}");
     assert!(plan.contains("~ app-web (update)"), "{plan}");
-    assert!(plan.contains("env:"), "{plan}");
+    assert!(plan.contains("env.GREETING: \"sha256:"), "{plan}");
+    assert!(
+        !plan.contains("hi\""),
+        "values stay out of the plan: {plan}"
+    );
     assert!(plan.contains("= app-db (unchanged)"), "{plan}");
     let index: String = plan
         .split("--check-index ")

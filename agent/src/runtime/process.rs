@@ -5,6 +5,7 @@
 //! agent so a new agent can re-adopt it.
 
 use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -254,6 +255,7 @@ fn open_log(spec: &ReplicaSpec, path: &Path) -> Result<File, RuntimeError> {
     OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(path)
         .map_err(|source| RuntimeError::Log {
             short_id: spec.short_id().to_string(),

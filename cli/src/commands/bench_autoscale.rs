@@ -224,6 +224,7 @@ async fn status(client: &mut Client) -> anyhow::Result<pb::ServiceStatus> {
     Ok(client
         .get_service(pb::GetServiceRequest {
             name: SERVICE.into(),
+            show_values: false,
         })
         .await
         .map_err(|e| anyhow!("failed to read {SERVICE}: {}", e.message()))?

@@ -289,7 +289,10 @@ fn rolling_policy(max_parallel: u32, max_surge: u32) -> pb::UpdatePolicy {
 
 async fn get(client: &mut Client, name: &str) -> anyhow::Result<pb::ServiceStatus> {
     Ok(client
-        .get_service(pb::GetServiceRequest { name: name.into() })
+        .get_service(pb::GetServiceRequest {
+            name: name.into(),
+            show_values: false,
+        })
         .await
         .map_err(|e| anyhow!("failed to read {name}: {}", e.message()))?
         .into_inner())
@@ -352,7 +355,10 @@ async fn remove(client: &mut Client, agent: &BenchAgent, name: &str) -> anyhow::
     let started = Instant::now();
     loop {
         let gone = client
-            .get_service(pb::GetServiceRequest { name: name.into() })
+            .get_service(pb::GetServiceRequest {
+                name: name.into(),
+                show_values: false,
+            })
             .await
             .is_err();
         if gone && agent.containers() == 0 {
@@ -780,7 +786,7 @@ async fn bench(
 /// until the agent runs no container.
 async fn clean_up(client: &mut Client, agent: &BenchAgent) -> anyhow::Result<()> {
     let services = client
-        .list_services(pb::ListServicesRequest {})
+        .list_services(pb::ListServicesRequest { show_values: false })
         .await
         .map_err(|e| anyhow!("failed to list services: {}", e.message()))?
         .into_inner()

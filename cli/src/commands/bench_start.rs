@@ -109,7 +109,10 @@ async fn create_until_healthy(
         .map_err(|e| anyhow!("failed to create {name}: {}", e.message()))?;
     loop {
         let status = client
-            .get_service(pb::GetServiceRequest { name: name.into() })
+            .get_service(pb::GetServiceRequest {
+                name: name.into(),
+                show_values: false,
+            })
             .await
             .map_err(|e| anyhow!("failed to read {name}: {}", e.message()))?
             .into_inner();
@@ -145,7 +148,10 @@ async fn remove(client: &mut Client, agent: &BenchAgent, name: &str) -> anyhow::
     let started = Instant::now();
     loop {
         let gone = client
-            .get_service(pb::GetServiceRequest { name: name.into() })
+            .get_service(pb::GetServiceRequest {
+                name: name.into(),
+                show_values: false,
+            })
             .await
             .is_err();
         if gone && agent.containers() == 0 {

@@ -378,8 +378,13 @@ pub async fn pause(client: &mut Client, name: &str, paused: bool) -> anyhow::Res
     Ok(())
 }
 
-pub async fn history(client: &mut Client, format: OutputFormat, name: &str) -> anyhow::Result<()> {
-    let status = super::service::get(client, name).await?;
+pub async fn history(
+    client: &mut Client,
+    format: OutputFormat,
+    name: &str,
+    show_values: bool,
+) -> anyhow::Result<()> {
+    let status = super::service::get_shown(client, name, show_values).await?;
     let rows = status
         .history
         .iter()

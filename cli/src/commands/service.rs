@@ -72,7 +72,7 @@ pub async fn run(
         }
         ServiceCommand::Ls => {
             let services = client
-                .list_services(pb::ListServicesRequest {})
+                .list_services(pb::ListServicesRequest { show_values: false })
                 .await
                 .map_err(explain)?
                 .into_inner()
@@ -80,7 +80,7 @@ pub async fn run(
             output::print(format, &services, &LS_HEADERS, ls_rows(&services));
         }
         ServiceCommand::Ps { name, all } => {
-            let status = get(&mut client, &name).await?;
+            let status = get_shown(&mut client, &name, false).await?;
             let allocs: Vec<&pb::Allocation> = status
                 .allocations
                 .iter()
@@ -121,8 +121,8 @@ pub async fn run(
         } => {
             super::stack::apply(&mut client, format, files, vars, strict, detach).await?;
         }
-        ServiceCommand::Inspect { name } => {
-            let status = get(&mut client, &name).await?;
+        ServiceCommand::Inspect { name, show_values } => {
+            let status = get_shown(&mut client, &name, show_values).await?;
             match format {
                 OutputFormat::Json => output::print(format, &status, &[], vec![]),
                 OutputFormat::Table => print!("{}", describe(&status)),
@@ -147,8 +147,8 @@ pub async fn run(
             println!("service {name} removed; its replicas are stopping");
         }
         ServiceCommand::Update(args) => super::deploy::update(&mut client, format, *args).await?,
-        ServiceCommand::History { name } => {
-            super::deploy::history(&mut client, format, &name).await?
+        ServiceCommand::History { name, show_values } => {
+            super::deploy::history(&mut client, format, &name, show_values).await?
         }
         ServiceCommand::Rollback { name, to, detach } => {
             super::deploy::rollback(&mut client, format, &name, to, detach).await?
@@ -524,13 +524,26 @@ fn health(args: &CreateArgs) -> Option<pb::HealthCheck> {
     })
 }
 
+/// A service with its environment values (what `update` and `export`
+/// start from).
 pub(crate) async fn get(
     client: &mut crate::client::Client,
     name: &str,
 ) -> anyhow::Result<pb::ServiceStatus> {
+    get_shown(client, name, true).await
+}
+
+/// A service; its environment values only with `show_values`, else each
+/// one's short hash (what `inspect` and `history` print by default).
+pub(crate) async fn get_shown(
+    client: &mut crate::client::Client,
+    name: &str,
+    show_values: bool,
+) -> anyhow::Result<pb::ServiceStatus> {
     Ok(client
         .get_service(pb::GetServiceRequest {
             name: name.to_string(),
+            show_values,
         })
         .await
         .map_err(explain)?

@@ -317,7 +317,7 @@ fn describe_plan(name: &str, plan: &pb::StackPlan) -> String {
 
 async fn all_services(client: &mut Client) -> anyhow::Result<Vec<pb::ServiceStatus>> {
     Ok(client
-        .list_services(pb::ListServicesRequest {})
+        .list_services(pb::ListServicesRequest { show_values: true })
         .await
         .map_err(explain)?
         .into_inner()

@@ -124,14 +124,21 @@ impl pb::control_server::Control for Api {
 
     async fn list_services(
         &self,
-        _request: Request<pb::ListServicesRequest>,
+        request: Request<pb::ListServicesRequest>,
     ) -> Result<Response<pb::ListServicesResponse>, Status> {
+        let show_values = request.into_inner().show_values;
         self.barrier().await?;
         let state = self.consensus.state();
         let services = state
             .services
             .values()
-            .map(|s| convert::service_to_pb(&state, s))
+            .map(|s| {
+                let mut status = convert::service_to_pb(&state, s);
+                if !show_values {
+                    convert::hide_env_values(&mut status);
+                }
+                status
+            })
             .collect();
         Ok(Response::new(pb::ListServicesResponse { services }))
     }
@@ -141,8 +148,8 @@ impl pb::control_server::Control for Api {
         request: Request<pb::GetServiceRequest>,
     ) -> Result<Response<pb::ServiceStatus>, Status> {
         let metadata = request.metadata().clone();
-        let name = request.into_inner().name;
-        let asked = pb::GetServiceRequest { name: name.clone() };
+        let asked = request.into_inner();
+        let (name, show_values) = (asked.name.clone(), asked.show_values);
         let view = self
             .ask_leader(&metadata, |mut leader| async move {
                 leader.get_service(forwarded(asked)).await
@@ -151,7 +158,7 @@ impl pb::control_server::Control for Api {
         if let LeaderView::Leader(answer) = view {
             return answer;
         }
-        let mut status = self.service_status(&name).await?;
+        let mut status = self.service_status_shown(&name, show_values).await?;
         status.traffic = self.service_traffic(&name);
         status.usage = self.service_usage(&name);
         status.leader_unreachable = matches!(view, LeaderView::Unreachable);
@@ -400,7 +407,16 @@ impl pb::control_server::Control for Api {
         })?;
         Ok(Response::new(pb::NodeDetail {
             node: Some(self.node_to_pb(&state, node, own)),
-            allocations: state.allocs_on(&name).map(convert::alloc_to_pb).collect(),
+            allocations: state
+                .allocs_on(&name)
+                .map(|a| {
+                    let mut alloc = convert::alloc_to_pb(a);
+                    if let Some(spec) = alloc.spec.as_mut() {
+                        convert::hide_spec_env(spec);
+                    }
+                    alloc
+                })
+                .collect(),
         }))
     }
 

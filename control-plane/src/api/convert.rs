@@ -131,6 +131,30 @@ pub fn service_to_pb(state: &State, service: &Service) -> pb::ServiceStatus {
     }
 }
 
+/// Replaces every environment value of the service's spec and history by
+/// its short hash: what `inspect` and `history` show unless the caller asks
+/// for the values.
+pub fn hide_env_values(status: &mut pb::ServiceStatus) {
+    let specs = status
+        .spec
+        .iter_mut()
+        .chain(status.history.iter_mut().filter_map(|v| v.spec.as_mut()))
+        .chain(
+            status
+                .allocations
+                .iter_mut()
+                .filter_map(|a| a.spec.as_mut()),
+        );
+    specs.for_each(hide_spec_env);
+}
+
+/// Replaces the spec's environment values by their short hashes.
+pub fn hide_spec_env(spec: &mut pb::ServiceSpec) {
+    for value in spec.env.values_mut() {
+        *value = skiff_spec::value_hash(value);
+    }
+}
+
 /// The nodes whose proxy cannot listen on the service's published port
 /// (reports of an older port are left out).
 fn port_failures(state: &State, service: &Service) -> Vec<pb::PortFailure> {

@@ -116,14 +116,28 @@ impl Api {
         self.consensus.read_barrier().await.map_err(status_from)
     }
 
+    /// A service as write calls answer it: environment values hidden.
     async fn service_status(&self, name: &str) -> Result<pb::ServiceStatus, Status> {
+        self.service_status_shown(name, false).await
+    }
+
+    /// A service, with its environment values only when `show_values`.
+    async fn service_status_shown(
+        &self,
+        name: &str,
+        show_values: bool,
+    ) -> Result<pb::ServiceStatus, Status> {
         self.barrier().await?;
         let state = self.consensus.state();
         let service = state
             .services
             .get(name)
             .ok_or_else(|| status_from(CommandError::ServiceNotFound(name.to_string()).into()))?;
-        Ok(convert::service_to_pb(&state, service))
+        let mut status = convert::service_to_pb(&state, service);
+        if !show_values {
+            convert::hide_env_values(&mut status);
+        }
+        Ok(status)
     }
 
     /// A read barrier shared by everyone waiting: a barrier that started

@@ -216,7 +216,13 @@ mod tests {
             .map(|c| (c.service.as_str(), c))
             .collect();
         assert_eq!(by_name["app-web"].action, Action::Update);
-        assert_eq!(by_name["app-web"].diff, [r#"env: {} -> {"A":"1"}"#]);
+        assert_eq!(
+            by_name["app-web"].diff,
+            [format!(
+                "env.A: null -> \"{}\"",
+                skiff_spec::value_hash("1")
+            )]
+        );
         assert_eq!(by_name["app-db"].action, Action::Remove);
         assert_eq!(by_name["app-cache"].action, Action::Create);
         assert!(

@@ -23,6 +23,7 @@ pub mod spec;
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -455,6 +456,7 @@ fn open_log(path: &Path) -> Result<File, String> {
     OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .read(true)
         .open(path)
         .map_err(|e| format!("cannot open log {}: {e}", path.display()))
