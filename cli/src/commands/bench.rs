@@ -55,6 +55,7 @@ impl BenchAgent {
         let mut command = Command::new(std::env::current_exe()?);
         command
             .args(["agent", "--name", "bench", "--servers", server])
+            .args(["--advertise", "127.0.0.1"])
             .arg("--data-dir")
             .arg(dir.join("data"))
             .arg("--port-range")
