@@ -438,6 +438,14 @@ mod tests {
     }
 
     #[test]
+    fn the_example_files_in_deploy_read_as_typed_settings() {
+        let server: ServerFile = toml::from_str(include_str!("../../deploy/server.toml")).unwrap();
+        assert_eq!(server.name.as_deref(), Some("s1"));
+        let agent: AgentFile = toml::from_str(include_str!("../../deploy/agent.toml")).unwrap();
+        assert_eq!(agent.advertise, Some("10.0.0.11".parse().unwrap()));
+    }
+
+    #[test]
     fn every_key_of_both_files_is_a_flag_of_its_command() {
         let command = Cli::command();
         for (subcommand, keys) in [
