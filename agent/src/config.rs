@@ -71,7 +71,8 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
-    /// A configuration with the defaults: advertise 127.0.0.1, ports
+    /// A configuration with the defaults: advertise 127.0.0.1 (`skiff
+    /// agent` passes [`Self::default_route_address`] unless told), ports
     /// 20000-29999, 5s stop grace, replicas left running on shutdown.
     pub fn new(name: impl Into<String>, data_dir: PathBuf, servers: Vec<String>) -> Self {
         Self {
@@ -100,6 +101,29 @@ impl AgentConfig {
         }
     }
 
+    /// The default route's interface and its address: where other machines
+    /// most likely reach this one, what `skiff agent` advertises unless told
+    /// (as Nomad's client does). `None` without an IPv4 default route.
+    ///
+    /// The route comes from `/proc/net/route`; the address is the source the
+    /// kernel picks for that route, read from a UDP socket connected to the
+    /// route's gateway (connecting a UDP socket sends nothing).
+    pub fn default_route_address() -> Option<(String, IpAddr)> {
+        let routes = std::fs::read_to_string("/proc/net/route").ok()?;
+        let route = default_route(&routes)?;
+        // A route without a gateway (a point-to-point link): any address it
+        // carries will do; TEST-NET-1 (RFC 5737) has no route of its own.
+        let peer = if route.gateway.is_unspecified() {
+            Ipv4Addr::new(192, 0, 2, 1)
+        } else {
+            route.gateway
+        };
+        let socket = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).ok()?;
+        socket.connect((peer, 9)).ok()?;
+        let address = socket.local_addr().ok()?.ip();
+        (!address.is_unspecified() && !address.is_loopback()).then_some((route.interface, address))
+    }
+
     pub(crate) fn validate(&self) -> Result<(), AgentError> {
         if self.name.is_empty() {
             return Err(AgentError::Config("node name is empty".into()));
@@ -115,6 +139,40 @@ impl AgentConfig {
         }
         Ok(())
     }
+}
+
+/// One IPv4 default route of `/proc/net/route`.
+#[derive(Debug, PartialEq, Eq)]
+struct DefaultRoute {
+    interface: String,
+    gateway: Ipv4Addr,
+}
+
+/// The default route (destination and mask 0, up) with the lowest metric
+/// in the text of `/proc/net/route`, whose columns are `Iface Destination
+/// Gateway Flags RefCnt Use Metric Mask ...`, addresses in hex, in the
+/// kernel's (little-endian) byte order.
+fn default_route(routes: &str) -> Option<DefaultRoute> {
+    const RTF_UP: u32 = 0x1;
+    routes
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let [interface, destination, gateway, flags, _, _, metric, mask, ..] = fields[..]
+            else {
+                return None;
+            };
+            let flags = u32::from_str_radix(flags, 16).ok()?;
+            if destination != "00000000" || mask != "00000000" || flags & RTF_UP == 0 {
+                return None;
+            }
+            let gateway = Ipv4Addr::from(u32::from_str_radix(gateway, 16).ok()?.to_le_bytes());
+            let metric: u32 = metric.parse().ok()?;
+            Some((metric, interface.to_string(), gateway))
+        })
+        .min()
+        .map(|(_, interface, gateway)| DefaultRoute { interface, gateway })
 }
 
 /// CPUs this process may use, in millicores (1000 per CPU).
@@ -146,6 +204,35 @@ mod tests {
         assert_eq!(c.stop_grace, Duration::from_secs(5));
         assert!(!c.stop_replicas_on_shutdown);
         assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn the_default_route_with_the_lowest_metric_is_chosen() {
+        let routes =
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+            wlan0\t00000000\t0102A8C0\t0003\t0\t0\t600\t00000000\t0\t0\t0\n\
+            eth0\t00000000\t010010AC\t0003\t0\t0\t100\t00000000\t0\t0\t0\n\
+            eth0\t000010AC\t00000000\t0001\t0\t0\t100\t0000FFFF\t0\t0\t0\n";
+        assert_eq!(
+            default_route(routes),
+            Some(DefaultRoute {
+                interface: "eth0".into(),
+                gateway: Ipv4Addr::new(172, 16, 0, 1),
+            })
+        );
+    }
+
+    #[test]
+    fn no_default_route_means_none() {
+        let routes = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\n\
+            eth0\t000010AC\t00000000\t0001\t0\t0\t100\t0000FFFF\n\
+            eth1\t00000000\t010010AC\t0002\t0\t0\t100\t00000000\n";
+        assert_eq!(
+            default_route(routes),
+            None,
+            "a route that is down does not count"
+        );
+        assert_eq!(default_route(""), None);
     }
 
     #[test]

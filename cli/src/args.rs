@@ -4,6 +4,23 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::{Deserialize, Serialize};
+
+use crate::choices::{Mode, Network, Placement, Protocol, Runtime, Strategy};
+
+/// The headings `--help` groups options under, so that a long list (`service
+/// create` has over fifty) reads by topic and the global options stand apart.
+pub mod heading {
+    pub const GLOBAL: &str = "Global options";
+    pub const IMAGE: &str = "What runs";
+    pub const NETWORK: &str = "Ports and network";
+    pub const PLACEMENT: &str = "Replicas, resources and placement";
+    pub const HEALTH: &str = "Health check";
+    pub const UPDATE: &str = "Update policy";
+    pub const AUTOSCALE: &str = "Autoscaling";
+    pub const NODE: &str = "Node";
+    pub const RAFT: &str = "Raft and control plane";
+}
 
 #[derive(Parser, Debug)]
 #[command(
@@ -19,24 +36,26 @@ pub struct Cli {
         long,
         global = true,
         env = "SKIFF_ADDR",
-        default_value = "127.0.0.1:7070"
+        default_value = "127.0.0.1:7070",
+        help_heading = heading::GLOBAL
     )]
     pub server: String,
     /// How read commands print their result.
-    #[arg(long, short = 'o', global = true, value_enum, default_value_t = OutputFormat::Table)]
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = OutputFormat::Table, help_heading = heading::GLOBAL)]
     pub output: OutputFormat,
     /// Log level or filter (e.g. `debug`, `skiff_agent=trace`); overrides RUST_LOG.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "SKIFF_LOG_LEVEL", help_heading = heading::GLOBAL)]
     pub log_level: Option<String>,
     /// Log line format.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "SKIFF_LOG_FORMAT", help_heading = heading::GLOBAL)]
     pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
 
 /// `--raft-log`: see `skiff_control_plane::RaftLog`.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum RaftLogArg {
     Sled,
     Wal,
@@ -44,11 +63,16 @@ pub enum RaftLogArg {
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 pub enum OutputFormat {
+    /// Aligned columns for people.
     Table,
+    /// The API's objects, for machines.
     Json,
+    /// The same objects as JSON, as YAML.
+    Yaml,
 }
 
-#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Text,
     Json,
@@ -83,6 +107,17 @@ pub enum Command {
     /// Measure the control plane (figures are printed, never asserted).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Print a shell completion script: `skiff completion bash >
+    /// /etc/bash_completion.d/skiff`, or `source <(skiff completion bash)`.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (skiff.1 and one per subcommand, `skiff-service-create.1`) into DIR.
+    Man {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
     /// Run one container and record its exit status: the per-container
     /// monitor the agent starts, not a command for people.
     #[command(hide = true)]
@@ -430,72 +465,74 @@ pub struct BenchFailoverArgs {
 #[derive(Args, Debug)]
 #[command(args_override_self = true)]
 pub struct ServerArgs {
-    /// Read settings from this TOML file (keys are the flag names); flags win.
+    /// Read settings from this TOML file (keys are the long flag names with
+    /// `_`, e.g. `data_dir`); SKIFF_* variables and flags win over it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<std::path::PathBuf>,
     /// Name of this server in the cluster.
-    #[arg(long)]
+    #[arg(long, env = "SKIFF_NAME")]
     pub name: String,
     /// Where the Raft log and state live.
-    #[arg(long)]
+    #[arg(long, env = "SKIFF_DATA_DIR")]
     pub data_dir: PathBuf,
     /// Address for the gRPC API (CLI, agents).
-    #[arg(long, default_value = "127.0.0.1:7070")]
+    #[arg(long, default_value = "127.0.0.1:7070", env = "SKIFF_LISTEN")]
     pub listen: SocketAddr,
     /// Start a new one-member cluster if the data dir holds none.
-    #[arg(long, conflicts_with = "join")]
+    #[arg(long, conflicts_with = "join", env = "SKIFF_BOOTSTRAP")]
     pub bootstrap: bool,
     /// Join the cluster of this server (any member, HOST:PORT) if the data dir holds none.
-    #[arg(long)]
+    #[arg(long, env = "SKIFF_JOIN")]
     pub join: Option<String>,
     /// Address other servers and agents reach this one at (default: the --listen address).
-    #[arg(long)]
+    #[arg(long, env = "SKIFF_ADVERTISE")]
     pub advertise: Option<String>,
     /// Milliseconds per Raft tick.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, env = "SKIFF_TICK_MS", help_heading = heading::RAFT)]
     pub tick_ms: u64,
     /// Ticks without a leader before an election starts.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, env = "SKIFF_ELECTION_TICKS", help_heading = heading::RAFT)]
     pub election_ticks: usize,
     /// Applied entries between snapshots (and log compactions); etcd's
     /// default too. A snapshot encodes the whole state, so a smaller value
     /// costs write latency while it is taken.
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(long, default_value_t = 100_000, env = "SKIFF_SNAPSHOT_EVERY", help_heading = heading::RAFT)]
     pub snapshot_every: u64,
     /// Where a new data dir keeps the Raft log: `sled` (the default), or
     /// `wal`, an append-only write-ahead log with one fdatasync per batch
     /// (as etcd), measured faster under load; `wal` on a data dir whose log
     /// is in sled moves it over, and cannot be undone.
-    #[arg(long, value_enum, default_value_t = RaftLogArg::Sled)]
+    #[arg(long, value_enum, default_value_t = RaftLogArg::Sled, env = "SKIFF_RAFT_LOG", help_heading = heading::RAFT)]
     pub raft_log: RaftLogArg,
     /// A node whose heartbeats stop for this long is marked down and its
     /// replicas are re-placed (e.g. 10s, 3s).
-    #[arg(long, default_value = "10s", value_parser = parse_millis)]
+    #[arg(long, default_value = "10s", value_parser = parse_millis, env = "SKIFF_HEARTBEAT_TTL", help_heading = heading::RAFT)]
     pub heartbeat_ttl: u32,
     /// Serve GET /metrics (Prometheus text) on this address.
-    #[arg(long)]
+    #[arg(long, env = "SKIFF_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
     /// Autoscaler stabilization window: a service scales down only after
     /// its load stayed low this long; the cooldowns (1/4 and 1/2 of it)
     /// and the idle time before scaling to zero (5x) scale with it.
-    #[arg(long, default_value = "60s", value_parser = parse_millis)]
+    #[arg(long, default_value = "60s", value_parser = parse_millis, env = "SKIFF_AUTOSCALE_WINDOW", help_heading = heading::RAFT)]
     pub autoscale_window: u32,
 }
 
 #[derive(Args, Debug)]
 #[command(args_override_self = true)]
 pub struct AgentArgs {
-    /// Read settings from this TOML file (keys are the flag names); flags win.
+    /// Read settings from this TOML file (keys are the long flag names with
+    /// `_`, e.g. `data_dir`); SKIFF_* variables and flags win over it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<std::path::PathBuf>,
     /// Name of this node.
-    #[arg(long)]
+    #[arg(long, env = "SKIFF_NAME")]
     pub name: String,
     /// Where allocations, logs and agent state live.
-    #[arg(long)]
+    #[arg(long, env = "SKIFF_DATA_DIR")]
     pub data_dir: PathBuf,
     /// Servers to connect to, comma-separated or repeated.
-    #[arg(long, value_delimiter = ',', required = true)]
+    #[arg(long, value_delimiter = ',', required = true, env = "SKIFF_SERVERS")]
     pub servers: Vec<String>,
     /// Run `--runtime process` replicas: host processes with this agent's
     /// rights (root). Off by default; `skiff dev` turns it on.
@@ -508,46 +545,48 @@ pub struct AgentArgs {
 /// Node settings shared by `skiff agent` and `skiff dev`.
 #[derive(Args, Debug)]
 pub struct NodeArgs {
-    /// Address at which this node's replicas are reached.
-    #[arg(long, default_value = "127.0.0.1")]
-    pub advertise: IpAddr,
+    /// Address at which this node's replicas are reached (default: for
+    /// `skiff agent`, the address of the interface that holds the default
+    /// route, else 127.0.0.1; for `skiff dev`, 127.0.0.1).
+    #[arg(long, env = "SKIFF_ADVERTISE", help_heading = heading::NODE)]
+    pub advertise: Option<IpAddr>,
     /// Host ports the scheduler may assign to replicas on this node.
-    #[arg(long, default_value = "20000-29999", value_parser = parse_port_range)]
+    #[arg(long, default_value = "20000-29999", value_parser = parse_port_range, env = "SKIFF_PORT_RANGE", help_heading = heading::NODE)]
     pub port_range: (u16, u16),
     /// Seconds between SIGTERM and SIGKILL when a replica stops.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, env = "SKIFF_STOP_GRACE_SECS", help_heading = heading::NODE)]
     pub stop_grace_secs: u64,
     /// OCI runtime for containers: `runc`, `crun` or a path (default: runc if installed, else crun).
-    #[arg(long)]
+    #[arg(long, env = "SKIFF_OCI_RUNTIME", help_heading = heading::NODE)]
     pub oci_runtime: Option<String>,
     /// Registry (HOST:PORT) to pull from over plain HTTP; repeatable.
-    #[arg(long = "insecure-registry")]
+    #[arg(long = "insecure-registry", help_heading = heading::NODE)]
     pub insecure_registries: Vec<String>,
     /// Docker config.json with registry credentials (default ~/.docker/config.json).
-    #[arg(long)]
+    #[arg(long, env = "SKIFF_DOCKER_CONFIG", help_heading = heading::NODE)]
     pub docker_config: Option<PathBuf>,
     /// CPU the scheduler may reserve on this node, in millicores (default: all CPUs).
-    #[arg(long = "cpu")]
+    #[arg(long = "cpu", env = "SKIFF_CPU", help_heading = heading::NODE)]
     pub cpu_millis: Option<u32>,
     /// Memory the scheduler may reserve on this node, in MB (default: MemTotal).
-    #[arg(long = "memory")]
+    #[arg(long = "memory", env = "SKIFF_MEMORY", help_heading = heading::NODE)]
     pub memory_mb: Option<u32>,
     /// Node label KEY=VALUE for constraints and zone spreading, e.g. zone=a (repeatable).
-    #[arg(long = "label", value_parser = parse_label)]
+    #[arg(long = "label", value_parser = parse_label, help_heading = heading::NODE)]
     pub labels: Vec<(String, String)>,
     /// Serve GET /metrics (Prometheus text: routing proxy traffic) on this
     /// address (default: the advertise address, any free port; published in
     /// the variable `_skiff/nodes/NODE/metrics`).
-    #[arg(long, env = "SKIFF_METRICS_LISTEN")]
+    #[arg(long, env = "SKIFF_METRICS_LISTEN", help_heading = heading::NODE)]
     pub metrics_listen: Option<SocketAddr>,
     /// Seconds a stopping replica of a published service keeps serving its
     /// open connections, after leaving every routing proxy, before SIGTERM.
-    #[arg(long, env = "SKIFF_DRAIN_SECS", default_value_t = 5.0, value_parser = parse_secs)]
+    #[arg(long, env = "SKIFF_DRAIN_SECS", default_value_t = 5.0, value_parser = parse_secs, help_heading = heading::NODE)]
     pub drain_secs: f64,
     /// Above this many MB of stored images, remove the images (and their
     /// layers) no replica on this node uses; checked every minute (default:
     /// never automatically).
-    #[arg(long, value_name = "MB")]
+    #[arg(long, value_name = "MB", env = "SKIFF_IMAGE_GC_THRESHOLD_MB", help_heading = heading::NODE)]
     pub image_gc_threshold_mb: Option<u64>,
 }
 
@@ -581,6 +620,9 @@ pub enum ServiceCommand {
         /// Include replicas that are stopping or stopped.
         #[arg(long)]
         all: bool,
+        /// Redraw every second until Ctrl-C or the service is removed.
+        #[arg(long, short = 'w')]
+        watch: bool,
     },
     /// Show a service's spec and replicas.
     Inspect {
@@ -678,95 +720,95 @@ pub struct CreateArgs {
     pub detach: bool,
     /// Replace the image's entrypoint (as Docker's --entrypoint, this also
     /// drops the image's command); give the arguments after `--`.
-    #[arg(long)]
+    #[arg(long, help_heading = heading::IMAGE)]
     pub entrypoint: Option<String>,
     /// Label the service with KEY=VALUE (repeatable).
-    #[arg(long = "label", value_name = "KEY=VALUE")]
+    #[arg(long = "label", value_name = "KEY=VALUE", help_heading = heading::IMAGE)]
     pub labels: Vec<String>,
     /// `seccomp=unconfined` (no filter) or `seccomp=FILE` (an OCI
     /// linux.seccomp JSON profile); default: Docker's default profile.
-    #[arg(long = "security-opt", value_name = "seccomp=unconfined|FILE")]
+    #[arg(long = "security-opt", value_name = "seccomp=unconfined|FILE", help_heading = heading::IMAGE)]
     pub security_opt: Option<String>,
     /// How replicas run: `oci` (a container from --image, the default when
     /// an image is given) or `process` (a host process running the command).
-    #[arg(long)]
-    pub runtime: Option<String>,
+    #[arg(long, value_enum, help_heading = heading::IMAGE)]
+    pub runtime: Option<Runtime>,
     /// Image to run, e.g. `127.0.0.1:5000/demo/web:v1`.
-    #[arg(long)]
+    #[arg(long, help_heading = heading::IMAGE)]
     pub image: Option<String>,
     /// Port the container listens on (bridge mode); the host port maps to it.
     /// Default: the image's first exposed TCP port.
-    #[arg(long)]
+    #[arg(long, help_heading = heading::NETWORK)]
     pub port: Option<u32>,
     /// Publish the service on every node: PUBLISHED[:CONTAINER_PORT]. Each
     /// node's routing proxy listens on PUBLISHED and forwards to healthy
     /// replicas anywhere; CONTAINER_PORT (containers only) is --port.
-    #[arg(long, value_name = "PUBLISHED[:CONTAINER_PORT]", value_parser = parse_publish)]
+    #[arg(long, value_name = "PUBLISHED[:CONTAINER_PORT]", value_parser = parse_publish, help_heading = heading::NETWORK)]
     pub publish: Option<(u16, Option<u16>)>,
     /// What the published port carries: `tcp` (default) or `http` (HTTP/1.1;
     /// the proxy also counts requests).
-    #[arg(long)]
-    pub protocol: Option<String>,
+    #[arg(long, value_enum, help_heading = heading::NETWORK)]
+    pub protocol: Option<Protocol>,
     /// Memory reserved per replica in MB (at least 4); also the limit of a container.
-    #[arg(long)]
+    #[arg(long, help_heading = heading::PLACEMENT)]
     pub memory: Option<u32>,
     /// CPU reserved per replica in millicores (1000 = one CPU); also the limit of a container.
-    #[arg(long)]
+    #[arg(long, help_heading = heading::PLACEMENT)]
     pub cpu: Option<u32>,
     /// Place replicas only on nodes where this holds: `zone==a`, `zone!=b`,
     /// `'zone in (a,b)'`; a node label, node.name or node.address (repeatable).
-    #[arg(long = "constraint")]
+    #[arg(long = "constraint", help_heading = heading::PLACEMENT)]
     pub constraints: Vec<String>,
     /// At most N replicas on one node.
-    #[arg(long)]
+    #[arg(long, help_heading = heading::PLACEMENT)]
     pub max_per_node: Option<u32>,
     /// `spread` (default: across nodes, then zones) or `binpack` (fill nodes up).
-    #[arg(long)]
-    pub placement: Option<String>,
+    #[arg(long, value_enum, help_heading = heading::PLACEMENT)]
+    pub placement: Option<Placement>,
     /// `replicated` (default) or `global` (one replica on every eligible node).
-    #[arg(long)]
-    pub mode: Option<String>,
+    #[arg(long, value_enum, help_heading = heading::PLACEMENT)]
+    pub mode: Option<Mode>,
     /// User to run as, resolved in the image: NAME, UID, NAME:GROUP or UID:GID.
-    #[arg(long)]
+    #[arg(long, help_heading = heading::IMAGE)]
     pub user: Option<String>,
     /// `bridge` (own network namespace, host port mapped; default) or `host`.
-    #[arg(long)]
-    pub network: Option<String>,
+    #[arg(long, value_enum, help_heading = heading::NETWORK)]
+    pub network: Option<Network>,
     /// HTTP health check: GET PATH on the replica's port (2xx/3xx healthy).
-    #[arg(long, value_name = "PATH", conflicts_with_all = ["health_tcp", "health_cmd"])]
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["health_tcp", "health_cmd"], help_heading = heading::HEALTH)]
     pub health_http: Option<String>,
     /// TCP health check: connect to the replica's port.
-    #[arg(long, conflicts_with = "health_cmd")]
+    #[arg(long, conflicts_with = "health_cmd", help_heading = heading::HEALTH)]
     pub health_tcp: bool,
     /// Exec health check: run CMD (with /bin/sh -c) in the replica; exit 0 is healthy.
-    #[arg(long, value_name = "CMD")]
+    #[arg(long, value_name = "CMD", help_heading = heading::HEALTH)]
     pub health_cmd: Option<String>,
     /// Time between checks (e.g. 10s, 500ms).
-    #[arg(long, value_parser = parse_millis)]
+    #[arg(long, value_parser = parse_millis, help_heading = heading::HEALTH)]
     pub health_interval: Option<u32>,
     /// Time a check may take.
-    #[arg(long, value_parser = parse_millis)]
+    #[arg(long, value_parser = parse_millis, help_heading = heading::HEALTH)]
     pub health_timeout: Option<u32>,
     /// Consecutive failures that make a replica unhealthy.
-    #[arg(long)]
+    #[arg(long, help_heading = heading::HEALTH)]
     pub health_retries: Option<u32>,
     /// Time after start during which failures do not count.
-    #[arg(long, value_parser = parse_millis)]
+    #[arg(long, value_parser = parse_millis, help_heading = heading::HEALTH)]
     pub health_start_period: Option<u32>,
     /// Run the entrypoint under a tiny init (default unless it is one).
-    #[arg(long, conflicts_with = "no_init")]
+    #[arg(long, conflicts_with = "no_init", help_heading = heading::IMAGE)]
     pub init: bool,
     /// Run the entrypoint as PID 1 without an init.
-    #[arg(long)]
+    #[arg(long, help_heading = heading::IMAGE)]
     pub no_init: bool,
     /// Number of replicas.
-    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true, help_heading = heading::PLACEMENT)]
     pub replicas: i64,
     /// Environment variable KEY=VALUE (repeatable).
-    #[arg(long = "env", short = 'e')]
+    #[arg(long = "env", short = 'e', help_heading = heading::IMAGE)]
     pub env: Vec<String>,
     /// Working directory of each replica (absolute).
-    #[arg(long)]
+    #[arg(long, help_heading = heading::IMAGE)]
     pub workdir: Option<String>,
     /// Program and arguments, after `--` (for an image: replaces its Cmd).
     /// `$PORT` is replaced by the port the replica listens on.
@@ -783,44 +825,44 @@ pub struct CreateArgs {
 #[derive(Args, Debug, Default, Clone)]
 pub struct UpdatePolicyArgs {
     /// `rolling` (default), `blue-green` or `canary`.
-    #[arg(long, value_name = "STRATEGY")]
-    pub update_strategy: Option<String>,
+    #[arg(long, value_enum, value_name = "STRATEGY", help_heading = heading::UPDATE)]
+    pub update_strategy: Option<Strategy>,
     /// Rolling: new replicas started at once (default 1).
-    #[arg(long)]
+    #[arg(long, help_heading = heading::UPDATE)]
     pub max_parallel: Option<u32>,
     /// Replicas allowed above the desired count during an update (default 1).
-    #[arg(long)]
+    #[arg(long, help_heading = heading::UPDATE)]
     pub max_surge: Option<u32>,
     /// Serving replicas allowed below the desired count (default 0).
-    #[arg(long)]
+    #[arg(long, help_heading = heading::UPDATE)]
     pub max_unavailable: Option<u32>,
     /// A new replica counts once healthy this long (default 5s; 0 allowed).
-    #[arg(long, value_parser = parse_millis_or_zero)]
+    #[arg(long, value_parser = parse_millis_or_zero, help_heading = heading::UPDATE)]
     pub min_healthy_time: Option<u32>,
     /// A new replica not healthy this long after placement fails the update (default 60s).
-    #[arg(long, value_parser = parse_millis)]
+    #[arg(long, value_parser = parse_millis, help_heading = heading::UPDATE)]
     pub healthy_deadline: Option<u32>,
     /// The whole update must end within this (default 10m).
-    #[arg(long, value_parser = parse_millis)]
+    #[arg(long, value_parser = parse_millis, help_heading = heading::UPDATE)]
     pub progress_deadline: Option<u32>,
     /// Do not return to the last good version when an update fails.
-    #[arg(long)]
+    #[arg(long, help_heading = heading::UPDATE)]
     pub no_auto_rollback: bool,
     /// Return to the last good version when an update fails (the default).
-    #[arg(long, conflicts_with = "no_auto_rollback")]
+    #[arg(long, conflicts_with = "no_auto_rollback", help_heading = heading::UPDATE)]
     pub auto_rollback: bool,
     /// Blue-green and canary: promote once ready, without `service promote`.
-    #[arg(long)]
+    #[arg(long, help_heading = heading::UPDATE)]
     pub auto_promote: bool,
     /// Canary: new replicas started first (implies --update-strategy canary).
-    #[arg(long)]
+    #[arg(long, help_heading = heading::UPDATE)]
     pub canary: Option<u32>,
     /// Canary: percent of new connections sent to the canaries (default: by replica count).
-    #[arg(long, value_name = "PCT")]
+    #[arg(long, value_name = "PCT", help_heading = heading::UPDATE)]
     pub canary_weight: Option<u32>,
     /// Fail the update when the new version's error rate (HTTP 5xx and
     /// failed dials through the routing proxies) exceeds PCT percent.
-    #[arg(long, value_name = "PCT")]
+    #[arg(long, value_name = "PCT", help_heading = heading::UPDATE)]
     pub max_error_rate: Option<u32>,
 }
 
@@ -828,22 +870,22 @@ pub struct UpdatePolicyArgs {
 #[derive(Args, Debug, Default, Clone)]
 pub struct AutoscaleArgs {
     /// Fewest replicas (0: scale to zero when idle).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", help_heading = heading::AUTOSCALE)]
     pub autoscale_min: Option<u32>,
     /// Most replicas.
-    #[arg(long, value_name = "M")]
+    #[arg(long, value_name = "M", help_heading = heading::AUTOSCALE)]
     pub autoscale_max: Option<u32>,
     /// Target requests per second per replica (HTTP services).
-    #[arg(long, value_name = "R")]
+    #[arg(long, value_name = "R", help_heading = heading::AUTOSCALE)]
     pub target_rps: Option<f64>,
     /// Target open connections per replica.
-    #[arg(long, value_name = "C")]
+    #[arg(long, value_name = "C", help_heading = heading::AUTOSCALE)]
     pub target_concurrency: Option<f64>,
     /// Target CPU, percent of the replica's CPU limit.
-    #[arg(long, value_name = "P")]
+    #[arg(long, value_name = "P", help_heading = heading::AUTOSCALE)]
     pub target_cpu: Option<f64>,
     /// Stop autoscaling: the replica count stays where it is.
-    #[arg(long)]
+    #[arg(long, help_heading = heading::AUTOSCALE)]
     pub no_autoscale: bool,
 }
 
@@ -852,105 +894,105 @@ pub struct AutoscaleArgs {
 pub struct UpdateArgs {
     pub name: String,
     /// New image reference.
-    #[arg(long)]
+    #[arg(long, help_heading = heading::IMAGE)]
     pub image: Option<String>,
     /// Set an environment variable KEY=VALUE (repeatable).
-    #[arg(long = "env", short = 'e')]
+    #[arg(long = "env", short = 'e', help_heading = heading::IMAGE)]
     pub env: Vec<String>,
     /// Remove an environment variable (repeatable).
-    #[arg(long = "env-rm", value_name = "KEY")]
+    #[arg(long = "env-rm", value_name = "KEY", help_heading = heading::IMAGE)]
     pub env_rm: Vec<String>,
     /// Number of replicas.
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, allow_negative_numbers = true, help_heading = heading::PLACEMENT)]
     pub replicas: Option<i64>,
     /// Memory per replica in MB.
-    #[arg(long)]
+    #[arg(long, help_heading = heading::PLACEMENT)]
     pub memory: Option<u32>,
     /// CPU per replica in millicores.
-    #[arg(long)]
+    #[arg(long, help_heading = heading::PLACEMENT)]
     pub cpu: Option<u32>,
     /// User to run as.
-    #[arg(long)]
+    #[arg(long, help_heading = heading::IMAGE)]
     pub user: Option<String>,
     /// Port the container listens on.
-    #[arg(long)]
+    #[arg(long, help_heading = heading::NETWORK)]
     pub port: Option<u32>,
     /// HTTP health check path.
-    #[arg(long, value_name = "PATH", conflicts_with_all = ["health_tcp", "health_cmd"])]
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["health_tcp", "health_cmd"], help_heading = heading::HEALTH)]
     pub health_http: Option<String>,
     /// TCP health check.
-    #[arg(long, conflicts_with = "health_cmd")]
+    #[arg(long, conflicts_with = "health_cmd", help_heading = heading::HEALTH)]
     pub health_tcp: bool,
     /// Exec health check (with /bin/sh -c).
-    #[arg(long, value_name = "CMD")]
+    #[arg(long, value_name = "CMD", help_heading = heading::HEALTH)]
     pub health_cmd: Option<String>,
     /// Time between checks (e.g. 10s, 500ms).
-    #[arg(long, value_parser = parse_millis)]
+    #[arg(long, value_parser = parse_millis, help_heading = heading::HEALTH)]
     pub health_interval: Option<u32>,
     /// Time a check may take.
-    #[arg(long, value_parser = parse_millis)]
+    #[arg(long, value_parser = parse_millis, help_heading = heading::HEALTH)]
     pub health_timeout: Option<u32>,
     /// Consecutive failures that make a replica unhealthy.
-    #[arg(long)]
+    #[arg(long, help_heading = heading::HEALTH)]
     pub health_retries: Option<u32>,
     /// Time after start during which failures do not count.
-    #[arg(long, value_parser = parse_millis)]
+    #[arg(long, value_parser = parse_millis, help_heading = heading::HEALTH)]
     pub health_start_period: Option<u32>,
     /// Drop the service's own health check (the image's HEALTHCHECK, if any, applies).
-    #[arg(long, conflicts_with_all = ["health_http", "health_tcp", "health_cmd"])]
+    #[arg(long, conflicts_with_all = ["health_http", "health_tcp", "health_cmd"], help_heading = heading::HEALTH)]
     pub health_rm: bool,
     /// Add a placement constraint (`zone==a`; repeatable).
-    #[arg(long = "constraint-add", value_name = "CONSTRAINT")]
+    #[arg(long = "constraint-add", value_name = "CONSTRAINT", help_heading = heading::PLACEMENT)]
     pub constraint_add: Vec<String>,
     /// Remove a placement constraint, written as `service inspect` shows it (repeatable).
-    #[arg(long = "constraint-rm", value_name = "CONSTRAINT")]
+    #[arg(long = "constraint-rm", value_name = "CONSTRAINT", help_heading = heading::PLACEMENT)]
     pub constraint_rm: Vec<String>,
     /// Publish on another port: PUBLISHED[:CONTAINER_PORT]. Proxies move their
     /// listener; connections already open carry on.
-    #[arg(long, value_name = "PUBLISHED[:CONTAINER_PORT]", value_parser = parse_publish, conflicts_with = "publish_rm")]
+    #[arg(long, value_name = "PUBLISHED[:CONTAINER_PORT]", value_parser = parse_publish, conflicts_with = "publish_rm", help_heading = heading::NETWORK)]
     pub publish: Option<(u16, Option<u16>)>,
     /// Stop publishing the service.
-    #[arg(long)]
+    #[arg(long, help_heading = heading::NETWORK)]
     pub publish_rm: bool,
     /// What the published port carries: `tcp` or `http`.
-    #[arg(long)]
-    pub protocol: Option<String>,
+    #[arg(long, value_enum, help_heading = heading::NETWORK)]
+    pub protocol: Option<Protocol>,
     /// `bridge` or `host` networking.
-    #[arg(long)]
-    pub network: Option<String>,
+    #[arg(long, value_enum, help_heading = heading::NETWORK)]
+    pub network: Option<Network>,
     /// `spread` or `binpack`.
-    #[arg(long)]
-    pub placement: Option<String>,
+    #[arg(long, value_enum, help_heading = heading::PLACEMENT)]
+    pub placement: Option<Placement>,
     /// `replicated` or `global`, rolled out like any update (new replicas
     /// first, old ones drained).
-    #[arg(long)]
-    pub mode: Option<String>,
+    #[arg(long, value_enum, help_heading = heading::PLACEMENT)]
+    pub mode: Option<Mode>,
     /// At most N replicas on one node (0: no limit).
-    #[arg(long)]
+    #[arg(long, help_heading = heading::PLACEMENT)]
     pub max_per_node: Option<u32>,
     /// Working directory (an absolute path; empty: the image's).
-    #[arg(long)]
+    #[arg(long, help_heading = heading::IMAGE)]
     pub workdir: Option<String>,
     /// `oci` or `process`.
-    #[arg(long)]
-    pub runtime: Option<String>,
+    #[arg(long, value_enum, help_heading = heading::IMAGE)]
+    pub runtime: Option<Runtime>,
     /// Replace the image's entrypoint (empty: the image's again).
-    #[arg(long)]
+    #[arg(long, help_heading = heading::IMAGE)]
     pub entrypoint: Option<String>,
     /// Add or change a label KEY=VALUE (repeatable; changes restart nothing).
-    #[arg(long = "label-add", value_name = "KEY=VALUE")]
+    #[arg(long = "label-add", value_name = "KEY=VALUE", help_heading = heading::IMAGE)]
     pub label_add: Vec<String>,
     /// Remove a label (repeatable).
-    #[arg(long = "label-rm", value_name = "KEY")]
+    #[arg(long = "label-rm", value_name = "KEY", help_heading = heading::IMAGE)]
     pub label_rm: Vec<String>,
     /// `seccomp=unconfined`, `seccomp=FILE` or `seccomp=default`.
-    #[arg(long = "security-opt", value_name = "seccomp=unconfined|FILE|default")]
+    #[arg(long = "security-opt", value_name = "seccomp=unconfined|FILE|default", help_heading = heading::IMAGE)]
     pub security_opt: Option<String>,
     /// Run the entrypoint under a tiny init.
-    #[arg(long, conflicts_with = "no_init")]
+    #[arg(long, conflicts_with = "no_init", help_heading = heading::IMAGE)]
     pub init: bool,
     /// Run the entrypoint as PID 1 without an init.
-    #[arg(long)]
+    #[arg(long, help_heading = heading::IMAGE)]
     pub no_init: bool,
     /// Return at once instead of showing the deployment's progress.
     #[arg(long, short = 'd')]
@@ -1066,7 +1108,7 @@ fn parse_millis_or_zero(value: &str) -> Result<u32, String> {
     parse_millis(value)
 }
 
-fn parse_millis(value: &str) -> Result<u32, String> {
+pub(crate) fn parse_millis(value: &str) -> Result<u32, String> {
     let fix = "use a duration like 500ms, 10s or 2m";
     let (number, unit) = value
         .find(|c: char| !c.is_ascii_digit())
@@ -1086,7 +1128,7 @@ fn parse_millis(value: &str) -> Result<u32, String> {
         .ok_or_else(|| format!("\"{value}\" is out of range; {fix}"))
 }
 
-fn parse_label(value: &str) -> Result<(String, String), String> {
+pub(crate) fn parse_label(value: &str) -> Result<(String, String), String> {
     match value.split_once('=') {
         Some((k, v)) if !k.trim().is_empty() && !v.trim().is_empty() => {
             Ok((k.trim().to_string(), v.trim().to_string()))
@@ -1121,7 +1163,7 @@ fn parse_publish(value: &str) -> Result<(u16, Option<u16>), String> {
     }
 }
 
-fn parse_port_range(value: &str) -> Result<(u16, u16), String> {
+pub(crate) fn parse_port_range(value: &str) -> Result<(u16, u16), String> {
     let fix = "use START-END, e.g. 20000-29999, within 1024-65535";
     let (start, end) = value
         .split_once('-')

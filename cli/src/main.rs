@@ -16,12 +16,13 @@ macro_rules! eprintln {
 }
 
 mod args;
+mod choices;
 mod client;
 mod commands;
 mod config_file;
 mod output;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use tracing_subscriber::EnvFilter;
 
 use args::{Cli, Command, LogFormat};
@@ -33,14 +34,18 @@ fn main() -> std::process::ExitCode {
     if std::env::args_os().nth(1).is_some_and(|a| a == "shim") {
         return shim(&parse_shim_args());
     }
-    let args = match config_file::expand(std::env::args_os().collect()) {
-        Ok(args) => args,
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let command = match config_file::command(Cli::command(), &args) {
+        Ok(command) => command,
         Err(err) => {
             eprintln!("error: {}", format!("{err:#}").replace('\n', " "));
             return std::process::ExitCode::FAILURE;
         }
     };
-    let cli = Cli::parse_from(args);
+    let cli = command
+        .try_get_matches_from(args)
+        .and_then(|matches| Cli::from_arg_matches(&matches))
+        .unwrap_or_else(|err| err.exit());
     if let Command::Shim(args) = &cli.command {
         return shim(args);
     }
@@ -83,6 +88,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Cluster(command) => commands::cluster::run(server, output, command).await,
         Command::Var(command) => commands::var::run(server, output, command).await,
         Command::Bench(command) => commands::bench::run(command).await,
+        Command::Completion { shell } => {
+            commands::completion::run(shell);
+            Ok(())
+        }
+        Command::Man { dir } => commands::man::run(&dir),
         Command::Shim(_) => unreachable!("the shim runs without the async runtime"),
     }
 }

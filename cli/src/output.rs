@@ -1,14 +1,14 @@
-//! Printing results: aligned tables for people, JSON for machines; and
-//! what a failed write to stdout means (`skiff events | head -1`).
+//! Printing results: aligned tables for people, JSON or YAML for machines;
+//! and what a failed write to stdout means (`skiff events | head -1`).
 
 use std::fmt;
-use std::io::{self, Write};
+use std::io::{self, IsTerminal, Write};
 
 use serde::Serialize;
 
 use crate::args::OutputFormat;
 
-/// Prints `value` as JSON, or `rows` under `headers` as an aligned table.
+/// Prints `value` as JSON or YAML, or `rows` under `headers` as an aligned table.
 pub fn print<T: Serialize + ?Sized>(
     format: OutputFormat,
     value: &T,
@@ -20,7 +20,22 @@ pub fn print<T: Serialize + ?Sized>(
             Ok(json) => println!("{json}"),
             Err(err) => write_failed(&io::Error::other(err)),
         },
+        OutputFormat::Yaml => match serde_yaml::to_string(value) {
+            Ok(yaml) => print!("{yaml}"),
+            Err(err) => write_failed(&io::Error::other(err)),
+        },
         OutputFormat::Table => print!("{}", table(headers, &rows)),
+    }
+}
+
+/// Starts one frame of a `--watch` redraw: on a terminal the screen is
+/// cleared first (as watch(1) does), elsewhere (a pipe, a file) frames
+/// follow each other, a blank line apart, so that none is lost.
+pub fn redraw_begin(title: &str) {
+    if io::stdout().is_terminal() {
+        print!("\x1b[H\x1b[2J{title}\n\n");
+    } else {
+        print!("\n{title}\n");
     }
 }
 

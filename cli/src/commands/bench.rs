@@ -56,6 +56,7 @@ impl BenchAgent {
         command
             .args(["agent", "--name", "bench", "--servers", server])
             .arg("--enable-process-runtime")
+            .args(["--advertise", "127.0.0.1"])
             .arg("--data-dir")
             .arg(dir.join("data"))
             .arg("--port-range")

@@ -2,6 +2,7 @@
 //! Each binds its listener, builds its library config and runs until
 //! SIGINT or SIGTERM.
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -35,6 +36,10 @@ pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
 pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     let mut config = agent_config(args.name, args.data_dir, args.servers, &args.node, false);
     config.process_runtime = args.enable_process_runtime;
+    config.advertise = match args.node.advertise {
+        Some(address) => address,
+        None => default_advertise(),
+    };
     skiff_agent::run(config, wait_for_signal()).await?;
     Ok(())
 }
@@ -107,7 +112,9 @@ fn agent_config(
     stop_on_shutdown: bool,
 ) -> AgentConfig {
     let mut config = AgentConfig::new(name, data_dir, servers);
-    config.advertise = node.advertise;
+    // `skiff dev` stays on loopback unless told: a dev cluster (and every
+    // test that starts one) must not be reachable from the network.
+    config.advertise = node.advertise.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
     config.port_range = node.port_range;
     config.stop_grace = Duration::from_secs(node.stop_grace_secs);
     config.stop_replicas_on_shutdown = stop_on_shutdown;
@@ -125,6 +132,28 @@ fn agent_config(
     config.drain = Duration::from_secs_f64(node.drain_secs);
     config.image_gc_threshold_mb = node.image_gc_threshold_mb;
     config
+}
+
+/// `skiff agent`'s advertise address when none is given: the address of
+/// the interface holding the default route, which other machines can
+/// reach (as Nomad's client picks), else loopback; said either way, since
+/// the wrong one makes the node's replicas unreachable from other nodes.
+fn default_advertise() -> IpAddr {
+    match AgentConfig::default_route_address() {
+        Some((interface, address)) => {
+            eprintln!(
+                "advertising {address}, the address of {interface} (the interface of the default route); choose another with --advertise"
+            );
+            address
+        }
+        None => {
+            let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+            eprintln!(
+                "advertising {loopback}: no default route, so only this machine reaches the replicas; choose another with --advertise"
+            );
+            loopback
+        }
+    }
 }
 
 async fn bind(address: std::net::SocketAddr) -> anyhow::Result<TcpListener> {

@@ -19,8 +19,8 @@ pub fn policy_from_args(
     args: &UpdatePolicyArgs,
 ) -> pb::UpdatePolicy {
     let mut p = base.unwrap_or_default();
-    if let Some(s) = &args.update_strategy {
-        p.strategy = s.clone();
+    if let Some(s) = args.update_strategy {
+        p.strategy = s.as_str().to_string();
     } else if args.canary.is_some() {
         p.strategy = "canary".to_string();
     }
@@ -208,17 +208,17 @@ fn updated_spec(current: &pb::ServiceSpec, args: &UpdateArgs) -> anyhow::Result<
             spec.port = u32::from(port);
         }
     }
-    if let Some(v) = &args.protocol {
-        spec.protocol = v.clone();
+    if let Some(v) = args.protocol {
+        spec.protocol = v.as_str().to_string();
     }
-    if let Some(v) = &args.network {
-        spec.network = v.clone();
+    if let Some(v) = args.network {
+        spec.network = v.as_str().to_string();
     }
-    if let Some(v) = &args.placement {
-        spec.placement = v.clone();
+    if let Some(v) = args.placement {
+        spec.placement = v.as_str().to_string();
     }
-    if let Some(v) = &args.mode {
-        spec.mode = v.clone();
+    if let Some(v) = args.mode {
+        spec.mode = v.as_str().to_string();
     }
     if let Some(v) = args.max_per_node {
         spec.max_per_node = v;
@@ -226,8 +226,8 @@ fn updated_spec(current: &pb::ServiceSpec, args: &UpdateArgs) -> anyhow::Result<
     if let Some(v) = &args.workdir {
         spec.workdir = v.clone();
     }
-    if let Some(v) = &args.runtime {
-        spec.runtime = v.clone();
+    if let Some(v) = args.runtime {
+        spec.runtime = v.as_str().to_string();
     }
     if let Some(v) = &args.entrypoint {
         spec.entrypoint = (!v.is_empty()).then(|| pb::Argv {

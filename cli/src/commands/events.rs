@@ -40,6 +40,8 @@ pub async fn run(server: &str, format: OutputFormat, args: EventsArgs) -> anyhow
         match format {
             // One JSON object per line, so a machine can follow the stream.
             OutputFormat::Json => println!("{}", serde_json::to_string(&event)?),
+            // One YAML document per event, for the same reason.
+            OutputFormat::Yaml => print!("---\n{}", serde_yaml::to_string(&event)?),
             OutputFormat::Table => println!(
                 "{:<24}  {:>7}  {:<18}  {:<12}  {:<10}  {:<12}  {}",
                 time(event.time_ms),

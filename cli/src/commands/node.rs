@@ -73,7 +73,7 @@ pub async fn run(server: &str, format: OutputFormat, command: NodeCommand) -> an
         .map_err(explain)?
         .into_inner();
     match (format, availability) {
-        (OutputFormat::Json, _) => output::print(format, &node, &[], vec![]),
+        (OutputFormat::Json | OutputFormat::Yaml, _) => output::print(format, &node, &[], vec![]),
         (_, "drain") => println!(
             "node {name} draining: {} replicas to move (replacements start first); follow with `skiff events --follow --node {name}`",
             node.allocations
@@ -94,7 +94,7 @@ async fn inspect(client: &mut Client, format: OutputFormat, name: &str) -> anyho
         .await
         .map_err(explain)?
         .into_inner();
-    if format == OutputFormat::Json {
+    if format != OutputFormat::Table {
         output::print(format, &detail, &[], vec![]);
         return Ok(());
     }

@@ -79,36 +79,11 @@ pub async fn run(
                 .services;
             output::print(format, &services, &LS_HEADERS, ls_rows(&services));
         }
-        ServiceCommand::Ps { name, all } => {
-            let status = get_shown(&mut client, &name, false).await?;
-            let allocs: Vec<&pb::Allocation> = status
-                .allocations
-                .iter()
-                .filter(|a| all || a.desired == "run")
-                .collect();
-            let nodes = match format {
-                OutputFormat::Table => {
-                    client
-                        .list_nodes(pb::ListNodesRequest {})
-                        .await
-                        .map_err(explain)?
-                        .into_inner()
-                        .nodes
-                }
-                OutputFormat::Json => vec![],
-            };
-            output::print(format, &allocs, &PS_HEADERS, ps_rows(&allocs, &nodes));
-            if format == OutputFormat::Table && !status.unplaced_reason.is_empty() {
-                println!("\n{}", status.unplaced_reason);
+        ServiceCommand::Ps { name, all, watch } => {
+            if watch {
+                return watch_ps(&mut client, format, &name, all).await;
             }
-            if format == OutputFormat::Table {
-                for failure in &status.port_failures {
-                    println!(
-                        "\nnode {} does not serve published port {}: {}",
-                        failure.node, failure.port, failure.error
-                    );
-                }
-            }
+            ps(&mut client, format, &name, all).await?;
         }
         ServiceCommand::Export { name } => {
             super::stack::export_service(&mut client, &name).await?;
@@ -124,7 +99,9 @@ pub async fn run(
         ServiceCommand::Inspect { name, show_values } => {
             let status = get_shown(&mut client, &name, show_values).await?;
             match format {
-                OutputFormat::Json => output::print(format, &status, &[], vec![]),
+                OutputFormat::Json | OutputFormat::Yaml => {
+                    output::print(format, &status, &[], vec![])
+                }
                 OutputFormat::Table => print!("{}", describe(&status)),
             }
         }
@@ -178,6 +155,87 @@ pub async fn run(
     }
     Ok(())
 }
+
+/// `service ps`: the replicas of `name` (the running ones, or `all`).
+async fn ps(
+    client: &mut crate::client::Client,
+    format: OutputFormat,
+    name: &str,
+    all: bool,
+) -> anyhow::Result<()> {
+    let status = get_shown(client, name, false).await?;
+    let allocs: Vec<&pb::Allocation> = status
+        .allocations
+        .iter()
+        .filter(|a| all || a.desired == "run")
+        .collect();
+    let nodes = match format {
+        OutputFormat::Table => {
+            client
+                .list_nodes(pb::ListNodesRequest {})
+                .await
+                .map_err(explain)?
+                .into_inner()
+                .nodes
+        }
+        OutputFormat::Json | OutputFormat::Yaml => vec![],
+    };
+    output::print(format, &allocs, &PS_HEADERS, ps_rows(&allocs, &nodes));
+    if format == OutputFormat::Table && !status.unplaced_reason.is_empty() {
+        println!("\n{}", status.unplaced_reason);
+    }
+    if format == OutputFormat::Table {
+        for failure in &status.port_failures {
+            println!(
+                "\nnode {} does not serve published port {}: {}",
+                failure.node, failure.port, failure.error
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `service ps --watch`: `ps` redrawn every [`WATCH_INTERVAL`], like
+/// watch(1), until Ctrl-C or until the service is removed.
+async fn watch_ps(
+    client: &mut crate::client::Client,
+    format: OutputFormat,
+    name: &str,
+    all: bool,
+) -> anyhow::Result<()> {
+    let redraw = async {
+        let mut ticks = tokio::time::interval(WATCH_INTERVAL);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            let request = pb::GetServiceRequest {
+                name: name.to_string(),
+                show_values: false,
+            };
+            match client.get_service(request).await {
+                Err(status) if status.code() == tonic::Code::NotFound => {
+                    println!("service {name} removed");
+                    return Ok(());
+                }
+                Err(status) => return Err(explain(status)),
+                Ok(_) => {}
+            }
+            output::redraw_begin(&format!(
+                "Every {}s: skiff service ps {name}",
+                WATCH_INTERVAL.as_secs()
+            ));
+            ps(client, format, name, all).await?;
+        }
+    };
+    tokio::select! {
+        ended = redraw => ended,
+        _ = tokio::signal::ctrl_c() => Ok(()),
+    }
+}
+
+/// How often `service ps --watch` redraws: fresh enough to follow a
+/// rollout, and one request a second to the server.
+const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// `service logs`: asks the agent of each replica's node for its output
 /// (the address an agent publishes in `_skiff/nodes/<node>/logs`), like
@@ -315,11 +373,10 @@ fn replicas(value: i64) -> anyhow::Result<u32> {
 fn build_spec(args: &CreateArgs, replicas: u32) -> anyhow::Result<pb::ServiceSpec> {
     let invalid = |e: spec::SpecError| anyhow!("{e}");
     spec::validate_name(&args.name).map_err(invalid)?;
-    let runtime = spec::RuntimeKind::resolve(
-        args.runtime.as_deref().unwrap_or_default(),
-        args.image.is_some(),
-    )
-    .map_err(invalid)?;
+    let runtime = match args.runtime {
+        Some(runtime) => runtime.into(),
+        None => spec::RuntimeKind::resolve("", args.image.is_some()).map_err(invalid)?,
+    };
     if runtime == spec::RuntimeKind::Process && args.command.is_empty() {
         return Err(anyhow!(
             "invalid command: the command is empty; give it after `--`, e.g. `skiff service create {} -- python3 -m http.server '$PORT'`, or run an image with --image REF",
@@ -352,8 +409,7 @@ fn build_spec(args: &CreateArgs, replicas: u32) -> anyhow::Result<pb::ServiceSpe
             ))
         }
     };
-    let protocol =
-        spec::Protocol::parse(args.protocol.as_deref().unwrap_or_default()).map_err(invalid)?;
+    let protocol = args.protocol.map(spec::Protocol::from).unwrap_or_default();
     if args.cpu == Some(0) {
         return Err(anyhow!(
             "invalid cpu: 0 millicores would never run; use a value above 0 (1000 = one CPU)"
@@ -387,8 +443,10 @@ fn build_spec(args: &CreateArgs, replicas: u32) -> anyhow::Result<pb::ServiceSpe
         memory_mb: args.memory,
         cpu_millis: args.cpu,
         user: args.user.clone(),
-        network: spec::NetworkMode::parse(args.network.as_deref().unwrap_or_default())
-            .map_err(invalid)?,
+        network: args
+            .network
+            .map(spec::NetworkMode::from)
+            .unwrap_or_default(),
         init: init(args),
         constraints: args
             .constraints
@@ -397,10 +455,8 @@ fn build_spec(args: &CreateArgs, replicas: u32) -> anyhow::Result<pb::ServiceSpe
             .collect::<Result<_, _>>()
             .map_err(invalid)?,
         max_per_node: args.max_per_node,
-        placement: spec::PlacementPolicy::parse(args.placement.as_deref().unwrap_or_default())
-            .map_err(invalid)?,
-        mode: spec::ServiceMode::parse(args.mode.as_deref().unwrap_or_default())
-            .map_err(invalid)?,
+        placement: args.placement.map(Into::into).unwrap_or_default(),
+        mode: args.mode.map(Into::into).unwrap_or_default(),
         publish,
         protocol,
         ..spec::ServiceSpec::default()
@@ -431,7 +487,10 @@ fn build_spec(args: &CreateArgs, replicas: u32) -> anyhow::Result<pb::ServiceSpe
         memory_mb: args.memory.unwrap_or(0),
         cpu_millis: args.cpu.unwrap_or(0),
         user: args.user.clone().unwrap_or_default(),
-        network: args.network.clone().unwrap_or_default(),
+        network: args
+            .network
+            .map(|n| n.as_str().to_string())
+            .unwrap_or_default(),
         health,
         init: init(args),
         constraints: domain.constraints.iter().map(|c| c.to_string()).collect(),

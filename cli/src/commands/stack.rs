@@ -260,7 +260,7 @@ async fn plan(
         .into_inner();
     let changes = plan.changes.iter().any(|c| c.action != "unchanged");
     match format {
-        OutputFormat::Json => output::print(format, &plan, &[], vec![]),
+        OutputFormat::Json | OutputFormat::Yaml => output::print(format, &plan, &[], vec![]),
         OutputFormat::Table => print!("{}", describe_plan(name, &plan)),
     }
     if changes {

@@ -33,6 +33,12 @@ pub async fn run(server: &str, format: OutputFormat, command: VarCommand) -> any
                     "{}",
                     serde_json::json!({ "key": key, "value": answer.value })
                 ),
+                OutputFormat::Yaml => crate::output::print(
+                    format,
+                    &serde_json::json!({ "key": key, "value": answer.value }),
+                    &[],
+                    vec![],
+                ),
                 OutputFormat::Table => println!("{}", answer.value),
             }
         }
