@@ -10,6 +10,7 @@
 //! - [`alloc`]: the states of an allocation.
 //! - [`diff`]: what changed between two specs, field by field.
 //! - [`pb`]: the protobuf conversions, in one place.
+//! - [`volume`]: named volumes and bind mounts, and their scope.
 //! - [`stack`]: stack files (Compose and Skiff's own format) into specs and back.
 
 pub mod alloc;
@@ -18,9 +19,11 @@ pub mod pb;
 pub mod policy;
 pub mod service;
 pub mod stack;
+pub mod volume;
 
 pub use alloc::AllocState;
 pub use diff::spec_diff;
+pub use volume::{host_path_allowed, validate_volume_name, Mount, MountKind, VolumeScope};
 pub use policy::{AutoscalePolicy, Strategy, UpdatePolicy};
 pub use service::{
     validate_env, validate_health, validate_image_reference, validate_name, validate_replicas,
