@@ -44,6 +44,8 @@ pub enum EventKind {
     ServiceScaled,
     ServiceRebalancing,
     ServiceRebalanced,
+    /// Its agent deleted a volume `skiff volume rm` removed.
+    VolumeRemoved,
 }
 
 impl EventKind {
@@ -79,6 +81,7 @@ impl EventKind {
             EventKind::ServiceScaled => "service-scaled",
             EventKind::ServiceRebalancing => "service-rebalancing",
             EventKind::ServiceRebalanced => "service-rebalanced",
+            EventKind::VolumeRemoved => "volume-removed",
         }
     }
 

@@ -191,7 +191,7 @@ fn replicated(
     traffic: &Traffic,
     decision: &mut Decision,
 ) {
-    let (migrating, mut kept): (Vec<&Allocation>, Vec<&Allocation>) = if state
+    let (migrating, kept): (Vec<&Allocation>, Vec<&Allocation>) = if state
         .nodes
         .values()
         .any(|n| n.availability == Availability::Drain)
@@ -201,7 +201,16 @@ fn replicated(
         (Vec::new(), live)
     };
     let record = &state.services[service];
+    let owns_volumes = record.spec.owns_volumes();
+    let (migrating, kept) = if owns_volumes {
+        stay_with_volumes(state, migrating, kept, now_ms, decision)
+    } else {
+        (migrating, kept)
+    };
+    let mut kept = kept;
     if let Some(active) = record.active_deployment() {
+        let stop_first = owns_volumes.then(|| deployment::stop_first(active));
+        let active = stop_first.as_ref().unwrap_or(active);
         let (current, old): (Vec<&Allocation>, Vec<&Allocation>) = kept
             .iter()
             .copied()
@@ -219,6 +228,9 @@ fn replicated(
         decision.place.push(Request::new("", rollout.place));
         decision.stop.extend(rollout.stop);
         decision.deployment = rollout.step.map(|step| (active.version, step));
+    } else if record.rebalance && owns_volumes {
+        // Its replicas stay with their volumes: nothing to move.
+        decision.rebalanced = true;
     } else if record.rebalance
         && migrating.is_empty()
         && (desired..=desired + 1).contains(&kept.len())
@@ -270,6 +282,26 @@ fn replicated(
             decision.stop(alloc, "node draining; replacement serving");
         }
     }
+}
+
+/// Replicas that own volumes are not migrated off a draining node (their
+/// data stays there): they keep running until the drain deadline stops
+/// them, and their replacements wait for the node (see `state/volumes.rs`).
+fn stay_with_volumes<'a>(
+    state: &State,
+    migrating: Vec<&'a Allocation>,
+    mut kept: Vec<&'a Allocation>,
+    now_ms: u64,
+    decision: &mut Decision,
+) -> (Vec<&'a Allocation>, Vec<&'a Allocation>) {
+    for alloc in migrating {
+        if deadline_passed(state, alloc, now_ms) {
+            decision.stop(alloc, "drain deadline reached");
+        } else {
+            kept.push(alloc);
+        }
+    }
+    (Vec::new(), kept)
 }
 
 /// A deployment of a global service replaces its one replica per node,
@@ -413,6 +445,7 @@ mod tests {
                         service: service.into(),
                         node: node.into(),
                         host_port: port,
+                        slot: 0,
                     }],
                     ..Plan::default()
                 },
