@@ -64,6 +64,9 @@ pub struct AgentConfig {
     /// never automatically.
     pub image_gc_threshold_mb: Option<u64>,
     pub image_gc_interval: Duration,
+    /// Host path prefixes replicas may bind-mount (`--allow-host-path`);
+    /// none by default.
+    pub allow_host_paths: Vec<String>,
 }
 
 impl AgentConfig {
@@ -92,6 +95,7 @@ impl AgentConfig {
             traffic_interval: Duration::from_secs(2),
             image_gc_threshold_mb: None,
             image_gc_interval: Duration::from_secs(60),
+            allow_host_paths: Vec::new(),
         }
     }
 
