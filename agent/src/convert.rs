@@ -36,16 +36,16 @@ pub fn assigned(alloc: &v1::Allocation) -> Result<Assigned, SpecError> {
         alloc.service.clone()
     };
     let mounts: Vec<skiff_spec::Mount> = spec
-            .volumes
-            .iter()
-            .map(|m| skiff_spec::Mount {
-                source: match m.kind {
-                    skiff_spec::MountKind::Volume => spec.volume_name(m, alloc.slot),
-                    skiff_spec::MountKind::Bind => m.source.clone(),
-                },
-                ..m.clone()
-            })
-            .collect();
+        .volumes
+        .iter()
+        .map(|m| skiff_spec::Mount {
+            source: match m.kind {
+                skiff_spec::MountKind::Volume => spec.volume_name(m, alloc.slot),
+                skiff_spec::MountKind::Bind => m.source.clone(),
+            },
+            ..m.clone()
+        })
+        .collect();
     let slot = spec.owns_volumes().then_some(alloc.slot);
     let replica = ReplicaSpec {
         alloc_id: alloc.id.clone(),

@@ -246,7 +246,12 @@ fn normalise(path: &str) -> String {
 /// write it. A volume with anything in it is left alone, as is a target
 /// reached through a symlink in the image (it could point anywhere on the
 /// host).
-pub fn populate(rootfs: &Path, target: &str, volume: &Path, owner: (u32, u32)) -> Result<(), String> {
+pub fn populate(
+    rootfs: &Path,
+    target: &str,
+    volume: &Path,
+    owner: (u32, u32),
+) -> Result<(), String> {
     let not_empty = fs::read_dir(volume)
         .map_err(|e| format!("cannot read {}: {e}", volume.display()))?
         .next()
@@ -340,7 +345,10 @@ mod tests {
             .binds(&mounts, &meta, &[], &rootfs, &base, me())
             .unwrap();
         assert_eq!(binds[0].target, "/var/lib/app");
-        assert_eq!(fs::read_to_string(binds[0].source.join("seed")).unwrap(), "hello");
+        assert_eq!(
+            fs::read_to_string(binds[0].source.join("seed")).unwrap(),
+            "hello"
+        );
         let mode = fs::metadata(base.join("volumes/data-0")).unwrap().mode() & 0o777;
         assert_eq!(mode, 0o700);
         // Not empty any more: the image's content is not copied again.
@@ -348,10 +356,16 @@ mod tests {
         volumes
             .binds(&mounts, &meta, &[], &rootfs, &base, me())
             .unwrap();
-        assert_eq!(fs::read_to_string(binds[0].source.join("seed")).unwrap(), "changed!");
+        assert_eq!(
+            fs::read_to_string(binds[0].source.join("seed")).unwrap(),
+            "changed!"
+        );
         let listed = volumes.list();
         assert_eq!(listed.len(), 1);
-        assert_eq!((listed[0].name.as_str(), listed[0].size_bytes), ("data-0", 8));
+        assert_eq!(
+            (listed[0].name.as_str(), listed[0].size_bytes),
+            ("data-0", 8)
+        );
         assert_eq!(listed[0].meta, meta);
         volumes.remove("data-0").unwrap();
         assert!(volumes.list().is_empty());
@@ -393,7 +407,11 @@ mod tests {
         let err = volumes
             .binds(&[refused], &VolumeMeta::default(), &[], &base, &base, me())
             .unwrap_err();
-        assert!(err.to_string().contains("allows host paths only below /srv"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("allows host paths only below /srv"),
+            "{err}"
+        );
         let allowed = Mount::parse_mount("type=bind,src=/srv/a,dst=/x,ro").unwrap();
         let binds = volumes
             .binds(&[allowed], &VolumeMeta::default(), &[], &base, &base, me())

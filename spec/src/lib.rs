@@ -23,7 +23,6 @@ pub mod volume;
 
 pub use alloc::AllocState;
 pub use diff::spec_diff;
-pub use volume::{host_path_allowed, validate_volume_name, Mount, MountKind, VolumeScope};
 pub use policy::{AutoscalePolicy, Strategy, UpdatePolicy};
 pub use service::{
     validate_env, validate_health, validate_image_reference, validate_name, validate_replicas,
@@ -32,3 +31,4 @@ pub use service::{
     ServiceSpec, SpecError, MAX_LABELS, MAX_NAME_LEN, MAX_REPLICAS, MAX_VARIABLE_BYTES,
     MIN_MEMORY_MB, SECCOMP_UNCONFINED, STACK_LABEL,
 };
+pub use volume::{host_path_allowed, validate_volume_name, Mount, MountKind, VolumeScope};

@@ -5,9 +5,9 @@
 use skiff_proto::v1 as pb;
 
 use crate::{
-    AutoscalePolicy, Constraint, Dependency, DependsCondition, HealthCheck, HealthKind,
-    NetworkMode, PlacementPolicy, Protocol, RuntimeKind, ServiceMode, ServiceSpec, SpecError,
-    Mount, MountKind, Strategy, UpdatePolicy, VolumeScope,
+    AutoscalePolicy, Constraint, Dependency, DependsCondition, HealthCheck, HealthKind, Mount,
+    MountKind, NetworkMode, PlacementPolicy, Protocol, RuntimeKind, ServiceMode, ServiceSpec,
+    SpecError, Strategy, UpdatePolicy, VolumeScope,
 };
 
 pub fn mount_from_pb(m: pb::VolumeMount) -> Result<Mount, SpecError> {

@@ -157,7 +157,9 @@ impl Mount {
             }
         }
         mount.kind = kind.ok_or_else(|| bad("names no type"))?;
-        mount.validate().map_err(|e| SpecError::new("mount", e.problem))?;
+        mount
+            .validate()
+            .map_err(|e| SpecError::new("mount", e.problem))?;
         Ok(mount)
     }
 
@@ -234,9 +236,9 @@ impl std::fmt::Display for Mount {
 fn plain_path(path: &str) -> bool {
     path.len() <= 4096
         && !path.contains(['\0', ':', ','])
-        && path
-            .strip_prefix('/')
-            .is_some_and(|rest| rest.is_empty() || rest.split('/').all(|c| !matches!(c, "" | "." | "..")))
+        && path.strip_prefix('/').is_some_and(|rest| {
+            rest.is_empty() || rest.split('/').all(|c| !matches!(c, "" | "." | ".."))
+        })
 }
 
 /// A volume name: 1-59 lowercase letters, digits, '_', '.' and '-',
@@ -429,7 +431,11 @@ mod tests {
             ..ServiceSpec::default()
         };
         p.volumes = vec![Mount::parse_volume("a:/data").unwrap()];
-        assert!(p.validate().unwrap_err().to_string().contains("containers only"));
+        assert!(p
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("containers only"));
     }
 
     #[test]

@@ -136,7 +136,9 @@ fn print(format: OutputFormat, volumes: &[pb::VolumeInfo]) {
     output::print(
         format,
         volumes,
-        &["NAME", "NODE", "SERVICE", "SLOT", "SIZE", "IN USE", "STATUS"],
+        &[
+            "NAME", "NODE", "SERVICE", "SLOT", "SIZE", "IN USE", "STATUS",
+        ],
         rows,
     );
 }

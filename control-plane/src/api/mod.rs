@@ -199,9 +199,7 @@ pub(crate) fn status_from(err: ProposeError) -> Status {
         }
         ProposeError::Rejected(
             CommandError::Deployment(_) | CommandError::NodeReady(_) | CommandError::Volume(_),
-        ) => {
-            Status::failed_precondition(err.to_string())
-        }
+        ) => Status::failed_precondition(err.to_string()),
         ProposeError::Rejected(CommandError::Invalid(_)) => {
             Status::invalid_argument(err.to_string())
         }

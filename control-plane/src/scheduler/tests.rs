@@ -480,7 +480,10 @@ fn replicas_take_the_lowest_free_slots_and_a_replacement_takes_the_freed_one() {
     let middle = placed.iter().find(|p| p.slot == 1).unwrap().clone();
     stopped(&mut c, &middle.id, &middle.node);
     let (again, _) = c.place("web", 1, 2);
-    assert_eq!(again[0].slot, 1, "the replacement takes the slot it replaces");
+    assert_eq!(
+        again[0].slot, 1,
+        "the replacement takes the slot it replaces"
+    );
 }
 
 #[test]
@@ -494,7 +497,10 @@ fn a_replica_with_a_volume_goes_back_to_the_node_holding_it() {
         stopped(&mut c, &id, &first.node);
         let (again, unplaced) = c.place("db", 1, 100 + seed);
         assert!(unplaced.is_empty(), "{unplaced:?}");
-        assert_eq!((again[0].slot, again[0].node.as_str()), (0, first.node.as_str()));
+        assert_eq!(
+            (again[0].slot, again[0].node.as_str()),
+            (0, first.node.as_str())
+        );
         id = again[0].id.clone();
     }
 }
@@ -525,7 +531,10 @@ fn a_replica_whose_volume_node_is_down_stays_pending_and_says_where_its_volume_i
         status: NodeStatus::Ready,
     });
     let (_, unplaced) = schedule(&c.state, &[Request::new("db", 1)], 4);
-    assert!(unplaced[0].reason.contains("which is draining"), "{unplaced:?}");
+    assert!(
+        unplaced[0].reason.contains("which is draining"),
+        "{unplaced:?}"
+    );
 }
 
 #[test]
@@ -542,7 +551,12 @@ fn a_stateful_replica_keeps_its_slot_until_it_has_stopped() {
     // Still shutting down: its slot (and volume) is not free yet.
     let (again, unplaced) = schedule(&c.state, &[Request::new("db", 1)], 4);
     assert!(again.is_empty());
-    assert!(unplaced[0].reason.contains("waits for the one it replaces to stop"), "{unplaced:?}");
+    assert!(
+        unplaced[0]
+            .reason
+            .contains("waits for the one it replaces to stop"),
+        "{unplaced:?}"
+    );
     stopped(&mut c, &placed[0].id, "n1");
     let (again, _) = schedule(&c.state, &[Request::new("db", 1)], 4);
     assert_eq!(again[0].slot, 0);

@@ -108,7 +108,9 @@ impl State {
                 self.report_volumes(index, &node, volumes);
                 Ok(Outcome::Done)
             }
-            Command::RemoveVolume { name, node } => self.remove_volume(index, &name, node.as_deref()),
+            Command::RemoveVolume { name, node } => {
+                self.remove_volume(index, &name, node.as_deref())
+            }
             Command::RollbackService { name, to_version } => {
                 self.rollback_service(index, &name, to_version)
             }

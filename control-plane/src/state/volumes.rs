@@ -15,8 +15,8 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    AllocState, Allocation, CommandError, DesiredState, EventKind, Outcome, Placement,
-    ServiceSpec, State,
+    AllocState, Allocation, CommandError, DesiredState, EventKind, Outcome, Placement, ServiceSpec,
+    State,
 };
 
 /// A named volume on one node.
@@ -96,7 +96,10 @@ impl State {
         if !spec.owns_volumes() {
             return true;
         }
-        if self.taken_slots(&placement.service).contains(&placement.slot) {
+        if self
+            .taken_slots(&placement.service)
+            .contains(&placement.slot)
+        {
             return false;
         }
         self.pinned_volume(spec, placement.slot)
@@ -279,7 +282,10 @@ mod tests {
         s.apply(4, Command::ApplyPlan { plan }).unwrap();
         let spec = s.services["db"].spec.clone();
         let pinned = s.pinned_volume(&spec, 0).unwrap();
-        assert_eq!((pinned.name.as_str(), pinned.node.as_str()), ("data-0", "n1"));
+        assert_eq!(
+            (pinned.name.as_str(), pinned.node.as_str()),
+            ("data-0", "n1")
+        );
         assert!(s.pinned_volume(&spec, 1).is_none());
         assert_eq!(s.taken_slots("db"), BTreeSet::from([0]));
         // The same slot twice, or elsewhere than its volume, is refused on apply.
@@ -315,8 +321,13 @@ mod tests {
                 },
             )
             .unwrap_err();
-        assert!(err.to_string().contains("used by replica a of service db on n1"), "{err}");
-        s.apply(7, Command::RemoveService { name: "db".into() }).unwrap();
+        assert!(
+            err.to_string()
+                .contains("used by replica a of service db on n1"),
+            "{err}"
+        );
+        s.apply(7, Command::RemoveService { name: "db".into() })
+            .unwrap();
         s.apply(
             8,
             Command::ReportAllocs {

@@ -277,9 +277,9 @@ fn name_volumes(
         if let Some(stack) = stack {
             mount.source = format!("{stack}-{}", mount.source);
         }
-        mount
-            .validate()
-            .map_err(|e| StackError::invalid(format!("services.{}.volumes[{i}]", service.name), e.problem))?;
+        mount.validate().map_err(|e| {
+            StackError::invalid(format!("services.{}.volumes[{i}]", service.name), e.problem)
+        })?;
     }
     Ok(())
 }

@@ -177,7 +177,11 @@ fn the_realistic_file_with_a_named_volume_mounts_it_scoped_to_the_stack() {
         "    image: postgres:16\n    volumes: [\"pgdata:/var/lib/postgresql/data\"]\n",
     ) + "volumes:\n  pgdata:\n";
     let loaded = load_with(Some("shop"), &[("compose.yaml", &text)], &MemFs::default()).unwrap();
-    let db = loaded.services.iter().find(|s| s.name == "shop-db").unwrap();
+    let db = loaded
+        .services
+        .iter()
+        .find(|s| s.name == "shop-db")
+        .unwrap();
     assert_eq!(
         db.volumes,
         vec![crate::Mount::parse_volume("shop-pgdata:/var/lib/postgresql/data").unwrap()]

@@ -145,8 +145,7 @@ fn read_service(name: String, node: Node) -> Result<ReadService, StackError> {
                     .map_err(at(&path))?
             }
             "volume-scope" => {
-                spec.volume_scope =
-                    crate::VolumeScope::parse(&n.string()?).map_err(at(&path))?
+                spec.volume_scope = crate::VolumeScope::parse(&n.string()?).map_err(at(&path))?
             }
             "env" => spec.env = n.string_map_strict()?,
             "workdir" => spec.workdir = Some(n.string()?),

@@ -73,10 +73,7 @@ impl OciConfig {
             network: BridgeNetwork::default(),
             init_binary: Some(PathBuf::from(DEFAULT_INIT)),
             shim: None,
-            volumes: crate::volumes::Volumes::new(
-                allocs_dir.with_file_name("volumes"),
-                Vec::new(),
-            ),
+            volumes: crate::volumes::Volumes::new(allocs_dir.with_file_name("volumes"), Vec::new()),
             allocs_dir,
         }
     }

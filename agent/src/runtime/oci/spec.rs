@@ -507,7 +507,10 @@ mod tests {
         let oci = build(&replica(&["true"]), &image(), &root(), &s).unwrap();
         let last = oci.mounts().as_ref().unwrap().last().unwrap().clone();
         assert_eq!(last.destination(), Path::new("/var/lib/db"));
-        assert_eq!(last.source().as_deref(), Some(Path::new("/data/volumes/db-0/_data")));
+        assert_eq!(
+            last.source().as_deref(),
+            Some(Path::new("/data/volumes/db-0/_data"))
+        );
         let options = last.options().clone().unwrap();
         assert!(options.contains(&"ro".to_string()) && options.contains(&"rbind".to_string()));
     }
