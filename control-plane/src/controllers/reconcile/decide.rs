@@ -764,4 +764,65 @@ mod tests {
         assert_eq!(nodes, vec![Some("n2".to_string())]);
         assert!(decision.place.iter().all(|r| r.service == "logs"));
     }
+
+    fn stateful(name: &str, replicas: u32) -> ServiceSpec {
+        ServiceSpec {
+            name: name.into(),
+            replicas,
+            runtime: crate::state::RuntimeKind::Oci,
+            image: Some("127.0.0.1:5000/demo/web:v1".into()),
+            volumes: vec![skiff_spec::Mount::parse_volume("data:/data").unwrap()],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_replica_that_owns_a_volume_is_updated_stop_first_never_surged() {
+        let mut f = Fixture::new(&[("n1", "a")]);
+        f.service(stateful("db", 1));
+        f.place("old", "db", "n1", AllocState::Running);
+        let mut next = stateful("db", 1);
+        next.env.insert("A".into(), "1".into());
+        f.apply(Command::UpdateService { spec: next });
+        let now = 61_000;
+        let decision = reconcile(&f.state, "db", now, &Traffic::new());
+        assert_eq!(
+            f.stopped(&decision),
+            vec!["old"],
+            "the old replica stops first"
+        );
+        assert_eq!(placed(&decision), 0, "no surge beside it");
+        f.apply(Command::ApplyPlan {
+            plan: Plan {
+                stop: vec!["old".into()],
+                ..Plan::default()
+            },
+        });
+        assert_eq!(
+            placed(&reconcile(&f.state, "db", now, &Traffic::new())),
+            0,
+            "not while it still runs"
+        );
+        f.report("old", "n1", AllocState::Stopped);
+        assert_eq!(placed(&reconcile(&f.state, "db", now, &Traffic::new())), 1);
+    }
+
+    #[test]
+    fn a_replica_that_owns_a_volume_stays_on_a_draining_node_until_the_deadline() {
+        let mut f = Fixture::new(&[("n1", "a"), ("n2", "a")]);
+        f.service(stateful("db", 1));
+        f.place("a", "db", "n1", AllocState::Running);
+        f.apply(Command::SetNodeAvailability {
+            name: "n1".into(),
+            availability: Availability::Drain,
+            deadline_ms: Some(1000),
+        });
+        let decision = reconcile(&f.state, "db", 0, &Traffic::new());
+        assert!(
+            decision.stop.is_empty() && decision.place.is_empty(),
+            "{decision:?}"
+        );
+        let decision = reconcile(&f.state, "db", 1000, &Traffic::new());
+        assert_eq!(f.stopped(&decision), vec!["a"]);
+    }
 }
