@@ -116,6 +116,24 @@ pub fn register(config: &AgentConfig) -> v1::Register {
     }
 }
 
+/// The node's volumes as the control plane records them.
+pub fn volumes_report(node: &str, volumes: &[crate::volumes::VolumeInfo]) -> v1::VolumesReport {
+    v1::VolumesReport {
+        volumes: volumes
+            .iter()
+            .map(|v| v1::VolumeInfo {
+                name: v.name.clone(),
+                node: node.to_string(),
+                service: v.meta.service.clone(),
+                slot: v.meta.slot.unwrap_or(0),
+                size_bytes: v.size_bytes,
+                used_by: Vec::new(),
+                status: String::new(),
+            })
+            .collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,23 +238,5 @@ mod tests {
             ),
             ("n1", "127.0.0.2", 20000, 29999)
         );
-    }
-}
-
-/// The node's volumes as the control plane records them.
-pub fn volumes_report(node: &str, volumes: &[crate::volumes::VolumeInfo]) -> v1::VolumesReport {
-    v1::VolumesReport {
-        volumes: volumes
-            .iter()
-            .map(|v| v1::VolumeInfo {
-                name: v.name.clone(),
-                node: node.to_string(),
-                service: v.meta.service.clone(),
-                slot: v.meta.slot.unwrap_or(0),
-                size_bytes: v.size_bytes,
-                used_by: Vec::new(),
-                status: String::new(),
-            })
-            .collect(),
     }
 }
