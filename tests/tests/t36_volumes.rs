@@ -100,10 +100,10 @@ fn create_db(cluster: &OciDev, image: &str, generation: &str) {
 
 fn wait_gone(cluster: &OciDev, service: &str) {
     let gone = wait_until(TIMEOUT, POLL, || {
-        cluster.ps_all(service).is_empty()
-            && volumes(cluster)
-                .iter()
-                .all(|v| v["used_by"].as_array().is_none_or(|u| u.is_empty()))
+        let in_use = volumes(cluster)
+            .iter()
+            .any(|v| v["used_by"].as_array().is_some_and(|u| !u.is_empty()));
+        !in_use && !cluster.skiff_ok(&["service", "ls"]).contains(service)
     });
     assert!(
         gone,
