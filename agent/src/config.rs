@@ -68,6 +68,9 @@ pub struct AgentConfig {
     /// rights (root). Off unless `--enable-process-runtime` (on in
     /// `skiff dev`), as Nomad ships `raw_exec` disabled.
     pub process_runtime: bool,
+    /// Host path prefixes replicas may bind-mount (`--allow-host-path`);
+    /// none by default.
+    pub allow_host_paths: Vec<String>,
 }
 
 impl AgentConfig {
@@ -98,6 +101,7 @@ impl AgentConfig {
             traffic_interval: Duration::from_secs(2),
             image_gc_threshold_mb: None,
             image_gc_interval: Duration::from_secs(60),
+            allow_host_paths: Vec::new(),
         }
     }
 

@@ -35,6 +35,18 @@ pub fn assigned(alloc: &v1::Allocation) -> Result<Assigned, SpecError> {
     } else {
         alloc.service.clone()
     };
+    let mounts: Vec<skiff_spec::Mount> = spec
+        .volumes
+        .iter()
+        .map(|m| skiff_spec::Mount {
+            source: match m.kind {
+                skiff_spec::MountKind::Volume => spec.volume_name(m, alloc.slot),
+                skiff_spec::MountKind::Bind => m.source.clone(),
+            },
+            ..m.clone()
+        })
+        .collect();
+    let slot = spec.owns_volumes().then_some(alloc.slot);
     let replica = ReplicaSpec {
         alloc_id: alloc.id.clone(),
         service,
@@ -54,6 +66,8 @@ pub fn assigned(alloc: &v1::Allocation) -> Result<Assigned, SpecError> {
         publish: spec.publish.unwrap_or(0),
         entrypoint: spec.entrypoint,
         seccomp: spec.seccomp,
+        mounts,
+        slot,
     };
     replica.validate()?;
     Ok(Assigned {
@@ -100,6 +114,24 @@ pub fn register(config: &AgentConfig) -> v1::Register {
         process_runtime: config.process_runtime,
         // Resources and labels are filled in by the sync loop.
         ..Default::default()
+    }
+}
+
+/// The node's volumes as the control plane records them.
+pub fn volumes_report(node: &str, volumes: &[crate::volumes::VolumeInfo]) -> v1::VolumesReport {
+    v1::VolumesReport {
+        volumes: volumes
+            .iter()
+            .map(|v| v1::VolumeInfo {
+                name: v.name.clone(),
+                node: node.to_string(),
+                service: v.meta.service.clone(),
+                slot: v.meta.slot.unwrap_or(0),
+                size_bytes: v.size_bytes,
+                used_by: Vec::new(),
+                status: String::new(),
+            })
+            .collect(),
     }
 }
 

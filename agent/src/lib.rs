@@ -24,6 +24,7 @@ mod store;
 mod supervisor;
 mod sync;
 mod usage;
+pub mod volumes;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -66,6 +67,10 @@ pub async fn run(
     oci_config.runtime = config.oci_runtime.clone();
     oci_config.init_binary = Some(config.init_binary.clone());
     oci_config.shim = runtime::oci::shim::binary();
+    oci_config.volumes = volumes::Volumes::new(
+        config.data_dir.join("volumes"),
+        config.allow_host_paths.clone(),
+    );
     let oci = Arc::new(OciRuntime::new(oci_config, images::open_store(&config)));
     let sweeper = oci.clone();
     tokio::task::spawn_blocking(move || sweeper.sweep_network());

@@ -61,6 +61,13 @@ pub struct ReplicaSpec {
     /// `linux.seccomp` JSON object.
     #[serde(default)]
     pub seccomp: Option<String>,
+    /// Named volumes (by their name on this node, `NAME-<slot>` for a
+    /// per-replica one) and bind mounts.
+    #[serde(default)]
+    pub mounts: Vec<skiff_spec::Mount>,
+    /// The replica's slot when it owns its volumes; `None` otherwise.
+    #[serde(default)]
+    pub slot: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -24,6 +24,8 @@ use crate::proxy::{self, Proxy};
 use crate::runtime::Runtime;
 use crate::supervisor::StatusUpdate;
 
+/// How often the node's volumes (and their sizes) are listed.
+const VOLUME_REPORT_INTERVAL: Duration = Duration::from_secs(3);
 const RECONNECT_BASE: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(2);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -382,6 +384,16 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
         let mut traffic = tokio::time::interval(self.config.traffic_interval);
         traffic.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let demand = self.proxy.as_ref().map(|p| p.metrics.demand());
+        // The node's volumes: listed (with their sizes) now and every few
+        // seconds, reported when they changed.
+        let volumes = crate::volumes::Volumes::new(
+            self.config.data_dir.join("volumes"),
+            self.config.allow_host_paths.clone(),
+        );
+        let mut volume_tick = tokio::time::interval(VOLUME_REPORT_INTERVAL);
+        volume_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let (volumes_tx, mut volumes_rx) = mpsc::unbounded_channel();
+        let mut volumes_sent = None;
 
         loop {
             tokio::select! {
@@ -416,6 +428,27 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
                                     Ok(a) => assigned.push(a),
                                     Err(e) => refused.push((alloc.id.clone(), e.to_string())),
                                 }
+                            }
+                            // Volumes `skiff volume rm` removed, unless a
+                            // replica here is still meant to use one.
+                            for name in assignments.remove_volumes {
+                                let used = assigned.iter().any(|a| {
+                                    a.desired == crate::reconcile::Desired::Run
+                                        && a.spec.mounts.iter().any(|m| {
+                                            m.kind == skiff_spec::MountKind::Volume && m.source == name
+                                        })
+                                });
+                                if used {
+                                    tracing::warn!(volume = %name, "not removing a volume a replica here uses");
+                                    continue;
+                                }
+                                let (volumes, listed) = (volumes.clone(), volumes_tx.clone());
+                                tokio::task::spawn_blocking(move || {
+                                    if let Err(e) = volumes.remove(&name) {
+                                        tracing::warn!(volume = %name, error = %e, "volume not removed");
+                                    }
+                                    let _ = listed.send(volumes.list());
+                                });
                             }
                             self.local.assign(assigned, refused);
                             for image in assignments.prepull {
@@ -464,6 +497,18 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
                 Some(image) = self.prepull.done_rx.recv() => {
                     self.prepull.ready.insert(image);
                     send(&outbound, self.prepull.message());
+                }
+                _ = volume_tick.tick() => {
+                    let (volumes, listed) = (volumes.clone(), volumes_tx.clone());
+                    tokio::task::spawn_blocking(move || {
+                        let _ = listed.send(volumes.list());
+                    });
+                }
+                Some(listed) = volumes_rx.recv() => {
+                    if volumes_sent.as_ref() != Some(&listed) {
+                        send(&outbound, AgentMsg::Volumes(convert::volumes_report(&self.config.name, &listed)));
+                        volumes_sent = Some(listed);
+                    }
                 }
                 () = tick(&mut heartbeat) => {
                     send(&outbound, AgentMsg::Heartbeat(Heartbeat {}));

@@ -97,6 +97,7 @@ impl Session {
 
     async fn assign(&self, index: u64, allocs: Vec<Allocation>) {
         self.send(ServerMsg::Assignments(Assignments {
+            remove_volumes: vec![],
             index,
             allocations: allocs,
             prepull: Vec::new(),

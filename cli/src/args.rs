@@ -96,6 +96,9 @@ pub enum Command {
     /// Inspect the nodes of the cluster; drain, pause and activate them.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// List, inspect and remove the named volumes kept on the nodes.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
     /// Print the committed events of the cluster (with --follow, as they happen).
     Events(EventsArgs),
     /// Inspect the control plane.
@@ -574,6 +577,10 @@ pub struct NodeArgs {
     /// Node label KEY=VALUE for constraints and zone spreading, e.g. zone=a (repeatable).
     #[arg(long = "label", value_parser = parse_label, help_heading = heading::NODE)]
     pub labels: Vec<(String, String)>,
+    /// Let replicas bind-mount host paths below PREFIX (`--mount
+    /// type=bind,...`; repeatable; none by default).
+    #[arg(long = "allow-host-path", value_name = "PREFIX")]
+    pub allow_host_paths: Vec<String>,
     /// Serve GET /metrics (Prometheus text: routing proxy traffic) on this
     /// address (default: the advertise address, any free port; published in
     /// the variable `_skiff/nodes/NODE/metrics`).
@@ -729,6 +736,8 @@ pub struct CreateArgs {
     /// linux.seccomp JSON profile); default: Docker's default profile.
     #[arg(long = "security-opt", value_name = "seccomp=unconfined|FILE", help_heading = heading::IMAGE)]
     pub security_opt: Option<String>,
+    #[command(flatten)]
+    pub volumes: VolumeArgs,
     /// How replicas run: `oci` (a container from --image, the default when
     /// an image is given) or `process` (a host process running the command).
     #[arg(long, value_enum, help_heading = heading::IMAGE)]
@@ -988,6 +997,11 @@ pub struct UpdateArgs {
     /// `seccomp=unconfined`, `seccomp=FILE` or `seccomp=default`.
     #[arg(long = "security-opt", value_name = "seccomp=unconfined|FILE|default", help_heading = heading::IMAGE)]
     pub security_opt: Option<String>,
+    #[command(flatten)]
+    pub volumes: VolumeArgs,
+    /// Remove the volume or mount at this path in the container (repeatable).
+    #[arg(long = "volume-rm", value_name = "PATH")]
+    pub volume_rm: Vec<String>,
     /// Run the entrypoint under a tiny init.
     #[arg(long, conflicts_with = "no_init", help_heading = heading::IMAGE)]
     pub init: bool,
@@ -1063,6 +1077,21 @@ pub enum StackCommand {
     /// Print the stack as a Skiff stack file that `stack deploy` turns back
     /// into the same state.
     Export { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VolumeCommand {
+    /// List volumes: name, node, service, slot, size, whether in use.
+    Ls,
+    /// Show one volume (on every node that holds one by that name).
+    Inspect { name: String },
+    /// Delete a volume and its data (refused while a replica uses it).
+    Rm {
+        name: String,
+        /// The node whose volume to delete, when several hold one by that name.
+        #[arg(long)]
+        node: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -1259,4 +1288,23 @@ mod tests {
             Command::Service(ServiceCommand::Scale { replicas: -1, .. })
         ));
     }
+}
+
+/// Volumes and mounts, on `service create` and `update` (on update they
+/// add to the service's mounts, replacing one at the same path).
+#[derive(clap::Args, Debug, Default)]
+pub struct VolumeArgs {
+    /// Mount the named volume NAME at /path (repeatable); kept on the node
+    /// across updates, restarts and `service rm`, removed only by `skiff
+    /// volume rm`. Each replica gets its own NAME-i unless --volume-scope
+    /// shared.
+    #[arg(long = "volume", short = 'v', value_name = "NAME:/path[:ro][:nocopy]")]
+    pub volume: Vec<String>,
+    /// Bind-mount a host path (allowed by the agent's --allow-host-path).
+    #[arg(long = "mount", value_name = "type=bind,src=/host/path,dst=/path[,ro]")]
+    pub mount: Vec<String>,
+    /// `per-replica` (replica i owns NAME-i and stays on its node) or
+    /// `shared` (one NAME per node).
+    #[arg(long = "volume-scope", value_name = "per-replica|shared")]
+    pub volume_scope: Option<String>,
 }

@@ -65,6 +65,7 @@ pub struct AgentFile {
     drain_secs: Option<f64>,
     image_gc_threshold_mb: Option<u64>,
     enable_process_runtime: Option<bool>,
+    allow_host_path: Option<Vec<String>>,
     log_level: Option<String>,
     log_format: Option<LogFormat>,
 }

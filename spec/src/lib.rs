@@ -10,6 +10,7 @@
 //! - [`alloc`]: the states of an allocation.
 //! - [`diff`]: what changed between two specs, field by field.
 //! - [`pb`]: the protobuf conversions, in one place.
+//! - [`volume`]: named volumes and bind mounts, and their scope.
 //! - [`stack`]: stack files (Compose and Skiff's own format) into specs and back.
 
 pub mod alloc;
@@ -18,6 +19,7 @@ pub mod pb;
 pub mod policy;
 pub mod service;
 pub mod stack;
+pub mod volume;
 
 pub use alloc::AllocState;
 pub use diff::{spec_diff, value_hash};
@@ -29,3 +31,4 @@ pub use service::{
     ServiceSpec, SpecError, MAX_LABELS, MAX_NAME_LEN, MAX_REPLICAS, MAX_VARIABLE_BYTES,
     MIN_MEMORY_MB, SECCOMP_UNCONFINED, STACK_LABEL,
 };
+pub use volume::{host_path_allowed, validate_volume_name, Mount, MountKind, VolumeScope};

@@ -5,10 +5,40 @@
 use skiff_proto::v1 as pb;
 
 use crate::{
-    AutoscalePolicy, Constraint, Dependency, DependsCondition, HealthCheck, HealthKind,
-    NetworkMode, PlacementPolicy, Protocol, RuntimeKind, ServiceMode, ServiceSpec, SpecError,
-    Strategy, UpdatePolicy,
+    AutoscalePolicy, Constraint, Dependency, DependsCondition, HealthCheck, HealthKind, Mount,
+    MountKind, NetworkMode, PlacementPolicy, Protocol, RuntimeKind, ServiceMode, ServiceSpec,
+    SpecError, Strategy, UpdatePolicy, VolumeScope,
 };
+
+pub fn mount_from_pb(m: pb::VolumeMount) -> Result<Mount, SpecError> {
+    let kind = match m.r#type.as_str() {
+        "" | "volume" => MountKind::Volume,
+        "bind" => MountKind::Bind,
+        other => {
+            return Err(SpecError::new(
+                "mount",
+                format!("unknown mount type \"{other}\"; use volume or bind"),
+            ))
+        }
+    };
+    Ok(Mount {
+        kind,
+        source: m.source,
+        target: m.target,
+        read_only: m.read_only,
+        nocopy: m.nocopy,
+    })
+}
+
+pub fn mount_to_pb(m: &Mount) -> pb::VolumeMount {
+    pb::VolumeMount {
+        r#type: m.kind.as_str().to_string(),
+        source: m.source.clone(),
+        target: m.target.clone(),
+        read_only: m.read_only,
+        nocopy: m.nocopy,
+    }
+}
 
 pub fn spec_from_pb(spec: pb::ServiceSpec) -> Result<ServiceSpec, SpecError> {
     let image = Some(spec.image).filter(|i| !i.is_empty());
@@ -58,6 +88,12 @@ pub fn spec_from_pb(spec: pb::ServiceSpec) -> Result<ServiceSpec, SpecError> {
         autoscale: spec.autoscale.map(autoscale_from_pb),
         entrypoint: spec.entrypoint.map(|argv| argv.args),
         seccomp: Some(spec.seccomp).filter(|s| !s.is_empty()),
+        volumes: spec
+            .volumes
+            .into_iter()
+            .map(mount_from_pb)
+            .collect::<Result<_, _>>()?,
+        volume_scope: VolumeScope::parse(&spec.volume_scope)?,
         labels: spec.labels.into_iter().collect(),
         depends_on: spec
             .depends_on
@@ -202,6 +238,11 @@ pub fn spec_to_pb(spec: &ServiceSpec) -> pb::ServiceSpec {
             .map(|args| pb::Argv { args: args.clone() }),
         labels: spec.labels.clone().into_iter().collect(),
         seccomp: spec.seccomp.clone().unwrap_or_default(),
+        volumes: spec.volumes.iter().map(mount_to_pb).collect(),
+        volume_scope: match spec.volume_scope {
+            VolumeScope::PerReplica => String::new(),
+            scope => scope.as_str().to_string(),
+        },
         depends_on: spec
             .depends_on
             .iter()

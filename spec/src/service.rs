@@ -217,6 +217,12 @@ pub struct ServiceSpec {
     /// a profile in the OCI runtime spec's `linux.seccomp` JSON form.
     #[serde(default)]
     pub seccomp: Option<String>,
+    /// Named volumes and bind mounts of its containers (see [`crate::volume`]).
+    #[serde(default)]
+    pub volumes: Vec<crate::Mount>,
+    /// Whether replicas share the named volumes or own one each.
+    #[serde(default)]
+    pub volume_scope: crate::VolumeScope,
 }
 
 /// `seccomp` value that turns the filter off.
@@ -563,6 +569,7 @@ impl ServiceSpec {
         self.validate_depends_on()?;
         self.validate_seccomp()?;
         self.update.validate()?;
+        self.validate_volumes()?;
         if let Some(autoscale) = &self.autoscale {
             autoscale.validate()?;
         }
@@ -620,6 +627,8 @@ impl ServiceSpec {
             labels: _,
             depends_on: _,
             seccomp,
+            volumes,
+            volume_scope,
         } = self;
         *name == other.name
             && *runtime == other.runtime
@@ -642,6 +651,8 @@ impl ServiceSpec {
             && *protocol == other.protocol
             && *entrypoint == other.entrypoint
             && *seccomp == other.seccomp
+            && *volumes == other.volumes
+            && *volume_scope == other.volume_scope
     }
 
     /// The bounds of [`limits`], each named with its field.

@@ -26,6 +26,10 @@ pub struct ImageConfig {
     /// The Docker `Healthcheck`; `None` when absent or disabled (`["NONE"]`).
     pub healthcheck: Option<Healthcheck>,
     pub labels: BTreeMap<String, String>,
+    /// Paths of the image's `Volumes`, sorted: anonymous volumes of each
+    /// container.
+    #[serde(default)]
+    pub volumes: Vec<String>,
 }
 
 /// Docker's `Healthcheck`. `test` keeps Docker's form: `["CMD", args...]`
@@ -88,6 +92,7 @@ struct RawConfig {
     stop_signal: Option<String>,
     healthcheck: Option<RawHealthcheck>,
     labels: Option<BTreeMap<String, String>>,
+    volumes: Option<BTreeMap<String, serde_json::Value>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -131,6 +136,7 @@ pub(crate) fn parse_config(bytes: &[u8]) -> Result<ParsedConfig, String> {
             stop_signal: c.stop_signal.filter(|s| !s.is_empty()),
             healthcheck,
             labels: c.labels.unwrap_or_default(),
+            volumes: c.volumes.unwrap_or_default().into_keys().collect(),
         },
         diff_ids: raw.rootfs.unwrap_or_default().diff_ids,
         os: raw.os,

@@ -245,6 +245,7 @@ fn updated_spec(current: &pb::ServiceSpec, args: &UpdateArgs) -> anyhow::Result<
             bail!("invalid label-rm: the service has no label \"{key}\"");
         }
     }
+    super::volume::apply_args(&mut spec, &args.volumes, &args.volume_rm)?;
     if let Some(option) = &args.security_opt {
         spec.seccomp = super::service::seccomp_option(option)?.unwrap_or_default();
     }

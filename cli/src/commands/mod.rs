@@ -17,6 +17,7 @@ pub mod progress;
 pub mod service;
 pub mod stack;
 pub mod var;
+pub mod volume;
 
 /// Ends the command with this exit status and no message (what it had to
 /// say is printed): `stack plan`'s 2 for "changes".

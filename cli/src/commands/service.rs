@@ -515,6 +515,8 @@ fn build_spec(args: &CreateArgs, replicas: u32) -> anyhow::Result<pb::ServiceSpe
         },
         ..pb::ServiceSpec::default()
     };
+    let mut spec = spec;
+    super::volume::apply_args(&mut spec, &args.volumes, &[])?;
     // Every field through the one validation the server runs too.
     spec::pb::spec_from_pb(spec.clone()).map_err(invalid)?;
     Ok(spec)

@@ -204,7 +204,7 @@ impl Api {
         let mut changes = self.node_watch.subscribe(&node);
         let mut endpoints = self.endpoints.subscribe();
         endpoints.mark_changed();
-        let mut last_sent: Option<(Vec<pb::Allocation>, Vec<String>)> = None;
+        let mut last_sent: Option<(Vec<pb::Allocation>, Vec<String>, Vec<String>)> = None;
         let mut last_index = None;
         // A lagging server (say, one that just came back) must not hand the
         // agent an old set: missing allocations would be stopped. Catch up
@@ -219,7 +219,11 @@ impl Api {
             if caught_up && last_index != Some(changed) {
                 last_index = Some(changed);
                 let assignments = self.assignments(&node);
-                let sent = (assignments.allocations.clone(), assignments.prepull.clone());
+                let sent = (
+                    assignments.allocations.clone(),
+                    assignments.prepull.clone(),
+                    assignments.remove_volumes.clone(),
+                );
                 if last_sent.as_ref() != Some(&sent) {
                     last_sent = Some(sent);
                     if outbound
@@ -310,6 +314,7 @@ impl Api {
             index: state.applied_index,
             allocations: state.allocs_on(node).map(convert::alloc_to_pb).collect(),
             prepull: state.prepull_images(node),
+            remove_volumes: state.volumes_to_remove(node),
         }
     }
 
@@ -320,6 +325,7 @@ impl Api {
             AgentMsg::Traffic(report) => return self.record_traffic(node, report),
             AgentMsg::ImagesReady(ready) => return self.record_images(node, ready.images).await,
             AgentMsg::Ports(report) => return self.record_ports(node, report).await,
+            AgentMsg::Volumes(report) => return self.record_volumes(node, report).await,
             AgentMsg::Heartbeat(_) | AgentMsg::Register(_) => return,
         };
         let Some(state) = AllocState::parse(&report.state).filter(|s| s.is_reportable()) else {

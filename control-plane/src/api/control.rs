@@ -86,6 +86,22 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>
 
 #[tonic::async_trait]
 impl pb::control_server::Control for Api {
+    async fn list_volumes(
+        &self,
+        _request: Request<pb::ListVolumesRequest>,
+    ) -> Result<Response<pb::ListVolumesResponse>, Status> {
+        self.volumes_here().await.map(Response::new)
+    }
+
+    async fn remove_volume(
+        &self,
+        request: Request<pb::RemoveVolumeRequest>,
+    ) -> Result<Response<pb::RemoveVolumeResponse>, Status> {
+        self.remove_volume_here(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
     async fn create_service(
         &self,
         request: Request<pb::CreateServiceRequest>,

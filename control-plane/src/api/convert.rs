@@ -22,6 +22,7 @@ pub fn alloc_to_pb(alloc: &Allocation) -> pb::Allocation {
         create_index: alloc.create_index,
         version: alloc.version,
         serving_since_ms: alloc.serving_since_ms,
+        slot: alloc.slot,
     }
 }
 

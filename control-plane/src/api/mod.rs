@@ -12,6 +12,7 @@
 //! - `events`: which events an `Events` call returns (`--tail`, `--since`).
 //! - `leader_view`: a follower's forwarding of the reads of what only the
 //!   leader holds in memory (heartbeats, reports, Raft progress).
+//! - `volumes`: the volume RPCs and the agents' volume reports.
 //! - `raft_service`: the Raft transport between servers.
 //! - here: [`Api`], the state both services share, and the helpers they
 //!   use (proposing, read barriers, heartbeats, `Status` from errors).
@@ -28,6 +29,7 @@ mod leader_view;
 mod raft_service;
 mod reports;
 mod stacks;
+mod volumes;
 
 pub use raft_service::RaftService;
 
@@ -209,9 +211,9 @@ pub(crate) fn status_from(err: ProposeError) -> Status {
         ProposeError::Rejected(CommandError::ServiceExists(_)) => {
             Status::already_exists(err.to_string())
         }
-        ProposeError::Rejected(CommandError::Deployment(_) | CommandError::NodeReady(_)) => {
-            Status::failed_precondition(err.to_string())
-        }
+        ProposeError::Rejected(
+            CommandError::Deployment(_) | CommandError::NodeReady(_) | CommandError::Volume(_),
+        ) => Status::failed_precondition(err.to_string()),
         ProposeError::Rejected(CommandError::Invalid(_)) => {
             Status::invalid_argument(err.to_string())
         }

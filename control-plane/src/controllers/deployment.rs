@@ -197,6 +197,18 @@ fn rolling(
     }
 }
 
+/// The deployment as it runs for replicas that own volumes: stop-first,
+/// never surged (two replicas must never share a data directory), one
+/// replica unavailable at a time at least. The old replica's slot is free
+/// only once it has stopped, so its replacement (which takes the slot and
+/// the volume) starts after it.
+pub fn stop_first(deployment: &Deployment) -> Deployment {
+    let mut d = deployment.clone();
+    d.policy.max_surge = 0;
+    d.policy.max_unavailable = d.policy.max_unavailable.max(1);
+    d
+}
+
 /// Has served for at least `min_healthy_ms`.
 pub fn is_ready(alloc: &Allocation, min_healthy_ms: u32, now_ms: u64) -> bool {
     alloc.is_serving()

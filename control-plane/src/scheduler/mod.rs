@@ -101,6 +101,29 @@ struct Reasons {
     no_nodes: bool,
     missing_node: Option<String>,
     service_gone: bool,
+    /// Replicas held by their volumes' node, one text each.
+    volumes: Vec<String>,
+}
+
+impl Filtered {
+    /// What the node is, for a replica that may only go there.
+    fn describe(&self) -> String {
+        match self {
+            Filtered::Down => "down".into(),
+            Filtered::Paused => "paused".into(),
+            Filtered::Draining => "draining".into(),
+            Filtered::Constraint(c) => format!("filtered by constraint {c}"),
+            Filtered::NoProcessRuntime => "without the process runtime".into(),
+            Filtered::Cpu { needs, free } => {
+                format!("out of cpu (needs {needs} millicores, {free} free)")
+            }
+            Filtered::Memory { needs, free } => {
+                format!("out of memory (needs {needs} MB, {free} free)")
+            }
+            Filtered::Ports => "out of host ports".into(),
+            Filtered::MaxPerNode(max) => format!("at max-per-node {max}"),
+        }
+    }
 }
 
 impl Reasons {
@@ -133,7 +156,7 @@ impl Reasons {
         if self.no_nodes {
             return "no nodes registered; start `skiff agent` (or use `skiff dev`)".into();
         }
-        let mut parts = Vec::new();
+        let mut parts = self.volumes.clone();
         if let Some(node) = &self.missing_node {
             parts.push(format!("node {node} is not registered"));
         }
@@ -377,6 +400,8 @@ pub fn schedule(state: &State, requests: &[Request], seed: u64) -> (Vec<Placemen
     }
 
     let mut taken_ids: BTreeSet<String> = BTreeSet::new();
+    // Slots taken per service, including this plan's placements.
+    let mut slots: HashMap<String, BTreeSet<u32>> = HashMap::new();
     let mut placements = Vec::new();
     let mut unplaced: BTreeMap<String, (u32, Reasons)> = BTreeMap::new();
     for request in requests {
@@ -430,33 +455,57 @@ pub fn schedule(state: &State, requests: &[Request], seed: u64) -> (Vec<Placemen
                 groups[group_of(&views[i])].push(Reverse((rank(&views[i], spec), i)));
             }
         }
+        let mut taken = slots
+            .entry(spec.name.clone())
+            .or_insert_with(|| state.taken_slots(&spec.name))
+            .clone();
         let mut placed = 0;
-        while placed < request.count {
-            let best = groups
-                .iter()
-                .enumerate()
-                .filter_map(|(g, heap)| {
-                    let Reverse((mut key, _)) = *heap.peek()?;
-                    if spread {
-                        key.1 = zones[g];
+        for _ in 0..request.count {
+            // The replica's slot: the lowest free one (a replacement takes
+            // the slot of the replica it replaces). A slot whose volume is
+            // on a node that cannot take it now is skipped, not given away.
+            let slot = (0..).find(|s| !taken.contains(s)).unwrap_or(0);
+            if spec.owns_volumes() && slot >= spec.replicas {
+                // Replicas that own volumes live in slots 0..replicas
+                // (like a StatefulSet's ordinals): one whose predecessor
+                // still stops waits for it rather than take a fresh volume.
+                reasons.volumes.push(format!(
+                    "a replica waits for the one it replaces to stop (slots 0-{} are held)",
+                    spec.replicas.saturating_sub(1)
+                ));
+                continue;
+            }
+            taken.insert(slot);
+            let chosen = match state.pinned_volume(spec, slot) {
+                Some(volume) => {
+                    let fits = position.get(volume.node.as_str()).map(|&i| {
+                        views[i]
+                            .static_check(spec)
+                            .and_then(|()| views[i].dynamic_check(spec))
+                            .map(|()| i)
+                    });
+                    let other_node = request.node.as_ref().filter(|n| **n != volume.node);
+                    match (fits, other_node) {
+                        (Some(Ok(i)), None) => Some(i),
+                        (fits, _) => {
+                            let why = match fits {
+                                None => "is not registered".to_string(),
+                                Some(Err(why)) => format!("is {}", why.describe()),
+                                Some(Ok(_)) => "is not the requested node".to_string(),
+                            };
+                            reasons.volumes.push(format!(
+                                "volume {} of replica slot {slot} is on node {}, which {why}",
+                                volume.name, volume.node
+                            ));
+                            None
+                        }
                     }
-                    Some((key, g))
-                })
-                .min();
-            let Some((_, g)) = best else {
-                break;
+                }
+                None => best_node(&mut groups, &views, &zones, spec),
             };
-            let Some(Reverse((stale, i))) = groups[g].pop() else {
-                break;
+            let Some(i) = chosen else {
+                continue;
             };
-            if views[i].dynamic_check(spec).is_err() {
-                continue;
-            }
-            let fresh = rank(&views[i], spec);
-            if fresh != stale {
-                groups[g].push(Reverse((fresh, i)));
-                continue;
-            }
             let view = &mut views[i];
             let Some(port) = view.free_port(&mut rng) else {
                 continue;
@@ -482,18 +531,28 @@ pub fn schedule(state: &State, requests: &[Request], seed: u64) -> (Vec<Placemen
                 service: spec.name.clone(),
                 node: view.node.name.clone(),
                 host_port: port,
+                slot,
             });
+            slots.entry(spec.name.clone()).or_default().insert(slot);
             placed += 1;
             if view.dynamic_check(spec).is_ok() {
+                let g = group_of(&views[i]);
                 groups[g].push(Reverse((rank(&views[i], spec), i)));
             }
         }
-        if placed < request.count {
+        if placed < request.count && placed + reasons.volumes.len() as u32 == request.count {
+            // Held only by their volumes' nodes: the other nodes do not matter.
+            reasons.nodes.clear();
+            reasons.no_nodes = false;
+            reasons.missing_node = None;
+        } else if placed < request.count {
             for &i in &feasible {
                 if let Err(why) = views[i].dynamic_check(spec) {
                     reasons.add(&why);
                 }
             }
+        }
+        if placed < request.count {
             let entry = unplaced.entry(request.service.clone()).or_default();
             entry.0 += request.count - placed;
             merge(&mut entry.1, reasons);
@@ -508,6 +567,41 @@ pub fn schedule(state: &State, requests: &[Request], seed: u64) -> (Vec<Placemen
         })
         .collect();
     (placements, unplaced)
+}
+
+/// The best feasible node in the heaps (see [`schedule`]), or `None` when
+/// no node can take another replica. Stale entries (a node whose rank
+/// changed since it was pushed) are pushed back with their fresh rank.
+fn best_node(
+    groups: &mut [BinaryHeap<Reverse<(Rank, usize)>>],
+    views: &[NodeView],
+    zones: &[u64],
+    spec: &ServiceSpec,
+) -> Option<usize> {
+    let spread = spec.placement == PlacementPolicy::Spread;
+    loop {
+        let (_, g) = groups
+            .iter()
+            .enumerate()
+            .filter_map(|(g, heap)| {
+                let Reverse((mut key, _)) = *heap.peek()?;
+                if spread {
+                    key.1 = zones[g];
+                }
+                Some((key, g))
+            })
+            .min()?;
+        let Reverse((stale, i)) = groups[g].pop()?;
+        if views[i].dynamic_check(spec).is_err() {
+            continue;
+        }
+        let fresh = rank(&views[i], spec);
+        if fresh != stale {
+            groups[g].push(Reverse((fresh, i)));
+            continue;
+        }
+        return Some(i);
+    }
 }
 
 /// Adds one to a service's count without cloning its name when present.
@@ -526,6 +620,7 @@ fn merge(into: &mut Reasons, from: Reasons) {
         entry.0 += count;
         entry.2 = entry.2.max(free);
     }
+    into.volumes.extend(from.volumes);
     into.no_nodes |= from.no_nodes;
     into.service_gone |= from.service_gone;
     if from.missing_node.is_some() {

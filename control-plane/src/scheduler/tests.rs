@@ -463,3 +463,125 @@ fn process_replicas_go_only_to_agents_that_enable_the_process_runtime() {
         "1 replica unplaced: 1 node without the process runtime (start their agent with --enable-process-runtime), 2 nodes at max-per-node 1"
     );
 }
+fn stateful(name: &str, replicas: u32) -> ServiceSpec {
+    ServiceSpec {
+        name: name.into(),
+        runtime: RuntimeKind::Oci,
+        image: Some("127.0.0.1:5000/demo/web:v1".into()),
+        replicas,
+        volumes: vec![skiff_spec::Mount::parse_volume("data:/data").unwrap()],
+        ..Default::default()
+    }
+}
+
+fn stopped(c: &mut Cluster, id: &str, node: &str) {
+    c.apply(Command::ApplyPlan {
+        plan: Plan {
+            stop: vec![id.to_string()],
+            ..Plan::default()
+        },
+    });
+    c.apply(Command::ReportAllocs {
+        node: node.into(),
+        reports: vec![crate::state::AllocReport {
+            id: id.into(),
+            state: crate::state::AllocState::Stopped,
+            restarts: 0,
+            pid: 0,
+            message: String::new(),
+        }],
+    });
+}
+
+#[test]
+fn replicas_take_the_lowest_free_slots_and_a_replacement_takes_the_freed_one() {
+    let mut c = Cluster::new(&[node("n1", ""), node("n2", "")]);
+    c.service(spec("web", 3));
+    let (placed, _) = c.place("web", 3, 1);
+    let mut slots: Vec<u32> = placed.iter().map(|p| p.slot).collect();
+    slots.sort_unstable();
+    assert_eq!(slots, vec![0, 1, 2]);
+    let middle = placed.iter().find(|p| p.slot == 1).unwrap().clone();
+    stopped(&mut c, &middle.id, &middle.node);
+    let (again, _) = c.place("web", 1, 2);
+    assert_eq!(
+        again[0].slot, 1,
+        "the replacement takes the slot it replaces"
+    );
+}
+
+#[test]
+fn a_replica_with_a_volume_goes_back_to_the_node_holding_it() {
+    let mut c = Cluster::new(&[node("n1", ""), node("n2", ""), node("n3", "")]);
+    c.service(stateful("db", 2));
+    let (placed, _) = c.place("db", 2, 7);
+    let first = placed.iter().find(|p| p.slot == 0).unwrap().clone();
+    let mut id = first.id.clone();
+    for seed in 0..10 {
+        stopped(&mut c, &id, &first.node);
+        let (again, unplaced) = c.place("db", 1, 100 + seed);
+        assert!(unplaced.is_empty(), "{unplaced:?}");
+        assert_eq!(
+            (again[0].slot, again[0].node.as_str()),
+            (0, first.node.as_str())
+        );
+        id = again[0].id.clone();
+    }
+}
+
+#[test]
+fn a_replica_whose_volume_node_is_down_stays_pending_and_says_where_its_volume_is() {
+    let mut c = Cluster::new(&[node("n1", ""), node("n2", "")]);
+    c.service(stateful("db", 1));
+    let (placed, _) = c.place("db", 1, 3);
+    let holder = placed[0].node.clone();
+    c.apply(Command::SetNodeStatus {
+        name: holder.clone(),
+        status: NodeStatus::Down,
+    });
+    let (again, unplaced) = schedule(&c.state, &[Request::new("db", 1)], 4);
+    assert!(again.is_empty(), "never placed away from its data");
+    assert_eq!(
+        unplaced[0].summary(),
+        format!("1 replica unplaced: volume data-0 of replica slot 0 is on node {holder}, which is down")
+    );
+    c.apply(Command::SetNodeAvailability {
+        name: holder.clone(),
+        availability: Availability::Drain,
+        deadline_ms: None,
+    });
+    c.apply(Command::SetNodeStatus {
+        name: holder.clone(),
+        status: NodeStatus::Ready,
+    });
+    let (_, unplaced) = schedule(&c.state, &[Request::new("db", 1)], 4);
+    assert!(
+        unplaced[0].reason.contains("which is draining"),
+        "{unplaced:?}"
+    );
+}
+
+#[test]
+fn a_stateful_replica_keeps_its_slot_until_it_has_stopped() {
+    let mut c = Cluster::new(&[node("n1", "")]);
+    c.service(stateful("db", 1));
+    let (placed, _) = c.place("db", 1, 3);
+    c.apply(Command::ApplyPlan {
+        plan: Plan {
+            stop: vec![placed[0].id.clone()],
+            ..Plan::default()
+        },
+    });
+    // Still shutting down: its slot (and volume) is not free yet.
+    let (again, unplaced) = schedule(&c.state, &[Request::new("db", 1)], 4);
+    assert!(again.is_empty());
+    assert!(
+        unplaced[0]
+            .reason
+            .contains("waits for the one it replaces to stop"),
+        "{unplaced:?}"
+    );
+    stopped(&mut c, &placed[0].id, "n1");
+    let (again, _) = schedule(&c.state, &[Request::new("db", 1)], 4);
+    assert_eq!(again[0].slot, 0);
+}

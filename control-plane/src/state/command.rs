@@ -16,6 +16,9 @@ pub struct Placement {
     pub service: String,
     pub node: String,
     pub host_port: u16,
+    /// The replica's ordinal (see [`super::Allocation::slot`]).
+    #[serde(default)]
+    pub slot: u32,
 }
 
 /// A batch of decisions from the controllers, committed as one entry.
@@ -199,6 +202,18 @@ pub enum Command {
     RemoveStack {
         stack: String,
     },
+    /// The named volumes a node's agent holds (the whole set).
+    ReportVolumes {
+        node: String,
+        volumes: Vec<super::VolumeReport>,
+    },
+    /// `skiff volume rm`: refused while a replica uses the volume; its
+    /// agent deletes it.
+    RemoveVolume {
+        name: String,
+        #[serde(default)]
+        node: Option<String>,
+    },
     /// A command stamped with its proposer's clock. Proposers wrap what
     /// they propose in it so that events carry a time every server agrees
     /// on; a bare command is stamped with the last time seen.
@@ -234,6 +249,9 @@ pub enum CommandError {
     Deployment(String),
     #[error(transparent)]
     Invalid(#[from] SpecError),
+    /// A volume command that does not fit the volumes' state.
+    #[error("{0}")]
+    Volume(String),
 }
 
 /// What a successful command produced.

@@ -48,6 +48,8 @@ pub enum EventKind {
     PortUnavailable,
     /// ... and now can (or the port is no longer published there).
     PortListening,
+    /// Its agent deleted a volume `skiff volume rm` removed.
+    VolumeRemoved,
 }
 
 impl EventKind {
@@ -85,6 +87,7 @@ impl EventKind {
             EventKind::ServiceRebalanced => "service-rebalanced",
             EventKind::PortUnavailable => "port-unavailable",
             EventKind::PortListening => "port-listening",
+            EventKind::VolumeRemoved => "volume-removed",
         }
     }
 

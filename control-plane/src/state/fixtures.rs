@@ -34,5 +34,6 @@ pub(super) fn place(id: &str, service: &str, port: u16) -> Placement {
         service: service.into(),
         node: "n1".into(),
         host_port: port,
+        slot: 0,
     }
 }

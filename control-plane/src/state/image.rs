@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Allocation, Event, Member, Node, Service, State};
+use super::{Allocation, Event, Member, Node, Service, State, Volume};
 
 /// [`StateImage`] by reference, for encoding without copying the state.
 #[derive(Serialize)]
@@ -16,6 +16,7 @@ struct StateImageRef<'a> {
     members: &'a BTreeMap<u64, Member>,
     variables: &'a imbl::OrdMap<String, String>,
     events: &'a VecDeque<Event>,
+    volumes: &'a BTreeMap<String, Volume>,
     applied_index: u64,
 }
 
@@ -30,6 +31,8 @@ struct StateImage {
     variables: BTreeMap<String, String>,
     #[serde(default)]
     events: VecDeque<Event>,
+    #[serde(default)]
+    volumes: BTreeMap<String, Volume>,
     applied_index: u64,
 }
 
@@ -81,6 +84,7 @@ impl State {
             members: &self.members,
             variables: &self.variables,
             events: &self.events,
+            volumes: &self.volumes,
             applied_index: self.applied_index,
         };
         serde_json::to_vec(&image).expect("state always serializes")
@@ -101,6 +105,7 @@ impl State {
             members: image.members,
             variables: image.variables.into_iter().collect(),
             events: image.events,
+            volumes: image.volumes,
             applied_index: image.applied_index,
             ..State::default()
         };
@@ -128,5 +133,6 @@ impl State {
             && self.members == other.members
             && self.variables == other.variables
             && self.events == other.events
+            && self.volumes == other.volumes
     }
 }

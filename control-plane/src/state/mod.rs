@@ -32,6 +32,7 @@ mod image;
 mod model;
 mod query;
 mod stacks;
+mod volumes;
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -50,6 +51,8 @@ pub use skiff_spec::{
     UpdatePolicy,
 };
 
+pub use volumes::{Volume, VolumeReport};
+
 use image::AllocIndex;
 
 /// The applied state. Cloned as a snapshot by readers and controllers.
@@ -64,6 +67,8 @@ pub struct State {
     pub variables: imbl::OrdMap<String, String>,
     /// The most recent events, oldest first, at most [`EVENT_RING`].
     pub events: VecDeque<Event>,
+    /// Named volumes on the nodes, by `node/name`.
+    pub volumes: BTreeMap<String, Volume>,
     /// Raft index of the last applied entry.
     pub applied_index: u64,
     /// The last proposer time seen; stamps events of untimed commands.
@@ -100,6 +105,13 @@ impl State {
                 check_index,
             } => self.deploy_stack(index, &stack, services, check_index),
             Command::RemoveStack { stack } => self.remove_stack(index, &stack),
+            Command::ReportVolumes { node, volumes } => {
+                self.report_volumes(index, &node, volumes);
+                Ok(Outcome::Done)
+            }
+            Command::RemoveVolume { name, node } => {
+                self.remove_volume(index, &name, node.as_deref())
+            }
             Command::RollbackService { name, to_version } => {
                 self.rollback_service(index, &name, to_version)
             }

@@ -242,6 +242,11 @@ pub struct Allocation {
     /// promotion.
     #[serde(default)]
     pub held: bool,
+    /// The replica's ordinal in its service, kept by its replacements and
+    /// updates: the replica in slot `i` owns the per-replica volumes
+    /// `NAME-i` (see `state/volumes.rs`).
+    #[serde(default)]
+    pub slot: u32,
 }
 
 impl Allocation {

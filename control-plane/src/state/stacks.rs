@@ -467,6 +467,7 @@ mod tests {
             service: service.into(),
             node: "n1".into(),
             host_port: port,
+            slot: 0,
         };
         let plan = Plan {
             place: vec![place("d1", "app-db", 20000), place("w1", "app-web", 20001)],

@@ -24,6 +24,8 @@ pub struct VolumeMount {
     pub source: Option<String>,
     pub target: String,
     pub read_only: bool,
+    /// `volume: {nocopy: true}`, or `:nocopy` in the short syntax.
+    pub nocopy: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -229,10 +231,57 @@ pub(crate) fn read(top: &Mapping, context: &mut Context) -> Result<Vec<ReadServi
         let path = join("services", &name);
         out.push(read_service(name, Node::new(&value, &path), context)?);
     }
-    if let Some((key, _)) = definitions.first() {
-        return Err(StackError::unsupported(key, not_yet(key)));
+    let mut declared = Vec::new();
+    for (key, defined) in &definitions {
+        if key == "secrets" {
+            return Err(StackError::unsupported(key, not_yet(key)));
+        }
+        for definition in defined {
+            if let Some(driver) = definition.source.as_deref().filter(|d| *d != "local") {
+                return Err(StackError::unsupported(
+                    join(key, &definition.name),
+                    format!("volume driver {driver} is not supported; Skiff keeps volumes on the node's disk (driver: local)"),
+                ));
+            }
+            declared.push(definition.name.clone());
+        }
+    }
+    for service in &mut out {
+        name_volumes(service, &declared, context.stack)?;
     }
     Ok(out)
+}
+
+/// Checks that each named volume of a service is declared under the
+/// top-level `volumes:` (as Compose does) and gives it the stack's prefix
+/// (`app-data` for `data` in stack `app`), as Compose scopes volumes to
+/// their project.
+fn name_volumes(
+    service: &mut ReadService,
+    declared: &[String],
+    stack: Option<&str>,
+) -> Result<(), StackError> {
+    for (i, mount) in service.spec.volumes.iter_mut().enumerate() {
+        if mount.kind != crate::MountKind::Volume {
+            continue;
+        }
+        if !declared.contains(&mount.source) {
+            return Err(StackError::invalid(
+                format!("services.{}.volumes[{i}]", service.name),
+                format!(
+                    "volume {} is not declared; add it under the top-level volumes: ({}: {{}})",
+                    mount.source, mount.source
+                ),
+            ));
+        }
+        if let Some(stack) = stack {
+            mount.source = format!("{stack}-{}", mount.source);
+        }
+        mount.validate().map_err(|e| {
+            StackError::invalid(format!("services.{}.volumes[{i}]", service.name), e.problem)
+        })?;
+    }
+    Ok(())
 }
 
 fn not_yet(what: &str) -> String {
@@ -353,7 +402,7 @@ fn read_service(
                 context.warn(&path, format!("ignored: Skiff does not use {key} yet"))
             }
             "profiles" => profiles = n.string_list()?,
-            "volumes" => check_volumes(n)?,
+            "volumes" => spec.volumes = read_volumes(n)?,
             "secrets" => check_secrets(n)?,
             "cpus" => {
                 spec.cpu_millis =
@@ -676,6 +725,7 @@ pub(crate) fn parse_volumes(node: Node) -> Result<Vec<VolumeMount>, StackError> 
                     source: None,
                     target: String::new(),
                     read_only: false,
+                    nocopy: false,
                 };
                 for (key, value) in n.entries()? {
                     let p = join(&path, &key);
@@ -696,6 +746,13 @@ pub(crate) fn parse_volumes(node: Node) -> Result<Vec<VolumeMount>, StackError> 
                         "source" => mount.source = Some(v.string()?),
                         "target" => mount.target = v.string()?,
                         "read_only" => mount.read_only = v.bool()?,
+                        "volume" => {
+                            for (key, value) in v.entries()? {
+                                if key == "nocopy" {
+                                    mount.nocopy = Node::new(&value, &join(&p, &key)).bool()?;
+                                }
+                            }
+                        }
                         _ => {}
                     }
                 }
@@ -719,6 +776,7 @@ pub(crate) fn parse_volumes(node: Node) -> Result<Vec<VolumeMount>, StackError> 
                     source: source.map(str::to_string),
                     target: target.to_string(),
                     read_only: mode.split(',').any(|m| m == "ro"),
+                    nocopy: mode.split(',').any(|m| m == "nocopy"),
                 }
             }
         };
@@ -727,24 +785,50 @@ pub(crate) fn parse_volumes(node: Node) -> Result<Vec<VolumeMount>, StackError> 
     Ok(out)
 }
 
-fn check_volumes(node: Node) -> Result<(), StackError> {
+/// A service's `volumes` as mounts: named volumes and absolute binds;
+/// relative binds, anonymous volumes and tmpfs are refused with the fix.
+fn read_volumes(node: Node) -> Result<Vec<crate::Mount>, StackError> {
     let mounts = parse_volumes(node)?;
-    for (i, mount) in mounts.iter().enumerate() {
-        let relative = mount
-            .source
-            .as_deref()
-            .is_some_and(|s| mount.kind == VolumeKind::Bind && !s.starts_with('/'));
-        if relative {
+    let mut out = Vec::with_capacity(mounts.len());
+    for (i, mount) in mounts.into_iter().enumerate() {
+        let path = format!("{}[{i}]", node.path);
+        let kind = match mount.kind {
+            VolumeKind::Volume => crate::MountKind::Volume,
+            VolumeKind::Bind => crate::MountKind::Bind,
+            VolumeKind::Tmpfs => {
+                return Err(StackError::unsupported(
+                    path,
+                    "tmpfs mounts are not supported; use a named volume",
+                ))
+            }
+        };
+        let Some(source) = mount.source else {
             return Err(StackError::unsupported(
-                format!("{}[{i}]", node.path),
+                path,
+                "anonymous volumes are not supported; name the volume (NAME:/path) and declare it under the top-level volumes:",
+            ));
+        };
+        if kind == crate::MountKind::Bind && !source.starts_with('/') {
+            return Err(StackError::unsupported(
+                path,
                 "a path on the machine running the CLI means nothing on a node; use a named volume or an absolute path allowed with --allow-host-path",
             ));
         }
+        let mount = crate::Mount {
+            kind,
+            source,
+            target: mount.target,
+            read_only: mount.read_only,
+            nocopy: mount.nocopy,
+        };
+        if kind == crate::MountKind::Bind {
+            mount
+                .validate()
+                .map_err(|e| StackError::invalid(&path, e.problem))?;
+        }
+        out.push(mount);
     }
-    if mounts.is_empty() {
-        return Ok(());
-    }
-    Err(StackError::unsupported(node.path, not_yet("volumes")))
+    Ok(out)
 }
 
 /// Parses `secrets` (a name or `{source, target}`).

@@ -171,17 +171,30 @@ fn a_realistic_compose_file_loads_into_the_expected_specs() {
 }
 
 #[test]
-fn the_realistic_file_with_a_named_volume_is_refused_naming_the_services_volumes() {
+fn the_realistic_file_with_a_named_volume_mounts_it_scoped_to_the_stack() {
     let text = REALISTIC.replace(
         "    image: postgres:16\n",
         "    image: postgres:16\n    volumes: [\"pgdata:/var/lib/postgresql/data\"]\n",
     ) + "volumes:\n  pgdata:\n";
-    let err = load_with(Some("shop"), &[("compose.yaml", &text)], &MemFs::default()).unwrap_err();
+    let loaded = load_with(Some("shop"), &[("compose.yaml", &text)], &MemFs::default()).unwrap();
+    let db = loaded
+        .services
+        .iter()
+        .find(|s| s.name == "shop-db")
+        .unwrap();
+    assert_eq!(
+        db.volumes,
+        vec![crate::Mount::parse_volume("shop-pgdata:/var/lib/postgresql/data").unwrap()]
+    );
+}
+
+#[test]
+fn a_named_volume_must_be_declared_at_the_top_level() {
+    let err = error_of("image: busybox\nvolumes: [\"data:/data\"]\n");
     assert!(
-        matches!(err, StackError::Unsupported { ref path, .. } if path == "services.db.volumes"),
+        err.contains("services.web.volumes[0]: volume data is not declared; add it under the top-level volumes:"),
         "{err}"
     );
-    assert!(err.to_string().contains("Real applications"), "{err}");
 }
 
 /// Loads one service `web` from a Compose service body.
@@ -620,11 +633,13 @@ fn relative_bind_mounts_and_secrets_are_refused() {
     assert!(err.contains("services.web.volumes[0]: a path on the machine running the CLI means nothing on a node"), "{err}");
     let err = error_of("image: busybox\nvolumes: [{type: bind, source: ./data, target: /x}]\n");
     assert!(err.contains("means nothing on a node"), "{err}");
-    let err = error_of("image: busybox\nvolumes: [\"/srv/data:/data:ro\"]\n");
-    assert!(
-        err.contains("services.web.volumes: Skiff does not run volumes yet"),
-        "{err}"
+    let spec = spec_of("image: busybox\nvolumes: [\"/srv/data:/data:ro\"]\n");
+    assert_eq!(
+        spec.volumes,
+        vec![crate::Mount::parse_mount("type=bind,src=/srv/data,dst=/data,ro").unwrap()]
     );
+    let err = error_of("image: busybox\nvolumes: [\"/data\"]\n");
+    assert!(err.contains("anonymous volumes are not supported"), "{err}");
     let err = error_of("image: busybox\nsecrets: [db_password, {source: api_key, target: key}]\n");
     assert!(
         err.contains("services.web.secrets: Skiff does not run secrets yet"),
@@ -645,7 +660,8 @@ fn volumes_and_secrets_are_parsed_into_typed_forms() {
             kind: compose::VolumeKind::Volume,
             source: Some("pgdata".into()),
             target: "/var/lib/pg".into(),
-            read_only: true
+            read_only: true,
+            nocopy: false,
         }
     );
     assert_eq!(mounts[1].kind, compose::VolumeKind::Bind);
@@ -665,17 +681,20 @@ fn volumes_and_secrets_are_parsed_into_typed_forms() {
 }
 
 #[test]
-fn top_level_volumes_alone_are_refused_as_not_yet_supported() {
-    let err = load_with(
+fn top_level_volumes_alone_are_accepted_and_other_drivers_refused() {
+    load_with(
         Some("app"),
         &[("c.yaml", "services: {}\nvolumes: {data: {}}\n")],
         &MemFs::default(),
     )
+    .unwrap();
+    let err = load_with(
+        Some("app"),
+        &[("c.yaml", "services: {}\nvolumes: {data: {driver: nfs}}\n")],
+        &MemFs::default(),
+    )
     .unwrap_err();
-    assert!(
-        matches!(err, StackError::Unsupported { ref path, .. } if path == "volumes"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("volume driver nfs"), "{err}");
 }
 
 #[test]

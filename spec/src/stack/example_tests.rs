@@ -6,32 +6,10 @@ use crate::DependsCondition;
 const COMPOSE: &str = include_str!("../../../deploy/examples/compose.yaml");
 const STACK: &str = include_str!("../../../deploy/examples/stack.yaml");
 
-/// The classic app without what needs volumes and secrets.
-fn without_volumes_and_secrets() -> String {
-    let mut text = COMPOSE
-        .replace("    secrets:\n      - db_password\n", "")
-        .replace(
-            "    volumes:\n      - db-data:/var/lib/postgresql/data\n",
-            "",
-        );
-    let top = text.find("\nvolumes:\n").expect("top-level volumes");
-    text.truncate(top + 1);
-    text
-}
-
-#[test]
-fn the_classic_example_is_refused_only_for_its_volume_and_secret_until_they_land() {
-    let err = load_with(Some("app"), &[("compose.yaml", COMPOSE)], &MemFs::default())
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("services.db"), "{err}");
-    assert!(err.contains("volumes") || err.contains("secrets"), "{err}");
-}
-
 #[test]
 fn the_classic_example_loads_as_web_db_and_cache_with_web_waiting_for_db() {
-    let text = without_volumes_and_secrets();
-    let loaded = load_with(Some("app"), &[("compose.yaml", &text)], &MemFs::default()).unwrap();
+    let loaded = load_with(Some("app"), &[("compose.yaml", COMPOSE)], &MemFs::default())
+        .unwrap_or_else(|e| panic!("{e}"));
     let names: Vec<&str> = loaded.services.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, ["app-cache", "app-db", "app-web"]);
     let web = &loaded.services[2];
@@ -44,6 +22,12 @@ fn the_classic_example_loads_as_web_db_and_cache_with_web_waiting_for_db() {
         .unwrap();
     assert_eq!(db.condition, DependsCondition::Healthy);
     assert_eq!(loaded.services[1].env["POSTGRES_DB"], "shop");
+    let volume = &loaded.services[1].volumes[0];
+    assert_eq!(
+        (volume.source.as_str(), volume.target.as_str()),
+        ("app-db-data", "/var/lib/postgresql/data")
+    );
+    assert!(loaded.services[1].owns_volumes());
 }
 
 #[test]

@@ -243,6 +243,15 @@ fn spec(rng: &mut StdRng, name: String, earlier: &[String]) -> ServiceSpec {
         ];
         s.seccomp = profiles.choose(rng).map(|p| p.to_string());
     }
+    if s.runtime == crate::RuntimeKind::Oci && rng.gen_bool(0.3) {
+        s.volumes = vec![
+            crate::Mount::parse_volume("data:/var/lib/data:nocopy").unwrap(),
+            crate::Mount::parse_mount("type=bind,src=/srv/x,dst=/x,ro").unwrap(),
+        ];
+        if s.update.strategy != crate::Strategy::Rolling || rng.gen_bool(0.3) {
+            s.volume_scope = crate::VolumeScope::Shared;
+        }
+    }
     for dep in earlier {
         if rng.gen_bool(0.4) {
             let condition = *[DependsCondition::Started, DependsCondition::Healthy]

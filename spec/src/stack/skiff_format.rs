@@ -45,6 +45,8 @@ const SERVICE_KEYS: &[&str] = &[
     "depends-on",
     "profiles",
     "seccomp",
+    "volumes",
+    "volume-scope",
 ];
 
 const HEALTH_KEYS: &[&str] = &[
@@ -128,6 +130,23 @@ fn read_service(name: String, node: Node) -> Result<ReadService, StackError> {
             "command" => spec.command = n.command()?,
             "entrypoint" => spec.entrypoint = Some(n.command()?),
             "seccomp" => spec.seccomp = Some(n.string()?),
+            "volumes" => {
+                spec.volumes = n
+                    .string_list()?
+                    .iter()
+                    .map(|m| {
+                        if m.starts_with("type=") {
+                            crate::Mount::parse_mount(m)
+                        } else {
+                            crate::Mount::parse_volume(m)
+                        }
+                    })
+                    .collect::<Result<_, _>>()
+                    .map_err(at(&path))?
+            }
+            "volume-scope" => {
+                spec.volume_scope = crate::VolumeScope::parse(&n.string()?).map_err(at(&path))?
+            }
             "env" => spec.env = n.string_map_strict()?,
             "workdir" => spec.workdir = Some(n.string()?),
             "port" => spec.port = Some(n.port()?),
@@ -371,6 +390,13 @@ fn write_service(
     }
     if let Some(seccomp) = &spec.seccomp {
         put("seccomp", seccomp.as_str().into());
+    }
+    if !spec.volumes.is_empty() {
+        let texts: Vec<String> = spec.volumes.iter().map(|m| m.to_string()).collect();
+        put("volumes", list(&texts));
+    }
+    if spec.volume_scope != crate::VolumeScope::PerReplica {
+        put("volume-scope", spec.volume_scope.as_str().into());
     }
     if !spec.env.is_empty() {
         put("env", string_map(&spec.env));

@@ -30,6 +30,8 @@ pub struct ImageDefaults {
     pub stop_signal: Option<String>,
     pub healthcheck: Option<HealthCheck>,
     pub labels: BTreeMap<String, String>,
+    /// The image's `Volumes`: anonymous volumes of each container.
+    pub volumes: Vec<String>,
 }
 
 impl ImageDefaults {
@@ -272,6 +274,7 @@ impl ImageSource for StoreImages {
                 stop_signal: c.stop_signal.clone(),
                 healthcheck: c.healthcheck.as_ref().and_then(image_health),
                 labels: c.labels.clone(),
+                volumes: c.volumes.clone(),
             };
             self.pulled
                 .lock()

@@ -62,6 +62,8 @@ pub struct OciConfig {
     /// containers are started without a shim, and an exit while no agent
     /// watches is known only as "exited".
     pub shim: Option<PathBuf>,
+    /// The node's named volumes and allowed host paths.
+    pub volumes: crate::volumes::Volumes,
 }
 
 impl OciConfig {
@@ -69,10 +71,11 @@ impl OciConfig {
         Self {
             runtime: None,
             state_dir,
-            allocs_dir,
             network: BridgeNetwork::default(),
             init_binary: Some(PathBuf::from(DEFAULT_INIT)),
             shim: None,
+            volumes: crate::volumes::Volumes::new(allocs_dir.with_file_name("volumes"), Vec::new()),
+            allocs_dir,
         }
     }
 }
@@ -124,6 +127,7 @@ pub struct OciRuntime {
     init: Option<PathBuf>,
     shim: Option<PathBuf>,
     allocs_dir: PathBuf,
+    volumes: crate::volumes::Volumes,
 }
 
 impl OciRuntime {
@@ -157,6 +161,7 @@ impl OciRuntime {
             init: config.init_binary.filter(|p| p.is_file()),
             shim: config.shim,
             allocs_dir: config.allocs_dir,
+            volumes: config.volumes,
         }
     }
 
@@ -277,6 +282,21 @@ impl OciRuntime {
             &spec.user
         };
         let user = images.lookup_user(&spec.image, user_name)?;
+        let meta = crate::volumes::VolumeMeta {
+            service: spec.service.clone(),
+            slot: spec.slot,
+        };
+        let binds = self
+            .volumes
+            .binds(
+                &spec.mounts,
+                &meta,
+                &image.volumes,
+                &rootfs,
+                alloc_dir,
+                (user.uid, user.gid),
+            )
+            .map_err(|e| e.to_string())?;
         let port = spec.listen_port(image.first_tcp_port());
         let hostname = format!("{}-{}", spec.service, spec.short_id());
         let mut info = ContainerInfo {
@@ -320,6 +340,7 @@ impl OciRuntime {
             cgroups_path: Self::cgroups_path(spec),
             port,
             seccomp: seccomp::for_replica(spec.seccomp.as_deref())?,
+            binds,
         };
         let oci = spec::build(spec, &image, &user, &setup)?;
         let json = serde_json::to_vec_pretty(&oci)

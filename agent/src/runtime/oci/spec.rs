@@ -168,6 +168,8 @@ pub struct ContainerSetup {
     /// `None` runs the container unconfined (Docker's
     /// `--security-opt seccomp=unconfined`).
     pub seccomp: Option<LinuxSeccomp>,
+    /// Volumes and bind mounts, after the standard mounts.
+    pub binds: Vec<crate::volumes::Bind>,
 }
 
 pub fn build(
@@ -407,6 +409,13 @@ fn mounts(setup: &ContainerSetup) -> Result<Vec<Mount>, String> {
             &["bind", "ro", "nosuid", "nodev"],
         )?);
     }
+    for bind in &setup.binds {
+        let mut options = vec!["rbind", "rprivate"];
+        if bind.read_only {
+            options.push("ro");
+        }
+        mounts.push(mount(&bind.target, "bind", &bind.source, &options)?);
+    }
     Ok(mounts)
 }
 
@@ -483,7 +492,27 @@ mod tests {
             cgroups_path: "/skiff/3f2a9c0d-11".into(),
             port: 80,
             seccomp: Some(seccomp::default_profile().unwrap()),
+            binds: vec![],
         }
+    }
+
+    #[test]
+    fn volumes_are_bind_mounted_after_the_standard_mounts_read_only_when_asked() {
+        let mut s = setup();
+        s.binds = vec![crate::volumes::Bind {
+            source: "/data/volumes/db-0/_data".into(),
+            target: "/var/lib/db".into(),
+            read_only: true,
+        }];
+        let oci = build(&replica(&["true"]), &image(), &root(), &s).unwrap();
+        let last = oci.mounts().as_ref().unwrap().last().unwrap().clone();
+        assert_eq!(last.destination(), Path::new("/var/lib/db"));
+        assert_eq!(
+            last.source().as_deref(),
+            Some(Path::new("/data/volumes/db-0/_data"))
+        );
+        let options = last.options().clone().unwrap();
+        assert!(options.contains(&"ro".to_string()) && options.contains(&"rbind".to_string()));
     }
 
     fn root() -> ImageUser {

@@ -191,7 +191,7 @@ fn replicated(
     traffic: &Traffic,
     decision: &mut Decision,
 ) {
-    let (migrating, mut kept): (Vec<&Allocation>, Vec<&Allocation>) = if state
+    let (migrating, kept): (Vec<&Allocation>, Vec<&Allocation>) = if state
         .nodes
         .values()
         .any(|n| n.availability == Availability::Drain)
@@ -201,7 +201,16 @@ fn replicated(
         (Vec::new(), live)
     };
     let record = &state.services[service];
+    let owns_volumes = record.spec.owns_volumes();
+    let (migrating, kept) = if owns_volumes {
+        stay_with_volumes(state, migrating, kept, now_ms, decision)
+    } else {
+        (migrating, kept)
+    };
+    let mut kept = kept;
     if let Some(active) = record.active_deployment() {
+        let stop_first = owns_volumes.then(|| deployment::stop_first(active));
+        let active = stop_first.as_ref().unwrap_or(active);
         let (current, old): (Vec<&Allocation>, Vec<&Allocation>) = kept
             .iter()
             .copied()
@@ -219,6 +228,9 @@ fn replicated(
         decision.place.push(Request::new("", rollout.place));
         decision.stop.extend(rollout.stop);
         decision.deployment = rollout.step.map(|step| (active.version, step));
+    } else if record.rebalance && owns_volumes {
+        // Its replicas stay with their volumes: nothing to move.
+        decision.rebalanced = true;
     } else if record.rebalance
         && migrating.is_empty()
         && (desired..=desired + 1).contains(&kept.len())
@@ -270,6 +282,26 @@ fn replicated(
             decision.stop(alloc, "node draining; replacement serving");
         }
     }
+}
+
+/// Replicas that own volumes are not migrated off a draining node (their
+/// data stays there): they keep running until the drain deadline stops
+/// them, and their replacements wait for the node (see `state/volumes.rs`).
+fn stay_with_volumes<'a>(
+    state: &State,
+    migrating: Vec<&'a Allocation>,
+    mut kept: Vec<&'a Allocation>,
+    now_ms: u64,
+    decision: &mut Decision,
+) -> (Vec<&'a Allocation>, Vec<&'a Allocation>) {
+    for alloc in migrating {
+        if deadline_passed(state, alloc, now_ms) {
+            decision.stop(alloc, "drain deadline reached");
+        } else {
+            kept.push(alloc);
+        }
+    }
+    (Vec::new(), kept)
 }
 
 /// A deployment of a global service replaces its one replica per node,
@@ -414,6 +446,7 @@ mod tests {
                         service: service.into(),
                         node: node.into(),
                         host_port: port,
+                        slot: 0,
                     }],
                     ..Plan::default()
                 },
@@ -731,5 +764,66 @@ mod tests {
         let nodes: Vec<_> = decision.place.iter().map(|r| r.node.clone()).collect();
         assert_eq!(nodes, vec![Some("n2".to_string())]);
         assert!(decision.place.iter().all(|r| r.service == "logs"));
+    }
+
+    fn stateful(name: &str, replicas: u32) -> ServiceSpec {
+        ServiceSpec {
+            name: name.into(),
+            replicas,
+            runtime: crate::state::RuntimeKind::Oci,
+            image: Some("127.0.0.1:5000/demo/web:v1".into()),
+            volumes: vec![skiff_spec::Mount::parse_volume("data:/data").unwrap()],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_replica_that_owns_a_volume_is_updated_stop_first_never_surged() {
+        let mut f = Fixture::new(&[("n1", "a")]);
+        f.service(stateful("db", 1));
+        f.place("old", "db", "n1", AllocState::Running);
+        let mut next = stateful("db", 1);
+        next.env.insert("A".into(), "1".into());
+        f.apply(Command::UpdateService { spec: next });
+        let now = 61_000;
+        let decision = reconcile(&f.state, "db", now, &Traffic::new());
+        assert_eq!(
+            f.stopped(&decision),
+            vec!["old"],
+            "the old replica stops first"
+        );
+        assert_eq!(placed(&decision), 0, "no surge beside it");
+        f.apply(Command::ApplyPlan {
+            plan: Plan {
+                stop: vec!["old".into()],
+                ..Plan::default()
+            },
+        });
+        assert_eq!(
+            placed(&reconcile(&f.state, "db", now, &Traffic::new())),
+            0,
+            "not while it still runs"
+        );
+        f.report("old", "n1", AllocState::Stopped);
+        assert_eq!(placed(&reconcile(&f.state, "db", now, &Traffic::new())), 1);
+    }
+
+    #[test]
+    fn a_replica_that_owns_a_volume_stays_on_a_draining_node_until_the_deadline() {
+        let mut f = Fixture::new(&[("n1", "a"), ("n2", "a")]);
+        f.service(stateful("db", 1));
+        f.place("a", "db", "n1", AllocState::Running);
+        f.apply(Command::SetNodeAvailability {
+            name: "n1".into(),
+            availability: Availability::Drain,
+            deadline_ms: Some(1000),
+        });
+        let decision = reconcile(&f.state, "db", 0, &Traffic::new());
+        assert!(
+            decision.stop.is_empty() && decision.place.is_empty(),
+            "{decision:?}"
+        );
+        let decision = reconcile(&f.state, "db", 1000, &Traffic::new());
+        assert_eq!(f.stopped(&decision), vec!["a"]);
     }
 }

@@ -120,7 +120,8 @@ impl State {
                 }
             };
             let held = !service.started && self.dependencies_ready(&service.spec).is_err();
-            if !fits_resources || !wanted || held {
+            let volumes_fit = self.volumes_allow(spec, &placement);
+            if !fits_resources || !wanted || held || !volumes_fit {
                 rejected += 1;
                 continue;
             }
@@ -150,7 +151,9 @@ impl State {
                 held: service
                     .active_deployment()
                     .is_some_and(|d| d.policy.strategy == Strategy::BlueGreen && !d.promoted),
+                slot: placement.slot,
             };
+            self.record_placed_volumes(index, &alloc);
             self.index.insert(&alloc);
             self.index.node_changed.insert(alloc.node.clone(), index);
             self.allocs.insert(alloc.id.clone(), alloc);
