@@ -79,7 +79,12 @@ impl Session {
 
     /// Skips heartbeats and other statuses until `alloc` reports `state`.
     async fn status(&mut self, alloc: &str, state: &str) -> AllocationStatus {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{alloc} never reported {state} within 30 s"
+            );
             if let AgentMsg::Status(s) = self.next().await {
                 if s.id == alloc && s.state == state {
                     return s;
@@ -150,6 +155,8 @@ fn config(dir: &Path, servers: Vec<String>) -> AgentConfig {
     config.advertise = "127.0.0.7".parse().unwrap();
     config.port_range = (21000, 21099);
     config.stop_grace = Duration::from_secs(2);
+    // The fake server assigns process replicas.
+    config.process_runtime = true;
     config
 }
 
