@@ -151,6 +151,26 @@ pub fn skiff_ok_at(server: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `skiff <args> --output json` on `server`, if it answered with JSON.
+pub fn json_at(server: &str, args: &[&str]) -> Option<Value> {
+    let args: Vec<&str> = args.iter().copied().chain(["--output", "json"]).collect();
+    let out = skiff_at(server, &args);
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).ok())
+        .flatten()
+}
+
+/// `skiff events --output json EXTRA...` on `server`: the retained events.
+pub fn events_at(server: &str, extra: &[&str]) -> Vec<Value> {
+    let mut args = vec!["events", "--output", "json"];
+    args.extend_from_slice(extra);
+    skiff_ok_at(server, &args)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON event per line"))
+        .collect()
+}
+
 /// Human-readable account of a CLI run, for assertion messages.
 pub fn describe(args: &[&str], out: &Output) -> String {
     format!(

@@ -9,10 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use serde_json::Value;
 use skiff_e2e::agents::{AgentCluster, AgentSpec};
 use skiff_e2e::servers::ServerCluster;
-use skiff_e2e::{skiff_at, wait_until, POLL};
+use skiff_e2e::{json_at, wait_until, POLL};
 
 #[test]
 fn writes_continue_after_the_leader_is_killed_and_no_acknowledged_write_is_lost() {
@@ -151,16 +150,6 @@ fn joins_from_a_snapshot(server_args: &[&str]) {
     // And it keeps up with new writes as a follower.
     assert!(cluster.put(joined, "late/k", "v"));
     assert!(cluster.variables(0, "late/").is_some_and(|v| v.len() == 1));
-}
-
-/// `skiff <args> --output json` on `server`, if it answered.
-fn json_at(server: &str, args: &[&str]) -> Option<Value> {
-    let args: Vec<&str> = args.iter().copied().chain(["--output", "json"]).collect();
-    let out = skiff_at(server, &args);
-    out.status
-        .success()
-        .then(|| serde_json::from_slice(&out.stdout).ok())
-        .flatten()
 }
 
 /// The heartbeat age `server` shows for each node (`u64::MAX`: never).

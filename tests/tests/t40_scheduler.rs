@@ -10,10 +10,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use skiff_e2e::agents::{AgentCluster, AgentSpec};
 use skiff_e2e::servers::ServerCluster;
-use skiff_e2e::{pid_alive, skiff_ok_at, wait_until, Allocation, POLL};
+use skiff_e2e::{events_at, pid_alive, skiff_ok_at, wait_until, Allocation, POLL};
 
 const TTL: &str = "3s";
 const TTL_SECS: u64 = 3;
@@ -82,15 +81,6 @@ fn wait_running(
     last
 }
 
-fn events(server: &str, extra: &[&str]) -> Vec<Value> {
-    let mut args = vec!["events", "--output", "json"];
-    args.extend_from_slice(extra);
-    skiff_ok_at(server, &args)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("one JSON event per line"))
-        .collect()
-}
-
 #[test]
 fn replicas_spread_evenly_constraints_hold_global_services_cover_every_node_and_events_tell_it() {
     let servers = ServerCluster::start(1, &["--heartbeat-ttl", TTL]);
@@ -144,7 +134,7 @@ fn replicas_spread_evenly_constraints_hold_global_services_cover_every_node_and_
         "{inspect}"
     );
 
-    let all = events(&server, &[]);
+    let all = events_at(&server, &[]);
     let kinds: BTreeSet<&str> = all.iter().filter_map(|e| e["kind"].as_str()).collect();
     for kind in [
         "node-up",
@@ -157,7 +147,7 @@ fn replicas_spread_evenly_constraints_hold_global_services_cover_every_node_and_
     assert!(all
         .iter()
         .all(|e| e["index"].as_u64() > Some(0) && e["time_ms"].as_u64() > Some(0)));
-    let db_events = events(&server, &["--service", "db"]);
+    let db_events = events_at(&server, &["--service", "db"]);
     assert!(!db_events.is_empty() && db_events.iter().all(|e| e["service"] == "db"));
     let placed = db_events
         .iter()
@@ -219,7 +209,7 @@ fn a_killed_agents_replicas_move_within_the_ttl_and_come_back_without_duplicates
     let processes: usize = (0..3).map(|i| agents.replica_pids(i).len()).sum();
     assert_eq!(processes, 9, "duplicates: {:?}", per_node(&running));
 
-    let node_events = events(&server, &["--node", "b1"]);
+    let node_events = events_at(&server, &["--node", "b1"]);
     let kinds: Vec<&str> = node_events
         .iter()
         .filter_map(|e| e["kind"].as_str())
@@ -285,13 +275,13 @@ fn draining_a_node_empties_it_without_dropping_below_desired_minus_one() {
         .find(|n| n["name"] == "a1")
         .expect("a1 listed");
     assert_eq!(node["availability"], "drain");
-    let kinds: Vec<String> = events(&server, &["--node", "a1"])
+    let kinds: Vec<String> = events_at(&server, &["--node", "a1"])
         .iter()
         .filter_map(|e| e["kind"].as_str().map(str::to_string))
         .collect();
     assert!(kinds.iter().any(|k| k == "node-draining"), "{kinds:?}");
     assert!(
-        wait_until(Duration::from_secs(10), POLL, || events(
+        wait_until(Duration::from_secs(10), POLL, || events_at(
             &server,
             &["--node", "a1"]
         )
@@ -358,7 +348,7 @@ fn killing_the_leader_restarts_and_moves_no_replica() {
     assert_eq!(last, before, "never saw the 6 replicas after the failover");
     assert!(before.iter().all(|(_, _, pid, _)| pid_alive(*pid)));
     assert_eq!(agents.ready_nodes().len(), 3);
-    let downs = events(&servers.addresses[(leader + 1) % 3], &[])
+    let downs = events_at(&servers.addresses[(leader + 1) % 3], &[])
         .into_iter()
         .filter(|e| e["kind"] == "node-down")
         .count();

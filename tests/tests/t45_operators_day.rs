@@ -22,7 +22,8 @@ use serde_json::Value;
 use skiff_e2e::agents::{AgentCluster, AgentSpec};
 use skiff_e2e::servers::ServerCluster;
 use skiff_e2e::{
-    assert_cli_error, free_port, http_get_at, skiff_at, skiff_ok_at, wait_until, Allocation, POLL,
+    assert_cli_error, events_at, free_port, http_get_at, json_at, skiff_at, skiff_ok_at,
+    wait_until, Allocation, POLL,
 };
 
 const TTL: &str = "3s";
@@ -57,25 +58,6 @@ fn per_node(allocs: &[Allocation]) -> BTreeMap<String, usize> {
 
 fn counts(pairs: &[(&str, usize)]) -> BTreeMap<String, usize> {
     pairs.iter().map(|(n, c)| (n.to_string(), *c)).collect()
-}
-
-/// `skiff <args> --output json` on `server`, if it answered.
-fn json_at(server: &str, args: &[&str]) -> Option<Value> {
-    let args: Vec<&str> = args.iter().copied().chain(["--output", "json"]).collect();
-    let out = skiff_at(server, &args);
-    out.status
-        .success()
-        .then(|| serde_json::from_slice(&out.stdout).ok())
-        .flatten()
-}
-
-fn events(server: &str, extra: &[&str]) -> Vec<Value> {
-    let mut args = vec!["events", "--output", "json"];
-    args.extend_from_slice(extra);
-    skiff_ok_at(server, &args)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("one JSON event per line"))
-        .collect()
 }
 
 /// `web`'s replicas wanted and serving (healthy: the service has a check).
@@ -142,7 +124,7 @@ fn an_operators_day_on_three_servers_and_three_agents() {
             "{server}: {ps}"
         );
     }
-    let unavailable = events(&first, &["--service", "web"])
+    let unavailable = events_at(&first, &["--service", "web"])
         .into_iter()
         .filter(|e| e["kind"] == "port-unavailable")
         .collect::<Vec<_>>();
@@ -156,7 +138,7 @@ fn an_operators_day_on_three_servers_and_three_agents() {
     });
     assert!(served, "a2's proxy never took the port\n{}", agents.logs());
     let recovered = wait_until(Duration::from_secs(10), POLL, || {
-        events(&first, &["--service", "web"])
+        events_at(&first, &["--service", "web"])
             .iter()
             .any(|e| e["kind"] == "port-listening" && e["node"] == "a2")
     });
@@ -251,7 +233,7 @@ fn an_operators_day_on_three_servers_and_three_agents() {
 
     // 4. B7: b1's agent comes back; its replaced replica is stopped and
     // never logged as started or healthy again.
-    let last_seq = events(&first, &[])
+    let last_seq = events_at(&first, &[])
         .iter()
         .filter_map(|e| e["seq"].as_u64())
         .max()
@@ -261,7 +243,7 @@ fn an_operators_day_on_three_servers_and_three_agents() {
         agents.ready_nodes().len() == 3 && agents.replica_pids(2).is_empty()
     });
     assert!(settled, "b1's old replica still runs\n{}", agents.logs());
-    let misleading: Vec<Value> = events(&first, &["--node", "b1"])
+    let misleading: Vec<Value> = events_at(&first, &["--node", "b1"])
         .into_iter()
         .filter(|e| e["seq"].as_u64().unwrap_or(0) > last_seq)
         .filter(|e| e["alloc"] == b1_alloc.as_str())
