@@ -9,13 +9,17 @@
 //!
 //! Needs root and the tools of t30 (runc, docker-registry, skopeo, busybox-static...).
 
+use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
 use skiff_e2e::containers::{OciDev, Registry};
-use skiff_e2e::{assert_cli_error, http_get, pid_alive, wait_until, Allocation, POLL};
+use skiff_e2e::load::{ConnectionMode, Load, LoadConfig};
+use skiff_e2e::{
+    assert_cli_error, free_port, http_get, http_get_at, pid_alive, wait_until, Allocation, POLL,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -242,4 +246,83 @@ fn volumes_keep_their_data_through_updates_agent_kills_and_service_rm() {
     });
     assert_eq!(body, "from the host\n");
     assert!(Path::new(&allowed_path).join("log").exists());
+}
+
+/// Issue #15's stateful swap: one replica that owns its volume (as a single
+/// postgres would) is updated stop-first, and clients going through the
+/// routing proxy see a slower answer while it is swapped, never an error:
+/// the proxies hold new connections until the new replica is healthy.
+#[test]
+fn a_stateful_replica_is_swapped_with_no_failed_request_through_the_proxy() {
+    let registry = Registry::shared();
+    let cluster = OciDev::start(registry.clone(), &[]);
+    let image = registry.image("web-user:v1");
+    let publish = free_port().to_string();
+    cluster.skiff_ok(&[
+        "service",
+        "create",
+        "solo",
+        "--image",
+        &image,
+        "--port",
+        "8080",
+        "--volume",
+        "solo-data:/data",
+        "--publish",
+        &publish,
+        "--protocol",
+        "http",
+        "--health-http",
+        "/log",
+        "--env",
+        "GEN=1",
+        "--entrypoint",
+        "/bin/sh",
+        "--",
+        "-c",
+        SCRIPT,
+    ]);
+    let addr: SocketAddr = format!("127.0.0.1:{publish}").parse().unwrap();
+    let load = Load::start(LoadConfig {
+        path: "/log".into(),
+        workers: 2,
+        mode: ConnectionMode::NewPerRequest,
+        pause_between: Duration::from_millis(50),
+        // Held through the swap: the drain (5 s), the stop, the start and
+        // the first health check; the proxies' hold limit is 30 s.
+        request_timeout: Duration::from_secs(40),
+        max_duration: Duration::from_secs(90),
+        ..LoadConfig::new(addr)
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    cluster.skiff_ok(&["service", "update", "solo", "--env", "GEN=2"]);
+    let swapped = wait_until(TIMEOUT, POLL, || {
+        http_get_at(addr, "/log").is_ok_and(|r| r.body == "start-1\nstart-2\n")
+    });
+    assert!(swapped, "never served from the new replica");
+    std::thread::sleep(Duration::from_millis(500));
+    let report = load.stop();
+    let failures: Vec<String> = report.failures().iter().map(|s| s.label()).collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed: {failures:?}",
+        failures.len(),
+        report.total()
+    );
+    assert!(
+        report.count_containing("start-2") > 0,
+        "{:?}",
+        report.bodies()
+    );
+    let longest = report
+        .samples()
+        .iter()
+        .map(|s| s.latency)
+        .max()
+        .unwrap_or_default();
+    eprintln!(
+        "stateful swap: {} requests, 0 failed, longest held {longest:?}",
+        report.total()
+    );
+    assert!(report.total() > 20, "only {} requests", report.total());
 }

@@ -256,11 +256,20 @@ pub fn endpoints(state: &State) -> pb::Endpoints {
                 publish: u32::from(publish),
                 protocol: service.spec.protocol.as_str().to_string(),
                 endpoints,
-                hold_when_empty: service.spec.autoscale.as_ref().is_some_and(|a| a.min == 0),
+                hold_when_empty: holds_when_empty(&service.spec),
             })
         })
         .collect();
     pb::Endpoints { services }
+}
+
+/// Whether the proxies hold new connections while the service has no
+/// serving replica instead of refusing them: when it scales from zero, and
+/// when its replicas own volumes, which are replaced stop-first (the old
+/// one stops before the new one starts on the same data): during that
+/// swap clients wait for the new replica rather than see an error.
+fn holds_when_empty(spec: &ServiceSpec) -> bool {
+    spec.autoscale.as_ref().is_some_and(|a| a.min == 0) || spec.owns_volumes()
 }
 
 /// Per-endpoint weights: equal (1), except while an unpromoted canary
@@ -288,5 +297,24 @@ fn canary_weights(service: &Service, serving: &[&Allocation]) -> Vec<u32> {
             })
             .collect(),
         _ => vec![1; serving.len()],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proxies_hold_connections_for_scale_from_zero_and_stop_first_swaps_only() {
+        let mut spec = ServiceSpec::default();
+        assert!(!holds_when_empty(&spec));
+        spec.autoscale = Some(skiff_spec::AutoscalePolicy {
+            min: 0,
+            ..Default::default()
+        });
+        assert!(holds_when_empty(&spec));
+        spec.autoscale = None;
+        spec.volumes = vec![skiff_spec::Mount::parse_volume("data:/data").unwrap()];
+        assert!(holds_when_empty(&spec), "a replica owning a volume");
     }
 }
