@@ -121,12 +121,15 @@ fn deadline_passed(state: &State, alloc: &Allocation, now_ms: u64) -> bool {
 /// those not serving first, then one from the node holding the most
 /// replicas of the service (ties: the most loaded node, then the newest
 /// replica), counting again after each, so a scale-down never worsens the
-/// spread.
+/// spread. Replicas that own volumes go by slot instead, the highest first
+/// (as a StatefulSet): the volumes left in use are `NAME-0..NAME-(n-1)`,
+/// the slots a later scale-up gives out again.
 pub(crate) fn scale_down_order<'a>(
     state: &State,
     kept: &[&'a Allocation],
     count: usize,
 ) -> Vec<&'a Allocation> {
+    let by_slot = kept.iter().any(|a| a.spec.owns_volumes());
     let mut on_node: BTreeMap<&str, usize> = BTreeMap::new();
     for alloc in kept {
         *on_node.entry(alloc.node.as_str()).or_default() += 1;
@@ -142,6 +145,7 @@ pub(crate) fn scale_down_order<'a>(
             let node = a.node.as_str();
             (
                 a.is_serving(),
+                std::cmp::Reverse(if by_slot { a.slot } else { 0 }),
                 std::cmp::Reverse(on_node.get(node).copied().unwrap_or(0)),
                 std::cmp::Reverse(load.get(node).copied().unwrap_or_default()),
                 std::cmp::Reverse(a.create_index),
@@ -544,6 +548,39 @@ mod tests {
         });
         let decision = reconcile(&f.state, "web", 0, &Traffic::new());
         assert_eq!(f.stopped(&decision), vec!["b3", "a3", "b2"]);
+    }
+
+    #[test]
+    fn replicas_that_own_volumes_scale_down_from_the_highest_slot() {
+        let mut f = Fixture::new(&[("n1", "a"), ("n2", "a")]);
+        let mut db = spec("db", 3);
+        db.runtime = crate::state::RuntimeKind::Oci;
+        db.image = Some("127.0.0.1:5000/demo/db:v1".into());
+        db.volumes = vec![skiff_spec::Mount::parse_volume("data:/data").unwrap()];
+        f.service(db);
+        // Slot 2 on the node with fewer replicas: spread alone would keep it.
+        for (id, node, slot) in [("s0", "n1", 0), ("s1", "n1", 1), ("s2", "n2", 2)] {
+            f.apply(Command::ApplyPlan {
+                plan: Plan {
+                    place: vec![Placement {
+                        id: id.into(),
+                        service: "db".into(),
+                        node: node.into(),
+                        host_port: 20000 + f.index as u16,
+                        slot,
+                    }],
+                    ..Plan::default()
+                },
+            });
+            assert!(f.state.allocs.contains_key(id), "{id} not placed");
+            f.report(id, node, AllocState::Running);
+        }
+        f.apply(Command::ScaleService {
+            name: "db".into(),
+            replicas: 1,
+        });
+        let decision = reconcile(&f.state, "db", 0, &Traffic::new());
+        assert_eq!(f.stopped(&decision), vec!["s2", "s1"]);
     }
 
     #[test]
