@@ -519,6 +519,12 @@ pub struct ServerArgs {
     /// and the idle time before scaling to zero (5x) scale with it.
     #[arg(long, default_value = "60s", value_parser = parse_millis, env = "SKIFF_AUTOSCALE_WINDOW", help_heading = heading::RAFT)]
     pub autoscale_window: u32,
+    /// Most services the cluster holds; creating more is refused.
+    #[arg(long, default_value_t = 10_000, env = "SKIFF_MAX_SERVICES", help_heading = heading::RAFT)]
+    pub max_services: usize,
+    /// Most variables the cluster holds; adding more is refused.
+    #[arg(long, default_value_t = 100_000, env = "SKIFF_MAX_VARIABLES", help_heading = heading::RAFT)]
+    pub max_variables: usize,
 }
 
 #[derive(Args, Debug)]

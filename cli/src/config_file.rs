@@ -40,6 +40,8 @@ pub struct ServerFile {
     heartbeat_ttl: Option<Checked<Duration>>,
     metrics_listen: Option<SocketAddr>,
     autoscale_window: Option<Checked<Duration>>,
+    max_services: Option<usize>,
+    max_variables: Option<usize>,
     log_level: Option<String>,
     log_format: Option<LogFormat>,
 }

@@ -26,4 +26,5 @@ pub mod scheduler;
 mod server;
 pub mod state;
 
+pub use api::Limits;
 pub use server::{run, RaftLog, ServerConfig, ServerError};

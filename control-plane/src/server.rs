@@ -55,6 +55,8 @@ pub struct ServerConfig {
     pub autoscale_window: Duration,
     /// Where a new data dir keeps the Raft log.
     pub raft_log: RaftLog,
+    /// Most services and variables the API accepts (see [`crate::api::Limits`]).
+    pub limits: crate::api::Limits,
 }
 
 /// The Raft log's durable store.
@@ -86,6 +88,7 @@ impl ServerConfig {
                 controllers::autoscale::DEFAULT_SCALE_DOWN_WINDOW_MS,
             ),
             raft_log: RaftLog::default(),
+            limits: crate::api::Limits::default(),
         }
     }
 }
@@ -246,7 +249,7 @@ async fn serve<S: LogStore + Send + 'static>(
             stop_rx.clone(),
         ));
     }
-    let api = Api::new(consensus.clone(), config.name.clone());
+    let api = Api::new(consensus.clone(), config.name.clone()).with_limits(config.limits);
     let traffic_api = api.clone();
     let load_api = api.clone();
     let reconciler = tokio::spawn(controllers::run(

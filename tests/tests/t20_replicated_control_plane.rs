@@ -1,7 +1,8 @@
 //! The replicated control plane with real `skiff server` processes on
 //! loopback: leader failover under a continuous write load without losing
 //! an acknowledged write, catching up from a snapshot, and every server
-//! answering with the leader's view of what only it holds in memory.
+//! answering with the leader's view of what only it holds in memory; the
+//! bounded number of services and variables.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,7 +12,7 @@ use std::time::Duration;
 
 use skiff_e2e::agents::{AgentCluster, AgentSpec};
 use skiff_e2e::servers::ServerCluster;
-use skiff_e2e::{json_at, wait_until, POLL};
+use skiff_e2e::{assert_cli_error, json_at, skiff_at, skiff_ok_at, wait_until, POLL};
 
 #[test]
 fn writes_continue_after_the_leader_is_killed_and_no_acknowledged_write_is_lost() {
@@ -224,4 +225,46 @@ fn cluster_status_on_any_server_shows_a_killed_member_unreachable() {
             json_at(&server, &["cluster", "status"])
         );
     }
+}
+
+#[test]
+fn services_and_variables_are_bounded_by_the_servers_limits() {
+    let servers = ServerCluster::start(3, &["--max-services", "2", "--max-variables", "2"]);
+    let server = servers.addresses[1].clone();
+    let create = |name: &str| {
+        vec![
+            "service",
+            "create",
+            "--detach",
+            name,
+            "--runtime",
+            "process",
+            "--",
+            "sleep",
+            "60",
+        ]
+        .into_iter()
+        .map(str::to_string)
+        .collect::<Vec<String>>()
+    };
+    for name in ["one", "two"] {
+        let args = create(name);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        skiff_ok_at(&server, &args);
+    }
+    let args = create("three");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = skiff_at(&server, &args);
+    assert_cli_error(&args, &out, &["too many services", "--max-services"]);
+    let ls = skiff_ok_at(&server, &["service", "ls"]);
+    assert!(!ls.contains("three"), "nothing created: {ls}");
+    // An update of an existing service is not a new one.
+    skiff_ok_at(&server, &["service", "scale", "two", "0"]);
+
+    skiff_ok_at(&server, &["var", "put", "a", "1"]);
+    skiff_ok_at(&server, &["var", "put", "b", "1"]);
+    let args = ["var", "put", "c", "1"];
+    let out = skiff_at(&server, &args);
+    assert_cli_error(&args, &out, &["too many variables", "--max-variables"]);
+    skiff_ok_at(&server, &["var", "put", "a", "2"]);
 }

@@ -29,6 +29,10 @@ pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
     config.heartbeat_ttl = Duration::from_millis(u64::from(args.heartbeat_ttl));
     config.metrics_listen = args.metrics_listen;
     config.autoscale_window = Duration::from_millis(u64::from(args.autoscale_window));
+    config.limits = skiff_control_plane::Limits {
+        max_services: args.max_services,
+        max_variables: args.max_variables,
+    };
     skiff_control_plane::run(config, listener, wait_for_signal()).await?;
     Ok(())
 }

@@ -109,6 +109,8 @@ impl pb::control_server::Control for Api {
         let spec = request.into_inner().spec;
         let spec = self.checked_spec(spec).await?;
         let name = spec.name.clone();
+        let new = usize::from(!self.consensus.state().services.contains_key(&name));
+        self.check_service_count(new)?;
         self.propose(Command::CreateService { spec }).await?;
         self.service_status(&name).await.map(Response::new)
     }
@@ -211,6 +213,19 @@ impl pb::control_server::Control for Api {
     ) -> Result<Response<pb::PutVariableResponse>, Status> {
         let request = request.into_inner();
         spec::validate_variable(&request.key, &request.value).map_err(invalid)?;
+        let (exists, have) = {
+            let state = self.consensus.state();
+            (
+                state.variables.contains_key(&request.key),
+                state.variables.len(),
+            )
+        };
+        let max = self.limits.max_variables;
+        if !exists && have >= max {
+            return Err(Status::resource_exhausted(format!(
+                "too many variables: the cluster holds {have} and takes at most {max}; remove some or raise --max-variables on every server"
+            )));
+        }
         self.propose(Command::PutVariable {
             key: request.key,
             value: request.value,

@@ -79,6 +79,29 @@ pub struct Api {
     usage: Arc<Mutex<Usage>>,
     /// The leader's address and a client of it, for forwarded reads.
     leader_client: Arc<Mutex<Option<LeaderClient>>>,
+    limits: Limits,
+}
+
+/// How many services and variables the API accepts, as etcd bounds its
+/// keyspace (`--quota-backend-bytes`): every spec is copied into every
+/// snapshot and every list answer, so the count must be bounded for both
+/// to stay small. Checked where a write is proposed; an update of what
+/// exists is always accepted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// `--max-services`.
+    pub max_services: usize,
+    /// `--max-variables`.
+    pub max_variables: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_services: 10_000,
+            max_variables: 100_000,
+        }
+    }
 }
 
 impl Api {
@@ -94,7 +117,26 @@ impl Api {
             usage: Arc::default(),
             leader_client: Arc::default(),
             server_name,
+            limits: Limits::default(),
         }
+    }
+
+    /// The same API with other count limits.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Refuses `new` more services when they would pass `--max-services`.
+    fn check_service_count(&self, new: usize) -> Result<(), Status> {
+        let have = self.consensus.state().services.len();
+        let max = self.limits.max_services;
+        if new > 0 && have + new > max {
+            return Err(Status::resource_exhausted(format!(
+                "too many services: the cluster holds {have} and takes at most {max}; remove services (`skiff service rm`) or raise --max-services on every server"
+            )));
+        }
+        Ok(())
     }
 
     /// The heartbeats this server knows, for the liveness controller.

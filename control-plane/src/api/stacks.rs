@@ -35,6 +35,14 @@ impl Api {
         request: pb::DeployStackRequest,
     ) -> Result<pb::DeployStackResponse, Status> {
         let services = self.stack_specs(&request).await?;
+        let new = {
+            let state = self.consensus.state();
+            services
+                .iter()
+                .filter(|s| !state.services.contains_key(&s.name))
+                .count()
+        };
+        self.check_service_count(new)?;
         self.propose(Command::DeployStack {
             stack: request.stack,
             services,
