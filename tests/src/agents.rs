@@ -28,6 +28,31 @@ pub struct AgentSpec<'a> {
     pub labels: &'a [&'a str],
 }
 
+/// Unlabelled agents named `names`, advertising 127.0.0.2, 127.0.0.3, ...
+/// in order (at most 8).
+pub fn on_loopback<const N: usize>(names: [&'static str; N]) -> [AgentSpec<'static>; N] {
+    const ADDRESSES: [&str; 8] = [
+        "127.0.0.2",
+        "127.0.0.3",
+        "127.0.0.4",
+        "127.0.0.5",
+        "127.0.0.6",
+        "127.0.0.7",
+        "127.0.0.8",
+        "127.0.0.9",
+    ];
+    let mut i = 0;
+    names.map(|name| {
+        let spec = AgentSpec {
+            name,
+            advertise: ADDRESSES[i],
+            labels: &[],
+        };
+        i += 1;
+        spec
+    })
+}
+
 struct Agent {
     name: String,
     advertise: String,

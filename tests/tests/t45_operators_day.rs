@@ -19,7 +19,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
 use serde_json::Value;
-use skiff_e2e::agents::{AgentCluster, AgentSpec};
+use skiff_e2e::agents::{on_loopback, AgentCluster, AgentSpec};
 use skiff_e2e::servers::ServerCluster;
 use skiff_e2e::{
     assert_cli_error, events_at, free_port, http_get_at, json_at, skiff_at, skiff_ok_at,
@@ -29,23 +29,7 @@ use skiff_e2e::{
 const TTL: &str = "3s";
 
 fn specs() -> [AgentSpec<'static>; 3] {
-    [
-        AgentSpec {
-            name: "a1",
-            advertise: "127.0.0.2",
-            labels: &[],
-        },
-        AgentSpec {
-            name: "a2",
-            advertise: "127.0.0.3",
-            labels: &[],
-        },
-        AgentSpec {
-            name: "b1",
-            advertise: "127.0.0.4",
-            labels: &[],
-        },
-    ]
+    on_loopback(["a1", "a2", "b1"])
 }
 
 fn per_node(allocs: &[Allocation]) -> BTreeMap<String, usize> {

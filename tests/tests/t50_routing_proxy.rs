@@ -16,7 +16,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use skiff_e2e::agents::{AgentCluster, AgentSpec};
+use skiff_e2e::agents::{on_loopback, AgentCluster, AgentSpec};
 use skiff_e2e::servers::ServerCluster;
 use skiff_e2e::{free_port, sigkill, skiff_at, skiff_ok_at, wait_until, Allocation, POLL};
 
@@ -54,18 +54,7 @@ fn setup() {
 }
 
 fn specs() -> [AgentSpec<'static>; 2] {
-    [
-        AgentSpec {
-            name: "a1",
-            advertise: "127.0.0.2",
-            labels: &[],
-        },
-        AgentSpec {
-            name: "a2",
-            advertise: "127.0.0.3",
-            labels: &[],
-        },
-    ]
+    on_loopback(["a1", "a2"])
 }
 
 /// Creates a published HTTP service of `replicas` replicas with a fast

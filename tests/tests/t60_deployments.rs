@@ -17,7 +17,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use skiff_e2e::agents::{AgentCluster, AgentSpec};
+use skiff_e2e::agents::{on_loopback, AgentCluster};
 use skiff_e2e::containers::{require_container_tools, Registry};
 use skiff_e2e::load::{Load, LoadConfig, LoadReport};
 use skiff_e2e::servers::ServerCluster;
@@ -45,23 +45,7 @@ impl Cluster {
         setup();
         let registry = Registry::shared();
         let servers = ServerCluster::start(servers, &[]);
-        let specs = [
-            AgentSpec {
-                name: "a1",
-                advertise: "127.0.0.2",
-                labels: &[],
-            },
-            AgentSpec {
-                name: "a2",
-                advertise: "127.0.0.3",
-                labels: &[],
-            },
-            AgentSpec {
-                name: "a3",
-                advertise: "127.0.0.4",
-                labels: &[],
-            },
-        ];
+        let specs = on_loopback(["a1", "a2", "a3"]);
         let agents = AgentCluster::start_with(
             &servers.addresses,
             &specs,
