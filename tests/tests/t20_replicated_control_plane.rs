@@ -231,8 +231,8 @@ fn cluster_status_on_any_server_shows_a_killed_member_unreachable() {
 fn services_and_variables_are_bounded_by_the_servers_limits() {
     let servers = ServerCluster::start(3, &["--max-services", "2", "--max-variables", "2"]);
     let server = servers.addresses[1].clone();
-    let create = |name: &str| {
-        vec![
+    let create = |name| {
+        [
             "service",
             "create",
             "--detach",
@@ -243,17 +243,11 @@ fn services_and_variables_are_bounded_by_the_servers_limits() {
             "sleep",
             "60",
         ]
-        .into_iter()
-        .map(str::to_string)
-        .collect::<Vec<String>>()
     };
     for name in ["one", "two"] {
-        let args = create(name);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        skiff_ok_at(&server, &args);
+        skiff_ok_at(&server, &create(name));
     }
     let args = create("three");
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = skiff_at(&server, &args);
     assert_cli_error(&args, &out, &["too many services", "--max-services"]);
     let ls = skiff_ok_at(&server, &["service", "ls"]);

@@ -283,7 +283,7 @@ pub async fn update(
             "service {} updated in place (version {} unchanged: only the replica count or policies changed)",
             args.name, status.version
         );
-        return check_published_port(client, &args.name, args.detach).await;
+        return check_published_port(client, &args.name, args.detach, true).await;
     }
     println!(
         "service {}: version {} is rolling out ({})",
@@ -297,13 +297,24 @@ pub async fn update(
     if !args.detach {
         watch(client, format, &args.name, status.version).await?;
     }
-    check_published_port(client, &args.name, args.detach).await
+    check_published_port(client, &args.name, args.detach, args.detach).await
 }
 
 /// Fails (or, detached, warns) when a node cannot listen on the service's
-/// published port after an update.
-async fn check_published_port(client: &mut Client, name: &str, detach: bool) -> anyhow::Result<()> {
-    match super::progress::published_port_problem(client, name).await? {
+/// published port after an update; `settle`: the command waited for
+/// nothing, so the proxies' reports get a moment to arrive.
+async fn check_published_port(
+    client: &mut Client,
+    name: &str,
+    detach: bool,
+    settle: bool,
+) -> anyhow::Result<()> {
+    let settle = if settle {
+        super::progress::PORT_SETTLE
+    } else {
+        Duration::ZERO
+    };
+    match super::progress::published_port_problem(client, name, settle).await? {
         Some(problem) if detach => {
             eprintln!("warning: service {name}: {problem}");
             Ok(())

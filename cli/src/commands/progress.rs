@@ -131,14 +131,15 @@ pub fn port_problem(status: &pb::ServiceStatus) -> Option<String> {
     ))
 }
 
-/// Waits briefly for the nodes' routing proxies to report the service's
-/// published port (they bind as soon as the service is known to them) and
-/// returns the problem if some cannot listen on it.
+/// The problem if some node cannot listen on the service's published port,
+/// waiting up to `settle` for the proxies' reports (they bind as soon as the
+/// service is known to them): a caller that returns at once gives them a
+/// moment; one that already waited for the replicas to serve, none.
 pub async fn published_port_problem(
     client: &mut Client,
     name: &str,
+    settle: Duration,
 ) -> anyhow::Result<Option<String>> {
-    const SETTLE: Duration = Duration::from_millis(1000);
     let started = Instant::now();
     loop {
         let status = super::service::get(client, name).await?;
@@ -146,12 +147,15 @@ pub async fn published_port_problem(
         if let Some(problem) = port_problem(&status) {
             return Ok(Some(problem));
         }
-        if !published || started.elapsed() >= SETTLE {
+        if !published || started.elapsed() >= settle {
             return Ok(None);
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+/// How long a command that returns at once waits for port reports.
+pub const PORT_SETTLE: Duration = Duration::from_secs(1);
 
 /// The live display of `update` and `create`: bars on an interactive
 /// stderr in table format (else hidden, and callers print lines), each bar

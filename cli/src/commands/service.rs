@@ -48,8 +48,12 @@ pub async fn run(
                     std::slice::from_ref(&name),
                 )
                 .await?;
-                if let Some(problem) =
-                    super::progress::published_port_problem(&mut client, &name).await?
+                if let Some(problem) = super::progress::published_port_problem(
+                    &mut client,
+                    &name,
+                    std::time::Duration::ZERO,
+                )
+                .await?
                 {
                     anyhow::bail!("service {name}: {problem}");
                 }
@@ -63,8 +67,12 @@ pub async fn run(
                 if reason.contains("unplaced") {
                     eprintln!("warning: service {name}: {reason}");
                 }
-                if let Some(problem) =
-                    super::progress::published_port_problem(&mut client, &name).await?
+                if let Some(problem) = super::progress::published_port_problem(
+                    &mut client,
+                    &name,
+                    super::progress::PORT_SETTLE,
+                )
+                .await?
                 {
                     eprintln!("warning: service {name}: {problem}");
                 }
