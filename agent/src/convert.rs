@@ -47,6 +47,11 @@ pub fn assigned(alloc: &v1::Allocation) -> Result<Assigned, SpecError> {
         })
         .collect();
     let slot = spec.owns_volumes().then_some(alloc.slot);
+    let stack = spec
+        .labels
+        .get(skiff_spec::STACK_LABEL)
+        .cloned()
+        .unwrap_or_default();
     let replica = ReplicaSpec {
         alloc_id: alloc.id.clone(),
         service,
@@ -68,6 +73,7 @@ pub fn assigned(alloc: &v1::Allocation) -> Result<Assigned, SpecError> {
         seccomp: spec.seccomp,
         mounts,
         slot,
+        stack,
     };
     replica.validate()?;
     Ok(Assigned {
@@ -102,6 +108,7 @@ pub fn status(update: &StatusUpdate) -> v1::AllocationStatus {
         restarts: update.restarts,
         pid: update.pid,
         message: update.message.clone(),
+        port: u32::from(update.port),
     }
 }
 
@@ -222,6 +229,7 @@ mod tests {
             restarts: 2,
             pid: 0,
             message: "exited with status 1; restarting in 2s".into(),
+            port: 0,
         });
         assert_eq!(
             (s.id.as_str(), s.state.as_str(), s.restarts),

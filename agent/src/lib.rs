@@ -9,6 +9,7 @@
 mod backoff;
 mod config;
 mod convert;
+pub mod discovery;
 mod error;
 pub mod health;
 pub mod image;
@@ -63,7 +64,11 @@ pub async fn run(
         drain: config.drain,
         ..SupervisorConfig::default()
     };
+    let bridge = runtime::oci::bridge::BridgeNetwork::default();
+    let discovery = discovery::Discovery::start(&config.data_dir, &bridge.bridge).await;
+    let nameserver = discovery.as_ref().map(discovery::Discovery::nameserver);
     let mut oci_config = OciConfig::new(config.data_dir.join("oci"), store.alloc_dir(""));
+    oci_config.nameserver = nameserver;
     oci_config.runtime = config.oci_runtime.clone();
     oci_config.init_binary = Some(config.init_binary.clone());
     oci_config.shim = runtime::oci::shim::binary();
@@ -85,7 +90,7 @@ pub async fn run(
         tracing::warn!("process runtime enabled: `--runtime process` replicas run as host processes with the agent's rights");
     }
     let runtime = AnyRuntime {
-        process: ProcessRuntime::new(),
+        process: ProcessRuntime::new().with_nameserver(nameserver),
         oci: oci.clone(),
         process_allowed: config.process_runtime,
     };
@@ -136,7 +141,8 @@ pub async fn run(
             let _ = metrics_stopped.await;
         },
     ));
-    let mut proxy = proxy::Proxy::new(config.advertise, proxy_metrics.clone());
+    let mut proxy =
+        proxy::Proxy::new(config.advertise, proxy_metrics.clone()).with_discovery(discovery);
     tracing::info!(node = %config.name, servers = ?config.servers, logs = ?logs_addr, metrics = ?metrics_addr, "agent started");
 
     {

@@ -118,6 +118,7 @@ impl<R: Runtime> LocalAllocs<R> {
                 restarts: 0,
                 pid: 0,
                 message,
+                port: 0,
             });
         }
         self.reconcile();

@@ -68,6 +68,10 @@ pub struct ReplicaSpec {
     /// The replica's slot when it owns its volumes; `None` otherwise.
     #[serde(default)]
     pub slot: Option<u32>,
+    /// The stack the service belongs to (empty: none): its replicas find
+    /// the stack's other services by their short names.
+    #[serde(default)]
+    pub stack: String,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -27,6 +27,9 @@ pub struct StatusUpdate {
     /// Host PID while running, else 0.
     pub pid: u32,
     pub message: String,
+    /// The port the replica listens on in its own network (0: the host's
+    /// or not known yet).
+    pub port: u16,
 }
 
 /// Replica teardowns (runtime state, network, mounts) running at once.
@@ -111,6 +114,8 @@ pub struct Supervisor<R: Runtime> {
     spec: ReplicaSpec,
     restarts: u32,
     updates: mpsc::UnboundedSender<StatusUpdate>,
+    /// The running replica's container port, sent with every report.
+    port: u16,
 }
 
 /// How often a replica's failed probes count until its first successful
@@ -197,6 +202,7 @@ impl<R: Runtime> Supervisor<R> {
             spec,
             restarts,
             updates,
+            port: 0,
         }
     }
 
@@ -237,6 +243,7 @@ impl<R: Runtime> Supervisor<R> {
                 },
             };
             let pid = handle.pid();
+            self.port = handle.container_port().unwrap_or(0);
             let message = if adopting {
                 "re-adopted after agent restart".to_string()
             } else {
@@ -509,6 +516,7 @@ impl<R: Runtime> Supervisor<R> {
             restarts: self.restarts,
             pid,
             message,
+            port: self.port,
         });
     }
 }

@@ -176,6 +176,11 @@ impl AgentCluster {
         self.agents[index].child = Some(child);
     }
 
+    /// Agent `index`'s `--data-dir`.
+    pub fn data_dir(&self, index: usize) -> std::path::PathBuf {
+        self.dir.path().join(&self.agents[index].name)
+    }
+
     pub fn name(&self, index: usize) -> &str {
         &self.agents[index].name
     }

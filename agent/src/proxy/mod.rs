@@ -1,7 +1,11 @@
 //! The routing proxy: for every published service, a TCP listener on this
 //! node's advertise address and published port that forwards each client
 //! connection to a serving replica anywhere in the cluster (node address +
-//! host port), as the control plane's `Endpoints` list them.
+//! host port), as the control plane's `Endpoints` list them. A service
+//! reachable by name (see [`crate::discovery`]) also has a listener on its
+//! virtual address and own port; both share the service's pool, so health,
+//! draining, canary weights and holding apply to traffic inside the
+//! cluster as to published traffic.
 //!
 //! A replica is chosen by the power of two choices: two distinct
 //! candidates drawn with probability proportional to their weight, the one
@@ -74,11 +78,19 @@ impl Default for HoldLimits {
     }
 }
 
-/// One published service as the proxy routes it.
+/// One service as the proxy routes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
     pub service: String,
+    /// The port published on the node's advertise address; 0: none.
     pub publish: u16,
+    /// The service's own port, where it is reached by name; 0: none.
+    pub port: u16,
+    /// The stack the service belongs to (empty: none).
+    pub stack: String,
+    /// Where the service is reached by name on this node (its virtual
+    /// address and own port), once discovery has given it one.
+    pub internal: Option<SocketAddr>,
     /// Count HTTP/1.1 requests.
     pub http: bool,
     pub endpoints: Vec<Endpoint>,
@@ -104,7 +116,11 @@ pub fn routes_from_pb(endpoints: &pb::Endpoints) -> Vec<Route> {
         .services
         .iter()
         .filter_map(|s| {
-            let publish = u16::try_from(s.publish).ok().filter(|p| *p != 0)?;
+            let publish = u16::try_from(s.publish).unwrap_or(0);
+            let port = u16::try_from(s.port).unwrap_or(0);
+            if publish == 0 && port == 0 {
+                return None;
+            }
             let endpoints = s
                 .endpoints
                 .iter()
@@ -125,6 +141,9 @@ pub fn routes_from_pb(endpoints: &pb::Endpoints) -> Vec<Route> {
             Some(Route {
                 service: s.service.clone(),
                 publish,
+                port,
+                stack: s.stack.clone(),
+                internal: None,
                 http: s.protocol == "http",
                 endpoints,
                 hold_when_empty: s.hold_when_empty,
@@ -232,8 +251,7 @@ impl Pool {
 }
 
 struct Listener {
-    publish: u16,
-    pool: Arc<Pool>,
+    addr: SocketAddr,
     task: JoinHandle<()>,
 }
 
@@ -245,13 +263,20 @@ pub struct PortFailure {
     pub error: String,
 }
 
-/// Every published service's listener on this node.
+/// Every routed service's pool and listeners on this node.
 pub struct Proxy {
     bind: IpAddr,
     metrics: Metrics,
     hold: HoldLimits,
     limits: ConnLimits,
+    pools: HashMap<String, Arc<Pool>>,
+    /// Published ports, by service.
     listeners: HashMap<String, Listener>,
+    /// Virtual addresses of discovery by name, by service.
+    internal: HashMap<String, Listener>,
+    /// Gives services their addresses and names; `None`: published ports
+    /// only.
+    discovery: Option<crate::discovery::Discovery>,
     /// The last routes, applied again by [`Proxy::retry`] for listeners
     /// that could not bind.
     routes: Vec<Route>,
@@ -267,7 +292,10 @@ impl Proxy {
             metrics,
             hold: HoldLimits::default(),
             limits: ConnLimits::default(),
+            pools: HashMap::new(),
             listeners: HashMap::new(),
+            internal: HashMap::new(),
+            discovery: None,
             routes: Vec::new(),
             failures: BTreeMap::new(),
         }
@@ -280,6 +308,12 @@ impl Proxy {
         self
     }
 
+    /// Makes services reachable by name on this node.
+    pub fn with_discovery(mut self, discovery: Option<crate::discovery::Discovery>) -> Self {
+        self.discovery = discovery;
+        self
+    }
+
     /// Bounds the client connections of listeners started from now on.
     pub fn with_limits(mut self, limits: ConnLimits) -> Self {
         self.limits = limits;
@@ -287,16 +321,35 @@ impl Proxy {
     }
 
     /// Makes the listeners and pools match `routes`: new services get a
-    /// listener, removed ones lose it (their open connections carry on).
-    pub fn update(&mut self, routes: Vec<Route>) {
-        self.listeners.retain(|service, listener| {
-            let keep = routes
-                .iter()
-                .any(|r| &r.service == service && r.publish == listener.publish);
+    /// pool and their listeners, removed ones lose them (their open
+    /// connections carry on).
+    pub fn update(&mut self, mut routes: Vec<Route>) {
+        if let Some(discovery) = self.discovery.as_mut() {
+            discovery.assign(&mut routes);
+        }
+        let published = |r: &Route| (r.publish != 0).then(|| SocketAddr::new(self.bind, r.publish));
+        let wanted_public: HashMap<&str, SocketAddr> = routes
+            .iter()
+            .filter_map(|r| Some((r.service.as_str(), published(r)?)))
+            .collect();
+        let wanted_internal: HashMap<&str, SocketAddr> = routes
+            .iter()
+            .filter_map(|r| Some((r.service.as_str(), r.internal?)))
+            .collect();
+        stop_unwanted(
+            &mut self.listeners,
+            &wanted_public,
+            "routing proxy stops listening",
+        );
+        stop_unwanted(
+            &mut self.internal,
+            &wanted_internal,
+            "routing proxy stops listening by name",
+        );
+        self.pools.retain(|service, pool| {
+            let keep = routes.iter().any(|r| &r.service == service);
             if !keep {
-                tracing::info!(%service, port = listener.publish, "routing proxy stops listening");
-                listener.task.abort();
-                listener.pool.set(&[]);
+                pool.set(&[]);
             }
             keep
         });
@@ -306,49 +359,64 @@ impl Proxy {
                 .any(|r| &r.service == service && r.publish == failure.port)
         });
         for route in &routes {
-            if let Some(listener) = self.listeners.get(&route.service) {
-                listener
-                    .pool
-                    .holds
-                    .store(route.hold_when_empty, Ordering::Relaxed);
-                listener.pool.http.store(route.http, Ordering::Relaxed);
-                listener.pool.set(&route.endpoints);
-                continue;
-            }
-            let addr = SocketAddr::new(self.bind, route.publish);
-            let listener = match bind(addr) {
-                Ok(listener) => listener,
-                Err(e) => {
-                    let failure = PortFailure {
-                        service: route.service.clone(),
-                        port: route.publish,
-                        error: format!("cannot listen on {addr}: {e}"),
-                    };
-                    if self.failures.get(&route.service) != Some(&failure) {
-                        tracing::warn!(service = %route.service, %addr, error = %e, "routing proxy failed to listen; retrying");
-                    }
-                    self.failures.insert(route.service.clone(), failure);
-                    continue;
+            let pool = match self.pools.get(&route.service) {
+                Some(pool) => {
+                    pool.holds.store(route.hold_when_empty, Ordering::Relaxed);
+                    pool.http.store(route.http, Ordering::Relaxed);
+                    pool.set(&route.endpoints);
+                    pool.clone()
+                }
+                None => {
+                    let mut pool = Pool::new(&route.service, route.http, &self.metrics, self.hold);
+                    pool.limits = self.limits;
+                    let pool = Arc::new(pool);
+                    pool.holds.store(route.hold_when_empty, Ordering::Relaxed);
+                    pool.set(&route.endpoints);
+                    self.pools.insert(route.service.clone(), pool.clone());
+                    pool
                 }
             };
-            if self.failures.remove(&route.service).is_some() {
-                tracing::info!(service = %route.service, %addr, "routing proxy could listen after all");
+            if let Some(addr) = published(route) {
+                if !self.listeners.contains_key(&route.service) {
+                    match bind(addr) {
+                        Ok(listener) => {
+                            if self.failures.remove(&route.service).is_some() {
+                                tracing::info!(service = %route.service, %addr, "routing proxy could listen after all");
+                            }
+                            tracing::info!(service = %route.service, %addr, endpoints = route.endpoints.len(), "routing proxy listening");
+                            let task = tokio::spawn(accept_loop(listener, pool.clone()));
+                            self.listeners
+                                .insert(route.service.clone(), Listener { addr, task });
+                        }
+                        Err(e) => {
+                            let failure = PortFailure {
+                                service: route.service.clone(),
+                                port: route.publish,
+                                error: format!("cannot listen on {addr}: {e}"),
+                            };
+                            if self.failures.get(&route.service) != Some(&failure) {
+                                tracing::warn!(service = %route.service, %addr, error = %e, "routing proxy failed to listen; retrying");
+                            }
+                            self.failures.insert(route.service.clone(), failure);
+                        }
+                    }
+                }
             }
-            let mut pool = Pool::new(&route.service, route.http, &self.metrics, self.hold);
-            pool.limits = self.limits;
-            let pool = Arc::new(pool);
-            pool.holds.store(route.hold_when_empty, Ordering::Relaxed);
-            pool.set(&route.endpoints);
-            tracing::info!(service = %route.service, %addr, endpoints = route.endpoints.len(), "routing proxy listening");
-            let task = tokio::spawn(accept_loop(listener, pool.clone()));
-            self.listeners.insert(
-                route.service.clone(),
-                Listener {
-                    publish: route.publish,
-                    pool,
-                    task,
-                },
-            );
+            if let Some(addr) = route.internal {
+                if !self.internal.contains_key(&route.service) {
+                    match bind(addr) {
+                        Ok(listener) => {
+                            tracing::info!(service = %route.service, %addr, "routing proxy listening by name");
+                            let task = tokio::spawn(accept_loop(listener, pool.clone()));
+                            self.internal
+                                .insert(route.service.clone(), Listener { addr, task });
+                        }
+                        Err(e) => {
+                            tracing::warn!(service = %route.service, %addr, error = %e, "routing proxy failed to listen by name; retrying");
+                        }
+                    }
+                }
+            }
         }
         self.routes = routes;
     }
@@ -361,14 +429,16 @@ impl Proxy {
 
     /// Tries again to listen where binding failed.
     pub fn retry(&mut self) {
-        if self.routes.len() != self.listeners.len() {
+        let publishing = self.routes.iter().filter(|r| r.publish != 0).count();
+        let named = self.routes.iter().filter(|r| r.internal.is_some()).count();
+        if publishing != self.listeners.len() || named != self.internal.len() {
             self.update(self.routes.clone());
         }
     }
 
     /// Stops every listener (open connections carry on until they end).
     pub fn shutdown(&mut self) {
-        for (_, listener) in self.listeners.drain() {
+        for (_, listener) in self.listeners.drain().chain(self.internal.drain()) {
             listener.task.abort();
         }
     }
@@ -378,6 +448,22 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// Stops the listeners whose service is gone or listens elsewhere now.
+fn stop_unwanted(
+    listeners: &mut HashMap<String, Listener>,
+    wanted: &HashMap<&str, SocketAddr>,
+    what: &str,
+) {
+    listeners.retain(|service, listener| {
+        let keep = wanted.get(service.as_str()) == Some(&listener.addr);
+        if !keep {
+            tracing::info!(%service, addr = %listener.addr, "{what}");
+            listener.task.abort();
+        }
+        keep
+    });
 }
 
 fn bind(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
@@ -1046,6 +1132,8 @@ mod tests {
             services: vec![pb::ServiceEndpoints {
                 service: "web".into(),
                 publish: 8080,
+                port: 0,
+                stack: String::new(),
                 protocol: "http".into(),
                 hold_when_empty: false,
                 endpoints: vec![pb::Endpoint {
@@ -1126,6 +1214,9 @@ mod tests {
         proxy.update(vec![Route {
             service: "web".into(),
             publish,
+            port: 0,
+            stack: String::new(),
+            internal: None,
             http,
             endpoints: vec![endpoint("r1", replica)],
             hold_when_empty: false,
@@ -1209,6 +1300,9 @@ mod tests {
         let route = Route {
             service: "web".into(),
             publish: port,
+            port: 0,
+            stack: String::new(),
+            internal: None,
             http: false,
             endpoints: vec![],
             hold_when_empty: false,
@@ -1234,6 +1328,9 @@ mod tests {
         let moved = blocker.local_addr().unwrap().port();
         proxy.update(vec![Route {
             publish: moved,
+            port: 0,
+            stack: String::new(),
+            internal: None,
             ..route
         }]);
         assert_eq!(proxy.failures()[0].port, moved);
@@ -1279,6 +1376,9 @@ mod tests {
         proxy.update(vec![Route {
             service: "web".into(),
             publish,
+            port: 0,
+            stack: String::new(),
+            internal: None,
             http: true,
             endpoints: vec![endpoint("bad", bad), endpoint("good", good)],
             hold_when_empty: false,
@@ -1341,6 +1441,9 @@ mod tests {
         proxy.update(vec![Route {
             service: "web".into(),
             publish,
+            port: 0,
+            stack: String::new(),
+            internal: None,
             http: true,
             endpoints: vec![endpoint("r", replica)],
             hold_when_empty: false,
@@ -1364,6 +1467,9 @@ mod tests {
         vec![Route {
             service: "web".into(),
             publish,
+            port: 0,
+            stack: String::new(),
+            internal: None,
             http: true,
             endpoints,
             hold_when_empty: true,
@@ -1536,6 +1642,9 @@ mod tests {
         proxy.update(vec![Route {
             service: "web".into(),
             publish,
+            port: 0,
+            stack: String::new(),
+            internal: None,
             http: true,
             endpoints: vec![endpoint("failing", failing), endpoint("working", working)],
             hold_when_empty: false,

@@ -124,6 +124,13 @@ impl TaskHandle for AnyHandle {
         }
     }
 
+    fn container_port(&self) -> Option<u16> {
+        match self {
+            AnyHandle::Process(h) => h.container_port(),
+            AnyHandle::Oci(h) => h.container_port(),
+        }
+    }
+
     async fn exec_check(&self, command: &[String], timeout: Duration) -> Result<(), String> {
         match self {
             AnyHandle::Process(h) => h.exec_check(command, timeout).await,

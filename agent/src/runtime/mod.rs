@@ -127,6 +127,13 @@ pub trait TaskHandle: Send + 'static {
         None
     }
 
+    /// The port the replica listens on in its own network namespace (the
+    /// spec's container port or the image's); `None` when it shares the
+    /// host's network. Reported, so discovery by name knows the port.
+    fn container_port(&self) -> Option<u16> {
+        None
+    }
+
     /// Runs an exec check in the replica: `Ok` if it exits 0 in time.
     fn exec_check(
         &self,

@@ -29,11 +29,64 @@ const ADOPTED_POLL: Duration = Duration::from_millis(500);
 const KILL_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Default)]
-pub struct ProcessRuntime;
+pub struct ProcessRuntime {
+    /// This node's DNS server for discovery by name; `None`: replicas use
+    /// the host's resolvers.
+    nameserver: Option<std::net::Ipv4Addr>,
+}
+
+/// Runs a replica's program in a mount namespace of its own where
+/// `/etc/resolv.conf` is the replica's (`$0`): the host's file is left
+/// alone, and the program is exec'd, so it keeps the PID the agent
+/// records. Mounts of the host still reach it (slave propagation). Without
+/// the bind (no `/etc/resolv.conf` on the host) it runs all the same.
+const WITH_RESOLV_CONF: &str = "mount --bind \"$0\" /etc/resolv.conf 2>/dev/null; exec \"$@\"";
 
 impl ProcessRuntime {
     pub fn new() -> Self {
-        Self
+        Self::default()
+    }
+
+    /// Points the replicas' resolver at this node's DNS server, in a mount
+    /// namespace of their own (see [`WITH_RESOLV_CONF`]).
+    pub fn with_nameserver(mut self, nameserver: Option<std::net::Ipv4Addr>) -> Self {
+        let unshare = DEFAULT_PATH
+            .split(':')
+            .any(|dir| Path::new(dir).join("unshare").is_file());
+        if nameserver.is_some() && !unshare {
+            tracing::warn!("no unshare (util-linux): process replicas use the host's resolvers, without names of the cluster");
+        }
+        self.nameserver = nameserver.filter(|_| unshare);
+        self
+    }
+
+    /// The program and arguments that start `spec`: as it says, or
+    /// wrapped so it resolves the cluster's names.
+    fn command_line(&self, spec: &ReplicaSpec, alloc_dir: &Path) -> (String, Vec<String>) {
+        let program = spec.program().to_string();
+        let args = spec.args();
+        let Some(nameserver) = self.nameserver else {
+            return (program, args);
+        };
+        let resolv = match crate::discovery::write_resolv_conf(alloc_dir, nameserver, &spec.stack) {
+            Ok(path) => path,
+            Err(e) => {
+                tracing::warn!(alloc = %spec.alloc_id, error = %e, "cannot write resolv.conf; the replica uses the host's resolvers");
+                return (program, args);
+            }
+        };
+        let mut wrapped = vec![
+            "--mount".to_string(),
+            "--propagation".to_string(),
+            "slave".to_string(),
+            "/bin/sh".to_string(),
+            "-c".to_string(),
+            WITH_RESOLV_CONF.to_string(),
+            resolv.to_string_lossy().into_owned(),
+            program,
+        ];
+        wrapped.extend(args);
+        ("unshare".to_string(), wrapped)
     }
 }
 
@@ -79,14 +132,15 @@ impl Runtime for ProcessRuntime {
         let stdout = open_log(spec, &alloc_dir.join("stdout.log"))?;
         let stderr = open_log(spec, &alloc_dir.join("stderr.log"))?;
 
-        let mut command = Command::new(spec.program());
+        let (program, args) = self.command_line(spec, alloc_dir);
+        let mut command = Command::new(program);
         // The replica's environment is its spec's, not the agent's: the
         // agent's own variables (tokens, paths, settings) stay with it.
         command
             .env_clear()
             .env("PATH", DEFAULT_PATH)
             .env("HOME", &workdir)
-            .args(spec.args())
+            .args(args)
             .envs(spec.environment())
             .current_dir(&workdir)
             .stdin(Stdio::null())

@@ -154,6 +154,9 @@ fn run_blocking(args: BenchProxyArgs) -> anyhow::Result<()> {
         proxy.update(vec![Route {
             service: "bench".into(),
             publish: published,
+            port: 0,
+            stack: String::new(),
+            internal: None,
             http: args.http,
             hold_when_empty: false,
             endpoints: vec![Endpoint {

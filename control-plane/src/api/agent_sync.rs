@@ -338,6 +338,7 @@ impl Api {
             restarts: report.restarts,
             pid: report.pid,
             message: report.message,
+            port: u16::try_from(report.port).unwrap_or(0),
         };
         let unchanged = self
             .consensus

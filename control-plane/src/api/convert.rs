@@ -216,9 +216,10 @@ pub fn event_to_pb(event: &Event) -> pb::Event {
     }
 }
 
-/// Every published service with its endpoints: allocations wanted, serving,
-/// not held back (a blue-green replica before promotion) and on a ready
-/// node. A replica being stopped (desired stop) leaves the set at once,
+/// Every service with a port, published or reachable by name inside the
+/// cluster (its own port, [`internal_port`]), with its endpoints:
+/// allocations wanted, serving, not held back (a blue-green replica before
+/// promotion) and on a ready node. A replica being stopped (desired stop) leaves the set at once,
 /// before its agent stops it, so proxies drain it first. During a canary
 /// deployment the weights give the canaries their share of new connections.
 pub fn endpoints(state: &State) -> pb::Endpoints {
@@ -226,7 +227,11 @@ pub fn endpoints(state: &State) -> pb::Endpoints {
         .services
         .values()
         .filter_map(|service| {
-            let publish = service.spec.publish?;
+            let publish = service.spec.publish.unwrap_or(0);
+            let port = internal_port(service).unwrap_or(0);
+            if publish == 0 && port == 0 {
+                return None;
+            }
             let name = service.spec.name.as_str();
             let serving: Vec<&Allocation> = state
                 .live_allocs(name)
@@ -257,10 +262,29 @@ pub fn endpoints(state: &State) -> pb::Endpoints {
                 protocol: service.spec.protocol.as_str().to_string(),
                 endpoints,
                 hold_when_empty: holds_when_empty(&service.spec),
+                port: u32::from(port),
+                stack: service
+                    .spec
+                    .labels
+                    .get(skiff_spec::STACK_LABEL)
+                    .cloned()
+                    .unwrap_or_default(),
             })
         })
         .collect();
     pb::Endpoints { services }
+}
+
+/// The port a service is reached on by name: its spec's `--port`, else
+/// the port its image declares (as an agent reported it). A process or
+/// host-network service without `--port` listens on a port drawn per
+/// replica and has none.
+pub fn internal_port(service: &Service) -> Option<u16> {
+    let spec = &service.spec;
+    spec.port.or(match (spec.runtime, spec.network) {
+        (skiff_spec::RuntimeKind::Oci, skiff_spec::NetworkMode::Bridge) => service.image_port,
+        _ => None,
+    })
 }
 
 /// Whether the proxies hold new connections while the service has no

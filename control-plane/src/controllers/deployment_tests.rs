@@ -237,6 +237,7 @@ impl Sim {
                     restarts: 0,
                     pid: 100,
                     message: next.1.to_string(),
+                    port: 0,
                 });
         }
         for (node, reports) in reports {
@@ -974,6 +975,7 @@ fn a_new_version_that_fails_midway_rolls_back_every_replaced_replica() {
             restarts: 0,
             pid: 1,
             message: "oom".into(),
+            port: 0,
         }],
     })
     .unwrap();

@@ -489,6 +489,7 @@ fn stopped(c: &mut Cluster, id: &str, node: &str) {
             restarts: 0,
             pid: 0,
             message: String::new(),
+            port: 0,
         }],
     });
 }

@@ -83,6 +83,10 @@ pub struct AllocReport {
     pub restarts: u32,
     pub pid: u32,
     pub message: String,
+    /// The port the replica's container listens on in its own network; 0
+    /// when unknown or the host's (see [`crate::state::Service::image_port`]).
+    #[serde(default)]
+    pub port: u16,
 }
 
 /// Every change to the state, as committed in the Raft log.

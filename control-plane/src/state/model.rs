@@ -40,6 +40,12 @@ pub struct Service {
     /// each move).
     #[serde(default)]
     pub rebalance: bool,
+    /// The port the service's image declares, as an agent running its
+    /// current version reported it: where discovery by name reaches the
+    /// service when its spec names no `--port`. Kept when the service
+    /// scales to zero, so connections by name can still be held.
+    #[serde(default)]
+    pub image_port: Option<u16>,
 }
 
 fn yes() -> bool {

@@ -484,6 +484,7 @@ mod tests {
                 restarts: 0,
                 pid: 9,
                 message: String::new(),
+                port: 0,
             }],
         };
         s.apply(4, report(AllocState::Running)).unwrap();

@@ -338,6 +338,7 @@ mod tests {
                     restarts: 0,
                     pid: 0,
                     message: String::new(),
+                    port: 0,
                 }],
             },
         )

@@ -444,7 +444,7 @@ fn host_lock(kind: nix::fcntl::FlockArg) -> Result<nix::fcntl::Flock<std::fs::Fi
 
 /// Runs `program args`, feeding it `input`; its stdout, or an error naming
 /// the command and its stderr.
-fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<String, String> {
+pub(crate) fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<String, String> {
     let mut child = Command::new(program)
         .args(args)
         .stdin(if input.is_some() {

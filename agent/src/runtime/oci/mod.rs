@@ -64,6 +64,9 @@ pub struct OciConfig {
     pub shim: Option<PathBuf>,
     /// The node's named volumes and allowed host paths.
     pub volumes: crate::volumes::Volumes,
+    /// This node's DNS server for discovery by name; `None`: containers
+    /// get the host's resolvers.
+    pub nameserver: Option<std::net::Ipv4Addr>,
 }
 
 impl OciConfig {
@@ -75,6 +78,7 @@ impl OciConfig {
             init_binary: Some(PathBuf::from(DEFAULT_INIT)),
             shim: None,
             volumes: crate::volumes::Volumes::new(allocs_dir.with_file_name("volumes"), Vec::new()),
+            nameserver: None,
             allocs_dir,
         }
     }
@@ -128,6 +132,7 @@ pub struct OciRuntime {
     shim: Option<PathBuf>,
     allocs_dir: PathBuf,
     volumes: crate::volumes::Volumes,
+    nameserver: Option<std::net::Ipv4Addr>,
 }
 
 impl OciRuntime {
@@ -162,6 +167,7 @@ impl OciRuntime {
             shim: config.shim,
             allocs_dir: config.allocs_dir,
             volumes: config.volumes,
+            nameserver: config.nameserver,
         }
     }
 
@@ -328,7 +334,11 @@ impl OciRuntime {
         let host_resolv = fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
         let resolv = bundle.join("resolv.conf");
         let hosts = bundle.join("hosts");
-        write(&resolv, &spec::resolv_conf(&host_resolv, netns.is_some()))?;
+        let resolv_text = match self.nameserver {
+            Some(nameserver) => crate::discovery::names::resolv_conf(nameserver, &spec.stack),
+            None => spec::resolv_conf(&host_resolv, netns.is_some()),
+        };
+        write(&resolv, &resolv_text)?;
         write(&hosts, &spec::hosts_file(&hostname, ip))?;
         let setup = spec::ContainerSetup {
             rootfs,
@@ -730,6 +740,10 @@ impl TaskHandle for OciHandle {
 
     fn probe_addr(&self) -> Option<SocketAddr> {
         self.info.probe_addr
+    }
+
+    fn container_port(&self) -> Option<u16> {
+        self.info.port.map(|(_, container)| container)
     }
 
     async fn exec_check(&self, command: &[String], timeout: Duration) -> Result<(), String> {

@@ -468,6 +468,7 @@ mod tests {
                     restarts: 0,
                     pid: 1,
                     message: String::new(),
+                    port: 0,
                 }],
             });
         }

@@ -54,6 +54,14 @@ impl State {
             alloc.message = report.message;
             alloc.modify_index = index;
             let service = alloc.service.clone();
+            if report.port != 0 {
+                let version = alloc.version;
+                if let Some(s) = self.services.get_mut(&service) {
+                    if s.version == version && s.image_port != Some(report.port) {
+                        s.image_port = Some(report.port);
+                    }
+                }
+            }
             let message = alloc.message.clone();
             let wanted = alloc.desired == DesiredState::Run;
             self.index.node_changed.insert(node.to_string(), index);
@@ -97,6 +105,7 @@ mod tests {
             restarts: 0,
             pid: 9,
             message: String::new(),
+            port: 0,
         };
         s.apply(
             4,
@@ -136,6 +145,7 @@ mod tests {
             restarts: 0,
             pid: 9,
             message: "re-adopted after agent restart".into(),
+            port: 0,
         };
         for (index, state) in [
             (5, AllocState::Running),

@@ -41,6 +41,7 @@ impl State {
                 deployment: None,
                 started: false,
                 rebalance: false,
+                image_port: None,
             },
         );
         self.event(index, EventKind::ServiceCreated, &name, "", "", &message);
@@ -380,6 +381,7 @@ mod tests {
             restarts: 0,
             pid: 0,
             message: String::new(),
+            port: 0,
         };
         s.apply(
             6,
