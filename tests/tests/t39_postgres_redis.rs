@@ -100,7 +100,7 @@ fn wait_db(cluster: &OciDev, what: &str, mut ok: impl FnMut(&Allocation) -> bool
 
 #[test]
 fn postgres_keeps_its_rows_through_an_update_and_a_killed_postmaster() {
-    let registry = Registry::shared();
+    let registry = Registry::shared_with_db();
     let cluster = OciDev::start(registry.clone(), &[]);
     let image = registry.image("postgres:v1");
     let port = free_port();
@@ -215,7 +215,7 @@ fn resp(conn: &mut TcpStream, args: &[&str]) -> std::io::Result<String> {
 
 #[test]
 fn redis_answers_set_and_get_through_the_published_port() {
-    let registry = Registry::shared();
+    let registry = Registry::shared_with_db();
     let cluster = OciDev::start(registry.clone(), &[]);
     let image = registry.image("redis:v1");
     let port = free_port();
