@@ -40,6 +40,11 @@ const TOOLS: &[(&str, &str)] = &[
     ("zstd", "zstd"),
     ("iptables", "iptables"),
     ("ip", "iproute2"),
+    // build.sh's postgres and redis images (apt-get download, dpkg-deb -x, readelf), and
+    // t39's psql in a replica's mount namespace.
+    ("readelf", "binutils"),
+    ("dpkg-deb", "dpkg"),
+    ("nsenter", "util-linux"),
 ];
 
 /// Whether `tool` (a path, or a name looked up in `PATH` and the sbin directories) exists.
