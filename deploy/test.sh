@@ -58,6 +58,9 @@ install_missing() {
         "zstd zstd"
         "busybox busybox-static"
         "haproxy haproxy"
+        "readelf binutils"
+        "dpkg-deb dpkg"
+        "flock util-linux"
     )
     local need cmd pkg
     for need in "${needs[@]}"; do

@@ -40,6 +40,11 @@ const TOOLS: &[(&str, &str)] = &[
     ("zstd", "zstd"),
     ("iptables", "iptables"),
     ("ip", "iproute2"),
+    // build.sh's postgres and redis images (apt-get download, dpkg-deb -x, readelf), and
+    // t39's psql in a replica's mount namespace.
+    ("readelf", "binutils"),
+    ("dpkg-deb", "dpkg"),
+    ("nsenter", "util-linux"),
 ];
 
 /// Whether `tool` (a path, or a name looked up in `PATH` and the sbin directories) exists.
@@ -97,23 +102,40 @@ pub struct Registry {
 }
 
 static SHARED: Mutex<Weak<Registry>> = Mutex::new(Weak::new());
+static SHARED_DB: Mutex<Weak<Registry>> = Mutex::new(Weak::new());
 
 impl Registry {
     /// The registry of this test binary: started and filled on first use, shared by tests
-    /// running at the same time, stopped when the last of them drops it.
+    /// running at the same time, stopped when the last of them drops it. Without the
+    /// `postgres:v1` and `redis:v1` images (see [`Registry::shared_with_db`]).
     pub fn shared() -> Arc<Registry> {
-        let mut shared = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+        Self::shared_in(&SHARED, false)
+    }
+
+    /// As [`Registry::shared`], with the `postgres:v1` and `redis:v1` images too (about
+    /// 40 MB more to push into each registry; their layers are cached by build.sh).
+    pub fn shared_with_db() -> Arc<Registry> {
+        Self::shared_in(&SHARED_DB, true)
+    }
+
+    fn shared_in(slot: &Mutex<Weak<Registry>>, db: bool) -> Arc<Registry> {
+        let mut shared = slot.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(registry) = shared.upgrade() {
             return registry;
         }
-        let registry = Arc::new(Registry::start());
+        let registry = Arc::new(Registry::start_with(db));
         *shared = Arc::downgrade(&registry);
         registry
     }
 
     /// Starts a registry (stopped even if this process dies: `--watch`) and pushes the
-    /// test images.
+    /// test images, without `postgres:v1` and `redis:v1`.
     pub fn start() -> Registry {
+        Self::start_with(false)
+    }
+
+    /// Starts a registry and pushes the test images; `db`: `postgres:v1` and `redis:v1` too.
+    pub fn start_with(db: bool) -> Registry {
         require_container_tools();
         let script = crate::workspace_root().join("deploy/images/registry.sh");
         let me = std::process::id().to_string();
@@ -149,7 +171,8 @@ impl Registry {
         let out = run_with_timeout(
             Command::new(&build)
                 .arg(&registry.addr)
-                .arg(registry.images.path()),
+                .arg(registry.images.path())
+                .env("SKIFF_IMAGES_DB", if db { "1" } else { "0" }),
             Duration::from_secs(180),
         );
         assert!(
