@@ -62,17 +62,27 @@ impl ProcessRuntime {
 
     /// The program and arguments that start `spec`: as it says, or
     /// wrapped so it resolves the cluster's names.
-    fn command_line(&self, spec: &ReplicaSpec, alloc_dir: &Path) -> (String, Vec<String>) {
+    fn command_line(
+        &self,
+        spec: &ReplicaSpec,
+        alloc_dir: &Path,
+        workdir: &Path,
+    ) -> Result<(String, Vec<String>), String> {
         let program = spec.program().to_string();
         let args = spec.args();
         let Some(nameserver) = self.nameserver else {
-            return (program, args);
+            return Ok((program, args));
         };
+        // The wrapper's shell would report a missing program only as exit
+        // status 127, a crash loop; say it at start, as a direct spawn does.
+        if !executable_exists(&program, workdir) {
+            return Err("No such file or directory".to_string());
+        }
         let resolv = match crate::discovery::write_resolv_conf(alloc_dir, nameserver, &spec.stack) {
             Ok(path) => path,
             Err(e) => {
                 tracing::warn!(alloc = %spec.alloc_id, error = %e, "cannot write resolv.conf; the replica uses the host's resolvers");
-                return (program, args);
+                return Ok((program, args));
             }
         };
         let mut wrapped = vec![
@@ -86,8 +96,20 @@ impl ProcessRuntime {
             program,
         ];
         wrapped.extend(args);
-        ("unshare".to_string(), wrapped)
+        Ok(("unshare".to_string(), wrapped))
     }
+}
+
+/// Whether `program` names a file `execvp` would find: a path (relative
+/// to the replica's working dir), else a file in [`DEFAULT_PATH`].
+fn executable_exists(program: &str, workdir: &Path) -> bool {
+    if program.contains('/') {
+        return workdir.join(program).is_file();
+    }
+    !program.is_empty()
+        && DEFAULT_PATH
+            .split(':')
+            .any(|dir| Path::new(dir).join(program).is_file())
 }
 
 /// A replica's process: our child if we started it, else adopted.
@@ -132,7 +154,9 @@ impl Runtime for ProcessRuntime {
         let stdout = open_log(spec, &alloc_dir.join("stdout.log"))?;
         let stderr = open_log(spec, &alloc_dir.join("stderr.log"))?;
 
-        let (program, args) = self.command_line(spec, alloc_dir);
+        let (program, args) = self
+            .command_line(spec, alloc_dir, &workdir)
+            .map_err(start_error)?;
         let mut command = Command::new(program);
         // The replica's environment is its spec's, not the agent's: the
         // agent's own variables (tokens, paths, settings) stay with it.
