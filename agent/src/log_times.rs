@@ -130,7 +130,10 @@ fn thin(path: &Path) {
         .map(|(_, (offset, ms))| format!("{offset} {ms}\n"))
         .collect();
     let tmp = path.with_extension("times.tmp");
-    if fs::write(&tmp, kept).and_then(|()| fs::rename(&tmp, path)).is_err() {
+    if fs::write(&tmp, kept)
+        .and_then(|()| fs::rename(&tmp, path))
+        .is_err()
+    {
         let _ = fs::remove_file(&tmp);
     }
 }

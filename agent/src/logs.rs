@@ -415,7 +415,7 @@ impl AgentLogs for LogService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    type ExecStream = Pin<Box<ReceiverStream<Result<pb::ExecOutput, Status>>>>;
+    type ExecStream = Pin<Box<dyn futures::Stream<Item = Result<pb::ExecOutput, Status>> + Send>>;
 
     async fn exec(
         &self,
@@ -438,8 +438,13 @@ impl AgentLogs for LogService {
             allocs_dir: self.allocs_dir.clone(),
             runc: self.oci.as_ref().and_then(|o| o.runc().ok().cloned()),
         };
-        let rx = crate::exec::start(&context, start, Box::pin(inbound)).await?;
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let rx = crate::exec::start(&context, start, Box::pin(inbound))
+            .await
+            .map_err(exec_status)?;
+        Ok(Response::new(Box::pin(futures::StreamExt::map(
+            ReceiverStream::new(rx),
+            Ok,
+        ))))
     }
 
     async fn prune(
@@ -467,6 +472,19 @@ impl AgentLogs for LogService {
             blobs: count(report.blobs),
             bytes: report.bytes,
         }))
+    }
+}
+
+fn exec_status(e: crate::exec::ExecError) -> Status {
+    use crate::exec::ExecError;
+    let message = e.to_string();
+    match e {
+        ExecError::Invalid(_) => Status::invalid_argument(message),
+        ExecError::NotFound(_) => Status::not_found(message),
+        ExecError::NotRunning(_) => Status::failed_precondition(message),
+        ExecError::Unavailable(_) => Status::unavailable(message),
+        ExecError::Timeout(_) => Status::deadline_exceeded(message),
+        ExecError::Internal(_) => Status::internal(message),
     }
 }
 

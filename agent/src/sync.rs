@@ -64,10 +64,10 @@ pub struct SyncLoop<'a, R: Runtime> {
     updates: &'a mut mpsc::UnboundedReceiver<StatusUpdate>,
     /// Set once the current server answered `Registered`.
     registered: bool,
-    /// Where this agent serves replica logs; published after registering.
+    /// Where this agent serves `AgentLogs` (logs, exec); sent in `Register`.
     logs_addr: Option<std::net::SocketAddr>,
     /// The routing proxy fed by `Endpoints`, its counters reported as
-    /// traffic, and where `/metrics` is served (published like logs).
+    /// traffic, and where `/metrics` is served (published in a variable).
     proxy: Option<ProxyParts<'a>>,
     prepull: Prepull,
     /// The replicas' CPU and memory readings, sent with the traffic.
@@ -290,7 +290,7 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
         Some(services)
     }
 
-    /// Publishes `addr` as this node's logs address on every registration.
+    /// Registers `addr` as where this node serves logs and exec.
     pub fn with_logs_addr(mut self, addr: Option<std::net::SocketAddr>) -> Self {
         self.logs_addr = addr;
         self

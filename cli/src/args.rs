@@ -774,10 +774,13 @@ fn parse_log_since(value: &str) -> Result<LogSince, String> {
     if let Some(ms) = skiff_spec::time::parse_rfc3339_ms(value) {
         return Ok(LogSince::At(ms));
     }
-    let fix = "use a duration like 90s, 10m, 2h or 1d, or an RFC 3339 time like 2026-12-07T10:00:00Z";
+    let fix =
+        "use a duration like 90s, 10m, 2h or 1d, or an RFC 3339 time like 2026-12-07T10:00:00Z";
     match parse_since(value) {
         Ok(Since::AgeMs(ms)) if ms > 0 => Ok(LogSince::AgeMs(ms)),
-        _ => Err(format!("\"{value}\" is neither a duration nor a time; {fix}")),
+        _ => Err(format!(
+            "\"{value}\" is neither a duration nor a time; {fix}"
+        )),
     }
 }
 

@@ -66,7 +66,10 @@ pub fn parse_rfc3339_ms(text: &str) -> Option<u64> {
             if rest.len() != 6 || rb[3] != b':' {
                 return None;
             }
-            let (h, m) = (rest[1..3].parse::<i64>().ok()?, rest[4..6].parse::<i64>().ok()?);
+            let (h, m) = (
+                rest[1..3].parse::<i64>().ok()?,
+                rest[4..6].parse::<i64>().ok()?,
+            );
             sign * (h * 60 + m)
         }
     };
@@ -106,7 +109,10 @@ mod tests {
     #[test]
     fn times_print_as_utc_with_milliseconds() {
         assert_eq!(format_rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(format_rfc3339_ms(1_714_564_800_123), "2024-05-01T12:00:00.123Z");
+        assert_eq!(
+            format_rfc3339_ms(1_714_564_800_123),
+            "2024-05-01T12:00:00.123Z"
+        );
     }
 
     #[test]
@@ -122,7 +128,13 @@ mod tests {
             parse_rfc3339_ms("2024-05-01 12:00:00.5Z"),
             Some(1_714_564_800_500)
         );
-        for bad in ["10m", "2024-05-01", "2024-13-01T00:00:00Z", "2024-05-01T12:00:00", "2024-05-01T12:00:00+2"] {
+        for bad in [
+            "10m",
+            "2024-05-01",
+            "2024-13-01T00:00:00Z",
+            "2024-05-01T12:00:00",
+            "2024-05-01T12:00:00+2",
+        ] {
             assert_eq!(parse_rfc3339_ms(bad), None, "{bad}");
         }
     }

@@ -61,30 +61,68 @@ fn exec_runs_in_a_replica_container_with_its_code_streams_and_user_and_logs_filt
     let server = cluster.addr();
     let image = registry.image("web-user:v1");
     cluster.skiff_ok(&[
-        "service", "create", "--detach", "app", "--image", &image, "--entrypoint", "/bin/sh",
-        "--", "-c", "echo hello; echo oops >&2; exec sleep 1000",
+        "service",
+        "create",
+        "--detach",
+        "app",
+        "--image",
+        &image,
+        "--entrypoint",
+        "/bin/sh",
+        "--",
+        "-c",
+        "echo hello; echo oops >&2; exec sleep 1000",
     ]);
     let replica = cluster
-        .wait_replicas("app", 1, "running", |a| a.state == "running" && pid_alive(a.pid))
+        .wait_replicas("app", 1, "running", |a| {
+            a.state == "running" && pid_alive(a.pid)
+        })
         .remove(0);
 
     // The exit code and both streams, apart.
-    let args = ["service", "exec", "app", "--", "sh", "-c", "echo out; echo err >&2; exit 7"];
+    let args = [
+        "service",
+        "exec",
+        "app",
+        "--",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 7",
+    ];
     let out = cluster.skiff(&args);
     assert_eq!(out.status.code(), Some(7), "{}", describe(&args, &out));
-    assert_eq!((text(&out.stdout), text(&out.stderr)), ("out\n".into(), "err\n".into()));
+    assert_eq!(
+        (text(&out.stdout), text(&out.stderr)),
+        ("out\n".into(), "err\n".into())
+    );
 
     // Stdin passes through with -i; the end of stdin ends `cat`.
-    let args = ["service", "exec", "-i", "app", "--replica", &replica.id[..8], "--", "cat"];
+    let args = [
+        "service",
+        "exec",
+        "-i",
+        "app",
+        "--replica",
+        &replica.id[..8],
+        "--",
+        "cat",
+    ];
     let out = skiff_with_stdin(&server, &args, b"piped\nthrough\n");
     assert!(out.status.success(), "{}", describe(&args, &out));
     assert_eq!(text(&out.stdout), "piped\nthrough\n");
 
     // The replica's own user by default (the image's `www`), in its
     // working directory; `--user` by name or number.
-    let image_uid = uids(replica.pid).first().copied().expect("the replica's uid");
+    let image_uid = uids(replica.pid)
+        .first()
+        .copied()
+        .expect("the replica's uid");
     let out = cluster.skiff_ok(&["service", "exec", "app", "--", "sh", "-c", "id -u; pwd"]);
-    assert_eq!(out, format!("{image_uid}\n/www\n"), "the image's user: {out}");
+    assert_eq!(
+        out,
+        format!("{image_uid}\n/www\n"),
+        "the image's user: {out}"
+    );
     assert_eq!(image_uid, 1000);
     let out = cluster.skiff_ok(&["service", "exec", "--user", "root", "app", "--", "id", "-u"]);
     assert_eq!(out, "0\n");
@@ -94,10 +132,23 @@ fn exec_runs_in_a_replica_container_with_its_code_streams_and_user_and_logs_filt
     assert_cli_error(&args, &cluster.skiff(&args), &["--user"]);
 
     // -t: a terminal made by runc in the container (the console socket).
-    let args = ["service", "exec", "-t", "app", "--", "sh", "-c", "tty; exit 3"];
+    let args = [
+        "service",
+        "exec",
+        "-t",
+        "app",
+        "--",
+        "sh",
+        "-c",
+        "tty; exit 3",
+    ];
     let out = cluster.skiff(&args);
     assert_eq!(out.status.code(), Some(3), "{}", describe(&args, &out));
-    assert!(text(&out.stdout).contains("/dev/pts/"), "{}", describe(&args, &out));
+    assert!(
+        text(&out.stdout).contains("/dev/pts/"),
+        "{}",
+        describe(&args, &out)
+    );
 
     // Logs through the server: --since an age or a time, --timestamps.
     let logs = cluster.skiff_ok(&["service", "logs", "app", "--since", "1h"]);
@@ -108,7 +159,10 @@ fn exec_runs_in_a_replica_container_with_its_code_streams_and_user_and_logs_filt
     let stamped = cluster.skiff_ok(&["service", "logs", "app", "--timestamps"]);
     let (time, line) = stamped.trim_end().split_once(' ').expect("a timestamp");
     assert_eq!(line, "hello", "{stamped}");
-    assert!(time.starts_with("20") && time.ends_with('Z') && time.len() == 24, "{stamped}");
+    assert!(
+        time.starts_with("20") && time.ends_with('Z') && time.len() == 24,
+        "{stamped}"
+    );
     let args = ["service", "logs", "app", "--since", "yesterday"];
     let out = cluster.skiff(&args);
     assert!(
@@ -133,7 +187,13 @@ fn logs_and_exec_go_through_a_follower_that_the_cli_alone_knows() {
     skiff_ok_at(
         &follower,
         &[
-            "service", "create", "--detach", "talk", "--", "/bin/sh", "-c",
+            "service",
+            "create",
+            "--detach",
+            "talk",
+            "--",
+            "/bin/sh",
+            "-c",
             "echo hello-$SKIFF_SERVICE; exec sleep 1000",
         ],
     );
@@ -146,7 +206,15 @@ fn logs_and_exec_go_through_a_follower_that_the_cli_alone_knows() {
     assert!(ok, "logs through the follower: {logs:?}\n{}", agents.logs());
 
     // A process replica's command runs on its node, with its environment.
-    let args = ["service", "exec", "talk", "--", "/bin/sh", "-c", "echo $SKIFF_SERVICE; exit 5"];
+    let args = [
+        "service",
+        "exec",
+        "talk",
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo $SKIFF_SERVICE; exit 5",
+    ];
     let out = skiff_at(&follower, &args);
     assert_eq!(out.status.code(), Some(5), "{}", describe(&args, &out));
     assert_eq!(text(&out.stdout), "talk\n");
@@ -154,7 +222,10 @@ fn logs_and_exec_go_through_a_follower_that_the_cli_alone_knows() {
     // The node record holds the agent's address; no variable does.
     let nodes = skiff_ok_at(&follower, &["node", "ls", "--output", "json"]);
     let nodes: serde_json::Value = serde_json::from_str(&nodes).expect("node ls json");
-    let address = nodes[0]["agent_address"].as_str().unwrap_or_default().to_string();
+    let address = nodes[0]["agent_address"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     assert!(address.starts_with("127.0.0.2:"), "{nodes}");
     let vars = skiff_ok_at(&follower, &["var", "ls"]);
     assert!(!vars.contains("/logs"), "no logs address variable: {vars}");
@@ -162,9 +233,17 @@ fn logs_and_exec_go_through_a_follower_that_the_cli_alone_knows() {
     // An agent that does not answer is named.
     agents.kill9(0);
     let args = ["service", "logs", "talk"];
-    let line = assert_cli_error(&args, &skiff_at(&follower, &args), &["failed to reach the agent"]);
+    let line = assert_cli_error(
+        &args,
+        &skiff_at(&follower, &args),
+        &["failed to reach the agent"],
+    );
     assert!(line.contains("x1"), "{line}");
     let args = ["node", "prune", "x1"];
-    assert_cli_error(&args, &skiff_at(&follower, &args), &["failed to reach the agent of node"]);
+    assert_cli_error(
+        &args,
+        &skiff_at(&follower, &args),
+        &["failed to reach the agent of node"],
+    );
     servers.kill9(leader);
 }

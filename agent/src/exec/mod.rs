@@ -32,7 +32,6 @@ use skiff_proto::v1::exec_input::Msg as In;
 use skiff_proto::v1::exec_output::Msg as Out;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
-use tonic::Status;
 
 use crate::runtime::oci::runc::{ExecOptions, Runc};
 use crate::runtime::reaper::{self, Reaped};
@@ -49,13 +48,37 @@ const CONSOLE_WAIT: Duration = Duration::from_secs(15);
 /// After the command exited, output still buffered is read for this long
 /// (a background process may keep the pipes open forever).
 const DRAIN: Duration = Duration::from_millis(500);
+/// A terminal's end-of-file character (Ctrl-D).
+const EOT: u8 = 0x04;
 /// How often a detached command is checked for its exit.
 const REAP_POLL: Duration = Duration::from_millis(20);
 
-/// The client's messages after `start`.
-pub type Input = Pin<Box<dyn Stream<Item = Result<pb::ExecInput, Status>> + Send>>;
+/// The client's messages after `start` (an error ends them).
+pub type Input = Pin<Box<dyn Stream<Item = Result<pb::ExecInput, tonic::Status>> + Send>>;
 /// Output to the client.
-pub type OutputSender = mpsc::Sender<Result<pb::ExecOutput, Status>>;
+pub type OutputSender = mpsc::Sender<pb::ExecOutput>;
+
+/// Why a command could not start; the API layer (`logs.rs`) makes each
+/// kind a gRPC status.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// The request is wrong (command, user, environment).
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// The replica is not in a state to run commands.
+    #[error("{0}")]
+    NotRunning(String),
+    /// This node cannot run it (no runc).
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Timeout(String),
+    /// Setting the command up failed on the node.
+    #[error("{0}")]
+    Internal(String),
+}
 
 /// Where replicas live on this node and the runtime that runs containers.
 #[derive(Clone, Debug)]
@@ -64,8 +87,8 @@ pub struct ExecContext {
     pub runc: Option<Runc>,
 }
 
-fn output(msg: Out) -> Result<pb::ExecOutput, Status> {
-    Ok(pb::ExecOutput { msg: Some(msg) })
+fn output(msg: Out) -> pb::ExecOutput {
+    pb::ExecOutput { msg: Some(msg) }
 }
 
 /// Checks `start` against the node's replicas and starts the command; its
@@ -74,17 +97,17 @@ pub async fn start(
     ctx: &ExecContext,
     start: pb::ExecStart,
     input: Input,
-) -> Result<mpsc::Receiver<Result<pb::ExecOutput, Status>>, Status> {
+) -> Result<mpsc::Receiver<pb::ExecOutput>, ExecError> {
     check_start(&start)?;
     let id = start.replica.clone();
-    crate::spec::validate_alloc_id(&id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    crate::spec::validate_alloc_id(&id).map_err(|e| ExecError::Invalid(e.to_string()))?;
     let alloc_dir = ctx.allocs_dir.join(&id);
     let record = std::fs::read(alloc_dir.join("state.json"))
         .ok()
         .and_then(|b| serde_json::from_slice::<crate::store::AllocRecord>(&b).ok())
-        .ok_or_else(|| Status::not_found(format!("replica {id} is not on this node")))?;
+        .ok_or_else(|| ExecError::NotFound(format!("replica {id} is not on this node")))?;
     if record.pid == 0 {
-        return Err(Status::failed_precondition(format!(
+        return Err(ExecError::NotRunning(format!(
             "replica {id} is not running; wait until `skiff service ps {}` shows it running",
             record.spec.service
         )));
@@ -94,15 +117,14 @@ pub async fn start(
     let cols = u16::try_from(start.cols).unwrap_or(u16::MAX);
     match record.spec.runtime {
         skiff_spec::RuntimeKind::Oci => {
-            let runc = ctx
-                .runc
-                .clone()
-                .ok_or_else(|| Status::unavailable("this node runs no containers (no runc)"))?;
+            let runc = ctx.runc.clone().ok_or_else(|| {
+                ExecError::Unavailable("this node runs no containers (no runc)".into())
+            })?;
             let user = match start.user.as_str() {
                 "" => None,
                 user => {
                     let found = crate::image::lookup_user(&[alloc_dir.join("bundle/rootfs")], user)
-                        .map_err(|e| Status::invalid_argument(format!("invalid --user: {e}")))?;
+                        .map_err(|e| ExecError::Invalid(format!("invalid --user: {e}")))?;
                     Some((found.uid, found.gid, found.additional_gids))
                 }
             };
@@ -119,7 +141,11 @@ pub async fn start(
                 let dir = private_dir()?;
                 let pid_file = dir.join("pid");
                 let mut command = runc.exec_command(&id, &options, &pid_file);
-                command.stdin(if start.stdin { Stdio::piped() } else { Stdio::null() });
+                command.stdin(if start.stdin {
+                    Stdio::piped()
+                } else {
+                    Stdio::null()
+                });
                 let child = spawn_piped(command)?;
                 tokio::spawn(async move {
                     run_piped(child, Killer::PidFile(pid_file), input, tx).await;
@@ -146,7 +172,7 @@ pub async fn start(
                 .process_group(0);
             if !start.user.is_empty() {
                 let found = crate::image::lookup_user(&[PathBuf::from("/")], &start.user)
-                    .map_err(|e| Status::invalid_argument(format!("invalid --user: {e}")))?;
+                    .map_err(|e| ExecError::Invalid(format!("invalid --user: {e}")))?;
                 command.uid(found.uid).gid(found.gid);
             }
             if start.tty {
@@ -157,17 +183,29 @@ pub async fn start(
                     .stdout(io(&slave).map_err(internal)?)
                     .stderr(io(&slave).map_err(internal)?)
                     .kill_on_drop(true);
-                let mut child = command.spawn().map_err(|e| spawn_error(&start.command[0], &e))?;
+                let mut child = command
+                    .spawn()
+                    .map_err(|e| spawn_error(&start.command[0], &e))?;
                 drop(command);
                 drop(slave);
                 let master = tty::Master::new(master).map_err(internal)?;
                 let pid = child.id().unwrap_or(0);
                 let exit = async move { child.wait().await.map_or(-1, exit_code) };
-                tokio::spawn(run_tty(master, Box::pin(exit), Killer::Group(pid), input, tx));
+                tokio::spawn(run_tty(
+                    master,
+                    Box::pin(exit),
+                    Killer::Group(pid),
+                    input,
+                    tx,
+                ));
             } else {
-                command.stdin(if start.stdin { Stdio::piped() } else { Stdio::null() });
+                command.stdin(if start.stdin {
+                    Stdio::piped()
+                } else {
+                    Stdio::null()
+                });
                 let child = spawn_piped(command)
-                    .map_err(|e| Status::invalid_argument(format!("{}: {}", start.command[0], e.message())))?;
+                    .map_err(|e| ExecError::Invalid(format!("{}: {e}", start.command[0])))?;
                 let pid = child.id().unwrap_or(0);
                 tokio::spawn(run_piped(child, Killer::Group(pid), input, tx));
             }
@@ -178,42 +216,52 @@ pub async fn start(
 }
 
 /// Bounds and shape of a start message.
-fn check_start(start: &pb::ExecStart) -> Result<(), Status> {
+fn check_start(start: &pb::ExecStart) -> Result<(), ExecError> {
     if start.command.is_empty() || start.command[0].is_empty() {
-        return Err(Status::invalid_argument(
-            "invalid command: it is empty; give it after `--`, e.g. `skiff service exec web -- sh`",
+        return Err(ExecError::Invalid(
+            "invalid command: it is empty; give it after `--`, e.g. `skiff service exec web -- sh`"
+                .into(),
         ));
     }
-    let bytes: usize = start.command.iter().chain(&start.env).map(String::len).sum();
+    let bytes: usize = start
+        .command
+        .iter()
+        .chain(&start.env)
+        .map(String::len)
+        .sum();
     if start.command.len() + start.env.len() > MAX_ARGS || bytes > MAX_COMMAND_BYTES {
-        return Err(Status::invalid_argument(format!(
+        return Err(ExecError::Invalid(format!(
             "invalid command: at most {MAX_ARGS} arguments and {MAX_COMMAND_BYTES} bytes with the environment"
         )));
     }
-    if let Some(bad) = start.env.iter().find(|e| !e.contains('=') || e.starts_with('=')) {
-        return Err(Status::invalid_argument(format!(
+    if let Some(bad) = start
+        .env
+        .iter()
+        .find(|e| !e.contains('=') || e.starts_with('='))
+    {
+        return Err(ExecError::Invalid(format!(
             "invalid --env {bad:?}: use KEY=VALUE"
         )));
     }
     Ok(())
 }
 
-fn internal(e: std::io::Error) -> Status {
-    Status::internal(format!("failed to set up the command's terminal: {e}"))
+fn internal(e: std::io::Error) -> ExecError {
+    ExecError::Internal(format!("failed to set up the command's terminal: {e}"))
 }
 
-fn spawn_error(program: &str, e: &std::io::Error) -> Status {
-    Status::invalid_argument(format!("failed to run {program}: {e}"))
+fn spawn_error(program: &str, e: &std::io::Error) -> ExecError {
+    ExecError::Invalid(format!("failed to run {program}: {e}"))
 }
 
 /// A directory only root reads, for a console socket and a pid file.
-fn private_dir() -> Result<PathBuf, Status> {
+fn private_dir() -> Result<PathBuf, ExecError> {
     use std::os::unix::fs::DirBuilderExt;
     let dir = std::env::temp_dir().join(format!("skiff-exec-{:016x}", rand::random::<u64>()));
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&dir)
-        .map_err(|e| Status::internal(format!("failed to create {}: {e}", dir.display())))?;
+        .map_err(|e| ExecError::Internal(format!("failed to create {}: {e}", dir.display())))?;
     Ok(dir)
 }
 
@@ -257,13 +305,13 @@ impl Killer {
     }
 }
 
-fn spawn_piped(mut command: tokio::process::Command) -> Result<tokio::process::Child, Status> {
+fn spawn_piped(mut command: tokio::process::Command) -> Result<tokio::process::Child, ExecError> {
     command
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| Status::internal(format!("failed to start the command: {e}")))
+        .map_err(|e| ExecError::Internal(format!("failed to start the command: {e}")))
 }
 
 /// Copies `from` to the client as `wrap` messages until its end.
@@ -291,8 +339,14 @@ async fn run_piped(
 ) {
     let mut stdin = child.stdin.take();
     let readers = [
-        child.stdout.take().map(|o| tokio::spawn(forward(o, tx.clone(), Out::Stdout))),
-        child.stderr.take().map(|e| tokio::spawn(forward(e, tx.clone(), Out::Stderr))),
+        child
+            .stdout
+            .take()
+            .map(|o| tokio::spawn(forward(o, tx.clone(), Out::Stdout))),
+        child
+            .stderr
+            .take()
+            .map(|e| tokio::spawn(forward(e, tx.clone(), Out::Stderr))),
     ];
     let mut input_open = true;
     let status = loop {
@@ -362,6 +416,11 @@ async fn run_tty(
                     let (rows, cols) = (clamp(size.rows), clamp(size.cols));
                     let _ = master.resize(rows, cols);
                 }
+                // A terminal has no end of input: its EOF character is
+                // the closest (piped stdin with -it).
+                Some(Ok(pb::ExecInput { msg: Some(In::CloseStdin(_)) })) => {
+                    let _ = master.write_all(&[EOT]).await;
+                }
                 Some(Ok(_)) => {}
                 None | Some(Err(_)) => input_open = false,
             },
@@ -405,7 +464,7 @@ impl ContainerTty {
         mut options: ExecOptions,
         rows: u16,
         cols: u16,
-    ) -> Result<Self, Status> {
+    ) -> Result<Self, ExecError> {
         let dir = private_dir()?;
         let opened = Self::open_in(runc, id, &mut options, rows, cols, &dir).await;
         if opened.is_err() {
@@ -421,10 +480,11 @@ impl ContainerTty {
         rows: u16,
         cols: u16,
         dir: &Path,
-    ) -> Result<(tty::Master, u32), Status> {
+    ) -> Result<(tty::Master, u32), ExecError> {
         let socket = dir.join("console.sock");
-        let listener = tokio::net::UnixListener::bind(&socket)
-            .map_err(|e| Status::internal(format!("failed to listen on {}: {e}", socket.display())))?;
+        let listener = tokio::net::UnixListener::bind(&socket).map_err(|e| {
+            ExecError::Internal(format!("failed to listen on {}: {e}", socket.display()))
+        })?;
         options.console_socket = Some(socket);
         let pid_file = dir.join("pid");
         let mut command = runc.exec_command(id, options, &pid_file);
@@ -435,7 +495,7 @@ impl ContainerTty {
             .kill_on_drop(true);
         let child = command
             .spawn()
-            .map_err(|e| Status::internal(format!("cannot run {}: {e}", runc.name())))?;
+            .map_err(|e| ExecError::Internal(format!("cannot run {}: {e}", runc.name())))?;
         let receive = async {
             let (stream, _) = listener.accept().await?;
             let stream = stream.into_std()?;
@@ -449,22 +509,33 @@ impl ContainerTty {
             tokio::join!(receive, child.wait_with_output())
         })
         .await
-        .map_err(|_| Status::deadline_exceeded(format!("{} exec did not start the command in time", runc.name())))?;
-        let finished = finished.map_err(|e| Status::internal(format!("{} exec: {e}", runc.name())))?;
+        .map_err(|_| {
+            ExecError::Timeout(format!(
+                "{} exec did not start the command in time",
+                runc.name()
+            ))
+        })?;
+        let finished =
+            finished.map_err(|e| ExecError::Internal(format!("{} exec: {e}", runc.name())))?;
         if !finished.status.success() {
             let text = String::from_utf8_lossy(&finished.stderr);
-            let line = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
-            return Err(Status::failed_precondition(format!(
+            let line = text
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("");
+            return Err(ExecError::NotRunning(format!(
                 "{} exec failed: {}",
                 runc.name(),
                 line.trim()
             )));
         }
-        let master = received.map_err(|e| Status::internal(format!("failed to receive the terminal: {e}")))?;
+        let master = received
+            .map_err(|e| ExecError::Internal(format!("failed to receive the terminal: {e}")))?;
         let pid = std::fs::read_to_string(&pid_file)
             .ok()
             .and_then(|s| s.trim().parse().ok())
-            .ok_or_else(|| Status::internal(format!("{} exec wrote no pid", runc.name())))?;
+            .ok_or_else(|| ExecError::Internal(format!("{} exec wrote no pid", runc.name())))?;
         let _ = tty::set_size(&master, rows, cols);
         let master = tty::Master::new(master).map_err(internal)?;
         Ok((master, pid))
@@ -500,17 +571,18 @@ mod tests {
     use super::*;
 
     fn input(messages: Vec<In>) -> Input {
-        let items: Vec<Result<pb::ExecInput, Status>> = messages
+        let items: Vec<Result<pb::ExecInput, tonic::Status>> = messages
             .into_iter()
-            .map(|m| Ok(pb::ExecInput { msg: Some(m) }))
+            .map(|m| pb::ExecInput { msg: Some(m) })
+            .map(Ok)
             .collect();
         Box::pin(futures::stream::iter(items).chain(futures::stream::pending()))
     }
 
-    async fn collect(mut rx: mpsc::Receiver<Result<pb::ExecOutput, Status>>) -> (Vec<u8>, Vec<u8>, i32) {
+    async fn collect(mut rx: mpsc::Receiver<pb::ExecOutput>) -> (Vec<u8>, Vec<u8>, i32) {
         let (mut out, mut err) = (Vec::new(), Vec::new());
         while let Some(message) = rx.recv().await {
-            match message.unwrap().msg {
+            match message.msg {
                 Some(Out::Stdout(d)) => out.extend(d),
                 Some(Out::Stderr(d)) => err.extend(d),
                 Some(Out::ExitCode(code)) => return (out, err, code),
@@ -536,7 +608,10 @@ mod tests {
         let stdin = input(vec![In::Stdin(b"typed\n".to_vec()), In::CloseStdin(true)]);
         tokio::spawn(run_piped(child, Killer::Group(pid), stdin, tx));
         let (out, err, code) = collect(rx).await;
-        assert_eq!((out.as_slice(), err.as_slice(), code), (&b"typed\n"[..], &b"err\n"[..], 7));
+        assert_eq!(
+            (out.as_slice(), err.as_slice(), code),
+            (&b"typed\n"[..], &b"err\n"[..], 7)
+        );
     }
 
     #[tokio::test]
@@ -554,7 +629,10 @@ mod tests {
         let (master, slave) = tty::open_pty(33, 101).unwrap();
         let mut command = shell("test -t 0 && stty size; read line; echo got=$line; exit 3");
         let io = |fd: &std::os::fd::OwnedFd| Stdio::from(fd.try_clone().unwrap());
-        command.stdin(io(&slave)).stdout(io(&slave)).stderr(io(&slave));
+        command
+            .stdin(io(&slave))
+            .stdout(io(&slave))
+            .stderr(io(&slave));
         let mut child = command.spawn().unwrap();
         drop(command);
         drop(slave);
@@ -563,7 +641,13 @@ mod tests {
         let (tx, rx) = mpsc::channel(8);
         let stdin = input(vec![In::Stdin(b"hello\r".to_vec())]);
         let master = tty::Master::new(master).unwrap();
-        tokio::spawn(run_tty(master, Box::pin(exit), Killer::Group(pid), stdin, tx));
+        tokio::spawn(run_tty(
+            master,
+            Box::pin(exit),
+            Killer::Group(pid),
+            stdin,
+            tx,
+        ));
         let (out, _, code) = tokio::time::timeout(Duration::from_secs(10), collect(rx))
             .await
             .unwrap();
@@ -582,12 +666,18 @@ mod tests {
         };
         assert!(check_start(&ok).is_ok());
         let empty = pb::ExecStart::default();
-        assert!(check_start(&empty).unwrap_err().message().contains("invalid command"));
+        assert!(check_start(&empty)
+            .unwrap_err()
+            .to_string()
+            .contains("invalid command"));
         let bad_env = pb::ExecStart {
             env: vec!["NOVALUE".into()],
             ..ok.clone()
         };
-        assert!(check_start(&bad_env).unwrap_err().message().contains("KEY=VALUE"));
+        assert!(check_start(&bad_env)
+            .unwrap_err()
+            .to_string()
+            .contains("KEY=VALUE"));
         let huge = pb::ExecStart {
             command: vec!["x".repeat(MAX_COMMAND_BYTES + 1)],
             ..ok

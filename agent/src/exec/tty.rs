@@ -163,12 +163,15 @@ mod tests {
         sender.join().unwrap();
 
         set_size(&received, 40, 132).unwrap();
-        assert_eq!(get_size(&slave), Some((40, 132)), "resize reaches the slave");
+        assert_eq!(
+            get_size(&slave),
+            Some((40, 132)),
+            "resize reaches the slave"
+        );
         // Raw mode on the slave side, so bytes pass unchanged.
         let mut termios = nix::sys::termios::tcgetattr(&slave).unwrap();
         nix::sys::termios::cfmakeraw(&mut termios);
-        nix::sys::termios::tcsetattr(&slave, nix::sys::termios::SetArg::TCSANOW, &termios)
-            .unwrap();
+        nix::sys::termios::tcsetattr(&slave, nix::sys::termios::SetArg::TCSANOW, &termios).unwrap();
 
         let master = Master::new(received).unwrap();
         master.write_all(b"typed").await.unwrap();

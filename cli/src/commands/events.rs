@@ -2,8 +2,6 @@
 //! last N with `--tail`, the newer ones with `--since`); with `--follow`,
 //! then new ones as they commit.
 
-
-
 use skiff_proto::v1 as pb;
 use skiff_proto::v1::control_client::ControlClient;
 

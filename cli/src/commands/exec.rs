@@ -28,7 +28,11 @@ fn input(msg: In) -> pb::ExecInput {
 /// Runs the command; returns its exit code.
 pub async fn exec(server: &str, args: ExecArgs) -> anyhow::Result<i32> {
     skiff_spec::validate_name(&args.name).map_err(|e| anyhow!("invalid service {e}"))?;
-    let size = if args.tty { crate::terminal::size() } else { None };
+    let size = if args.tty {
+        crate::terminal::size()
+    } else {
+        None
+    };
     let (rows, cols) = size.unwrap_or((24, 80));
     let start = pb::ExecStart {
         service: args.name.clone(),
@@ -109,7 +113,10 @@ fn pump_stdin(tx: &mpsc::Sender<pb::ExecInput>) {
         match stdin.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
-                if tx.blocking_send(input(In::Stdin(buf[..n].to_vec()))).is_err() {
+                if tx
+                    .blocking_send(input(In::Stdin(buf[..n].to_vec())))
+                    .is_err()
+                {
                     return;
                 }
             }

@@ -174,13 +174,7 @@ pub async fn run(
                 max_age_ms,
                 timestamps,
             };
-            logs(
-                server,
-                &status,
-                replica.as_deref(),
-                options,
-            )
-            .await?;
+            logs(server, &status, replica.as_deref(), options).await?;
         }
     }
     Ok(())

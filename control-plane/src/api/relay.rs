@@ -32,7 +32,11 @@ pub(super) type LogStream = Pin<Box<dyn Stream<Item = Result<pb::LogChunk, Statu
 pub(super) type ExecStream = Pin<Box<dyn Stream<Item = Result<pb::ExecOutput, Status>> + Send>>;
 
 /// The replica of `service` whose id is or starts with `prefix`.
-fn find_replica<'a>(state: &'a State, service: &'a str, prefix: &str) -> Result<&'a Allocation, Status> {
+fn find_replica<'a>(
+    state: &'a State,
+    service: &'a str,
+    prefix: &str,
+) -> Result<&'a Allocation, Status> {
     let matching: Vec<&Allocation> = state
         .allocs_of(service)
         .filter(|a| a.id.starts_with(prefix))
@@ -75,7 +79,10 @@ impl Api {
     /// A client of the agent of `node`.
     fn agent_client(state: &State, alloc: &Allocation) -> Result<AgentLogsClient<Channel>, Status> {
         let node = state.nodes.get(&alloc.node).ok_or_else(|| {
-            Status::unavailable(format!("node {} of replica {} is gone", alloc.node, alloc.id))
+            Status::unavailable(format!(
+                "node {} of replica {} is gone",
+                alloc.node, alloc.id
+            ))
         })?;
         if node.agent_address.is_empty() {
             return Err(Status::unavailable(format!(
@@ -83,14 +90,15 @@ impl Api {
                 node.name
             )));
         }
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", node.agent_address))
-            .map_err(|_| {
-                Status::internal(format!(
-                    "node {} registered an invalid agent address {}",
-                    node.name, node.agent_address
-                ))
-            })?
-            .connect_timeout(AGENT_DIAL_TIMEOUT);
+        let endpoint =
+            tonic::transport::Endpoint::from_shared(format!("http://{}", node.agent_address))
+                .map_err(|_| {
+                    Status::internal(format!(
+                        "node {} registered an invalid agent address {}",
+                        node.name, node.agent_address
+                    ))
+                })?
+                .connect_timeout(AGENT_DIAL_TIMEOUT);
         Ok(AgentLogsClient::new(endpoint.connect_lazy())
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE))
@@ -128,7 +136,11 @@ impl Api {
                 since_ms,
                 timestamps: request.timestamps,
             };
-            (Self::agent_client(&state, alloc)?, asked, alloc.node.clone())
+            (
+                Self::agent_client(&state, alloc)?,
+                asked,
+                alloc.node.clone(),
+            )
         };
         let id = asked.alloc_id.clone();
         let stream = client
@@ -186,7 +198,9 @@ impl Api {
             msg: Some(In::Start(start)),
         };
         // The client's input after the start, until it ends or fails.
-        let rest = inbound.take_while(|m| futures::future::ready(m.is_ok())).filter_map(|m| async move { m.ok() });
+        let rest = inbound
+            .take_while(|m| futures::future::ready(m.is_ok()))
+            .filter_map(|m| async move { m.ok() });
         let outbound = futures::stream::iter([first]).chain(rest);
         let stream = client
             .exec(outbound)
