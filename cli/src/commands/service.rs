@@ -28,8 +28,9 @@ pub async fn run(
     let command = match command {
         ServiceCommand::Exec(args) => {
             let code = super::exec::exec(server, args).await?;
-            // The command's code is the CLI's (a shell's 0..=255).
-            std::process::exit(code.clamp(0, 255));
+            // The command's code is the CLI's (a shell's 0..=255; an
+            // unknown one, -1, is 255).
+            std::process::exit(if (0..=255).contains(&code) { code } else { 255 });
         }
         command => command,
     };
