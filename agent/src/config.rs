@@ -41,9 +41,9 @@ pub struct AgentConfig {
     pub memory_mb: u32,
     /// Node labels for constraints and zone spreading (`--label zone=a`).
     pub labels: BTreeMap<String, String>,
-    /// Port (on `advertise`) where the agent serves replica logs to
-    /// `skiff service logs`; 0: any free port (published to the servers
-    /// either way).
+    /// Port (on `advertise`) where the agent serves `AgentLogs` (replica
+    /// logs and exec, relayed by the servers, and image prunes); 0: any
+    /// free port (in its registration, so its node record, either way).
     pub logs_port: u16,
     /// A replica's stdout or stderr log is rotated above this size (one
     /// rotated file is kept).

@@ -1,10 +1,12 @@
 //! Replica logs: every runtime writes a replica's output to
 //! `DATA/allocs/<id>/{stdout,stderr}.log` (opened for appending, so a
 //! container keeps writing to it across agent restarts). This module rotates
-//! those files by size and serves them over the `AgentLogs` gRPC service that
-//! `skiff service logs` calls, like `nomad alloc logs` asks the client that
-//! runs the allocation. The same service prunes the node's image store for
-//! `skiff node prune`: both are requests the CLI makes of one agent.
+//! those files by size, marks when they grew (`log_times.rs`, for `--since`
+//! and `--timestamps`) and serves them over the `AgentLogs` gRPC service
+//! that the servers relay `skiff service logs` to, like `nomad alloc logs`
+//! asks the client that runs the allocation. The same service runs
+//! `skiff service exec` (`exec/`) and prunes the node's image store for
+//! `skiff node prune`.
 //!
 //! Rotation is copy-and-truncate: the writer holds the file open (a
 //! container's stdout is the file itself), so the file is copied to
@@ -32,14 +34,11 @@ pub const STREAMS: [&str; 2] = ["stdout", "stderr"];
 const FOLLOW_POLL: Duration = Duration::from_millis(200);
 /// At most this much is sent in one chunk.
 const CHUNK: usize = 64 * 1024;
+/// How long an exec call may take to send its start message.
+const EXEC_START_WAIT: Duration = Duration::from_secs(10);
 /// Record whose presence says the allocation is still known to the agent
 /// (see `store.rs`).
 const RECORD_FILE: &str = "state.json";
-
-/// The variable an agent publishes its logs address in.
-pub fn address_key(node: &str) -> String {
-    format!("_skiff/nodes/{node}/logs")
-}
 
 /// `DIR/stdout.log` for `stream` = `stdout`.
 pub fn log_path(alloc_dir: &Path, stream: &str) -> PathBuf {
@@ -65,12 +64,16 @@ pub fn rotate(alloc_dir: &Path, max_bytes: u64) -> Vec<&'static str> {
         }
         let old = rotated_path(alloc_dir, stream);
         let tmp = alloc_dir.join(format!("{stream}.log.1.tmp"));
-        let copied = fs::copy(&path, &tmp).and_then(|_| fs::rename(&tmp, &old));
-        if let Err(e) = copied {
-            tracing::warn!(path = %path.display(), error = %e, "failed to rotate log");
-            let _ = fs::remove_file(&tmp);
-            continue;
-        }
+        let copied = fs::copy(&path, &tmp).and_then(|len| fs::rename(&tmp, &old).map(|()| len));
+        let len = match copied {
+            Ok(len) => len,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "failed to rotate log");
+                let _ = fs::remove_file(&tmp);
+                continue;
+            }
+        };
+        crate::log_times::rotate(alloc_dir, stream, len, now_ms());
         match fs::OpenOptions::new().write(true).open(&path) {
             Ok(file) => {
                 if let Err(e) = file.set_len(0) {
@@ -85,19 +88,47 @@ pub fn rotate(alloc_dir: &Path, max_bytes: u64) -> Vec<&'static str> {
     rotated
 }
 
-/// Rotates every allocation's logs under `allocs_dir` every `every`, until
-/// the task is dropped.
-pub async fn rotate_loop(allocs_dir: PathBuf, max_bytes: u64, every: Duration) {
-    let mut tick = tokio::time::interval(every);
+/// Milliseconds since the epoch, by this node's clock.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// How often the logs' growth is marked (the precision of `--since` and
+/// `--timestamps` for lines read back later).
+pub const MARK_EVERY: Duration = Duration::from_secs(1);
+
+/// Marks every allocation's logs under `allocs_dir` every [`MARK_EVERY`]
+/// and rotates them every `rotate_every`, in one task so a rotation and a
+/// mark never race, until the task is dropped.
+pub async fn rotate_loop(allocs_dir: PathBuf, max_bytes: u64, rotate_every: Duration) {
+    let mut tick = tokio::time::interval(MARK_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let marker = Arc::new(std::sync::Mutex::new(crate::log_times::Marker::default()));
+    let mut last_rotation = tokio::time::Instant::now();
     loop {
         tick.tick().await;
-        let dir = allocs_dir.clone();
+        let rotating = last_rotation.elapsed() >= rotate_every;
+        if rotating {
+            last_rotation = tokio::time::Instant::now();
+        }
+        let (dir, marker) = (allocs_dir.clone(), marker.clone());
         let _ = tokio::task::spawn_blocking(move || {
+            let Ok(mut marker) = marker.lock() else {
+                return;
+            };
+            let now = now_ms();
             for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
                 if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                    rotate(&entry.path(), max_bytes);
+                    marker.mark(&entry.path(), now);
+                    if rotating {
+                        rotate(&entry.path(), max_bytes);
+                    }
                 }
+            }
+            if rotating {
+                marker.forget_missing();
             }
         })
         .await;
@@ -122,18 +153,102 @@ fn last_lines(text: &[u8], n: usize) -> &[u8] {
     text
 }
 
+/// Which lines of a log to send and how.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct LogFilter {
+    /// The last N lines; 0: all.
+    tail: usize,
+    /// Only lines written at or after this time (ms since the epoch); 0:
+    /// all.
+    since_ms: u64,
+    /// Prefix each line with its write time.
+    timestamps: bool,
+}
+
+impl LogFilter {
+    fn new(request: &pb::LogsRequest) -> Self {
+        Self {
+            tail: request.tail as usize,
+            since_ms: request.since_ms,
+            timestamps: request.timestamps,
+        }
+    }
+
+    /// Needs each line's write time.
+    fn timed(&self) -> bool {
+        self.since_ms > 0 || self.timestamps
+    }
+}
+
+/// `text` with each line prefixed by its time (`times`, one per line) as
+/// `2024-05-01T12:00:00.123Z `, as `docker logs --timestamps` prints.
+fn stamped(text: &[u8], times: &[u64]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len() + times.len() * 25);
+    for (line, ms) in text.split_inclusive(|b| *b == b'\n').zip(times) {
+        out.extend_from_slice(skiff_spec::time::format_rfc3339_ms(*ms).as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(line);
+    }
+    out
+}
+
+/// A log file's lines with their write times (see `log_times.rs`).
+fn timed_lines(log: &Path, marks: &Path) -> (Vec<u8>, Vec<u64>) {
+    let text = fs::read(log).unwrap_or_default();
+    let times = crate::log_times::line_times(
+        &text,
+        &crate::log_times::read_marks(marks),
+        crate::log_times::modified_ms(log),
+    );
+    (text, times)
+}
+
 /// What a stream holds now (the rotated file, then the current one), cut to
-/// the last `tail` lines, and the current file's length: where following
-/// continues.
-fn snapshot(alloc_dir: &Path, stream: &str, tail: usize) -> (Vec<u8>, u64) {
-    let current = fs::read(log_path(alloc_dir, stream)).unwrap_or_default();
-    let offset = current.len() as u64;
-    let mut text = fs::read(rotated_path(alloc_dir, stream)).unwrap_or_default();
+/// the lines `filter` asks for, and the current file's length: where
+/// following continues.
+fn snapshot(alloc_dir: &Path, stream: &str, filter: LogFilter) -> (Vec<u8>, u64) {
+    if !filter.timed() {
+        let current = fs::read(log_path(alloc_dir, stream)).unwrap_or_default();
+        let offset = current.len() as u64;
+        let mut text = fs::read(rotated_path(alloc_dir, stream)).unwrap_or_default();
+        if !text.is_empty() && !text.ends_with(b"\n") {
+            text.push(b'\n');
+        }
+        text.extend_from_slice(&current);
+        return (last_lines(&text, filter.tail).to_vec(), offset);
+    }
+    let (mut text, mut times) = timed_lines(
+        &rotated_path(alloc_dir, stream),
+        &crate::log_times::rotated_marks_path(alloc_dir, stream),
+    );
     if !text.is_empty() && !text.ends_with(b"\n") {
         text.push(b'\n');
     }
+    let (current, current_times) = timed_lines(
+        &log_path(alloc_dir, stream),
+        &crate::log_times::marks_path(alloc_dir, stream),
+    );
+    let offset = current.len() as u64;
     text.extend_from_slice(&current);
-    (last_lines(&text, tail).to_vec(), offset)
+    times.extend(current_times);
+    let lines: Vec<(&[u8], u64)> = text
+        .split_inclusive(|b| *b == b'\n')
+        .zip(times)
+        .filter(|(_, ms)| *ms >= filter.since_ms)
+        .collect();
+    let skip = match filter.tail {
+        0 => 0,
+        n => lines.len().saturating_sub(n),
+    };
+    let mut out = Vec::new();
+    for (line, ms) in &lines[skip..] {
+        if filter.timestamps {
+            out.extend(stamped(line, &[*ms]));
+        } else {
+            out.extend_from_slice(line);
+        }
+    }
+    (out, offset)
 }
 
 /// Reads what was appended to `path` since `offset`; starts over from 0 if
@@ -218,10 +333,10 @@ async fn send(tx: &ChunkSender, stream: &str, data: &[u8]) -> bool {
 /// Streams the replica's logs: the snapshot, then (following) new whole
 /// lines until the allocation is forgotten or the client goes away.
 async fn stream_logs(dir: PathBuf, request: pb::LogsRequest, tx: ChunkSender) {
-    let tail = request.tail as usize;
+    let filter = LogFilter::new(&request);
     let mut offsets = [0u64; 2];
     for (i, stream) in STREAMS.iter().enumerate() {
-        let (text, offset) = snapshot(&dir, stream, tail);
+        let (text, offset) = snapshot(&dir, stream, filter);
         offsets[i] = offset;
         if !send(&tx, stream, &text).await {
             return;
@@ -249,7 +364,13 @@ async fn stream_logs(dir: PathBuf, request: pb::LogsRequest, tx: ChunkSender) {
                     .rposition(|b| *b == b'\n')
                     .map_or(0, |p| p + 1)
             };
-            let lines: Vec<u8> = partial[i].drain(..cut).collect();
+            let mut lines: Vec<u8> = partial[i].drain(..cut).collect();
+            if filter.timestamps && !lines.is_empty() {
+                // Read within a poll of being written: now is its time.
+                let now = now_ms();
+                let count = lines.split_inclusive(|b| *b == b'\n').count();
+                lines = stamped(&lines, &vec![now; count]);
+            }
             if !lines.is_empty() && !send(&tx, stream, &lines).await {
                 return;
             }
@@ -294,6 +415,38 @@ impl AgentLogs for LogService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
+    type ExecStream = Pin<Box<dyn futures::Stream<Item = Result<pb::ExecOutput, Status>> + Send>>;
+
+    async fn exec(
+        &self,
+        request: Request<tonic::Streaming<pb::ExecInput>>,
+    ) -> Result<Response<Self::ExecStream>, Status> {
+        use pb::exec_input::Msg;
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(EXEC_START_WAIT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no exec start message in time"))??;
+        let Some(pb::ExecInput {
+            msg: Some(Msg::Start(start)),
+        }) = first
+        else {
+            return Err(Status::invalid_argument(
+                "the first message of an exec must be start",
+            ));
+        };
+        let context = crate::exec::ExecContext {
+            allocs_dir: self.allocs_dir.clone(),
+            runc: self.oci.as_ref().and_then(|o| o.runc().ok().cloned()),
+        };
+        let rx = crate::exec::start(&context, start, Box::pin(inbound))
+            .await
+            .map_err(exec_status)?;
+        Ok(Response::new(Box::pin(futures::StreamExt::map(
+            ReceiverStream::new(rx),
+            Ok,
+        ))))
+    }
+
     async fn prune(
         &self,
         _request: Request<pb::PruneRequest>,
@@ -319,6 +472,19 @@ impl AgentLogs for LogService {
             blobs: count(report.blobs),
             bytes: report.bytes,
         }))
+    }
+}
+
+fn exec_status(e: crate::exec::ExecError) -> Status {
+    use crate::exec::ExecError;
+    let message = e.to_string();
+    match e {
+        ExecError::Invalid(_) => Status::invalid_argument(message),
+        ExecError::NotFound(_) => Status::not_found(message),
+        ExecError::NotRunning(_) => Status::failed_precondition(message),
+        ExecError::Unavailable(_) => Status::unavailable(message),
+        ExecError::Timeout(_) => Status::deadline_exceeded(message),
+        ExecError::Internal(_) => Status::internal(message),
     }
 }
 
@@ -353,7 +519,11 @@ mod tests {
             fs::read(rotated_path(dir.path(), "stdout")).unwrap(),
             b"one\ntwo\n"
         );
-        let (text, offset) = snapshot(dir.path(), "stdout", 2);
+        let filter = LogFilter {
+            tail: 2,
+            ..LogFilter::default()
+        };
+        let (text, offset) = snapshot(dir.path(), "stdout", filter);
         assert_eq!((text.as_slice(), offset), (&b"two\nthree\n"[..], 6));
     }
 
@@ -382,7 +552,7 @@ mod tests {
             Request::new(pb::LogsRequest {
                 alloc_id: id.into(),
                 follow: true,
-                tail: 0,
+                ..Default::default()
             })
         };
         let mut stream = service.logs(request("a1")).await.unwrap().into_inner();
@@ -416,7 +586,7 @@ mod tests {
         let request = pb::LogsRequest {
             alloc_id: "a".into(),
             follow: true,
-            tail: 0,
+            ..Default::default()
         };
         let task = tokio::spawn(stream_logs(alloc.clone(), request, tx));
         let first = rx.recv().await.unwrap().unwrap();
@@ -441,5 +611,39 @@ mod tests {
         }
         assert_eq!(rest, b"part", "flushed when the replica is gone");
         task.await.unwrap();
+    }
+
+    #[test]
+    fn since_and_timestamps_use_the_marks_of_the_rotated_and_current_logs() {
+        use crate::log_times::{append_mark, marks_path, rotated_marks_path};
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        fs::write(rotated_path(d, "stdout"), "old1\nold2\n").unwrap();
+        append_mark(&rotated_marks_path(d, "stdout"), 5, 1_000).unwrap();
+        append_mark(&rotated_marks_path(d, "stdout"), 10, 2_000).unwrap();
+        fs::write(log_path(d, "stdout"), "new1\nnew2\n").unwrap();
+        append_mark(&marks_path(d, "stdout"), 5, 3_000).unwrap();
+        append_mark(&marks_path(d, "stdout"), 10, 4_000).unwrap();
+        let since = |since_ms: u64, tail: usize| {
+            let filter = LogFilter {
+                tail,
+                since_ms,
+                timestamps: false,
+            };
+            String::from_utf8(snapshot(d, "stdout", filter).0).unwrap()
+        };
+        assert_eq!(since(2_000, 0), "old2\nnew1\nnew2\n");
+        assert_eq!(since(3_500, 0), "new2\n");
+        assert_eq!(since(1_500, 2), "new1\nnew2\n", "tail after since");
+        let filter = LogFilter {
+            tail: 1,
+            since_ms: 0,
+            timestamps: true,
+        };
+        let (text, offset) = snapshot(d, "stdout", filter);
+        assert_eq!(
+            (String::from_utf8(text).unwrap().as_str(), offset),
+            ("1970-01-01T00:00:04.000Z new2\n", 10)
+        );
     }
 }

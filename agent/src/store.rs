@@ -23,7 +23,16 @@ pub const LOG_KEEP_FOR: Duration = Duration::from_secs(24 * 60 * 60);
 pub const LOG_KEEP_COUNT: usize = 100;
 /// The files of an allocation directory that outlive it: its logs and their
 /// rotated copies (see `logs.rs`).
-const LOG_FILES: [&str; 4] = ["stdout.log", "stdout.log.1", "stderr.log", "stderr.log.1"];
+const LOG_FILES: [&str; 8] = [
+    "stdout.log",
+    "stdout.log.1",
+    "stderr.log",
+    "stderr.log.1",
+    "stdout.log.times",
+    "stdout.log.times.1",
+    "stderr.log.times",
+    "stderr.log.times.1",
+];
 
 /// What the agent must remember about one allocation across restarts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

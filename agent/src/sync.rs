@@ -64,10 +64,10 @@ pub struct SyncLoop<'a, R: Runtime> {
     updates: &'a mut mpsc::UnboundedReceiver<StatusUpdate>,
     /// Set once the current server answered `Registered`.
     registered: bool,
-    /// Where this agent serves replica logs; published after registering.
+    /// Where this agent serves `AgentLogs` (logs, exec); sent in `Register`.
     logs_addr: Option<std::net::SocketAddr>,
     /// The routing proxy fed by `Endpoints`, its counters reported as
-    /// traffic, and where `/metrics` is served (published like logs).
+    /// traffic, and where `/metrics` is served (published in a variable).
     proxy: Option<ProxyParts<'a>>,
     prepull: Prepull,
     /// The replicas' CPU and memory readings, sent with the traffic.
@@ -290,7 +290,7 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
         Some(services)
     }
 
-    /// Publishes `addr` as this node's logs address on every registration.
+    /// Registers `addr` as where this node serves logs and exec.
     pub fn with_logs_addr(mut self, addr: Option<std::net::SocketAddr>) -> Self {
         self.logs_addr = addr;
         self
@@ -351,6 +351,7 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
         // a server that reads before answering finds them.
         let (outbound, rx) = mpsc::unbounded_channel();
         let mut register = convert::register(self.config);
+        register.agent_address = self.logs_addr.map(|a| a.to_string()).unwrap_or_default();
         register.cpu_millis = self.config.cpu_millis;
         register.memory_mb = self.config.memory_mb;
         register.labels = self.config.labels.clone().into_iter().collect();
@@ -412,11 +413,8 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
                             interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
                             heartbeat = Some(interval);
                             self.registered = true;
-                            if let Some(addr) = self.logs_addr {
-                                tokio::spawn(publish_logs_addr(channel.clone(), crate::logs::address_key(&self.config.name), addr));
-                            }
                             if let Some(addr) = self.proxy.as_ref().and_then(|p| p.metrics_addr) {
-                                tokio::spawn(publish_logs_addr(channel.clone(), crate::metrics::address_key(&self.config.name), addr));
+                                tokio::spawn(publish_address(channel.clone(), crate::metrics::address_key(&self.config.name), addr));
                             }
                         }
                         Some(ServerMsg::Assignments(assignments)) => {
@@ -526,10 +524,10 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
     }
 }
 
-/// Records where this node serves something (replica logs for `skiff
-/// service logs`, metrics) in the variable `key`. Best effort: logged,
-/// retried at the next registration.
-async fn publish_logs_addr(
+/// Records where this node serves its proxy metrics in the variable `key`
+/// (where it serves logs and exec is in its registration). Best effort:
+/// logged, retried at the next registration.
+async fn publish_address(
     channel: tonic::transport::Channel,
     key: String,
     addr: std::net::SocketAddr,
@@ -540,9 +538,9 @@ async fn publish_logs_addr(
         value: addr.to_string(),
     };
     match tokio::time::timeout(OPEN_TIMEOUT, client.put_variable(request)).await {
-        Ok(Ok(_)) => tracing::debug!(%addr, "published logs address"),
-        Ok(Err(e)) => tracing::warn!(%addr, error = %e, "failed to publish logs address"),
-        Err(_) => tracing::warn!(%addr, "publishing the logs address timed out"),
+        Ok(Ok(_)) => tracing::debug!(%addr, "published metrics address"),
+        Ok(Err(e)) => tracing::warn!(%addr, error = %e, "failed to publish metrics address"),
+        Err(_) => tracing::warn!(%addr, "publishing the metrics address timed out"),
     }
 }
 

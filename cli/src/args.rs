@@ -721,7 +721,67 @@ pub enum ServiceCommand {
         /// Only the last N lines of each stream of each replica.
         #[arg(long)]
         tail: Option<u32>,
+        /// Only lines written since a time: an age (`90s`, `10m`, `2h`,
+        /// `1d`) or an RFC 3339 time (`2026-12-07T10:00:00Z`). Times are
+        /// marked about once a second while a replica writes.
+        #[arg(long, value_parser = parse_log_since)]
+        since: Option<LogSince>,
+        /// Prefix each line with the time it was written (RFC 3339, UTC).
+        #[arg(long, short = 't')]
+        timestamps: bool,
     },
+    /// Run a command in a running replica: in its container (its
+    /// namespaces, environment and user) or, for a process replica, on its
+    /// node in its working directory with its environment. Exits with the
+    /// command's exit code (128+N when signal N ended it).
+    Exec(ExecArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ExecArgs {
+    pub name: String,
+    /// The replica (an id, or a prefix of one); default: the first running
+    /// one.
+    #[arg(long)]
+    pub replica: Option<String>,
+    /// Pass stdin to the command.
+    #[arg(long, short = 'i')]
+    pub interactive: bool,
+    /// Give the command a terminal (stdout and stderr arrive merged).
+    #[arg(long, short = 't')]
+    pub tty: bool,
+    /// Run as this user (`NAME`, `UID` or `UID:GID`, looked up in the
+    /// container's /etc/passwd); default: the replica's user.
+    #[arg(long, short = 'u')]
+    pub user: Option<String>,
+    /// Extra environment variables (`KEY=VALUE`, repeatable).
+    #[arg(long, short = 'e')]
+    pub env: Vec<String>,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true, num_args = 1..)]
+    pub command: Vec<String>,
+}
+
+/// `service logs --since`: an age or a point in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogSince {
+    AgeMs(u64),
+    /// Milliseconds since the epoch.
+    At(u64),
+}
+
+fn parse_log_since(value: &str) -> Result<LogSince, String> {
+    if let Some(ms) = skiff_spec::time::parse_rfc3339_ms(value) {
+        return Ok(LogSince::At(ms));
+    }
+    let fix =
+        "use a duration like 90s, 10m, 2h or 1d, or an RFC 3339 time like 2026-12-07T10:00:00Z";
+    match parse_since(value) {
+        Ok(Since::AgeMs(ms)) if ms > 0 => Ok(LogSince::AgeMs(ms)),
+        _ => Err(format!(
+            "\"{value}\" is neither a duration nor a time; {fix}"
+        )),
+    }
 }
 
 #[derive(Args, Debug)]
@@ -1238,6 +1298,36 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn log_since_is_an_age_or_an_rfc3339_time() {
+        assert_eq!(parse_log_since("10m"), Ok(LogSince::AgeMs(600_000)));
+        assert_eq!(
+            parse_log_since("2024-05-01T12:00:00Z"),
+            Ok(LogSince::At(1_714_564_800_000))
+        );
+        for bad in ["12345", "0s", "yesterday", "2024-05-01"] {
+            assert!(
+                parse_log_since(bad).unwrap_err().contains("RFC 3339"),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn exec_takes_its_command_after_a_double_dash() {
+        let parsed = Cli::try_parse_from([
+            "skiff", "service", "exec", "web", "-it", "--user", "nobody", "--", "sh", "-c", "id",
+        ])
+        .unwrap();
+        let Command::Service(ServiceCommand::Exec(args)) = parsed.command else {
+            panic!("not exec: {parsed:?}");
+        };
+        assert!(args.interactive && args.tty);
+        assert_eq!(args.user.as_deref(), Some("nobody"));
+        assert_eq!(args.command, ["sh", "-c", "id"]);
+        assert!(Cli::try_parse_from(["skiff", "service", "exec", "web"]).is_err());
     }
 
     #[test]

@@ -21,6 +21,7 @@ mod client;
 mod commands;
 mod config_file;
 mod output;
+mod terminal;
 
 use clap::{CommandFactory, FromArgMatches};
 use tracing_subscriber::EnvFilter;

@@ -44,6 +44,7 @@ pub fn pure_scheduler(nodes: &[SimNode], services: &[ServiceSpec]) -> Result<Sch
             &mut state,
             Command::RegisterNode {
                 process_runtime: true,
+                agent_address: String::new(),
                 name: node.name.clone(),
                 address: "127.0.0.1".into(),
                 port_range: (20000, 29999),

@@ -12,6 +12,7 @@
 //! - [`pb`]: the protobuf conversions, in one place.
 //! - [`volume`]: named volumes and bind mounts, and their scope.
 //! - [`stack`]: stack files (Compose and Skiff's own format) into specs and back.
+//! - [`time`]: RFC 3339 times as Skiff prints and reads them.
 
 pub mod alloc;
 pub mod diff;
@@ -19,6 +20,7 @@ pub mod pb;
 pub mod policy;
 pub mod service;
 pub mod stack;
+pub mod time;
 pub mod volume;
 
 pub use alloc::AllocState;

@@ -20,7 +20,7 @@ use crate::health::HealthCheck;
 use crate::spec::ReplicaSpec;
 
 /// The search path of a process replica, as Docker gives containers.
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// How often an adopted process (not our child, so no SIGCHLD) is checked.
 const ADOPTED_POLL: Duration = Duration::from_millis(500);

@@ -213,6 +213,7 @@ async fn simulated_node(
         memory_mb: NODE_MEMORY,
         labels: labels(i).into_iter().collect(),
         process_runtime: true,
+        agent_address: String::new(),
     };
     let _ = outbound
         .send(pb::AgentMessage {

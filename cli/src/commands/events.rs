@@ -2,8 +2,6 @@
 //! last N with `--tail`, the newer ones with `--since`); with `--follow`,
 //! then new ones as they commit.
 
-use std::time::{Duration, UNIX_EPOCH};
-
 use skiff_proto::v1 as pb;
 use skiff_proto::v1::control_client::ControlClient;
 
@@ -67,31 +65,7 @@ fn dash(value: &str) -> &str {
 
 /// `2024-05-01T12:00:00.123Z` (UTC) from milliseconds since the epoch.
 pub(crate) fn time(ms: u64) -> String {
-    let t = UNIX_EPOCH + Duration::from_millis(ms);
-    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (y, m, d) = civil_from_days(days as i64);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        ms % 1000
-    )
-}
-
-/// Howard Hinnant's days-to-civil algorithm.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
+    skiff_spec::time::format_rfc3339_ms(ms)
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ pub mod completion;
 pub mod daemon;
 pub mod deploy;
 pub mod events;
+pub mod exec;
 pub mod man;
 pub mod node;
 pub mod progress;

@@ -185,8 +185,8 @@ struct Pruned {
     bytes: u64,
 }
 
-/// `skiff node prune [NODE...]`: asks each node's agent (over the
-/// `AgentLogs` service it publishes, like `service logs`) to remove the
+/// `skiff node prune [NODE...]`: asks each node's agent (over its
+/// `AgentLogs` service, at the address in its node record) to remove the
 /// images none of its replicas uses. Every node is tried; the command fails
 /// if any could not be pruned.
 async fn prune(
@@ -226,7 +226,7 @@ async fn prune(
     let mut pruned = Vec::new();
     let mut failed = Vec::new();
     for node in chosen {
-        match prune_node(client, node).await {
+        match prune_node(node).await {
             Ok(p) => pruned.push(p),
             Err(e) => failed.push((node.name.clone(), e)),
         }
@@ -263,19 +263,12 @@ async fn prune(
     }
 }
 
-async fn prune_node(client: &mut Client, node: &pb::Node) -> anyhow::Result<Pruned> {
+async fn prune_node(node: &pb::Node) -> anyhow::Result<Pruned> {
     let name = &node.name;
-    let found = client
-        .get_variable(pb::GetVariableRequest {
-            key: skiff_agent::logs::address_key(name),
-        })
-        .await
-        .map_err(explain)?
-        .into_inner();
-    if !found.found {
-        bail!("node {name} cannot be pruned: its agent has not registered since it started (status {})", node.status);
+    if node.agent_address.is_empty() {
+        bail!("node {name} cannot be pruned: its agent registered no address (status {}); restart it with this version of skiff", node.status);
     }
-    let address = found.value;
+    let address = &node.agent_address;
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
         .with_context(|| format!("node {name} published an invalid agent address {address}"))?
         .connect_timeout(Duration::from_secs(3))

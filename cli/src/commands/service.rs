@@ -25,6 +25,15 @@ pub async fn run(
         ServiceCommand::Create(args) => Some(build_spec(args, replicas.unwrap_or(1))?),
         _ => None,
     };
+    let command = match command {
+        ServiceCommand::Exec(args) => {
+            let code = super::exec::exec(server, args).await?;
+            // The command's code is the CLI's (a shell's 0..=255; an
+            // unknown one, -1, is 255).
+            std::process::exit(if (0..=255).contains(&code) { code } else { 255 });
+        }
+        command => command,
+    };
     let mut client = connect(server).await?;
     match command {
         ServiceCommand::Create(_) => {
@@ -144,21 +153,29 @@ pub async fn run(
         ServiceCommand::Rebalance { name } => rebalance(&mut client, &name).await?,
         ServiceCommand::Pause { name } => super::deploy::pause(&mut client, &name, true).await?,
         ServiceCommand::Resume { name } => super::deploy::pause(&mut client, &name, false).await?,
+        ServiceCommand::Exec(_) => unreachable!("run above"),
         ServiceCommand::Logs {
             name,
             follow,
             replica,
             tail,
+            since,
+            timestamps,
         } => {
             let status = get(&mut client, &name).await?;
-            logs(
-                &mut client,
-                &status,
-                replica.as_deref(),
+            let (since_ms, max_age_ms) = match since {
+                None => (0, 0),
+                Some(crate::args::LogSince::At(ms)) => (ms, 0),
+                Some(crate::args::LogSince::AgeMs(ms)) => (0, ms),
+            };
+            let options = LogOptions {
                 follow,
-                tail.unwrap_or(0),
-            )
-            .await?;
+                tail: tail.unwrap_or(0),
+                since_ms,
+                max_age_ms,
+                timestamps,
+            };
+            logs(server, &status, replica.as_deref(), options).await?;
         }
     }
     Ok(())
@@ -245,9 +262,6 @@ async fn watch_ps(
 /// rollout, and one request a second to the server.
 const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// `service logs`: asks the agent of each replica's node for its output
-/// (the address an agent publishes in `_skiff/nodes/<node>/logs`), like
-/// `nomad alloc logs`, and prints the streams as they arrive.
 /// `skiff service rebalance NAME`: asks the control plane to spread the
 /// service again; the moves show in `skiff events`.
 async fn rebalance(client: &mut crate::client::Client, name: &str) -> anyhow::Result<()> {
@@ -263,14 +277,24 @@ async fn rebalance(client: &mut crate::client::Client, name: &str) -> anyhow::Re
     Ok(())
 }
 
-async fn logs(
-    client: &mut crate::client::Client,
-    status: &pb::ServiceStatus,
-    replica: Option<&str>,
+/// What `service logs` asks of each replica's log.
+struct LogOptions {
     follow: bool,
     tail: u32,
+    since_ms: u64,
+    max_age_ms: u64,
+    timestamps: bool,
+}
+
+/// `service logs`: asks the server for the output of each replica, which
+/// it relays from the replica's agent (the CLI reaches only the server),
+/// and prints the streams as they arrive.
+async fn logs(
+    server: &str,
+    status: &pb::ServiceStatus,
+    replica: Option<&str>,
+    options: LogOptions,
 ) -> anyhow::Result<()> {
-    use skiff_proto::v1::agent_logs_client::AgentLogsClient;
     use std::io::Write;
 
     let name = status.spec.as_ref().map_or("", |s| s.name.as_str());
@@ -289,45 +313,23 @@ async fn logs(
             None => anyhow!("service {name} has no replicas to show logs of"),
         });
     }
+    // Followed logs run until interrupted: no request timeout.
+    let channel = crate::client::channel(server, None).await?;
     let prefix = chosen.len() > 1;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(String, pb::LogChunk)>(64);
     let mut tasks = Vec::new();
     for alloc in chosen {
-        let key = skiff_agent::logs::address_key(&alloc.node);
-        let address = client
-            .get_variable(pb::GetVariableRequest { key })
-            .await
-            .map_err(explain)?
-            .into_inner();
-        if !address.found {
-            return Err(anyhow!(
-                "node {} of replica {} does not serve logs (its agent has not registered since it started)",
-                alloc.node,
-                alloc.id
-            ));
-        }
-        let address = address.value;
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-            .with_context(|| {
-                format!(
-                    "node {} published an invalid logs address {address}",
-                    alloc.node
-                )
-            })?
-            .connect_timeout(std::time::Duration::from_secs(3));
-        let channel = endpoint.connect().await.with_context(|| {
-            format!(
-                "failed to reach the agent of node {} at {address} for the logs of replica {}",
-                alloc.node, alloc.id
-            )
-        })?;
-        let request = pb::LogsRequest {
-            alloc_id: alloc.id.clone(),
-            follow,
-            tail,
+        let request = pb::ServiceLogsRequest {
+            service: name.to_string(),
+            replica: alloc.id.clone(),
+            follow: options.follow,
+            tail: options.tail,
+            since_ms: options.since_ms,
+            max_age_ms: options.max_age_ms,
+            timestamps: options.timestamps,
         };
-        let mut stream = AgentLogsClient::new(channel)
-            .logs(request)
+        let mut stream = skiff_proto::v1::control_client::ControlClient::new(channel.clone())
+            .service_logs(request)
             .await
             .map_err(|e| {
                 anyhow!(

@@ -128,6 +128,12 @@ impl pb::agent_sync_server::AgentSync for Api {
         })?;
         let port_range = port_range(&register)?;
         let labels = labels(&register)?;
+        let agent_address = register.agent_address.trim();
+        if !agent_address.is_empty() && agent_address.parse::<std::net::SocketAddr>().is_err() {
+            return Err(Status::invalid_argument(format!(
+                "invalid agent address \"{agent_address}\": use HOST:PORT with an IP address"
+            )));
+        }
         // Alive whether or not the registration commits soon (say, during
         // an election): the liveness controller must know it.
         self.touch(&node);
@@ -136,6 +142,7 @@ impl pb::agent_sync_server::AgentSync for Api {
             address: address.to_string(),
             port_range,
             process_runtime: register.process_runtime,
+            agent_address: agent_address.to_string(),
             cpu_millis: register.cpu_millis,
             memory_mb: register.memory_mb,
             labels,

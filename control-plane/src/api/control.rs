@@ -86,6 +86,24 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>
 
 #[tonic::async_trait]
 impl pb::control_server::Control for Api {
+    type ServiceLogsStream = super::relay::LogStream;
+
+    async fn service_logs(
+        &self,
+        request: Request<pb::ServiceLogsRequest>,
+    ) -> Result<Response<Self::ServiceLogsStream>, Status> {
+        self.service_logs_here(request.into_inner()).await
+    }
+
+    type ServiceExecStream = super::relay::ExecStream;
+
+    async fn service_exec(
+        &self,
+        request: Request<tonic::Streaming<pb::ExecInput>>,
+    ) -> Result<Response<Self::ServiceExecStream>, Status> {
+        self.service_exec_here(request).await
+    }
+
     async fn list_volumes(
         &self,
         _request: Request<pb::ListVolumesRequest>,
@@ -645,6 +663,7 @@ mod tests {
                 1,
                 Command::RegisterNode {
                     process_runtime: true,
+                    agent_address: String::new(),
                     name: "n1".into(),
                     address: "127.0.0.1".into(),
                     port_range: (20000, 29999),

@@ -200,6 +200,7 @@ pub fn node_to_pb(state: &State, node: &Node, last_heartbeat_secs: u64) -> pb::N
         allocations: state.allocs_on(&node.name).filter(|a| a.is_live()).count() as u32,
         last_heartbeat_secs,
         leader_unreachable: false,
+        agent_address: node.agent_address.clone(),
     }
 }
 

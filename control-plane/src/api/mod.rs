@@ -13,6 +13,7 @@
 //! - `leader_view`: a follower's forwarding of the reads of what only the
 //!   leader holds in memory (heartbeats, reports, Raft progress).
 //! - `volumes`: the volume RPCs and the agents' volume reports.
+//! - `relay`: `service logs` and `exec` relayed to the replica's agent.
 //! - `raft_service`: the Raft transport between servers.
 //! - here: [`Api`], the state both services share, and the helpers they
 //!   use (proposing, read barriers, heartbeats, `Status` from errors).
@@ -27,6 +28,7 @@ pub mod convert;
 mod events;
 mod leader_view;
 mod raft_service;
+mod relay;
 mod reports;
 mod stacks;
 mod volumes;

@@ -145,6 +145,7 @@ impl Sim {
         {
             sim.apply(Command::RegisterNode {
                 process_runtime: true,
+                agent_address: String::new(),
                 name: name.into(),
                 address: format!("10.0.0.{}", &name[1..]),
                 port_range: (20000, 20999),

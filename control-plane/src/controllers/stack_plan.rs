@@ -159,6 +159,7 @@ mod tests {
                 i as u64 + 1,
                 Command::RegisterNode {
                     process_runtime: true,
+                    agent_address: String::new(),
                     name: name.into(),
                     address: "127.0.0.1".into(),
                     port_range: (20000, 20010),

@@ -56,6 +56,7 @@ impl Cluster {
             }
             c.apply(Command::RegisterNode {
                 process_runtime: true,
+                agent_address: String::new(),
                 name: n.name.clone(),
                 address: "127.0.0.1".into(),
                 port_range: n.ports,
@@ -445,6 +446,7 @@ fn process_replicas_go_only_to_agents_that_enable_the_process_runtime() {
     let mut c = Cluster::new(&[node("n1", ""), node("n2", ""), node("n3", "")]);
     c.apply(Command::RegisterNode {
         process_runtime: false,
+        agent_address: String::new(),
         name: "n2".into(),
         address: "127.0.0.1".into(),
         port_range: (20000, 20999),

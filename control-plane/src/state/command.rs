@@ -149,6 +149,9 @@ pub enum Command {
         port_range: (u16, u16),
         #[serde(default)]
         process_runtime: bool,
+        /// Where its agent serves `AgentLogs` (`HOST:PORT`).
+        #[serde(default)]
+        agent_address: String,
         #[serde(default)]
         cpu_millis: u32,
         #[serde(default)]

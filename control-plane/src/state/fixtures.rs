@@ -19,6 +19,7 @@ pub(super) fn spec(name: &str, replicas: u32) -> ServiceSpec {
 pub(super) fn node(name: &str) -> Command {
     Command::RegisterNode {
         process_runtime: true,
+        agent_address: String::new(),
         name: name.into(),
         address: "127.0.0.1".into(),
         port_range: (20000, 20010),

@@ -138,6 +138,7 @@ impl State {
                 address,
                 port_range,
                 process_runtime,
+                agent_address,
                 cpu_millis,
                 memory_mb,
                 labels,
@@ -158,6 +159,7 @@ impl State {
                     drained: previous.is_some_and(|n| n.drained),
                     images: previous.map(|n| n.images.clone()).unwrap_or_default(),
                     process_runtime,
+                    agent_address,
                     port_failures: previous
                         .map(|n| n.port_failures.clone())
                         .unwrap_or_default(),

@@ -168,6 +168,11 @@ pub struct Node {
     /// Its agent runs `process` replicas (`--enable-process-runtime`).
     #[serde(default)]
     pub process_runtime: bool,
+    /// Where its agent serves `AgentLogs` (`HOST:PORT`): the servers relay
+    /// `skiff service logs` and `exec` there. Empty: not known (an agent
+    /// that registered before it was recorded).
+    #[serde(default)]
+    pub agent_address: String,
     /// Published ports its routing proxy cannot listen on, by service.
     #[serde(default)]
     pub port_failures: BTreeMap<String, PortFailure>,

@@ -83,6 +83,19 @@ pub struct ContainerState {
     pub status: String,
 }
 
+/// What [`Runc::exec_command`] runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecOptions {
+    pub command: Vec<String>,
+    /// uid, gid and additional gids; `None`: the container's user.
+    pub user: Option<(u32, u32, Vec<u32>)>,
+    /// `KEY=VALUE` added to the container's environment.
+    pub env: Vec<String>,
+    /// Where runc sends the terminal's master (`--tty`); `None`: no
+    /// terminal.
+    pub console_socket: Option<PathBuf>,
+}
+
 /// The runtime binary and the state directory it keeps its containers in.
 #[derive(Debug, Clone)]
 pub struct Runc {
@@ -235,6 +248,41 @@ impl Runc {
             Ok(Err(e)) => Err(format!("{}: {e}", command.join(" "))),
             Err(_) => Err(format!("{} timed out after {timeout:?}", command.join(" "))),
         }
+    }
+
+    /// `exec` of an interactive command (`skiff service exec`): the
+    /// container's own process settings (environment, working directory,
+    /// user) with `options` on top, its pid written to `pid_file`. With a
+    /// console socket the command gets a terminal and runc detaches once it
+    /// sent the terminal's master there; without, the command shares the
+    /// returned command's stdio and runc exits with its exit status.
+    pub fn exec_command(
+        &self,
+        id: &str,
+        options: &ExecOptions,
+        pid_file: &Path,
+    ) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(&self.binary);
+        command.arg("--root").arg(&self.root).arg("exec");
+        if let Some(socket) = &options.console_socket {
+            command
+                .arg("--tty")
+                .arg("--detach")
+                .arg("--console-socket")
+                .arg(socket);
+        }
+        command.arg("--pid-file").arg(pid_file);
+        if let Some((uid, gid, additional)) = &options.user {
+            command.arg("--user").arg(format!("{uid}:{gid}"));
+            for g in additional {
+                command.arg("--additional-gids").arg(g.to_string());
+            }
+        }
+        for var in &options.env {
+            command.arg("--env").arg(var);
+        }
+        command.arg("--").arg(id).args(&options.command);
+        command
     }
 
     fn output(&self, args: &[&str]) -> Result<String, RuncError> {

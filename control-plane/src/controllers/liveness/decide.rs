@@ -71,6 +71,7 @@ mod tests {
                     images: Default::default(),
                     port_failures: Default::default(),
                     process_runtime: true,
+                    agent_address: String::new(),
                 };
                 (name.to_string(), node)
             })

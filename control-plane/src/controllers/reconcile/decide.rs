@@ -421,6 +421,7 @@ mod tests {
             for (name, zone) in nodes {
                 f.apply(Command::RegisterNode {
                     process_runtime: true,
+                    agent_address: String::new(),
                     name: name.to_string(),
                     address: "127.0.0.1".into(),
                     port_range: (20000, 20100),

@@ -189,6 +189,7 @@ mod tests {
             1,
             Command::RegisterNode {
                 process_runtime: true,
+                agent_address: String::new(),
                 name: "n1".into(),
                 address: "127.0.0.1".into(),
                 port_range: (20000, 20010),
