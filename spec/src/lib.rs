@@ -10,6 +10,7 @@
 //! - [`alloc`]: the states of an allocation.
 //! - [`diff`]: what changed between two specs, field by field.
 //! - [`pb`]: the protobuf conversions, in one place.
+//! - [`secret`]: references to secrets, read as files in `/run/secrets`.
 //! - [`volume`]: named volumes and bind mounts, and their scope.
 //! - [`stack`]: stack files (Compose and Skiff's own format) into specs and back.
 
@@ -17,6 +18,7 @@ pub mod alloc;
 pub mod diff;
 pub mod pb;
 pub mod policy;
+pub mod secret;
 pub mod service;
 pub mod stack;
 pub mod volume;
@@ -32,3 +34,7 @@ pub use service::{
     MIN_MEMORY_MB, SECCOMP_UNCONFINED, STACK_LABEL,
 };
 pub use volume::{host_path_allowed, validate_volume_name, Mount, MountKind, VolumeScope};
+pub use secret::{
+    validate_secret_name, validate_secret_value, OnChange, SecretRef, MAX_SECRETS,
+    MAX_SECRET_BYTES, SECRETS_DIR,
+};
