@@ -71,6 +71,9 @@ pub struct AgentConfig {
     /// Host path prefixes replicas may bind-mount (`--allow-host-path`);
     /// none by default.
     pub allow_host_paths: Vec<String>,
+    /// Where the replicas' secrets tmpfs mounts go (`<dir>/<alloc id>`);
+    /// outside the data dir, so no value is ever under it.
+    pub secrets_dir: PathBuf,
 }
 
 impl AgentConfig {
@@ -78,8 +81,10 @@ impl AgentConfig {
     /// agent` passes [`Self::default_route_address`] unless told), ports
     /// 20000-29999, 5s stop grace, replicas left running on shutdown.
     pub fn new(name: impl Into<String>, data_dir: PathBuf, servers: Vec<String>) -> Self {
+        let name = name.into();
         Self {
-            name: name.into(),
+            secrets_dir: PathBuf::from("/run/skiff").join(&name).join("secrets"),
+            name,
             data_dir,
             servers,
             advertise: IpAddr::V4(Ipv4Addr::LOCALHOST),

@@ -68,6 +68,7 @@ pub fn assigned(alloc: &v1::Allocation) -> Result<Assigned, SpecError> {
         seccomp: spec.seccomp,
         mounts,
         slot,
+        secrets: spec.secrets,
     };
     replica.validate()?;
     Ok(Assigned {

@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod proxy;
 mod reconcile;
 pub mod runtime;
+pub mod secrets;
 pub mod spec;
 mod store;
 mod supervisor;
@@ -71,6 +72,8 @@ pub async fn run(
         config.data_dir.join("volumes"),
         config.allow_host_paths.clone(),
     );
+    let secrets = Arc::new(secrets::Secrets::new(config.secrets_dir.clone()));
+    oci_config.secrets = Some(secrets.clone());
     let oci = Arc::new(OciRuntime::new(oci_config, images::open_store(&config)));
     let sweeper = oci.clone();
     tokio::task::spawn_blocking(move || sweeper.sweep_network());
@@ -85,7 +88,7 @@ pub async fn run(
         tracing::warn!("process runtime enabled: `--runtime process` replicas run as host processes with the agent's rights");
     }
     let runtime = AnyRuntime {
-        process: ProcessRuntime::new(),
+        process: ProcessRuntime::new().with_secrets(secrets.clone()),
         oci: oci.clone(),
         process_allowed: config.process_runtime,
     };
@@ -142,6 +145,7 @@ pub async fn run(
     {
         let mut sync = sync::SyncLoop::new(&config, &mut local, &mut updates_rx)
             .with_logs_addr(logs_addr)
+            .with_secrets(secrets)
             .with_proxy(&mut proxy, proxy_metrics, metrics_addr);
         tokio::select! {
             () = sync.run() => {}

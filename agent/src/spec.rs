@@ -68,6 +68,10 @@ pub struct ReplicaSpec {
     /// The replica's slot when it owns its volumes; `None` otherwise.
     #[serde(default)]
     pub slot: Option<u32>,
+    /// Secrets it reads under `/run/secrets` (references only: the values
+    /// live in memory and in the replica's tmpfs, see `crate::secrets`).
+    #[serde(default)]
+    pub secrets: Vec<skiff_spec::SecretRef>,
 }
 
 #[derive(Debug, thiserror::Error)]

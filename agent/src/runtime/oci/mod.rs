@@ -64,6 +64,9 @@ pub struct OciConfig {
     pub shim: Option<PathBuf>,
     /// The node's named volumes and allowed host paths.
     pub volumes: crate::volumes::Volumes,
+    /// Writes the replicas' secret files; `None`: containers that use
+    /// secrets fail to start.
+    pub secrets: Option<Arc<crate::secrets::Secrets>>,
 }
 
 impl OciConfig {
@@ -75,6 +78,7 @@ impl OciConfig {
             init_binary: Some(PathBuf::from(DEFAULT_INIT)),
             shim: None,
             volumes: crate::volumes::Volumes::new(allocs_dir.with_file_name("volumes"), Vec::new()),
+            secrets: None,
             allocs_dir,
         }
     }
@@ -128,6 +132,7 @@ pub struct OciRuntime {
     shim: Option<PathBuf>,
     allocs_dir: PathBuf,
     volumes: crate::volumes::Volumes,
+    secrets: Option<Arc<crate::secrets::Secrets>>,
 }
 
 impl OciRuntime {
@@ -162,6 +167,7 @@ impl OciRuntime {
             shim: config.shim,
             allocs_dir: config.allocs_dir,
             volumes: config.volumes,
+            secrets: config.secrets,
         }
     }
 
@@ -286,7 +292,7 @@ impl OciRuntime {
             service: spec.service.clone(),
             slot: spec.slot,
         };
-        let binds = self
+        let mut binds = self
             .volumes
             .binds(
                 &spec.mounts,
@@ -297,6 +303,20 @@ impl OciRuntime {
                 (user.uid, user.gid),
             )
             .map_err(|e| e.to_string())?;
+        if !spec.secrets.is_empty() {
+            let secrets = self
+                .secrets
+                .as_ref()
+                .ok_or("this agent holds no secrets")?;
+            let dir = secrets
+                .populate(&spec.alloc_id, &spec.secrets, (user.uid, user.gid))
+                .map_err(|e| e.to_string())?;
+            binds.push(crate::volumes::Bind {
+                source: dir,
+                target: skiff_spec::SECRETS_DIR.to_string(),
+                read_only: true,
+            });
+        }
         let port = spec.listen_port(image.first_tcp_port());
         let hostname = format!("{}-{}", spec.service, spec.short_id());
         let mut info = ContainerInfo {
@@ -612,6 +632,9 @@ impl OciRuntime {
             if let Err(e) = images.unmount_rootfs(&bundle) {
                 tracing::warn!(alloc = %id, error = %e, "failed to unmount container rootfs");
             }
+        }
+        if let Some(secrets) = &self.secrets {
+            secrets.remove(id);
         }
         let left = cgroup::remove(&Self::cgroups_path(spec));
         if !left.is_empty() {
