@@ -14,6 +14,7 @@ pub mod events;
 pub mod man;
 pub mod node;
 pub mod progress;
+pub mod secret;
 pub mod service;
 pub mod stack;
 pub mod var;
