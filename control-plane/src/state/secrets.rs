@@ -52,7 +52,7 @@ impl State {
     /// Refuses references to secrets that do not exist, and pins the
     /// current version of every restarting reference (a reference that
     /// signals follows the latest and pins nothing).
-    pub(super) fn resolve_secrets(&self, spec: &mut ServiceSpec) -> Result<(), CommandError> {
+    pub fn resolve_secrets(&self, spec: &mut ServiceSpec) -> Result<(), CommandError> {
         for reference in &mut spec.secrets {
             let Some(secret) = self.secrets.get(&reference.name) else {
                 return Err(SpecError::new(
