@@ -1,0 +1,205 @@
+//! t37: secrets end to end, on real containers from the local registry. A secret is
+//! created from a file; a replica of the image whose user is www (uid 1000) reports, from
+//! inside its container, the mode, owner and size of /run/secrets/<name> (never the value);
+//! the value is found nowhere under the cluster's data dir (server, agent, dev.log), nor in
+//! `service inspect`, `secret ls|inspect`, `events` or the replicas' logs. `secret update`
+//! rolls a restarting service out to a new version, and swaps the file of a replica with
+//! on-change=signal:SIGHUP in place and signals it, without a restart. Bad input: an unknown
+//! secret is one line naming the field (nothing created), and `secret rm` of a secret in use
+//! is refused.
+//!
+//! Needs root and the tools of t30 (runc, docker-registry, skopeo, busybox-static...).
+
+use std::path::Path;
+use std::time::Duration;
+
+use skiff_e2e::containers::{OciDev, Registry};
+use skiff_e2e::{assert_cli_error, pid_alive, wait_until, Allocation, POLL};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Reports the file's mode, owner and size once, then each time SIGHUP arrives (the value
+/// itself is never printed: the logs are on the agent's disk).
+const REPORT: &str = "report() { echo \"secret $(stat -c '%a %u' /run/secrets/$F) $(wc -c < /run/secrets/$F | tr -d ' ') bytes\"; }; \
+                      trap report HUP; report; while true; do sleep 1 & wait $!; done";
+
+fn running(a: &Allocation) -> bool {
+    a.desired == "run" && a.state == "running" && pid_alive(a.pid)
+}
+
+/// Every file under `dir` holding `needle` (sockets and unreadable files skipped).
+fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            let path = entry.path();
+            if kind.is_dir() {
+                stack.push(path);
+            } else if kind.is_file() {
+                let bytes = std::fs::read(&path).unwrap_or_default();
+                if bytes.windows(needle.len()).any(|w| w == needle) {
+                    found.push(path.display().to_string());
+                }
+            }
+        }
+    }
+    found
+}
+
+/// Waits until the service's logs contain `want`, and returns them.
+fn wait_logs(cluster: &OciDev, service: &str, want: &str) -> String {
+    let mut logs = String::new();
+    let ok = wait_until(TIMEOUT, POLL, || {
+        logs = String::from_utf8_lossy(&cluster.skiff(&["service", "logs", service]).stdout)
+            .into_owned();
+        logs.contains(want)
+    });
+    assert!(
+        ok,
+        "{service}: no \"{want}\" in its logs:\n{logs}\n--- dev log ---\n{}",
+        cluster.log_tail(40)
+    );
+    logs
+}
+
+fn create(cluster: &OciDev, image: &str, name: &str, secret: &str, file: &str) {
+    cluster.skiff_ok(&[
+        "service",
+        "create",
+        "--detach",
+        name,
+        "--image",
+        image,
+        "--secret",
+        secret,
+        "--min-healthy-time",
+        "0",
+        "--env",
+        &format!("F={file}"),
+        "--entrypoint",
+        "/bin/sh",
+        "--",
+        "-c",
+        REPORT,
+    ]);
+}
+
+#[test]
+fn secrets_are_files_of_the_image_user_and_nowhere_else() {
+    let registry = Registry::shared();
+    let cluster = OciDev::start(registry.clone(), &[]);
+    let image = registry.image("web-user:v1");
+    let files = tempfile::tempdir().expect("tempdir");
+    let value = format!("pw-{:016x}-v1", std::process::id() as u64 * 0x9e37_79b9);
+    let value2 = format!("{value}-and-longer");
+    let v1 = files.path().join("v1");
+    let v2 = files.path().join("v2");
+    std::fs::write(&v1, &value).expect("write");
+    std::fs::write(&v2, &value2).expect("write");
+    let v1 = v1.to_string_lossy().into_owned();
+    let v2 = v2.to_string_lossy().into_owned();
+
+    cluster.skiff_ok(&["secret", "create", "db_password", "--from-file", &v1]);
+
+    // Bad input: an unknown secret is one line naming the field; nothing is created.
+    let args = [
+        "service", "create", "bad", "--image", &image, "--secret", "nope",
+    ];
+    let out = cluster.skiff(&args);
+    let line = assert_cli_error(&args, &out, &["secret", "nope", "not found"]);
+    assert!(line.contains("invalid secret"), "{line}");
+    assert!(!cluster.skiff_ok(&["service", "ls"]).contains("bad"));
+
+    // The file is the image user's (www, 1000), mode 0400, the value's size.
+    create(&cluster, &image, "app", "db_password", "db_password");
+    create(
+        &cluster,
+        &image,
+        "sig",
+        "db_password:pw,on-change=signal:SIGHUP",
+        "pw",
+    );
+    let size = value.len();
+    wait_logs(&cluster, "app", &format!("secret 400 1000 {size} bytes"));
+    wait_logs(&cluster, "sig", &format!("secret 400 1000 {size} bytes"));
+    let sig = cluster.wait_replicas("sig", 1, "running", running)[0].clone();
+
+    // In use: secret rm is refused, naming the services.
+    let args = ["secret", "rm", "db_password"];
+    let out = cluster.skiff(&args);
+    assert_cli_error(&args, &out, &["used by service", "app"]);
+
+    // secret update: app rolls out version 2; sig gets the new file and a SIGHUP, same
+    // process, no restart.
+    let updated = cluster.skiff_ok(&["secret", "update", "db_password", "--from-file", &v2]);
+    assert!(updated.contains("version 2"), "{updated}");
+    let size2 = value2.len();
+    wait_logs(&cluster, "sig", &format!("secret 400 1000 {size2} bytes"));
+    let after = cluster.wait_replicas("sig", 1, "running", running)[0].clone();
+    assert_eq!((after.id.as_str(), after.pid), (sig.id.as_str(), sig.pid));
+    assert_eq!(after.restarts, 0);
+    let rolled = wait_until(TIMEOUT, POLL, || {
+        let status = cluster.skiff_json(&["service", "inspect", "app"]);
+        status["version"] == 2
+            && status["deployment"]["status"] == "succeeded"
+            && cluster
+                .ps("app")
+                .iter()
+                .filter(|a| running(a))
+                .count()
+                == 1
+    });
+    assert!(rolled, "app never rolled out\n{}", cluster.log_tail(40));
+    wait_logs(&cluster, "app", &format!("secret 400 1000 {size2} bytes"));
+    // The same value again is no new version.
+    let same = cluster.skiff_ok(&["secret", "update", "db_password", "--from-file", &v2]);
+    assert!(same.contains("unchanged"), "{same}");
+
+    // The values appear nowhere: not on the cluster's disks, not in what the CLI shows.
+    for needle in [&value, &value2] {
+        let found = files_containing(cluster.data_dir(), needle.as_bytes());
+        assert!(found.is_empty(), "secret value found in {found:?}");
+        for args in [
+            &["service", "inspect", "app", "-o", "json"][..],
+            &["service", "inspect", "sig", "--show-values"],
+            &["service", "history", "app"],
+            &["secret", "ls", "-o", "json"],
+            &["secret", "inspect", "db_password", "-o", "json"],
+            &["events"],
+            &["service", "logs", "app"],
+            &["service", "logs", "sig"],
+        ] {
+            let out = cluster.skiff_ok(args);
+            assert!(!out.contains(needle.as_str()), "value in {args:?}: {out}");
+        }
+    }
+    let inspect = cluster.skiff_ok(&["service", "inspect", "app"]);
+    assert!(inspect.contains("db_password (v2) -> /run/secrets/db_password"), "{inspect}");
+    let listed = cluster.skiff_json(&["secret", "ls"]);
+    assert_eq!(listed[0]["name"], "db_password");
+    assert_eq!(listed[0]["version"], 2);
+    let events = cluster.skiff_ok(&["events"]);
+    assert!(events.contains("secret db_password updated (version 2"), "{events}");
+
+    // Once no service uses it, it can be removed; its tmpfs mounts went with the replicas.
+    cluster.skiff_ok(&["service", "rm", "app"]);
+    cluster.skiff_ok(&["service", "rm", "sig"]);
+    let removed = wait_until(TIMEOUT, POLL, || {
+        cluster.skiff(&["secret", "rm", "db_password"]).status.success()
+    });
+    assert!(removed, "secret rm refused after service rm");
+    let unmounted = wait_until(TIMEOUT, POLL, || {
+        !skiff_e2e::containers::mount_points()
+            .iter()
+            .any(|m| m.contains(&sig.id) && m.contains("secrets"))
+    });
+    assert!(unmounted, "the secrets tmpfs of {} is still mounted", sig.id);
+    assert!(cluster.skiff_ok(&["secret", "ls"]).lines().count() <= 1);
+}
