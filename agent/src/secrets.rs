@@ -270,12 +270,18 @@ mod tests {
         let secrets = Secrets::new(dir.path().to_path_buf());
         let alloc_dir = secrets.dir("a1");
         std::fs::create_dir_all(&alloc_dir).unwrap();
-        let me = (nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw());
+        let me = (
+            nix::unistd::getuid().as_raw(),
+            nix::unistd::getgid().as_raw(),
+        );
         let signalled = SecretRef::parse("pw,on-change=signal:SIGHUP").unwrap();
         let restarted = SecretRef::parse("key:k").unwrap();
         write_file(&alloc_dir, &signalled, b"one", me).unwrap();
         write_file(&alloc_dir, &restarted, b"one", me).unwrap();
-        let mode = std::fs::metadata(alloc_dir.join("pw")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(alloc_dir.join("pw"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o400);
         secrets.set_values(vec![value("pw", 2, b"two"), value("key", 2, b"two")]);
         let refs = [signalled, restarted];

@@ -183,8 +183,12 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
                             .map_err(|e| e.to_string())
                     });
                 match sent {
-                    Ok(()) => tracing::info!(alloc = %spec.alloc_id, %signal, "secret replaced; replica signalled"),
-                    Err(e) => tracing::warn!(alloc = %spec.alloc_id, %signal, error = %e, "secret replaced; signal failed"),
+                    Ok(()) => {
+                        tracing::info!(alloc = %spec.alloc_id, %signal, "secret replaced; replica signalled")
+                    }
+                    Err(e) => {
+                        tracing::warn!(alloc = %spec.alloc_id, %signal, error = %e, "secret replaced; signal failed")
+                    }
                 }
             }
         }

@@ -26,6 +26,10 @@ pub mod volume;
 pub use alloc::AllocState;
 pub use diff::{spec_diff, value_hash};
 pub use policy::{AutoscalePolicy, Strategy, UpdatePolicy};
+pub use secret::{
+    validate_secret_name, validate_secret_value, OnChange, SecretRef, MAX_SECRETS,
+    MAX_SECRET_BYTES, SECRETS_DIR,
+};
 pub use service::{
     validate_env, validate_health, validate_image_reference, validate_name, validate_replicas,
     validate_user, validate_variable, Constraint, ConstraintOp, Dependency, DependsCondition,
@@ -34,7 +38,3 @@ pub use service::{
     MIN_MEMORY_MB, SECCOMP_UNCONFINED, STACK_LABEL,
 };
 pub use volume::{host_path_allowed, validate_volume_name, Mount, MountKind, VolumeScope};
-pub use secret::{
-    validate_secret_name, validate_secret_value, OnChange, SecretRef, MAX_SECRETS,
-    MAX_SECRET_BYTES, SECRETS_DIR,
-};

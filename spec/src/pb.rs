@@ -6,8 +6,8 @@ use skiff_proto::v1 as pb;
 
 use crate::{
     AutoscalePolicy, Constraint, Dependency, DependsCondition, HealthCheck, HealthKind, Mount,
-    MountKind, NetworkMode, OnChange, PlacementPolicy, Protocol, RuntimeKind, ServiceMode, ServiceSpec,
-    SecretRef, SpecError, Strategy, UpdatePolicy, VolumeScope,
+    MountKind, NetworkMode, OnChange, PlacementPolicy, Protocol, RuntimeKind, SecretRef,
+    ServiceMode, ServiceSpec, SpecError, Strategy, UpdatePolicy, VolumeScope,
 };
 
 pub fn mount_from_pb(m: pb::VolumeMount) -> Result<Mount, SpecError> {

@@ -180,7 +180,10 @@ impl SecretRef {
         if self.mode & !0o777 != 0 || self.mode & 0o444 == 0 && self.mode != 0 {
             return Err(SpecError::new(
                 "secret",
-                format!("mode {:o} of {} is not a readable file mode; use e.g. mode=0400", self.mode, self.name),
+                format!(
+                    "mode {:o} of {} is not a readable file mode; use e.g. mode=0400",
+                    self.mode, self.name
+                ),
             ));
         }
         Ok(())

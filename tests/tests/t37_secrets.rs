@@ -149,12 +149,7 @@ fn secrets_are_files_of_the_image_user_and_nowhere_else() {
         let status = cluster.skiff_json(&["service", "inspect", "app"]);
         status["version"] == 2
             && status["deployment"]["status"] == "succeeded"
-            && cluster
-                .ps("app")
-                .iter()
-                .filter(|a| running(a))
-                .count()
-                == 1
+            && cluster.ps("app").iter().filter(|a| running(a)).count() == 1
     });
     assert!(rolled, "app never rolled out\n{}", cluster.log_tail(40));
     wait_logs(&cluster, "app", &format!("secret 400 1000 {size2} bytes"));
@@ -167,11 +162,11 @@ fn secrets_are_files_of_the_image_user_and_nowhere_else() {
         let found = files_containing(cluster.data_dir(), needle.as_bytes());
         assert!(found.is_empty(), "secret value found in {found:?}");
         for args in [
-            &["service", "inspect", "app", "-o", "json"][..],
+            &["service", "inspect", "app", "--output", "json"][..],
             &["service", "inspect", "sig", "--show-values"],
             &["service", "history", "app"],
-            &["secret", "ls", "-o", "json"],
-            &["secret", "inspect", "db_password", "-o", "json"],
+            &["secret", "ls", "--output", "json"],
+            &["secret", "inspect", "db_password", "--output", "json"],
             &["events"],
             &["service", "logs", "app"],
             &["service", "logs", "sig"],
@@ -181,18 +176,27 @@ fn secrets_are_files_of_the_image_user_and_nowhere_else() {
         }
     }
     let inspect = cluster.skiff_ok(&["service", "inspect", "app"]);
-    assert!(inspect.contains("db_password (v2) -> /run/secrets/db_password"), "{inspect}");
+    assert!(
+        inspect.contains("db_password (v2) -> /run/secrets/db_password"),
+        "{inspect}"
+    );
     let listed = cluster.skiff_json(&["secret", "ls"]);
     assert_eq!(listed[0]["name"], "db_password");
     assert_eq!(listed[0]["version"], 2);
     let events = cluster.skiff_ok(&["events"]);
-    assert!(events.contains("secret db_password updated (version 2"), "{events}");
+    assert!(
+        events.contains("secret db_password updated (version 2"),
+        "{events}"
+    );
 
     // Once no service uses it, it can be removed; its tmpfs mounts went with the replicas.
     cluster.skiff_ok(&["service", "rm", "app"]);
     cluster.skiff_ok(&["service", "rm", "sig"]);
     let removed = wait_until(TIMEOUT, POLL, || {
-        cluster.skiff(&["secret", "rm", "db_password"]).status.success()
+        cluster
+            .skiff(&["secret", "rm", "db_password"])
+            .status
+            .success()
     });
     assert!(removed, "secret rm refused after service rm");
     let unmounted = wait_until(TIMEOUT, POLL, || {
@@ -200,6 +204,10 @@ fn secrets_are_files_of_the_image_user_and_nowhere_else() {
             .iter()
             .any(|m| m.contains(&sig.id) && m.contains("secrets"))
     });
-    assert!(unmounted, "the secrets tmpfs of {} is still mounted", sig.id);
+    assert!(
+        unmounted,
+        "the secrets tmpfs of {} is still mounted",
+        sig.id
+    );
     assert!(cluster.skiff_ok(&["secret", "ls"]).lines().count() <= 1);
 }

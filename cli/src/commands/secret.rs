@@ -80,7 +80,10 @@ pub async fn run(server: &str, format: OutputFormat, command: SecretCommand) -> 
                 .map_err(explain)?
                 .into_inner();
             if info.unchanged {
-                println!("secret {name} unchanged (version {}): same value", info.version);
+                println!(
+                    "secret {name} unchanged (version {}): same value",
+                    info.version
+                );
             } else {
                 let users = if info.services.is_empty() {
                     String::new()

@@ -905,7 +905,11 @@ fn describe(status: &pb::ServiceStatus) -> String {
             .secrets
             .iter()
             .map(|s| {
-                let file = if s.target.is_empty() { &s.name } else { &s.target };
+                let file = if s.target.is_empty() {
+                    &s.name
+                } else {
+                    &s.target
+                };
                 let version = if s.version == 0 {
                     "latest".to_string()
                 } else {

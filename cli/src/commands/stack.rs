@@ -181,10 +181,7 @@ async fn put_secrets(client: &mut Client, secrets: &[StackSecret]) -> anyhow::Re
                 println!("secret {} updated to version {}", secret.name, info.version);
             }
         } else {
-            client
-                .secret_create(request)
-                .await
-                .map_err(explain)?;
+            client.secret_create(request).await.map_err(explain)?;
             println!("secret {} created", secret.name);
         }
     }

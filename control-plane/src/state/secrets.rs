@@ -172,7 +172,11 @@ impl State {
     }
 
     /// `skiff secret rm`: refused while a service references it.
-    pub(super) fn remove_secret(&mut self, index: u64, name: &str) -> Result<Outcome, CommandError> {
+    pub(super) fn remove_secret(
+        &mut self,
+        index: u64,
+        name: &str,
+    ) -> Result<Outcome, CommandError> {
         if !self.secrets.contains_key(name) {
             return Err(CommandError::Secret(format!(
                 "secret \"{name}\" not found; see `skiff secret ls`"
@@ -226,7 +230,11 @@ mod tests {
                 },
             )
             .unwrap_err();
-        assert!(err.to_string().starts_with("invalid secret: secret \"nope\" not found"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("invalid secret: secret \"nope\" not found"),
+            "{err}"
+        );
         assert!(s.services.is_empty());
     }
 

@@ -650,8 +650,12 @@ fn relative_bind_mounts_and_secrets_are_refused() {
 #[test]
 fn secrets_with_files_become_stack_secrets_and_references_in_both_syntaxes() {
     let text = "services:\n  web:\n    image: busybox\n    secrets:\n      - db_password\n      - {source: api_key, target: /run/secrets/key, mode: 0440}\n      - shared\nsecrets:\n  db_password: {file: ./db_password.txt}\n  api_key: {file: keys/api}\n  shared: {external: true}\n";
-    let loaded = load_with(Some("app"), &[("dir/compose.yaml", text)], &MemFs::default())
-        .unwrap_or_else(|e| panic!("{e}"));
+    let loaded = load_with(
+        Some("app"),
+        &[("dir/compose.yaml", text)],
+        &MemFs::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     let refs: Vec<String> = loaded.services[0]
         .secrets
         .iter()
@@ -673,13 +677,19 @@ fn secrets_with_files_become_stack_secrets_and_references_in_both_syntaxes() {
     assert_eq!(
         files,
         vec![
-            ("app-db_password".to_string(), "dir/./db_password.txt".to_string()),
+            (
+                "app-db_password".to_string(),
+                "dir/./db_password.txt".to_string()
+            ),
             ("app-api_key".to_string(), "dir/keys/api".to_string()),
         ]
     );
     let err = load_with(
         Some("app"),
-        &[("c.yaml", "services: {}\nsecrets:\n  pw: {environment: PW}\n")],
+        &[(
+            "c.yaml",
+            "services: {}\nsecrets:\n  pw: {environment: PW}\n",
+        )],
         &MemFs::default(),
     )
     .unwrap_err()

@@ -304,10 +304,7 @@ impl OciRuntime {
             )
             .map_err(|e| e.to_string())?;
         if !spec.secrets.is_empty() {
-            let secrets = self
-                .secrets
-                .as_ref()
-                .ok_or("this agent holds no secrets")?;
+            let secrets = self.secrets.as_ref().ok_or("this agent holds no secrets")?;
             let dir = secrets
                 .populate(&spec.alloc_id, &spec.secrets, (user.uid, user.gid))
                 .map_err(|e| e.to_string())?;
