@@ -13,8 +13,11 @@
 use std::path::Path;
 use std::time::Duration;
 
+use std::os::unix::fs::PermissionsExt;
+
 use skiff_e2e::containers::{OciDev, Registry};
-use skiff_e2e::{assert_cli_error, pid_alive, wait_until, Allocation, POLL};
+use skiff_e2e::servers::ServerCluster;
+use skiff_e2e::{assert_cli_error, pid_alive, skiff_at, skiff_ok_at, wait_until, Allocation, POLL};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -131,6 +134,35 @@ fn secrets_are_files_of_the_image_user_and_nowhere_else() {
     wait_logs(&cluster, "sig", &format!("secret 400 1000 {size} bytes"));
     let sig = cluster.wait_replicas("sig", 1, "running", running)[0].clone();
 
+    // A process replica (root) finds the file in $SKIFF_SECRETS_DIR; its environment holds
+    // that path, never the value.
+    cluster.skiff_ok(&[
+        "service",
+        "create",
+        "--detach",
+        "proc",
+        "--runtime",
+        "process",
+        "--secret",
+        "db_password",
+        "--",
+        "sh",
+        "-c",
+        "echo \"secret $(stat -c '%a %u' $SKIFF_SECRETS_DIR/db_password) $(wc -c < $SKIFF_SECRETS_DIR/db_password) bytes\"; exec sleep 3600",
+    ]);
+    wait_logs(&cluster, "proc", &format!("secret 400 0 {size} bytes"));
+    let proc = cluster.wait_replicas("proc", 1, "running", running)[0].clone();
+    let environ = std::fs::read(format!("/proc/{}/environ", proc.pid)).unwrap_or_default();
+    let environ = String::from_utf8_lossy(&environ);
+    assert!(
+        environ.contains("SKIFF_SECRETS_DIR=/run/skiff/"),
+        "{environ}"
+    );
+    assert!(
+        !environ.contains(&value),
+        "the value is not in the environment"
+    );
+
     // In use: secret rm is refused, naming the services.
     let args = ["secret", "rm", "db_password"];
     let out = cluster.skiff(&args);
@@ -170,6 +202,7 @@ fn secrets_are_files_of_the_image_user_and_nowhere_else() {
             &["events"],
             &["service", "logs", "app"],
             &["service", "logs", "sig"],
+            &["service", "logs", "proc"],
         ] {
             let out = cluster.skiff_ok(args);
             assert!(!out.contains(needle.as_str()), "value in {args:?}: {out}");
@@ -192,6 +225,7 @@ fn secrets_are_files_of_the_image_user_and_nowhere_else() {
     // Once no service uses it, it can be removed; its tmpfs mounts went with the replicas.
     cluster.skiff_ok(&["service", "rm", "app"]);
     cluster.skiff_ok(&["service", "rm", "sig"]);
+    cluster.skiff_ok(&["service", "rm", "proc"]);
     let removed = wait_until(TIMEOUT, POLL, || {
         cluster
             .skiff(&["secret", "rm", "db_password"])
@@ -210,4 +244,61 @@ fn secrets_are_files_of_the_image_user_and_nowhere_else() {
         sig.id
     );
     assert!(cluster.skiff_ok(&["secret", "ls"]).lines().count() <= 1);
+}
+
+/// The secrets key is the bootstrap server's, handed to servers that join (never through
+/// Raft): every server, joined or restarted, seals and opens the same values, and no
+/// server's data dir (log, snapshots, key file aside) holds a value.
+#[test]
+fn every_server_holds_the_clusters_key_and_no_value() {
+    let mut cluster = ServerCluster::start(3, &[]);
+    let files = tempfile::tempdir().expect("tempdir");
+    let value = format!("srv-{:016x}", std::process::id() as u64 * 0x9e37_79b9);
+    let file = files.path().join("v");
+    std::fs::write(&file, &value).expect("write");
+    let file = file.to_string_lossy().into_owned();
+
+    let keys: Vec<Vec<u8>> = (0..3)
+        .map(|i| {
+            let path = cluster.data_dir(i).join("secrets.key");
+            let mode = std::fs::metadata(&path)
+                .expect("key file")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{}", path.display());
+            std::fs::read(&path).expect("key")
+        })
+        .collect();
+    assert_eq!(keys[0].len(), 32);
+    assert!(keys.iter().all(|k| *k == keys[0]), "one key in the cluster");
+
+    // Created through a joined server; updated to the same value through another, which
+    // must open the sealed value to see it unchanged.
+    skiff_ok_at(
+        &cluster.addresses[2],
+        &["secret", "create", "pw", "--from-file", &file],
+    );
+    let same = skiff_ok_at(
+        &cluster.addresses[1],
+        &["secret", "update", "pw", "--from-file", &file],
+    );
+    assert!(same.contains("unchanged"), "{same}");
+    cluster.restart(1);
+    let after = wait_until(TIMEOUT, POLL, || {
+        let out = skiff_at(
+            &cluster.addresses[1],
+            &["secret", "update", "pw", "--from-file", &file],
+        );
+        String::from_utf8_lossy(&out.stdout).contains("unchanged")
+    });
+    assert!(
+        after,
+        "a restarted server opens the value:\n{}",
+        cluster.log(1)
+    );
+    for i in 0..3 {
+        let found = files_containing(&cluster.data_dir(i), value.as_bytes());
+        assert!(found.is_empty(), "secret value found in {found:?}");
+        assert!(!cluster.log(i).contains(&value));
+    }
 }
