@@ -28,7 +28,7 @@ pub use diff::{spec_diff, value_hash};
 pub use policy::{AutoscalePolicy, Strategy, UpdatePolicy};
 pub use secret::{
     validate_secret_name, validate_secret_value, OnChange, SecretRef, MAX_SECRETS,
-    MAX_SECRET_BYTES, SECRETS_DIR,
+    MAX_SECRETS_TOTAL_BYTES, MAX_SECRET_BYTES, SECRETS_DIR,
 };
 pub use service::{
     validate_env, validate_health, validate_image_reference, validate_name, validate_replicas,

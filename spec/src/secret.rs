@@ -21,6 +21,10 @@ pub const MAX_SECRET_REFS: usize = 32;
 /// every server and in every snapshot).
 pub const MAX_SECRETS: usize = 1000;
 
+/// Most bytes of all secret values together: the state of every server
+/// and every snapshot holds each (sealed, in base64: a third more).
+pub const MAX_SECRETS_TOTAL_BYTES: usize = 32 * 1024 * 1024;
+
 /// Longest secret name.
 pub const MAX_SECRET_NAME: usize = 63;
 

@@ -120,6 +120,22 @@ fn secrets_are_files_of_the_image_user_and_nowhere_else() {
     assert!(line.contains("invalid secret"), "{line}");
     assert!(!cluster.skiff_ok(&["service", "ls"]).contains("bad"));
 
+    // At most 512 KiB: the limit itself is taken (and travels through Raft), one byte more
+    // is one line naming the field and the limit, and nothing is created.
+    let big = files.path().join("big");
+    std::fs::write(&big, vec![b'x'; 512 * 1024]).expect("write");
+    let big = big.to_string_lossy().into_owned();
+    cluster.skiff_ok(&["secret", "create", "big", "--from-file", &big]);
+    cluster.skiff_ok(&["secret", "rm", "big"]);
+    let too_big = files.path().join("too-big");
+    std::fs::write(&too_big, vec![b'x'; 512 * 1024 + 1]).expect("write");
+    let too_big = too_big.to_string_lossy().into_owned();
+    let args = ["secret", "create", "big", "--from-file", &too_big];
+    let out = cluster.skiff(&args);
+    assert_cli_error(&args, &out, &["invalid secret", "512 KiB"]);
+    let listed = cluster.skiff_json(&["secret", "ls"]);
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+
     // The file is the image user's (www, 1000), mode 0400, the value's size.
     create(&cluster, &image, "app", "db_password", "db_password");
     create(
@@ -244,6 +260,30 @@ fn secrets_are_files_of_the_image_user_and_nowhere_else() {
         sig.id
     );
     assert!(cluster.skiff_ok(&["secret", "ls"]).lines().count() <= 1);
+
+    // A Compose stack: its top-level secret is created from the file beside it (named
+    // STACK-NAME), the service reads it as /run/secrets/db_password; a redeploy of the same
+    // files changes nothing.
+    let stack = tempfile::tempdir().expect("tempdir");
+    std::fs::write(stack.path().join("db_password.txt"), &value).expect("write");
+    let compose = format!(
+        "services:\n  db:\n    image: {image}\n    entrypoint: [/bin/sh, -c, \"stat -c 'stack %a %u %s' /run/secrets/db_password; exec sleep 3600\"]\n    secrets: [db_password]\nsecrets:\n  db_password:\n    file: ./db_password.txt\n"
+    );
+    let file = stack.path().join("compose.yaml");
+    std::fs::write(&file, compose).expect("write");
+    let file = file.to_string_lossy().into_owned();
+    let deployed = cluster.skiff_ok(&["stack", "deploy", "st", "-f", &file, "--detach"]);
+    assert!(
+        deployed.contains("secret st-db_password created"),
+        "{deployed}"
+    );
+    wait_logs(&cluster, "st-db", &format!("stack 400 1000 {size}"));
+    let again = cluster.skiff_ok(&["stack", "deploy", "st", "-f", &file, "--detach"]);
+    assert!(!again.contains("secret"), "{again}");
+    let status = cluster.skiff_json(&["service", "inspect", "st-db"]);
+    assert_eq!(status["version"], 1, "a redeploy restarts nothing");
+    let found = files_containing(cluster.data_dir(), value.as_bytes());
+    assert!(found.is_empty(), "secret value found in {found:?}");
 }
 
 /// The secrets key is the bootstrap server's, handed to servers that join (never through

@@ -79,6 +79,18 @@ impl State {
     ) -> Result<Outcome, CommandError> {
         skiff_spec::validate_secret_name(&write.name)?;
         let now = self.clock_ms;
+        let others: u64 = self
+            .secrets
+            .values()
+            .filter(|s| s.name != write.name)
+            .map(|s| s.size_bytes)
+            .sum();
+        let max = skiff_spec::MAX_SECRETS_TOTAL_BYTES as u64;
+        if others + write.size_bytes > max {
+            return Err(CommandError::Secret(format!(
+                "too much secret data: the cluster holds {others} bytes of secrets and takes at most {max}; remove unused ones with `skiff secret rm NAME`"
+            )));
+        }
         let version = match (self.secrets.get_mut(&write.name), write.create) {
             (Some(_), true) => {
                 return Err(CommandError::Secret(format!(
