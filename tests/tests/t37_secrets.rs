@@ -133,6 +133,31 @@ fn secrets_are_files_of_the_image_user_and_nowhere_else() {
     let args = ["secret", "create", "big", "--from-file", &too_big];
     let out = cluster.skiff(&args);
     assert_cli_error(&args, &out, &["invalid secret", "512 KiB"]);
+
+    // `--from-file -` reads standard input.
+    let mut child = std::process::Command::new(skiff_e2e::skiff_bin())
+        .args([
+            "--server",
+            &cluster.addr(),
+            "secret",
+            "create",
+            "piped",
+            "--from-file",
+            "-",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start skiff");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(b"from stdin").expect("write");
+    }
+    assert!(child.wait().expect("wait").success());
+    let piped = cluster.skiff_json(&["secret", "inspect", "piped"]);
+    assert_eq!(piped["size_bytes"], 10, "{piped}");
+    cluster.skiff_ok(&["secret", "rm", "piped"]);
     let listed = cluster.skiff_json(&["secret", "ls"]);
     assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
 
