@@ -1,7 +1,9 @@
 //! Compose files onto Skiff's services: the subset of the Compose
 //! Specification Skiff can run, warnings for what it ignores, and errors
 //! with the fix for what it cannot honour. Volumes and secrets are parsed
-//! into the typed forms below so they can be wired in when Skiff runs them.
+//! into the typed forms below, then into the spec's mounts and secret
+//! references; a secret declared with `file:` is returned for the CLI to
+//! create before the deploy.
 
 use std::collections::BTreeMap;
 use std::path::Path;
