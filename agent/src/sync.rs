@@ -145,8 +145,8 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
         self
     }
 
-    /// Takes the secret values of new assignments (before the replicas
-    /// that need them start) and returns the replicas to signal.
+    /// Takes the secret values of new assignments, before the replicas
+    /// that need them start (their names are logged, never their values).
     fn take_secrets(&mut self, values: Vec<skiff_proto::v1::SecretValue>) {
         let Some(secrets) = &self.secrets else {
             return;
