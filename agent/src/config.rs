@@ -71,6 +71,11 @@ pub struct AgentConfig {
     /// Host path prefixes replicas may bind-mount (`--allow-host-path`);
     /// none by default.
     pub allow_host_paths: Vec<String>,
+    /// Where the replicas' secrets tmpfs mounts go (`<dir>/<alloc id>`);
+    /// outside the data dir, so no value is ever under it. Default:
+    /// `/run/skiff/<name>-<hash of the data dir>/secrets`, so agents
+    /// sharing a machine (and a node name, in tests) never share it.
+    pub secrets_dir: PathBuf,
 }
 
 impl AgentConfig {
@@ -78,8 +83,10 @@ impl AgentConfig {
     /// agent` passes [`Self::default_route_address`] unless told), ports
     /// 20000-29999, 5s stop grace, replicas left running on shutdown.
     pub fn new(name: impl Into<String>, data_dir: PathBuf, servers: Vec<String>) -> Self {
+        let name = name.into();
         Self {
-            name: name.into(),
+            secrets_dir: default_secrets_dir(&name, &data_dir),
+            name,
             data_dir,
             servers,
             advertise: IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -143,6 +150,17 @@ impl AgentConfig {
         }
         Ok(())
     }
+}
+
+/// See [`AgentConfig::secrets_dir`].
+fn default_secrets_dir(name: &str, data_dir: &std::path::Path) -> PathBuf {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    data_dir.hash(&mut hasher);
+    let hash = hasher.finish() & 0xffff_ffff;
+    PathBuf::from("/run/skiff")
+        .join(format!("{name}-{hash:08x}"))
+        .join("secrets")
 }
 
 /// One IPv4 default route of `/proc/net/route`.

@@ -74,6 +74,7 @@ pub fn assigned(alloc: &v1::Allocation) -> Result<Assigned, SpecError> {
         mounts,
         slot,
         stack,
+        secrets: spec.secrets,
     };
     replica.validate()?;
     Ok(Assigned {

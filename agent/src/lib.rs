@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod proxy;
 mod reconcile;
 pub mod runtime;
+pub mod secrets;
 pub mod spec;
 mod store;
 mod supervisor;
@@ -78,6 +79,8 @@ pub async fn run(
         config.data_dir.join("volumes"),
         config.allow_host_paths.clone(),
     );
+    let secrets = Arc::new(secrets::Secrets::new(config.secrets_dir.clone()));
+    oci_config.secrets = Some(secrets.clone());
     let oci = Arc::new(OciRuntime::new(oci_config, images::open_store(&config)));
     let sweeper = oci.clone();
     tokio::task::spawn_blocking(move || sweeper.sweep_network());
@@ -92,7 +95,9 @@ pub async fn run(
         tracing::warn!("process runtime enabled: `--runtime process` replicas run as host processes with the agent's rights");
     }
     let runtime = AnyRuntime {
-        process: ProcessRuntime::new().with_nameserver(nameserver),
+        process: ProcessRuntime::new()
+            .with_nameserver(nameserver)
+            .with_secrets(secrets.clone()),
         oci: oci.clone(),
         process_allowed: config.process_runtime,
     };
@@ -150,6 +155,7 @@ pub async fn run(
     {
         let mut sync = sync::SyncLoop::new(&config, &mut local, &mut updates_rx)
             .with_logs_addr(logs_addr)
+            .with_secrets(secrets)
             .with_proxy(&mut proxy, proxy_metrics, metrics_addr);
         tokio::select! {
             () = sync.run() => {}

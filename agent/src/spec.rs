@@ -72,6 +72,10 @@ pub struct ReplicaSpec {
     /// the stack's other services by their short names.
     #[serde(default)]
     pub stack: String,
+    /// Secrets it reads under `/run/secrets` (references only: the values
+    /// live in memory and in the replica's tmpfs, see `crate::secrets`).
+    #[serde(default)]
+    pub secrets: Vec<skiff_spec::SecretRef>,
 }
 
 #[derive(Debug, thiserror::Error)]

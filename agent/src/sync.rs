@@ -72,6 +72,8 @@ pub struct SyncLoop<'a, R: Runtime> {
     prepull: Prepull,
     /// The replicas' CPU and memory readings, sent with the traffic.
     usage: crate::usage::Usage,
+    /// The secret values of the latest assignments (memory only).
+    secrets: Option<std::sync::Arc<crate::secrets::Secrets>>,
 }
 
 /// Largest message the agent accepts from its server (tonic's default is
@@ -133,6 +135,62 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
             proxy: None,
             prepull: Prepull::new(),
             usage: crate::usage::Usage::default(),
+            secrets: None,
+        }
+    }
+
+    /// Keeps the secret values of the assignments in `secrets`.
+    pub fn with_secrets(mut self, secrets: std::sync::Arc<crate::secrets::Secrets>) -> Self {
+        self.secrets = Some(secrets);
+        self
+    }
+
+    /// Takes the secret values of new assignments, before the replicas
+    /// that need them start (their names are logged, never their values).
+    fn take_secrets(&mut self, values: Vec<skiff_proto::v1::SecretValue>) {
+        let Some(secrets) = &self.secrets else {
+            return;
+        };
+        let changed = secrets.set_values(values);
+        if !changed.is_empty() {
+            tracing::info!(secrets = ?changed, "new secret versions received");
+        }
+    }
+
+    /// Replaces the files of running replicas that signal on a change of
+    /// a secret whose value differs from their file, and signals them.
+    /// Comparing contents (not versions) also catches a change made while
+    /// this agent was down.
+    fn signal_secret_changes(&self) {
+        let Some(secrets) = &self.secrets else {
+            return;
+        };
+        for (spec, pid) in self.local.running() {
+            if !spec
+                .secrets
+                .iter()
+                .any(|r| matches!(r.on_change, skiff_spec::OnChange::Signal(_)))
+            {
+                continue;
+            }
+            for signal in secrets.refresh(&spec.alloc_id, &spec.secrets) {
+                let sent = signal
+                    .parse::<nix::sys::signal::Signal>()
+                    .map_err(|e| e.to_string())
+                    .and_then(|sig| {
+                        let pid = i32::try_from(pid).map_err(|e| e.to_string())?;
+                        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig)
+                            .map_err(|e| e.to_string())
+                    });
+                match sent {
+                    Ok(()) => {
+                        tracing::info!(alloc = %spec.alloc_id, %signal, "secret replaced; replica signalled")
+                    }
+                    Err(e) => {
+                        tracing::warn!(alloc = %spec.alloc_id, %signal, error = %e, "secret replaced; signal failed")
+                    }
+                }
+            }
         }
     }
 
@@ -417,8 +475,9 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
                                 tokio::spawn(publish_address(channel.clone(), crate::metrics::address_key(&self.config.name), addr));
                             }
                         }
-                        Some(ServerMsg::Assignments(assignments)) => {
+                        Some(ServerMsg::Assignments(mut assignments)) => {
                             tracing::debug!(index = assignments.index, count = assignments.allocations.len(), "assignments received");
+                            self.take_secrets(std::mem::take(&mut assignments.secrets));
                             let mut assigned = Vec::new();
                             let mut refused = Vec::new();
                             for alloc in &assignments.allocations {
@@ -449,6 +508,7 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
                                 });
                             }
                             self.local.assign(assigned, refused);
+                            self.signal_secret_changes();
                             for image in assignments.prepull {
                                 if self.prepull.requested.insert(image.clone()) {
                                     let (runtime, done) = (self.local.runtime(), self.prepull.done_tx.clone());

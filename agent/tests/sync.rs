@@ -103,6 +103,7 @@ impl Session {
     async fn assign(&self, index: u64, allocs: Vec<Allocation>) {
         self.send(ServerMsg::Assignments(Assignments {
             remove_volumes: vec![],
+            secrets: vec![],
             index,
             allocations: allocs,
             prepull: Vec::new(),

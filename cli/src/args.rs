@@ -99,6 +99,10 @@ pub enum Command {
     /// List, inspect and remove the named volumes kept on the nodes.
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// Create, update, list, inspect and remove secrets (files in
+    /// /run/secrets of the replicas that use them; values never shown).
+    #[command(subcommand)]
+    Secret(SecretCommand),
     /// Print the committed events of the cluster (with --follow, as they happen).
     Events(EventsArgs),
     /// Inspect the control plane.
@@ -804,6 +808,11 @@ pub struct CreateArgs {
     pub security_opt: Option<String>,
     #[command(flatten)]
     pub volumes: VolumeArgs,
+    /// Give replicas the secret NAME as the file /run/secrets/TARGET
+    /// (repeatable); on-change=signal:SIGHUP replaces the file and signals
+    /// the replica instead of rolling out a new version.
+    #[arg(long = "secret", value_name = "NAME[:TARGET][,mode=0400][,on-change=signal:SIGHUP]", help_heading = heading::IMAGE)]
+    pub secrets: Vec<String>,
     /// How replicas run: `oci` (a container from --image, the default when
     /// an image is given) or `process` (a host process running the command).
     #[arg(long, value_enum, help_heading = heading::IMAGE)]
@@ -1068,6 +1077,13 @@ pub struct UpdateArgs {
     /// Remove the volume or mount at this path in the container (repeatable).
     #[arg(long = "volume-rm", value_name = "PATH")]
     pub volume_rm: Vec<String>,
+    /// Add a secret, or change how it is given (repeatable); see `service
+    /// create --secret`.
+    #[arg(long = "secret", value_name = "NAME[:TARGET][,mode=0400][,on-change=signal:SIGHUP]", help_heading = heading::IMAGE)]
+    pub secrets: Vec<String>,
+    /// Stop giving replicas the secret NAME (repeatable).
+    #[arg(long = "secret-rm", value_name = "NAME", help_heading = heading::IMAGE)]
+    pub secret_rm: Vec<String>,
     /// Run the entrypoint under a tiny init.
     #[arg(long, conflicts_with = "no_init", help_heading = heading::IMAGE)]
     pub init: bool,
@@ -1143,6 +1159,30 @@ pub enum StackCommand {
     /// Print the stack as a Skiff stack file that `stack deploy` turns back
     /// into the same state.
     Export { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SecretCommand {
+    /// Create a secret from a file (`-`: standard input); at most 512 KiB.
+    Create {
+        name: String,
+        #[arg(long = "from-file", value_name = "FILE|-")]
+        from_file: String,
+    },
+    /// Give a secret a new value (a new version): services using it roll
+    /// out with their update policy, or with on-change=signal get the new
+    /// file and a signal.
+    Update {
+        name: String,
+        #[arg(long = "from-file", value_name = "FILE|-")]
+        from_file: String,
+    },
+    /// List secrets: name, version, size, created, updated, services.
+    Ls,
+    /// Show one secret's metadata (never its value).
+    Inspect { name: String },
+    /// Remove a secret (refused while a service uses it).
+    Rm { name: String },
 }
 
 #[derive(Subcommand, Debug)]

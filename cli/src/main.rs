@@ -86,6 +86,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Stack(command) => commands::stack::run(server, output, command).await,
         Command::Node(command) => commands::node::run(server, output, command).await,
         Command::Volume(command) => commands::volume::run(server, output, command).await,
+        Command::Secret(command) => commands::secret::run(server, output, command).await,
         Command::Events(args) => commands::events::run(server, output, args).await,
         Command::Cluster(command) => commands::cluster::run(server, output, command).await,
         Command::Var(command) => commands::var::run(server, output, command).await,

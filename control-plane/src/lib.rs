@@ -13,6 +13,7 @@
 //! - `api`: the gRPC services for the CLI, agents and other servers; the
 //!   only layer that builds `tonic::Status`.
 //! - `metrics`: the Prometheus endpoint.
+//! - `secrets`: the cluster's secrets key and the sealing of values.
 //!
 //! Other crates use `consensus`, `controllers`, `scheduler` and `state`;
 //! the rest is private to this crate.
@@ -23,6 +24,7 @@ pub mod consensus;
 pub mod controllers;
 mod metrics;
 pub mod scheduler;
+pub mod secrets;
 mod server;
 pub mod state;
 

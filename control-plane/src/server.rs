@@ -25,6 +25,7 @@ use crate::consensus::{
 };
 use crate::controllers;
 use crate::metrics::Metrics;
+use crate::secrets::SecretKey;
 use crate::state::Member;
 
 /// Everything `skiff server` is told.
@@ -99,6 +100,8 @@ pub enum ServerError {
     DataDir { path: PathBuf, source: sled::Error },
     #[error(transparent)]
     Storage(#[from] StorageFailure),
+    #[error(transparent)]
+    Secrets(#[from] crate::secrets::SecretsError),
     #[error(transparent)]
     Consensus(#[from] ConsensusError),
     #[error("data dir {0} holds no cluster: start the first server with --bootstrap, or others with --join ADDR")]
@@ -198,6 +201,7 @@ async fn serve<S: LogStore + Send + 'static>(
     } = opened;
     // Serve the gRPC API before joining: the leader must be able to reach
     // this server as soon as the membership change commits.
+    let mut secrets_key = SecretKey::load(&config.data_dir)?;
     let (id, seeds) = if store.is_initialized() {
         (read_id(&local)?, Vec::new())
     } else if config.bootstrap {
@@ -206,10 +210,22 @@ async fn serve<S: LogStore + Send + 'static>(
             name: config.name.clone(),
             address: advertise.clone(),
         };
+        // The key is on disk before the cluster exists, so no secret is
+        // ever sealed with a key that a crash could lose.
+        if secrets_key.is_none() {
+            let key = SecretKey::generate();
+            key.store(&config.data_dir)?;
+            secrets_key = Some(key);
+        }
         consensus::bootstrap(&mut store, member)?;
         (1, Vec::new())
     } else if let Some(join) = &config.join {
-        join_cluster(join, &config.name, &advertise).await?
+        let (id, seeds, key) = join_cluster(join, &config.name, &advertise).await?;
+        if let Some(key) = key {
+            key.store(&config.data_dir)?;
+            secrets_key = Some(key);
+        }
+        (id, seeds)
     } else {
         return Err(ServerError::NotInitialized(config.data_dir.clone()));
     };
@@ -249,7 +265,12 @@ async fn serve<S: LogStore + Send + 'static>(
             stop_rx.clone(),
         ));
     }
-    let api = Api::new(consensus.clone(), config.name.clone()).with_limits(config.limits);
+    if secrets_key.is_none() {
+        tracing::warn!(data_dir = %config.data_dir.display(), "no secrets key in the data dir: this server refuses secret calls and sends no secret values to agents");
+    }
+    let api = Api::new(consensus.clone(), config.name.clone())
+        .with_limits(config.limits)
+        .with_secrets_key(secrets_key.clone());
     let traffic_api = api.clone();
     let load_api = api.clone();
     let reconciler = tokio::spawn(controllers::run(
@@ -274,7 +295,7 @@ async fn serve<S: LogStore + Send + 'static>(
         .add_service(ControlServer::new(api.clone()))
         .add_service(AgentSyncServer::new(api))
         .add_service(
-            RaftServer::new(RaftService::new(consensus.clone()))
+            RaftServer::new(RaftService::new(consensus.clone(), secrets_key))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
@@ -336,13 +357,12 @@ fn write_id(local: &sled::Tree, id: u64) -> Result<(), ServerError> {
     Ok(())
 }
 
+type Joined = (u64, Vec<(u64, String)>, Option<SecretKey>);
+
 /// Asks any member to add this server, retrying for a bounded time while
-/// the cluster elects a leader.
-async fn join_cluster(
-    address: &str,
-    name: &str,
-    advertise: &str,
-) -> Result<(u64, Vec<(u64, String)>), ServerError> {
+/// the cluster elects a leader; the answer carries the cluster's secrets
+/// key when the member holds one.
+async fn join_cluster(address: &str, name: &str, advertise: &str) -> Result<Joined, ServerError> {
     let failed = |reason: String| ServerError::Join {
         address: address.to_string(),
         reason,
@@ -365,7 +385,8 @@ async fn join_cluster(
                             .into_iter()
                             .map(|p| (p.id, p.address))
                             .collect();
-                        return Ok((response.id, peers));
+                        let key = SecretKey::from_bytes(&response.secrets_key);
+                        return Ok((response.id, peers, key));
                     }
                     Err(status) if status.code() == tonic::Code::Unavailable => {
                         last_error = status.message().to_string()

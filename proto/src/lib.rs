@@ -12,3 +12,34 @@ pub use v1::*;
 pub mod raft {
     tonic::include_proto!("skiff.raft.v1");
 }
+
+/// Debug without the value (see build.rs).
+impl std::fmt::Debug for v1::SecretValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretValue")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("bytes", &self.value.len())
+            .finish()
+    }
+}
+
+/// Debug without the value (see build.rs).
+impl std::fmt::Debug for v1::PutSecretRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PutSecretRequest")
+            .field("name", &self.name)
+            .field("bytes", &self.value.len())
+            .finish()
+    }
+}
+
+/// Debug without the key (see build.rs).
+impl std::fmt::Debug for raft::JoinResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JoinResponse")
+            .field("id", &self.id)
+            .field("peers", &self.peers)
+            .finish()
+    }
+}

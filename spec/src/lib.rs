@@ -10,6 +10,7 @@
 //! - [`alloc`]: the states of an allocation.
 //! - [`diff`]: what changed between two specs, field by field.
 //! - [`pb`]: the protobuf conversions, in one place.
+//! - [`secret`]: references to secrets, read as files in `/run/secrets`.
 //! - [`volume`]: named volumes and bind mounts, and their scope.
 //! - [`stack`]: stack files (Compose and Skiff's own format) into specs and back.
 //! - [`time`]: RFC 3339 times as Skiff prints and reads them.
@@ -18,6 +19,7 @@ pub mod alloc;
 pub mod diff;
 pub mod pb;
 pub mod policy;
+pub mod secret;
 pub mod service;
 pub mod stack;
 pub mod time;
@@ -26,6 +28,10 @@ pub mod volume;
 pub use alloc::AllocState;
 pub use diff::{spec_diff, value_hash};
 pub use policy::{AutoscalePolicy, Strategy, UpdatePolicy};
+pub use secret::{
+    validate_secret_name, validate_secret_value, OnChange, SecretRef, MAX_SECRETS,
+    MAX_SECRETS_TOTAL_BYTES, MAX_SECRET_BYTES, SECRETS_DIR,
+};
 pub use service::{
     validate_env, validate_health, validate_image_reference, validate_name, validate_replicas,
     validate_user, validate_variable, Constraint, ConstraintOp, Dependency, DependsCondition,

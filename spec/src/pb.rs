@@ -6,8 +6,8 @@ use skiff_proto::v1 as pb;
 
 use crate::{
     AutoscalePolicy, Constraint, Dependency, DependsCondition, HealthCheck, HealthKind, Mount,
-    MountKind, NetworkMode, PlacementPolicy, Protocol, RuntimeKind, ServiceMode, ServiceSpec,
-    SpecError, Strategy, UpdatePolicy, VolumeScope,
+    MountKind, NetworkMode, OnChange, PlacementPolicy, Protocol, RuntimeKind, SecretRef,
+    ServiceMode, ServiceSpec, SpecError, Strategy, UpdatePolicy, VolumeScope,
 };
 
 pub fn mount_from_pb(m: pb::VolumeMount) -> Result<Mount, SpecError> {
@@ -37,6 +37,29 @@ pub fn mount_to_pb(m: &Mount) -> pb::VolumeMount {
         target: m.target.clone(),
         read_only: m.read_only,
         nocopy: m.nocopy,
+    }
+}
+
+pub fn secret_from_pb(s: pb::SecretMount) -> Result<SecretRef, SpecError> {
+    Ok(SecretRef {
+        name: s.name,
+        target: s.target,
+        mode: s.mode,
+        on_change: OnChange::parse(&s.on_change)?,
+        version: s.version,
+    })
+}
+
+pub fn secret_to_pb(s: &SecretRef) -> pb::SecretMount {
+    pb::SecretMount {
+        name: s.name.clone(),
+        target: s.target.clone(),
+        mode: s.mode,
+        on_change: match &s.on_change {
+            OnChange::Restart => String::new(),
+            other => other.to_string(),
+        },
+        version: s.version,
     }
 }
 
@@ -94,6 +117,11 @@ pub fn spec_from_pb(spec: pb::ServiceSpec) -> Result<ServiceSpec, SpecError> {
             .map(mount_from_pb)
             .collect::<Result<_, _>>()?,
         volume_scope: VolumeScope::parse(&spec.volume_scope)?,
+        secrets: spec
+            .secrets
+            .into_iter()
+            .map(secret_from_pb)
+            .collect::<Result<_, _>>()?,
         labels: spec.labels.into_iter().collect(),
         depends_on: spec
             .depends_on
@@ -243,6 +271,7 @@ pub fn spec_to_pb(spec: &ServiceSpec) -> pb::ServiceSpec {
             VolumeScope::PerReplica => String::new(),
             scope => scope.as_str().to_string(),
         },
+        secrets: spec.secrets.iter().map(secret_to_pb).collect(),
         depends_on: spec
             .depends_on
             .iter()

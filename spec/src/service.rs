@@ -223,6 +223,10 @@ pub struct ServiceSpec {
     /// Whether replicas share the named volumes or own one each.
     #[serde(default)]
     pub volume_scope: crate::VolumeScope,
+    /// Secrets its replicas read as files under `/run/secrets` (see
+    /// [`crate::secret`]); names only, never values.
+    #[serde(default)]
+    pub secrets: Vec<crate::SecretRef>,
 }
 
 /// `seccomp` value that turns the filter off.
@@ -570,6 +574,7 @@ impl ServiceSpec {
         self.validate_seccomp()?;
         self.update.validate()?;
         self.validate_volumes()?;
+        self.validate_secrets()?;
         if let Some(autoscale) = &self.autoscale {
             autoscale.validate()?;
         }
@@ -629,6 +634,7 @@ impl ServiceSpec {
             seccomp,
             volumes,
             volume_scope,
+            secrets,
         } = self;
         *name == other.name
             && *runtime == other.runtime
@@ -653,6 +659,7 @@ impl ServiceSpec {
             && *seccomp == other.seccomp
             && *volumes == other.volumes
             && *volume_scope == other.volume_scope
+            && *secrets == other.secrets
     }
 
     /// The bounds of [`limits`], each named with its field.

@@ -86,6 +86,11 @@ impl ServerCluster {
         self.children[index] = Some(command.spawn().expect("start skiff server"));
     }
 
+    /// Server `index`'s `--data-dir`.
+    pub fn data_dir(&self, index: usize) -> std::path::PathBuf {
+        self.dir.path().join(format!("s{}", index + 1))
+    }
+
     pub fn log(&self, index: usize) -> String {
         fs::read_to_string(self.dir.path().join(format!("s{}.log", index + 1))).unwrap_or_default()
     }

@@ -33,6 +33,9 @@ pub struct ProcessRuntime {
     /// This node's DNS server for discovery by name; `None`: replicas use
     /// the host's resolvers.
     nameserver: Option<std::net::Ipv4Addr>,
+    /// Writes the replicas' secret files; `None`: replicas that use
+    /// secrets fail to start.
+    secrets: Option<std::sync::Arc<crate::secrets::Secrets>>,
 }
 
 /// Runs a replica's program in a mount namespace of its own where
@@ -45,6 +48,11 @@ const WITH_RESOLV_CONF: &str = "mount --bind \"$0\" /etc/resolv.conf 2>/dev/null
 impl ProcessRuntime {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    pub fn with_secrets(mut self, secrets: std::sync::Arc<crate::secrets::Secrets>) -> Self {
+        self.secrets = Some(secrets);
+        self
     }
 
     /// Points the replicas' resolver at this node's DNS server, in a mount
@@ -153,6 +161,17 @@ impl Runtime for ProcessRuntime {
         }
         let stdout = open_log(spec, &alloc_dir.join("stdout.log"))?;
         let stderr = open_log(spec, &alloc_dir.join("stderr.log"))?;
+        // A process replica runs as root, so its files are root's; it finds
+        // them in $SKIFF_SECRETS_DIR (a path, never a value).
+        let secrets_dir = match (&self.secrets, spec.secrets.is_empty()) {
+            (_, true) => None,
+            (None, false) => return Err(start_error("this agent holds no secrets".into())),
+            (Some(secrets), false) => Some(
+                secrets
+                    .populate(&spec.alloc_id, &spec.secrets, (0, 0))
+                    .map_err(|e| start_error(e.to_string()))?,
+            ),
+        };
 
         let (program, args) = self
             .command_line(spec, alloc_dir, &workdir)
@@ -174,6 +193,9 @@ impl Runtime for ProcessRuntime {
             // and a signal to the agent's group does not reach the replica.
             .process_group(0)
             .kill_on_drop(false);
+        if let Some(dir) = &secrets_dir {
+            command.env(crate::secrets::DIR_ENV, dir);
+        }
         let child = command.spawn().map_err(|e| start_error(os_reason(&e)))?;
         let pid = child
             .id()
@@ -188,6 +210,12 @@ impl Runtime for ProcessRuntime {
             health: spec.health.clone(),
             port: spec.host_port,
         })
+    }
+
+    fn destroy(&self, spec: &ReplicaSpec, _alloc_dir: &Path) {
+        if let Some(secrets) = &self.secrets {
+            secrets.remove(&spec.alloc_id);
+        }
     }
 
     fn recover(&self, spec: &ReplicaSpec, pid: u32, start_time: u64) -> Option<ProcessHandle> {

@@ -246,6 +246,7 @@ fn updated_spec(current: &pb::ServiceSpec, args: &UpdateArgs) -> anyhow::Result<
         }
     }
     super::volume::apply_args(&mut spec, &args.volumes, &args.volume_rm)?;
+    super::secret::apply_args(&mut spec, &args.secrets, &args.secret_rm)?;
     if let Some(option) = &args.security_opt {
         spec.seccomp = super::service::seccomp_option(option)?.unwrap_or_default();
     }

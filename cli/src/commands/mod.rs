@@ -15,6 +15,7 @@ pub mod exec;
 pub mod man;
 pub mod node;
 pub mod progress;
+pub mod secret;
 pub mod service;
 pub mod stack;
 pub mod var;

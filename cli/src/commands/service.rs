@@ -527,6 +527,7 @@ fn build_spec(args: &CreateArgs, replicas: u32) -> anyhow::Result<pb::ServiceSpe
     };
     let mut spec = spec;
     super::volume::apply_args(&mut spec, &args.volumes, &[])?;
+    super::secret::apply_args(&mut spec, &args.secrets, &[])?;
     // Every field through the one validation the server runs too.
     spec::pb::spec_from_pb(spec.clone()).map_err(invalid)?;
     Ok(spec)
@@ -900,6 +901,27 @@ fn describe(status: &pb::ServiceStatus) -> String {
         status.generation,
         status.modify_index,
     ));
+    if !spec.secrets.is_empty() {
+        // Names, files and versions; the values are never in a spec.
+        let secrets: Vec<String> = spec
+            .secrets
+            .iter()
+            .map(|s| {
+                let file = if s.target.is_empty() {
+                    &s.name
+                } else {
+                    &s.target
+                };
+                let version = if s.version == 0 {
+                    "latest".to_string()
+                } else {
+                    format!("v{}", s.version)
+                };
+                format!("{} ({}) -> {}/{file}", s.name, version, spec::SECRETS_DIR)
+            })
+            .collect();
+        out.push_str(&format!("Secrets:     {}\n", secrets.join(", ")));
+    }
     if !status.unplaced_reason.is_empty() {
         out.push_str(&format!("Unplaced:    {}\n", status.unplaced_reason));
     }

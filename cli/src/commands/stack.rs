@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context};
 use skiff_proto::v1 as pb;
-use skiff_spec::stack::{self, FileSource, LoadOptions, StackFile};
+use skiff_spec::stack::{self, FileSource, LoadOptions, StackFile, StackSecret};
 use skiff_spec::{ServiceSpec, STACK_LABEL};
 
 use crate::args::{OutputFormat, StackCommand, StackFileArgs};
@@ -29,7 +29,8 @@ pub async fn run(server: &str, format: OutputFormat, command: StackCommand) -> a
             check_index,
             detach,
         } => {
-            let services = loaded.expect("loaded above");
+            let (services, secrets) = loaded.expect("loaded above");
+            put_secrets(&mut client, &secrets).await?;
             deploy(
                 &mut client,
                 format,
@@ -41,8 +42,9 @@ pub async fn run(server: &str, format: OutputFormat, command: StackCommand) -> a
             .await
         }
         StackCommand::Plan { files } => {
-            let services = loaded.expect("loaded above");
-            plan(&mut client, format, &files.name, services).await
+            let (services, secrets) = loaded.expect("loaded above");
+            let secrets: Vec<String> = secrets.into_iter().map(|s| s.name).collect();
+            plan(&mut client, format, &files.name, services, &secrets).await
         }
         StackCommand::Ls => list(&mut client, format).await,
         StackCommand::Ps { name, all } => ps(&mut client, format, &name, all).await,
@@ -97,7 +99,8 @@ pub async fn apply(
         env_file: None,
         strict,
     };
-    let services = load_as(&args, None)?;
+    let (services, secrets) = load_as(&args, None)?;
+    put_secrets(client, &secrets).await?;
     let existing: Vec<String> = all_services(client)
         .await?
         .into_iter()
@@ -138,12 +141,54 @@ impl FileSource for Disk {
 
 /// The stack the files describe, validated as a whole; warnings go to
 /// stderr.
-fn load(args: &StackFileArgs) -> anyhow::Result<Vec<ServiceSpec>> {
+fn load(args: &StackFileArgs) -> anyhow::Result<Loaded> {
     load_as(args, Some(args.name.clone()))
 }
 
 /// [`load`] as the services of `stack`, or under their own names.
-fn load_as(args: &StackFileArgs, stack: Option<String>) -> anyhow::Result<Vec<ServiceSpec>> {
+/// The services of the files and the secrets they declare with `file:`.
+type Loaded = (Vec<ServiceSpec>, Vec<StackSecret>);
+
+/// Creates each secret a stack file declares with `file:` from that file,
+/// or updates it (a new version only when the value differs), before the
+/// services that use it are deployed.
+async fn put_secrets(client: &mut Client, secrets: &[StackSecret]) -> anyhow::Result<()> {
+    if secrets.is_empty() {
+        return Ok(());
+    }
+    let existing: Vec<String> = client
+        .secret_list(pb::ListSecretsRequest {})
+        .await
+        .map_err(explain)?
+        .into_inner()
+        .secrets
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    for secret in secrets {
+        let value = super::secret::read_value(&secret.name, &secret.file.display().to_string())?;
+        let request = pb::PutSecretRequest {
+            name: secret.name.clone(),
+            value,
+        };
+        if existing.contains(&secret.name) {
+            let info = client
+                .secret_update(request)
+                .await
+                .map_err(explain)?
+                .into_inner();
+            if !info.unchanged {
+                println!("secret {} updated to version {}", secret.name, info.version);
+            }
+        } else {
+            client.secret_create(request).await.map_err(explain)?;
+            println!("secret {} created", secret.name);
+        }
+    }
+    Ok(())
+}
+
+fn load_as(args: &StackFileArgs, stack: Option<String>) -> anyhow::Result<Loaded> {
     let files = args
         .files
         .iter()
@@ -189,18 +234,20 @@ fn load_as(args: &StackFileArgs, stack: Option<String>) -> anyhow::Result<Vec<Se
     for warning in &loaded.warnings {
         eprintln!("warning: {warning}");
     }
-    Ok(loaded.services)
+    Ok((loaded.services, loaded.secrets))
 }
 
 fn request(
     name: &str,
     services: &[ServiceSpec],
     check_index: Option<u64>,
+    secrets: &[String],
 ) -> pb::DeployStackRequest {
     pb::DeployStackRequest {
         stack: name.to_string(),
         services: services.iter().map(skiff_spec::pb::spec_to_pb).collect(),
         check_index,
+        secrets: secrets.to_vec(),
     }
 }
 
@@ -213,12 +260,12 @@ async fn deploy(
     detach: bool,
 ) -> anyhow::Result<()> {
     let plan = client
-        .plan_stack(request(name, &services, None))
+        .plan_stack(request(name, &services, None, &[]))
         .await
         .map_err(explain)?
         .into_inner();
     let response = client
-        .deploy_stack(request(name, &services, check_index))
+        .deploy_stack(request(name, &services, check_index, &[]))
         .await
         .map_err(explain)?
         .into_inner();
@@ -252,9 +299,10 @@ async fn plan(
     format: OutputFormat,
     name: &str,
     services: Vec<ServiceSpec>,
+    secrets: &[String],
 ) -> anyhow::Result<()> {
     let plan = client
-        .plan_stack(request(name, &services, None))
+        .plan_stack(request(name, &services, None, secrets))
         .await
         .map_err(explain)?
         .into_inner();

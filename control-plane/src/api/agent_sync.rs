@@ -211,7 +211,15 @@ impl Api {
         let mut changes = self.node_watch.subscribe(&node);
         let mut endpoints = self.endpoints.subscribe();
         endpoints.mark_changed();
-        let mut last_sent: Option<(Vec<pb::Allocation>, Vec<String>, Vec<String>)> = None;
+        // What was last sent; secrets by name and version (a new version
+        // is a new value).
+        type Sent = (
+            Vec<pb::Allocation>,
+            Vec<String>,
+            Vec<String>,
+            Vec<(String, u64)>,
+        );
+        let mut last_sent: Option<Sent> = None;
         let mut last_index = None;
         // A lagging server (say, one that just came back) must not hand the
         // agent an old set: missing allocations would be stopped. Catch up
@@ -230,6 +238,11 @@ impl Api {
                     assignments.allocations.clone(),
                     assignments.prepull.clone(),
                     assignments.remove_volumes.clone(),
+                    assignments
+                        .secrets
+                        .iter()
+                        .map(|s| (s.name.clone(), s.version))
+                        .collect(),
                 );
                 if last_sent.as_ref() != Some(&sent) {
                     last_sent = Some(sent);
@@ -322,6 +335,7 @@ impl Api {
             allocations: state.allocs_on(node).map(convert::alloc_to_pb).collect(),
             prepull: state.prepull_images(node),
             remove_volumes: state.volumes_to_remove(node),
+            secrets: self.node_secrets(&state, node),
         }
     }
 

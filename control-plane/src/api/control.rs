@@ -104,6 +104,49 @@ impl pb::control_server::Control for Api {
         self.service_exec_here(request).await
     }
 
+    async fn secret_create(
+        &self,
+        request: Request<pb::PutSecretRequest>,
+    ) -> Result<Response<pb::SecretInfo>, Status> {
+        self.put_secret_here(request.into_inner(), true)
+            .await
+            .map(Response::new)
+    }
+
+    async fn secret_update(
+        &self,
+        request: Request<pb::PutSecretRequest>,
+    ) -> Result<Response<pb::SecretInfo>, Status> {
+        self.put_secret_here(request.into_inner(), false)
+            .await
+            .map(Response::new)
+    }
+
+    async fn secret_list(
+        &self,
+        _request: Request<pb::ListSecretsRequest>,
+    ) -> Result<Response<pb::ListSecretsResponse>, Status> {
+        self.list_secrets_here().await.map(Response::new)
+    }
+
+    async fn secret_inspect(
+        &self,
+        request: Request<pb::InspectSecretRequest>,
+    ) -> Result<Response<pb::SecretInfo>, Status> {
+        self.inspect_secret_here(&request.into_inner().name)
+            .await
+            .map(Response::new)
+    }
+
+    async fn secret_remove(
+        &self,
+        request: Request<pb::RemoveSecretRequest>,
+    ) -> Result<Response<pb::RemoveSecretResponse>, Status> {
+        self.remove_secret_here(&request.into_inner().name)
+            .await
+            .map(|()| Response::new(pb::RemoveSecretResponse {}))
+    }
+
     async fn list_volumes(
         &self,
         _request: Request<pb::ListVolumesRequest>,

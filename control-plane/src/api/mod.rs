@@ -12,6 +12,7 @@
 //! - `events`: which events an `Events` call returns (`--tail`, `--since`).
 //! - `leader_view`: a follower's forwarding of the reads of what only the
 //!   leader holds in memory (heartbeats, reports, Raft progress).
+//! - `secrets`: the secret RPCs and the values each agent gets.
 //! - `volumes`: the volume RPCs and the agents' volume reports.
 //! - `relay`: `service logs` and `exec` relayed to the replica's agent.
 //! - `raft_service`: the Raft transport between servers.
@@ -30,6 +31,7 @@ mod leader_view;
 mod raft_service;
 mod relay;
 mod reports;
+mod secrets;
 mod stacks;
 mod volumes;
 
@@ -82,6 +84,9 @@ pub struct Api {
     /// The leader's address and a client of it, for forwarded reads.
     leader_client: Arc<Mutex<Option<LeaderClient>>>,
     limits: Limits,
+    /// Seals the values of `secret create|update` and opens them for the
+    /// agents that need them; `None`: this server refuses secret calls.
+    secrets_key: Option<crate::secrets::SecretKey>,
 }
 
 /// How many services and variables the API accepts, as etcd bounds its
@@ -120,7 +125,14 @@ impl Api {
             leader_client: Arc::default(),
             server_name,
             limits: Limits::default(),
+            secrets_key: None,
         }
+    }
+
+    /// The same API sealing and opening secrets with `key`.
+    pub fn with_secrets_key(mut self, key: Option<crate::secrets::SecretKey>) -> Self {
+        self.secrets_key = key;
+        self
     }
 
     /// The same API with other count limits.
@@ -256,7 +268,10 @@ pub(crate) fn status_from(err: ProposeError) -> Status {
             Status::already_exists(err.to_string())
         }
         ProposeError::Rejected(
-            CommandError::Deployment(_) | CommandError::NodeReady(_) | CommandError::Volume(_),
+            CommandError::Deployment(_)
+            | CommandError::NodeReady(_)
+            | CommandError::Volume(_)
+            | CommandError::Secret(_),
         ) => Status::failed_precondition(err.to_string()),
         ProposeError::Rejected(CommandError::Invalid(_)) => {
             Status::invalid_argument(err.to_string())

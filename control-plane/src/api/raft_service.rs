@@ -7,15 +7,21 @@ use skiff_proto::raft as pb;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::consensus::{self, Consensus, ProposeError};
+use crate::secrets::SecretKey;
 use skiff_spec as spec;
 
 pub struct RaftService {
     consensus: Consensus,
+    /// Handed to servers that join (see `crate::secrets`).
+    secrets_key: Option<SecretKey>,
 }
 
 impl RaftService {
-    pub fn new(consensus: Consensus) -> Self {
-        RaftService { consensus }
+    pub fn new(consensus: Consensus, secrets_key: Option<SecretKey>) -> Self {
+        RaftService {
+            consensus,
+            secrets_key,
+        }
     }
 }
 
@@ -83,7 +89,16 @@ impl pb::raft_server::Raft for RaftService {
             address: request.address.clone(),
         });
         tracing::info!(name = %request.name, id, "server joined");
-        Ok(Response::new(pb::JoinResponse { id, peers }))
+        let secrets_key = self
+            .secrets_key
+            .as_ref()
+            .map(SecretKey::to_bytes)
+            .unwrap_or_default();
+        Ok(Response::new(pb::JoinResponse {
+            id,
+            peers,
+            secrets_key,
+        }))
     }
 
     async fn propose(

@@ -61,8 +61,9 @@ impl Api {
     ) -> Result<pb::StackPlan, Status> {
         let services = self.stack_specs(&request).await?;
         let state = self.consensus.state();
-        let plan = stack_plan::plan_stack(&state, &request.stack, services, now_ms())
-            .map_err(|e| status_from(e.into()))?;
+        let plan =
+            stack_plan::plan_stack(&state, &request.stack, services, &request.secrets, now_ms())
+                .map_err(|e| status_from(e.into()))?;
         Ok(plan_to_pb(plan))
     }
 

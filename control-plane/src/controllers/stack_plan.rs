@@ -65,14 +65,47 @@ pub fn plan_stack(
     state: &State,
     stack: &str,
     services: Vec<ServiceSpec>,
+    declared_secrets: &[String],
     now_ms: u64,
 ) -> Result<StackPlan, CommandError> {
+    // Secrets the deploy creates first count as present, at version 1
+    // (the state is copied only when one is missing).
+    let missing: Vec<&String> = declared_secrets
+        .iter()
+        .filter(|n| !state.secrets.contains_key(*n))
+        .collect();
+    let with_secrets;
+    let state = if missing.is_empty() {
+        state
+    } else {
+        let mut copy = state.clone();
+        for name in missing {
+            copy.secrets.insert(
+                name.clone(),
+                crate::state::Secret {
+                    name: name.clone(),
+                    version: 1,
+                    sealed: String::new(),
+                    size_bytes: 0,
+                    created_ms: now_ms,
+                    updated_ms: now_ms,
+                    create_index: 0,
+                    modify_index: 0,
+                },
+            );
+        }
+        with_secrets = copy;
+        &with_secrets
+    };
     let mut changes = Vec::new();
     for spec in &services {
         let (action, diff) = match state.services.get(&spec.name) {
             None => (Action::Create, Vec::new()),
             Some(current) => {
                 let mut spec = spec.clone();
+                // As applying would: the versions of the secrets pinned.
+                // An unknown secret is refused below, by the apply.
+                let _ = state.resolve_secrets(&mut spec);
                 if spec.autoscale.is_some() && current.spec.autoscale.is_some() {
                     spec.replicas = current.spec.replicas;
                 }
@@ -176,7 +209,7 @@ mod tests {
     #[test]
     fn a_new_stack_plans_creates_with_their_placements() {
         let state = cluster();
-        let plan = plan_stack(&state, "app", vec![spec("web", 2)], 1_000).unwrap();
+        let plan = plan_stack(&state, "app", vec![spec("web", 2)], &[], 1_000).unwrap();
         assert_eq!(plan.index, 2);
         let web = &plan.changes[0];
         assert_eq!(
@@ -203,14 +236,14 @@ mod tests {
                 },
             )
             .unwrap();
-        let same = plan_stack(&state, "app", deployed, 1_000).unwrap();
+        let same = plan_stack(&state, "app", deployed, &[], 1_000).unwrap();
         assert!(!same.changes_something());
 
         let mut web = spec("web", 1);
         web.env.insert("A".into(), "1".into());
         let mut big = spec("cache", 1);
         big.memory_mb = Some(4096);
-        let plan = plan_stack(&state, "app", vec![web, big], 1_000).unwrap();
+        let plan = plan_stack(&state, "app", vec![web, big], &[], 1_000).unwrap();
         let by_name: BTreeMap<&str, &ServiceChange> = plan
             .changes
             .iter()
@@ -233,7 +266,7 @@ mod tests {
         );
         let mut scaled = spec("web", 3);
         scaled.labels.insert("team".into(), "a".into());
-        let plan = plan_stack(&state, "app", vec![scaled, spec("db", 1)], 1_000).unwrap();
+        let plan = plan_stack(&state, "app", vec![scaled, spec("db", 1)], &[], 1_000).unwrap();
         assert_eq!(plan.changes[1].action, Action::InPlace);
         assert_eq!(plan.changes[1].diff.len(), 2, "{:?}", plan.changes[1].diff);
     }
@@ -243,6 +276,6 @@ mod tests {
         let state = cluster();
         let mut bad = spec("web", 1);
         bad.command.clear();
-        assert!(plan_stack(&state, "app", vec![bad], 1_000).is_err());
+        assert!(plan_stack(&state, "app", vec![bad], &[], 1_000).is_err());
     }
 }

@@ -221,6 +221,15 @@ pub enum Command {
         #[serde(default)]
         node: Option<String>,
     },
+    /// `skiff secret create|update`: a value sealed by the proposer with
+    /// the cluster's secrets key (never the plain value).
+    PutSecret {
+        secret: super::SecretWrite,
+    },
+    /// `skiff secret rm`: refused while a service references it.
+    RemoveSecret {
+        name: String,
+    },
     /// A command stamped with its proposer's clock. Proposers wrap what
     /// they propose in it so that events carry a time every server agrees
     /// on; a bare command is stamped with the last time seen.
@@ -259,6 +268,9 @@ pub enum CommandError {
     /// A volume command that does not fit the volumes' state.
     #[error("{0}")]
     Volume(String),
+    /// A secret command that does not fit the secrets' state.
+    #[error("{0}")]
+    Secret(String),
 }
 
 /// What a successful command produced.

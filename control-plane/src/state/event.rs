@@ -50,6 +50,11 @@ pub enum EventKind {
     PortListening,
     /// Its agent deleted a volume `skiff volume rm` removed.
     VolumeRemoved,
+    /// `skiff secret create|update|rm`; the message names the secret and
+    /// its version, never the value.
+    SecretCreated,
+    SecretUpdated,
+    SecretRemoved,
 }
 
 impl EventKind {
@@ -88,6 +93,9 @@ impl EventKind {
             EventKind::PortUnavailable => "port-unavailable",
             EventKind::PortListening => "port-listening",
             EventKind::VolumeRemoved => "volume-removed",
+            EventKind::SecretCreated => "secret-created",
+            EventKind::SecretUpdated => "secret-updated",
+            EventKind::SecretRemoved => "secret-removed",
         }
     }
 

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Allocation, Event, Member, Node, Service, State, Volume};
+use super::{Allocation, Event, Member, Node, Secret, Service, State, Volume};
 
 /// [`StateImage`] by reference, for encoding without copying the state.
 #[derive(Serialize)]
@@ -17,6 +17,7 @@ struct StateImageRef<'a> {
     variables: &'a imbl::OrdMap<String, String>,
     events: &'a VecDeque<Event>,
     volumes: &'a BTreeMap<String, Volume>,
+    secrets: &'a BTreeMap<String, Secret>,
     applied_index: u64,
 }
 
@@ -33,6 +34,8 @@ struct StateImage {
     events: VecDeque<Event>,
     #[serde(default)]
     volumes: BTreeMap<String, Volume>,
+    #[serde(default)]
+    secrets: BTreeMap<String, Secret>,
     applied_index: u64,
 }
 
@@ -85,6 +88,7 @@ impl State {
             variables: &self.variables,
             events: &self.events,
             volumes: &self.volumes,
+            secrets: &self.secrets,
             applied_index: self.applied_index,
         };
         serde_json::to_vec(&image).expect("state always serializes")
@@ -106,6 +110,7 @@ impl State {
             variables: image.variables.into_iter().collect(),
             events: image.events,
             volumes: image.volumes,
+            secrets: image.secrets,
             applied_index: image.applied_index,
             ..State::default()
         };
@@ -134,5 +139,6 @@ impl State {
             && self.variables == other.variables
             && self.events == other.events
             && self.volumes == other.volumes
+            && self.secrets == other.secrets
     }
 }

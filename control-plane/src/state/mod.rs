@@ -18,6 +18,7 @@
 //! - `query`: read-only lookups for the scheduler, controllers and API.
 //! - `apply`: one module per subject (services, deployments, nodes,
 //!   plans, allocations) applying its commands as `impl State` blocks.
+//! - `secrets`: secrets (sealed values, versions) and their roll-outs.
 //! - `stacks`: a stack's services applied as one step, and the
 //!   `depends_on` conditions that hold a first start.
 //! - here: the [`State`] itself and the dispatch of each command.
@@ -31,6 +32,7 @@ mod fixtures;
 mod image;
 mod model;
 mod query;
+mod secrets;
 mod stacks;
 mod volumes;
 
@@ -51,6 +53,7 @@ pub use skiff_spec::{
     UpdatePolicy,
 };
 
+pub use secrets::{Secret, SecretWrite};
 pub use volumes::{Volume, VolumeReport};
 
 use image::AllocIndex;
@@ -69,6 +72,8 @@ pub struct State {
     pub events: VecDeque<Event>,
     /// Named volumes on the nodes, by `node/name`.
     pub volumes: BTreeMap<String, Volume>,
+    /// Secrets by name, their values sealed (see `secrets`).
+    pub secrets: BTreeMap<String, Secret>,
     /// Raft index of the last applied entry.
     pub applied_index: u64,
     /// The last proposer time seen; stamps events of untimed commands.
@@ -112,6 +117,8 @@ impl State {
             Command::RemoveVolume { name, node } => {
                 self.remove_volume(index, &name, node.as_deref())
             }
+            Command::PutSecret { secret } => self.put_secret(index, secret),
+            Command::RemoveSecret { name } => self.remove_secret(index, &name),
             Command::RollbackService { name, to_version } => {
                 self.rollback_service(index, &name, to_version)
             }

@@ -125,6 +125,7 @@ impl State {
         for spec in services {
             spec.validate()
                 .map_err(|e| SpecError::new(&format!("{}.{}", spec.name, e.field), e.problem))?;
+            self.resolve_secrets(&mut spec.clone())?;
             if spec.labels.get(STACK_LABEL).map(String::as_str) != Some(stack)
                 || !spec.name.starts_with(&prefix)
             {

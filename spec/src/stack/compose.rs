@@ -1,7 +1,9 @@
 //! Compose files onto Skiff's services: the subset of the Compose
 //! Specification Skiff can run, warnings for what it ignores, and errors
 //! with the fix for what it cannot honour. Volumes and secrets are parsed
-//! into the typed forms below so they can be wired in when Skiff runs them.
+//! into the typed forms below, then into the spec's mounts and secret
+//! references; a secret declared with `file:` is returned for the CLI to
+//! create before the deploy.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -40,6 +42,8 @@ pub enum VolumeKind {
 pub struct SecretRef {
     pub source: String,
     pub target: Option<String>,
+    /// `mode:` in octal notation (`0440`); `None`: 0400.
+    pub mode: Option<u32>,
 }
 
 /// A top-level `volumes:` or `secrets:` entry.
@@ -232,9 +236,11 @@ pub(crate) fn read(top: &Mapping, context: &mut Context) -> Result<Vec<ReadServi
         out.push(read_service(name, Node::new(&value, &path), context)?);
     }
     let mut declared = Vec::new();
+    let mut secrets = Vec::new();
     for (key, defined) in &definitions {
         if key == "secrets" {
-            return Err(StackError::unsupported(key, not_yet(key)));
+            secrets = defined.clone();
+            continue;
         }
         for definition in defined {
             if let Some(driver) = definition.source.as_deref().filter(|d| *d != "local") {
@@ -248,8 +254,63 @@ pub(crate) fn read(top: &Mapping, context: &mut Context) -> Result<Vec<ReadServi
     }
     for service in &mut out {
         name_volumes(service, &declared, context.stack)?;
+        name_secrets(service, &secrets, context.stack)?;
+    }
+    for secret in secrets.iter().filter(|s| !s.external) {
+        let path = join("secrets", &secret.name);
+        let Some(file) = &secret.source else {
+            return Err(StackError::unsupported(
+                &path,
+                "only file: and external: secrets are supported; give file: PATH (read by the CLI when it deploys)",
+            ));
+        };
+        context.secrets.push(super::StackSecret {
+            name: stack_secret_name(context.stack, &secret.name),
+            file: context.base_dir.join(file),
+        });
     }
     Ok(out)
+}
+
+/// A stack's own secret `NAME` is `STACK-NAME` in the cluster, as Swarm
+/// scopes a stack's secrets; an `external: true` one keeps its name.
+fn stack_secret_name(stack: Option<&str>, name: &str) -> String {
+    match stack {
+        Some(stack) => format!("{stack}-{name}"),
+        None => name.to_string(),
+    }
+}
+
+/// Checks that each secret of a service is declared under the top-level
+/// `secrets:` and names it as the cluster knows it; the file keeps the
+/// declared name (`/run/secrets/db_password`), as in Compose.
+fn name_secrets(
+    service: &mut ReadService,
+    declared: &[Definition],
+    stack: Option<&str>,
+) -> Result<(), StackError> {
+    for (i, secret) in service.spec.secrets.iter_mut().enumerate() {
+        let path = format!("services.{}.secrets[{i}]", service.name);
+        let Some(definition) = declared.iter().find(|d| d.name == secret.name) else {
+            return Err(StackError::invalid(
+                path,
+                format!(
+                    "secret {0} is not declared; add it under the top-level secrets: ({0}: {{file: ./{0}.txt}})",
+                    secret.name
+                ),
+            ));
+        };
+        if secret.target.is_empty() {
+            secret.target = secret.name.clone();
+        }
+        if !definition.external {
+            secret.name = stack_secret_name(stack, &secret.name);
+        }
+        secret
+            .validate()
+            .map_err(|e| StackError::invalid(&path, e.problem))?;
+    }
+    Ok(())
 }
 
 /// Checks that each named volume of a service is declared under the
@@ -282,10 +343,6 @@ fn name_volumes(
         })?;
     }
     Ok(())
-}
-
-fn not_yet(what: &str) -> String {
-    format!("Skiff does not run {what} yet; they arrive with the \"Real applications\" issue. Remove {what} for now")
 }
 
 fn read_networks(node: Node, context: &mut Context) -> Result<(), StackError> {
@@ -322,7 +379,13 @@ fn read_definitions(node: Node) -> Result<Vec<Definition>, StackError> {
             let v = Node::new(&value, &path);
             match key.as_str() {
                 "external" => definition.external = v.bool()?,
-                "file" | "environment" | "driver" => definition.source = Some(v.string()?),
+                "file" | "driver" => definition.source = Some(v.string()?),
+                "environment" => {
+                    return Err(StackError::unsupported(
+                        &path,
+                        "secrets from environment: are not supported; write the value to a file and give file: PATH",
+                    ))
+                }
                 _ => {}
             }
         }
@@ -403,7 +466,7 @@ fn read_service(
             }
             "profiles" => profiles = n.string_list()?,
             "volumes" => spec.volumes = read_volumes(n)?,
-            "secrets" => check_secrets(n)?,
+            "secrets" => spec.secrets = read_secrets(n)?,
             "cpus" => {
                 spec.cpu_millis =
                     Some(units::parse_cpus(&n.decimal_text()?).map_err(|e| n.invalid(e))?)
@@ -842,12 +905,20 @@ pub(crate) fn parse_secrets(node: Node) -> Result<Vec<SecretRef>, StackError> {
                 let mut secret = SecretRef {
                     source: String::new(),
                     target: None,
+                    mode: None,
                 };
                 for (key, value) in n.entries()? {
                     let p = join(&path, &key);
+                    let v = Node::new(&value, &p);
                     match key.as_str() {
-                        "source" => secret.source = Node::new(&value, &p).string()?,
-                        "target" => secret.target = Some(Node::new(&value, &p).string()?),
+                        "source" => secret.source = v.string()?,
+                        "target" => secret.target = Some(v.string()?),
+                        "mode" => secret.mode = Some(octal_mode(&v)?),
+                        "uid" | "gid" => {
+                            return Err(v.invalid(
+                                "is not supported: a secret file belongs to the image's user; drop uid/gid",
+                            ))
+                        }
                         _ => {}
                     }
                 }
@@ -859,6 +930,7 @@ pub(crate) fn parse_secrets(node: Node) -> Result<Vec<SecretRef>, StackError> {
             _ => SecretRef {
                 source: n.string()?,
                 target: None,
+                mode: None,
             },
         };
         out.push(secret);
@@ -866,9 +938,36 @@ pub(crate) fn parse_secrets(node: Node) -> Result<Vec<SecretRef>, StackError> {
     Ok(out)
 }
 
-fn check_secrets(node: Node) -> Result<(), StackError> {
-    if parse_secrets(node)?.is_empty() {
-        return Ok(());
-    }
-    Err(StackError::unsupported(node.path, not_yet("secrets")))
+/// A `mode:` in octal notation: `0440` or `"0440"` (YAML 1.2 reads an
+/// unquoted 0440 as the decimal 440, whose digits are what was meant).
+fn octal_mode(node: &Node) -> Result<u32, StackError> {
+    let text = match node.value {
+        Value::Number(n) => n.to_string(),
+        _ => node.string()?,
+    };
+    u32::from_str_radix(text.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| node.invalid("is not an octal file mode; write e.g. mode: 0440"))
+}
+
+/// A service's `secrets` as references (named as declared; `read` gives
+/// them their cluster names).
+fn read_secrets(node: Node) -> Result<Vec<crate::SecretRef>, StackError> {
+    Ok(parse_secrets(node)?
+        .into_iter()
+        .map(|s| crate::SecretRef {
+            name: s.source,
+            target: s
+                .target
+                .map(|t| {
+                    t.strip_prefix(crate::SECRETS_DIR)
+                        .map(|r| r.trim_start_matches('/').to_string())
+                        .unwrap_or(t)
+                })
+                .unwrap_or_default(),
+            mode: s.mode.unwrap_or(0),
+            ..crate::SecretRef::default()
+        })
+        .collect())
 }

@@ -640,11 +640,61 @@ fn relative_bind_mounts_and_secrets_are_refused() {
     );
     let err = error_of("image: busybox\nvolumes: [\"/data\"]\n");
     assert!(err.contains("anonymous volumes are not supported"), "{err}");
-    let err = error_of("image: busybox\nsecrets: [db_password, {source: api_key, target: key}]\n");
+    let err = error_of("image: busybox\nsecrets: [db_password]\n");
     assert!(
-        err.contains("services.web.secrets: Skiff does not run secrets yet"),
+        err.contains("services.web.secrets[0]: secret db_password is not declared"),
         "{err}"
     );
+}
+
+#[test]
+fn secrets_with_files_become_stack_secrets_and_references_in_both_syntaxes() {
+    let text = "services:\n  web:\n    image: busybox\n    secrets:\n      - db_password\n      - {source: api_key, target: /run/secrets/key, mode: 0440}\n      - shared\nsecrets:\n  db_password: {file: ./db_password.txt}\n  api_key: {file: keys/api}\n  shared: {external: true}\n";
+    let loaded = load_with(
+        Some("app"),
+        &[("dir/compose.yaml", text)],
+        &MemFs::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let refs: Vec<String> = loaded.services[0]
+        .secrets
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(
+        refs,
+        vec![
+            "app-db_password:db_password",
+            "app-api_key:key,mode=0440",
+            "shared"
+        ]
+    );
+    let files: Vec<(String, String)> = loaded
+        .secrets
+        .iter()
+        .map(|s| (s.name.clone(), s.file.display().to_string()))
+        .collect();
+    assert_eq!(
+        files,
+        vec![
+            (
+                "app-db_password".to_string(),
+                "dir/./db_password.txt".to_string()
+            ),
+            ("app-api_key".to_string(), "dir/keys/api".to_string()),
+        ]
+    );
+    let err = load_with(
+        Some("app"),
+        &[(
+            "c.yaml",
+            "services: {}\nsecrets:\n  pw: {environment: PW}\n",
+        )],
+        &MemFs::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("write the value to a file"), "{err}");
 }
 
 #[test]
@@ -675,7 +725,8 @@ fn volumes_and_secrets_are_parsed_into_typed_forms() {
         secrets[1],
         compose::SecretRef {
             source: "b".into(),
-            target: Some("c".into())
+            target: Some("c".into()),
+            mode: None,
         }
     );
 }

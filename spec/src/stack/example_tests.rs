@@ -28,6 +28,16 @@ fn the_classic_example_loads_as_web_db_and_cache_with_web_waiting_for_db() {
         ("app-db-data", "/var/lib/postgresql/data")
     );
     assert!(loaded.services[1].owns_volumes());
+    let db = &loaded.services[1];
+    assert_eq!(
+        db.env["POSTGRES_PASSWORD_FILE"],
+        format!("{}/db_password", crate::SECRETS_DIR)
+    );
+    assert!(!db.env.contains_key("POSTGRES_PASSWORD"));
+    assert_eq!(db.secrets[0].name, "app-db_password");
+    assert_eq!(db.secrets[0].file_name(), "db_password");
+    assert_eq!(loaded.secrets[0].name, "app-db_password");
+    assert!(loaded.secrets[0].file.ends_with("db_password.txt"));
 }
 
 #[test]

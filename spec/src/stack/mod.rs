@@ -94,6 +94,19 @@ pub struct LoadedStack {
     /// Sorted by name.
     pub services: Vec<ServiceSpec>,
     pub warnings: Vec<String>,
+    /// The stack's own secrets (Compose's top-level `secrets:` with
+    /// `file:`), which the deploy creates or updates before the services.
+    pub secrets: Vec<StackSecret>,
+}
+
+/// A secret a stack file declares with `file:`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StackSecret {
+    /// Its name in the cluster (`STACK-NAME`).
+    pub name: String,
+    /// The file holding the value, relative to the first stack file's
+    /// directory.
+    pub file: PathBuf,
 }
 
 /// Reads, merges, converts and validates the stack's files.
@@ -104,7 +117,7 @@ pub fn load(options: &LoadOptions, fs: &dyn FileSource) -> Result<LoadedStack, S
         .map(|f| KeyLines::scan(&f.path.display().to_string(), &f.contents))
         .collect();
     let mut warnings = Vec::new();
-    let services = load_services(options, fs, &mut warnings).map_err(|mut err| {
+    let (services, secrets) = load_services(options, fs, &mut warnings).map_err(|mut err| {
         if let Some((path, at)) = err.key_path() {
             *at = locate::position(&lines, path);
         }
@@ -123,6 +136,7 @@ pub fn load(options: &LoadOptions, fs: &dyn FileSource) -> Result<LoadedStack, S
         return Ok(LoadedStack {
             services,
             warnings: Vec::new(),
+            secrets,
         });
     }
     let warnings = warnings
@@ -136,7 +150,11 @@ pub fn load(options: &LoadOptions, fs: &dyn FileSource) -> Result<LoadedStack, S
             )
         })
         .collect();
-    Ok(LoadedStack { services, warnings })
+    Ok(LoadedStack {
+        services,
+        warnings,
+        secrets,
+    })
 }
 
 /// Skiff's own format for these specs; `load` of it gives the same specs
@@ -167,6 +185,8 @@ pub(crate) struct Context<'a> {
     pub base_dir: PathBuf,
     pub stack: Option<&'a str>,
     pub warnings: &'a mut Vec<Warning>,
+    /// The secrets the file declares with `file:` (Compose).
+    pub secrets: Vec<StackSecret>,
 }
 
 impl Context<'_> {
@@ -179,7 +199,7 @@ fn load_services(
     options: &LoadOptions,
     fs: &dyn FileSource,
     warnings: &mut Vec<Warning>,
-) -> Result<Vec<ServiceSpec>, StackError> {
+) -> Result<(Vec<ServiceSpec>, Vec<StackSecret>), StackError> {
     if let Some(stack) = &options.stack {
         validate_name(stack)
             .map_err(|e| StackError::invalid("stack", format!("the stack name {}", e.problem)))?;
@@ -220,7 +240,7 @@ fn load_services(
         });
     }
     let Some((format, _, top)) = merged else {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     };
     let mut context = Context {
         vars,
@@ -232,6 +252,7 @@ fn load_services(
             .unwrap_or_default(),
         stack: options.stack.as_deref(),
         warnings,
+        secrets: Vec::new(),
     };
     let read = match format {
         Format::Skiff => skiff_format::read(&top, &mut context)?,
@@ -241,7 +262,8 @@ fn load_services(
         Format::Skiff => "depends-on",
         Format::Compose => "depends_on",
     };
-    finish(read, options, depends_key)
+    let secrets = std::mem::take(&mut context.secrets);
+    Ok((finish(read, options, depends_key)?, secrets))
 }
 
 fn read_dotenv(

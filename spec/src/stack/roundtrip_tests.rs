@@ -252,6 +252,12 @@ fn spec(rng: &mut StdRng, name: String, earlier: &[String]) -> ServiceSpec {
             s.volume_scope = crate::VolumeScope::Shared;
         }
     }
+    if rng.gen_bool(0.3) {
+        s.secrets = vec![
+            crate::SecretRef::parse("db_password").unwrap(),
+            crate::SecretRef::parse("tls.key:key.pem,mode=0440,on-change=signal:SIGHUP").unwrap(),
+        ];
+    }
     for dep in earlier {
         if rng.gen_bool(0.4) {
             let condition = *[DependsCondition::Started, DependsCondition::Healthy]

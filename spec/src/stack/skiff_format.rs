@@ -46,6 +46,7 @@ const SERVICE_KEYS: &[&str] = &[
     "profiles",
     "seccomp",
     "volumes",
+    "secrets",
     "volume-scope",
 ];
 
@@ -130,6 +131,14 @@ fn read_service(name: String, node: Node) -> Result<ReadService, StackError> {
             "command" => spec.command = n.command()?,
             "entrypoint" => spec.entrypoint = Some(n.command()?),
             "seccomp" => spec.seccomp = Some(n.string()?),
+            "secrets" => {
+                spec.secrets = n
+                    .string_list()?
+                    .iter()
+                    .map(|t| crate::SecretRef::parse(t))
+                    .collect::<Result<_, _>>()
+                    .map_err(at(&path))?
+            }
             "volumes" => {
                 spec.volumes = n
                     .string_list()?
@@ -390,6 +399,10 @@ fn write_service(
     }
     if let Some(seccomp) = &spec.seccomp {
         put("seccomp", seccomp.as_str().into());
+    }
+    if !spec.secrets.is_empty() {
+        let texts: Vec<String> = spec.secrets.iter().map(|s| s.to_string()).collect();
+        put("secrets", list(&texts));
     }
     if !spec.volumes.is_empty() {
         let texts: Vec<String> = spec.volumes.iter().map(|m| m.to_string()).collect();

@@ -67,6 +67,9 @@ pub struct OciConfig {
     /// This node's DNS server for discovery by name; `None`: containers
     /// get the host's resolvers.
     pub nameserver: Option<std::net::Ipv4Addr>,
+    /// Writes the replicas' secret files; `None`: containers that use
+    /// secrets fail to start.
+    pub secrets: Option<Arc<crate::secrets::Secrets>>,
 }
 
 impl OciConfig {
@@ -79,6 +82,7 @@ impl OciConfig {
             shim: None,
             volumes: crate::volumes::Volumes::new(allocs_dir.with_file_name("volumes"), Vec::new()),
             nameserver: None,
+            secrets: None,
             allocs_dir,
         }
     }
@@ -133,6 +137,7 @@ pub struct OciRuntime {
     allocs_dir: PathBuf,
     volumes: crate::volumes::Volumes,
     nameserver: Option<std::net::Ipv4Addr>,
+    secrets: Option<Arc<crate::secrets::Secrets>>,
 }
 
 impl OciRuntime {
@@ -168,6 +173,7 @@ impl OciRuntime {
             allocs_dir: config.allocs_dir,
             volumes: config.volumes,
             nameserver: config.nameserver,
+            secrets: config.secrets,
         }
     }
 
@@ -292,7 +298,7 @@ impl OciRuntime {
             service: spec.service.clone(),
             slot: spec.slot,
         };
-        let binds = self
+        let mut binds = self
             .volumes
             .binds(
                 &spec.mounts,
@@ -303,6 +309,17 @@ impl OciRuntime {
                 (user.uid, user.gid),
             )
             .map_err(|e| e.to_string())?;
+        if !spec.secrets.is_empty() {
+            let secrets = self.secrets.as_ref().ok_or("this agent holds no secrets")?;
+            let dir = secrets
+                .populate(&spec.alloc_id, &spec.secrets, (user.uid, user.gid))
+                .map_err(|e| e.to_string())?;
+            binds.push(crate::volumes::Bind {
+                source: dir,
+                target: skiff_spec::SECRETS_DIR.to_string(),
+                read_only: true,
+            });
+        }
         let port = spec.listen_port(image.first_tcp_port());
         let hostname = format!("{}-{}", spec.service, spec.short_id());
         let mut info = ContainerInfo {
@@ -622,6 +639,9 @@ impl OciRuntime {
             if let Err(e) = images.unmount_rootfs(&bundle) {
                 tracing::warn!(alloc = %id, error = %e, "failed to unmount container rootfs");
             }
+        }
+        if let Some(secrets) = &self.secrets {
+            secrets.remove(id);
         }
         let left = cgroup::remove(&Self::cgroups_path(spec));
         if !left.is_empty() {

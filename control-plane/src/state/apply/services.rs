@@ -10,9 +10,10 @@ impl State {
     pub(in crate::state) fn create_service(
         &mut self,
         index: u64,
-        spec: ServiceSpec,
+        mut spec: ServiceSpec,
     ) -> Result<Outcome, CommandError> {
         spec.validate()?;
+        self.resolve_secrets(&mut spec)?;
         if self.services.contains_key(&spec.name) {
             return Err(CommandError::ServiceExists(spec.name));
         }
@@ -87,11 +88,12 @@ impl State {
     pub(in crate::state) fn update_service(
         &mut self,
         index: u64,
-        spec: ServiceSpec,
+        mut spec: ServiceSpec,
         rollback: Option<u64>,
     ) -> Result<Outcome, CommandError> {
         let rollback_of = rollback.unwrap_or(0);
         spec.validate()?;
+        self.resolve_secrets(&mut spec)?;
         let now = self.clock_ms;
         let name = spec.name.clone();
         let service = self
