@@ -527,13 +527,18 @@ pub fn children(pid: u32) -> Vec<u32> {
     found
 }
 
-/// What container `id` of the cluster left behind: mounts under its bundle, cgroup
+/// What container `id` of the cluster left behind: its allocation dir, mounts under its bundle, cgroup
 /// directories `/skiff/<id>`, runtime state, its network namespace, its NAT rules. Empty when
 /// nothing is left.
 pub fn leftovers(cluster: &OciDev, runtime: &str, id: &str) -> Vec<String> {
     let mut left = Vec::new();
-    let bundle = cluster.agent_dir().join("allocs").join(id);
-    let bundle = bundle.display().to_string();
+    let alloc_dir = cluster.agent_dir().join("allocs").join(id);
+    // Deleted last, after the runtime destroyed the replica and gave up
+    // its image: until then a prune still finds the image in use.
+    if alloc_dir.exists() {
+        left.push(format!("allocation dir {}", alloc_dir.display()));
+    }
+    let bundle = alloc_dir.display().to_string();
     left.extend(
         mount_points()
             .into_iter()

@@ -246,3 +246,51 @@ fn services_are_reached_by_name_from_containers_and_processes_on_any_node() {
         began.elapsed()
     );
 }
+
+/// Within a stack, a service reaches the stack's other services by their
+/// short names (`db` for `app-db`), through its search domain `app.skiff`.
+#[test]
+fn a_stacks_services_reach_each_other_by_short_name() {
+    let cluster = Cluster::start();
+    let web1 = cluster.registry.image("web:v1");
+    let client = CONTAINER_CLIENT.replace('$', "$$");
+    let compose = format!(
+        r#"
+name: app
+services:
+  db:
+    image: {web1}
+  client:
+    image: {web1}
+    entrypoint: ["/bin/sh", "-c", {client:?}]
+"#
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("compose.yaml");
+    std::fs::write(&file, compose).unwrap();
+    cluster.skiff_ok(&[
+        "stack",
+        "deploy",
+        "app",
+        "--detach",
+        "-f",
+        file.to_str().unwrap(),
+    ]);
+    let mut logs = String::new();
+    let reached = wait_until(TIMEOUT, Duration::from_millis(500), || {
+        logs = cluster.logs("app-client");
+        logs.contains("db=skiff-test web v1")
+    });
+    assert!(reached, "stack client:\n{logs}\n{}", cluster.agents.logs());
+    // `cache` is no service of this stack (nor of the cluster).
+    assert!(logs.contains("cache=unknown name"), "{logs}");
+    for node in 0..2 {
+        let (rcode, ips, _, _) = ask(cluster.nameserver(node), "db.app.skiff");
+        assert_eq!((rcode, ips.len()), (0, 1), "db.app.skiff on node {node}");
+    }
+    assert_eq!(
+        ask(cluster.nameserver(0), "db").0,
+        3,
+        "no `db` outside the stack"
+    );
+}
