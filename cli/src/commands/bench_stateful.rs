@@ -396,23 +396,25 @@ fn print_figures(
     let failed: Vec<&Request> = requests.iter().filter(|r| r.failure.is_some()).collect();
     println!("load: {} requests, {} failed", requests.len(), failed.len());
     if !failed.is_empty() {
-        let mut reasons: BTreeMap<&str, usize> = BTreeMap::new();
-        for r in &failed {
-            *reasons.entry(r.failure.as_deref().unwrap_or_default()).or_default() += 1;
-        }
-        let reasons: Vec<String> = reasons.iter().map(|(r, n)| format!("{r}: {n}")).collect();
-        println!("  failures by reason: {}", reasons.join("; "));
+        // By reason: how many, and when the first and the last were sent
+        // relative to the first update.
         let first = swaps.first().map_or(load_started, |s| s.sent);
-        let when: Vec<String> = failed
-            .iter()
-            .take(5)
-            .map(|r| {
-                let at = r.sent.saturating_duration_since(first).as_secs_f64()
-                    - first.saturating_duration_since(r.sent).as_secs_f64();
-                format!("{at:+.2} s")
-            })
-            .collect();
-        println!("  first failed requests sent at (from the first update): {}", when.join(", "));
+        let offset = |at: Instant| {
+            at.saturating_duration_since(first).as_secs_f64()
+                - first.saturating_duration_since(at).as_secs_f64()
+        };
+        let mut reasons: BTreeMap<&str, (usize, f64, f64)> = BTreeMap::new();
+        for r in &failed {
+            let at = offset(r.sent);
+            let seen = reasons
+                .entry(r.failure.as_deref().unwrap_or_default())
+                .or_insert((0, at, at));
+            *seen = (seen.0 + 1, seen.1.min(at), seen.2.max(at));
+        }
+        println!("  failed by reason (sent from .. to, relative to the first update):");
+        for (reason, (n, from, to)) in reasons {
+            println!("    {n:>6}  {reason} ({from:+.3} s .. {to:+.3} s)");
+        }
     }
     let first_update = swaps.first().map_or(load_ended, |s| s.sent);
     let in_swap = |r: &Request| swaps.iter().any(|s| r.sent >= s.sent && r.sent <= s.sent + s.wall);
