@@ -347,7 +347,11 @@ async fn create_until_healthy(
 
 /// Removes the service and waits until the control plane and the agent are
 /// rid of it.
-pub(super) async fn remove(client: &mut Client, agent: &BenchAgent, name: &str) -> anyhow::Result<()> {
+pub(super) async fn remove(
+    client: &mut Client,
+    agent: &BenchAgent,
+    name: &str,
+) -> anyhow::Result<()> {
     client
         .remove_service(pb::RemoveServiceRequest { name: name.into() })
         .await

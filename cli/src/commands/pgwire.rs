@@ -53,9 +53,9 @@ impl From<io::Error> for PgError {
     }
 }
 
-/// One backend message.
+/// One backend (server) message.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Backend {
+pub enum Message {
     /// 'R' with code 0.
     AuthenticationOk,
     /// 'R' with any other code (a password or SASL is asked for).
@@ -123,7 +123,7 @@ fn with_length(kind: Option<u8>, body: Vec<u8>) -> Vec<u8> {
 
 /// Splits the first whole message off `buf`: `Ok(None)` if more bytes are
 /// needed, else the message and how many bytes it took.
-pub fn split(buf: &[u8]) -> Result<Option<(Backend, usize)>, PgError> {
+pub fn split(buf: &[u8]) -> Result<Option<(Message, usize)>, PgError> {
     let Some(header) = buf.get(..5) else {
         return Ok(None);
     };
@@ -132,7 +132,9 @@ pub fn split(buf: &[u8]) -> Result<Option<(Backend, usize)>, PgError> {
     let length = usize::try_from(length)
         .ok()
         .filter(|l| *l >= 4)
-        .ok_or_else(|| PgError::Protocol(format!("message '{}' of length {length}", kind as char)))?;
+        .ok_or_else(|| {
+            PgError::Protocol(format!("message '{}' of length {length}", kind as char))
+        })?;
     let Some(body) = buf.get(5..1 + length) else {
         return Ok(None);
     };
@@ -140,31 +142,31 @@ pub fn split(buf: &[u8]) -> Result<Option<(Backend, usize)>, PgError> {
 }
 
 /// A backend message from its type byte and body.
-pub fn parse(kind: u8, body: &[u8]) -> Result<Backend, PgError> {
+pub fn parse(kind: u8, body: &[u8]) -> Result<Message, PgError> {
     let short = || PgError::Protocol(format!("short '{}' message", kind as char));
     Ok(match kind {
         b'R' => {
             let code = body.get(..4).ok_or_else(short)?;
             match i32::from_be_bytes([code[0], code[1], code[2], code[3]]) {
-                0 => Backend::AuthenticationOk,
-                other => Backend::AuthenticationOther(other),
+                0 => Message::AuthenticationOk,
+                other => Message::AuthenticationOther(other),
             }
         }
         b'S' => {
             let mut fields = cstrs(body);
             let name = fields.next().ok_or_else(short)?;
             let value = fields.next().ok_or_else(short)?;
-            Backend::ParameterStatus(name, value)
+            Message::ParameterStatus(name, value)
         }
-        b'K' => Backend::BackendKeyData,
-        b'Z' => Backend::ReadyForQuery(*body.first().ok_or_else(short)?),
-        b'T' => Backend::RowDescription,
-        b'D' => Backend::DataRow(data_row(body).ok_or_else(short)?),
-        b'C' => Backend::CommandComplete(cstrs(body).next().ok_or_else(short)?),
-        b'E' => Backend::Error(error_text(body)),
-        b'N' => Backend::Notice,
-        b'I' => Backend::EmptyQueryResponse,
-        other => Backend::Other(other),
+        b'K' => Message::BackendKeyData,
+        b'Z' => Message::ReadyForQuery(*body.first().ok_or_else(short)?),
+        b'T' => Message::RowDescription,
+        b'D' => Message::DataRow(data_row(body).ok_or_else(short)?),
+        b'C' => Message::CommandComplete(cstrs(body).next().ok_or_else(short)?),
+        b'E' => Message::Error(error_text(body)),
+        b'N' => Message::Notice,
+        b'I' => Message::EmptyQueryResponse,
+        other => Message::Other(other),
     })
 }
 
@@ -233,8 +235,8 @@ impl Session {
         database: &str,
         timeout: Duration,
     ) -> Result<Session, PgError> {
-        let stream = TcpStream::connect_timeout(&addr, timeout)
-            .map_err(|e| PgError::Connect(e.kind()))?;
+        let stream =
+            TcpStream::connect_timeout(&addr, timeout).map_err(|e| PgError::Connect(e.kind()))?;
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
         stream.set_nodelay(true)?;
@@ -245,14 +247,14 @@ impl Session {
         session.stream.write_all(&startup(user, database))?;
         loop {
             match session.next()? {
-                Backend::AuthenticationOk
-                | Backend::ParameterStatus(..)
-                | Backend::BackendKeyData
-                | Backend::Notice
-                | Backend::Other(_) => {}
-                Backend::ReadyForQuery(_) => return Ok(session),
-                Backend::Error(text) => return Err(PgError::Server(text)),
-                Backend::AuthenticationOther(code) => {
+                Message::AuthenticationOk
+                | Message::ParameterStatus(..)
+                | Message::BackendKeyData
+                | Message::Notice
+                | Message::Other(_) => {}
+                Message::ReadyForQuery(_) => return Ok(session),
+                Message::Error(text) => return Err(PgError::Server(text)),
+                Message::AuthenticationOther(code) => {
                     return Err(PgError::Protocol(format!(
                         "authentication method {code} asked for (only trust is supported)"
                     )))
@@ -273,12 +275,12 @@ impl Session {
         let (mut last, mut error) = (None, None);
         loop {
             match self.next()? {
-                Backend::DataRow(mut columns) if !columns.is_empty() => {
+                Message::DataRow(mut columns) if !columns.is_empty() => {
                     last = columns.swap_remove(0);
                 }
                 // The server sends ReadyForQuery after an error too.
-                Backend::Error(text) => error = Some(text),
-                Backend::ReadyForQuery(_) => {
+                Message::Error(text) => error = Some(text),
+                Message::ReadyForQuery(_) => {
                     return match error {
                         Some(text) => Err(PgError::Server(text)),
                         None => Ok(last),
@@ -295,7 +297,7 @@ impl Session {
         Ok(())
     }
 
-    fn next(&mut self) -> Result<Backend, PgError> {
+    fn next(&mut self) -> Result<Message, PgError> {
         let mut chunk = [0u8; 4096];
         loop {
             if let Some((message, used)) = split(&self.buf)? {
@@ -340,7 +342,7 @@ mod tests {
         assert_eq!(split(&bytes[..5]).unwrap(), None);
         assert_eq!(
             split(&bytes).unwrap(),
-            Some((Backend::ReadyForQuery(b'I'), 6))
+            Some((Message::ReadyForQuery(b'I'), 6))
         );
     }
 
@@ -349,20 +351,17 @@ mod tests {
         let mut bytes = message(b'R', &[0, 0, 0, 0]);
         bytes.extend(message(b'S', b"server_version\x0015.5\0"));
         let (first, used) = split(&bytes).unwrap().unwrap();
-        assert_eq!((first, used), (Backend::AuthenticationOk, 9));
+        assert_eq!((first, used), (Message::AuthenticationOk, 9));
         let (second, _) = split(&bytes[used..]).unwrap().unwrap();
         assert_eq!(
             second,
-            Backend::ParameterStatus("server_version".into(), "15.5".into())
+            Message::ParameterStatus("server_version".into(), "15.5".into())
         );
     }
 
     #[test]
     fn a_length_below_four_is_a_protocol_error() {
-        assert!(matches!(
-            split(b"Z\0\0\0\x02"),
-            Err(PgError::Protocol(_))
-        ));
+        assert!(matches!(split(b"Z\0\0\0\x02"), Err(PgError::Protocol(_))));
     }
 
     #[test]
@@ -371,7 +370,7 @@ mod tests {
         let bytes = message(b'R', b"\0\0\0\x0aSCRAM-SHA-256\0\0");
         assert_eq!(
             split(&bytes).unwrap().unwrap().0,
-            Backend::AuthenticationOther(10)
+            Message::AuthenticationOther(10)
         );
     }
 
@@ -380,7 +379,7 @@ mod tests {
         let body = b"\0\x02\0\0\0\x0242\xff\xff\xff\xff";
         assert_eq!(
             parse(b'D', body).unwrap(),
-            Backend::DataRow(vec![Some("42".into()), None])
+            Message::DataRow(vec![Some("42".into()), None])
         );
         assert!(matches!(
             parse(b'D', b"\0\x01\0\0\0\x09short"),
@@ -390,10 +389,11 @@ mod tests {
 
     #[test]
     fn error_response_keeps_severity_code_and_message() {
-        let body = b"SFATAL\0VFATAL\0C57P01\0Mterminating connection due to administrator command\0\0";
+        let body =
+            b"SFATAL\0VFATAL\0C57P01\0Mterminating connection due to administrator command\0\0";
         assert_eq!(
             parse(b'E', body).unwrap(),
-            Backend::Error(
+            Message::Error(
                 "FATAL 57P01: terminating connection due to administrator command".into()
             )
         );
@@ -403,12 +403,12 @@ mod tests {
     fn other_messages_parse_to_their_kind() {
         assert_eq!(
             parse(b'C', b"INSERT 0 1\0").unwrap(),
-            Backend::CommandComplete("INSERT 0 1".into())
+            Message::CommandComplete("INSERT 0 1".into())
         );
-        assert_eq!(parse(b'K', &[0; 8]).unwrap(), Backend::BackendKeyData);
-        assert_eq!(parse(b'N', b"SNOTICE\0\0").unwrap(), Backend::Notice);
-        assert_eq!(parse(b'T', b"\0\x01").unwrap(), Backend::RowDescription);
-        assert_eq!(parse(b'v', b"").unwrap(), Backend::Other(b'v'));
+        assert_eq!(parse(b'K', &[0; 8]).unwrap(), Message::BackendKeyData);
+        assert_eq!(parse(b'N', b"SNOTICE\0\0").unwrap(), Message::Notice);
+        assert_eq!(parse(b'T', b"\0\x01").unwrap(), Message::RowDescription);
+        assert_eq!(parse(b'v', b"").unwrap(), Message::Other(b'v'));
     }
 
     #[test]
@@ -427,7 +427,10 @@ mod tests {
             let mut q = vec![0u8; query("SELECT count(*) FROM t").len()];
             conn.read_exact(&mut q).unwrap();
             // Split across writes, as TCP may deliver it.
-            let mut reply = message(b'T', b"\0\x01count\0\0\0\0\0\0\0\0\0\0\x14\0\x08\xff\xff\xff\xff\0\0");
+            let mut reply = message(
+                b'T',
+                b"\0\x01count\0\0\0\0\0\0\0\0\0\0\x14\0\x08\xff\xff\xff\xff\0\0",
+            );
             reply.extend(message(b'D', b"\0\x01\0\0\0\x017"));
             reply.extend(message(b'C', b"SELECT 1\0"));
             reply.extend(message(b'Z', b"I"));
