@@ -194,6 +194,44 @@ pub enum BenchCommand {
     /// traffic, and scale events over a sawtooth load, on a fresh server
     /// and agent started for the run.
     Autoscale(BenchAutoscaleArgs),
+    /// A stateful service updated under load: a postgres service with a
+    /// volume, updated (stop-first) while clients open a new connection per
+    /// query through its discovery address; failed requests and the p99
+    /// the swap adds, on a fresh server and agent started for the run.
+    Stateful(BenchStatefulArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchStatefulArgs {
+    /// The postgres image (ADDR/skiff-test/postgres:v1 from
+    /// deploy/images/build.sh, or one with the official image's
+    /// POSTGRES_HOST_AUTH_METHOD and PGDATA).
+    #[arg(long)]
+    pub image: String,
+    /// Registry (HOST:PORT) to pull from over plain HTTP; repeatable.
+    #[arg(long = "insecure-registry")]
+    pub insecure_registries: Vec<String>,
+    /// OCI runtime of the agent: runc, crun or a path.
+    #[arg(long)]
+    pub oci_runtime: Option<String>,
+    /// Client threads, each one query at a time on a new connection.
+    #[arg(long, default_value_t = 4)]
+    pub clients: usize,
+    /// Load before the (first) update: the baseline window.
+    #[arg(long, default_value_t = 5.0, value_parser = parse_secs)]
+    pub baseline_secs: f64,
+    /// Load kept after each update ended.
+    #[arg(long, default_value_t = 3.0, value_parser = parse_secs)]
+    pub after_secs: f64,
+    /// Updates (`service update db --env GEN=n`) run one after the other.
+    #[arg(long, default_value_t = 1)]
+    pub updates: u32,
+    /// Host ports of the agent started for the run.
+    #[arg(long, default_value = "31000-31999", value_parser = parse_port_range)]
+    pub port_range: (u16, u16),
+    /// Keep the agent's log in this file.
+    #[arg(long)]
+    pub agent_log: Option<std::path::PathBuf>,
 }
 
 #[derive(Args, Debug)]

@@ -264,3 +264,58 @@ fn bench_autoscale_reacts_to_a_load_step() {
     );
     assert!(out.contains(", 0 failed"), "{out}");
 }
+
+/// Ignored until the swap loses no request: today the new replica joins the
+/// proxies' pools as soon as it runs, before the image's Healthcheck passes
+/// (the control plane does not know the image has one, so `is_serving`
+/// takes `running`), and the old replica is stopped without a drain
+/// (the agent drains published replicas only); see README, Benchmarks.
+#[test]
+#[ignore = "fails in most runs: connections reset in the swap (new replica routed before healthy, old one not drained)"]
+fn bench_stateful_updates_postgres_through_discovery_without_failed_requests() {
+    let registry = Registry::shared_with_db();
+    let ports = claim_port_range();
+    let out = bench(
+        &[
+            "stateful",
+            "--image",
+            &registry.image("postgres:v1"),
+            "--insecure-registry",
+            &registry.addr,
+            "--clients",
+            "2",
+            "--baseline-secs",
+            "2",
+            "--after-secs",
+            "1",
+            "--port-range",
+            &format!("{}-{}", ports.start, ports.end),
+        ],
+        Duration::from_secs(120),
+    );
+    assert!(out.starts_with("command: skiff bench stateful"), "{out}");
+    assert!(out.contains("resolved by the agent's DNS server"), "{out}");
+    assert!(out.contains("update 1 (`skiff service update db"), "{out}");
+    // Zero failed requests and every committed row kept are what a stop-first
+    // swap behind a holding proxy promises, not timings.
+    let load = out
+        .lines()
+        .find(|l| l.starts_with("load: "))
+        .unwrap_or_else(|| panic!("no load line in:\n{out}"));
+    assert!(load.contains(" 0 failed"), "{load}\n{out}");
+    assert!(figure(&out, "load:", "requests") > 0.0, "{out}");
+    for window in ["baseline", "swap"] {
+        let line = out
+            .lines()
+            .find(|l| l.trim_start().starts_with(window))
+            .unwrap_or_else(|| panic!("no `{window}` row in:\n{out}"));
+        assert!(line.contains(" 0 failed, p50"), "{line}\n{out}");
+    }
+    assert!(out.contains("p99 added by the swap:"), "{out}");
+    let rows = out
+        .lines()
+        .find(|l| l.starts_with("rows: "))
+        .unwrap_or_else(|| panic!("no rows line in:\n{out}"));
+    assert!(rows.contains(": kept"), "{rows}\n{out}");
+    assert!(out.contains("db removed; its containers are gone"), "{out}");
+}

@@ -25,6 +25,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Proxy(args) => super::bench_proxy::run(args).await,
         BenchCommand::Rollout(args) => super::bench_rollout::run(args).await,
         BenchCommand::Autoscale(args) => super::bench_autoscale::run(args).await,
+        BenchCommand::Stateful(args) => super::bench_stateful::run(args).await,
     }
 }
 

@@ -287,7 +287,7 @@ fn rolling_policy(max_parallel: u32, max_surge: u32) -> pb::UpdatePolicy {
     }
 }
 
-async fn get(client: &mut Client, name: &str) -> anyhow::Result<pb::ServiceStatus> {
+pub(super) async fn get(client: &mut Client, name: &str) -> anyhow::Result<pb::ServiceStatus> {
     Ok(client
         .get_service(pb::GetServiceRequest {
             name: name.into(),
@@ -298,7 +298,7 @@ async fn get(client: &mut Client, name: &str) -> anyhow::Result<pb::ServiceStatu
         .into_inner())
 }
 
-fn describe(status: &pb::ServiceStatus) -> String {
+pub(super) fn describe(status: &pb::ServiceStatus) -> String {
     let states: Vec<String> = status
         .allocations
         .iter()
@@ -347,7 +347,11 @@ async fn create_until_healthy(
 
 /// Removes the service and waits until the control plane and the agent are
 /// rid of it.
-async fn remove(client: &mut Client, agent: &BenchAgent, name: &str) -> anyhow::Result<()> {
+pub(super) async fn remove(
+    client: &mut Client,
+    agent: &BenchAgent,
+    name: &str,
+) -> anyhow::Result<()> {
     client
         .remove_service(pb::RemoveServiceRequest { name: name.into() })
         .await
@@ -784,7 +788,7 @@ async fn bench(
 
 /// Removes every service left (after an error or an interrupt) and waits
 /// until the agent runs no container.
-async fn clean_up(client: &mut Client, agent: &BenchAgent) -> anyhow::Result<()> {
+pub(super) async fn clean_up(client: &mut Client, agent: &BenchAgent) -> anyhow::Result<()> {
     let services = client
         .list_services(pb::ListServicesRequest { show_values: false })
         .await
@@ -835,6 +839,31 @@ async fn clean_up(client: &mut Client, agent: &BenchAgent) -> anyhow::Result<()>
     Ok(())
 }
 
+/// Waits until the bench's agent (node `bench`) is registered and ready.
+pub(super) async fn wait_for_agent(client: &mut Client, agent: &BenchAgent) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        let nodes = client
+            .list_nodes(pb::ListNodesRequest {})
+            .await
+            .map(|r| r.into_inner().nodes)
+            .unwrap_or_default();
+        if nodes
+            .iter()
+            .any(|n| n.name == "bench" && n.status == "ready")
+        {
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            return Err(anyhow!(
+                "the agent did not register within 30 s; see {}",
+                agent.dir.join("agent.log").display()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 pub async fn run(args: BenchRolloutArgs) -> anyhow::Result<()> {
     let cluster = LocalCluster::start(1).await?;
     let server = cluster.addresses[0].clone();
@@ -852,27 +881,7 @@ pub async fn run(args: BenchRolloutArgs) -> anyhow::Result<()> {
         },
     )?;
     let mut client = connect(&server).await?;
-    let started = Instant::now();
-    loop {
-        let nodes = client
-            .list_nodes(pb::ListNodesRequest {})
-            .await
-            .map(|r| r.into_inner().nodes)
-            .unwrap_or_default();
-        if nodes
-            .iter()
-            .any(|n| n.name == "bench" && n.status == "ready")
-        {
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(30) {
-            return Err(anyhow!(
-                "the agent did not register within 30 s; see {}",
-                agent.dir.join("agent.log").display()
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_agent(&mut client, &agent).await?;
     let result = tokio::select! {
         result = bench(&mut client, &agent, &args) => result,
         _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
