@@ -110,6 +110,7 @@ pub fn status(update: &StatusUpdate) -> v1::AllocationStatus {
         pid: update.pid,
         message: update.message.clone(),
         port: u32::from(update.port),
+        health_checked: update.health_checked,
     }
 }
 
@@ -231,6 +232,7 @@ mod tests {
             pid: 0,
             message: "exited with status 1; restarting in 2s".into(),
             port: 0,
+            health_checked: false,
         });
         assert_eq!(
             (s.id.as_str(), s.state.as_str(), s.restarts),

@@ -119,6 +119,7 @@ impl<R: Runtime> LocalAllocs<R> {
                 pid: 0,
                 message,
                 port: 0,
+                health_checked: false,
             });
         }
         self.reconcile();

@@ -154,6 +154,15 @@ impl ReplicaSpec {
         }
     }
 
+    /// Whether routing proxies may send it connections: published, or
+    /// reachable by name (its own port: the spec's, or an image's in a
+    /// bridge container). Such a replica is drained before it stops.
+    pub fn reached_through_proxies(&self) -> bool {
+        self.publish != 0
+            || self.container_port != 0
+            || (self.runtime == RuntimeKind::Oci && self.network == Network::Bridge)
+    }
+
     /// Variables added to the agent's environment: the spec's (with `$PORT`
     /// interpolated), then `PORT`, `SKIFF_ALLOC_ID` and `SKIFF_SERVICE`,
     /// which the spec cannot override.

@@ -30,6 +30,8 @@ pub struct StatusUpdate {
     /// The port the replica listens on in its own network (0: the host's
     /// or not known yet).
     pub port: u16,
+    /// The replica has a health check: it serves only once healthy.
+    pub health_checked: bool,
 }
 
 /// Replica teardowns (runtime state, network, mounts) running at once.
@@ -116,6 +118,9 @@ pub struct Supervisor<R: Runtime> {
     updates: mpsc::UnboundedSender<StatusUpdate>,
     /// The running replica's container port, sent with every report.
     port: u16,
+    /// Whether the running replica has a health check (its spec's or its
+    /// image's), sent with every report.
+    health_checked: bool,
 }
 
 /// How often a replica's failed probes count until its first successful
@@ -203,6 +208,7 @@ impl<R: Runtime> Supervisor<R> {
             restarts,
             updates,
             port: 0,
+            health_checked: false,
         }
     }
 
@@ -244,6 +250,7 @@ impl<R: Runtime> Supervisor<R> {
             };
             let pid = handle.pid();
             self.port = handle.container_port().unwrap_or(0);
+            self.health_checked = handle.health_check().is_some();
             let message = if adopting {
                 "re-adopted after agent restart".to_string()
             } else {
@@ -427,7 +434,7 @@ impl<R: Runtime> Supervisor<R> {
         }
     }
 
-    /// Lets a published replica's open connections finish before it is
+    /// Lets a replica's open connections (published, or by name) finish before it is
     /// stopped; `Some` if it exited on its own meanwhile. The drain lasts
     /// at most the configured period and ends early once the replica has
     /// no established connection on its port (read from its own network
@@ -435,7 +442,7 @@ impl<R: Runtime> Supervisor<R> {
     /// learn that it left their pools through the control plane's endpoint
     /// stream, which takes a moment.
     async fn drain(&mut self, handle: &mut R::Handle, pid: u32) -> Option<Exit> {
-        if self.spec.publish == 0 || self.config.drain.is_zero() {
+        if !self.spec.reached_through_proxies() || self.config.drain.is_zero() {
             return None;
         }
         tracing::info!(alloc = %self.spec.alloc_id, pid, drain = ?self.config.drain, "draining replica before stopping it");
@@ -517,6 +524,7 @@ impl<R: Runtime> Supervisor<R> {
             pid,
             message,
             port: self.port,
+            health_checked: self.health_checked,
         });
     }
 }

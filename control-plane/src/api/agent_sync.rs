@@ -360,6 +360,7 @@ impl Api {
             pid: report.pid,
             message: report.message,
             port: u16::try_from(report.port).unwrap_or(0),
+            health_checked: report.health_checked,
         };
         let unchanged = self
             .consensus

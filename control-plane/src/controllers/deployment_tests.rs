@@ -239,6 +239,7 @@ impl Sim {
                     pid: 100,
                     message: next.1.to_string(),
                     port: 0,
+                    health_checked: false,
                 });
         }
         for (node, reports) in reports {
@@ -977,6 +978,7 @@ fn a_new_version_that_fails_midway_rolls_back_every_replaced_replica() {
             pid: 1,
             message: "oom".into(),
             port: 0,
+            health_checked: false,
         }],
     })
     .unwrap();

@@ -492,6 +492,7 @@ fn stopped(c: &mut Cluster, id: &str, node: &str) {
             pid: 0,
             message: String::new(),
             port: 0,
+            health_checked: false,
         }],
     });
 }

@@ -87,6 +87,9 @@ pub struct AllocReport {
     /// when unknown or the host's (see [`crate::state::Service::image_port`]).
     #[serde(default)]
     pub port: u16,
+    /// The replica has a health check (its spec's or its image's).
+    #[serde(default)]
+    pub health_checked: bool,
 }
 
 /// Every change to the state, as committed in the Raft log.

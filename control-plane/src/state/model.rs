@@ -258,6 +258,10 @@ pub struct Allocation {
     /// `NAME-i` (see `state/volumes.rs`).
     #[serde(default)]
     pub slot: u32,
+    /// Its agent said it has a health check (the spec's or, when the spec
+    /// has none, its image's): then only a healthy replica serves.
+    #[serde(default)]
+    pub health_checked: bool,
 }
 
 impl Allocation {
@@ -273,11 +277,13 @@ impl Allocation {
     }
 
     /// Serves as far as the control plane can tell: healthy, or running
-    /// when the service declares no health check.
+    /// when neither the service nor its image declares a health check (a
+    /// Postgres image's `pg_isready` keeps a replica out of the proxies
+    /// until the database accepts connections).
     pub fn is_serving(&self) -> bool {
         match self.state {
             AllocState::Healthy => true,
-            AllocState::Running => self.spec.health.is_none(),
+            AllocState::Running => self.spec.health.is_none() && !self.health_checked,
             _ => false,
         }
     }

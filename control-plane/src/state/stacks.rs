@@ -487,6 +487,7 @@ mod tests {
                 pid: 9,
                 message: String::new(),
                 port: 0,
+                health_checked: false,
             }],
         };
         s.apply(4, report(AllocState::Running)).unwrap();

@@ -339,6 +339,7 @@ mod tests {
                     pid: 0,
                     message: String::new(),
                     port: 0,
+                    health_checked: false,
                 }],
             },
         )

@@ -470,6 +470,7 @@ mod tests {
                     pid: 1,
                     message: String::new(),
                     port: 0,
+                    health_checked: false,
                 }],
             });
         }

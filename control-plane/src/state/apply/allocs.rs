@@ -44,6 +44,7 @@ impl State {
             let changed_state = alloc.state != report.state;
             let was_serving = alloc.is_serving();
             alloc.state = report.state;
+            alloc.health_checked = report.health_checked;
             match (was_serving, alloc.is_serving()) {
                 (false, true) => alloc.serving_since_ms = self.clock_ms.max(1),
                 (true, false) => alloc.serving_since_ms = 0,
@@ -106,6 +107,7 @@ mod tests {
             pid: 9,
             message: String::new(),
             port: 0,
+            health_checked: false,
         };
         s.apply(
             4,
@@ -146,6 +148,7 @@ mod tests {
             pid: 9,
             message: "re-adopted after agent restart".into(),
             port: 0,
+            health_checked: false,
         };
         for (index, state) in [
             (5, AllocState::Running),

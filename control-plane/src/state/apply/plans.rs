@@ -152,6 +152,7 @@ impl State {
                     .active_deployment()
                     .is_some_and(|d| d.policy.strategy == Strategy::BlueGreen && !d.promoted),
                 slot: placement.slot,
+                health_checked: false,
             };
             self.record_placed_volumes(index, &alloc);
             self.index.insert(&alloc);
