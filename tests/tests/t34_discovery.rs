@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use skiff_e2e::agents::{on_loopback, AgentCluster};
 use skiff_e2e::containers::{require_container_tools, Registry};
 use skiff_e2e::servers::ServerCluster;
-use skiff_e2e::{describe, skiff_at, wait_until, POLL};
+use skiff_e2e::{describe, http_get_at, skiff_at, wait_until, POLL};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -245,6 +245,53 @@ fn services_are_reached_by_name_from_containers_and_processes_on_any_node() {
         "took {:?}",
         began.elapsed()
     );
+
+    // Replicas owning per-replica volumes have names of their own: `members-0.members`
+    // always reaches the replica of slot 0, `members-1.members` the other.
+    cluster.skiff_ok(&[
+        "service",
+        "create",
+        "members",
+        "--image",
+        &web1,
+        "--replicas",
+        "2",
+        "--volume",
+        "data:/data",
+        "--entrypoint",
+        "/bin/sh",
+        "--",
+        "-c",
+        "echo $HOSTNAME > /data/index.html && exec httpd -f -p $PORT -h /data",
+    ]);
+    let mut seen = Vec::new();
+    for slot in 0..2 {
+        let name = format!("members-{slot}.members");
+        let mut found = None;
+        wait_until(TIMEOUT, POLL, || {
+            let (rcode, ips, _, _) = ask(dns, &name);
+            found = (rcode == 0).then(|| ips.first().copied()).flatten();
+            found.is_some()
+        });
+        let ip = found.unwrap_or_else(|| panic!("{name} never resolved"));
+        let mut hosts = std::collections::BTreeSet::new();
+        for _ in 0..6 {
+            let mut body = String::new();
+            wait_until(TIMEOUT, POLL, || {
+                body = http_get_at(SocketAddr::from((ip, 80)), "/")
+                    .map(|r| r.body.trim().to_string())
+                    .unwrap_or_default();
+                !body.is_empty()
+            });
+            hosts.insert(body);
+        }
+        assert_eq!(hosts.len(), 1, "{name} reaches one replica: {hosts:?}");
+        seen.extend(hosts);
+    }
+    assert_ne!(seen[0], seen[1], "each slot its own replica: {seen:?}");
+    let (rcode, _, _, took) = ask(dns, "members-7.members");
+    assert_eq!(rcode, 3, "no slot 7");
+    assert!(took < Duration::from_millis(100), "{took:?}");
 }
 
 /// Within a stack, a service reaches the stack's other services by their

@@ -89,8 +89,11 @@ impl Discovery {
     }
 
     /// Gives every route with a port its address on this node, and
-    /// answers their names from now on.
-    pub fn assign(&mut self, routes: &mut [Route]) {
+    /// answers their names from now on; adds the routes of per-replica
+    /// names ([`per_replica_routes`]).
+    pub fn assign(&mut self, routes: &mut Vec<Route>) {
+        let replicas = per_replica_routes(routes);
+        routes.extend(replicas);
         let (addresses, changed) = self.table.assign(
             routes
                 .iter()
@@ -121,6 +124,40 @@ impl Drop for Discovery {
     fn drop(&mut self) {
         self.server.abort();
     }
+}
+
+/// A replica's own name: `db-0.db` for slot 0 of `db`.
+pub fn replica_name(service: &str, slot: u32) -> String {
+    format!("{service}-{slot}.{service}")
+}
+
+/// For each service whose replicas own per-replica volumes (a database's
+/// members), one route per live slot, named [`replica_name`], whose pool
+/// is that replica alone: a client can reach a given member, and its
+/// connections are held while that member is swapped, as for the service.
+pub fn per_replica_routes(routes: &[Route]) -> Vec<Route> {
+    routes
+        .iter()
+        .filter(|r| r.port != 0)
+        .flat_map(|r| {
+            r.slots.iter().map(move |slot| Route {
+                service: replica_name(&r.service, *slot),
+                publish: 0,
+                port: r.port,
+                stack: r.stack.clone(),
+                internal: None,
+                slots: Vec::new(),
+                http: r.http,
+                endpoints: r
+                    .endpoints
+                    .iter()
+                    .filter(|e| e.slot == *slot)
+                    .cloned()
+                    .collect(),
+                hold_when_empty: true,
+            })
+        })
+        .collect()
 }
 
 /// Writes a replica's `resolv.conf` into `dir` and returns its path.

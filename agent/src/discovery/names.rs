@@ -53,7 +53,16 @@ impl Names {
         for s in services {
             let full = s.service.to_ascii_lowercase();
             by_name.insert(format!("{full}.{DOMAIN}"), s.address);
-            if let Some(short) = short_name(s.service, s.stack) {
+            // A replica's own name `REPLICA.SERVICE` (`app-db-0.app-db`)
+            // is `db-0.db` within the stack.
+            let short = match s.service.split_once('.') {
+                Some((replica, service)) => short_name(service, s.stack).and_then(|short| {
+                    let rest = replica.strip_prefix(service)?;
+                    Some(format!("{short}{rest}.{short}"))
+                }),
+                None => short_name(s.service, s.stack).map(str::to_string),
+            };
+            if let Some(short) = short {
                 let stack = s.stack.to_ascii_lowercase();
                 by_name.insert(
                     format!("{}.{stack}.{DOMAIN}", short.to_ascii_lowercase()),
@@ -71,7 +80,15 @@ impl Names {
         if let Some(ip) = self.by_name.get(&name) {
             return Resolution::Found(*ip);
         }
-        let ours = !name.contains('.') || name == DOMAIN || name.ends_with(&format!(".{DOMAIN}"));
+        // Also `x.db` when `db` is a service: a replica name that is not
+        // (or no longer) there.
+        let under_a_service = name
+            .rsplit_once('.')
+            .is_some_and(|(_, last)| self.by_name.contains_key(last));
+        let ours = !name.contains('.')
+            || name == DOMAIN
+            || name.ends_with(&format!(".{DOMAIN}"))
+            || under_a_service;
         if ours {
             Resolution::NotFound
         } else {
@@ -152,6 +169,31 @@ mod tests {
         assert_eq!(n.resolve("skiff"), Resolution::NotFound);
         assert_eq!(n.resolve("example.com"), Resolution::Forward);
         assert_eq!(n.resolve("web.example.com."), Resolution::Forward);
+    }
+
+    #[test]
+    fn replicas_have_names_of_their_own_also_within_their_stack() {
+        let member = Ipv4Addr::new(10, 90, 0, 9);
+        let n = Names::new([
+            Named {
+                service: "app-db",
+                stack: "app",
+                address: Ipv4Addr::new(10, 90, 0, 3),
+            },
+            Named {
+                service: "app-db-0.app-db",
+                stack: "app",
+                address: member,
+            },
+        ]);
+        assert_eq!(n.resolve("app-db-0.app-db"), Resolution::Found(member));
+        assert_eq!(n.resolve("db-0.db.app.skiff"), Resolution::Found(member));
+        assert_eq!(
+            n.resolve("app-db-7.app-db"),
+            Resolution::NotFound,
+            "fails fast"
+        );
+        assert_eq!(n.resolve("db-7.db.app.skiff"), Resolution::NotFound);
     }
 
     #[test]

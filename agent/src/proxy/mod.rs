@@ -91,6 +91,9 @@ pub struct Route {
     /// Where the service is reached by name on this node (its virtual
     /// address and own port), once discovery has given it one.
     pub internal: Option<SocketAddr>,
+    /// The slots of its live replicas when each has a name of its own
+    /// (replicas owning per-replica volumes); empty otherwise.
+    pub slots: Vec<u32>,
     /// Count HTTP/1.1 requests.
     pub http: bool,
     pub endpoints: Vec<Endpoint>,
@@ -107,6 +110,8 @@ pub struct Endpoint {
     pub weight: u32,
     /// The service version the replica runs (a metrics label).
     pub version: u64,
+    /// The replica's slot.
+    pub slot: u32,
 }
 
 /// The routes an `Endpoints` message describes; endpoints with an address
@@ -132,6 +137,7 @@ pub fn routes_from_pb(endpoints: &pb::Endpoints) -> Vec<Route> {
                         addr: SocketAddr::new(ip, port),
                         weight: e.weight,
                         version: e.version,
+                        slot: e.slot,
                     })
                 })
                 .collect::<Vec<_>>();
@@ -144,6 +150,7 @@ pub fn routes_from_pb(endpoints: &pb::Endpoints) -> Vec<Route> {
                 port,
                 stack: s.stack.clone(),
                 internal: None,
+                slots: s.slots.clone(),
                 http: s.protocol == "http",
                 endpoints,
                 hold_when_empty: s.hold_when_empty,
@@ -1033,6 +1040,7 @@ mod tests {
             addr,
             weight: 1,
             version: 1,
+            slot: 0,
         }
     }
 
@@ -1134,6 +1142,7 @@ mod tests {
                 publish: 8080,
                 port: 0,
                 stack: String::new(),
+                slots: Vec::new(),
                 protocol: "http".into(),
                 hold_when_empty: false,
                 endpoints: vec![pb::Endpoint {
@@ -1143,6 +1152,7 @@ mod tests {
                     port: 20000,
                     weight: 3,
                     version: 7,
+                    slot: 0,
                 }],
             }],
         });
@@ -1217,6 +1227,7 @@ mod tests {
             port: 0,
             stack: String::new(),
             internal: None,
+            slots: Vec::new(),
             http,
             endpoints: vec![endpoint("r1", replica)],
             hold_when_empty: false,
@@ -1303,6 +1314,7 @@ mod tests {
             port: 0,
             stack: String::new(),
             internal: None,
+            slots: Vec::new(),
             http: false,
             endpoints: vec![],
             hold_when_empty: false,
@@ -1331,6 +1343,7 @@ mod tests {
             port: 0,
             stack: String::new(),
             internal: None,
+            slots: Vec::new(),
             ..route
         }]);
         assert_eq!(proxy.failures()[0].port, moved);
@@ -1379,6 +1392,7 @@ mod tests {
             port: 0,
             stack: String::new(),
             internal: None,
+            slots: Vec::new(),
             http: true,
             endpoints: vec![endpoint("bad", bad), endpoint("good", good)],
             hold_when_empty: false,
@@ -1444,6 +1458,7 @@ mod tests {
             port: 0,
             stack: String::new(),
             internal: None,
+            slots: Vec::new(),
             http: true,
             endpoints: vec![endpoint("r", replica)],
             hold_when_empty: false,
@@ -1470,6 +1485,7 @@ mod tests {
             port: 0,
             stack: String::new(),
             internal: None,
+            slots: Vec::new(),
             http: true,
             endpoints,
             hold_when_empty: true,
@@ -1645,6 +1661,7 @@ mod tests {
             port: 0,
             stack: String::new(),
             internal: None,
+            slots: Vec::new(),
             http: true,
             endpoints: vec![endpoint("failing", failing), endpoint("working", working)],
             hold_when_empty: false,

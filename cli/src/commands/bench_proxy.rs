@@ -157,6 +157,7 @@ fn run_blocking(args: BenchProxyArgs) -> anyhow::Result<()> {
             port: 0,
             stack: String::new(),
             internal: None,
+            slots: Vec::new(),
             http: args.http,
             hold_when_empty: false,
             endpoints: vec![Endpoint {
@@ -164,6 +165,7 @@ fn run_blocking(args: BenchProxyArgs) -> anyhow::Result<()> {
                 addr: replica_addr,
                 weight: 1,
                 version: 1,
+                slot: 0,
             }],
         }]);
         proxy

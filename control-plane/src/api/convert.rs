@@ -255,8 +255,17 @@ pub fn endpoints(state: &State) -> pb::Endpoints {
                     port: u32::from(a.host_port),
                     weight,
                     version: a.version,
+                    slot: a.slot,
                 })
                 .collect();
+            let slots = if service.spec.owns_volumes() {
+                let mut slots: Vec<u32> = state.live_allocs(name).map(|a| a.slot).collect();
+                slots.sort_unstable();
+                slots.dedup();
+                slots
+            } else {
+                Vec::new()
+            };
             Some(pb::ServiceEndpoints {
                 service: name.to_string(),
                 publish: u32::from(publish),
@@ -270,6 +279,7 @@ pub fn endpoints(state: &State) -> pb::Endpoints {
                     .get(skiff_spec::STACK_LABEL)
                     .cloned()
                     .unwrap_or_default(),
+                slots,
             })
         })
         .collect();
