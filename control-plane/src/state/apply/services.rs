@@ -21,7 +21,12 @@ impl State {
         let message = match spec.mode {
             ServiceMode::Global => "global".to_string(),
             ServiceMode::Replicated => format!("{} replicas", spec.replicas),
+            ServiceMode::Job => format!("job, {} retries", spec.max_retries),
         };
+        let job = (spec.mode == ServiceMode::Job).then(|| crate::state::JobStatus {
+            created_ms: self.clock_ms,
+            ..Default::default()
+        });
         let record = VersionRecord {
             version: 1,
             spec: spec.clone(),
@@ -43,6 +48,7 @@ impl State {
                 started: false,
                 rebalance: false,
                 image_port: None,
+                job,
             },
         );
         self.event(index, EventKind::ServiceCreated, &name, "", "", &message);
@@ -385,6 +391,7 @@ mod tests {
             message: String::new(),
             port: 0,
             health_checked: false,
+            exit_code: None,
         };
         s.apply(
             6,

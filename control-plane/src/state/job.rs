@@ -1,0 +1,144 @@
+//! A one-shot job's progress (a service of mode `job`): its state, the
+//! attempts that ended and the last exit status. The control plane, not
+//! the agent, counts attempts: the count survives agent restarts and a
+//! replacement on another node, and `job ps` reads it from one place.
+
+use serde::{Deserialize, Serialize};
+
+use super::{EventKind, State};
+
+/// Where a job is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    /// No attempt has started yet.
+    #[default]
+    Pending,
+    /// An attempt runs (or is being placed after a failed one).
+    Running,
+    /// An attempt exited with status 0.
+    Succeeded,
+    /// `max_retries + 1` attempts failed, or the deadline passed.
+    Failed,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Pending => "pending",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+        }
+    }
+
+    /// Succeeded or failed: nothing more runs.
+    pub fn is_done(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Failed)
+    }
+}
+
+/// A job's record beside its spec.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobStatus {
+    pub state: JobState,
+    /// Attempts that ended (succeeded or not).
+    pub attempts: u32,
+    /// The exit status of the last ended attempt.
+    pub exit_code: Option<i32>,
+    /// Why it failed or succeeded, for `job ps`.
+    pub message: String,
+    /// Proposer time of its creation: the deadline counts from here.
+    pub created_ms: u64,
+}
+
+/// What one ended attempt means for a job that allows `max_retries`
+/// retries and has seen `attempts` attempts end before it.
+pub fn after_attempt(attempts: u32, max_retries: u32, exit_code: i32) -> JobState {
+    if exit_code == 0 {
+        JobState::Succeeded
+    } else if attempts.saturating_add(1) > max_retries {
+        JobState::Failed
+    } else {
+        JobState::Running
+    }
+}
+
+impl State {
+    /// Records that job replica `alloc` of `service` ended (`state` is
+    /// terminal): counts the attempt and, when the job is done, says so.
+    pub(super) fn job_attempt_ended(
+        &mut self,
+        index: u64,
+        service: &str,
+        node: &str,
+        alloc: &str,
+        exit_code: i32,
+    ) {
+        let Some(s) = self.services.get_mut(service) else {
+            return;
+        };
+        let max_retries = s.spec.max_retries;
+        let job = s.job.get_or_insert_with(JobStatus::default);
+        if job.state.is_done() {
+            return;
+        }
+        let next = after_attempt(job.attempts, max_retries, exit_code);
+        job.attempts = job.attempts.saturating_add(1);
+        job.exit_code = Some(exit_code);
+        job.state = next;
+        let attempts = job.attempts;
+        let (kind, message) = match next {
+            JobState::Succeeded => (
+                EventKind::JobSucceeded,
+                format!("attempt {attempts} exited with status 0"),
+            ),
+            JobState::Failed => (
+                EventKind::JobFailed,
+                format!(
+                    "attempt {attempts} exited with status {exit_code}; no retries left (max {max_retries})"
+                ),
+            ),
+            _ => return,
+        };
+        job.message = message.clone();
+        self.event(index, kind, service, node, alloc, &message);
+    }
+
+    /// Fails an unfinished job (its deadline passed); its replica is
+    /// stopped by the reconciler.
+    pub(super) fn fail_job(&mut self, index: u64, service: &str, reason: &str) {
+        let Some(job) = self.services.get_mut(service).and_then(|s| s.job.as_mut()) else {
+            return;
+        };
+        if job.state.is_done() {
+            return;
+        }
+        job.state = JobState::Failed;
+        job.message = reason.to_string();
+        self.event(index, EventKind::JobFailed, service, "", "", reason);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_attempt_is_retried_while_retries_are_left() {
+        assert_eq!(after_attempt(0, 2, 1), JobState::Running);
+        assert_eq!(after_attempt(1, 2, 1), JobState::Running);
+        assert_eq!(after_attempt(2, 2, 1), JobState::Failed);
+    }
+
+    #[test]
+    fn exit_status_zero_succeeds_whatever_the_attempt() {
+        assert_eq!(after_attempt(0, 0, 0), JobState::Succeeded);
+        assert_eq!(after_attempt(2, 2, 0), JobState::Succeeded);
+    }
+
+    #[test]
+    fn no_retries_fails_on_the_first_failure() {
+        assert_eq!(after_attempt(0, 0, 3), JobState::Failed);
+    }
+}
