@@ -88,8 +88,19 @@ fn a_job_that_fails_twice_then_succeeds_ends_succeeded_and_wait_exits_with_its_c
     // ps shows every attempt with its end.
     let ps = cluster.skiff_ok(&["job", "ps", "migrate"]);
     assert!(ps.contains("succeeded, 3 of 3 attempts ended"), "{ps}");
-    assert_eq!(ps.matches("completed").count(), 1, "{ps}");
-    assert_eq!(ps.matches("exited").count(), 2, "{ps}");
+    let job = cluster.skiff_json(&["service", "inspect", "migrate"]);
+    let states: Vec<&str> = job["allocations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a["state"].as_str())
+        .collect();
+    assert_eq!(
+        states.iter().filter(|s| **s == "completed").count(),
+        1,
+        "{ps}"
+    );
+    assert_eq!(states.iter().filter(|s| **s == "exited").count(), 2, "{ps}");
 
     // logs of every attempt.
     let logs = cluster.skiff_ok(&["job", "logs", "broken"]);

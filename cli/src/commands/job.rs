@@ -194,8 +194,17 @@ fn summary(status: &pb::ServiceStatus) -> String {
         .job_exit_code
         .map(|c| format!(", last exit status {c}"))
         .unwrap_or_default();
+    // Why it ended, from its job-succeeded or job-failed event (the
+    // status has no room for it).
+    let why = status
+        .events
+        .iter()
+        .rev()
+        .find(|e| e.kind == "job-failed" || e.kind == "job-succeeded")
+        .map(|e| format!(": {}", e.message))
+        .unwrap_or_default();
     format!(
-        "{}, {} of {} attempts ended{code}",
+        "{}, {} of {} attempts ended{code}{why}",
         status.job_state,
         status.job_attempts,
         spec.max_retries + 1

@@ -50,6 +50,23 @@ pub struct JobStatus {
     pub message: String,
     /// Proposer time of its creation: the deadline counts from here.
     pub created_ms: u64,
+    /// Proposer time the last attempt's end was recorded: the next
+    /// attempt waits [`retry_delay_ms`] from here.
+    #[serde(default)]
+    pub last_ended_ms: u64,
+}
+
+/// The first retry's delay; each next one doubles, up to [`RETRY_MAX_MS`]
+/// (the agent's restart backoff, kept here because the control plane
+/// places the retries).
+pub const RETRY_BASE_MS: u64 = 1_000;
+pub const RETRY_MAX_MS: u64 = 30_000;
+
+/// How long after the end of attempt number `attempts` (1 for the first)
+/// the next one is placed.
+pub fn retry_delay_ms(attempts: u32) -> u64 {
+    let doublings = attempts.saturating_sub(1).min(16);
+    (RETRY_BASE_MS << doublings).min(RETRY_MAX_MS)
 }
 
 /// What one ended attempt means for a job that allows `max_retries`
@@ -86,6 +103,7 @@ impl State {
         let next = after_attempt(job.attempts, max_retries, exit_code);
         job.attempts = job.attempts.saturating_add(1);
         job.exit_code = Some(exit_code);
+        job.last_ended_ms = self.clock_ms;
         job.state = next;
         let attempts = job.attempts;
         let (kind, message) = match next {
@@ -135,6 +153,13 @@ mod tests {
     fn exit_status_zero_succeeds_whatever_the_attempt() {
         assert_eq!(after_attempt(0, 0, 0), JobState::Succeeded);
         assert_eq!(after_attempt(2, 2, 0), JobState::Succeeded);
+    }
+
+    #[test]
+    fn retries_wait_one_second_doubling_up_to_thirty() {
+        let delays: Vec<u64> = (1..=7).map(retry_delay_ms).collect();
+        assert_eq!(delays, [1_000, 2_000, 4_000, 8_000, 16_000, 30_000, 30_000]);
+        assert_eq!(retry_delay_ms(u32::MAX), RETRY_MAX_MS);
     }
 
     #[test]

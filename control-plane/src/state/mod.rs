@@ -44,7 +44,7 @@ pub use command::{
 };
 pub use deployment::{Deployment, DeploymentStatus, VersionRecord};
 pub use event::{Event, EventKind, EVENT_RING};
-pub use job::{after_attempt, JobState, JobStatus};
+pub use job::{after_attempt, retry_delay_ms, JobState, JobStatus};
 pub use model::{
     Allocation, Availability, DesiredState, Member, Node, NodeStatus, PortFailure, Service,
     HISTORY_LEN,

@@ -5,7 +5,7 @@
 
 use super::decide::Decision;
 use crate::scheduler::Request;
-use crate::state::{Allocation, JobState, JobStatus, ServiceSpec};
+use crate::state::{retry_delay_ms, Allocation, JobStatus, ServiceSpec};
 
 /// Decides for job `spec` with progress `job` and live (wanted, not
 /// ended) replicas `live` at `now_ms`.
@@ -34,7 +34,11 @@ pub(super) fn job(
             return;
         }
     }
-    if live.is_empty() && status.state != JobState::Failed {
+    let retry_at = match status.attempts {
+        0 => 0,
+        n => status.last_ended_ms.saturating_add(retry_delay_ms(n)),
+    };
+    if live.is_empty() && now_ms >= retry_at {
         decision.place.push(Request::new(spec.name.clone(), 1));
     }
 }
@@ -42,7 +46,7 @@ pub(super) fn job(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{AllocState, DesiredState, ServiceMode};
+    use crate::state::{AllocState, DesiredState, JobState, ServiceMode};
 
     fn job_spec(deadline_secs: Option<u64>) -> ServiceSpec {
         ServiceSpec {
@@ -103,15 +107,14 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_attempt_with_retries_left_is_replaced() {
+    fn a_failed_attempt_with_retries_left_is_replaced_after_the_backoff() {
+        let mut s = status(JobState::Running, 2);
+        s.last_ended_ms = 10_000;
+        let mut early = Decision::default();
+        job(&job_spec(None), Some(&s), &[], 11_999, &mut early);
+        assert!(early.place.is_empty(), "the second retry waits 2s");
         let mut d = Decision::default();
-        job(
-            &job_spec(None),
-            Some(&status(JobState::Running, 1)),
-            &[],
-            2_000,
-            &mut d,
-        );
+        job(&job_spec(None), Some(&s), &[], 12_000, &mut d);
         assert_eq!(d.place.len(), 1);
     }
 
