@@ -697,6 +697,10 @@ mod tests {
     }
 
     fn spawn(script: &[Outcome], adopt: Option<u32>) -> Harness {
+        spawn_spec(script, adopt, false)
+    }
+
+    fn spawn_spec(script: &[Outcome], adopt: Option<u32>, job: bool) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(AllocStore::open(dir.path()).unwrap());
         let runtime = Arc::new(FakeRuntime::default());
@@ -707,7 +711,8 @@ mod tests {
             .extend(script.iter().copied());
         let (tx, updates) = mpsc::unbounded_channel();
         let (stop, stop_rx) = oneshot::channel();
-        let spec = test_spec("3f2a9c0d-aa", &["python4"], 20001);
+        let mut spec = test_spec("3f2a9c0d-aa", &["python4"], 20001);
+        spec.job = job;
         let adopted = adopt.and_then(|pid| runtime.recover(&spec, pid, 7));
         let supervisor = Supervisor::new(
             Arc::new(runtime.clone()),
@@ -761,6 +766,27 @@ mod tests {
     }
 
     const QUICK: Outcome = Outcome::ExitAfter(Duration::ZERO);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_job_replica_that_exits_is_reported_exited_with_its_status_and_not_restarted() {
+        let mut h = spawn_spec(&[QUICK], None, true);
+        let all = h.until(AllocState::Exited).await;
+        let last = all.last().unwrap();
+        assert_eq!(last.exit_code, Some(1));
+        assert_eq!(last.message, "exited with status 1");
+        (&mut h.task).await.unwrap();
+        assert_eq!(h.start_offsets(), [0], "started once");
+        assert!(h.store.load_all().unwrap().is_empty(), "record forgotten");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_job_replica_that_cannot_start_ends_with_status_127() {
+        let mut h = spawn_spec(&[Outcome::Fail], None, true);
+        let all = h.until(AllocState::Exited).await;
+        assert_eq!(all.last().unwrap().exit_code, Some(127));
+        (&mut h.task).await.unwrap();
+        assert_eq!(h.start_offsets(), [0]);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn crashing_replica_restarts_with_doubling_backoff() {
@@ -846,7 +872,7 @@ mod tests {
         assert_eq!((last.pid, last.message.as_str()), (0, "killed by SIGTERM"));
         assert_eq!(*h.runtime.stops.lock().unwrap(), [1001]);
         assert!(h.store.load_all().unwrap().is_empty());
-        h.task.await.unwrap();
+        (&mut h.task).await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]
@@ -916,7 +942,7 @@ mod tests {
         let mut h = spawn(&[], None);
         h.until(AllocState::Running).await;
         drop(h.stop.take());
-        h.task.await.unwrap();
+        (&mut h.task).await.unwrap();
         assert!(h.runtime.stops.lock().unwrap().is_empty());
         assert_eq!(
             h.store.load_all().unwrap().len(),

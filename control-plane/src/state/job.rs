@@ -141,6 +141,105 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::fixtures::{node, place, spec};
+    use crate::state::{AllocReport, AllocState, Command, DesiredState, Plan, ServiceMode};
+
+    fn job_state(max_retries: u32) -> State {
+        let mut s = State::default();
+        s.apply(1, node("n1")).unwrap();
+        let mut job = spec("j", 1);
+        job.mode = ServiceMode::Job;
+        job.max_retries = max_retries;
+        s.apply(2, Command::CreateService { spec: job }).unwrap();
+        s
+    }
+
+    fn attempt(s: &mut State, index: u64, id: &str, state: AllocState, code: i32) {
+        let plan = Plan {
+            place: vec![place(id, "j", 20000 + (index / 10) as u16)],
+            ..Plan::default()
+        };
+        s.apply(index, Command::ApplyPlan { plan }).unwrap();
+        let report = AllocReport {
+            id: id.into(),
+            state,
+            restarts: 0,
+            pid: 0,
+            message: String::new(),
+            port: 0,
+            health_checked: false,
+            exit_code: Some(code),
+        };
+        s.apply(
+            index + 1,
+            Command::ReportAllocs {
+                node: "n1".into(),
+                reports: vec![report],
+            },
+        )
+        .unwrap();
+    }
+
+    fn events(s: &State, kind: EventKind) -> usize {
+        s.events.iter().filter(|e| e.kind == kind).count()
+    }
+
+    #[test]
+    fn a_job_failing_twice_then_succeeding_ends_succeeded_after_three_attempts() {
+        let mut s = job_state(2);
+        attempt(&mut s, 10, "a", AllocState::Exited, 1);
+        attempt(&mut s, 20, "b", AllocState::Exited, 1);
+        assert_eq!(
+            s.services["j"].job.as_ref().unwrap().state,
+            JobState::Running
+        );
+        attempt(&mut s, 30, "c", AllocState::Completed, 0);
+        let job = s.services["j"].job.clone().unwrap();
+        assert_eq!(
+            (job.state, job.attempts, job.exit_code),
+            (JobState::Succeeded, 3, Some(0))
+        );
+        assert!(s.allocs.values().all(|a| a.desired == DesiredState::Stop));
+        assert_eq!(events(&s, EventKind::JobSucceeded), 1);
+    }
+
+    #[test]
+    fn a_job_out_of_retries_fails_with_the_last_exit_status() {
+        let mut s = job_state(1);
+        attempt(&mut s, 10, "a", AllocState::Exited, 3);
+        attempt(&mut s, 20, "b", AllocState::Exited, 3);
+        let job = s.services["j"].job.clone().unwrap();
+        assert_eq!(
+            (job.state, job.attempts, job.exit_code),
+            (JobState::Failed, 2, Some(3))
+        );
+        assert_eq!(events(&s, EventKind::JobFailed), 1);
+    }
+
+    #[test]
+    fn a_repeated_report_of_an_ended_attempt_counts_once() {
+        let mut s = job_state(2);
+        attempt(&mut s, 10, "a", AllocState::Exited, 1);
+        let report = AllocReport {
+            id: "a".into(),
+            state: AllocState::Exited,
+            restarts: 0,
+            pid: 0,
+            message: String::new(),
+            port: 0,
+            health_checked: false,
+            exit_code: Some(1),
+        };
+        s.apply(
+            12,
+            Command::ReportAllocs {
+                node: "n1".into(),
+                reports: vec![report],
+            },
+        )
+        .unwrap();
+        assert_eq!(s.services["j"].job.as_ref().unwrap().attempts, 1);
+    }
 
     #[test]
     fn a_failed_attempt_is_retried_while_retries_are_left() {

@@ -109,6 +109,14 @@ impl State {
         if service.spec == spec {
             return Ok(Outcome::Done);
         }
+        // A job has no rollout: its attempts are counted against one spec.
+        if service.spec.mode == ServiceMode::Job || spec.mode == ServiceMode::Job {
+            return Err(skiff_spec::SpecError::new(
+                "mode",
+                format!("{name} is a job or would become one: jobs are not updated; `skiff job rm {name}` and run it again"),
+            )
+            .into());
+        }
         service.generation += 1;
         service.modify_index = index;
         if service.spec.runs_same(&spec) {
