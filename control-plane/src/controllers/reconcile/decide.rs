@@ -76,7 +76,8 @@ pub fn reconcile(state: &State, service: &str, now_ms: u64, traffic: &Traffic) -
     let replaced = match spec.mode {
         ServiceMode::Replicated => state.counted_replicas(service) >= spec.replicas as usize,
         ServiceMode::Global => true,
-        ServiceMode::Job => state.counted_replicas(service) >= 1,
+        // A job places its next attempt when it stops one of a down node.
+        ServiceMode::Job => true,
     };
     if replaced {
         decision.lost.extend(unknown.map(|a| a.id.clone()));

@@ -5,7 +5,7 @@
 
 use super::decide::Decision;
 use crate::scheduler::Request;
-use crate::state::{retry_delay_ms, Allocation, JobStatus, ServiceSpec};
+use crate::state::{retry_delay_ms, AllocState, Allocation, JobStatus, ServiceSpec};
 
 /// Decides for job `spec` with progress `job` and live (wanted, not
 /// ended) replicas `live` at `now_ms`.
@@ -34,6 +34,14 @@ pub(super) fn job(
             return;
         }
     }
+    // An attempt whose node is down is placed again without counting as a
+    // failed attempt (the program did not fail): a job runs at least once,
+    // and may run twice if the node was only cut off.
+    let (down, live): (Vec<&Allocation>, Vec<&Allocation>) =
+        live.iter().partition(|a| a.state == AllocState::Unknown);
+    for alloc in down {
+        decision.stop(alloc, "its node is down; the attempt runs again elsewhere");
+    }
     let retry_at = match status.attempts {
         0 => 0,
         n => status.last_ended_ms.saturating_add(retry_delay_ms(n)),
@@ -46,7 +54,7 @@ pub(super) fn job(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{AllocState, DesiredState, JobState, ServiceMode};
+    use crate::state::{DesiredState, JobState, ServiceMode};
 
     fn job_spec(deadline_secs: Option<u64>) -> ServiceSpec {
         ServiceSpec {
@@ -131,6 +139,23 @@ mod tests {
             &mut d,
         );
         assert_eq!(d, Decision::default());
+    }
+
+    #[test]
+    fn an_attempt_on_a_down_node_is_placed_again_without_waiting() {
+        let spec = job_spec(None);
+        let mut alloc = running(&spec);
+        alloc.state = AllocState::Unknown;
+        let mut d = Decision::default();
+        job(
+            &spec,
+            Some(&status(JobState::Running, 0)),
+            &[&alloc],
+            2_000,
+            &mut d,
+        );
+        assert_eq!(d.stop.len(), 1);
+        assert_eq!(d.place, vec![Request::new("j", 1)]);
     }
 
     #[test]
