@@ -74,6 +74,7 @@ pub fn assigned(alloc: &v1::Allocation) -> Result<Assigned, SpecError> {
         mounts,
         slot,
         stack,
+        job: spec.mode == skiff_spec::ServiceMode::Job,
         secrets: spec.secrets,
     };
     replica.validate()?;
@@ -111,6 +112,7 @@ pub fn status(update: &StatusUpdate) -> v1::AllocationStatus {
         message: update.message.clone(),
         port: u32::from(update.port),
         health_checked: update.health_checked,
+        exit_code: update.exit_code,
     }
 }
 
@@ -233,6 +235,7 @@ mod tests {
             message: "exited with status 1; restarting in 2s".into(),
             port: 0,
             health_checked: false,
+            exit_code: None,
         });
         assert_eq!(
             (s.id.as_str(), s.state.as_str(), s.restarts),

@@ -120,6 +120,7 @@ impl<R: Runtime> LocalAllocs<R> {
                 message,
                 port: 0,
                 health_checked: false,
+                exit_code: None,
             });
         }
         self.reconcile();
@@ -188,6 +189,16 @@ impl<R: Runtime> LocalAllocs<R> {
             self.spawn(spec, restarts, None);
         }
         for id in plan.stop {
+            // A job's supervisor ends on its own when its replica exits:
+            // nothing is left to stop, and no "stopped" report will come.
+            if self
+                .supervisors
+                .get(&id)
+                .is_some_and(|e| e.task.is_finished())
+            {
+                self.supervisors.remove(&id);
+                continue;
+            }
             if let Some(stop) = self.supervisors.get_mut(&id).and_then(|e| e.stop.take()) {
                 tracing::info!(alloc = %id, "stopping replica");
                 let _ = stop.send(());

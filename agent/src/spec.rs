@@ -76,6 +76,11 @@ pub struct ReplicaSpec {
     /// live in memory and in the replica's tmpfs, see `crate::secrets`).
     #[serde(default)]
     pub secrets: Vec<skiff_spec::SecretRef>,
+    /// A one-shot job's replica: when it ends, it ends for good (reported
+    /// `completed` or `exited` with its status, never restarted here: the
+    /// control plane decides on another attempt).
+    #[serde(default)]
+    pub job: bool,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -32,6 +32,8 @@ pub struct StatusUpdate {
     pub port: u16,
     /// The replica has a health check: it serves only once healthy.
     pub health_checked: bool,
+    /// A job's replica that ended: its exit status.
+    pub exit_code: Option<i32>,
 }
 
 /// Replica teardowns (runtime state, network, mounts) running at once.
@@ -226,6 +228,13 @@ impl<R: Runtime> Supervisor<R> {
                 }
                 None => match self.start(&mut stop).await {
                     Ok(handle) => handle,
+                    Err(Some(StartFailure { error, prepared })) if prepared && self.spec.job => {
+                        // A job's program that cannot start fails the
+                        // attempt, as a shell does: status 127.
+                        tracing::warn!(alloc = %self.spec.alloc_id, %error, "job replica failed to start");
+                        self.end_job(Exit::Code(127), error.to_string()).await;
+                        return;
+                    }
                     Err(Some(StartFailure { error, prepared })) => {
                         let delay = backoff.next_delay();
                         tracing::warn!(alloc = %self.spec.alloc_id, %error, "replica failed to start");
@@ -260,6 +269,11 @@ impl<R: Runtime> Supervisor<R> {
             let started = Instant::now();
 
             let why = match self.watch(&mut handle, started, &mut stop).await {
+                Ended::Exited(exit) if self.spec.job => {
+                    tracing::info!(alloc = %self.spec.alloc_id, pid, %exit, "job replica ended");
+                    self.end_job(exit, exit.to_string()).await;
+                    return;
+                }
                 Ended::Exited(exit) => exit.to_string(),
                 Ended::Unhealthy(reason) => {
                     self.report(AllocState::Unhealthy, pid, reason.clone());
@@ -491,6 +505,11 @@ impl<R: Runtime> Supervisor<R> {
     /// mounts: slow, blocking work run off the async threads, which also
     /// carry the routing proxy), forgets its record and reports it stopped.
     async fn finish(&mut self, message: String) {
+        self.finish_with(message, AllocState::Stopped, None).await;
+    }
+
+    /// [`Self::finish`], reporting `state` with `exit_code`.
+    async fn finish_with(&mut self, message: String, state: AllocState, exit_code: Option<i32>) {
         let dir = self.store.alloc_dir(&self.spec.alloc_id);
         let (runtime, spec) = (self.runtime.clone(), self.spec.clone());
         // A few at a time: teardowns (runc, network, unmount) compete for
@@ -505,7 +524,29 @@ impl<R: Runtime> Supervisor<R> {
         if let Err(e) = self.store.delete(&self.spec.alloc_id) {
             tracing::warn!(alloc = %self.spec.alloc_id, error = %e, "failed to delete allocation record");
         }
-        self.report(AllocState::Stopped, 0, message);
+        self.report_exit(state, message, exit_code);
+    }
+
+    /// Ends a job's replica for good: destroys what it left (its logs stay)
+    /// and reports `completed` (status 0) or `exited`, with the status.
+    /// A death by signal counts as status 128+N, as in a shell; an adopted
+    /// process's unknown status as 1 (a failure: it may be retried).
+    async fn end_job(&mut self, exit: Exit, message: String) {
+        let code = match exit {
+            Exit::Code(code) => code,
+            Exit::Signal(sig) => 128 + sig,
+            Exit::Unknown => 1,
+        };
+        self.finish_with(
+            message,
+            if code == 0 {
+                AllocState::Completed
+            } else {
+                AllocState::Exited
+            },
+            Some(code),
+        )
+        .await;
     }
 
     /// Records the current process before anything else can happen to it, so
@@ -516,6 +557,14 @@ impl<R: Runtime> Supervisor<R> {
     }
 
     fn report(&self, state: AllocState, pid: u32, message: String) {
+        self.send(state, pid, message, None);
+    }
+
+    fn report_exit(&self, state: AllocState, message: String, exit_code: Option<i32>) {
+        self.send(state, 0, message, exit_code);
+    }
+
+    fn send(&self, state: AllocState, pid: u32, message: String, exit_code: Option<i32>) {
         // The receiver lives as long as the agent; after that nobody listens.
         let _ = self.updates.send(StatusUpdate {
             alloc_id: self.spec.alloc_id.clone(),
@@ -525,6 +574,7 @@ impl<R: Runtime> Supervisor<R> {
             message,
             port: self.port,
             health_checked: self.health_checked,
+            exit_code,
         });
     }
 }
@@ -647,6 +697,10 @@ mod tests {
     }
 
     fn spawn(script: &[Outcome], adopt: Option<u32>) -> Harness {
+        spawn_spec(script, adopt, false)
+    }
+
+    fn spawn_spec(script: &[Outcome], adopt: Option<u32>, job: bool) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(AllocStore::open(dir.path()).unwrap());
         let runtime = Arc::new(FakeRuntime::default());
@@ -657,7 +711,8 @@ mod tests {
             .extend(script.iter().copied());
         let (tx, updates) = mpsc::unbounded_channel();
         let (stop, stop_rx) = oneshot::channel();
-        let spec = test_spec("3f2a9c0d-aa", &["python4"], 20001);
+        let mut spec = test_spec("3f2a9c0d-aa", &["python4"], 20001);
+        spec.job = job;
         let adopted = adopt.and_then(|pid| runtime.recover(&spec, pid, 7));
         let supervisor = Supervisor::new(
             Arc::new(runtime.clone()),
@@ -711,6 +766,27 @@ mod tests {
     }
 
     const QUICK: Outcome = Outcome::ExitAfter(Duration::ZERO);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_job_replica_that_exits_is_reported_exited_with_its_status_and_not_restarted() {
+        let mut h = spawn_spec(&[QUICK], None, true);
+        let all = h.until(AllocState::Exited).await;
+        let last = all.last().unwrap();
+        assert_eq!(last.exit_code, Some(1));
+        assert_eq!(last.message, "exited with status 1");
+        (&mut h.task).await.unwrap();
+        assert_eq!(h.start_offsets(), [0], "started once");
+        assert!(h.store.load_all().unwrap().is_empty(), "record forgotten");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_job_replica_that_cannot_start_ends_with_status_127() {
+        let mut h = spawn_spec(&[Outcome::Fail], None, true);
+        let all = h.until(AllocState::Exited).await;
+        assert_eq!(all.last().unwrap().exit_code, Some(127));
+        (&mut h.task).await.unwrap();
+        assert_eq!(h.start_offsets(), [0]);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn crashing_replica_restarts_with_doubling_backoff() {
@@ -796,7 +872,7 @@ mod tests {
         assert_eq!((last.pid, last.message.as_str()), (0, "killed by SIGTERM"));
         assert_eq!(*h.runtime.stops.lock().unwrap(), [1001]);
         assert!(h.store.load_all().unwrap().is_empty());
-        h.task.await.unwrap();
+        (&mut h.task).await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]
@@ -866,7 +942,7 @@ mod tests {
         let mut h = spawn(&[], None);
         h.until(AllocState::Running).await;
         drop(h.stop.take());
-        h.task.await.unwrap();
+        (&mut h.task).await.unwrap();
         assert!(h.runtime.stops.lock().unwrap().is_empty());
         assert_eq!(
             h.store.load_all().unwrap().len(),

@@ -12,6 +12,7 @@ use crate::choices::{Mode, Network, Placement, Protocol, Runtime, Strategy};
 /// create` has over fifty) reads by topic and the global options stand apart.
 pub mod heading {
     pub const GLOBAL: &str = "Global options";
+    pub const JOB: &str = "Job";
     pub const IMAGE: &str = "What runs";
     pub const NETWORK: &str = "Ports and network";
     pub const PLACEMENT: &str = "Replicas, resources and placement";
@@ -89,6 +90,10 @@ pub enum Command {
     /// Create, inspect, scale and remove services.
     #[command(subcommand)]
     Service(ServiceCommand),
+    /// Run one-shot jobs to completion (retried on failure); list, inspect,
+    /// read the logs of and remove them.
+    #[command(subcommand)]
+    Job(JobCommand),
     /// Deploy, plan, list, export and remove stacks: the services of one
     /// file (Skiff's own YAML or a Compose file) as one unit.
     #[command(subcommand)]
@@ -661,6 +666,45 @@ pub struct DevArgs {
     pub autoscale_window: u32,
     #[command(flatten)]
     pub node: NodeArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum JobCommand {
+    /// Run a job: `skiff job run migrate --max-retries 2 --wait -- sh -c './migrate'`.
+    /// Takes the flags of `service create` (image, env, volumes, secrets,
+    /// constraints); one replica runs at a time.
+    Run(Box<JobRunArgs>),
+    /// List jobs with their state and attempts.
+    Ls,
+    /// Show a job's state and every attempt (replica) with its exit status.
+    Ps { name: String },
+    /// Print the output of a job's attempts (prefixed with the replica's id
+    /// when there are several).
+    Logs {
+        name: String,
+        /// Keep printing new output until interrupted.
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
+    /// Remove a job, stopping its attempt if one runs.
+    Rm { name: String },
+}
+
+#[derive(Args, Debug)]
+pub struct JobRunArgs {
+    /// Failed attempts replaced before the job fails (0 to 100).
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true, help_heading = heading::JOB)]
+    pub max_retries: i64,
+    /// The job fails (and its attempt is stopped) if not done this long
+    /// after it was created: `90s`, `10m`.
+    #[arg(long, value_parser = parse_millis, help_heading = heading::JOB)]
+    pub deadline: Option<u32>,
+    /// Print each attempt as it ends and exit with the job's exit status
+    /// (0 once it succeeded).
+    #[arg(long, help_heading = heading::JOB)]
+    pub wait: bool,
+    #[command(flatten)]
+    pub create: CreateArgs,
 }
 
 #[derive(Subcommand, Debug)]

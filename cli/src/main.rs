@@ -83,6 +83,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Agent(args) => commands::daemon::agent(args).await,
         Command::Dev(args) => commands::daemon::dev(args).await,
         Command::Service(command) => commands::service::run(server, output, command).await,
+        Command::Job(command) => commands::job::run(server, output, command).await,
         Command::Stack(command) => commands::stack::run(server, output, command).await,
         Command::Node(command) => commands::node::run(server, output, command).await,
         Command::Volume(command) => commands::volume::run(server, output, command).await,

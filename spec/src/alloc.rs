@@ -25,6 +25,12 @@ pub enum AllocState {
     Failed,
     /// Stopped for good; the allocation can be forgotten.
     Stopped,
+    /// A job's replica exited with status 0; not restarted.
+    Completed,
+    /// A job's replica exited with another status (or could not start);
+    /// not restarted by its agent: the control plane may place another
+    /// attempt.
+    Exited,
     /// Its node is down: nobody knows whether it still runs. Set by the
     /// control plane, never reported by an agent; a report from its agent
     /// (the node came back) replaces it.
@@ -47,6 +53,8 @@ impl AllocState {
             AllocState::Restarting => "restarting",
             AllocState::Failed => "failed",
             AllocState::Stopped => "stopped",
+            AllocState::Completed => "completed",
+            AllocState::Exited => "exited",
             AllocState::Unknown => "unknown",
             AllocState::Lost => "lost",
         }
@@ -63,6 +71,8 @@ impl AllocState {
             "restarting" => AllocState::Restarting,
             "failed" => AllocState::Failed,
             "stopped" => AllocState::Stopped,
+            "completed" => AllocState::Completed,
+            "exited" => AllocState::Exited,
             "unknown" => AllocState::Unknown,
             "lost" => AllocState::Lost,
             _ => return None,
@@ -72,6 +82,11 @@ impl AllocState {
     /// Its process runs (healthy or not yet checked).
     pub fn is_up(self) -> bool {
         matches!(self, AllocState::Running | AllocState::Healthy)
+    }
+
+    /// A job's replica ended for good: nothing runs or holds resources.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, AllocState::Completed | AllocState::Exited)
     }
 
     /// An agent may report it: `unknown` and `lost` are the control

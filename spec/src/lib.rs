@@ -36,7 +36,7 @@ pub use service::{
     validate_env, validate_health, validate_image_reference, validate_name, validate_replicas,
     validate_user, validate_variable, Constraint, ConstraintOp, Dependency, DependsCondition,
     HealthCheck, HealthKind, NetworkMode, PlacementPolicy, Protocol, RuntimeKind, ServiceMode,
-    ServiceSpec, SpecError, MAX_LABELS, MAX_NAME_LEN, MAX_REPLICAS, MAX_VARIABLE_BYTES,
-    MIN_MEMORY_MB, SECCOMP_UNCONFINED, STACK_LABEL,
+    ServiceSpec, SpecError, MAX_JOB_DEADLINE_SECS, MAX_JOB_RETRIES, MAX_LABELS, MAX_NAME_LEN,
+    MAX_REPLICAS, MAX_VARIABLE_BYTES, MIN_MEMORY_MB, SECCOMP_UNCONFINED, STACK_LABEL,
 };
 pub use volume::{host_path_allowed, validate_volume_name, Mount, MountKind, VolumeScope};

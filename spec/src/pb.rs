@@ -133,6 +133,8 @@ pub fn spec_from_pb(spec: pb::ServiceSpec) -> Result<ServiceSpec, SpecError> {
                 })
             })
             .collect::<Result<_, SpecError>>()?,
+        max_retries: spec.max_retries,
+        deadline_secs: Some(spec.deadline_secs).filter(|d| *d != 0),
     };
     spec.validate()?;
     Ok(spec)
@@ -272,6 +274,8 @@ pub fn spec_to_pb(spec: &ServiceSpec) -> pb::ServiceSpec {
             scope => scope.as_str().to_string(),
         },
         secrets: spec.secrets.iter().map(secret_to_pb).collect(),
+        max_retries: spec.max_retries,
+        deadline_secs: spec.deadline_secs.unwrap_or(0),
         depends_on: spec
             .depends_on
             .iter()

@@ -227,7 +227,22 @@ pub struct ServiceSpec {
     /// [`crate::secret`]); names only, never values.
     #[serde(default)]
     pub secrets: Vec<crate::SecretRef>,
+    /// A job's failed attempts replaced before it fails (see
+    /// [`ServiceMode::Job`]); ignored by services.
+    #[serde(default)]
+    pub max_retries: u32,
+    /// A job not done this long after it was created fails and its
+    /// replica is stopped; `None`: no deadline. Ignored by services.
+    #[serde(default)]
+    pub deadline_secs: Option<u64>,
 }
+
+/// Most retries of one job: a job that fails a hundred times will not
+/// succeed on the next try; a bound also keeps a typo (`--max-retries
+/// 1000000`) from retrying for days.
+pub const MAX_JOB_RETRIES: u32 = 100;
+/// Longest job deadline: 30 days.
+pub const MAX_JOB_DEADLINE_SECS: u64 = 30 * 24 * 3600;
 
 /// `seccomp` value that turns the filter off.
 pub const SECCOMP_UNCONFINED: &str = "unconfined";
@@ -360,6 +375,12 @@ pub enum ServiceMode {
     /// One replica on every eligible node (like Nomad's system jobs);
     /// `replicas` is ignored.
     Global,
+    /// A one-shot job: one replica runs to completion. Exit status 0
+    /// ends it succeeded; a failed attempt is replaced up to
+    /// `max_retries` times, then the job has failed. Nothing is
+    /// restarted by its agent: the control plane counts attempts, so the
+    /// count survives agent restarts and node failures.
+    Job,
 }
 
 impl ServiceMode {
@@ -367,6 +388,7 @@ impl ServiceMode {
         match self {
             ServiceMode::Replicated => "replicated",
             ServiceMode::Global => "global",
+            ServiceMode::Job => "job",
         }
     }
 
@@ -374,6 +396,7 @@ impl ServiceMode {
         match value {
             "replicated" | "" => Ok(ServiceMode::Replicated),
             "global" => Ok(ServiceMode::Global),
+            "job" => Ok(ServiceMode::Job),
             other => Err(SpecError::new(
                 "mode",
                 format!("unknown mode \"{other}\"; use --mode replicated or --mode global"),
@@ -519,9 +542,32 @@ impl SpecError {
 
 impl ServiceSpec {
     /// Checks every field; the first problem found is returned.
+    /// A job's retry and deadline bounds.
+    fn validate_job(&self) -> Result<(), SpecError> {
+        if self.max_retries > MAX_JOB_RETRIES {
+            return Err(SpecError::new(
+                "max-retries",
+                format!(
+                    "{} is too many; use 0 to {MAX_JOB_RETRIES}",
+                    self.max_retries
+                ),
+            ));
+        }
+        if let Some(secs) = self.deadline_secs {
+            if secs == 0 || secs > MAX_JOB_DEADLINE_SECS {
+                return Err(SpecError::new(
+                    "deadline",
+                    "must be from 1s to 30 days (720h)",
+                ));
+            }
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<(), SpecError> {
         validate_name(&self.name)?;
         validate_replicas(i64::from(self.replicas))?;
+        self.validate_job()?;
         match self.runtime {
             RuntimeKind::Process => self.validate_process()?,
             RuntimeKind::Oci => self.validate_oci()?,
@@ -635,6 +681,8 @@ impl ServiceSpec {
             volumes,
             volume_scope,
             secrets,
+            max_retries: _,
+            deadline_secs: _,
         } = self;
         *name == other.name
             && *runtime == other.runtime

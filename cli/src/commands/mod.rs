@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod deploy;
 pub mod events;
 pub mod exec;
+pub mod job;
 pub mod man;
 pub mod node;
 pub mod pgwire;

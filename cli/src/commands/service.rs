@@ -94,6 +94,12 @@ pub async fn run(
                 .map_err(explain)?
                 .into_inner()
                 .services;
+            // Jobs have their own list (`skiff job ls`): a finished job
+            // would only read as a service with 0/0 replicas here.
+            let services: Vec<pb::ServiceStatus> = services
+                .into_iter()
+                .filter(|s| s.spec.as_ref().is_none_or(|spec| spec.mode != "job"))
+                .collect();
             output::print(format, &services, &LS_HEADERS, ls_rows(&services));
         }
         ServiceCommand::Ps { name, all, watch } => {
@@ -182,7 +188,7 @@ pub async fn run(
 }
 
 /// `service ps`: the replicas of `name` (the running ones, or `all`).
-async fn ps(
+pub(crate) async fn ps(
     client: &mut crate::client::Client,
     format: OutputFormat,
     name: &str,
@@ -278,18 +284,18 @@ async fn rebalance(client: &mut crate::client::Client, name: &str) -> anyhow::Re
 }
 
 /// What `service logs` asks of each replica's log.
-struct LogOptions {
-    follow: bool,
-    tail: u32,
-    since_ms: u64,
-    max_age_ms: u64,
-    timestamps: bool,
+pub(crate) struct LogOptions {
+    pub follow: bool,
+    pub tail: u32,
+    pub since_ms: u64,
+    pub max_age_ms: u64,
+    pub timestamps: bool,
 }
 
 /// `service logs`: asks the server for the output of each replica, which
 /// it relays from the replica's agent (the CLI reaches only the server),
 /// and prints the streams as they arrive.
-async fn logs(
+pub(crate) async fn logs(
     server: &str,
     status: &pb::ServiceStatus,
     replica: Option<&str>,
@@ -303,7 +309,8 @@ async fn logs(
         .iter()
         .filter(|a| match replica {
             Some(id) => a.id.starts_with(id),
-            None => a.desired == "run",
+            // A job's ended attempts too: their output is the point.
+            None => a.desired == "run" || a.state == "completed" || a.state == "exited",
         })
         .collect();
     chosen.sort_by(|a, b| a.id.cmp(&b.id));
@@ -380,7 +387,7 @@ fn replicas(value: i64) -> anyhow::Result<u32> {
     spec::validate_replicas(value).map_err(|e| anyhow!("{e}"))
 }
 
-fn build_spec(args: &CreateArgs, replicas: u32) -> anyhow::Result<pb::ServiceSpec> {
+pub(crate) fn build_spec(args: &CreateArgs, replicas: u32) -> anyhow::Result<pb::ServiceSpec> {
     let invalid = |e: spec::SpecError| anyhow!("{e}");
     spec::validate_name(&args.name).map_err(invalid)?;
     let runtime = match args.runtime {

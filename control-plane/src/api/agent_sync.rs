@@ -361,6 +361,7 @@ impl Api {
             message: report.message,
             port: u16::try_from(report.port).unwrap_or(0),
             health_checked: report.health_checked,
+            exit_code: report.exit_code,
         };
         let unchanged = self
             .consensus

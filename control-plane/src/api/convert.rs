@@ -23,6 +23,7 @@ pub fn alloc_to_pb(alloc: &Allocation) -> pb::Allocation {
         version: alloc.version,
         serving_since_ms: alloc.serving_since_ms,
         slot: alloc.slot,
+        exit_code: alloc.exit_code,
     }
 }
 
@@ -99,6 +100,7 @@ pub fn service_to_pb(state: &State, service: &Service) -> pb::ServiceStatus {
     let running = state.live_allocs(name).filter(|a| a.state.is_up()).count() as u32;
     let desired = match service.spec.mode {
         ServiceMode::Replicated => service.spec.replicas,
+        ServiceMode::Job => u32::from(!service.job.as_ref().is_some_and(|j| j.state.is_done())),
         ServiceMode::Global => state
             .nodes
             .values()
@@ -129,6 +131,13 @@ pub fn service_to_pb(state: &State, service: &Service) -> pb::ServiceStatus {
         usage: Vec::new(),
         leader_unreachable: false,
         port_failures: port_failures(state, service),
+        job_state: service
+            .job
+            .as_ref()
+            .map(|j| j.state.as_str().to_string())
+            .unwrap_or_default(),
+        job_attempts: service.job.as_ref().map_or(0, |j| j.attempts),
+        job_exit_code: service.job.as_ref().and_then(|j| j.exit_code),
     }
 }
 

@@ -240,6 +240,7 @@ impl Sim {
                     message: next.1.to_string(),
                     port: 0,
                     health_checked: false,
+                    exit_code: None,
                 });
         }
         for (node, reports) in reports {
@@ -979,6 +980,7 @@ fn a_new_version_that_fails_midway_rolls_back_every_replaced_replica() {
             message: "oom".into(),
             port: 0,
             health_checked: false,
+            exit_code: None,
         }],
     })
     .unwrap();

@@ -493,6 +493,7 @@ fn stopped(c: &mut Cluster, id: &str, node: &str) {
             message: String::new(),
             port: 0,
             health_checked: false,
+            exit_code: None,
         }],
     });
 }

@@ -42,6 +42,9 @@ pub struct Plan {
     /// Services whose rebalance is done (spread again).
     #[serde(default)]
     pub rebalanced: Vec<String>,
+    /// Jobs to fail (their deadline passed), with why.
+    #[serde(default)]
+    pub failed_jobs: Vec<(String, String)>,
 }
 
 impl Plan {
@@ -52,6 +55,7 @@ impl Plan {
             && self.deployments.is_empty()
             && self.lost.is_empty()
             && self.rebalanced.is_empty()
+            && self.failed_jobs.is_empty()
     }
 }
 
@@ -90,6 +94,9 @@ pub struct AllocReport {
     /// The replica has a health check (its spec's or its image's).
     #[serde(default)]
     pub health_checked: bool,
+    /// A job's replica that ended: its exit status.
+    #[serde(default)]
+    pub exit_code: Option<i32>,
 }
 
 /// Every change to the state, as committed in the Raft log.

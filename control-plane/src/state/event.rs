@@ -55,6 +55,10 @@ pub enum EventKind {
     SecretCreated,
     SecretUpdated,
     SecretRemoved,
+    /// A job's attempt exited with status 0.
+    JobSucceeded,
+    /// A job ran out of retries or passed its deadline.
+    JobFailed,
 }
 
 impl EventKind {
@@ -70,6 +74,8 @@ impl EventKind {
             EventKind::ReplicaUnhealthy => "replica-unhealthy",
             EventKind::ReplicaRestarting => "replica-restarting",
             EventKind::ReplicaFailed => "replica-failed",
+            EventKind::JobSucceeded => "job-succeeded",
+            EventKind::JobFailed => "job-failed",
             EventKind::ReplicaStopping => "replica-stopping",
             EventKind::ReplicaStopped => "replica-stopped",
             EventKind::NodeUp => "node-up",
@@ -109,7 +115,8 @@ impl EventKind {
             AllocState::Healthy => EventKind::ReplicaHealthy,
             AllocState::Unhealthy => EventKind::ReplicaUnhealthy,
             AllocState::Restarting => EventKind::ReplicaRestarting,
-            AllocState::Failed => EventKind::ReplicaFailed,
+            AllocState::Failed | AllocState::Exited => EventKind::ReplicaFailed,
+            AllocState::Completed => EventKind::ReplicaStopped,
             AllocState::Stopped => EventKind::ReplicaStopped,
         })
     }

@@ -30,6 +30,7 @@ mod event;
 #[cfg(test)]
 mod fixtures;
 mod image;
+mod job;
 mod model;
 mod query;
 mod secrets;
@@ -43,6 +44,7 @@ pub use command::{
 };
 pub use deployment::{Deployment, DeploymentStatus, VersionRecord};
 pub use event::{Event, EventKind, EVENT_RING};
+pub use job::{after_attempt, retry_delay_ms, JobState, JobStatus};
 pub use model::{
     Allocation, Availability, DesiredState, Member, Node, NodeStatus, PortFailure, Service,
     HISTORY_LEN,

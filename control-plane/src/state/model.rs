@@ -46,6 +46,9 @@ pub struct Service {
     /// scales to zero, so connections by name can still be held.
     #[serde(default)]
     pub image_port: Option<u16>,
+    /// A job's progress (mode `job`); `None` for services.
+    #[serde(default)]
+    pub job: Option<super::JobStatus>,
 }
 
 fn yes() -> bool {
@@ -262,18 +265,23 @@ pub struct Allocation {
     /// has none, its image's): then only a healthy replica serves.
     #[serde(default)]
     pub health_checked: bool,
+    /// A job's replica that ended: its exit status.
+    #[serde(default)]
+    pub exit_code: Option<i32>,
 }
 
 impl Allocation {
     /// Counts toward the service's replicas: wanted and not known to be dead.
     pub fn is_live(&self) -> bool {
-        self.desired == DesiredState::Run && self.state != AllocState::Stopped
+        self.desired == DesiredState::Run
+            && self.state != AllocState::Stopped
+            && !self.state.is_terminal()
     }
 
     /// Holds its node's resources and host port: anything not yet stopped,
     /// including a replica asked to stop that is still shutting down.
     pub fn holds_resources(&self) -> bool {
-        self.state != AllocState::Stopped
+        self.state != AllocState::Stopped && !self.state.is_terminal()
     }
 
     /// Serves as far as the control plane can tell: healthy, or running

@@ -488,6 +488,7 @@ mod tests {
                 message: String::new(),
                 port: 0,
                 health_checked: false,
+                exit_code: None,
             }],
         };
         s.apply(4, report(AllocState::Running)).unwrap();

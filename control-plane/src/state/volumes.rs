@@ -340,6 +340,7 @@ mod tests {
                     message: String::new(),
                     port: 0,
                     health_checked: false,
+                    exit_code: None,
                 }],
             },
         )

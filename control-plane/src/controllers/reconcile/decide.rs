@@ -32,10 +32,12 @@ pub struct Decision {
     pub deployment: Option<(u64, DeploymentStep)>,
     /// The service's rebalance is done.
     pub rebalanced: bool,
+    /// The job fails, with why (its deadline passed).
+    pub fail_job: Option<String>,
 }
 
 impl Decision {
-    fn stop(&mut self, alloc: &Allocation, reason: &str) {
+    pub(super) fn stop(&mut self, alloc: &Allocation, reason: &str) {
         self.stop.push((alloc.id.clone(), reason.to_string()));
     }
 }
@@ -56,6 +58,13 @@ pub fn reconcile(state: &State, service: &str, now_ms: u64, traffic: &Traffic) -
         .iter()
         .filter(|a| a.desired == DesiredState::Stop && a.state == AllocState::Unknown);
     let Some(spec) = state.services.get(service).map(|s| &s.spec) else {
+        // A removed job's ended attempts were kept for `job ps` until now.
+        decision.forget.extend(
+            allocs
+                .iter()
+                .filter(|a| a.desired == DesiredState::Stop && a.state.is_terminal())
+                .map(|a| a.id.clone()),
+        );
         decision.lost.extend(unknown.map(|a| a.id.clone()));
         for alloc in live {
             decision.stop(alloc, "service removed");
@@ -67,6 +76,8 @@ pub fn reconcile(state: &State, service: &str, now_ms: u64, traffic: &Traffic) -
     let replaced = match spec.mode {
         ServiceMode::Replicated => state.counted_replicas(service) >= spec.replicas as usize,
         ServiceMode::Global => true,
+        // A job places its next attempt when it stops one of a down node.
+        ServiceMode::Job => true,
     };
     if replaced {
         decision.lost.extend(unknown.map(|a| a.id.clone()));
@@ -84,6 +95,10 @@ pub fn reconcile(state: &State, service: &str, now_ms: u64, traffic: &Traffic) -
         ServiceMode::Global => {
             global(state, service, live, now_ms, &mut decision);
             global_rollout(state, service, now_ms, &mut decision);
+        }
+        ServiceMode::Job => {
+            let job = state.services.get(service).and_then(|s| s.job.as_ref());
+            super::job::job(spec, job, &live, now_ms, &mut decision);
         }
     }
     // A service whose `depends_on` do not hold yet waits for its first
@@ -471,6 +486,7 @@ mod tests {
                     message: String::new(),
                     port: 0,
                     health_checked: false,
+                    exit_code: None,
                 }],
             });
         }

@@ -3,6 +3,7 @@
 //! that proposes it (`run`).
 
 mod decide;
+mod job;
 mod plan;
 mod run;
 

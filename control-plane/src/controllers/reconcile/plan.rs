@@ -37,6 +37,9 @@ pub fn plan_cluster(
         }
         plan.forget.extend(decision.forget);
         plan.lost.extend(decision.lost);
+        if let Some(reason) = decision.fail_job {
+            plan.failed_jobs.push((service.to_string(), reason));
+        }
         if decision.rebalanced {
             plan.rebalanced.push(service.to_string());
         }

@@ -65,6 +65,33 @@ impl State {
             }
             let message = alloc.message.clone();
             let wanted = alloc.desired == DesiredState::Run;
+            // A job's replica that ended is never restarted: it stops
+            // being wanted in the same entry, so no agent (a restarted
+            // one included) starts it again; the attempt is counted once.
+            let is_job = alloc.spec.mode == crate::state::ServiceMode::Job;
+            if is_job && report.state.is_up() {
+                if let Some(job) = self.services.get_mut(&service).and_then(|s| s.job.as_mut()) {
+                    if job.state == crate::state::JobState::Pending {
+                        job.state = crate::state::JobState::Running;
+                    }
+                }
+            }
+            let Some(alloc) = self.allocs.get_mut(&report.id) else {
+                continue;
+            };
+            if is_job && report.state.is_terminal() && wanted {
+                let exit_code = report.exit_code.unwrap_or(
+                    if report.state == crate::state::AllocState::Completed {
+                        0
+                    } else {
+                        1
+                    },
+                );
+                alloc.exit_code = Some(exit_code);
+                alloc.desired = DesiredState::Stop;
+                let id = report.id.clone();
+                self.job_attempt_ended(index, &service, node, &id, exit_code);
+            }
             self.index.node_changed.insert(node.to_string(), index);
             // A replica already asked to stop (replaced while its agent was
             // away, which now re-adopts it) is only news when it stops.
@@ -108,6 +135,7 @@ mod tests {
             message: String::new(),
             port: 0,
             health_checked: false,
+            exit_code: None,
         };
         s.apply(
             4,
@@ -149,6 +177,7 @@ mod tests {
             message: "re-adopted after agent restart".into(),
             port: 0,
             health_checked: false,
+            exit_code: None,
         };
         for (index, state) in [
             (5, AllocState::Running),

@@ -47,16 +47,19 @@ impl State {
             self.stop_alloc(index, id, reason);
         }
         for id in &plan.forget {
-            let forgettable = self
-                .allocs
-                .get(id)
-                .is_some_and(|a| a.desired == DesiredState::Stop && a.state == AllocState::Stopped);
+            let forgettable = self.allocs.get(id).is_some_and(|a| {
+                a.desired == DesiredState::Stop
+                    && (a.state == AllocState::Stopped || a.state.is_terminal())
+            });
             if forgettable {
                 if let Some(alloc) = self.allocs.remove(id) {
                     self.index.remove(&alloc);
                     self.index.node_changed.insert(alloc.node.clone(), index);
                 }
             }
+        }
+        for (service, reason) in &plan.failed_jobs {
+            self.fail_job(index, service, reason);
         }
         for id in &plan.lost {
             if let Some(alloc) = self.allocs.get_mut(id) {
@@ -118,6 +121,13 @@ impl State {
                     // A rebalance moves replicas surge-first: one more.
                     *count < spec.replicas as usize + usize::from(service.rebalance)
                 }
+                // One attempt at a time, none once the job is done.
+                ServiceMode::Job => {
+                    let count = counted
+                        .entry(placement.service.clone())
+                        .or_insert_with(|| self.counted_current(&placement.service));
+                    *count == 0 && !service.job.as_ref().is_some_and(|j| j.state.is_done())
+                }
             };
             let held = !service.started && self.dependencies_ready(&service.spec).is_err();
             let volumes_fit = self.volumes_allow(spec, &placement);
@@ -153,6 +163,7 @@ impl State {
                     .is_some_and(|d| d.policy.strategy == Strategy::BlueGreen && !d.promoted),
                 slot: placement.slot,
                 health_checked: false,
+                exit_code: None,
             };
             self.record_placed_volumes(index, &alloc);
             self.index.insert(&alloc);

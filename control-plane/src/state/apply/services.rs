@@ -21,7 +21,12 @@ impl State {
         let message = match spec.mode {
             ServiceMode::Global => "global".to_string(),
             ServiceMode::Replicated => format!("{} replicas", spec.replicas),
+            ServiceMode::Job => format!("job, {} retries", spec.max_retries),
         };
+        let job = (spec.mode == ServiceMode::Job).then(|| crate::state::JobStatus {
+            created_ms: self.clock_ms,
+            ..Default::default()
+        });
         let record = VersionRecord {
             version: 1,
             spec: spec.clone(),
@@ -43,6 +48,7 @@ impl State {
                 started: false,
                 rebalance: false,
                 image_port: None,
+                job,
             },
         );
         self.event(index, EventKind::ServiceCreated, &name, "", "", &message);
@@ -102,6 +108,14 @@ impl State {
             .ok_or_else(|| CommandError::ServiceNotFound(name.clone()))?;
         if service.spec == spec {
             return Ok(Outcome::Done);
+        }
+        // A job has no rollout: its attempts are counted against one spec.
+        if service.spec.mode == ServiceMode::Job || spec.mode == ServiceMode::Job {
+            return Err(skiff_spec::SpecError::new(
+                "mode",
+                format!("{name} is a job or would become one: jobs are not updated; `skiff job rm {name}` and run it again"),
+            )
+            .into());
         }
         service.generation += 1;
         service.modify_index = index;
@@ -385,6 +399,7 @@ mod tests {
             message: String::new(),
             port: 0,
             health_checked: false,
+            exit_code: None,
         };
         s.apply(
             6,
