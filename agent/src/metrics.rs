@@ -1,5 +1,6 @@
 //! The routing proxy's traffic counters per published service on this node,
-//! their Prometheus text rendering, and the agent's `GET /metrics` endpoint.
+//! and their collector for the agent's `GET /metrics` (served by
+//! `skiff_metrics::serve`).
 //!
 //! Counters only grow for the agent's lifetime (also after a service is
 //! removed), as Prometheus expects of a counter. Per-replica counters are
@@ -9,14 +10,16 @@
 //! under a churn of replicas.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 
 /// The variable where an agent publishes its metrics address (`HOST:PORT`).
 pub fn address_key(node: &str) -> String {
@@ -206,219 +209,168 @@ impl Metrics {
             .collect()
     }
 
-    /// Prometheus text exposition format (version 0.0.4).
-    pub fn render(&self, node: &str) -> String {
-        let samples = self.samples();
-        let families: [Family; 9] = [
-            (
-                "skiff_proxy_connections_total",
-                "counter",
-                "Client connections accepted on the published port.",
-                |s| s.connections,
-            ),
-            (
-                "skiff_proxy_active_connections",
-                "gauge",
-                "Client connections open now.",
-                |s| s.active,
-            ),
-            (
-                "skiff_proxy_received_bytes_total",
-                "counter",
-                "Bytes received from clients and forwarded to replicas.",
-                |s| s.bytes_in,
-            ),
-            (
-                "skiff_proxy_sent_bytes_total",
-                "counter",
-                "Bytes from replicas sent to clients.",
-                |s| s.bytes_out,
-            ),
-            (
-                "skiff_proxy_connect_failures_total",
-                "counter",
-                "Failed dials of a replica (each retried on another one).",
-                |s| s.connect_failures,
-            ),
-            (
-                "skiff_proxy_no_endpoint_total",
-                "counter",
-                "Connections closed at once because no replica was serving.",
-                |s| s.no_endpoint,
-            ),
-            (
-                "skiff_proxy_http_requests_total",
-                "counter",
-                "HTTP/1.1 requests seen on services published with --protocol http.",
-                |s| s.requests,
-            ),
-            (
-                "skiff_proxy_endpoints",
-                "gauge",
-                "Replicas in the proxy's pool.",
-                |s| s.endpoints,
-            ),
-            (
-                "skiff_proxy_waiting_connections",
-                "gauge",
-                "Client connections held waiting for a replica to start.",
-                |s| s.waiting,
-            ),
-        ];
-        let replica_families: [ReplicaFamily; 5] = [
-            (
-                "skiff_proxy_replica_connections_total",
-                "counter",
-                "Connections opened to the replica for a client.",
-                |r| r.connections,
-            ),
-            (
-                "skiff_proxy_replica_connect_failures_total",
-                "counter",
-                "Failed dials of the replica, and connections it closed before answering.",
-                |r| r.connect_failures,
-            ),
-            (
-                "skiff_proxy_replica_responses_total",
-                "counter",
-                "HTTP responses from the replica (services published with --protocol http).",
-                |r| r.responses,
-            ),
-            (
-                "skiff_proxy_replica_errors_total",
-                "counter",
-                "HTTP responses from the replica with a 5xx status.",
-                |r| r.errors,
-            ),
-            (
-                "skiff_proxy_replica_active_connections",
-                "gauge",
-                "Connections open to the replica now.",
-                |r| r.active,
-            ),
-        ];
-        let mut out = String::new();
-        let node = escape(node);
-        for (name, kind, help, value) in families {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-            for s in &samples {
-                let _ = writeln!(
-                    out,
-                    "{name}{{service=\"{}\",node=\"{node}\"}} {}",
-                    escape(&s.service),
-                    value(s)
-                );
-            }
-        }
-        for (name, kind, help, value) in replica_families {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-            for s in &samples {
-                let service = escape(&s.service);
-                for r in &s.replicas {
-                    let _ = writeln!(
-                        out,
-                        "{name}{{service=\"{service}\",alloc=\"{}\",version=\"{}\",node=\"{node}\"}} {}",
-                        escape(&r.alloc_id),
-                        r.version,
-                        value(r)
-                    );
-                }
-            }
-        }
-        out
+    /// Adds the proxy's counters of this node (`node` label) to `registry`,
+    /// read at each scrape.
+    pub fn register(&self, registry: &mut Registry, node: &str) {
+        registry.register_collector(Box::new(ProxyCollector {
+            metrics: self.clone(),
+            node: node.to_string(),
+        }));
     }
 }
 
-/// A metric family: name, type, help, and how to read it from a sample.
-type Family = (
-    &'static str,
-    &'static str,
-    &'static str,
-    fn(&TrafficSample) -> u64,
-);
-
-/// A per-replica metric family, as [`Family`].
-type ReplicaFamily = (
-    &'static str,
-    &'static str,
-    &'static str,
-    fn(&ReplicaSample) -> u64,
-);
-
-/// Escapes a label value (backslash, double quote, newline).
-fn escape(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-/// How long a metrics client may take to send its request head.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// Largest request head read.
-const MAX_HEAD: usize = 8192;
-
-/// Serves `GET /metrics` on `listener` until `shutdown` resolves.
-pub async fn serve(
-    listener: TcpListener,
+/// Encodes [`Metrics::samples`] at each scrape.
+#[derive(Debug)]
+struct ProxyCollector {
     metrics: Metrics,
     node: String,
-    shutdown: impl Future<Output = ()>,
-) {
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            () = &mut shutdown => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let metrics = metrics.clone();
-                    let node = node.clone();
-                    tokio::spawn(async move {
-                        let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &metrics, &node)).await;
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics listener failed to accept");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-        }
+}
+
+/// A metric family: name (without a counter's `_total`), type, help, and
+/// how to read it from a sample.
+type Family<S> = (&'static str, MetricType, &'static str, fn(&S) -> u64);
+
+const SERVICE_FAMILIES: [Family<TrafficSample>; 9] = [
+    (
+        "skiff_proxy_connections",
+        MetricType::Counter,
+        "Client connections accepted on the published port.",
+        |s| s.connections,
+    ),
+    (
+        "skiff_proxy_active_connections",
+        MetricType::Gauge,
+        "Client connections open now.",
+        |s| s.active,
+    ),
+    (
+        "skiff_proxy_received_bytes",
+        MetricType::Counter,
+        "Bytes received from clients and forwarded to replicas.",
+        |s| s.bytes_in,
+    ),
+    (
+        "skiff_proxy_sent_bytes",
+        MetricType::Counter,
+        "Bytes from replicas sent to clients.",
+        |s| s.bytes_out,
+    ),
+    (
+        "skiff_proxy_connect_failures",
+        MetricType::Counter,
+        "Failed dials of a replica (each retried on another one).",
+        |s| s.connect_failures,
+    ),
+    (
+        "skiff_proxy_no_endpoint",
+        MetricType::Counter,
+        "Connections closed at once because no replica was serving.",
+        |s| s.no_endpoint,
+    ),
+    (
+        "skiff_proxy_http_requests",
+        MetricType::Counter,
+        "HTTP/1.1 requests seen on services published with --protocol http.",
+        |s| s.requests,
+    ),
+    (
+        "skiff_proxy_endpoints",
+        MetricType::Gauge,
+        "Replicas in the proxy's pool.",
+        |s| s.endpoints,
+    ),
+    (
+        "skiff_proxy_waiting_connections",
+        MetricType::Gauge,
+        "Client connections held waiting for a replica to start.",
+        |s| s.waiting,
+    ),
+];
+
+const REPLICA_FAMILIES: [Family<ReplicaSample>; 5] = [
+    (
+        "skiff_proxy_replica_connections",
+        MetricType::Counter,
+        "Connections opened to the replica for a client.",
+        |r| r.connections,
+    ),
+    (
+        "skiff_proxy_replica_connect_failures",
+        MetricType::Counter,
+        "Failed dials of the replica, and connections it closed before answering.",
+        |r| r.connect_failures,
+    ),
+    (
+        "skiff_proxy_replica_responses",
+        MetricType::Counter,
+        "HTTP responses from the replica (services published with --protocol http).",
+        |r| r.responses,
+    ),
+    (
+        "skiff_proxy_replica_errors",
+        MetricType::Counter,
+        "HTTP responses from the replica with a 5xx status.",
+        |r| r.errors,
+    ),
+    (
+        "skiff_proxy_replica_active_connections",
+        MetricType::Gauge,
+        "Connections open to the replica now.",
+        |r| r.active,
+    ),
+];
+
+/// Encodes one sample of a family of `kind`.
+fn encode_value(encoder: MetricEncoder, kind: MetricType, value: u64) -> std::fmt::Result {
+    match kind {
+        MetricType::Counter => ConstCounter::new(value).encode(encoder),
+        _ => ConstGauge::new(value).encode(encoder),
     }
 }
 
-async fn answer(mut stream: TcpStream, metrics: &Metrics, node: &str) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_HEAD {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            break;
+impl Collector for ProxyCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let samples = self.metrics.samples();
+        let node = self.node.as_str();
+        for (name, kind, help, value) in SERVICE_FAMILIES {
+            let mut family = encoder.encode_descriptor(name, help, None, kind)?;
+            for s in &samples {
+                let labels = [("service", s.service.as_str()), ("node", node)];
+                encode_value(family.encode_family(&labels)?, kind, value(s))?;
+            }
         }
-        head.extend_from_slice(&buf[..n]);
+        for (name, kind, help, value) in REPLICA_FAMILIES {
+            let mut family = encoder.encode_descriptor(name, help, None, kind)?;
+            for s in &samples {
+                for r in &s.replicas {
+                    let version = r.version.to_string();
+                    let labels = [
+                        ("service", s.service.as_str()),
+                        ("alloc", r.alloc_id.as_str()),
+                        ("version", version.as_str()),
+                        ("node", node),
+                    ];
+                    encode_value(family.encode_family(&labels)?, kind, value(r))?;
+                }
+            }
+        }
+        Ok(())
     }
-    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
-    let mut parts = line.split(|&b| b == b' ');
-    let (method, path) = (parts.next(), parts.next());
-    let (status, body) = match (method, path) {
-        (Some(b"GET"), Some(p)) if p == b"/metrics" || p.starts_with(b"/metrics?") => {
-            ("200 OK", metrics.render(node))
-        }
-        (Some(b"GET"), _) => ("404 Not Found", "not found; try GET /metrics\n".to_string()),
-        _ => ("405 Method Not Allowed", "use GET /metrics\n".to_string()),
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Metrics {
+        fn render(&self, node: &str) -> String {
+            let mut registry = Registry::default();
+            self.register(&mut registry, node);
+            let mut out = String::new();
+            prometheus_client::encoding::prometheus_text::encode(&mut out, &registry).unwrap();
+            out
+        }
+    }
 
     #[test]
     fn render_has_help_type_and_one_sample_per_service() {
@@ -497,27 +449,5 @@ mod tests {
             left + REPLICA_RETENTION * 2 - Duration::from_secs(1),
         );
         assert_eq!(ids(left + REPLICA_RETENTION * 3), ["a", "b"]);
-    }
-
-    #[tokio::test]
-    async fn get_metrics_answers_prometheus_text() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let m = Metrics::default();
-        m.service("web").bytes_in.fetch_add(10, Ordering::Relaxed);
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve(listener, m, "n1".into(), async {
-            let _ = stopped.await;
-        }));
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
-        assert!(out.starts_with("HTTP/1.1 200 OK"));
-        assert!(out.contains("skiff_proxy_received_bytes_total{service=\"web\",node=\"n1\"} 10"));
-        let _ = stop.send(());
-        server.await.unwrap();
     }
 }
