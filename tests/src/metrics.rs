@@ -82,8 +82,11 @@ fn parse_value(s: &str) -> Result<f64, String> {
     }
 }
 
+/// Label pairs in exposition order.
+pub type Labels = Vec<(String, String)>;
+
 /// Parses `{k="v",...}` at the start of `s`; returns the labels and the rest.
-fn parse_labels(s: &str) -> Result<(Vec<(String, String)>, &str), String> {
+fn parse_labels(s: &str) -> Result<(Labels, &str), String> {
     let mut labels = Vec::new();
     let mut rest = s.strip_prefix('{').ok_or("no {")?;
     loop {
@@ -154,10 +157,10 @@ pub fn parse(text: &str) -> Result<Exposition, String> {
         if let Some(comment) = line.strip_prefix('#') {
             let mut words = comment.trim_start().splitn(3, ' ');
             match (words.next(), words.next(), words.next()) {
-                (Some("HELP"), Some(name), _) => {
-                    if !is_name(name, true) || helped.insert(name.into(), ()).is_some() {
-                        return Err(fail("bad or repeated HELP".into()));
-                    }
+                (Some("HELP"), Some(name), _)
+                    if !is_name(name, true) || helped.insert(name.into(), ()).is_some() =>
+                {
+                    return Err(fail("bad or repeated HELP".into()));
                 }
                 (Some("TYPE"), Some(name), Some(kind)) => {
                     let kind = kind.trim();
