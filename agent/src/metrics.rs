@@ -265,7 +265,7 @@ struct ProxyCollector {
 
 /// A metric family: name (without a counter's `_total`), type, help, and
 /// how to read it from a sample.
-type Family<S> = (&'static str, MetricType, &'static str, fn(&S) -> u64);
+type Family<S, V = u64> = (&'static str, MetricType, &'static str, fn(&S) -> V);
 
 const SERVICE_FAMILIES: [Family<TrafficSample>; 9] = [
     (
@@ -398,7 +398,7 @@ impl Collector for ProxyCollector {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let usage_families: [(&str, MetricType, &str, fn(&ReplicaUsage) -> f64); 2] = [
+        let usage_families: [Family<ReplicaUsage, f64>; 2] = [
             (
                 "skiff_replica_cpu_seconds",
                 MetricType::Counter,

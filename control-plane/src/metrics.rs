@@ -106,14 +106,26 @@ impl std::fmt::Debug for StateCollector {
     }
 }
 
+/// One service's replica counts.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceGauges {
+    /// Replicas its spec asks for.
+    pub desired: u64,
+    /// Replicas desired to run that are running or healthy.
+    pub running: u64,
+    /// Restarts of its current replicas.
+    pub restarts: u64,
+}
+
+/// A per-service gauge: name, help, and how to read it.
+type ServiceFamily = (&'static str, &'static str, fn(&ServiceGauges) -> u64);
+
 /// A point-in-time reading of the state, taken under its lock and encoded
 /// after it is released.
 #[derive(Debug, Default, PartialEq)]
 pub struct StateGauges {
     pub services: u64,
-    /// Per service: desired replicas, replicas running (running or
-    /// healthy, desired to run), restarts of its current replicas.
-    pub per_service: BTreeMap<String, (u64, u64, u64)>,
+    pub per_service: BTreeMap<String, ServiceGauges>,
     /// Per service and replica state, replicas desired to run.
     pub replicas: BTreeMap<(String, &'static str), u64>,
     /// Per node: 1 if ready, 0 if down.
@@ -132,8 +144,14 @@ impl StateGauges {
             ..Default::default()
         };
         for (name, service) in &state.services {
-            g.per_service
-                .insert(name.clone(), (u64::from(service.spec.replicas), 0, 0));
+            let desired = u64::from(service.spec.replicas);
+            g.per_service.insert(
+                name.clone(),
+                ServiceGauges {
+                    desired,
+                    ..Default::default()
+                },
+            );
             if let Some(d) = &service.deployment {
                 *g.deployments.entry(d.status.as_str()).or_default() += 1;
                 g.deployment_status.insert(name.clone(), d.status.as_str());
@@ -148,9 +166,9 @@ impl StateGauges {
                 .or_default() += 1;
             if let Some(s) = g.per_service.get_mut(&alloc.service) {
                 if matches!(alloc.state, AllocState::Running | AllocState::Healthy) {
-                    s.1 += 1;
+                    s.running += 1;
                 }
-                s.2 += u64::from(alloc.restarts);
+                s.restarts += u64::from(alloc.restarts);
             }
         }
         for status in [NodeStatus::Ready, NodeStatus::Down] {
@@ -230,21 +248,21 @@ pub fn encode_gauges(
     for (name, help, value) in raft {
         gauge(encoder, name, help, value)?;
     }
-    let per_service: [(&str, &str, fn(&(u64, u64, u64)) -> u64); 3] = [
+    let per_service: [ServiceFamily; 3] = [
         (
             "skiff_service_desired_replicas",
             "Replicas the service's spec asks for.",
-            |s| s.0,
+            |s| s.desired,
         ),
         (
             "skiff_service_running_replicas",
             "Replicas desired to run that are running or healthy.",
-            |s| s.1,
+            |s| s.running,
         ),
         (
             "skiff_service_restarts",
             "Restarts of the service's current replicas.",
-            |s| s.2,
+            |s| s.restarts,
         ),
     ];
     for (name, help, value) in per_service {
@@ -338,7 +356,14 @@ mod tests {
             services: 1,
             ..Default::default()
         };
-        gauges.per_service.insert("web".into(), (3, 2, 1));
+        gauges.per_service.insert(
+            "web".into(),
+            ServiceGauges {
+                desired: 3,
+                running: 2,
+                restarts: 1,
+            },
+        );
         gauges.replicas.insert(("web".into(), "running"), 2);
         gauges.nodes_by_status.insert("down", 1);
         gauges.node_ready.insert("n1".into(), 0);
