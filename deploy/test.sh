@@ -61,6 +61,7 @@ install_missing() {
         "readelf binutils"
         "dpkg-deb dpkg"
         "flock util-linux"
+        "promtool prometheus"
     )
     local need cmd pkg
     for need in "${needs[@]}"; do

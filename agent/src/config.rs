@@ -49,7 +49,8 @@ pub struct AgentConfig {
     /// rotated file is kept).
     pub log_max_bytes: u64,
     /// Where the agent serves `GET /metrics` (Prometheus text); `None`: the
-    /// advertise address on any free port. Published to the servers either
+    /// advertise address, port [`skiff_metrics::DEFAULT_AGENT_PORT`] (9465),
+    /// or any free port if that is taken. Published to the servers either
     /// way, in the variable `_skiff/nodes/<node>/metrics`.
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// How long a stopping replica of a published service keeps running

@@ -127,10 +127,11 @@ pub async fn run(
         config.log_max_bytes,
         std::time::Duration::from_secs(10),
     ));
-    let metrics_bind = config
-        .metrics_listen
-        .unwrap_or(std::net::SocketAddr::new(config.advertise, 0));
-    let metrics_listener = tokio::net::TcpListener::bind(metrics_bind)
+    let metrics_bind = config.metrics_listen.unwrap_or(std::net::SocketAddr::new(
+        config.advertise,
+        skiff_metrics::DEFAULT_AGENT_PORT,
+    ));
+    let metrics_listener = skiff_metrics::bind(metrics_bind, config.metrics_listen.is_some())
         .await
         .map_err(|e| {
             AgentError::Config(format!(
@@ -139,11 +140,12 @@ pub async fn run(
         })?;
     let metrics_addr = metrics_listener.local_addr().ok();
     let proxy_metrics = metrics::Metrics::default();
+    let mut registry = skiff_metrics::registry(&config.data_dir);
+    proxy_metrics.register(&mut registry, &config.name);
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
-    let metrics_server = tokio::spawn(metrics::serve(
+    let metrics_server = tokio::spawn(skiff_metrics::serve(
         metrics_listener,
-        proxy_metrics.clone(),
-        config.name.clone(),
+        std::sync::Arc::new(registry),
         async {
             let _ = metrics_stopped.await;
         },

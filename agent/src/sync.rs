@@ -270,6 +270,9 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
                 .map_or(Source::Process(*pid), Source::Cgroup),
         });
         let usage = self.usage.report(replicas, std::time::Instant::now())?;
+        if let Some(parts) = &self.proxy {
+            parts.metrics.set_replica_usage(usage.clone());
+        }
         Some(
             usage
                 .into_iter()

@@ -65,6 +65,8 @@ pub struct ReplicaUsage {
     pub service: String,
     /// Percent of the replica's CPU limit (of one CPU without a limit).
     pub cpu_percent: f64,
+    /// CPU time used since the replica (re)started, in seconds.
+    pub cpu_seconds: f64,
     pub memory_bytes: u64,
 }
 
@@ -142,6 +144,7 @@ impl Usage {
                     alloc_id: replica.alloc_id.to_string(),
                     service: replica.service.to_string(),
                     cpu_percent,
+                    cpu_seconds: reading.cpu_ns as f64 / 1e9,
                     memory_bytes: reading.memory_bytes,
                 });
             }

@@ -558,7 +558,8 @@ pub struct ServerArgs {
     /// replicas are re-placed (e.g. 10s, 3s).
     #[arg(long, default_value = "10s", value_parser = parse_millis, env = "SKIFF_HEARTBEAT_TTL", help_heading = heading::RAFT)]
     pub heartbeat_ttl: u32,
-    /// Serve GET /metrics (Prometheus text) on this address.
+    /// Serve GET /metrics (Prometheus text) on this address (default: the
+    /// --listen host, port 9464, or any free port if that is taken).
     #[arg(long, env = "SKIFF_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
     /// Autoscaler stabilization window: a service scales down only after
@@ -634,8 +635,9 @@ pub struct NodeArgs {
     /// type=bind,...`; repeatable; none by default).
     #[arg(long = "allow-host-path", value_name = "PREFIX")]
     pub allow_host_paths: Vec<String>,
-    /// Serve GET /metrics (Prometheus text: routing proxy traffic) on this
-    /// address (default: the advertise address, any free port; published in
+    /// Serve GET /metrics (Prometheus text: routing proxy traffic, build
+    /// and process metrics) on this address (default: the advertise
+    /// address, port 9465, or any free port if that is taken; published in
     /// the variable `_skiff/nodes/NODE/metrics`).
     #[arg(long, env = "SKIFF_METRICS_LISTEN", help_heading = heading::NODE)]
     pub metrics_listen: Option<SocketAddr>,
@@ -664,6 +666,11 @@ pub struct DevArgs {
     /// Autoscaler stabilization window (as `skiff server --autoscale-window`).
     #[arg(long, default_value = "60s", value_parser = parse_millis)]
     pub autoscale_window: u32,
+    /// Serve the server's GET /metrics on this address (default: the
+    /// --listen host, port 9464, or any free port if that is taken); the
+    /// agent's is --metrics-listen (default port 9465).
+    #[arg(long)]
+    pub server_metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     pub node: NodeArgs,
 }

@@ -1,181 +1,328 @@
-//! Server metrics in Prometheus' text format, served by a tiny HTTP/1.1
-//! responder on `--metrics-listen` (GET /metrics).
+//! Server metrics: the consensus loop's counters and latency histograms
+//! (updated by it), and a collector of gauges read at each scrape from the
+//! Raft status and the applied state (services, replicas, nodes,
+//! deployments). Served by `skiff_metrics::serve` on `--metrics-listen`.
 
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use skiff_spec::AllocState;
 
-use crate::consensus::RaftStatus;
+use crate::consensus::{Consensus, RaftStatus};
+use crate::state::{DesiredState, NodeStatus, State};
 
-/// Bucket bounds of the latency histograms, in seconds.
-const BUCKETS: [f64; 12] = [
-    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0,
-];
-
-/// A fixed-bucket histogram updated with atomics (no lock on the hot path).
-#[derive(Default)]
-pub struct Histogram {
-    counts: [AtomicU64; BUCKETS.len()],
-    sum_micros: AtomicU64,
-    total: AtomicU64,
+/// Latency buckets: 0.5 ms to ~2 s, doubling.
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.0005, 2.0, 13)
 }
 
-impl Histogram {
-    pub fn observe(&self, duration: Duration) {
-        let seconds = duration.as_secs_f64();
-        if let Some(bucket) = BUCKETS.iter().position(|bound| seconds <= *bound) {
-            self.counts[bucket].fetch_add(1, Ordering::Relaxed);
-        }
-        self.sum_micros
-            .fetch_add(duration.as_micros() as u64, Ordering::Relaxed);
-        self.total.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        let mut cumulative = 0;
-        for (bound, count) in BUCKETS.iter().zip(&self.counts) {
-            cumulative += count.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
-        }
-        let total = self.total.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {total}");
-        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {total}");
-    }
-}
-
-/// Everything a server counts.
-#[derive(Default)]
+/// What the consensus loop counts as it runs.
+#[derive(Debug)]
 pub struct Metrics {
-    pub proposals: AtomicU64,
-    pub proposals_failed: AtomicU64,
-    pub leader_changes: AtomicU64,
-    pub snapshots: AtomicU64,
+    pub proposals: Counter,
+    pub proposals_failed: Counter,
+    pub leader_changes: Counter,
+    pub snapshots: Counter,
     /// From a proposal reaching the leader to its result (committed and applied).
     pub commit_latency: Histogram,
     /// One turn of the Ready loop: apply, persist with one fsync, send.
     pub ready_latency: Histogram,
 }
 
-impl Metrics {
-    pub fn render(&self, status: &RaftStatus) -> String {
-        let mut out = String::new();
-        let gauges = [
-            ("skiff_raft_term", "Current Raft term.", status.term),
-            (
-                "skiff_raft_commit_index",
-                "Highest committed log index.",
-                status.commit_index,
-            ),
-            (
-                "skiff_raft_applied_index",
-                "Highest applied log index.",
-                status.applied_index,
-            ),
-            (
-                "skiff_raft_log_entries",
-                "Entries in the log since the last snapshot.",
-                status.last_index.saturating_sub(status.snapshot_index),
-            ),
-            (
-                "skiff_raft_is_leader",
-                "1 if this server leads.",
-                u64::from(status.role == "leader"),
-            ),
-            (
-                "skiff_raft_voters",
-                "Voting members.",
-                status.voters.len() as u64,
-            ),
-        ];
-        for (name, help, value) in gauges {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-            );
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            proposals: Counter::default(),
+            proposals_failed: Counter::default(),
+            leader_changes: Counter::default(),
+            snapshots: Counter::default(),
+            commit_latency: Histogram::new(latency_buckets()),
+            ready_latency: Histogram::new(latency_buckets()),
         }
+    }
+}
+
+/// Records `duration` in `histogram`, in seconds.
+pub fn observe(histogram: &Histogram, duration: Duration) {
+    histogram.observe(duration.as_secs_f64());
+}
+
+impl Metrics {
+    /// Adds these metrics to `registry`.
+    pub fn register(&self, registry: &mut Registry) {
         let counters = [
             (
-                "skiff_raft_proposals_total",
+                "skiff_raft_proposals",
                 "Proposals handled by this server as leader.",
                 &self.proposals,
             ),
             (
-                "skiff_raft_proposals_failed_total",
+                "skiff_raft_proposals_failed",
                 "Proposals refused or lost.",
                 &self.proposals_failed,
             ),
             (
-                "skiff_raft_leader_changes_total",
-                "Leader changes seen.",
+                "skiff_raft_leader_changes",
+                "Leader changes seen by this server.",
                 &self.leader_changes,
             ),
             (
-                "skiff_raft_snapshots_total",
+                "skiff_raft_snapshots",
                 "Snapshots taken or installed.",
                 &self.snapshots,
             ),
         ];
-        for (name, help, value) in counters {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                value.load(Ordering::Relaxed)
-            );
+        for (name, help, counter) in counters {
+            registry.register(name, help, counter.clone());
         }
-        self.commit_latency.render(
-            &mut out,
+        registry.register(
             "skiff_raft_commit_seconds",
             "Proposal to committed and applied, on the leader.",
+            self.commit_latency.clone(),
         );
-        self.ready_latency.render(
-            &mut out,
+        registry.register(
             "skiff_raft_ready_seconds",
-            "One Ready: apply, persist (fsync), send.",
+            "One Ready turn: apply, persist (one fsync), send.",
+            self.ready_latency.clone(),
         );
-        out
     }
 }
 
-/// Serves `GET /metrics` until `stop` turns true.
-pub async fn serve(
-    listener: TcpListener,
-    metrics: std::sync::Arc<Metrics>,
-    status: watch::Receiver<RaftStatus>,
-    mut stop: watch::Receiver<bool>,
-) {
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = stop.wait_for(|s| *s) => return,
+/// Gauges read at each scrape from a server's Raft status and applied state.
+pub struct StateCollector {
+    pub consensus: Consensus,
+}
+
+impl std::fmt::Debug for StateCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StateCollector")
+    }
+}
+
+/// One service's replica counts.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceGauges {
+    /// Replicas its spec asks for.
+    pub desired: u64,
+    /// Replicas desired to run that are running or healthy.
+    pub running: u64,
+    /// Restarts of its current replicas.
+    pub restarts: u64,
+}
+
+/// A per-service gauge: name, help, and how to read it.
+type ServiceFamily = (&'static str, &'static str, fn(&ServiceGauges) -> u64);
+
+/// A point-in-time reading of the state, taken under its lock and encoded
+/// after it is released.
+#[derive(Debug, Default, PartialEq)]
+pub struct StateGauges {
+    pub services: u64,
+    pub per_service: BTreeMap<String, ServiceGauges>,
+    /// Per service and replica state, replicas desired to run.
+    pub replicas: BTreeMap<(String, &'static str), u64>,
+    /// Per node: 1 if ready, 0 if down.
+    pub node_ready: BTreeMap<String, u64>,
+    pub nodes_by_status: BTreeMap<&'static str, u64>,
+    /// The services' latest deployments, by status.
+    pub deployments: BTreeMap<&'static str, u64>,
+    /// Per service whose latest deployment ended failed or rolled back, its status.
+    pub deployment_status: BTreeMap<String, &'static str>,
+}
+
+impl StateGauges {
+    pub fn read(state: &State) -> Self {
+        let mut g = StateGauges {
+            services: state.services.len() as u64,
+            ..Default::default()
         };
-        let Ok((mut socket, _)) = accepted else {
-            continue;
-        };
-        let metrics = metrics.clone();
-        let status = status.clone();
-        tokio::spawn(async move {
-            let mut request = [0u8; 2048];
-            let read =
-                tokio::time::timeout(Duration::from_secs(5), socket.read(&mut request)).await;
-            let Ok(Ok(n)) = read else { return };
-            let head = String::from_utf8_lossy(&request[..n]);
-            let (code, body) = if head.starts_with("GET /metrics") {
-                ("200 OK", metrics.render(&status.borrow()))
-            } else {
-                ("404 Not Found", "try GET /metrics\n".to_string())
-            };
-            let response = format!(
-                "HTTP/1.1 {code}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
+        for (name, service) in &state.services {
+            let desired = u64::from(service.spec.replicas);
+            g.per_service.insert(
+                name.clone(),
+                ServiceGauges {
+                    desired,
+                    ..Default::default()
+                },
             );
-            let _ = socket.write_all(response.as_bytes()).await;
-        });
+            if let Some(d) = &service.deployment {
+                *g.deployments.entry(d.status.as_str()).or_default() += 1;
+                g.deployment_status.insert(name.clone(), d.status.as_str());
+            }
+        }
+        for alloc in state.allocs.values() {
+            if alloc.desired != DesiredState::Run {
+                continue;
+            }
+            *g.replicas
+                .entry((alloc.service.clone(), alloc.state.as_str()))
+                .or_default() += 1;
+            if let Some(s) = g.per_service.get_mut(&alloc.service) {
+                if matches!(alloc.state, AllocState::Running | AllocState::Healthy) {
+                    s.running += 1;
+                }
+                s.restarts += u64::from(alloc.restarts);
+            }
+        }
+        for status in [NodeStatus::Ready, NodeStatus::Down] {
+            g.nodes_by_status.insert(status.as_str(), 0);
+        }
+        for node in state.nodes.values() {
+            *g.nodes_by_status.entry(node.status.as_str()).or_default() += 1;
+            g.node_ready.insert(
+                node.name.clone(),
+                u64::from(node.status == NodeStatus::Ready),
+            );
+        }
+        g
+    }
+}
+
+fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> std::fmt::Result {
+    ConstGauge::new(value).encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)
+}
+
+/// Encodes a gauge family with one label per series.
+fn labelled<'a, K: AsRef<str> + 'a>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    label: &str,
+    series: impl IntoIterator<Item = (K, u64)>,
+) -> std::fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (value_label, value) in series {
+        let labels = [(label, value_label.as_ref())];
+        ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// Encodes the Raft status and the state's gauges.
+pub fn encode_gauges(
+    encoder: &mut DescriptorEncoder,
+    status: &RaftStatus,
+    g: &StateGauges,
+) -> std::fmt::Result {
+    let raft = [
+        ("skiff_raft_term", "Current Raft term.", status.term),
+        (
+            "skiff_raft_commit_index",
+            "Highest committed log index.",
+            status.commit_index,
+        ),
+        (
+            "skiff_raft_applied_index",
+            "Highest applied log index.",
+            status.applied_index,
+        ),
+        (
+            "skiff_raft_log_entries",
+            "Entries in the log since the last snapshot.",
+            status.last_index.saturating_sub(status.snapshot_index),
+        ),
+        (
+            "skiff_raft_is_leader",
+            "1 if this server leads.",
+            u64::from(status.role == "leader"),
+        ),
+        (
+            "skiff_raft_has_leader",
+            "1 if this server knows a leader.",
+            u64::from(status.leader_id != 0),
+        ),
+        (
+            "skiff_raft_voters",
+            "Voting members.",
+            status.voters.len() as u64,
+        ),
+        ("skiff_services", "Services in the state.", g.services),
+    ];
+    for (name, help, value) in raft {
+        gauge(encoder, name, help, value)?;
+    }
+    let per_service: [ServiceFamily; 3] = [
+        (
+            "skiff_service_desired_replicas",
+            "Replicas the service's spec asks for.",
+            |s| s.desired,
+        ),
+        (
+            "skiff_service_running_replicas",
+            "Replicas desired to run that are running or healthy.",
+            |s| s.running,
+        ),
+        (
+            "skiff_service_restarts",
+            "Restarts of the service's current replicas.",
+            |s| s.restarts,
+        ),
+    ];
+    for (name, help, value) in per_service {
+        labelled(
+            encoder,
+            name,
+            help,
+            "service",
+            g.per_service.iter().map(|(k, v)| (k, value(v))),
+        )?;
+    }
+    let mut family = encoder.encode_descriptor(
+        "skiff_replicas",
+        "Replicas desired to run, by service and state.",
+        None,
+        MetricType::Gauge,
+    )?;
+    for ((service, state), value) in &g.replicas {
+        let labels = [("service", service.as_str()), ("state", state)];
+        ConstGauge::new(*value).encode(family.encode_family(&labels)?)?;
+    }
+    labelled(
+        encoder,
+        "skiff_nodes",
+        "Nodes by status.",
+        "status",
+        g.nodes_by_status.iter().map(|(k, v)| (*k, *v)),
+    )?;
+    labelled(
+        encoder,
+        "skiff_node_ready",
+        "1 if the node is ready, 0 if it is down.",
+        "node",
+        g.node_ready.iter().map(|(k, v)| (k, *v)),
+    )?;
+    labelled(
+        encoder,
+        "skiff_deployments",
+        "The services' latest deployments, by status.",
+        "status",
+        g.deployments.iter().map(|(k, v)| (*k, *v)),
+    )?;
+    let mut family = encoder.encode_descriptor(
+        "skiff_service_deployment",
+        "1 for the status of the service's latest deployment.",
+        None,
+        MetricType::Gauge,
+    )?;
+    for (service, status) in &g.deployment_status {
+        let labels = [("service", service.as_str()), ("status", status)];
+        ConstGauge::new(1u64).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for StateCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let status = self.consensus.status();
+        let gauges = StateGauges::read(&self.consensus.state());
+        encode_gauges(&mut encoder, &status, &gauges)
     }
 }
 
@@ -183,48 +330,65 @@ pub async fn serve(
 mod tests {
     use super::*;
 
-    /// Every sample line is `name{labels} value` with a finite number, and
-    /// every metric is declared with HELP and TYPE first.
+    #[derive(Debug)]
+    struct Fixed(RaftStatus, StateGauges);
+
+    impl Collector for Fixed {
+        fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+            encode_gauges(&mut encoder, &self.0, &self.1)
+        }
+    }
+
     #[test]
-    fn metrics_render_as_prometheus_text() {
+    fn raft_counters_histograms_and_state_gauges_render_as_prometheus_text() {
         let metrics = Metrics::default();
-        metrics.proposals.fetch_add(3, Ordering::Relaxed);
-        metrics.commit_latency.observe(Duration::from_micros(1500));
-        metrics.commit_latency.observe(Duration::from_millis(30));
+        metrics.proposals.inc_by(3);
+        observe(&metrics.commit_latency, Duration::from_micros(1500));
+        observe(&metrics.commit_latency, Duration::from_millis(30));
         let status = RaftStatus {
             term: 4,
             commit_index: 9,
+            leader_id: 1,
             role: "leader",
             ..Default::default()
         };
-        let text = metrics.render(&status);
-        let mut declared = std::collections::HashSet::new();
-        for line in text.lines() {
-            if let Some(rest) = line.strip_prefix("# TYPE ") {
-                declared.insert(rest.split(' ').next().unwrap().to_string());
-                continue;
-            }
-            if line.starts_with('#') {
-                continue;
-            }
-            let (name, value) = line.rsplit_once(' ').expect("sample has a value");
-            assert!(
-                value.parse::<f64>().is_ok_and(f64::is_finite),
-                "bad value in {line}"
-            );
-            let base = name.split('{').next().unwrap();
-            let family = ["_bucket", "_sum", "_count"]
-                .iter()
-                .fold(base, |n, s| n.strip_suffix(s).unwrap_or(n));
-            assert!(
-                declared.contains(family),
-                "{base} used before its TYPE line"
-            );
+        let mut gauges = StateGauges {
+            services: 1,
+            ..Default::default()
+        };
+        gauges.per_service.insert(
+            "web".into(),
+            ServiceGauges {
+                desired: 3,
+                running: 2,
+                restarts: 1,
+            },
+        );
+        gauges.replicas.insert(("web".into(), "running"), 2);
+        gauges.nodes_by_status.insert("down", 1);
+        gauges.node_ready.insert("n1".into(), 0);
+        gauges.deployment_status.insert("web".into(), "failed");
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        registry.register_collector(Box::new(Fixed(status, gauges)));
+        let mut text = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut text, &registry).unwrap();
+        for expected in [
+            "skiff_raft_term 4\n",
+            "skiff_raft_has_leader 1\n",
+            "skiff_raft_proposals_total 3\n",
+            "# TYPE skiff_raft_commit_seconds histogram\n",
+            "skiff_raft_commit_seconds_bucket{le=\"0.002\"} 1\n",
+            "skiff_raft_commit_seconds_count 2\n",
+            "skiff_raft_is_leader 1\n",
+            "skiff_service_desired_replicas{service=\"web\"} 3\n",
+            "skiff_service_running_replicas{service=\"web\"} 2\n",
+            "skiff_replicas{service=\"web\",state=\"running\"} 2\n",
+            "skiff_nodes{status=\"down\"} 1\n",
+            "skiff_node_ready{node=\"n1\"} 0\n",
+            "skiff_service_deployment{service=\"web\",status=\"failed\"} 1\n",
+        ] {
+            assert!(text.contains(expected), "no {expected:?} in\n{text}");
         }
-        assert!(text.contains("skiff_raft_term 4\n"));
-        assert!(text.contains("skiff_raft_proposals_total 3\n"));
-        assert!(text.contains("skiff_raft_commit_seconds_bucket{le=\"0.002\"} 1\n"));
-        assert!(text.contains("skiff_raft_commit_seconds_count 2\n"));
-        assert!(text.contains("skiff_raft_is_leader 1\n"));
     }
 }

@@ -47,7 +47,9 @@ pub struct ServerConfig {
     pub heartbeat_ticks: usize,
     /// Applied entries between snapshots (and log compactions).
     pub snapshot_every: u64,
-    /// Where to serve `GET /metrics` (Prometheus text), if anywhere.
+    /// Where to serve `GET /metrics` (Prometheus text); `None`: the API
+    /// listener's host, port [`skiff_metrics::DEFAULT_SERVER_PORT`] (9464),
+    /// or any free port if that is taken.
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// A node whose heartbeats stop for this long is marked down.
     pub heartbeat_ttl: Duration,
@@ -253,16 +255,29 @@ async fn serve<S: LogStore + Send + 'static>(
         consensus::start(store, consensus_config, transport, metrics.clone())?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    if let Some(address) = config.metrics_listen {
-        let listener = TcpListener::bind(address)
+    {
+        let explicit = config.metrics_listen.is_some();
+        let ip = listener.local_addr().map_err(ServerError::Listener)?.ip();
+        let address = config.metrics_listen.unwrap_or(std::net::SocketAddr::new(
+            ip,
+            skiff_metrics::DEFAULT_SERVER_PORT,
+        ));
+        let metrics_listener = skiff_metrics::bind(address, explicit)
             .await
             .map_err(ServerError::Listener)?;
-        tracing::info!(%address, "serving GET /metrics");
-        tokio::spawn(crate::metrics::serve(
-            listener,
-            metrics,
-            consensus.watch_status(),
-            stop_rx.clone(),
+        let mut registry = skiff_metrics::registry(&config.data_dir);
+        metrics.register(&mut registry);
+        registry.register_collector(Box::new(crate::metrics::StateCollector {
+            consensus: consensus.clone(),
+        }));
+        tracing::info!(address = ?metrics_listener.local_addr().ok(), "serving GET /metrics");
+        let mut stop = stop_rx.clone();
+        tokio::spawn(skiff_metrics::serve(
+            metrics_listener,
+            Arc::new(registry),
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            },
         ));
     }
     if secrets_key.is_none() {

@@ -255,6 +255,7 @@ impl OciDev {
                 bin: crate::skiff_bin(),
                 dir: Some(dir),
                 listen_port: free_port(),
+                metrics_ports: (free_port(), free_port()),
                 ports: claim_port_range(),
                 child: None,
                 started_at: 0,
@@ -292,6 +293,10 @@ impl OciDev {
             .arg(format!("{}-{}", dev.ports.start, dev.ports.end))
             .arg("--name")
             .arg(NODE_NAME)
+            .arg("--server-metrics-listen")
+            .arg(dev.server_metrics_addr().to_string())
+            .arg("--metrics-listen")
+            .arg(dev.agent_metrics_addr().to_string())
             .args(&self.extra)
             .env_remove("SKIFF_ADDR")
             .stdin(Stdio::null())

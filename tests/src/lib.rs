@@ -11,6 +11,7 @@
 pub mod agents;
 pub mod containers;
 pub mod load;
+pub mod metrics;
 pub mod servers;
 
 use std::collections::HashMap;
@@ -527,6 +528,8 @@ pub struct DevCluster {
     bin: PathBuf,
     dir: Option<TempDir>,
     listen_port: u16,
+    /// Where the server and the agent serve `/metrics`.
+    metrics_ports: (u16, u16),
     ports: PortRange,
     child: Option<Child>,
     /// Start time (clock ticks since boot) of the first dev process.
@@ -546,6 +549,7 @@ impl DevCluster {
             bin: skiff_bin(),
             dir: Some(dir),
             listen_port: free_port(),
+            metrics_ports: (free_port(), free_port()),
             ports: claim_port_range(),
             child: None,
             started_at: 0,
@@ -595,6 +599,16 @@ impl DevCluster {
         format!("127.0.0.1:{}", self.listen_port)
     }
 
+    /// Where the server serves `GET /metrics`.
+    pub fn server_metrics_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.metrics_ports.0))
+    }
+
+    /// Where the agent serves `GET /metrics`.
+    pub fn agent_metrics_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.metrics_ports.1))
+    }
+
     /// The node's host-port range (inclusive).
     pub fn port_range(&self) -> (u16, u16) {
         (self.ports.start, self.ports.end)
@@ -623,6 +637,10 @@ impl DevCluster {
             .arg(format!("{}-{}", self.ports.start, self.ports.end))
             .arg("--name")
             .arg(NODE_NAME)
+            .arg("--server-metrics-listen")
+            .arg(self.server_metrics_addr().to_string())
+            .arg("--metrics-listen")
+            .arg(self.agent_metrics_addr().to_string())
             .env_remove("SKIFF_ADDR")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone dev.log handle"))

@@ -205,59 +205,10 @@ fn metrics_addr(server: &str, node: &str) -> SocketAddr {
     addr.unwrap_or_else(|| panic!("{node} published no metrics address"))
 }
 
-/// Scrapes `/metrics` and parses it strictly as Prometheus text: every
-/// family has HELP and TYPE before its samples, every sample line is
-/// `name{labels} value` with quoted label values. Keyed by
-/// `name{service="..",node=".."}`.
+/// Scrapes `/metrics` and parses it strictly as Prometheus text (see
+/// `skiff_e2e::metrics`). Keyed by `name{service="..",node=".."}`.
 fn scrape(addr: SocketAddr) -> BTreeMap<String, f64> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("metrics");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").expect("a response head");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
-    let mut typed = BTreeMap::new();
-    let mut samples = BTreeMap::new();
-    for line in body.lines() {
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
-            assert!(matches!(kind, "counter" | "gauge"), "{line}");
-            typed.insert(name.to_string(), kind.to_string());
-            continue;
-        }
-        if line.starts_with("# HELP ") || line.is_empty() {
-            continue;
-        }
-        assert!(!line.starts_with('#'), "unknown comment {line}");
-        let (series, value) = line.rsplit_once(' ').expect("sample value");
-        let value: f64 = value.parse().unwrap_or_else(|_| panic!("value in {line}"));
-        let (name, labels) = series.split_once('{').expect("labels");
-        assert!(
-            name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
-            "{line}"
-        );
-        assert!(typed.contains_key(name), "sample before its TYPE: {line}");
-        let labels = labels.strip_suffix('}').expect("closing brace");
-        for pair in labels.split(',') {
-            let (k, v) = pair.split_once('=').expect("label=value");
-            assert!(k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
-            assert!(
-                v.starts_with('"') && v.ends_with('"') && v.len() >= 2,
-                "{line}"
-            );
-        }
-        if typed[name] == "counter" {
-            assert!(name.ends_with("_total"), "counter without _total: {line}");
-        }
-        samples.insert(series.to_string(), value);
-    }
-    samples
+    skiff_e2e::metrics::scrape(addr).by_key()
 }
 
 fn metric(samples: &BTreeMap<String, f64>, name: &str, service: &str, node: &str) -> u64 {

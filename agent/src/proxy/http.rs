@@ -86,6 +86,22 @@ pub struct Seen {
     pub messages: u64,
     /// Responses with a 5xx status.
     pub errors: u64,
+    /// Final responses by status class, in the order they ended (1xx is
+    /// 101 Switching Protocols); at most [`Seen::CLASSES_KEPT`] kept.
+    pub classes: [u8; Seen::CLASSES_KEPT],
+}
+
+impl Seen {
+    /// Responses whose status class is kept per write (more in one write
+    /// are counted, their classes not).
+    pub const CLASSES_KEPT: usize = 16;
+
+    /// The status classes (1..=5) of the responses that ended, in order.
+    pub fn classes(&self) -> impl Iterator<Item = u8> + '_ {
+        let kept = usize::try_from(self.messages)
+            .map_or(Self::CLASSES_KEPT, |n| n.min(Self::CLASSES_KEPT));
+        self.classes[..kept].iter().copied()
+    }
 }
 
 /// The framing state machine shared by both sides.
@@ -290,6 +306,12 @@ impl Framer {
         self.status = status;
         let interim = (100..200).contains(&status) && status != 101;
         if !interim {
+            if let Some(class) = usize::try_from(seen.messages)
+                .ok()
+                .and_then(|i| seen.classes.get_mut(i))
+            {
+                *class = u8::try_from(status / 100).unwrap_or(5);
+            }
             seen.messages += 1;
             if status >= 500 {
                 seen.errors += 1;
@@ -536,13 +558,8 @@ mod tests {
               HTTP/1.1 503 Busy\r\nContent-Length: 100\r\n\r\n",
             requests.heads(),
         );
-        assert_eq!(
-            seen,
-            Seen {
-                messages: 3,
-                errors: 1
-            }
-        );
+        assert_eq!((seen.messages, seen.errors), (3, 1));
+        assert_eq!(seen.classes().collect::<Vec<_>>(), [2, 2, 5]);
         assert_eq!(*requests.heads(), HeadQueue::default());
     }
 

@@ -936,7 +936,14 @@ fn draw(
 struct HttpCounters {
     requests: RequestCounter,
     responses: ResponseCounter,
+    /// When each request still unanswered started, oldest first (HTTP/1.1
+    /// answers in order); at most [`MAX_PENDING_STARTS`].
+    starts: std::collections::VecDeque<Instant>,
 }
+
+/// Unanswered request start times kept per connection (a client
+/// pipelining more has its oldest ones dropped, unmeasured).
+const MAX_PENDING_STARTS: usize = 64;
 
 /// The client side of a proxied connection, counting bytes both ways and,
 /// for HTTP services, the requests in what the client sends and the
@@ -970,6 +977,13 @@ impl AsyncRead for Counted<'_> {
                     let started = http.requests.feed(new);
                     if started > 0 {
                         this.counters.requests.fetch_add(started, Ordering::Relaxed);
+                        let now = Instant::now();
+                        for _ in 0..started {
+                            if http.starts.len() == MAX_PENDING_STARTS {
+                                http.starts.pop_front();
+                            }
+                            http.starts.push_back(now);
+                        }
                     }
                 }
             }
@@ -999,6 +1013,13 @@ impl AsyncWrite for Counted<'_> {
                         .responses
                         .fetch_add(seen.messages, Ordering::Relaxed);
                     replica.errors.fetch_add(seen.errors, Ordering::Relaxed);
+                    let now = Instant::now();
+                    for class in seen.classes() {
+                        if let Some(start) = http.starts.pop_front() {
+                            this.counters
+                                .observe_request(class, now.saturating_duration_since(start));
+                        }
+                    }
                 }
             }
         }

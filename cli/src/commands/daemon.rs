@@ -58,6 +58,7 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     let mut server_config = ServerConfig::new("dev-server", data_dir.join("server"));
     server_config.bootstrap = true;
     server_config.autoscale_window = Duration::from_millis(u64::from(args.autoscale_window));
+    server_config.metrics_listen = args.server_metrics_listen;
     let mut agent = agent_config(
         args.name,
         data_dir.join("agent"),

@@ -22,7 +22,6 @@ mod wal;
 mod wal_storage;
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
@@ -473,7 +472,7 @@ impl<S: LogStore> Driver<S> {
                 }
             };
             if !output.replies.is_empty() {
-                self.metrics.ready_latency.observe(turn.elapsed());
+                crate::metrics::observe(&self.metrics.ready_latency, turn.elapsed());
             }
             if let (Some(job), Some(jobs)) = (self.core.take_snapshot_job(), &self.snapshot_jobs) {
                 let _ = jobs.send(job);
@@ -522,14 +521,12 @@ impl<S: LogStore> Driver<S> {
                 };
                 match result {
                     Ok(()) => {
-                        self.metrics.proposals.fetch_add(1, Ordering::Relaxed);
+                        self.metrics.proposals.inc();
                         self.started.insert(tag, Instant::now());
                         self.waiters.insert(tag, Waiter::Request(reply));
                     }
                     Err(err) => {
-                        self.metrics
-                            .proposals_failed
-                            .fetch_add(1, Ordering::Relaxed);
+                        self.metrics.proposals_failed.inc();
                         let _ = reply.send(Err(err));
                     }
                 }
@@ -577,7 +574,7 @@ impl<S: LogStore> Driver<S> {
         for (tag, reply) in replies {
             match &result {
                 Ok(()) => {
-                    self.metrics.proposals.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.proposals.inc();
                     self.started.insert(tag, now);
                     if following {
                         self.forwarded.insert(tag, (now, leader));
@@ -585,9 +582,7 @@ impl<S: LogStore> Driver<S> {
                     self.waiters.insert(tag, Waiter::Request(reply));
                 }
                 Err(err) => {
-                    self.metrics
-                        .proposals_failed
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.metrics.proposals_failed.inc();
                     let _ = reply.send(Err(err.clone()));
                 }
             }
@@ -602,7 +597,7 @@ impl<S: LogStore> Driver<S> {
     fn answer(&mut self, tag: u64, reply: Reply) {
         self.forwarded.remove(&tag);
         if let Some(started) = self.started.remove(&tag) {
-            self.metrics.commit_latency.observe(started.elapsed());
+            crate::metrics::observe(&self.metrics.commit_latency, started.elapsed());
         }
         match (self.waiters.remove(&tag), reply) {
             (Some(Waiter::Request(tx)), Reply::Command(result)) => {
@@ -677,10 +672,10 @@ impl<S: LogStore> Driver<S> {
         let status = self.core.status();
         let previous = self.status.borrow().clone();
         if status.leader_id != previous.leader_id && status.leader_id != 0 {
-            self.metrics.leader_changes.fetch_add(1, Ordering::Relaxed);
+            self.metrics.leader_changes.inc();
         }
         if status.snapshot_index != previous.snapshot_index {
-            self.metrics.snapshots.fetch_add(1, Ordering::Relaxed);
+            self.metrics.snapshots.inc();
         }
         let was_leader = previous.role == "leader";
         if was_leader && status.role != "leader" {
