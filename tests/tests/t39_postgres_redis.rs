@@ -9,7 +9,8 @@
 //!   the image's `psql` through the published port (password auth: a wrong password is
 //!   refused) is read back after `service update --env X=2` (stop-first, the new replica
 //!   reuses the volume without a new initdb) and after a SIGKILL of the replica's postmaster
-//!   (restarted in place, crash recovery from the WAL).
+//!   (restarted in place, crash recovery from the WAL), and a kill -9 of `skiff dev` (the
+//!   container is re-adopted, the same postmaster serves the rows).
 //! - redis: a service published on a free port becomes healthy through the image's
 //!   Healthcheck (`redis-cli ping`), runs as redis (998), and answers `SET`/`GET` sent as raw
 //!   RESP over TCP through the published port (`--protected-mode no` lets a non-local client
@@ -115,7 +116,7 @@ fn wait_db(cluster: &OciDev, what: &str, mut ok: impl FnMut(&Allocation) -> bool
 #[test]
 fn postgres_keeps_its_rows_through_an_update_and_a_killed_postmaster() {
     let registry = Registry::shared_with_db();
-    let cluster = OciDev::start(registry.clone(), &[]);
+    let mut cluster = OciDev::start(registry.clone(), &[]);
     let image = registry.image("postgres:v1");
     let port = free_port();
     let publish = port.to_string();
@@ -206,6 +207,24 @@ fn postgres_keeps_its_rows_through_an_update_and_a_killed_postmaster() {
         ),
         "after the kill,kept",
         "the row survives a killed postmaster, and the database takes writes again"
+    );
+
+    // kill -9 of `skiff dev` (server and agent): the container outlives it and is re-adopted,
+    // the same postmaster keeps serving, and the rows are all there.
+    let pm = postmaster(&restarted);
+    cluster.restart();
+    let adopted = wait_db(&cluster, "healthy after the agent's kill -9", |a| {
+        a.id == restarted.id && find_process(a.pid, "postgres ") == Some(pm)
+    });
+    assert_eq!(
+        psql_ok(
+            &cluster,
+            &adopted,
+            port,
+            "SELECT string_agg(v, ',' ORDER BY v) FROM notes"
+        ),
+        "after the kill,kept",
+        "the rows survive a kill -9 of the agent, served by the same postmaster"
     );
 }
 
