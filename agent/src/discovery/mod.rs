@@ -50,13 +50,10 @@ impl Discovery {
                 let table = store.load(&data_dir)?;
                 Ok((store, table))
             })
-            .await;
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
         let (store, table) = match prepared {
-            Ok(Ok(ready)) => ready,
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "discovery by name is off on this node");
-                return None;
-            }
+            Ok(ready) => ready,
             Err(e) => {
                 tracing::warn!(error = %e, "discovery by name is off on this node");
                 return None;
