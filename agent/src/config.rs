@@ -77,6 +77,13 @@ pub struct AgentConfig {
     /// `/run/skiff/<name>-<hash of the data dir>/secrets`, so agents
     /// sharing a machine (and a node name, in tests) never share it.
     pub secrets_dir: PathBuf,
+    /// The agent join token (`skiff cluster token agent`): needed on the
+    /// first start, when `DATA/pki` holds no certificate yet.
+    pub join_token: Option<String>,
+    /// This node's credentials when the caller has them already (`skiff
+    /// dev` issues them from its own CA); else loaded from `DATA/pki`, or
+    /// obtained with `join_token`.
+    pub credentials: Option<std::sync::Arc<skiff_pki::Credentials>>,
 }
 
 impl AgentConfig {
@@ -110,6 +117,8 @@ impl AgentConfig {
             image_gc_threshold_mb: None,
             image_gc_interval: Duration::from_secs(60),
             allow_host_paths: Vec::new(),
+            join_token: None,
+            credentials: None,
         }
     }
 

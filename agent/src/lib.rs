@@ -106,6 +106,26 @@ pub async fn run(
     let mut local = LocalAllocs::new(Arc::new(runtime), store, supervisor_config, updates_tx);
     local.recover()?;
 
+    let credentials = establish_credentials(&config).await?;
+    let (renew_stop, renew_stopped) = tokio::sync::oneshot::channel::<()>();
+    let renewal = {
+        let servers = config.servers.clone();
+        tokio::spawn(skiff_pki::tls::keep_renewed(
+            credentials.clone(),
+            Some(skiff_pki::files::pki_dir(&config.data_dir)),
+            move |credentials| {
+                let servers = servers.clone();
+                async move { skiff_pki::join::renew(&credentials, &servers).await }
+            },
+            async {
+                let _ = renew_stopped.await;
+            },
+        ))
+    };
+    let tls_error = |e: skiff_pki::PkiError| AgentError::Config(format!("TLS setup failed: {e}"));
+    let server_tls = credentials.server_config().map_err(tls_error)?;
+    let client_tls = credentials.client_config().map_err(tls_error)?;
+
     let logs_bind = std::net::SocketAddr::new(config.advertise, config.logs_port);
     let listener = tokio::net::TcpListener::bind(logs_bind)
         .await
@@ -119,7 +139,7 @@ pub async fn run(
     let log_service = logs::LogService::new(allocs_dir.clone())
         .with_kept_logs(kept_logs_dir)
         .with_images(oci.clone());
-    let log_server = tokio::spawn(log_service.serve(listener, async {
+    let log_server = tokio::spawn(log_service.serve(listener, server_tls, async {
         let _ = logs_stopped.await;
     }));
     let rotation = tokio::spawn(logs::rotate_loop(
@@ -156,6 +176,7 @@ pub async fn run(
 
     {
         let mut sync = sync::SyncLoop::new(&config, &mut local, &mut updates_rx)
+            .with_tls(client_tls)
             .with_logs_addr(logs_addr)
             .with_secrets(secrets)
             .with_proxy(&mut proxy, proxy_metrics, metrics_addr);
@@ -165,6 +186,8 @@ pub async fn run(
         }
     }
     rotation.abort();
+    let _ = renew_stop.send(());
+    let _ = renewal.await;
     if let Some(gc) = image_gc {
         gc.abort();
     }
@@ -179,4 +202,58 @@ pub async fn run(
     );
     local.shutdown(config.stop_replicas_on_shutdown).await;
     Ok(())
+}
+
+/// This node's certificate: given by the caller, kept in `DATA/pki`, or
+/// obtained from the first server that takes the join token.
+async fn establish_credentials(
+    config: &AgentConfig,
+) -> Result<Arc<skiff_pki::Credentials>, AgentError> {
+    use skiff_pki::{Credentials, JoinToken, Role};
+    if let Some(credentials) = &config.credentials {
+        return Ok(credentials.clone());
+    }
+    let dir = skiff_pki::files::pki_dir(&config.data_dir);
+    match Credentials::load(&dir, Role::Agent, &config.name) {
+        Ok(Some(credentials)) if credentials.not_after() > std::time::SystemTime::now() => {
+            return Ok(credentials)
+        }
+        Ok(Some(_)) => tracing::warn!(dir = %dir.display(), "this node's certificate has expired: joining again with the token"),
+        Ok(None) => {}
+        Err(err) => {
+            return Err(AgentError::Config(format!(
+                "cannot load this node's certificate from {}: {err}",
+                dir.display()
+            )))
+        }
+    }
+    let token = config.join_token.as_deref().ok_or_else(|| {
+        AgentError::Config(format!(
+            "node {} has no certificate yet: start the agent with --token T (print T on a server with `skiff cluster token agent`)",
+            config.name
+        ))
+    })?;
+    let token = JoinToken::parse(token).map_err(AgentError::Config)?;
+    let mut errors = Vec::new();
+    for server in &config.servers {
+        match skiff_pki::join::issue_for_join(
+            &config.data_dir,
+            server,
+            Role::Agent,
+            &config.name,
+            &token,
+        )
+        .await
+        {
+            Ok(credentials) => {
+                tracing::info!(%server, node = %config.name, "joined the cluster: certificate issued");
+                return Ok(credentials);
+            }
+            Err(err) => errors.push(format!("{server}: {err}")),
+        }
+    }
+    Err(AgentError::Config(format!(
+        "could not join with the token: {}",
+        errors.join("; ")
+    )))
 }

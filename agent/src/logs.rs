@@ -25,7 +25,7 @@ use skiff_proto::v1 as pb;
 use skiff_proto::v1::agent_logs_server::{AgentLogs, AgentLogsServer};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 /// The streams a replica writes.
@@ -302,15 +302,35 @@ impl LogService {
     }
 
     /// Serves on `listener` until `shutdown` resolves.
+    ///
+    /// Over mutual TLS: only a server of the cluster (a server
+    /// certificate) may read logs, run commands or prune images.
     pub async fn serve(
         self,
         listener: TcpListener,
+        tls: std::sync::Arc<rustls::ServerConfig>,
         shutdown: impl std::future::Future<Output = ()> + Send,
     ) -> Result<(), tonic::transport::Error> {
         tonic::transport::Server::builder()
-            .add_service(AgentLogsServer::new(self))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .add_service(AgentLogsServer::with_interceptor(self, servers_only))
+            .serve_with_incoming_shutdown(skiff_pki::TlsIncoming::new(listener, tls), shutdown)
             .await
+    }
+}
+
+/// Refuses every caller without a server certificate.
+#[allow(clippy::result_large_err)]
+fn servers_only(request: Request<()>) -> Result<Request<()>, Status> {
+    let server = request
+        .extensions()
+        .get::<skiff_pki::PeerInfo>()
+        .is_some_and(skiff_pki::PeerInfo::is_server);
+    if server {
+        Ok(request)
+    } else {
+        Err(Status::permission_denied(
+            "only the cluster's servers may call an agent (a server certificate is needed)",
+        ))
     }
 }
 

@@ -74,6 +74,9 @@ pub struct SyncLoop<'a, R: Runtime> {
     usage: crate::usage::Usage,
     /// The secret values of the latest assignments (memory only).
     secrets: Option<std::sync::Arc<crate::secrets::Secrets>>,
+    /// Mutual TLS with this node's certificate; `None` only in tests
+    /// against a fake plaintext server.
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 /// Largest message the agent accepts from its server (tonic's default is
@@ -136,7 +139,14 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
             prepull: Prepull::new(),
             usage: crate::usage::Usage::default(),
             secrets: None,
+            tls: None,
         }
+    }
+
+    /// Connects to the servers over mutual TLS with `config`.
+    pub fn with_tls(mut self, config: std::sync::Arc<rustls::ClientConfig>) -> Self {
+        self.tls = Some(config);
+        self
     }
 
     /// Keeps the secret values of the assignments in `secrets`.
@@ -398,9 +408,16 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
             .http2_keep_alive_interval(KEEPALIVE)
             .keep_alive_timeout(KEEPALIVE)
             .keep_alive_while_idle(true);
-        let channel = endpoint
-            .connect()
-            .await
+        let connected = match &self.tls {
+            Some(config) => {
+                let connector =
+                    skiff_pki::tls::connector(config.clone(), skiff_pki::identity::SERVER_NAME)
+                        .expect("the server name is a valid DNS name");
+                endpoint.connect_with_connector(connector).await
+            }
+            None => endpoint.connect().await,
+        };
+        let channel = connected
             .map_err(|source| SyncError::Connect {
                 server: server.to_string(),
                 source,
@@ -413,6 +430,12 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
         let (outbound, rx) = mpsc::unbounded_channel();
         let mut register = convert::register(self.config);
         register.agent_address = self.logs_addr.map(|a| a.to_string()).unwrap_or_default();
+        register.metrics_address = self
+            .proxy
+            .as_ref()
+            .and_then(|p| p.metrics_addr)
+            .map(|a| a.to_string())
+            .unwrap_or_default();
         register.cpu_millis = self.config.cpu_millis;
         register.memory_mb = self.config.memory_mb;
         register.labels = self.config.labels.clone().into_iter().collect();
@@ -474,9 +497,6 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
                             interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
                             heartbeat = Some(interval);
                             self.registered = true;
-                            if let Some(addr) = self.proxy.as_ref().and_then(|p| p.metrics_addr) {
-                                tokio::spawn(publish_address(channel.clone(), crate::metrics::address_key(&self.config.name), addr));
-                            }
                         }
                         Some(ServerMsg::Assignments(mut assignments)) => {
                             tracing::debug!(index = assignments.index, count = assignments.allocations.len(), "assignments received");
@@ -584,26 +604,6 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
                 }
             }
         }
-    }
-}
-
-/// Records where this node serves its proxy metrics in the variable `key`
-/// (where it serves logs and exec is in its registration). Best effort:
-/// logged, retried at the next registration.
-async fn publish_address(
-    channel: tonic::transport::Channel,
-    key: String,
-    addr: std::net::SocketAddr,
-) {
-    let mut client = skiff_proto::v1::control_client::ControlClient::new(channel);
-    let request = skiff_proto::v1::PutVariableRequest {
-        key,
-        value: addr.to_string(),
-    };
-    match tokio::time::timeout(OPEN_TIMEOUT, client.put_variable(request)).await {
-        Ok(Ok(_)) => tracing::debug!(%addr, "published metrics address"),
-        Ok(Err(e)) => tracing::warn!(%addr, error = %e, "failed to publish metrics address"),
-        Err(_) => tracing::warn!(%addr, "publishing the metrics address timed out"),
     }
 }
 

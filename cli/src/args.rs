@@ -31,6 +31,10 @@ pub mod heading {
     propagate_version = true
 )]
 pub struct Cli {
+    /// The cluster CA certificate servers are verified against (a server's
+    /// DATA_DIR/pki/ca.crt); default: the client config's `ca_cert`.
+    #[arg(long, global = true, env = "SKIFF_CA_CERT", value_name = "FILE", help_heading = heading::GLOBAL)]
+    pub ca_cert: Option<std::path::PathBuf>,
     /// Address of any skiff server, or several comma-separated: the first
     /// that answers is used.
     #[arg(
@@ -573,6 +577,14 @@ pub struct ServerArgs {
     /// Most variables the cluster holds; adding more is refused.
     #[arg(long, default_value_t = 100_000, env = "SKIFF_MAX_VARIABLES", help_heading = heading::RAFT)]
     pub max_variables: usize,
+    /// The server join token, printed on a member by `skiff cluster token
+    /// server`: needed with --join on a new data dir.
+    #[arg(long = "token", value_name = "TOKEN", env = "SKIFF_JOIN_TOKEN")]
+    pub join_token: Option<String>,
+    /// Lifetime of the certificates this server issues to servers and
+    /// agents (e.g. 90d, 12h, 30s); they renew at a random 50-80 % of it.
+    #[arg(long, default_value = "90d", value_parser = parse_lifetime, env = "SKIFF_CERT_LIFETIME")]
+    pub cert_lifetime: std::time::Duration,
 }
 
 #[derive(Args, Debug)]
@@ -595,6 +607,11 @@ pub struct AgentArgs {
     /// rights (root). Off by default; `skiff dev` turns it on.
     #[arg(long)]
     pub enable_process_runtime: bool,
+    /// The agent join token, printed on a server by `skiff cluster token
+    /// agent`: needed on the first start (the certificate it gets is kept
+    /// in the data dir).
+    #[arg(long = "token", value_name = "TOKEN", env = "SKIFF_JOIN_TOKEN")]
+    pub join_token: Option<String>,
     #[command(flatten)]
     pub node: NodeArgs,
 }
@@ -1298,6 +1315,9 @@ pub enum NodeCommand {
     Inspect { name: String },
     /// Forget a down node and its replicas (refused while it is ready).
     Rm { name: String },
+    /// Refuse a node's certificate everywhere from now on (within 5 s):
+    /// its agent can no longer register, report or receive assignments.
+    Revoke { name: String },
     /// Move every replica off a node (replacements start first) and place
     /// nothing new on it.
     Drain {
@@ -1321,6 +1341,17 @@ pub enum ClusterCommand {
     Status,
     /// Remove a server from the control plane (a Raft membership change).
     Remove { name: String },
+    /// Print the join token of a role and the command to join with it:
+    /// `cluster token agent`, `cluster token server`; `cluster token
+    /// rotate agent` invalidates the current one first.
+    Token {
+        /// `server` or `agent`, or `rotate server|agent`.
+        #[arg(num_args = 1..=2, value_name = "[rotate] ROLE")]
+        words: Vec<String>,
+        /// Print only the token.
+        #[arg(long, short = 'q')]
+        quiet: bool,
+    },
 }
 
 /// `500ms`, `10s`, `2m` or a bare number of seconds, as milliseconds.
@@ -1364,6 +1395,28 @@ pub(crate) fn parse_label(value: &str) -> Result<(String, String), String> {
 }
 
 /// Seconds, possibly fractional (`0.5`), from 0 to a day.
+/// A certificate lifetime: `90d`, `12h`, `30m`, `45s` (at least 10 s).
+pub(crate) fn parse_lifetime(value: &str) -> Result<std::time::Duration, String> {
+    let fix = "use a duration like 90d, 12h, 30m or 60s (at least 10s)";
+    let (number, unit) = value
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((value, "s"), |i| value.split_at(i));
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("\"{value}\" is not a duration; {fix}"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        "d" => n.saturating_mul(86_400),
+        _ => return Err(format!("\"{value}\" has an unknown unit; {fix}")),
+    };
+    if !(10..=10 * 365 * 86_400).contains(&secs) {
+        return Err(format!("\"{value}\" is out of range; {fix}"));
+    }
+    Ok(std::time::Duration::from_secs(secs))
+}
+
 fn parse_secs(value: &str) -> Result<f64, String> {
     value
         .parse::<f64>()

@@ -1,5 +1,6 @@
 //! The CLI's connection to a server, with errors that say what to do.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::anyhow;
@@ -7,6 +8,43 @@ use skiff_proto::v1::control_client::ControlClient;
 use tonic::transport::{Channel, Endpoint};
 
 pub type Client = ControlClient<Channel>;
+
+/// How the CLI verifies servers: their certificate must chain to the
+/// cluster CA given by `--ca-cert` / `SKIFF_CA_CERT` or the client config
+/// (set once by `main`, or by a bench for the cluster it started).
+static TLS: std::sync::RwLock<Option<Arc<rustls::ClientConfig>>> = std::sync::RwLock::new(None);
+
+/// Verifies servers against the CA certificate `ca_pem` from now on.
+pub fn trust_ca(ca_pem: &str) -> anyhow::Result<()> {
+    let config = skiff_pki::tls::anonymous_client_config(ca_pem)
+        .map_err(|e| anyhow!("invalid CA certificate: {e}"))?;
+    *TLS.write().unwrap_or_else(|p| p.into_inner()) = Some(config);
+    Ok(())
+}
+
+/// Verifies servers against the CA certificate in the file `path`.
+pub fn trust_ca_file(path: &std::path::Path) -> anyhow::Result<()> {
+    let pem = std::fs::read_to_string(path).map_err(|e| {
+        anyhow!("cannot read the CA certificate {}: {e} (set --ca-cert or SKIFF_CA_CERT to the cluster's ca.crt)", path.display())
+    })?;
+    trust_ca(&pem).map_err(|e| anyhow!("{}: {e}", path.display()))
+}
+
+fn tls() -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    if let Some(config) = TLS.read().unwrap_or_else(|p| p.into_inner()).clone() {
+        return Ok(config);
+    }
+    Err(anyhow!(
+        "no CA certificate to verify the server with: pass --ca-cert FILE or SKIFF_CA_CERT (the cluster's DATA_DIR/pki/ca.crt), or --client-config with the client.toml that `skiff dev` / `skiff server --bootstrap` wrote"
+    ))
+}
+
+/// Connects `endpoint` (an `http://HOST:PORT` one) over TLS, verifying
+/// that the peer holds a server certificate of the cluster CA.
+pub async fn connect_tls(endpoint: Endpoint) -> anyhow::Result<Result<Channel, tonic::transport::Error>> {
+    let connector = skiff_pki::tls::connector(tls()?, skiff_pki::identity::SERVER_NAME)?;
+    Ok(endpoint.connect_with_connector(connector).await)
+}
 
 /// How long a request may take (streams that run until interrupted, like
 /// `events --follow`, take none).
@@ -38,7 +76,7 @@ pub async fn channel(addresses: &str, timeout: Option<Duration>) -> anyhow::Resu
         if let Some(timeout) = timeout {
             endpoint = endpoint.timeout(timeout);
         }
-        match endpoint.connect().await {
+        match connect_tls(endpoint).await? {
             Ok(channel) => return Ok(channel),
             Err(err) => failures.push((address.to_string(), root_cause(&err))),
         }

@@ -78,6 +78,22 @@ fn main() -> std::process::ExitCode {
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let (server, output) = (cli.server.as_str(), cli.output);
+    let daemon = matches!(
+        cli.command,
+        Command::Server(_) | Command::Agent(_) | Command::Dev(_) | Command::Bench(_)
+    );
+    if !daemon {
+        match &cli.ca_cert {
+            Some(path) => client::trust_ca_file(path)?,
+            // `skiff dev`'s data dir in the current directory.
+            None => {
+                let dev = std::path::Path::new(".skiff/server/pki/ca.crt");
+                if dev.exists() {
+                    client::trust_ca_file(dev)?;
+                }
+            }
+        }
+    }
     match cli.command {
         Command::Server(args) => commands::daemon::server(args).await,
         Command::Agent(args) => commands::daemon::agent(args).await,

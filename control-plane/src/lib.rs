@@ -27,6 +27,7 @@ pub mod scheduler;
 pub mod secrets;
 mod server;
 pub mod state;
+pub mod trust;
 
 pub use api::Limits;
 pub use server::{run, RaftLog, ServerConfig, ServerError};

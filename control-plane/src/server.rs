@@ -14,9 +14,11 @@ use skiff_proto::v1::agent_sync_server::AgentSyncServer;
 use skiff_proto::v1::control_server::ControlServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
+use skiff_pki::{JoinToken, Role, TlsIncoming};
+use skiff_proto::pki::pki_server::PkiServer;
 
-use crate::api::{Api, RaftService};
+use crate::api::{Api, PkiService, RaftService};
+use crate::trust;
 use crate::consensus::snapshot_file::SnapshotFile;
 use crate::consensus::transport::{endpoint, MAX_MESSAGE_BYTES};
 use crate::consensus::{
@@ -60,6 +62,11 @@ pub struct ServerConfig {
     pub raft_log: RaftLog,
     /// Most services and variables the API accepts (see [`crate::api::Limits`]).
     pub limits: crate::api::Limits,
+    /// The server join token (`skiff cluster token server`), needed with
+    /// `join` on a new data dir.
+    pub join_token: Option<String>,
+    /// Lifetime of the certificates this server issues (`--cert-lifetime`).
+    pub cert_lifetime: Duration,
 }
 
 /// The Raft log's durable store.
@@ -92,6 +99,8 @@ impl ServerConfig {
             ),
             raft_log: RaftLog::default(),
             limits: crate::api::Limits::default(),
+            join_token: None,
+            cert_lifetime: skiff_pki::DEFAULT_LIFETIME,
         }
     }
 }
@@ -116,6 +125,8 @@ pub enum ServerError {
     Grpc(#[from] tonic::transport::Error),
     #[error("consensus stopped: {0}")]
     Stopped(String),
+    #[error(transparent)]
+    Pki(#[from] skiff_pki::PkiError),
     #[error("data dir {0} keeps its Raft log in a write-ahead log: start the server with --raft-log wal")]
     LogIsWal(PathBuf),
 }
@@ -204,6 +215,11 @@ async fn serve<S: LogStore + Send + 'static>(
     // Serve the gRPC API before joining: the leader must be able to reach
     // this server as soon as the membership change commits.
     let mut secrets_key = SecretKey::load(&config.data_dir)?;
+    let lifetime = config.cert_lifetime;
+    let local_trust = |create: bool| {
+        trust::load_or_bootstrap(&config.data_dir, &config.name, lifetime, create)
+    };
+    let mut joined_trust = None;
     let (id, seeds) = if store.is_initialized() {
         (read_id(&local)?, Vec::new())
     } else if config.bootstrap {
@@ -222,7 +238,28 @@ async fn serve<S: LogStore + Send + 'static>(
         consensus::bootstrap(&mut store, member)?;
         (1, Vec::new())
     } else if let Some(join) = &config.join {
-        let (id, seeds, key) = join_cluster(join, &config.name, &advertise).await?;
+        let failed = |reason: String| ServerError::Join {
+            address: join.clone(),
+            reason,
+        };
+        let token = config.join_token.as_deref().ok_or_else(|| {
+            failed("a join token is needed: add --token T (print it on a member with `skiff cluster token server`)".into())
+        })?;
+        let token = JoinToken::parse(token).map_err(&failed)?;
+        let credentials =
+            trust::issue_for_join(&config.data_dir, join, Role::Server, &config.name, &token)
+                .await
+                .map_err(&failed)?;
+        let (id, seeds, key, ca) =
+            join_cluster(join, &config.name, &advertise, &credentials).await?;
+        let (ca_cert, ca_key) = ca;
+        joined_trust = Some(trust::joined(
+            &config.data_dir,
+            credentials,
+            &ca_cert,
+            &ca_key,
+            lifetime,
+        )?);
         if let Some(key) = key {
             key.store(&config.data_dir)?;
             secrets_key = Some(key);
@@ -230,6 +267,12 @@ async fn serve<S: LogStore + Send + 'static>(
         (id, seeds)
     } else {
         return Err(ServerError::NotInitialized(config.data_dir.clone()));
+    };
+    let trust = match joined_trust {
+        Some(trust) => trust,
+        // A restart, a bootstrap, or a data dir from before TLS (which
+        // gets a CA of its own: its agents must join again with a token).
+        None => local_trust(true)?.expect("created when missing"),
     };
     write_id(&local, id)?;
     db.flush_async()
@@ -239,7 +282,7 @@ async fn serve<S: LogStore + Send + 'static>(
             source,
         })?;
 
-    let transport = Transport::new(id, tokio::runtime::Handle::current());
+    let transport = Transport::new(id, tokio::runtime::Handle::current(), trust.dial_servers());
     for (peer, address) in seeds {
         transport.add_seed(peer, address);
     }
@@ -285,6 +328,7 @@ async fn serve<S: LogStore + Send + 'static>(
     }
     let api = Api::new(consensus.clone(), config.name.clone())
         .with_limits(config.limits)
+        .with_trust(trust.clone())
         .with_secrets_key(secrets_key.clone());
     let traffic_api = api.clone();
     let load_api = api.clone();
@@ -305,16 +349,26 @@ async fn serve<S: LogStore + Send + 'static>(
     tokio::spawn(api.clone().background(stop_rx.clone()));
     tracing::info!(name = %config.name, id, %listen, %advertise, data_dir = %config.data_dir.display(), "skiff server listening");
     let mut grpc_stop = stop_rx.clone();
+    {
+        let mut stop = stop_rx.clone();
+        tokio::spawn(trust.clone().keep_renewed(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        }));
+    }
+    let incoming = TlsIncoming::new(listener, trust.server_config()?);
     let serve = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(ControlServer::new(api.clone()))
         .add_service(AgentSyncServer::new(api))
+        .add_service(PkiServer::new(PkiService::new(
+            consensus.clone(),
+            trust.clone(),
+        )))
         .add_service(
-            RaftServer::new(RaftService::new(consensus.clone(), secrets_key))
+            RaftServer::new(RaftService::new(consensus.clone(), secrets_key).with_trust(trust))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(incoming, async move {
             let _ = grpc_stop.wait_for(|stop| *stop).await;
         });
     let serve = tokio::spawn(serve);
@@ -372,21 +426,38 @@ fn write_id(local: &sled::Tree, id: u64) -> Result<(), ServerError> {
     Ok(())
 }
 
-type Joined = (u64, Vec<(u64, String)>, Option<SecretKey>);
+/// The id, the peers, the secrets key and the CA (certificate and key PEM)
+/// of a Join answer.
+type Joined = (
+    u64,
+    Vec<(u64, String)>,
+    Option<SecretKey>,
+    (String, String),
+);
 
 /// Asks any member to add this server, retrying for a bounded time while
 /// the cluster elects a leader; the answer carries the cluster's secrets
 /// key when the member holds one.
-async fn join_cluster(address: &str, name: &str, advertise: &str) -> Result<Joined, ServerError> {
+async fn join_cluster(
+    address: &str,
+    name: &str,
+    advertise: &str,
+    credentials: &Arc<skiff_pki::Credentials>,
+) -> Result<Joined, ServerError> {
     let failed = |reason: String| ServerError::Join {
         address: address.to_string(),
         reason,
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut last_error = String::new();
+    let config = credentials
+        .client_config()
+        .map_err(|e| failed(e.to_string()))?;
+    let connector = skiff_pki::tls::connector(config, skiff_pki::identity::SERVER_NAME)
+        .map_err(|e| failed(e.to_string()))?;
     while Instant::now() < deadline {
         let endpoint = endpoint(address).map_err(|e| failed(e.to_string()))?;
-        match endpoint.connect().await {
+        match endpoint.connect_with_connector(connector.clone()).await {
             Ok(channel) => {
                 let request = JoinRequest {
                     name: name.to_string(),
@@ -401,7 +472,11 @@ async fn join_cluster(address: &str, name: &str, advertise: &str) -> Result<Join
                             .map(|p| (p.id, p.address))
                             .collect();
                         let key = SecretKey::from_bytes(&response.secrets_key);
-                        return Ok((response.id, peers, key));
+                        if response.ca_key_pem.is_empty() {
+                            return Err(failed("the answering server holds no cluster CA".into()));
+                        }
+                        let ca = (response.ca_cert_pem, response.ca_key_pem);
+                        return Ok((response.id, peers, key, ca));
                     }
                     Err(status) if status.code() == tonic::Code::Unavailable => {
                         last_error = status.message().to_string()

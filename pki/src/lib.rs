@@ -15,6 +15,7 @@
 pub mod ca;
 pub mod files;
 pub mod identity;
+pub mod join;
 pub mod join_token;
 pub mod tls;
 

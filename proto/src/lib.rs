@@ -13,6 +13,12 @@ pub mod raft {
     tonic::include_proto!("skiff.raft.v1");
 }
 
+/// Certificates for servers and agents: issued against a join token,
+/// renewed over mutual TLS.
+pub mod pki {
+    tonic::include_proto!("skiff.pki.v1");
+}
+
 /// Debug without the value (see build.rs).
 impl std::fmt::Debug for v1::SecretValue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -40,6 +46,16 @@ impl std::fmt::Debug for raft::JoinResponse {
         f.debug_struct("JoinResponse")
             .field("id", &self.id)
             .field("peers", &self.peers)
+            .finish()
+    }
+}
+
+/// Debug without the join secret (see build.rs).
+impl std::fmt::Debug for pki::IssueRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssueRequest")
+            .field("role", &self.role)
+            .field("name", &self.name)
             .finish()
     }
 }

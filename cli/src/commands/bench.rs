@@ -155,11 +155,47 @@ impl LocalCluster {
             let child = cluster.spawn(index)?;
             cluster.children.push(Some(child));
             if index == 0 {
+                cluster.trust_first_server()?;
                 wait_for_leader(&cluster.addresses[0], Duration::from_secs(10)).await?;
             }
         }
         wait_for_voters(&cluster.addresses[0], size, Duration::from_secs(30)).await?;
         Ok(cluster)
+    }
+
+    /// The first server's CA (it bootstraps the cluster).
+    pub fn ca(&self) -> anyhow::Result<skiff_pki::ClusterCa> {
+        let dir = skiff_pki::files::pki_dir(&self.dir.join("s1"));
+        skiff_pki::ClusterCa::load(&dir)?
+            .with_context(|| format!("no cluster CA in {}", dir.display()))
+    }
+
+    /// The join token of `role` (the cluster is fresh: generation 0).
+    pub fn join_token(&self, role: skiff_pki::Role) -> anyhow::Result<String> {
+        let ca = self.ca()?;
+        Ok(skiff_pki::JoinToken {
+            ca_digest: ca.digest(),
+            secret: ca.join_secret(role, 0),
+        }
+        .to_string())
+    }
+
+    /// Waits (bounded) for the first server to create the CA, then verifies
+    /// servers against it, and gives the bench's agents (child processes)
+    /// the agent join token through `SKIFF_JOIN_TOKEN`.
+    fn trust_first_server(&self) -> anyhow::Result<()> {
+        let ca_file = skiff_pki::files::pki_dir(&self.dir.join("s1")).join("ca.crt");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !ca_file.exists() {
+            if std::time::Instant::now() > deadline {
+                anyhow::bail!("the first server created no CA within 10 s ({})", ca_file.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        crate::client::trust_ca_file(&ca_file)?;
+        std::env::set_var("SKIFF_JOIN_TOKEN", self.join_token(skiff_pki::Role::Agent)?);
+        Ok(())
     }
 
     fn spawn(&self, index: usize) -> anyhow::Result<Child> {
@@ -184,6 +220,7 @@ impl LocalCluster {
             command.arg("--bootstrap");
         } else {
             command.args(["--join", &self.addresses[0]]);
+            command.args(["--token", &self.join_token(skiff_pki::Role::Server)?]);
         }
         command.spawn().context("failed to start skiff server")
     }
@@ -228,11 +265,10 @@ pub fn free_port() -> anyhow::Result<u16> {
 }
 
 async fn client(address: &str) -> anyhow::Result<ControlClient<Channel>> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true)
-        .connect()
-        .await
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
+        .connect_timeout(Duration::from_secs(2));
+    let channel = crate::client::connect_tls(endpoint)
+        .await?
         .with_context(|| format!("cannot reach {address}"))?;
     Ok(ControlClient::new(channel))
 }

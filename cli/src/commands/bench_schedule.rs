@@ -28,7 +28,6 @@ use super::bench::LocalCluster;
 use crate::args::BenchScheduleArgs;
 
 /// Simulated nodes sharing one HTTP/2 connection.
-const STREAMS_PER_CONNECTION: usize = 100;
 const NODE_CPU: u32 = 4000;
 const NODE_MEMORY: u32 = 8192;
 const REPLICA_CPU: u32 = 100;
@@ -62,18 +61,39 @@ pub async fn run(args: BenchScheduleArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let delivered = Arc::new(AtomicUsize::new(0));
     let registered = Arc::new(AtomicUsize::new(0));
+    // One connection per node: each carries that node's own certificate
+    // (a certificate speaks for exactly one node).
+    let ca = cluster.ca()?;
     let mut channels = Vec::new();
-    for i in 0..args.nodes.div_ceil(STREAMS_PER_CONNECTION) {
+    for i in 0..args.nodes {
         let address = &cluster.addresses[i % cluster.addresses.len()];
+        let name = node_name(i);
+        let key = skiff_pki::Credentials::generate_key()?;
+        let issued = ca.issue(
+            skiff_pki::Role::Agent,
+            &name,
+            key.public_key_raw(),
+            skiff_pki::DEFAULT_LIFETIME,
+        )?;
+        let credentials = skiff_pki::Credentials::new(
+            skiff_pki::Role::Agent,
+            &name,
+            &key,
+            &issued,
+            ca.cert_pem(),
+        )?;
+        let connector = skiff_pki::tls::connector(
+            credentials.client_config()?,
+            skiff_pki::identity::SERVER_NAME,
+        )?;
         let channel = Endpoint::from_shared(format!("http://{address}"))?
-            .tcp_nodelay(true)
-            .connect()
+            .connect_with_connector(connector)
             .await
             .with_context(|| format!("cannot reach {address}"))?;
         channels.push(channel);
     }
     for i in 0..args.nodes {
-        let channel = channels[i / STREAMS_PER_CONNECTION].clone();
+        let channel = channels[i].clone();
         tokio::spawn(simulated_node(
             channel,
             i,
@@ -106,9 +126,9 @@ pub async fn run(args: BenchScheduleArgs) -> anyhow::Result<()> {
         let address = cluster.addresses[i % cluster.addresses.len()].clone();
         let spec = spec.clone();
         creates.push(tokio::spawn(async move {
-            let channel = Endpoint::from_shared(format!("http://{address}"))?
-                .connect()
-                .await?;
+            let channel =
+                crate::client::connect_tls(Endpoint::from_shared(format!("http://{address}"))?)
+                    .await??;
             ControlClient::new(channel)
                 .create_service(pb::CreateServiceRequest { spec: Some(spec) })
                 .await?;
@@ -195,6 +215,10 @@ fn labels(i: usize) -> BTreeMap<String, String> {
     [("zone".to_string(), format!("z{}", i % 3))].into()
 }
 
+fn node_name(i: usize) -> String {
+    format!("sim-{i:05}")
+}
+
 /// One simulated node: registers, heartbeats, and counts the replicas
 /// assigned to run on it.
 async fn simulated_node(
@@ -205,7 +229,7 @@ async fn simulated_node(
 ) {
     let (outbound, rx) = mpsc::channel(4);
     let register = pb::Register {
-        node: format!("sim-{i:05}"),
+        node: node_name(i),
         address: "127.0.0.1".into(),
         port_range_start: 20000,
         port_range_end: 29999,
@@ -214,6 +238,7 @@ async fn simulated_node(
         labels: labels(i).into_iter().collect(),
         process_runtime: true,
         agent_address: String::new(),
+        metrics_address: String::new(),
     };
     let _ = outbound
         .send(pb::AgentMessage {

@@ -73,6 +73,35 @@ pub async fn run(
                 .map_err(explain)?;
             println!("server {name} removed from the cluster");
         }
+        ClusterCommand::Token { words, quiet } => {
+            let (rotate, role) = match words.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+                ["rotate", role] => (true, role.to_string()),
+                [role] if role != "rotate" => (false, role.to_string()),
+                _ => anyhow::bail!(
+                    "invalid `cluster token {}`: use `cluster token server|agent` or `cluster token rotate server|agent`",
+                    words.join(" ")
+                ),
+            };
+            if role != "server" && role != "agent" {
+                anyhow::bail!("invalid role \"{role}\": use server or agent");
+            }
+            let answer = client
+                .cluster_token(pb::ClusterTokenRequest {
+                    role: role.clone(),
+                    rotate,
+                })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            if quiet {
+                println!("{}", answer.token);
+            } else {
+                if rotate {
+                    println!("The {role} join token was rotated: the old one is refused from now on.\n");
+                }
+                println!("To join this cluster as {role}, run:\n\n    {}\n", answer.command);
+            }
+        }
     }
     Ok(())
 }

@@ -33,6 +33,8 @@ pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
         max_services: args.max_services,
         max_variables: args.max_variables,
     };
+    config.join_token = args.join_token;
+    config.cert_lifetime = args.cert_lifetime;
     skiff_control_plane::run(config, listener, wait_for_signal()).await?;
     Ok(())
 }
@@ -40,6 +42,7 @@ pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
 pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     let mut config = agent_config(args.name, args.data_dir, args.servers, &args.node, false);
     config.process_runtime = args.enable_process_runtime;
+    config.join_token = args.join_token;
     config.advertise = match args.node.advertise {
         Some(address) => address,
         None => default_advertise(),
@@ -69,6 +72,9 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     // The dev cluster is the machine's own user's playground, like
     // Nomad's dev mode: host processes are allowed (and logged).
     agent.process_runtime = true;
+    // One process holds the CA: the agent's certificate comes from it
+    // directly (the server loads the same CA when it starts).
+    agent.credentials = Some(dev_credentials(&server_config, &agent)?);
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -107,6 +113,27 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     }
     server.await.context("server task panicked")??;
     Ok(())
+}
+
+/// The dev server's CA (created on the first start) and a certificate
+/// from it for the dev agent.
+fn dev_credentials(
+    server: &ServerConfig,
+    agent: &AgentConfig,
+) -> anyhow::Result<std::sync::Arc<skiff_pki::Credentials>> {
+    use skiff_pki::{Credentials, Role};
+    let trust = skiff_control_plane::trust::load_or_bootstrap(
+        &server.data_dir,
+        &server.name,
+        server.cert_lifetime,
+        true,
+    )?
+    .context("the dev server's CA")?;
+    let key = Credentials::generate_key()?;
+    let issued = trust.issue(Role::Agent, &agent.name, key.public_key_raw())?;
+    let credentials = Credentials::new(Role::Agent, &agent.name, &key, &issued, trust.ca().cert_pem())?;
+    credentials.save(&skiff_pki::files::pki_dir(&agent.data_dir))?;
+    Ok(credentials)
 }
 
 fn agent_config(

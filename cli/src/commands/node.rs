@@ -1,19 +1,13 @@
 //! `skiff node ...`
 
-use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, bail};
 use serde::Serialize;
 use skiff_proto::v1 as pb;
-use skiff_proto::v1::agent_logs_client::AgentLogsClient;
 
 use crate::args::{NodeCommand, OutputFormat};
 use crate::client::{connect, explain, Client};
 use crate::output;
-
-/// How long an agent may take to answer a prune: removing many unpacked
-/// layers is slow on a loaded disk.
-const PRUNE_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub async fn run(server: &str, format: OutputFormat, command: NodeCommand) -> anyhow::Result<()> {
     let mut client = connect(server).await?;
@@ -56,6 +50,14 @@ pub async fn run(server: &str, format: OutputFormat, command: NodeCommand) -> an
                 "node {name} removed; {} of its allocations forgotten",
                 removed.forgotten
             );
+            return Ok(());
+        }
+        NodeCommand::Revoke { name } => {
+            client
+                .revoke_node(pb::RevokeNodeRequest { name: name.clone() })
+                .await
+                .map_err(explain)?;
+            println!("node {name} revoked: its certificate is refused by every server");
             return Ok(());
         }
         NodeCommand::Drain { name, deadline } => (name, "drain", deadline.unwrap_or(0)),
@@ -226,7 +228,7 @@ async fn prune(
     let mut pruned = Vec::new();
     let mut failed = Vec::new();
     for node in chosen {
-        match prune_node(node).await {
+        match prune_node(client, node).await {
             Ok(p) => pruned.push(p),
             Err(e) => failed.push((node.name.clone(), e)),
         }
@@ -263,36 +265,17 @@ async fn prune(
     }
 }
 
-async fn prune_node(node: &pb::Node) -> anyhow::Result<Pruned> {
+/// Prunes one node's image store, relayed by the server (only servers
+/// may call an agent).
+async fn prune_node(client: &mut Client, node: &pb::Node) -> anyhow::Result<Pruned> {
     let name = &node.name;
     if node.agent_address.is_empty() {
         bail!("node {name} cannot be pruned: its agent registered no address (status {}); restart it with this version of skiff", node.status);
     }
-    let address = &node.agent_address;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-        .with_context(|| format!("node {name} published an invalid agent address {address}"))?
-        .connect_timeout(Duration::from_secs(3))
-        .timeout(PRUNE_TIMEOUT)
-        .connect()
+    let report = client
+        .prune_node(pb::PruneNodeRequest { node: name.clone() })
         .await
-        .with_context(|| {
-            format!(
-                "failed to reach the agent of node {name} at {address} (status {})",
-                node.status
-            )
-        })?;
-    let report = AgentLogsClient::new(channel)
-        .prune(pb::PruneRequest {})
-        .await
-        .map_err(|e| match e.code() {
-            tonic::Code::Cancelled | tonic::Code::DeadlineExceeded | tonic::Code::Unavailable => {
-                anyhow!(
-                    "the agent of node {name} at {address} did not answer the prune: {}",
-                    e.message()
-                )
-            }
-            _ => anyhow!("node {name}: {}", e.message()),
-        })?
+        .map_err(|e| anyhow!("node {name}: {}", e.message()))?
         .into_inner();
     Ok(Pruned {
         node: name.clone(),

@@ -106,6 +106,10 @@ impl pb::agent_sync_server::AgentSync for Api {
         &self,
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<SyncStream>, Status> {
+        let identity = request
+            .extensions()
+            .get::<skiff_pki::PeerInfo>()
+            .and_then(|peer| peer.identity.clone());
         let mut inbound = request.into_inner();
         let register = match inbound.message().await? {
             Some(pb::AgentMessage {
@@ -120,6 +124,16 @@ impl pb::agent_sync_server::AgentSync for Api {
         let node = register.node.clone();
         spec::validate_name(&node)
             .map_err(|e| Status::invalid_argument(format!("invalid node {e}")))?;
+        // Node identity (Kubernetes' NodeRestriction): an agent speaks only
+        // for the node its certificate names.
+        if !identity.as_ref().is_some_and(|id| id.is_node(&node)) {
+            return Err(Status::permission_denied(format!(
+                "registering as node {node} needs that node's agent certificate (join with `skiff agent --token T`)"
+            )));
+        }
+        if self.consensus.state().pki.is_revoked(&node) {
+            return Err(Status::permission_denied(format!("node {node} is revoked")));
+        }
         let address: IpAddr = register.address.parse().map_err(|_| {
             Status::invalid_argument(format!(
                 "invalid node address \"{}\": use an IP address",
@@ -149,6 +163,20 @@ impl pb::agent_sync_server::AgentSync for Api {
         })
         .await?;
         tracing::info!(node = %node, %address, "agent registered");
+        // The metrics address is recorded by the server, from the
+        // authenticated registration: no client writes `_skiff/` keys.
+        let metrics_address = register.metrics_address.trim();
+        if metrics_address.parse::<std::net::SocketAddr>().is_ok() {
+            let key = format!("_skiff/nodes/{node}/metrics");
+            let current = self.consensus.state().variables.get(&key).cloned();
+            if current.as_deref() != Some(metrics_address) {
+                self.propose(Command::PutVariable {
+                    key,
+                    value: metrics_address.to_string(),
+                })
+                .await?;
+            }
+        }
 
         let (outbound, receiver) = mpsc::channel(16);
         let registered = pb::Registered {
@@ -211,6 +239,8 @@ impl Api {
         let mut changes = self.node_watch.subscribe(&node);
         let mut endpoints = self.endpoints.subscribe();
         endpoints.mark_changed();
+        // A revoked node's stream ends within a second.
+        let mut revocation_check = tokio::time::interval(Duration::from_secs(1));
         // What was last sent; secrets by name and version (a new version
         // is a new value).
         type Sent = (
@@ -265,6 +295,13 @@ impl Api {
                     }
                 }
                 _ = tokio::time::sleep(Duration::from_millis(200)), if !caught_up => {}
+                _ = revocation_check.tick() => {
+                    if self.consensus.state().pki.is_revoked(&node) {
+                        tracing::warn!(node = %node, "node revoked: closing its stream");
+                        let _ = outbound.send(Err(Status::permission_denied(format!("node {node} is revoked")))).await;
+                        break;
+                    }
+                }
                 message = inbound.message() => match message {
                     Ok(Some(pb::AgentMessage { msg: Some(msg) })) => self.on_agent_message(&node, msg).await,
                     Ok(Some(pb::AgentMessage { msg: None })) => {}

@@ -147,6 +147,62 @@ impl pb::control_server::Control for Api {
             .map(|()| Response::new(pb::RemoveSecretResponse {}))
     }
 
+    async fn cluster_token(
+        &self,
+        request: Request<pb::ClusterTokenRequest>,
+    ) -> Result<Response<pb::ClusterTokenResponse>, Status> {
+        let request = request.into_inner();
+        let role = skiff_pki::Role::parse(&request.role).map_err(Status::invalid_argument)?;
+        if request.rotate {
+            self.propose(Command::RotateJoinToken {
+                role: role.as_str().to_string(),
+            })
+            .await?;
+        }
+        self.barrier().await?;
+        let state = self.consensus.state();
+        let trust = self.trust()?;
+        let token = skiff_pki::JoinToken {
+            ca_digest: trust.ca().digest(),
+            secret: trust
+                .ca()
+                .join_secret(role, state.pki.join_generation(role.as_str())),
+        }
+        .to_string();
+        let servers: Vec<String> = state.members.values().map(|m| m.address.clone()).collect();
+        let command = match role {
+            skiff_pki::Role::Agent => format!(
+                "skiff agent --name NODE --servers {} --token {token}",
+                servers.join(",")
+            ),
+            skiff_pki::Role::Server => format!(
+                "skiff server --name NAME --join {} --token {token}",
+                servers.first().cloned().unwrap_or_default()
+            ),
+        };
+        Ok(Response::new(pb::ClusterTokenResponse { token, command }))
+    }
+
+    async fn prune_node(
+        &self,
+        request: Request<pb::PruneNodeRequest>,
+    ) -> Result<Response<pb::PruneResponse>, Status> {
+        self.prune_node_here(&request.into_inner().node)
+            .await
+            .map(Response::new)
+    }
+
+    async fn revoke_node(
+        &self,
+        request: Request<pb::RevokeNodeRequest>,
+    ) -> Result<Response<pb::RevokeNodeResponse>, Status> {
+        let name = request.into_inner().name;
+        skiff_spec::validate_name(&name)
+            .map_err(|e| Status::invalid_argument(format!("invalid node {e}")))?;
+        self.propose(Command::RevokeNode { name }).await?;
+        Ok(Response::new(pb::RevokeNodeResponse {}))
+    }
+
     async fn list_volumes(
         &self,
         _request: Request<pb::ListVolumesRequest>,
@@ -274,6 +330,12 @@ impl pb::control_server::Control for Api {
     ) -> Result<Response<pb::PutVariableResponse>, Status> {
         let request = request.into_inner();
         spec::validate_variable(&request.key, &request.value).map_err(invalid)?;
+        if request.key.starts_with("_skiff/") {
+            return Err(Status::permission_denied(format!(
+                "variable {} is reserved: keys under _skiff/ are written by the cluster itself",
+                request.key
+            )));
+        }
         let (exists, have) = {
             let state = self.consensus.state();
             (
@@ -555,6 +617,17 @@ impl pb::control_server::Control for Api {
         &self,
         request: Request<pb::ReportHeartbeatsRequest>,
     ) -> Result<Response<pb::ReportHeartbeatsResponse>, Status> {
+        // Followers forward their agents' heartbeats and reports: only a
+        // server certificate may (an agent reports on its own stream).
+        let from_server = request
+            .extensions()
+            .get::<skiff_pki::PeerInfo>()
+            .is_some_and(skiff_pki::PeerInfo::is_server);
+        if !from_server {
+            return Err(Status::permission_denied(
+                "heartbeat reports come only from servers (a server certificate is needed)",
+            ));
+        }
         let now = Instant::now();
         let request = request.into_inner();
         {

@@ -102,7 +102,8 @@ impl Api {
                 return Some(client.clone());
             }
         }
-        let client = ControlClient::new(endpoint(&address).ok()?.connect_lazy());
+        let dial = self.trust.as_ref()?.dial_servers();
+        let client = ControlClient::new(dial.lazy(endpoint(&address).ok()?));
         *cached = Some((address, client.clone()));
         Some(client)
     }

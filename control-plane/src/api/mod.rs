@@ -28,6 +28,7 @@ mod control;
 pub mod convert;
 mod events;
 mod leader_view;
+mod pki;
 mod raft_service;
 mod relay;
 mod reports;
@@ -35,6 +36,7 @@ mod secrets;
 mod stacks;
 mod volumes;
 
+pub use pki::PkiService;
 pub use raft_service::RaftService;
 
 use std::sync::{Arc, Mutex};
@@ -87,6 +89,9 @@ pub struct Api {
     /// Seals the values of `secret create|update` and opens them for the
     /// agents that need them; `None`: this server refuses secret calls.
     secrets_key: Option<crate::secrets::SecretKey>,
+    /// The cluster CA and this server's certificate: join tokens, dialing
+    /// other servers and agents over mutual TLS.
+    trust: Option<Arc<crate::trust::Trust>>,
 }
 
 /// How many services and variables the API accepts, as etcd bounds its
@@ -126,7 +131,20 @@ impl Api {
             server_name,
             limits: Limits::default(),
             secrets_key: None,
+            trust: None,
         }
+    }
+
+    /// The same API with the cluster's trust (see `crate::trust`).
+    pub fn with_trust(mut self, trust: Arc<crate::trust::Trust>) -> Self {
+        self.trust = Some(trust);
+        self
+    }
+
+    fn trust(&self) -> Result<&Arc<crate::trust::Trust>, Status> {
+        self.trust
+            .as_ref()
+            .ok_or_else(|| Status::unavailable("this server holds no cluster CA"))
     }
 
     /// The same API sealing and opening secrets with `key`.

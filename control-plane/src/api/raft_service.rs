@@ -6,7 +6,12 @@ use raft::eraftpb::Message;
 use skiff_proto::raft as pb;
 use tonic::{Request, Response, Status, Streaming};
 
+use std::sync::Arc;
+
+use skiff_pki::{PeerIdentity, PeerInfo};
+
 use crate::consensus::{self, Consensus, ProposeError};
+use crate::trust::Trust;
 use crate::secrets::SecretKey;
 use skiff_spec as spec;
 
@@ -14,6 +19,8 @@ pub struct RaftService {
     consensus: Consensus,
     /// Handed to servers that join (see `crate::secrets`).
     secrets_key: Option<SecretKey>,
+    /// The CA handed to servers that join.
+    trust: Option<Arc<Trust>>,
 }
 
 impl RaftService {
@@ -21,8 +28,25 @@ impl RaftService {
         RaftService {
             consensus,
             secrets_key,
+            trust: None,
         }
     }
+
+    pub fn with_trust(mut self, trust: Arc<Trust>) -> Self {
+        self.trust = Some(trust);
+        self
+    }
+}
+
+/// Every call of this service needs a server certificate of the cluster:
+/// a client or an agent cannot send Raft messages, join or propose.
+fn require_server<T>(request: &Request<T>) -> Result<PeerIdentity, Status> {
+    request
+        .extensions()
+        .get::<PeerInfo>()
+        .and_then(|peer| peer.identity.clone())
+        .filter(PeerIdentity::is_server)
+        .ok_or_else(|| Status::permission_denied("server-to-server calls need a server certificate of this cluster"))
 }
 
 #[tonic::async_trait]
@@ -31,8 +55,35 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         request: Request<Streaming<pb::RaftBatch>>,
     ) -> Result<Response<pb::SendAck>, Status> {
+        let identity = require_server(&request)?;
         let mut stream = request.into_inner();
+        // The sender of the stream's first batch, checked against the
+        // certificate; every later batch must come from the same server.
+        let mut sender: Option<u64> = None;
         while let Some(batch) = stream.message().await? {
+            match sender {
+                Some(from) if from == batch.from => {}
+                Some(from) => {
+                    return Err(Status::permission_denied(format!(
+                        "a stream of server {from} carried messages from {}",
+                        batch.from
+                    )))
+                }
+                None => {
+                    let state = self.consensus.state();
+                    let named = state
+                        .members
+                        .get(&batch.from)
+                        .is_some_and(|m| identity.is_server_named(&m.name));
+                    if !named {
+                        return Err(Status::permission_denied(format!(
+                            "messages from server {} need that member's certificate",
+                            batch.from
+                        )));
+                    }
+                    sender = Some(batch.from);
+                }
+            }
             for bytes in batch.messages {
                 match Message::parse_from_bytes(&bytes) {
                     Ok(message) => self.consensus.deliver(message),
@@ -49,7 +100,14 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         request: Request<pb::JoinRequest>,
     ) -> Result<Response<pb::JoinResponse>, Status> {
+        let identity = require_server(&request)?;
         let request = request.into_inner();
+        if !identity.is_server_named(&request.name) {
+            return Err(Status::permission_denied(format!(
+                "joining as server {} needs that server's certificate (from `skiff server --join ADDR --token T`)",
+                request.name
+            )));
+        }
         spec::validate_name(&request.name)
             .map_err(|e| Status::invalid_argument(format!("invalid server {e}")))?;
         if request.address.parse::<std::net::SocketAddr>().is_err() {
@@ -94,10 +152,17 @@ impl pb::raft_server::Raft for RaftService {
             .as_ref()
             .map(SecretKey::to_bytes)
             .unwrap_or_default();
+        let (ca_cert_pem, ca_key_pem) = self
+            .trust
+            .as_ref()
+            .map(|t| (t.ca().cert_pem().to_string(), t.ca().key_pem()))
+            .unwrap_or_default();
         Ok(Response::new(pb::JoinResponse {
             id,
             peers,
             secrets_key,
+            ca_cert_pem,
+            ca_key_pem,
         }))
     }
 
@@ -105,6 +170,7 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         request: Request<pb::ProposeRequest>,
     ) -> Result<Response<pb::ProposeResponse>, Status> {
+        require_server(&request)?;
         if !self.consensus.is_leader() {
             return Err(Status::failed_precondition("not the leader"));
         }

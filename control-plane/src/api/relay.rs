@@ -76,14 +76,31 @@ impl Api {
         let _ = tokio::time::timeout(BARRIER_WAIT, self.barrier()).await;
     }
 
-    /// A client of the agent of `node`.
-    fn agent_client(state: &State, alloc: &Allocation) -> Result<AgentLogsClient<Channel>, Status> {
-        let node = state.nodes.get(&alloc.node).ok_or_else(|| {
-            Status::unavailable(format!(
+    /// A client of the agent running `alloc`.
+    fn agent_client(
+        &self,
+        state: &State,
+        alloc: &Allocation,
+    ) -> Result<AgentLogsClient<Channel>, Status> {
+        if !state.nodes.contains_key(&alloc.node) {
+            return Err(Status::unavailable(format!(
                 "node {} of replica {} is gone",
                 alloc.node, alloc.id
-            ))
-        })?;
+            )));
+        }
+        self.node_client(state, &alloc.node)
+    }
+
+    /// A client of the agent of node `name`, over mutual TLS checking that
+    /// the peer holds that node's certificate.
+    fn node_client(&self, state: &State, name: &str) -> Result<AgentLogsClient<Channel>, Status> {
+        let node = state
+            .nodes
+            .get(name)
+            .ok_or_else(|| Status::not_found(format!("node {name} not found; see `skiff node ls`")))?;
+        if state.pki.is_revoked(name) {
+            return Err(Status::failed_precondition(format!("node {name} is revoked")));
+        }
         if node.agent_address.is_empty() {
             return Err(Status::unavailable(format!(
                 "the agent of node {} registered no address for logs and exec; restart it with this version of skiff",
@@ -99,7 +116,11 @@ impl Api {
                     ))
                 })?
                 .connect_timeout(AGENT_DIAL_TIMEOUT);
-        Ok(AgentLogsClient::new(endpoint.connect_lazy())
+        let channel = self
+            .trust()?
+            .dial_agent(&node.name, endpoint)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(AgentLogsClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE))
     }
@@ -137,7 +158,7 @@ impl Api {
                 timestamps: request.timestamps,
             };
             (
-                Self::agent_client(&state, alloc)?,
+                self.agent_client(&state, alloc)?,
                 asked,
                 alloc.node.clone(),
             )
@@ -190,7 +211,7 @@ impl Api {
                 }
                 alloc
             };
-            let client = Self::agent_client(&state, alloc)?;
+            let client = self.agent_client(&state, alloc)?;
             (client, alloc.node.clone(), alloc.id.clone())
         };
         start.replica = id.clone();
@@ -240,5 +261,31 @@ mod tests {
             "{}",
             err.message()
         );
+    }
+}
+
+/// How long a relayed prune may take (it deletes files on the node).
+const PRUNE_TIMEOUT: Duration = Duration::from_secs(120);
+
+impl Api {
+    /// `skiff node prune`: relayed to the node's agent, like logs and exec.
+    pub(super) async fn prune_node_here(&self, name: &str) -> Result<pb::PruneResponse, Status> {
+        self.relay_barrier().await;
+        let mut client = self.node_client(&self.consensus.state(), name)?;
+        let mut request = tonic::Request::new(pb::PruneRequest {});
+        request.set_timeout(PRUNE_TIMEOUT);
+        client
+            .prune(request)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|e| match e.code() {
+                tonic::Code::Cancelled | tonic::Code::DeadlineExceeded | tonic::Code::Unavailable => {
+                    Status::unavailable(format!(
+                        "the agent of node {name} did not answer the prune: {}",
+                        e.message()
+                    ))
+                }
+                _ => Status::new(e.code(), format!("node {name}: {}", e.message())),
+            })
     }
 }

@@ -181,9 +181,11 @@ impl Api {
                 continue;
             }
             if client.as_ref().is_none_or(|(a, _)| *a != address) {
+                let dial = self.trust.as_ref().map(|t| t.dial_servers());
                 client = endpoint(&address)
                     .ok()
-                    .map(|e| (address.clone(), ControlClient::new(e.connect_lazy())));
+                    .zip(dial)
+                    .map(|(e, dial)| (address.clone(), ControlClient::new(dial.lazy(e))));
             }
             let Some((_, leader)) = client.as_mut() else {
                 continue;

@@ -32,9 +32,43 @@ struct Link {
     queue: mpsc::Sender<Message>,
 }
 
+type ConnectFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Channel, tonic::transport::Error>> + Send>>;
+
+/// How a server opens channels to other servers: over mutual TLS with its
+/// certificate (built by `crate::trust`), lazily or at once.
+#[derive(Clone)]
+pub struct Dial {
+    lazy: Arc<dyn Fn(Endpoint) -> Channel + Send + Sync>,
+    eager: Arc<dyn Fn(Endpoint) -> ConnectFuture + Send + Sync>,
+}
+
+impl Dial {
+    pub fn new(
+        lazy: impl Fn(Endpoint) -> Channel + Send + Sync + 'static,
+        eager: impl Fn(Endpoint) -> ConnectFuture + Send + Sync + 'static,
+    ) -> Dial {
+        Dial {
+            lazy: Arc::new(lazy),
+            eager: Arc::new(eager),
+        }
+    }
+
+    /// A channel that connects on first use.
+    pub fn lazy(&self, endpoint: Endpoint) -> Channel {
+        (self.lazy)(endpoint)
+    }
+
+    /// A channel connected now.
+    pub async fn connect(&self, endpoint: Endpoint) -> Result<Channel, tonic::transport::Error> {
+        (self.eager)(endpoint).await
+    }
+}
+
 /// Outbound Raft traffic and request forwarding for one server.
 pub struct Transport {
     id: u64,
+    dial: Dial,
     runtime: tokio::runtime::Handle,
     /// Addresses learned before they are in the state (a join's peers).
     seeds: RwLock<HashMap<u64, String>>,
@@ -45,9 +79,10 @@ pub struct Transport {
 }
 
 impl Transport {
-    pub fn new(id: u64, runtime: tokio::runtime::Handle) -> Arc<Self> {
+    pub fn new(id: u64, runtime: tokio::runtime::Handle, dial: Dial) -> Arc<Self> {
         Arc::new(Transport {
             id,
+            dial,
             runtime,
             seeds: RwLock::default(),
             links: Mutex::default(),
@@ -124,7 +159,7 @@ impl Transport {
         let (queue, receiver) = mpsc::channel(PEER_QUEUE);
         let inbox = self.inbox.lock().unwrap_or_else(|p| p.into_inner()).clone();
         self.runtime
-            .spawn(peer_loop(self.id, to, address.clone(), receiver, inbox));
+            .spawn(peer_loop(self.id, to, address.clone(), receiver, inbox, self.dial.clone()));
         Link { address, queue }
     }
 
@@ -144,7 +179,7 @@ impl Transport {
         if let Some(channel) = channels.get(address) {
             return Ok(channel.clone());
         }
-        let channel = endpoint(address)?.connect_lazy();
+        let channel = self.dial.lazy(endpoint(address)?);
         channels.insert(address.to_string(), channel.clone());
         Ok(channel)
     }
@@ -199,6 +234,7 @@ async fn peer_loop(
     address: String,
     mut queue: mpsc::Receiver<Message>,
     inbox: Option<std_mpsc::Sender<Inbox>>,
+    dial: Dial,
 ) {
     let report = |message: Inbox| {
         if let Some(inbox) = &inbox {
@@ -208,7 +244,7 @@ async fn peer_loop(
     let mut backoff = Duration::from_millis(50);
     loop {
         let channel = match endpoint(&address) {
-            Ok(endpoint) => endpoint.connect().await,
+            Ok(endpoint) => dial.connect(endpoint).await,
             Err(_) => return,
         };
         let channel = match channel {

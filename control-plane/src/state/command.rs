@@ -153,6 +153,14 @@ pub enum Command {
         replicas: u32,
         reason: String,
     },
+    /// `skiff cluster token rotate ROLE`: the role's join secret changes.
+    RotateJoinToken {
+        role: String,
+    },
+    /// `skiff node revoke NAME`: the node's certificate is refused.
+    RevokeNode {
+        name: String,
+    },
     RegisterNode {
         name: String,
         address: String,

@@ -59,6 +59,10 @@ pub enum EventKind {
     JobSucceeded,
     /// A job ran out of retries or passed its deadline.
     JobFailed,
+    /// `skiff node revoke`.
+    NodeRevoked,
+    /// `skiff cluster token rotate`.
+    JoinTokenRotated,
 }
 
 impl EventKind {
@@ -102,6 +106,8 @@ impl EventKind {
             EventKind::SecretCreated => "secret-created",
             EventKind::SecretUpdated => "secret-updated",
             EventKind::SecretRemoved => "secret-removed",
+            EventKind::NodeRevoked => "node-revoked",
+            EventKind::JoinTokenRotated => "join-token-rotated",
         }
     }
 

@@ -33,6 +33,7 @@ mod image;
 mod job;
 mod model;
 mod query;
+mod pki;
 mod secrets;
 mod stacks;
 mod volumes;
@@ -55,6 +56,7 @@ pub use skiff_spec::{
     UpdatePolicy,
 };
 
+pub use pki::PkiState;
 pub use secrets::{Secret, SecretWrite};
 pub use volumes::{Volume, VolumeReport};
 
@@ -76,6 +78,8 @@ pub struct State {
     pub volumes: BTreeMap<String, Volume>,
     /// Secrets by name, their values sealed (see `secrets`).
     pub secrets: BTreeMap<String, Secret>,
+    /// Join token generations and revoked nodes (see `pki`).
+    pub pki: PkiState,
     /// Raft index of the last applied entry.
     pub applied_index: u64,
     /// The last proposer time seen; stamps events of untimed commands.
@@ -183,6 +187,8 @@ impl State {
             }
             Command::SetNodeStatus { name, status } => self.set_node_status(index, &name, status),
             Command::RemoveNode { name } => self.remove_node(index, &name),
+            Command::RotateJoinToken { role } => self.rotate_join_token(index, &role),
+            Command::RevokeNode { name } => self.revoke_node(index, &name),
             Command::SetNodeAvailability {
                 name,
                 availability,
