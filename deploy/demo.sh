@@ -33,6 +33,8 @@ if "$skiff" node ls >/dev/null 2>&1; then
 fi
 
 mkdir -p "$data_dir"
+# The CLI verifies the server against the CA `skiff dev` creates there.
+export SKIFF_CA_CERT="$data_dir/server/pki/ca.crt"
 # shellcheck disable=SC2206 # the extra flags are words, split on purpose.
 dev_flags=(${DEMO_DEV_FLAGS:-})
 echo "==> starting: $skiff dev --data-dir $data_dir --listen $SKIFF_ADDR ${dev_flags[*]}  (output in $log)"

@@ -73,6 +73,9 @@ fi
 [ -n "$bin_flag" ] && skiff=$bin_flag
 [ ${#port_ranges[@]} = 3 ] || { echo "SKIFF_PORT_RANGES needs 3 ranges (one per agent)" >&2; exit 2; }
 servers="127.0.0.1:$base,127.0.0.1:$((base + 1)),127.0.0.1:$((base + 2))"
+# The script's own CLI calls verify the servers against the cluster CA,
+# which s1 creates when it bootstraps.
+export SKIFF_CA_CERT="$dir/s1/pki/ca.crt"
 
 wait_for() { # wait_for SECONDS COMMAND...: bounded poll
   local deadline=$((SECONDS + $1)); shift
@@ -112,17 +115,30 @@ member_of() { # member_of PID: the member (s1...n3) of this cluster that PID run
   return 0
 }
 
+join_token() { # join_token ROLE: the cluster's join token of ROLE (server, agent), from any live server
+  local addr
+  addr=$(live_server) || { echo "no server answers: cannot get a $1 join token" >&2; exit 1; }
+  "$skiff" --server "$addr" cluster token "$1" -q
+}
+
 member_args() { # member_args NAME: sets `args` to the command line of that member
   local i=${1#?}
+  # A member without a certificate yet joins with a token (Swarm's design);
+  # later starts use the certificate in its data dir.
+  local token=()
+  case "$1" in
+    s[23]|n[123])
+      [ -f "$dir/$1/pki/identity.crt" ] || token=(--token "$(join_token "$([ "${1:0:1}" = s ] && echo server || echo agent)")") ;;
+  esac
   case "$1" in
     s[123])
       local join=(--bootstrap)
-      [ "$i" = 1 ] || join=(--join "127.0.0.1:$base")
+      [ "$i" = 1 ] || join=(--join "127.0.0.1:$base" "${token[@]}")
       args=(server --name "$1" --data-dir "$dir/$1" --listen "127.0.0.1:$((base + i - 1))"
         --metrics-listen "127.0.0.1:$((metrics_base + i - 1))" "${join[@]}" "${server_flags[@]}") ;;
     n[123])
       args=(agent --name "$1" --data-dir "$dir/$1" --servers "$servers" --advertise "127.0.0.$((i + 1))"
-        --port-range "${port_ranges[$((i - 1))]}" "${agent_flags[@]}") ;;
+        --port-range "${port_ranges[$((i - 1))]}" "${token[@]}" "${agent_flags[@]}") ;;
     *) echo "no member $1 (members: s1 s2 s3 n1 n2 n3)" >&2; exit 2 ;;
   esac
 }
@@ -328,7 +344,7 @@ start() {
   local left
   left=$(running_replicas | wc -l)
   [ "$left" = 0 ] || echo "$left replicas still running from before: the agents re-adopt them"
-  echo "cluster up: export SKIFF_ADDR=127.0.0.1:$base   (logs and data in $dir)"
+  echo "cluster up: export SKIFF_ADDR=127.0.0.1:$base SKIFF_CA_CERT=$dir/s1/pki/ca.crt   (logs and data in $dir)"
 }
 
 stop() {

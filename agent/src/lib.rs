@@ -218,7 +218,9 @@ async fn establish_credentials(
         Ok(Some(credentials)) if credentials.not_after() > std::time::SystemTime::now() => {
             return Ok(credentials)
         }
-        Ok(Some(_)) => tracing::warn!(dir = %dir.display(), "this node's certificate has expired: joining again with the token"),
+        Ok(Some(_)) => {
+            tracing::warn!(dir = %dir.display(), "this node's certificate has expired: joining again with the token")
+        }
         Ok(None) => {}
         Err(err) => {
             return Err(AgentError::Config(format!(

@@ -313,7 +313,7 @@ impl LogService {
     ) -> Result<(), tonic::transport::Error> {
         tonic::transport::Server::builder()
             .add_service(AgentLogsServer::with_interceptor(self, servers_only))
-            .serve_with_incoming_shutdown(skiff_pki::TlsIncoming::new(listener, tls), shutdown)
+            .serve_with_incoming_shutdown(skiff_pki::tls::incoming(listener, tls), shutdown)
             .await
     }
 }

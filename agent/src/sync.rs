@@ -417,11 +417,10 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
             }
             None => endpoint.connect().await,
         };
-        let channel = connected
-            .map_err(|source| SyncError::Connect {
-                server: server.to_string(),
-                source,
-            })?;
+        let channel = connected.map_err(|source| SyncError::Connect {
+            server: server.to_string(),
+            source,
+        })?;
         let mut client =
             AgentSyncClient::new(channel.clone()).max_decoding_message_size(MAX_ASSIGNMENTS_BYTES);
 

@@ -5,9 +5,11 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use skiff_agent::AgentConfig;
+use skiff_pki::{ClusterCa, Credentials, Role};
 use skiff_proto::v1::agent_message::Msg as AgentMsg;
 use skiff_proto::v1::agent_sync_server::{AgentSync, AgentSyncServer};
 use skiff_proto::v1::server_message::Msg as ServerMsg;
@@ -16,7 +18,7 @@ use skiff_proto::v1::{
 };
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 /// One accepted `Sync` call: what the agent sends, and a way to answer.
@@ -55,14 +57,31 @@ impl AgentSync for FakeServer {
     }
 }
 
+/// This test binary's cluster CA: the fake server and the agent get their
+/// certificates from it, as a real cluster's would.
+fn ca() -> &'static ClusterCa {
+    static CA: OnceLock<ClusterCa> = OnceLock::new();
+    CA.get_or_init(|| ClusterCa::create().unwrap())
+}
+
+fn credentials(role: Role, name: &str) -> std::sync::Arc<Credentials> {
+    let key = Credentials::generate_key().unwrap();
+    let issued = ca()
+        .issue(role, name, key.public_key_raw(), Duration::from_secs(3600))
+        .unwrap();
+    Credentials::new(role, name, &key, &issued, ca().cert_pem()).unwrap()
+}
+
+/// A fake server over mutual TLS with a server certificate of [`ca`].
 async fn serve() -> (String, mpsc::UnboundedReceiver<Session>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let (sessions, rx) = mpsc::unbounded_channel();
+    let tls = credentials(Role::Server, "fake").server_config().unwrap();
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(AgentSyncServer::new(FakeServer { sessions }))
-            .serve_with_incoming(TcpListenerStream::new(listener)),
+            .serve_with_incoming(skiff_pki::tls::incoming(listener, tls)),
     );
     (addr, rx)
 }
@@ -158,6 +177,7 @@ fn config(dir: &Path, servers: Vec<String>) -> AgentConfig {
     config.stop_grace = Duration::from_secs(2);
     // The fake server assigns process replicas.
     config.process_runtime = true;
+    config.credentials = Some(credentials(Role::Agent, "n1"));
     config
 }
 

@@ -30,18 +30,20 @@ pub fn trust_ca_file(path: &std::path::Path) -> anyhow::Result<()> {
     trust_ca(&pem).map_err(|e| anyhow!("{}: {e}", path.display()))
 }
 
+const NO_CA: &str = "no CA certificate to verify the server with: pass --ca-cert FILE or SKIFF_CA_CERT (the cluster's DATA_DIR/pki/ca.crt), or --client-config with the client.toml that `skiff dev` / `skiff server --bootstrap` wrote";
+
 fn tls() -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    if let Some(config) = TLS.read().unwrap_or_else(|p| p.into_inner()).clone() {
-        return Ok(config);
-    }
-    Err(anyhow!(
-        "no CA certificate to verify the server with: pass --ca-cert FILE or SKIFF_CA_CERT (the cluster's DATA_DIR/pki/ca.crt), or --client-config with the client.toml that `skiff dev` / `skiff server --bootstrap` wrote"
-    ))
+    TLS.read()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .ok_or_else(|| anyhow!(NO_CA))
 }
 
 /// Connects `endpoint` (an `http://HOST:PORT` one) over TLS, verifying
 /// that the peer holds a server certificate of the cluster CA.
-pub async fn connect_tls(endpoint: Endpoint) -> anyhow::Result<Result<Channel, tonic::transport::Error>> {
+pub async fn connect_tls(
+    endpoint: Endpoint,
+) -> anyhow::Result<Result<Channel, tonic::transport::Error>> {
     let connector = skiff_pki::tls::connector(tls()?, skiff_pki::identity::SERVER_NAME)?;
     Ok(endpoint.connect_with_connector(connector).await)
 }
@@ -75,6 +77,21 @@ pub async fn channel(addresses: &str, timeout: Option<Duration>) -> anyhow::Resu
             .connect_timeout(Duration::from_secs(3));
         if let Some(timeout) = timeout {
             endpoint = endpoint.timeout(timeout);
+        }
+        if tls().is_err() {
+            // Without a CA nothing can be verified; still say first
+            // whether anything answers there at all.
+            let probe = tokio::time::timeout(
+                Duration::from_secs(3),
+                tokio::net::TcpStream::connect(address.trim_start_matches("http://")),
+            )
+            .await;
+            match probe {
+                Ok(Ok(_)) => return Err(anyhow!(NO_CA)),
+                Ok(Err(err)) => failures.push((address.to_string(), err.to_string())),
+                Err(_) => failures.push((address.to_string(), "timed out".to_string())),
+            }
+            continue;
         }
         match connect_tls(endpoint).await? {
             Ok(channel) => return Ok(channel),

@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use skiff_pki::{JoinToken, Role};
+use skiff_proto::pki::pki_server::PkiServer;
 use skiff_proto::raft::raft_client::RaftClient;
 use skiff_proto::raft::raft_server::RaftServer;
 use skiff_proto::raft::JoinRequest;
@@ -14,11 +16,8 @@ use skiff_proto::v1::agent_sync_server::AgentSyncServer;
 use skiff_proto::v1::control_server::ControlServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use skiff_pki::{JoinToken, Role, TlsIncoming};
-use skiff_proto::pki::pki_server::PkiServer;
 
 use crate::api::{Api, PkiService, RaftService};
-use crate::trust;
 use crate::consensus::snapshot_file::SnapshotFile;
 use crate::consensus::transport::{endpoint, MAX_MESSAGE_BYTES};
 use crate::consensus::{
@@ -29,6 +28,7 @@ use crate::controllers;
 use crate::metrics::Metrics;
 use crate::secrets::SecretKey;
 use crate::state::Member;
+use crate::trust;
 
 /// Everything `skiff server` is told.
 #[derive(Clone, Debug)]
@@ -216,9 +216,8 @@ async fn serve<S: LogStore + Send + 'static>(
     // this server as soon as the membership change commits.
     let mut secrets_key = SecretKey::load(&config.data_dir)?;
     let lifetime = config.cert_lifetime;
-    let local_trust = |create: bool| {
-        trust::load_or_bootstrap(&config.data_dir, &config.name, lifetime, create)
-    };
+    let local_trust =
+        |create: bool| trust::load_or_bootstrap(&config.data_dir, &config.name, lifetime, create);
     let mut joined_trust = None;
     let (id, seeds) = if store.is_initialized() {
         (read_id(&local)?, Vec::new())
@@ -355,7 +354,7 @@ async fn serve<S: LogStore + Send + 'static>(
             let _ = stop.wait_for(|s| *s).await;
         }));
     }
-    let incoming = TlsIncoming::new(listener, trust.server_config()?);
+    let incoming = skiff_pki::tls::incoming(listener, trust.server_config()?);
     let serve = tonic::transport::Server::builder()
         .add_service(ControlServer::new(api.clone()))
         .add_service(AgentSyncServer::new(api))
@@ -428,12 +427,7 @@ fn write_id(local: &sled::Tree, id: u64) -> Result<(), ServerError> {
 
 /// The id, the peers, the secrets key and the CA (certificate and key PEM)
 /// of a Join answer.
-type Joined = (
-    u64,
-    Vec<(u64, String)>,
-    Option<SecretKey>,
-    (String, String),
-);
+type Joined = (u64, Vec<(u64, String)>, Option<SecretKey>, (String, String));
 
 /// Asks any member to add this server, retrying for a bounded time while
 /// the cluster elects a leader; the answer carries the cluster's secrets

@@ -40,7 +40,12 @@ impl std::fmt::Debug for Trust {
 }
 
 impl Trust {
-    fn new(ca: ClusterCa, credentials: Arc<Credentials>, lifetime: Duration, dir: PathBuf) -> Result<Arc<Trust>, PkiError> {
+    fn new(
+        ca: ClusterCa,
+        credentials: Arc<Credentials>,
+        lifetime: Duration,
+        dir: PathBuf,
+    ) -> Result<Arc<Trust>, PkiError> {
         let client_config = credentials.client_config()?;
         let dial_servers = server_dial(&client_config);
         Ok(Arc::new(Trust {
@@ -75,7 +80,6 @@ impl Trust {
         self.dial_servers.clone()
     }
 
-
     /// A channel to the agent of `node` at `endpoint`, checking that the
     /// peer holds exactly that node's certificate.
     pub fn dial_agent(&self, node: &str, endpoint: Endpoint) -> Result<Channel, PkiError> {
@@ -84,7 +88,12 @@ impl Trust {
     }
 
     /// A certificate of this cluster for `name` in `role`.
-    pub fn issue(&self, role: Role, name: &str, public_key: &[u8]) -> Result<IssuedCertificate, PkiError> {
+    pub fn issue(
+        &self,
+        role: Role,
+        name: &str,
+        public_key: &[u8],
+    ) -> Result<IssuedCertificate, PkiError> {
         self.ca.issue(role, name, public_key, self.lifetime)
     }
 
@@ -161,8 +170,8 @@ pub fn joined(
 
 /// Dials servers with `config`, checking they hold a server certificate.
 fn server_dial(config: &Arc<rustls::ClientConfig>) -> Dial {
-    let connector = tls::connector(config.clone(), SERVER_NAME)
-            .expect("the server name is a valid DNS name");
+    let connector =
+        tls::connector(config.clone(), SERVER_NAME).expect("the server name is a valid DNS name");
     let eager = connector.clone();
     Dial::new(
         move |endpoint: Endpoint| endpoint.connect_with_connector_lazy(connector.clone()),

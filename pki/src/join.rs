@@ -59,8 +59,8 @@ pub async fn issue_for_join(
     if crate::ca::digest_of(&ca) != token.ca_digest {
         return Err("the CA sent does not match the join token's digest".into());
     }
-    let credentials = Credentials::new(role, name, &key, &issued, &response.ca_pem)
-        .map_err(|e| e.to_string())?;
+    let credentials =
+        Credentials::new(role, name, &key, &issued, &response.ca_pem).map_err(|e| e.to_string())?;
     credentials
         .save(&files::pki_dir(data_dir))
         .map_err(|e| e.to_string())?;
@@ -69,12 +69,18 @@ pub async fn issue_for_join(
 
 /// A renewed certificate for `credentials` from the first of `servers`
 /// that answers, asked over mutual TLS with the current certificate.
-pub async fn renew(credentials: &Arc<Credentials>, servers: &[String]) -> Result<IssuedCertificate, String> {
+pub async fn renew(
+    credentials: &Arc<Credentials>,
+    servers: &[String],
+) -> Result<IssuedCertificate, String> {
     let config = credentials.client_config().map_err(|e| e.to_string())?;
     let connector = tls::connector(config, SERVER_NAME).map_err(|e| e.to_string())?;
     let mut errors = Vec::new();
     for address in servers {
-        let channel = match endpoint(address)?.connect_with_connector(connector.clone()).await {
+        let channel = match endpoint(address)?
+            .connect_with_connector(connector.clone())
+            .await
+        {
             Ok(channel) => channel,
             Err(err) => {
                 errors.push(format!("{address}: {}", root_cause(&err)));

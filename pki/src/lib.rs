@@ -22,7 +22,7 @@ pub mod tls;
 pub use ca::{ClusterCa, IssuedCertificate, DEFAULT_LIFETIME};
 pub use identity::{PeerIdentity, Role};
 pub use join_token::JoinToken;
-pub use tls::{Credentials, PeerInfo, TlsIncoming};
+pub use tls::{Credentials, PeerInfo};
 
 /// Why a PKI operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -4,7 +4,7 @@
 //!   renewal; rustls asks it for the certificate at every handshake, so a
 //!   renewed certificate is used from the next connection on, with no
 //!   restart and no dropped stream.
-//! - [`TlsIncoming`]: a listener's connections after their handshake (run
+//! - [`incoming`]: a listener's connections after their handshake (run
 //!   concurrently, bounded in time), each carrying the peer's verified
 //!   certificate as [`PeerInfo`] in every request's extensions.
 //! - [`connector`]: what tonic's `Endpoint::connect_with_connector` dials
@@ -501,62 +501,58 @@ impl AsyncWrite for TlsConn {
 /// `serve_with_incoming*`. Handshakes run concurrently (a slow client
 /// holds up no one) and are dropped after [`HANDSHAKE_TIMEOUT`]; the
 /// accept loop ends when the stream is dropped.
-pub struct TlsIncoming;
-
-impl TlsIncoming {
-    pub fn new(
-        listener: TcpListener,
-        config: Arc<ServerConfig>,
-    ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsConn, std::io::Error>> {
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        let acceptor = TlsAcceptor::from(config);
-        tokio::spawn(async move {
-            loop {
-                let accepted = tokio::select! {
-                    accepted = listener.accept() => accepted,
-                    _ = tx.closed() => return,
-                };
-                let (tcp, remote) = match accepted {
-                    Ok(pair) => pair,
-                    Err(err) => {
-                        // EMFILE and the like: wait instead of spinning.
-                        tracing::warn!(error = %err, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let _ = tcp.set_nodelay(true);
-                let acceptor = acceptor.clone();
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    let stream =
-                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                            Ok(Ok(stream)) => stream,
-                            Ok(Err(err)) => {
-                                tracing::debug!(%remote, error = %err, "TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => {
-                                tracing::debug!(%remote, "TLS handshake timed out");
-                                return;
-                            }
-                        };
-                    let identity = stream
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .and_then(|certs| certs.first())
-                        .map(|cert| PeerIdentity::new(cert.clone().into_owned()));
-                    let info = PeerInfo {
-                        remote: Some(remote),
-                        identity,
+pub fn incoming(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+) -> tokio_stream::wrappers::ReceiverStream<Result<TlsConn, std::io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let acceptor = TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = tx.closed() => return,
+            };
+            let (tcp, remote) = match accepted {
+                Ok(pair) => pair,
+                Err(err) => {
+                    // EMFILE and the like: wait instead of spinning.
+                    tracing::warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let stream =
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(err)) => {
+                            tracing::debug!(%remote, error = %err, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%remote, "TLS handshake timed out");
+                            return;
+                        }
                     };
-                    let _ = tx.send(Ok(TlsConn { stream, info })).await;
-                });
-            }
-        });
-        tokio_stream::wrappers::ReceiverStream::new(rx)
-    }
+                let identity = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|certs| certs.first())
+                    .map(|cert| PeerIdentity::new(cert.clone().into_owned()));
+                let info = PeerInfo {
+                    remote: Some(remote),
+                    identity,
+                };
+                let _ = tx.send(Ok(TlsConn { stream, info })).await;
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 /// The connector tonic dials with (`Endpoint::connect_with_connector`, on

@@ -72,6 +72,9 @@ pub struct AgentCluster {
     /// Clock ticks since boot when the cluster started; older processes
     /// are never killed on drop.
     since: u64,
+    /// The agent join token (each agent keeps its certificate after the
+    /// first start).
+    token: String,
 }
 
 impl AgentCluster {
@@ -115,6 +118,7 @@ impl AgentCluster {
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             process_runtime,
             since: boot_ticks(),
+            token: crate::join_token(&servers[0], "agent"),
         };
         for spec in specs {
             cluster.agents.push(Agent {
@@ -155,6 +159,7 @@ impl AgentCluster {
             .arg("--data-dir")
             .arg(self.dir.path().join(&agent.name))
             .args(["--servers", &self.servers.join(",")])
+            .args(["--token", &self.token])
             .args([
                 "--port-range",
                 &format!("{}-{}", agent.ports.start, agent.ports.end),

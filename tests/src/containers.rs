@@ -283,6 +283,7 @@ impl OciDev {
             .open(dev.log_path())
             .expect("open dev.log");
         let _ = writeln!(log, "==== e2e: starting skiff dev on {} ====", dev.addr());
+        crate::use_cluster_ca(&dev.data_dir().join("server/pki/ca.crt"));
         let child = Command::new(&dev.bin)
             .arg("dev")
             .arg("--data-dir")

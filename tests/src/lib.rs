@@ -137,6 +137,23 @@ fn drain(mut pipe: impl Read + Send + 'static) -> thread::JoinHandle<Vec<u8>> {
     })
 }
 
+/// Makes every `skiff` this test process starts verify servers against the
+/// cluster CA at `ca_cert` (a server's `DATA/pki/ca.crt`): sets
+/// `SKIFF_CA_CERT` in this process's environment, which each child
+/// inherits. Called when a cluster starts; nextest runs one test per
+/// process, so one cluster's CA is current at a time.
+pub fn use_cluster_ca(ca_cert: &Path) {
+    std::env::set_var("SKIFF_CA_CERT", ca_cert);
+}
+
+/// The join token of `role` (`server` or `agent`) of the cluster at
+/// `server`, as `skiff cluster token ROLE -q` prints it.
+pub fn join_token(server: &str, role: &str) -> String {
+    skiff_ok_at(server, &["cluster", "token", role, "-q"])
+        .trim()
+        .to_string()
+}
+
 /// Runs `skiff --server <server> <args>` (with `SKIFF_ADDR` removed from its environment).
 pub fn skiff_at<S: AsRef<OsStr>>(server: &str, args: &[S]) -> Output {
     let mut cmd = Command::new(skiff_bin());
@@ -204,6 +221,29 @@ pub fn assert_cli_error(args: &[&str], out: &Output, keywords: &[&str]) -> Strin
         "expected the error to mention one of {keywords:?}: {what}"
     );
     line.to_string()
+}
+
+/// [`assert_cli_error`] for a command that follows a roll-out (`service create` without
+/// `--detach`): on a non-terminal stderr it may print progress lines (`NAME: 0/3 serving
+/// ...`) before its one error line, depending on how far the cluster got before the failure
+/// showed.
+pub fn assert_cli_error_after_progress(args: &[&str], out: &Output, keywords: &[&str]) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    let (last, progress) = lines.split_last().unwrap_or((&"", &[]));
+    for line in progress {
+        assert!(
+            line.contains(" serving"),
+            "expected only progress lines before the error: {}",
+            describe(args, out)
+        );
+    }
+    let only_error = Output {
+        status: out.status,
+        stdout: out.stdout.clone(),
+        stderr: last.as_bytes().to_vec(),
+    };
+    assert_cli_error(args, &only_error, keywords)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -627,6 +667,7 @@ impl DevCluster {
             .open(self.log_path())
             .expect("open dev.log");
         let _ = writeln!(log, "==== e2e: starting skiff dev on {} ====", self.addr());
+        use_cluster_ca(&self.data_dir().join("server/pki/ca.crt"));
         let child = Command::new(&self.bin)
             .arg("dev")
             .arg("--data-dir")

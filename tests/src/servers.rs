@@ -80,8 +80,15 @@ impl ServerCluster {
             .stderr(log);
         if index == 0 {
             command.arg("--bootstrap");
-        } else {
-            command.args(["--join", &self.addresses[0]]);
+            crate::use_cluster_ca(&self.data_dir(0).join("pki/ca.crt"));
+        } else if !self.data_dir(index).join("pki/ca.key").exists() {
+            // A new member: it joins with the server token.
+            let members: Vec<&str> = (0..index)
+                .filter(|i| self.children[*i].is_some())
+                .map(|i| self.addresses[i].as_str())
+                .collect();
+            let token = crate::join_token(&members.join(","), "server");
+            command.args(["--join", &self.addresses[0], "--token", &token]);
         }
         self.children[index] = Some(command.spawn().expect("start skiff server"));
     }

@@ -288,6 +288,7 @@ fn a_server_runs_from_its_config_file_and_skiff_variables_override_it() {
             .spawn()
             .expect("start skiff server"),
     );
+    skiff_e2e::use_cluster_ca(&dir.path().join("data/pki/ca.crt"));
     let status = ["cluster", "status"];
     let answered = wait_until(READY_TIMEOUT, POLL, || {
         skiff_at(&format!("127.0.0.1:{in_env}"), &status)

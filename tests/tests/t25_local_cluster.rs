@@ -36,7 +36,7 @@ struct LocalCluster {
 
 impl LocalCluster {
     fn new() -> Self {
-        LocalCluster {
+        let cluster = LocalCluster {
             dir: tempfile::Builder::new()
                 .prefix("skiff-local-cluster-")
                 .tempdir()
@@ -44,7 +44,9 @@ impl LocalCluster {
             servers: claim_port_range(),
             agents: [claim_port_range(), claim_port_range(), claim_port_range()],
             seen: HashMap::new(),
-        }
+        };
+        skiff_e2e::use_cluster_ca(&cluster.path().join("s1/pki/ca.crt"));
+        cluster
     }
 
     fn path(&self) -> &Path {

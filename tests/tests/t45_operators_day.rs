@@ -22,8 +22,8 @@ use serde_json::Value;
 use skiff_e2e::agents::{on_loopback, AgentCluster, AgentSpec};
 use skiff_e2e::servers::ServerCluster;
 use skiff_e2e::{
-    assert_cli_error, events_at, free_port, http_get_at, json_at, skiff_at, skiff_ok_at,
-    wait_until, Allocation, POLL,
+    assert_cli_error_after_progress, events_at, free_port, http_get_at, json_at, skiff_at,
+    skiff_ok_at, wait_until, Allocation, POLL,
 };
 
 const TTL: &str = "3s";
@@ -95,7 +95,7 @@ fn an_operators_day_on_three_servers_and_three_agents() {
     ];
     let out = skiff_at(&first, &create);
     let port_words = format!("published port {publish} cannot be served on a2");
-    assert_cli_error(&create, &out, &[&port_words, "127.0.0.3"]);
+    assert_cli_error_after_progress(&create, &out, &[&port_words, "127.0.0.3"]);
     for server in &servers.addresses {
         let inspect = skiff_ok_at(server, &["service", "inspect", "web"]);
         assert!(

@@ -188,7 +188,10 @@ impl LocalCluster {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while !ca_file.exists() {
             if std::time::Instant::now() > deadline {
-                anyhow::bail!("the first server created no CA within 10 s ({})", ca_file.display());
+                anyhow::bail!(
+                    "the first server created no CA within 10 s ({})",
+                    ca_file.display()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }

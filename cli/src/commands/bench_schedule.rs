@@ -92,8 +92,7 @@ pub async fn run(args: BenchScheduleArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot reach {address}"))?;
         channels.push(channel);
     }
-    for i in 0..args.nodes {
-        let channel = channels[i].clone();
+    for (i, channel) in channels.into_iter().enumerate() {
         tokio::spawn(simulated_node(
             channel,
             i,

@@ -97,9 +97,14 @@ pub async fn run(
                 println!("{}", answer.token);
             } else {
                 if rotate {
-                    println!("The {role} join token was rotated: the old one is refused from now on.\n");
+                    println!(
+                        "The {role} join token was rotated: the old one is refused from now on.\n"
+                    );
                 }
-                println!("To join this cluster as {role}, run:\n\n    {}\n", answer.command);
+                println!(
+                    "To join this cluster as {role}, run:\n\n    {}\n",
+                    answer.command
+                );
             }
         }
     }

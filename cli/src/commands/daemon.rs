@@ -131,7 +131,13 @@ fn dev_credentials(
     .context("the dev server's CA")?;
     let key = Credentials::generate_key()?;
     let issued = trust.issue(Role::Agent, &agent.name, key.public_key_raw())?;
-    let credentials = Credentials::new(Role::Agent, &agent.name, &key, &issued, trust.ca().cert_pem())?;
+    let credentials = Credentials::new(
+        Role::Agent,
+        &agent.name,
+        &key,
+        &issued,
+        trust.ca().cert_pem(),
+    )?;
     credentials.save(&skiff_pki::files::pki_dir(&agent.data_dir))?;
     Ok(credentials)
 }

@@ -1,6 +1,5 @@
 //! `skiff node ...`
 
-
 use anyhow::{anyhow, bail};
 use serde::Serialize;
 use skiff_proto::v1 as pb;

@@ -22,7 +22,12 @@ impl PkiService {
         PkiService { consensus, trust }
     }
 
-    fn answer(&self, role: Role, name: &str, public_key: &[u8]) -> Result<Response<pb::IssueResponse>, Status> {
+    fn answer(
+        &self,
+        role: Role,
+        name: &str,
+        public_key: &[u8],
+    ) -> Result<Response<pb::IssueResponse>, Status> {
         let issued = self
             .trust
             .issue(role, name, public_key)
@@ -46,7 +51,10 @@ fn role_of(value: &str) -> Result<Role, Status> {
 
 #[tonic::async_trait]
 impl pb::pki_server::Pki for PkiService {
-    async fn issue(&self, request: Request<pb::IssueRequest>) -> Result<Response<pb::IssueResponse>, Status> {
+    async fn issue(
+        &self,
+        request: Request<pb::IssueRequest>,
+    ) -> Result<Response<pb::IssueResponse>, Status> {
         let request = request.into_inner();
         let role = role_of(&request.role)?;
         skiff_spec::validate_name(&request.name)
@@ -72,12 +80,19 @@ impl pb::pki_server::Pki for PkiService {
         self.answer(role, &request.name, &request.public_key)
     }
 
-    async fn renew(&self, request: Request<pb::RenewRequest>) -> Result<Response<pb::IssueResponse>, Status> {
+    async fn renew(
+        &self,
+        request: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::IssueResponse>, Status> {
         let identity = request
             .extensions()
             .get::<PeerInfo>()
             .and_then(|peer| peer.identity.clone())
-            .ok_or_else(|| Status::unauthenticated("renewal needs the current certificate as the client certificate"))?;
+            .ok_or_else(|| {
+                Status::unauthenticated(
+                    "renewal needs the current certificate as the client certificate",
+                )
+            })?;
         let request = request.into_inner();
         let role = role_of(&request.role)?;
         let own = match role {
@@ -92,7 +107,10 @@ impl pb::pki_server::Pki for PkiService {
             )));
         }
         if role == Role::Agent && self.consensus.state().pki.is_revoked(&request.name) {
-            return Err(Status::permission_denied(format!("node {} is revoked", request.name)));
+            return Err(Status::permission_denied(format!(
+                "node {} is revoked",
+                request.name
+            )));
         }
         self.answer(role, &request.name, &request.public_key)
     }

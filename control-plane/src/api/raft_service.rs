@@ -11,8 +11,8 @@ use std::sync::Arc;
 use skiff_pki::{PeerIdentity, PeerInfo};
 
 use crate::consensus::{self, Consensus, ProposeError};
-use crate::trust::Trust;
 use crate::secrets::SecretKey;
+use crate::trust::Trust;
 use skiff_spec as spec;
 
 pub struct RaftService {
@@ -46,7 +46,11 @@ fn require_server<T>(request: &Request<T>) -> Result<PeerIdentity, Status> {
         .get::<PeerInfo>()
         .and_then(|peer| peer.identity.clone())
         .filter(PeerIdentity::is_server)
-        .ok_or_else(|| Status::permission_denied("server-to-server calls need a server certificate of this cluster"))
+        .ok_or_else(|| {
+            Status::permission_denied(
+                "server-to-server calls need a server certificate of this cluster",
+            )
+        })
 }
 
 #[tonic::async_trait]
@@ -70,11 +74,14 @@ impl pb::raft_server::Raft for RaftService {
                     )))
                 }
                 None => {
-                    let state = self.consensus.state();
-                    let named = state
-                        .members
-                        .get(&batch.from)
-                        .is_some_and(|m| identity.is_server_named(&m.name));
+                    // A member must use its own certificate. An id this
+                    // server does not know yet (it is joining and has no
+                    // snapshot: it knows no member) is taken from any
+                    // server certificate of the cluster.
+                    let named = match self.consensus.state().members.get(&batch.from) {
+                        Some(member) => identity.is_server_named(&member.name),
+                        None => true,
+                    };
                     if !named {
                         return Err(Status::permission_denied(format!(
                             "messages from server {} need that member's certificate",

@@ -94,12 +94,13 @@ impl Api {
     /// A client of the agent of node `name`, over mutual TLS checking that
     /// the peer holds that node's certificate.
     fn node_client(&self, state: &State, name: &str) -> Result<AgentLogsClient<Channel>, Status> {
-        let node = state
-            .nodes
-            .get(name)
-            .ok_or_else(|| Status::not_found(format!("node {name} not found; see `skiff node ls`")))?;
+        let node = state.nodes.get(name).ok_or_else(|| {
+            Status::not_found(format!("node {name} not found; see `skiff node ls`"))
+        })?;
         if state.pki.is_revoked(name) {
-            return Err(Status::failed_precondition(format!("node {name} is revoked")));
+            return Err(Status::failed_precondition(format!(
+                "node {name} is revoked"
+            )));
         }
         if node.agent_address.is_empty() {
             return Err(Status::unavailable(format!(
@@ -157,11 +158,7 @@ impl Api {
                 since_ms,
                 timestamps: request.timestamps,
             };
-            (
-                self.agent_client(&state, alloc)?,
-                asked,
-                alloc.node.clone(),
-            )
+            (self.agent_client(&state, alloc)?, asked, alloc.node.clone())
         };
         let id = asked.alloc_id.clone();
         let stream = client
@@ -245,6 +242,32 @@ fn agent_error(e: Status, node: &str, id: &str, what: &str) -> Status {
     e
 }
 
+/// How long a relayed prune may take (it deletes files on the node).
+const PRUNE_TIMEOUT: Duration = Duration::from_secs(120);
+
+impl Api {
+    /// `skiff node prune`: relayed to the node's agent, like logs and exec.
+    pub(super) async fn prune_node_here(&self, name: &str) -> Result<pb::PruneResponse, Status> {
+        self.relay_barrier().await;
+        let mut client = self.node_client(&self.consensus.state(), name)?;
+        let mut request = tonic::Request::new(pb::PruneRequest {});
+        request.set_timeout(PRUNE_TIMEOUT);
+        client
+            .prune(request)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|e| match e.code() {
+                tonic::Code::Cancelled
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Unavailable => Status::unavailable(format!(
+                    "the agent of node {name} did not answer the prune: {}",
+                    e.message()
+                )),
+                _ => Status::new(e.code(), format!("node {name}: {}", e.message())),
+            })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,31 +284,5 @@ mod tests {
             "{}",
             err.message()
         );
-    }
-}
-
-/// How long a relayed prune may take (it deletes files on the node).
-const PRUNE_TIMEOUT: Duration = Duration::from_secs(120);
-
-impl Api {
-    /// `skiff node prune`: relayed to the node's agent, like logs and exec.
-    pub(super) async fn prune_node_here(&self, name: &str) -> Result<pb::PruneResponse, Status> {
-        self.relay_barrier().await;
-        let mut client = self.node_client(&self.consensus.state(), name)?;
-        let mut request = tonic::Request::new(pb::PruneRequest {});
-        request.set_timeout(PRUNE_TIMEOUT);
-        client
-            .prune(request)
-            .await
-            .map(tonic::Response::into_inner)
-            .map_err(|e| match e.code() {
-                tonic::Code::Cancelled | tonic::Code::DeadlineExceeded | tonic::Code::Unavailable => {
-                    Status::unavailable(format!(
-                        "the agent of node {name} did not answer the prune: {}",
-                        e.message()
-                    ))
-                }
-                _ => Status::new(e.code(), format!("node {name}: {}", e.message())),
-            })
     }
 }

@@ -32,8 +32,9 @@ struct Link {
     queue: mpsc::Sender<Message>,
 }
 
-type ConnectFuture =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Channel, tonic::transport::Error>> + Send>>;
+type ConnectFuture = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Channel, tonic::transport::Error>> + Send>,
+>;
 
 /// How a server opens channels to other servers: over mutual TLS with its
 /// certificate (built by `crate::trust`), lazily or at once.
@@ -158,8 +159,14 @@ impl Transport {
     fn open_link(&self, to: u64, address: String) -> Link {
         let (queue, receiver) = mpsc::channel(PEER_QUEUE);
         let inbox = self.inbox.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        self.runtime
-            .spawn(peer_loop(self.id, to, address.clone(), receiver, inbox, self.dial.clone()));
+        self.runtime.spawn(peer_loop(
+            self.id,
+            to,
+            address.clone(),
+            receiver,
+            inbox,
+            self.dial.clone(),
+        ));
         Link { address, queue }
     }
 

@@ -42,7 +42,11 @@ impl State {
                 format!("unknown role \"{role}\": use server or agent"),
             )));
         }
-        *self.pki.join_generations.entry(role.to_string()).or_default() += 1;
+        *self
+            .pki
+            .join_generations
+            .entry(role.to_string())
+            .or_default() += 1;
         let message = format!("the {role} join token was rotated; the old one is refused");
         self.event(index, EventKind::JoinTokenRotated, "", "", "", &message);
         Ok(Outcome::Done)
@@ -74,7 +78,12 @@ mod tests {
     fn rotation_bumps_one_role_and_revocation_is_idempotent() {
         let mut state = State::default();
         state
-            .apply(1, Command::RotateJoinToken { role: "agent".into() })
+            .apply(
+                1,
+                Command::RotateJoinToken {
+                    role: "agent".into(),
+                },
+            )
             .unwrap();
         assert_eq!(state.pki.join_generation("agent"), 1);
         assert_eq!(state.pki.join_generation("server"), 0);
