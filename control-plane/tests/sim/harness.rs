@@ -102,6 +102,7 @@ fn initial_snapshot(servers: usize) -> Snapshot {
                 id,
                 name: format!("s{id}"),
                 address: format!("sim:{id}"),
+                learner: false,
             },
         );
     }
