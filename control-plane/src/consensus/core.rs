@@ -215,7 +215,6 @@ impl<S: LogStore> Core<S> {
 
     pub fn tick(&mut self) {
         self.node.tick();
-        self.maybe_promote();
         self.unanswered_reads.retain(|(_, ticks)| *ticks > 0);
         for (tag, ticks) in &mut self.unanswered_reads {
             *ticks -= 1;
@@ -374,7 +373,7 @@ impl<S: LogStore> Core<S> {
 
     /// On the leader, promotes one learner that has caught up (its
     /// matched index within [`PROMOTION_LAG`] of the commit index) to a
-    /// voter. Called on every tick; one membership change at a time, so
+    /// voter. Called on every turn; one membership change at a time, so
     /// nothing happens while another is pending. A learner that never
     /// answers keeps a matched index of 0 and stays a learner.
     pub fn maybe_promote(&mut self) {
@@ -474,6 +473,11 @@ impl<S: LogStore> Core<S> {
     /// in parallel with it.
     pub fn advance(&mut self, send: &mut dyn FnMut(Vec<Message>)) -> Result<Output, CoreError> {
         let mut out = Output::default();
+        if !self.node.raft.prs().conf().learners().is_empty() {
+            // As soon as a learner's progress allows: until then the
+            // cluster has one server fewer that votes.
+            self.maybe_promote();
+        }
         if self.node.has_ready() {
             let mut ready = self.node.ready();
             send(ready.take_messages());
