@@ -179,18 +179,28 @@ fn joins_from_a_snapshot(server_args: &[&str]) {
 /// `cluster remove` takes it out.
 #[test]
 fn a_server_joined_at_an_unreachable_address_stays_a_learner_and_costs_no_quorum() {
-    let cluster = ServerCluster::start(1, &[]);
+    ghost_joins_and_is_removed(1);
+}
+
+/// The same through followers: the join and the removal reach the leader
+/// by `Raft.Propose`, which takes membership changes from followers.
+#[test]
+fn a_join_and_a_removal_through_followers_are_forwarded_to_the_leader() {
+    ghost_joins_and_is_removed(3);
+}
+
+fn ghost_joins_and_is_removed(size: usize) {
+    let cluster = ServerCluster::start(size, &[]);
+    let leader = cluster.leader().expect("a leader");
+    // Through a follower when there is one, removed through another.
+    let (join_via, remove_via) = ((leader + 1) % size, (leader + 2) % size);
     let dir = tempfile::tempdir().expect("temp dir");
     let listen = format!("127.0.0.1:{}", free_port());
     let mut ghost = Command::new(skiff_bin())
         .env_remove("SKIFF_ADDR")
         .args(["server", "--name", "ghost", "--listen", &listen])
-        .args([
-            "--advertise",
-            "127.0.0.1:1",
-            "--join",
-            &cluster.addresses[0],
-        ])
+        .args(["--advertise", "127.0.0.1:1"])
+        .args(["--join", &cluster.addresses[join_via]])
         .arg("--data-dir")
         .arg(dir.path())
         .stdin(Stdio::null())
@@ -198,7 +208,7 @@ fn a_server_joined_at_an_unreachable_address_stays_a_learner_and_costs_no_quorum
         .stderr(Stdio::null())
         .spawn()
         .expect("start skiff server");
-    let server = cluster.addresses[0].clone();
+    let server = cluster.addresses[leader].clone();
     let ghost_role = || {
         let status = json_at(&server, &["cluster", "status"])?;
         let members = status["members"].as_array()?.clone();
@@ -206,21 +216,25 @@ fn a_server_joined_at_an_unreachable_address_stays_a_learner_and_costs_no_quorum
         ghost["role"].as_str().map(str::to_string)
     };
     let joined = wait_until(Duration::from_secs(15), POLL, || ghost_role().is_some());
-    assert!(joined, "the ghost never joined:\n{}", cluster.log(0));
+    assert!(joined, "the ghost never joined:\n{}", cluster.log(leader));
     let _ = ghost.kill();
     let _ = ghost.wait();
     // Well past an election timeout (1 s): a voter it could not reach
-    // would have cost the leader its quorum by now.
+    // would have cost a one-server cluster its quorum by now.
     thread::sleep(Duration::from_secs(3));
     assert_eq!(ghost_role().as_deref(), Some(LEARNER));
+    assert_eq!(cluster.leader(), Some(leader));
     assert!(
-        cluster.put(0, "after/k", "v"),
+        cluster.put(leader, "after/k", "v"),
         "a write failed:\n{}",
-        cluster.log(0)
+        cluster.log(leader)
     );
-    skiff_ok_at(&server, &["cluster", "remove", "ghost"]);
-    cluster.wait_for_members(1);
-    assert!(cluster.put(0, "after/k2", "v"));
+    skiff_ok_at(
+        &cluster.addresses[remove_via],
+        &["cluster", "remove", "ghost"],
+    );
+    cluster.wait_for_members(size);
+    assert!(cluster.put(remove_via, "after/k2", "v"));
 }
 
 /// The heartbeat age `server` shows for each node (`u64::MAX`: never).
