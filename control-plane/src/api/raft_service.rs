@@ -88,7 +88,11 @@ impl pb::raft_server::Raft for RaftService {
             name: request.name.clone(),
             address: request.address.clone(),
         });
-        tracing::info!(name = %request.name, id, "server joined");
+        tracing::info!(
+            name = %request.name,
+            id,
+            "server joined as a learner; the leader makes it a voter once it has caught up"
+        );
         let secrets_key = self
             .secrets_key
             .as_ref()

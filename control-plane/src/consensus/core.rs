@@ -829,8 +829,16 @@ mod tests {
         };
         let mut log = MemLog::new();
         super::super::bootstrap(&mut log, member).unwrap();
-        let mut core = Core::new(config(1), log, &super::super::logger::raft_logger()).unwrap();
-        core.campaign().unwrap();
+        restarted(1, log)
+    }
+
+    /// A server started on `disk`, campaigning at once if it is the only
+    /// voter (as `consensus::start` does).
+    fn restarted(id: u64, disk: MemLog) -> Core<MemLog> {
+        let mut core = Core::new(config(id), disk, &super::super::logger::raft_logger()).unwrap();
+        if core.is_sole_voter() {
+            core.campaign().unwrap();
+        }
         core
     }
 
@@ -901,6 +909,13 @@ mod tests {
         cores[0].propose(6, put("after")).unwrap();
         let replies = run(&mut cores, 1);
         assert!(matches!(replies[0][..], [(6, Reply::Command(Ok(_)))]));
+
+        // Also after a restart: still the only voter, it leads at once.
+        let disk = cores[0].node.store().clone();
+        cores[0] = restarted(1, disk);
+        run(&mut cores, 1);
+        assert!(cores[0].is_leader(), "leads again after a restart");
+        assert!(member(&cores[0], "ghost").unwrap().learner);
 
         cores[0].remove_member(7, "ghost").unwrap();
         let replies = run(&mut cores, 1);
