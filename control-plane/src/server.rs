@@ -226,6 +226,7 @@ async fn serve<S: LogStore + Send + 'static>(
             id: 1,
             name: config.name.clone(),
             address: advertise.clone(),
+            learner: false,
         };
         // The key is on disk before the cluster exists, so no secret is
         // ever sealed with a key that a crash could lose.

@@ -12,6 +12,10 @@ use tempfile::TempDir;
 
 use crate::{free_port, skiff_at, skiff_bin, wait_until, POLL};
 
+/// The role `skiff cluster status` gives a server that joined and is not
+/// yet a voter.
+pub const LEARNER: &str = "learner (catching up)";
+
 pub struct ServerCluster {
     dir: TempDir,
     pub addresses: Vec<String>,
@@ -147,13 +151,21 @@ impl ServerCluster {
             .position(|a| leader["address"] == a.as_str())
     }
 
+    /// Waits until the cluster has `size` members, all of them voters (a
+    /// joined server is a learner until it has caught up).
     pub fn wait_for_members(&self, size: usize) {
         let ok = wait_until(Duration::from_secs(30), POLL, || {
-            self.status()
-                .and_then(|s| s["members"].as_array().map(|m| m.len()))
-                == Some(size)
+            self.status().and_then(|s| {
+                let members = s["members"].as_array()?;
+                let voters = members.iter().all(|m| m["role"] != LEARNER);
+                Some(members.len()).filter(|_| voters)
+            }) == Some(size)
         });
-        assert!(ok, "cluster did not reach {size} members:\n{}", self.log(0));
+        assert!(
+            ok,
+            "cluster did not reach {size} voting members:\n{}",
+            self.log(0)
+        );
     }
 
     /// Writes one variable through server `index`; true if acknowledged.

@@ -2,17 +2,21 @@
 //! loopback: leader failover under a continuous write load without losing
 //! an acknowledged write, catching up from a snapshot, and every server
 //! answering with the leader's view of what only it holds in memory; the
-//! bounded number of services and variables.
+//! bounded number of services and variables; a joined server is a voter
+//! only once it caught up, so one that never can costs no quorum.
 
 use std::collections::BTreeSet;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
 use skiff_e2e::agents::{AgentCluster, AgentSpec};
-use skiff_e2e::servers::ServerCluster;
-use skiff_e2e::{assert_cli_error, json_at, skiff_at, skiff_ok_at, wait_until, POLL};
+use skiff_e2e::servers::{ServerCluster, LEARNER};
+use skiff_e2e::{
+    assert_cli_error, free_port, json_at, skiff_at, skiff_bin, skiff_ok_at, wait_until, POLL,
+};
 
 #[test]
 fn writes_continue_after_the_leader_is_killed_and_no_acknowledged_write_is_lost() {
@@ -148,9 +152,89 @@ fn joins_from_a_snapshot(server_args: &[&str]) {
         "the joined server caught up without a snapshot, so compaction did not happen:\n{}",
         cluster.log(joined)
     );
+    // It caught up, so the leader made it a voter.
+    let role = |asked: usize| {
+        let status = json_at(&cluster.addresses[asked], &["cluster", "status"])?;
+        let members = status["members"].as_array()?.clone();
+        let member = members.into_iter().find(|m| m["name"] == "s2")?;
+        member["role"].as_str().map(str::to_string)
+    };
+    for asked in [0, joined] {
+        assert_eq!(
+            role(asked).as_deref(),
+            Some("follower"),
+            "asked s{}",
+            asked + 1
+        );
+    }
     // And it keeps up with new writes as a follower.
     assert!(cluster.put(joined, "late/k", "v"));
     assert!(cluster.variables(0, "late/").is_some_and(|v| v.len() == 1));
+}
+
+/// Issue #14: a server that joined at an address no one can reach (here a
+/// real `skiff server` advertising 127.0.0.1:1) left a one-server cluster
+/// without a leader for good, since it was added as a voter at once. Now it
+/// stays a learner: the cluster keeps its leader and its writes, and
+/// `cluster remove` takes it out.
+#[test]
+fn a_server_joined_at_an_unreachable_address_stays_a_learner_and_costs_no_quorum() {
+    ghost_joins_and_is_removed(1);
+}
+
+/// The same through followers: the join and the removal reach the leader
+/// by `Raft.Propose`, which takes membership changes from followers.
+#[test]
+fn a_join_and_a_removal_through_followers_are_forwarded_to_the_leader() {
+    ghost_joins_and_is_removed(3);
+}
+
+fn ghost_joins_and_is_removed(size: usize) {
+    let cluster = ServerCluster::start(size, &[]);
+    let leader = cluster.leader().expect("a leader");
+    // Through a follower when there is one, removed through another.
+    let (join_via, remove_via) = ((leader + 1) % size, (leader + 2) % size);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut ghost = Command::new(skiff_bin())
+        .env_remove("SKIFF_ADDR")
+        .args(["server", "--name", "ghost", "--listen", &listen])
+        .args(["--advertise", "127.0.0.1:1"])
+        .args(["--join", &cluster.addresses[join_via]])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start skiff server");
+    let server = cluster.addresses[leader].clone();
+    let ghost_role = || {
+        let status = json_at(&server, &["cluster", "status"])?;
+        let members = status["members"].as_array()?.clone();
+        let ghost = members.into_iter().find(|m| m["name"] == "ghost")?;
+        ghost["role"].as_str().map(str::to_string)
+    };
+    let joined = wait_until(Duration::from_secs(15), POLL, || ghost_role().is_some());
+    assert!(joined, "the ghost never joined:\n{}", cluster.log(leader));
+    let _ = ghost.kill();
+    let _ = ghost.wait();
+    // Well past an election timeout (1 s): a voter it could not reach
+    // would have cost a one-server cluster its quorum by now.
+    thread::sleep(Duration::from_secs(3));
+    assert_eq!(ghost_role().as_deref(), Some(LEARNER));
+    assert_eq!(cluster.leader(), Some(leader));
+    assert!(
+        cluster.put(leader, "after/k", "v"),
+        "a write failed:\n{}",
+        cluster.log(leader)
+    );
+    skiff_ok_at(
+        &cluster.addresses[remove_via],
+        &["cluster", "remove", "ghost"],
+    );
+    cluster.wait_for_members(size);
+    assert!(cluster.put(remove_via, "after/k2", "v"));
 }
 
 /// The heartbeat age `server` shows for each node (`u64::MAX`: never).

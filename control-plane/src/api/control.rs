@@ -693,8 +693,12 @@ impl pb::control_server::Control for Api {
                 .get(&id)
                 .map_or_else(|| id.to_string(), |m| m.name.clone())
         };
-        let member = |id: u64, name: String, address: String| {
-            let role = if id == status.id {
+        let member = |id: u64, name: String, address: String, learner: bool| {
+            // A learner receives the log but does not vote until the leader
+            // promotes it, once it has caught up.
+            let role = if learner {
+                "learner (catching up)".to_string()
+            } else if id == status.id {
                 status.role.to_string()
             } else if id == status.leader_id {
                 "leader".to_string()
@@ -721,10 +725,15 @@ impl pb::control_server::Control for Api {
         let mut members: Vec<pb::Member> = state
             .members
             .values()
-            .map(|m| member(m.id, m.name.clone(), m.address.clone()))
+            .map(|m| member(m.id, m.name.clone(), m.address.clone(), m.learner))
             .collect();
         if !state.members.contains_key(&status.id) {
-            members.push(member(status.id, self.server_name.clone(), String::new()));
+            members.push(member(
+                status.id,
+                self.server_name.clone(),
+                String::new(),
+                false,
+            ));
         }
         Ok(Response::new(pb::ClusterStatusResponse {
             members,
@@ -797,6 +806,7 @@ mod tests {
                         id: 1,
                         name: "s1".into(),
                         address: "127.0.0.1:7070".into(),
+                        learner: false,
                     },
                 },
             )

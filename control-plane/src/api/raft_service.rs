@@ -153,7 +153,11 @@ impl pb::raft_server::Raft for RaftService {
             name: request.name.clone(),
             address: request.address.clone(),
         });
-        tracing::info!(name = %request.name, id, "server joined");
+        tracing::info!(
+            name = %request.name,
+            id,
+            "server joined as a learner; the leader makes it a voter once it has caught up"
+        );
         let secrets_key = self
             .secrets_key
             .as_ref()
@@ -183,6 +187,13 @@ impl pb::raft_server::Raft for RaftService {
         }
         let request: consensus::Request = serde_json::from_slice(&request.into_inner().command)
             .map_err(|e| Status::invalid_argument(format!("undecodable forwarded request: {e}")))?;
+        // Only what followers forward by call (see `consensus::forwarded`),
+        // with the checks the API would have run on it.
+        consensus::forwarded::forwardable(&request).map_err(|why| {
+            Status::permission_denied(format!("forwarded request refused: {why}"))
+        })?;
+        consensus::forwarded::validate(&request)
+            .map_err(|why| Status::invalid_argument(format!("forwarded request refused: {why}")))?;
         let result = self.consensus.request_local(request).await;
         if matches!(&result, Err(err) if err.is_retryable()) {
             return Err(Status::failed_precondition("not the leader"));

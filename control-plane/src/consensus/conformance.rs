@@ -89,6 +89,7 @@ fn bootstrap_starts_the_log_after_the_snapshot<S: LogStore>(
             id: 1,
             name: "s1".into(),
             address: "127.0.0.1:1".into(),
+            learner: false,
         },
     )
     .unwrap();

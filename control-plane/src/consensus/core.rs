@@ -23,6 +23,10 @@ use super::snapshot_file::SnapshotFile;
 use super::{ProposeError, RaftStatus};
 use crate::state::{Command, CommandError, Member, Outcome, State};
 
+/// How far behind the commit index a learner's matched index may be for
+/// the leader to promote it to voter.
+pub const PROMOTION_LAG: u64 = 64;
+
 #[derive(Clone, Debug)]
 pub struct CoreConfig {
     pub id: u64,
@@ -289,8 +293,12 @@ impl<S: LogStore> Core<S> {
         self.node.step(message).map_err(|_| ProposeError::NoLeader)
     }
 
-    /// Adds a server. A server of the same name and address that is
-    /// already a member gets its id back (a join retried after a crash).
+    /// Adds a server as a learner: it receives the log but does not count
+    /// for quorum until [`Core::maybe_promote`] makes it a voter, so a
+    /// server that never catches up (a wrong or unreachable address) can
+    /// never cost the cluster its quorum. A server of the same name and
+    /// address that is already a member gets its id back (a join retried
+    /// after a crash).
     pub fn add_member(
         &mut self,
         tag: u64,
@@ -303,12 +311,13 @@ impl<S: LogStore> Core<S> {
         let (existing, next_id) = {
             let state = self.state.read().unwrap_or_else(|p| p.into_inner());
             let existing = state.members.values().find(|m| m.name == name).cloned();
-            let voters = self.node.raft.prs().conf().voters().ids();
+            let conf = self.node.raft.prs().conf();
             let highest = state
                 .members
                 .keys()
                 .copied()
-                .chain(voters.iter())
+                .chain(conf.voters().ids().iter())
+                .chain(conf.learners().iter().copied())
                 .max()
                 .unwrap_or(0);
             (existing, highest + 1)
@@ -326,9 +335,10 @@ impl<S: LogStore> Core<S> {
             id: next_id,
             name,
             address,
+            learner: true,
         };
         let cc = ConfChange {
-            change_type: ConfChangeType::AddNode,
+            change_type: ConfChangeType::AddLearnerNode,
             node_id: next_id,
             ..Default::default()
         };
@@ -359,6 +369,47 @@ impl<S: LogStore> Core<S> {
             ..Default::default()
         };
         self.propose_conf_change(tag, cc, None)
+    }
+
+    /// On the leader, promotes one learner that has caught up (its
+    /// matched index within [`PROMOTION_LAG`] of the commit index) to a
+    /// voter. Called on every turn; one membership change at a time, so
+    /// nothing happens while another is pending. A learner that never
+    /// answers keeps a matched index of 0 and stays a learner.
+    pub fn maybe_promote(&mut self) {
+        if !self.is_leader() || self.node.raft.has_pending_conf() {
+            return;
+        }
+        let committed = self.node.raft.raft_log.committed;
+        let prs = self.node.raft.prs();
+        let mut learners: Vec<u64> = prs.conf().learners().iter().copied().collect();
+        learners.sort_unstable();
+        let ready = learners.into_iter().find(|id| {
+            prs.get(*id).is_some_and(|progress| {
+                progress.matched > 0 && progress.matched + PROMOTION_LAG >= committed
+            })
+        });
+        let Some(id) = ready else {
+            return;
+        };
+        let member = {
+            let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+            state.members.get(&id).cloned()
+        };
+        let Some(mut member) = member else {
+            return;
+        };
+        member.learner = false;
+        let cc = ConfChange {
+            change_type: ConfChangeType::AddNode,
+            node_id: id,
+            ..Default::default()
+        };
+        // Tag 0 is never a waiter's (the driver's tags start above it).
+        match self.propose_conf_change(0, cc, Some(member)) {
+            Ok(()) => tracing::info!(node = id, "learner caught up: promoting it to voter"),
+            Err(err) => tracing::debug!(node = id, error = %err, "promotion not proposed"),
+        }
     }
 
     fn propose_conf_change(
@@ -422,6 +473,11 @@ impl<S: LogStore> Core<S> {
     /// in parallel with it.
     pub fn advance(&mut self, send: &mut dyn FnMut(Vec<Message>)) -> Result<Output, CoreError> {
         let mut out = Output::default();
+        if !self.node.raft.prs().conf().learners().is_empty() {
+            // As soon as a learner's progress allows: until then the
+            // cluster has one server fewer that votes.
+            self.maybe_promote();
+        }
         if self.node.has_ready() {
             let mut ready = self.node.ready();
             send(ready.take_messages());
@@ -522,7 +578,10 @@ impl<S: LogStore> Core<S> {
                     (ConfChangeType::RemoveNode, _) => {
                         Some(Command::RemoveMember { id: cc.node_id })
                     }
-                    (_, Some(member)) => Some(Command::UpsertMember { member }),
+                    (change, Some(mut member)) => {
+                        member.learner = change == ConfChangeType::AddLearnerNode;
+                        Some(Command::UpsertMember { member })
+                    }
                     (_, None) => None,
                 };
                 match command {
@@ -663,6 +722,7 @@ mod tests {
                 id,
                 name: format!("s{id}"),
                 address: format!("test:{id}"),
+                learner: false,
             };
             state.members.insert(id, member);
         }
@@ -757,6 +817,144 @@ mod tests {
                 && (10..20).contains(&snapshots[2]),
             "snapshot indexes {snapshots:?}"
         );
+    }
+
+    /// A bootstrapped one-server cluster, leading.
+    fn single() -> Core<MemLog> {
+        let member = Member {
+            id: 1,
+            name: "s1".into(),
+            address: "test:1".into(),
+            learner: false,
+        };
+        let mut log = MemLog::new();
+        super::super::bootstrap(&mut log, member).unwrap();
+        restarted(1, log)
+    }
+
+    /// A server started on `disk`, campaigning at once if it is the only
+    /// voter (as `consensus::start` does).
+    fn restarted(id: u64, disk: MemLog) -> Core<MemLog> {
+        let mut core = Core::new(config(id), disk, &super::super::logger::raft_logger()).unwrap();
+        if core.is_sole_voter() {
+            core.campaign().unwrap();
+        }
+        core
+    }
+
+    fn config(id: u64) -> CoreConfig {
+        CoreConfig {
+            id,
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            snapshot_every: 1000,
+        }
+    }
+
+    /// Ticks every core `ticks` times, settling after each; messages to a
+    /// server that is not in `cores` (by id, from 1) are lost. Returns the
+    /// replies each core gave.
+    fn run(cores: &mut [Core<MemLog>], ticks: usize) -> Vec<Vec<(u64, Reply)>> {
+        let mut replies: Vec<Vec<(u64, Reply)>> = cores.iter().map(|_| Vec::new()).collect();
+        for round in 0..=ticks {
+            if round > 0 {
+                cores.iter_mut().for_each(Core::tick);
+            }
+            for _ in 0..100 {
+                let mut messages = Vec::new();
+                for (index, core) in cores.iter_mut().enumerate() {
+                    let output = core.advance(&mut |m| messages.extend(m)).unwrap();
+                    replies[index].extend(output.replies);
+                }
+                if messages.is_empty() {
+                    break;
+                }
+                for message in messages {
+                    let (to, snapshot) = (message.to, message.get_msg_type());
+                    match cores.get_mut(to as usize - 1) {
+                        Some(core) => core.step(message),
+                        None if snapshot == MessageType::MsgSnapshot => {
+                            cores[message.from as usize - 1].report_snapshot(to, false)
+                        }
+                        None => cores[message.from as usize - 1].report_unreachable(to),
+                    }
+                }
+            }
+        }
+        replies
+    }
+
+    fn member(core: &Core<MemLog>, name: &str) -> Option<Member> {
+        let state = core.state();
+        let state = state.read().unwrap();
+        state.members.values().find(|m| m.name == name).cloned()
+    }
+
+    /// Issue #14: one raw join of a server that does not exist took a
+    /// one-server cluster's quorum for good (it was added as a voter).
+    #[test]
+    fn a_join_at_an_unreachable_address_costs_no_quorum_and_can_be_removed() {
+        let mut cores = vec![single()];
+        run(&mut cores, 0);
+        assert!(cores[0].is_leader());
+        let added = cores[0].add_member(5, "ghost".into(), "127.0.0.1:1".into());
+        assert_eq!(added, Ok(None));
+        let replies = run(&mut cores, 50);
+        assert!(matches!(replies[0][..], [(5, Reply::Membership(Ok(2)))]));
+        let ghost = member(&cores[0], "ghost").expect("the ghost is a member");
+        assert!(ghost.learner, "it never caught up: still a learner");
+        assert_eq!(cores[0].status().voters, vec![1]);
+        assert!(cores[0].is_leader(), "the leader kept its quorum");
+
+        cores[0].propose(6, put("after")).unwrap();
+        let replies = run(&mut cores, 1);
+        assert!(matches!(replies[0][..], [(6, Reply::Command(Ok(_)))]));
+
+        // Also after a restart: still the only voter, it leads at once.
+        let disk = cores[0].node.store().clone();
+        cores[0] = restarted(1, disk);
+        run(&mut cores, 1);
+        assert!(cores[0].is_leader(), "leads again after a restart");
+        assert!(member(&cores[0], "ghost").unwrap().learner);
+
+        cores[0].remove_member(7, "ghost").unwrap();
+        let replies = run(&mut cores, 1);
+        assert!(matches!(replies[0][..], [(7, Reply::Membership(Ok(2)))]));
+        assert_eq!(member(&cores[0], "ghost"), None);
+        assert!(cores[0].node.raft.prs().conf().learners().is_empty());
+    }
+
+    #[test]
+    fn a_joined_server_catches_up_as_a_learner_then_becomes_a_voter() {
+        let mut cores = vec![single()];
+        run(&mut cores, 0);
+        for tag in 0..10 {
+            cores[0].propose(tag, put(&format!("k{tag}"))).unwrap();
+        }
+        run(&mut cores, 0);
+        let added = cores[0].add_member(20, "s2".into(), "test:2".into());
+        assert_eq!(added, Ok(None));
+        // Committed before the newcomer runs: a learner, not a voter.
+        let replies = run(&mut cores, 0);
+        assert!(matches!(replies[0][..], [(20, Reply::Membership(Ok(2)))]));
+        assert!(member(&cores[0], "s2").unwrap().learner);
+        assert_eq!(cores[0].status().voters, vec![1]);
+
+        let logger = super::super::logger::raft_logger();
+        cores.push(Core::new(config(2), MemLog::new(), &logger).unwrap());
+        run(&mut cores, 10);
+        for core in &cores {
+            assert_eq!(core.status().voters, vec![1, 2], "server {}", core.id());
+            let s2 = member(core, "s2").unwrap();
+            assert!(!s2.learner, "promoted once caught up");
+            let state = core.state();
+            assert!(state.read().unwrap().variables.contains_key("k9"));
+        }
+        assert!(cores[0].is_leader());
+        // Both vote now: a write commits with the two of them.
+        cores[1].propose(30, put("both")).unwrap();
+        let replies = run(&mut cores, 0);
+        assert!(matches!(replies[1][..], [(30, Reply::Command(Ok(_)))]));
     }
 
     #[test]

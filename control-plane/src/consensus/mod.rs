@@ -12,6 +12,7 @@
 #[cfg(test)]
 mod conformance;
 pub mod core;
+pub mod forwarded;
 mod log_store;
 mod logger;
 pub mod mem;

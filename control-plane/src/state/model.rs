@@ -303,4 +303,9 @@ pub struct Member {
     pub id: u64,
     pub name: String,
     pub address: String,
+    /// A Raft learner: it receives the log but does not vote, until the
+    /// leader promotes it once it has caught up. Absent in snapshots and
+    /// entries of servers without learners: they were all voters.
+    #[serde(default)]
+    pub learner: bool,
 }

@@ -30,6 +30,10 @@ pub struct SimConfig {
     pub crash: f64,
     pub partition: f64,
     pub write: f64,
+    /// During the fault phase, a new server joins (id `servers + 1`, empty
+    /// disk), then a ghost that never runs (id `servers + 2`, at an address
+    /// no one can reach).
+    pub joins: bool,
 }
 
 impl SimConfig {
@@ -45,9 +49,22 @@ impl SimConfig {
             crash: 0.002,
             partition: 0.002,
             write: 0.2,
+            joins: false,
+        }
+    }
+
+    /// [`SimConfig::faulty`], with a server and a ghost joining.
+    pub fn joining(servers: usize, seed: u64) -> Self {
+        SimConfig {
+            joins: true,
+            ..SimConfig::faulty(servers, seed)
         }
     }
 }
+
+/// The name a joining server or ghost gets (the others are `s{id}`).
+pub const JOINER: &str = "joiner";
+pub const GHOST: &str = "ghost";
 
 struct InFlight {
     at: u64,
@@ -60,6 +77,8 @@ struct Server {
     core: Option<Core<MemLog>>,
     /// Tags of writes this server accepted, with the service they create.
     waiting: Vec<(u64, String)>,
+    /// Never runs: messages to it are lost.
+    ghost: bool,
 }
 
 pub struct Sim {
@@ -102,6 +121,7 @@ fn initial_snapshot(servers: usize) -> Snapshot {
                 id,
                 name: format!("s{id}"),
                 address: format!("sim:{id}"),
+                learner: false,
             },
         );
     }
@@ -130,9 +150,31 @@ impl Sim {
                     disk,
                     core: Some(core),
                     waiting: Vec::new(),
+                    ghost: false,
                 }
             })
-            .collect();
+            .collect::<Vec<_>>();
+        let mut servers = servers;
+        if config.joins {
+            // Not a member yet: it starts empty and waits to be added.
+            let id = config.servers as u64 + 1;
+            let disk = MemLog::new();
+            let core = Core::new(core_config(id), disk.clone(), &logger()).unwrap();
+            servers.push(Server {
+                id,
+                disk,
+                core: Some(core),
+                waiting: Vec::new(),
+                ghost: false,
+            });
+            servers.push(Server {
+                id: id + 1,
+                disk: MemLog::new(),
+                core: None,
+                waiting: Vec::new(),
+                ghost: true,
+            });
+        }
         Sim {
             rng: StdRng::seed_from_u64(config.seed),
             config,
@@ -151,13 +193,64 @@ impl Sim {
     }
 
     pub fn run_faults(&mut self) {
-        for _ in 0..self.config.fault_steps {
+        for step in 0..self.config.fault_steps {
             self.inject_faults();
             if self.rng.gen_bool(self.config.write) {
                 self.client_write();
             }
+            if self.config.joins && step >= self.config.fault_steps / 4 && step % 20 == 0 {
+                self.join_next();
+            }
             self.step(true);
         }
+    }
+
+    /// Asks the leader, if any, to add the joiner, or once the leader has
+    /// it, the ghost (in that order, so they get the ids their servers
+    /// have). A request lost to a fault is asked again later.
+    fn join_next(&mut self) {
+        let Some(index) = self.leader() else {
+            return;
+        };
+        self.next_tag += 1;
+        let tag = self.next_tag;
+        let core = self.servers[index].core.as_mut().unwrap();
+        let has = |core: &Core<MemLog>, name: &str| {
+            let state = core.state();
+            let state = state.read().unwrap();
+            state.members.values().any(|m| m.name == name)
+        };
+        let (name, address) = if !has(core, JOINER) {
+            (JOINER, "sim:joiner")
+        } else if !has(core, GHOST) {
+            (GHOST, "sim:ghost")
+        } else {
+            return;
+        };
+        let _ = core.add_member(tag, name.into(), address.into());
+    }
+
+    /// Steps without faults (still asking for the joins, if configured)
+    /// until `done` holds, at most `steps`; returns whether it did.
+    pub fn run_until(&mut self, steps: u64, done: impl Fn(&Sim) -> bool) -> bool {
+        for step in 0..steps {
+            if done(self) {
+                return true;
+            }
+            if self.config.joins && step % 20 == 0 {
+                self.join_next();
+            }
+            self.step(false);
+        }
+        done(self)
+    }
+
+    /// Each running server's Raft voters.
+    pub fn voters(&self) -> Vec<(u64, Vec<u64>)> {
+        self.servers
+            .iter()
+            .filter_map(|s| s.core.as_ref().map(|c| (s.id, c.status().voters)))
+            .collect()
     }
 
     /// Heals every partition, restarts every crashed server and runs until
@@ -165,7 +258,7 @@ impl Sim {
     pub fn heal_and_settle(&mut self) {
         self.isolated.clear();
         for index in 0..self.servers.len() {
-            if self.servers[index].core.is_none() {
+            if self.servers[index].core.is_none() && !self.servers[index].ghost {
                 self.restart(index);
             }
         }
@@ -241,7 +334,9 @@ impl Sim {
     fn inject_faults(&mut self) {
         if self.rng.gen_bool(self.config.crash) {
             let index = self.rng.gen_range(0..self.servers.len());
-            if self.servers[index].core.is_some() {
+            if self.servers[index].ghost {
+                // It never runs.
+            } else if self.servers[index].core.is_some() {
                 // Lose everything not on disk: the node, its inbox, waiters.
                 self.servers[index].core = None;
                 self.servers[index].waiting.clear();
@@ -261,7 +356,10 @@ impl Sim {
         }
         // Crashed servers come back eventually, so a majority can form.
         for index in 0..self.servers.len() {
-            if self.servers[index].core.is_none() && self.rng.gen_bool(0.01) {
+            if self.servers[index].core.is_none()
+                && !self.servers[index].ghost
+                && self.rng.gen_bool(0.01)
+            {
                 self.restart(index);
             }
         }

@@ -12,7 +12,7 @@
 mod harness;
 mod invariants;
 
-use harness::{Sim, SimConfig};
+use harness::{Sim, SimConfig, GHOST};
 
 const SEEDS_PER_SIZE: u64 = 100;
 
@@ -46,6 +46,47 @@ fn run_seeds(servers: usize) {
                 );
                 std::panic::resume_unwind(panic);
             }
+        }
+    }
+}
+
+/// A server joins during the faults: it catches up as a learner and ends
+/// a voter; a ghost that joined at an unreachable address stays a learner
+/// and the cluster still commits (its last write after healing).
+#[test]
+fn sim_joins_under_faults_promote_the_joiner_and_never_the_ghost() {
+    for seed in seeds().into_iter().take(30) {
+        let result = std::panic::catch_unwind(|| {
+            let mut sim = Sim::new(SimConfig::joining(3, seed));
+            sim.run_faults();
+            sim.heal_and_settle();
+            let all = vec![1, 2, 3, 4];
+            let promoted = sim.run_until(3000, |sim| {
+                sim.voters().iter().all(|(_, voters)| *voters == all)
+                    && sim.states().iter().all(|(_, state)| {
+                        state.members.len() == 5
+                            && state
+                                .members
+                                .values()
+                                .all(|m| m.learner == (m.name == GHOST))
+                    })
+            });
+            assert!(
+                promoted,
+                "the joiner did not become a voter, or the ghost did: voters {:?}",
+                sim.voters()
+            );
+            // And the cluster, ghost and all, still commits.
+            sim.heal_and_settle();
+            invariants::no_acknowledged_write_lost(&sim);
+            invariants::state_machines_converge(&sim);
+        });
+        if let Err(panic) = result {
+            eprintln!(
+                "\nsimulation with joins failed: seed {seed}\n\
+                 re-run alone with: SKIFF_SIM_SEED={seed} cargo test -p skiff-control-plane --test sim sim_joins\n"
+            );
+            std::panic::resume_unwind(panic);
         }
     }
 }
