@@ -116,9 +116,15 @@ member_of() { # member_of PID: the member (s1...n3) of this cluster that PID run
 }
 
 join_token() { # join_token ROLE: the cluster's join token of ROLE (server, agent), from any live server
-  local addr
-  addr=$(live_server) || { echo "no server answers: cannot get a $1 join token" >&2; exit 1; }
-  "$skiff" --server "$addr" cluster token "$1" -q
+  # Bounded retries: right after a join the cluster may be between leaders
+  # or membership changes for a moment.
+  local addr attempt
+  for attempt in $(seq 1 40); do
+    if addr=$(live_server) && "$skiff" --server "$addr" cluster token "$1" -q 2>/dev/null; then return 0; fi
+    sleep 0.25
+  done
+  echo "no server gave a $1 join token within 10 s" >&2
+  return 1
 }
 
 member_args() { # member_args NAME: sets `args` to the command line of that member

@@ -186,6 +186,11 @@ impl AgentCluster {
         self.dir.path().join(&self.agents[index].name)
     }
 
+    /// PID of agent `index` while it runs.
+    pub fn pid(&self, index: usize) -> Option<u32> {
+        self.agents[index].child.as_ref().map(Child::id)
+    }
+
     pub fn name(&self, index: usize) -> &str {
         &self.agents[index].name
     }

@@ -15,7 +15,8 @@ use std::time::Duration;
 use skiff_e2e::agents::{AgentCluster, AgentSpec};
 use skiff_e2e::servers::{ServerCluster, LEARNER};
 use skiff_e2e::{
-    assert_cli_error, free_port, json_at, skiff_at, skiff_bin, skiff_ok_at, wait_until, POLL,
+    assert_cli_error, free_port, join_token, json_at, skiff_at, skiff_bin, skiff_ok_at, wait_until,
+    POLL,
 };
 
 #[test]
@@ -201,6 +202,7 @@ fn ghost_joins_and_is_removed(size: usize) {
         .args(["server", "--name", "ghost", "--listen", &listen])
         .args(["--advertise", "127.0.0.1:1"])
         .args(["--join", &cluster.addresses[join_via]])
+        .args(["--token", &join_token(&cluster.addresses[leader], "server")])
         .arg("--data-dir")
         .arg(dir.path())
         .stdin(Stdio::null())

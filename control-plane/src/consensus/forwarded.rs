@@ -46,7 +46,9 @@ fn forwardable_command(command: &Command) -> Result<(), &'static str> {
         | Command::RemoveStack { .. }
         | Command::RemoveVolume { .. }
         | Command::PutSecret { .. }
-        | Command::RemoveSecret { .. } => Ok(()),
+        | Command::RemoveSecret { .. }
+        | Command::RotateJoinToken { .. }
+        | Command::RevokeNode { .. } => Ok(()),
         // Agents' reports, received by whichever server the agent talks to.
         Command::RegisterNode { .. }
         | Command::ReportAllocs { .. }
