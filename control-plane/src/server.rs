@@ -60,6 +60,10 @@ pub struct ServerConfig {
     pub raft_log: RaftLog,
     /// Most services and variables the API accepts (see [`crate::api::Limits`]).
     pub limits: crate::api::Limits,
+    /// Where to write the client config with the admin token `management`,
+    /// created once this server leads a cluster without tokens (`skiff
+    /// server --bootstrap`, `skiff dev`); `None`: no token is created.
+    pub client_config: Option<PathBuf>,
 }
 
 /// The Raft log's durable store.
@@ -92,6 +96,7 @@ impl ServerConfig {
             ),
             raft_log: RaftLog::default(),
             limits: crate::api::Limits::default(),
+            client_config: None,
         }
     }
 }
@@ -303,10 +308,17 @@ async fn serve<S: LogStore + Send + 'static>(
         stop_rx.clone(),
     ));
     tokio::spawn(api.clone().background(stop_rx.clone()));
+    if let Some(path) = config.client_config.clone() {
+        let bootstrap =
+            api.clone()
+                .bootstrap_management_token(path, advertise.clone(), stop_rx.clone());
+        tokio::spawn(bootstrap);
+    }
     tracing::info!(name = %config.name, id, %listen, %advertise, data_dir = %config.data_dir.display(), "skiff server listening");
     let mut grpc_stop = stop_rx.clone();
     let serve = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .layer(crate::api::AuthLayer::new(consensus.clone()))
         .add_service(ControlServer::new(api.clone()))
         .add_service(AgentSyncServer::new(api))
         .add_service(

@@ -17,7 +17,6 @@ use skiff_control_plane::bench::SimNode;
 use skiff_proto::v1 as pb;
 use skiff_proto::v1::agent_message::Msg as AgentMsg;
 use skiff_proto::v1::agent_sync_client::AgentSyncClient;
-use skiff_proto::v1::control_client::ControlClient;
 use skiff_proto::v1::server_message::Msg as ServerMsg;
 use skiff_spec::{RuntimeKind, ServiceSpec};
 use tokio::sync::mpsc;
@@ -109,7 +108,7 @@ pub async fn run(args: BenchScheduleArgs) -> anyhow::Result<()> {
             let channel = Endpoint::from_shared(format!("http://{address}"))?
                 .connect()
                 .await?;
-            ControlClient::new(channel)
+            crate::client::client(channel)
                 .create_service(pb::CreateServiceRequest { spec: Some(spec) })
                 .await?;
             anyhow::Ok(())

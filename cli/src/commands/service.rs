@@ -335,7 +335,7 @@ pub(crate) async fn logs(
             max_age_ms: options.max_age_ms,
             timestamps: options.timestamps,
         };
-        let mut stream = skiff_proto::v1::control_client::ControlClient::new(channel.clone())
+        let mut stream = crate::client::client(channel.clone())
             .service_logs(request)
             .await
             .map_err(|e| {

@@ -138,6 +138,31 @@ impl pb::control_server::Control for Api {
             .map(Response::new)
     }
 
+    async fn token_create(
+        &self,
+        request: Request<pb::TokenCreateRequest>,
+    ) -> Result<Response<pb::TokenCreateResponse>, Status> {
+        self.create_token_here(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn token_list(
+        &self,
+        _request: Request<pb::TokenListRequest>,
+    ) -> Result<Response<pb::TokenListResponse>, Status> {
+        self.list_tokens_here().await.map(Response::new)
+    }
+
+    async fn token_revoke(
+        &self,
+        request: Request<pb::TokenRevokeRequest>,
+    ) -> Result<Response<pb::TokenRevokeResponse>, Status> {
+        self.revoke_token_here(request.into_inner().name)
+            .await
+            .map(|()| Response::new(pb::TokenRevokeResponse {}))
+    }
+
     async fn secret_remove(
         &self,
         request: Request<pb::RemoveSecretRequest>,
@@ -205,6 +230,7 @@ impl pb::control_server::Control for Api {
         &self,
         request: Request<pb::ListServicesRequest>,
     ) -> Result<Response<pb::ListServicesResponse>, Status> {
+        super::auth::check_show_values(&request, request.get_ref().show_values)?;
         let show_values = request.into_inner().show_values;
         self.barrier().await?;
         let state = self.consensus.state();
@@ -226,12 +252,14 @@ impl pb::control_server::Control for Api {
         &self,
         request: Request<pb::GetServiceRequest>,
     ) -> Result<Response<pb::ServiceStatus>, Status> {
+        super::auth::check_show_values(&request, request.get_ref().show_values)?;
         let metadata = request.metadata().clone();
         let asked = request.into_inner();
         let (name, show_values) = (asked.name.clone(), asked.show_values);
+        let incoming = &metadata;
         let view = self
             .ask_leader(&metadata, |mut leader| async move {
-                leader.get_service(forwarded(asked)).await
+                leader.get_service(forwarded(asked, incoming)).await
             })
             .await;
         if let LeaderView::Leader(answer) = view {
@@ -248,9 +276,13 @@ impl pb::control_server::Control for Api {
         &self,
         request: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let metadata = request.metadata().clone();
+        let incoming = &metadata;
         let view = self
-            .ask_leader(request.metadata(), |mut leader| async move {
-                leader.list_nodes(forwarded(pb::ListNodesRequest {})).await
+            .ask_leader(&metadata, |mut leader| async move {
+                leader
+                    .list_nodes(forwarded(pb::ListNodesRequest {}, incoming))
+                    .await
             })
             .await;
         let own = match view {
@@ -272,6 +304,7 @@ impl pb::control_server::Control for Api {
         &self,
         request: Request<pb::PutVariableRequest>,
     ) -> Result<Response<pb::PutVariableResponse>, Status> {
+        super::auth::check_anonymous_variable(&request, &request.get_ref().key)?;
         let request = request.into_inner();
         spec::validate_variable(&request.key, &request.value).map_err(invalid)?;
         let (exists, have) = {
@@ -353,9 +386,10 @@ impl pb::control_server::Control for Api {
         let asked = pb::InspectNodeRequest {
             name: request.name.clone(),
         };
+        let incoming = &metadata;
         let view = self
             .ask_leader(&metadata, |mut leader| async move {
-                leader.inspect_node(forwarded(asked)).await
+                leader.inspect_node(forwarded(asked, incoming)).await
             })
             .await;
         let own = match view {
@@ -482,9 +516,10 @@ impl pb::control_server::Control for Api {
         let metadata = request.metadata().clone();
         let name = request.into_inner().name;
         let asked = pb::InspectNodeRequest { name: name.clone() };
+        let incoming = &metadata;
         let view = self
             .ask_leader(&metadata, |mut leader| async move {
-                leader.inspect_node(forwarded(asked)).await
+                leader.inspect_node(forwarded(asked, incoming)).await
             })
             .await;
         let own = match view {
@@ -601,10 +636,12 @@ impl pb::control_server::Control for Api {
         request: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         // Reachability is the leader's to tell: ask it, unless this is it.
+        let metadata = request.metadata().clone();
+        let incoming = &metadata;
         let view = self
-            .ask_leader(request.metadata(), |mut leader| async move {
+            .ask_leader(&metadata, |mut leader| async move {
                 leader
-                    .cluster_status(forwarded(pb::ClusterStatusRequest {}))
+                    .cluster_status(forwarded(pb::ClusterStatusRequest {}, incoming))
                     .await
             })
             .await;

@@ -59,6 +59,10 @@ pub enum EventKind {
     JobSucceeded,
     /// A job ran out of retries or passed its deadline.
     JobFailed,
+    /// `skiff token create|revoke`; the message names the token and its
+    /// role, never the secret.
+    TokenCreated,
+    TokenRevoked,
 }
 
 impl EventKind {
@@ -102,6 +106,8 @@ impl EventKind {
             EventKind::SecretCreated => "secret-created",
             EventKind::SecretUpdated => "secret-updated",
             EventKind::SecretRemoved => "secret-removed",
+            EventKind::TokenCreated => "token-created",
+            EventKind::TokenRevoked => "token-revoked",
         }
     }
 
@@ -139,6 +145,10 @@ pub struct Event {
     pub alloc: String,
     #[serde(default)]
     pub message: String,
+    /// The API token (its name) whose call caused it; empty: the cluster
+    /// itself (controllers, agents).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub by: String,
 }
 
 impl State {
@@ -179,6 +189,7 @@ impl State {
             node: node.to_string(),
             alloc: alloc.to_string(),
             message: message.to_string(),
+            by: self.by.clone(),
         });
         while self.events.len() > EVENT_RING {
             self.events.pop_front();

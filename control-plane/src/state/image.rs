@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Allocation, Event, Member, Node, Secret, Service, State, Volume};
+use super::{Allocation, Event, Member, Node, Secret, Service, State, Token, Volume};
 
 /// [`StateImage`] by reference, for encoding without copying the state.
 #[derive(Serialize)]
@@ -18,6 +18,7 @@ struct StateImageRef<'a> {
     events: &'a VecDeque<Event>,
     volumes: &'a BTreeMap<String, Volume>,
     secrets: &'a BTreeMap<String, Secret>,
+    tokens: &'a BTreeMap<String, Token>,
     applied_index: u64,
 }
 
@@ -36,6 +37,8 @@ struct StateImage {
     volumes: BTreeMap<String, Volume>,
     #[serde(default)]
     secrets: BTreeMap<String, Secret>,
+    #[serde(default)]
+    tokens: BTreeMap<String, Token>,
     applied_index: u64,
 }
 
@@ -89,6 +92,7 @@ impl State {
             events: &self.events,
             volumes: &self.volumes,
             secrets: &self.secrets,
+            tokens: &self.tokens,
             applied_index: self.applied_index,
         };
         serde_json::to_vec(&image).expect("state always serializes")
@@ -111,6 +115,7 @@ impl State {
             events: image.events,
             volumes: image.volumes,
             secrets: image.secrets,
+            tokens: image.tokens,
             applied_index: image.applied_index,
             ..State::default()
         };
@@ -140,5 +145,6 @@ impl State {
             && self.events == other.events
             && self.volumes == other.volumes
             && self.secrets == other.secrets
+            && self.tokens == other.tokens
     }
 }

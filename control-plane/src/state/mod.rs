@@ -21,6 +21,7 @@
 //! - `secrets`: secrets (sealed values, versions) and their roll-outs.
 //! - `stacks`: a stack's services applied as one step, and the
 //!   `depends_on` conditions that hold a first start.
+//! - `tokens`: the API tokens (role, expiry, the hash of the secret).
 //! - here: the [`State`] itself and the dispatch of each command.
 
 mod apply;
@@ -35,6 +36,7 @@ mod model;
 mod query;
 mod secrets;
 mod stacks;
+mod tokens;
 mod volumes;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -56,6 +58,7 @@ pub use skiff_spec::{
 };
 
 pub use secrets::{Secret, SecretWrite};
+pub use tokens::{Role, Token, TokenWrite};
 pub use volumes::{Volume, VolumeReport};
 
 use image::AllocIndex;
@@ -76,10 +79,16 @@ pub struct State {
     pub volumes: BTreeMap<String, Volume>,
     /// Secrets by name, their values sealed (see `secrets`).
     pub secrets: BTreeMap<String, Secret>,
+    /// API tokens by name, revoked ones too (see `tokens`).
+    pub tokens: BTreeMap<String, Token>,
     /// Raft index of the last applied entry.
     pub applied_index: u64,
     /// The last proposer time seen; stamps events of untimed commands.
     clock_ms: u64,
+    /// The caller (token name) of the command being applied, stamped by
+    /// the API that received it ([`Command::Timed`]); empty for the
+    /// controllers' and agents' commands. Events record it.
+    by: String,
     index: AllocIndex,
 }
 
@@ -98,10 +107,19 @@ impl State {
 
     fn apply_command(&mut self, index: u64, command: Command) -> Result<Outcome, CommandError> {
         match command {
-            Command::Timed { time_ms, command } => {
+            Command::Timed {
+                time_ms,
+                by,
+                command,
+            } => {
                 self.clock_ms = self.clock_ms.max(time_ms);
-                self.apply_command(index, *command)
+                self.by = by.unwrap_or_default();
+                let outcome = self.apply_command(index, *command);
+                self.by.clear();
+                outcome
             }
+            Command::CreateToken { token } => self.create_token(index, token),
+            Command::RevokeToken { name } => self.revoke_token(index, &name),
             Command::CreateService { spec } => self.create_service(index, spec),
             Command::ScaleService { name, replicas } => self.scale_service(index, &name, replicas),
             Command::RemoveService { name } => self.remove_service(index, &name),
