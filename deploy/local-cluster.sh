@@ -73,6 +73,10 @@ fi
 [ -n "$bin_flag" ] && skiff=$bin_flag
 [ ${#port_ranges[@]} = 3 ] || { echo "SKIFF_PORT_RANGES needs 3 ranges (one per agent)" >&2; exit 2; }
 servers="127.0.0.1:$base,127.0.0.1:$((base + 1)),127.0.0.1:$((base + 2))"
+# s1 bootstraps the cluster and writes the admin token `management` into its data dir: every
+# CLI call of this script presents it (a SKIFF_TOKEN in the environment still wins).
+client_config=$dir/s1/client.toml
+export SKIFF_CLIENT_CONFIG=$client_config
 
 wait_for() { # wait_for SECONDS COMMAND...: bounded poll
   local deadline=$((SECONDS + $1)); shift
@@ -328,7 +332,7 @@ start() {
   local left
   left=$(running_replicas | wc -l)
   [ "$left" = 0 ] || echo "$left replicas still running from before: the agents re-adopt them"
-  echo "cluster up: export SKIFF_ADDR=127.0.0.1:$base   (logs and data in $dir)"
+  echo "cluster up: export SKIFF_ADDR=127.0.0.1:$base SKIFF_CLIENT_CONFIG=$client_config   (logs and data in $dir)"
 }
 
 stop() {
