@@ -34,9 +34,18 @@ pub const DEFAULT_ADDRESS: &str = "127.0.0.1:7070";
 static TOKEN: RwLock<Option<MetadataValue<Ascii>>> = RwLock::new(None);
 
 /// Presents the API token on every call of a [`Client`].
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct Credentials {
     authorization: Option<MetadataValue<Ascii>>,
+}
+
+/// Never shows the token.
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("token", &self.authorization.as_ref().map(|_| "<hidden>"))
+            .finish()
+    }
 }
 
 impl tonic::service::Interceptor for Credentials {

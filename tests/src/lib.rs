@@ -166,7 +166,9 @@ pub fn client_token(data_dir: &Path) -> Option<String> {
 /// `data_dir` has written its client config, then uses its token ([`use_token_of`]).
 pub fn wait_for_token_of(data_dir: &Path) {
     assert!(
-        wait_until(READY_TIMEOUT, Duration::from_millis(50), || use_token_of(data_dir)),
+        wait_until(READY_TIMEOUT, Duration::from_millis(50), || use_token_of(
+            data_dir
+        )),
         "no client.toml with the management token in {} within {READY_TIMEOUT:?}",
         data_dir.display()
     );

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use skiff_e2e::{
-    claim_port_range, client_token, describe, free_port, run_with_timeout, skiff_bin,
+    claim_port_range, client_token, describe, events_at, free_port, run_with_timeout, skiff_bin,
     wait_until, DevCluster, CLI_TIMEOUT, POLL, READY_TIMEOUT,
 };
 
@@ -65,8 +65,17 @@ fn create_token(cluster: &DevCluster, name: &str, role: &str, extra: &[&str]) ->
 /// A service with no replicas (nothing runs), created by `token`.
 fn create_idle(server: &str, token: Option<&str>, name: &str) -> Output {
     let args = [
-        "service", "create", "--detach", name, "--runtime", "process", "--replicas", "0", "--",
-        "sleep", "600",
+        "service",
+        "create",
+        "--detach",
+        name,
+        "--runtime",
+        "process",
+        "--replicas",
+        "0",
+        "--",
+        "sleep",
+        "600",
     ];
     skiff_as(server, token, &args)
 }
@@ -85,17 +94,29 @@ fn service_names(cluster: &DevCluster) -> Vec<String> {
 fn calls_without_a_valid_token_are_refused_and_change_nothing() {
     let cluster = DevCluster::start();
     let server = cluster.addr();
-    let events_before = cluster.skiff_json(&["events"]).as_array().map(Vec::len);
+    let events_before = events_at(&server, &[]).len();
 
     let line = refused_as(&server, None, &["service", "ls"], "no API token");
-    assert!(line.contains("--token") && line.contains("client.toml"), "{line}");
+    assert!(
+        line.contains("--token") && line.contains("client.toml"),
+        "{line}"
+    );
     let out = create_idle(&server, None, "web");
-    assert!(!out.status.success(), "{}", describe(&["service", "create"], &out));
+    assert!(
+        !out.status.success(),
+        "{}",
+        describe(&["service", "create"], &out)
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("no API token"));
 
     let wrong = Some("skiff_0000000000000000000000000000000000000000000000000000000000000000");
     refused_as(&server, wrong, &["node", "ls"], "unknown API token");
-    refused_as(&server, wrong, &["var", "put", "k", "v"], "unknown API token");
+    refused_as(
+        &server,
+        wrong,
+        &["var", "put", "k", "v"],
+        "unknown API token",
+    );
     let out = create_idle(&server, wrong, "web");
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown API token"));
 
@@ -103,8 +124,7 @@ fn calls_without_a_valid_token_are_refused_and_change_nothing() {
     assert!(service_names(&cluster).is_empty());
     let out = cluster.skiff(&["var", "get", "k"]);
     assert!(!out.status.success(), "{}", describe(&["var", "get"], &out));
-    let events_after = cluster.skiff_json(&["events"]).as_array().map(Vec::len);
-    assert_eq!(events_before, events_after);
+    assert_eq!(events_at(&server, &[]).len(), events_before);
 }
 
 #[test]
@@ -117,22 +137,24 @@ fn each_role_does_what_the_table_allows_and_no_more() {
 
     // An operator creates and scales; events name its token.
     let out = create_idle(&server, ops, "web");
-    assert!(out.status.success(), "{}", describe(&["service", "create"], &out));
+    assert!(
+        out.status.success(),
+        "{}",
+        describe(&["service", "create"], &out)
+    );
     ok_as(&server, ops, &["service", "scale", "web", "0"]);
-    let events = cluster.skiff_json(&["events", "--service", "web"]);
-    let created = events
-        .as_array()
-        .unwrap()
-        .iter()
+    let created = events_at(&server, &["--service", "web"])
+        .into_iter()
         .find(|e| e["kind"] == "service-created")
-        .cloned()
         .expect("a service-created event");
     assert_eq!(created["by"], "ops", "{created}");
     let table = cluster.skiff_ok(&["events", "--service", "web"]);
     let header = table.lines().next().unwrap_or_default();
     assert!(header.contains(" BY "), "{table}");
     assert!(
-        table.lines().any(|l| l.contains("service-created") && l.contains(" ops ")),
+        table
+            .lines()
+            .any(|l| l.contains("service-created") && l.contains(" ops ")),
         "{table}"
     );
 
@@ -142,9 +164,22 @@ fn each_role_does_what_the_table_allows_and_no_more() {
     ok_as(&server, reader, &["service", "inspect", "web"]);
     ok_as(&server, reader, &["events", "--tail", "1"]);
     ok_as(&server, reader, &["cluster", "status"]);
-    let line = refused_as(&server, reader, &["service", "scale", "web", "3"], "operator");
-    assert!(line.contains("permission denied") && line.contains("reader"), "{line}");
-    refused_as(&server, reader, &["service", "rm", "web"], "needs the operator role");
+    let line = refused_as(
+        &server,
+        reader,
+        &["service", "scale", "web", "3"],
+        "operator",
+    );
+    assert!(
+        line.contains("permission denied") && line.contains("reader"),
+        "{line}"
+    );
+    refused_as(
+        &server,
+        reader,
+        &["service", "rm", "web"],
+        "needs the operator role",
+    );
     let out = create_idle(&server, reader, "other");
     assert!(String::from_utf8_lossy(&out.stderr).contains("needs the operator role"));
     let status = cluster.inspect("web");
@@ -183,6 +218,22 @@ fn each_role_does_what_the_table_allows_and_no_more() {
     let text = tokens.to_string();
     assert!(!text.contains("skiff_") && !text.contains("hash"), "{text}");
 
+    // An operator updates a service without seeing its values, and keeps them.
+    let args = [
+        "service",
+        "update",
+        "web",
+        "--detach",
+        "-e",
+        "PASSWORD=hunter2",
+    ];
+    ok_as(&server, ops, &args);
+    let args = ["service", "update", "web", "--detach", "-e", "MODE=fast"];
+    ok_as(&server, ops, &args);
+    let shown = cluster.inspect_values("web");
+    assert_eq!(shown["spec"]["env"]["PASSWORD"], "hunter2", "{shown}");
+    assert_eq!(shown["spec"]["env"]["MODE"], "fast", "{shown}");
+
     ok_as(&server, ops, &["service", "rm", "web"]);
     assert!(service_names(&cluster).is_empty());
 }
@@ -195,14 +246,24 @@ fn revoked_and_expired_tokens_stop_working() {
     ok_as(&server, Some(&gone), &["service", "ls"]);
     let revoked = cluster.skiff_ok(&["token", "revoke", "gone"]);
     assert!(revoked.contains("gone revoked"), "{revoked}");
-    refused_as(&server, Some(&gone), &["service", "ls"], "\"gone\" was revoked");
+    refused_as(
+        &server,
+        Some(&gone),
+        &["service", "ls"],
+        "\"gone\" was revoked",
+    );
     let out = create_idle(&server, Some(&gone), "web");
     assert!(String::from_utf8_lossy(&out.stderr).contains("was revoked"));
 
     let brief = create_token(&cluster, "brief", "read-only", &["--ttl", "2s"]);
     ok_as(&server, Some(&brief), &["service", "ls"]);
     std::thread::sleep(Duration::from_millis(2500));
-    refused_as(&server, Some(&brief), &["service", "ls"], "\"brief\" has expired");
+    refused_as(
+        &server,
+        Some(&brief),
+        &["service", "ls"],
+        "\"brief\" has expired",
+    );
 
     let listed = cluster.skiff_ok(&["token", "ls"]);
     let state = |name: &str| {
@@ -241,7 +302,10 @@ fn skiff_dev_writes_a_private_client_config_the_cli_finds_in_its_directory() {
             .env_remove("SKIFF_TOKEN")
             .args(["dev", "--listen", &api, "--name", "dev"])
             .args(["--port-range", &format!("{}-{}", ports.start, ports.end)])
-            .args(["--server-metrics-listen", &format!("127.0.0.1:{}", free_port())])
+            .args([
+                "--server-metrics-listen",
+                &format!("127.0.0.1:{}", free_port()),
+            ])
             .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -273,7 +337,11 @@ fn skiff_dev_writes_a_private_client_config_the_cli_finds_in_its_directory() {
         let out = in_dir(&["node", "ls", "--output", "json"]);
         out.status.success() && String::from_utf8_lossy(&out.stdout).contains("\"ready\"")
     });
-    assert!(ready, "node ls in the dev directory never worked\n{}", log());
+    assert!(
+        ready,
+        "node ls in the dev directory never worked\n{}",
+        log()
+    );
     let args = ["var", "put", "greeting", "hello"];
     let out = in_dir(&args);
     assert!(out.status.success(), "{}", describe(&args, &out));
@@ -281,7 +349,12 @@ fn skiff_dev_writes_a_private_client_config_the_cli_finds_in_its_directory() {
     assert!(out.status.success(), "{}", describe(&["events"], &out));
 
     // A named client config that does not exist is one line saying what to do.
-    let args = ["--client-config", "/nonexistent/client.toml", "service", "ls"];
+    let args = [
+        "--client-config",
+        "/nonexistent/client.toml",
+        "service",
+        "ls",
+    ];
     let out = in_dir(&args);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{}", describe(&args, &out));

@@ -71,7 +71,7 @@ pub async fn run(server: &str, format: OutputFormat, command: StackCommand) -> a
 
 /// `skiff service export NAME`.
 pub async fn export_service(client: &mut Client, name: &str) -> anyhow::Result<()> {
-    let status = super::service::get(client, name).await?;
+    let status = super::service::get_with_values(client, name).await?;
     let spec = domain(status.spec.unwrap_or_default())?;
     // A service of a stack is exported as one of that stack, so that
     // `stack deploy STACK` of the file names it the same.

@@ -82,6 +82,23 @@ pub(super) fn reserved_port(state: &crate::state::State, port: u16) -> Option<St
         .map(|m| format!("is server {}'s port ({})", m.name, m.address))
 }
 
+/// Puts back the current value of every environment variable `spec` sends
+/// as its short hash (as reads show it without `--show-values`), so that
+/// `service update` starts from what anyone with an operator token may
+/// read and still keeps values it does not change.
+pub(super) fn keep_hidden_env(
+    spec: &mut pb::ServiceSpec,
+    current: &std::collections::BTreeMap<String, String>,
+) {
+    for (key, value) in spec.env.iter_mut() {
+        if let Some(old) = current.get(key) {
+            if *value == skiff_spec::value_hash(old) {
+                value.clone_from(old);
+            }
+        }
+    }
+}
+
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -458,7 +475,13 @@ impl pb::control_server::Control for Api {
         &self,
         request: Request<pb::UpdateServiceRequest>,
     ) -> Result<Response<pb::ServiceStatus>, Status> {
-        let spec = request.into_inner().spec;
+        let mut spec = request.into_inner().spec;
+        if let Some(spec) = spec.as_mut() {
+            self.barrier().await?;
+            if let Some(current) = self.consensus.state().services.get(&spec.name) {
+                keep_hidden_env(spec, &current.spec.env);
+            }
+        }
         let spec = self.checked_spec(spec).await?;
         let name = spec.name.clone();
         self.propose(Command::UpdateService { spec }).await?;
@@ -734,6 +757,27 @@ impl Api {
 mod tests {
     use super::*;
     use crate::state::{Command, Member, State};
+
+    #[test]
+    fn an_update_that_sends_hidden_values_back_keeps_them() {
+        let current = std::collections::BTreeMap::from([
+            ("A".to_string(), "secret".to_string()),
+            ("B".to_string(), "old".to_string()),
+        ]);
+        let mut spec = pb::ServiceSpec {
+            env: [
+                ("A".to_string(), skiff_spec::value_hash("secret")),
+                ("B".to_string(), "new".to_string()),
+                ("C".to_string(), skiff_spec::value_hash("x")),
+            ]
+            .into(),
+            ..Default::default()
+        };
+        keep_hidden_env(&mut spec, &current);
+        assert_eq!(spec.env["A"], "secret");
+        assert_eq!(spec.env["B"], "new");
+        assert_eq!(spec.env["C"], skiff_spec::value_hash("x"));
+    }
 
     #[test]
     fn ports_of_node_ranges_and_servers_cannot_be_published() {
