@@ -98,7 +98,7 @@ impl Api {
         self.propose(Command::RevokeToken { name }).await
     }
 
-    /// Once this server leads a cluster that has no usable token, creates
+    /// Once this server leads a cluster that has no token yet, creates
     /// the admin token [`MANAGEMENT_TOKEN`] and writes it with `address`
     /// into the client config at `path` (for `skiff server --bootstrap`
     /// and `skiff dev`), so the first operator can call the API. Gives up
@@ -111,6 +111,11 @@ impl Api {
     ) {
         let mut status = self.consensus.watch_status();
         loop {
+            // Tokens exist (a restart, or another server leads and they
+            // were made): nothing to do.
+            if !self.consensus.state().tokens.is_empty() {
+                return;
+            }
             let now = status.borrow_and_update().clone();
             if now.leader_id == now.id && now.id != 0 && self.barrier().await.is_ok() {
                 break;
