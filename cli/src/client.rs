@@ -71,6 +71,14 @@ pub fn set_token(token: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The API token set by [`set_token`], for a `skiff` this process runs
+/// (as `SKIFF_TOKEN`).
+pub fn token() -> Option<String> {
+    let value = TOKEN.read().unwrap_or_else(|p| p.into_inner()).clone()?;
+    let text = value.to_str().ok()?;
+    text.strip_prefix("Bearer ").map(str::to_string)
+}
+
 /// The credentials of this process (see [`set_token`]).
 fn credentials() -> Credentials {
     Credentials {
