@@ -21,6 +21,8 @@ skiff="${SKIFF_BIN:-target/release/skiff}"
 publish="${DEMO_PORT:-8080}"
 data_dir="${DEMO_DATA_DIR:-.skiff}"
 log="${data_dir}/dev.log"
+# `skiff dev` writes the API address and its admin token there; the CLI calls below use it.
+export SKIFF_CLIENT_CONFIG="${SKIFF_CLIENT_CONFIG:-${data_dir}/client.toml}"
 
 if [ -z "${SKIFF_BIN:-}" ]; then
     echo "==> building (cargo build --release)"

@@ -76,6 +76,10 @@ servers="127.0.0.1:$base,127.0.0.1:$((base + 1)),127.0.0.1:$((base + 2))"
 # The script's own CLI calls verify the servers against the cluster CA,
 # which s1 creates when it bootstraps.
 export SKIFF_CA_CERT="$dir/s1/pki/ca.crt"
+# s1 bootstraps the cluster and writes the admin token `management` into its data dir: every
+# CLI call of this script presents it (a SKIFF_TOKEN in the environment still wins).
+client_config=$dir/s1/client.toml
+export SKIFF_CLIENT_CONFIG=$client_config
 
 wait_for() { # wait_for SECONDS COMMAND...: bounded poll
   local deadline=$((SECONDS + $1)); shift
@@ -350,7 +354,7 @@ start() {
   local left
   left=$(running_replicas | wc -l)
   [ "$left" = 0 ] || echo "$left replicas still running from before: the agents re-adopt them"
-  echo "cluster up: export SKIFF_ADDR=127.0.0.1:$base SKIFF_CA_CERT=$dir/s1/pki/ca.crt   (logs and data in $dir)"
+  echo "cluster up: export SKIFF_ADDR=127.0.0.1:$base SKIFF_CLIENT_CONFIG=$client_config   (logs and data in $dir)"
 }
 
 stop() {

@@ -36,15 +36,17 @@ pub struct Cli {
     #[arg(long, global = true, env = "SKIFF_CA_CERT", value_name = "FILE", help_heading = heading::GLOBAL)]
     pub ca_cert: Option<std::path::PathBuf>,
     /// Address of any skiff server, or several comma-separated: the first
-    /// that answers is used.
-    #[arg(
-        long,
-        global = true,
-        env = "SKIFF_ADDR",
-        default_value = "127.0.0.1:7070",
-        help_heading = heading::GLOBAL
-    )]
-    pub server: String,
+    /// that answers is used [default: the client config's `address`, else
+    /// 127.0.0.1:7070].
+    #[arg(long, global = true, env = "SKIFF_ADDR", help_heading = heading::GLOBAL)]
+    pub server: Option<String>,
+    /// The API token to present [default: the client config's `token`].
+    #[arg(long, global = true, env = "SKIFF_TOKEN", hide_env_values = true, help_heading = heading::GLOBAL)]
+    pub token: Option<String>,
+    /// The client config file (address, token) [default:
+    /// ./.skiff/client.toml when present, which `skiff dev` writes].
+    #[arg(long, global = true, env = "SKIFF_CLIENT_CONFIG", value_name = "FILE", help_heading = heading::GLOBAL)]
+    pub client_config: Option<PathBuf>,
     /// How read commands print their result.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = OutputFormat::Table, help_heading = heading::GLOBAL)]
     pub output: OutputFormat,
@@ -120,6 +122,9 @@ pub enum Command {
     /// Read and write cluster variables (small key/value data kept in Raft).
     #[command(subcommand)]
     Var(VarCommand),
+    /// Create, list and revoke API tokens (admin role).
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Measure the control plane (figures are printed, never asserted).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -1267,6 +1272,36 @@ pub enum StackCommand {
     Export { name: String },
 }
 
+/// A token's role (see `skiff_control_plane::state::Role`).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RoleArg {
+    /// Everything: also tokens, nodes, servers and `--show-values`.
+    Admin,
+    /// Reads, and writes to services, stacks, jobs, volumes, secrets,
+    /// variables; exec.
+    Operator,
+    /// Lists, inspect, events, logs and cluster status.
+    ReadOnly,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Create a token and print its secret (shown this once only).
+    Create {
+        name: String,
+        #[arg(long, value_enum)]
+        role: RoleArg,
+        /// How long it is valid (e.g. 90s, 30m, 24h, 7d); default: until
+        /// revoked.
+        #[arg(long, value_parser = parse_ttl)]
+        ttl: Option<u64>,
+    },
+    /// List tokens: name, role, created, expires, state (never a secret).
+    Ls,
+    /// Revoke a token: calls presenting it are refused from now on.
+    Revoke { name: String },
+}
+
 #[derive(Subcommand, Debug)]
 pub enum SecretCommand {
     /// Create a secret from a file (`-`: standard input); at most 512 KiB.
@@ -1379,6 +1414,27 @@ pub(crate) fn parse_millis(value: &str) -> Result<u32, String> {
     };
     u32::try_from(ms)
         .ok()
+        .filter(|ms| *ms > 0)
+        .ok_or_else(|| format!("\"{value}\" is out of range; {fix}"))
+}
+
+/// A token's lifetime: `90s`, `30m`, `24h`, `7d`.
+pub(crate) fn parse_ttl(value: &str) -> Result<u64, String> {
+    let fix = "use a duration like 90s, 30m, 24h or 7d";
+    let (number, unit) = value
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((value, "s"), |i| value.split_at(i));
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("\"{value}\" is not a duration; {fix}"))?;
+    let unit_ms: u64 = match unit {
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("\"{value}\" has an unknown unit; {fix}")),
+    };
+    n.checked_mul(unit_ms)
         .filter(|ms| *ms > 0)
         .ok_or_else(|| format!("\"{value}\" is out of range; {fix}"))
 }
@@ -1510,6 +1566,15 @@ mod tests {
         assert_eq!(args.user.as_deref(), Some("nobody"));
         assert_eq!(args.command, ["sh", "-c", "id"]);
         assert!(Cli::try_parse_from(["skiff", "service", "exec", "web"]).is_err());
+    }
+
+    #[test]
+    fn token_lifetimes_parse_with_units_up_to_days() {
+        assert_eq!(parse_ttl("2s"), Ok(2000));
+        assert_eq!(parse_ttl("24h"), Ok(86_400_000));
+        assert_eq!(parse_ttl("7d"), Ok(604_800_000));
+        assert!(parse_ttl("0s").is_err());
+        assert!(parse_ttl("1y").unwrap_err().contains("unknown unit"));
     }
 
     #[test]

@@ -77,23 +77,27 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
-    let (server, output) = (cli.server.as_str(), cli.output);
-    let daemon = matches!(
+    let client_command = !matches!(
         cli.command,
-        Command::Server(_) | Command::Agent(_) | Command::Dev(_) | Command::Bench(_)
+        Command::Server(_)
+            | Command::Agent(_)
+            | Command::Dev(_)
+            | Command::Completion { .. }
+            | Command::Man { .. }
+            | Command::Shim(_)
     );
-    if !daemon {
-        match &cli.ca_cert {
-            Some(path) => client::trust_ca_file(path)?,
-            // `skiff dev`'s data dir in the current directory.
-            None => {
-                let dev = std::path::Path::new(".skiff/server/pki/ca.crt");
-                if dev.exists() {
-                    client::trust_ca_file(dev)?;
-                }
-            }
-        }
-    }
+    let server = if client_command {
+        client::resolve(
+            cli.server.as_deref(),
+            cli.token.as_deref(),
+            cli.client_config.as_deref(),
+            cli.ca_cert.as_deref(),
+        )?
+    } else {
+        cli.server
+            .unwrap_or_else(|| client::DEFAULT_ADDRESS.to_string())
+    };
+    let (server, output) = (server.as_str(), cli.output);
     match cli.command {
         Command::Server(args) => commands::daemon::server(args).await,
         Command::Agent(args) => commands::daemon::agent(args).await,
@@ -107,6 +111,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Events(args) => commands::events::run(server, output, args).await,
         Command::Cluster(command) => commands::cluster::run(server, output, command).await,
         Command::Var(command) => commands::var::run(server, output, command).await,
+        Command::Token(command) => commands::token::run(server, output, command).await,
         Command::Bench(command) => commands::bench::run(command).await,
         Command::Completion { shell } => {
             commands::completion::run(shell);

@@ -14,12 +14,15 @@
 //!   only layer that builds `tonic::Status`.
 //! - `metrics`: the Prometheus endpoint.
 //! - `secrets`: the cluster's secrets key and the sealing of values.
+//! - `client_config`: the `client.toml` the CLI reads its server and API
+//!   token from, written at bootstrap with the management token.
 //!
 //! Other crates use `consensus`, `controllers`, `scheduler` and `state`;
 //! the rest is private to this crate.
 
 mod api;
 pub mod bench;
+pub mod client_config;
 pub mod consensus;
 pub mod controllers;
 mod metrics;
@@ -29,5 +32,6 @@ mod server;
 pub mod state;
 pub mod trust;
 
-pub use api::Limits;
+pub use api::{Limits, MANAGEMENT_TOKEN};
+pub use client_config::{ClientConfig, ClientConfigError, CLIENT_CONFIG_FILE};
 pub use server::{run, RaftLog, ServerConfig, ServerError};

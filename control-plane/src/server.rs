@@ -67,6 +67,10 @@ pub struct ServerConfig {
     pub join_token: Option<String>,
     /// Lifetime of the certificates this server issues (`--cert-lifetime`).
     pub cert_lifetime: Duration,
+    /// Where to write the client config with the admin token `management`,
+    /// created once this server leads a cluster without tokens (`skiff
+    /// server --bootstrap`, `skiff dev`); `None`: no token is created.
+    pub client_config: Option<PathBuf>,
 }
 
 /// The Raft log's durable store.
@@ -101,6 +105,7 @@ impl ServerConfig {
             limits: crate::api::Limits::default(),
             join_token: None,
             cert_lifetime: skiff_pki::DEFAULT_LIFETIME,
+            client_config: None,
         }
     }
 }
@@ -347,6 +352,12 @@ async fn serve<S: LogStore + Send + 'static>(
         stop_rx.clone(),
     ));
     tokio::spawn(api.clone().background(stop_rx.clone()));
+    if let Some(path) = config.client_config.clone() {
+        let bootstrap =
+            api.clone()
+                .bootstrap_management_token(path, advertise.clone(), stop_rx.clone());
+        tokio::spawn(bootstrap);
+    }
     tracing::info!(name = %config.name, id, %listen, %advertise, data_dir = %config.data_dir.display(), "skiff server listening");
     let mut grpc_stop = stop_rx.clone();
     {
@@ -357,6 +368,7 @@ async fn serve<S: LogStore + Send + 'static>(
     }
     let incoming = skiff_pki::tls::incoming(listener, trust.server_config()?);
     let serve = tonic::transport::Server::builder()
+        .layer(crate::api::AuthLayer::new(consensus.clone()))
         .add_service(ControlServer::new(api.clone()))
         .add_service(AgentSyncServer::new(api))
         .add_service(PkiServer::new(PkiService::new(

@@ -66,6 +66,13 @@ impl Trust {
         &self.credentials
     }
 
+    /// Where the CA certificate is on disk (absolute): what clients
+    /// verify servers against (the client config's `ca_cert`).
+    pub fn ca_cert_path(&self) -> PathBuf {
+        let path = self.dir.join("ca.crt");
+        std::path::absolute(&path).unwrap_or(path)
+    }
+
     pub fn lifetime(&self) -> Duration {
         self.lifetime
     }

@@ -154,6 +154,43 @@ pub fn join_token(server: &str, role: &str) -> String {
         .to_string()
 }
 
+/// The API token of the cluster a test started: read from the client config (`client.toml`)
+/// its bootstrap server or `skiff dev` wrote in `data_dir`, and put in this process's
+/// environment as `SKIFF_TOKEN`, so that every CLI run of the test (through these helpers or
+/// its own `Command`s, and the scripts it runs) presents it. Each nextest test is its own
+/// process, so this credential is the test's. False while the file is not written yet.
+pub fn use_token_of(data_dir: &Path) -> bool {
+    match client_token(data_dir) {
+        Some(token) => {
+            std::env::set_var("SKIFF_TOKEN", token);
+            true
+        }
+        None => false,
+    }
+}
+
+/// The `token` of `data_dir/client.toml`, if written (quoted as JSON quotes strings).
+pub fn client_token(data_dir: &Path) -> Option<String> {
+    let text = fs::read_to_string(data_dir.join("client.toml")).ok()?;
+    text.lines()
+        .filter_map(|line| line.trim().strip_prefix("token"))
+        .filter_map(|rest| rest.trim_start().strip_prefix('='))
+        .find_map(|value| serde_json::from_str::<String>(value.trim()).ok())
+        .filter(|token| !token.is_empty())
+}
+
+/// Waits (at most [`READY_TIMEOUT`]) until the cluster whose bootstrap data dir is
+/// `data_dir` has written its client config, then uses its token ([`use_token_of`]).
+pub fn wait_for_token_of(data_dir: &Path) {
+    assert!(
+        wait_until(READY_TIMEOUT, Duration::from_millis(50), || use_token_of(
+            data_dir
+        )),
+        "no client.toml with the management token in {} within {READY_TIMEOUT:?}",
+        data_dir.display()
+    );
+}
+
 /// Runs `skiff --server <server> <args>` (with `SKIFF_ADDR` removed from its environment).
 pub fn skiff_at<S: AsRef<OsStr>>(server: &str, args: &[S]) -> Output {
     let mut cmd = Command::new(skiff_bin());
@@ -706,6 +743,10 @@ impl DevCluster {
                     "skiff dev exited with {status} before its node was ready\n{}",
                     self.log_tail(60)
                 );
+            }
+            if !use_token_of(self.data_dir()) {
+                last = "no client.toml with the management token yet".into();
+                return false;
             }
             let args = ["node", "ls", "--output", "json"];
             let mut cmd = Command::new(&self.bin);

@@ -50,6 +50,7 @@ impl ServerCluster {
         self.children.push(None);
         self.spawn(index);
         if index == 0 {
+            crate::wait_for_token_of(&self.data_dir(0));
             assert!(
                 wait_until(Duration::from_secs(15), POLL, || self.leader().is_some()),
                 "the first server never became leader:\n{}",

@@ -291,9 +291,10 @@ fn a_server_runs_from_its_config_file_and_skiff_variables_override_it() {
     skiff_e2e::use_cluster_ca(&dir.path().join("data/pki/ca.crt"));
     let status = ["cluster", "status"];
     let answered = wait_until(READY_TIMEOUT, POLL, || {
-        skiff_at(&format!("127.0.0.1:{in_env}"), &status)
-            .status
-            .success()
+        skiff_e2e::use_token_of(&dir.path().join("data"))
+            && skiff_at(&format!("127.0.0.1:{in_env}"), &status)
+                .status
+                .success()
     });
     let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default();
     assert!(

@@ -212,6 +212,12 @@ fn stop_keeps_replicas_and_says_so_purge_removes_them_and_foreign_pids_are_never
     let mut cluster = LocalCluster::new();
     let out = cluster.script_ok(&["start"]);
     assert!(out.contains("cluster up"), "{out}");
+    // The script's own calls use s1's client config; this test's use its token too.
+    assert!(
+        skiff_e2e::use_token_of(&cluster.path().join("s1")),
+        "start wrote no client.toml in s1's data dir\n{}",
+        cluster.logs()
+    );
     let members = cluster.members();
     assert_eq!(members.len(), 6, "{members:?}");
     for &(_, pid) in &members {

@@ -11,8 +11,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use skiff_proto::v1 as pb;
-use skiff_proto::v1::control_client::ControlClient;
-use tonic::transport::Channel;
 
 use crate::args::{BenchCommand, BenchFailoverArgs, BenchRaftArgs, RaftLogArg};
 
@@ -156,6 +154,7 @@ impl LocalCluster {
             cluster.children.push(Some(child));
             if index == 0 {
                 cluster.trust_first_server()?;
+                use_management_token(&cluster.dir.join("s1"), Duration::from_secs(10)).await?;
                 wait_for_leader(&cluster.addresses[0], Duration::from_secs(10)).await?;
             }
         }
@@ -267,13 +266,33 @@ pub fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-async fn client(address: &str) -> anyhow::Result<ControlClient<Channel>> {
+async fn client(address: &str) -> anyhow::Result<crate::client::Client> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
         .connect_timeout(Duration::from_secs(2));
     let channel = crate::client::connect_tls(endpoint)
         .await?
         .with_context(|| format!("cannot reach {address}"))?;
-    Ok(ControlClient::new(channel))
+    Ok(crate::client::client(channel))
+}
+
+/// Waits until the bootstrap server with data in `data_dir` has written
+/// its client config (once it leads and has created the management
+/// token), and presents that token on every call from now on.
+pub async fn use_management_token(data_dir: &Path, limit: Duration) -> anyhow::Result<()> {
+    let path = data_dir.join(skiff_control_plane::CLIENT_CONFIG_FILE);
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(config) = skiff_control_plane::ClientConfig::read(&path) {
+            return crate::client::set_token(&config.token);
+        }
+        if Instant::now() > deadline {
+            return Err(anyhow!(
+                "the bench server wrote no client config {} within {limit:?}",
+                path.display()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn cluster_status(address: &str) -> anyhow::Result<pb::ClusterStatusResponse> {

@@ -308,6 +308,9 @@ pub async fn run(args: BenchAutoscaleArgs) -> anyhow::Result<()> {
     let server = format!("127.0.0.1:{}", free_port()?);
     let publish = free_port()?;
     let processes = Processes::start(&args, &server)?;
+    super::bench::use_management_token(&processes.dir.join("server"), Duration::from_secs(20))
+        .await
+        .context("the bench server did not start")?;
     let mut client = {
         let started = Instant::now();
         loop {

@@ -17,7 +17,6 @@ use skiff_control_plane::bench::SimNode;
 use skiff_proto::v1 as pb;
 use skiff_proto::v1::agent_message::Msg as AgentMsg;
 use skiff_proto::v1::agent_sync_client::AgentSyncClient;
-use skiff_proto::v1::control_client::ControlClient;
 use skiff_proto::v1::server_message::Msg as ServerMsg;
 use skiff_spec::{RuntimeKind, ServiceSpec};
 use tokio::sync::mpsc;
@@ -128,7 +127,7 @@ pub async fn run(args: BenchScheduleArgs) -> anyhow::Result<()> {
             let channel =
                 crate::client::connect_tls(Endpoint::from_shared(format!("http://{address}"))?)
                     .await??;
-            ControlClient::new(channel)
+            crate::client::client(channel)
                 .create_service(pb::CreateServiceRequest { spec: Some(spec) })
                 .await?;
             anyhow::Ok(())

@@ -233,8 +233,13 @@ async fn skiff(server: &str, args: Vec<String>) -> anyhow::Result<String> {
     let exe = std::env::current_exe()?;
     let server = server.to_string();
     let shown = args.join(" ");
+    let token = crate::client::token();
     let out = tokio::task::spawn_blocking(move || {
-        Command::new(exe)
+        let mut command = Command::new(exe);
+        if let Some(token) = token {
+            command.env("SKIFF_TOKEN", token);
+        }
+        command
             .env_remove("SKIFF_ADDR")
             .arg("--server")
             .arg(server)

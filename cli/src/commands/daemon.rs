@@ -15,7 +15,12 @@ use crate::args::{AgentArgs, DevArgs, NodeArgs, RaftLogArg, ServerArgs};
 
 pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
     let listener = bind(args.listen).await?;
+    // Where the management token goes (see `ServerConfig::client_config`).
+    let client_config = args
+        .bootstrap
+        .then(|| args.data_dir.join(skiff_control_plane::CLIENT_CONFIG_FILE));
     let mut config = ServerConfig::new(args.name, args.data_dir);
+    config.client_config = client_config;
     config.bootstrap = args.bootstrap;
     config.join = args.join;
     config.advertise = args.advertise;
@@ -60,6 +65,8 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     let data_dir = std::fs::canonicalize(&args.data_dir)?;
     let mut server_config = ServerConfig::new("dev-server", data_dir.join("server"));
     server_config.bootstrap = true;
+    let client_config = data_dir.join(skiff_control_plane::CLIENT_CONFIG_FILE);
+    server_config.client_config = Some(client_config.clone());
     server_config.autoscale_window = Duration::from_millis(u64::from(args.autoscale_window));
     server_config.metrics_listen = args.server_metrics_listen;
     let mut agent = agent_config(
@@ -88,8 +95,10 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     let agent = tokio::spawn(skiff_agent::run(agent, stopped(stop_rx)));
     println!(
         "skiff dev: server and agent running, API on {address}, data in {}\n\
-         \n  export SKIFF_ADDR={address}\n  skiff service create demo --replicas 2 -- python3 -m http.server '$PORT'\n  skiff service ps demo\n  skiff node ls\n\nPress Ctrl-C to stop (replicas are stopped too).",
-        data_dir.display()
+         \nThe CLI finds the API address and the admin token in {} when run in this directory;\nelsewhere: export SKIFF_CLIENT_CONFIG={}\n\n  skiff service create demo --replicas 2 -- python3 -m http.server '$PORT'\n  skiff service ps demo\n  skiff node ls\n\nPress Ctrl-C to stop (replicas are stopped too).",
+        data_dir.display(),
+        client_config.display(),
+        client_config.display(),
     );
     let mut server = server;
     tokio::select! {

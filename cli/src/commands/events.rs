@@ -3,7 +3,6 @@
 //! then new ones as they commit.
 
 use skiff_proto::v1 as pb;
-use skiff_proto::v1::control_client::ControlClient;
 
 use crate::args::{EventsArgs, OutputFormat, Since};
 use crate::client::explain;
@@ -11,7 +10,7 @@ use crate::client::explain;
 pub async fn run(server: &str, format: OutputFormat, args: EventsArgs) -> anyhow::Result<()> {
     // Without a request timeout: --follow runs until interrupted.
     let channel = crate::client::channel(server, None).await?;
-    let mut client = ControlClient::new(channel);
+    let mut client = crate::client::client(channel);
     let request = pb::EventsRequest {
         service: args.service.unwrap_or_default(),
         node: args.node.unwrap_or_default(),
@@ -30,8 +29,8 @@ pub async fn run(server: &str, format: OutputFormat, args: EventsArgs) -> anyhow
     let mut stream = client.events(request).await.map_err(explain)?.into_inner();
     if format == OutputFormat::Table {
         println!(
-            "{:<24}  {:>7}  {:<18}  {:<12}  {:<10}  {:<12}  MESSAGE",
-            "TIME", "INDEX", "EVENT", "SERVICE", "NODE", "REPLICA"
+            "{:<24}  {:>7}  {:<18}  {:<12}  {:<10}  {:<12}  {:<12}  MESSAGE",
+            "TIME", "INDEX", "EVENT", "SERVICE", "NODE", "REPLICA", "BY"
         );
     }
     while let Some(event) = stream.message().await.map_err(explain)? {
@@ -41,13 +40,14 @@ pub async fn run(server: &str, format: OutputFormat, args: EventsArgs) -> anyhow
             // One YAML document per event, for the same reason.
             OutputFormat::Yaml => print!("---\n{}", serde_yaml::to_string(&event)?),
             OutputFormat::Table => println!(
-                "{:<24}  {:>7}  {:<18}  {:<12}  {:<10}  {:<12}  {}",
+                "{:<24}  {:>7}  {:<18}  {:<12}  {:<10}  {:<12}  {:<12}  {}",
                 time(event.time_ms),
                 event.index,
                 event.kind,
                 dash(&event.service),
                 dash(&event.node),
                 dash(&event.alloc),
+                dash(&event.by),
                 event.message
             ),
         }

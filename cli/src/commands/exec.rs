@@ -7,7 +7,6 @@ use std::io::{Read, Write};
 
 use anyhow::anyhow;
 use skiff_proto::v1 as pb;
-use skiff_proto::v1::control_client::ControlClient;
 use skiff_proto::v1::exec_input::Msg as In;
 use skiff_proto::v1::exec_output::Msg as Out;
 use tokio::sync::mpsc;
@@ -46,7 +45,7 @@ pub async fn exec(server: &str, args: ExecArgs) -> anyhow::Result<i32> {
         stdin: args.interactive,
     };
     let channel = crate::client::channel(server, None).await?;
-    let mut client = ControlClient::new(channel)
+    let mut client = crate::client::client(channel)
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
     let (tx, rx) = mpsc::channel::<pb::ExecInput>(16);

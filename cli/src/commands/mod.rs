@@ -21,6 +21,7 @@ pub mod progress;
 pub mod secret;
 pub mod service;
 pub mod stack;
+pub mod token;
 pub mod var;
 pub mod volume;
 

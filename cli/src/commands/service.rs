@@ -335,7 +335,7 @@ pub(crate) async fn logs(
             max_age_ms: options.max_age_ms,
             timestamps: options.timestamps,
         };
-        let mut stream = skiff_proto::v1::control_client::ControlClient::new(channel.clone())
+        let mut stream = crate::client::client(channel.clone())
             .service_logs(request)
             .await
             .map_err(|e| {
@@ -603,9 +603,19 @@ fn health(args: &CreateArgs) -> Option<pb::HealthCheck> {
     })
 }
 
-/// A service with its environment values (what `update` and `export`
-/// start from).
+/// A service, its environment values as short hashes: what `update`
+/// starts from (the server keeps the value of every hash sent back
+/// unchanged, so updating needs no admin token) and what progress reads.
 pub(crate) async fn get(
+    client: &mut crate::client::Client,
+    name: &str,
+) -> anyhow::Result<pb::ServiceStatus> {
+    get_shown(client, name, false).await
+}
+
+/// A service with its environment values (what `export` prints; takes an
+/// admin token).
+pub(crate) async fn get_with_values(
     client: &mut crate::client::Client,
     name: &str,
 ) -> anyhow::Result<pb::ServiceStatus> {

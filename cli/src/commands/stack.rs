@@ -71,7 +71,7 @@ pub async fn run(server: &str, format: OutputFormat, command: StackCommand) -> a
 
 /// `skiff service export NAME`.
 pub async fn export_service(client: &mut Client, name: &str) -> anyhow::Result<()> {
-    let status = super::service::get(client, name).await?;
+    let status = super::service::get_with_values(client, name).await?;
     let spec = domain(status.spec.unwrap_or_default())?;
     // A service of a stack is exported as one of that stack, so that
     // `stack deploy STACK` of the file names it the same.
@@ -101,7 +101,7 @@ pub async fn apply(
     };
     let (services, secrets) = load_as(&args, None)?;
     put_secrets(client, &secrets).await?;
-    let existing: Vec<String> = all_services(client)
+    let existing: Vec<String> = all_services(client, false)
         .await?
         .into_iter()
         .filter_map(|s| s.spec.map(|spec| spec.name))
@@ -363,9 +363,14 @@ fn describe_plan(name: &str, plan: &pb::StackPlan) -> String {
     out
 }
 
-async fn all_services(client: &mut Client) -> anyhow::Result<Vec<pb::ServiceStatus>> {
+/// Every service; their environment values only with `show_values` (which
+/// takes an admin token: `stack export` needs them, the rest do not).
+async fn all_services(
+    client: &mut Client,
+    show_values: bool,
+) -> anyhow::Result<Vec<pb::ServiceStatus>> {
     Ok(client
-        .list_services(pb::ListServicesRequest { show_values: true })
+        .list_services(pb::ListServicesRequest { show_values })
         .await
         .map_err(explain)?
         .into_inner()
@@ -385,7 +390,7 @@ fn domain(spec: pb::ServiceSpec) -> anyhow::Result<ServiceSpec> {
 }
 
 async fn stack_services(client: &mut Client, name: &str) -> anyhow::Result<Vec<ServiceSpec>> {
-    all_services(client)
+    all_services(client, true)
         .await?
         .into_iter()
         .filter(|s| stack_of(s) == Some(name))
@@ -402,7 +407,7 @@ async fn list(client: &mut Client, format: OutputFormat) -> anyhow::Result<()> {
         desired: u32,
     }
     let mut stacks: BTreeMap<String, Row> = BTreeMap::new();
-    for status in all_services(client).await? {
+    for status in all_services(client, false).await? {
         if let Some(stack) = stack_of(&status) {
             let row = stacks.entry(stack.to_string()).or_insert_with(|| Row {
                 name: stack.to_string(),
@@ -434,7 +439,7 @@ async fn ps(
     name: &str,
     all: bool,
 ) -> anyhow::Result<()> {
-    let services: Vec<pb::ServiceStatus> = all_services(client)
+    let services: Vec<pb::ServiceStatus> = all_services(client, false)
         .await?
         .into_iter()
         .filter(|s| stack_of(s) == Some(name))

@@ -82,6 +82,23 @@ pub(super) fn reserved_port(state: &crate::state::State, port: u16) -> Option<St
         .map(|m| format!("is server {}'s port ({})", m.name, m.address))
 }
 
+/// Puts back the current value of every environment variable `spec` sends
+/// as its short hash (as reads show it without `--show-values`), so that
+/// `service update` starts from what anyone with an operator token may
+/// read and still keeps values it does not change.
+pub(super) fn keep_hidden_env(
+    spec: &mut pb::ServiceSpec,
+    current: &std::collections::BTreeMap<String, String>,
+) {
+    for (key, value) in spec.env.iter_mut() {
+        if let Some(old) = current.get(key) {
+            if *value == skiff_spec::value_hash(old) {
+                value.clone_from(old);
+            }
+        }
+    }
+}
+
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -136,6 +153,31 @@ impl pb::control_server::Control for Api {
         self.inspect_secret_here(&request.into_inner().name)
             .await
             .map(Response::new)
+    }
+
+    async fn token_create(
+        &self,
+        request: Request<pb::TokenCreateRequest>,
+    ) -> Result<Response<pb::TokenCreateResponse>, Status> {
+        self.create_token_here(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn token_list(
+        &self,
+        _request: Request<pb::TokenListRequest>,
+    ) -> Result<Response<pb::TokenListResponse>, Status> {
+        self.list_tokens_here().await.map(Response::new)
+    }
+
+    async fn token_revoke(
+        &self,
+        request: Request<pb::TokenRevokeRequest>,
+    ) -> Result<Response<pb::TokenRevokeResponse>, Status> {
+        self.revoke_token_here(request.into_inner().name)
+            .await
+            .map(|()| Response::new(pb::TokenRevokeResponse {}))
     }
 
     async fn secret_remove(
@@ -261,6 +303,7 @@ impl pb::control_server::Control for Api {
         &self,
         request: Request<pb::ListServicesRequest>,
     ) -> Result<Response<pb::ListServicesResponse>, Status> {
+        super::auth::check_show_values(&request, request.get_ref().show_values)?;
         let show_values = request.into_inner().show_values;
         self.barrier().await?;
         let state = self.consensus.state();
@@ -282,12 +325,14 @@ impl pb::control_server::Control for Api {
         &self,
         request: Request<pb::GetServiceRequest>,
     ) -> Result<Response<pb::ServiceStatus>, Status> {
+        super::auth::check_show_values(&request, request.get_ref().show_values)?;
         let metadata = request.metadata().clone();
         let asked = request.into_inner();
         let (name, show_values) = (asked.name.clone(), asked.show_values);
+        let incoming = &metadata;
         let view = self
             .ask_leader(&metadata, |mut leader| async move {
-                leader.get_service(forwarded(asked)).await
+                leader.get_service(forwarded(asked, incoming)).await
             })
             .await;
         if let LeaderView::Leader(answer) = view {
@@ -304,9 +349,13 @@ impl pb::control_server::Control for Api {
         &self,
         request: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let metadata = request.metadata().clone();
+        let incoming = &metadata;
         let view = self
-            .ask_leader(request.metadata(), |mut leader| async move {
-                leader.list_nodes(forwarded(pb::ListNodesRequest {})).await
+            .ask_leader(&metadata, |mut leader| async move {
+                leader
+                    .list_nodes(forwarded(pb::ListNodesRequest {}, incoming))
+                    .await
             })
             .await;
         let own = match view {
@@ -415,9 +464,10 @@ impl pb::control_server::Control for Api {
         let asked = pb::InspectNodeRequest {
             name: request.name.clone(),
         };
+        let incoming = &metadata;
         let view = self
             .ask_leader(&metadata, |mut leader| async move {
-                leader.inspect_node(forwarded(asked)).await
+                leader.inspect_node(forwarded(asked, incoming)).await
             })
             .await;
         let own = match view {
@@ -486,7 +536,13 @@ impl pb::control_server::Control for Api {
         &self,
         request: Request<pb::UpdateServiceRequest>,
     ) -> Result<Response<pb::ServiceStatus>, Status> {
-        let spec = request.into_inner().spec;
+        let mut spec = request.into_inner().spec;
+        if let Some(spec) = spec.as_mut() {
+            self.barrier().await?;
+            if let Some(current) = self.consensus.state().services.get(&spec.name) {
+                keep_hidden_env(spec, &current.spec.env);
+            }
+        }
         let spec = self.checked_spec(spec).await?;
         let name = spec.name.clone();
         self.propose(Command::UpdateService { spec }).await?;
@@ -544,9 +600,10 @@ impl pb::control_server::Control for Api {
         let metadata = request.metadata().clone();
         let name = request.into_inner().name;
         let asked = pb::InspectNodeRequest { name: name.clone() };
+        let incoming = &metadata;
         let view = self
             .ask_leader(&metadata, |mut leader| async move {
-                leader.inspect_node(forwarded(asked)).await
+                leader.inspect_node(forwarded(asked, incoming)).await
             })
             .await;
         let own = match view {
@@ -674,10 +731,12 @@ impl pb::control_server::Control for Api {
         request: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         // Reachability is the leader's to tell: ask it, unless this is it.
+        let metadata = request.metadata().clone();
+        let incoming = &metadata;
         let view = self
-            .ask_leader(request.metadata(), |mut leader| async move {
+            .ask_leader(&metadata, |mut leader| async move {
                 leader
-                    .cluster_status(forwarded(pb::ClusterStatusRequest {}))
+                    .cluster_status(forwarded(pb::ClusterStatusRequest {}, incoming))
                     .await
             })
             .await;
@@ -779,6 +838,27 @@ impl Api {
 mod tests {
     use super::*;
     use crate::state::{Command, Member, State};
+
+    #[test]
+    fn an_update_that_sends_hidden_values_back_keeps_them() {
+        let current = std::collections::BTreeMap::from([
+            ("A".to_string(), "secret".to_string()),
+            ("B".to_string(), "old".to_string()),
+        ]);
+        let mut spec = pb::ServiceSpec {
+            env: [
+                ("A".to_string(), skiff_spec::value_hash("secret")),
+                ("B".to_string(), "new".to_string()),
+                ("C".to_string(), skiff_spec::value_hash("x")),
+            ]
+            .into(),
+            ..Default::default()
+        };
+        keep_hidden_env(&mut spec, &current);
+        assert_eq!(spec.env["A"], "secret");
+        assert_eq!(spec.env["B"], "new");
+        assert_eq!(spec.env["C"], skiff_spec::value_hash("x"));
+    }
 
     #[test]
     fn ports_of_node_ranges_and_servers_cannot_be_published() {

@@ -223,6 +223,7 @@ pub fn event_to_pb(event: &Event) -> pb::Event {
         node: event.node.clone(),
         alloc: event.alloc.clone(),
         message: event.message.clone(),
+        by: event.by.clone(),
     }
 }
 

@@ -74,6 +74,7 @@ mod tests {
                 node: String::new(),
                 alloc: String::new(),
                 message: String::new(),
+                by: String::new(),
             })
             .collect()
     }

@@ -42,12 +42,16 @@ pub(super) enum LeaderView<T> {
     Unreachable,
 }
 
-/// `message` as a call forwarded by a follower.
-pub(super) fn forwarded<T>(message: T) -> Request<T> {
+/// `message` as a call forwarded by a follower, on behalf of the caller
+/// of the call being answered: its `authorization` (its API token) goes
+/// with it, so the leader checks the same token.
+pub(super) fn forwarded<T>(message: T, incoming: &MetadataMap) -> Request<T> {
     let mut request = Request::new(message);
-    request
-        .metadata_mut()
-        .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    let metadata = request.metadata_mut();
+    metadata.insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    if let Some(token) = incoming.get("authorization") {
+        metadata.insert("authorization", token.clone());
+    }
     request
 }
 

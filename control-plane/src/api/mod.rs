@@ -16,6 +16,8 @@
 //! - `volumes`: the volume RPCs and the agents' volume reports.
 //! - `relay`: `service logs` and `exec` relayed to the replica's agent.
 //! - `raft_service`: the Raft transport between servers.
+//! - `auth`: the API tokens' check on every call and the role table.
+//! - `tokens`: the token RPCs and the management token at bootstrap.
 //! - here: [`Api`], the state both services share, and the helpers they
 //!   use (proposing, read barriers, heartbeats, `Status` from errors).
 
@@ -24,6 +26,7 @@
 #![allow(clippy::result_large_err)]
 
 mod agent_sync;
+pub mod auth;
 mod control;
 pub mod convert;
 mod events;
@@ -34,10 +37,13 @@ mod relay;
 mod reports;
 mod secrets;
 mod stacks;
+mod tokens;
 mod volumes;
 
+pub use auth::AuthLayer;
 pub use pki::PkiService;
 pub use raft_service::RaftService;
+pub use tokens::MANAGEMENT_TOKEN;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -176,10 +182,13 @@ impl Api {
         self.heartbeats.clone()
     }
 
-    /// Proposes `command` stamped with this server's clock.
+    /// Proposes `command` stamped with this server's clock and the caller
+    /// of the call being handled (see [`auth::CALLER`]), whose token name
+    /// the command's events record.
     async fn propose(&self, command: Command) -> Result<(), Status> {
+        let by = auth::current_caller().map(|caller| caller.name);
         self.consensus
-            .propose(command.at(now_ms()))
+            .propose(command.at_by(now_ms(), by))
             .await
             .map(|_| ())
             .map_err(status_from)
@@ -289,7 +298,8 @@ pub(crate) fn status_from(err: ProposeError) -> Status {
             CommandError::Deployment(_)
             | CommandError::NodeReady(_)
             | CommandError::Volume(_)
-            | CommandError::Secret(_),
+            | CommandError::Secret(_)
+            | CommandError::Token(_),
         ) => Status::failed_precondition(err.to_string()),
         ProposeError::Rejected(CommandError::Invalid(_)) => {
             Status::invalid_argument(err.to_string())

@@ -48,7 +48,9 @@ fn forwardable_command(command: &Command) -> Result<(), &'static str> {
         | Command::PutSecret { .. }
         | Command::RemoveSecret { .. }
         | Command::RotateJoinToken { .. }
-        | Command::RevokeNode { .. } => Ok(()),
+        | Command::RevokeNode { .. }
+        | Command::CreateToken { .. }
+        | Command::RevokeToken { .. } => Ok(()),
         // Agents' reports, received by whichever server the agent talks to.
         Command::RegisterNode { .. }
         | Command::ReportAllocs { .. }

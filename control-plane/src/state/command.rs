@@ -248,11 +248,24 @@ pub enum Command {
     RemoveSecret {
         name: String,
     },
+    /// `skiff token create`: the secret's hash, never the secret.
+    CreateToken {
+        token: super::TokenWrite,
+    },
+    /// `skiff token revoke`.
+    RevokeToken {
+        name: String,
+    },
     /// A command stamped with its proposer's clock. Proposers wrap what
     /// they propose in it so that events carry a time every server agrees
     /// on; a bare command is stamped with the last time seen.
     Timed {
         time_ms: u64,
+        /// The API token (its name) of the call that proposed it, stamped
+        /// by the server that received the call; `None`: no caller (a
+        /// controller, an agent's report). Events record it as `by`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
         command: Box<Command>,
     },
 }
@@ -260,8 +273,14 @@ pub enum Command {
 impl Command {
     /// `self`, stamped with `time_ms` (milliseconds since the epoch).
     pub fn at(self, time_ms: u64) -> Command {
+        self.at_by(time_ms, None)
+    }
+
+    /// `self`, stamped with `time_ms` and the caller `by` (a token name).
+    pub fn at_by(self, time_ms: u64, by: Option<String>) -> Command {
         Command::Timed {
             time_ms,
+            by,
             command: Box::new(self),
         }
     }
@@ -289,6 +308,9 @@ pub enum CommandError {
     /// A secret command that does not fit the secrets' state.
     #[error("{0}")]
     Secret(String),
+    /// A token command that does not fit the tokens' state.
+    #[error("{0}")]
+    Token(String),
 }
 
 /// What a successful command produced.

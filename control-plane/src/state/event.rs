@@ -63,6 +63,10 @@ pub enum EventKind {
     NodeRevoked,
     /// `skiff cluster token rotate`.
     JoinTokenRotated,
+    /// `skiff token create|revoke`; the message names the token and its
+    /// role, never the secret.
+    TokenCreated,
+    TokenRevoked,
 }
 
 impl EventKind {
@@ -108,6 +112,8 @@ impl EventKind {
             EventKind::SecretRemoved => "secret-removed",
             EventKind::NodeRevoked => "node-revoked",
             EventKind::JoinTokenRotated => "join-token-rotated",
+            EventKind::TokenCreated => "token-created",
+            EventKind::TokenRevoked => "token-revoked",
         }
     }
 
@@ -145,6 +151,10 @@ pub struct Event {
     pub alloc: String,
     #[serde(default)]
     pub message: String,
+    /// The API token (its name) whose call caused it; empty: the cluster
+    /// itself (controllers, agents).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub by: String,
 }
 
 impl State {
@@ -185,6 +195,7 @@ impl State {
             node: node.to_string(),
             alloc: alloc.to_string(),
             message: message.to_string(),
+            by: self.by.clone(),
         });
         while self.events.len() > EVENT_RING {
             self.events.pop_front();

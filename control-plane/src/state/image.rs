@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Allocation, Event, Member, Node, PkiState, Secret, Service, State, Volume};
+use super::{Allocation, Event, Member, Node, PkiState, Secret, Service, State, Token, Volume};
 
 /// [`StateImage`] by reference, for encoding without copying the state.
 #[derive(Serialize)]
@@ -19,6 +19,7 @@ struct StateImageRef<'a> {
     volumes: &'a BTreeMap<String, Volume>,
     secrets: &'a BTreeMap<String, Secret>,
     pki: &'a PkiState,
+    tokens: &'a BTreeMap<String, Token>,
     applied_index: u64,
 }
 
@@ -39,6 +40,7 @@ struct StateImage {
     secrets: BTreeMap<String, Secret>,
     #[serde(default)]
     pki: PkiState,
+    tokens: BTreeMap<String, Token>,
     applied_index: u64,
 }
 
@@ -93,6 +95,7 @@ impl State {
             volumes: &self.volumes,
             secrets: &self.secrets,
             pki: &self.pki,
+            tokens: &self.tokens,
             applied_index: self.applied_index,
         };
         serde_json::to_vec(&image).expect("state always serializes")
@@ -116,6 +119,7 @@ impl State {
             volumes: image.volumes,
             secrets: image.secrets,
             pki: image.pki,
+            tokens: image.tokens,
             applied_index: image.applied_index,
             ..State::default()
         };
@@ -146,5 +150,6 @@ impl State {
             && self.volumes == other.volumes
             && self.secrets == other.secrets
             && self.pki == other.pki
+            && self.tokens == other.tokens
     }
 }

@@ -21,6 +21,7 @@
 //! - `secrets`: secrets (sealed values, versions) and their roll-outs.
 //! - `stacks`: a stack's services applied as one step, and the
 //!   `depends_on` conditions that hold a first start.
+//! - `tokens`: the API tokens (role, expiry, the hash of the secret).
 //! - here: the [`State`] itself and the dispatch of each command.
 
 mod apply;
@@ -36,6 +37,7 @@ mod pki;
 mod query;
 mod secrets;
 mod stacks;
+mod tokens;
 mod volumes;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -58,6 +60,7 @@ pub use skiff_spec::{
 
 pub use pki::PkiState;
 pub use secrets::{Secret, SecretWrite};
+pub use tokens::{Role, Token, TokenWrite};
 pub use volumes::{Volume, VolumeReport};
 
 use image::AllocIndex;
@@ -80,10 +83,16 @@ pub struct State {
     pub secrets: BTreeMap<String, Secret>,
     /// Join token generations and revoked nodes (see `pki`).
     pub pki: PkiState,
+    /// API tokens by name, revoked ones too (see `tokens`).
+    pub tokens: BTreeMap<String, Token>,
     /// Raft index of the last applied entry.
     pub applied_index: u64,
     /// The last proposer time seen; stamps events of untimed commands.
     clock_ms: u64,
+    /// The caller (token name) of the command being applied, stamped by
+    /// the API that received it ([`Command::Timed`]); empty for the
+    /// controllers' and agents' commands. Events record it.
+    by: String,
     index: AllocIndex,
 }
 
@@ -102,10 +111,19 @@ impl State {
 
     fn apply_command(&mut self, index: u64, command: Command) -> Result<Outcome, CommandError> {
         match command {
-            Command::Timed { time_ms, command } => {
+            Command::Timed {
+                time_ms,
+                by,
+                command,
+            } => {
                 self.clock_ms = self.clock_ms.max(time_ms);
-                self.apply_command(index, *command)
+                self.by = by.unwrap_or_default();
+                let outcome = self.apply_command(index, *command);
+                self.by.clear();
+                outcome
             }
+            Command::CreateToken { token } => self.create_token(index, token),
+            Command::RevokeToken { name } => self.revoke_token(index, &name),
             Command::CreateService { spec } => self.create_service(index, spec),
             Command::ScaleService { name, replicas } => self.scale_service(index, &name, replicas),
             Command::RemoveService { name } => self.remove_service(index, &name),
