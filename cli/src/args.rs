@@ -40,7 +40,9 @@ pub struct Cli {
     /// 127.0.0.1:7070].
     #[arg(long, global = true, env = "SKIFF_ADDR", help_heading = heading::GLOBAL)]
     pub server: Option<String>,
-    /// The API token to present [default: the client config's `token`].
+    /// The API token to present [default: the client config's `token`];
+    /// for `skiff server --join` and `skiff agent`, the join token
+    /// (`skiff cluster token server|agent`; also `SKIFF_JOIN_TOKEN`).
     #[arg(long, global = true, env = "SKIFF_TOKEN", hide_env_values = true, help_heading = heading::GLOBAL)]
     pub token: Option<String>,
     /// The client config file (address, token) [default:
@@ -582,9 +584,9 @@ pub struct ServerArgs {
     /// Most variables the cluster holds; adding more is refused.
     #[arg(long, default_value_t = 100_000, env = "SKIFF_MAX_VARIABLES", help_heading = heading::RAFT)]
     pub max_variables: usize,
-    /// The server join token, printed on a member by `skiff cluster token
-    /// server`: needed with --join on a new data dir.
-    #[arg(long = "token", value_name = "TOKEN", env = "SKIFF_JOIN_TOKEN")]
+    /// The server join token (`--token`, a global flag, or
+    /// `SKIFF_JOIN_TOKEN`): needed with --join on a new data dir.
+    #[arg(skip)]
     pub join_token: Option<String>,
     /// Lifetime of the certificates this server issues to servers and
     /// agents (e.g. 90d, 12h, 30s); they renew at a random 50-80 % of it.
@@ -612,10 +614,10 @@ pub struct AgentArgs {
     /// rights (root). Off by default; `skiff dev` turns it on.
     #[arg(long)]
     pub enable_process_runtime: bool,
-    /// The agent join token, printed on a server by `skiff cluster token
-    /// agent`: needed on the first start (the certificate it gets is kept
-    /// in the data dir).
-    #[arg(long = "token", value_name = "TOKEN", env = "SKIFF_JOIN_TOKEN")]
+    /// The agent join token (`--token`, a global flag, or
+    /// `SKIFF_JOIN_TOKEN`): needed on the first start (the certificate it
+    /// gets is kept in the data dir).
+    #[arg(skip)]
     pub join_token: Option<String>,
     #[command(flatten)]
     pub node: NodeArgs,

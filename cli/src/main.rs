@@ -99,8 +99,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     };
     let (server, output) = (server.as_str(), cli.output);
     match cli.command {
-        Command::Server(args) => commands::daemon::server(args).await,
-        Command::Agent(args) => commands::daemon::agent(args).await,
+        Command::Server(mut args) => {
+            args.join_token = join_token(cli.token);
+            commands::daemon::server(args).await
+        }
+        Command::Agent(mut args) => {
+            args.join_token = join_token(cli.token);
+            commands::daemon::agent(args).await
+        }
         Command::Dev(args) => commands::daemon::dev(args).await,
         Command::Service(command) => commands::service::run(server, output, command).await,
         Command::Job(command) => commands::job::run(server, output, command).await,
@@ -119,6 +125,19 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Man { dir } => commands::man::run(&dir),
         Command::Shim(_) => unreachable!("the shim runs without the async runtime"),
+    }
+}
+
+/// The join token of `skiff server --join` / `skiff agent`: `--token` when
+/// it holds one (`SKIFF-1-...`), else `SKIFF_JOIN_TOKEN`, else whatever
+/// `--token` / `SKIFF_TOKEN` holds (refused with a message if it is used).
+fn join_token(token: Option<String>) -> Option<String> {
+    let from_env = std::env::var("SKIFF_JOIN_TOKEN")
+        .ok()
+        .filter(|t| !t.trim().is_empty());
+    match token {
+        Some(t) if t.trim().starts_with("SKIFF-1-") => Some(t),
+        other => from_env.or(other),
     }
 }
 
