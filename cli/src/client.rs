@@ -29,8 +29,17 @@ pub fn trust_ca(ca_pem: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The CA file given to [`trust_ca_file`] last, for a `skiff` this process
+/// runs (as `SKIFF_CA_CERT`).
+static CA_FILE: RwLock<Option<PathBuf>> = RwLock::new(None);
+
+pub fn ca_cert_file() -> Option<PathBuf> {
+    CA_FILE.read().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
 /// Verifies servers against the CA certificate in the file `path`.
 pub fn trust_ca_file(path: &std::path::Path) -> anyhow::Result<()> {
+    *CA_FILE.write().unwrap_or_else(|p| p.into_inner()) = Some(path.to_path_buf());
     let pem = std::fs::read_to_string(path).map_err(|e| {
         anyhow!("cannot read the CA certificate {}: {e} (set --ca-cert or SKIFF_CA_CERT to the cluster's ca.crt)", path.display())
     })?;

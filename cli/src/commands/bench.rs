@@ -278,11 +278,38 @@ async fn client(address: &str) -> anyhow::Result<crate::client::Client> {
 /// Waits until the bootstrap server with data in `data_dir` has written
 /// its client config (once it leads and has created the management
 /// token), and presents that token on every call from now on.
+/// The agent join token of the fresh cluster whose bootstrap server keeps
+/// its data in `data_dir` (token generation 0), once it created its CA
+/// (waits at most `limit`).
+pub fn agent_join_token(data_dir: &Path, limit: Duration) -> anyhow::Result<String> {
+    let dir = skiff_pki::files::pki_dir(data_dir);
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(Some(ca)) = skiff_pki::ClusterCa::load(&dir) {
+            return Ok(skiff_pki::JoinToken {
+                ca_digest: ca.digest(),
+                secret: ca.join_secret(skiff_pki::Role::Agent, 0),
+            }
+            .to_string());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!(
+                "the bench server created no CA in {} within {limit:?}",
+                dir.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub async fn use_management_token(data_dir: &Path, limit: Duration) -> anyhow::Result<()> {
     let path = data_dir.join(skiff_control_plane::CLIENT_CONFIG_FILE);
     let deadline = Instant::now() + limit;
     loop {
         if let Ok(config) = skiff_control_plane::ClientConfig::read(&path) {
+            if let Some(ca) = &config.ca_cert {
+                crate::client::trust_ca_file(ca)?;
+            }
             return crate::client::set_token(&config.token);
         }
         if Instant::now() > deadline {

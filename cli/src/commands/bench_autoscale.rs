@@ -81,9 +81,11 @@ impl Processes {
         processes
             .children
             .push(command.spawn().context("failed to start skiff server")?);
+        let token = super::bench::agent_join_token(&dir.join("server"), Duration::from_secs(10))?;
         let mut command = Command::new(&exe);
         command
             .args(["agent", "--name", "bench", "--servers", server])
+            .args(["--token", &token])
             .args(["--advertise", "127.0.0.1", "--stop-grace-secs", "1"])
             .arg("--enable-process-runtime")
             .arg("--data-dir")

@@ -234,10 +234,14 @@ async fn skiff(server: &str, args: Vec<String>) -> anyhow::Result<String> {
     let server = server.to_string();
     let shown = args.join(" ");
     let token = crate::client::token();
+    let ca = crate::client::ca_cert_file();
     let out = tokio::task::spawn_blocking(move || {
         let mut command = Command::new(exe);
         if let Some(token) = token {
             command.env("SKIFF_TOKEN", token);
+        }
+        if let Some(ca) = ca {
+            command.env("SKIFF_CA_CERT", ca);
         }
         command
             .env_remove("SKIFF_ADDR")

@@ -260,7 +260,7 @@ impl Api {
                 tonic::Code::Cancelled
                 | tonic::Code::DeadlineExceeded
                 | tonic::Code::Unavailable => Status::unavailable(format!(
-                    "the agent of node {name} did not answer the prune: {}",
+                    "failed to reach the agent of node {name} for the prune: {}",
                     e.message()
                 )),
                 _ => Status::new(e.code(), format!("node {name}: {}", e.message())),

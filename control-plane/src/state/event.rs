@@ -59,6 +59,11 @@ pub enum EventKind {
     JobSucceeded,
     /// A job ran out of retries or passed its deadline.
     JobFailed,
+    /// `skiff var put` (the key and size, never the value).
+    VariableSet,
+    /// A server became a member (a join) or stopped being one.
+    ServerJoined,
+    ServerRemoved,
     /// `skiff node revoke`.
     NodeRevoked,
     /// `skiff cluster token rotate`.
@@ -110,6 +115,9 @@ impl EventKind {
             EventKind::SecretCreated => "secret-created",
             EventKind::SecretUpdated => "secret-updated",
             EventKind::SecretRemoved => "secret-removed",
+            EventKind::VariableSet => "variable-set",
+            EventKind::ServerJoined => "server-joined",
+            EventKind::ServerRemoved => "server-removed",
             EventKind::NodeRevoked => "node-revoked",
             EventKind::JoinTokenRotated => "join-token-rotated",
             EventKind::TokenCreated => "token-created",

@@ -218,15 +218,30 @@ impl State {
                 Ok(Outcome::Done)
             }
             Command::PutVariable { key, value } => {
+                // The audit trail names the key and the size, never the value.
+                let message = format!("variable {key} set ({} bytes)", value.len());
+                let changed = self.variables.get(&key) != Some(&value);
                 self.variables.insert(key, value);
+                if changed {
+                    self.event(index, EventKind::VariableSet, "", "", "", &message);
+                }
                 Ok(Outcome::Done)
             }
             Command::RemoveMember { id } => {
-                self.members.remove(&id);
+                if let Some(member) = self.members.remove(&id) {
+                    let message = format!("server {} (id {id}) removed", member.name);
+                    self.event(index, EventKind::ServerRemoved, "", "", "", &message);
+                }
                 Ok(Outcome::Done)
             }
             Command::UpsertMember { member } => {
-                self.members.insert(member.id, member);
+                let message = format!(
+                    "server {} (id {}) at {} joined",
+                    member.name, member.id, member.address
+                );
+                if self.members.insert(member.id, member).is_none() {
+                    self.event(index, EventKind::ServerJoined, "", "", "", &message);
+                }
                 Ok(Outcome::Done)
             }
         }
