@@ -595,11 +595,6 @@ pub fn connector(
     }))
 }
 
-/// Where a process with `data_dir` keeps its own credentials.
-pub fn identity_dir(data_dir: &Path) -> PathBuf {
-    files::pki_dir(data_dir)
-}
-
 /// Keeps `credentials` renewed until `stop` resolves: at
 /// [`Credentials::renew_at`], `renew` gets a new certificate for the same
 /// key; it is saved to `dir` (if any) and used from the next handshake.
