@@ -21,6 +21,7 @@ pub mod heading {
     pub const AUTOSCALE: &str = "Autoscaling";
     pub const NODE: &str = "Node";
     pub const RAFT: &str = "Raft and control plane";
+    pub const RECOVERY: &str = "Backup and recovery";
 }
 
 #[derive(Parser, Debug)]
@@ -584,6 +585,20 @@ pub struct ServerArgs {
     /// Most variables the cluster holds; adding more is refused.
     #[arg(long, default_value_t = 100_000, env = "SKIFF_MAX_VARIABLES", help_heading = heading::RAFT)]
     pub max_variables: usize,
+    /// With --bootstrap: start the new cluster from this backup (`skiff
+    /// cluster snapshot save`) instead of empty, in an empty data dir. Its
+    /// agents keep their replicas and connect again when the backup was not
+    /// redacted and the server is at an address they know.
+    #[arg(long, value_name = "FILE", requires = "bootstrap", help_heading = heading::RECOVERY)]
+    pub restore: Option<PathBuf>,
+    /// After the cluster lost its quorum for good: make this server the only
+    /// member of a new cluster with all of its data (every entry of its log,
+    /// also ones that may not have committed). Its old log is kept in
+    /// DATA/before-recover-SECS. Start it like this once, then join new
+    /// servers with empty data dirs; never start the lost servers again
+    /// with their old data.
+    #[arg(long, conflicts_with_all = ["bootstrap", "join", "restore"], help_heading = heading::RECOVERY)]
+    pub recover: bool,
     /// The server join token (`--token`, a global flag, or
     /// `SKIFF_JOIN_TOKEN`): needed with --join on a new data dir.
     #[arg(skip)]
@@ -1389,6 +1404,27 @@ pub enum ClusterCommand {
         #[arg(long, short = 'q')]
         quiet: bool,
     },
+    /// Back up the whole cluster to a file, or inspect such a file; a new
+    /// cluster starts from one with `skiff server --bootstrap --restore FILE`.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SnapshotCommand {
+    /// Save a consistent snapshot of the cluster's state (services, nodes,
+    /// replicas, variables, volumes, tokens, secrets) with the CA and the
+    /// secrets key, checksummed, to FILE (mode 0600).
+    Save {
+        file: PathBuf,
+        /// Leave out the CA key and the secrets key: the file holds no
+        /// secret, but a cluster restored from it has no secrets and a new
+        /// CA (every agent joins again).
+        #[arg(long)]
+        redact: bool,
+    },
+    /// Check a snapshot file's checksum and show what it holds (offline).
+    Inspect { file: PathBuf },
 }
 
 /// `500ms`, `10s`, `2m` or a bare number of seconds, as milliseconds.

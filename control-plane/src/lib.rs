@@ -21,6 +21,7 @@
 //! the rest is private to this crate.
 
 mod api;
+pub mod backup;
 pub mod bench;
 pub mod client_config;
 pub mod consensus;

@@ -3,7 +3,7 @@
 //! already-bound listener, and stops on `shutdown`.
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -71,6 +71,12 @@ pub struct ServerConfig {
     /// created once this server leads a cluster without tokens (`skiff
     /// server --bootstrap`, `skiff dev`); `None`: no token is created.
     pub client_config: Option<PathBuf>,
+    /// With `bootstrap`: start the new cluster from this snapshot file
+    /// (`skiff cluster snapshot save`) instead of empty.
+    pub restore: Option<PathBuf>,
+    /// Make this server the only member of a new cluster with its own
+    /// data, after its cluster lost its quorum (`skiff server --recover`).
+    pub recover: bool,
 }
 
 /// The Raft log's durable store.
@@ -106,6 +112,8 @@ impl ServerConfig {
             join_token: None,
             cert_lifetime: skiff_pki::DEFAULT_LIFETIME,
             client_config: None,
+            restore: None,
+            recover: false,
         }
     }
 }
@@ -134,6 +142,28 @@ pub enum ServerError {
     Pki(#[from] skiff_pki::PkiError),
     #[error("data dir {0} keeps its Raft log in a write-ahead log: start the server with --raft-log wal")]
     LogIsWal(PathBuf),
+    #[error(transparent)]
+    Backup(#[from] crate::backup::BackupError),
+    #[error("data dir {0} already holds a cluster: --restore makes a new cluster in an empty data dir; give another --data-dir, or start without --restore")]
+    RestoreIntoUsed(PathBuf),
+    #[error("--recover: data dir {0} holds no cluster to recover; give the data dir of a surviving server")]
+    NothingToRecover(PathBuf),
+    #[error("--recover: failed to move the old log aside in {path}: {source}")]
+    MoveAside {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What a new cluster starts from instead of an empty state: a restored
+/// backup or a recovered server's data.
+struct Seed {
+    /// This server's id in the new cluster.
+    id: u64,
+    state: crate::state::State,
+    /// Restores only: the old cluster's keys, to write into the data dir.
+    secrets_key: Option<SecretKey>,
+    ca: Option<skiff_pki::ClusterCa>,
 }
 
 const SERVER_ID: &[u8] = b"server_id";
@@ -150,6 +180,13 @@ pub async fn run(
         .clone()
         .unwrap_or_else(|| listen.to_string());
     let raft_dir = config.data_dir.join("raft");
+    let seed = if config.recover {
+        Some(recover(&config)?)
+    } else if let Some(file) = &config.restore {
+        Some(restore_seed(file)?)
+    } else {
+        None
+    };
     let db = sled::Config::new()
         .path(&raft_dir)
         .mode(sled::Mode::LowSpace)
@@ -165,17 +202,14 @@ pub async fn run(
             source,
         })?;
     let snapshots = SnapshotFile::new(config.data_dir.join("snapshots"));
-    let has_wal = std::fs::read_dir(config.data_dir.join("wal"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .any(|entry| entry.file_name().to_string_lossy().starts_with("wal-"));
+    let has_wal = holds_wal(&config.data_dir);
     let opened = Opened {
         listen,
         advertise,
         raft_dir,
         db,
         local,
+        seed,
     };
     match config.raft_log {
         // The write-ahead log cannot be moved back into sled.
@@ -200,6 +234,115 @@ struct Opened {
     db: sled::Db,
     /// This server's own records (its id).
     local: sled::Tree,
+    seed: Option<Seed>,
+}
+
+/// `--restore FILE`: the state and keys of the backup, checked whole
+/// before anything is written.
+fn restore_seed(file: &Path) -> Result<Seed, ServerError> {
+    let backup = crate::backup::read_file(file)?;
+    let restored = crate::backup::restored(&file.display().to_string(), &backup)?;
+    if !restored.dropped_secrets.is_empty() {
+        tracing::warn!(
+            secrets = ?restored.dropped_secrets,
+            "the snapshot is redacted: these secrets are not restored; create them again with `skiff secret create`"
+        );
+    }
+    if restored.ca.is_none() {
+        tracing::warn!("the snapshot is redacted: the restored cluster gets a new CA; every agent must join again with a new agent token");
+    }
+    tracing::info!(file = %file.display(), index = backup.applied_index, services = restored.state.services.len(), nodes = restored.state.nodes.len(), "restoring a new cluster from a snapshot");
+    Ok(Seed {
+        id: 1,
+        state: restored.state,
+        secrets_key: restored.secrets_key,
+        ca: restored.ca,
+    })
+}
+
+/// `--recover`: replays this server's own log into its state, then moves
+/// the old log and snapshots aside (`DATA/before-recover-SECS/`, kept
+/// for an operator to inspect; never deleted), so that the server starts
+/// a new one-member cluster from that state under its old id.
+fn recover(config: &ServerConfig) -> Result<Seed, ServerError> {
+    let data_dir = &config.data_dir;
+    let raft_dir = data_dir.join("raft");
+    if !raft_dir.exists() {
+        return Err(ServerError::NothingToRecover(data_dir.clone()));
+    }
+    let (id, state) = {
+        let db = sled::Config::new()
+            .path(&raft_dir)
+            .mode(sled::Mode::LowSpace)
+            .open()
+            .map_err(|source| ServerError::DataDir {
+                path: raft_dir.clone(),
+                source,
+            })?;
+        let local = db
+            .open_tree("local")
+            .map_err(|source| ServerError::DataDir {
+                path: raft_dir.clone(),
+                source,
+            })?;
+        let snapshots = SnapshotFile::new(data_dir.join("snapshots"));
+        let has_wal = holds_wal(data_dir);
+        let state = if has_wal {
+            let store = WalStorage::open(&db, snapshots)?;
+            if !store.is_initialized() {
+                return Err(ServerError::NothingToRecover(data_dir.clone()));
+            }
+            crate::consensus::core::replay(&store).map_err(ConsensusError::from)?
+        } else {
+            let store = SledStorage::open(&db, snapshots)?;
+            if !store.is_initialized() {
+                return Err(ServerError::NothingToRecover(data_dir.clone()));
+            }
+            crate::consensus::core::replay(&store).map_err(ConsensusError::from)?
+        };
+        (read_id(&local)?, state)
+    };
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let aside = data_dir.join(format!("before-recover-{secs}"));
+    let moved = |source| ServerError::MoveAside {
+        path: aside.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&aside).map_err(moved)?;
+    for part in ["raft", "snapshots", "wal"] {
+        let from = data_dir.join(part);
+        if from.exists() {
+            std::fs::rename(&from, aside.join(part)).map_err(moved)?;
+        }
+    }
+    sync_dir(data_dir).map_err(moved)?;
+    tracing::warn!(
+        id,
+        index = state.applied_index,
+        old_log = %aside.display(),
+        "recovering: this server becomes the only member of a new cluster with its data; join the others again with empty data dirs"
+    );
+    Ok(Seed {
+        id,
+        state,
+        secrets_key: None,
+        ca: None,
+    })
+}
+
+/// Whether `data_dir` keeps its Raft log in the write-ahead log.
+fn holds_wal(data_dir: &Path) -> bool {
+    std::fs::read_dir(data_dir.join("wal"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|entry| entry.file_name().to_string_lossy().starts_with("wal-"))
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Joins or resumes the cluster on `store` and serves until `shutdown`.
@@ -216,6 +359,7 @@ async fn serve<S: LogStore + Send + 'static>(
         raft_dir,
         db,
         local,
+        seed,
     } = opened;
     // Serve the gRPC API before joining: the leader must be able to reach
     // this server as soon as the membership change commits.
@@ -225,7 +369,31 @@ async fn serve<S: LogStore + Send + 'static>(
         |create: bool| trust::load_or_bootstrap(&config.data_dir, &config.name, lifetime, create);
     let mut joined_trust = None;
     let (id, seeds) = if store.is_initialized() {
+        if config.restore.is_some() {
+            return Err(ServerError::RestoreIntoUsed(config.data_dir.clone()));
+        }
         (read_id(&local)?, Vec::new())
+    } else if let Some(seed) = seed {
+        let member = Member {
+            id: seed.id,
+            name: config.name.clone(),
+            address: advertise.clone(),
+            learner: false,
+        };
+        if let Some(ca) = &seed.ca {
+            ca.save(&skiff_pki::files::pki_dir(&config.data_dir))?;
+        }
+        if let (Some(key), None) = (seed.secrets_key, &secrets_key) {
+            key.store(&config.data_dir)?;
+            secrets_key = Some(key);
+        }
+        if secrets_key.is_none() {
+            let key = SecretKey::generate();
+            key.store(&config.data_dir)?;
+            secrets_key = Some(key);
+        }
+        consensus::bootstrap_from(&mut store, seed.state, member)?;
+        (seed.id, Vec::new())
     } else if config.bootstrap {
         let member = Member {
             id: 1,

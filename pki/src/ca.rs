@@ -210,6 +210,13 @@ pub fn digest_of(cert: &CertificateDer<'_>) -> String {
     hex::encode(Sha256::digest(cert.as_ref()))
 }
 
+/// The hex SHA-256 of a PEM certificate (its first).
+pub fn digest_of_pem(pem: &str) -> Result<String, PkiError> {
+    let der = CertificateDer::from_pem_slice(pem.as_bytes())
+        .map_err(|e| PkiError::Invalid(format!("invalid certificate: {e}")))?;
+    Ok(digest_of(&der))
+}
+
 /// Compares two secrets in time independent of where they differ.
 pub fn same_secret(a: &str, b: &str) -> bool {
     a.len() == b.len()

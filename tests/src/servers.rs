@@ -61,6 +61,27 @@ impl ServerCluster {
     }
 
     fn spawn(&mut self, index: usize) {
+        self.spawn_with(index, &[]);
+    }
+
+    /// Starts server `index` again on its data dir and address with
+    /// `args` added (`--restore FILE`, `--recover`); `wipe` first empties
+    /// its data dir, as a lost machine's.
+    pub fn respawn_with(&mut self, index: usize, wipe: bool, args: &[&str]) {
+        self.kill9(index);
+        if wipe {
+            let _ = fs::remove_dir_all(self.data_dir(index));
+        }
+        self.spawn_with(index, args);
+    }
+
+    /// Kills server `index` and empties its data dir, as a lost machine's.
+    pub fn kill_and_wipe(&mut self, index: usize) {
+        self.kill9(index);
+        let _ = fs::remove_dir_all(self.data_dir(index));
+    }
+
+    fn spawn_with(&mut self, index: usize, args: &[&str]) {
         let name = format!("s{}", index + 1);
         let log = fs::OpenOptions::new()
             .create(true)
@@ -80,20 +101,22 @@ impl ServerCluster {
             .arg("--data-dir")
             .arg(self.dir.path().join(&name))
             .args(&self.extra_args)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
-        if index == 0 {
+        let recovering = args.contains(&"--recover");
+        if index == 0 && !recovering {
             command.arg("--bootstrap");
             crate::use_cluster_ca(&self.data_dir(0).join("pki/ca.crt"));
-        } else if !self.data_dir(index).join("pki/ca.key").exists() {
-            // A new member: it joins with the server token.
-            let members: Vec<&str> = (0..index)
-                .filter(|i| self.children[*i].is_some())
+        } else if !recovering && !self.data_dir(index).join("pki/ca.key").exists() {
+            // A new member: it joins the first running one with the server token.
+            let members: Vec<&str> = (0..self.addresses.len())
+                .filter(|i| *i != index && self.children[*i].is_some())
                 .map(|i| self.addresses[i].as_str())
                 .collect();
             let token = crate::join_token(&members.join(","), "server");
-            command.args(["--join", &self.addresses[0], "--token", &token]);
+            command.args(["--join", members[0], "--token", &token]);
         }
         self.children[index] = Some(command.spawn().expect("start skiff server"));
     }

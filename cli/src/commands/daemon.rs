@@ -40,6 +40,8 @@ pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
     };
     config.join_token = args.join_token;
     config.cert_lifetime = args.cert_lifetime;
+    config.restore = args.restore;
+    config.recover = args.recover;
     skiff_control_plane::run(config, listener, wait_for_signal()).await?;
     Ok(())
 }

@@ -93,6 +93,8 @@ pub const CONTROL_ROLES: &[(&str, Role)] = &[
     ("RemoveNode", Role::Admin),
     ("RemoveServer", Role::Admin),
     ("ClusterToken", Role::Admin),
+    // Holds the CA key and the secrets key unless redacted.
+    ("SnapshotSave", Role::Admin),
     ("RevokeNode", Role::Admin),
     ("PruneNode", Role::Admin),
 ];

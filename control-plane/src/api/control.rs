@@ -112,6 +112,15 @@ impl pb::control_server::Control for Api {
         self.service_logs_here(request.into_inner()).await
     }
 
+    type SnapshotSaveStream = super::backup::SnapshotStream;
+
+    async fn snapshot_save(
+        &self,
+        request: Request<pb::SnapshotSaveRequest>,
+    ) -> Result<Response<Self::SnapshotSaveStream>, Status> {
+        self.snapshot_save_here(request.into_inner()).await
+    }
+
     type ServiceExecStream = super::relay::ExecStream;
 
     async fn service_exec(

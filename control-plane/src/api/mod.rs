@@ -27,6 +27,7 @@
 
 mod agent_sync;
 pub mod auth;
+mod backup;
 mod control;
 pub mod convert;
 mod events;

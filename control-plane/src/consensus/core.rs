@@ -62,6 +62,59 @@ struct ConfContext {
     member: Option<Member>,
 }
 
+/// What a membership change does to the state's members.
+fn member_command(cc: &ConfChange, context: Option<&ConfContext>) -> Option<Command> {
+    match (cc.get_change_type(), context.and_then(|c| c.member.clone())) {
+        (ConfChangeType::RemoveNode, _) => Some(Command::RemoveMember { id: cc.node_id }),
+        (change, Some(mut member)) => {
+            member.learner = change == ConfChangeType::AddLearnerNode;
+            Some(Command::UpsertMember { member })
+        }
+        (_, None) => None,
+    }
+}
+
+/// The state a server's own data leads to, without its peers: its latest
+/// snapshot, then every entry of its log applied in order, committed or
+/// not (as a leader elected alone would commit them). For `skiff server
+/// --recover`, whose cluster lost its quorum: no other server can say
+/// which of the last entries committed, and an acknowledged write is
+/// among them.
+pub fn replay(store: &impl LogStore) -> Result<State, CoreError> {
+    let mut state = super::log_store::snapshot_state(store)?;
+    let first = store.first_index()?;
+    let last = store.last_index()?;
+    if last < first {
+        return Ok(state);
+    }
+    let entries = store.entries(first, last + 1, None, raft::GetEntriesContext::empty(false))?;
+    for entry in entries {
+        match entry.get_entry_type() {
+            EntryType::EntryNormal if !entry.data.is_empty() => {
+                match serde_json::from_slice::<Proposal>(&entry.data) {
+                    Ok(proposal) => {
+                        let _ = state.apply(entry.index, proposal.command);
+                    }
+                    Err(_) => state.skip(entry.index),
+                }
+            }
+            EntryType::EntryConfChange => {
+                let cc = ConfChange::parse_from_bytes(&entry.data)
+                    .map_err(|e| StorageFailure(e.to_string()))?;
+                let context: Option<ConfContext> = serde_json::from_slice(&entry.context).ok();
+                match member_command(&cc, context.as_ref()) {
+                    Some(command) => {
+                        let _ = state.apply(entry.index, command);
+                    }
+                    None => state.skip(entry.index),
+                }
+            }
+            _ => state.skip(entry.index),
+        }
+    }
+    Ok(state)
+}
+
 /// A snapshot to encode and write off the consensus thread: the state as
 /// of `metadata.index`, cloned (cheap next to encoding and writing it).
 pub struct SnapshotJob {
@@ -571,20 +624,7 @@ impl<S: LogStore> Core<S> {
             Ok(conf_state) => {
                 self.node.mut_store().set_conf_state(conf_state)?;
                 self.snapshot_now = true;
-                let command = match (
-                    cc.get_change_type(),
-                    context.as_ref().and_then(|c| c.member.clone()),
-                ) {
-                    (ConfChangeType::RemoveNode, _) => {
-                        Some(Command::RemoveMember { id: cc.node_id })
-                    }
-                    (change, Some(mut member)) => {
-                        member.learner = change == ConfChangeType::AddLearnerNode;
-                        Some(Command::UpsertMember { member })
-                    }
-                    (_, None) => None,
-                };
-                match command {
+                match member_command(&cc, context.as_ref()) {
                     Some(command) => {
                         let _ = state.apply(entry.index, command);
                     }
@@ -817,6 +857,44 @@ mod tests {
                 && (10..20).contains(&snapshots[2]),
             "snapshot indexes {snapshots:?}"
         );
+    }
+
+    #[test]
+    fn a_replayed_log_is_the_live_state_and_seeds_a_one_member_cluster() {
+        let mut cores = cluster();
+        for core in &mut cores {
+            core.config.snapshot_every = 30;
+        }
+        cores[0].campaign().unwrap();
+        settle(&mut cores);
+        for tag in 0..35 {
+            cores[0].propose(tag, put(&format!("k{tag}"))).unwrap();
+            settle(&mut cores);
+        }
+        // Part of it in a snapshot, the rest in the log.
+        assert!(cores[2].status().snapshot_index > 1);
+        let replayed = replay(cores[2].node.store()).unwrap();
+        let live = cores[2].state().read().unwrap().clone();
+        assert_eq!(replayed.variables, live.variables);
+        assert_eq!(replayed.applied_index, live.applied_index);
+        assert_eq!(replayed.members.len(), 3);
+
+        let survivor = replayed.members[&3].clone();
+        let mut disk = MemLog::new();
+        super::super::bootstrap_from(&mut disk, replayed, survivor).unwrap();
+        let mut alone = restarted(3, disk);
+        assert!(alone.is_leader(), "the only voter leads");
+        alone.propose(99, put("after")).unwrap();
+        let mut replies = Vec::new();
+        for _ in 0..3 {
+            replies.extend(alone.advance(&mut |_| {}).unwrap().replies);
+        }
+        assert!(matches!(replies[..], [(99, Reply::Command(Ok(_)))]));
+        let state = alone.state();
+        let state = state.read().unwrap();
+        assert_eq!(state.variables.len(), 36);
+        assert_eq!(state.members.keys().copied().collect::<Vec<_>>(), vec![3]);
+        assert!(state.applied_index > live.applied_index, "indexes go on");
     }
 
     /// A bootstrapped one-server cluster, leading.

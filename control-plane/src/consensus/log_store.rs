@@ -104,6 +104,32 @@ pub fn bootstrap(store: &mut impl LogStore, first: Member) -> Result<(), Storage
     store.apply_snapshot(&bootstrap_snapshot(first))
 }
 
+/// Turns an empty store into the only server of a new cluster whose state
+/// starts as `state` (a restored backup, or a recovered server's own data)
+/// instead of empty. The snapshot is at the state's applied index, so
+/// indexes and event numbers go on growing; the state's other members are
+/// dropped, as a new cluster has only `first`.
+pub fn bootstrap_from(
+    store: &mut impl LogStore,
+    mut state: State,
+    first: Member,
+) -> Result<(), StorageFailure> {
+    let id = first.id;
+    state.members.clear();
+    state.members.insert(id, first);
+    let index = state.applied_index.max(1);
+    state.applied_index = index;
+    let mut snapshot = Snapshot {
+        data: state.to_image().into(),
+        ..Default::default()
+    };
+    let metadata = snapshot.mut_metadata();
+    metadata.index = index;
+    metadata.term = 1;
+    metadata.mut_conf_state().voters = vec![id];
+    store.apply_snapshot(&snapshot)
+}
+
 /// The applied state as of the store's latest snapshot. The state machine
 /// is persisted only in snapshots: after a restart the committed entries
 /// after the snapshot are applied again (measured: keeping every applied

@@ -34,7 +34,7 @@ use tokio::sync::{oneshot, watch};
 use self::core::{Core, CoreConfig, CoreError, Reply};
 use crate::metrics::Metrics;
 use crate::state::{Command, CommandError, Outcome, State};
-pub use log_store::{bootstrap, LogStore, StorageFailure};
+pub use log_store::{bootstrap, bootstrap_from, LogStore, StorageFailure};
 pub use sled_storage::SledStorage;
 pub use transport::Transport;
 pub use wal_storage::WalStorage;
