@@ -162,6 +162,7 @@ pub async fn run(
     let proxy_metrics = metrics::Metrics::default();
     let mut registry = skiff_metrics::registry(&config.data_dir);
     proxy_metrics.register(&mut registry, &config.name);
+    image::PULL_METRICS.register(&mut registry);
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     let metrics_server = tokio::spawn(skiff_metrics::serve(
         metrics_listener,

@@ -34,6 +34,10 @@ pub struct Metrics {
     pub commit_latency: Histogram,
     /// One turn of the Ready loop: apply, persist with one fsync, send.
     pub ready_latency: Histogram,
+    /// Applying one Ready's committed entries to the state.
+    pub apply_latency: Histogram,
+    /// Encoding and writing one snapshot (then compacting the log).
+    pub snapshot_duration: Histogram,
 }
 
 impl Default for Metrics {
@@ -45,6 +49,8 @@ impl Default for Metrics {
             snapshots: Counter::default(),
             commit_latency: Histogram::new(latency_buckets()),
             ready_latency: Histogram::new(latency_buckets()),
+            apply_latency: Histogram::new(latency_buckets()),
+            snapshot_duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
         }
     }
 }
@@ -91,6 +97,16 @@ impl Metrics {
             "skiff_raft_ready_seconds",
             "One Ready turn: apply, persist (one fsync), send.",
             self.ready_latency.clone(),
+        );
+        registry.register(
+            "skiff_raft_apply_seconds",
+            "Applying one Ready's committed entries to the state machine.",
+            self.apply_latency.clone(),
+        );
+        registry.register(
+            "skiff_raft_snapshot_seconds",
+            "Encoding and writing one snapshot of the state, then compacting the log.",
+            self.snapshot_duration.clone(),
         );
     }
 }
@@ -323,6 +339,46 @@ impl Collector for StateCollector {
         let status = self.consensus.status();
         let gauges = StateGauges::read(&self.consensus.state());
         encode_gauges(&mut encoder, &status, &gauges)
+    }
+}
+
+/// The bytes a server's Raft log (sled or WAL) and its snapshots take on
+/// disk, read at each scrape (a walk of a few directories).
+#[derive(Debug)]
+pub struct StorageCollector {
+    pub data_dir: std::path::PathBuf,
+}
+
+/// Bytes of the files under `dir`, recursively (0 if it does not exist).
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|entry| match entry.metadata() {
+            Ok(meta) if meta.is_dir() => dir_bytes(&entry.path()),
+            Ok(meta) => meta.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+impl Collector for StorageCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let log = dir_bytes(&self.data_dir.join("raft")) + dir_bytes(&self.data_dir.join("wal"));
+        gauge(
+            &mut encoder,
+            "skiff_raft_log_bytes",
+            "Bytes of the Raft log on disk (sled database or write-ahead log).",
+            log,
+        )?;
+        gauge(
+            &mut encoder,
+            "skiff_raft_snapshot_bytes",
+            "Bytes of the Raft snapshot files on disk.",
+            dir_bytes(&self.data_dir.join("snapshots")),
+        )
     }
 }
 

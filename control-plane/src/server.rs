@@ -471,7 +471,7 @@ async fn serve<S: LogStore + Send + 'static>(
         consensus::start(store, consensus_config, transport, metrics.clone())?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    {
+    let request_metrics = {
         let explicit = config.metrics_listen.is_some();
         let ip = listener.local_addr().map_err(ServerError::Listener)?.ip();
         let address = config.metrics_listen.unwrap_or(std::net::SocketAddr::new(
@@ -486,6 +486,10 @@ async fn serve<S: LogStore + Send + 'static>(
         registry.register_collector(Box::new(crate::metrics::StateCollector {
             consensus: consensus.clone(),
         }));
+        registry.register_collector(Box::new(crate::metrics::StorageCollector {
+            data_dir: config.data_dir.clone(),
+        }));
+        let request_metrics = crate::api::request_metrics::RequestMetricsLayer::new(&mut registry);
         tracing::info!(address = ?metrics_listener.local_addr().ok(), "serving GET /metrics");
         let mut stop = stop_rx.clone();
         tokio::spawn(skiff_metrics::serve(
@@ -495,7 +499,8 @@ async fn serve<S: LogStore + Send + 'static>(
                 let _ = stop.wait_for(|s| *s).await;
             },
         ));
-    }
+        request_metrics
+    };
     if secrets_key.is_none() {
         tracing::warn!(data_dir = %config.data_dir.display(), "no secrets key in the data dir: this server refuses secret calls and sends no secret values to agents");
     }
@@ -536,6 +541,7 @@ async fn serve<S: LogStore + Send + 'static>(
     }
     let incoming = skiff_pki::tls::incoming(listener, trust.server_config()?);
     let serve = tonic::transport::Server::builder()
+        .layer(request_metrics)
         .layer(crate::api::AuthLayer::new(consensus.clone()))
         .add_service(ControlServer::new(api.clone()))
         .add_service(AgentSyncServer::new(api))

@@ -85,6 +85,20 @@ fn skiff_dev_serves_server_and_agent_metrics_that_parse_as_prometheus_text() {
     assert!(e.value("skiff_raft_proposals_total").unwrap_or(0.0) >= 1.0);
     assert!(e.value("process_resident_memory_bytes").unwrap_or(0.0) > 0.0);
     assert!(e.value("skiff_data_dir_free_bytes").unwrap_or(0.0) > 0.0);
+    assert!(e.value("skiff_raft_apply_seconds_count").unwrap_or(0.0) >= 1.0);
+    assert!(e.value("skiff_raft_snapshot_seconds_count").is_some());
+    assert!(e.value("skiff_raft_log_bytes").unwrap_or(0.0) > 0.0);
+    assert!(e.value("skiff_raft_snapshot_bytes").unwrap_or(0.0) > 0.0);
+    // API calls by method and status: the CLI's create was answered.
+    let created: Vec<_> = e
+        .named("skiff_api_request_seconds_count")
+        .filter(|s| s.label("method") == Some("CreateService") && s.label("code") == Some("Ok"))
+        .collect();
+    assert!(
+        created.len() == 1 && created[0].value >= 1.0,
+        "{:?}",
+        e.by_key()
+    );
 
     for addr in [dev.server_metrics_addr(), dev.agent_metrics_addr()] {
         let e = scrape(addr);
@@ -93,6 +107,16 @@ fn skiff_dev_serves_server_and_agent_metrics_that_parse_as_prometheus_text() {
         assert_eq!(build[0].value, 1.0);
         assert!(build[0].label("version").is_some() && build[0].label("commit").is_some());
         assert!(e.value("process_cpu_seconds_total").is_some(), "{addr}");
+        if addr == dev.agent_metrics_addr() {
+            assert!(
+                e.value("skiff_image_pull_seconds_count").is_some(),
+                "{addr}"
+            );
+            assert!(
+                e.value("skiff_image_pull_failures_total").is_some(),
+                "{addr}"
+            );
+        }
         // promtool parses (and lints) the exposition too, when installed.
         if let Some(promtool) = promtool() {
             let (_, body) = skiff_e2e::metrics::get(addr).expect("scrape");

@@ -30,5 +30,6 @@ pub use config::{Healthcheck, ImageConfig};
 pub use error::ImageError;
 pub use gc::PruneReport;
 pub use rootfs::is_mounted;
+pub use store::PULL_METRICS;
 pub use store::{ImageStore, PullOptions, PullPolicy, PulledImage, StoreStats};
 pub use user::{lookup_user, read_image_file, ImageUser};

@@ -81,6 +81,39 @@ pub struct StoreStats {
     pub layers_unpacked: u64,
 }
 
+/// Pulls from registries as Prometheus sees them: one per agent process,
+/// registered with its metrics (`skiff_image_pull_seconds`,
+/// `skiff_image_pull_failures_total`). Pulls served from the store are not
+/// counted.
+pub struct PullMetrics {
+    pub duration: prometheus_client::metrics::histogram::Histogram,
+    pub failures: prometheus_client::metrics::counter::Counter,
+}
+
+pub static PULL_METRICS: std::sync::LazyLock<PullMetrics> =
+    std::sync::LazyLock::new(|| PullMetrics {
+        // 50 ms to ~7 min, doubling.
+        duration: prometheus_client::metrics::histogram::Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.05, 2.0, 14),
+        ),
+        failures: Default::default(),
+    });
+
+impl PullMetrics {
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "skiff_image_pull_seconds",
+            "Image pulls from a registry that succeeded, by duration.",
+            self.duration.clone(),
+        );
+        registry.register(
+            "skiff_image_pull_failures",
+            "Image pulls from a registry that failed (an unreachable registry served from the store included).",
+            self.failures.clone(),
+        );
+    }
+}
+
 /// The node's image store. Cheap to clone; clones share everything.
 #[derive(Clone)]
 pub struct ImageStore {
@@ -270,7 +303,16 @@ impl ImageStore {
             }
         }
         let started = Instant::now();
-        match self.fetch(&parsed, reference).await {
+        let fetched = self.fetch(&parsed, reference).await;
+        match &fetched {
+            Ok(_) => PULL_METRICS
+                .duration
+                .observe(started.elapsed().as_secs_f64()),
+            Err(_) => {
+                PULL_METRICS.failures.inc();
+            }
+        }
+        match fetched {
             Ok(image) => {
                 self.write_record(&key, &image)?;
                 tracing::info!(

@@ -36,6 +36,7 @@ mod pki;
 mod raft_service;
 mod relay;
 mod reports;
+pub mod request_metrics;
 mod secrets;
 mod stacks;
 mod tokens;

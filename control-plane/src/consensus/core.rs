@@ -148,6 +148,10 @@ pub enum Reply {
 #[derive(Default)]
 pub struct Output {
     pub replies: Vec<(u64, Reply)>,
+    /// Time spent applying committed entries, if any were.
+    pub apply_time: Option<std::time::Duration>,
+    /// Time an inline snapshot took, if one was taken.
+    pub snapshot_time: Option<std::time::Duration>,
 }
 
 pub struct Core<S: LogStore> {
@@ -556,7 +560,7 @@ impl<S: LogStore> Core<S> {
             send(light.take_messages());
             self.apply(light.take_committed_entries(), &mut out)?;
             self.node.advance_apply();
-            self.maybe_compact()?;
+            self.maybe_compact(&mut out)?;
         }
         let applied = self.node.raft.raft_log.applied;
         self.reads.retain(|&(tag, index)| {
@@ -584,6 +588,13 @@ impl<S: LogStore> Core<S> {
         if entries.is_empty() {
             return Ok(());
         }
+        let started = std::time::Instant::now();
+        let applied = self.apply_entries(entries, out);
+        *out.apply_time.get_or_insert_default() += started.elapsed();
+        applied
+    }
+
+    fn apply_entries(&mut self, entries: Vec<Entry>, out: &mut Output) -> Result<(), CoreError> {
         let state = self.state.clone();
         let mut state = state.write().unwrap_or_else(|p| p.into_inner());
         for entry in entries {
@@ -683,7 +694,7 @@ impl<S: LogStore> Core<S> {
 
     /// Snapshots the state and compacts the log every `snapshot_every`
     /// applied entries, so the data dir stays bounded.
-    fn maybe_compact(&mut self) -> Result<(), CoreError> {
+    fn maybe_compact(&mut self, out: &mut Output) -> Result<(), CoreError> {
         let applied = self.node.raft.raft_log.applied;
         // Servers snapshot at different indexes, a third of the interval
         // apart: when all three encoded and wrote their whole state at the
@@ -738,6 +749,7 @@ impl<S: LogStore> Core<S> {
         let bytes = snapshot.data.len();
         self.node.mut_store().compact(snapshot)?;
         self.snapshot_index = applied;
+        out.snapshot_time = Some(started.elapsed());
         tracing::info!(
             index = applied,
             bytes,

@@ -357,11 +357,15 @@ pub fn start<S: LogStore + Send + 'static>(
         Some(file) => {
             let (jobs, job_queue) = std_mpsc::channel::<core::SnapshotJob>();
             let inbox = inbox_tx.clone();
+            let metrics = metrics.clone();
             std::thread::Builder::new()
                 .name("raft-snapshot".into())
                 .spawn(move || {
                     for job in job_queue {
-                        let _ = inbox.send(Inbox::SnapshotWritten(job.write(&file)));
+                        let started = Instant::now();
+                        let written = job.write(&file);
+                        crate::metrics::observe(&metrics.snapshot_duration, started.elapsed());
+                        let _ = inbox.send(Inbox::SnapshotWritten(written));
                     }
                 })
                 .map_err(ConsensusError::Thread)?;
@@ -474,6 +478,12 @@ impl<S: LogStore> Driver<S> {
             };
             if !output.replies.is_empty() {
                 crate::metrics::observe(&self.metrics.ready_latency, turn.elapsed());
+            }
+            if let Some(took) = output.apply_time {
+                crate::metrics::observe(&self.metrics.apply_latency, took);
+            }
+            if let Some(took) = output.snapshot_time {
+                crate::metrics::observe(&self.metrics.snapshot_duration, took);
             }
             if let (Some(job), Some(jobs)) = (self.core.take_snapshot_job(), &self.snapshot_jobs) {
                 let _ = jobs.send(job);
