@@ -53,6 +53,8 @@ pub struct AgentConfig {
     /// or any free port if that is taken. Published to the servers either
     /// way, in the variable `_skiff/nodes/<node>/metrics`.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Export the routing proxy's per-replica series (`--proxy-replica-metrics`).
+    pub proxy_replica_metrics: bool,
     /// How long a stopping replica of a published service keeps running
     /// after it left the proxies' pools, for its open connections, before
     /// SIGTERM.
@@ -112,6 +114,7 @@ impl AgentConfig {
             logs_port: 0,
             log_max_bytes: 10 * 1024 * 1024,
             metrics_listen: None,
+            proxy_replica_metrics: false,
             drain: Duration::from_secs(5),
             traffic_interval: Duration::from_secs(2),
             image_gc_threshold_mb: None,

@@ -161,7 +161,7 @@ pub async fn run(
     let metrics_addr = metrics_listener.local_addr().ok();
     let proxy_metrics = metrics::Metrics::default();
     let mut registry = skiff_metrics::registry(&config.data_dir);
-    proxy_metrics.register(&mut registry, &config.name);
+    proxy_metrics.register(&mut registry, &config.name, config.proxy_replica_metrics);
     image::PULL_METRICS.register(&mut registry);
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     let metrics_server = tokio::spawn(skiff_metrics::serve(

@@ -680,6 +680,12 @@ pub struct NodeArgs {
     /// the variable `_skiff/nodes/NODE/metrics`).
     #[arg(long, env = "SKIFF_METRICS_LISTEN", help_heading = heading::NODE)]
     pub metrics_listen: Option<SocketAddr>,
+    /// Also export the routing proxy's series per replica in its pools
+    /// (`skiff_proxy_replica_*`, five per replica of every published
+    /// service in the cluster): off by default, as the per-service series
+    /// answer most questions and these grow with the whole cluster.
+    #[arg(long, env = "SKIFF_PROXY_REPLICA_METRICS", help_heading = heading::NODE)]
+    pub proxy_replica_metrics: bool,
     /// Seconds a stopping replica of a published service keeps serving its
     /// open connections, after leaving every routing proxy, before SIGTERM.
     #[arg(long, env = "SKIFF_DRAIN_SECS", default_value_t = 5.0, value_parser = parse_secs, help_heading = heading::NODE)]

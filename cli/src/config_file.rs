@@ -64,6 +64,7 @@ pub struct AgentFile {
     memory: Option<u32>,
     label: Option<Vec<Checked<Label>>>,
     metrics_listen: Option<SocketAddr>,
+    proxy_replica_metrics: Option<bool>,
     drain_secs: Option<f64>,
     image_gc_threshold_mb: Option<u64>,
     enable_process_runtime: Option<bool>,

@@ -179,6 +179,7 @@ fn agent_config(
     config.labels = node.labels.iter().cloned().collect();
     config.allow_host_paths = node.allow_host_paths.clone();
     config.metrics_listen = node.metrics_listen;
+    config.proxy_replica_metrics = node.proxy_replica_metrics;
     config.drain = Duration::from_secs_f64(node.drain_secs);
     config.image_gc_threshold_mb = node.image_gc_threshold_mb;
     config
