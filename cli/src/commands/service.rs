@@ -658,8 +658,9 @@ fn ls_rows(services: &[pb::ServiceStatus]) -> Vec<Vec<String>> {
         .collect()
 }
 
-const PS_HEADERS: [&str; 10] = [
+const PS_HEADERS: [&str; 11] = [
     "ID",
+    "SLOT",
     "NODE",
     "ADDRESS",
     "VERSION",
@@ -671,9 +672,11 @@ const PS_HEADERS: [&str; 10] = [
     "MESSAGE",
 ];
 
-/// `service ps`: one row per replica; ADDRESS is where it answers (its
-/// node's address and its host port), VERSION and IMAGE/COMMAND tell the
-/// versions apart during a deployment.
+/// `service ps`: one row per replica; SLOT is its ordinal in the service
+/// (kept across replacements and updates: slot i owns the per-replica
+/// volumes NAME-i), ADDRESS is where it answers (its node's address and
+/// its host port), VERSION and IMAGE/COMMAND tell the versions apart
+/// during a deployment.
 fn ps_rows(allocs: &[&pb::Allocation], nodes: &[pb::Node]) -> Vec<Vec<String>> {
     allocs
         .iter()
@@ -684,6 +687,7 @@ fn ps_rows(allocs: &[&pb::Allocation], nodes: &[pb::Node]) -> Vec<Vec<String>> {
                 .map(|n| n.address.as_str());
             vec![
                 a.id.clone(),
+                a.slot.to_string(),
                 a.node.clone(),
                 match (address, a.host_port) {
                     (None, _) => "-".into(),
@@ -1090,17 +1094,17 @@ mod tests {
         let rows = super::ps_rows(&[&blue, &green], &nodes);
         let table = crate::output::table(&super::PS_HEADERS, &rows);
         let lines: Vec<&str> = table.lines().collect();
-        assert!(lines[0].starts_with("ID    NODE  ADDRESS         VERSION  IMAGE/COMMAND"));
+        assert!(lines[0].starts_with("ID    SLOT  NODE  ADDRESS         VERSION  IMAGE/COMMAND"));
         assert_eq!(
-            rows[0][..5],
-            ["aaaa", "n2", "10.0.0.2:20001", "3", "reg:5000/web:v3"]
+            rows[0][..6],
+            ["aaaa", "0", "n2", "10.0.0.2:20001", "3", "reg:5000/web:v3"]
         );
         assert_eq!(
-            rows[1][..5],
-            ["bbbb", "n2", "10.0.0.2:20002", "4", "reg:5000/web:v4"]
+            rows[1][..6],
+            ["bbbb", "0", "n2", "10.0.0.2:20002", "4", "reg:5000/web:v4"]
         );
         // A node the CLI does not know: no address rather than a wrong one.
-        assert_eq!(super::ps_rows(&[&blue], &[])[0][2], "-");
+        assert_eq!(super::ps_rows(&[&blue], &[])[0][3], "-");
     }
 
     #[test]
