@@ -7,7 +7,6 @@
 //! Raft tolerates (it retries); the core is told the peer is unreachable.
 
 use std::collections::HashMap;
-use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -75,7 +74,7 @@ pub struct Transport {
     seeds: RwLock<HashMap<u64, String>>,
     links: Mutex<HashMap<u64, Link>>,
     channels: Mutex<HashMap<String, Channel>>,
-    inbox: Mutex<Option<std_mpsc::Sender<Inbox>>>,
+    inbox: Mutex<Option<super::InboxSender>>,
     state: RwLock<Option<Arc<RwLock<State>>>>,
 }
 
@@ -101,7 +100,7 @@ impl Transport {
             .insert(id, address);
     }
 
-    pub(crate) fn attach(&self, inbox: std_mpsc::Sender<Inbox>, state: Arc<RwLock<State>>) {
+    pub(crate) fn attach(&self, inbox: super::InboxSender, state: Arc<RwLock<State>>) {
         *self.inbox.lock().unwrap_or_else(|p| p.into_inner()) = Some(inbox);
         *self.state.write().unwrap_or_else(|p| p.into_inner()) = Some(state);
     }
@@ -177,7 +176,8 @@ impl Transport {
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
         {
-            let _ = inbox.send(message);
+            // Dropped when the inbox is full: Raft reports and probes again.
+            let _ = inbox.offer(message);
         }
     }
 
@@ -240,12 +240,13 @@ async fn peer_loop(
     to: u64,
     address: String,
     mut queue: mpsc::Receiver<Message>,
-    inbox: Option<std_mpsc::Sender<Inbox>>,
+    inbox: Option<super::InboxSender>,
     dial: Dial,
 ) {
     let report = |message: Inbox| {
         if let Some(inbox) = &inbox {
-            let _ = inbox.send(message);
+            // Dropped when the inbox is full: Raft reports and probes again.
+            let _ = inbox.offer(message);
         }
     };
     let mut backoff = Duration::from_millis(50);
