@@ -599,6 +599,13 @@ pub struct ServerArgs {
     /// with their old data.
     #[arg(long, conflicts_with_all = ["bootstrap", "join", "restore"], help_heading = heading::RECOVERY)]
     pub recover: bool,
+    /// Start even though the Raft log is damaged: cut a write-ahead log at
+    /// its first bad record (a copy of what is cut is kept), or accept a
+    /// sled log that lost records. The server may then have lost entries
+    /// it acknowledged and the vote it cast; prefer removing it and joining
+    /// again with an empty data dir. Without it, such a log stops the start.
+    #[arg(long, help_heading = heading::RECOVERY)]
+    pub truncate_corrupt_log: bool,
     /// The server join token (`--token`, a global flag, or
     /// `SKIFF_JOIN_TOKEN`): needed with --join on a new data dir.
     #[arg(skip)]

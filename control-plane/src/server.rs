@@ -77,6 +77,9 @@ pub struct ServerConfig {
     /// Make this server the only member of a new cluster with its own
     /// data, after its cluster lost its quorum (`skiff server --recover`).
     pub recover: bool,
+    /// Start from a Raft log cut at a damaged record, or one sled cut short,
+    /// instead of refusing (`--truncate-corrupt-log`); what is lost is logged.
+    pub truncate_corrupt_log: bool,
 }
 
 /// The Raft log's durable store.
@@ -114,6 +117,7 @@ impl ServerConfig {
             client_config: None,
             restore: None,
             recover: false,
+            truncate_corrupt_log: false,
         }
     }
 }
@@ -144,6 +148,8 @@ pub enum ServerError {
     LogIsWal(PathBuf),
     #[error(transparent)]
     Backup(#[from] crate::backup::BackupError),
+    #[error("the raft database {path} is damaged (sled: {why}); this server cannot start from it: remove the server (`skiff cluster remove NAME` on a live one) and start it again with an empty data dir and --join")]
+    DamagedDb { path: PathBuf, why: String },
     #[error("data dir {0} already holds a cluster: --restore makes a new cluster in an empty data dir; give another --data-dir, or start without --restore")]
     RestoreIntoUsed(PathBuf),
     #[error("--recover: data dir {0} holds no cluster to recover; give the data dir of a surviving server")]
@@ -187,14 +193,7 @@ pub async fn run(
     } else {
         None
     };
-    let db = sled::Config::new()
-        .path(&raft_dir)
-        .mode(sled::Mode::LowSpace)
-        .open()
-        .map_err(|source| ServerError::DataDir {
-            path: raft_dir.clone(),
-            source,
-        })?;
+    let db = open_sled(&raft_dir)?;
     let local = db
         .open_tree("local")
         .map_err(|source| ServerError::DataDir {
@@ -215,12 +214,14 @@ pub async fn run(
         // The write-ahead log cannot be moved back into sled.
         RaftLog::Sled if has_wal => Err(ServerError::LogIsWal(config.data_dir.clone())),
         RaftLog::Sled => {
-            let store = SledStorage::open(&opened.db, snapshots)?;
+            let store =
+                SledStorage::open_checked(&opened.db, snapshots, config.truncate_corrupt_log)?;
             serve(config, listener, shutdown, opened, store).await
         }
         // Moves a log kept in sled into the write-ahead log.
         RaftLog::Wal => {
-            let store = WalStorage::open(&opened.db, snapshots)?;
+            let store =
+                WalStorage::open_checked(&opened.db, snapshots, config.truncate_corrupt_log)?;
             serve(config, listener, shutdown, opened, store).await
         }
     }
@@ -271,14 +272,7 @@ fn recover(config: &ServerConfig) -> Result<Seed, ServerError> {
         return Err(ServerError::NothingToRecover(data_dir.clone()));
     }
     let (id, state) = {
-        let db = sled::Config::new()
-            .path(&raft_dir)
-            .mode(sled::Mode::LowSpace)
-            .open()
-            .map_err(|source| ServerError::DataDir {
-                path: raft_dir.clone(),
-                source,
-            })?;
+        let db = open_sled(&raft_dir)?;
         let local = db
             .open_tree("local")
             .map_err(|source| ServerError::DataDir {
@@ -288,13 +282,13 @@ fn recover(config: &ServerConfig) -> Result<Seed, ServerError> {
         let snapshots = SnapshotFile::new(data_dir.join("snapshots"));
         let has_wal = holds_wal(data_dir);
         let state = if has_wal {
-            let store = WalStorage::open(&db, snapshots)?;
+            let store = WalStorage::open_checked(&db, snapshots, config.truncate_corrupt_log)?;
             if !store.is_initialized() {
                 return Err(ServerError::NothingToRecover(data_dir.clone()));
             }
             crate::consensus::core::replay(&store).map_err(ConsensusError::from)?
         } else {
-            let store = SledStorage::open(&db, snapshots)?;
+            let store = SledStorage::open_checked(&db, snapshots, config.truncate_corrupt_log)?;
             if !store.is_initialized() {
                 return Err(ServerError::NothingToRecover(data_dir.clone()));
             }
@@ -330,6 +324,35 @@ fn recover(config: &ServerConfig) -> Result<Seed, ServerError> {
         secrets_key: None,
         ca: None,
     })
+}
+
+/// Opens the sled database at `path`. sled panics on some damaged files
+/// (measured: "tried to serialize Uninitialized" after one flipped byte);
+/// that is an error naming the directory, not a crash.
+fn open_sled(path: &Path) -> Result<sled::Db, ServerError> {
+    let open = || {
+        sled::Config::new()
+            .path(path)
+            .mode(sled::Mode::LowSpace)
+            .open()
+    };
+    match std::panic::catch_unwind(open) {
+        Ok(opened) => opened.map_err(|source| ServerError::DataDir {
+            path: path.to_path_buf(),
+            source,
+        }),
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into());
+            Err(ServerError::DamagedDb {
+                path: path.to_path_buf(),
+                why,
+            })
+        }
+    }
 }
 
 /// Whether `data_dir` keeps its Raft log in the write-ahead log.

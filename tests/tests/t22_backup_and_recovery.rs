@@ -314,3 +314,63 @@ fn a_survivor_of_a_lost_quorum_recovers_alone_and_new_servers_join_it() {
         "no write with 2 of 3"
     );
 }
+
+/// A server whose sled file has one flipped byte never starts with fewer
+/// entries and no word: it refuses (naming the way out), and starts with
+/// `--truncate-corrupt-log`; or, if the byte hit nothing live, it starts
+/// with every acknowledged write.
+#[test]
+fn a_flipped_byte_in_the_raft_database_is_refused_or_harmless_never_silent() {
+    let mut servers = ServerCluster::start(1, &[]);
+    let work = tempfile::tempdir().expect("temp dir");
+    keep_ca(&servers, work.path());
+    for i in 0..200 {
+        let key = format!("acked/{i:03}");
+        assert!(servers.put(0, &key, "v"), "write {key} refused");
+    }
+    servers.kill9(0);
+    let file = servers.data_dir(0).join("raft/db");
+    let mut bytes = std::fs::read(&file).expect("sled file");
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x40;
+    std::fs::write(&file, &bytes).expect("flip a byte");
+
+    let mut start = std::process::Command::new(skiff_e2e::skiff_bin());
+    start
+        .env_remove("SKIFF_ADDR")
+        .args(["server", "--name", "s1", "--listen", &servers.addresses[0]])
+        .arg("--data-dir")
+        .arg(servers.data_dir(0));
+    match skiff_e2e::try_run_with_timeout(&mut start, Duration::from_secs(10)) {
+        Ok(out) => {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{stderr}");
+            assert!(
+                stderr.contains("lost records") || stderr.contains("is damaged"),
+                "the refusal says what is wrong: {stderr}"
+            );
+            assert!(
+                stderr.contains("--join") || stderr.contains("--truncate-corrupt-log"),
+                "and the way out: {stderr}"
+            );
+            eprintln!("byte {at} of {}: refused: {}", bytes.len(), stderr.lines().last().unwrap_or_default());
+            if stderr.contains("lost records") {
+                servers.respawn_with(0, false, &["--truncate-corrupt-log"]);
+                assert!(
+                    wait_until(TIMEOUT, POLL, || servers.leader() == Some(0)),
+                    "--truncate-corrupt-log did not start it:\n{}",
+                    servers.log(0)
+                );
+                assert!(servers.put(0, "after/truncate", "v"));
+            }
+        }
+        Err(_) => {
+            // It kept running: the byte hit nothing live. Every write is there.
+            servers.respawn_with(0, false, &[]);
+            assert!(wait_until(TIMEOUT, POLL, || servers.leader() == Some(0)));
+            let kept = servers.variables(0, "acked/").expect("variables");
+            assert_eq!(kept.len(), 200, "byte {at}: writes lost without a word");
+            eprintln!("byte {at} of {}: harmless", bytes.len());
+        }
+    }
+}

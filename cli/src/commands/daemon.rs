@@ -42,6 +42,7 @@ pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
     config.cert_lifetime = args.cert_lifetime;
     config.restore = args.restore;
     config.recover = args.recover;
+    config.truncate_corrupt_log = args.truncate_corrupt_log;
     skiff_control_plane::run(config, listener, wait_for_signal()).await?;
     Ok(())
 }

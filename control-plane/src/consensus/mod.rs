@@ -21,6 +21,7 @@ pub(crate) mod snapshot_file;
 pub(crate) mod transport;
 mod wal;
 mod wal_storage;
+mod witness;
 
 use std::collections::HashMap;
 use std::sync::mpsc as std_mpsc;

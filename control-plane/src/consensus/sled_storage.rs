@@ -19,6 +19,7 @@ use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 
 use super::log_store::{LogStore, StorageFailure};
 use super::snapshot_file::SnapshotFile;
+use super::witness::{Mark, Witness};
 
 pub(super) const HARD_STATE: &[u8] = b"hard_state";
 pub(super) const CONF_STATE: &[u8] = b"conf_state";
@@ -62,11 +63,28 @@ pub struct SledStorage {
     /// Metadata of the latest snapshot; the log starts right after it.
     snapshot_meta: SnapshotMetadata,
     last_index: u64,
+    /// What the log durably held, to notice sled cutting it short.
+    witness: Witness,
 }
 
+/// The witness file of the sled log whose snapshots are in `snapshots`.
+const WITNESS_FILE: &str = "raft-log.witness";
+
 impl SledStorage {
-    /// Opens the log in `db` and the snapshot at `snapshot_file`.
+    /// Opens the log in `db` and the snapshot at `snapshot_file`; refuses a
+    /// log that lost what its witness saw (see `witness`).
     pub fn open(db: &sled::Db, snapshot_file: SnapshotFile) -> Result<Self, StorageFailure> {
+        Self::open_checked(db, snapshot_file, false)
+    }
+
+    /// Like [`SledStorage::open`]; with `accept_loss`
+    /// (`--truncate-corrupt-log`) a log cut short is used as it is, and
+    /// what it lost is logged.
+    pub fn open_checked(
+        db: &sled::Db,
+        snapshot_file: SnapshotFile,
+        accept_loss: bool,
+    ) -> Result<Self, StorageFailure> {
         let open = |name: &str| db.open_tree(name).map_err(StorageFailure::from);
         let (log, meta) = (open("raft_log")?, open("raft_meta")?);
         let mut hard_state: HardState = read_pb(&meta, HARD_STATE)?.unwrap_or_default();
@@ -82,6 +100,34 @@ impl SledStorage {
         // The trees are flushed together but not in one atomic batch; a
         // crash mid-flush must not leave a commit index past the log.
         hard_state.commit = hard_state.commit.min(last_index);
+        let found = Mark {
+            last_index,
+            term: hard_state.term,
+            vote: hard_state.vote,
+        };
+        let (mut witness, seen) = Witness::open(&snapshot_file.dir().join(WITNESS_FILE))?;
+        match seen.and_then(|seen| seen.lost_in(&found)) {
+            Some(why) if accept_loss => {
+                tracing::error!(
+                    witness = %witness.path().display(),
+                    "--truncate-corrupt-log: the raft log lost records ({why}); starting from what is left. \
+                     This server may have lost entries it acknowledged and the vote it cast: \
+                     the cluster stays safe only if the other servers hold them"
+                );
+                witness.reset(found)?;
+            }
+            Some(why) => {
+                return Err(StorageFailure(format!(
+                    "the raft log in sled (DATA/raft) lost records: {why}, as {} recorded after its flushes; \
+                     sled cuts its log at a damaged record when it opens. This server cannot start from it safely. \
+                     Remove the server (`skiff cluster remove NAME` on a live one) and start it again with an empty data dir and --join, \
+                     so that it catches up from the others; or, knowing that it may have lost acknowledged entries and its vote, \
+                     start it once with --truncate-corrupt-log",
+                    witness.path().display()
+                )));
+            }
+            None => witness.advance(found)?,
+        }
         Ok(SledStorage {
             db: db.clone(),
             log,
@@ -91,7 +137,17 @@ impl SledStorage {
             conf_state,
             snapshot_meta,
             last_index,
+            witness,
         })
+    }
+
+    /// What the witness records once the log is flushed.
+    fn mark(&self) -> Mark {
+        Mark {
+            last_index: self.last_index,
+            term: self.hard_state.term,
+            vote: self.hard_state.vote,
+        }
     }
 
     pub fn db(&self) -> &sled::Db {
@@ -142,7 +198,14 @@ impl LogStore for SledStorage {
             return Ok(());
         }
         let mut batch = sled::Batch::default();
-        if let Some(first) = entries.first() {
+        if let (Some(first), Some(last)) = (entries.first(), entries.last()) {
+            if last.index < self.last_index {
+                // A conflicting suffix goes: the witness first.
+                self.witness.lower_to(Mark {
+                    last_index: last.index,
+                    ..self.mark()
+                })?;
+            }
             for stale in first.index..=self.last_index {
                 batch.remove(&log_key(stale));
             }
@@ -163,7 +226,8 @@ impl LogStore for SledStorage {
         if let Some(hard_state) = hard_state {
             self.hard_state = hard_state.clone();
         }
-        Ok(())
+        let mark = self.mark();
+        self.witness.advance(mark)
     }
 
     fn persist_commit(&mut self, commit: u64) -> Result<(), StorageFailure> {
@@ -190,6 +254,12 @@ impl LogStore for SledStorage {
         let mut hard_state = self.hard_state.clone();
         hard_state.term = hard_state.term.max(meta.term);
         hard_state.commit = hard_state.commit.max(meta.index);
+        if meta.index < self.last_index {
+            self.witness.lower_to(Mark {
+                last_index: meta.index,
+                ..self.mark()
+            })?;
+        }
         self.snapshot_file.write(snapshot)?;
         let mut records = sled::Batch::default();
         records.insert(SNAPSHOT_META, pb_bytes(meta));
@@ -209,7 +279,8 @@ impl LogStore for SledStorage {
         self.snapshot_meta = meta.clone();
         self.last_index = meta.index;
         self.snapshot_file.prune(meta.index);
-        Ok(())
+        let mark = self.mark();
+        self.witness.advance(mark)
     }
 
     fn background_snapshots(&self) -> Option<SnapshotFile> {

@@ -88,7 +88,10 @@ impl Wal {
     /// Opens the newest segment in `dir` and returns its records, or `None`
     /// when there is none yet. Older segments and temporary files left by a
     /// crash are removed; a damaged tail is cut off.
-    pub fn open(dir: &Path) -> Result<Option<(Wal, Vec<Record>)>, StorageFailure> {
+    pub fn open(
+        dir: &Path,
+        cut_corrupt: bool,
+    ) -> Result<Option<(Wal, Vec<Record>)>, StorageFailure> {
         let listing = match fs::read_dir(dir) {
             Ok(listing) => listing,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -123,14 +126,28 @@ impl Wal {
         file.read_to_end(&mut bytes)
             .map_err(|e| failed("read", &path, e))?;
         let (records, valid) = decode_all(&bytes);
-        if valid < bytes.len() && !is_torn_tail(&bytes, valid) {
+        let corrupt = valid < bytes.len() && !is_torn_tail(&bytes, valid);
+        if corrupt && !cut_corrupt {
             return Err(StorageFailure(format!(
                 "the raft log {} is corrupt at byte {valid} of {}: a record fails its checksum with more records after it, so fsynced entries would be lost; \
                  this server cannot start from it. Remove the server (`skiff cluster remove NAME` on a live one) and start it again with an empty data dir and --join, \
-                 so that it catches up from the others",
+                 so that it catches up from the others; or, knowing that it may lose acknowledged entries and its vote, start it once with --truncate-corrupt-log",
                 path.display(),
                 bytes.len()
             )));
+        }
+        if corrupt {
+            // Kept for whoever looks into it; the log goes on without it.
+            let kept = path.with_extension(format!("corrupt-{valid}"));
+            let _ = fs::write(&kept, &bytes[valid..]);
+            tracing::error!(
+                segment = %path.display(),
+                at = valid,
+                dropped_bytes = bytes.len() - valid,
+                kept_records = records.len(),
+                copy = %kept.display(),
+                "--truncate-corrupt-log: the raft log is corrupt; cutting it at the damaged record with everything after it (entries and votes written there are lost)"
+            );
         }
         if valid < bytes.len() {
             tracing::warn!(
@@ -355,7 +372,7 @@ mod tests {
         encode_hard_state(wal.buffer(), &hs);
         wal.write(true).unwrap();
         drop(wal);
-        let (_, records) = Wal::open(dir.path()).unwrap().unwrap();
+        let (_, records) = Wal::open(dir.path(), false).unwrap().unwrap();
         assert_eq!(
             records,
             vec![
@@ -379,12 +396,12 @@ mod tests {
         let file = OpenOptions::new().write(true).open(&path).unwrap();
         file.set_len(len - 10).unwrap();
         drop(file);
-        let (mut wal, records) = Wal::open(dir.path()).unwrap().unwrap();
+        let (mut wal, records) = Wal::open(dir.path(), false).unwrap().unwrap();
         assert_eq!(records, vec![Record::Entries(vec![entry(1, 1)])]);
         encode_entries(wal.buffer(), &[entry(2, 2)]);
         wal.write(true).unwrap();
         drop(wal);
-        let (_, records) = Wal::open(dir.path()).unwrap().unwrap();
+        let (_, records) = Wal::open(dir.path(), false).unwrap().unwrap();
         assert_eq!(
             records,
             vec![
@@ -410,7 +427,7 @@ mod tests {
         let before = bytes.len();
         bytes[HEADER + 2] ^= 0x40;
         fs::write(&path, &bytes).unwrap();
-        let err = match Wal::open(dir.path()) {
+        let err = match Wal::open(dir.path(), false) {
             Err(e) => e.to_string(),
             Ok(_) => panic!("a corrupt log was opened"),
         };
@@ -427,8 +444,44 @@ mod tests {
         let last = bytes.len() - 3;
         bytes[last] ^= 0x40;
         fs::write(&path, &bytes).unwrap();
-        let (_, records) = Wal::open(dir.path()).unwrap().unwrap();
+        let (_, records) = Wal::open(dir.path(), false).unwrap().unwrap();
         assert_eq!(records.len(), 2);
+    }
+
+    /// `--truncate-corrupt-log`: the log is cut at the damaged record with
+    /// everything after it, a copy of what was cut is kept, and it opens.
+    #[test]
+    fn a_corrupt_record_is_cut_with_what_follows_only_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = Wal::create(dir.path(), None, |_| {}).unwrap();
+        for index in 1..=3 {
+            encode_entries(wal.buffer(), &[entry(index, 1)]);
+            wal.write(true).unwrap();
+        }
+        drop(wal);
+        let path = segment_path(dir.path(), 1);
+        let bytes = fs::read(&path).unwrap();
+        let record = (bytes.len() - HEADER) / 3;
+        let mut damaged = bytes.clone();
+        // The second entry's record.
+        damaged[HEADER + record + 2] ^= 0x40;
+        fs::write(&path, &damaged).unwrap();
+        assert!(Wal::open(dir.path(), false).is_err(), "refused by default");
+        let (_, records) = Wal::open(dir.path(), true).unwrap().unwrap();
+        assert_eq!(records.len(), 1, "the first entry's record is kept");
+        assert!(
+            fs::metadata(&path).unwrap().len() < bytes.len() as u64,
+            "cut"
+        );
+        let copies: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().contains(".corrupt-"))
+            .collect();
+        assert_eq!(copies.len(), 1, "a copy of what was cut");
+        // And it opens as it is afterwards.
+        let (_, records) = Wal::open(dir.path(), false).unwrap().unwrap();
+        assert_eq!(records.len(), 1);
     }
 
     #[test]
@@ -455,7 +508,7 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         assert_eq!(names(), vec!["wal-0000000000000002.log".to_string()]);
-        let (_, records) = Wal::open(dir.path()).unwrap().unwrap();
+        let (_, records) = Wal::open(dir.path(), false).unwrap().unwrap();
         assert_eq!(records, vec![Record::Entries(vec![entry(5, 3)])]);
     }
 }

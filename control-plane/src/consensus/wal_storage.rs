@@ -134,16 +134,28 @@ impl WalStorage {
     /// Opens the log in `wal/` next to the snapshot directory. `db` is only
     /// read for a log kept there by an older version.
     pub fn open(db: &sled::Db, snapshot_file: SnapshotFile) -> Result<Self, StorageFailure> {
+        Self::open_checked(db, snapshot_file, false)
+    }
+
+    /// Like [`WalStorage::open`]; with `cut_corrupt`
+    /// (`--truncate-corrupt-log`) a record failing its checksum before the
+    /// end is cut off with everything after it, and what was cut is logged.
+    pub fn open_checked(
+        db: &sled::Db,
+        snapshot_file: SnapshotFile,
+        cut_corrupt: bool,
+    ) -> Result<Self, StorageFailure> {
         let wal_dir = snapshot_file.dir().with_file_name("wal");
-        Self::open_in(db, snapshot_file, &wal_dir)
+        Self::open_in(db, snapshot_file, &wal_dir, cut_corrupt)
     }
 
     fn open_in(
         db: &sled::Db,
         snapshot_file: SnapshotFile,
         wal_dir: &Path,
+        cut_corrupt: bool,
     ) -> Result<Self, StorageFailure> {
-        let (wal, log) = match Wal::open(wal_dir)? {
+        let (wal, log) = match Wal::open(wal_dir, cut_corrupt)? {
             Some((wal, records)) => {
                 let mut log = Log::default();
                 for record in records {
