@@ -175,6 +175,18 @@ pub enum VarCommand {
     Put { key: String, value: String },
     /// Print the value of KEY.
     Get { key: String },
+    /// Compare and set: `var cas KEY EXPECTED NEW` sets KEY to NEW only if
+    /// it holds EXPECTED, `var cas --absent KEY NEW` only if it does not
+    /// exist; atomic, in one Raft entry. Exits 1 without setting otherwise,
+    /// saying what KEY holds.
+    Cas {
+        /// KEY EXPECTED NEW, or KEY NEW with --absent.
+        #[arg(num_args = 2..=3, value_name = "KEY [EXPECTED] NEW", required = true)]
+        words: Vec<String>,
+        /// Set only if KEY does not exist (then no EXPECTED).
+        #[arg(long)]
+        absent: bool,
+    },
     /// List variables whose key starts with PREFIX.
     Ls {
         #[arg(default_value = "")]
@@ -216,6 +228,11 @@ pub enum BenchCommand {
     /// query through its discovery address; failed requests and the p99
     /// the swap adds, on a fresh server and agent started for the run.
     Stateful(BenchStatefulArgs),
+    /// Linearizability under faults (Jepsen-style): clients on every server
+    /// of a fresh 3-server cluster put, get and compare-and-set a few
+    /// variables while leaders are killed (-9) and servers paused (SIGSTOP);
+    /// each run's history is checked by a linearizability checker.
+    Chaos(BenchChaosArgs),
 }
 
 #[derive(Args, Debug)]
@@ -507,6 +524,25 @@ pub struct BenchRaftArgs {
     /// Distinct keys written (random keys from this space).
     #[arg(long, default_value_t = 1_000_000)]
     pub key_space: u64,
+    /// Raft log store of the servers started for the run.
+    #[arg(long, value_enum, default_value_t = RaftLogArg::Sled)]
+    pub raft_log: RaftLogArg,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchChaosArgs {
+    /// Runs, each on a fresh cluster.
+    #[arg(long, default_value_t = 20)]
+    pub runs: usize,
+    /// Seconds of load and faults per run.
+    #[arg(long, default_value_t = 10)]
+    pub duration_secs: u64,
+    /// Concurrent clients, spread over the servers.
+    #[arg(long, default_value_t = 6)]
+    pub clients: usize,
+    /// Variables the clients share (fewer: more contention).
+    #[arg(long, default_value_t = 3)]
+    pub keys: usize,
     /// Raft log store of the servers started for the run.
     #[arg(long, value_enum, default_value_t = RaftLogArg::Sled)]
     pub raft_log: RaftLogArg,

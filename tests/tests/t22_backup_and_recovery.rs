@@ -353,7 +353,11 @@ fn a_flipped_byte_in_the_raft_database_is_refused_or_harmless_never_silent() {
                 stderr.contains("--join") || stderr.contains("--truncate-corrupt-log"),
                 "and the way out: {stderr}"
             );
-            eprintln!("byte {at} of {}: refused: {}", bytes.len(), stderr.lines().last().unwrap_or_default());
+            eprintln!(
+                "byte {at} of {}: refused: {}",
+                bytes.len(),
+                stderr.lines().last().unwrap_or_default()
+            );
             if stderr.contains("lost records") {
                 servers.respawn_with(0, false, &["--truncate-corrupt-log"]);
                 assert!(

@@ -24,6 +24,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Rollout(args) => super::bench_rollout::run(args).await,
         BenchCommand::Autoscale(args) => super::bench_autoscale::run(args).await,
         BenchCommand::Stateful(args) => super::bench_stateful::run(args).await,
+        BenchCommand::Chaos(args) => super::bench_chaos::run(args).await,
     }
 }
 
@@ -122,7 +123,7 @@ pub struct LocalCluster {
 }
 
 /// The server flag for a bench's `--raft-log`.
-fn raft_log_args(log: RaftLogArg) -> Vec<String> {
+pub(crate) fn raft_log_args(log: RaftLogArg) -> Vec<String> {
     let value = match log {
         RaftLogArg::Sled => "sled",
         RaftLogArg::Wal => "wal",
@@ -266,7 +267,7 @@ pub fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-async fn client(address: &str) -> anyhow::Result<crate::client::Client> {
+pub(crate) async fn client(address: &str) -> anyhow::Result<crate::client::Client> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
         .connect_timeout(Duration::from_secs(2));
     let channel = crate::client::connect_tls(endpoint)
@@ -330,7 +331,7 @@ async fn cluster_status(address: &str) -> anyhow::Result<pb::ClusterStatusRespon
         .into_inner())
 }
 
-async fn wait_for_leader(address: &str, limit: Duration) -> anyhow::Result<()> {
+pub(crate) async fn wait_for_leader(address: &str, limit: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
         if let Ok(status) = cluster_status(address).await {
@@ -534,7 +535,7 @@ fn dir_size(path: &Path) -> u64 {
         .sum()
 }
 
-async fn leader_index(cluster: &LocalCluster) -> Option<usize> {
+pub(crate) async fn leader_index(cluster: &LocalCluster) -> Option<usize> {
     for (index, address) in cluster.addresses.iter().enumerate() {
         if cluster.children[index].is_none() {
             continue;

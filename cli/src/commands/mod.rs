@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod bench_autoscale;
+pub mod bench_chaos;
 pub mod bench_proxy;
 pub mod bench_rollout;
 pub mod bench_schedule;
@@ -14,6 +15,7 @@ pub mod deploy;
 pub mod events;
 pub mod exec;
 pub mod job;
+pub mod linearizable;
 pub mod man;
 pub mod node;
 pub mod pgwire;

@@ -19,6 +19,39 @@ pub async fn run(server: &str, format: OutputFormat, command: VarCommand) -> any
                 .map_err(explain)?;
             println!("variable {key} set");
         }
+        VarCommand::Cas { words, absent } => {
+            let (key, expected, value) = match (absent, &words[..]) {
+                (false, [key, expected, value]) => (key, Some(expected.clone()), value),
+                (true, [key, value]) => (key, None, value),
+                (false, _) => {
+                    return Err(anyhow!(
+                        "var cas takes KEY EXPECTED NEW (or --absent KEY NEW)"
+                    ))
+                }
+                (true, _) => return Err(anyhow!("var cas --absent takes KEY NEW")),
+            };
+            let answer = client
+                .compare_and_set_variable(pb::CasVariableRequest {
+                    key: key.clone(),
+                    expected: expected.clone(),
+                    value: value.clone(),
+                })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            if !answer.swapped {
+                let holds = match &answer.current {
+                    Some(current) => format!("holds \"{current}\""),
+                    None => "does not exist".into(),
+                };
+                let wanted = match &expected {
+                    Some(expected) => format!("\"{expected}\""),
+                    None => "no value (--absent)".into(),
+                };
+                return Err(anyhow!("variable {key} not set: it {holds}, not {wanted}"));
+            }
+            println!("variable {key} set");
+        }
         VarCommand::Get { key } => {
             let answer = client
                 .get_variable(pb::GetVariableRequest { key: key.clone() })

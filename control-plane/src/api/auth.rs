@@ -81,6 +81,7 @@ pub const CONTROL_ROLES: &[(&str, Role)] = &[
     ("RemoveStack", Role::Operator),
     ("RemoveVolume", Role::Operator),
     ("PutVariable", Role::Operator),
+    ("CompareAndSetVariable", Role::Operator),
     ("SecretCreate", Role::Operator),
     ("SecretUpdate", Role::Operator),
     ("SecretRemove", Role::Operator),

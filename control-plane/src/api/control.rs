@@ -15,7 +15,7 @@ use super::events::EventFilter;
 use super::leader_view::{forwarded, LeaderView};
 use super::{convert, status_from, Api};
 use crate::controllers::now_ms;
-use crate::state::{Availability, Command, Event};
+use crate::state::{Availability, Command, Event, Outcome};
 use skiff_spec as spec;
 
 pub(super) fn invalid(err: spec::SpecError) -> Status {
@@ -413,6 +413,53 @@ impl pb::control_server::Control for Api {
         })
         .await?;
         Ok(Response::new(pb::PutVariableResponse {}))
+    }
+
+    async fn compare_and_set_variable(
+        &self,
+        request: Request<pb::CasVariableRequest>,
+    ) -> Result<Response<pb::CasVariableResponse>, Status> {
+        let request = request.into_inner();
+        spec::validate_variable(&request.key, &request.value).map_err(invalid)?;
+        if let Some(expected) = &request.expected {
+            spec::validate_variable(&request.key, expected).map_err(invalid)?;
+        }
+        if request.key.starts_with("_skiff/") {
+            return Err(Status::permission_denied(format!(
+                "variable {} is reserved: keys under _skiff/ are written by the cluster itself",
+                request.key
+            )));
+        }
+        if request.expected.is_none() {
+            let have = self.consensus.state().variables.len();
+            let max = self.limits.max_variables;
+            if have >= max {
+                return Err(Status::resource_exhausted(format!(
+                    "too many variables: the cluster holds {have} and takes at most {max}; remove some or raise --max-variables on every server"
+                )));
+            }
+        }
+        let by = super::auth::current_caller().map(|caller| caller.name);
+        let outcome = self
+            .consensus
+            .propose(
+                Command::CompareAndSetVariable {
+                    key: request.key,
+                    expected: request.expected,
+                    value: request.value,
+                }
+                .at_by(crate::controllers::now_ms(), by),
+            )
+            .await
+            .map_err(super::status_from)?;
+        match outcome {
+            Outcome::Compared { swapped, current } => {
+                Ok(Response::new(pb::CasVariableResponse { swapped, current }))
+            }
+            other => Err(Status::internal(format!(
+                "compare-and-set answered {other:?}"
+            ))),
+        }
     }
 
     async fn get_variable(

@@ -42,6 +42,7 @@ fn forwardable_command(command: &Command) -> Result<(), &'static str> {
         | Command::RemoveNode { .. }
         | Command::SetNodeAvailability { .. }
         | Command::PutVariable { .. }
+        | Command::CompareAndSetVariable { .. }
         | Command::DeployStack { .. }
         | Command::RemoveStack { .. }
         | Command::RemoveVolume { .. }
@@ -92,7 +93,9 @@ pub fn validate(request: &Request) -> Result<(), String> {
 fn validate_command(command: &Command) -> Result<(), spec::SpecError> {
     match command {
         Command::Timed { command, .. } => validate_command(command),
-        Command::PutVariable { key, value } => spec::validate_variable(key, value),
+        Command::PutVariable { key, value } | Command::CompareAndSetVariable { key, value, .. } => {
+            spec::validate_variable(key, value)
+        }
         Command::CreateService { spec } | Command::UpdateService { spec } => spec.validate(),
         Command::DeployStack { services, .. } => services.iter().try_for_each(|s| s.validate()),
         Command::ScaleService { name, replicas } => {

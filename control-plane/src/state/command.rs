@@ -215,6 +215,14 @@ pub enum Command {
         key: String,
         value: String,
     },
+    /// Sets a variable only if it holds `expected` (`None`: only if it
+    /// does not exist): `skiff var cas`, what the linearizability check
+    /// exercises.
+    CompareAndSetVariable {
+        key: String,
+        expected: Option<String>,
+        value: String,
+    },
     /// `skiff stack deploy`: the stack's services, all in one step;
     /// refused if the stack changed after `check_index`.
     DeployStack {
@@ -317,6 +325,11 @@ pub enum CommandError {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
     Done,
+    /// A compare-and-set: whether it set the value, and the value after it.
+    Compared {
+        swapped: bool,
+        current: Option<String>,
+    },
     /// A plan was applied; placements refused at apply time are counted.
     PlanApplied {
         placed: usize,

@@ -217,6 +217,28 @@ impl State {
                 self.report_allocs(index, &node, reports);
                 Ok(Outcome::Done)
             }
+            Command::CompareAndSetVariable {
+                key,
+                expected,
+                value,
+            } => {
+                let current = self.variables.get(&key).cloned();
+                if current != expected {
+                    return Ok(Outcome::Compared {
+                        swapped: false,
+                        current,
+                    });
+                }
+                let message = format!("variable {key} set ({} bytes)", value.len());
+                if current.as_ref() != Some(&value) {
+                    self.event(index, EventKind::VariableSet, "", "", "", &message);
+                }
+                self.variables.insert(key, value.clone());
+                Ok(Outcome::Compared {
+                    swapped: true,
+                    current: Some(value),
+                })
+            }
             Command::PutVariable { key, value } => {
                 // The audit trail names the key and the size, never the value.
                 let message = format!("variable {key} set ({} bytes)", value.len());
@@ -258,6 +280,31 @@ impl State {
 mod tests {
     use super::*;
     use crate::state::fixtures::spec;
+
+    #[test]
+    fn compare_and_set_sets_only_what_it_expected() {
+        let mut s = State::default();
+        let cas = |expected: Option<&str>, value: &str| Command::CompareAndSetVariable {
+            key: "k".into(),
+            expected: expected.map(str::to_string),
+            value: value.into(),
+        };
+        let compared = |swapped, current: Option<&str>| Outcome::Compared {
+            swapped,
+            current: current.map(str::to_string),
+        };
+        assert_eq!(s.apply(1, cas(None, "a")), Ok(compared(true, Some("a"))));
+        assert_eq!(s.apply(2, cas(None, "b")), Ok(compared(false, Some("a"))));
+        assert_eq!(
+            s.apply(3, cas(Some("x"), "b")),
+            Ok(compared(false, Some("a")))
+        );
+        assert_eq!(
+            s.apply(4, cas(Some("a"), "b")),
+            Ok(compared(true, Some("b")))
+        );
+        assert_eq!(s.variables.get("k").map(String::as_str), Some("b"));
+    }
 
     #[test]
     fn replaying_an_applied_index_changes_nothing() {
