@@ -132,6 +132,43 @@ fn bench_raft_writes_through_every_server_on_both_log_stores() {
     }
 }
 
+/// Two short chaos runs, one per log store: leaders killed and servers
+/// paused under put/get/cas load, every history linearizable.
+#[test]
+fn bench_chaos_histories_under_kills_and_pauses_are_linearizable() {
+    for log in ["sled", "wal"] {
+        let out = bench(
+            &[
+                "chaos",
+                "--runs",
+                "1",
+                "--duration-secs",
+                "8",
+                "--raft-log",
+                log,
+            ],
+            Duration::from_secs(120),
+        );
+        let summary = out
+            .lines()
+            .find(|l| l.starts_with("chaos: "))
+            .unwrap_or_else(|| panic!("{log}: no summary in:\n{out}"));
+        assert!(summary.contains("violations=0"), "{log}: {out}");
+        let count = |name: &str| -> u64 {
+            summary
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{name}=")))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{log}: no {name}= in {summary}"))
+        };
+        assert!(count("ops") > 1000, "{log}: a real load: {summary}");
+        assert!(
+            count("kills") + count("pauses") >= 1,
+            "{log}: faults were injected: {summary}"
+        );
+    }
+}
+
 #[test]
 fn bench_failover_times_a_killed_leader() {
     let out = bench(&["failover", "--rounds", "1"], Duration::from_secs(120));
