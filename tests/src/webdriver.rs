@@ -24,7 +24,7 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The key of an element reference in W3C WebDriver answers.
-const ELEMENT: &str = "element-6066-11e4-a52f-4d65726c4a5d";
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 /// An HTTP/1.1 answer: status and body.
 #[derive(Debug)]
@@ -58,23 +58,52 @@ pub fn http(
     request.push_str("\r\n");
     request.push_str(body);
     stream.write_all(request.as_bytes())?;
+    // Read by Content-Length: chromedriver keeps the connection open despite
+    // `Connection: close`.
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut chunk = [0u8; 16 * 1024];
+    let (head, body_start) = loop {
+        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            break (String::from_utf8_lossy(&raw[..end]).into_owned(), end + 4);
+        }
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            break (String::from_utf8_lossy(&raw).into_owned(), raw.len());
+        }
+        raw.extend_from_slice(&chunk[..n]);
+    };
+    let lower = head.to_ascii_lowercase();
+    let header = |name: &str| {
+        lower
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .map(|value| value.trim().to_string())
+    };
+    let length = header("content-length:").and_then(|v| v.parse::<usize>().ok());
+    let chunked = header("transfer-encoding:").is_some_and(|v| v.contains("chunked"));
+    loop {
+        let have = raw.len() - body_start;
+        let complete = match length {
+            Some(length) => have >= length,
+            None if chunked => raw.ends_with(b"0\r\n\r\n"),
+            None => false,
+        };
+        if complete {
+            break;
+        }
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&chunk[..n]);
+    }
+    let rest = String::from_utf8_lossy(&raw[body_start.min(raw.len())..]).into_owned();
     let status = head
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let chunked = head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked");
-    let body = if chunked {
-        dechunk(rest)
-    } else {
-        rest.to_string()
-    };
+    let body = if chunked { dechunk(&rest) } else { rest };
     Ok(Answer {
         status,
         headers: head.to_string(),
@@ -280,7 +309,7 @@ impl Browser {
         );
         value[ELEMENT]
             .as_str()
-            .unwrap_or_else(|| panic!("no element {css}"))
+            .unwrap_or_else(|| panic!("no element {css}: {value}"))
             .to_string()
     }
 

@@ -252,6 +252,7 @@ fn dashboard_maps_scales_and_rolls_out_live_and_refuses_calls_without_a_token() 
     act(&browser, "button[data-action=image]", Some(&v2));
     let deadline = Instant::now() + ROLLOUT_TIMEOUT;
     let mut mixed_seen = false;
+    let mut shot_further = false;
     let mut progress_seen = BTreeSet::new();
     loop {
         let sample = browser.exec(
@@ -270,9 +271,14 @@ fn dashboard_maps_scales_and_rolls_out_live_and_refuses_calls_without_a_token() 
         if sample["version"] == 2 && sample["status"] == "running" {
             progress_seen.insert(sample["healthy"].as_u64().unwrap_or_default());
         }
-        if versions.contains(&1) && versions.contains(&2) && !mixed_seen {
+        if versions.contains(&1) && versions.contains(&2) {
+            // The first mixed moment, replaced by one further into the rollout.
+            let further = sample["healthy"].as_u64().unwrap_or_default() >= 2;
+            if !mixed_seen || (further && !shot_further) {
+                browser.screenshot(&shots.join("rollout.png"));
+                shot_further = further;
+            }
             mixed_seen = true;
-            browser.screenshot(&shots.join("rollout.png"));
         }
         let done = sample["status"] == "succeeded"
             && versions == BTreeSet::from([2])

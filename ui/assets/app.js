@@ -247,7 +247,7 @@ function serviceHtml(s, name) {
   if (s.error) return `<h1>${esc(name)}</h1><p class="error">${esc(s.error)}</p>`;
   const d = s.deployment;
   const active = d && ['running', 'paused', 'awaiting-promotion'].includes(d.status);
-  const replicas = s.replicas.map((r) => `<tr data-alloc="${esc(r.id)}" data-state="${esc(r.state)}" data-version="${r.version}">` +
+  const replicas = s.replicas.slice().sort((a, b) => a.slot - b.slot || a.version - b.version).map((r) => `<tr data-alloc="${esc(r.id)}" data-state="${esc(r.state)}" data-version="${r.version}">` +
     `<td>${r.slot}</td><td><code>${esc(r.id.slice(0, 8))}</code></td><td>${esc(r.node)}</td><td>${blockHtml(r)} ${esc(r.state)}${r.desired !== 'run' ? ' (stopping)' : ''}</td>` +
     `<td>${esc(r.image)}</td><td>${r.host_port || ''}</td><td>${r.restarts}</td><td>${esc(r.message)}</td></tr>`).join('');
   const history = s.history.slice().reverse().map((v) => `<tr><td>v${v.version}</td><td>${esc(v.image)}</td>` +

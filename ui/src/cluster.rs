@@ -142,78 +142,79 @@ impl Cluster {
     ) -> Result<Value, Failure> {
         let mut client = self.client();
         let name = name.to_string();
-        let status =
-            match action {
-                "scale" => {
-                    let replicas = body
-                        .get("replicas")
-                        .and_then(Value::as_u64)
-                        .and_then(|r| u32::try_from(r).ok())
-                        .ok_or_else(|| Failure::invalid("scale needs replicas, a whole number"))?;
-                    let request = pb::ScaleServiceRequest { name, replicas };
-                    client
-                        .scale_service(authorized(request, token, true)?)
-                        .await?
+        let status = match action {
+            "scale" => {
+                let replicas = body
+                    .get("replicas")
+                    .and_then(Value::as_u64)
+                    .and_then(|r| u32::try_from(r).ok())
+                    .ok_or_else(|| Failure::invalid("scale needs replicas, a whole number"))?;
+                let request = pb::ScaleServiceRequest { name, replicas };
+                client
+                    .scale_service(authorized(request, token, true)?)
+                    .await?
+            }
+            "image" => {
+                let image = body
+                    .get("image")
+                    .and_then(Value::as_str)
+                    .map(str::trim)
+                    .filter(|i| !i.is_empty())
+                    .ok_or_else(|| Failure::invalid("update needs an image reference"))?;
+                // As `skiff service update --image`: the current spec (its
+                // environment values as hashes, which the server keeps)
+                // with the new image.
+                let get = pb::GetServiceRequest {
+                    name,
+                    show_values: false,
+                };
+                let current = client
+                    .get_service(authorized(get, token, true)?)
+                    .await?
+                    .into_inner();
+                let mut spec = current.spec.unwrap_or_default();
+                if spec.image.is_empty() {
+                    return Err(Failure::invalid(
+                        "this service runs a host process, not an image",
+                    ));
                 }
-                "image" => {
-                    let image = body
-                        .get("image")
-                        .and_then(Value::as_str)
-                        .map(str::trim)
-                        .filter(|i| !i.is_empty())
-                        .ok_or_else(|| Failure::invalid("update needs an image reference"))?;
-                    // As `skiff service update --image`: the current spec (its
-                    // environment values as hashes, which the server keeps)
-                    // with the new image.
-                    let get = pb::GetServiceRequest {
-                        name,
-                        show_values: false,
-                    };
-                    let current = client
-                        .get_service(authorized(get, token, true)?)
-                        .await?
-                        .into_inner();
-                    let mut spec = current.spec.unwrap_or_default();
-                    if spec.image.is_empty() {
-                        return Err(Failure::invalid(
-                            "this service runs a host process, not an image",
-                        ));
-                    }
-                    spec.image = image.to_string();
-                    let request = pb::UpdateServiceRequest { spec: Some(spec) };
-                    client
-                        .update_service(authorized(request, token, true)?)
-                        .await?
-                }
-                "promote" => {
-                    let request = pb::PromoteDeploymentRequest { name };
-                    client
-                        .promote_deployment(authorized(request, token, true)?)
-                        .await?
-                }
-                "pause" | "resume" => {
-                    let request = pb::PauseDeploymentRequest {
-                        name,
-                        paused: action == "pause",
-                    };
-                    client
-                        .pause_deployment(authorized(request, token, true)?)
-                        .await?
-                }
-                "rollback" => {
-                    let to_version = body.get("to_version").and_then(Value::as_u64).unwrap_or(0);
-                    let request = pb::RollbackServiceRequest { name, to_version };
-                    client
-                        .rollback_service(authorized(request, token, true)?)
-                        .await?
-                }
-                other => return Err(Failure {
+                spec.image = image.to_string();
+                let request = pb::UpdateServiceRequest { spec: Some(spec) };
+                client
+                    .update_service(authorized(request, token, true)?)
+                    .await?
+            }
+            "promote" => {
+                let request = pb::PromoteDeploymentRequest { name };
+                client
+                    .promote_deployment(authorized(request, token, true)?)
+                    .await?
+            }
+            "pause" | "resume" => {
+                let request = pb::PauseDeploymentRequest {
+                    name,
+                    paused: action == "pause",
+                };
+                client
+                    .pause_deployment(authorized(request, token, true)?)
+                    .await?
+            }
+            "rollback" => {
+                let to_version = body.get("to_version").and_then(Value::as_u64).unwrap_or(0);
+                let request = pb::RollbackServiceRequest { name, to_version };
+                client
+                    .rollback_service(authorized(request, token, true)?)
+                    .await?
+            }
+            other => {
+                return Err(Failure {
                     code: tonic::Code::NotFound,
                     message: format!(
                         "no action {other}: try scale, image, promote, pause, resume or rollback"
                     ),
-                }),
-            };
+                })
+            }
+        };
         Ok(service_detail_json(&status.into_inner()))
     }
 
