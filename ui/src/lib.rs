@@ -136,3 +136,57 @@ where
         tracing::debug!(error = %e, "dashboard connection ended with an error");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn https_serves_the_page_with_the_servers_certificate_of_the_cluster_ca() {
+        use skiff_pki::{ClusterCa, Credentials, Role};
+        let ca = ClusterCa::create().unwrap();
+        let key = Credentials::generate_key().unwrap();
+        let lifetime = Duration::from_secs(3600);
+        let issued = ca
+            .issue(Role::Server, "s1", key.public_key_raw(), lifetime)
+            .unwrap();
+        let credentials =
+            Credentials::new(Role::Server, "s1", &key, &issued, ca.cert_pem()).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = UiConfig {
+            // Never called: the page needs no API call.
+            api: "127.0.0.1:9".into(),
+            ca_pem: ca.cert_pem().to_string(),
+            tls: Some(https_config(credentials).unwrap()),
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, config, async {
+            let _ = stopped.await;
+        }));
+
+        // A browser that trusts the cluster CA, as an operator's does once told to.
+        let client = skiff_pki::tls::anonymous_client_config(ca.cert_pem()).unwrap();
+        let mut client = (*client).clone();
+        client.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name =
+            rustls::pki_types::ServerName::try_from(skiff_pki::identity::SERVER_NAME).unwrap();
+        let mut tls = connector.connect(name, tcp).await.unwrap();
+        tls.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut page = String::new();
+        let _ = tls.read_to_string(&mut page).await;
+        assert!(page.starts_with("HTTP/1.1 200 OK"), "{page}");
+        assert!(
+            page.contains("content-security-policy: default-src 'none'"),
+            "{page}"
+        );
+        assert!(page.contains("<title>Skiff</title>"));
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
+    }
+}
