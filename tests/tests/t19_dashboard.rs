@@ -245,6 +245,15 @@ fn dashboard_maps_scales_and_rolls_out_live_and_refuses_calls_without_a_token() 
         rows.is_some(),
         "the service page shows the 5 healthy replicas"
     );
+    browser.click("button[data-logs]");
+    let logs = browser.wait_for(
+        SHOWN_TIMEOUT,
+        "return document.querySelector('#logs pre.logs');",
+    );
+    assert!(
+        logs.is_some(),
+        "a replica's Logs button shows its last lines"
+    );
     browser.screenshot(&shots.join("service.png"));
 
     // A rolling update started from the page, watched live: progress and versions change
@@ -308,6 +317,14 @@ fn dashboard_maps_scales_and_rolls_out_live_and_refuses_calls_without_a_token() 
     wait_map(&browser, "web", "5 replicas of version 2", |b| {
         b.len() == 5 && b.iter().all(|r| r["version"] == 2)
     });
+    let settled = browser.wait_for(
+        SHOWN_TIMEOUT,
+        "return document.getElementById('attention').textContent.includes('Every deployment is done');",
+    );
+    assert!(
+        settled.is_some(),
+        "the map's first lines say that nothing needs attention"
+    );
 
     // A change reaches the open map: measured from the CLI call to the block on the page.
     let started = Instant::now();
@@ -325,6 +342,20 @@ fn dashboard_maps_scales_and_rolls_out_live_and_refuses_calls_without_a_token() 
         shown_after - committed < Duration::from_secs(1),
         "a change shows within 1 s: {:?} after the CLI returned",
         shown_after - committed
+    );
+
+    // The event stream resumes after the id a reconnecting browser sends (Last-Event-ID).
+    let all = sse_ids(ui, &token, Some(0), 12);
+    assert!(
+        all.len() >= 12 && all.windows(2).all(|w| w[0] < w[1]),
+        "ids: {all:?}"
+    );
+    let resumed = sse_ids(ui, &token, Some(all[5]), 3);
+    assert_eq!(
+        resumed,
+        all[6..9],
+        "the stream resumes right after Last-Event-ID {}",
+        all[5]
     );
 
     // Events, live and filtered by service.
@@ -438,6 +469,45 @@ fn dashboard_maps_scales_and_rolls_out_live_and_refuses_calls_without_a_token() 
         "a change re-renders in under 1 s: {changes:?}"
     );
     println!("screenshots in {}", shots.display());
+}
+
+/// The ids of the first `n` events `GET /api/events` streams (after `last_event_id`, sent
+/// as a reconnecting browser sends it); fewer if the stream is quiet for 10 s.
+fn sse_ids(ui: SocketAddr, token: &str, last_event_id: Option<u64>, n: usize) -> Vec<u64> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(ui).expect("connect to the dashboard");
+    stream
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("set a read timeout");
+    let resume = last_event_id.map_or(String::new(), |id| format!("Last-Event-ID: {id}\r\n"));
+    let request = format!(
+        "GET /api/events HTTP/1.1\r\nHost: {ui}\r\nAccept: text/event-stream\r\nAuthorization: Bearer {token}\r\n{resume}\r\n"
+    );
+    stream
+        .write_all(request.as_bytes())
+        .expect("send the request");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (mut text, mut buffer) = (String::new(), [0u8; 16 * 1024]);
+    let ids = |text: &str| -> Vec<u64> {
+        text.lines()
+            .filter_map(|line| line.strip_prefix("id: "))
+            .filter_map(|id| id.trim().parse().ok())
+            .collect()
+    };
+    while ids(&text).len() < n && Instant::now() < deadline {
+        match stream.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(read) => text.push_str(&String::from_utf8_lossy(&buffer[..read])),
+            Err(_) => continue,
+        }
+    }
+    assert!(text.starts_with("HTTP/1.1 200"), "GET /api/events: {text}");
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("content-type: text/event-stream"),
+        "{text}"
+    );
+    ids(&text).into_iter().take(n).collect()
 }
 
 /// An overview (the JSON of `GET /api/overview`) of `services` services of `per_service`

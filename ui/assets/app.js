@@ -13,6 +13,8 @@ const state = {
   fetching: false,
   again: false,
   filter: { service: '', node: '' },
+  logs: null,         // the replica logs shown on a service page
+  lastSeq: 0,         // the newest event's sequence number
 };
 const MAX_EVENTS = 500;
 const DEBOUNCE_MS = 80;
@@ -84,7 +86,8 @@ function stopStream() {
 
 function startStream() {
   stopStream();
-  const source = new EventSource('/api/events');
+  // The browser resumes by itself (Last-Event-ID); a new stream resumes from here.
+  const source = new EventSource('/api/events' + (state.lastSeq ? `?after=${state.lastSeq}` : ''));
   state.source = source;
   source.addEventListener('open', () => {
     $('live').textContent = 'live';
@@ -93,6 +96,7 @@ function startStream() {
   });
   source.addEventListener('skiff', (message) => {
     const event = JSON.parse(message.data);
+    state.lastSeq = Math.max(state.lastSeq, event.seq);
     state.events.push(event);
     if (state.events.length > MAX_EVENTS) state.events.splice(0, state.events.length - MAX_EVENTS);
     if (page().name === 'events') renderEvents();
@@ -104,8 +108,12 @@ function startStream() {
   source.addEventListener('error', () => {
     $('live').textContent = 'reconnecting';
     $('live').classList.remove('on');
-    // A refused stream is closed for good: ask whether we are still logged in.
-    if (source.readyState === EventSource.CLOSED) refresh().catch(() => {});
+    // A refused stream is closed for good: ask whether we are still logged
+    // in (a 401 shows the login form), and if so open another.
+    if (source.readyState === EventSource.CLOSED && state.source === source) {
+      refresh().then(() => setTimeout(() => { if (state.source === source) startStream(); }, 1000),
+        () => {});
+    }
   });
 }
 
@@ -153,12 +161,31 @@ function render() {
   }
   if (!state.overview) return;
   const view = $('view');
+  // Live re-renders replace the page's HTML: keep the keyboard focus where it was.
+  const focused = focusSelector(document.activeElement);
   if (p.name === 'map') view.innerHTML = mapHtml(state.overview);
   else if (p.name === 'services') view.innerHTML = servicesHtml(state.overview);
   else if (p.name === 'service') view.innerHTML = serviceHtml(state.service, p.arg);
   else if (p.name === 'nodes') view.innerHTML = nodesHtml(state.overview);
   else if (p.name === 'events') { if (!$('events-page')) view.innerHTML = eventsShellHtml(); renderEvents(); }
   view.dataset.page = p.name;
+  if (focused && !view.contains(document.activeElement)) {
+    const again = view.querySelector(focused);
+    if (again) again.focus();
+  }
+}
+
+/// A selector that finds `element` again after a re-render, if it is one of the page's controls.
+function focusSelector(element) {
+  if (!element || !$('view').contains(element)) return null;
+  for (const key of ['action', 'logs', 'nodeAction', 'alloc']) {
+    if (element.dataset[key] !== undefined) {
+      const attribute = 'data-' + key.replace(/[A-Z]/g, (c) => '-' + c.toLowerCase());
+      const node = element.dataset.node ? `[data-node="${CSS.escape(element.dataset.node)}"]` : '';
+      return `${element.tagName.toLowerCase()}[${attribute}="${CSS.escape(element.dataset[key])}"]${node}`;
+    }
+  }
+  return element.id ? '#' + CSS.escape(element.id) : null;
 }
 
 function versionClass(version) { return 'v' + (Number(version) % 6); }
@@ -185,6 +212,26 @@ function serversHtml(cluster) {
     `<span class="muted">leader ${esc(cluster.leader || 'none')} · term ${cluster.term} · commit ${cluster.commit_index}</span></div>`;
 }
 
+/// What the first screen must answer: deployments in flight or failed, and replicas that fail.
+function attentionHtml(o) {
+  const items = [];
+  for (const s of o.services) {
+    const d = s.deployment;
+    if (d && !['succeeded', 'superseded'].includes(d.status) && !(d.status === 'rolled-back' && d.ended_ms)) {
+      items.push(`<li class="deploy-${esc(d.status)}"><a href="#/services/${encodeURIComponent(s.name)}">${esc(s.name)}</a> ` +
+        `deployment v${d.version} ${esc(d.status)}: ${d.new_healthy}/${d.desired} new healthy${d.message ? ' · ' + esc(d.message) : ''}</li>`);
+    }
+    for (const r of s.replicas) {
+      if (r.desired === 'run' && ['failed', 'unhealthy', 'restarting', 'exited', 'unknown'].includes(r.state)) {
+        items.push(`<li class="error"><a href="#/services/${encodeURIComponent(s.name)}">${esc(s.name)}</a> replica ${r.slot} on ` +
+          `${esc(r.node)} ${esc(r.state)}${r.message ? ': ' + esc(r.message) : ''} (its logs are on the service page)</li>`);
+      }
+    }
+  }
+  if (!items.length) return '<p id="attention" class="muted">Every deployment is done and every replica is well.</p>';
+  return `<section id="attention" aria-label="Needs attention"><h2>Needs attention</h2><ul>${items.slice(0, 20).join('')}</ul></section>`;
+}
+
 function mapHtml(o) {
   const byNode = new Map(o.nodes.map((n) => [n.name, []]));
   for (const s of o.services) for (const r of s.replicas) {
@@ -201,7 +248,7 @@ function mapHtml(o) {
       `<div class="blocks">${replicas.map(blockHtml).join('')}</div></section>`;
   }).join('');
   const total = o.services.reduce((sum, s) => sum + s.replicas.length, 0);
-  return `<h1>Cluster map</h1>${serversHtml(o.cluster)}` +
+  return `<h1>Cluster map</h1>${serversHtml(o.cluster)}${attentionHtml(o)}` +
     `<div class="legend" aria-hidden="true">State: <span class="block st-healthy">ok</span>healthy <span class="block st-running">run</span>running` +
     ` <span class="block st-starting">…</span>starting <span class="block st-unhealthy">!</span>unhealthy <span class="block st-failed">×</span>failed` +
     ` <span class="block st-stopping leaving">–</span>stopping; the border's colour is the version.</div>` +
@@ -249,7 +296,8 @@ function serviceHtml(s, name) {
   const active = d && ['running', 'paused', 'awaiting-promotion'].includes(d.status);
   const replicas = s.replicas.slice().sort((a, b) => a.slot - b.slot || a.version - b.version).map((r) => `<tr data-alloc="${esc(r.id)}" data-state="${esc(r.state)}" data-version="${r.version}">` +
     `<td>${r.slot}</td><td><code>${esc(r.id.slice(0, 8))}</code></td><td>${esc(r.node)}</td><td>${blockHtml(r)} ${esc(r.state)}${r.desired !== 'run' ? ' (stopping)' : ''}</td>` +
-    `<td>${esc(r.image)}</td><td>${r.host_port || ''}</td><td>${r.restarts}</td><td>${esc(r.message)}</td></tr>`).join('');
+    `<td>${esc(r.image)}</td><td>${r.host_port || ''}</td><td>${r.restarts}</td><td>${esc(r.message)}</td>` +
+    `<td><button type="button" data-logs="${esc(r.id)}" aria-label="Last log lines of replica ${r.slot} (${esc(r.id.slice(0, 8))})">Logs</button></td></tr>`).join('');
   const history = s.history.slice().reverse().map((v) => `<tr><td>v${v.version}</td><td>${esc(v.image)}</td>` +
     `<td>${esc(v.outcome)}</td><td>${time(v.created_ms)}</td><td>${esc((v.diff || []).join('; ') || v.message)}</td></tr>`).join('');
   const events = s.events.slice(-30).reverse().map(eventHtml).join('');
@@ -266,11 +314,28 @@ function serviceHtml(s, name) {
     `<button type="button" class="danger" data-action="rollback" ${s.history.length > 1 ? '' : 'disabled'}>Roll back</button></div>` +
     `<h2>Deployment</h2>${deploymentHtml(d)}` +
     `<h2>Replicas</h2><div class="table-wrap"><table><thead><tr><th scope="col">#</th><th scope="col">Id</th><th scope="col">Node</th>` +
-    `<th scope="col">State</th><th scope="col">Image</th><th scope="col">Port</th><th scope="col">Restarts</th><th scope="col">Last message</th></tr></thead>` +
-    `<tbody>${replicas}</tbody></table></div>` +
+    `<th scope="col">State</th><th scope="col">Image</th><th scope="col">Port</th><th scope="col">Restarts</th><th scope="col">Last message</th>` +
+    `<th scope="col">Logs</th></tr></thead><tbody>${replicas}</tbody></table></div>` +
+    `<section id="logs" aria-live="polite">${logsHtml(state.logs)}</section>` +
     `<h2>Versions</h2><div class="table-wrap"><table><thead><tr><th scope="col">Version</th><th scope="col">Image</th><th scope="col">Outcome</th>` +
     `<th scope="col">Created</th><th scope="col">Change</th></tr></thead><tbody>${history}</tbody></table></div>` +
     `<h2>Latest events</h2><ul class="events">${events}</ul>`;
+}
+
+function logsHtml(logs) {
+  if (!logs || logs.service !== page().arg) return '';
+  return `<h2>Last lines of replica <code>${esc(logs.replica.slice(0, 8))}</code></h2>` +
+    `<pre class="logs" tabindex="0">${esc(logs.text || '(no output yet)')}</pre>`;
+}
+
+async function showLogs(replica) {
+  const service = page().arg;
+  try {
+    const logs = await api('GET', `/api/services/${encodeURIComponent(service)}/logs?replica=${encodeURIComponent(replica)}&tail=50`);
+    state.logs = { service, replica, text: logs.text };
+    $('logs').innerHTML = logsHtml(state.logs);
+    $('logs').scrollIntoView({ block: 'nearest' });
+  } catch (e) { if (!(e instanceof Unauthorized)) toast(`logs: ${e.message}`); }
 }
 
 function nodesHtml(o) {
@@ -387,6 +452,7 @@ document.addEventListener('DOMContentLoaded', () => {
     const button = event.target.closest('button');
     if (!button) return;
     if (button.dataset.action) serviceAction(button.dataset.action, button.dataset.arg);
+    else if (button.dataset.logs) showLogs(button.dataset.logs);
     else if (button.dataset.nodeAction) nodeAction(button.dataset.nodeAction, button.dataset.node);
   });
   $('view').addEventListener('input', (event) => {

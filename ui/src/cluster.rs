@@ -243,6 +243,39 @@ impl Cluster {
         Ok(node_json(&node, 0))
     }
 
+    /// The last `tail` lines of a replica's output (stdout and stderr, as
+    /// `skiff service logs NAME --replica ID --tail N` prints them).
+    pub async fn logs(
+        &self,
+        token: &str,
+        service: &str,
+        replica: &str,
+        tail: u32,
+    ) -> Result<Value, Failure> {
+        /// The most of a replica's output one answer carries.
+        const MAX_BYTES: usize = 256 * 1024;
+        let request = pb::ServiceLogsRequest {
+            service: service.to_string(),
+            replica: replica.to_string(),
+            follow: false,
+            tail,
+            ..Default::default()
+        };
+        let mut stream = self
+            .client()
+            .service_logs(authorized(request, token, true)?)
+            .await?
+            .into_inner();
+        let mut text = Vec::new();
+        while let Some(chunk) = stream.message().await? {
+            text.extend_from_slice(&chunk.data);
+            if text.len() > MAX_BYTES {
+                text.drain(..text.len() - MAX_BYTES);
+            }
+        }
+        Ok(json!({ "replica": replica, "text": String::from_utf8_lossy(&text) }))
+    }
+
     /// The cluster's events from `after_seq` on (or the last `tail`), then
     /// every new one, filtered by service and node.
     pub async fn events(

@@ -92,6 +92,12 @@ async fn route(
         }
         (&Method::GET, ["api", "overview"]) => reply(cluster.overview(&token).await),
         (&Method::GET, ["api", "services", name]) => reply(cluster.service(&token, name).await),
+        (&Method::GET, ["api", "services", name, "logs"]) => {
+            let query = request.uri().query().unwrap_or("");
+            let replica = query_value(query, "replica");
+            let tail = query_value(query, "tail").parse().unwrap_or(50);
+            reply(cluster.logs(&token, name, &replica, tail).await)
+        }
         (&Method::POST, ["api", "services", name, action]) => {
             let (name, action) = (name.to_string(), action.to_string());
             match json_body(request).await {
