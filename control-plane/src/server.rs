@@ -57,6 +57,10 @@ pub struct ServerConfig {
     /// Plain HTTP on a loopback address, HTTPS with this server's
     /// certificate on any other.
     pub ui_listen: Option<std::net::SocketAddr>,
+    /// `ui_listen` is a default, not the operator's choice (`skiff dev`):
+    /// if it is taken, serve on any free port of its host, said in a
+    /// warning, instead of failing.
+    pub ui_fallback: bool,
     /// A node whose heartbeats stop for this long is marked down.
     pub heartbeat_ttl: Duration,
     /// The autoscaler's scale-down stabilization window; its cooldowns and
@@ -102,6 +106,7 @@ impl ServerConfig {
             snapshot_every: 100_000,
             metrics_listen: None,
             ui_listen: None,
+            ui_fallback: false,
             heartbeat_ttl: Duration::from_secs(10),
             autoscale_window: Duration::from_millis(
                 controllers::autoscale::DEFAULT_SCALE_DOWN_WINDOW_MS,
@@ -340,9 +345,17 @@ async fn serve<S: LogStore + Send + 'static>(
     }
     if let Some(address) = config.ui_listen {
         let failed = |reason: String| ServerError::Ui { address, reason };
-        let ui_listener = TcpListener::bind(address)
-            .await
-            .map_err(|e| failed(e.to_string()))?;
+        let ui_listener = match TcpListener::bind(address).await {
+            Ok(listener) => listener,
+            Err(e) if config.ui_fallback && e.kind() == std::io::ErrorKind::AddrInUse => {
+                let listener = TcpListener::bind((address.ip(), 0))
+                    .await
+                    .map_err(|e| failed(e.to_string()))?;
+                tracing::warn!(wanted = %address, chosen = ?listener.local_addr().ok(), "the dashboard's port is taken; serving it on another (choose one with --ui-listen)");
+                listener
+            }
+            Err(e) => return Err(failed(e.to_string())),
+        };
         // The dashboard calls this server's own API, as a client does.
         let api_ip = match listen.ip() {
             ip if !ip.is_unspecified() => ip,

@@ -71,6 +71,8 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     server_config.autoscale_window = Duration::from_millis(u64::from(args.autoscale_window));
     server_config.metrics_listen = args.server_metrics_listen;
     server_config.ui_listen = dev_ui_listen(&args)?;
+    // Another dev cluster may take the probed port before the server binds it.
+    server_config.ui_fallback = args.ui_listen.is_none();
     let ui_listen = server_config.ui_listen;
     let mut agent = agent_config(
         args.name,
