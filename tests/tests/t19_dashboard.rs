@@ -2,8 +2,10 @@
 //! through WebDriver, against `skiff dev` running real containers: the map shows every
 //! replica on its node with its state, scaling from the page changes `skiff service ps`, a
 //! rolling update started from the page shows its progress live and the blocks change
-//! version, calls without a token (or with too low a role) are refused, and the main pages
-//! are written as screenshots (`target/t19-screenshots`, or `$SKIFF_SCREENSHOTS`).
+//! version, a rollback and a node's pause and activation from the page take effect, the
+//! event stream resumes after `Last-Event-ID`, calls without a token (or with too low a
+//! role) are refused, and the main pages are written as screenshots
+//! (`target/t19-screenshots`, or `$SKIFF_SCREENSHOTS`).
 //!
 //! It also measures (and prints) how long the map of a *synthetic* overview of 1,000
 //! replicas on 50 nodes takes to render in this browser, and how long a real change takes
@@ -407,6 +409,29 @@ fn dashboard_maps_scales_and_rolls_out_live_and_refuses_calls_without_a_token() 
     assert!(browser
         .wait_for(SHOWN_TIMEOUT, "return document.querySelector('tr[data-node] .availability').textContent.startsWith('active');")
         .is_some());
+
+    // Roll back from the page: version 3 runs v1's image again.
+    browser.goto(&format!("{url}#/services/web"));
+    assert!(browser
+        .wait_for(SHOWN_TIMEOUT, "const b = document.querySelector('button[data-action=rollback]'); return b && !b.disabled;")
+        .is_some());
+    act(&browser, "button[data-action=rollback]", None);
+    let rolled_back = browser.wait_for(
+        ROLLOUT_TIMEOUT,
+        &format!(
+            "const d = document.getElementById('deployment'); \
+             const rows = [...document.querySelectorAll('tr[data-alloc]')]; \
+             return d && d.dataset.version === '3' && d.dataset.status === 'succeeded' && rows.length === 6 \
+                 && rows.every(r => r.dataset.version === '3' && r.dataset.state === 'healthy' \
+                                    && r.textContent.includes({}));",
+            json!(v1)
+        ),
+    );
+    assert!(
+        rolled_back.is_some(),
+        "the rollback's deployment (version 3, {v1} again) succeeds on the page:\n{}",
+        cluster.log_tail(30)
+    );
 
     // A phone's width.
     browser.resize(390, 844);
