@@ -2,9 +2,9 @@
 //! through WebDriver, against `skiff dev` running real containers: the map shows every
 //! replica on its node with its state, scaling from the page changes `skiff service ps`, a
 //! rolling update started from the page shows its progress live and the blocks change
-//! version, a rollback and a node's pause and activation from the page take effect, the
-//! event stream resumes after `Last-Event-ID`, calls without a token (or with too low a
-//! role) are refused, and the main pages are written as screenshots
+//! version, pausing and resuming it, a rollback and a node's pause and activation from the
+//! page take effect, the event stream resumes after `Last-Event-ID`, calls without a token
+//! (or with too low a role) are refused, and the main pages are written as screenshots
 //! (`target/t19-screenshots`, or `$SKIFF_SCREENSHOTS`).
 //!
 //! It also measures (and prints) how long the map of a *synthetic* overview of 1,000
@@ -261,6 +261,29 @@ fn dashboard_maps_scales_and_rolls_out_live_and_refuses_calls_without_a_token() 
     // A rolling update started from the page, watched live: progress and versions change
     // with no reload.
     act(&browser, "button[data-action=image]", Some(&v2));
+    // Pause it from the page (the deployment says so, here and in `service inspect`), then
+    // resume it.
+    let running = browser.wait_for(
+        SHOWN_TIMEOUT,
+        "const b = document.querySelector('button[data-action=pause]'); return b && !b.disabled;",
+    );
+    assert!(
+        running.is_some(),
+        "the update's deployment can be paused from the page"
+    );
+    act(&browser, "button[data-action=pause]", None);
+    let paused = browser.wait_for(
+        SHOWN_TIMEOUT,
+        "const d = document.getElementById('deployment'); return d && d.dataset.status === 'paused' \
+             && document.querySelector('button[data-action=resume]');",
+    );
+    assert!(paused.is_some(), "the page shows the deployment paused");
+    assert!(
+        cluster.inspect("web").to_string().contains("\"paused\""),
+        "service inspect says paused: {}",
+        cluster.inspect("web")
+    );
+    act(&browser, "button[data-action=resume]", None);
     let deadline = Instant::now() + ROLLOUT_TIMEOUT;
     let mut mixed_seen = false;
     let mut shot_further = false;
