@@ -62,6 +62,8 @@ install_missing() {
         "dpkg-deb dpkg"
         "flock util-linux"
         "promtool prometheus"
+        "chromium chromium"
+        "chromedriver chromium-driver"
     )
     local need cmd pkg
     for need in "${needs[@]}"; do

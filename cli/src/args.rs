@@ -610,6 +610,11 @@ pub struct ServerArgs {
     /// --listen host, port 9464, or any free port if that is taken).
     #[arg(long, env = "SKIFF_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Serve the web dashboard on this address (default: nowhere): plain
+    /// HTTP on a loopback address, HTTPS with the server's certificate on
+    /// any other.
+    #[arg(long, env = "SKIFF_UI_LISTEN")]
+    pub ui_listen: Option<SocketAddr>,
     /// Autoscaler stabilization window: a service scales down only after
     /// its load stayed low this long; the cooldowns (1/4 and 1/2 of it)
     /// and the idle time before scaling to zero (5x) scale with it.
@@ -759,6 +764,13 @@ pub struct DevArgs {
     /// agent's is --metrics-listen (default port 9465).
     #[arg(long)]
     pub server_metrics_listen: Option<SocketAddr>,
+    /// Serve the web dashboard on this address (default 127.0.0.1:7071,
+    /// or any free port if that is taken).
+    #[arg(long, conflicts_with = "no_ui")]
+    pub ui_listen: Option<SocketAddr>,
+    /// Do not serve the web dashboard.
+    #[arg(long)]
+    pub no_ui: bool,
     #[command(flatten)]
     pub node: NodeArgs,
 }

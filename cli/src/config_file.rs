@@ -39,6 +39,7 @@ pub struct ServerFile {
     raft_log: Option<RaftLogArg>,
     heartbeat_ttl: Option<Checked<Duration>>,
     metrics_listen: Option<SocketAddr>,
+    ui_listen: Option<SocketAddr>,
     autoscale_window: Option<Checked<Duration>>,
     max_services: Option<usize>,
     max_variables: Option<usize>,

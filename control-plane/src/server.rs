@@ -53,6 +53,14 @@ pub struct ServerConfig {
     /// listener's host, port [`skiff_metrics::DEFAULT_SERVER_PORT`] (9464),
     /// or any free port if that is taken.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Where to serve the web dashboard (`skiff_ui`); `None`: nowhere.
+    /// Plain HTTP on a loopback address, HTTPS with this server's
+    /// certificate on any other.
+    pub ui_listen: Option<std::net::SocketAddr>,
+    /// `ui_listen` is a default, not the operator's choice (`skiff dev`):
+    /// if it is taken, serve on any free port of its host, said in a
+    /// warning, instead of failing.
+    pub ui_fallback: bool,
     /// A node whose heartbeats stop for this long is marked down.
     pub heartbeat_ttl: Duration,
     /// The autoscaler's scale-down stabilization window; its cooldowns and
@@ -106,6 +114,8 @@ impl ServerConfig {
             heartbeat_ticks: 2,
             snapshot_every: 100_000,
             metrics_listen: None,
+            ui_listen: None,
+            ui_fallback: false,
             heartbeat_ttl: Duration::from_secs(10),
             autoscale_window: Duration::from_millis(
                 controllers::autoscale::DEFAULT_SCALE_DOWN_WINDOW_MS,
@@ -144,6 +154,11 @@ pub enum ServerError {
     Stopped(String),
     #[error(transparent)]
     Pki(#[from] skiff_pki::PkiError),
+    #[error("failed to serve the dashboard on {address}: {reason} (choose another address with --ui-listen)")]
+    Ui {
+        address: std::net::SocketAddr,
+        reason: String,
+    },
     #[error("data dir {0} keeps its Raft log in a write-ahead log: start the server with --raft-log wal")]
     LogIsWal(PathBuf),
     #[error(transparent)]
@@ -524,6 +539,49 @@ async fn serve<S: LogStore + Send + 'static>(
         ));
         request_metrics
     };
+    if let Some(address) = config.ui_listen {
+        let failed = |reason: String| ServerError::Ui { address, reason };
+        let ui_listener = match TcpListener::bind(address).await {
+            Ok(listener) => listener,
+            Err(e) if config.ui_fallback && e.kind() == std::io::ErrorKind::AddrInUse => {
+                let listener = TcpListener::bind((address.ip(), 0))
+                    .await
+                    .map_err(|e| failed(e.to_string()))?;
+                tracing::warn!(wanted = %address, chosen = ?listener.local_addr().ok(), "the dashboard's port is taken; serving it on another (choose one with --ui-listen)");
+                listener
+            }
+            Err(e) => return Err(failed(e.to_string())),
+        };
+        // The dashboard calls this server's own API, as a client does.
+        let api_ip = match listen.ip() {
+            ip if !ip.is_unspecified() => ip,
+            std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        };
+        let tls = if address.ip().is_loopback() {
+            None
+        } else {
+            let credentials = trust.credentials().clone();
+            Some(skiff_ui::https_config(credentials).map_err(|e| failed(e.to_string()))?)
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let ui_config = skiff_ui::UiConfig {
+            api: std::net::SocketAddr::new(api_ip, listen.port()).to_string(),
+            ca_pem: trust.ca().cert_pem().to_string(),
+            tls,
+        };
+        let bound = ui_listener.local_addr().unwrap_or(address);
+        tracing::info!(url = %format!("{scheme}://{bound}/"), "serving the dashboard");
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let stopped = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = skiff_ui::serve(ui_listener, ui_config, stopped).await {
+                tracing::error!(error = %e, "the dashboard stopped");
+            }
+        });
+    }
     if secrets_key.is_none() {
         tracing::warn!(data_dir = %config.data_dir.display(), "no secrets key in the data dir: this server refuses secret calls and sends no secret values to agents");
     }

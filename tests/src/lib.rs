@@ -13,6 +13,7 @@ pub mod containers;
 pub mod load;
 pub mod metrics;
 pub mod servers;
+pub mod webdriver;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;

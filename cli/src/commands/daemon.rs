@@ -33,6 +33,7 @@ pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
     };
     config.heartbeat_ttl = Duration::from_millis(u64::from(args.heartbeat_ttl));
     config.metrics_listen = args.metrics_listen;
+    config.ui_listen = args.ui_listen;
     config.autoscale_window = Duration::from_millis(u64::from(args.autoscale_window));
     config.limits = skiff_control_plane::Limits {
         max_services: args.max_services,
@@ -72,6 +73,10 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     server_config.client_config = Some(client_config.clone());
     server_config.autoscale_window = Duration::from_millis(u64::from(args.autoscale_window));
     server_config.metrics_listen = args.server_metrics_listen;
+    server_config.ui_listen = dev_ui_listen(&args)?;
+    // Another dev cluster may take the probed port before the server binds it.
+    server_config.ui_fallback = args.ui_listen.is_none();
+    let ui_listen = server_config.ui_listen;
     let mut agent = agent_config(
         args.name,
         data_dir.join("agent"),
@@ -96,8 +101,20 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
         stopped(stop_rx.clone()),
     ));
     let agent = tokio::spawn(skiff_agent::run(agent, stopped(stop_rx)));
+    let dashboard = match ui_listen {
+        Some(ui) => format!(
+            "Dashboard: {}://{ui}/ (log in with the token in {})\n",
+            if ui.ip().is_loopback() {
+                "http"
+            } else {
+                "https"
+            },
+            client_config.display()
+        ),
+        None => String::new(),
+    };
     println!(
-        "skiff dev: server and agent running, API on {address}, data in {}\n\
+        "skiff dev: server and agent running, API on {address}, data in {}\n{dashboard}\
          \nThe CLI finds the API address and the admin token in {} when run in this directory;\nelsewhere: export SKIFF_CLIENT_CONFIG={}\n\n  skiff service create demo --replicas 2 -- python3 -m http.server '$PORT'\n  skiff service ps demo\n  skiff node ls\n\nPress Ctrl-C to stop (replicas are stopped too).",
         data_dir.display(),
         client_config.display(),
@@ -125,6 +142,30 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     }
     server.await.context("server task panicked")??;
     Ok(())
+}
+
+/// Where `skiff dev` serves the dashboard: `--ui-listen`, else
+/// [`skiff_ui::DEFAULT_DEV_ADDRESS`] or, when that port is taken (another
+/// dev cluster), any free port on loopback; `None` with `--no-ui`.
+fn dev_ui_listen(args: &DevArgs) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    if args.no_ui {
+        return Ok(None);
+    }
+    if let Some(address) = args.ui_listen {
+        return Ok(Some(address));
+    }
+    let wanted: std::net::SocketAddr = skiff_ui::DEFAULT_DEV_ADDRESS.parse()?;
+    // Probed here so the URL printed is the one served.
+    let probe = std::net::TcpListener::bind(wanted)
+        .or_else(|_| std::net::TcpListener::bind((wanted.ip(), 0)))
+        .context(
+            "failed to find a port for the dashboard (choose one with --ui-listen, or --no-ui)",
+        )?;
+    let chosen = probe.local_addr()?;
+    if chosen != wanted {
+        tracing::warn!(%wanted, %chosen, "the default dashboard port is taken; serving it on another (choose one with --ui-listen)");
+    }
+    Ok(Some(chosen))
 }
 
 /// The dev server's CA (created on the first start) and a certificate
