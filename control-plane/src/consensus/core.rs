@@ -62,6 +62,32 @@ struct ConfContext {
     member: Option<Member>,
 }
 
+/// Caps the proposer's time in a forwarded proposal at `now_ms`, this
+/// server's clock: a follower whose clock runs ahead must not move the
+/// state's clock (event times, the deadlines measured from it) forward for
+/// good. The leader's own proposals carry its own time.
+pub fn cap_forwarded_time(message: &mut Message, now_ms: u64) {
+    if message.get_msg_type() != MessageType::MsgPropose {
+        return;
+    }
+    for entry in message.mut_entries().iter_mut() {
+        if entry.get_entry_type() != EntryType::EntryNormal || entry.data.is_empty() {
+            continue;
+        }
+        let Ok(mut proposal) = serde_json::from_slice::<Proposal>(&entry.data) else {
+            continue;
+        };
+        if let Command::Timed { time_ms, .. } = &mut proposal.command {
+            if *time_ms > now_ms {
+                *time_ms = now_ms;
+                if let Ok(data) = serde_json::to_vec(&proposal) {
+                    entry.data = data.into();
+                }
+            }
+        }
+    }
+}
+
 /// What a membership change does to the state's members.
 fn member_command(cc: &ConfChange, context: Option<&ConfContext>) -> Option<Command> {
     match (cc.get_change_type(), context.and_then(|c| c.member.clone())) {
@@ -869,6 +895,38 @@ mod tests {
                 && (10..20).contains(&snapshots[2]),
             "snapshot indexes {snapshots:?}"
         );
+    }
+
+    #[test]
+    fn a_forwarded_proposal_from_a_clock_ahead_is_capped_at_the_receivers_time() {
+        let proposal = |time_ms| Proposal {
+            origin: 2,
+            tag: 1,
+            command: put("k").at_by(time_ms, None),
+        };
+        let message = |time_ms| {
+            let mut message = Message::default();
+            message.set_msg_type(MessageType::MsgPropose);
+            message.mut_entries().push(Entry {
+                data: serde_json::to_vec(&proposal(time_ms)).unwrap().into(),
+                ..Default::default()
+            });
+            message
+        };
+        let time_of = |message: &Message| {
+            let p: Proposal = serde_json::from_slice(&message.get_entries()[0].data).unwrap();
+            match p.command {
+                Command::Timed { time_ms, .. } => time_ms,
+                other => panic!("{other:?}"),
+            }
+        };
+        let year_ahead = 1_000 + 365 * 24 * 3600 * 1000;
+        let mut ahead = message(year_ahead);
+        cap_forwarded_time(&mut ahead, 1_000);
+        assert_eq!(time_of(&ahead), 1_000, "capped at the receiver's clock");
+        let mut behind = message(500);
+        cap_forwarded_time(&mut behind, 1_000);
+        assert_eq!(time_of(&behind), 500, "an earlier time is kept");
     }
 
     #[test]

@@ -336,7 +336,8 @@ impl Consensus {
         self.status.borrow().leader_id == self.id
     }
 
-    pub(crate) fn deliver(&self, message: Message) {
+    pub(crate) fn deliver(&self, mut message: Message) {
+        core::cap_forwarded_time(&mut message, crate::controllers::now_ms());
         self.contacts
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -37,9 +37,23 @@ pub const MAX_PLACEMENTS_PER_PLAN: u32 = 25_000;
 /// Milliseconds since the epoch on this server's clock, as stamped into
 /// proposed commands.
 pub fn now_ms() -> u64 {
-    SystemTime::now()
+    let wall = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+        .map_or(0, |d| d.as_millis() as u64);
+    wall.saturating_add_signed(clock_offset_ms())
+}
+
+/// A fault-injection hook for tests, as libfaketime would be:
+/// `SKIFF_CLOCK_OFFSET_MS` (signed milliseconds) shifts this server's
+/// clock. Never set it in production.
+fn clock_offset_ms() -> i64 {
+    static OFFSET: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *OFFSET.get_or_init(|| {
+        std::env::var("SKIFF_CLOCK_OFFSET_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    })
 }
 
 /// Runs every controller until `shutdown`.
