@@ -28,6 +28,15 @@ use tracing_subscriber::EnvFilter;
 
 use args::{Cli, Command, LogFormat};
 
+/// What `skiff --version` prints after the name: the crate's version and the
+/// commit it was built from (`build.rs`).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("SKIFF_GIT_COMMIT"),
+    ")"
+);
+
 fn main() -> std::process::ExitCode {
     // The agent starts one shim per container: they skip building the whole
     // CLI (clap's tree of every command, ~350 KB of heap and the pages of
