@@ -22,7 +22,7 @@
 # reason, unless --require-all, which fails instead. With --arch all (the
 # default) aarch64 is cross-built where the toolchain installs.
 #
-# Cargo: CARGO_TARGET_DIR is honoured; CARGO_BUILD_JOBS sets -j; SKIFF_GIT_COMMIT
+# Cargo: CARGO_TARGET_DIR is honoured; CARGO_BUILD_JOBS sets -j; SKIFF_COMMIT
 # stamps `skiff --version` when building outside a git checkout.
 set -euo pipefail
 

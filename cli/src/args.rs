@@ -26,7 +26,7 @@ pub mod heading {
 #[derive(Parser, Debug)]
 #[command(
     name = "skiff",
-    version = crate::VERSION,
+    version,
     about = "A small-cluster container scheduler",
     propagate_version = true
 )]

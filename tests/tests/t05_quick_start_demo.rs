@@ -268,13 +268,6 @@ fn run_demo(runtime: &str, rounds: &[(&str, &str)]) {
         assert_eq!(missing.status, 404, "{missing:?}");
 
         let dev = demo.dev_pid();
-        let registry_pid = demo.printed_pid("the demo's registry (pid ");
-        assert_eq!(
-            registry_pid.is_some(),
-            runtime == "oci",
-            "{runtime}: the registry line:\n{out}"
-        );
-
         assert!(
             demo.stop(Duration::from_secs(30)),
             "{runtime} round {round}: the demo did not stop cleanly:\n{}",
@@ -284,7 +277,15 @@ fn run_demo(runtime: &str, rounds: &[(&str, &str)]) {
             !pid_alive(dev),
             "{runtime} round {round}: skiff dev {dev} still runs"
         );
-        if let Some(pid) = demo.printed_pid("stopping the demo's registry (pid ") {
+        // The registry it started (containers only) is stopped too.
+        let registry_pid = demo.printed_pid("stopping the demo's registry (pid ");
+        assert_eq!(
+            registry_pid.is_some(),
+            runtime == "oci",
+            "{runtime}: the registry line:\n{}",
+            demo.output()
+        );
+        if let Some(pid) = registry_pid {
             assert!(
                 wait_until(Duration::from_secs(5), POLL, || !pid_alive(pid)),
                 "registry {pid} still runs"
