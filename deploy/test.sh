@@ -64,6 +64,8 @@ install_missing() {
         "promtool prometheus"
         "chromium chromium"
         "chromedriver chromium-driver"
+        "musl-gcc musl-tools"
+        "file file"
     )
     local need cmd pkg
     for need in "${needs[@]}"; do
@@ -111,6 +113,20 @@ run_tests() {
     fi
 }
 
+# The static release binary (deploy/release.sh, x86_64) and the skeleton run end to end with
+# it alone (t06, ignored in the test phase, which runs the ordinary build).
+run_static() {
+    local out="${root}/target/dist"
+    bash deploy/release.sh --arch x86_64 --out "$out"
+    local bin
+    bin="$(ls "$out"/skiff-*-x86_64-linux | head -n 1)"
+    if cargo nextest --version >/dev/null 2>&1; then
+        SKIFF_BIN="$bin" cargo nextest run -p skiff-e2e --test t06_static_release_binary --run-ignored only
+    else
+        SKIFF_BIN="$bin" cargo test -p skiff-e2e --test t06_static_release_binary -- --ignored
+    fi
+}
+
 total_start=$(date +%s)
 phase packages install_missing
 phase toolchain check_rust
@@ -118,6 +134,7 @@ phase fmt cargo fmt --all -- --check
 phase clippy cargo clippy --all-targets -- -D warnings
 phase build cargo build --release
 phase test run_tests
+phase static run_static
 
 echo
 echo "==> all phases passed in $(($(date +%s) - total_start))s"

@@ -55,6 +55,7 @@ pub fn assigned(alloc: &v1::Allocation) -> Result<Assigned, SpecError> {
     let replica = ReplicaSpec {
         alloc_id: alloc.id.clone(),
         service,
+        node: alloc.node.clone(),
         command: spec.command,
         env: spec.env,
         workdir: spec.workdir.unwrap_or_default(),

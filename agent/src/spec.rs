@@ -16,6 +16,10 @@ pub use skiff_spec::{NetworkMode as Network, RuntimeKind};
 pub struct ReplicaSpec {
     pub alloc_id: String,
     pub service: String,
+    /// The node it is placed on (`SKIFF_NODE`); empty in records written
+    /// before it was kept.
+    #[serde(default)]
+    pub node: String,
     /// Program and arguments; never empty (checked by [`ReplicaSpec::validate`]).
     pub command: Vec<String>,
     pub env: BTreeMap<String, String>,
@@ -169,15 +173,16 @@ impl ReplicaSpec {
     }
 
     /// Variables added to the agent's environment: the spec's (with `$PORT`
-    /// interpolated), then `PORT`, `SKIFF_ALLOC_ID` and `SKIFF_SERVICE`,
-    /// which the spec cannot override.
+    /// interpolated), then `PORT`, `SKIFF_ALLOC_ID`, `SKIFF_SERVICE` and
+    /// `SKIFF_NODE` (when known), which the spec cannot override: a replica
+    /// can say who it is.
     pub fn environment(&self) -> Vec<(String, String)> {
         self.environment_for(self.host_port)
     }
 
     /// [`ReplicaSpec::environment`] with `PORT` = `port`.
     pub fn environment_for(&self, port: u16) -> Vec<(String, String)> {
-        const RESERVED: [&str; 3] = ["PORT", "SKIFF_ALLOC_ID", "SKIFF_SERVICE"];
+        const RESERVED: [&str; 4] = ["PORT", "SKIFF_ALLOC_ID", "SKIFF_SERVICE", "SKIFF_NODE"];
         let mut vars: Vec<(String, String)> = self
             .env
             .iter()
@@ -187,6 +192,9 @@ impl ReplicaSpec {
         vars.push(("PORT".into(), port.to_string()));
         vars.push(("SKIFF_ALLOC_ID".into(), self.alloc_id.clone()));
         vars.push(("SKIFF_SERVICE".into(), self.service.clone()));
+        if !self.node.is_empty() {
+            vars.push(("SKIFF_NODE".into(), self.node.clone()));
+        }
         vars
     }
 }
@@ -296,6 +304,22 @@ mod tests {
         assert!(env.contains(&("SKIFF_SERVICE".into(), "web".into())));
         assert!(env.contains(&("SKIFF_ALLOC_ID".into(), "3f2a9c0d-1111".into())));
         assert_eq!(spec.short_id(), "3f2a9c0d");
+        // No node known (an old record): no SKIFF_NODE rather than an empty one.
+        assert!(!env.iter().any(|(k, _)| k == "SKIFF_NODE"));
+    }
+
+    #[test]
+    fn a_replica_knows_its_node_and_the_spec_cannot_say_otherwise() {
+        let mut spec = test_spec("3f2a9c0d-1111", &["serve"], 20005);
+        spec.node = "n2".into();
+        spec.env.insert("SKIFF_NODE".into(), "elsewhere".into());
+        let env = spec.environment();
+        let nodes: Vec<&str> = env
+            .iter()
+            .filter(|(k, _)| k == "SKIFF_NODE")
+            .map(|(_, v)| v.as_str())
+            .collect();
+        assert_eq!(nodes, ["n2"]);
     }
 
     #[test]

@@ -28,6 +28,18 @@ use tracing_subscriber::EnvFilter;
 
 use args::{Cli, Command, LogFormat};
 
+/// What `skiff --version` prints after the name: the version and the commit
+/// it was built from, the ones `skiff_build_info` reports (`skiff-metrics`'
+/// build script reads the commit from git, or `SKIFF_COMMIT` outside a
+/// checkout).
+fn version() -> String {
+    format!(
+        "{} (commit {})",
+        skiff_metrics::VERSION,
+        skiff_metrics::COMMIT
+    )
+}
+
 fn main() -> std::process::ExitCode {
     // The agent starts one shim per container: they skip building the whole
     // CLI (clap's tree of every command, ~350 KB of heap and the pages of
@@ -36,7 +48,7 @@ fn main() -> std::process::ExitCode {
         return shim(&parse_shim_args());
     }
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    let command = match config_file::command(Cli::command(), &args) {
+    let command = match config_file::command(Cli::command().version(version()), &args) {
         Ok(command) => command,
         Err(err) => {
             eprintln!("error: {}", format!("{err:#}").replace('\n', " "));

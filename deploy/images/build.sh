@@ -20,6 +20,12 @@
 #   multiarch:v1          an image index: linux/amd64 (= web:v1) and linux/arm64
 #   web-docker:v1         web:v1 as a Docker schema 2 manifest
 #   web:v3                like web:v2 (same passing Healthcheck), serving "v3"
+#   hello:v1, hello:v2    the demo's image (deploy/demo.sh): `/` answers, from a
+#                         CGI, who answered: "hello from replica <id8> of
+#                         <service> on node <node>, version v1|v2" (from
+#                         SKIFF_ALLOC_ID, SKIFF_SERVICE, SKIFF_NODE); any other
+#                         path is a 404 ($PORT as web:v1). SKIFF_IMAGES_ONLY=
+#                         hello builds only these two (and the base layer).
 #   web-500:v1            healthy but failing: `/` answers HTTP 500 on every
 #                         request (a CGI index), its Healthcheck GETs
 #                         /health.html (200); $PORT as web:v1
@@ -178,6 +184,31 @@ page_layer() { # DIR TEXT
 }
 
 WEB_ENV='"Env":["PATH=/usr/local/bin:/usr/bin:/bin"],"Entrypoint":["/usr/local/bin/serve"],"ExposedPorts":{"80/tcp":{}},"WorkingDir":"/www"'
+
+# --- hello:v1, hello:v2: replicas that say who they are ---------------------
+# With no /www/index.html, busybox httpd runs /www/cgi-bin/index.cgi for `/`
+# (its environment is the container's: the agent's SKIFF_* variables); any
+# other path is a 404, so nothing of the image or the node is listed.
+hello_layer() { # DIR VERSION
+  mkdir -p "$1/www/cgi-bin"
+  cat >"$1/www/cgi-bin/index.cgi" <<EOF
+#!/bin/sh
+printf 'Content-Type: text/plain\r\n\r\n'
+id="\$(echo "\${SKIFF_ALLOC_ID:-unknown}" | cut -c1-8)"
+echo "hello from replica \$id of \${SKIFF_SERVICE:-?} on node \${SKIFF_NODE:-?}, version $2"
+EOF
+  chmod 755 "$1/www/cgi-bin/index.cgi"
+}
+for v in v1 v2; do
+  hello_layer "$WORK/src/hello-$v" "$v"
+  image hello "$v" amd64 "$WEB_ENV,\"Labels\":{\"org.skiff.test\":\"hello\",\"version\":\"$v\"}" \
+    "$BASE:gzip" "$WORK/src/hello-$v:gzip"
+  push hello "$v" hello
+done
+if [ "${SKIFF_IMAGES_ONLY:-}" = hello ]; then
+  echo "OUT_DIR=$OUT"
+  exit 0
+fi
 
 page_layer "$WORK/src/web-v1" "skiff-test web v1"
 image web v1 amd64 "$WEB_ENV,\"Labels\":{\"org.skiff.test\":\"web\",\"version\":\"v1\"}" \

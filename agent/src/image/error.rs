@@ -15,9 +15,14 @@ pub enum ImageError {
     #[error("{image} not found in {registry}: check the repository and tag")]
     NotFound { image: String, registry: String },
 
-    /// An image index without an image this node can run.
-    #[error("failed to pull {reference}: no linux/amd64 image in its index")]
-    NoPlatform { reference: String },
+    /// An image index without an image this node's platform runs; names
+    /// the platforms the index has.
+    #[error("failed to pull {reference}: no {platform} image in its index (it has {})", platform_list(.available))]
+    NoPlatform {
+        reference: String,
+        platform: String,
+        available: Vec<String>,
+    },
 
     /// The registry answered an HTTPS request in plain HTTP: a local
     /// registry the agent was not told is insecure.
@@ -34,7 +39,7 @@ pub enum ImageError {
     Unreachable { registry: String, reason: String },
 
     /// Any other failure of the pull (bad manifest, unsupported media type,
-    /// no linux/amd64 entry in an index, unexpected status...).
+    /// unexpected status...).
     #[error("failed to pull {reference}: {reason}")]
     Pull { reference: String, reason: String },
 
@@ -98,5 +103,14 @@ impl ImageError {
             path,
             source,
         }
+    }
+}
+
+/// The platforms of an index, for [`ImageError::NoPlatform`].
+fn platform_list(available: &[String]) -> String {
+    if available.is_empty() {
+        "no platform entries".to_string()
+    } else {
+        available.join(", ")
     }
 }

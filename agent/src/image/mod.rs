@@ -19,6 +19,7 @@
 mod config;
 mod error;
 mod gc;
+mod platform;
 mod reference;
 mod registry;
 mod rootfs;
@@ -29,6 +30,7 @@ mod user;
 pub use config::{Healthcheck, ImageConfig};
 pub use error::ImageError;
 pub use gc::PruneReport;
+pub use platform::Platform;
 pub use rootfs::is_mounted;
 pub use store::PULL_METRICS;
 pub use store::{ImageStore, PullOptions, PullPolicy, PulledImage, StoreStats};

@@ -55,7 +55,7 @@ impl Registry {
         install_crypto_provider();
         let config = ClientConfig {
             protocol: ClientProtocol::HttpsExcept(insecure_registries.to_vec()),
-            platform_resolver: Some(Box::new(oci_client::client::linux_amd64_resolver)),
+            platform_resolver: Some(Box::new(super::platform::host_resolver)),
             connect_timeout: Some(Duration::from_secs(10)),
             read_timeout: Some(Duration::from_secs(60)),
             ..ClientConfig::default()

@@ -29,6 +29,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use super::config::{parse_config, ImageConfig};
+use super::platform::{choose, Platform};
 use super::registry::{parse_reference, Registry};
 use super::{unpack, ImageError};
 
@@ -406,17 +407,14 @@ impl ImageStore {
         let (manifest, digest, bytes) = match manifest {
             OciManifest::Image(m) => (m, digest, bytes),
             OciManifest::ImageIndex(index) => {
-                let entry = index
-                    .manifests
-                    .iter()
-                    .find(|m| {
-                        m.platform.as_ref().is_some_and(|p| {
-                            p.os.to_string() == "linux" && p.architecture.to_string() == "amd64"
-                        })
-                    })
-                    .ok_or_else(|| ImageError::NoPlatform {
+                let platform = Platform::host();
+                let entry = choose(&index.manifests, &platform).map_err(|available| {
+                    ImageError::NoPlatform {
                         reference: display.to_string(),
-                    })?;
+                        platform: platform.to_string(),
+                        available,
+                    }
+                })?;
                 let platform_ref = reference.clone_with_digest(entry.digest.clone());
                 let (bytes, digest) = registry.manifest(&platform_ref, display).await?;
                 match serde_json::from_slice(&bytes) {
