@@ -21,6 +21,8 @@ pub struct ServerCluster {
     pub addresses: Vec<String>,
     children: Vec<Option<Child>>,
     extra_args: Vec<String>,
+    /// Added to the environment of the next server spawned.
+    env: Vec<(String, String)>,
 }
 
 impl ServerCluster {
@@ -35,6 +37,7 @@ impl ServerCluster {
             addresses: Vec::new(),
             children: Vec::new(),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
         };
         for _ in 0..size {
             cluster.add_server();
@@ -62,6 +65,18 @@ impl ServerCluster {
 
     fn spawn(&mut self, index: usize) {
         self.spawn_with(index, &[]);
+    }
+
+    /// Starts server `index` again with `env` added to its environment
+    /// (e.g. the clock-fault hook `SKIFF_CLOCK_OFFSET_MS`).
+    pub fn respawn_with_env(&mut self, index: usize, env: &[(&str, &str)]) {
+        self.kill9(index);
+        self.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.spawn_with(index, &[]);
+        self.env.clear();
     }
 
     /// Starts server `index` again on its data dir and address with
@@ -102,6 +117,7 @@ impl ServerCluster {
             .arg(self.dir.path().join(&name))
             .args(&self.extra_args)
             .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);

@@ -348,3 +348,50 @@ fn services_and_variables_are_bounded_by_the_servers_limits() {
     assert_cli_error(&args, &out, &["too many variables", "--max-variables"]);
     skiff_ok_at(&server, &["var", "put", "a", "2"]);
 }
+
+/// A follower whose clock is a year ahead (the `SKIFF_CLOCK_OFFSET_MS`
+/// fault hook) proposes writes: no event time runs ahead of the leader's
+/// clock, so the state's clock (and the deadlines measured from it) stays
+/// the leader's.
+#[test]
+fn a_follower_with_a_clock_a_year_ahead_moves_no_event_time_forward() {
+    const YEAR_MS: u64 = 365 * 24 * 3600 * 1000;
+    let mut servers = ServerCluster::start(3, &[]);
+    let leader = servers.leader().expect("a leader");
+    let follower = (0..3).find(|i| *i != leader).expect("a follower");
+    servers.respawn_with_env(follower, &[("SKIFF_CLOCK_OFFSET_MS", &YEAR_MS.to_string())]);
+    servers.wait_for_members(3);
+    let wrote = wait_until(Duration::from_secs(20), POLL, || {
+        servers.put(follower, "clock/fast", "x")
+    });
+    assert!(
+        wrote,
+        "no write through the fast follower:\n{}",
+        servers.log(follower)
+    );
+    for i in 0..5 {
+        assert!(servers.put(follower, &format!("clock/{i}"), "y"));
+    }
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let events = skiff_e2e::events_at(&servers.addresses[leader], &[]);
+    let set: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| {
+            e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("variable clock/"))
+        })
+        .collect();
+    assert!(set.len() >= 6, "the writes' events: {events:?}");
+    for event in set {
+        let at = event["time_ms"].as_u64().expect("time_ms");
+        assert!(
+            at <= now_ms + 5_000,
+            "an event {} ms ahead of the leader's clock: {event}",
+            at.saturating_sub(now_ms)
+        );
+    }
+}
