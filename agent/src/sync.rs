@@ -28,6 +28,9 @@ use crate::supervisor::StatusUpdate;
 const VOLUME_REPORT_INTERVAL: Duration = Duration::from_secs(3);
 const RECONNECT_BASE: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(2);
+/// Between attempts of a node whose certificate the cluster revoked: it
+/// gets nothing until an operator acts, so it asks rarely.
+const REVOKED_RETRY: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a server may take to accept the stream.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -56,6 +59,14 @@ pub enum SyncError {
     },
     #[error("server {server} closed the sync stream")]
     Closed { server: String },
+}
+
+impl SyncError {
+    /// The server refused this node because its certificate is revoked.
+    pub fn is_revoked(&self) -> bool {
+        matches!(self, SyncError::Stream { source, .. }
+            if source.code() == tonic::Code::PermissionDenied && source.message().contains("revoked"))
+    }
 }
 
 pub struct SyncLoop<'a, R: Runtime> {
@@ -372,13 +383,25 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
         let mut backoff = Backoff::new(RECONNECT_BASE, RECONNECT_MAX);
         for server in self.config.servers.iter().cycle() {
             self.registered = false;
-            if let Err(e) = self.session(server).await {
-                tracing::warn!(error = %e, "sync with control plane interrupted");
-            }
+            let revoked = match self.session(server).await {
+                Err(e) if e.is_revoked() => {
+                    tracing::error!(error = %e, retry_in = ?REVOKED_RETRY, "this node's certificate is revoked: it receives no assignments (its replicas keep running); remove it (`skiff node rm`) and join it again with a new agent token, or stop this agent");
+                    true
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "sync with control plane interrupted");
+                    false
+                }
+                Ok(()) => false,
+            };
             if self.registered {
                 backoff.reset();
             }
-            let delay = jitter(backoff.next_delay());
+            let delay = if revoked {
+                jitter(REVOKED_RETRY)
+            } else {
+                jitter(backoff.next_delay())
+            };
             self.idle(delay).await;
         }
         // `servers` is never empty (validated), so `cycle` never ends.
@@ -647,6 +670,18 @@ fn jitter(delay: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_refusal_for_revocation_counts_as_revoked() {
+        let stream = |code, message: &str| SyncError::Stream {
+            server: "s".into(),
+            source: tonic::Status::new(code, message),
+        };
+        assert!(stream(tonic::Code::PermissionDenied, "node n1 is revoked").is_revoked());
+        assert!(!stream(tonic::Code::PermissionDenied, "wrong certificate").is_revoked());
+        assert!(!stream(tonic::Code::Unavailable, "revoked").is_revoked());
+        assert!(!SyncError::Closed { server: "s".into() }.is_revoked());
+    }
 
     #[test]
     fn jitter_stays_within_a_fifth_of_the_delay() {

@@ -263,6 +263,15 @@ fn an_agent_certificate_speaks_for_its_own_node_only_and_revocation_cuts_it_off(
         "revocation took effect within {:.1} s",
         revoked_at.elapsed().as_secs_f64()
     );
+    // The agent says what happened and what to do, and asks again only
+    // every 30 s or so (not once a second).
+    assert!(
+        wait_until(Duration::from_secs(5), POLL, || agents
+            .logs()
+            .contains("this node's certificate is revoked")),
+        "{}",
+        agents.logs()
+    );
     // b1 keeps working.
     assert!(agents.ready_nodes().contains(&"b1".to_string()));
     agents.kill9(0);
