@@ -173,8 +173,15 @@ pub struct ShimArgs {
 pub enum VarCommand {
     /// Set KEY to VALUE.
     Put { key: String, value: String },
-    /// Print the value of KEY.
-    Get { key: String },
+    /// Print the value of KEY (a linearizable read: it sees every write
+    /// acknowledged before it).
+    Get {
+        key: String,
+        /// Read this server's copy without asking the leader: faster and
+        /// answered without a leader, but it may miss the latest writes.
+        #[arg(long)]
+        stale: bool,
+    },
     /// Compare and set: `var cas KEY EXPECTED NEW` sets KEY to NEW only if
     /// it holds EXPECTED, `var cas --absent KEY NEW` only if it does not
     /// exist; atomic, in one Raft entry. Exits 1 without setting otherwise,
@@ -191,6 +198,9 @@ pub enum VarCommand {
     Ls {
         #[arg(default_value = "")]
         prefix: String,
+        /// As `var get --stale`.
+        #[arg(long)]
+        stale: bool,
     },
 }
 

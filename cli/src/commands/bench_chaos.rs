@@ -209,7 +209,10 @@ async fn client_loop(
                 (Call::Put(value), answer)
             }
             1 => {
-                let get = c.get_variable(pb::GetVariableRequest { key: key.clone() });
+                let get = c.get_variable(pb::GetVariableRequest {
+                    key: key.clone(),
+                    stale: false,
+                });
                 match tokio::time::timeout(CALL_TIMEOUT, get).await {
                     Ok(Ok(r)) => {
                         let r = r.into_inner();

@@ -52,9 +52,12 @@ pub async fn run(server: &str, format: OutputFormat, command: VarCommand) -> any
             }
             println!("variable {key} set");
         }
-        VarCommand::Get { key } => {
+        VarCommand::Get { key, stale } => {
             let answer = client
-                .get_variable(pb::GetVariableRequest { key: key.clone() })
+                .get_variable(pb::GetVariableRequest {
+                    key: key.clone(),
+                    stale,
+                })
                 .await
                 .map_err(explain)?
                 .into_inner();
@@ -75,9 +78,9 @@ pub async fn run(server: &str, format: OutputFormat, command: VarCommand) -> any
                 OutputFormat::Table => println!("{}", answer.value),
             }
         }
-        VarCommand::Ls { prefix } => {
+        VarCommand::Ls { prefix, stale } => {
             let variables = client
-                .list_variables(pb::ListVariablesRequest { prefix })
+                .list_variables(pb::ListVariablesRequest { prefix, stale })
                 .await
                 .map_err(explain)?
                 .into_inner()

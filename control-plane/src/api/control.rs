@@ -466,13 +466,11 @@ impl pb::control_server::Control for Api {
         &self,
         request: Request<pb::GetVariableRequest>,
     ) -> Result<Response<pb::GetVariableResponse>, Status> {
-        self.barrier().await?;
-        let value = self
-            .consensus
-            .state()
-            .variables
-            .get(&request.into_inner().key)
-            .cloned();
+        let request = request.into_inner();
+        if !request.stale {
+            self.barrier().await?;
+        }
+        let value = self.consensus.state().variables.get(&request.key).cloned();
         Ok(Response::new(pb::GetVariableResponse {
             found: value.is_some(),
             value: value.unwrap_or_default(),
@@ -483,8 +481,11 @@ impl pb::control_server::Control for Api {
         &self,
         request: Request<pb::ListVariablesRequest>,
     ) -> Result<Response<pb::ListVariablesResponse>, Status> {
-        self.barrier().await?;
-        let prefix = request.into_inner().prefix;
+        let request = request.into_inner();
+        if !request.stale {
+            self.barrier().await?;
+        }
+        let prefix = request.prefix;
         let variables = self
             .consensus
             .state()
