@@ -265,6 +265,12 @@ fn a_survivor_of_a_lost_quorum_recovers_alone_and_new_servers_join_it() {
         !out.status.success(),
         "a write without quorum was acknowledged"
     );
+    // Reads are linearizable by default (no leader: no answer); a stale
+    // read, asked for, answers from the survivor's copy.
+    let linearizable = skiff_at(&survivor, &["var", "get", "acked/00"]);
+    assert!(!linearizable.status.success(), "a read without a leader");
+    let stale = skiff_ok_at(&survivor, &["var", "get", "acked/00", "--stale"]);
+    assert_eq!(stale.trim(), "v");
 
     let recovering = std::time::Instant::now();
     servers.respawn_with(2, false, &["--recover"]);
