@@ -72,6 +72,11 @@ pub async fn run(server: &str, format: OutputFormat, command: VolumeCommand) -> 
                 _ => {
                     for v in &volumes {
                         println!("Name:     {}", v.name);
+                        println!("Kind:     {}", kind(v));
+                        if v.anonymous {
+                            println!("Replica:  {} (removed with it)", v.alloc_id);
+                            println!("Target:   {}", v.target);
+                        }
                         println!("Node:     {}", v.node);
                         println!("Service:  {}", v.service);
                         println!("Slot:     {}", slot(v));
@@ -102,8 +107,17 @@ pub async fn run(server: &str, format: OutputFormat, command: VolumeCommand) -> 
     Ok(())
 }
 
+/// "named", or "anonymous" for one of an image's `Volumes`.
+fn kind(v: &pb::VolumeInfo) -> &'static str {
+    if v.anonymous {
+        "anonymous"
+    } else {
+        "named"
+    }
+}
+
 fn slot(v: &pb::VolumeInfo) -> String {
-    if v.name.ends_with(&format!("-{}", v.slot)) {
+    if !v.anonymous && v.name.ends_with(&format!("-{}", v.slot)) {
         v.slot.to_string()
     } else {
         "-".into()
@@ -124,6 +138,7 @@ fn print(format: OutputFormat, volumes: &[pb::VolumeInfo]) {
         .map(|v| {
             vec![
                 v.name.clone(),
+                kind(v).to_string(),
                 v.node.clone(),
                 v.service.clone(),
                 slot(v),
@@ -137,7 +152,7 @@ fn print(format: OutputFormat, volumes: &[pb::VolumeInfo]) {
         format,
         volumes,
         &[
-            "NAME", "NODE", "SERVICE", "SLOT", "SIZE", "IN USE", "STATUS",
+            "NAME", "KIND", "NODE", "SERVICE", "SLOT", "SIZE", "IN USE", "STATUS",
         ],
         rows,
     );
