@@ -2,8 +2,9 @@
 //! replicas: a job that fails twice then succeeds ends succeeded with
 //! `--max-retries 2` and `job run --wait` exits 0; one that always exits 3
 //! with `--max-retries 1` ends failed after two attempts and `--wait`
-//! exits 3; `job ls`, `ps`, `logs`, `rm`; bad input in one line naming
-//! the field.
+//! exits 3; `job ls`, `ps`, `logs`, `rm`; `job run` of a taken name is
+//! refused naming `job rm` and `--replace`, which runs it anew; bad input
+//! in one line naming the field.
 
 use std::time::Duration;
 
@@ -146,6 +147,73 @@ fn a_job_that_fails_twice_then_succeeds_ends_succeeded_and_wait_exits_with_its_c
         "{}",
         describe(&args, &out)
     );
+
+    // Running a job again under its name is refused with the fix; --replace does it.
+    let args = [
+        "job",
+        "run",
+        "migrate",
+        "--runtime",
+        "process",
+        "--",
+        "sh",
+        "-c",
+        "exit 0",
+    ];
+    let line = assert_cli_error(&args, &cluster.skiff(&args), &["already exists"]);
+    assert!(
+        line.contains("skiff job rm migrate") && line.contains("--replace"),
+        "{line}"
+    );
+    let args = [
+        "job",
+        "run",
+        "migrate",
+        "--replace",
+        "--max-retries",
+        "1",
+        "--runtime",
+        "process",
+        "--wait",
+        "--",
+        "sh",
+        "-c",
+        "echo replaced",
+    ];
+    let out = cluster.skiff(&args);
+    assert!(out.status.success(), "{}", describe(&args, &out));
+    let job = cluster.skiff_json(&["service", "inspect", "migrate"]);
+    assert_eq!(job["job_state"], "succeeded", "{job}");
+    assert_eq!(job["job_attempts"], 1, "a new job counts anew: {job}");
+    assert_eq!(job["spec"]["max_retries"], 1, "{job}");
+    // A service is never replaced by a job.
+    cluster.skiff_ok(&[
+        "service",
+        "create",
+        "--detach",
+        "web",
+        "--runtime",
+        "process",
+        "--",
+        "sleep",
+        "30",
+    ]);
+    let args = [
+        "job",
+        "run",
+        "web",
+        "--replace",
+        "--runtime",
+        "process",
+        "--",
+        "true",
+    ];
+    assert_cli_error(
+        &args,
+        &cluster.skiff(&args),
+        &["web is a service, not a job"],
+    );
+    cluster.skiff_ok(&["service", "rm", "web"]);
 
     // rm removes it.
     cluster.skiff_ok(&["job", "rm", "broken"]);
