@@ -99,7 +99,7 @@ impl State {
     ) -> Result<Outcome, CommandError> {
         let rollback_of = rollback.unwrap_or(0);
         spec.validate()?;
-        self.resolve_secrets(&mut spec)?;
+        self.resolve_secrets_keeping(&mut spec, rollback.is_some())?;
         let now = self.clock_ms;
         let name = spec.name.clone();
         let service = self
