@@ -3,7 +3,8 @@
 //! `--max-retries 2` and `job run --wait` exits 0; one that always exits 3
 //! with `--max-retries 1` ends failed after two attempts and `--wait`
 //! exits 3; `job ls`, `ps`, `logs`, `rm`; `job run` of a taken name is
-//! refused naming `job rm` and `--replace`, which runs it anew; bad input
+//! refused naming `job rm` and `--replace`, which runs it anew; a stack
+//! file's job takes `max-retries` and `deadline`; bad input
 //! in one line naming the field.
 
 use std::time::Duration;
@@ -214,6 +215,26 @@ fn a_job_that_fails_twice_then_succeeds_ends_succeeded_and_wait_exits_with_its_c
         &["web is a service, not a job"],
     );
     cluster.skiff_ok(&["service", "rm", "web"]);
+
+    // A stack file's job with its retries and deadline (Skiff's format: Compose needs an
+    // image) runs to completion like `job run`.
+    let file = dir.path().join("stack.yaml");
+    std::fs::write(
+        &file,
+        "skiff: v1\nservices:\n  once:\n    runtime: process\n    mode: job\n    max-retries: 1\n    deadline: 2m\n    command: [sh, -c, \"exit 0\"]\n",
+    )
+    .expect("write the stack file");
+    let file = file.to_string_lossy().into_owned();
+    cluster.skiff_ok(&["stack", "deploy", "st", "-f", &file, "--detach"]);
+    assert!(
+        wait_until(Duration::from_secs(10), POLL, || {
+            cluster.skiff_json(&["service", "inspect", "st-once"])["job_state"] == "succeeded"
+        }),
+        "st-once never succeeded"
+    );
+    let job = cluster.skiff_json(&["service", "inspect", "st-once"]);
+    assert_eq!(job["spec"]["max_retries"], 1, "{job}");
+    assert_eq!(job["spec"]["deadline_secs"], 120, "{job}");
 
     // rm removes it.
     cluster.skiff_ok(&["job", "rm", "broken"]);
