@@ -157,3 +157,31 @@ fn print(format: OutputFormat, volumes: &[pb::VolumeInfo]) {
         rows,
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_anonymous_volume_shows_its_kind_and_no_slot() {
+        let named = pb::VolumeInfo {
+            name: "data-0".into(),
+            slot: 0,
+            ..Default::default()
+        };
+        // An anonymous volume's name ends with the image volume's index,
+        // which is no slot.
+        let anonymous = pb::VolumeInfo {
+            name: "3fa9c01b2d4e-0".into(),
+            anonymous: true,
+            alloc_id: "3fa9c01b2d4e".into(),
+            target: "/data".into(),
+            ..Default::default()
+        };
+        assert_eq!((kind(&named), slot(&named).as_str()), ("named", "0"));
+        assert_eq!(
+            (kind(&anonymous), slot(&anonymous).as_str()),
+            ("anonymous", "-")
+        );
+    }
+}

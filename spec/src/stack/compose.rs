@@ -788,14 +788,14 @@ fn read_restart(node: Node, context: &mut Context) -> Result<(), StackError> {
         "no" | "on-failure" => {
             context.warn(
                 node.path,
-                format!("restart {policy} is not honoured: Skiff restarts replicas that exit until one-shot jobs exist"),
+                format!("restart {policy} is not honoured: Skiff restarts a service's replicas that exit; one-shot jobs are deploy.mode: replicated-job (retries: deploy.restart_policy.max_attempts)"),
             );
             Ok(())
         }
         p if p.starts_with("on-failure:") => {
             context.warn(
                 node.path,
-                format!("restart {p} is not honoured: Skiff restarts replicas that exit until one-shot jobs exist"),
+                format!("restart {p} is not honoured: Skiff restarts a service's replicas that exit; one-shot jobs are deploy.mode: replicated-job (retries: deploy.restart_policy.max_attempts)"),
             );
             Ok(())
         }
