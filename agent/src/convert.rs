@@ -114,6 +114,7 @@ pub fn status(update: &StatusUpdate) -> v1::AllocationStatus {
         port: u32::from(update.port),
         health_checked: update.health_checked,
         exit_code: update.exit_code,
+        refused: update.refused,
     }
 }
 
@@ -142,6 +143,17 @@ pub fn volumes_report(node: &str, volumes: &[crate::volumes::VolumeInfo]) -> v1:
                 size_bytes: v.size_bytes,
                 used_by: Vec::new(),
                 status: String::new(),
+                anonymous: v.anonymous.is_some(),
+                alloc_id: v
+                    .anonymous
+                    .as_ref()
+                    .map(|a| a.alloc_id.clone())
+                    .unwrap_or_default(),
+                target: v
+                    .anonymous
+                    .as_ref()
+                    .map(|a| a.target.clone())
+                    .unwrap_or_default(),
             })
             .collect(),
     }
@@ -237,6 +249,7 @@ mod tests {
             port: 0,
             health_checked: false,
             exit_code: None,
+            refused: false,
         });
         assert_eq!(
             (s.id.as_str(), s.state.as_str(), s.restarts),

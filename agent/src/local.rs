@@ -121,6 +121,7 @@ impl<R: Runtime> LocalAllocs<R> {
                 port: 0,
                 health_checked: false,
                 exit_code: None,
+                refused: true,
             });
         }
         self.reconcile();

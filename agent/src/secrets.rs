@@ -1,6 +1,8 @@
 //! Secret values on the node: held in the agent's memory as the control
-//! plane last sent them (`Assignments.secrets`: only the secrets the
-//! node's replicas reference), and written only into one tmpfs per replica
+//! plane last sent them (`Assignments.secrets`: only the secret versions
+//! the node's replicas reference, several of one secret while a rollback
+//! runs an earlier one beside the current), and written only into one
+//! tmpfs per replica
 //! at `ROOT/<alloc id>` (ROOT is `/run/skiff/<node>/secrets` by default,
 //! outside the data dir), which a container sees at `/run/secrets` and a
 //! process replica finds in `$SKIFF_SECRETS_DIR`. Nothing here touches a
@@ -28,6 +30,8 @@ pub const DIR_ENV: &str = "SKIFF_SECRETS_DIR";
 pub enum SecretsError {
     #[error("secret {0} has not been received from the control plane")]
     Missing(String),
+    #[error("version {version} of secret {name} has not been received from the control plane")]
+    MissingVersion { name: String, version: u64 },
     #[error("failed to prepare the secrets tmpfs {path}: {reason}")]
     Mount { path: PathBuf, reason: String },
     #[error("failed to write secret file {path}: {source}")]
@@ -40,14 +44,14 @@ pub enum SecretsError {
 /// One value as received.
 #[derive(Clone)]
 struct Value {
-    version: u64,
     bytes: Vec<u8>,
 }
 
-/// The node's secret values and the replicas' tmpfs directories.
+/// The node's secret values (by name, then version) and the replicas'
+/// tmpfs directories.
 pub struct Secrets {
     root: PathBuf,
-    values: Mutex<BTreeMap<String, Value>>,
+    values: Mutex<BTreeMap<String, BTreeMap<u64, Value>>>,
 }
 
 impl std::fmt::Debug for Secrets {
@@ -70,33 +74,45 @@ impl Secrets {
     }
 
     /// Replaces the values with those of the latest assignments; returns
-    /// the names whose version changed (not those new to the node).
+    /// the names whose latest version changed (not those new to the node).
     pub fn set_values(&self, received: Vec<skiff_proto::v1::SecretValue>) -> Vec<String> {
         let mut values = self.values.lock().unwrap_or_else(|p| p.into_inner());
-        let mut changed = Vec::new();
-        let mut next = BTreeMap::new();
+        let mut next: BTreeMap<String, BTreeMap<u64, Value>> = BTreeMap::new();
         for secret in received {
-            if values
-                .get(&secret.name)
-                .is_some_and(|v| v.version != secret.version)
-            {
-                changed.push(secret.name.clone());
-            }
-            next.insert(
-                secret.name,
+            next.entry(secret.name).or_default().insert(
+                secret.version,
                 Value {
-                    version: secret.version,
                     bytes: secret.value,
                 },
             );
         }
+        let latest = |versions: &BTreeMap<u64, Value>| versions.keys().next_back().copied();
+        let changed = next
+            .iter()
+            .filter(|(name, versions)| {
+                values
+                    .get(*name)
+                    .is_some_and(|old| latest(old) != latest(versions))
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
         *values = next;
         changed
     }
 
+    /// The latest version received of `name`.
     fn value(&self, name: &str) -> Option<Value> {
+        self.value_of(name, 0)
+    }
+
+    /// Version `version` of `name` (0: the latest received).
+    fn value_of(&self, name: &str, version: u64) -> Option<Value> {
         let values = self.values.lock().unwrap_or_else(|p| p.into_inner());
-        values.get(name).cloned()
+        let versions = values.get(name)?;
+        match version {
+            0 => versions.values().next_back().cloned(),
+            v => versions.get(&v).cloned(),
+        }
     }
 
     /// Mounts the replica's tmpfs (unless mounted) and writes every file of
@@ -109,10 +125,15 @@ impl Secrets {
     ) -> Result<PathBuf, SecretsError> {
         let values: Vec<(&SecretRef, Value)> = refs
             .iter()
-            .map(|r| {
-                self.value(&r.name)
-                    .map(|v| (r, v))
-                    .ok_or_else(|| SecretsError::Missing(r.name.clone()))
+            .map(|r| match self.value_of(&r.name, r.version) {
+                Some(v) => Ok((r, v)),
+                None if r.version != 0 && self.value(&r.name).is_some() => {
+                    Err(SecretsError::MissingVersion {
+                        name: r.name.clone(),
+                        version: r.version,
+                    })
+                }
+                None => Err(SecretsError::Missing(r.name.clone())),
             })
             .collect::<Result<_, _>>()?;
         let dir = self.dir(alloc_id);
@@ -262,6 +283,27 @@ mod tests {
         assert!(secrets.value("a").is_some_and(|v| v.bytes == b"y"));
         secrets.set_values(vec![]);
         assert!(secrets.value("a").is_none());
+    }
+
+    #[test]
+    fn a_replica_gets_the_version_it_pins_beside_a_newer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let secrets = Secrets::new(dir.path().to_path_buf());
+        // A rollback runs version 1 while others still run version 2.
+        let changed = secrets.set_values(vec![value("pw", 2, b"two"), value("pw", 1, b"one")]);
+        assert!(changed.is_empty());
+        assert!(secrets.value_of("pw", 1).is_some_and(|v| v.bytes == b"one"));
+        assert!(secrets.value_of("pw", 0).is_some_and(|v| v.bytes == b"two"));
+        assert!(secrets.value("pw").is_some_and(|v| v.bytes == b"two"));
+        // Only the older version is sent again: the latest went down, so
+        // replicas that signal follow it.
+        assert_eq!(secrets.set_values(vec![value("pw", 1, b"one")]), ["pw"]);
+        let pinned = SecretRef {
+            version: 3,
+            ..SecretRef::parse("pw").unwrap()
+        };
+        let err = secrets.populate("a1", &[pinned], (0, 0)).unwrap_err();
+        assert!(err.to_string().contains("version 3 of secret pw"), "{err}");
     }
 
     #[test]

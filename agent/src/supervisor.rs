@@ -34,6 +34,8 @@ pub struct StatusUpdate {
     pub health_checked: bool,
     /// A job's replica that ended: its exit status.
     pub exit_code: Option<i32>,
+    /// The agent refuses the assignment: it never runs here.
+    pub refused: bool,
 }
 
 /// Replica teardowns (runtime state, network, mounts) running at once.
@@ -575,6 +577,7 @@ impl<R: Runtime> Supervisor<R> {
             port: self.port,
             health_checked: self.health_checked,
             exit_code,
+            refused: false,
         });
     }
 }

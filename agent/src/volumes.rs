@@ -7,9 +7,10 @@
 //! volume is empty, the image's content at the mount's target is copied in
 //! with its ownership and modes (Docker's behaviour, so an image's user can
 //! write its data dir); `nocopy` skips that. The image config's `Volumes`
-//! become anonymous volumes under the allocation's own directory, removed
-//! with it. Bind mounts are allowed only below the agent's
-//! `--allow-host-path` prefixes.
+//! become anonymous volumes under the allocation's own directory
+//! (`DATA/allocs/<id>/volumes/<i>`, its target in `<i>.json`), removed with
+//! it; they are listed as `<alloc id>-<i>`. Bind mounts are allowed only
+//! below the agent's `--allow-host-path` prefixes.
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -54,12 +55,32 @@ pub struct VolumeMeta {
     pub slot: Option<u32>,
 }
 
+/// What `<i>.json` beside an anonymous volume records: its replica's
+/// service and slot, and where it is mounted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct AnonymousMeta {
+    #[serde(flatten)]
+    meta: VolumeMeta,
+    target: String,
+}
+
+/// Where an anonymous volume belongs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Anonymous {
+    /// The allocation whose directory holds it.
+    pub alloc_id: String,
+    /// Its path in the container (empty when not recorded).
+    pub target: String,
+}
+
 /// A volume as the agent reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeInfo {
     pub name: String,
     pub meta: VolumeMeta,
     pub size_bytes: u64,
+    /// `Some` for one of an image's `Volumes` (removed with its replica).
+    pub anonymous: Option<Anonymous>,
 }
 
 /// One bind mount of a container: host path, target, read-only.
@@ -70,16 +91,19 @@ pub struct Bind {
     pub read_only: bool,
 }
 
-/// The node's named volumes, under `DATA/volumes`.
+/// The node's named volumes, under `DATA/volumes`, and its replicas'
+/// anonymous ones under the sibling `DATA/allocs`.
 #[derive(Debug, Clone)]
 pub struct Volumes {
     dir: PathBuf,
+    allocs_dir: PathBuf,
     allowed_host_paths: Vec<String>,
 }
 
 impl Volumes {
     pub fn new(dir: PathBuf, allowed_host_paths: Vec<String>) -> Self {
         Volumes {
+            allocs_dir: dir.with_file_name("allocs"),
             dir,
             allowed_host_paths,
         }
@@ -140,10 +164,55 @@ impl Volumes {
                     name,
                     meta,
                     size_bytes: disk_usage(&data),
+                    anonymous: None,
                 })
             })
             .collect();
+        out.extend(self.list_anonymous());
         out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// The anonymous volumes in the allocations' directories, named
+    /// `<alloc id>-<i>`; they go when their allocation's directory does.
+    fn list_anonymous(&self) -> Vec<VolumeInfo> {
+        let mut out = Vec::new();
+        let Ok(allocs) = fs::read_dir(&self.allocs_dir) else {
+            return out;
+        };
+        for alloc in allocs.flatten() {
+            let Ok(alloc_id) = alloc.file_name().into_string() else {
+                continue;
+            };
+            let Ok(entries) = fs::read_dir(alloc.path().join("volumes")) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let Some(i) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.parse::<u32>().ok())
+                else {
+                    continue;
+                };
+                if !entry.path().is_dir() {
+                    continue;
+                }
+                let recorded: AnonymousMeta = fs::read(entry.path().with_extension("json"))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok())
+                    .unwrap_or_default();
+                out.push(VolumeInfo {
+                    name: format!("{alloc_id}-{i}"),
+                    meta: recorded.meta,
+                    size_bytes: disk_usage(&entry.path()),
+                    anonymous: Some(Anonymous {
+                        alloc_id: alloc_id.clone(),
+                        target: recorded.target,
+                    }),
+                });
+            }
+        }
         out
     }
 
@@ -219,6 +288,13 @@ impl Volumes {
             }
             let data = alloc_dir.join("volumes").join(i.to_string());
             fs::create_dir_all(&data).map_err(io("create", &data))?;
+            let recorded = AnonymousMeta {
+                meta: meta.clone(),
+                target: target.clone(),
+            };
+            let meta_path = data.with_extension("json");
+            let json = serde_json::to_vec(&recorded).unwrap_or_default();
+            fs::write(&meta_path, json).map_err(io("write", &meta_path))?;
             populate(rootfs, &target, &data, owner).map_err(|detail| VolumeError::Copy {
                 target: target.clone(),
                 volume: "(anonymous)".into(),
@@ -382,13 +458,18 @@ mod tests {
         fs::write(rootfs.join("cache/c"), "y").unwrap();
         let volumes = Volumes::new(base.join("volumes"), vec![]);
         let mounts = vec![Mount::parse_volume("v:/data:nocopy").unwrap()];
+        let meta = VolumeMeta {
+            service: "web".into(),
+            slot: Some(3),
+        };
+        let alloc_dir = base.join("allocs/0123456789ab");
         let binds = volumes
             .binds(
                 &mounts,
-                &VolumeMeta::default(),
+                &meta,
                 &["/data".into(), "/cache/".into()],
                 &rootfs,
-                &base.join("alloc"),
+                &alloc_dir,
                 me(),
             )
             .unwrap();
@@ -396,6 +477,49 @@ mod tests {
         assert!(fs::read_dir(&binds[0].source).unwrap().next().is_none());
         assert_eq!(binds[1].target, "/cache");
         assert_eq!(fs::read_to_string(binds[1].source.join("c")).unwrap(), "y");
+        let _ = fs::remove_dir_all(&base);
+    }
+
+    #[test]
+    fn anonymous_volumes_are_listed_with_their_replica_and_target_until_its_dir_goes() {
+        let base = temp("anonymous");
+        let rootfs = base.join("rootfs");
+        fs::create_dir_all(rootfs.join("cache")).unwrap();
+        fs::write(rootfs.join("cache/c"), "four").unwrap();
+        let volumes = Volumes::new(base.join("volumes"), vec![]);
+        let meta = VolumeMeta {
+            service: "web".into(),
+            slot: Some(3),
+        };
+        let alloc_dir = base.join("allocs/0123456789ab");
+        let mounts = vec![Mount::parse_volume("v:/data").unwrap()];
+        volumes
+            .binds(
+                &mounts,
+                &meta,
+                &["/data".into(), "/cache/".into()],
+                &rootfs,
+                &alloc_dir,
+                me(),
+            )
+            .unwrap();
+        let listed = volumes.list();
+        let names: Vec<&str> = listed.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(names, ["0123456789ab-1", "v"]);
+        let anonymous = &listed[0];
+        assert_eq!(
+            anonymous.anonymous,
+            Some(Anonymous {
+                alloc_id: "0123456789ab".into(),
+                target: "/cache".into(),
+            })
+        );
+        assert_eq!((&anonymous.meta, anonymous.size_bytes), (&meta, 4));
+        assert_eq!(listed[1].anonymous, None);
+        // Removing the replica's directory removes its anonymous volume.
+        fs::remove_dir_all(&alloc_dir).unwrap();
+        let names: Vec<String> = volumes.list().into_iter().map(|v| v.name).collect();
+        assert_eq!(names, ["v"]);
         let _ = fs::remove_dir_all(&base);
     }
 

@@ -820,6 +820,10 @@ pub struct JobRunArgs {
     /// (0 once it succeeded).
     #[arg(long, help_heading = heading::JOB)]
     pub wait: bool,
+    /// Remove a job of the same name first (stopping its attempt; its
+    /// ended attempts go with it), as `job rm NAME` would.
+    #[arg(long, help_heading = heading::JOB)]
+    pub replace: bool,
     #[command(flatten)]
     pub create: CreateArgs,
 }

@@ -280,6 +280,7 @@ mod tests {
                 updated_ms: 0,
                 create_index: 1,
                 modify_index: 1,
+                previous: Vec::new(),
             },
         );
         let ca = skiff_pki::ClusterCa::create().unwrap();

@@ -263,6 +263,47 @@ fn secrets_are_files_of_the_image_user_and_nowhere_else() {
         "{events}"
     );
 
+    // A rollback to app's version 1 runs with the value version 1 was deployed with (kept
+    // for it), not the current one; `secret inspect` lists both versions.
+    cluster.skiff_ok(&["service", "rollback", "app", "--to", "1", "--detach"]);
+    let rolled = wait_until(TIMEOUT, POLL, || {
+        let status = cluster.skiff_json(&["service", "inspect", "app"]);
+        status["version"] == 3
+            && status["deployment"]["status"] == "succeeded"
+            && cluster.ps("app").iter().filter(|a| running(a)).count() == 1
+    });
+    assert!(rolled, "app never rolled back\n{}", cluster.log_tail(40));
+    let inspect = cluster.skiff_ok(&["service", "inspect", "app"]);
+    assert!(inspect.contains("db_password (v1)"), "{inspect}");
+    let mut read = String::new();
+    let same = wait_until(TIMEOUT, POLL, || {
+        let out = cluster.skiff(&[
+            "service",
+            "exec",
+            "app",
+            "--",
+            "cat",
+            "/run/secrets/db_password",
+        ]);
+        read = String::from_utf8_lossy(&out.stdout).into_owned();
+        read == value
+    });
+    assert!(
+        same,
+        "app's file after the rollback is not version 1 ({} bytes)",
+        read.len()
+    );
+    let versions = cluster.skiff_json(&["secret", "inspect", "db_password"]);
+    let listed: Vec<u64> = versions["versions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v["version"].as_u64())
+        .collect();
+    assert_eq!(listed, [2, 1], "{versions}");
+    assert_eq!(versions["versions"][1]["services"][0], "app", "{versions}");
+    assert_eq!(versions["version"], 2, "the secret itself is unchanged");
+
     // Once no service uses it, it can be removed; its tmpfs mounts went with the replicas.
     cluster.skiff_ok(&["service", "rm", "app"]);
     cluster.skiff_ok(&["service", "rm", "sig"]);

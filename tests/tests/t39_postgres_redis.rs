@@ -11,6 +11,9 @@
 //!   reuses the volume without a new initdb) and after a SIGKILL of the replica's postmaster
 //!   (restarted in place, crash recovery from the WAL), and a kill -9 of `skiff dev` (the
 //!   container is re-adopted, the same postmaster serves the rows).
+//! - redis without `--volume`: the image's Volume /data becomes an anonymous volume that
+//!   `volume ls` lists (KIND anonymous, its replica and path), `volume rm` refuses naming
+//!   the replica, and that leaves the list once `service rm` removed its replica.
 //! - redis: a service published on a free port becomes healthy through the image's
 //!   Healthcheck (`redis-cli ping`), runs as redis (998), and answers `SET`/`GET` sent as raw
 //!   RESP over TCP through the published port (`--protected-mode no` lets a non-local client
@@ -30,7 +33,9 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use skiff_e2e::containers::{children, uids, OciDev, Registry};
-use skiff_e2e::{free_port, pid_alive, run_with_timeout, sigkill, wait_until, Allocation, POLL};
+use skiff_e2e::{
+    assert_cli_error, free_port, pid_alive, run_with_timeout, sigkill, wait_until, Allocation, POLL,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 const PSQL: &str = "/usr/lib/postgresql/15/bin/psql";
@@ -302,4 +307,68 @@ fn redis_answers_set_and_get_through_the_published_port() {
     });
     assert!(answered, "no +OK to SET through port {port}: {reply:?}");
     assert_eq!(reply, "$4\r\nkept\r\n");
+
+    // The image declares the Volume /data. Covered by --volume above, it made no anonymous
+    // volume; without one, the replica gets an anonymous volume that `volume ls` lists with
+    // its replica and path, `volume rm` refuses, and that goes with its replica.
+    let anonymous = |cluster: &OciDev| -> Vec<serde_json::Value> {
+        cluster
+            .skiff_json(&["volume", "ls"])
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|v| v["anonymous"] == true)
+            .cloned()
+            .collect()
+    };
+    assert!(anonymous(&cluster).is_empty(), "{:?}", anonymous(&cluster));
+    cluster.skiff_ok(&[
+        "service", "create", "--detach", "scratch", "--image", &image,
+    ]);
+    let replica = cluster
+        .wait_replicas("scratch", 1, "healthy", healthy)
+        .remove(0);
+    let mut listed = Vec::new();
+    let reported = wait_until(TIMEOUT, POLL, || {
+        listed = anonymous(&cluster);
+        !listed.is_empty()
+    });
+    assert!(
+        reported,
+        "no anonymous volume listed\n{}",
+        cluster.log_tail(30)
+    );
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let volume = &listed[0];
+    let name = volume["name"].as_str().unwrap_or_default().to_string();
+    assert!(
+        replica
+            .id
+            .starts_with(volume["alloc_id"].as_str().unwrap_or("?")),
+        "{volume}"
+    );
+    assert_eq!(
+        name,
+        format!("{}-0", volume["alloc_id"].as_str().unwrap_or("?"))
+    );
+    assert_eq!(volume["target"], "/data", "{volume}");
+    assert_eq!(volume["service"], "scratch", "{volume}");
+    let table = cluster.skiff_ok(&["volume", "ls"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with(&name) && l.contains("anonymous")),
+        "{table}"
+    );
+    let inspect = cluster.skiff_ok(&["volume", "inspect", &name]);
+    assert!(inspect.contains("Target:   /data"), "{inspect}");
+    let args = ["volume", "rm", name.as_str()];
+    let line = assert_cli_error(&args, &cluster.skiff(&args), &["removed with its replica"]);
+    assert!(
+        line.contains(volume["alloc_id"].as_str().unwrap_or("?")),
+        "{line}"
+    );
+    cluster.skiff_ok(&["service", "rm", "scratch"]);
+    let gone = wait_until(TIMEOUT, POLL, || anonymous(&cluster).is_empty());
+    assert!(gone, "still listed: {:?}", anonymous(&cluster));
 }

@@ -2,8 +2,10 @@
 //! replicas: a job that fails twice then succeeds ends succeeded with
 //! `--max-retries 2` and `job run --wait` exits 0; one that always exits 3
 //! with `--max-retries 1` ends failed after two attempts and `--wait`
-//! exits 3; `job ls`, `ps`, `logs`, `rm`; bad input in one line naming
-//! the field.
+//! exits 3; `job ls`, `ps`, `logs`, `rm`; `job run` of a taken name is
+//! refused naming `job rm` and `--replace`, which runs it anew; a stack
+//! file's job takes `max-retries` and `deadline`; bad input
+//! in one line naming the field.
 
 use std::time::Duration;
 
@@ -146,6 +148,93 @@ fn a_job_that_fails_twice_then_succeeds_ends_succeeded_and_wait_exits_with_its_c
         "{}",
         describe(&args, &out)
     );
+
+    // Running a job again under its name is refused with the fix; --replace does it.
+    let args = [
+        "job",
+        "run",
+        "migrate",
+        "--runtime",
+        "process",
+        "--",
+        "sh",
+        "-c",
+        "exit 0",
+    ];
+    let line = assert_cli_error(&args, &cluster.skiff(&args), &["already exists"]);
+    assert!(
+        line.contains("skiff job rm migrate") && line.contains("--replace"),
+        "{line}"
+    );
+    let args = [
+        "job",
+        "run",
+        "migrate",
+        "--replace",
+        "--max-retries",
+        "1",
+        "--runtime",
+        "process",
+        "--wait",
+        "--",
+        "sh",
+        "-c",
+        "echo replaced",
+    ];
+    let out = cluster.skiff(&args);
+    assert!(out.status.success(), "{}", describe(&args, &out));
+    let job = cluster.skiff_json(&["service", "inspect", "migrate"]);
+    assert_eq!(job["job_state"], "succeeded", "{job}");
+    assert_eq!(job["job_attempts"], 1, "a new job counts anew: {job}");
+    assert_eq!(job["spec"]["max_retries"], 1, "{job}");
+    // A service is never replaced by a job.
+    cluster.skiff_ok(&[
+        "service",
+        "create",
+        "--detach",
+        "web",
+        "--runtime",
+        "process",
+        "--",
+        "sleep",
+        "30",
+    ]);
+    let args = [
+        "job",
+        "run",
+        "web",
+        "--replace",
+        "--runtime",
+        "process",
+        "--",
+        "true",
+    ];
+    assert_cli_error(
+        &args,
+        &cluster.skiff(&args),
+        &["web is a service, not a job"],
+    );
+    cluster.skiff_ok(&["service", "rm", "web"]);
+
+    // A stack file's job with its retries and deadline (Skiff's format: Compose needs an
+    // image) runs to completion like `job run`.
+    let file = dir.path().join("stack.yaml");
+    std::fs::write(
+        &file,
+        "skiff: v1\nservices:\n  once:\n    runtime: process\n    mode: job\n    max-retries: 1\n    deadline: 2m\n    command: [sh, -c, \"exit 0\"]\n",
+    )
+    .expect("write the stack file");
+    let file = file.to_string_lossy().into_owned();
+    cluster.skiff_ok(&["stack", "deploy", "st", "-f", &file, "--detach"]);
+    assert!(
+        wait_until(Duration::from_secs(10), POLL, || {
+            cluster.skiff_json(&["service", "inspect", "st-once"])["job_state"] == "succeeded"
+        }),
+        "st-once never succeeded"
+    );
+    let job = cluster.skiff_json(&["service", "inspect", "st-once"]);
+    assert_eq!(job["spec"]["max_retries"], 1, "{job}");
+    assert_eq!(job["spec"]["deadline_secs"], 120, "{job}");
 
     // rm removes it.
     cluster.skiff_ok(&["job", "rm", "broken"]);

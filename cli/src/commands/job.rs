@@ -27,6 +27,9 @@ pub async fn run(server: &str, format: OutputFormat, command: JobCommand) -> any
         JobCommand::Run(args) => {
             let spec = spec.expect("built above");
             let name = spec.name.clone();
+            if args.replace {
+                replace(&mut client, &name).await?;
+            }
             client
                 .create_service(pb::CreateServiceRequest { spec: Some(spec) })
                 .await
@@ -78,6 +81,29 @@ pub async fn run(server: &str, format: OutputFormat, command: JobCommand) -> any
             println!("job {name} removed");
         }
     }
+    Ok(())
+}
+
+/// `job run --replace`: removes the job `name` if there is one; a service
+/// of that name is never removed.
+async fn replace(client: &mut crate::client::Client, name: &str) -> anyhow::Result<()> {
+    let status = match service::get(client, name).await {
+        Ok(status) => status,
+        Err(e) if e.to_string().contains("not found") => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if !is_job(&status) {
+        return Err(anyhow!(
+            "invalid replace: {name} is a service, not a job; pick another name for the job"
+        ));
+    }
+    client
+        .remove_service(pb::RemoveServiceRequest {
+            name: name.to_string(),
+        })
+        .await
+        .map_err(explain)?;
+    println!("job {name} removed");
     Ok(())
 }
 

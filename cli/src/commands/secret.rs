@@ -116,6 +116,20 @@ pub async fn run(server: &str, format: OutputFormat, command: SecretCommand) -> 
                     println!("Created:   {}", ago(info.created_ms));
                     println!("Updated:   {}", ago(info.updated_ms));
                     println!("Services:  {}", services(&info));
+                    println!("Versions:  (kept for rollbacks, newest first)");
+                    for v in &info.versions {
+                        let users = if v.services.is_empty() {
+                            "-".to_string()
+                        } else {
+                            v.services.join(",")
+                        };
+                        println!(
+                            "  {:<6} {} bytes, set {}, used by {users}",
+                            v.version,
+                            v.size_bytes,
+                            ago(v.created_ms)
+                        );
+                    }
                 }
                 _ => output::print(format, &info, &[], vec![]),
             }

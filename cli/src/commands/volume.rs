@@ -72,6 +72,11 @@ pub async fn run(server: &str, format: OutputFormat, command: VolumeCommand) -> 
                 _ => {
                     for v in &volumes {
                         println!("Name:     {}", v.name);
+                        println!("Kind:     {}", kind(v));
+                        if v.anonymous {
+                            println!("Replica:  {} (removed with it)", v.alloc_id);
+                            println!("Target:   {}", v.target);
+                        }
                         println!("Node:     {}", v.node);
                         println!("Service:  {}", v.service);
                         println!("Slot:     {}", slot(v));
@@ -102,8 +107,17 @@ pub async fn run(server: &str, format: OutputFormat, command: VolumeCommand) -> 
     Ok(())
 }
 
+/// "named", or "anonymous" for one of an image's `Volumes`.
+fn kind(v: &pb::VolumeInfo) -> &'static str {
+    if v.anonymous {
+        "anonymous"
+    } else {
+        "named"
+    }
+}
+
 fn slot(v: &pb::VolumeInfo) -> String {
-    if v.name.ends_with(&format!("-{}", v.slot)) {
+    if !v.anonymous && v.name.ends_with(&format!("-{}", v.slot)) {
         v.slot.to_string()
     } else {
         "-".into()
@@ -124,6 +138,7 @@ fn print(format: OutputFormat, volumes: &[pb::VolumeInfo]) {
         .map(|v| {
             vec![
                 v.name.clone(),
+                kind(v).to_string(),
                 v.node.clone(),
                 v.service.clone(),
                 slot(v),
@@ -137,8 +152,36 @@ fn print(format: OutputFormat, volumes: &[pb::VolumeInfo]) {
         format,
         volumes,
         &[
-            "NAME", "NODE", "SERVICE", "SLOT", "SIZE", "IN USE", "STATUS",
+            "NAME", "KIND", "NODE", "SERVICE", "SLOT", "SIZE", "IN USE", "STATUS",
         ],
         rows,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_anonymous_volume_shows_its_kind_and_no_slot() {
+        let named = pb::VolumeInfo {
+            name: "data-0".into(),
+            slot: 0,
+            ..Default::default()
+        };
+        // An anonymous volume's name ends with the image volume's index,
+        // which is no slot.
+        let anonymous = pb::VolumeInfo {
+            name: "3fa9c01b2d4e-0".into(),
+            anonymous: true,
+            alloc_id: "3fa9c01b2d4e".into(),
+            target: "/data".into(),
+            ..Default::default()
+        };
+        assert_eq!((kind(&named), slot(&named).as_str()), ("named", "0"));
+        assert_eq!(
+            (kind(&anonymous), slot(&anonymous).as_str()),
+            ("anonymous", "-")
+        );
+    }
 }

@@ -399,6 +399,7 @@ impl Api {
             port: u16::try_from(report.port).unwrap_or(0),
             health_checked: report.health_checked,
             exit_code: report.exit_code,
+            refused: report.refused,
         };
         let unchanged = self
             .consensus

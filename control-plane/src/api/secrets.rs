@@ -22,7 +22,44 @@ fn secret_to_pb(state: &State, secret: &Secret) -> pb::SecretInfo {
         updated_ms: secret.updated_ms,
         services: state.secret_users(&secret.name),
         unchanged: false,
+        versions: versions_to_pb(state, secret),
     }
+}
+
+/// The kept versions of `secret`, newest first, each with the services
+/// whose current spec runs with it (a reference that pins none runs with
+/// the current one).
+fn versions_to_pb(state: &State, secret: &Secret) -> Vec<pb::SecretVersionInfo> {
+    let current = pb::SecretVersionInfo {
+        version: secret.version,
+        size_bytes: secret.size_bytes,
+        created_ms: secret.updated_ms,
+        services: Vec::new(),
+    };
+    let earlier = secret.previous.iter().rev().map(|v| pb::SecretVersionInfo {
+        version: v.version,
+        size_bytes: v.size_bytes,
+        created_ms: v.created_ms,
+        services: Vec::new(),
+    });
+    std::iter::once(current)
+        .chain(earlier)
+        .map(|mut info| {
+            info.services = state
+                .services
+                .values()
+                .filter(|s| {
+                    s.spec.secrets.iter().any(|r| {
+                        r.name == secret.name
+                            && (r.version == info.version
+                                || (r.version == 0 && info.version == secret.version))
+                    })
+                })
+                .map(|s| s.spec.name.clone())
+                .collect();
+            info
+        })
+        .collect()
 }
 
 fn not_found(name: &str) -> Status {
@@ -111,34 +148,47 @@ impl Api {
         .await
     }
 
-    /// The current values of the secrets referenced by the replicas
-    /// assigned to `node` that are wanted running, opened with this
-    /// server's key. A value that does not open is left out and logged by
-    /// name: its replicas fail to start on the node, with the reason.
+    /// The values of the secrets referenced by the replicas assigned to
+    /// `node` that are wanted running, opened with this server's key: the
+    /// version each restarting reference pins (an earlier one after a
+    /// rollback) and the current one for those that signal. A value that
+    /// does not open is left out and logged by name: its replicas fail to
+    /// start on the node, with the reason.
     pub(super) fn node_secrets(&self, state: &State, node: &str) -> Vec<pb::SecretValue> {
-        let names: BTreeSet<&str> = state
+        let wanted: BTreeSet<(&str, u64)> = state
             .allocs_on(node)
             .filter(|a| a.desired == crate::state::DesiredState::Run)
-            .flat_map(|a| a.spec.secrets.iter().map(|r| r.name.as_str()))
+            .flat_map(|a| a.spec.secrets.iter().map(|r| (r.name.as_str(), r.version)))
             .collect();
-        if names.is_empty() {
+        if wanted.is_empty() {
             return Vec::new();
         }
         let Some(key) = self.secrets_key.as_ref() else {
             tracing::warn!(node, "no secrets key: replicas that use secrets get none");
             return Vec::new();
         };
-        names
+        let versions: BTreeSet<(&str, u64, &str)> = wanted
             .into_iter()
-            .filter_map(|name| state.secrets.get(name))
-            .filter_map(|secret| match key.open(&secret.name, &secret.sealed) {
+            .filter_map(|(name, version)| {
+                let secret = state.secrets.get(name)?;
+                // A pin no longer kept (none is pruned while pinned) gets
+                // the current value rather than none.
+                let (version, sealed) = secret
+                    .sealed_version(version)
+                    .or_else(|| secret.sealed_version(0))?;
+                Some((name, version, sealed))
+            })
+            .collect();
+        versions
+            .into_iter()
+            .filter_map(|(name, version, sealed)| match key.open(name, sealed) {
                 Ok(value) => Some(pb::SecretValue {
-                    name: secret.name.clone(),
-                    version: secret.version,
+                    name: name.to_string(),
+                    version,
                     value,
                 }),
                 Err(err) => {
-                    tracing::warn!(node, secret = %secret.name, error = %err, "secret not sent");
+                    tracing::warn!(node, secret = %name, version, error = %err, "secret not sent");
                     None
                 }
             })

@@ -6,7 +6,7 @@ use tonic::Status;
 
 use super::Api;
 use crate::controllers::now_ms;
-use crate::state::{Command, State, Volume, VolumeReport};
+use crate::state::{AnonymousVolume, Command, State, Volume, VolumeReport};
 
 /// A volume as `volume ls` shows it, with the replicas using it now.
 pub(super) fn volume_to_pb(state: &State, volume: &Volume) -> pb::VolumeInfo {
@@ -17,7 +17,7 @@ pub(super) fn volume_to_pb(state: &State, volume: &Volume) -> pb::VolumeInfo {
         slot: volume.slot.unwrap_or(0),
         size_bytes: volume.size_bytes,
         used_by: state
-            .volume_users(&volume.node, &volume.name)
+            .users_of(volume)
             .iter()
             .map(|a| a.id.clone())
             .collect(),
@@ -27,6 +27,17 @@ pub(super) fn volume_to_pb(state: &State, volume: &Volume) -> pb::VolumeInfo {
             "present"
         }
         .to_string(),
+        anonymous: volume.anonymous.is_some(),
+        alloc_id: volume
+            .anonymous
+            .as_ref()
+            .map(|a| a.alloc_id.clone())
+            .unwrap_or_default(),
+        target: volume
+            .anonymous
+            .as_ref()
+            .map(|a| a.target.clone())
+            .unwrap_or_default(),
     }
 }
 
@@ -72,8 +83,14 @@ impl Api {
             .into_iter()
             .filter(|v| !v.name.is_empty() && v.name.len() <= 63 && !v.name.contains('/'))
             .map(|v| VolumeReport {
-                // A per-replica volume's name ends with its slot.
-                slot: Some(v.slot).filter(|slot| v.name.ends_with(&format!("-{slot}"))),
+                // A per-replica volume's name ends with its slot; an
+                // anonymous one belongs to its replica, not to a slot.
+                slot: Some(v.slot)
+                    .filter(|slot| !v.anonymous && v.name.ends_with(&format!("-{slot}"))),
+                anonymous: v.anonymous.then(|| AnonymousVolume {
+                    alloc_id: v.alloc_id.clone(),
+                    target: v.target.clone(),
+                }),
                 name: v.name,
                 service: v.service,
                 size_bytes: v.size_bytes,

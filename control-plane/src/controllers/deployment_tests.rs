@@ -241,6 +241,7 @@ impl Sim {
                     port: 0,
                     health_checked: false,
                     exit_code: None,
+                    refused: false,
                 });
         }
         for (node, reports) in reports {
@@ -981,6 +982,7 @@ fn a_new_version_that_fails_midway_rolls_back_every_replaced_replica() {
             port: 0,
             health_checked: false,
             exit_code: None,
+            refused: false,
         }],
     })
     .unwrap();

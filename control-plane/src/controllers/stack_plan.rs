@@ -91,6 +91,7 @@ pub fn plan_stack(
                     updated_ms: now_ms,
                     create_index: 0,
                     modify_index: 0,
+                    previous: Vec::new(),
                 },
             );
         }

@@ -494,6 +494,7 @@ fn stopped(c: &mut Cluster, id: &str, node: &str) {
             port: 0,
             health_checked: false,
             exit_code: None,
+            refused: false,
         }],
     });
 }

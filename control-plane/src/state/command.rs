@@ -97,6 +97,9 @@ pub struct AllocReport {
     /// A job's replica that ended: its exit status.
     #[serde(default)]
     pub exit_code: Option<i32>,
+    /// The agent refuses the assignment (state failed): it never runs it.
+    #[serde(default)]
+    pub refused: bool,
 }
 
 /// Every change to the state, as committed in the Raft log.

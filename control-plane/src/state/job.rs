@@ -74,23 +74,42 @@ pub fn retry_delay_ms(attempts: u32) -> u64 {
 pub fn after_attempt(attempts: u32, max_retries: u32, exit_code: i32) -> JobState {
     if exit_code == 0 {
         JobState::Succeeded
-    } else if attempts.saturating_add(1) > max_retries {
+    } else {
+        after_failure(attempts, max_retries)
+    }
+}
+
+/// What one failed attempt (an exit status other than 0, or an assignment
+/// its agent refused) means, as [`after_attempt`].
+fn after_failure(attempts: u32, max_retries: u32) -> JobState {
+    if attempts.saturating_add(1) > max_retries {
         JobState::Failed
     } else {
         JobState::Running
     }
 }
 
+/// How an attempt ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum AttemptEnd {
+    /// Its program exited with this status.
+    Exited(i32),
+    /// Its agent refused the assignment (why): it never ran.
+    Refused(String),
+}
+
 impl State {
-    /// Records that job replica `alloc` of `service` ended (`state` is
-    /// terminal): counts the attempt and, when the job is done, says so.
+    /// Records that job replica `alloc` of `service` ended (its state is
+    /// terminal, or its agent refused it): counts the attempt and, when the
+    /// job is done, says so. A refusal is kept as the job's message while
+    /// the attempt is retried.
     pub(super) fn job_attempt_ended(
         &mut self,
         index: u64,
         service: &str,
         node: &str,
         alloc: &str,
-        exit_code: i32,
+        end: AttemptEnd,
     ) {
         let Some(s) = self.services.get_mut(service) else {
             return;
@@ -100,24 +119,38 @@ impl State {
         if job.state.is_done() {
             return;
         }
-        let next = after_attempt(job.attempts, max_retries, exit_code);
+        let (next, exit_code, ended) = match &end {
+            AttemptEnd::Exited(code) => (
+                after_attempt(job.attempts, max_retries, *code),
+                Some(*code),
+                format!("exited with status {code}"),
+            ),
+            AttemptEnd::Refused(why) => (
+                after_failure(job.attempts, max_retries),
+                None,
+                format!("was refused by node {node}: {why}"),
+            ),
+        };
         job.attempts = job.attempts.saturating_add(1);
-        job.exit_code = Some(exit_code);
+        job.exit_code = exit_code;
         job.last_ended_ms = self.clock_ms;
         job.state = next;
         let attempts = job.attempts;
         let (kind, message) = match next {
             JobState::Succeeded => (
                 EventKind::JobSucceeded,
-                format!("attempt {attempts} exited with status 0"),
+                format!("attempt {attempts} {ended}"),
             ),
             JobState::Failed => (
                 EventKind::JobFailed,
-                format!(
-                    "attempt {attempts} exited with status {exit_code}; no retries left (max {max_retries})"
-                ),
+                format!("attempt {attempts} {ended}; no retries left (max {max_retries})"),
             ),
-            _ => return,
+            _ => {
+                if matches!(end, AttemptEnd::Refused(_)) {
+                    job.message = format!("attempt {attempts} {ended}; retrying");
+                }
+                return;
+            }
         };
         job.message = message.clone();
         self.event(index, kind, service, node, alloc, &message);
@@ -169,6 +202,7 @@ mod tests {
             port: 0,
             health_checked: false,
             exit_code: Some(code),
+            refused: false,
         };
         s.apply(
             index + 1,
@@ -229,6 +263,7 @@ mod tests {
             port: 0,
             health_checked: false,
             exit_code: Some(1),
+            refused: false,
         };
         s.apply(
             12,
@@ -239,6 +274,106 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.services["j"].job.as_ref().unwrap().attempts, 1);
+    }
+
+    fn refuse(s: &mut State, index: u64, id: &str) {
+        let plan = Plan {
+            place: vec![place(id, "j", 20000 + (index / 10) as u16)],
+            ..Plan::default()
+        };
+        s.apply(index, Command::ApplyPlan { plan }).unwrap();
+        let report = AllocReport {
+            id: id.into(),
+            state: AllocState::Failed,
+            restarts: 0,
+            pid: 0,
+            message: "allocation a: process replicas are disabled on this node".into(),
+            port: 0,
+            health_checked: false,
+            exit_code: None,
+            refused: true,
+        };
+        s.apply(
+            index + 1,
+            Command::ReportAllocs {
+                node: "n1".into(),
+                reports: vec![report],
+            },
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn an_attempt_its_agent_refuses_fails_the_job_at_once_with_the_refusal() {
+        let mut s = job_state(0);
+        refuse(&mut s, 10, "a");
+        let job = s.services["j"].job.clone().unwrap();
+        assert_eq!(
+            (job.state, job.attempts, job.exit_code),
+            (JobState::Failed, 1, None)
+        );
+        assert!(
+            job.message.contains(
+                "attempt 1 was refused by node n1: allocation a: process replicas are disabled"
+            ),
+            "{}",
+            job.message
+        );
+        assert_eq!(s.allocs["a"].desired, DesiredState::Stop);
+        assert_eq!(events(&s, EventKind::JobFailed), 1);
+    }
+
+    #[test]
+    fn a_refused_attempt_counts_and_is_retried_while_retries_are_left() {
+        let mut s = job_state(1);
+        refuse(&mut s, 10, "a");
+        let job = s.services["j"].job.clone().unwrap();
+        assert_eq!((job.state, job.attempts), (JobState::Running, 1));
+        assert!(
+            job.message.contains("refused by node n1"),
+            "{}",
+            job.message
+        );
+        assert_eq!(s.allocs["a"].desired, DesiredState::Stop);
+        // The retry runs and succeeds.
+        attempt(&mut s, 20, "b", AllocState::Completed, 0);
+        let job = s.services["j"].job.clone().unwrap();
+        assert_eq!(
+            (job.state, job.attempts, job.exit_code),
+            (JobState::Succeeded, 2, Some(0))
+        );
+    }
+
+    #[test]
+    fn a_failed_report_that_is_no_refusal_leaves_the_attempt_to_its_agent() {
+        // A pull that failed is retried by the agent: no attempt ended.
+        let mut s = job_state(0);
+        let plan = Plan {
+            place: vec![place("a", "j", 20000)],
+            ..Plan::default()
+        };
+        s.apply(10, Command::ApplyPlan { plan }).unwrap();
+        let report = AllocReport {
+            id: "a".into(),
+            state: AllocState::Failed,
+            restarts: 0,
+            pid: 0,
+            message: "failed to pull x: timeout; retrying in 1s".into(),
+            port: 0,
+            health_checked: false,
+            exit_code: None,
+            refused: false,
+        };
+        s.apply(
+            11,
+            Command::ReportAllocs {
+                node: "n1".into(),
+                reports: vec![report],
+            },
+        )
+        .unwrap();
+        assert_eq!(s.services["j"].job.as_ref().map_or(0, |j| j.attempts), 0);
+        assert_eq!(s.allocs["a"].desired, DesiredState::Run);
     }
 
     #[test]

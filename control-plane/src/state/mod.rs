@@ -61,7 +61,7 @@ pub use skiff_spec::{
 pub use pki::PkiState;
 pub use secrets::{Secret, SecretWrite};
 pub use tokens::{Role, Token, TokenWrite};
-pub use volumes::{Volume, VolumeReport};
+pub use volumes::{AnonymousVolume, Volume, VolumeReport};
 
 use image::AllocIndex;
 

@@ -1,15 +1,32 @@
-//! Secrets in the replicated state: each secret's current version, sealed
-//! (encrypted) by the server that proposed it with the cluster's secrets
-//! key (see `crate::secrets`), so the Raft log, the snapshots and every
-//! server's memory hold only ciphertext. Applying never needs the key:
-//! it stores what it is given, counts versions, pins the version a
-//! service's restarting references run with, and rolls those services out
-//! when the secret changes.
+//! Secrets in the replicated state: each secret's current version and a
+//! few earlier ones, sealed (encrypted) by the server that proposed them
+//! with the cluster's secrets key (see `crate::secrets`), so the Raft log,
+//! the snapshots and every server's memory hold only ciphertext. Applying
+//! never needs the key: it stores what it is given, counts versions, pins
+//! the version a service's restarting references run with, rolls those
+//! services out when the secret changes, and keeps the versions a rollback
+//! may return to: the last [`KEEP_SECRET_VERSIONS`] and any a service
+//! version (its spec or its history) or a replica still pins.
 
 use serde::{Deserialize, Serialize};
 use skiff_spec::{OnChange, SpecError};
 
 use super::{CommandError, EventKind, Outcome, ServiceSpec, State};
+
+/// Versions kept of a secret, the current one included, beyond those still
+/// pinned by a service version or a replica.
+pub const KEEP_SECRET_VERSIONS: usize = 5;
+
+/// An earlier version of a secret, kept for rollbacks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretVersion {
+    pub version: u64,
+    /// Sealed as [`Secret::sealed`].
+    pub sealed: String,
+    pub size_bytes: u64,
+    /// When it became the current version.
+    pub created_ms: u64,
+}
 
 /// A secret as the state keeps it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,6 +43,29 @@ pub struct Secret {
     pub updated_ms: u64,
     pub create_index: u64,
     pub modify_index: u64,
+    /// Earlier versions still kept, oldest first (none in snapshots from
+    /// before versions were kept).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub previous: Vec<SecretVersion>,
+}
+
+impl Secret {
+    /// The sealed value of `version` (0: the current one) and its number,
+    /// if it is kept.
+    pub fn sealed_version(&self, version: u64) -> Option<(u64, &str)> {
+        if version == 0 || version == self.version {
+            return Some((self.version, &self.sealed));
+        }
+        self.previous
+            .iter()
+            .find(|v| v.version == version)
+            .map(|v| (v.version, v.sealed.as_str()))
+    }
+
+    /// Bytes of every kept version.
+    pub fn kept_bytes(&self) -> u64 {
+        self.size_bytes + self.previous.iter().map(|v| v.size_bytes).sum::<u64>()
+    }
 }
 
 /// A new value of a secret, sealed by the proposer.
@@ -53,6 +93,18 @@ impl State {
     /// current version of every restarting reference (a reference that
     /// signals follows the latest and pins nothing).
     pub fn resolve_secrets(&self, spec: &mut ServiceSpec) -> Result<(), CommandError> {
+        self.resolve_secrets_keeping(spec, false)
+    }
+
+    /// [`State::resolve_secrets`]; with `keep_pinned` (a rollback), a
+    /// restarting reference keeps the version it pins while that version
+    /// is kept, so the earlier service version runs with the value it was
+    /// deployed with.
+    pub(super) fn resolve_secrets_keeping(
+        &self,
+        spec: &mut ServiceSpec,
+        keep_pinned: bool,
+    ) -> Result<(), CommandError> {
         for reference in &mut spec.secrets {
             let Some(secret) = self.secrets.get(&reference.name) else {
                 return Err(SpecError::new(
@@ -64,7 +116,11 @@ impl State {
                 )
                 .into());
             };
+            let kept = keep_pinned
+                && reference.version != 0
+                && secret.sealed_version(reference.version).is_some();
             reference.version = match reference.on_change {
+                OnChange::Restart if kept => reference.version,
                 OnChange::Restart => secret.version,
                 OnChange::Signal(_) => 0,
             };
@@ -79,16 +135,25 @@ impl State {
     ) -> Result<Outcome, CommandError> {
         skiff_spec::validate_secret_name(&write.name)?;
         let now = self.clock_ms;
+        // Every kept version counts: an update keeps the value it replaces
+        // (those the pruning would drop are not counted).
+        let previous = self
+            .secrets
+            .get(&write.name)
+            .filter(|_| !write.create)
+            .map(|s| self.kept_previous(s))
+            .unwrap_or_default();
         let others: u64 = self
             .secrets
             .values()
             .filter(|s| s.name != write.name)
-            .map(|s| s.size_bytes)
-            .sum();
+            .map(Secret::kept_bytes)
+            .sum::<u64>()
+            + previous.iter().map(|v| v.size_bytes).sum::<u64>();
         let max = skiff_spec::MAX_SECRETS_TOTAL_BYTES as u64;
         if others + write.size_bytes > max {
             return Err(CommandError::Secret(format!(
-                "too much secret data: the cluster holds {others} bytes of secrets and takes at most {max}; remove unused ones with `skiff secret rm NAME`"
+                "too much secret data: the cluster holds {others} bytes of secrets (kept versions included) and takes at most {max}; remove unused ones with `skiff secret rm NAME`"
             )));
         }
         let version = match (self.secrets.get_mut(&write.name), write.create) {
@@ -105,6 +170,7 @@ impl State {
                 )))
             }
             (Some(secret), false) => {
+                secret.previous = previous;
                 secret.version += 1;
                 secret.sealed = write.sealed;
                 secret.size_bytes = write.size_bytes;
@@ -130,6 +196,7 @@ impl State {
                         updated_ms: now,
                         create_index: index,
                         modify_index: index,
+                        previous: Vec::new(),
                     },
                 );
                 1
@@ -149,6 +216,40 @@ impl State {
             self.roll_out_secret(index, &write.name);
         }
         Ok(Outcome::Done)
+    }
+
+    /// The earlier versions of `secret` to keep once its current version
+    /// is replaced: the last [`KEEP_SECRET_VERSIONS`] - 1 and any pinned.
+    fn kept_previous(&self, secret: &Secret) -> Vec<SecretVersion> {
+        let mut all = secret.previous.clone();
+        all.push(SecretVersion {
+            version: secret.version,
+            sealed: secret.sealed.clone(),
+            size_bytes: secret.size_bytes,
+            created_ms: secret.updated_ms,
+        });
+        let pinned = self.pinned_secret_versions(&secret.name);
+        let recent = all.len().saturating_sub(KEEP_SECRET_VERSIONS - 1);
+        all.into_iter()
+            .enumerate()
+            .filter(|(i, v)| *i >= recent || pinned.contains(&v.version))
+            .map(|(_, v)| v)
+            .collect()
+    }
+
+    /// The versions of secret `name` that a service's spec or history, or
+    /// a replica, pins.
+    fn pinned_secret_versions(&self, name: &str) -> std::collections::BTreeSet<u64> {
+        let specs = self
+            .services
+            .values()
+            .flat_map(|s| std::iter::once(&s.spec).chain(s.history.iter().map(|r| &r.spec)))
+            .chain(self.allocs.values().map(|a| &a.spec));
+        specs
+            .flat_map(|spec| spec.secrets.iter())
+            .filter(|r| r.name == name && r.version != 0)
+            .map(|r| r.version)
+            .collect()
     }
 
     /// A new version of `name`: services that restart on it roll out a new
@@ -307,5 +408,93 @@ mod tests {
         assert!(s.apply(2, put("pw", "AAA", true)).is_err());
         assert!(s.apply(3, put("other", "AAA", false)).is_err());
         assert_eq!(s.secrets["pw"].version, 1);
+    }
+
+    #[test]
+    fn a_rollback_runs_with_the_secret_version_its_service_version_pinned() {
+        let mut s = State::default();
+        s.apply(1, put("pw", "AAA", true)).unwrap();
+        s.apply(
+            2,
+            Command::CreateService {
+                spec: with_secret(spec("web", 1), "pw"),
+            },
+        )
+        .unwrap();
+        s.apply(3, put("pw", "BBB", false)).unwrap();
+        assert_eq!(s.services["web"].spec.secrets[0].version, 2);
+        s.apply(
+            4,
+            Command::RollbackService {
+                name: "web".into(),
+                to_version: Some(1),
+            },
+        )
+        .unwrap();
+        let web = &s.services["web"];
+        assert_eq!(web.version, 3);
+        assert_eq!(
+            web.spec.secrets[0].version, 1,
+            "the value version 1 ran with"
+        );
+        let pw = &s.secrets["pw"];
+        assert_eq!(pw.version, 2, "the secret itself is unchanged");
+        assert_eq!(pw.sealed_version(1), Some((1, "AAA")));
+        assert_eq!(pw.sealed_version(0), Some((2, "BBB")));
+        // A plain update afterwards runs with the current version again.
+        let mut updated = s.services["web"].spec.clone();
+        updated.env.insert("A".into(), "1".into());
+        s.apply(5, Command::UpdateService { spec: updated })
+            .unwrap();
+        assert_eq!(s.services["web"].spec.secrets[0].version, 2);
+    }
+
+    #[test]
+    fn earlier_versions_are_kept_up_to_five_beyond_those_still_pinned() {
+        let mut s = State::default();
+        s.apply(1, put("pw", "v1", true)).unwrap();
+        s.apply(
+            2,
+            Command::CreateService {
+                spec: with_secret(spec("web", 1), "pw"),
+            },
+        )
+        .unwrap();
+        s.apply(3, Command::RemoveService { name: "web".into() })
+            .unwrap();
+        for i in 2..=12u64 {
+            s.apply(2 + i, put("pw", &format!("v{i}"), false)).unwrap();
+        }
+        let pw = &s.secrets["pw"];
+        assert_eq!(pw.version, 12);
+        let kept: Vec<u64> = pw.previous.iter().map(|v| v.version).collect();
+        assert_eq!(kept, [8, 9, 10, 11], "the current one and four before it");
+        assert!(pw.sealed_version(7).is_none());
+
+        // A version a service's history pins outlives the count.
+        let mut s = State::default();
+        s.apply(1, put("pw", "v1", true)).unwrap();
+        s.apply(
+            2,
+            Command::CreateService {
+                spec: with_secret(spec("web", 1), "pw"),
+            },
+        )
+        .unwrap();
+        for i in 2..=12u64 {
+            s.apply(1 + i, put("pw", &format!("v{i}"), false)).unwrap();
+        }
+        let pw = &s.secrets["pw"];
+        assert!(pw.sealed_version(1).is_some(), "web's version 1 pins it");
+        assert!(pw.previous.len() <= 4 + crate::state::HISTORY_LEN);
+    }
+
+    #[test]
+    fn a_snapshot_from_before_versions_were_kept_reads_with_none_kept() {
+        let old = r#"{"name":"pw","version":3,"sealed":"x","size_bytes":1,"created_ms":0,"updated_ms":0,"create_index":1,"modify_index":2}"#;
+        let secret: Secret = serde_json::from_str(old).unwrap();
+        assert!(secret.previous.is_empty());
+        assert_eq!(secret.sealed_version(3), Some((3, "x")));
+        assert_eq!(secret.sealed_version(2), None);
     }
 }

@@ -489,6 +489,7 @@ mod tests {
                 port: 0,
                 health_checked: false,
                 exit_code: None,
+                refused: false,
             }],
         };
         s.apply(4, report(AllocState::Running)).unwrap();

@@ -9,6 +9,11 @@
 //! pinned to the node holding them: the scheduler asks
 //! [`State::pinned_volume`], and the plan applier re-checks with
 //! [`State::volumes_allow`].
+//!
+//! Anonymous volumes (an image's `Volumes` no mount covers) are only
+//! reported: they belong to one replica, pin nothing, cannot be removed by
+//! `volume rm`, and are forgotten when their agent stops reporting them
+//! (it removed the replica's directory).
 
 use std::collections::BTreeSet;
 
@@ -34,6 +39,16 @@ pub struct Volume {
     /// `skiff volume rm` asked for it; its agent has yet to delete it.
     #[serde(default)]
     pub removing: bool,
+    /// `Some` for an anonymous volume (older snapshots hold none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anonymous: Option<AnonymousVolume>,
+}
+
+/// The replica an anonymous volume belongs to, and where it is mounted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AnonymousVolume {
+    pub alloc_id: String,
+    pub target: String,
 }
 
 /// One volume as an agent reports it.
@@ -43,6 +58,8 @@ pub struct VolumeReport {
     pub service: String,
     pub slot: Option<u32>,
     pub size_bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anonymous: Option<AnonymousVolume>,
 }
 
 fn key(node: &str, name: &str) -> String {
@@ -60,7 +77,7 @@ impl State {
         let names = spec.volume_names(slot);
         self.volumes
             .values()
-            .find(|v| !v.removing && names.contains(&v.name))
+            .find(|v| !v.removing && v.anonymous.is_none() && names.contains(&v.name))
     }
 
     /// The slots of `service` a new replica may not take: those of
@@ -106,12 +123,27 @@ impl State {
             .is_none_or(|v| v.node == placement.node)
     }
 
-    /// Replicas on `node` that use the volume `name` (any not yet stopped).
+    /// Replicas on `node` that use the named volume `name` (any not yet
+    /// stopped).
     pub fn volume_users<'a>(&'a self, node: &'a str, name: &str) -> Vec<&'a Allocation> {
         self.allocs_on(node)
             .filter(|a| a.holds_resources())
             .filter(|a| a.spec.volume_names(a.slot).iter().any(|n| n == name))
             .collect()
+    }
+
+    /// Replicas using `volume` now: for an anonymous one, its replica
+    /// while not yet stopped.
+    pub fn users_of<'a>(&'a self, volume: &'a Volume) -> Vec<&'a Allocation> {
+        match &volume.anonymous {
+            None => self.volume_users(&volume.node, &volume.name),
+            Some(anonymous) => self
+                .allocs
+                .get(&anonymous.alloc_id)
+                .filter(|a| a.holds_resources())
+                .into_iter()
+                .collect(),
+        }
     }
 
     /// Volumes `skiff volume rm` asked a node's agent to delete.
@@ -139,13 +171,15 @@ impl State {
                     size_bytes: 0,
                     create_index: index,
                     removing: false,
+                    anonymous: None,
                 });
         }
     }
 
     /// A node's whole set of volumes: sizes are updated, new ones added;
     /// a recorded volume the agent no longer has is forgotten unless a
-    /// replica of the node is about to create it.
+    /// replica of the node is about to create it (anonymous ones always:
+    /// the agent creates them only with their replica's directory).
     pub(super) fn report_volumes(&mut self, index: u64, node: &str, reports: Vec<VolumeReport>) {
         let reported: BTreeSet<String> = reports.iter().map(|r| r.name.clone()).collect();
         for report in reports {
@@ -160,6 +194,7 @@ impl State {
                     size_bytes: 0,
                     create_index: index,
                     removing: false,
+                    anonymous: report.anonymous.clone(),
                 });
             entry.size_bytes = report.size_bytes;
         }
@@ -167,7 +202,9 @@ impl State {
             .volumes
             .iter()
             .filter(|(_, v)| v.node == node && !reported.contains(&v.name))
-            .filter(|(_, v)| v.removing || self.volume_users(node, &v.name).is_empty())
+            .filter(|(_, v)| {
+                v.removing || v.anonymous.is_some() || self.volume_users(node, &v.name).is_empty()
+            })
             .map(|(k, _)| k.clone())
             .collect();
         for k in gone {
@@ -217,6 +254,16 @@ impl State {
         let Some(volume) = self.volumes.get(&k).cloned() else {
             return Ok(Outcome::Done);
         };
+        if let Some(anonymous) = &volume.anonymous {
+            let at = Some(&anonymous.target)
+                .filter(|t| !t.is_empty())
+                .map(|t| format!(" at {t}"))
+                .unwrap_or_default();
+            return Err(CommandError::Volume(format!(
+                "volume \"{name}\" is the anonymous volume{at} of replica {} of service {} on {}; it is removed with its replica",
+                anonymous.alloc_id, volume.service, volume.node
+            )));
+        }
         if let Some(user) = self.volume_users(&volume.node, name).first() {
             let verb = if user.desired == DesiredState::Run {
                 "used"
@@ -308,6 +355,7 @@ mod tests {
                 service: "db".into(),
                 slot: Some(0),
                 size_bytes: size,
+                anonymous: None,
             }],
         };
         s.apply(5, report(42)).unwrap();
@@ -341,6 +389,7 @@ mod tests {
                     port: 0,
                     health_checked: false,
                     exit_code: None,
+                    refused: false,
                 }],
             },
         )
@@ -369,5 +418,82 @@ mod tests {
         )
         .unwrap();
         assert!(s.volumes.is_empty());
+    }
+
+    #[test]
+    fn an_anonymous_volume_is_listed_with_its_replica_pins_nothing_and_goes_with_its_dir() {
+        let mut s = setup();
+        let plan = Plan {
+            place: vec![placement("a", "n1", 20000, 0)],
+            ..Plan::default()
+        };
+        s.apply(4, Command::ApplyPlan { plan }).unwrap();
+        let anonymous = |slot: u32| VolumeReport {
+            // Named after its replica; the trailing number is the image
+            // volume's index, not a slot.
+            name: format!("a-{slot}"),
+            service: "db".into(),
+            slot: None,
+            size_bytes: 7,
+            anonymous: Some(AnonymousVolume {
+                alloc_id: "a".into(),
+                target: "/cache".into(),
+            }),
+        };
+        s.apply(
+            5,
+            Command::ReportVolumes {
+                node: "n1".into(),
+                volumes: vec![anonymous(1)],
+            },
+        )
+        .unwrap();
+        let volume = s.volumes["n1/a-1"].clone();
+        assert_eq!(volume.anonymous.as_ref().unwrap().target, "/cache");
+        let users: Vec<&str> = s.users_of(&volume).iter().map(|a| a.id.as_str()).collect();
+        assert_eq!(users, ["a"]);
+        // The per-replica volume data-0 still pins slot 0; the anonymous
+        // one pins nothing, even for a slot its name seems to end with.
+        let spec = s.services["db"].spec.clone();
+        assert_eq!(s.pinned_volume(&spec, 0).unwrap().name, "data-0");
+        assert!(s.pinned_volume(&spec, 1).is_none());
+        let err = s
+            .apply(
+                6,
+                Command::RemoveVolume {
+                    name: "a-1".into(),
+                    node: None,
+                },
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("anonymous volume at /cache of replica a of service db on n1")
+                && err.contains("removed with its replica"),
+            "{err}"
+        );
+        assert!(!s.volumes["n1/a-1"].removing);
+        // The agent removed the replica's directory: its next whole-set
+        // report drops the volume although the replica is still recorded.
+        s.apply(
+            7,
+            Command::ReportVolumes {
+                node: "n1".into(),
+                volumes: vec![],
+            },
+        )
+        .unwrap();
+        assert!(!s.volumes.contains_key("n1/a-1"));
+        assert!(s.volumes.contains_key("n1/data-0"), "kept for its replica");
+    }
+
+    #[test]
+    fn a_volume_recorded_before_anonymous_volumes_existed_reads_as_named() {
+        let old = r#"{"name":"data-0","node":"n1","service":"db","slot":0,"size_bytes":3,"create_index":4}"#;
+        let volume: Volume = serde_json::from_str(old).unwrap();
+        assert_eq!(volume.anonymous, None);
+        let report = r#"{"name":"data-0","service":"db","slot":0,"size_bytes":3}"#;
+        let report: VolumeReport = serde_json::from_str(report).unwrap();
+        assert_eq!(report.anonymous, None);
     }
 }

@@ -91,7 +91,12 @@ const SERVICE_KEYS: &[&str] = &[
     "cpus",
     "mem_limit",
     "scale",
+    super::yaml::SKIFF_EXTENSION,
 ];
+
+/// The keys of a service's `x-skiff`: what Skiff runs that Compose has no
+/// key for.
+const SKIFF_EXTENSION_KEYS: &[&str] = &["deadline"];
 
 /// The Compose Specification's other service keys, refused by name.
 const OTHER_COMPOSE_KEYS: &[&str] = &[
@@ -412,6 +417,7 @@ fn read_service(
     let mut ports = None;
     let mut expose = None;
     let mut deploy = None;
+    let mut extension = None;
     let mut profiles = Vec::new();
     for (key, value) in &entries {
         let path = join(node.path, key);
@@ -476,6 +482,7 @@ fn read_service(
                     Some(units::parse_memory_mb(&n.string()?).map_err(|e| n.invalid(e))?)
             }
             "scale" => spec.replicas = n.u32()?,
+            super::yaml::SKIFF_EXTENSION => extension = Some(value),
             other if OTHER_COMPOSE_KEYS.contains(&other) => {
                 return Err(StackError::unsupported(&path, refusal(other)))
             }
@@ -501,6 +508,10 @@ fn read_service(
             context,
         )?;
     }
+    if let Some(value) = extension {
+        let path = join(node.path, super::yaml::SKIFF_EXTENSION);
+        read_skiff_extension(Node::new(value, &path), &mut spec)?;
+    }
     if spec.image.is_none() {
         return Err(StackError::invalid(
             node.path,
@@ -523,6 +534,26 @@ fn read_service(
         spec,
         profiles,
     })
+}
+
+/// A service's `x-skiff` (read after `deploy`, which sets the mode):
+/// `deadline`, a job's, as `job run --deadline`.
+fn read_skiff_extension(node: Node, spec: &mut ServiceSpec) -> Result<(), StackError> {
+    let entries = node.entries()?;
+    check_keys(&entries, node.path, SKIFF_EXTENSION_KEYS)?;
+    for (key, value) in &entries {
+        let path = join(node.path, key);
+        let n = Node::new(value, &path);
+        if key == "deadline" {
+            if spec.mode != crate::ServiceMode::Job {
+                return Err(n.invalid(
+                    "a deadline is a job's; add deploy.mode: replicated-job, or remove it",
+                ));
+            }
+            spec.deadline_secs = Some(super::skiff_format::job_deadline_secs(&n)?);
+        }
+    }
+    Ok(())
 }
 
 /// `env_file`: a path, or a list of paths or `{path, required}`.
@@ -757,14 +788,14 @@ fn read_restart(node: Node, context: &mut Context) -> Result<(), StackError> {
         "no" | "on-failure" => {
             context.warn(
                 node.path,
-                format!("restart {policy} is not honoured: Skiff restarts replicas that exit until one-shot jobs exist"),
+                format!("restart {policy} is not honoured: Skiff restarts a service's replicas that exit; one-shot jobs are deploy.mode: replicated-job (retries: deploy.restart_policy.max_attempts)"),
             );
             Ok(())
         }
         p if p.starts_with("on-failure:") => {
             context.warn(
                 node.path,
-                format!("restart {p} is not honoured: Skiff restarts replicas that exit until one-shot jobs exist"),
+                format!("restart {p} is not honoured: Skiff restarts a service's replicas that exit; one-shot jobs are deploy.mode: replicated-job (retries: deploy.restart_policy.max_attempts)"),
             );
             Ok(())
         }

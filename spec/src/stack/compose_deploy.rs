@@ -1,5 +1,6 @@
 //! Compose's `deploy` section (Swarm's vocabulary) onto the spec: replicas
-//! and mode, resource limits, the update policy, placement and labels.
+//! and mode, resource limits, the update policy, placement, labels, and a
+//! job's retries (`mode: replicated-job` with `restart_policy`).
 
 use std::collections::BTreeMap;
 
@@ -31,6 +32,18 @@ const UPDATE_KEYS: &[&str] = &[
     "order",
 ];
 const PLACEMENT_KEYS: &[&str] = &["constraints", "preferences", "max_replicas_per_node"];
+const RESTART_KEYS: &[&str] = &["condition", "delay", "max_attempts", "window"];
+
+/// What `deploy.restart_policy` asks for, applied once the mode is known:
+/// a job's retries; a service always restarts its replicas.
+#[derive(Default)]
+struct RestartPolicy {
+    /// Where it was written, for the warning when it is ignored.
+    path: String,
+    /// `condition: none`.
+    never: bool,
+    max_attempts: Option<u32>,
+}
 
 /// Swarm's `update_config.order`.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -59,6 +72,8 @@ pub(crate) fn read(
     let entries = node.entries()?;
     check_keys(&entries, node.path, DEPLOY_KEYS)?;
     let mut update = UpdateConfig::default();
+    let mut restart = None;
+    let mut replicas = None;
     for (key, value) in &entries {
         let path = join(node.path, key);
         let n = Node::new(value, &path);
@@ -67,20 +82,22 @@ pub(crate) fn read(
                 spec.mode = match n.string()?.as_str() {
                     "replicated" => ServiceMode::Replicated,
                     "global" => ServiceMode::Global,
-                    "replicated-job" | "global-job" => {
-                        return Err(StackError::unsupported(
-                            &path,
-                            "one-shot jobs are not supported yet; use replicated or global",
-                        ))
-                    }
+                    "replicated-job" => ServiceMode::Job,
+                    "global-job" => return Err(StackError::unsupported(
+                        &path,
+                        "global jobs are not supported; use replicated-job (one attempt at a time)",
+                    )),
                     other => {
                         return Err(n.invalid(format!(
-                            "unknown mode \"{other}\"; use replicated or global"
+                            "unknown mode \"{other}\"; use replicated, global or replicated-job"
                         )))
                     }
                 }
             }
-            "replicas" => spec.replicas = n.u32()?,
+            "replicas" => {
+                spec.replicas = n.u32()?;
+                replicas = Some(path.clone());
+            }
             "resources" => read_resources(n, spec, context)?,
             "update_config" => update = read_update(n, context)?,
             "rollback_config" => context.warn(
@@ -93,10 +110,7 @@ pub(crate) fn read(
                     labels.insert(k, v.unwrap_or_default());
                 }
             }
-            "restart_policy" => context.warn(
-                &path,
-                "ignored: Skiff restarts replicas that exit until one-shot jobs exist",
-            ),
+            "restart_policy" => restart = Some(read_restart_policy(n, context)?),
             "endpoint_mode" => context.warn(
                 &path,
                 "ignored: services reach each other through the routing proxy",
@@ -105,7 +119,74 @@ pub(crate) fn read(
         }
     }
     apply_update(&update, spec);
+    if spec.mode == ServiceMode::Job {
+        if let Some(path) = replicas.filter(|_| spec.replicas != 1) {
+            return Err(StackError::invalid(
+                &path,
+                "a job runs one attempt at a time; use replicas: 1 or remove it",
+            ));
+        }
+        if let Some(restart) = restart {
+            spec.max_retries = if restart.never {
+                0
+            } else {
+                restart.max_attempts.unwrap_or(0)
+            };
+        }
+    } else if let Some(restart) = restart {
+        context.warn(
+            &restart.path,
+            "ignored: a service's replicas are always restarted; restart_policy applies to jobs (mode: replicated-job)",
+        );
+    }
     Ok(())
+}
+
+/// `deploy.restart_policy`, Swarm's: for a job, `max_attempts` is its
+/// retries (`job run --max-retries`) and `condition: none` allows none;
+/// `delay` and `window` are Skiff's own (1 s doubling up to 30 s).
+fn read_restart_policy(node: Node, context: &mut Context) -> Result<RestartPolicy, StackError> {
+    let entries = node.entries()?;
+    check_keys(&entries, node.path, RESTART_KEYS)?;
+    let mut policy = RestartPolicy {
+        path: node.path.to_string(),
+        ..RestartPolicy::default()
+    };
+    for (key, value) in &entries {
+        let path = join(node.path, key);
+        let n = Node::new(value, &path);
+        match key.as_str() {
+            "condition" => match n.string()?.as_str() {
+                "none" => policy.never = true,
+                "on-failure" => {}
+                "any" => context.warn(
+                    &path,
+                    "any is taken as on-failure: a job that succeeded is done",
+                ),
+                other => {
+                    return Err(n.invalid(format!(
+                        "unknown condition \"{other}\"; use none, on-failure or any"
+                    )))
+                }
+            },
+            "max_attempts" => {
+                let attempts = n.u32()?;
+                if attempts > crate::MAX_JOB_RETRIES {
+                    return Err(n.invalid(format!(
+                        "{attempts} is too many; use 0 to {}",
+                        crate::MAX_JOB_RETRIES
+                    )));
+                }
+                policy.max_attempts = Some(attempts);
+            }
+            "delay" | "window" => context.warn(
+                &path,
+                "ignored: Skiff retries a job after 1s, doubling up to 30s",
+            ),
+            _ => {}
+        }
+    }
+    Ok(policy)
 }
 
 fn read_resources(

@@ -805,3 +805,75 @@ fn security_opt_takes_seccomp_unconfined_or_a_profile_file_and_refuses_the_rest(
         "{err}"
     );
 }
+
+#[test]
+fn a_replicated_job_takes_its_retries_from_restart_policy_and_its_deadline_from_x_skiff() {
+    let s = spec_of(
+        "image: busybox\ndeploy:\n  mode: replicated-job\n  restart_policy: {condition: on-failure, max_attempts: 3}\nx-skiff: {deadline: 90s}\n",
+    );
+    assert_eq!(
+        (s.mode, s.max_retries, s.deadline_secs),
+        (ServiceMode::Job, 3, Some(90))
+    );
+    // condition: none allows no retry whatever max_attempts says; no
+    // restart_policy at all is no retry, as `job run` without --max-retries.
+    let s = spec_of("image: busybox\ndeploy: {mode: replicated-job, restart_policy: {condition: none, max_attempts: 3}}\n");
+    assert_eq!((s.max_retries, s.deadline_secs), (0, None));
+    let s = spec_of("image: busybox\ndeploy: {mode: replicated-job}\n");
+    assert_eq!((s.mode, s.max_retries), (ServiceMode::Job, 0));
+    let warnings = warnings_of("image: busybox\ndeploy: {mode: replicated-job, restart_policy: {delay: 5s, max_attempts: 1}}\n");
+    assert!(
+        warnings[0].contains("1s, doubling up to 30s"),
+        "{warnings:?}"
+    );
+}
+
+#[test]
+fn a_services_restart_policy_is_ignored_with_a_warning_naming_jobs() {
+    let loaded = web("image: busybox\ndeploy: {restart_policy: {max_attempts: 3}}\n").unwrap();
+    assert_eq!(loaded.services[0].max_retries, 0);
+    assert!(
+        loaded.warnings[0].contains("services.web.deploy.restart_policy")
+            && loaded.warnings[0].contains("mode: replicated-job"),
+        "{:?}",
+        loaded.warnings
+    );
+}
+
+#[test]
+fn bad_job_keys_are_refused_naming_the_field_and_the_fix() {
+    let err = error_of(
+        "image: busybox\ndeploy: {mode: replicated-job, restart_policy: {max_attempts: 1000}}\n",
+    );
+    assert!(
+        err.contains("services.web.deploy.restart_policy.max_attempts")
+            && err.contains("use 0 to 100"),
+        "{err}"
+    );
+    let err = error_of("image: busybox\ndeploy: {mode: replicated-job, replicas: 3}\n");
+    assert!(
+        err.contains("services.web.deploy.replicas") && err.contains("one attempt at a time"),
+        "{err}"
+    );
+    let err = error_of("image: busybox\ndeploy: {mode: global-job}\n");
+    assert!(err.contains("use replicated-job"), "{err}");
+    let err = error_of("image: busybox\nx-skiff: {deadline: 10m}\n");
+    assert!(
+        err.contains("services.web.x-skiff.deadline") && err.contains("replicated-job"),
+        "{err}"
+    );
+    let err = error_of("image: busybox\ndeploy: {mode: replicated-job}\nx-skiff: {dedline: 10m}\n");
+    assert!(
+        err.contains("services.web.x-skiff.dedline") && err.contains("deadline"),
+        "{err}"
+    );
+    let err = error_of(
+        "image: busybox\ndeploy: {mode: replicated-job, restart_policy: {condition: always}}\n",
+    );
+    assert!(err.contains("use none, on-failure or any"), "{err}");
+    // Other extension keys are still dropped, as Compose does.
+    assert_eq!(
+        spec_of("image: busybox\nx-team: {a: 1}\n").mode,
+        ServiceMode::Replicated
+    );
+}

@@ -349,3 +349,25 @@ fn a_process_service_runs_its_command() {
     assert_eq!(loaded.services[0].runtime, RuntimeKind::Process);
     assert_eq!(loaded.services[0].command[3], "$PORT");
 }
+
+#[test]
+fn a_skiff_format_job_reads_and_writes_its_retries_and_deadline() {
+    let text = "skiff: v1\nservices:\n  migrate:\n    image: busybox\n    mode: job\n    max-retries: 2\n    deadline: 10m\n";
+    let loaded = load_one(text).unwrap();
+    let job = &loaded.services[0];
+    assert_eq!(
+        (job.mode, job.max_retries, job.deadline_secs),
+        (crate::ServiceMode::Job, 2, Some(600))
+    );
+    let written = export(Some("app"), &loaded.services);
+    assert!(
+        written.contains("max-retries: 2") && written.contains("deadline: 10m"),
+        "{written}"
+    );
+    let again = load_one(&written).unwrap();
+    assert_eq!(again.services, loaded.services);
+    let err = error(
+        "skiff: v1\nservices:\n  migrate:\n    image: busybox\n    mode: job\n    deadline: 0s\n",
+    );
+    assert!(err.contains("services.migrate.deadline"), "{err}");
+}

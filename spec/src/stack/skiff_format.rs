@@ -39,6 +39,8 @@ const SERVICE_KEYS: &[&str] = &[
     "max-per-node",
     "placement",
     "mode",
+    "max-retries",
+    "deadline",
     "update",
     "autoscale",
     "labels",
@@ -180,6 +182,8 @@ fn read_service(name: String, node: Node) -> Result<ReadService, StackError> {
                 spec.placement = PlacementPolicy::parse(&n.string()?).map_err(at(&path))?
             }
             "mode" => spec.mode = ServiceMode::parse(&n.string()?).map_err(at(&path))?,
+            "max-retries" => spec.max_retries = n.u32()?,
+            "deadline" => spec.deadline_secs = Some(job_deadline_secs(&n)?),
             "update" => spec.update = read_update(n)?,
             "autoscale" => spec.autoscale = Some(read_autoscale(n)?),
             "labels" => spec.labels = n.string_map_strict()?,
@@ -195,6 +199,18 @@ fn read_service(name: String, node: Node) -> Result<ReadService, StackError> {
         spec,
         profiles,
     })
+}
+
+/// A job's `deadline` (a duration such as `10m`) in whole seconds, rounded
+/// up as `job run --deadline` does.
+pub(crate) fn job_deadline_secs(node: &Node) -> Result<u64, StackError> {
+    let ms = node.duration_ms()?;
+    if ms == 0 {
+        return Err(
+            node.invalid("0s fails the job at once; give a duration such as 10m, or remove it")
+        );
+    }
+    Ok(u64::from(ms).div_ceil(1000))
 }
 
 fn read_health(node: Node) -> Result<HealthCheck, StackError> {
@@ -390,6 +406,15 @@ fn write_service(
     put("replicas", int(spec.replicas));
     if spec.mode != ServiceMode::default() {
         put("mode", spec.mode.as_str().into());
+    }
+    if spec.max_retries != 0 {
+        put("max-retries", int(spec.max_retries));
+    }
+    if let Some(secs) = spec.deadline_secs {
+        // Whole seconds; a deadline beyond u32 milliseconds is refused by
+        // validation anyway (30 days at most).
+        let ms = u32::try_from(secs.saturating_mul(1000)).unwrap_or(u32::MAX);
+        put("deadline", duration::format_ms(ms).into());
     }
     if !spec.command.is_empty() {
         put("command", list(&spec.command));

@@ -1,6 +1,7 @@
 //! Parsing one stack file: YAML with the line and column of a syntax
 //! error, anchors' merge keys (`<<: *defaults`) applied, extension keys
-//! (`x-*`) dropped at the top and service level, and the file's format.
+//! (`x-*`) dropped at the top and service level (but a Compose service's
+//! `x-skiff`), and the file's format.
 
 use serde_yaml::{Mapping, Value};
 
@@ -36,11 +37,12 @@ pub(crate) fn parse(file: &str, contents: &str) -> Result<(Format, Mapping), Sta
                 .to_string(),
         });
     };
-    drop_extensions(&mut top);
+    drop_extensions(&mut top, None);
+    let keep = (!top.contains_key("skiff")).then_some(SKIFF_EXTENSION);
     if let Some(Value::Mapping(services)) = top.get_mut("services") {
         for (_, service) in services.iter_mut() {
             if let Value::Mapping(service) = service {
-                drop_extensions(service);
+                drop_extensions(service, keep);
             }
         }
     }
@@ -60,8 +62,16 @@ pub(crate) fn parse(file: &str, contents: &str) -> Result<(Format, Mapping), Sta
     Ok((format, top))
 }
 
-fn drop_extensions(map: &mut Mapping) {
-    map.retain(|key, _| !key.as_str().is_some_and(|k| k.starts_with("x-")));
+/// The one extension key a Compose service may give Skiff (`x-skiff:
+/// {deadline: 10m}`): Skiff-only settings Compose has no key for.
+pub(crate) const SKIFF_EXTENSION: &str = "x-skiff";
+
+/// Drops the `x-*` keys of `map`, except `keep`.
+fn drop_extensions(map: &mut Mapping, keep: Option<&str>) {
+    map.retain(|key, _| {
+        !key.as_str()
+            .is_some_and(|k| k.starts_with("x-") && Some(k) != keep)
+    });
 }
 
 #[cfg(test)]

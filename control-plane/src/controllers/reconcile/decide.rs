@@ -487,6 +487,7 @@ mod tests {
                     port: 0,
                     health_checked: false,
                     exit_code: None,
+                    refused: false,
                 }],
             });
         }

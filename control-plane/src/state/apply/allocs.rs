@@ -90,7 +90,15 @@ impl State {
                 alloc.exit_code = Some(exit_code);
                 alloc.desired = DesiredState::Stop;
                 let id = report.id.clone();
-                self.job_attempt_ended(index, &service, node, &id, exit_code);
+                let end = crate::state::job::AttemptEnd::Exited(exit_code);
+                self.job_attempt_ended(index, &service, node, &id, end);
+            } else if is_job && report.refused && wanted {
+                // The agent will never run it: the attempt ends now (and
+                // is retried, elsewhere if need be), not at the deadline.
+                alloc.desired = DesiredState::Stop;
+                let id = report.id.clone();
+                let end = crate::state::job::AttemptEnd::Refused(message.clone());
+                self.job_attempt_ended(index, &service, node, &id, end);
             }
             self.index.node_changed.insert(node.to_string(), index);
             // A replica already asked to stop (replaced while its agent was
@@ -136,6 +144,7 @@ mod tests {
             port: 0,
             health_checked: false,
             exit_code: None,
+            refused: false,
         };
         s.apply(
             4,
@@ -178,6 +187,7 @@ mod tests {
             port: 0,
             health_checked: false,
             exit_code: None,
+            refused: false,
         };
         for (index, state) in [
             (5, AllocState::Running),

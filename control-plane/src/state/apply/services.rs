@@ -14,8 +14,8 @@ impl State {
     ) -> Result<Outcome, CommandError> {
         spec.validate()?;
         self.resolve_secrets(&mut spec)?;
-        if self.services.contains_key(&spec.name) {
-            return Err(CommandError::ServiceExists(spec.name));
+        if let Some(existing) = self.services.get(&spec.name) {
+            return Err(name_taken(existing, &spec));
         }
         let name = spec.name.clone();
         let message = match spec.mode {
@@ -99,7 +99,7 @@ impl State {
     ) -> Result<Outcome, CommandError> {
         let rollback_of = rollback.unwrap_or(0);
         spec.validate()?;
-        self.resolve_secrets(&mut spec)?;
+        self.resolve_secrets_keeping(&mut spec, rollback.is_some())?;
         let now = self.clock_ms;
         let name = spec.name.clone();
         let service = self
@@ -333,6 +333,41 @@ impl State {
     }
 }
 
+/// Why `spec` cannot be created over `existing` of the same name. A job
+/// is never updated (its attempts count against one spec), so running one
+/// again is `job rm` first, or `job run --replace` (Kubernetes' Jobs and
+/// Nomad's batch jobs are resubmitted under a new name or after a purge
+/// too).
+fn name_taken(existing: &Service, spec: &ServiceSpec) -> CommandError {
+    let name = &spec.name;
+    match (existing.spec.mode, spec.mode) {
+        (ServiceMode::Job, ServiceMode::Job) => {
+            let state = existing
+                .job
+                .as_ref()
+                .map_or("pending", |j| j.state.as_str());
+            skiff_spec::SpecError::new(
+                "name",
+                format!("job {name} already exists ({state}); remove it first with `skiff job rm {name}`, or run it again with `skiff job run {name} --replace ...`"),
+            )
+            .into()
+        }
+        (ServiceMode::Job, _) => skiff_spec::SpecError::new(
+            "name",
+            format!(
+                "{name} is a job; pick another name, or remove it first with `skiff job rm {name}`"
+            ),
+        )
+        .into(),
+        (_, ServiceMode::Job) => skiff_spec::SpecError::new(
+            "name",
+            format!("{name} is a service, not a job; pick another name for the job"),
+        )
+        .into(),
+        _ => CommandError::ServiceExists(name.clone()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use crate::state::fixtures::{node, place, spec};
@@ -358,6 +393,73 @@ mod tests {
             .unwrap_err();
         assert_eq!(err, CommandError::ServiceExists("web".into()));
         assert_eq!(s.services["web"].spec.replicas, 2);
+    }
+
+    #[test]
+    fn running_a_job_under_a_taken_name_is_refused_naming_job_rm_and_replace() {
+        let mut s = State::default();
+        let job = |name: &str| {
+            let mut job = spec(name, 1);
+            job.mode = ServiceMode::Job;
+            job
+        };
+        s.apply(
+            1,
+            Command::CreateService {
+                spec: job("migrate"),
+            },
+        )
+        .unwrap();
+        s.apply(
+            2,
+            Command::CreateService {
+                spec: spec("web", 1),
+            },
+        )
+        .unwrap();
+        let mut again = job("migrate");
+        again.max_retries = 3;
+        let err = s
+            .apply(3, Command::CreateService { spec: again })
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("job migrate already exists (pending)")
+                && err.contains("`skiff job rm migrate`")
+                && err.contains("--replace"),
+            "{err}"
+        );
+        assert_eq!(s.services["migrate"].spec.max_retries, 0, "unchanged");
+        let err = s
+            .apply(4, Command::CreateService { spec: job("web") })
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("web is a service, not a job"), "{err}");
+        let err = s
+            .apply(
+                5,
+                Command::CreateService {
+                    spec: spec("migrate", 1),
+                },
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("migrate is a job"), "{err}");
+        // Removed first, the name is free again at once.
+        s.apply(
+            6,
+            Command::RemoveService {
+                name: "migrate".into(),
+            },
+        )
+        .unwrap();
+        s.apply(
+            7,
+            Command::CreateService {
+                spec: job("migrate"),
+            },
+        )
+        .unwrap();
     }
 
     #[test]
@@ -400,6 +502,7 @@ mod tests {
             port: 0,
             health_checked: false,
             exit_code: None,
+            refused: false,
         };
         s.apply(
             6,
