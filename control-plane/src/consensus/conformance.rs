@@ -166,22 +166,21 @@ mod tests {
     fn a_sled_log_cut_short_is_refused_until_the_loss_is_accepted() {
         let dir = tempfile::tempdir().unwrap();
         let snapshots = SnapshotFile::new(dir.path().join("snapshots"));
-        {
-            let db = sled::open(dir.path().join("db")).unwrap();
-            let mut store = SledStorage::open(&db, snapshots.clone()).unwrap();
-            for i in 1..=100 {
-                store.persist(&[entry(i, 1)], Some(&hs())).unwrap();
-            }
-            drop(store);
-            // What sled does to a log with a damaged record when it opens
-            // (measured): the log ends before it, and no error says so.
-            let log = db.open_tree("raft_log").unwrap();
-            for i in 91..=100 {
-                log.remove(super::super::sled_storage::log_key(i)).unwrap();
-            }
-            db.flush().unwrap();
-        }
+        // One handle for the whole test: a dropped sled handle releases its
+        // file lock a moment later, so reopening the path could race it.
         let db = sled::open(dir.path().join("db")).unwrap();
+        let mut store = SledStorage::open(&db, snapshots.clone()).unwrap();
+        for i in 1..=100 {
+            store.persist(&[entry(i, 1)], Some(&hs())).unwrap();
+        }
+        drop(store);
+        // What sled does to a log with a damaged record when it opens
+        // (measured): the log ends before it, and no error says so.
+        let log = db.open_tree("raft_log").unwrap();
+        for i in 91..=100 {
+            log.remove(super::super::sled_storage::log_key(i)).unwrap();
+        }
+        db.flush().unwrap();
         let err = SledStorage::open(&db, snapshots.clone())
             .err()
             .expect("a log cut short is refused")
