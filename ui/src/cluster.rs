@@ -15,6 +15,7 @@ use crate::UiError;
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A lazily connected channel to the API; calls share it.
+#[derive(Clone)]
 pub struct Cluster {
     channel: Channel,
 }
@@ -120,16 +121,24 @@ impl Cluster {
 
     /// One service with its replicas, versions, deployment and events.
     pub async fn service(&self, token: &str, name: &str) -> Result<Value, Failure> {
+        Ok(service_detail_json(&self.service_status(token, name).await?))
+    }
+
+    /// `GetService` as the API answers it (traffic reports included).
+    pub async fn service_status(
+        &self,
+        token: &str,
+        name: &str,
+    ) -> Result<pb::ServiceStatus, Failure> {
         let request = pb::GetServiceRequest {
             name: name.to_string(),
             show_values: false,
         };
-        let status = self
+        Ok(self
             .client()
             .get_service(authorized(request, token, true)?)
             .await?
-            .into_inner();
-        Ok(service_detail_json(&status))
+            .into_inner())
     }
 
     /// An action of the service page; `body` holds its arguments.
@@ -426,11 +435,66 @@ fn service_detail_json(status: &pb::ServiceStatus) -> Value {
         })
         .collect();
     let events: Vec<Value> = status.events.iter().map(event_json).collect();
+    let scaling: Vec<Value> = status.events.iter().filter_map(scale_json).collect();
+    let autoscale = status
+        .spec
+        .as_ref()
+        .and_then(|s| s.autoscale.as_ref())
+        .map_or(Value::Null, |a| {
+            json!({
+                "min": a.min,
+                "max": a.max,
+                "target_rps": a.target_rps,
+                "target_concurrency": a.target_concurrency,
+                "target_cpu": a.target_cpu,
+            })
+        });
     if let Value::Object(map) = &mut value {
         map.insert("history".into(), Value::Array(history));
         map.insert("events".into(), Value::Array(events));
+        map.insert("scaling".into(), Value::Array(scaling));
+        map.insert("autoscale".into(), autoscale);
     }
     value
+}
+
+/// A scale decision of the service's events, as the autoscaler's
+/// `service-scaled` ("2 -> 4 replicas: REASON") or an operator's scale
+/// (`service-updated`, "scaled from 2 to 4 replicas"): its time, counts
+/// and reason.
+fn scale_json(event: &pb::Event) -> Option<Value> {
+    let (from, to, reason, automatic) = match event.kind.as_str() {
+        "service-scaled" => {
+            let (counts, reason) = event
+                .message
+                .split_once(" replicas: ")
+                .or_else(|| event.message.split_once(" replicas"))?;
+            let (from, to) = counts.split_once(" -> ")?;
+            (from.trim(), to.trim(), reason.trim().to_string(), true)
+        }
+        "service-updated" => {
+            let rest = event.message.strip_prefix("scaled from ")?;
+            let (counts, _) = rest.split_once(" replicas")?;
+            let (from, to) = counts.split_once(" to ")?;
+            let by = if event.by.is_empty() {
+                "by an operator".to_string()
+            } else {
+                format!("by {}", event.by)
+            };
+            (from.trim(), to.trim(), by, false)
+        }
+        _ => return None,
+    };
+    let from: u64 = from.parse().ok()?;
+    let to: u64 = to.parse().ok()?;
+    Some(json!({
+        "seq": event.seq,
+        "time_ms": event.time_ms,
+        "from": from,
+        "to": to,
+        "reason": reason,
+        "automatic": automatic,
+    }))
 }
 
 fn node_json(node: &pb::Node, ports_used: usize) -> Value {
@@ -556,6 +620,34 @@ mod tests {
         assert_eq!(ids, ["a", "b", "c"], "the stopped replica is not drawn");
         assert_eq!(v["nodes"][0]["ports"], 100);
         assert_eq!(v["nodes"][0]["ports_used"], 1);
+    }
+
+    #[test]
+    fn scale_decisions_are_read_from_the_events_with_their_reasons() {
+        let event = |kind: &str, message: &str| pb::Event {
+            seq: 9,
+            time_ms: 1000,
+            kind: kind.into(),
+            service: "web".into(),
+            message: message.into(),
+            by: "alice".into(),
+            ..Default::default()
+        };
+        let auto = scale_json(&event(
+            "service-scaled",
+            "2 -> 4 replicas: 31.0 req/s per replica above the target 10",
+        ))
+        .unwrap();
+        assert_eq!(auto["from"], 2);
+        assert_eq!(auto["to"], 4);
+        assert_eq!(auto["reason"], "31.0 req/s per replica above the target 10");
+        assert_eq!(auto["automatic"], true);
+        let manual = scale_json(&event("service-updated", "scaled from 3 to 5 replicas")).unwrap();
+        assert_eq!((manual["from"].as_u64(), manual["to"].as_u64()), (Some(3), Some(5)));
+        assert_eq!(manual["reason"], "by alice");
+        assert_eq!(manual["automatic"], false);
+        assert!(scale_json(&event("service-updated", "image changed")).is_none());
+        assert!(scale_json(&event("replica-healthy", "2 -> 4 replicas: x")).is_none());
     }
 
     #[test]
