@@ -569,8 +569,15 @@ fn service_page_charts_traffic_and_lists_autoscaling_decisions() {
     cluster.wait_replicas("api", 1, "healthy", |a| a.state == "healthy");
 
     // The stream refuses a call without a token, as every read.
-    let refused =
-        http(ui, "GET", "/api/services/api/traffic", &[], None, HTTP_TIMEOUT).expect("GET");
+    let refused = http(
+        ui,
+        "GET",
+        "/api/services/api/traffic",
+        &[],
+        None,
+        HTTP_TIMEOUT,
+    )
+    .expect("GET");
     assert_eq!(refused.status, 401, "traffic without a token: {refused:?}");
 
     let browser = Browser::start(1280, 1000);
@@ -589,7 +596,10 @@ fn service_page_charts_traffic_and_lists_autoscaling_decisions() {
     browser.goto(&format!("{url}#/services/api"));
     assert!(
         browser
-            .wait_for(SHOWN_TIMEOUT, "return document.getElementById('chart-rps');")
+            .wait_for(
+                SHOWN_TIMEOUT,
+                "return document.getElementById('chart-rps');"
+            )
             .is_some(),
         "the service page has a requests chart"
     );
@@ -645,7 +655,10 @@ fn service_page_charts_traffic_and_lists_autoscaling_decisions() {
         vec![],
     );
     assert_eq!(errors["limit"], "5", "{errors}");
-    assert_eq!(errors["gate"], true, "the --max-error-rate line is drawn: {errors}");
+    assert_eq!(
+        errors["gate"], true,
+        "the --max-error-rate line is drawn: {errors}"
+    );
 
     // More than 2 requests/s on one replica: the autoscaler adds the second, and the page
     // lists the decision with its reason.

@@ -121,7 +121,9 @@ impl Cluster {
 
     /// One service with its replicas, versions, deployment and events.
     pub async fn service(&self, token: &str, name: &str) -> Result<Value, Failure> {
-        Ok(service_detail_json(&self.service_status(token, name).await?))
+        Ok(service_detail_json(
+            &self.service_status(token, name).await?,
+        ))
     }
 
     /// `GetService` as the API answers it (traffic reports included).
@@ -643,7 +645,10 @@ mod tests {
         assert_eq!(auto["reason"], "31.0 req/s per replica above the target 10");
         assert_eq!(auto["automatic"], true);
         let manual = scale_json(&event("service-updated", "scaled from 3 to 5 replicas")).unwrap();
-        assert_eq!((manual["from"].as_u64(), manual["to"].as_u64()), (Some(3), Some(5)));
+        assert_eq!(
+            (manual["from"].as_u64(), manual["to"].as_u64()),
+            (Some(3), Some(5))
+        );
         assert_eq!(manual["reason"], "by alice");
         assert_eq!(manual["automatic"], false);
         assert!(scale_json(&event("service-updated", "image changed")).is_none());
