@@ -331,9 +331,12 @@ function serviceHtml(s, name) {
 
 // ---- traffic charts and autoscaling ------------------------------------
 
-/// One stream per service page (/api/services/NAME/traffic): a sample every 2 s.
+/// One stream per page of a published service (/api/services/NAME/traffic): a
+/// sample every 2 s. Opened once the service is known to be published.
 function syncTraffic(p) {
-  const wanted = p.name === 'service' ? p.arg : null;
+  const s = state.service;
+  const wanted = p.name === 'service' && s && !s.error && s.name === p.arg && s.publish ? p.arg : null;
+  if (!wanted && p.name === 'service' && state.traffic && state.traffic.service === p.arg && !s) return;
   if (state.traffic && state.traffic.service === wanted) return;
   stopTraffic();
   if (!wanted) return;
