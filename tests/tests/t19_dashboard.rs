@@ -247,6 +247,14 @@ fn dashboard_maps_scales_and_rolls_out_live_and_refuses_calls_without_a_token() 
         rows.is_some(),
         "the service page shows the 5 healthy replicas"
     );
+    let scaled = browser.wait_for(
+        SHOWN_TIMEOUT,
+        "return document.querySelector('#scaling li[data-from=\"3\"][data-to=\"5\"]');",
+    );
+    assert!(
+        scaled.is_some(),
+        "the Autoscaling list shows the operator's 3 -> 5"
+    );
     browser.click("button[data-logs]");
     let logs = browser.wait_for(
         SHOWN_TIMEOUT,

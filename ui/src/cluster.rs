@@ -13,6 +13,10 @@ use crate::UiError;
 
 /// How long one call may take (event streams take none).
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// How far back a service page looks for scale decisions, and how many it
+/// lists.
+const RECENT_EVENTS: u32 = 500;
+const MAX_SCALE_DECISIONS: usize = 20;
 
 /// A lazily connected channel to the API; calls share it.
 #[derive(Clone)]
@@ -121,9 +125,39 @@ impl Cluster {
 
     /// One service with its replicas, versions, deployment and events.
     pub async fn service(&self, token: &str, name: &str) -> Result<Value, Failure> {
-        Ok(service_detail_json(
-            &self.service_status(token, name).await?,
-        ))
+        let (status, recent) = tokio::join!(
+            self.service_status(token, name),
+            self.recent_events(token, name)
+        );
+        let mut value = service_detail_json(&status?);
+        // `GetService` carries only the latest few events: the scale
+        // decisions come from a longer look back, when it answers.
+        if let (Ok(events), Value::Object(map)) = (recent, &mut value) {
+            let scaling: Vec<Value> = events.iter().filter_map(scale_json).collect();
+            let skip = scaling.len().saturating_sub(MAX_SCALE_DECISIONS);
+            map.insert("scaling".into(), Value::Array(scaling[skip..].to_vec()));
+        }
+        Ok(value)
+    }
+
+    /// The service's last [`RECENT_EVENTS`] events, oldest first.
+    async fn recent_events(&self, token: &str, name: &str) -> Result<Vec<pb::Event>, Failure> {
+        let request = pb::EventsRequest {
+            service: name.to_string(),
+            follow: false,
+            tail: Some(RECENT_EVENTS),
+            ..Default::default()
+        };
+        let mut stream = self
+            .client()
+            .events(authorized(request, token, true)?)
+            .await?
+            .into_inner();
+        let mut events = Vec::new();
+        while let Some(event) = stream.message().await? {
+            events.push(event);
+        }
+        Ok(events)
     }
 
     /// `GetService` as the API answers it (traffic reports included).
