@@ -436,7 +436,7 @@ function scalingHtml(s) {
     : '<p class="muted">Not autoscaled; scale changes made by operators are listed.</p>';
   const items = (s.scaling || []).slice().reverse().map((d) => `<li data-from="${d.from}" data-to="${d.to}" data-automatic="${d.automatic}">` +
     `<time datetime="${new Date(d.time_ms).toISOString()}">${time(d.time_ms)}</time> ` +
-    `<strong>${d.from} → ${d.to}</strong> replicas ${d.automatic ? '(autoscaler)' : ''}: ${esc(d.reason)}</li>`).join('');
+    `<strong>${d.from} → ${d.to}</strong> replicas${d.automatic ? ' (autoscaler)' : ''}: ${esc(d.reason)}</li>`).join('');
   return policy + (items ? `<ul class="events" id="scaling">${items}</ul>` : '<p class="muted" id="scaling">No scale decisions yet.</p>');
 }
 
