@@ -315,12 +315,25 @@ impl Browser {
 
     /// Clicks the first element matching `css`.
     pub fn click(&self, css: &str) {
-        let id = self.element(css);
-        self.command(
-            "POST",
-            &self.session_path(&format!("/element/{id}/click")),
-            Some(json!({})),
-        );
+        // A live page may re-render between finding the element and clicking
+        // it ("stale element reference"): find it again, a bounded few times.
+        for _ in 0..5 {
+            let id = self.element(css);
+            let path = self.session_path(&format!("/element/{id}/click"));
+            let answer = http(self.addr, "POST", &path, &[], Some("{}"), COMMAND_TIMEOUT)
+                .unwrap_or_else(|e| panic!("webdriver POST {path}: {e}"));
+            if answer.status == 200 {
+                return;
+            }
+            if !answer.body.contains("stale element reference") {
+                panic!(
+                    "webdriver POST {path} answered {}: {}",
+                    answer.status, answer.body
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("{css} went stale five times in a row");
     }
 
     /// Clears the first element matching `css` and types `text` into it.

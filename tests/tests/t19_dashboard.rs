@@ -247,6 +247,14 @@ fn dashboard_maps_scales_and_rolls_out_live_and_refuses_calls_without_a_token() 
         rows.is_some(),
         "the service page shows the 5 healthy replicas"
     );
+    let scaled = browser.wait_for(
+        SHOWN_TIMEOUT,
+        "return document.querySelector('#scaling li[data-from=\"3\"][data-to=\"5\"]');",
+    );
+    assert!(
+        scaled.is_some(),
+        "the Autoscaling list shows the operator's 3 -> 5"
+    );
     browser.click("button[data-logs]");
     let logs = browser.wait_for(
         SHOWN_TIMEOUT,
@@ -517,6 +525,172 @@ fn dashboard_maps_scales_and_rolls_out_live_and_refuses_calls_without_a_token() 
         "a change re-renders in under 1 s: {changes:?}"
     );
     println!("screenshots in {}", shots.display());
+}
+
+/// The service page's traffic charts (fed by `GET /api/services/NAME/traffic`, a sample every
+/// 2 s from the routing proxies' reports) show the requests the test sends through the
+/// published port, and its Autoscaling list shows the autoscaler's decision with its reason.
+#[test]
+fn service_page_charts_traffic_and_lists_autoscaling_decisions() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    /// The requests sent at most, and for how long at most.
+    const MAX_REQUESTS: u64 = 3000;
+    const LOAD_FOR: Duration = Duration::from_secs(90);
+
+    let registry = Registry::shared();
+    let ui = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let cluster = OciDev::start(
+        registry.clone(),
+        &["--ui-listen", &ui.to_string(), "--autoscale-window", "4s"],
+    );
+    let url = format!("http://{ui}/");
+    let token = client_token(cluster.data_dir()).expect("skiff dev wrote its admin token");
+    let shots = screenshot_dir();
+    let publish = free_port();
+    let v1 = registry.image("web:v1");
+    cluster.skiff_ok(&[
+        "service",
+        "create",
+        "--detach",
+        "api",
+        "--image",
+        &v1,
+        "--publish",
+        &format!("{publish}:80"),
+        "--protocol",
+        "http",
+        "--health-http",
+        "/",
+        "--health-interval",
+        "300ms",
+        "--max-error-rate",
+        "5",
+        "--autoscale-min",
+        "1",
+        "--autoscale-max",
+        "2",
+        "--target-rps",
+        "2",
+    ]);
+    cluster.wait_replicas("api", 1, "healthy", |a| a.state == "healthy");
+
+    // The stream refuses a call without a token, as every read.
+    let refused = http(
+        ui,
+        "GET",
+        "/api/services/api/traffic",
+        &[],
+        None,
+        HTTP_TIMEOUT,
+    )
+    .expect("GET");
+    assert_eq!(refused.status, 401, "traffic without a token: {refused:?}");
+
+    let browser = Browser::start(1280, 1000);
+    browser.goto(&url);
+    assert!(browser
+        .wait_for(
+            SHOWN_TIMEOUT,
+            "return !document.getElementById('login').hidden;"
+        )
+        .is_some());
+    browser.type_into("#token", &token);
+    browser.click("#login-form button[type=submit]");
+    assert!(browser
+        .wait_for(SHOWN_TIMEOUT, "return document.querySelector('.servers');")
+        .is_some());
+    browser.goto(&format!("{url}#/services/api"));
+    assert!(
+        browser
+            .wait_for(
+                SHOWN_TIMEOUT,
+                "return document.getElementById('chart-rps');"
+            )
+            .is_some(),
+        "the service page has a requests chart"
+    );
+
+    // Load through the published port: bounded in count and time, stopped once seen.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (sent, ok) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let published = SocketAddr::from(([127, 0, 0, 1], publish));
+    let load = {
+        let (stop, sent, ok) = (stop.clone(), sent.clone(), ok.clone());
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            while !stop.load(Ordering::Relaxed)
+                && started.elapsed() < LOAD_FOR
+                && sent.load(Ordering::Relaxed) < MAX_REQUESTS
+            {
+                sent.fetch_add(1, Ordering::Relaxed);
+                let answer = http(published, "GET", "/", &[], None, Duration::from_secs(5));
+                if answer.is_ok_and(|a| a.status == 200) {
+                    ok.fetch_add(1, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(40));
+            }
+        })
+    };
+
+    // The chart's latest sample: a non-zero request rate.
+    let rate = browser.wait_for(
+        Duration::from_secs(40),
+        "const f = document.getElementById('chart-rps'); \
+         return f && Number(f.dataset.latest) > 0 && f.querySelector('.line') \
+           ? { latest: Number(f.dataset.latest), summary: f.querySelector('.summary').textContent } : null;",
+    );
+    let Some(rate) = rate else {
+        stop.store(true, Ordering::Relaxed);
+        panic!(
+            "the requests chart shows no traffic after {} requests ({} answered 200)\n{}",
+            sent.load(Ordering::Relaxed),
+            ok.load(Ordering::Relaxed),
+            cluster.log_tail(40)
+        );
+    };
+    println!("requests chart: {rate}");
+    assert!(
+        rate["summary"]
+            .as_str()
+            .is_some_and(|s| s.contains("requests/s")),
+        "the chart says its latest value in words: {rate}"
+    );
+    let errors = browser.exec(
+        "const f = document.getElementById('chart-errors'); \
+         return { limit: f.dataset.limit, gate: !!f.querySelector('.limit'), summary: f.querySelector('.summary').textContent };",
+        vec![],
+    );
+    assert_eq!(errors["limit"], "5", "{errors}");
+    assert_eq!(
+        errors["gate"], true,
+        "the --max-error-rate line is drawn: {errors}"
+    );
+
+    // More than 2 requests/s on one replica: the autoscaler adds the second, and the page
+    // lists the decision with its reason.
+    let decision = browser.wait_for(
+        Duration::from_secs(60),
+        "const d = document.querySelector('#scaling li[data-from=\"1\"][data-to=\"2\"]'); \
+         return d && d.dataset.automatic === 'true' ? d.textContent : null;",
+    );
+    stop.store(true, Ordering::Relaxed);
+    let decision = decision.unwrap_or_else(|| {
+        panic!(
+            "no 1 -> 2 decision on the page after {} requests\n{}",
+            sent.load(Ordering::Relaxed),
+            cluster.log_tail(40)
+        )
+    });
+    println!("autoscaling decision: {decision}");
+    assert!(
+        decision.as_str().is_some_and(|d| d.contains("rps")),
+        "the decision says why: {decision}"
+    );
+    browser.screenshot(&shots.join("service-traffic.png"));
+    load.join().expect("the load thread");
+    assert!(ok.load(Ordering::Relaxed) > 0, "requests were answered");
 }
 
 /// The ids of the first `n` events `GET /api/events` streams (after `last_event_id`, sent

@@ -15,7 +15,10 @@ const state = {
   filter: { service: '', node: '' },
   logs: null,         // the replica logs shown on a service page
   lastSeq: 0,         // the newest event's sequence number
+  traffic: null,      // { service, samples, source } on a service page
 };
+/// The charts' span: the last five minutes of the 2-second samples.
+const TRAFFIC_SPAN_MS = 5 * 60 * 1000;
 const MAX_EVENTS = 500;
 const DEBOUNCE_MS = 80;
 
@@ -78,6 +81,7 @@ async function logout() {
 // ---- live updates ------------------------------------------------------
 
 function stopStream() {
+  stopTraffic();
   if (state.source) state.source.close();
   state.source = null;
   $('live').textContent = 'offline';
@@ -160,6 +164,7 @@ function render() {
     if (current) link.setAttribute('aria-current', 'page'); else link.removeAttribute('aria-current');
   }
   if (!state.overview) return;
+  syncTraffic(p);
   const view = $('view');
   // Live re-renders replace the page's HTML: keep the keyboard focus where it was.
   const focused = focusSelector(document.activeElement);
@@ -313,6 +318,8 @@ function serviceHtml(s, name) {
       : `<button type="button" data-action="pause" ${active ? '' : 'disabled'}>Pause</button>`) +
     `<button type="button" class="danger" data-action="rollback" ${s.history.length > 1 ? '' : 'disabled'}>Roll back</button></div>` +
     `<h2>Deployment</h2>${deploymentHtml(d)}` +
+    `<h2>Traffic</h2><div id="traffic" class="charts">${trafficHtml(state.traffic, s)}</div>` +
+    `<h2>Autoscaling</h2>${scalingHtml(s)}` +
     `<h2>Replicas</h2><div class="table-wrap"><table><thead><tr><th scope="col">#</th><th scope="col">Id</th><th scope="col">Node</th>` +
     `<th scope="col">State</th><th scope="col">Image</th><th scope="col">Port</th><th scope="col">Restarts</th><th scope="col">Last message</th>` +
     `<th scope="col">Logs</th></tr></thead><tbody>${replicas}</tbody></table></div>` +
@@ -320,6 +327,117 @@ function serviceHtml(s, name) {
     `<h2>Versions</h2><div class="table-wrap"><table><thead><tr><th scope="col">Version</th><th scope="col">Image</th><th scope="col">Outcome</th>` +
     `<th scope="col">Created</th><th scope="col">Change</th></tr></thead><tbody>${history}</tbody></table></div>` +
     `<h2>Latest events</h2><ul class="events">${events}</ul>`;
+}
+
+// ---- traffic charts and autoscaling ------------------------------------
+
+/// One stream per page of a published service (/api/services/NAME/traffic): a
+/// sample every 2 s. Opened once the service is known to be published.
+function syncTraffic(p) {
+  const s = state.service;
+  const wanted = p.name === 'service' && s && !s.error && s.name === p.arg && s.publish ? p.arg : null;
+  if (!wanted && p.name === 'service' && state.traffic && state.traffic.service === p.arg && !s) return;
+  if (state.traffic && state.traffic.service === wanted) return;
+  stopTraffic();
+  if (!wanted) return;
+  const source = new EventSource(`/api/services/${encodeURIComponent(wanted)}/traffic`);
+  const traffic = { service: wanted, samples: [], source };
+  state.traffic = traffic;
+  source.addEventListener('sample', (message) => {
+    const sample = JSON.parse(message.data);
+    traffic.samples.push(sample);
+    const oldest = sample.time_ms - TRAFFIC_SPAN_MS;
+    while (traffic.samples.length && traffic.samples[0].time_ms < oldest) traffic.samples.shift();
+    const box = $('traffic');
+    if (box && state.traffic === traffic) box.innerHTML = trafficHtml(traffic, state.service);
+  });
+  source.addEventListener('failure', (message) => {
+    toast('traffic: ' + JSON.parse(message.data).error);
+  });
+}
+
+function stopTraffic() {
+  if (state.traffic) state.traffic.source.close();
+  state.traffic = null;
+}
+
+const fmt = (v, digits) => (v == null ? '–' : Number(v).toFixed(digits));
+
+/// A hand-drawn SVG line chart of `key` over the samples' five minutes;
+/// `limit` draws a dashed line (the --max-error-rate gate).
+function chartSvg(samples, key, unit, limit, id) {
+  const W = 360, H = 140, L = 44, R = 8, T = 10, B = 22;
+  const w = W - L - R, h = H - T - B;
+  const end = samples.length ? samples[samples.length - 1].time_ms : Date.now();
+  const start = end - TRAFFIC_SPAN_MS;
+  const values = samples.map((x) => x[key]).filter((v) => v != null);
+  let top = Math.max(key === 'error_rate' ? 5 : 1, ...values, limit != null ? limit * 1.25 : 0);
+  top = Math.ceil(top * 1.1 * 100) / 100;
+  const x = (t) => (L + ((t - start) / TRAFFIC_SPAN_MS) * w).toFixed(1);
+  const y = (v) => (T + h - (v / top) * h).toFixed(1);
+  // A missing value (no response in an interval) breaks the line.
+  const lines = [];
+  let points = [];
+  for (const sample of samples) {
+    const v = sample[key];
+    if (v == null) { if (points.length) lines.push(points); points = []; continue; }
+    points.push(`${x(sample.time_ms)},${y(v)}`);
+  }
+  if (points.length) lines.push(points);
+  const paths = lines.map((p) => p.length === 1
+    ? `<circle class="dot" cx="${p[0].split(',')[0]}" cy="${p[0].split(',')[1]}" r="2.5"/>`
+    : `<polyline class="line" points="${p.join(' ')}"/>`).join('');
+  const grid = [0, top / 2, top].map((v) => `<line class="grid" x1="${L}" x2="${W - R}" y1="${y(v)}" y2="${y(v)}"/>` +
+    `<text class="tick" x="${L - 4}" y="${Number(y(v)) + 4}" text-anchor="end">${fmt(v, top < 10 ? 1 : 0)}${unit}</text>`).join('');
+  const gate = limit != null
+    ? `<line class="limit" x1="${L}" x2="${W - R}" y1="${y(limit)}" y2="${y(limit)}"/>` +
+      `<text class="limit-label" x="${W - R - 2}" y="${Number(y(limit)) - 4}" text-anchor="end">max ${limit}%</text>` : '';
+  return `<svg viewBox="0 0 ${W} ${H}" role="img" aria-labelledby="${id}-caption ${id}-summary" focusable="false">` +
+    `${grid}${gate}<text class="tick" x="${L}" y="${H - 6}">−5 min</text>` +
+    `<text class="tick" x="${W - R}" y="${H - 6}" text-anchor="end">now</text>${paths}</svg>`;
+}
+
+function trafficHtml(traffic, s) {
+  if (!s || s.error) return '';
+  if (!s.publish) return '<p class="muted">Not published: no routing proxy reports its traffic.</p>';
+  const samples = traffic && traffic.service === s.name ? traffic.samples : [];
+  const last = samples[samples.length - 1];
+  const gate = last ? last.max_error_rate : (s.deployment ? s.deployment.max_error_rate : null);
+  const rates = samples.map((x) => x.request_rate);
+  const peak = rates.length ? Math.max(...rates) : 0;
+  const errors = samples.filter((x) => x.error_rate != null);
+  const lastError = errors.length ? errors[errors.length - 1] : null;
+  const rps = last ? last.request_rate : 0;
+  const rpsSummary = last
+    ? `Now ${fmt(rps, 1)} requests/s (peak ${fmt(peak, 1)} over the last 5 minutes); ${last.active} connections open` +
+      `${last.no_endpoint ? `; ${last.no_endpoint} refused for want of a replica` : ''}` +
+      `${last.connect_failures ? `; ${last.connect_failures} failed dials` : ''}.`
+    : 'Waiting for the routing proxies’ first report…';
+  const errSummary = lastError
+    ? `Now ${fmt(lastError.error_rate, 1)}% of responses were 5xx (${lastError.errors} of ${lastError.responses} in 2 s)` +
+      `${gate != null ? `; the deployment's limit is ${gate}%` : ''}.`
+    : `No HTTP responses yet${gate != null ? `; the deployment's limit is ${gate}%` : ''}.`;
+  return `<figure class="chart" id="chart-rps" data-latest="${fmt(rps, 2)}" data-samples="${samples.length}">` +
+    `<figcaption id="chart-rps-caption">Requests per second</figcaption>` +
+    chartSvg(samples, 'request_rate', '', null, 'chart-rps') +
+    `<p class="summary" id="chart-rps-summary" aria-live="off">${esc(rpsSummary)}</p></figure>` +
+    `<figure class="chart" id="chart-errors" data-latest="${lastError ? fmt(lastError.error_rate, 2) : ''}"` +
+    ` data-limit="${gate ?? ''}"><figcaption id="chart-errors-caption">Error rate (HTTP 5xx, % of responses)</figcaption>` +
+    chartSvg(samples, 'error_rate', '%', gate, 'chart-errors') +
+    `<p class="summary" id="chart-errors-summary" aria-live="off">${esc(errSummary)}</p></figure>`;
+}
+
+function scalingHtml(s) {
+  const a = s.autoscale;
+  const targets = a ? [a.target_rps ? `${a.target_rps} req/s` : '', a.target_concurrency ? `${a.target_concurrency} connections` : '',
+    a.target_cpu ? `${a.target_cpu}% CPU` : ''].filter(Boolean).join(', ') : '';
+  const policy = a
+    ? `<p>Autoscaled between ${a.min} and ${a.max} replicas${targets ? `, per replica targets: ${esc(targets)}` : ''}.</p>`
+    : '<p class="muted">Not autoscaled; scale changes made by operators are listed.</p>';
+  const items = (s.scaling || []).slice().reverse().map((d) => `<li data-from="${d.from}" data-to="${d.to}" data-automatic="${d.automatic}">` +
+    `<time datetime="${new Date(d.time_ms).toISOString()}">${time(d.time_ms)}</time> ` +
+    `<strong>${d.from} → ${d.to}</strong> replicas${d.automatic ? ' (autoscaler)' : ''}: ${esc(d.reason)}</li>`).join('');
+  return policy + (items ? `<ul class="events" id="scaling">${items}</ul>` : '<p class="muted" id="scaling">No scale decisions yet.</p>');
 }
 
 function logsHtml(logs) {

@@ -13,8 +13,13 @@ use crate::UiError;
 
 /// How long one call may take (event streams take none).
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// How far back a service page looks for scale decisions, and how many it
+/// lists.
+const RECENT_EVENTS: u32 = 500;
+const MAX_SCALE_DECISIONS: usize = 20;
 
 /// A lazily connected channel to the API; calls share it.
+#[derive(Clone)]
 pub struct Cluster {
     channel: Channel,
 }
@@ -120,16 +125,56 @@ impl Cluster {
 
     /// One service with its replicas, versions, deployment and events.
     pub async fn service(&self, token: &str, name: &str) -> Result<Value, Failure> {
+        let (status, recent) = tokio::join!(
+            self.service_status(token, name),
+            self.recent_events(token, name)
+        );
+        let mut value = service_detail_json(&status?);
+        // `GetService` carries only the latest few events: the scale
+        // decisions come from a longer look back, when it answers.
+        if let (Ok(events), Value::Object(map)) = (recent, &mut value) {
+            let scaling: Vec<Value> = events.iter().filter_map(scale_json).collect();
+            let skip = scaling.len().saturating_sub(MAX_SCALE_DECISIONS);
+            map.insert("scaling".into(), Value::Array(scaling[skip..].to_vec()));
+        }
+        Ok(value)
+    }
+
+    /// The service's last [`RECENT_EVENTS`] events, oldest first.
+    async fn recent_events(&self, token: &str, name: &str) -> Result<Vec<pb::Event>, Failure> {
+        let request = pb::EventsRequest {
+            service: name.to_string(),
+            follow: false,
+            tail: Some(RECENT_EVENTS),
+            ..Default::default()
+        };
+        let mut stream = self
+            .client()
+            .events(authorized(request, token, true)?)
+            .await?
+            .into_inner();
+        let mut events = Vec::new();
+        while let Some(event) = stream.message().await? {
+            events.push(event);
+        }
+        Ok(events)
+    }
+
+    /// `GetService` as the API answers it (traffic reports included).
+    pub async fn service_status(
+        &self,
+        token: &str,
+        name: &str,
+    ) -> Result<pb::ServiceStatus, Failure> {
         let request = pb::GetServiceRequest {
             name: name.to_string(),
             show_values: false,
         };
-        let status = self
+        Ok(self
             .client()
             .get_service(authorized(request, token, true)?)
             .await?
-            .into_inner();
-        Ok(service_detail_json(&status))
+            .into_inner())
     }
 
     /// An action of the service page; `body` holds its arguments.
@@ -426,11 +471,66 @@ fn service_detail_json(status: &pb::ServiceStatus) -> Value {
         })
         .collect();
     let events: Vec<Value> = status.events.iter().map(event_json).collect();
+    let scaling: Vec<Value> = status.events.iter().filter_map(scale_json).collect();
+    let autoscale = status
+        .spec
+        .as_ref()
+        .and_then(|s| s.autoscale.as_ref())
+        .map_or(Value::Null, |a| {
+            json!({
+                "min": a.min,
+                "max": a.max,
+                "target_rps": a.target_rps,
+                "target_concurrency": a.target_concurrency,
+                "target_cpu": a.target_cpu,
+            })
+        });
     if let Value::Object(map) = &mut value {
         map.insert("history".into(), Value::Array(history));
         map.insert("events".into(), Value::Array(events));
+        map.insert("scaling".into(), Value::Array(scaling));
+        map.insert("autoscale".into(), autoscale);
     }
     value
+}
+
+/// A scale decision of the service's events, as the autoscaler's
+/// `service-scaled` ("2 -> 4 replicas: REASON") or an operator's scale
+/// (`service-updated`, "scaled from 2 to 4 replicas"): its time, counts
+/// and reason.
+fn scale_json(event: &pb::Event) -> Option<Value> {
+    let (from, to, reason, automatic) = match event.kind.as_str() {
+        "service-scaled" => {
+            let (counts, reason) = event
+                .message
+                .split_once(" replicas: ")
+                .or_else(|| event.message.split_once(" replicas"))?;
+            let (from, to) = counts.split_once(" -> ")?;
+            (from.trim(), to.trim(), reason.trim().to_string(), true)
+        }
+        "service-updated" => {
+            let rest = event.message.strip_prefix("scaled from ")?;
+            let (counts, _) = rest.split_once(" replicas")?;
+            let (from, to) = counts.split_once(" to ")?;
+            let by = if event.by.is_empty() {
+                "by an operator".to_string()
+            } else {
+                format!("by {}", event.by)
+            };
+            (from.trim(), to.trim(), by, false)
+        }
+        _ => return None,
+    };
+    let from: u64 = from.parse().ok()?;
+    let to: u64 = to.parse().ok()?;
+    Some(json!({
+        "seq": event.seq,
+        "time_ms": event.time_ms,
+        "from": from,
+        "to": to,
+        "reason": reason,
+        "automatic": automatic,
+    }))
 }
 
 fn node_json(node: &pb::Node, ports_used: usize) -> Value {
@@ -556,6 +656,37 @@ mod tests {
         assert_eq!(ids, ["a", "b", "c"], "the stopped replica is not drawn");
         assert_eq!(v["nodes"][0]["ports"], 100);
         assert_eq!(v["nodes"][0]["ports_used"], 1);
+    }
+
+    #[test]
+    fn scale_decisions_are_read_from_the_events_with_their_reasons() {
+        let event = |kind: &str, message: &str| pb::Event {
+            seq: 9,
+            time_ms: 1000,
+            kind: kind.into(),
+            service: "web".into(),
+            message: message.into(),
+            by: "alice".into(),
+            ..Default::default()
+        };
+        let auto = scale_json(&event(
+            "service-scaled",
+            "2 -> 4 replicas: 31.0 req/s per replica above the target 10",
+        ))
+        .unwrap();
+        assert_eq!(auto["from"], 2);
+        assert_eq!(auto["to"], 4);
+        assert_eq!(auto["reason"], "31.0 req/s per replica above the target 10");
+        assert_eq!(auto["automatic"], true);
+        let manual = scale_json(&event("service-updated", "scaled from 3 to 5 replicas")).unwrap();
+        assert_eq!(
+            (manual["from"].as_u64(), manual["to"].as_u64()),
+            (Some(3), Some(5))
+        );
+        assert_eq!(manual["reason"], "by alice");
+        assert_eq!(manual["automatic"], false);
+        assert!(scale_json(&event("service-updated", "image changed")).is_none());
+        assert!(scale_json(&event("replica-healthy", "2 -> 4 replicas: x")).is_none());
     }
 
     #[test]

@@ -18,6 +18,7 @@ mod assets;
 mod cluster;
 mod events;
 mod routes;
+mod traffic;
 
 use std::convert::Infallible;
 use std::future::Future;

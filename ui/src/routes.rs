@@ -92,6 +92,22 @@ async fn route(
         }
         (&Method::GET, ["api", "overview"]) => reply(cluster.overview(&token).await),
         (&Method::GET, ["api", "services", name]) => reply(cluster.service(&token, name).await),
+        (&Method::GET, ["api", "services", name, "traffic"]) => {
+            // The first read answers now: a refused token gets its status
+            // (401, 403, 404) instead of a stream.
+            match cluster.service_status(&token, name).await {
+                Ok(first) => {
+                    let body = crate::traffic::body(
+                        cluster.clone(),
+                        token.clone(),
+                        name.to_string(),
+                        first,
+                    );
+                    event_stream(body)
+                }
+                Err(failure) => failure_response(&failure),
+            }
+        }
         (&Method::GET, ["api", "services", name, "logs"]) => {
             let query = request.uri().query().unwrap_or("");
             let replica = query_value(query, "replica");
@@ -131,22 +147,24 @@ async fn route(
                 .or_else(|| Some(query_value(query, "after")).filter(|a| !a.is_empty()))
                 .and_then(|v| v.trim().parse::<u64>().ok());
             match cluster.events(&token, &service, &node, after).await {
-                Ok(stream) => {
-                    let mut response = Response::new(crate::events::body(stream));
-                    let headers = response.headers_mut();
-                    headers.insert(
-                        header::CONTENT_TYPE,
-                        HeaderValue::from_static("text/event-stream"),
-                    );
-                    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-                    response
-                }
+                Ok(stream) => event_stream(crate::events::body(stream)),
                 Err(failure) => failure_response(&failure),
             }
         }
         (&Method::GET, _) => error(StatusCode::NOT_FOUND, "not found"),
         _ => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
     }
+}
+
+fn event_stream(body: Body) -> Response<Body> {
+    let mut response = Response::new(body);
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
 }
 
 /// The token of a request: `Authorization: Bearer T`, else the cookie.
