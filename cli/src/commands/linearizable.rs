@@ -152,8 +152,9 @@ fn linearizable(ops: &[&Op]) -> bool {
     };
     let mut at = next[head];
     while next[head] != NIL {
-        if at == NIL {
-            // Every remaining call was tried here: undo the last taken.
+        // At an answer whose call is not taken yet (or past the end), this
+        // order fails: undo the last call taken and try the next after it.
+        if at == NIL || events[at].1 == 1 {
             let Some((call, before)) = taken.pop() else {
                 return false;
             };
@@ -165,33 +166,20 @@ fn linearizable(ops: &[&Op]) -> bool {
             at = next[call];
             continue;
         }
-        let (_, kind, op) = events[at];
-        if kind == 0 {
-            if let Some(after) = step(&state, ops[op]) {
-                let mut with = done.clone();
-                with[op / 64] |= 1 << (op % 64);
-                if seen.insert((with.clone(), after.clone())) {
-                    taken.push((at, std::mem::replace(&mut state, after)));
-                    done = with;
-                    unlink(&mut next, &mut prev, at);
-                    unlink(&mut next, &mut prev, answer_of[op]);
-                    at = next[head];
-                    continue;
-                }
+        let op = events[at].2;
+        if let Some(after) = step(&state, ops[op]) {
+            let mut with = done.clone();
+            with[op / 64] |= 1 << (op % 64);
+            if seen.insert((with.clone(), after.clone())) {
+                taken.push((at, std::mem::replace(&mut state, after)));
+                done = with;
+                unlink(&mut next, &mut prev, at);
+                unlink(&mut next, &mut prev, answer_of[op]);
+                at = next[head];
+                continue;
             }
-            at = next[at];
-        } else {
-            // An answer before its call was taken: this order fails.
-            let Some((call, before)) = taken.pop() else {
-                return false;
-            };
-            let op = events[call].2;
-            done[op / 64] &= !(1 << (op % 64));
-            state = before;
-            relink(&mut next, &mut prev, answer_of[op]);
-            relink(&mut next, &mut prev, call);
-            at = next[call];
         }
+        at = next[at];
     }
     true
 }

@@ -411,17 +411,22 @@ mod tests {
         );
     }
 
-    /// A flipped bit in a record that has more records after it is
-    /// corruption of fsynced data, not a torn write: refused, never cut.
-    #[test]
-    fn a_corrupt_record_before_the_end_stops_the_open_naming_file_and_offset() {
+    /// A log of three entries, one fsynced write each.
+    fn three_entries() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         let mut wal = Wal::create(dir.path(), None, |_| {}).unwrap();
         for index in 1..=3 {
             encode_entries(wal.buffer(), &[entry(index, 1)]);
             wal.write(true).unwrap();
         }
-        drop(wal);
+        dir
+    }
+
+    /// A flipped bit in a record that has more records after it is
+    /// corruption of fsynced data, not a torn write: refused, never cut.
+    #[test]
+    fn a_corrupt_record_before_the_end_stops_the_open_naming_file_and_offset() {
+        let dir = three_entries();
         let path = segment_path(dir.path(), 1);
         let mut bytes = fs::read(&path).unwrap();
         let before = bytes.len();
@@ -452,13 +457,7 @@ mod tests {
     /// everything after it, a copy of what was cut is kept, and it opens.
     #[test]
     fn a_corrupt_record_is_cut_with_what_follows_only_when_asked() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut wal = Wal::create(dir.path(), None, |_| {}).unwrap();
-        for index in 1..=3 {
-            encode_entries(wal.buffer(), &[entry(index, 1)]);
-            wal.write(true).unwrap();
-        }
-        drop(wal);
+        let dir = three_entries();
         let path = segment_path(dir.path(), 1);
         let bytes = fs::read(&path).unwrap();
         let record = (bytes.len() - HEADER) / 3;
