@@ -221,6 +221,17 @@ fn postgres_keeps_its_rows_through_an_update_and_a_killed_postmaster() {
     let adopted = wait_db(&cluster, "healthy after the agent's kill -9", |a| {
         a.id == restarted.id && find_process(a.pid, "postgres ") == Some(pm)
     });
+    // The replica's record says healthy at once (it never stopped), but the
+    // routing proxy lives in the agent: the published port answers again
+    // only once the restarted agent has its endpoints and listens.
+    let listening = wait_until(TIMEOUT, POLL, || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    assert!(
+        listening,
+        "published port {port} never listened again after the restart:\n{}",
+        cluster.log_tail(30)
+    );
     assert_eq!(
         psql_ok(
             &cluster,
