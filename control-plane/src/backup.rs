@@ -15,7 +15,7 @@ use sha2::{Digest as _, Sha256};
 use skiff_proto::v1 as pb;
 
 use crate::secrets::SecretKey;
-use crate::state::{Member, State};
+use crate::state::State;
 
 /// What every snapshot file starts with.
 pub const MAGIC: &[u8] = b"SKIFF-SNAPSHOT\n";
@@ -196,14 +196,6 @@ pub fn restored(file: &str, backup: &pb::ClusterBackup) -> Result<Restored, Back
         ca,
         dropped_secrets,
     })
-}
-
-/// `state` as the state of a new one-member cluster of `member`: the other
-/// servers of the old cluster are gone from it.
-pub fn as_single_member(mut state: State, member: Member) -> State {
-    state.members.clear();
-    state.members.insert(member.id, member);
-    state
 }
 
 #[cfg(test)]

@@ -209,12 +209,7 @@ pub async fn run(
         None
     };
     let db = open_sled(&raft_dir)?;
-    let local = db
-        .open_tree("local")
-        .map_err(|source| ServerError::DataDir {
-            path: raft_dir.clone(),
-            source,
-        })?;
+    let local = local_tree(&db, &raft_dir)?;
     let snapshots = SnapshotFile::new(config.data_dir.join("snapshots"));
     let has_wal = holds_wal(&config.data_dir);
     let opened = Opened {
@@ -288,12 +283,7 @@ fn recover(config: &ServerConfig) -> Result<Seed, ServerError> {
     }
     let (id, state) = {
         let db = open_sled(&raft_dir)?;
-        let local = db
-            .open_tree("local")
-            .map_err(|source| ServerError::DataDir {
-                path: raft_dir.clone(),
-                source,
-            })?;
+        let local = local_tree(&db, &raft_dir)?;
         let snapshots = SnapshotFile::new(data_dir.join("snapshots"));
         let has_wal = holds_wal(data_dir);
         let state = if has_wal {
@@ -368,6 +358,15 @@ fn open_sled(path: &Path) -> Result<sled::Db, ServerError> {
             })
         }
     }
+}
+
+/// This server's own records (its id) in the database at `path`.
+fn local_tree(db: &sled::Db, path: &Path) -> Result<sled::Tree, ServerError> {
+    db.open_tree("local")
+        .map_err(|source| ServerError::DataDir {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 /// Whether `data_dir` keeps its Raft log in the write-ahead log.
