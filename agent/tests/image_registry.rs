@@ -457,3 +457,64 @@ async fn prune_removes_unused_images_but_never_what_a_container_uses() {
     assert!(again.layers.iter().all(|l| l.is_dir()));
     assert!(store.stats().blobs_downloaded > before.blobs_downloaded);
 }
+
+/// Pushes `web:v1`'s manifest again as `web:sizes-TAG` with its last layer's
+/// declared size replaced: the registry stores such a manifest as it is.
+fn push_with_last_layer_size(f: &Fixture, tag: &str, size: i64) -> String {
+    let accept = "application/vnd.oci.image.manifest.v1+json";
+    let base = format!("http://{}/v2/skiff-test", f.addr);
+    let out = Command::new("curl")
+        .args(["-sf", "-H", &format!("Accept: {accept}")])
+        .arg(format!("{base}/web/manifests/v1"))
+        .output()
+        .expect("run curl");
+    assert!(out.status.success(), "GET manifest failed");
+    let mut manifest: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let layers = manifest["layers"].as_array_mut().unwrap();
+    let last = layers.last_mut().unwrap();
+    last["size"] = size.into();
+    let body = serde_json::to_vec(&manifest).unwrap();
+    let media_type = manifest["mediaType"].as_str().unwrap_or(accept).to_string();
+    let mut put = Command::new("curl")
+        .args(["-sf", "-X", "PUT", "-H"])
+        .arg(format!("Content-Type: {media_type}"))
+        .args(["--data-binary", "@-"])
+        .arg(format!("{base}/web/manifests/sizes-{tag}"))
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("run curl");
+    use std::io::Write;
+    put.stdin.take().unwrap().write_all(&body).unwrap();
+    assert!(put.wait().unwrap().success(), "PUT manifest failed");
+    f.reference(&format!("web:sizes-{tag}"))
+}
+
+/// A manifest comes from the same registry as its blobs, so the size it
+/// declares is not trusted either: over the per-blob limit or negative is
+/// refused before any download, and a blob longer than declared (0 bytes
+/// declared used to mean "no limit") is cut off at the declared size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blob_sizes_from_the_manifest_are_capped_and_enforced() {
+    let Some(f) = fixture() else { return };
+    let cases: [(&str, i64, &str); 3] = [
+        ("huge", 1 << 40, "over Skiff's limit of 32 GiB per blob"),
+        ("negative", -1, "a negative size (-1)"),
+        ("zero", 0, "is larger than the 0 bytes its manifest gives"),
+    ];
+    for (tag, size, expected) in cases {
+        let reference = push_with_last_layer_size(f, tag, size);
+        let tmp = tempfile::tempdir().unwrap();
+        let store = f.store(&tmp.path().join("images"));
+        let err = store.pull(&reference).await.unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains(expected), "{tag}: {msg}");
+        assert!(msg.contains(&reference), "{tag}: {msg}");
+        assert_eq!(
+            std::fs::read_dir(tmp.path().join("images/tmp"))
+                .unwrap()
+                .count(),
+            0,
+            "{tag}: a partial download was left behind"
+        );
+    }
+}

@@ -437,7 +437,7 @@ impl ImageStore {
             .ensure_blob(
                 reference,
                 &manifest.config.digest,
-                Some(manifest.config.size),
+                manifest.config.size,
                 display,
             )
             .await?;
@@ -512,9 +512,7 @@ impl ImageStore {
         if dir.is_dir() {
             return Ok(());
         }
-        let blob = self
-            .ensure_blob(reference, digest, Some(size), display)
-            .await?;
+        let blob = self.ensure_blob(reference, digest, size, display).await?;
         self.ensure_layer(&blob, dir, diff_id, digest).await
     }
 
@@ -539,7 +537,7 @@ impl ImageStore {
         &self,
         reference: &Reference,
         digest: &str,
-        size: Option<i64>,
+        size: i64,
         display: &str,
     ) -> Result<PathBuf, ImageError> {
         let hex = digest_hex(digest, display)?;
@@ -586,11 +584,11 @@ impl ImageStore {
         &self,
         reference: &Reference,
         digest: &str,
-        size: Option<i64>,
+        size: i64,
         display: &str,
         tmp: &Path,
     ) -> Result<u64, ImageError> {
-        let limit = size.filter(|s| *s > 0).map(|s| s as u64);
+        let limit = blob_limit(size, digest, display)?;
         let sized = self.inner.registry.blob(reference, digest, display).await?;
         let mut stream = sized.stream;
         let mut file = tokio::fs::File::create(tmp)
@@ -621,9 +619,13 @@ impl ImageStore {
                 }
             };
             total += chunk.len() as u64;
-            if limit.is_some_and(|limit| total > limit) {
-                hasher.update(&chunk);
-                return Err(mismatch(hasher));
+            if total > limit {
+                return Err(ImageError::Pull {
+                    reference: display.to_string(),
+                    reason: format!(
+                        "blob {digest} is larger than the {limit} bytes its manifest gives; the registry sent a different blob"
+                    ),
+                });
             }
             hasher.update(&chunk);
             file.write_all(&chunk)
@@ -633,6 +635,14 @@ impl ImageStore {
         file.flush()
             .await
             .map_err(ImageError::io("failed to write", tmp))?;
+        if total != limit {
+            return Err(ImageError::Pull {
+                reference: display.to_string(),
+                reason: format!(
+                    "blob {digest} ended after {total} bytes; the manifest says it has {limit}"
+                ),
+            });
+        }
         let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
         if actual != digest {
             return Err(ImageError::DigestMismatch {
@@ -709,6 +719,32 @@ fn write_atomically(tmp_dir: &Path, path: &Path, bytes: &[u8]) -> Result<(), Ima
             source: e,
         }
     })
+}
+
+/// Most bytes a blob may have: the manifest's descriptor says how big a
+/// blob is, but the manifest comes from the same registry as the blob, so
+/// its word is capped too. A layer blob is compressed, so never larger than
+/// what it may unpack to ([`super::unpack::MAX_LAYER_BYTES`]). The download
+/// stops at the declared size, so a blob is never read without end.
+pub const MAX_BLOB_BYTES: u64 = super::unpack::MAX_LAYER_BYTES;
+
+/// How many bytes to accept for blob `digest`: its descriptor's size, which
+/// no more than [`MAX_BLOB_BYTES`].
+fn blob_limit(size: i64, digest: &str, display: &str) -> Result<u64, ImageError> {
+    let refuse = |reason: String| ImageError::Pull {
+        reference: display.to_string(),
+        reason,
+    };
+    match size {
+        size if size < 0 => Err(refuse(format!(
+            "the manifest gives blob {digest} a negative size ({size}); the registry's manifest is broken"
+        ))),
+        size if size as u64 > MAX_BLOB_BYTES => Err(refuse(format!(
+            "the manifest says blob {digest} is {size} bytes, over Skiff's limit of {} GiB per blob",
+            MAX_BLOB_BYTES >> 30
+        ))),
+        size => Ok(size as u64),
+    }
 }
 
 #[cfg(test)]
