@@ -55,6 +55,10 @@ pub struct AgentConfig {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// Export the routing proxy's per-replica series (`--proxy-replica-metrics`).
     pub proxy_replica_metrics: bool,
+    /// The routing proxy may listen on published ports below 1024
+    /// (`--allow-privileged-ports`); otherwise such a service is reported as
+    /// one this node cannot publish.
+    pub allow_privileged_ports: bool,
     /// How long a stopping replica of a published service keeps running
     /// after it left the proxies' pools, for its open connections, before
     /// SIGTERM.
@@ -115,6 +119,7 @@ impl AgentConfig {
             log_max_bytes: 10 * 1024 * 1024,
             metrics_listen: None,
             proxy_replica_metrics: false,
+            allow_privileged_ports: false,
             drain: Duration::from_secs(5),
             traffic_interval: Duration::from_secs(2),
             image_gc_threshold_mb: None,

@@ -171,8 +171,9 @@ pub async fn run(
             let _ = metrics_stopped.await;
         },
     ));
-    let mut proxy =
-        proxy::Proxy::new(config.advertise, proxy_metrics.clone()).with_discovery(discovery);
+    let mut proxy = proxy::Proxy::new(config.advertise, proxy_metrics.clone())
+        .with_discovery(discovery)
+        .with_privileged_ports(config.allow_privileged_ports);
     tracing::info!(node = %config.name, servers = ?config.servers, logs = ?logs_addr, metrics = ?metrics_addr, "agent started");
 
     {

@@ -732,6 +732,11 @@ pub struct NodeArgs {
     /// type=bind,...`; repeatable; none by default).
     #[arg(long = "allow-host-path", value_name = "PREFIX")]
     pub allow_host_paths: Vec<String>,
+    /// Let this node's routing proxy listen on published ports below 1024
+    /// (off by default, so that no client can take a node's well-known
+    /// ports such as 22, 53 or 443; `skiff dev` allows them).
+    #[arg(long, env = "SKIFF_ALLOW_PRIVILEGED_PORTS", help_heading = heading::NODE)]
+    pub allow_privileged_ports: bool,
     /// Serve GET /metrics (Prometheus text: routing proxy traffic, build
     /// and process metrics) on this address (default: the advertise
     /// address, port 9465, or any free port if that is taken; published in

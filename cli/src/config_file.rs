@@ -70,6 +70,7 @@ pub struct AgentFile {
     image_gc_threshold_mb: Option<u64>,
     enable_process_runtime: Option<bool>,
     allow_host_path: Option<Vec<String>>,
+    allow_privileged_ports: Option<bool>,
     log_level: Option<String>,
     log_format: Option<LogFormat>,
 }

@@ -290,9 +290,31 @@ pub struct Proxy {
     /// Services whose port could not be bound at the last attempt, with
     /// the error: reported to the control plane, which shows them.
     failures: BTreeMap<String, PortFailure>,
+    /// Published ports below 1024 may be listened on
+    /// (`--allow-privileged-ports`).
+    privileged_ports: bool,
 }
 
 impl Proxy {
+    /// Lets the proxy listen on published ports below 1024.
+    pub fn with_privileged_ports(mut self, allowed: bool) -> Self {
+        self.privileged_ports = allowed;
+        self
+    }
+
+    /// Listens on a published port, unless it is below 1024 and this node
+    /// does not allow that: a port such as 22 or 443 on every node is the
+    /// node operator's to give, not any client's who can create a service.
+    fn bind_published(&self, addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
+        if addr.port() < 1024 && !self.privileged_ports {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "ports below 1024 are not allowed on this node; start its agent with --allow-privileged-ports to publish them",
+            ));
+        }
+        bind(addr)
+    }
+
     pub fn new(bind: IpAddr, metrics: Metrics) -> Self {
         Self {
             bind,
@@ -305,6 +327,7 @@ impl Proxy {
             discovery: None,
             routes: Vec::new(),
             failures: BTreeMap::new(),
+            privileged_ports: false,
         }
     }
 
@@ -385,7 +408,7 @@ impl Proxy {
             };
             if let Some(addr) = published(route) {
                 if !self.listeners.contains_key(&route.service) {
-                    match bind(addr) {
+                    match self.bind_published(addr) {
                         Ok(listener) => {
                             if self.failures.remove(&route.service).is_some() {
                                 tracing::info!(service = %route.service, %addr, "routing proxy could listen after all");
@@ -1322,6 +1345,42 @@ mod tests {
             closed_within(&mut idle, Duration::from_secs(5)).await,
             Ok(())
         );
+    }
+
+    #[tokio::test]
+    async fn ports_below_1024_are_published_only_where_the_node_allows_it() {
+        let route = Route {
+            service: "web".into(),
+            publish: 443,
+            port: 0,
+            stack: String::new(),
+            internal: None,
+            slots: Vec::new(),
+            http: false,
+            endpoints: vec![],
+            hold_when_empty: false,
+        };
+        let mut proxy = Proxy::new("127.0.0.1".parse().unwrap(), Metrics::default());
+        proxy.update(vec![route.clone()]);
+        let failures = proxy.failures();
+        assert_eq!(failures.len(), 1, "{failures:?}");
+        assert!(
+            failures[0]
+                .error
+                .contains("ports below 1024 are not allowed on this node; start its agent with --allow-privileged-ports"),
+            "{failures:?}"
+        );
+        assert!(proxy.listeners.is_empty());
+
+        // Allowed: the policy no longer stands in the way (the bind itself
+        // may still fail if another program holds 127.0.0.1:443).
+        let mut proxy = Proxy::new("127.0.0.1".parse().unwrap(), Metrics::default())
+            .with_privileged_ports(true);
+        proxy.update(vec![route]);
+        assert!(proxy
+            .failures()
+            .iter()
+            .all(|f| !f.error.contains("--allow-privileged-ports")));
     }
 
     #[tokio::test]

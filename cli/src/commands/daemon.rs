@@ -87,6 +87,9 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     // The dev cluster is the machine's own user's playground, like
     // Nomad's dev mode: host processes are allowed (and logged).
     agent.process_runtime = true;
+    // Its published ports are on loopback, and the machine is its user's:
+    // `--publish 80` works as with `docker run -p 80:80`.
+    agent.allow_privileged_ports = true;
     // One process holds the CA: the agent's certificate comes from it
     // directly (the server loads the same CA when it starts).
     agent.credentials = Some(dev_credentials(&server_config, &agent)?);
@@ -222,6 +225,7 @@ fn agent_config(
     config.allow_host_paths = node.allow_host_paths.clone();
     config.metrics_listen = node.metrics_listen;
     config.proxy_replica_metrics = node.proxy_replica_metrics;
+    config.allow_privileged_ports = node.allow_privileged_ports;
     config.drain = Duration::from_secs_f64(node.drain_secs);
     config.image_gc_threshold_mb = node.image_gc_threshold_mb;
     config
