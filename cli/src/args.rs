@@ -636,6 +636,20 @@ pub struct ServerArgs {
     /// Most variables the cluster holds; adding more is refused.
     #[arg(long, default_value_t = 100_000, env = "SKIFF_MAX_VARIABLES", help_heading = heading::RAFT)]
     pub max_variables: usize,
+    /// Largest request a client or agent may send, in bytes; larger ones
+    /// are refused before they are read (as etcd's --max-request-bytes).
+    #[arg(long, default_value_t = 4 << 20, value_parser = clap::value_parser!(u32).range(65_536..), env = "SKIFF_MAX_REQUEST_BYTES", help_heading = heading::RAFT)]
+    pub max_request_bytes: u32,
+    /// Largest message another server may send, in bytes. A snapshot of
+    /// the whole state travels in one: keep this above `skiff_raft_snapshot_bytes`.
+    #[arg(long, default_value_t = 256 << 20, value_parser = clap::value_parser!(u32).range(1_048_576..), env = "SKIFF_MAX_RAFT_MESSAGE_BYTES", help_heading = heading::RAFT)]
+    pub max_raft_message_bytes: u32,
+    /// Streams one client connection may have open at once.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(16..), env = "SKIFF_MAX_CONCURRENT_STREAMS", help_heading = heading::RAFT)]
+    pub max_concurrent_streams: u32,
+    /// How long a call may take to answer (streams, once answered, run on).
+    #[arg(long, default_value = "60s", value_parser = parse_millis, env = "SKIFF_REQUEST_TIMEOUT", help_heading = heading::RAFT)]
+    pub request_timeout: u32,
     /// With --bootstrap: start the new cluster from this backup (`skiff
     /// cluster snapshot save`) instead of empty, in an empty data dir. Its
     /// agents keep their replicas and connect again when the backup was not

@@ -306,7 +306,29 @@ pub fn explain(status: tonic::Status) -> anyhow::Error {
         {
             anyhow!("lost connection to the skiff server: {}", status.message())
         }
+        _ if status
+            .message()
+            .contains("decoded message length too large") =>
+        {
+            anyhow!("{}", too_large(status.message()))
+        }
         _ => anyhow!("{}", status.message()),
+    }
+}
+
+/// The server refused a request over its `--max-request-bytes` before
+/// reading it; tonic says so in its own words ("found N bytes, the limit
+/// is: M bytes"), which name neither the flag nor the way out.
+fn too_large(message: &str) -> String {
+    let numbers: Vec<&str> = message
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|n| !n.is_empty())
+        .collect();
+    match numbers.as_slice() {
+        [found, limit, ..] => format!(
+            "the request is {found} bytes, over the server's limit of {limit} bytes: send less, or raise the servers' --max-request-bytes"
+        ),
+        _ => format!("{message}: raise the servers' --max-request-bytes"),
     }
 }
 
@@ -316,6 +338,17 @@ mod tests {
     fn dead_address() -> String {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.local_addr().unwrap().to_string()
+    }
+
+    #[test]
+    fn a_request_over_the_servers_limit_names_the_flag() {
+        let status = tonic::Status::resource_exhausted(
+            "Error, decoded message length too large: found 100009 bytes, the limit is: 65536 bytes",
+        );
+        assert_eq!(
+            super::explain(status).to_string(),
+            "the request is 100009 bytes, over the server's limit of 65536 bytes: send less, or raise the servers' --max-request-bytes"
+        );
     }
 
     #[tokio::test]

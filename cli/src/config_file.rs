@@ -43,6 +43,10 @@ pub struct ServerFile {
     autoscale_window: Option<Checked<Duration>>,
     max_services: Option<usize>,
     max_variables: Option<usize>,
+    max_request_bytes: Option<u32>,
+    max_raft_message_bytes: Option<u32>,
+    max_concurrent_streams: Option<u32>,
+    request_timeout: Option<Checked<Duration>>,
     log_level: Option<String>,
     log_format: Option<LogFormat>,
 }

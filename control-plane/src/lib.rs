@@ -35,4 +35,4 @@ pub mod trust;
 
 pub use api::{Limits, MANAGEMENT_TOKEN};
 pub use client_config::{ClientConfig, ClientConfigError, CLIENT_CONFIG_FILE};
-pub use server::{run, RaftLog, ServerConfig, ServerError};
+pub use server::{run, GrpcLimits, RaftLog, ServerConfig, ServerError};

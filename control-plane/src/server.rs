@@ -70,6 +70,8 @@ pub struct ServerConfig {
     pub raft_log: RaftLog,
     /// Most services and variables the API accepts (see [`crate::api::Limits`]).
     pub limits: crate::api::Limits,
+    /// Sizes, streams and time the gRPC listener allows each caller.
+    pub grpc_limits: GrpcLimits,
     /// The server join token (`skiff cluster token server`), needed with
     /// `join` on a new data dir.
     pub join_token: Option<String>,
@@ -101,6 +103,34 @@ pub enum RaftLog {
     Wal,
 }
 
+/// What the server's gRPC listener allows one caller, like etcd's
+/// `--max-request-bytes`: a request larger than this is refused before it
+/// is decoded, a connection opens at most so many streams at once, and a
+/// call (up to its response head; streams then run on) has so long.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GrpcLimits {
+    /// Largest request a client or agent may send (`--max-request-bytes`).
+    pub max_request_bytes: usize,
+    /// Largest message another server may send (`--max-raft-message-bytes`):
+    /// a snapshot travels in one, so it must hold the whole state.
+    pub max_raft_message_bytes: usize,
+    /// Streams one connection may have open at once (`--max-concurrent-streams`).
+    pub max_concurrent_streams: u32,
+    /// How long a call may take to answer (`--request-timeout`).
+    pub request_timeout: Duration,
+}
+
+impl Default for GrpcLimits {
+    fn default() -> Self {
+        GrpcLimits {
+            max_request_bytes: 4 << 20,
+            max_raft_message_bytes: MAX_MESSAGE_BYTES,
+            max_concurrent_streams: 1024,
+            request_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
 impl ServerConfig {
     pub fn new(name: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
         ServerConfig {
@@ -122,6 +152,7 @@ impl ServerConfig {
             ),
             raft_log: RaftLog::default(),
             limits: crate::api::Limits::default(),
+            grpc_limits: GrpcLimits::default(),
             join_token: None,
             cert_lifetime: skiff_pki::DEFAULT_LIFETIME,
             client_config: None,
@@ -620,18 +651,23 @@ async fn serve<S: LogStore + Send + 'static>(
         }));
     }
     let incoming = skiff_pki::tls::incoming(listener, trust.server_config()?);
+    let limits = config.grpc_limits;
     let serve = tonic::transport::Server::builder()
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .timeout(limits.request_timeout)
         .layer(request_metrics)
         .layer(crate::api::AuthLayer::new(consensus.clone()))
-        .add_service(ControlServer::new(api.clone()))
-        .add_service(AgentSyncServer::new(api))
-        .add_service(PkiServer::new(PkiService::new(
-            consensus.clone(),
-            trust.clone(),
-        )))
+        .add_service(
+            ControlServer::new(api.clone()).max_decoding_message_size(limits.max_request_bytes),
+        )
+        .add_service(AgentSyncServer::new(api).max_decoding_message_size(limits.max_request_bytes))
+        .add_service(
+            PkiServer::new(PkiService::new(consensus.clone(), trust.clone()))
+                .max_decoding_message_size(limits.max_request_bytes),
+        )
         .add_service(
             RaftServer::new(RaftService::new(consensus.clone(), secrets_key).with_trust(trust))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_decoding_message_size(limits.max_raft_message_bytes)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(incoming, async move {

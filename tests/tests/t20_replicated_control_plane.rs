@@ -315,7 +315,17 @@ fn cluster_status_on_any_server_shows_a_killed_member_unreachable() {
 
 #[test]
 fn services_and_variables_are_bounded_by_the_servers_limits() {
-    let servers = ServerCluster::start(3, &["--max-services", "2", "--max-variables", "2"]);
+    let servers = ServerCluster::start(
+        3,
+        &[
+            "--max-services",
+            "2",
+            "--max-variables",
+            "2",
+            "--max-request-bytes",
+            "65536",
+        ],
+    );
     let server = servers.addresses[1].clone();
     let create = |name| {
         [
@@ -347,6 +357,20 @@ fn services_and_variables_are_bounded_by_the_servers_limits() {
     let out = skiff_at(&server, &args);
     assert_cli_error(&args, &out, &["too many variables", "--max-variables"]);
     skiff_ok_at(&server, &["var", "put", "a", "2"]);
+
+    // A request over --max-request-bytes is refused before it is read.
+    let big = "x".repeat(100_000);
+    let args = ["var", "put", "a", big.as_str()];
+    let out = skiff_at(&server, &args);
+    assert_cli_error(
+        &args,
+        &out,
+        &[
+            "over the server's limit of 65536 bytes",
+            "--max-request-bytes",
+        ],
+    );
+    assert_eq!(skiff_ok_at(&server, &["var", "get", "a"]).trim(), "2");
 }
 
 /// A follower whose clock is a year ahead (the `SKIFF_CLOCK_OFFSET_MS`

@@ -39,6 +39,12 @@ pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
         max_services: args.max_services,
         max_variables: args.max_variables,
     };
+    config.grpc_limits = skiff_control_plane::GrpcLimits {
+        max_request_bytes: args.max_request_bytes as usize,
+        max_raft_message_bytes: args.max_raft_message_bytes as usize,
+        max_concurrent_streams: args.max_concurrent_streams,
+        request_timeout: Duration::from_millis(u64::from(args.request_timeout.max(1))),
+    };
     config.join_token = args.join_token;
     config.cert_lifetime = args.cert_lifetime;
     config.restore = args.restore;
