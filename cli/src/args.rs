@@ -636,6 +636,12 @@ pub struct ServerArgs {
     /// Most variables the cluster holds; adding more is refused.
     #[arg(long, default_value_t = 100_000, env = "SKIFF_MAX_VARIABLES", help_heading = heading::RAFT)]
     pub max_variables: usize,
+    /// Free space, in MiB, the server keeps on its data dir's file system:
+    /// below it, writes are refused (reads go on) until space is freed, so
+    /// the Raft log never runs out of space in the middle of a write. 0: no
+    /// reserve.
+    #[arg(long, default_value_t = 64, env = "SKIFF_RESERVE_DISK_MB", help_heading = heading::RAFT)]
+    pub reserve_disk_mb: u64,
     /// Largest request a client or agent may send, in bytes; larger ones
     /// are refused before they are read (as etcd's --max-request-bytes).
     #[arg(long, default_value_t = 4 << 20, value_parser = clap::value_parser!(u32).range(65_536..), env = "SKIFF_MAX_REQUEST_BYTES", help_heading = heading::RAFT)]

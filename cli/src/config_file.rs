@@ -44,6 +44,7 @@ pub struct ServerFile {
     max_services: Option<usize>,
     max_variables: Option<usize>,
     max_request_bytes: Option<u32>,
+    reserve_disk_mb: Option<u64>,
     max_raft_message_bytes: Option<u32>,
     max_concurrent_streams: Option<u32>,
     request_timeout: Option<Checked<Duration>>,

@@ -72,6 +72,9 @@ pub struct ServerConfig {
     pub limits: crate::api::Limits,
     /// Sizes, streams and time the gRPC listener allows each caller.
     pub grpc_limits: GrpcLimits,
+    /// Writes are refused while the data dir has less free space than this
+    /// (`--reserve-disk-mb`; 0: never), so the log never runs out mid-write.
+    pub reserve_disk_bytes: u64,
     /// The server join token (`skiff cluster token server`), needed with
     /// `join` on a new data dir.
     pub join_token: Option<String>,
@@ -153,6 +156,7 @@ impl ServerConfig {
             raft_log: RaftLog::default(),
             limits: crate::api::Limits::default(),
             grpc_limits: GrpcLimits::default(),
+            reserve_disk_bytes: 64 << 20,
             join_token: None,
             cert_lifetime: skiff_pki::DEFAULT_LIFETIME,
             client_config: None,
@@ -370,6 +374,12 @@ fn open_sled(path: &Path) -> Result<sled::Db, ServerError> {
         sled::Config::new()
             .path(path)
             .mode(sled::Mode::LowSpace)
+            // No background flusher: the Raft store flushes each Ready
+            // itself, so a failed write (a full disk) surfaces there as an
+            // error that stops the server, not in a thread that leaves
+            // sled failing later without a word (measured: a write then
+            // hung until a read panicked raft-rs).
+            .flush_every_ms(None)
             .open()
     };
     match std::panic::catch_unwind(open) {
@@ -533,6 +543,12 @@ async fn serve<S: LogStore + Send + 'static>(
         election_ticks: config.election_ticks,
         heartbeat_ticks: config.heartbeat_ticks,
         snapshot_every: config.snapshot_every,
+        disk_reserve: (config.reserve_disk_bytes > 0).then(|| {
+            Arc::new(consensus::disk::DiskReserve::new(
+                config.data_dir.clone(),
+                config.reserve_disk_bytes,
+            ))
+        }),
     };
     let metrics = Arc::new(Metrics::default());
     let (consensus, consensus_thread) =
@@ -696,10 +712,21 @@ async fn serve<S: LogStore + Send + 'static>(
     let joined = tokio::task::spawn_blocking(move || consensus_thread.join())
         .await
         .map_err(|e| ServerError::Stopped(e.to_string()))?;
-    match joined {
-        Ok(Ok(())) => {}
-        Ok(Err(err)) => return Err(ServerError::Stopped(err.to_string())),
-        Err(_) => return Err(ServerError::Stopped("the consensus thread panicked".into())),
+    let failure = match joined {
+        Ok(Ok(())) => None,
+        Ok(Err(err)) => Some(err.to_string()),
+        Err(panic) => Some(panic_text(panic.as_ref())),
+    };
+    if let Some(failure) = failure {
+        // After a failed write sled waits forever for a flush that cannot
+        // happen, also when the Db is dropped: the process would hang
+        // instead of exiting (measured on a full disk). What it holds is
+        // on disk already as far as it got; the OS closes the files.
+        std::mem::forget(db);
+        return Err(ServerError::Stopped(stopped_hint(
+            failure,
+            &config.data_dir,
+        )));
     }
     db.flush_async()
         .await
@@ -708,6 +735,28 @@ async fn serve<S: LogStore + Send + 'static>(
             source,
         })?;
     Ok(())
+}
+
+/// The text of a panic payload (raft-rs panics on a storage error).
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    let text = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("no message");
+    format!("the consensus thread panicked: {text}")
+}
+
+/// Why the server stopped, with the way out when the disk is full.
+fn stopped_hint(failure: String, data_dir: &std::path::Path) -> String {
+    if failure.contains("No space left on device") {
+        format!(
+            "{failure}: the disk of {} is full; free space there (or raise --reserve-disk-mb so writes stop earlier) and start the server again: nothing acknowledged was lost",
+            data_dir.display()
+        )
+    } else {
+        failure
+    }
 }
 
 fn read_id(local: &sled::Tree) -> Result<u64, ServerError> {

@@ -39,6 +39,7 @@ pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
         max_services: args.max_services,
         max_variables: args.max_variables,
     };
+    config.reserve_disk_bytes = args.reserve_disk_mb.saturating_mul(1 << 20);
     config.grpc_limits = skiff_control_plane::GrpcLimits {
         max_request_bytes: args.max_request_bytes as usize,
         max_raft_message_bytes: args.max_raft_message_bytes as usize,

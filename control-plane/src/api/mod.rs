@@ -312,6 +312,7 @@ pub(crate) fn status_from(err: ProposeError) -> Status {
         }
         ProposeError::Unknown(_) => Status::aborted(err.to_string()),
         ProposeError::Busy(_) => Status::unavailable(err.to_string()),
+        ProposeError::NoSpace(_) => Status::resource_exhausted(err.to_string()),
         ProposeError::Stopped => Status::internal(err.to_string()),
     }
 }

@@ -12,6 +12,7 @@
 #[cfg(test)]
 mod conformance;
 pub mod core;
+pub mod disk;
 pub mod forwarded;
 mod log_store;
 mod logger;
@@ -65,6 +66,10 @@ pub enum ProposeError {
     Membership(String),
     #[error("{0}")]
     Busy(String),
+    /// This server's disk is under its reserve (see [`disk`]); nothing was
+    /// proposed.
+    #[error("{0}")]
+    NoSpace(String),
     /// The outcome is unknown; the text says why (a leadership change, or
     /// a forwarded write the leader never confirmed).
     #[error("{0}; it may or may not have been applied")]
@@ -208,6 +213,9 @@ pub struct ConsensusConfig {
     pub election_ticks: usize,
     pub heartbeat_ticks: usize,
     pub snapshot_every: u64,
+    /// Writes are refused while the data dir's free space is under this
+    /// reserve (`None`: never).
+    pub disk_reserve: Option<Arc<disk::DiskReserve>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -228,6 +236,7 @@ pub struct Consensus {
     id: u64,
     contacts: Arc<Mutex<Contacts>>,
     election_timeout: Duration,
+    disk_reserve: Option<Arc<disk::DiskReserve>>,
 }
 
 impl Consensus {
@@ -255,6 +264,9 @@ impl Consensus {
     /// write, 7,000 with every client on the leader). Membership changes
     /// still go to the leader by a call.
     pub async fn request(&self, request: Request) -> Result<Response, ProposeError> {
+        if let Some(why) = self.disk_reserve.as_ref().and_then(|d| d.refusal()) {
+            return Err(ProposeError::NoSpace(why));
+        }
         let deadline = Instant::now() + LEADER_WAIT;
         let mut status = self.status.clone();
         let local = matches!(request, Request::Command(_));
@@ -400,6 +412,7 @@ pub fn start<S: LogStore + Send + 'static>(
         id: config.id,
         contacts: contacts.clone(),
         election_timeout: config.tick * u32::try_from(config.election_ticks).unwrap_or(u32::MAX),
+        disk_reserve: config.disk_reserve,
     };
     transport.attach(inbox_tx.clone(), core.state());
     // Snapshots are encoded and written by a worker, so a large state does
