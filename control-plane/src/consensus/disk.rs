@@ -69,7 +69,7 @@ fn mib(bytes: u64) -> String {
 /// Bytes an unprivileged writer may still use on `path`'s file system.
 fn free_bytes(path: &std::path::Path) -> Option<u64> {
     let stat = nix::sys::statvfs::statvfs(path).ok()?;
-    Some(u64::from(stat.blocks_available()).saturating_mul(u64::from(stat.fragment_size())))
+    Some(stat.blocks_available().saturating_mul(stat.fragment_size()))
 }
 
 #[cfg(test)]
