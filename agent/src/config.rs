@@ -59,6 +59,9 @@ pub struct AgentConfig {
     /// (`--allow-privileged-ports`); otherwise such a service is reported as
     /// one this node cannot publish.
     pub allow_privileged_ports: bool,
+    /// Images the node's registry credentials are used for
+    /// (`--registry-auth-scope`, see `image::PullOptions`).
+    pub registry_auth_scopes: Vec<String>,
     /// How long a stopping replica of a published service keeps running
     /// after it left the proxies' pools, for its open connections, before
     /// SIGTERM.
@@ -120,6 +123,7 @@ impl AgentConfig {
             metrics_listen: None,
             proxy_replica_metrics: false,
             allow_privileged_ports: false,
+            registry_auth_scopes: Vec::new(),
             drain: Duration::from_secs(5),
             traffic_interval: Duration::from_secs(2),
             image_gc_threshold_mb: None,

@@ -110,6 +110,7 @@ impl Fixture {
             PullOptions {
                 insecure_registries: vec![self.addr.clone()],
                 docker_config: Some(root.join("no-docker-config.json")),
+                registry_auth_scopes: Vec::new(),
             },
         )
         .unwrap()
@@ -289,6 +290,7 @@ async fn unknown_images_and_unreachable_registries_say_so() {
         PullOptions {
             insecure_registries: vec![addr.clone()],
             docker_config: None,
+            registry_auth_scopes: Vec::new(),
         },
     )
     .unwrap();
@@ -517,4 +519,149 @@ async fn blob_sizes_from_the_manifest_are_capped_and_enforced() {
             "{tag}: a partial download was left behind"
         );
     }
+}
+
+/// A second `docker-registry` that wants a user and password (htpasswd,
+/// bcrypt made by Python's `crypt`), killed by PID on drop.
+struct AuthRegistry {
+    child: std::process::Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl AuthRegistry {
+    const USER: &'static str = "node";
+    const PASSWORD: &'static str = "s3cret";
+
+    fn start() -> AuthRegistry {
+        let dir = tempfile::tempdir().unwrap();
+        let hash = Command::new("python3")
+            .args([
+                "-W",
+                "ignore",
+                "-c",
+                "import crypt,sys; print(crypt.crypt(sys.argv[1], crypt.mksalt(crypt.METHOD_BLOWFISH)))",
+                Self::PASSWORD,
+            ])
+            .output()
+            .expect("run python3");
+        assert!(hash.status.success(), "python3 crypt failed");
+        let hash = String::from_utf8(hash.stdout).unwrap();
+        std::fs::write(
+            dir.path().join("htpasswd"),
+            format!("{}:{}", Self::USER, hash.trim()),
+        )
+        .unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {root}/data\n\
+             http:\n  addr: {addr}\nauth:\n  htpasswd:\n    realm: skiff-test\n    path: {root}/htpasswd\n",
+            root = dir.path().display()
+        );
+        std::fs::write(dir.path().join("config.yml"), config).unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(dir.path().join("config.yml"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start docker-registry");
+        let registry = AuthRegistry {
+            child,
+            addr,
+            _dir: dir,
+        };
+        let started = Instant::now();
+        while std::net::TcpStream::connect(&registry.addr).is_err() {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(10),
+                "the registry did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        registry
+    }
+
+    /// Copies `from` (on the fixture registry) to `to` here, with the password.
+    fn copy(&self, f: &Fixture, from: &str, to: &str) {
+        let out = Command::new("skopeo")
+            .args([
+                "copy",
+                "--src-tls-verify=false",
+                "--dest-tls-verify=false",
+                "--dest-creds",
+                &format!("{}:{}", Self::USER, Self::PASSWORD),
+            ])
+            .arg(format!("docker://{}", f.reference(from)))
+            .arg(format!("docker://{}/{to}", self.addr))
+            .output()
+            .expect("run skopeo");
+        assert!(
+            out.status.success(),
+            "skopeo copy failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for AuthRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The confused deputy: the node's credentials for a registry must not pull
+/// every image any client names there, only those under the node's
+/// `--registry-auth-scope`; out of scope the pull is anonymous and the
+/// refusal says how to widen the scope.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_credentials_pull_only_images_in_the_nodes_auth_scope() {
+    let Some(f) = fixture() else { return };
+    let registry = AuthRegistry::start();
+    registry.copy(f, "web:v1", "acme/web:v1");
+    registry.copy(f, "web:v1", "victim/private:v1");
+    let tmp = tempfile::tempdir().unwrap();
+    let docker_config = tmp.path().join("config.json");
+    use base64::Engine;
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!(
+        "{}:{}",
+        AuthRegistry::USER,
+        AuthRegistry::PASSWORD
+    ));
+    std::fs::write(
+        &docker_config,
+        format!(
+            r#"{{"auths": {{"{}": {{"auth": "{auth}"}}}}}}"#,
+            registry.addr
+        ),
+    )
+    .unwrap();
+    let store = ImageStore::open(
+        &tmp.path().join("images"),
+        PullOptions {
+            insecure_registries: vec![registry.addr.clone()],
+            docker_config: Some(docker_config),
+            registry_auth_scopes: vec![format!("{}/acme/", registry.addr)],
+        },
+    )
+    .unwrap();
+    let inside = format!("{}/acme/web:v1", registry.addr);
+    store
+        .pull(&inside)
+        .await
+        .expect("an image in scope pulls with the node's credentials");
+    let outside = format!("{}/victim/private:v1", registry.addr);
+    let err = store.pull(&outside).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, ImageError::Unauthorized { .. }), "{err:?}");
+    assert!(
+        msg.contains(&format!("--registry-auth-scope {}/victim/", registry.addr)),
+        "{msg}"
+    );
 }

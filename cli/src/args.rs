@@ -757,6 +757,13 @@ pub struct NodeArgs {
     /// ports such as 22, 53 or 443; `skiff dev` allows them).
     #[arg(long, env = "SKIFF_ALLOW_PRIVILEGED_PORTS", help_heading = heading::NODE)]
     pub allow_privileged_ports: bool,
+    /// Use the node's registry credentials (--docker-config) only for
+    /// images under PREFIX: `registry/` (a whole registry) or
+    /// `registry/path` (repeatable). Other images are pulled anonymously, so
+    /// that whoever may create a service cannot pull private images with
+    /// the node's credentials. None by default.
+    #[arg(long = "registry-auth-scope", value_name = "PREFIX", help_heading = heading::NODE)]
+    pub registry_auth_scopes: Vec<String>,
     /// Serve GET /metrics (Prometheus text: routing proxy traffic, build
     /// and process metrics) on this address (default: the advertise
     /// address, port 9465, or any free port if that is taken; published in

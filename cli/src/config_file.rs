@@ -76,6 +76,7 @@ pub struct AgentFile {
     enable_process_runtime: Option<bool>,
     allow_host_path: Option<Vec<String>>,
     allow_privileged_ports: Option<bool>,
+    registry_auth_scope: Option<Vec<String>>,
     log_level: Option<String>,
     log_format: Option<LogFormat>,
 }

@@ -35,8 +35,15 @@ pub(crate) const MANIFEST_MEDIA_TYPES: &[&str] = &[
 
 /// A registry client shared by all pulls of one store (it caches tokens).
 pub(crate) struct Registry {
+    /// For images in the node's auth scopes, with its credentials.
     client: Client,
+    /// For every other image: `oci-client` keeps credentials per registry
+    /// once given, so a client that ever presented the node's credentials
+    /// would present them for any repository of that registry.
+    anonymous: Client,
     docker_config: Option<PathBuf>,
+    /// Repositories the node's credentials are for (`--registry-auth-scope`).
+    auth_scopes: Vec<String>,
 }
 
 fn install_crypto_provider() {
@@ -51,26 +58,76 @@ impl Registry {
     pub fn new(
         insecure_registries: &[String],
         docker_config: Option<PathBuf>,
+        auth_scopes: Vec<String>,
     ) -> Result<Self, String> {
         install_crypto_provider();
-        let config = ClientConfig {
+        let config = || ClientConfig {
             protocol: ClientProtocol::HttpsExcept(insecure_registries.to_vec()),
             platform_resolver: Some(Box::new(super::platform::host_resolver)),
             connect_timeout: Some(Duration::from_secs(10)),
             read_timeout: Some(Duration::from_secs(60)),
             ..ClientConfig::default()
         };
-        let client = Client::try_from(config).map_err(|e| e.to_string())?;
+        let client = Client::try_from(config()).map_err(|e| e.to_string())?;
+        let anonymous = Client::try_from(config()).map_err(|e| e.to_string())?;
         Ok(Registry {
             client,
+            anonymous,
             docker_config,
+            auth_scopes,
         })
     }
 
-    async fn ensure_auth(&self, reference: &Reference) {
+    /// The node's credentials for the image's registry, but only for an
+    /// image in one of the node's auth scopes: any client who may create a
+    /// service names the image, so the node's credentials for every other
+    /// repository would pull (and let it run and read) images the client
+    /// could not pull itself, the node acting as a confused deputy.
+    fn auth_for(&self, reference: &Reference) -> RegistryAuth {
+        if !in_auth_scope(&self.auth_scopes, reference) {
+            return RegistryAuth::Anonymous;
+        }
+        credentials_for(self.docker_config.as_deref(), reference.resolve_registry())
+    }
+
+    /// The client for the image, its credentials stored.
+    async fn client_for(&self, reference: &Reference) -> &Client {
+        let auth = self.auth_for(reference);
+        let client = match auth {
+            RegistryAuth::Anonymous => &self.anonymous,
+            _ => &self.client,
+        };
+        client
+            .store_auth_if_needed(reference.resolve_registry(), &auth)
+            .await;
+        client
+    }
+
+    /// Why a refused pull may have been refused: the node has credentials
+    /// for the registry that this image is not in scope of.
+    pub fn unused_credentials(&self, reference: &Reference) -> Option<String> {
+        if in_auth_scope(&self.auth_scopes, reference) {
+            return None;
+        }
         let registry = reference.resolve_registry();
-        let auth = credentials_for(self.docker_config.as_deref(), registry);
-        self.client.store_auth_if_needed(registry, &auth).await;
+        if matches!(
+            credentials_for(self.docker_config.as_deref(), registry),
+            RegistryAuth::Anonymous
+        ) {
+            return None;
+        }
+        Some(format!(
+            "this node has credentials for {registry}, but uses them only for images under its --registry-auth-scope prefixes ({}), so that no one who can create a service pulls private images with them; add a scope to the agent (e.g. --registry-auth-scope {}) if every user of the cluster may pull {}",
+            if self.auth_scopes.is_empty() {
+                "none".to_string()
+            } else {
+                self.auth_scopes.join(", ")
+            },
+            repository_of(reference)
+                .rsplit_once('/')
+                .map_or(registry.to_string(), |(parent, _)| format!("{parent}/")),
+            repository_of(reference)
+        ))
     }
 
     /// The raw manifest (or index) the reference names and its digest,
@@ -80,12 +137,24 @@ impl Registry {
         reference: &Reference,
         display: &str,
     ) -> Result<(Vec<u8>, String), ImageError> {
-        self.ensure_auth(reference).await;
         let (bytes, _digest) = self
-            .client
+            .client_for(reference)
+            .await
             .pull_manifest_raw(reference, &RegistryAuth::Anonymous, MANIFEST_MEDIA_TYPES)
             .await
-            .map_err(|e| map_error(e, reference, display))?;
+            .map_err(|e| match map_error(e, reference, display) {
+                ImageError::Unauthorized {
+                    reference: r,
+                    reason,
+                } => ImageError::Unauthorized {
+                    reference: r,
+                    reason: match self.unused_credentials(reference) {
+                        Some(hint) => format!("{reason}; {hint}"),
+                        None => reason,
+                    },
+                },
+                other => other,
+            })?;
         // The registry's Docker-Content-Digest is trusted only as far as it
         // matches the bytes; ours is the sha256 of what we received.
         let digest = super::store::sha256_digest(&bytes);
@@ -108,8 +177,8 @@ impl Registry {
         digest: &str,
         display: &str,
     ) -> Result<SizedStream, ImageError> {
-        self.ensure_auth(reference).await;
-        self.client
+        self.client_for(reference)
+            .await
             .pull_blob_stream(reference, digest)
             .await
             .map_err(|e| map_error(e, reference, display))
@@ -284,6 +353,31 @@ fn normalize_registry(host: &str) -> String {
     }
 }
 
+/// `registry/repository` of an image, Docker Hub spelled `docker.io`.
+fn repository_of(reference: &Reference) -> String {
+    format!(
+        "{}/{}",
+        normalize_registry(reference.resolve_registry()),
+        reference.repository()
+    )
+}
+
+/// Whether the image is under one of the `scopes` (`registry/` for a whole
+/// registry, `registry/path` for a repository and everything under it).
+fn in_auth_scope(scopes: &[String], reference: &Reference) -> bool {
+    let repository = repository_of(reference);
+    scopes.iter().any(|scope| {
+        let scope = scope.trim_end_matches('/');
+        let (host, path) = scope.split_once('/').unwrap_or((scope, ""));
+        let scope = if path.is_empty() {
+            normalize_registry(host)
+        } else {
+            format!("{}/{path}", normalize_registry(host))
+        };
+        repository == scope || repository.starts_with(&format!("{scope}/"))
+    })
+}
+
 /// Credentials for `registry` from the Docker config (`auths.<host>.auth`,
 /// base64 `user:pass`, or `username`/`password`); anonymous when there are
 /// none. Read at each pull, so a `docker login` takes effect without a
@@ -367,6 +461,60 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn node_credentials_apply_only_to_images_in_its_scopes() {
+        let scopes = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let image = |r: &str| parse_reference(r).unwrap();
+        // No scope: never (the confused deputy: any image a client names).
+        assert!(!in_auth_scope(&[], &image("ghcr.io/acme/app:v1")));
+        let acme = scopes(&["ghcr.io/acme"]);
+        assert!(in_auth_scope(&acme, &image("ghcr.io/acme/app:v1")));
+        assert!(in_auth_scope(&acme, &image("ghcr.io/acme/team/app@sha256:0000000000000000000000000000000000000000000000000000000000000000")));
+        assert!(!in_auth_scope(&acme, &image("ghcr.io/acmecorp/app:v1")));
+        assert!(!in_auth_scope(&acme, &image("ghcr.io/other/app:v1")));
+        assert!(!in_auth_scope(&acme, &image("acme/app:v1")));
+        // A whole registry, and Docker Hub by any of its names.
+        let local = scopes(&["127.0.0.1:5000/"]);
+        assert!(in_auth_scope(&local, &image("127.0.0.1:5000/x/y:1")));
+        assert!(!in_auth_scope(&local, &image("127.0.0.1:5001/x/y:1")));
+        let hub = scopes(&["index.docker.io/acme/"]);
+        assert!(in_auth_scope(&hub, &image("acme/app")));
+        assert!(in_auth_scope(&hub, &image("docker.io/acme/app:v2")));
+        assert!(!in_auth_scope(&hub, &image("busybox")));
+    }
+
+    #[test]
+    fn an_out_of_scope_image_is_pulled_anonymously_and_a_refusal_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::write(
+            &path,
+            r#"{"auths": {"ghcr.io": {"username": "node", "password": "secret"}}}"#,
+        )
+        .unwrap();
+        let registry = Registry::new(&[], Some(path), vec!["ghcr.io/acme/".to_string()]).unwrap();
+        let inside = parse_reference("ghcr.io/acme/app:v1").unwrap();
+        let outside = parse_reference("ghcr.io/victim/private:v1").unwrap();
+        assert!(matches!(
+            registry.auth_for(&inside),
+            RegistryAuth::Basic(..)
+        ));
+        assert!(matches!(
+            registry.auth_for(&outside),
+            RegistryAuth::Anonymous
+        ));
+        assert_eq!(registry.unused_credentials(&inside), None);
+        let hint = registry.unused_credentials(&outside).unwrap();
+        assert!(
+            hint.contains("--registry-auth-scope ghcr.io/victim/"),
+            "{hint}"
+        );
+        assert!(hint.contains("(ghcr.io/acme/)"), "{hint}");
+        // No credentials for the registry at all: nothing to say.
+        let other = parse_reference("quay.io/x/y:1").unwrap();
+        assert_eq!(registry.unused_credentials(&other), None);
+    }
+
     fn registry_error(code: OciErrorCode, message: &str) -> OciDistributionError {
         OciDistributionError::RegistryError {
             envelope: oci_client::errors::OciEnvelope {
@@ -440,7 +588,7 @@ mod tests {
         });
         let display = format!("{address}/skiff-test/web:v1");
         let reference = parse_reference(&display).unwrap();
-        let registry = Registry::new(&[], None).unwrap();
+        let registry = Registry::new(&[], None, Vec::new()).unwrap();
         let e = registry.manifest(&reference, &display).await.unwrap_err();
         assert_eq!(
             e.to_string(),

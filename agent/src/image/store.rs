@@ -57,6 +57,10 @@ pub struct PullOptions {
     /// Docker `config.json` with credentials (`auths.<host>.auth`); default
     /// `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`.
     pub docker_config: Option<PathBuf>,
+    /// The images the node's credentials are used for: `registry/` or
+    /// `registry/path` prefixes (`--registry-auth-scope`); others are
+    /// pulled anonymously.
+    pub registry_auth_scopes: Vec<String>,
 }
 
 /// An image whose blobs are verified and whose layers are unpacked on this
@@ -235,12 +239,15 @@ impl ImageStore {
                 }
             }
         }
-        let registry = Registry::new(&options.insecure_registries, options.docker_config).map_err(
-            |reason| ImageError::Pull {
-                reference: String::new(),
-                reason: format!("cannot create registry client: {reason}"),
-            },
-        )?;
+        let registry = Registry::new(
+            &options.insecure_registries,
+            options.docker_config,
+            options.registry_auth_scopes,
+        )
+        .map_err(|reason| ImageError::Pull {
+            reference: String::new(),
+            reason: format!("cannot create registry client: {reason}"),
+        })?;
         Ok(ImageStore {
             inner: Arc::new(Inner {
                 root: root.to_path_buf(),

@@ -233,6 +233,7 @@ fn agent_config(
     config.metrics_listen = node.metrics_listen;
     config.proxy_replica_metrics = node.proxy_replica_metrics;
     config.allow_privileged_ports = node.allow_privileged_ports;
+    config.registry_auth_scopes = node.registry_auth_scopes.clone();
     config.drain = Duration::from_secs_f64(node.drain_secs);
     config.image_gc_threshold_mb = node.image_gc_threshold_mb;
     config

@@ -342,6 +342,7 @@ pub fn open_store(config: &crate::config::AgentConfig) -> Option<std::sync::Arc<
     let options = crate::image::PullOptions {
         insecure_registries: config.insecure_registries.clone(),
         docker_config: config.docker_config.clone(),
+        registry_auth_scopes: config.registry_auth_scopes.clone(),
     };
     let root = config.data_dir.join("images");
     match crate::image::ImageStore::open(&root, options) {
