@@ -758,10 +758,11 @@ pub struct NodeArgs {
     #[arg(long, env = "SKIFF_ALLOW_PRIVILEGED_PORTS", help_heading = heading::NODE)]
     pub allow_privileged_ports: bool,
     /// Use the node's registry credentials (--docker-config) only for
-    /// images under PREFIX: `registry/` (a whole registry) or
-    /// `registry/path` (repeatable). Other images are pulled anonymously, so
-    /// that whoever may create a service cannot pull private images with
-    /// the node's credentials. None by default.
+    /// images under PREFIX: `registry/` (a whole registry),
+    /// `registry/path`, or `*` for all (repeatable). Other images are pulled
+    /// anonymously, so that whoever may create a service cannot pull
+    /// private images with the node's credentials. None by default (`*` in
+    /// `skiff dev`, the machine user's own cluster).
     #[arg(long = "registry-auth-scope", value_name = "PREFIX", help_heading = heading::NODE)]
     pub registry_auth_scopes: Vec<String>,
     /// Serve GET /metrics (Prometheus text: routing proxy traffic, build

@@ -363,10 +363,14 @@ fn repository_of(reference: &Reference) -> String {
 }
 
 /// Whether the image is under one of the `scopes` (`registry/` for a whole
-/// registry, `registry/path` for a repository and everything under it).
+/// registry, `registry/path` for a repository and everything under it, `*`
+/// for every image).
 fn in_auth_scope(scopes: &[String], reference: &Reference) -> bool {
     let repository = repository_of(reference);
     scopes.iter().any(|scope| {
+        if scope == "*" {
+            return true;
+        }
         let scope = scope.trim_end_matches('/');
         let (host, path) = scope.split_once('/').unwrap_or((scope, ""));
         let scope = if path.is_empty() {
@@ -481,6 +485,7 @@ mod tests {
         assert!(in_auth_scope(&hub, &image("acme/app")));
         assert!(in_auth_scope(&hub, &image("docker.io/acme/app:v2")));
         assert!(!in_auth_scope(&hub, &image("busybox")));
+        assert!(in_auth_scope(&scopes(&["*"]), &image("busybox")));
     }
 
     #[test]

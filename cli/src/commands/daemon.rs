@@ -97,6 +97,10 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     // Its published ports are on loopback, and the machine is its user's:
     // `--publish 80` works as with `docker run -p 80:80`.
     agent.allow_privileged_ports = true;
+    // And its user's `docker login` is theirs to use for any image.
+    if agent.registry_auth_scopes.is_empty() {
+        agent.registry_auth_scopes = vec!["*".to_string()];
+    }
     // One process holds the CA: the agent's certificate comes from it
     // directly (the server loads the same CA when it starts).
     agent.credentials = Some(dev_credentials(&server_config, &agent)?);
