@@ -653,8 +653,9 @@ pub struct ServerArgs {
     /// Streams one client connection may have open at once.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(16..), env = "SKIFF_MAX_CONCURRENT_STREAMS", help_heading = heading::RAFT)]
     pub max_concurrent_streams: u32,
-    /// How long a call may take to answer (streams, once answered, run on).
-    #[arg(long, default_value = "60s", value_parser = parse_millis, env = "SKIFF_REQUEST_TIMEOUT", help_heading = heading::RAFT)]
+    /// How long a call may take to answer (streams, once answered, run on;
+    /// the longest call, `node prune` relayed to an agent, allows 120 s).
+    #[arg(long, default_value = "150s", value_parser = parse_millis, env = "SKIFF_REQUEST_TIMEOUT", help_heading = heading::RAFT)]
     pub request_timeout: u32,
     /// With --bootstrap: start the new cluster from this backup (`skiff
     /// cluster snapshot save`) instead of empty, in an empty data dir. Its

@@ -24,6 +24,11 @@ mod output;
 mod terminal;
 
 use clap::{CommandFactory, FromArgMatches};
+
+/// musl's allocator serializes threads; the static binary uses mimalloc.
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tracing_subscriber::EnvFilter;
 
 use args::{Cli, Command, LogFormat};

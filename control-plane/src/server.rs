@@ -129,7 +129,7 @@ impl Default for GrpcLimits {
             max_request_bytes: 4 << 20,
             max_raft_message_bytes: MAX_MESSAGE_BYTES,
             max_concurrent_streams: 1024,
-            request_timeout: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(150),
         }
     }
 }

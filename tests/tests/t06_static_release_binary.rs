@@ -6,9 +6,9 @@
 //! behind the routing proxy, they answer with their identity, and `service
 //! rm` leaves nothing behind.
 //!
-//! Run by `deploy/test.sh`'s `static` phase with `SKIFF_BIN` set to the
-//! release binary (`--run-ignored only`): the rest of the suite runs the
-//! ordinary build, which is not static.
+//! Run by `deploy/test.sh`, whose whole suite runs with `SKIFF_BIN` set to
+//! the static release binary (`--run-ignored all`); ignored in a plain
+//! `cargo test`, where `SKIFF_BIN` is the ordinary build.
 
 use std::collections::BTreeSet;
 use std::process::Command;
@@ -18,7 +18,7 @@ use skiff_e2e::containers::{leftovers, OciDev, Registry};
 use skiff_e2e::{answers, free_port, http_get, run_with_timeout, skiff_bin, wait_until, POLL};
 
 #[test]
-#[ignore = "needs SKIFF_BIN = deploy/release.sh's binary: run by deploy/test.sh's static phase"]
+#[ignore = "needs SKIFF_BIN = deploy/release.sh's binary: run by deploy/test.sh, whose suite runs against it"]
 fn the_static_release_binary_runs_the_skeleton_end_to_end() {
     let bin = skiff_bin();
 
