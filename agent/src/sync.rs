@@ -433,9 +433,15 @@ impl<'a, R: Runtime> SyncLoop<'a, R> {
             .keep_alive_while_idle(true);
         let connected = match &self.tls {
             Some(config) => {
-                let connector =
-                    skiff_pki::tls::connector(config.clone(), skiff_pki::identity::SERVER_NAME)
-                        .expect("the server name is a valid DNS name");
+                // From the node's own loopback address, if it has one, so
+                // packet filters can tell this agent apart (partition tests).
+                let source = skiff_pki::tls::loopback_source(self.config.advertise);
+                let connector = skiff_pki::tls::connector_from(
+                    config.clone(),
+                    skiff_pki::identity::SERVER_NAME,
+                    source,
+                )
+                .expect("the server name is a valid DNS name");
                 endpoint.connect_with_connector(connector).await
             }
             None => endpoint.connect().await,

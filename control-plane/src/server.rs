@@ -443,8 +443,12 @@ async fn serve<S: LogStore + Send + 'static>(
     // this server as soon as the membership change commits.
     let mut secrets_key = SecretKey::load(&config.data_dir)?;
     let lifetime = config.cert_lifetime;
-    let local_trust =
-        |create: bool| trust::load_or_bootstrap(&config.data_dir, &config.name, lifetime, create);
+    // Other servers see this one's connections come from its own address
+    // when it has a loopback one of its own (partition tests filter on it).
+    let source = skiff_pki::tls::loopback_source(listen.ip());
+    let local_trust = |create: bool| {
+        trust::load_or_bootstrap(&config.data_dir, &config.name, lifetime, create, source)
+    };
     let mut joined_trust = None;
     let (id, seeds) = if store.is_initialized() {
         if config.restore.is_some() {
@@ -510,6 +514,7 @@ async fn serve<S: LogStore + Send + 'static>(
             &ca_cert,
             &ca_key,
             lifetime,
+            source,
         )?);
         if let Some(key) = key {
             key.store(&config.data_dir)?;

@@ -7,6 +7,7 @@
 //! then the CA in the Join answer; a restarting one loads both from
 //! `DATA/pki`.
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,9 +46,10 @@ impl Trust {
         credentials: Arc<Credentials>,
         lifetime: Duration,
         dir: PathBuf,
+        source: Option<IpAddr>,
     ) -> Result<Arc<Trust>, PkiError> {
         let client_config = credentials.client_config()?;
-        let dial_servers = server_dial(&client_config);
+        let dial_servers = server_dial(&client_config, source);
         Ok(Arc::new(Trust {
             ca,
             credentials,
@@ -124,12 +126,14 @@ impl Trust {
 }
 
 /// The trust of a server whose data dir holds its CA and certificate, or
-/// of a bootstrapping server (which creates both).
+/// of a bootstrapping server (which creates both). It dials other servers
+/// from `source` when given ([`tls::loopback_source`]).
 pub fn load_or_bootstrap(
     data_dir: &Path,
     name: &str,
     lifetime: Duration,
     create: bool,
+    source: Option<IpAddr>,
 ) -> Result<Option<Arc<Trust>>, PkiError> {
     let dir = files::pki_dir(data_dir);
     let ca = match ClusterCa::load(&dir)? {
@@ -152,7 +156,7 @@ pub fn load_or_bootstrap(
             credentials
         }
     };
-    Trust::new(ca, credentials, lifetime, dir).map(Some)
+    Trust::new(ca, credentials, lifetime, dir, source).map(Some)
 }
 
 /// The trust of a server that joined: its credentials (from
@@ -163,6 +167,7 @@ pub fn joined(
     ca_cert_pem: &str,
     ca_key_pem: &str,
     lifetime: Duration,
+    source: Option<IpAddr>,
 ) -> Result<Arc<Trust>, PkiError> {
     let dir = files::pki_dir(data_dir);
     let ca = ClusterCa::from_pem(ca_cert_pem, ca_key_pem)?;
@@ -172,13 +177,14 @@ pub fn joined(
         ));
     }
     ca.save(&dir)?;
-    Trust::new(ca, credentials, lifetime, dir)
+    Trust::new(ca, credentials, lifetime, dir, source)
 }
 
-/// Dials servers with `config`, checking they hold a server certificate.
-fn server_dial(config: &Arc<rustls::ClientConfig>) -> Dial {
-    let connector =
-        tls::connector(config.clone(), SERVER_NAME).expect("the server name is a valid DNS name");
+/// Dials servers with `config` from `source` (if given), checking they
+/// hold a server certificate.
+fn server_dial(config: &Arc<rustls::ClientConfig>, source: Option<IpAddr>) -> Dial {
+    let connector = tls::connector_from(config.clone(), SERVER_NAME, source)
+        .expect("the server name is a valid DNS name");
     let eager = connector.clone();
     Dial::new(
         move |endpoint: Endpoint| endpoint.connect_with_connector_lazy(connector.clone()),

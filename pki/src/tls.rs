@@ -12,7 +12,7 @@
 //!
 //! TLS 1.3 only, P-256 keys, the `ring` provider (no C build).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
@@ -573,6 +573,26 @@ pub fn connector(
         + 'static,
     PkiError,
 > {
+    connector_from(config, peer_name, None)
+}
+
+/// Like [`connector`], with the local end of each connection bound to
+/// `source` when it is given (see [`loopback_source`]).
+pub fn connector_from(
+    config: Arc<ClientConfig>,
+    peer_name: &str,
+    source: Option<IpAddr>,
+) -> Result<
+    impl tower::Service<
+            tonic::transport::Uri,
+            Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
+            Error = std::io::Error,
+            Future = impl Send,
+        > + Clone
+        + Send
+        + 'static,
+    PkiError,
+> {
     let name = ServerName::try_from(peer_name.to_string())
         .map_err(|e| PkiError::Invalid(format!("invalid peer name {peer_name}: {e}")))?;
     let connector = TlsConnector::from(config);
@@ -587,11 +607,54 @@ pub fn connector(
                 .trim_end_matches(']')
                 .to_string();
             let port = uri.port_u16().unwrap_or(443);
-            let tcp = TcpStream::connect((host.as_str(), port)).await?;
+            let tcp = match source {
+                None => TcpStream::connect((host.as_str(), port)).await?,
+                Some(source) => connect_from(source, &host, port).await?,
+            };
             tcp.set_nodelay(true)?;
             let tls = connector.connect(name, tcp).await?;
             Ok(hyper_util::rt::TokioIo::new(tls))
         }
+    }))
+}
+
+/// The address to dial from for a process that listens (or advertises)
+/// on `ip`: `ip` itself when it is a loopback address other than
+/// 127.0.0.1 and ::1, else none (the kernel chooses, as it always did).
+/// Processes on one machine that each own a loopback address then also
+/// send from it, so packet filters can tell them apart by address pair
+/// (the partition tests cut 127.0.0.21 from 127.0.0.22 this way); a
+/// loopback connection would otherwise always come from 127.0.0.1.
+pub fn loopback_source(ip: IpAddr) -> Option<IpAddr> {
+    let default = match ip {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+    };
+    (ip.is_loopback() && ip != default).then_some(ip)
+}
+
+/// A TCP connection to `host:port` whose local end is bound to `source`.
+async fn connect_from(source: IpAddr, host: &str, port: u16) -> std::io::Result<TcpStream> {
+    let mut last = None;
+    for peer in tokio::net::lookup_host((host, port)).await? {
+        if peer.is_ipv4() != source.is_ipv4() {
+            continue;
+        }
+        let socket = if source.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.bind(SocketAddr::new(source, 0))?;
+        match socket.connect(peer).await {
+            Ok(stream) => return Ok(stream),
+            Err(err) => last = Some(err),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::other(format!(
+            "no address of {host}:{port} reachable from {source}"
+        ))
     }))
 }
 
@@ -664,6 +727,27 @@ fn retry_delay(credentials: &Credentials) -> Duration {
 mod tests {
     use super::*;
     use crate::ClusterCa;
+
+    #[test]
+    fn only_loopback_addresses_other_than_localhost_pick_the_source() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(loopback_source(ip("127.0.0.21")), Some(ip("127.0.0.21")));
+        assert_eq!(loopback_source(ip("127.0.0.1")), None);
+        assert_eq!(loopback_source(ip("::1")), None);
+        assert_eq!(loopback_source(ip("0.0.0.0")), None);
+        assert_eq!(loopback_source(ip("10.1.2.3")), None);
+    }
+
+    #[tokio::test]
+    async fn a_connection_from_a_loopback_source_leaves_from_it() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let source: IpAddr = "127.0.0.29".parse().unwrap();
+        let (dialed, accepted) =
+            tokio::join!(connect_from(source, "127.0.0.1", port), listener.accept());
+        assert_eq!(dialed.unwrap().local_addr().unwrap().ip(), source);
+        assert_eq!(accepted.unwrap().1.ip(), source);
+    }
 
     #[test]
     fn renewal_falls_between_half_and_four_fifths_of_the_lifetime() {

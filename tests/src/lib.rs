@@ -12,6 +12,7 @@ pub mod agents;
 pub mod containers;
 pub mod load;
 pub mod metrics;
+pub mod partition;
 pub mod servers;
 pub mod webdriver;
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tempfile::TempDir;
 
-use crate::{free_port, skiff_at, skiff_bin, wait_until, POLL};
+use crate::{free_port, json_at, skiff_at, skiff_bin, wait_until, POLL};
 
 /// The role `skiff cluster status` gives a server that joined and is not
 /// yet a voter.
@@ -23,11 +23,22 @@ pub struct ServerCluster {
     extra_args: Vec<String>,
     /// Added to the environment of the next server spawned.
     env: Vec<(String, String)>,
+    /// The loopback address of each server to come (127.0.0.1 past the
+    /// end): partition tests give each server one of its own.
+    ips: Vec<String>,
 }
 
 impl ServerCluster {
     /// Starts `size` servers: the first bootstraps, the others join it.
     pub fn start(size: usize, extra_args: &[&str]) -> Self {
+        Self::start_on(&vec!["127.0.0.1"; size], extra_args)
+    }
+
+    /// Like [`ServerCluster::start`], one server per address in `ips`
+    /// (loopback addresses; each server also dials other servers from its
+    /// own, so packet filters can cut address pairs, see `partition`).
+    pub fn start_on(ips: &[&str], extra_args: &[&str]) -> Self {
+        let size = ips.len();
         let dir = tempfile::Builder::new()
             .prefix("skiff-servers-")
             .tempdir()
@@ -38,6 +49,7 @@ impl ServerCluster {
             children: Vec::new(),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             env: Vec::new(),
+            ips: ips.iter().map(|ip| ip.to_string()).collect(),
         };
         for _ in 0..size {
             cluster.add_server();
@@ -49,7 +61,8 @@ impl ServerCluster {
     /// Starts one more server that joins through the first one.
     pub fn add_server(&mut self) -> usize {
         let index = self.addresses.len();
-        self.addresses.push(format!("127.0.0.1:{}", free_port()));
+        let ip = self.ips.get(index).map_or("127.0.0.1", String::as_str);
+        self.addresses.push(format!("{ip}:{}", free_port()));
         self.children.push(None);
         self.spawn(index);
         if index == 0 {
@@ -179,6 +192,36 @@ impl ServerCluster {
                     .ok()
                     .filter(|s| s["leader"] != "")
             })
+    }
+
+    /// `skiff cluster status` as server `index` itself sees it (its own
+    /// role, term and commit index; `leader` is empty while it knows none).
+    pub fn status_of(&self, index: usize) -> Option<Value> {
+        json_at(&self.addresses[index], &["cluster", "status"])
+    }
+
+    /// Server `index`'s role in its own eyes (`leader`, `follower`, ...).
+    pub fn role_of(&self, index: usize) -> Option<String> {
+        let status = self.status_of(index)?;
+        let me = &self.addresses[index];
+        status["members"]
+            .as_array()?
+            .iter()
+            .find(|m| m["address"] == me.as_str())
+            .and_then(|m| m["role"].as_str())
+            .map(str::to_string)
+    }
+
+    /// The leader server `index` knows of, by index.
+    pub fn leader_seen_by(&self, index: usize) -> Option<usize> {
+        let status = self.status_of(index)?;
+        let leader = status["members"]
+            .as_array()?
+            .iter()
+            .find(|m| m["role"] == "leader")?;
+        self.addresses
+            .iter()
+            .position(|a| leader["address"] == a.as_str())
     }
 
     /// Index of the current leader, as a running server reports it.

@@ -132,10 +132,11 @@ fn bench_raft_writes_through_every_server_on_both_log_stores() {
     }
 }
 
-/// Two short chaos runs, one per log store: leaders killed and servers
-/// paused under put/get/cas load, every history linearizable.
+/// Two short chaos runs, one per log store: leaders killed, servers
+/// paused and (as root with iptables) partitioned under put/get/cas load,
+/// every history linearizable.
 #[test]
-fn bench_chaos_histories_under_kills_and_pauses_are_linearizable() {
+fn bench_chaos_histories_under_kills_pauses_and_partitions_are_linearizable() {
     for log in ["sled", "wal"] {
         let out = bench(
             &[
@@ -163,8 +164,12 @@ fn bench_chaos_histories_under_kills_and_pauses_are_linearizable() {
         };
         assert!(count("ops") > 1000, "{log}: a real load: {summary}");
         assert!(
-            count("kills") + count("pauses") >= 1,
+            count("kills") + count("pauses") + count("partitions") >= 1,
             "{log}: faults were injected: {summary}"
+        );
+        assert!(
+            skiff_e2e::partition::available() != out.contains("chaos: no partitions"),
+            "{log}: partitions are used exactly when iptables is: {out}"
         );
     }
 }

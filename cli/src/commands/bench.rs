@@ -138,12 +138,28 @@ impl LocalCluster {
 
     /// Like [`LocalCluster::start`], with `server_args` on every server.
     pub async fn start_with(size: usize, server_args: Vec<String>) -> anyhow::Result<Self> {
+        let localhost = vec![std::net::Ipv4Addr::LOCALHOST; size];
+        Self::start_on(&localhost, server_args).await
+    }
+
+    /// Like [`LocalCluster::start_with`], one server per loopback address
+    /// in `ips` (each also dials the others from its own address, so
+    /// packet filters can cut address pairs: `bench chaos` partitions).
+    pub async fn start_on(
+        ips: &[std::net::Ipv4Addr],
+        server_args: Vec<String>,
+    ) -> anyhow::Result<Self> {
+        let size = ips.len();
         let dir = std::env::temp_dir().join(format!("skiff-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let ports = (0..size)
             .map(|_| free_port())
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let addresses: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let addresses: Vec<String> = ips
+            .iter()
+            .zip(&ports)
+            .map(|(ip, p)| format!("{ip}:{p}"))
+            .collect();
         let mut cluster = LocalCluster {
             addresses,
             children: Vec::new(),

@@ -194,6 +194,7 @@ fn dev_credentials(
         &server.name,
         server.cert_lifetime,
         true,
+        None,
     )?
     .context("the dev server's CA")?;
     let key = Credentials::generate_key()?;

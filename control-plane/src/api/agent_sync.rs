@@ -260,7 +260,24 @@ impl Api {
             if !caught_up {
                 caught_up = self.shared_barrier().await.is_ok();
             }
-            let changed = self.consensus.state().node_changed_index(&node);
+            // A node marked down has its stream ended, and nothing sent
+            // to it (stop everything, as its replicas were written off)
+            // first: its agent, which keeps running what it has, registers
+            // again once it can, with the state of every replica, and its
+            // replicas nothing replaced meanwhile are kept
+            // (`keep_unreplaced`) rather than stopped and placed again.
+            let (changed, down) = {
+                let state = self.consensus.state();
+                let down = state
+                    .nodes
+                    .get(&node)
+                    .is_some_and(|n| n.status == crate::state::NodeStatus::Down);
+                (state.node_changed_index(&node), down)
+            };
+            if caught_up && down {
+                tracing::info!(node = %node, "node marked down: its stream ends");
+                break;
+            }
             if caught_up && last_index != Some(changed) {
                 last_index = Some(changed);
                 let assignments = self.assignments(&node);

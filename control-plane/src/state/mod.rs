@@ -198,8 +198,13 @@ impl State {
                 if previous != Some(&node) {
                     self.nodes.insert(name.clone(), node);
                 }
-                if came_up {
-                    self.event(index, EventKind::NodeUp, "", &name, "", "registered");
+                let kept = self.keep_unreplaced(index, &name);
+                if came_up || kept > 0 {
+                    let message = match kept {
+                        0 => "registered".to_string(),
+                        n => format!("registered; {n} replicas it still runs kept (not replaced while it was down)"),
+                    };
+                    self.event(index, EventKind::NodeUp, "", &name, "", &message);
                 }
                 Ok(Outcome::Done)
             }

@@ -736,6 +736,65 @@ mod tests {
             .is_empty());
     }
 
+    /// The agent of `node` registers again (as after a partition heals).
+    fn register_again(f: &mut Fixture, node: &str) {
+        f.apply(Command::RegisterNode {
+            process_runtime: true,
+            agent_address: String::new(),
+            name: node.to_string(),
+            address: "127.0.0.1".into(),
+            port_range: (20000, 20100),
+            cpu_millis: 0,
+            memory_mb: 0,
+            labels: [("zone".to_string(), "a".to_string())].into(),
+        });
+    }
+
+    #[test]
+    fn a_cut_off_nodes_unreplaced_replicas_are_kept_when_its_agent_registers_again() {
+        let mut f = Fixture::new(&[("n1", "a")]);
+        f.service(spec("web", 2));
+        f.place("a", "web", "n1", AllocState::Running);
+        f.place("b", "web", "n1", AllocState::Running);
+        f.apply(Command::SetNodeStatus {
+            name: "n1".into(),
+            status: NodeStatus::Down,
+        });
+        assert_eq!(f.state.allocs["a"].desired, DesiredState::Stop);
+        register_again(&mut f, "n1");
+        for id in ["a", "b"] {
+            assert_eq!(f.state.allocs[id].desired, DesiredState::Run, "{id}");
+        }
+        let decision = reconcile(&f.state, "web", 0, &Traffic::new());
+        assert_eq!(placed(&decision), 0);
+        assert!(decision.stop.is_empty() && decision.lost.is_empty());
+        f.report("a", "n1", AllocState::Running);
+        assert!(f.state.allocs["a"].is_live());
+    }
+
+    #[test]
+    fn a_cut_off_nodes_replaced_replicas_stay_stopped_when_its_agent_registers_again() {
+        let mut f = Fixture::new(&[("n1", "a"), ("n2", "a")]);
+        f.service(spec("web", 2));
+        f.place("a", "web", "n1", AllocState::Running);
+        f.place("b", "web", "n1", AllocState::Running);
+        f.apply(Command::SetNodeStatus {
+            name: "n1".into(),
+            status: NodeStatus::Down,
+        });
+        // One of the two was replaced on n2 meanwhile: one is kept.
+        f.place("c", "web", "n2", AllocState::Running);
+        register_again(&mut f, "n1");
+        let kept = ["a", "b"]
+            .iter()
+            .filter(|id| f.state.allocs[**id].desired == DesiredState::Run)
+            .count();
+        assert_eq!(kept, 1);
+        let decision = reconcile(&f.state, "web", 0, &Traffic::new());
+        assert_eq!(placed(&decision), 0);
+        assert!(decision.stop.is_empty(), "{:?}", decision.stop);
+    }
+
     #[test]
     fn a_returning_agents_report_replaces_the_unknown_state() {
         let mut f = Fixture::new(&[("n1", "a"), ("n2", "a")]);
@@ -745,6 +804,7 @@ mod tests {
             name: "n1".into(),
             status: NodeStatus::Down,
         });
+        f.place("b", "web", "n2", AllocState::Healthy);
         f.apply(Command::SetNodeStatus {
             name: "n1".into(),
             status: NodeStatus::Ready,

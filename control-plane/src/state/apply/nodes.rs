@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use super::super::{
     AllocState, Availability, CommandError, DesiredState, EventKind, NodeStatus, Outcome,
-    PortFailure, State,
+    PortFailure, ServiceMode, State,
 };
 
 impl State {
@@ -58,7 +58,13 @@ impl State {
         node.status = status;
         match status {
             NodeStatus::Ready => {
-                self.event(index, EventKind::NodeUp, "", name, "", "heartbeats resumed");
+                let message = match self.keep_unreplaced(index, name) {
+                    0 => "heartbeats resumed".to_string(),
+                    n => format!(
+                        "heartbeats resumed; {n} replicas it still runs kept (not replaced while it was down)"
+                    ),
+                };
+                self.event(index, EventKind::NodeUp, "", name, "", &message);
             }
             NodeStatus::Down => {
                 self.event(
@@ -97,6 +103,52 @@ impl State {
             }
         }
         Ok(Outcome::Done)
+    }
+
+    /// Takes back the replicas of node `name` that were stopped only
+    /// because it was down (their state is still unknown) and that nothing
+    /// replaced meanwhile: its agent, registering again, still runs them
+    /// (a partition, not a crash), and stopping them to place the same
+    /// replicas again would restart them for nothing. Only replicas of the
+    /// service's current version on an active node, and only as many as
+    /// the service lacks; the rest stay stopped. Returns how many.
+    ///
+    /// Called when the node is back: its agent's stream, silent while the
+    /// node was down, is woken to send the node's assignments.
+    pub(in crate::state) fn keep_unreplaced(&mut self, index: u64, name: &str) -> usize {
+        self.index.node_changed.insert(name.to_string(), index);
+        let active = self
+            .nodes
+            .get(name)
+            .is_some_and(|n| n.availability == Availability::Active);
+        if !active {
+            return 0;
+        }
+        let candidates: Vec<String> = self
+            .allocs_on(name)
+            .filter(|a| a.desired == DesiredState::Stop && a.state == AllocState::Unknown)
+            .map(|a| a.id.clone())
+            .collect();
+        let mut kept = 0;
+        for id in candidates {
+            let Some(alloc) = self.allocs.get(&id) else {
+                continue;
+            };
+            let wanted = self.services.get(&alloc.service).is_some_and(|s| {
+                s.spec.mode == ServiceMode::Replicated
+                    && s.version == alloc.version
+                    && self.counted_replicas(&alloc.service) < s.spec.replicas as usize
+            });
+            if !wanted {
+                continue;
+            }
+            if let Some(alloc) = self.allocs.get_mut(&id) {
+                alloc.desired = DesiredState::Run;
+                alloc.modify_index = index;
+                kept += 1;
+            }
+        }
+        kept
     }
 
     /// Forgets a down node and every allocation placed on it (whatever
