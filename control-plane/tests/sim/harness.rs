@@ -599,7 +599,7 @@ impl<D: Disk> Sim<D> {
     }
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct Stats {
     pub virtual_ms: u64,
     pub acknowledged: usize,
