@@ -19,8 +19,8 @@
 //! runs that range in every scenario and store and prints a summary (time,
 //! crashes, torn writes). Measured on two cores shared with other builds,
 //! release mode: 1,000 seeds of every scenario and store pass in 16 min (so
-//! 10,000 take about 2.7 h); 10,000 of the one-server scenario over the WAL
-//! in 7 min. The default run is a few hundred seeds, most over [`MemLog`]:
+//! 10,000 take about 2.7 h); 10,000 over the WAL in 7 min for one server
+//! and 19 min for three. The default run is a few hundred seeds, most over [`MemLog`]:
 //! CI runs it in the debug profile, where the WAL's seeds cost the most.
 //!
 //! [`Core`]: skiff_control_plane::consensus::core::Core
