@@ -336,7 +336,7 @@ mod tests {
     #[test]
     fn the_wal_store_conforms_across_restarts() {
         conforms_across_restarts(WalStorage::open, |s| {
-            (s.db().clone(), s.snapshot_file().clone())
+            (s.db().cloned().unwrap(), s.snapshot_file().clone())
         });
     }
 

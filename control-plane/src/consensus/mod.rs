@@ -39,6 +39,8 @@ use crate::state::{Command, CommandError, Outcome, State};
 pub use log_store::{bootstrap, bootstrap_from, LogStore, StorageFailure};
 pub use sled_storage::SledStorage;
 pub use transport::Transport;
+#[doc(hidden)]
+pub use wal::{fs::WalFs, sim_fs};
 pub use wal_storage::WalStorage;
 
 /// How long a call waits for a leader (during an election) before it

@@ -20,6 +20,7 @@
 //! log when it opens with `--raft-log wal`.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
@@ -29,6 +30,7 @@ use super::log_store::{LogStore, StorageFailure};
 // The sled layout a log is moved out of.
 use super::sled_storage::{log_key, read_pb, CONF_STATE, HARD_STATE, SNAPSHOT_META};
 use super::snapshot_file::SnapshotFile;
+use super::wal::fs::WalFs;
 use super::wal::{self, Record, Wal};
 
 /// What the log holds, in memory; rebuilt from the WAL's records on open.
@@ -122,7 +124,9 @@ impl Log {
 /// The durable Raft log of one server: a [`Wal`] and its contents in
 /// memory, plus the snapshot in a [`SnapshotFile`].
 pub struct WalStorage {
-    db: sled::Db,
+    /// Where an older version kept the log; none on a disk that never
+    /// had sled (the simulation's).
+    db: Option<sled::Db>,
     wal: Option<Wal>,
     snapshot_file: SnapshotFile,
     log: Log,
@@ -146,16 +150,25 @@ impl WalStorage {
         cut_corrupt: bool,
     ) -> Result<Self, StorageFailure> {
         let wal_dir = snapshot_file.dir().with_file_name("wal");
-        Self::open_in(db, snapshot_file, &wal_dir, cut_corrupt)
+        Self::open_in(Some(db), snapshot_file, &wal_dir, cut_corrupt)
+    }
+
+    /// Opens the log in `dir/wal` and the snapshots in `dir/snapshots` of
+    /// `fs`, with no sled database: the simulation runs the real log over
+    /// its fault-injecting disk ([`super::wal::sim_fs::SimFs`]) this way.
+    pub fn open_on(fs: Arc<dyn WalFs>, dir: &Path) -> Result<Self, StorageFailure> {
+        let snapshot_file = SnapshotFile::on(fs, dir.join("snapshots"));
+        Self::open_in(None, snapshot_file, &dir.join("wal"), false)
     }
 
     fn open_in(
-        db: &sled::Db,
+        db: Option<&sled::Db>,
         snapshot_file: SnapshotFile,
         wal_dir: &Path,
         cut_corrupt: bool,
     ) -> Result<Self, StorageFailure> {
-        let (wal, log) = match Wal::open(wal_dir, cut_corrupt)? {
+        let fs = snapshot_file.fs().clone();
+        let (wal, log) = match Wal::open_on(fs.clone(), wal_dir, cut_corrupt)? {
             Some((wal, records)) => {
                 let mut log = Log::default();
                 for record in records {
@@ -164,20 +177,25 @@ impl WalStorage {
                 (wal, log)
             }
             None => {
-                let log = read_sled_log(db)?;
-                let wal = Wal::create(wal_dir, None, |buffer| log.checkpoint(buffer))?;
+                let log = match db {
+                    Some(db) => read_sled_log(db)?,
+                    None => Log::default(),
+                };
+                let wal = Wal::create_on(fs, wal_dir, None, |buffer| log.checkpoint(buffer))?;
                 if !log.entries.is_empty() || log.snapshot_meta.index > 0 {
                     tracing::info!(
                         entries = log.entries.len(),
                         "raft log moved from sled to the write-ahead log"
                     );
                 }
-                clear_sled_log(db)?;
+                if let Some(db) = db {
+                    clear_sled_log(db)?;
+                }
                 (wal, log)
             }
         };
         let mut storage = WalStorage {
-            db: db.clone(),
+            db: db.cloned(),
             wal: Some(wal),
             snapshot_file,
             log,
@@ -191,9 +209,9 @@ impl WalStorage {
         Ok(storage)
     }
 
-    /// Whether this server has ever been part of a cluster.
-    pub fn db(&self) -> &sled::Db {
-        &self.db
+    /// The sled database the log was opened next to, if any.
+    pub fn db(&self) -> Option<&sled::Db> {
+        self.db.as_ref()
     }
 
     pub fn snapshot_file(&self) -> &SnapshotFile {
@@ -208,8 +226,9 @@ impl WalStorage {
     fn rewrite(&mut self) -> Result<(), StorageFailure> {
         let previous = self.wal.take().expect("the wal is open between calls");
         let dir = previous.dir().to_path_buf();
+        let fs = previous.fs().clone();
         let log = &self.log;
-        self.wal = Some(Wal::create(&dir, Some(previous), |buffer| {
+        self.wal = Some(Wal::create_on(fs, &dir, Some(previous), |buffer| {
             log.checkpoint(buffer)
         })?);
         self.commit_unwritten = false;
@@ -341,7 +360,9 @@ impl LogStore for WalStorage {
         // megabytes takes milliseconds).
         self.rewrite()?;
         let snapshot_file = self.snapshot_file.clone();
-        std::thread::spawn(move || snapshot_file.prune(index));
+        self.snapshot_file
+            .fs()
+            .in_background(Box::new(move || snapshot_file.prune(index)));
         Ok(())
     }
 }

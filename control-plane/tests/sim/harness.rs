@@ -1,14 +1,17 @@
-//! The simulated cluster and network.
+//! The simulated cluster and network, over any store a server's disk can
+//! hold ([`Disk`]).
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::path::Path;
 
 use raft::eraftpb::{Message, MessageType, Snapshot};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use skiff_control_plane::consensus::core::{Core, CoreConfig, Reply};
+use skiff_control_plane::consensus::core::{Core, CoreConfig, Reply, SnapshotJob};
 use skiff_control_plane::consensus::mem::MemLog;
-use skiff_control_plane::consensus::LogStore;
+use skiff_control_plane::consensus::sim_fs::{FaultStats, SimFs};
+use skiff_control_plane::consensus::{LogStore, StorageFailure, WalStorage};
 use skiff_control_plane::state::{Command, Member, RuntimeKind, ServiceSpec, State};
 
 use crate::invariants::LeaderLog;
@@ -62,6 +65,72 @@ impl SimConfig {
     }
 }
 
+/// A server's disk, and what a crash does to it.
+pub trait Disk {
+    type Store: LogStore;
+    /// How the store is named in reports (`mem`, `wal`).
+    const NAME: &'static str;
+    /// An empty disk; `seed` drives its faults.
+    fn empty(seed: u64) -> Self;
+    /// The store as a (re)started server opens it from this disk.
+    fn open(&self) -> Result<Self::Store, StorageFailure>;
+    /// A power cut under a server that is already gone.
+    fn crash(&self);
+    fn faults(&self) -> FaultStats;
+}
+
+/// [`MemLog`]: whatever `persist` accepted counts as fsynced.
+impl Disk for MemLog {
+    type Store = MemLog;
+    const NAME: &'static str = "mem";
+
+    fn empty(_seed: u64) -> Self {
+        MemLog::new()
+    }
+
+    fn open(&self) -> Result<MemLog, StorageFailure> {
+        Ok(self.clone())
+    }
+
+    fn crash(&self) {}
+
+    fn faults(&self) -> FaultStats {
+        FaultStats::default()
+    }
+}
+
+/// The real write-ahead log ([`WalStorage`]) over a fault-injecting disk
+/// ([`SimFs`]): a crash drops what was not fsynced and may tear the last
+/// writes.
+pub struct WalDisk(SimFs);
+
+impl WalDisk {
+    pub fn on(fs: SimFs) -> Self {
+        WalDisk(fs)
+    }
+}
+
+impl Disk for WalDisk {
+    type Store = WalStorage;
+    const NAME: &'static str = "wal";
+
+    fn empty(seed: u64) -> Self {
+        WalDisk(SimFs::new(seed))
+    }
+
+    fn open(&self) -> Result<WalStorage, StorageFailure> {
+        WalStorage::open_on(self.0.shared(), Path::new("/data"))
+    }
+
+    fn crash(&self) {
+        self.0.crash();
+    }
+
+    fn faults(&self) -> FaultStats {
+        self.0.stats()
+    }
+}
+
 /// The name a joining server or ghost gets (the others are `s{id}`).
 pub const JOINER: &str = "joiner";
 pub const GHOST: &str = "ghost";
@@ -71,20 +140,41 @@ struct InFlight {
     message: Message,
 }
 
-struct Server {
+struct Server<D: Disk> {
     id: u64,
-    disk: MemLog,
-    core: Option<Core<MemLog>>,
+    disk: D,
+    core: Option<Core<D::Store>>,
     /// Tags of writes this server accepted, with the service they create.
     waiting: Vec<(u64, String)>,
     /// Never runs: messages to it are lost.
     ghost: bool,
+    /// A snapshot its worker is writing, done at the given step.
+    snapshot_job: Option<(u64, SnapshotJob)>,
 }
 
-pub struct Sim {
+impl<D: Disk> Server<D> {
+    fn new(id: u64, disk: D, core: Option<Core<D::Store>>, ghost: bool) -> Self {
+        Server {
+            id,
+            disk,
+            core,
+            waiting: Vec::new(),
+            ghost,
+            snapshot_job: None,
+        }
+    }
+}
+
+/// Each server's disk gets its own fault seed, from the run's seed (not
+/// from its RNG, so the runs over [`MemLog`] are those of before).
+fn disk_seed(seed: u64, id: u64) -> u64 {
+    seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ id
+}
+
+pub struct Sim<D: Disk> {
     config: SimConfig,
     rng: StdRng,
-    servers: Vec<Server>,
+    servers: Vec<Server<D>>,
     network: Vec<InFlight>,
     /// Servers cut off from all others.
     isolated: BTreeSet<u64>,
@@ -98,7 +188,7 @@ pub struct Sim {
     delivered: u64,
 }
 
-fn core_config(id: u64) -> CoreConfig {
+pub fn core_config(id: u64) -> CoreConfig {
     CoreConfig {
         id,
         election_ticks: 10,
@@ -107,12 +197,12 @@ fn core_config(id: u64) -> CoreConfig {
     }
 }
 
-fn logger() -> slog::Logger {
+pub fn logger() -> slog::Logger {
     slog::Logger::root(slog::Discard, slog::o!())
 }
 
 /// The snapshot every simulated cluster starts from: all servers voters.
-fn initial_snapshot(servers: usize) -> Snapshot {
+pub fn initial_snapshot(servers: usize) -> Snapshot {
     let mut state = State::default();
     for id in 1..=servers as u64 {
         state.members.insert(
@@ -137,43 +227,26 @@ fn initial_snapshot(servers: usize) -> Snapshot {
     snapshot
 }
 
-impl Sim {
+impl<D: Disk> Sim<D> {
     pub fn new(config: SimConfig) -> Self {
         let snapshot = initial_snapshot(config.servers);
-        let servers = (1..=config.servers as u64)
+        let seed = config.seed;
+        let mut servers = (1..=config.servers as u64)
             .map(|id| {
-                let mut disk = MemLog::new();
-                disk.apply_snapshot(&snapshot).unwrap();
-                let core = Core::new(core_config(id), disk.clone(), &logger()).unwrap();
-                Server {
-                    id,
-                    disk,
-                    core: Some(core),
-                    waiting: Vec::new(),
-                    ghost: false,
-                }
+                let disk = D::empty(disk_seed(seed, id));
+                let mut store = disk.open().unwrap();
+                store.apply_snapshot(&snapshot).unwrap();
+                let core = Core::new(core_config(id), store, &logger()).unwrap();
+                Server::new(id, disk, Some(core), false)
             })
             .collect::<Vec<_>>();
-        let mut servers = servers;
         if config.joins {
             // Not a member yet: it starts empty and waits to be added.
             let id = config.servers as u64 + 1;
-            let disk = MemLog::new();
-            let core = Core::new(core_config(id), disk.clone(), &logger()).unwrap();
-            servers.push(Server {
-                id,
-                disk,
-                core: Some(core),
-                waiting: Vec::new(),
-                ghost: false,
-            });
-            servers.push(Server {
-                id: id + 1,
-                disk: MemLog::new(),
-                core: None,
-                waiting: Vec::new(),
-                ghost: true,
-            });
+            let disk = D::empty(disk_seed(seed, id));
+            let core = Core::new(core_config(id), disk.open().unwrap(), &logger()).unwrap();
+            servers.push(Server::new(id, disk, Some(core), false));
+            servers.push(Server::new(id + 1, D::empty(0), None, true));
         }
         Sim {
             rng: StdRng::seed_from_u64(config.seed),
@@ -215,7 +288,7 @@ impl Sim {
         self.next_tag += 1;
         let tag = self.next_tag;
         let core = self.servers[index].core.as_mut().unwrap();
-        let has = |core: &Core<MemLog>, name: &str| {
+        let has = |core: &Core<D::Store>, name: &str| {
             let state = core.state();
             let state = state.read().unwrap();
             state.members.values().any(|m| m.name == name)
@@ -232,7 +305,7 @@ impl Sim {
 
     /// Steps without faults (still asking for the joins, if configured)
     /// until `done` holds, at most `steps`; returns whether it did.
-    pub fn run_until(&mut self, steps: u64, done: impl Fn(&Sim) -> bool) -> bool {
+    pub fn run_until(&mut self, steps: u64, done: impl Fn(&Self) -> bool) -> bool {
         for step in 0..steps {
             if done(self) {
                 return true;
@@ -337,9 +410,13 @@ impl Sim {
             if self.servers[index].ghost {
                 // It never runs.
             } else if self.servers[index].core.is_some() {
-                // Lose everything not on disk: the node, its inbox, waiters.
-                self.servers[index].core = None;
-                self.servers[index].waiting.clear();
+                // Lose everything not on disk: the node, its inbox, waiters,
+                // a snapshot being written, and what was not fsynced.
+                let server = &mut self.servers[index];
+                server.core = None;
+                server.waiting.clear();
+                server.snapshot_job = None;
+                server.disk.crash();
                 self.crashes += 1;
             } else {
                 self.restart(index);
@@ -367,10 +444,15 @@ impl Sim {
 
     fn restart(&mut self, index: usize) {
         let server = &mut self.servers[index];
-        let core = Core::new(core_config(server.id), server.disk.clone(), &logger())
-            .unwrap_or_else(|e| {
-                panic!("server {} failed to restart from its disk: {e}", server.id)
-            });
+        let store = server.disk.open().unwrap_or_else(|e| {
+            panic!(
+                "server {} failed to open its disk after a crash: {e}",
+                server.id
+            )
+        });
+        let core = Core::new(core_config(server.id), store, &logger()).unwrap_or_else(|e| {
+            panic!("server {} failed to restart from its disk: {e}", server.id)
+        });
         server.core = Some(core);
     }
 
@@ -434,10 +516,28 @@ impl Sim {
             if tick {
                 core.tick();
             }
+            // The snapshot worker finishes; the core compacts its log.
+            let due = self.servers[index]
+                .snapshot_job
+                .as_ref()
+                .is_some_and(|(at, _)| *at <= self.now);
+            let server = &mut self.servers[index];
+            let core = server.core.as_mut().unwrap();
+            if due {
+                let (_, job) = server.snapshot_job.take().unwrap();
+                let file = core.store_snapshot_file().unwrap();
+                core.snapshot_written(job.write(&file))
+                    .unwrap_or_else(|e| panic!("server {} failed to compact: {e}", index + 1));
+            }
             let mut outbox = Vec::new();
             let output = core
                 .advance(&mut |messages| outbox.extend(messages))
                 .unwrap_or_else(|e| panic!("server {} failed: {e}", index + 1));
+            if let Some(job) = core.take_snapshot_job() {
+                let at = self.now + self.rng.gen_range(1..=20);
+                self.servers[index].snapshot_job = Some((at, job));
+            }
+            let core = self.servers[index].core.as_ref().unwrap();
             let status = core.status();
             if status.role == "leader" {
                 self.leaders.observe(status.term, status.id);
@@ -483,7 +583,12 @@ impl Sim {
     }
 
     pub fn stats(&self) -> Stats {
+        let mut faults = FaultStats::default();
+        for server in &self.servers {
+            faults += server.disk.faults();
+        }
         Stats {
+            faults,
             virtual_ms: self.now * STEP_MS,
             acknowledged: self.acknowledged.len(),
             crashes: self.crashes,
@@ -494,21 +599,46 @@ impl Sim {
     }
 }
 
+#[derive(Debug, Default)]
 pub struct Stats {
-    virtual_ms: u64,
-    acknowledged: usize,
-    crashes: u32,
-    partitions: u32,
-    terms: usize,
-    delivered: u64,
+    pub virtual_ms: u64,
+    pub acknowledged: usize,
+    pub crashes: u32,
+    pub partitions: u32,
+    pub terms: usize,
+    pub delivered: u64,
+    /// What the disks' faults did (none for [`MemLog`]).
+    pub faults: FaultStats,
+}
+
+impl std::ops::AddAssign for Stats {
+    fn add_assign(&mut self, other: Stats) {
+        self.virtual_ms += other.virtual_ms;
+        self.acknowledged += other.acknowledged;
+        self.crashes += other.crashes;
+        self.partitions += other.partitions;
+        self.terms += other.terms;
+        self.delivered += other.delivered;
+        self.faults += other.faults;
+    }
 }
 
 impl fmt::Display for Stats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} ms virtual, {} writes acknowledged, {} crashes, {} partitions, {} terms with a leader, {} messages delivered",
-            self.virtual_ms, self.acknowledged, self.crashes, self.partitions, self.terms, self.delivered
+            "{} ms virtual, {} writes acknowledged, {} crashes, {} partitions, {} terms with a leader, {} messages delivered; \
+             disk: {} fsyncs, {} torn writes ({} with garbage or zeros after them), {} unsynced bytes lost",
+            self.virtual_ms,
+            self.acknowledged,
+            self.crashes,
+            self.partitions,
+            self.terms,
+            self.delivered,
+            self.faults.fsyncs,
+            self.faults.torn_writes,
+            self.faults.garbage_tails,
+            self.faults.lost_bytes
         )
     }
 }

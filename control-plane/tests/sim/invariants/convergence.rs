@@ -1,8 +1,8 @@
 //! Convergence: once healed and settled, all state machines are equal.
 
-use crate::harness::Sim;
+use crate::harness::{Disk, Sim};
 
-pub fn state_machines_converge(sim: &Sim) {
+pub fn state_machines_converge<D: Disk>(sim: &Sim<D>) {
     let states = sim.states();
     let (first_id, first) = &states[0];
     for (id, state) in &states[1..] {
