@@ -13,7 +13,8 @@ use std::sync::{Arc, RwLock};
 
 use protobuf::Message as _;
 use raft::eraftpb::{
-    ConfChange, ConfChangeType, Entry, EntryType, Message, MessageType, Snapshot, SnapshotMetadata,
+    ConfChange, ConfChangeSingle, ConfChangeType, ConfState, Entry, EntryType, Message,
+    MessageType, Snapshot, SnapshotMetadata,
 };
 use raft::{RawNode, StateRole};
 use serde::{Deserialize, Serialize};
@@ -86,6 +87,74 @@ pub fn cap_forwarded_time(message: &mut Message, now_ms: u64) {
             }
         }
     }
+}
+
+/// Whether raft-rs can restore a snapshot's configuration: it panics on
+/// one it cannot (no voters, a learner that is also a voter, duplicates).
+/// Checked the way it restores: the same changes on a scratch tracker, and
+/// the configuration they give must be the one stated.
+fn restorable(cs: &ConfState) -> bool {
+    let single = |node_id: &u64, change_type| {
+        let mut cc = ConfChangeSingle {
+            node_id: *node_id,
+            ..Default::default()
+        };
+        cc.set_change_type(change_type);
+        cc
+    };
+    let outgoing: Vec<ConfChangeSingle> = cs
+        .voters_outgoing
+        .iter()
+        .map(|id| single(id, ConfChangeType::AddNode))
+        .collect();
+    let incoming: Vec<ConfChangeSingle> = cs
+        .voters_outgoing
+        .iter()
+        .map(|id| single(id, ConfChangeType::RemoveNode))
+        .chain(
+            cs.voters
+                .iter()
+                .map(|id| single(id, ConfChangeType::AddNode)),
+        )
+        .chain(
+            cs.learners
+                .iter()
+                .chain(&cs.learners_next)
+                .map(|id| single(id, ConfChangeType::AddLearnerNode)),
+        )
+        .collect();
+    let mut tracker = raft::ProgressTracker::new(1);
+    let simple = if outgoing.is_empty() {
+        &incoming
+    } else {
+        &outgoing
+    };
+    for cc in simple {
+        let Ok((conf, changes)) = raft::Changer::new(&tracker).simple(std::slice::from_ref(cc))
+        else {
+            return false;
+        };
+        tracker.apply_conf(conf, changes, 1);
+    }
+    if !outgoing.is_empty() {
+        let Ok((conf, changes)) =
+            raft::Changer::new(&tracker).enter_joint(cs.auto_leave, &incoming)
+        else {
+            return false;
+        };
+        tracker.apply_conf(conf, changes, 1);
+    }
+    let restored = tracker.conf().to_conf_state();
+    let sorted = |ids: &[u64]| {
+        let mut ids = ids.to_vec();
+        ids.sort_unstable();
+        ids
+    };
+    sorted(&restored.voters) == sorted(&cs.voters)
+        && sorted(&restored.learners) == sorted(&cs.learners)
+        && sorted(&restored.voters_outgoing) == sorted(&cs.voters_outgoing)
+        && sorted(&restored.learners_next) == sorted(&cs.learners_next)
+        && restored.auto_leave == cs.auto_leave
 }
 
 /// What a membership change does to the state's members.
@@ -306,11 +375,77 @@ impl<S: LogStore> Core<S> {
     }
 
     /// Feeds a message from a peer. Messages from unknown or removed peers
-    /// and stale ones are dropped, as Raft allows.
+    /// and stale ones are dropped, as Raft allows; so are messages no
+    /// correct peer sends (see [`Core::refusal`]).
     pub fn step(&mut self, message: Message) {
+        if let Some(reason) = self.refusal(&message) {
+            tracing::warn!(
+                from = message.from,
+                to = message.to,
+                kind = ?message.get_msg_type(),
+                term = message.term,
+                reason,
+                "raft message refused"
+            );
+            return;
+        }
         if let Err(err) = self.node.step(message) {
             tracing::debug!(error = %err, "raft message dropped");
         }
+    }
+
+    /// Why a message from the network must not reach raft-rs, which trusts
+    /// its peers and panics on some messages that none of them sends (found
+    /// by fuzzing, issue #17): one addressed to another server or claiming
+    /// to come from this one, without a term where raft-rs always sets one
+    /// or with one where it sets none (forwarded proposals and read
+    /// requests): raft-rs panicked answering a vote request without a term,
+    /// and forwarding a proposal with one to the leader. Also a heartbeat
+    /// committing past this server's log, an append of entries that are
+    /// not consecutive with non-decreasing terms, or a snapshot whose
+    /// configuration raft-rs cannot restore.
+    pub fn refusal(&self, message: &Message) -> Option<&'static str> {
+        let id = self.config.id;
+        if message.to != id {
+            return Some("addressed to another server");
+        }
+        if message.from == id || message.from == raft::INVALID_ID {
+            return Some("no valid sender");
+        }
+        let termless = matches!(
+            message.get_msg_type(),
+            MessageType::MsgPropose | MessageType::MsgReadIndex
+        );
+        if (message.term == 0) != termless {
+            return Some("a term where raft-rs sets none, or none where it sets one");
+        }
+        if message.get_msg_type() == MessageType::MsgHeartbeat
+            && message.commit > self.node.raft.raft_log.last_index()
+        {
+            // A leader sends at most the index this server has matched;
+            // raft-rs panics on more (it takes it for a lost log).
+            return Some("a commit index beyond this server's log");
+        }
+        if message.get_msg_type() == MessageType::MsgSnapshot
+            && !restorable(message.get_snapshot().get_metadata().get_conf_state())
+        {
+            return Some("a snapshot whose configuration raft-rs cannot restore");
+        }
+        if message.get_msg_type() == MessageType::MsgAppend {
+            // raft-rs appends what it is given; the log stores index the
+            // entries by position, so a gap made them read out of bounds.
+            let mut previous = (message.index, message.log_term);
+            for entry in message.get_entries() {
+                if Some(entry.index) != previous.0.checked_add(1)
+                    || entry.term < previous.1
+                    || entry.term > message.term
+                {
+                    return Some("entries that do not follow the previous one in order");
+                }
+                previous = (entry.index, entry.term);
+            }
+        }
+        None
     }
 
     pub fn report_unreachable(&mut self, peer: u64) {
@@ -895,6 +1030,82 @@ mod tests {
                 && (10..20).contains(&snapshots[2]),
             "snapshot indexes {snapshots:?}"
         );
+    }
+
+    /// Found by fuzzing (issue #17): raft-rs answered a pre-vote request
+    /// without a term with a response without one, and panicked sending it
+    /// ("term should be set when sending MsgRequestPreVoteResponse"); an
+    /// append with a gap between its entries made the log store index out
+    /// of bounds; a heartbeat committing past the log and a snapshot of a
+    /// configuration without voters panicked raft-rs.
+    #[test]
+    fn messages_no_correct_peer_sends_are_refused_before_raft_rs_sees_them() {
+        let mut cores = cluster();
+        let message = |kind, from, to, term| {
+            let mut m = Message::default();
+            m.set_msg_type(kind);
+            (m.from, m.to, m.term) = (from, to, term);
+            m
+        };
+        let hostile = [
+            message(MessageType::MsgRequestPreVote, 2, 1, 0),
+            message(MessageType::MsgRequestVote, 2, 1, 0),
+            message(MessageType::MsgHeartbeat, 2, 3, 5),
+            message(MessageType::MsgHeartbeat, 1, 1, 5),
+            message(MessageType::MsgHeartbeat, 0, 1, 5),
+            message(MessageType::MsgPropose, 2, 1, 2),
+            {
+                let mut m = message(MessageType::MsgHeartbeat, 2, 1, 2);
+                m.commit = 31;
+                m
+            },
+            {
+                // raft-rs: "unable to restore config ...: removed all voters".
+                let mut m = message(MessageType::MsgSnapshot, 2, 1, 2);
+                let meta = m.mut_snapshot().mut_metadata();
+                (meta.index, meta.term) = (5, 2);
+                meta.mut_conf_state().learners = vec![1];
+                m
+            },
+            {
+                // A gap: the log stores read entries by position.
+                let mut m = message(MessageType::MsgAppend, 2, 1, 2);
+                (m.index, m.log_term) = (1, 1);
+                let entry = |index, term| Entry {
+                    index,
+                    term,
+                    ..Default::default()
+                };
+                m.set_entries(vec![entry(2, 2), entry(9, 2)].into());
+                m
+            },
+        ];
+        for m in hostile {
+            assert!(cores[0].refusal(&m).is_some(), "{m:?}");
+            cores[0].step(m);
+            cores[0].advance(&mut |_| {}).unwrap();
+        }
+        assert_eq!(cores[0].status().term, 1, "nothing reached raft-rs");
+        let mut forwarded = message(MessageType::MsgPropose, 2, 1, 0);
+        forwarded.mut_entries().push(Entry::default());
+        assert_eq!(cores[0].refusal(&forwarded), None);
+        assert_eq!(
+            cores[0].refusal(&message(MessageType::MsgRequestPreVote, 2, 1, 2)),
+            None
+        );
+        let joint = ConfState {
+            voters: vec![1, 2, 3],
+            voters_outgoing: vec![1, 2, 4],
+            learners_next: vec![4],
+            ..Default::default()
+        };
+        assert!(restorable(&joint), "a joint configuration restores");
+        let overlap = ConfState {
+            voters: vec![1, 2],
+            learners: vec![2],
+            ..Default::default()
+        };
+        assert!(!restorable(&overlap));
     }
 
     #[test]

@@ -282,12 +282,10 @@ pub fn encode_snapshot(buffer: &mut Vec<u8>, metadata: &SnapshotMetadata, instal
     frame(buffer, kind, |b| protobuf_into(b, metadata));
 }
 
-/// Decodes records up to the first damaged one; returns them and how many
-/// bytes were valid.
 /// Whether what follows the last good record at `valid` is what a crash
 /// leaves: a record whose length runs past the end, the final record with
 /// a bad checksum, or zeros. Anything else is corruption.
-fn is_torn_tail(bytes: &[u8], valid: usize) -> bool {
+pub fn is_torn_tail(bytes: &[u8], valid: usize) -> bool {
     let rest = &bytes[valid..];
     if rest.iter().all(|b| *b == 0) {
         return true;
@@ -303,7 +301,9 @@ fn is_torn_tail(bytes: &[u8], valid: usize) -> bool {
     }
 }
 
-fn decode_all(bytes: &[u8]) -> (Vec<Record>, usize) {
+/// Decodes records up to the first damaged one; returns them and how many
+/// bytes were valid.
+pub fn decode_all(bytes: &[u8]) -> (Vec<Record>, usize) {
     let mut records = Vec::new();
     let mut at = 0;
     while let Some((record, next)) = decode_one(bytes, at) {
