@@ -137,21 +137,24 @@ fn message(input: &mut Input) -> Message {
     m.index = near(input);
     m.commit = near(input);
     m.commit_term = near(input);
-    m.reject = input.byte() % 4 == 0;
+    m.reject = input.byte().is_multiple_of(4);
     m.reject_hint = near(input);
     m.request_snapshot = near(input);
     m.context = input.bytes(16).to_vec().into();
     let entries: Vec<Entry> = (0..input.byte() % 4).map(|_| entry(input)).collect();
     m.set_entries(entries.into());
-    if input.byte() % 4 == 0 {
+    if input.byte().is_multiple_of(4) {
         let mut snapshot = Snapshot::default();
         let meta: &mut SnapshotMetadata = snapshot.mut_metadata();
         meta.index = near(input);
         meta.term = near(input);
-        let mut cs = ConfState::default();
-        cs.voters = (0..input.byte() % 4).map(|_| near(input)).collect();
-        cs.learners = (0..input.byte() % 3).map(|_| near(input)).collect();
-        meta.set_conf_state(cs);
+        let voters = (0..input.byte() % 4).map(|_| near(input)).collect();
+        let learners = (0..input.byte() % 3).map(|_| near(input)).collect();
+        meta.set_conf_state(ConfState {
+            voters,
+            learners,
+            ..Default::default()
+        });
         snapshot.data = match input.byte() % 3 {
             0 => cluster_snapshot().data,
             _ => input.bytes(64).to_vec().into(),

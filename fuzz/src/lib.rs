@@ -22,8 +22,11 @@ pub use proxy::proxy_http_head;
 pub use spec::{spec_conversions, spec_file};
 pub use tar_unpack::tar_unpack;
 
+/// A fuzz target: bytes in, a panic when a property fails.
+pub type Target = fn(&[u8]);
+
 /// Every target by name, for the runners.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("spec_file", spec_file),
     ("spec_conversions", spec_conversions),
     ("image_reference", image_reference),

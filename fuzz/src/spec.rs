@@ -90,6 +90,9 @@ pub fn spec_conversions(data: &[u8]) {
         for constraint in &spec.constraints {
             let _ = constraint.to_string();
         }
+        let labels = BTreeMap::from([("zone".to_string(), "a".to_string())]);
+        let _ = spec.constraints_hold(&labels, "node-1", "127.0.0.1");
+        let _ = spec.runs_same(&ServiceSpec::default());
         let _ = spec_diff(&ServiceSpec::default(), &spec);
         let _ = spec_from_pb(spec_to_pb(&spec));
         if spec.validate().is_err() {
@@ -105,6 +108,7 @@ pub fn spec_conversions(data: &[u8]) {
     let back: ServiceSpec = serde_json::from_slice(&json).expect("a spec deserializes");
     assert_eq!(back, spec);
     let _ = spec_diff(&spec, &again);
+    assert!(spec.runs_same(&again));
     // Alone in its stack file, a spec can only depend on itself.
     let mut alone = spec;
     alone.depends_on.retain(|d| d.service == alone.name);

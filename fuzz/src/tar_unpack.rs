@@ -297,7 +297,7 @@ fn archive(input: &mut Input, host: &Path) -> Vec<u8> {
             },
         );
     }
-    if input.byte() % 8 != 0 {
+    if !input.byte().is_multiple_of(8) {
         out.extend(std::iter::repeat_n(0u8, 1024));
     }
     out
@@ -423,5 +423,41 @@ fn number(field: &mut [u8], value: u64) {
         let n = bytes.len().min(len - 1);
         field[len - n..].copy_from_slice(&bytes[bytes.len() - n..]);
         field[0] |= 0x80;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_checker_sees_every_kind_of_change_outside_the_layer() {
+        let changes: [fn(&Path); 6] = [
+            |host| {
+                fs::set_permissions(host.join("sentdir"), fs::Permissions::from_mode(0o4777))
+                    .unwrap()
+            },
+            |host| fs::hard_link(host.join("sentinel.txt"), host.join("layer/x")).unwrap(),
+            |host| fs::write(host.join("sentdir/inner.txt"), "changed").unwrap(),
+            |host| fs::write(host.join("sentdir/new"), "").unwrap(),
+            |host| xattr::set(host.join("sentinel.txt"), "user.x", b"y").unwrap(),
+            |host| {
+                fs::remove_file(host.join("sentlink")).unwrap();
+                symlink("/", host.join("sentlink")).unwrap();
+            },
+        ];
+        for change in changes {
+            let tmp = tempfile::tempdir().unwrap();
+            lay_out_host(tmp.path());
+            let before = walk(tmp.path());
+            fs::write(tmp.path().join("layer/inside"), "fine").unwrap();
+            assert_eq!(
+                walk(tmp.path()),
+                before,
+                "the layer's contents are not watched"
+            );
+            change(tmp.path());
+            assert_ne!(walk(tmp.path()), before);
+        }
     }
 }

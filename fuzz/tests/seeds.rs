@@ -81,18 +81,24 @@ fn write_seed_corpus() {
     }
 
     let mut wal = Vec::new();
-    let mut cs = ConfState::default();
-    cs.voters = vec![1, 2, 3];
-    let mut meta = SnapshotMetadata::default();
-    meta.index = 1;
-    meta.term = 1;
-    meta.set_conf_state(cs.clone());
+    let cs = ConfState {
+        voters: vec![1, 2, 3],
+        ..Default::default()
+    };
+    let meta = SnapshotMetadata {
+        index: 1,
+        term: 1,
+        conf_state: protobuf::SingularPtrField::some(cs.clone()),
+        ..Default::default()
+    };
     encode_snapshot(&mut wal, &meta, true);
     encode_conf_state(&mut wal, &cs);
-    let mut hs = HardState::default();
-    hs.term = 2;
-    hs.vote = 1;
-    hs.commit = 3;
+    let hs = HardState {
+        term: 2,
+        vote: 1,
+        commit: 3,
+        ..Default::default()
+    };
     encode_hard_state(&mut wal, &hs);
     encode_entries(
         &mut wal,
@@ -123,9 +129,11 @@ fn write_seed_corpus() {
     append.index = 1;
     append.log_term = 1;
     append.commit = 2;
-    let mut cc = ConfChange::default();
+    let mut cc = ConfChange {
+        node_id: 4,
+        ..Default::default()
+    };
     cc.set_change_type(ConfChangeType::AddLearnerNode);
-    cc.node_id = 4;
     let mut conf = entry(3, 2, &cc.write_to_bytes().expect("encode"));
     conf.set_entry_type(EntryType::EntryConfChange);
     append.set_entries(vec![entry(2, 2, b"{}"), conf].into());
