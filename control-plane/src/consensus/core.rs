@@ -157,6 +157,12 @@ fn restorable(cs: &ConfState) -> bool {
         && restored.auto_leave == cs.auto_leave
 }
 
+/// Terms and indexes from this on are refused in messages: no cluster
+/// reaches them (a thousand elections a second for eight thousand years),
+/// and raft-rs adds to them unchecked (a term of `u64::MAX` overflowed at
+/// the next election).
+const IMPLAUSIBLE: u64 = 1 << 48;
+
 /// What a membership change does to the state's members.
 fn member_command(cc: &ConfChange, context: Option<&ConfContext>) -> Option<Command> {
     match (cc.get_change_type(), context.and_then(|c| c.member.clone())) {
@@ -402,8 +408,9 @@ impl<S: LogStore> Core<S> {
     /// requests): raft-rs panicked answering a vote request without a term,
     /// and forwarding a proposal with one to the leader. Also a heartbeat
     /// committing past this server's log, an append of entries that are
-    /// not consecutive with non-decreasing terms, or a snapshot whose
-    /// configuration raft-rs cannot restore.
+    /// not consecutive with non-decreasing terms, a snapshot whose
+    /// configuration raft-rs cannot restore, or a term or index beyond
+    /// [`IMPLAUSIBLE`].
     pub fn refusal(&self, message: &Message) -> Option<&'static str> {
         let id = self.config.id;
         if message.to != id {
@@ -418,6 +425,22 @@ impl<S: LogStore> Core<S> {
         );
         if (message.term == 0) != termless {
             return Some("a term where raft-rs sets none, or none where it sets one");
+        }
+        let snapshot = message.get_snapshot().get_metadata();
+        let numbers = [
+            message.term,
+            message.log_term,
+            message.index,
+            message.commit,
+            message.commit_term,
+            message.reject_hint,
+            message.request_snapshot,
+            snapshot.index,
+            snapshot.term,
+        ];
+        let entries = message.get_entries().iter().flat_map(|e| [e.index, e.term]);
+        if numbers.into_iter().chain(entries).any(|n| n >= IMPLAUSIBLE) {
+            return Some("a term or index no cluster reaches");
         }
         if message.get_msg_type() == MessageType::MsgHeartbeat
             && message.commit > self.node.raft.raft_log.last_index()
@@ -1036,24 +1059,30 @@ mod tests {
     /// without a term with a response without one, and panicked sending it
     /// ("term should be set when sending MsgRequestPreVoteResponse"); an
     /// append with a gap between its entries made the log store index out
-    /// of bounds; a heartbeat committing past the log and a snapshot of a
-    /// configuration without voters panicked raft-rs.
+    /// of bounds; a heartbeat committing past the log, a snapshot of a
+    /// configuration without voters and a term of `u64::MAX` (at the next
+    /// election) panicked raft-rs.
     #[test]
     fn messages_no_correct_peer_sends_are_refused_before_raft_rs_sees_them() {
-        let mut cores = cluster();
+        let cores = cluster();
         let message = |kind, from, to, term| {
             let mut m = Message::default();
             m.set_msg_type(kind);
             (m.from, m.to, m.term) = (from, to, term);
             m
         };
+        let up_to_date = |mut m: Message| {
+            (m.log_term, m.index) = (1, 1);
+            m
+        };
         let hostile = [
-            message(MessageType::MsgRequestPreVote, 2, 1, 0),
-            message(MessageType::MsgRequestVote, 2, 1, 0),
+            up_to_date(message(MessageType::MsgRequestPreVote, 2, 1, 0)),
+            up_to_date(message(MessageType::MsgRequestVote, 2, 1, 0)),
             message(MessageType::MsgHeartbeat, 2, 3, 5),
             message(MessageType::MsgHeartbeat, 1, 1, 5),
             message(MessageType::MsgHeartbeat, 0, 1, 5),
             message(MessageType::MsgPropose, 2, 1, 2),
+            message(MessageType::MsgHeartbeat, 2, 1, u64::MAX),
             {
                 let mut m = message(MessageType::MsgHeartbeat, 2, 1, 2);
                 m.commit = 31;
@@ -1081,11 +1110,17 @@ mod tests {
             },
         ];
         for m in hostile {
-            assert!(cores[0].refusal(&m).is_some(), "{m:?}");
-            cores[0].step(m);
-            cores[0].advance(&mut |_| {}).unwrap();
+            let mut core = cluster().swap_remove(0);
+            // Without the refusal, raft-rs or the log panics here (or at
+            // the next election).
+            core.step(m.clone());
+            core.advance(&mut |_| {}).unwrap();
+            for _ in 0..30 {
+                core.tick();
+                core.advance(&mut |_| {}).unwrap();
+            }
+            assert!(core.refusal(&m).is_some(), "{m:?}");
         }
-        assert_eq!(cores[0].status().term, 1, "nothing reached raft-rs");
         let mut forwarded = message(MessageType::MsgPropose, 2, 1, 0);
         forwarded.mut_entries().push(Entry::default());
         assert_eq!(cores[0].refusal(&forwarded), None);
