@@ -409,10 +409,18 @@ impl<S: LogStore> Core<S> {
     /// and forwarding a proposal with one to the leader. Also a heartbeat
     /// committing past this server's log, an append of entries that are
     /// not consecutive with non-decreasing terms, a snapshot whose
-    /// configuration raft-rs cannot restore, or a term or index beyond
-    /// [`IMPLAUSIBLE`].
+    /// configuration raft-rs cannot restore, a log position of term 0, a
+    /// term or index beyond [`IMPLAUSIBLE`], or a leadership transfer.
     pub fn refusal(&self, message: &Message) -> Option<&'static str> {
         let id = self.config.id;
+        if matches!(
+            message.get_msg_type(),
+            MessageType::MsgTransferLeader | MessageType::MsgTimeoutNow
+        ) {
+            // Skiff never transfers leadership, and raft-rs panicked
+            // forwarding a transfer request to the leader.
+            return Some("a leadership transfer, which Skiff never starts");
+        }
         if message.to != id {
             return Some("addressed to another server");
         }
@@ -449,8 +457,20 @@ impl<S: LogStore> Core<S> {
             // raft-rs panics on more (it takes it for a lost log).
             return Some("a commit index beyond this server's log");
         }
+        // raft-rs takes term 0 for any index past its log as a match: a
+        // snapshot or an append "after" such a position moved the commit
+        // index past the log, or appended with a gap. Every log here starts
+        // at a snapshot of term 1 or more.
+        let zero_term = match message.get_msg_type() {
+            MessageType::MsgSnapshot => snapshot.term == 0 || snapshot.index == 0,
+            MessageType::MsgAppend => message.index > 0 && message.log_term == 0,
+            _ => false,
+        };
+        if zero_term {
+            return Some("a position in the log with term 0");
+        }
         if message.get_msg_type() == MessageType::MsgSnapshot
-            && !restorable(message.get_snapshot().get_metadata().get_conf_state())
+            && !restorable(snapshot.get_conf_state())
         {
             return Some("a snapshot whose configuration raft-rs cannot restore");
         }
@@ -1083,6 +1103,15 @@ mod tests {
             message(MessageType::MsgHeartbeat, 0, 1, 5),
             message(MessageType::MsgPropose, 2, 1, 2),
             message(MessageType::MsgHeartbeat, 2, 1, u64::MAX),
+            message(MessageType::MsgTransferLeader, 2, 1, 2),
+            {
+                // raft-rs: "to_commit 4 is out of range [last_index 1]".
+                let mut m = message(MessageType::MsgSnapshot, 2, 1, 2);
+                let meta = m.mut_snapshot().mut_metadata();
+                (meta.index, meta.term) = (4, 0);
+                meta.mut_conf_state().voters = vec![1, 2, 3];
+                m
+            },
             {
                 let mut m = message(MessageType::MsgHeartbeat, 2, 1, 2);
                 m.commit = 31;
