@@ -410,7 +410,8 @@ impl<S: LogStore> Core<S> {
     /// committing past this server's log, an append of entries that are
     /// not consecutive with non-decreasing terms, a snapshot whose
     /// configuration raft-rs cannot restore, a log position of term 0, a
-    /// term or index beyond [`IMPLAUSIBLE`], or a leadership transfer.
+    /// term or index beyond [`IMPLAUSIBLE`], a leadership transfer, or a
+    /// proposal without entries.
     pub fn refusal(&self, message: &Message) -> Option<&'static str> {
         let id = self.config.id;
         if matches!(
@@ -420,6 +421,10 @@ impl<S: LogStore> Core<S> {
             // Skiff never transfers leadership, and raft-rs panicked
             // forwarding a transfer request to the leader.
             return Some("a leadership transfer, which Skiff never starts");
+        }
+        if message.get_msg_type() == MessageType::MsgPropose && message.get_entries().is_empty() {
+            // raft-rs: "stepped empty MsgProp" (a panic).
+            return Some("a proposal without entries");
         }
         if message.to != id {
             return Some("addressed to another server");
@@ -1104,6 +1109,7 @@ mod tests {
             message(MessageType::MsgPropose, 2, 1, 2),
             message(MessageType::MsgHeartbeat, 2, 1, u64::MAX),
             message(MessageType::MsgTransferLeader, 2, 1, 2),
+            message(MessageType::MsgPropose, 2, 1, 0),
             {
                 // raft-rs: "to_commit 4 is out of range [last_index 1]".
                 let mut m = message(MessageType::MsgSnapshot, 2, 1, 2);
