@@ -58,7 +58,7 @@ impl ImageConfig {
 
 /// The config blob as parsed: the runtime config plus the layers' diff ids.
 #[derive(Debug, Clone)]
-pub(crate) struct ParsedConfig {
+pub struct ParsedConfig {
     pub config: ImageConfig,
     pub diff_ids: Vec<String>,
     pub os: String,
@@ -109,7 +109,7 @@ fn nanos(value: Option<u64>) -> Option<Duration> {
     value.filter(|n| *n > 0).map(Duration::from_nanos)
 }
 
-pub(crate) fn parse_config(bytes: &[u8]) -> Result<ParsedConfig, String> {
+pub fn parse_config(bytes: &[u8]) -> Result<ParsedConfig, String> {
     let raw: RawFile = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
     let c = raw.config.unwrap_or_default();
     let healthcheck = c.healthcheck.and_then(|h| {

@@ -35,3 +35,15 @@ pub use rootfs::is_mounted;
 pub use store::PULL_METRICS;
 pub use store::{ImageStore, PullOptions, PullPolicy, PulledImage, StoreStats};
 pub use user::{lookup_user, read_image_file, ImageUser};
+
+/// The parsers of registry input, for the fuzz targets in `fuzz/`: not an
+/// API, no other caller.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use super::config::{parse_config, ParsedConfig};
+    pub use super::platform::choose;
+    pub use super::reference::parse as parse_reference;
+    pub use super::store::digest_hex;
+    pub use oci_client::manifest::OciManifest;
+    pub use oci_client::Reference;
+}

@@ -17,7 +17,7 @@ const DOCKER_HUB_LEGACY: &str = "index.docker.io";
 const NAME_TOTAL_LENGTH_MAX: usize = 255;
 
 /// Parses `[domain/]path[:tag][@algorithm:hex]`.
-pub(crate) fn parse(reference: &str) -> Result<Reference, ImageError> {
+pub fn parse(reference: &str) -> Result<Reference, ImageError> {
     let invalid = |reason: &str| ImageError::InvalidReference {
         reference: reference.to_string(),
         reason: reason.to_string(),
@@ -39,6 +39,12 @@ pub(crate) fn parse(reference: &str) -> Result<Reference, ImageError> {
         return Err(invalid("invalid reference format"));
     }
     let (registry, repository) = split_domain(name);
+    // The grammar takes `UPPER/x` as domain `UPPER` and path `x`, but
+    // normalization puts `UPPER` back into the path (no `.`, `:` or
+    // `localhost`): Docker then refuses the name, as registries would.
+    if repository.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err(invalid("repository name must be lowercase"));
+    }
     if repository.len() > NAME_TOTAL_LENGTH_MAX {
         return Err(invalid(
             "repository name must not be more than 255 characters",
@@ -182,13 +188,14 @@ mod tests {
     const DIGEST: &str = "sha256:7cc4b5aefd1d0cadf8d97d4350462ba51c694ebca145b08d7d41b41acc8db5aa";
 
     /// The regex parser of `oci-spec` is the reference implementation,
-    /// except that we take only ASCII tags.
+    /// except that we take only ASCII tags and, like Docker, lowercase
+    /// repositories only.
     fn agrees_with_oci_spec(input: &str) {
         let ours = parse(input).ok();
-        let theirs = input
-            .parse::<Reference>()
-            .ok()
-            .filter(|r| r.tag().is_none_or(|t| t.is_ascii()));
+        let theirs = input.parse::<Reference>().ok().filter(|r| {
+            r.tag().is_none_or(|t| t.is_ascii())
+                && !r.repository().bytes().any(|b| b.is_ascii_uppercase())
+        });
         assert_eq!(ours, theirs, "{input}");
     }
 
@@ -306,6 +313,20 @@ mod tests {
             (r.registry(), r.repository(), r.tag()),
             ("127.0.0.1:5000", "skiff-test/web", Some("v1"))
         );
+    }
+
+    /// Found by fuzzing (issue #17): `UPPER/case` parsed as
+    /// `docker.io/UPPER/case:latest`, a name whose own text fails to parse.
+    #[test]
+    fn an_uppercase_first_component_without_a_dot_is_refused_like_docker() {
+        let err = parse("UPPER/case").unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid image reference UPPER/case: repository name must be lowercase"
+        );
+        let r = parse("Registry.Example.com/app:v1").unwrap();
+        assert_eq!(r.whole(), "Registry.Example.com/app:v1");
+        assert_eq!(parse(&r.whole()).unwrap(), r);
     }
 
     #[test]

@@ -189,7 +189,7 @@ pub(crate) fn sha256_digest(bytes: &[u8]) -> String {
 
 /// The hex part of a `sha256:<64 hex>` digest; other algorithms and
 /// malformed digests are refused (they also name paths in the store).
-fn digest_hex<'a>(digest: &'a str, display: &str) -> Result<&'a str, ImageError> {
+pub fn digest_hex<'a>(digest: &'a str, display: &str) -> Result<&'a str, ImageError> {
     match digest.strip_prefix("sha256:") {
         Some(hex)
             if hex.len() == 64

@@ -261,15 +261,24 @@ impl Budget {
 
 /// Extracts an uncompressed tar stream into the existing directory `root`.
 pub fn unpack_tar(input: impl Read, root: &Path) -> Result<UnpackStats, UnpackError> {
+    unpack_tar_within(input, root, MAX_LAYER_BYTES)
+}
+
+/// [`unpack_tar`] with a smaller byte budget than [`MAX_LAYER_BYTES`]: the
+/// fuzz targets' tiny archives can claim gigabytes of sparse holes.
+#[doc(hidden)]
+pub fn unpack_tar_within(
+    input: impl Read,
+    root: &Path,
+    max_bytes: u64,
+) -> Result<UnpackStats, UnpackError> {
     let mut archive = tar::Archive::new(input);
     let mut stats = UnpackStats::default();
     let mut dirs: Vec<DirMeta> = Vec::new();
     let entries = archive
         .entries()
         .map_err(|e| err(format!("read tar: {e}")))?;
-    let mut budget = Budget {
-        left: MAX_LAYER_BYTES,
-    };
+    let mut budget = Budget { left: max_bytes };
     for entry in entries {
         let mut entry = entry.map_err(|e| err(format!("read tar entry: {e}")))?;
         stats.entries += 1;

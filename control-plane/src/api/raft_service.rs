@@ -53,6 +53,20 @@ fn require_server<T>(request: &Request<T>) -> Result<PeerIdentity, Status> {
         })
 }
 
+/// A message of a stream whose sender was checked against its
+/// certificate: it must say it comes from that sender, so that one server
+/// cannot speak for another (raft-rs believes a message's `from`).
+fn decode_from(sender: u64, bytes: &[u8]) -> Result<Message, String> {
+    let message = Message::parse_from_bytes(bytes).map_err(|e| format!("undecodable: {e}"))?;
+    if message.from != sender {
+        return Err(format!(
+            "a message from server {} in the stream of server {sender}",
+            message.from
+        ));
+    }
+    Ok(message)
+}
+
 #[tonic::async_trait]
 impl pb::raft_server::Raft for RaftService {
     async fn send(
@@ -92,10 +106,10 @@ impl pb::raft_server::Raft for RaftService {
                 }
             }
             for bytes in batch.messages {
-                match Message::parse_from_bytes(&bytes) {
+                match decode_from(batch.from, &bytes) {
                     Ok(message) => self.consensus.deliver(message),
                     Err(err) => {
-                        tracing::warn!(from = batch.from, error = %err, "undecodable raft message")
+                        tracing::warn!(from = batch.from, error = %err, "raft message dropped")
                     }
                 }
             }
@@ -201,5 +215,26 @@ impl pb::raft_server::Raft for RaftService {
         let result: Result<consensus::Response, ProposeError> = result;
         let body = serde_json::to_vec(&result).expect("results always serialize");
         Ok(Response::new(pb::ProposeResponse { result: body }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stream_carries_only_its_own_servers_messages() {
+        let message = Message {
+            from: 2,
+            to: 1,
+            ..Default::default()
+        };
+        let bytes = message.write_to_bytes().unwrap();
+        assert_eq!(decode_from(2, &bytes).unwrap(), message);
+        assert_eq!(
+            decode_from(3, &bytes).unwrap_err(),
+            "a message from server 2 in the stream of server 3"
+        );
+        assert!(decode_from(2, b"\xff\xff").is_err());
     }
 }

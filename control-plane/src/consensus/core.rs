@@ -13,7 +13,8 @@ use std::sync::{Arc, RwLock};
 
 use protobuf::Message as _;
 use raft::eraftpb::{
-    ConfChange, ConfChangeType, Entry, EntryType, Message, MessageType, Snapshot, SnapshotMetadata,
+    ConfChange, ConfChangeSingle, ConfChangeType, ConfState, Entry, EntryType, Message,
+    MessageType, Snapshot, SnapshotMetadata,
 };
 use raft::{RawNode, StateRole};
 use serde::{Deserialize, Serialize};
@@ -87,6 +88,80 @@ pub fn cap_forwarded_time(message: &mut Message, now_ms: u64) {
         }
     }
 }
+
+/// Whether raft-rs can restore a snapshot's configuration: it panics on
+/// one it cannot (no voters, a learner that is also a voter, duplicates).
+/// Checked the way it restores: the same changes on a scratch tracker, and
+/// the configuration they give must be the one stated.
+fn restorable(cs: &ConfState) -> bool {
+    let single = |node_id: &u64, change_type| {
+        let mut cc = ConfChangeSingle {
+            node_id: *node_id,
+            ..Default::default()
+        };
+        cc.set_change_type(change_type);
+        cc
+    };
+    let outgoing: Vec<ConfChangeSingle> = cs
+        .voters_outgoing
+        .iter()
+        .map(|id| single(id, ConfChangeType::AddNode))
+        .collect();
+    let incoming: Vec<ConfChangeSingle> = cs
+        .voters_outgoing
+        .iter()
+        .map(|id| single(id, ConfChangeType::RemoveNode))
+        .chain(
+            cs.voters
+                .iter()
+                .map(|id| single(id, ConfChangeType::AddNode)),
+        )
+        .chain(
+            cs.learners
+                .iter()
+                .chain(&cs.learners_next)
+                .map(|id| single(id, ConfChangeType::AddLearnerNode)),
+        )
+        .collect();
+    let mut tracker = raft::ProgressTracker::new(1);
+    let simple = if outgoing.is_empty() {
+        &incoming
+    } else {
+        &outgoing
+    };
+    for cc in simple {
+        let Ok((conf, changes)) = raft::Changer::new(&tracker).simple(std::slice::from_ref(cc))
+        else {
+            return false;
+        };
+        tracker.apply_conf(conf, changes, 1);
+    }
+    if !outgoing.is_empty() {
+        let Ok((conf, changes)) =
+            raft::Changer::new(&tracker).enter_joint(cs.auto_leave, &incoming)
+        else {
+            return false;
+        };
+        tracker.apply_conf(conf, changes, 1);
+    }
+    let restored = tracker.conf().to_conf_state();
+    let sorted = |ids: &[u64]| {
+        let mut ids = ids.to_vec();
+        ids.sort_unstable();
+        ids
+    };
+    sorted(&restored.voters) == sorted(&cs.voters)
+        && sorted(&restored.learners) == sorted(&cs.learners)
+        && sorted(&restored.voters_outgoing) == sorted(&cs.voters_outgoing)
+        && sorted(&restored.learners_next) == sorted(&cs.learners_next)
+        && restored.auto_leave == cs.auto_leave
+}
+
+/// Terms and indexes from this on are refused in messages: no cluster
+/// reaches them (a thousand elections a second for eight thousand years),
+/// and raft-rs adds to them unchecked (a term of `u64::MAX` overflowed at
+/// the next election).
+const IMPLAUSIBLE: u64 = 1 << 48;
 
 /// What a membership change does to the state's members.
 fn member_command(cc: &ConfChange, context: Option<&ConfContext>) -> Option<Command> {
@@ -306,11 +381,119 @@ impl<S: LogStore> Core<S> {
     }
 
     /// Feeds a message from a peer. Messages from unknown or removed peers
-    /// and stale ones are dropped, as Raft allows.
+    /// and stale ones are dropped, as Raft allows; so are messages no
+    /// correct peer sends (see [`Core::refusal`]).
     pub fn step(&mut self, message: Message) {
+        if let Some(reason) = self.refusal(&message) {
+            tracing::warn!(
+                from = message.from,
+                to = message.to,
+                kind = ?message.get_msg_type(),
+                term = message.term,
+                reason,
+                "raft message refused"
+            );
+            return;
+        }
         if let Err(err) = self.node.step(message) {
             tracing::debug!(error = %err, "raft message dropped");
         }
+    }
+
+    /// Why a message from the network must not reach raft-rs, which trusts
+    /// its peers and panics on some messages that none of them sends (found
+    /// by fuzzing, issue #17): one addressed to another server or claiming
+    /// to come from this one, without a term where raft-rs always sets one
+    /// or with one where it sets none (forwarded proposals and read
+    /// requests): raft-rs panicked answering a vote request without a term,
+    /// and forwarding a proposal with one to the leader. Also a heartbeat
+    /// committing past this server's log, an append of entries that are
+    /// not consecutive with non-decreasing terms, a snapshot whose
+    /// configuration raft-rs cannot restore, a log position of term 0, a
+    /// term or index beyond [`IMPLAUSIBLE`], a leadership transfer, or a
+    /// proposal without entries.
+    pub fn refusal(&self, message: &Message) -> Option<&'static str> {
+        let id = self.config.id;
+        if matches!(
+            message.get_msg_type(),
+            MessageType::MsgTransferLeader | MessageType::MsgTimeoutNow
+        ) {
+            // Skiff never transfers leadership, and raft-rs panicked
+            // forwarding a transfer request to the leader.
+            return Some("a leadership transfer, which Skiff never starts");
+        }
+        if message.get_msg_type() == MessageType::MsgPropose && message.get_entries().is_empty() {
+            // raft-rs: "stepped empty MsgProp" (a panic).
+            return Some("a proposal without entries");
+        }
+        if message.to != id {
+            return Some("addressed to another server");
+        }
+        if message.from == id || message.from == raft::INVALID_ID {
+            return Some("no valid sender");
+        }
+        let termless = matches!(
+            message.get_msg_type(),
+            MessageType::MsgPropose | MessageType::MsgReadIndex
+        );
+        if (message.term == 0) != termless {
+            return Some("a term where raft-rs sets none, or none where it sets one");
+        }
+        let snapshot = message.get_snapshot().get_metadata();
+        let numbers = [
+            message.term,
+            message.log_term,
+            message.index,
+            message.commit,
+            message.commit_term,
+            message.reject_hint,
+            message.request_snapshot,
+            snapshot.index,
+            snapshot.term,
+        ];
+        let entries = message.get_entries().iter().flat_map(|e| [e.index, e.term]);
+        if numbers.into_iter().chain(entries).any(|n| n >= IMPLAUSIBLE) {
+            return Some("a term or index no cluster reaches");
+        }
+        if message.get_msg_type() == MessageType::MsgHeartbeat
+            && message.commit > self.node.raft.raft_log.last_index()
+        {
+            // A leader sends at most the index this server has matched;
+            // raft-rs panics on more (it takes it for a lost log).
+            return Some("a commit index beyond this server's log");
+        }
+        // raft-rs takes term 0 for any index past its log as a match: a
+        // snapshot or an append "after" such a position moved the commit
+        // index past the log, or appended with a gap. Every log here starts
+        // at a snapshot of term 1 or more.
+        let zero_term = match message.get_msg_type() {
+            MessageType::MsgSnapshot => snapshot.term == 0 || snapshot.index == 0,
+            MessageType::MsgAppend => message.index > 0 && message.log_term == 0,
+            _ => false,
+        };
+        if zero_term {
+            return Some("a position in the log with term 0");
+        }
+        if message.get_msg_type() == MessageType::MsgSnapshot
+            && !restorable(snapshot.get_conf_state())
+        {
+            return Some("a snapshot whose configuration raft-rs cannot restore");
+        }
+        if message.get_msg_type() == MessageType::MsgAppend {
+            // raft-rs appends what it is given; the log stores index the
+            // entries by position, so a gap made them read out of bounds.
+            let mut previous = (message.index, message.log_term);
+            for entry in message.get_entries() {
+                if Some(entry.index) != previous.0.checked_add(1)
+                    || entry.term < previous.1
+                    || entry.term > message.term
+                {
+                    return Some("entries that do not follow the previous one in order");
+                }
+                previous = (entry.index, entry.term);
+            }
+        }
+        None
     }
 
     pub fn report_unreachable(&mut self, peer: u64) {
@@ -895,6 +1078,104 @@ mod tests {
                 && (10..20).contains(&snapshots[2]),
             "snapshot indexes {snapshots:?}"
         );
+    }
+
+    /// Found by fuzzing (issue #17): raft-rs answered a pre-vote request
+    /// without a term with a response without one, and panicked sending it
+    /// ("term should be set when sending MsgRequestPreVoteResponse"); an
+    /// append with a gap between its entries made the log store index out
+    /// of bounds; a heartbeat committing past the log, a snapshot of a
+    /// configuration without voters and a term of `u64::MAX` (at the next
+    /// election) panicked raft-rs.
+    #[test]
+    fn messages_no_correct_peer_sends_are_refused_before_raft_rs_sees_them() {
+        let cores = cluster();
+        let message = |kind, from, to, term| {
+            let mut m = Message::default();
+            m.set_msg_type(kind);
+            (m.from, m.to, m.term) = (from, to, term);
+            m
+        };
+        let up_to_date = |mut m: Message| {
+            (m.log_term, m.index) = (1, 1);
+            m
+        };
+        let hostile = [
+            up_to_date(message(MessageType::MsgRequestPreVote, 2, 1, 0)),
+            up_to_date(message(MessageType::MsgRequestVote, 2, 1, 0)),
+            message(MessageType::MsgHeartbeat, 2, 3, 5),
+            message(MessageType::MsgHeartbeat, 1, 1, 5),
+            message(MessageType::MsgHeartbeat, 0, 1, 5),
+            message(MessageType::MsgPropose, 2, 1, 2),
+            message(MessageType::MsgHeartbeat, 2, 1, u64::MAX),
+            message(MessageType::MsgTransferLeader, 2, 1, 2),
+            message(MessageType::MsgPropose, 2, 1, 0),
+            {
+                // raft-rs: "to_commit 4 is out of range [last_index 1]".
+                let mut m = message(MessageType::MsgSnapshot, 2, 1, 2);
+                let meta = m.mut_snapshot().mut_metadata();
+                (meta.index, meta.term) = (4, 0);
+                meta.mut_conf_state().voters = vec![1, 2, 3];
+                m
+            },
+            {
+                let mut m = message(MessageType::MsgHeartbeat, 2, 1, 2);
+                m.commit = 31;
+                m
+            },
+            {
+                // raft-rs: "unable to restore config ...: removed all voters".
+                let mut m = message(MessageType::MsgSnapshot, 2, 1, 2);
+                let meta = m.mut_snapshot().mut_metadata();
+                (meta.index, meta.term) = (5, 2);
+                meta.mut_conf_state().learners = vec![1];
+                m
+            },
+            {
+                // A gap: the log stores read entries by position.
+                let mut m = message(MessageType::MsgAppend, 2, 1, 2);
+                (m.index, m.log_term) = (1, 1);
+                let entry = |index, term| Entry {
+                    index,
+                    term,
+                    ..Default::default()
+                };
+                m.set_entries(vec![entry(2, 2), entry(9, 2)].into());
+                m
+            },
+        ];
+        for m in hostile {
+            let mut core = cluster().swap_remove(0);
+            // Without the refusal, raft-rs or the log panics here (or at
+            // the next election).
+            core.step(m.clone());
+            core.advance(&mut |_| {}).unwrap();
+            for _ in 0..30 {
+                core.tick();
+                core.advance(&mut |_| {}).unwrap();
+            }
+            assert!(core.refusal(&m).is_some(), "{m:?}");
+        }
+        let mut forwarded = message(MessageType::MsgPropose, 2, 1, 0);
+        forwarded.mut_entries().push(Entry::default());
+        assert_eq!(cores[0].refusal(&forwarded), None);
+        assert_eq!(
+            cores[0].refusal(&message(MessageType::MsgRequestPreVote, 2, 1, 2)),
+            None
+        );
+        let joint = ConfState {
+            voters: vec![1, 2, 3],
+            voters_outgoing: vec![1, 2, 4],
+            learners_next: vec![4],
+            ..Default::default()
+        };
+        assert!(restorable(&joint), "a joint configuration restores");
+        let overlap = ConfState {
+            voters: vec![1, 2],
+            learners: vec![2],
+            ..Default::default()
+        };
+        assert!(!restorable(&overlap));
     }
 
     #[test]

@@ -43,6 +43,16 @@ pub use transport::Transport;
 pub use wal::{fs::WalFs, sim_fs};
 pub use wal_storage::WalStorage;
 
+/// The raft log's record codec, for the fuzz targets in `fuzz/`: not an
+/// API, no other caller.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use super::wal::{
+        decode_all, encode_conf_state, encode_entries, encode_hard_state, encode_snapshot,
+        is_torn_tail, Record,
+    };
+}
+
 /// How long a call waits for a leader (during an election) before it
 /// answers "no leader".
 pub const LEADER_WAIT: Duration = Duration::from_secs(5);

@@ -317,7 +317,7 @@ pub fn encode_snapshot(buffer: &mut Vec<u8>, metadata: &SnapshotMetadata, instal
 /// follows the damaged one, walking on by the lengths in the headers. An
 /// intact record after it means fsynced data was damaged: corruption,
 /// never cut silently.
-fn is_torn_tail(bytes: &[u8], valid: usize) -> bool {
+pub fn is_torn_tail(bytes: &[u8], valid: usize) -> bool {
     let mut at = valid;
     // Bounded: `at` grows by at least a header each turn.
     loop {
@@ -339,7 +339,7 @@ fn is_torn_tail(bytes: &[u8], valid: usize) -> bool {
 
 /// Decodes records up to the first damaged one; returns them and how many
 /// bytes were valid.
-fn decode_all(bytes: &[u8]) -> (Vec<Record>, usize) {
+pub fn decode_all(bytes: &[u8]) -> (Vec<Record>, usize) {
     let mut records = Vec::new();
     let mut at = 0;
     while let Some((record, next)) = decode_one(bytes, at) {
