@@ -388,11 +388,9 @@ fn open_sled(path: &Path) -> Result<sled::Db, ServerError> {
             source,
         }),
         Err(panic) => {
-            let why = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a panic".into());
+            let why = panic_message(panic.as_ref())
+                .unwrap_or("a panic")
+                .to_string();
             Err(ServerError::DamagedDb {
                 path: path.to_path_buf(),
                 why,
@@ -742,13 +740,18 @@ async fn serve<S: LogStore + Send + 'static>(
     Ok(())
 }
 
-/// The text of a panic payload (raft-rs panics on a storage error).
-fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
-    let text = panic
+/// The message of a panic payload, when it has one.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> Option<&str> {
+    panic
         .downcast_ref::<String>()
         .map(String::as_str)
         .or_else(|| panic.downcast_ref::<&str>().copied())
-        .unwrap_or("no message");
+}
+
+/// Why the consensus thread stopped when it panicked (raft-rs panics on a
+/// storage error).
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    let text = panic_message(panic).unwrap_or("no message");
     format!("the consensus thread panicked: {text}")
 }
 
