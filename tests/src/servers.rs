@@ -234,15 +234,31 @@ impl ServerCluster {
             .position(|a| leader["address"] == a.as_str())
     }
 
-    /// Waits until the cluster has `size` members, all of them voters (a
-    /// joined server is a learner until it has caught up).
+    /// Waits until every running server counts `size` members, all of them
+    /// voters (a joined server is a learner until it has caught up). Every
+    /// server, not one: a follower that has not applied the last promotion
+    /// yet cannot win an election without the old leader's vote.
     pub fn wait_for_members(&self, size: usize) {
+        let sees_all_voters = |index: usize| {
+            let out = skiff_at(
+                &self.addresses[index],
+                &["cluster", "status", "--output", "json"],
+            );
+            let Ok(status) = serde_json::from_slice::<Value>(&out.stdout) else {
+                return false;
+            };
+            let Some(members) = status["members"].as_array() else {
+                return false;
+            };
+            out.status.success()
+                && status["leader"] != ""
+                && members.len() == size
+                && members.iter().all(|m| m["role"] != LEARNER)
+        };
         let ok = wait_until(Duration::from_secs(30), POLL, || {
-            self.status().and_then(|s| {
-                let members = s["members"].as_array()?;
-                let voters = members.iter().all(|m| m["role"] != LEARNER);
-                Some(members.len()).filter(|_| voters)
-            }) == Some(size)
+            (0..self.addresses.len())
+                .filter(|i| self.is_running(*i))
+                .all(sees_all_voters)
         });
         assert!(
             ok,

@@ -175,7 +175,7 @@ impl LocalCluster {
                 wait_for_leader(&cluster.addresses[0], Duration::from_secs(10)).await?;
             }
         }
-        wait_for_voters(&cluster.addresses[0], size, Duration::from_secs(30)).await?;
+        wait_for_voters(&cluster.addresses, size, Duration::from_secs(30)).await?;
         Ok(cluster)
     }
 
@@ -360,18 +360,39 @@ pub(crate) async fn wait_for_leader(address: &str, limit: Duration) -> anyhow::R
     Err(anyhow!("no leader at {address} within {limit:?}"))
 }
 
-async fn wait_for_voters(address: &str, voters: usize, limit: Duration) -> anyhow::Result<()> {
+/// Waits until every server in `addresses` knows a leader and counts
+/// `voters` members, none of them a learner. Asking only one server is not
+/// enough: a joined server is a learner until the leader promotes it, and a
+/// follower that has not yet applied the promotion cannot win an election
+/// without the killed leader's vote (a failover round would then wait for
+/// ever).
+async fn wait_for_voters(
+    addresses: &[String],
+    voters: usize,
+    limit: Duration,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
-        if let Ok(status) = cluster_status(address).await {
-            if status.members.len() >= voters && !status.leader.is_empty() {
-                return Ok(());
-            }
+        let mut all = true;
+        for address in addresses {
+            let ready = cluster_status(address).await.is_ok_and(|status| {
+                !status.leader.is_empty()
+                    && status.members.len() >= voters
+                    && status
+                        .members
+                        .iter()
+                        .all(|m| !m.role.starts_with("learner"))
+            });
+            all &= ready;
+        }
+        if all {
+            return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Err(anyhow!(
-        "cluster at {address} did not reach {voters} members within {limit:?}"
+        "the servers at {} did not all see {voters} voting members within {limit:?}",
+        addresses.join(", ")
     ))
 }
 
