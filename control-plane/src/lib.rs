@@ -12,6 +12,8 @@
 //!   liveness, autoscaler) and the loops that propose them.
 //! - `api`: the gRPC services for the CLI, agents and other servers; the
 //!   only layer that builds `tonic::Status`.
+//! - `clock`: this server's clock, monotonic and slewed toward the wall
+//!   clock, so that a clock jump moves no deadline.
 //! - `metrics`: the Prometheus endpoint.
 //! - `secrets`: the cluster's secrets key and the sealing of values.
 //! - `client_config`: the `client.toml` the CLI reads its server and API
@@ -24,6 +26,7 @@ mod api;
 pub mod backup;
 pub mod bench;
 pub mod client_config;
+pub mod clock;
 pub mod consensus;
 pub mod controllers;
 mod metrics;

@@ -131,6 +131,7 @@ impl ServerCluster {
             .args(&self.extra_args)
             .args(args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .env("SKIFF_CLOCK_OFFSET_FILE", self.clock_file(index))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
@@ -148,6 +149,21 @@ impl ServerCluster {
             command.args(["--join", members[0], "--token", &token]);
         }
         self.children[index] = Some(command.spawn().expect("start skiff server"));
+    }
+
+    /// The file server `index` reads its clock offset from (the test hook
+    /// `SKIFF_CLOCK_OFFSET_FILE`; absent: no offset).
+    fn clock_file(&self, index: usize) -> std::path::PathBuf {
+        self.dir
+            .path()
+            .join(format!("s{}.clock-offset-ms", index + 1))
+    }
+
+    /// Makes server `index`'s wall clock jump to `offset_ms` from the real
+    /// one while it runs; it reads the new offset within 100 ms.
+    pub fn jump_clock(&self, index: usize, offset_ms: i64) {
+        fs::write(self.clock_file(index), offset_ms.to_string()).expect("clock offset file");
+        std::thread::sleep(Duration::from_millis(300));
     }
 
     /// Server `index`'s `--data-dir`.

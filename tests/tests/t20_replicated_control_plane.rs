@@ -419,3 +419,88 @@ fn a_follower_with_a_clock_a_year_ahead_moves_no_event_time_forward() {
         );
     }
 }
+
+/// The leader's own wall clock jumps an hour ahead while it runs (the
+/// `SKIFF_CLOCK_OFFSET_FILE` fault hook): its clock only slews toward the
+/// jump (1 % of the time that passes), so no event it stamps runs ahead of
+/// real time, a token's TTL does not expire an hour early, and deadlines
+/// still fire (a 2 s token still expires).
+#[test]
+fn a_leader_whose_clock_jumps_an_hour_ahead_fires_no_deadline_early() {
+    const HOUR_MS: i64 = 3_600 * 1_000;
+    let servers = ServerCluster::start(3, &[]);
+    let leader = servers.leader().expect("a leader");
+    let follower = (0..3).find(|i| *i != leader).expect("a follower");
+    let at_leader = servers.addresses[leader].clone();
+    let create_token = |name: &str, ttl: &str| -> String {
+        let created = skiff_ok_at(
+            &at_leader,
+            &[
+                "token",
+                "create",
+                name,
+                "--role",
+                "read-only",
+                "--ttl",
+                ttl,
+                "--output",
+                "json",
+            ],
+        );
+        let created: serde_json::Value = serde_json::from_str(&created).expect("JSON");
+        created["secret"].as_str().expect("a secret").to_string()
+    };
+    let ten_minutes = create_token("ten-minutes", "10m");
+
+    servers.jump_clock(leader, HOUR_MS);
+    assert_eq!(
+        servers.leader(),
+        Some(leader),
+        "the jump changed the leader"
+    );
+    let as_token = |token: &str| {
+        skiff_at(
+            &at_leader,
+            &["--token", token, "var", "ls", "--output", "json"],
+        )
+    };
+    let out = as_token(&ten_minutes);
+    assert!(
+        out.status.success(),
+        "a 10-minute token expired when the leader's clock jumped an hour: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (i, through) in [leader, follower, leader].into_iter().enumerate() {
+        assert!(servers.put(through, &format!("jump/{i}"), "x"));
+    }
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let events = skiff_e2e::events_at(&servers.addresses[follower], &[]);
+    let set: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| {
+            e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("variable jump/"))
+        })
+        .collect();
+    assert_eq!(set.len(), 3, "the writes' events: {events:?}");
+    for event in set {
+        let at = event["time_ms"].as_u64().expect("time_ms");
+        assert!(
+            at <= now_ms + 5_000,
+            "an event {} ms ahead of real time after the leader's clock jumped: {event}",
+            at.saturating_sub(now_ms)
+        );
+    }
+
+    // Time still moves: a short token created after the jump expires.
+    let brief = create_token("brief", "2s");
+    assert!(as_token(&brief).status.success());
+    let expired = wait_until(Duration::from_secs(10), POLL, || {
+        String::from_utf8_lossy(&as_token(&brief).stderr).contains("has expired")
+    });
+    assert!(expired, "a 2 s token never expired after the jump");
+}

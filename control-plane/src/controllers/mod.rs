@@ -17,7 +17,7 @@ mod rebalance;
 mod reconcile;
 pub mod stack_plan;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::sync::watch;
 
@@ -34,27 +34,7 @@ pub type TrafficSource = std::sync::Arc<dyn Fn() -> Traffic + Send + Sync>;
 /// applying it holds the state; the rest follow in the next plans.
 pub const MAX_PLACEMENTS_PER_PLAN: u32 = 25_000;
 
-/// Milliseconds since the epoch on this server's clock, as stamped into
-/// proposed commands.
-pub fn now_ms() -> u64 {
-    let wall = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    wall.saturating_add_signed(clock_offset_ms())
-}
-
-/// A fault-injection hook for tests, as libfaketime would be:
-/// `SKIFF_CLOCK_OFFSET_MS` (signed milliseconds) shifts this server's
-/// clock. Never set it in production.
-fn clock_offset_ms() -> i64 {
-    static OFFSET: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
-    *OFFSET.get_or_init(|| {
-        std::env::var("SKIFF_CLOCK_OFFSET_MS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    })
-}
+pub use crate::clock::now_ms;
 
 /// Runs every controller until `shutdown`.
 pub async fn run(
