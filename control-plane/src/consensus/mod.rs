@@ -38,6 +38,7 @@ use crate::metrics::Metrics;
 use crate::state::{Command, CommandError, Outcome, State};
 pub use log_store::{bootstrap, bootstrap_from, LogStore, StorageFailure};
 pub use sled_storage::SledStorage;
+pub use snapshot_file::SnapshotFile;
 pub use transport::Transport;
 #[doc(hidden)]
 pub use wal::{fs::WalFs, sim_fs};

@@ -11,7 +11,9 @@ use rand::{Rng, SeedableRng};
 use skiff_control_plane::consensus::core::{Core, CoreConfig, Reply, SnapshotJob};
 use skiff_control_plane::consensus::mem::MemLog;
 use skiff_control_plane::consensus::sim_fs::{FaultStats, SimFs};
-use skiff_control_plane::consensus::{LogStore, StorageFailure, WalStorage};
+use skiff_control_plane::consensus::{
+    LogStore, SledStorage, SnapshotFile, StorageFailure, WalStorage,
+};
 use skiff_control_plane::state::{Command, Member, RuntimeKind, ServiceSpec, State};
 
 use crate::invariants::LeaderLog;
@@ -128,6 +130,57 @@ impl Disk for WalDisk {
 
     fn faults(&self) -> FaultStats {
         self.0.stats()
+    }
+}
+
+/// The sled store ([`SledStorage`], the default) on a real temp dir, as
+/// `skiff server` opens it. sled cannot run over [`SimFs`], so a crash here
+/// is a killed process, not a power cut: the database is closed with the
+/// server, keeping what sled wrote, which is everything acknowledged (the
+/// store flushes each Ready itself; there is no background flusher, as in
+/// production). What this adds over [`MemLog`] is the real sled store's
+/// encoding, compaction, snapshots and restart path under the same faults.
+pub struct SledDisk(tempfile::TempDir);
+
+impl Disk for SledDisk {
+    type Store = SledStorage;
+    const NAME: &'static str = "sled";
+
+    fn empty(_seed: u64) -> Self {
+        SledDisk(
+            tempfile::Builder::new()
+                .prefix("skiff-sim-sled-")
+                .tempdir()
+                .expect("temp dir"),
+        )
+    }
+
+    fn open(&self) -> Result<SledStorage, StorageFailure> {
+        let config = sled::Config::new()
+            .path(self.0.path().join("raft"))
+            .mode(sled::Mode::LowSpace)
+            .flush_every_ms(None);
+        // sled's background I/O threads hold the closed database's file
+        // lock for a moment after the last handle is dropped: a restarted
+        // server waits for it (bounded), as a new process would not need to.
+        let mut attempts = 0;
+        let db = loop {
+            match config.open() {
+                Ok(db) => break db,
+                Err(e) if attempts < 2_000 && e.to_string().contains("could not acquire lock") => {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                Err(e) => panic!("sled at {}: {e}", self.0.path().display()),
+            }
+        };
+        SledStorage::open(&db, SnapshotFile::new(self.0.path().join("snapshots")))
+    }
+
+    fn crash(&self) {}
+
+    fn faults(&self) -> FaultStats {
+        FaultStats::default()
     }
 }
 

@@ -9,8 +9,9 @@
 //! ([`SimFs`]), where a crash drops everything written after the last
 //! fsync and may leave a torn last write (a prefix of it, then garbage or
 //! zeros); the restarted server reopens the log from what survived. The
-//! sled store is not simulated: sled cannot run over this file layer, and
-//! dropping a sled database is not a power cut.
+//! sled store runs on a real temp dir ([`harness::SledDisk`]): sled cannot
+//! run over this file layer, so its crashes are killed processes (what sled
+//! wrote survives), not power cuts.
 //!
 //! Each seed runs a fault phase with random client writes, then heals
 //! everything and runs a liveness phase; the invariants in `invariants/`
@@ -35,7 +36,7 @@ mod invariants;
 use std::ops::Range;
 use std::time::Instant;
 
-use harness::{Disk, Sim, SimConfig, Stats, WalDisk, GHOST};
+use harness::{Disk, Sim, SimConfig, SledDisk, Stats, WalDisk, GHOST};
 use skiff_control_plane::consensus::mem::MemLog;
 
 /// The seeds to run: `SKIFF_SIM_SEED=N`, `SKIFF_SIM_SEEDS=START..END`, or
@@ -199,6 +200,41 @@ fn sim_wal_5_servers_keep_safety_and_converge_under_power_cuts() {
         "sim_wal_5_servers_keep_safety_and_converge_under_power_cuts",
         5,
         5,
+    );
+}
+
+#[test]
+fn sim_sled_1_server_keeps_safety_and_converges_under_crashes() {
+    run_seeds::<SledDisk>(
+        "sim_sled_1_server_keeps_safety_and_converges_under_crashes",
+        1,
+        5,
+    );
+}
+
+#[test]
+fn sim_sled_3_servers_keep_safety_and_converge_under_crashes() {
+    run_seeds::<SledDisk>(
+        "sim_sled_3_servers_keep_safety_and_converge_under_crashes",
+        3,
+        5,
+    );
+}
+
+#[test]
+fn sim_sled_5_servers_keep_safety_and_converge_under_crashes() {
+    run_seeds::<SledDisk>(
+        "sim_sled_5_servers_keep_safety_and_converge_under_crashes",
+        5,
+        3,
+    );
+}
+
+#[test]
+fn sim_sled_joins_under_faults_promote_the_joiner_and_never_the_ghost() {
+    joins::<SledDisk>(
+        "sim_sled_joins_under_faults_promote_the_joiner_and_never_the_ghost",
+        3,
     );
 }
 
