@@ -42,16 +42,14 @@ enum Standing {
 /// Replicas of the current version that serve: healthy, or running when
 /// the service has no health check of its own.
 fn ready_replicas(status: &pb::ServiceStatus) -> u32 {
-    let checked = status
-        .spec
-        .as_ref()
-        .and_then(|s| s.health.as_ref())
-        .is_some_and(|h| !h.kind.is_empty());
+    // The servers' judgement (`serving_since_ms`), not the spec's: a
+    // replica whose image declares a health check (HEALTHCHECK) serves only
+    // once healthy, although the spec has none.
     let ready = status
         .allocations
         .iter()
         .filter(|a| a.desired == "run" && a.version == status.version)
-        .filter(|a| a.state == "healthy" || (!checked && a.state == "running"))
+        .filter(|a| a.serving_since_ms > 0)
         .count();
     u32::try_from(ready).unwrap_or(u32::MAX)
 }
@@ -340,27 +338,32 @@ mod tests {
         }
     }
 
+    /// `alloc`, counted as serving by the servers.
+    fn serving(mut alloc: pb::Allocation) -> pb::Allocation {
+        alloc.serving_since_ms = 1_000;
+        alloc
+    }
+
     #[test]
-    fn a_service_serves_when_every_replica_runs_or_is_healthy() {
-        let s = status(vec![alloc("running", 0), alloc("healthy", 0)], 2);
+    fn a_service_serves_when_the_servers_count_every_replica_serving() {
+        let s = status(
+            vec![serving(alloc("running", 0)), serving(alloc("healthy", 0))],
+            2,
+        );
         assert_eq!(standing(&s, Duration::ZERO), Standing::Done { ready: 2 });
-        let s = status(vec![alloc("running", 0), alloc("pulling", 0)], 2);
+        let s = status(vec![serving(alloc("running", 0)), alloc("pulling", 0)], 2);
         assert!(matches!(
             standing(&s, Duration::ZERO),
             Standing::Progressing { ready: 1, .. }
         ));
     }
 
+    /// A replica whose spec or image has a health check runs before it is
+    /// healthy; the servers do not count it as serving until then, and the
+    /// wait does not either (it once returned while `ps` said "running").
     #[test]
-    fn a_checked_service_waits_for_healthy_not_running() {
-        let mut s = status(vec![alloc("running", 0)], 1);
-        s.spec = Some(pb::ServiceSpec {
-            health: Some(pb::HealthCheck {
-                kind: "tcp".into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
+    fn a_running_replica_the_servers_do_not_count_as_serving_is_waited_for() {
+        let s = status(vec![alloc("running", 0)], 1);
         assert!(matches!(
             standing(&s, Duration::ZERO),
             Standing::Progressing { ready: 0, .. }
