@@ -21,7 +21,7 @@
 //! crashes, torn writes). Measured on two cores shared with other builds,
 //! release mode: 1,000 seeds of every scenario and store pass in 16 min (so
 //! 10,000 take about 2.7 h); 10,000 over the WAL in 7 min for one server
-//! and 19 min for three. The default run is a few hundred seeds, most over [`MemLog`]:
+//! and 19 min for three. The default run is about 200 seeds, most over [`MemLog`]:
 //! CI runs it in the debug profile, where the WAL's seeds cost the most.
 //!
 //! [`Core`]: skiff_control_plane::consensus::core::Core
@@ -145,7 +145,7 @@ fn joins<D: Disk>(test: &str, default: u64) {
 fn sim_joins_under_faults_promote_the_joiner_and_never_the_ghost() {
     joins::<MemLog>(
         "sim_joins_under_faults_promote_the_joiner_and_never_the_ghost",
-        30,
+        20,
     );
 }
 
@@ -168,12 +168,12 @@ fn sim_1_server_keeps_safety_and_converges_under_faults() {
 
 #[test]
 fn sim_3_servers_keep_safety_and_converge_under_faults() {
-    run_seeds::<MemLog>("sim_3_servers_keep_safety_and_converge_under_faults", 3, 90);
+    run_seeds::<MemLog>("sim_3_servers_keep_safety_and_converge_under_faults", 3, 60);
 }
 
 #[test]
 fn sim_5_servers_keep_safety_and_converge_under_faults() {
-    run_seeds::<MemLog>("sim_5_servers_keep_safety_and_converge_under_faults", 5, 90);
+    run_seeds::<MemLog>("sim_5_servers_keep_safety_and_converge_under_faults", 5, 50);
 }
 
 #[test]
