@@ -396,28 +396,8 @@ fn a_follower_with_a_clock_a_year_ahead_moves_no_event_time_forward() {
     for i in 0..5 {
         assert!(servers.put(follower, &format!("clock/{i}"), "y"));
     }
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_millis() as u64;
-    let events = skiff_e2e::events_at(&servers.addresses[leader], &[]);
-    let set: Vec<&serde_json::Value> = events
-        .iter()
-        .filter(|e| {
-            e["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("variable clock/"))
-        })
-        .collect();
-    assert!(set.len() >= 6, "the writes' events: {events:?}");
-    for event in set {
-        let at = event["time_ms"].as_u64().expect("time_ms");
-        assert!(
-            at <= now_ms + 5_000,
-            "an event {} ms ahead of the leader's clock: {event}",
-            at.saturating_sub(now_ms)
-        );
-    }
+    let events = events_not_ahead_of_real_time(&servers.addresses[leader], "variable clock/");
+    assert!(events >= 6, "{events} events of the writes");
 }
 
 /// The leader's own wall clock jumps an hour ahead while it runs (the
@@ -473,28 +453,8 @@ fn a_leader_whose_clock_jumps_an_hour_ahead_fires_no_deadline_early() {
     for (i, through) in [leader, follower, leader].into_iter().enumerate() {
         assert!(servers.put(through, &format!("jump/{i}"), "x"));
     }
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_millis() as u64;
-    let events = skiff_e2e::events_at(&servers.addresses[follower], &[]);
-    let set: Vec<&serde_json::Value> = events
-        .iter()
-        .filter(|e| {
-            e["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("variable jump/"))
-        })
-        .collect();
-    assert_eq!(set.len(), 3, "the writes' events: {events:?}");
-    for event in set {
-        let at = event["time_ms"].as_u64().expect("time_ms");
-        assert!(
-            at <= now_ms + 5_000,
-            "an event {} ms ahead of real time after the leader's clock jumped: {event}",
-            at.saturating_sub(now_ms)
-        );
-    }
+    let events = events_not_ahead_of_real_time(&servers.addresses[follower], "variable jump/");
+    assert_eq!(events, 3, "events of the writes");
 
     // Time still moves: a short token created after the jump expires.
     let brief = create_token("brief", "2s");
@@ -503,4 +463,27 @@ fn a_leader_whose_clock_jumps_an_hour_ahead_fires_no_deadline_early() {
         String::from_utf8_lossy(&as_token(&brief).stderr).contains("has expired")
     });
     assert!(expired, "a 2 s token never expired after the jump");
+}
+
+/// How many of the events `server` keeps mention `what`; each must be
+/// stamped no later than real time (5 s of slack), else this panics.
+fn events_not_ahead_of_real_time(server: &str, what: &str) -> usize {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let events = skiff_e2e::events_at(server, &[]);
+    let matching: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["message"].as_str().is_some_and(|m| m.contains(what)))
+        .collect();
+    for event in &matching {
+        let at = event["time_ms"].as_u64().expect("time_ms");
+        assert!(
+            at <= now_ms + 5_000,
+            "an event {} ms ahead of real time: {event}",
+            at.saturating_sub(now_ms)
+        );
+    }
+    matching.len()
 }
