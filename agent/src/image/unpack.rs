@@ -38,6 +38,12 @@ const OPAQUE_MARKER: &str = ".wh..wh..opq";
 /// compressed blob can expand without bound, sparse entries too).
 pub const MAX_LAYER_BYTES: u64 = 32 << 30;
 pub const MAX_LAYER_ENTRIES: u64 = 2_000_000;
+/// Most bytes a layer's stream may carry after the end of its tar archive.
+/// They count towards the diff id, so they are read, but nothing bounded
+/// them: a small gzip or zstd blob of a tiny archive followed by terabytes
+/// of zeros kept a core busy hashing for hours. Tar writers pad to their
+/// record size (10 KiB by default, 1 MiB at `tar -b 2048`).
+pub const MAX_TRAILER_BYTES: u64 = 64 << 20;
 
 /// Why a layer could not be unpacked (turned into `ImageError::Unpack` by
 /// the caller, which knows the layer's digest).
@@ -76,6 +82,16 @@ pub fn unpack_layer_file(
     dest: &Path,
     expected_diff_id: Option<&str>,
 ) -> Result<String, UnpackError> {
+    unpack_layer_file_within(blob, dest, expected_diff_id, MAX_TRAILER_BYTES)
+}
+
+/// [`unpack_layer_file`] with `max_trailer` bytes allowed after the archive.
+fn unpack_layer_file_within(
+    blob: &Path,
+    dest: &Path,
+    expected_diff_id: Option<&str>,
+    max_trailer: u64,
+) -> Result<String, UnpackError> {
     let parent = dest
         .parent()
         .ok_or_else(|| err("layer destination has no parent"))?;
@@ -97,7 +113,15 @@ pub fn unpack_layer_file(
         let mut hashing =
             HashingReader::new(decompress(BufReader::with_capacity(256 * 1024, file))?);
         unpack_tar(&mut hashing, &tmp)?;
-        io::copy(&mut hashing, &mut io::sink()).map_err(|e| err(format!("read layer: {e}")))?;
+        let trailer = io::copy(&mut (&mut hashing).take(max_trailer + 1), &mut io::sink())
+            .map_err(|e| err(format!("read layer: {e}")))?;
+        if trailer > max_trailer {
+            return Err(err(format!(
+                "the layer goes on for more than {} MiB after the end of its tar archive \
+                 (Skiff's limit); the image is malformed",
+                max_trailer >> 20
+            )));
+        }
         let diff_id = hashing.digest();
         if let Some(expected) = expected_diff_id {
             if expected != diff_id {
@@ -923,6 +947,32 @@ mod tests {
             assert_eq!(got, diff_id);
             assert_eq!(fs::read_to_string(dest.join("etc/hello")).unwrap(), "world");
         }
+    }
+
+    /// A tiny archive followed by endless zeros compresses to almost
+    /// nothing; hashing the zeros for the diff id is bounded.
+    #[test]
+    fn bytes_after_the_archive_are_bounded() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut stream = Tar::default().file("ok", "1").bytes();
+        stream.extend(std::iter::repeat_n(0u8, 3 << 20));
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&stream).unwrap();
+        let blob = layer_blob(tmp.path(), "long.blob", &gz.finish().unwrap());
+        let dest = tmp.path().join("layers").join("long");
+        fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        let e = unpack_layer_file_within(&blob, &dest, None, 2 << 20).unwrap_err();
+        assert!(
+            e.0.contains("more than 2 MiB after the end of its tar archive"),
+            "{e}"
+        );
+        assert_eq!(fs::read_dir(dest.parent().unwrap()).unwrap().count(), 0);
+        // Within the limit, the same stream unpacks with its diff id.
+        let got = unpack_layer_file_within(&blob, &dest, None, 4 << 20).unwrap();
+        assert_eq!(
+            got,
+            format!("sha256:{}", hex::encode(Sha256::digest(&stream)))
+        );
     }
 
     #[test]
